@@ -1,0 +1,92 @@
+# arenahost build. `make help` lists the targets.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+GO        ?= go
+PYTHON    ?= python3
+VENV      := .venv
+VENV_TORCH := .venv-torch
+PY        := $(VENV)/bin/python
+PY_TORCH  := $(VENV_TORCH)/bin/python
+BIN       := bin
+GOBIN_DIR := $(CURDIR)/.cache/gobin
+PROTOC_GEN_GO      := google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.11
+PROTOC_GEN_GO_GRPC := google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2
+PROTO_DIR := shared/proto
+PY_PROTO_OUT := sdk/python
+GO_TEST_FLAGS ?= -count=1 -timeout 30m
+
+# Every plugin binary lives under bin/plugins/NAME/ next to its manifest.
+GO_PLUGINS := $(notdir $(wildcard plugins/*))
+
+.PHONY: help build run test test-go test-python bench proto lint cuda venv venv-torch clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+build: ## build bin/arenahost and the plugins under bin/plugins/
+	@mkdir -p $(BIN)/plugins
+	$(GO) build -o $(BIN)/arenahost ./host/cmd/arenahost
+	@for p in $(GO_PLUGINS); do \
+	  if ls plugins/$$p/*.go >/dev/null 2>&1; then \
+	    mkdir -p $(BIN)/plugins/$$p; \
+	    $(GO) build -o $(BIN)/plugins/$$p/$$p ./plugins/$$p || exit 1; \
+	    cp plugins/$$p/plugin.json $(BIN)/plugins/$$p/ 2>/dev/null || true; \
+	  fi; \
+	done
+
+run: build venv ## build, then run `arenahost serve` on embedded defaults
+	ARENAHOST_PYTHON=$(abspath $(PY)) $(BIN)/arenahost serve
+
+venv: $(VENV)/.stamp ## create the core Python environment (.venv) from pinned requirements
+
+$(VENV)/.stamp: python/requirements-core.txt sdk/python/pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r python/requirements-core.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e sdk/python
+	@touch $@
+
+venv-torch: $(VENV_TORCH)/.stamp ## create the oracle environment (.venv-torch: torch, bitsandbytes, diffusers, peft)
+
+$(VENV_TORCH)/.stamp: python/requirements-core.txt python/requirements-torch.txt sdk/python/pyproject.toml
+	@test -x $(PY_TORCH) || $(PYTHON) -m venv $(VENV_TORCH)
+	$(PY_TORCH) -m pip install -q --disable-pip-version-check -r python/requirements-core.txt -r python/requirements-torch.txt
+	$(PY_TORCH) -m pip install -q --disable-pip-version-check --no-deps -e sdk/python
+	@touch $@
+
+# Tests find the interpreters through these variables; with ARENAHOST_REQUIRE_PYTHON=1
+# a test that needs one fails instead of skipping.
+TEST_ENV := ARENAHOST_PYTHON=$(abspath $(PY)) ARENAHOST_TORCH_PYTHON=$(abspath $(PY_TORCH)) \
+            ARENAHOST_REQUIRE_PYTHON=1 ARENAHOST_BIN=$(abspath $(BIN))
+
+test: build venv venv-torch test-go test-python ## run every test (Go, then Python)
+
+test-go: ## Go tests only
+	$(TEST_ENV) $(GO) test $(GO_TEST_FLAGS) ./...
+
+test-python: ## Python SDK tests only
+	$(TEST_ENV) $(PY_TORCH) -m pytest -q sdk/python/tests
+
+bench: build venv venv-torch ## run the benchmarks; each prints its baseline and the ratio
+	$(TEST_ENV) bash bench/run.sh
+
+proto: venv ## regenerate Go and Python code from shared/proto
+	@mkdir -p $(GOBIN_DIR)
+	GOBIN=$(GOBIN_DIR) $(GO) install $(PROTOC_GEN_GO)
+	GOBIN=$(GOBIN_DIR) $(GO) install $(PROTOC_GEN_GO_GRPC)
+	PATH=$(GOBIN_DIR):$$PATH $(PY) -m grpc_tools.protoc -I $(PROTO_DIR) \
+	  --go_out=$(PROTO_DIR) --go_opt=paths=source_relative \
+	  --go-grpc_out=$(PROTO_DIR) --go-grpc_opt=paths=source_relative \
+	  --python_out=$(PY_PROTO_OUT) --pyi_out=$(PY_PROTO_OUT) --grpc_python_out=$(PY_PROTO_OUT) \
+	  $$(cd $(PROTO_DIR) && find . -name '*.proto' | sed 's|^\./||')
+
+lint: ## gofmt and go vet
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+cuda: ## build the CUDA variant (-tags cuda)
+	$(GO) build -tags cuda -o $(BIN)/arenahost-cuda ./host/cmd/arenahost
+
+clean: ## remove build outputs
+	rm -rf $(BIN) .cache

@@ -1,0 +1,1 @@
+"""arenahost: Python SDK for arenahost plugins and pipelines."""

@@ -1,0 +1,1 @@
+"""arenahost.plugin: generated protocol packages."""

@@ -1,0 +1,1 @@
+"""arenahost.plugin.v1: generated from shared/proto/arenahost/plugin/v1/plugin.proto by `make proto`."""
