@@ -157,8 +157,10 @@ class TensorDescriptor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., access: _Optional[_Union[Access, str]] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., quant: _Optional[_Union[QuantInfo, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("host_broker_id",)
+    HOST_BROKER_ID_FIELD_NUMBER: _ClassVar[int]
+    host_broker_id: int
+    def __init__(self, host_broker_id: _Optional[int] = ...) -> None: ...
 
 class MethodInfo(_message.Message):
     __slots__ = ("name", "description", "streaming")

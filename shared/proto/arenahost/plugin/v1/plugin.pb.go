@@ -776,8 +776,12 @@ func (x *TensorDescriptor) GetModel() string {
 	return ""
 }
 
+// DescribeRequest is the first call the host makes on every plugin
+// generation. Go plugins dial the Host service on go-plugin's broker at
+// host_broker_id (0: no host service); other plugins use ARENAHOST_HOST_ADDR.
 type DescribeRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
+	HostBrokerId  uint32                 `protobuf:"varint,1,opt,name=host_broker_id,json=hostBrokerId,proto3" json:"host_broker_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -810,6 +814,13 @@ func (x *DescribeRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use DescribeRequest.ProtoReflect.Descriptor instead.
 func (*DescribeRequest) Descriptor() ([]byte, []int) {
 	return file_arenahost_plugin_v1_plugin_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *DescribeRequest) GetHostBrokerId() uint32 {
+	if x != nil {
+		return x.HostBrokerId
+	}
+	return 0
 }
 
 type MethodInfo struct {
@@ -1735,8 +1746,9 @@ const file_arenahost_plugin_v1_plugin_proto_rawDesc = "" +
 	"\x06access\x18\x05 \x01(\x0e2\x1b.arenahost.plugin.v1.AccessR\x06access\x123\n" +
 	"\x06region\x18\x06 \x01(\v2\x1b.arenahost.plugin.v1.RegionR\x06region\x124\n" +
 	"\x05quant\x18\a \x01(\v2\x1e.arenahost.plugin.v1.QuantInfoR\x05quant\x12\x14\n" +
-	"\x05model\x18\b \x01(\tR\x05model\"\x11\n" +
-	"\x0fDescribeRequest\"`\n" +
+	"\x05model\x18\b \x01(\tR\x05model\"7\n" +
+	"\x0fDescribeRequest\x12$\n" +
+	"\x0ehost_broker_id\x18\x01 \x01(\rR\fhostBrokerId\"`\n" +
 	"\n" +
 	"MethodInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
