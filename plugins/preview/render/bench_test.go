@@ -1,0 +1,99 @@
+package render
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"slices"
+	"testing"
+	"time"
+)
+
+// bf16Latent is a random bf16 latent (FLUX runs in bf16).
+func bf16Latent(shape []int, layout Layout) Latent {
+	r := rand.New(rand.NewPCG(11, 12))
+	n := 1
+	for _, d := range shape {
+		n *= d
+	}
+	b := make([]uint16, n)
+	for i := range b {
+		b[i] = uint16(math.Float32bits(float32(r.NormFloat64())) >> 16)
+	}
+	return Latent{Data: u16Bytes(b), DType: BFloat16, Shape: shape, Layout: layout}
+}
+
+// reportPercentiles adds p50/p95 of per-iteration times in milliseconds.
+func reportPercentiles(b *testing.B, d []time.Duration) {
+	if len(d) == 0 {
+		return
+	}
+	slices.Sort(d)
+	at := func(q float64) float64 { return float64(d[min(len(d)-1, int(q*float64(len(d))))]) / 1e6 }
+	b.ReportMetric(at(0.50), "p50-ms")
+	b.ReportMetric(at(0.95), "p95-ms")
+}
+
+// BenchmarkRenderFlux is the renderer's share of publish-to-frame latency:
+// a FLUX.1 1024² latent in bf16 (128×128×16 channel-major, and packed
+// 64×64×64 token-major) to an encoded JPEG, at the default 512 cap and at
+// the full 1024² size. Target: p95 ≤ 30 ms on 2 cores.
+func BenchmarkRenderFlux(b *testing.B) {
+	latents := []struct {
+		name string
+		l    Latent
+	}{
+		{"128x128x16", bf16Latent([]int{1, 16, 128, 128}, ChannelMajor)},
+		{"packed64x64x64", bf16Latent([]int{1, 4096, 64}, TokenMajor)},
+	}
+	for _, lt := range latents {
+		for _, side := range []int{512, 1024} {
+			for _, filter := range []Filter{Nearest, Bilinear} {
+				b.Run(fmt.Sprintf("%s/%d/%v/jpeg", lt.name, side, filter), func(b *testing.B) {
+					o := Options{Family: FamilyFlux, MaxSide: side, Filter: filter}
+					times := make([]time.Duration, 0, b.N)
+					var size int
+					for b.Loop() {
+						t0 := time.Now()
+						img, err := Render(lt.l, o)
+						if err != nil {
+							b.Fatal(err)
+						}
+						out, err := Encode(img, Format{Kind: JPEG})
+						if err != nil {
+							b.Fatal(err)
+						}
+						times = append(times, time.Since(t0))
+						size = len(out)
+					}
+					reportPercentiles(b, times)
+					b.ReportMetric(float64(size), "bytes")
+				})
+			}
+		}
+	}
+}
+
+// BenchmarkEncode separates the encoders' cost from rendering.
+func BenchmarkEncode(b *testing.B) {
+	l := bf16Latent([]int{1, 16, 128, 128}, ChannelMajor)
+	for _, side := range []int{512, 1024} {
+		img, err := Render(l, Options{Family: FamilyFlux, MaxSide: side})
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, f := range []Format{{Kind: JPEG}, {Kind: PNG}} {
+			b.Run(fmt.Sprintf("%d/%v", side, f.Kind), func(b *testing.B) {
+				times := make([]time.Duration, 0, b.N)
+				for b.Loop() {
+					t0 := time.Now()
+					if _, err := Encode(img, f); err != nil {
+						b.Fatal(err)
+					}
+					times = append(times, time.Since(t0))
+				}
+				reportPercentiles(b, times)
+			})
+		}
+	}
+}
