@@ -1,0 +1,139 @@
+package safetensors
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"runtime/debug"
+
+	"golang.org/x/sys/unix"
+)
+
+// File is a safetensors file mapped read-only into memory. Tensor data is
+// served as slices of the mapping, so reading a tensor copies nothing; the
+// slices are valid until Close. A File is safe for concurrent readers, but
+// Close must not race with them.
+type File struct {
+	Path string
+	*Header
+
+	mapping []byte
+}
+
+// Open maps path read-only and validates its header.
+func Open(path string) (*File, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open safetensors: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, &Error{File: path, Err: fmt.Errorf("stat: %w", err)}
+	}
+	if !st.Mode().IsRegular() {
+		return nil, &Error{File: path, Err: errors.New("not a regular file")}
+	}
+	size := st.Size()
+	if size < lenSize {
+		return nil, &Error{File: path, Err: fmt.Errorf("file is %d bytes, too short for the 8-byte header length", size)}
+	}
+	if int64(int(size)) != size {
+		return nil, &Error{File: path, Err: fmt.Errorf("file of %d bytes cannot be mapped on this platform", size)}
+	}
+	m, err := unix.Mmap(int(f.Fd()), 0, int(size), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		return nil, &Error{File: path, Err: fmt.Errorf("mmap: %w", err)}
+	}
+	var h *Header
+	err = guardFault(func() error {
+		var err error
+		h, err = ParseHeader(path, bytes.NewReader(m), size)
+		return err
+	})
+	if err != nil {
+		_ = unix.Munmap(m)
+		return nil, err
+	}
+	return &File{Path: path, Header: h, mapping: m}, nil
+}
+
+// Data returns the bytes of tensor name as a slice of the mapping. The slice
+// must not be written to and is invalid after Close. Reading it can fault if
+// another process truncates the file meanwhile; CopyTensor turns that into an
+// error.
+func (f *File) Data(name string) ([]byte, error) {
+	t, ok := f.Lookup(name)
+	if !ok {
+		return nil, &Error{File: f.Path, Key: name, Err: errors.New("no such tensor")}
+	}
+	return f.TensorData(t)
+}
+
+// TensorData returns the bytes of a tensor of this file's header.
+func (f *File) TensorData(t TensorInfo) ([]byte, error) {
+	if f.mapping == nil {
+		return nil, &Error{File: f.Path, Key: t.Name, Err: errors.New("file is closed")}
+	}
+	if t.Begin < 0 || t.End < t.Begin || t.End > f.DataLen {
+		return nil, &Error{File: f.Path, Key: t.Name, Err: fmt.Errorf("data_offsets [%d, %d] outside the data section", t.Begin, t.End)}
+	}
+	return f.mapping[f.DataStart+t.Begin : f.DataStart+t.End : f.DataStart+t.End], nil
+}
+
+// CopyTensor copies the bytes of t into dst, which must be exactly t's size.
+// A fault while reading the mapping (the file was truncated under us) is
+// returned as an error instead of crashing the process.
+func (f *File) CopyTensor(dst []byte, t TensorInfo) error {
+	src, err := f.TensorData(t)
+	if err != nil {
+		return err
+	}
+	if len(dst) != len(src) {
+		return &Error{File: f.Path, Key: t.Name, Err: fmt.Errorf("copy: destination is %d bytes, tensor is %d", len(dst), len(src))}
+	}
+	if err := guardFault(func() error { copy(dst, src); return nil }); err != nil {
+		return &Error{File: f.Path, Key: t.Name, Err: err}
+	}
+	return nil
+}
+
+// AdviseSequential tells the kernel the mapping will be read front to back,
+// which widens read-ahead for a whole-file load.
+func (f *File) AdviseSequential() error {
+	if f.mapping == nil {
+		return nil
+	}
+	return unix.Madvise(f.mapping, unix.MADV_SEQUENTIAL)
+}
+
+// Close unmaps the file. Slices returned by Data are invalid afterwards.
+func (f *File) Close() error {
+	if f.mapping == nil {
+		return nil
+	}
+	m := f.mapping
+	f.mapping = nil
+	if err := unix.Munmap(m); err != nil {
+		return &Error{File: f.Path, Err: fmt.Errorf("munmap: %w", err)}
+	}
+	return nil
+}
+
+// guardFault runs fn with memory faults turned into panics it recovers, so a
+// mapping whose file shrank reports an error.
+func guardFault(fn func() error) (err error) {
+	old := debug.SetPanicOnFault(true)
+	defer func() {
+		debug.SetPanicOnFault(old)
+		if r := recover(); r != nil {
+			if re, ok := r.(interface{ Addr() uintptr }); ok {
+				err = fmt.Errorf("memory fault reading the mapping at %#x (file truncated while open?)", re.Addr())
+				return
+			}
+			panic(r)
+		}
+	}()
+	return fn()
+}
