@@ -1,0 +1,416 @@
+package plugin
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	goplugin "github.com/hashicorp/go-plugin"
+	"google.golang.org/grpc"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
+	"github.com/arenahost/arenahost/shared/wire"
+)
+
+// WarmupMethod is invoked (with an empty msgpack map) on a new generation
+// before it takes traffic, when the plugin lists it in Describe.
+const WarmupMethod = "warmup"
+
+// generation is one running plugin process.
+type generation struct {
+	n      uint64
+	owner  string
+	token  string // host service token (non-broker plugins)
+	client *goplugin.Client
+	cmd    *exec.Cmd
+	rpc    *wire.Client
+	pid    int
+	done   context.Context // cancelled when the process exits
+	desc   *pluginv1.DescribeResponse
+	start  time.Time
+
+	released chan struct{} // closed once the generation is torn down
+	stopOnce sync.Once
+	retiring atomic.Bool // stopped on purpose: an exit is not a crash
+	drainCut atomic.Bool // killed with calls still in flight
+
+	mu       sync.Mutex
+	inflight int
+	closing  bool
+	idle     chan struct{} // closed when closing and inflight == 0
+}
+
+// acquire counts a call in flight; false when the generation no longer
+// takes calls (it is draining or gone).
+func (g *generation) acquire() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closing {
+		return false
+	}
+	g.inflight++
+	return true
+}
+
+func (g *generation) release() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.inflight--
+	if g.closing && g.inflight == 0 {
+		close(g.idle)
+	}
+}
+
+func (g *generation) inFlight() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.inflight
+}
+
+// drain stops new calls and waits, up to bound, for the calls in flight.
+func (g *generation) drain(bound time.Duration) bool {
+	g.mu.Lock()
+	if !g.closing {
+		g.closing = true
+		if g.inflight == 0 {
+			close(g.idle)
+		}
+	}
+	g.mu.Unlock()
+	t := time.NewTimer(bound)
+	defer t.Stop()
+	select {
+	case <-g.idle:
+		return true
+	case <-g.done.Done():
+		return true
+	case <-t.C:
+		return false
+	}
+}
+
+func (g *generation) exitStatus() string {
+	select {
+	case <-g.done.Done():
+	default:
+		return "still running"
+	}
+	if g.cmd.ProcessState == nil {
+		return "exited"
+	}
+	return g.cmd.ProcessState.String()
+}
+
+// hostSide is the host's go-plugin plugin: wire's adapter, keeping the
+// context go-plugin cancels when the plugin process exits.
+type hostSide struct {
+	wire.GRPCPlugin
+	done context.Context
+}
+
+func (h *hostSide) GRPCClient(ctx context.Context, b *goplugin.GRPCBroker, c *grpc.ClientConn) (interface{}, error) {
+	h.done = ctx
+	return h.GRPCPlugin.GRPCClient(ctx, b, c)
+}
+
+// startError is a failed start: the step, the cause and the last lines the
+// plugin wrote to stderr.
+type startError struct {
+	Plugin     string
+	Generation uint64
+	Step       string
+	Err        error
+	Stderr     string
+}
+
+func (e *startError) Error() string {
+	s := fmt.Sprintf("start plugin %s generation %d: %s: %v", e.Plugin, e.Generation, e.Step, e.Err)
+	if e.Stderr != "" {
+		s += "; last stderr: " + e.Stderr
+	}
+	return s
+}
+
+func (e *startError) Unwrap() error { return e.Err }
+
+// startGeneration starts, checks and warms up a new generation of p from
+// man. On any failure the process is gone and its leases released.
+func (p *managed) startGeneration(ctx context.Context, man *Manifest) (*generation, error) {
+	m := p.m
+	p.mu.Lock()
+	p.nextGen++
+	n := p.nextGen
+	p.mu.Unlock()
+
+	g := &generation{
+		n:        n,
+		owner:    Owner(man.Name, n),
+		released: make(chan struct{}),
+		idle:     make(chan struct{}),
+	}
+	fail := func(step string, err error) (*generation, error) {
+		se := &startError{Plugin: man.Name, Generation: n, Step: step, Err: err}
+		p.stop(g, 0)
+		se.Stderr = p.logs.lastText(m.cfg.ErrorLines, n)
+		return nil, se
+	}
+
+	r, err := man.resolve(m.lookupEnv)
+	if err != nil {
+		return fail("resolve command", err)
+	}
+	hs := &hostService{
+		src:  Source{Plugin: man.Name, Generation: n, Owner: g.owner},
+		deps: m.deps,
+		log:  p.log.With("generation", n),
+		ring: p.logs,
+	}
+	isGo := man.Language == LanguageGo
+
+	env := pluginEnv(os.Environ())
+	env = append(env,
+		wire.EnvPluginName+"="+man.Name,
+		wire.EnvGeneration+"="+strconv.FormatUint(n, 10))
+	if !isGo {
+		th, err := m.tokenHost()
+		if err != nil {
+			return fail("host service", err)
+		}
+		tok, err := th.register(hs)
+		if err != nil {
+			return fail("host service", err)
+		}
+		g.token = tok
+		env = append(env, wire.EnvHostAddr+"="+th.addr(), wire.EnvHostToken+"="+tok)
+	}
+
+	cmd := exec.Command(r.command, r.args...)
+	cmd.Dir = man.Dir()
+	cmd.Env = env
+	// Own process group, so teardown reaches the plugin's children; killed
+	// by the kernel when the thread that forked it dies (see spawn).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	g.cmd = cmd
+
+	lw := &lineWriter{log: p.log.With("generation", n), ring: p.logs, gen: n}
+	side := &hostSide{}
+	cc := &goplugin.ClientConfig{
+		HandshakeConfig:  wire.Handshake,
+		Plugins:          goplugin.PluginSet{wire.PluginName: side},
+		Cmd:              cmd,
+		AllowedProtocols: []goplugin.Protocol{goplugin.ProtocolGRPC},
+		AutoMTLS:         isGo,
+		StartTimeout:     m.cfg.StartTimeout,
+		Stderr:           lw,
+		SyncStderr:       lw,
+		SyncStdout:       lw,
+		SkipHostEnv:      true,
+		Logger:           hclog.New(&hclog.LoggerOptions{Level: hclog.Off}),
+	}
+	if man.SHA256 != "" {
+		sum, _ := hex.DecodeString(man.SHA256)
+		cc.SecureConfig = &goplugin.SecureConfig{Checksum: sum, Hash: sha256.New()}
+	}
+	g.client = goplugin.NewClient(cc)
+	m.track(g)
+
+	err = spawn(g)
+	if cmd.Process != nil {
+		g.pid = cmd.Process.Pid
+	}
+	if err != nil {
+		if errors.Is(err, goplugin.ErrChecksumsDoNotMatch) {
+			err = fmt.Errorf("%s: sha256 does not match the manifest's %s: %w", r.command, man.SHA256, err)
+		}
+		return fail("handshake", err)
+	}
+	g.start = time.Now()
+
+	cp, err := g.client.Client()
+	if err != nil {
+		return fail("connect", err)
+	}
+	raw, err := cp.Dispense(wire.PluginName)
+	if err != nil {
+		return fail("dispense", err)
+	}
+	wc, ok := raw.(*wire.Client)
+	if !ok || side.done == nil {
+		return fail("dispense", fmt.Errorf("unexpected client type %T", raw))
+	}
+	g.rpc = wc
+	g.done = side.done
+
+	sctx, cancel := context.WithTimeout(ctx, m.cfg.StartTimeout)
+	defer cancel()
+	stopOnExit := context.AfterFunc(g.done, cancel)
+	defer stopOnExit()
+
+	hc, err := healthpb.NewHealthClient(wc.Conn).Check(sctx, &healthpb.HealthCheckRequest{Service: "plugin"})
+	if err != nil {
+		return fail("health", p.exitCause(g, err))
+	}
+	if hc.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		return fail("health", fmt.Errorf("service \"plugin\" is %v, want SERVING", hc.GetStatus()))
+	}
+
+	var brokerID uint32
+	if isGo {
+		brokerID = wc.Broker.NextId()
+		go wc.Broker.AcceptAndServe(brokerID, func(opts []grpc.ServerOption) *grpc.Server {
+			s := grpc.NewServer(opts...)
+			pluginv1.RegisterHostServer(s, hs)
+			return s
+		})
+	}
+	desc, err := wc.Describe(sctx, &pluginv1.DescribeRequest{HostBrokerId: brokerID})
+	if err != nil {
+		return fail("describe", p.exitCause(g, err))
+	}
+	if err := checkDescribe(man, desc); err != nil {
+		return fail("describe", err)
+	}
+	g.desc = desc
+	for _, mi := range desc.GetMethods() {
+		if mi.GetName() == WarmupMethod && !mi.GetStreaming() {
+			if _, err := wc.Invoke(sctx, &pluginv1.InvokeRequest{Method: WarmupMethod, Args: []byte{0x80}, CallId: "warmup"}); err != nil {
+				return fail("warmup", p.exitCause(g, err))
+			}
+		}
+	}
+	select {
+	case <-g.done.Done():
+		return fail("warmup", fmt.Errorf("plugin exited (%s)", g.exitStatus()))
+	default:
+	}
+	return g, nil
+}
+
+// ErrProtocolMismatch is returned when a plugin reports a protocol version
+// this host does not speak.
+var ErrProtocolMismatch = errors.New("plugin protocol version mismatch")
+
+func checkDescribe(man *Manifest, d *pluginv1.DescribeResponse) error {
+	switch {
+	case d.GetProtocolVersion() != uint32(wire.ProtocolVersion):
+		return fmt.Errorf("plugin reports protocol_version %d but this host speaks %d (rebuild the plugin against protocol v%d): %w",
+			d.GetProtocolVersion(), wire.ProtocolVersion, wire.ProtocolVersion, ErrProtocolMismatch)
+	case d.GetName() != man.Name:
+		return fmt.Errorf("plugin reports name %q but manifest %s declares %q", d.GetName(), man.Path, man.Name)
+	case d.GetKind() != man.Kind:
+		return fmt.Errorf("plugin reports kind %q but manifest %s declares %q", d.GetKind(), man.Path, man.Kind)
+	}
+	return nil
+}
+
+// pluginEnv is the host's environment minus the variables the host sets
+// per plugin generation, so a host started from a plugin cannot leak its
+// own identity into its children.
+func pluginEnv(environ []string) []string {
+	out := make([]string, 0, len(environ)+4)
+	for _, kv := range environ {
+		k, _, _ := strings.Cut(kv, "=")
+		switch k {
+		case wire.EnvHostAddr, wire.EnvHostToken, wire.EnvPluginName, wire.EnvGeneration, wire.Handshake.MagicCookieKey:
+			continue
+		}
+		if strings.HasPrefix(k, "PLUGIN_") {
+			continue
+		}
+		out = append(out, kv)
+	}
+	return out
+}
+
+// spawn runs go-plugin's Start (fork, exec, handshake) on a goroutine locked
+// to its OS thread, and keeps that thread locked, and so alive, until the
+// generation is torn down. Pdeathsig fires when the forking *thread* exits
+// (golang/go#27505), so this pins the lifeline to the host process rather
+// than to whatever thread happened to fork.
+func spawn(g *generation) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		_, err := g.client.Start()
+		errc <- err
+		if err == nil {
+			<-g.released
+		} else {
+			// go-plugin killed the process; wait until it is reaped
+			// before the thread may be reused.
+			g.client.Kill()
+		}
+		runtime.UnlockOSThread()
+	}()
+	return <-errc
+}
+
+// exitCause explains an RPC error: if the process has died, say so.
+func (p *managed) exitCause(g *generation, err error) error {
+	if g.done != nil {
+		select {
+		case <-g.done.Done():
+			return fmt.Errorf("%w: %w (process %d %s)", ErrPluginExited, err, g.pid, g.exitStatus())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return err
+}
+
+// stop tears g down: revoke its host token, kill it (gracefully, then the
+// whole process group after grace), release its arena leases. Safe to call
+// more than once; later calls wait for the first.
+func (p *managed) stop(g *generation, grace time.Duration) {
+	g.stopOnce.Do(func() {
+		g.retiring.Store(true)
+		m := p.m
+		if g.token != "" {
+			if th := m.existingTokenHost(); th != nil {
+				th.revoke(g.token)
+			}
+		}
+		if g.client != nil {
+			killed := make(chan struct{})
+			go func() {
+				g.client.Kill()
+				close(killed)
+			}()
+			if grace > 0 {
+				select {
+				case <-killed:
+				case <-time.After(grace):
+				}
+			}
+			killGroup(g.pid)
+			<-killed
+			killGroup(g.pid) // children that outlived the leader
+		}
+		if m.deps.arena != nil {
+			if err := m.deps.arena.ReleaseOwner(g.owner); err != nil {
+				p.log.Warn("release leases", "owner", g.owner, "err", err)
+			}
+		}
+		close(g.released)
+		m.untrack(g)
+	})
+	<-g.released
+}
+
+func killGroup(pid int) {
+	if pid > 0 {
+		_ = syscall.Kill(-pid, syscall.SIGKILL)
+	}
+}

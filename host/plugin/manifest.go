@@ -1,0 +1,270 @@
+package plugin
+
+import (
+	"bytes"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+
+	"github.com/arenahost/arenahost/shared/wire"
+)
+
+// ManifestFile is the name of the manifest in each plugin's directory.
+const ManifestFile = "plugin.json"
+
+// Kinds a manifest may declare. Other kinds are accepted (the host only
+// treats these specially); they must still be lower-case identifiers.
+const (
+	KindLoRA     = "lora"
+	KindPreview  = "preview"
+	KindPipeline = "pipeline"
+)
+
+// Languages with special treatment. LanguageGo plugins get go-plugin's
+// AutoMTLS and dial the Host service through go-plugin's broker; every
+// other language is started without TLS and reaches the Host service on the
+// unix socket named in ARENAHOST_HOST_ADDR.
+const (
+	LanguageGo     = "go"
+	LanguagePython = "python"
+)
+
+// Manifest is one plugin's plugin.json.
+//
+// Example (a Go plugin built next to its manifest):
+//
+//	{"name": "lora-nf4", "version": "0.1.0", "kind": "lora", "language": "go",
+//	 "command": "./lora-nf4", "protocol_version": 1,
+//	 "sha256": "9f86d0…"}
+//
+// Example (a Python plugin):
+//
+//	{"name": "echo-py", "version": "0.1.0", "kind": "other", "language": "python",
+//	 "command": "${ARENAHOST_PYTHON}", "args": ["-u", "plugin.py"], "protocol_version": 1}
+//
+// command and args may use ${VAR} references, expanded from the Manager's
+// Env first and the host's environment second; an undefined variable is an
+// error naming it. After expansion a relative command is resolved against
+// the manifest's directory (there is no PATH lookup: name interpreters by
+// absolute path or through a variable such as ${ARENAHOST_PYTHON}). The
+// plugin runs with the manifest's directory as its working directory, so
+// relative args such as "plugin.py" name files next to the manifest.
+//
+// sha256, when present, is the hex SHA-256 of the file that command
+// resolves to; go-plugin checks it (SecureConfig) before every start. For an
+// interpreted plugin that is the interpreter, so pin the script through
+// hot-swap review instead.
+type Manifest struct {
+	Name            string   `json:"name"`
+	Version         string   `json:"version"`
+	Kind            string   `json:"kind"`
+	Language        string   `json:"language"`
+	Command         string   `json:"command"`
+	Args            []string `json:"args,omitempty"`
+	ProtocolVersion uint     `json:"protocol_version"`
+	SHA256          string   `json:"sha256,omitempty"`
+
+	// Path is the manifest file the fields were read from (not in JSON).
+	Path string `json:"-"`
+}
+
+// Dir is the manifest's directory: the plugin's working directory and the
+// base for a relative command.
+func (m *Manifest) Dir() string { return filepath.Dir(m.Path) }
+
+var (
+	nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
+	kindRE = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,31}$`)
+)
+
+// ParseManifest reads and validates the manifest at path. Unknown fields,
+// missing required fields and bad values are errors naming the file and the
+// field.
+func ParseManifest(path string) (*Manifest, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read manifest: %w", err)
+	}
+	m, err := decodeManifest(data)
+	if err != nil {
+		return nil, fmt.Errorf("manifest %s: %w", path, err)
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, fmt.Errorf("manifest %s: %w", path, err)
+	}
+	m.Path = abs
+	return m, nil
+}
+
+func decodeManifest(data []byte) (*Manifest, error) {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	var m Manifest
+	if err := dec.Decode(&m); err != nil {
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) {
+			return nil, fmt.Errorf("field %s: %s is not a valid %s", te.Field, te.Value, te.Type)
+		}
+		// Unknown fields come back as `json: unknown field "x"`.
+		return nil, fmt.Errorf("decode: %w", err)
+	}
+	if dec.More() {
+		return nil, errors.New("decode: trailing data after the JSON object")
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, errors.New("decode: trailing data after the JSON object")
+	}
+	if err := m.validate(); err != nil {
+		return nil, err
+	}
+	return &m, nil
+}
+
+func (m *Manifest) validate() error {
+	switch {
+	case m.Name == "":
+		return errors.New("field name: required")
+	case !nameRE.MatchString(m.Name):
+		return fmt.Errorf("field name: %q must be 1-64 of [a-z0-9._-], starting with a letter or digit", m.Name)
+	case m.Version == "":
+		return errors.New("field version: required")
+	case m.Kind == "":
+		return fmt.Errorf("field kind: required (%s, %s, %s or another lower-case kind)", KindLoRA, KindPreview, KindPipeline)
+	case !kindRE.MatchString(m.Kind):
+		return fmt.Errorf("field kind: %q is not a lower-case identifier", m.Kind)
+	case m.Language == "":
+		return fmt.Errorf("field language: required (%s, %s, …)", LanguageGo, LanguagePython)
+	case !kindRE.MatchString(m.Language):
+		return fmt.Errorf("field language: %q is not a lower-case identifier", m.Language)
+	case strings.TrimSpace(m.Command) == "":
+		return errors.New("field command: required")
+	case m.ProtocolVersion == 0:
+		return fmt.Errorf("field protocol_version: required (this host speaks %d)", wire.ProtocolVersion)
+	case m.ProtocolVersion != wire.ProtocolVersion:
+		return fmt.Errorf("field protocol_version: plugin speaks protocol %d but this host speaks %d", m.ProtocolVersion, wire.ProtocolVersion)
+	}
+	if m.SHA256 != "" {
+		b, err := hex.DecodeString(m.SHA256)
+		if err != nil || len(b) != 32 {
+			return fmt.Errorf("field sha256: %q is not 64 hex digits", m.SHA256)
+		}
+	}
+	return nil
+}
+
+// resolved is a manifest with its command and args expanded.
+type resolved struct {
+	command string   // absolute path of the executable
+	args    []string // expanded args
+}
+
+// resolve expands ${VAR} references in command and args with lookup and
+// resolves the command against the manifest's directory.
+func (m *Manifest) resolve(lookup func(string) (string, bool)) (resolved, error) {
+	expand := func(field, s string) (string, error) {
+		var missing []string
+		out := os.Expand(s, func(k string) string {
+			v, ok := lookup(k)
+			if !ok {
+				missing = append(missing, k)
+			}
+			return v
+		})
+		if len(missing) > 0 {
+			return "", fmt.Errorf("manifest %s: field %s: variable ${%s} is not set", m.Path, field, missing[0])
+		}
+		return out, nil
+	}
+	cmd, err := expand("command", m.Command)
+	if err != nil {
+		return resolved{}, err
+	}
+	if cmd == "" {
+		return resolved{}, fmt.Errorf("manifest %s: field command: %q expands to nothing", m.Path, m.Command)
+	}
+	if !filepath.IsAbs(cmd) {
+		cmd = filepath.Join(m.Dir(), cmd)
+	}
+	st, err := os.Stat(cmd)
+	if err != nil {
+		return resolved{}, fmt.Errorf("manifest %s: field command: %w (relative commands resolve against the manifest's directory; name interpreters by absolute path or ${VAR})", m.Path, err)
+	}
+	if st.IsDir() || st.Mode().Perm()&0o111 == 0 {
+		return resolved{}, fmt.Errorf("manifest %s: field command: %s is not an executable file", m.Path, cmd)
+	}
+	r := resolved{command: cmd}
+	for i, a := range m.Args {
+		v, err := expand(fmt.Sprintf("args[%d]", i), a)
+		if err != nil {
+			return resolved{}, err
+		}
+		r.args = append(r.args, v)
+	}
+	return r, nil
+}
+
+// watchedFiles are the files whose change triggers a hot swap: the
+// manifest, the command, and every arg that names an existing regular file
+// inside the manifest's directory (a Python plugin's script).
+func (m *Manifest) watchedFiles(r resolved) []string {
+	files := []string{m.Path, r.command}
+	for _, a := range r.args {
+		p := a
+		if !filepath.IsAbs(p) {
+			p = filepath.Join(m.Dir(), p)
+		}
+		rel, err := filepath.Rel(m.Dir(), p)
+		if err != nil || strings.HasPrefix(rel, "..") {
+			continue
+		}
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() {
+			files = append(files, p)
+		}
+	}
+	return files
+}
+
+// Discover reads every DIR/*/plugin.json under dir. It returns the valid
+// manifests sorted by name, and one error per invalid or duplicate manifest
+// (joined): one broken plugin does not hide the others.
+func Discover(dir string) ([]*Manifest, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("discover plugins: %w", err)
+	}
+	var (
+		out  []*Manifest
+		errs []error
+		seen = map[string]string{}
+	)
+	for _, e := range entries {
+		if !e.IsDir() {
+			continue
+		}
+		path := filepath.Join(dir, e.Name(), ManifestFile)
+		if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		m, err := ParseManifest(path)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if prev, dup := seen[m.Name]; dup {
+			errs = append(errs, fmt.Errorf("manifest %s: field name: %q already declared by %s", path, m.Name, prev))
+			continue
+		}
+		seen[m.Name] = path
+		out = append(out, m)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, errors.Join(errs...)
+}
