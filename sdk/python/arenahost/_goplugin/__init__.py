@@ -1,0 +1,1 @@
+"""Vendored go-plugin protocol stubs (controller, stdio, health); regenerate with regen.sh."""
