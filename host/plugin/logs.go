@@ -64,9 +64,16 @@ func (r *logRing) tail(n int, gen uint64) []LogLine {
 	return out
 }
 
-// lastText joins the last n lines of generation gen, for error reports.
+// lastText joins the last n non-debug lines of generation gen, for error
+// reports.
 func (r *logRing) lastText(n int, gen uint64) string {
-	lines := r.tail(n, gen)
+	var lines []LogLine
+	for _, l := range r.tail(4*n, gen) {
+		if l.Level != "debug" {
+			lines = append(lines, l)
+		}
+	}
+	lines = lines[max(0, len(lines)-n):]
 	if len(lines) == 0 {
 		return ""
 	}

@@ -28,6 +28,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
@@ -552,6 +555,10 @@ func (p *managed) acquire() (*generation, error) {
 	return nil, fmt.Errorf("plugin %s: no generation accepted the call: %w", p.name, ErrNotServing)
 }
 
+// exitGrace is how long a failed call waits to learn whether the process
+// died.
+const exitGrace = 300 * time.Millisecond
+
 // callCtx is ctx, also cancelled when g's process exits.
 func callCtx(ctx context.Context, g *generation) (context.Context, func()) {
 	ctx, cancel := context.WithCancel(ctx)
@@ -560,9 +567,17 @@ func callCtx(ctx context.Context, g *generation) (context.Context, func()) {
 }
 
 func (p *managed) callErr(g *generation, method string, err error) error {
+	// A dying process breaks the connection a moment before go-plugin sees
+	// the exit; give it that moment so the error names the real cause.
+	wait := time.Duration(0)
+	if c := status.Code(err); c == codes.Unavailable || c == codes.Canceled {
+		wait = exitGrace
+	}
+	exited := time.NewTimer(wait)
+	defer exited.Stop()
 	select {
 	case <-g.done.Done():
-		cause := fmt.Sprintf("%s", g.exitStatus())
+		cause := g.exitStatus()
 		if g.retiring.Load() && g.drainCut.Load() {
 			cause += " after the drain bound expired during a swap"
 		}
@@ -570,7 +585,7 @@ func (p *managed) callErr(g *generation, method string, err error) error {
 			cause += "; last stderr: " + tail
 		}
 		return fmt.Errorf("call %s.%s: generation %d (pid %d) died mid-call (%s): %w", p.name, method, g.n, g.pid, cause, ErrPluginExited)
-	default:
+	case <-exited.C:
 	}
 	return fmt.Errorf("call %s.%s (generation %d): %w", p.name, method, g.n, err)
 }
