@@ -1,0 +1,288 @@
+package lora
+
+import (
+	"fmt"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	"github.com/arenahost/arenahost/shared/layout"
+)
+
+// Layer is one Linear (or conv, kernels flattened into In) layer of the
+// target model. Name is the weight key minus ".weight", prefix included
+// ("model.diffusion_model.double_blocks.0.img_attn.qkv").
+type Layer struct {
+	Name string `json:"name" msgpack:"name"`
+	Out  int    `json:"out" msgpack:"out"`
+	In   int    `json:"in" msgpack:"in"`
+}
+
+// Piece places rows [SrcRow, SrcRow+Rows) of a module's ΔW at rows
+// [DstRow, DstRow+Rows) of Layer. A module on a layer of the same naming has
+// one piece covering all rows; a fused module on a split model has one piece
+// per part (A shared, B split by rows); split modules on a fused model land
+// at row offsets (block-diagonal B in the concatenation).
+type Piece struct {
+	Layer  string `json:"layer" msgpack:"layer"`
+	DstRow int    `json:"dst_row" msgpack:"dst_row"`
+	SrcRow int    `json:"src_row" msgpack:"src_row"`
+	Rows   int    `json:"rows" msgpack:"rows"`
+}
+
+// Model is a target model's layer set with the index that resolves LoRA
+// module keys in any supported naming onto its layers.
+type Model struct {
+	Info   layout.Info
+	Flux   *layout.FluxConfig // nil for UNet models
+	layers map[string]Layer
+	names  []string
+	index  map[string][]Piece // component + ":" + flattened alias
+}
+
+// Component prefixes in the alias index.
+const (
+	compDiffusion = "unet"
+	compTE1       = "te1"
+	compTE2       = "te2"
+)
+
+// NewModel builds the mapping index for a model. layers are all its Linear
+// layers (logical shapes); info comes from layout.DetectInfo on the same
+// checkpoint. Flux split sizes are derived from the layers' shapes.
+func NewModel(info layout.Info, layers []Layer) (*Model, error) {
+	m := &Model{Info: info, layers: map[string]Layer{}, index: map[string][]Piece{}}
+	for _, l := range layers {
+		if l.Out <= 0 || l.In <= 0 {
+			return nil, fmt.Errorf("lora model: layer %s: shape [%d %d]", l.Name, l.Out, l.In)
+		}
+		if _, dup := m.layers[l.Name]; dup {
+			return nil, fmt.Errorf("lora model: layer %s listed twice", l.Name)
+		}
+		m.layers[l.Name] = l
+		m.names = append(m.names, l.Name)
+	}
+	sort.Strings(m.names)
+	add := func(comp, alias string, p Piece) {
+		k := comp + ":" + layout.KohyaName("", alias)
+		m.index[k] = append(m.index[k], p)
+	}
+	diffusion := map[string]Layer{} // module path without prefix → layer
+	for _, n := range m.names {
+		l := m.layers[n]
+		if path, ok := strings.CutPrefix(n, info.Prefix); ok && (info.Prefix != "" || !isTextEncoder(n)) {
+			diffusion[path] = l
+			add(compDiffusion, path, Piece{Layer: n, Rows: l.Out})
+			continue
+		}
+		for _, te := range []layout.TextEncoder{layout.TE1, layout.TE2} {
+			for _, pre := range layout.TextEncoderPrefixes(te) {
+				if path, ok := strings.CutPrefix(n, pre); ok {
+					comp := compTE1
+					if te == layout.TE2 {
+						comp = compTE2
+					}
+					add(comp, path, Piece{Layer: n, Rows: l.Out})
+				}
+			}
+		}
+	}
+	switch {
+	case info.Layout.IsFlux():
+		shapes := map[string][]int{}
+		for p, l := range diffusion {
+			shapes[p+".weight"] = []int{l.Out, l.In}
+		}
+		// The QK-norm width is not a Linear; head_dim only sets Heads, which
+		// the mapping does not use, so any divisor of hidden will do.
+		cfg, err := fluxConfig(info.Layout, shapes)
+		if err != nil {
+			return nil, fmt.Errorf("lora model: %w", err)
+		}
+		m.Flux = &cfg
+		maps, err := cfg.RowMaps()
+		if err != nil {
+			return nil, fmt.Errorf("lora model: %w", err)
+		}
+		for _, r := range maps {
+			if info.Layout == layout.FluxBFL {
+				if _, ok := diffusion[r.BFL]; ok {
+					add(compDiffusion, r.Diffusers, Piece{Layer: info.Prefix + r.BFL, DstRow: r.BFLRow, SrcRow: r.DiffRow, Rows: r.Rows})
+				}
+			} else if _, ok := diffusion[r.Diffusers]; ok {
+				add(compDiffusion, r.BFL, Piece{Layer: info.Prefix + r.Diffusers, DstRow: r.DiffRow, SrcRow: r.BFLRow, Rows: r.Rows})
+			}
+		}
+	case info.Layout == layout.SDXL || info.Layout == layout.SD15:
+		for p := range diffusion {
+			l := diffusion[p]
+			other, ok := layout.UNetToDiffusers(info.Layout, p)
+			if info.Naming == layout.NamingDiffusers {
+				other, ok = layout.UNetToLDM(info.Layout, p)
+			}
+			if ok {
+				add(compDiffusion, other, Piece{Layer: info.Prefix + p, Rows: l.Out})
+			}
+		}
+	}
+	return m, nil
+}
+
+func isTextEncoder(name string) bool {
+	for _, te := range []layout.TextEncoder{layout.TE1, layout.TE2} {
+		for _, pre := range layout.TextEncoderPrefixes(te) {
+			if strings.HasPrefix(name, pre) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// fluxConfig reads the widths the row maps need off Linear shapes alone
+// (FluxConfigFromShapes also wants a QK-norm scale for head_dim).
+func fluxConfig(l layout.Layout, shapes map[string][]int) (layout.FluxConfig, error) {
+	norm := "double_blocks.0.img_attn.norm.query_norm.scale"
+	if l == layout.FluxDiffusers {
+		norm = "transformer_blocks.0.attn.norm_q.weight"
+	}
+	in := "img_in.weight"
+	if l == layout.FluxDiffusers {
+		in = "x_embedder.weight"
+	}
+	if s, ok := shapes[in]; ok {
+		shapes[norm] = []int{s[0]} // one head: divides hidden
+		if l == layout.FluxBFL {
+			shapes["single_blocks.0.norm.query_norm.scale"] = []int{s[0]}
+		} else {
+			shapes["single_transformer_blocks.0.attn.norm_q.weight"] = []int{s[0]}
+		}
+	}
+	return layout.FluxConfigFromShapes(l, shapes)
+}
+
+// Layer returns the layer called name.
+func (m *Model) Layer(name string) (Layer, bool) {
+	l, ok := m.layers[name]
+	return l, ok
+}
+
+// Layers returns the model's layer names, sorted.
+func (m *Model) Layers() []string { return m.names }
+
+// Unmatched is a module or key that maps onto no layer, with the reason.
+type Unmatched struct {
+	Key    string `json:"key" msgpack:"key"`
+	Reason string `json:"reason" msgpack:"reason"`
+}
+
+// Target is one module placed on the model.
+type Target struct {
+	Module *Module `json:"module" msgpack:"module"`
+	Pieces []Piece `json:"pieces" msgpack:"pieces"`
+}
+
+// Mapping is a LoRA file placed on a model.
+type Mapping struct {
+	File      *File       `json:"file" msgpack:"file"`
+	Targets   []Target    `json:"targets" msgpack:"targets"`
+	Unmatched []Unmatched `json:"unmatched" msgpack:"unmatched"`
+}
+
+// xlabs rewrites XLabs processor names to BFL module paths; partial marks
+// the single-block qkv, which covers only the first rows of linear1.
+var xlabs = []struct {
+	from, to string
+	partial  bool
+}{
+	{".processor.qkv_lora1", ".img_attn.qkv", false}, {".processor.qkv_lora2", ".txt_attn.qkv", false},
+	{".processor.proj_lora1", ".img_attn.proj", false}, {".processor.proj_lora2", ".txt_attn.proj", false},
+	{".processor.qkv_lora", ".linear1", true}, {".processor.proj_lora", ".linear2", false},
+}
+
+// resolve turns a module key into (component, module path or flattened
+// name, partial).
+func resolve(key string) (comp, path string, partial bool) {
+	for _, p := range []struct{ pre, comp string }{
+		{"lora_unet_", compDiffusion}, {"lora_transformer_", compDiffusion}, {"lycoris_", compDiffusion},
+		{"lora_te1_", compTE1}, {"lora_te2_", compTE2}, {"lora_te_", compTE1},
+	} {
+		if rest, ok := strings.CutPrefix(key, p.pre); ok {
+			return p.comp, rest, false
+		}
+	}
+	comp, path = compDiffusion, key
+	for _, p := range []struct{ pre, comp string }{
+		{"base_model.model.", compDiffusion}, {"model.diffusion_model.", compDiffusion}, {"diffusion_model.", compDiffusion},
+		{"transformer.", compDiffusion}, {"unet.", compDiffusion},
+		{"text_encoders.clip_l.transformer.", compTE1}, {"text_encoder_2.", compTE2}, {"text_encoder.", compTE1},
+	} {
+		if rest, ok := strings.CutPrefix(key, p.pre); ok {
+			comp, path = p.comp, rest
+			break
+		}
+	}
+	for _, x := range xlabs {
+		if rest, ok := strings.CutSuffix(path, x.from); ok {
+			return comp, rest + x.to, x.partial
+		}
+	}
+	return comp, path, false
+}
+
+// Map places every module of f on the model. Modules and keys that match no
+// layer are listed in Unmatched; a module that matches but does not fit
+// (in-features, rows) is an error naming the file and key, since applying
+// it anyway would be wrong and skipping it silent.
+func (m *Model) Map(f *File) (*Mapping, error) {
+	out := &Mapping{File: f}
+	name := filepath.Base(f.Path)
+	for _, k := range f.Unknown {
+		out.Unmatched = append(out.Unmatched, Unmatched{Key: k, Reason: "unknown key suffix"})
+	}
+	for _, mod := range f.Modules {
+		comp, path, partial := resolve(mod.Key)
+		pieces := m.index[comp+":"+layout.KohyaName("", path)]
+		if len(pieces) == 0 {
+			out.Unmatched = append(out.Unmatched, Unmatched{Key: mod.Key, Reason: fmt.Sprintf("no %s layer named %s in this %s model", comp, path, m.Info.Layout)})
+			continue
+		}
+		var kept []Piece
+		rows := 0
+		for _, p := range pieces {
+			if partial {
+				if p.SrcRow >= mod.Out {
+					continue
+				}
+				if p.SrcRow+p.Rows > mod.Out {
+					p.Rows = mod.Out - p.SrcRow
+				}
+			}
+			kept = append(kept, p)
+			rows += p.Rows
+		}
+		sort.Slice(kept, func(i, j int) bool { return kept[i].SrcRow < kept[j].SrcRow })
+		if rows != mod.Out {
+			return nil, fmt.Errorf("map lora %s: key %s: module has %d output rows but layer(s) %s have %d", name, mod.keys[0], mod.Out, pieceNames(kept), rows)
+		}
+		for _, p := range kept {
+			l := m.layers[p.Layer]
+			if l.In != mod.In {
+				return nil, fmt.Errorf("map lora %s: key %s: in-features %d but layer %s has %d", name, mod.keys[0], mod.In, p.Layer, l.In)
+			}
+			if p.DstRow+p.Rows > l.Out {
+				return nil, fmt.Errorf("map lora %s: key %s: rows %d..%d outside layer %s (%d rows)", name, mod.keys[0], p.DstRow, p.DstRow+p.Rows, p.Layer, l.Out)
+			}
+		}
+		out.Targets = append(out.Targets, Target{Module: mod, Pieces: kept})
+	}
+	return out, nil
+}
+
+func pieceNames(ps []Piece) string {
+	var s []string
+	for _, p := range ps {
+		s = append(s, p.Layer)
+	}
+	return strings.Join(s, ", ")
+}

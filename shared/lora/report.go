@@ -1,0 +1,71 @@
+package lora
+
+import (
+	"path/filepath"
+	"time"
+)
+
+// LoRAReport is what happened to one LoRA file.
+type LoRAReport struct {
+	File      string      `json:"file" msgpack:"file"`
+	Format    KeyFormat   `json:"format" msgpack:"format"`
+	Types     []NetType   `json:"types" msgpack:"types"`
+	Meta      Meta        `json:"meta" msgpack:"meta"`
+	Strength  float64     `json:"strength" msgpack:"strength"`
+	Matched   int         `json:"matched" msgpack:"matched"`
+	Unmatched []Unmatched `json:"unmatched" msgpack:"unmatched"`
+	// Factored counts modules applied as exact low-rank factors; Dense lists
+	// the keys applied as a per-layer dense delta (full diff, DoRA, or a
+	// factorisation costlier than dense).
+	Factored int      `json:"factored" msgpack:"factored"`
+	Dense    []string `json:"dense,omitempty" msgpack:"dense,omitempty"`
+}
+
+// LayerReport is the per-layer outcome.
+type LayerReport struct {
+	Layer string `json:"layer" msgpack:"layer"`
+	Rank  int    `json:"rank" msgpack:"rank"`   // Σr of its side factors
+	Dense bool   `json:"dense" msgpack:"dense"` // carries a dense delta
+	// Fused mode only.
+	Retention float64 `json:"retention,omitempty" msgpack:"retention,omitempty"`
+	RelError  float64 `json:"rel_error,omitempty" msgpack:"rel_error,omitempty"`
+	Warning   string  `json:"warning,omitempty" msgpack:"warning,omitempty"`
+}
+
+// Report is the outcome of an apply, serialisable to JSON and msgpack.
+type Report struct {
+	Mode          string        `json:"mode" msgpack:"mode"` // "side" or "fuse"
+	LoRAs         []LoRAReport  `json:"loras" msgpack:"loras"`
+	LayersTouched int           `json:"layers_touched" msgpack:"layers_touched"`
+	Layers        []LayerReport `json:"layers" msgpack:"layers"`
+	// SideBytes is the storage of A_cat, B_cat, dense deltas and bias
+	// deltas (side mode).
+	SideBytes int64 `json:"side_bytes" msgpack:"side_bytes"`
+	// PeakScratchBytes is the largest working buffer the fused pass held.
+	PeakScratchBytes int64 `json:"peak_scratch_bytes" msgpack:"peak_scratch_bytes"`
+	// Retention and RelError over all fused layers: ⟨ΔW_eff, ΔW⟩/‖ΔW‖² and
+	// ‖ΔW_eff − ΔW‖/‖ΔW‖.
+	Retention float64       `json:"retention,omitempty" msgpack:"retention,omitempty"`
+	RelError  float64       `json:"rel_error,omitempty" msgpack:"rel_error,omitempty"`
+	Warnings  []string      `json:"warnings,omitempty" msgpack:"warnings,omitempty"`
+	Elapsed   time.Duration `json:"elapsed_ns" msgpack:"elapsed_ns"`
+}
+
+func newReport(maps []*Mapping, strengths []float64, mode string) *Report {
+	r := &Report{Mode: mode}
+	for i, m := range maps {
+		types := map[NetType]bool{}
+		var ts []NetType
+		for _, t := range m.File.Modules {
+			if !types[t.Type] {
+				types[t.Type] = true
+				ts = append(ts, t.Type)
+			}
+		}
+		r.LoRAs = append(r.LoRAs, LoRAReport{
+			File: filepath.Base(m.File.Path), Format: m.File.Format, Types: ts, Meta: m.File.Meta,
+			Strength: strengths[i], Matched: len(m.Targets), Unmatched: m.Unmatched,
+		})
+	}
+	return r
+}

@@ -1,0 +1,308 @@
+package lora
+
+import (
+	"fmt"
+	"path/filepath"
+	"sort"
+	"time"
+)
+
+// BaseWeights returns the dequantized fp32 weight [Out × In] of a layer. It
+// is called only for modules whose delta depends on the base weight (DoRA),
+// one layer at a time; the plugin dequantizes from the arena.
+type BaseWeights func(layer string) ([]float32, error)
+
+// Alloc returns zeroed storage for a layer's side factors: a [aLen] (A_cat,
+// Σr × In) and b [bLen] (B_cat, Out × Σr). The plugin points it at arena
+// regions; nil means make.
+type Alloc func(layer string, aLen, bLen int) (a, b []float32, err error)
+
+// colBlock is one module's columns in a layer's B_cat (and rows in A_cat).
+type colBlock struct {
+	lora   int
+	col    int
+	rank   int
+	scale  float64
+	b      Mat // unscaled B of the module
+	a      Mat // A of the module
+	pieces []Piece
+}
+
+// denseTerm is one module's dense delta on a layer, strength not applied.
+type denseTerm struct {
+	lora   int
+	key    string
+	delta  Mat // [Out × In] of the module (scale applied)
+	pieces []Piece
+	bias   []float32
+}
+
+// SideLayer is the side-mode state of one layer: y = x·Wᵀ + (x·Aᵀ)·Bᵀ +
+// x·Denseᵀ + Bias.
+type SideLayer struct {
+	Layer
+	Rank int       // Σr
+	A    []float32 // [Rank × In], row-major
+	B    []float32 // [Out × Rank], strength·scale folded in
+	// Dense is the summed strength-weighted delta of modules with no cheap
+	// exact factorisation (nil when there are none).
+	Dense []float32
+	// Bias is the summed strength-weighted bias delta (nil when none).
+	Bias  []float32
+	cols  []colBlock
+	dense []denseTerm
+}
+
+// Plan is the side-mode application of several LoRAs to one model.
+type Plan struct {
+	Model     *Model
+	Mappings  []*Mapping
+	Strengths []float64
+	Layers    []*SideLayer
+	byName    map[string]*SideLayer
+	Report    *Report
+}
+
+// BuildSide places every mapping on the model and builds each touched
+// layer's A_cat and B_cat, with strengths[i]·scale folded into LoRA i's
+// columns of B_cat. Types with an exact cheap factorisation (LoRA, LoHa,
+// LoKr) go into the factors; full diffs, DoRA and factorisations costlier
+// than dense become a per-layer dense delta, flagged in the report.
+func BuildSide(m *Model, maps []*Mapping, strengths []float64, base BaseWeights, alloc Alloc) (*Plan, error) {
+	start := time.Now()
+	if len(strengths) != len(maps) {
+		return nil, fmt.Errorf("build side: %d strengths for %d LoRAs", len(strengths), len(maps))
+	}
+	p := &Plan{Model: m, Mappings: maps, Strengths: append([]float64(nil), strengths...), byName: map[string]*SideLayer{}}
+	rep := newReport(maps, strengths, "side")
+	get := func(name string) *SideLayer {
+		if l, ok := p.byName[name]; ok {
+			return l
+		}
+		l := &SideLayer{Layer: m.layers[name]}
+		p.byName[name] = l
+		p.Layers = append(p.Layers, l)
+		return l
+	}
+	for li, mp := range maps {
+		file := filepath.Base(mp.File.Path)
+		for _, t := range mp.Targets {
+			mod := t.Module
+			lr := &rep.LoRAs[li]
+			if b, a, ok := factors(mod); ok && !mod.DoRA {
+				for _, pc := range t.Pieces {
+					sl := get(pc.Layer)
+					sl.cols = append(sl.cols, colBlock{lora: li, col: sl.Rank, rank: a.Rows, scale: mod.Scale, b: b, a: a, pieces: []Piece{pc}})
+					sl.Rank += a.Rows
+				}
+				lr.Factored++
+				continue
+			}
+			var d Mat
+			if mod.DoRA {
+				if base == nil {
+					return nil, fmt.Errorf("build side: lora %s: key %s: DoRA needs the base weight and none was given", file, mod.Key)
+				}
+				w := make([]float32, mod.Out*mod.In)
+				for _, pc := range t.Pieces {
+					full, err := base(pc.Layer)
+					if err != nil {
+						return nil, fmt.Errorf("build side: lora %s: key %s: base weight of %s: %w", file, mod.Key, pc.Layer, err)
+					}
+					copy(w[pc.SrcRow*mod.In:(pc.SrcRow+pc.Rows)*mod.In], full[pc.DstRow*mod.In:(pc.DstRow+pc.Rows)*mod.In])
+				}
+				d = doraDelta(mod, w)
+			} else {
+				d = dense(mod)
+				if mod.Scale != 1 {
+					s := float32(mod.Scale)
+					scaled := Mat{Rows: d.Rows, Cols: d.Cols, Data: make([]float32, len(d.Data))}
+					for i, v := range d.Data {
+						scaled.Data[i] = v * s
+					}
+					d = scaled
+				}
+			}
+			for _, pc := range t.Pieces {
+				sl := get(pc.Layer)
+				sl.dense = append(sl.dense, denseTerm{lora: li, key: mod.Key, delta: d, pieces: []Piece{pc}})
+			}
+			lr.Dense = append(lr.Dense, mod.Key)
+		}
+		for _, t := range mp.Targets {
+			if t.Module.BiasDelta == nil {
+				continue
+			}
+			for _, pc := range t.Pieces {
+				sl := get(pc.Layer)
+				sl.dense = append(sl.dense, denseTerm{lora: li, key: t.Module.Key, pieces: []Piece{pc}, bias: t.Module.BiasDelta})
+			}
+		}
+	}
+	sort.Slice(p.Layers, func(i, j int) bool { return p.Layers[i].Name < p.Layers[j].Name })
+	for _, sl := range p.Layers {
+		if sl.Rank > 0 {
+			aLen, bLen := sl.Rank*sl.In, sl.Out*sl.Rank
+			var err error
+			if alloc != nil {
+				sl.A, sl.B, err = alloc(sl.Name, aLen, bLen)
+				if err != nil {
+					return nil, fmt.Errorf("build side: layer %s: allocate factors (%d+%d floats): %w", sl.Name, aLen, bLen, err)
+				}
+				if len(sl.A) != aLen || len(sl.B) != bLen {
+					return nil, fmt.Errorf("build side: layer %s: allocator returned %d+%d floats, want %d+%d", sl.Name, len(sl.A), len(sl.B), aLen, bLen)
+				}
+			} else {
+				sl.A, sl.B = make([]float32, aLen), make([]float32, bLen)
+			}
+			// A_cat rows: each block's A.
+			for _, cb := range sl.cols {
+				copy(sl.A[cb.col*sl.In:(cb.col+cb.rank)*sl.In], cb.a.Data)
+			}
+			rep.SideBytes += int64(4 * (aLen + bLen))
+		}
+		sl.rewrite(p.Strengths, -1)
+		rep.SideBytes += int64(4 * (len(sl.Dense) + len(sl.Bias)))
+		rep.Layers = append(rep.Layers, LayerReport{Layer: sl.Name, Rank: sl.Rank, Dense: sl.Dense != nil})
+	}
+	rep.LayersTouched = len(p.Layers)
+	rep.Elapsed = time.Since(start)
+	p.Report = rep
+	return p, nil
+}
+
+// rewrite recomputes B_cat columns of LoRA only (all when only < 0) and the
+// dense sums.
+func (sl *SideLayer) rewrite(strengths []float64, only int) {
+	for _, cb := range sl.cols {
+		if only >= 0 && cb.lora != only {
+			continue
+		}
+		f := float32(strengths[cb.lora] * cb.scale)
+		for r := 0; r < sl.Out; r++ {
+			row := sl.B[r*sl.Rank+cb.col : r*sl.Rank+cb.col+cb.rank]
+			clear(row)
+		}
+		for _, pc := range cb.pieces {
+			for i := 0; i < pc.Rows; i++ {
+				src := cb.b.Data[(pc.SrcRow+i)*cb.rank : (pc.SrcRow+i+1)*cb.rank]
+				dst := sl.B[(pc.DstRow+i)*sl.Rank+cb.col:]
+				for j, v := range src {
+					dst[j] = v * f
+				}
+			}
+		}
+	}
+	if len(sl.dense) == 0 {
+		return
+	}
+	if only >= 0 {
+		touched := false
+		for _, d := range sl.dense {
+			touched = touched || d.lora == only
+		}
+		if !touched {
+			return
+		}
+	}
+	sl.Dense, sl.Bias = nil, nil
+	for _, d := range sl.dense {
+		s := float32(strengths[d.lora])
+		for _, pc := range d.pieces {
+			if d.delta.ok() {
+				if sl.Dense == nil {
+					sl.Dense = make([]float32, sl.Out*sl.In)
+				}
+				for i := 0; i < pc.Rows; i++ {
+					src := d.delta.Data[(pc.SrcRow+i)*sl.In : (pc.SrcRow+i+1)*sl.In]
+					dst := sl.Dense[(pc.DstRow+i)*sl.In:]
+					for j, v := range src {
+						dst[j] += s * v
+					}
+				}
+			}
+			if d.bias != nil {
+				if sl.Bias == nil {
+					sl.Bias = make([]float32, sl.Out)
+				}
+				for i := 0; i < pc.Rows; i++ {
+					sl.Bias[pc.DstRow+i] += s * d.bias[pc.SrcRow+i]
+				}
+			}
+		}
+	}
+}
+
+// Touched names the B_cat columns a strength change rewrote in one layer.
+type Touched struct {
+	Layer string `json:"layer"`
+	Col   int    `json:"col"`
+	Cols  int    `json:"cols"`
+	Dense bool   `json:"dense"` // the dense delta or bias changed too
+}
+
+// SetStrength changes LoRA i's strength, rewriting only its columns of each
+// layer's B_cat (and the dense sums it contributes to), and returns what
+// changed so the caller can publish just that.
+func (p *Plan) SetStrength(i int, s float64) ([]Touched, error) {
+	if i < 0 || i >= len(p.Strengths) {
+		return nil, fmt.Errorf("set strength: LoRA %d of %d", i, len(p.Strengths))
+	}
+	p.Strengths[i] = s
+	p.Report.LoRAs[i].Strength = s
+	var out []Touched
+	for _, sl := range p.Layers {
+		var t *Touched
+		for _, cb := range sl.cols {
+			if cb.lora == i {
+				if t == nil {
+					out = append(out, Touched{Layer: sl.Name, Col: cb.col})
+					t = &out[len(out)-1]
+				}
+				t.Cols = cb.col + cb.rank - t.Col
+			}
+		}
+		hasDense := false
+		for _, d := range sl.dense {
+			hasDense = hasDense || d.lora == i
+		}
+		if hasDense {
+			if t == nil {
+				out = append(out, Touched{Layer: sl.Name})
+				t = &out[len(out)-1]
+			}
+			t.Dense = true
+		}
+		if t != nil {
+			sl.rewrite(p.Strengths, i)
+		}
+	}
+	return out, nil
+}
+
+// Layer returns the side state of a layer, or nil when no LoRA touches it.
+func (p *Plan) Layer(name string) *SideLayer { return p.byName[name] }
+
+// DeltaRows adds the layer's full delta rows [r0, r1) (factors, dense, all
+// strengths applied) into dst [(r1−r0) × In] in float32 — the fused pass's
+// per-tile delta, never a full-layer temporary.
+func (sl *SideLayer) DeltaRows(dst []float32, r0, r1 int) {
+	for r := r0; r < r1; r++ {
+		out := dst[(r-r0)*sl.In : (r-r0+1)*sl.In]
+		brow := sl.B[r*sl.Rank : (r+1)*sl.Rank]
+		for k, bv := range brow {
+			if bv == 0 {
+				continue
+			}
+			arow := sl.A[k*sl.In : (k+1)*sl.In]
+			for j, av := range arow {
+				out[j] += bv * av
+			}
+		}
+		if sl.Dense != nil {
+			for j, v := range sl.Dense[r*sl.In : (r+1)*sl.In] {
+				out[j] += v
+			}
+		}
+	}
+}
