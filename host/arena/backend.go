@@ -1,0 +1,50 @@
+package arena
+
+// Kinds of memory a Location can point at.
+const (
+	KindCPU  = "cpu"  // a shared-memory file another process maps (memfd or /dev/shm)
+	KindCUDA = "cuda" // a device allocation another process opens by its IPC handle
+)
+
+// Location says where a segment lives and how another process reaches it.
+// It is what the host puts in a descriptor next to the region's offset
+// (protocol messages CPUSegment and CUDASlab).
+type Location struct {
+	Kind      string // KindCPU or KindCUDA
+	SegmentID uint32 // the arena's id for the segment; never reused while the arena lives
+	// Path is the file a process on this machine opens and mmaps (MAP_SHARED)
+	// from offset 0 for Size bytes: /proc/<HostPID>/fd/<fd> for a memfd
+	// segment, a file under /dev/shm otherwise. Empty for device memory.
+	Path      string
+	Size      uint64 // bytes in the segment
+	HostPID   int    // the process that owns the segment
+	IPCHandle []byte // device memory: the 64-byte CUipcMemHandle of the slab's base
+	Device    int    // device memory: the device ordinal
+}
+
+// Backend provides raw segments (shared-memory files, device slabs) for the
+// arena to sub-allocate. The arena serializes all calls to one Backend, so
+// implementations need no locking of their own for the arena's sake.
+// arenatest.Run is the conformance suite every backend must pass.
+type Backend interface {
+	// Name identifies the backend in stats and logs ("cpu-memfd", "cpu-shm", "cuda").
+	Name() string
+	// Create makes a segment of exactly size bytes (a multiple of PageSize)
+	// with the given id. Its memory reads as zero.
+	Create(id uint32, size uint64) (Segment, error)
+	// Close releases what the backend holds beyond its segments (for
+	// example its /dev/shm directory). The arena closes every segment first.
+	Close() error
+}
+
+// Segment is one backend allocation.
+type Segment interface {
+	// Location describes the segment for another process. Its Size is the
+	// size passed to Create and its SegmentID the id passed to Create.
+	Location() Location
+	// Bytes is the host's own mapping of the whole segment, or nil when
+	// the host cannot address the memory directly (device memory).
+	Bytes() []byte
+	// Close unmaps and releases the segment; a second call does nothing.
+	Close() error
+}
