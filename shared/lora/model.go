@@ -227,6 +227,13 @@ func resolve(key string) (comp, path string, partial bool) {
 			return comp, rest + x.to, x.partial
 		}
 	}
+	// Old diffusers attention-processor LoRAs: attn1.processor.to_q_lora.
+	if rest, ok := strings.CutSuffix(path, ".processor.to_out"); ok {
+		return comp, rest + ".to_out.0", false
+	}
+	if i := strings.LastIndex(path, ".processor."); i >= 0 {
+		return comp, path[:i] + path[i+len(".processor"):], false
+	}
 	return comp, path, false
 }
 

@@ -127,6 +127,16 @@ func role(suffix string) string {
 
 // splitKey separates a file key into module key and role.
 func splitKey(key string) (module, r string, ok bool) {
+	// XLabs names end in "_lora", "_lora1", "_lora2" before ".down.weight";
+	// keep those in the module key (the old diffusers "to_q_lora.down"
+	// form drops it).
+	if strings.Contains(key, ".processor.qkv_lora") || strings.Contains(key, ".processor.proj_lora") {
+		for _, s := range []string{".down.weight", ".up.weight"} {
+			if m, found := strings.CutSuffix(key, s); found {
+				return m, role(s), true
+			}
+		}
+	}
 	for _, s := range suffixes {
 		if m, found := strings.CutSuffix(key, s); found && m != "" {
 			return m, role(s), true
