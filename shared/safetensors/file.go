@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"runtime/debug"
 
@@ -97,6 +98,27 @@ func (f *File) CopyTensor(dst []byte, t TensorInfo) error {
 		return &Error{File: f.Path, Key: t.Name, Err: err}
 	}
 	return nil
+}
+
+// ReadAt reads len(p) bytes of the file at offset off from the mapping
+// (io.ReaderAt). A fault while reading (the file was truncated under us) is
+// returned as an error instead of crashing the process.
+func (f *File) ReadAt(p []byte, off int64) (int, error) {
+	if f.mapping == nil {
+		return 0, &Error{File: f.Path, Err: errors.New("file is closed")}
+	}
+	if off < 0 || off > int64(len(f.mapping)) {
+		return 0, &Error{File: f.Path, Err: fmt.Errorf("read at %d: outside the file (%d bytes)", off, len(f.mapping))}
+	}
+	var n int
+	err := guardFault(func() error { n = copy(p, f.mapping[off:]); return nil })
+	if err != nil {
+		return 0, &Error{File: f.Path, Err: err}
+	}
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
 }
 
 // AdviseSequential tells the kernel the mapping will be read front to back,

@@ -2,6 +2,7 @@ package safetensors
 
 import (
 	"bytes"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -186,5 +187,27 @@ func TestFileWriterAbortAndReplace(t *testing.T) {
 	st, _ := os.Stat(path)
 	if st.Mode().Perm() != 0o644 {
 		t.Errorf("mode %v, want 0644", st.Mode().Perm())
+	}
+}
+
+func TestReadAt(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "m.safetensors")
+	if err := WriteFile(path, nil, []WriteTensor{{Name: "a", DType: U8, Shape: []int64{4}, Data: []byte("abcd")}}); err != nil {
+		t.Fatal(err)
+	}
+	f, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	p := make([]byte, 3)
+	if n, err := f.ReadAt(p, f.DataStart+1); n != 3 || err != nil || string(p) != "bcd" {
+		t.Errorf("ReadAt = %d, %v, %q", n, err, p)
+	}
+	if n, err := f.ReadAt(p, f.DataStart+2); n != 2 || err != io.EOF {
+		t.Errorf("ReadAt past the end = %d, %v", n, err)
+	}
+	if _, err := f.ReadAt(p, -1); err == nil {
+		t.Error("ReadAt(-1) succeeded")
 	}
 }

@@ -1,0 +1,258 @@
+package registry
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"time"
+
+	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/shared/layout"
+	"github.com/arenahost/arenahost/shared/nf4"
+	"github.com/arenahost/arenahost/shared/safetensors"
+	"github.com/arenahost/arenahost/shared/tensor"
+)
+
+// copyChunk bounds the bytes copied between two cancellation checks.
+const copyChunk = 16 << 20
+
+// Load maps the safetensors file at path, validates it (the safetensors
+// header, every tensor's dtype, and the bitsandbytes 4-bit layout of each
+// quantized weight), copies each stored tensor from the mapping into its own
+// arena region, and registers the result as model name. The file is streamed
+// through the mapping: no tensor is copied onto the Go heap.
+//
+// Load is atomic: on any error, including cancellation of ctx and an arena
+// that is full, every region allocated for this load is freed and nothing is
+// registered. The error names the file and, where one is at fault, the key.
+func (r *Registry) Load(ctx context.Context, name, path string) (*Model, error) {
+	if name == "" {
+		return nil, fmt.Errorf("load %s: empty model name", path)
+	}
+	r.mu.Lock()
+	if _, ok := r.models[name]; ok || r.pending[name] {
+		r.mu.Unlock()
+		return nil, fmt.Errorf("load model %q from %s: %w", name, path, ErrExists)
+	}
+	r.pending[name] = true
+	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		delete(r.pending, name)
+		r.mu.Unlock()
+	}()
+
+	start := time.Now()
+	m, err := r.load(ctx, name, path)
+	if err != nil {
+		return nil, fmt.Errorf("load model %q: %w", name, err)
+	}
+	r.mu.Lock()
+	r.models[name] = m
+	r.mu.Unlock()
+	took := time.Since(start)
+	r.log.Info("model loaded", slog.Any("model", m), slog.Duration("took", took),
+		slog.Float64("MiB/s", float64(m.Bytes)/(1<<20)/took.Seconds()))
+	return m, nil
+}
+
+func (r *Registry) load(ctx context.Context, name, path string) (m *Model, err error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	f, err := safetensors.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+
+	meta := make(map[string]nf4.TensorMeta, len(f.Tensors))
+	names := make([]string, 0, len(f.Tensors))
+	for _, t := range f.Tensors {
+		if _, err := tensor.ParseDType(string(t.DType)); err != nil {
+			return nil, fmt.Errorf("%s: tensor %s: dtype %s cannot be held in the registry (no protocol dtype)", path, t.Name, t.DType)
+		}
+		meta[t.Name] = nf4.TensorMeta{DType: string(t.DType), Shape: t.Shape}
+		names = append(names, t.Name)
+	}
+	// The 4-bit layout is validated before anything is allocated; it reads
+	// only the small side tensors (quant-state JSON, quant maps).
+	weights, _, err := nf4.GroupWeights(path, meta, func(key string) ([]byte, error) {
+		info, ok := f.Lookup(key)
+		if !ok {
+			return nil, fmt.Errorf("no tensor %q", key)
+		}
+		b := make([]byte, info.End-info.Begin)
+		if _, err := f.ReadAt(b, f.DataStart+info.Begin); err != nil {
+			return nil, err
+		}
+		return b, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	m = &Model{
+		Name:     name,
+		Source:   path,
+		Format:   formatOf(weights),
+		Metadata: f.Metadata,
+		byName:   make(map[string]*Tensor, len(f.Tensors)),
+		weights:  make(map[string]*QuantWeight, len(weights)),
+	}
+	if info, err := layout.DetectInfo(names); err == nil {
+		m.Layout, m.LayoutPrefix = info.Layout.String(), info.Prefix
+	} else {
+		r.log.Debug("no known layout", slog.String("file", path), slog.Any("error", err))
+	}
+
+	var regions []arena.Region
+	defer func() {
+		if err == nil {
+			return
+		}
+		if ferr := freeAll(r.mem, regions); ferr != nil {
+			r.log.Error("free regions of a failed load", slog.String("file", path), slog.Any("error", ferr))
+			err = errors.Join(err, fmt.Errorf("free regions of the failed load: %w", ferr))
+		}
+		m = nil
+	}()
+
+	_ = f.AdviseSequential()         // only read-ahead advice
+	for _, info := range f.Tensors { // data order: the mapping is read front to back
+		t := &Tensor{Name: info.Name, DType: info.DType, Shape: info.Shape, NBytes: uint64(info.End - info.Begin)}
+		if t.NBytes > 0 {
+			if err := ctx.Err(); err != nil {
+				return nil, fmt.Errorf("%s: tensor %s: %w", path, info.Name, err)
+			}
+			reg, err := r.mem.Alloc(arena.HostOwner, name+"/"+info.Name, t.NBytes)
+			if err != nil {
+				return nil, fmt.Errorf("%s: tensor %s: %w", path, info.Name, err)
+			}
+			regions = append(regions, reg)
+			t.Region = reg
+			dst, err := r.mem.Bytes(reg)
+			if err != nil {
+				return nil, fmt.Errorf("%s: tensor %s: %w", path, info.Name, err)
+			}
+			if err := copyTensor(ctx, dst, f, info); err != nil {
+				return nil, fmt.Errorf("%s: tensor %s: %w", path, info.Name, err)
+			}
+		}
+		m.Tensors = append(m.Tensors, t)
+		m.byName[t.Name] = t
+		m.Bytes += t.NBytes
+	}
+	sort.Slice(m.Tensors, func(i, j int) bool { return m.Tensors[i].Name < m.Tensors[j].Name })
+
+	for _, w := range weights {
+		qw := &QuantWeight{
+			Name:           w.Name,
+			State:          w.State,
+			Packed:         m.byName[w.Keys.Weight],
+			Absmax:         m.byName[w.Keys.Absmax],
+			QuantMap:       m.byName[w.Keys.QuantMap],
+			NestedAbsmax:   m.byName[w.Keys.NestedAbsmax],
+			NestedQuantMap: m.byName[w.Keys.NestedQuantMap],
+			StateJSON:      m.byName[w.Keys.QuantState],
+		}
+		qw.Packed.Quant = qw
+		for _, k := range w.Keys.All()[1:] {
+			m.byName[k].QuantOf = w.Name
+		}
+		m.Weights = append(m.Weights, qw)
+		m.weights[w.Name] = qw
+	}
+	return m, nil
+}
+
+// copyTensor copies a tensor from the mapping into dst in chunks, checking
+// ctx between them.
+func copyTensor(ctx context.Context, dst []byte, f *safetensors.File, info safetensors.TensorInfo) error {
+	if int64(len(dst)) != info.End-info.Begin {
+		return fmt.Errorf("region of %d bytes for a %d-byte tensor", len(dst), info.End-info.Begin)
+	}
+	for off := 0; off < len(dst); off += copyChunk {
+		if off > 0 {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+		}
+		end := min(off+copyChunk, len(dst))
+		if _, err := f.ReadAt(dst[off:end], f.DataStart+info.Begin+int64(off)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// formatOf names the checkpoint format from its 4-bit weights.
+func formatOf(weights []nf4.Weight) Format {
+	if len(weights) == 0 {
+		return FormatSafetensors
+	}
+	types := map[nf4.QuantType]bool{}
+	nested := 0
+	for _, w := range weights {
+		types[w.State.QuantType] = true
+		if w.State.Nested {
+			nested++
+		}
+	}
+	f := "bnb-" + string(weights[0].State.QuantType)
+	if len(types) > 1 {
+		f = "bnb-nf4+fp4"
+	}
+	switch {
+	case nested == len(weights):
+		f += " nested"
+	case nested > 0:
+		f += " partly nested"
+	}
+	return Format(f)
+}
+
+// Save writes model's stored tensors and metadata to path as safetensors,
+// atomically (temporary file and rename). A model loaded from a file the
+// reference writer produced (Python safetensors, so bitsandbytes'
+// checkpoints) is written back byte for byte; metadata keys are written
+// sorted, so a file with several metadata keys may differ in their order.
+func (r *Registry) Save(ctx context.Context, model, path string) error {
+	m, err := r.model(model)
+	if err != nil {
+		return fmt.Errorf("save %s: %w", path, err)
+	}
+	m.lifetime.RLock()
+	defer m.lifetime.RUnlock()
+	if cur, ok := r.Model(model); !ok || cur != m {
+		return fmt.Errorf("save %s: model %q: %w (unloaded)", path, model, ErrNotFound)
+	}
+	infos := make([]safetensors.TensorInfo, len(m.Tensors))
+	for i, t := range m.Tensors {
+		infos[i] = safetensors.TensorInfo{Name: t.Name, DType: t.DType, Shape: t.Shape}
+	}
+	fw, err := safetensors.Create(path, m.Metadata, infos)
+	if err != nil {
+		return fmt.Errorf("save model %q: %w", model, err)
+	}
+	for _, info := range fw.Layout() {
+		err := ctx.Err()
+		var b []byte
+		if err == nil {
+			b, err = r.bytes(m.byName[info.Name])
+		}
+		if err == nil {
+			err = fw.WriteTensor(info.Name, b)
+		}
+		if err != nil {
+			fw.Abort()
+			return fmt.Errorf("save model %q to %s: tensor %s: %w", model, path, info.Name, err)
+		}
+	}
+	if err := fw.Commit(); err != nil {
+		return fmt.Errorf("save model %q: %w", model, err)
+	}
+	return nil
+}

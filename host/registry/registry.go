@@ -1,0 +1,301 @@
+// Package registry owns the host's tensor registry: the models loaded into the
+// arena, each with its stored tensors (name, dtype, shape, arena region) and
+// one entry per bitsandbytes 4-bit weight holding its quantization info and
+// the regions of its side tensors. It loads safetensors checkpoints into the
+// arena atomically (on any error everything allocated for the load is freed
+// and nothing is registered), writes models back byte for byte, and turns
+// tensors into protocol descriptors.
+package registry
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"strings"
+	"sync"
+
+	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/shared/nf4"
+	"github.com/arenahost/arenahost/shared/safetensors"
+)
+
+// Memory is what the registry needs from the arena to hold tensors.
+// *arena.Arena satisfies it.
+type Memory interface {
+	Alloc(owner arena.Owner, name string, n uint64) (arena.Region, error)
+	Free(r arena.Region) error
+	Bytes(r arena.Region) ([]byte, error)
+}
+
+// Errors the registry returns, wrapped with the model and tensor names.
+var (
+	ErrNotFound = errors.New("not found")
+	ErrExists   = errors.New("already loaded")
+)
+
+// Format names how a checkpoint stores its weights.
+type Format string
+
+// Formats a model can have. A checkpoint with bitsandbytes 4-bit weights is
+// "bnb-<type>" with " nested" when every 4-bit weight has nested absmax;
+// mixed checkpoints say so.
+const (
+	FormatSafetensors  Format = "safetensors"
+	FormatBnbNF4       Format = "bnb-nf4"
+	FormatBnbNF4Nested Format = "bnb-nf4 nested"
+	FormatBnbFP4       Format = "bnb-fp4"
+	FormatBnbFP4Nested Format = "bnb-fp4 nested"
+)
+
+// Tensor is one stored tensor of a model, as the checkpoint holds it: for a
+// 4-bit weight that is the packed codes (Quant set) and, as separate tensors,
+// its side tensors (QuantOf set).
+type Tensor struct {
+	Name  string
+	DType safetensors.DType // storage dtype
+	Shape []int64           // storage shape
+	// Region holds the bytes; the zero Region for an empty tensor (NBytes 0),
+	// which needs no memory.
+	Region arena.Region
+	NBytes uint64
+	// Quant is set on the packed tensor of a 4-bit weight.
+	Quant *QuantWeight
+	// QuantOf names the 4-bit weight a side tensor (absmax, quant_map,
+	// nested_*, quant-state JSON) belongs to; empty otherwise.
+	QuantOf string
+}
+
+// QuantWeight is one bitsandbytes 4-bit weight: its quant state and its
+// tensors. Nested fields are nil when the weight is not nested.
+type QuantWeight struct {
+	Name  string         // the weight's key, "X.weight"
+	State nf4.QuantState // quant type, blocksize, logical dtype and shape, nested info
+	Packed,
+	Absmax,
+	QuantMap,
+	NestedAbsmax,
+	NestedQuantMap,
+	StateJSON *Tensor
+}
+
+// Model is a loaded checkpoint. A registered Model is never modified; treat
+// every field (and the tensors it points to) as read-only.
+type Model struct {
+	Name   string
+	Source string // the file it was loaded from
+	Format Format
+	// Layout is the architecture and naming shared/layout detected from the
+	// tensor names ("flux-bfl", "flux-diffusers", "sdxl", "sd15"); empty
+	// when none matched. LayoutPrefix is the key prefix in front of the
+	// model's module paths ("model.diffusion_model." in Forge files).
+	Layout       string
+	LayoutPrefix string
+	// Metadata is the checkpoint's __metadata__ (nil when it had none).
+	Metadata map[string]string
+	// Tensors are every stored tensor, sorted by name.
+	Tensors []*Tensor
+	// Weights are the 4-bit weights, sorted by name.
+	Weights []*QuantWeight
+	// Bytes is the sum of the stored tensors' sizes.
+	Bytes uint64
+
+	byName   map[string]*Tensor
+	weights  map[string]*QuantWeight
+	lifetime sync.RWMutex // readers hold it while they use region bytes; Unload takes it to free
+}
+
+// Tensor returns the stored tensor called name.
+func (m *Model) Tensor(name string) (*Tensor, bool) {
+	t, ok := m.byName[name]
+	return t, ok
+}
+
+// Weight returns the 4-bit weight called name ("X.weight").
+func (m *Model) Weight(name string) (*QuantWeight, bool) {
+	w, ok := m.weights[name]
+	return w, ok
+}
+
+// Params returns the model's logical parameter count: the elements of its
+// plain tensors plus the logical elements of its 4-bit weights (side tensors
+// excluded).
+func (m *Model) Params() int64 {
+	var n int64
+	for _, t := range m.Tensors {
+		switch {
+		case t.Quant != nil:
+			n += t.Quant.State.Numel()
+		case t.QuantOf == "":
+			n += safetensors.TensorInfo{DType: t.DType, Shape: t.Shape}.NumElements()
+		}
+	}
+	return n
+}
+
+// LogValue logs the model's summary.
+func (m *Model) LogValue() slog.Value {
+	return slog.GroupValue(
+		slog.String("name", m.Name), slog.String("source", m.Source),
+		slog.String("format", string(m.Format)), slog.String("layout", m.Layout),
+		slog.Int("tensors", len(m.Tensors)), slog.Int("weights4bit", len(m.Weights)),
+		slog.Any("bytes", arena.ByteSize(m.Bytes)))
+}
+
+// Registry holds the loaded models. All methods are safe for concurrent use.
+type Registry struct {
+	mem Memory
+	log *slog.Logger
+
+	mu      sync.RWMutex
+	models  map[string]*Model
+	pending map[string]bool // names of loads in progress
+}
+
+// New returns an empty registry whose tensors live in mem. A nil logger
+// means slog.Default().
+func New(mem Memory, logger *slog.Logger) *Registry {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	return &Registry{mem: mem, log: logger, models: map[string]*Model{}, pending: map[string]bool{}}
+}
+
+// Model returns the model registered under name.
+func (r *Registry) Model(name string) (*Model, bool) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	m, ok := r.models[name]
+	return m, ok
+}
+
+// Models returns the registered models sorted by name.
+func (r *Registry) Models() []*Model {
+	r.mu.RLock()
+	out := make([]*Model, 0, len(r.models))
+	for _, m := range r.models {
+		out = append(out, m)
+	}
+	r.mu.RUnlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+func (r *Registry) model(name string) (*Model, error) {
+	m, ok := r.Model(name)
+	if !ok {
+		return nil, fmt.Errorf("model %q: %w", name, ErrNotFound)
+	}
+	return m, nil
+}
+
+// Tensor returns the stored tensor name of model.
+func (r *Registry) Tensor(model, name string) (*Tensor, error) {
+	m, err := r.model(model)
+	if err != nil {
+		return nil, err
+	}
+	t, ok := m.byName[name]
+	if !ok {
+		return nil, fmt.Errorf("model %q: tensor %q: %w", model, name, ErrNotFound)
+	}
+	return t, nil
+}
+
+// Tensors returns model's stored tensors whose names start with prefix,
+// sorted by name ("" gives all).
+func (r *Registry) Tensors(model, prefix string) ([]*Tensor, error) {
+	m, err := r.model(model)
+	if err != nil {
+		return nil, err
+	}
+	i := sort.Search(len(m.Tensors), func(i int) bool { return m.Tensors[i].Name >= prefix })
+	var out []*Tensor
+	for ; i < len(m.Tensors) && strings.HasPrefix(m.Tensors[i].Name, prefix); i++ {
+		out = append(out, m.Tensors[i])
+	}
+	return out, nil
+}
+
+// Weight returns the 4-bit weight name ("X.weight") of model.
+func (r *Registry) Weight(model, name string) (*QuantWeight, error) {
+	m, err := r.model(model)
+	if err != nil {
+		return nil, err
+	}
+	w, ok := m.weights[name]
+	if !ok {
+		return nil, fmt.Errorf("model %q: 4-bit weight %q: %w", model, name, ErrNotFound)
+	}
+	return w, nil
+}
+
+// Unload removes the model and frees its regions. It waits for readers of
+// the model's bytes (Save, View) to finish first. Descriptors handed out for
+// its tensors go stale with the regions.
+func (r *Registry) Unload(name string) error {
+	r.mu.Lock()
+	m, ok := r.models[name]
+	if ok {
+		delete(r.models, name)
+	}
+	r.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("unload model %q: %w", name, ErrNotFound)
+	}
+	m.lifetime.Lock()
+	defer m.lifetime.Unlock()
+	var regions []arena.Region
+	for _, t := range m.Tensors {
+		if t.NBytes > 0 {
+			regions = append(regions, t.Region)
+		}
+	}
+	if err := freeAll(r.mem, regions); err != nil {
+		return fmt.Errorf("unload model %q: %w", name, err)
+	}
+	r.log.Info("model unloaded", slog.String("model", name), slog.Any("bytes", arena.ByteSize(m.Bytes)))
+	return nil
+}
+
+// View calls fn with the bytes of model's tensor name while the model cannot
+// be unloaded. fn must not keep the slice, and must not write to it unless
+// the caller owns the model's write access.
+func (r *Registry) View(model, name string, fn func(t *Tensor, b []byte) error) error {
+	m, err := r.model(model)
+	if err != nil {
+		return err
+	}
+	m.lifetime.RLock()
+	defer m.lifetime.RUnlock()
+	if cur, ok := r.Model(model); !ok || cur != m {
+		return fmt.Errorf("model %q: %w (unloaded)", model, ErrNotFound)
+	}
+	t, ok := m.byName[name]
+	if !ok {
+		return fmt.Errorf("model %q: tensor %q: %w", model, name, ErrNotFound)
+	}
+	b, err := r.bytes(t)
+	if err != nil {
+		return fmt.Errorf("model %q: tensor %q: %w", model, name, err)
+	}
+	return fn(t, b)
+}
+
+func (r *Registry) bytes(t *Tensor) ([]byte, error) {
+	if t.NBytes == 0 {
+		return []byte{}, nil
+	}
+	return r.mem.Bytes(t.Region)
+}
+
+// freeAll frees every region, joining the errors.
+func freeAll(mem Memory, regions []arena.Region) error {
+	var errs []error
+	for _, reg := range regions {
+		if err := mem.Free(reg); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
