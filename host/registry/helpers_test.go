@@ -56,10 +56,10 @@ func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)
 
 // checkpointSpec describes a generated bnb-layout checkpoint.
 type checkpointSpec struct {
-	rows, cols int   // logical shape of each quantized weight
-	weights    int   // how many 4-bit weights
-	blocksize  int   // 4-bit blocksize
-	nested     bool  // compress_statistics
+	rows, cols int  // logical shape of each quantized weight
+	weights    int  // how many 4-bit weights
+	blocksize  int  // 4-bit blocksize
+	nested     bool // compress_statistics
 	seed       uint64
 	prefix     string // key prefix ("model.diffusion_model.")
 }
