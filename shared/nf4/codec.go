@@ -1,0 +1,413 @@
+// Package nf4 owns the bitsandbytes 4-bit codec: NF4 and FP4 quantize and
+// dequantize, the nested ("double quant", compress_statistics) absmax
+// encoding, the quant-state JSON bitsandbytes serializes, and the layout of a
+// 4-bit weight's keys in a checkpoint (grouping, validation, dequantizing a
+// whole weight, and producing the full key set for writers).
+//
+// The codec works on plain slices and bytes; it does not import the
+// safetensors package. Callers hand it tensor headers (TensorMeta) and a
+// function that returns a tensor's bytes.
+//
+// Byte-exactness rules (bitsandbytes 0.41–0.50, csrc/kernels.cu):
+//
+//   - A tensor is flattened row-major and cut into blocks of blocksize
+//     elements; blocks may cross rows. absmax[b] = max |x| over the block's
+//     real elements, float32.
+//   - Quantize follows the CUDA kernel (the canonical producer):
+//     xn = float32(x * float32(1/absmax)), no clamp; NF4 code = number of the
+//     15 fp32 midpoints that xn is strictly greater than (ties go to the
+//     lower code, NaN gives code 0); FP4 uses the kernel's sign + 7-threshold
+//     tree. An all-zero block has absmax 0, 1/0 = +Inf, 0*Inf = NaN, so every
+//     code is 0 (bytes 0x00).
+//   - Packing: byte j holds element 2j in its HIGH nibble and 2j+1 in the
+//     low nibble; an odd count pads the last low nibble with the code of 0.0
+//     (7 for NF4, 0 for FP4).
+//   - Dequantize: out = T(float32(code[q] * absmax[k/blocksize])) with T the
+//     logical dtype (round to nearest even), no FMA anywhere: every product
+//     is wrapped in an explicit float32() conversion.
+//
+// Quantize and dequantize are parallel over blocks (runtime.GOMAXPROCS
+// workers) and allocate nothing per element.
+package nf4
+
+import (
+	"math"
+	"runtime"
+	"sync"
+
+	"github.com/arenahost/arenahost/shared/half"
+)
+
+// QuantType names a bitsandbytes 4-bit data type as the quant-state JSON
+// spells it.
+type QuantType string
+
+// The two 4-bit types bitsandbytes serializes.
+const (
+	QuantNF4 QuantType = "nf4"
+	QuantFP4 QuantType = "fp4"
+)
+
+// NF4 is bitsandbytes' NormalFloat4 table (get_4bit_type("nf4"), the CUDA
+// nf4_dequantization_lut): index = 4-bit code, ascending, NF4[7] = 0.
+var NF4 = [16]float32{
+	-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+	-0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+	0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+	0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+}
+
+// FP4 is bitsandbytes' FP4 decoding table as its CUDA and C++ CPU kernels
+// apply it (fp4_dequantization_lut times a sign): the values
+// {0, 0.0625, 8, 12, 4, 6, 2, 3} and their negations, in bit-pattern order,
+// divided by 12 in float32. Index 8 is -0.0 (0 times sign -1), so code 8
+// dequantizes to -0.0; the quant_map bitsandbytes serializes has +0.0 there
+// instead (see QuantType.QuantMap).
+var FP4 = func() (t [16]float32) {
+	t = fp4QuantMap
+	t[8] = float32(math.Copysign(0, -1))
+	return t
+}()
+
+// fp4QuantMap is get_4bit_type("fp4"): the Python list holds the integer
+// -0, which torch stores as +0.0.
+var fp4QuantMap = func() (t [16]float32) {
+	data := [16]float32{0, 0.0625, 8, 12, 4, 6, 2, 3, 0, -0.0625, -8, -12, -4, -6, -2, -3}
+	for i, v := range data {
+		t[i] = v / 12
+	}
+	return t
+}()
+
+// QuantMap returns the 16-entry quant_map bitsandbytes serializes next to
+// a weight of this type (get_4bit_type): NF4 as is, FP4 with +0.0 at
+// index 8. It returns zeros for an unknown type.
+func (qt QuantType) QuantMap() [16]float32 {
+	switch qt {
+	case QuantNF4:
+		return NF4
+	case QuantFP4:
+		return fp4QuantMap
+	}
+	return [16]float32{}
+}
+
+// nf4Thresholds[k] = float32((NF4[k]+NF4[k+1])/2), which equals the float
+// literal in every comparison of the CUDA dQuantizeNF4 tree. Entry 15 is a
+// pad that the search never reads.
+var nf4Thresholds = func() (t [16]float32) {
+	for k := range 15 {
+		t[k] = float32(NF4[k]+NF4[k+1]) / 2
+	}
+	t[15] = float32(math.Inf(1))
+	return t
+}()
+
+// quantizeNF4 returns the NF4 code of a normalized value: the count of
+// thresholds strictly below x, found by a branch-free binary search. NaN
+// fails every comparison and yields 0, as in CUDA.
+func quantizeNF4(x float32) byte {
+	q := 0
+	if x > nf4Thresholds[q+7] {
+		q += 8
+	}
+	if x > nf4Thresholds[q+3] {
+		q += 4
+	}
+	if x > nf4Thresholds[q+1] {
+		q += 2
+	}
+	if x > nf4Thresholds[q] {
+		q++
+	}
+	return byte(q)
+}
+
+// quantizeFP4 is the CUDA dQuantizeFP4 tree, literals included.
+func quantizeFP4(x float32) byte {
+	var sign byte
+	if x < 0 {
+		sign = 0b1000
+	}
+	x = float32(math.Abs(float64(x)))
+	switch {
+	case x > 0.29166667:
+		switch {
+		case x > 0.583333:
+			if x > 0.8333333 {
+				return 0b0011 + sign
+			}
+			return 0b0010 + sign
+		case x > 0.4166667:
+			return 0b101 + sign
+		default:
+			return 0b100 + sign
+		}
+	case x > 0.0859375:
+		if x > 0.20833333 {
+			return 0b0111 + sign
+		}
+		return 0b0110 + sign
+	case x > 0.00260417:
+		return 0b0001 + sign
+	default:
+		return 0b0000 + sign
+	}
+}
+
+// Table returns the dequantization table of a quant type, or nil for an
+// unknown one.
+func (qt QuantType) Table() *[16]float32 {
+	switch qt {
+	case QuantNF4:
+		return &NF4
+	case QuantFP4:
+		return &FP4
+	}
+	return nil
+}
+
+// Blocks returns the number of blocks of blocksize that n elements occupy:
+// ceil(n/blocksize).
+func Blocks(n, blocksize int) int { return (n + blocksize - 1) / blocksize }
+
+// PackedLen returns the number of packed bytes n 4-bit codes occupy.
+func PackedLen(n int) int { return (n + 1) / 2 }
+
+// ValidBlocksize reports whether bitsandbytes accepts a 4-bit blocksize:
+// a power of two from 32 to 4096.
+func ValidBlocksize(bs int) bool { return bs >= 32 && bs <= 4096 && bs&(bs-1) == 0 }
+
+// Quantize encodes src (len(src) elements, row-major) into packed 4-bit
+// codes and per-block float32 absmax by the CUDA kernel's rule (see the
+// package comment). packed must hold PackedLen(len(src)) bytes and absmax
+// Blocks(len(src), blocksize) values; blocksize must be even (every valid
+// bitsandbytes blocksize is), so blocks never split a byte. qt must be
+// QuantNF4 or QuantFP4. Quantize reports misuse by panicking, like a slice
+// index out of range: lengths are the caller's to compute.
+func Quantize(packed []byte, absmax []float32, src []float32, blocksize int, qt QuantType) {
+	n := len(src)
+	if blocksize <= 0 || blocksize%2 != 0 {
+		panic("nf4: Quantize: blocksize must be positive and even")
+	}
+	nb := Blocks(n, blocksize)
+	packed = packed[:PackedLen(n)]
+	absmax = absmax[:nb]
+	fp4 := false
+	switch qt {
+	case QuantNF4:
+	case QuantFP4:
+		fp4 = true
+	default:
+		panic("nf4: Quantize: unknown quant type " + string(qt))
+	}
+	parallelBlocks(nb, blocksize, func(b0, b1 int) {
+		for b := b0; b < b1; b++ {
+			lo := b * blocksize
+			hi := min(lo+blocksize, n)
+			absmax[b] = quantizeBlock(packed[lo/2:(hi+1)/2], src[lo:hi], fp4)
+		}
+	})
+}
+
+// quantizeBlock quantizes one block's elements into out (PackedLen(len(x))
+// bytes) and returns the block's absmax.
+func quantizeBlock(out []byte, x []float32, fp4 bool) float32 {
+	var am float32
+	for _, v := range x {
+		// fabsf then fmaxf: NaN never wins (fmaxf ignores a NaN operand).
+		a := float32(math.Abs(float64(v)))
+		if a > am {
+			am = a
+		}
+	}
+	inv := 1 / am
+	even := len(x) &^ 1
+	if fp4 {
+		for i := 0; i < even; i += 2 {
+			out[i/2] = quantizeFP4(float32(x[i]*inv))<<4 | quantizeFP4(float32(x[i+1]*inv))
+		}
+		if even < len(x) {
+			out[even/2] = quantizeFP4(float32(x[even]*inv))<<4 | quantizeFP4(float32(0*inv))
+		}
+		return am
+	}
+	for i := 0; i < even; i += 2 {
+		out[i/2] = quantizeNF4(float32(x[i]*inv))<<4 | quantizeNF4(float32(x[i+1]*inv))
+	}
+	if even < len(x) {
+		// The kernel loads the missing element as 0 and scales it too: 0*inv
+		// is 0 (code 7) unless the block is all zeros (NaN, code 0).
+		out[even/2] = quantizeNF4(float32(x[even]*inv))<<4 | quantizeNF4(float32(0*inv))
+	}
+	return am
+}
+
+// Dequantize decodes n 4-bit codes from packed into dst as float32:
+// dst[k] = float32(code[q_k] * absmax[k/blocksize]). dst must hold n values,
+// packed PackedLen(n) bytes, absmax Blocks(n, blocksize) values; blocksize
+// must be even. Use DequantizeTo for a 16-bit logical dtype: rounding the
+// float32 result once is exactly what bitsandbytes does.
+func Dequantize(dst []float32, packed []byte, absmax []float32, code *[16]float32, n, blocksize int) {
+	dequantize(outF32(dst[:n]), packed, absmax, code, n, blocksize)
+}
+
+// DType is a logical (dequantized) element type as the quant-state JSON
+// spells it.
+type DType string
+
+// The logical dtypes bitsandbytes 4-bit weights carry.
+const (
+	BFloat16 DType = "bfloat16"
+	Float16  DType = "float16"
+	Float32  DType = "float32"
+)
+
+// Size returns the element size in bytes, or 0 for an unknown dtype.
+func (d DType) Size() int {
+	switch d {
+	case BFloat16, Float16:
+		return 2
+	case Float32:
+		return 4
+	}
+	return 0
+}
+
+// SafetensorsDType returns the safetensors header spelling ("BF16") of a
+// logical dtype, or "" for an unknown one.
+func (d DType) SafetensorsDType() string {
+	switch d {
+	case BFloat16:
+		return "BF16"
+	case Float16:
+		return "F16"
+	case Float32:
+		return "F32"
+	}
+	return ""
+}
+
+// DequantizeTo decodes like Dequantize but writes little-endian values of
+// dtype into dst (n*dtype.Size() bytes), rounding the float32 product to
+// nearest even as torch's .to(dtype) does. It panics on an unknown dtype.
+func DequantizeTo(dst []byte, dtype DType, packed []byte, absmax []float32, code *[16]float32, n, blocksize int) {
+	sz := dtype.Size()
+	if sz == 0 {
+		panic("nf4: DequantizeTo: unknown dtype " + string(dtype))
+	}
+	dequantize(outBytes{b: dst[:n*sz], dtype: dtype}, packed, absmax, code, n, blocksize)
+}
+
+func dequantize(out output, packed []byte, absmax []float32, code *[16]float32, n, blocksize int) {
+	if blocksize <= 0 || blocksize%2 != 0 {
+		panic("nf4: Dequantize: blocksize must be positive and even")
+	}
+	nb := Blocks(n, blocksize)
+	packed = packed[:PackedLen(n)]
+	absmax = absmax[:nb]
+	parallelBlocks(nb, blocksize, func(b0, b1 int) {
+		var tab [16]float32
+		for b := b0; b < b1; b++ {
+			am := absmax[b]
+			for i, c := range code {
+				tab[i] = float32(c * am) // one rounding: no FMA possible here
+			}
+			lo := b * blocksize
+			hi := min(lo+blocksize, n)
+			out.block(lo, hi, packed[lo/2:(hi+1)/2], &tab)
+		}
+	})
+}
+
+// output writes one dequantized block; implementations keep the element
+// conversion out of the per-element dispatch.
+type output interface {
+	block(lo, hi int, packed []byte, tab *[16]float32)
+}
+
+type outF32 []float32
+
+func (o outF32) block(lo, hi int, packed []byte, tab *[16]float32) {
+	d := o[lo:hi]
+	even := len(d) &^ 1
+	for i := 0; i < even; i += 2 {
+		p := packed[i/2]
+		d[i] = tab[p>>4]
+		d[i+1] = tab[p&15]
+	}
+	if even < len(d) {
+		d[even] = tab[packed[even/2]>>4]
+	}
+}
+
+type outBytes struct {
+	b     []byte
+	dtype DType
+}
+
+func (o outBytes) block(lo, hi int, packed []byte, tab *[16]float32) {
+	switch o.dtype {
+	case Float32:
+		d := o.b[4*lo : 4*hi]
+		for i := range hi - lo {
+			q := packed[i/2] >> (4 * (1 - uint(i)&1)) & 15
+			putU32(d[4*i:], math.Float32bits(tab[q]))
+		}
+	default:
+		var h [16]uint16
+		conv := half.F32ToBF16
+		if o.dtype == Float16 {
+			conv = half.F32ToF16
+		}
+		for i, v := range tab {
+			h[i] = conv(v)
+		}
+		d := o.b[2*lo : 2*hi]
+		m := hi - lo
+		even := m &^ 1
+		for i := 0; i < even; i += 2 {
+			p := packed[i/2]
+			a, c := h[p>>4], h[p&15]
+			d[2*i], d[2*i+1], d[2*i+2], d[2*i+3] = byte(a), byte(a>>8), byte(c), byte(c>>8)
+		}
+		if even < m {
+			a := h[packed[even/2]>>4]
+			d[2*even], d[2*even+1] = byte(a), byte(a>>8)
+		}
+	}
+}
+
+func putU32(b []byte, v uint32) {
+	_ = b[3]
+	b[0], b[1], b[2], b[3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24)
+}
+
+// minParallelElems is the work below which the pool is not worth starting.
+const minParallelElems = 1 << 16
+
+// parallelBlocks runs fn over [0, nb) split into contiguous chunks, on up to
+// GOMAXPROCS goroutines, each chunk covering roughly equal elements.
+func parallelBlocks(nb, blocksize int, fn func(b0, b1 int)) {
+	workers := runtime.GOMAXPROCS(0)
+	if workers <= 1 || nb*blocksize < minParallelElems || nb < 2 {
+		fn(0, nb)
+		return
+	}
+	chunks := min(nb, workers*4)
+	per := (nb + chunks - 1) / chunks
+	var wg sync.WaitGroup
+	next := make(chan int, chunks)
+	for b := 0; b < nb; b += per {
+		next <- b
+	}
+	close(next)
+	for range min(workers, chunks) {
+		wg.Go(func() {
+			for b0 := range next {
+				fn(b0, min(b0+per, nb))
+			}
+		})
+	}
+	wg.Wait()
+}
