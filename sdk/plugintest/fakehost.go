@@ -94,6 +94,25 @@ func (h *FakeHost) alloc(name string, dtype pluginv1.DType, shape []int64, nbyte
 	}, nil
 }
 
+// Alloc returns a new zeroed region for a dense tensor, which
+// LookupTensors finds by name; fill it through Bytes. It fails tb on a bad
+// dtype/shape or a full arena.
+func (h *FakeHost) Alloc(tb testing.TB, name string, dtype pluginv1.DType, shape []int64, access pluginv1.Access) *pluginv1.TensorDescriptor {
+	tb.Helper()
+	n, err := tensor.NBytes(dtype, shape)
+	if err != nil {
+		tb.Fatalf("fake host: alloc %q: %v", name, err)
+	}
+	d, err := h.alloc(name, dtype, shape, n, access)
+	if err != nil {
+		tb.Fatalf("fake host: alloc %q: %v", name, err)
+	}
+	h.mu.Lock()
+	h.named[name] = d
+	h.mu.Unlock()
+	return d
+}
+
 // Put copies data into a new region and returns its descriptor, which
 // LookupTensors also finds by name. It fails tb on a bad dtype/shape or a
 // full arena.
