@@ -65,7 +65,7 @@ class HostClient:
             raise ValueError(f"host address is empty (is {ENV_HOST_ADDR} set?)")
         self.addr = addr
         self.timeout = timeout
-        self.mapper = mapper or default_mapper()
+        self.mapper = mapper if mapper is not None else default_mapper()
         self._md = ((METADATA_TOKEN, token),) if token else ()
         self._channel = grpc.insecure_channel(addr, options=_CHANNEL_OPTIONS)
         self._stub = pbg.HostStub(self._channel)

@@ -117,7 +117,7 @@ def dequantize_nf4(desc: pb.TensorDescriptor, mapper: Mapper | None = None, dtyp
     bits). dtype=np.float32 returns the logical-dtype values widened to fp32
     (exactly what a bf16/fp16 compute would see, ready for NumPy matmuls).
     """
-    m = mapper or default_mapper()
+    m = mapper if mapper is not None else default_mapper()
     name = desc.name
     if not desc.HasField("quant"):
         raise DescriptorError(f"tensor {name!r}: not quantized (no quant info)")

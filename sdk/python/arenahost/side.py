@@ -88,7 +88,7 @@ def linear_forward(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None,
 
 def weight_float32(desc: pb.TensorDescriptor, mapper: Mapper | None = None) -> np.ndarray:
     """A 2-D float32 weight from a descriptor: dequantized if 4-bit, widened if bf16/f16."""
-    m = mapper or default_mapper()
+    m = mapper if mapper is not None else default_mapper()
     if desc.HasField("quant"):
         w = dequantize_nf4(desc, m, dtype=np.float32)
     else:
@@ -100,7 +100,7 @@ def weight_float32(desc: pb.TensorDescriptor, mapper: Mapper | None = None) -> n
 
 def load_factors(lf: pb.LayerFactors, mapper: Mapper | None = None) -> Factors:
     """Map a LayerFactors' A and B (zero-copy for F32, widened otherwise)."""
-    m = mapper or default_mapper()
+    m = mapper if mapper is not None else default_mapper()
     a = as_float32(m.map(lf.a, writable=False), lf.a.dtype)
     b = as_float32(m.map(lf.b, writable=False), lf.b.dtype)
     return Factors(a=a, b=b, binding_generation=lf.binding_generation)
@@ -110,7 +110,7 @@ class ArenaLinear:
     """One arena-backed linear layer with rebindable side factors."""
 
     def __init__(self, weight: pb.TensorDescriptor, bias: pb.TensorDescriptor | None = None, mapper: Mapper | None = None):
-        self.mapper = mapper or default_mapper()
+        self.mapper = mapper if mapper is not None else default_mapper()
         self.name = weight.name
         self._wkey = None
         self.w: np.ndarray | None = None

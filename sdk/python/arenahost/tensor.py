@@ -158,18 +158,18 @@ class _Segment:
 class Mapper:
     """Maps CPU segments once and hands out ndarray views over regions.
 
-    Mappings are cached per (host_pid, segment id, writable): the segment
-    ids a host hands out are stable for the life of that host process. Arrays
+    Mappings are cached per (host_pid, segment id, path, writable): the
+    segment ids a host hands out are stable for the life of that host process. Arrays
     returned keep their mapping alive; :meth:`close` unmaps what no array
     still uses.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._segs: dict[tuple[int, int, bool], _Segment] = {}
+        self._segs: dict[tuple[int, int, str, bool], _Segment] = {}
 
     def _segment(self, name: str, seg: pb.CPUSegment, writable: bool) -> _Segment:
-        key = (seg.host_pid, seg.id, writable)
+        key = (seg.host_pid, seg.id, seg.path, writable)
         with self._lock:
             s = self._segs.get(key)
             if s is not None:
@@ -232,11 +232,17 @@ class Mapper:
 
     def map_ref(self, name: str, ref: pb.TensorRef) -> np.ndarray:
         """Read-only ndarray view of a quantization side tensor (absmax, quant_map…)."""
-        nbytes = int(np.prod(ref.shape, dtype=np.int64)) * itemsize(ref.dtype) if len(ref.shape) else itemsize(ref.dtype)
+        try:
+            nbytes = math.prod(ref.shape) * itemsize(ref.dtype)
+        except DescriptorError as e:
+            raise DescriptorError(f"tensor {name!r}: {e}") from None
         return self._view(name, ref.dtype, list(ref.shape), nbytes, ref.region, False)
 
     def _view(self, name: str, dtype: int, shape: Sequence[int], nbytes: int, region: pb.Region, writable: bool) -> np.ndarray:
-        npd = numpy_dtype(dtype)
+        try:
+            npd = numpy_dtype(dtype)
+        except DescriptorError as e:
+            raise DescriptorError(f"tensor {name!r}: {e}") from None
         for i, d in enumerate(shape):
             if d < 0:
                 raise DescriptorError(f"tensor {name!r}: shape[{i}] = {d} is negative")
@@ -290,17 +296,17 @@ def default_mapper() -> Mapper:
 
 def map_descriptor(desc: pb.TensorDescriptor, mapper: Mapper | None = None, writable: bool | None = None) -> np.ndarray:
     """Zero-copy ndarray over a CPU descriptor (read-only unless ACCESS_READ_WRITE)."""
-    return (mapper or _default).map(desc, writable)
+    return (mapper if mapper is not None else _default).map(desc, writable)
 
 
 def map_ref(name: str, ref: pb.TensorRef, mapper: Mapper | None = None) -> np.ndarray:
     """Zero-copy read-only ndarray over a TensorRef."""
-    return (mapper or _default).map_ref(name, ref)
+    return (mapper if mapper is not None else _default).map_ref(name, ref)
 
 
 def map_region_bytes(name: str, region: pb.Region, length: int | None = None, mapper: Mapper | None = None) -> np.ndarray:
     """Zero-copy read-only uint8 view of a region."""
-    return (mapper or _default).bytes(name, region, length)
+    return (mapper if mapper is not None else _default).bytes(name, region, length)
 
 
 def make_descriptor(
