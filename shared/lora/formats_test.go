@@ -257,7 +257,7 @@ func TestNetworkTypes(t *testing.T) {
 		if _, err := BuildSideFile(bfl, path); err == nil || !strings.Contains(err.Error(), "DoRA needs the base weight") {
 			t.Fatalf("DoRA without base: err %v", err)
 		}
-		base := func(name string) ([]float32, error) { return wb[name], nil }
+		base := func(name string) ([]float32, error) { return wb.get(name), nil }
 		f, _, p := applyOne(t, bfl, path, 0.6, base)
 		if !f.Modules[0].DoRA || len(p.Report.LoRAs[0].Dense) != 1 {
 			t.Fatalf("dora %v report %+v", f.Modules[0].DoRA, p.Report.LoRAs[0])
@@ -269,12 +269,12 @@ func TestNetworkTypes(t *testing.T) {
 			var n float64
 			row := make([]float64, 256)
 			for j := range row {
-				row[j] = float64(wb[layer][i*256+j]) + 0.5*d[i*256+j]
+				row[j] = float64(wb.get(layer)[i*256+j]) + 0.5*d[i*256+j]
 				n += row[j] * row[j]
 			}
 			n = math.Sqrt(n)
 			for j := range row {
-				e[layer][i*256+j] = 0.6 * (float64(mag[i])*row[j]/n - float64(wb[layer][i*256+j]))
+				e[layer][i*256+j] = 0.6 * (float64(mag[i])*row[j]/n - float64(wb.get(layer)[i*256+j]))
 			}
 		}
 		checkSide(t, p, wb, e)

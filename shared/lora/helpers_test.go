@@ -73,19 +73,18 @@ func loraPair(r *rand.Rand, key, style string, rank, out, in int, alpha float32)
 
 // sampleModel returns the sample Flux model's layers in a layout, with a
 // prefix, and random base weights.
-func sampleModel(t *testing.T, l layout.Layout, prefix string) (*Model, map[string][]float32) {
+func sampleModel(t *testing.T, l layout.Layout, prefix string) (*Model, *lazyW) {
 	t.Helper()
 	lin, err := layout.FluxSample().Linears(l)
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := rand.New(rand.NewPCG(7, uint64(l)))
 	var layers []Layer
-	w := map[string][]float32{}
+	w := &lazyW{shapes: map[string][2]int{}, got: map[string][]float32{}}
 	var names []string
 	for _, li := range lin {
 		layers = append(layers, Layer{Name: prefix + li.Name, Out: li.Out, In: li.In})
-		w[prefix+li.Name] = randMat(r, li.Out, li.In)
+		w.shapes[prefix+li.Name] = [2]int{li.Out, li.In}
 		names = append(names, prefix+li.Name+".weight")
 	}
 	info, err := layout.DetectInfo(names)
@@ -97,6 +96,30 @@ func sampleModel(t *testing.T, l layout.Layout, prefix string) (*Model, map[stri
 		t.Fatal(err)
 	}
 	return m, w
+}
+
+// lazyW makes a layer's random base weights on first use (seeded by
+// name), so tests pay only for the layers they touch.
+type lazyW struct {
+	shapes map[string][2]int
+	got    map[string][]float32
+}
+
+func (w *lazyW) get(name string) []float32 {
+	if x, ok := w.got[name]; ok {
+		return x
+	}
+	sh, ok := w.shapes[name]
+	if !ok {
+		panic("no layer " + name)
+	}
+	var seed uint64
+	for _, c := range name {
+		seed = seed*131 + uint64(c)
+	}
+	x := randMat(rand.New(rand.NewPCG(seed, 7)), sh[0], sh[1])
+	w.got[name] = x
+	return x
 }
 
 // addRows adds s·B[srcRow:srcRow+rows]·A into e (float64, [out × in]) at dstRow.
@@ -113,7 +136,7 @@ func addRows(e []float64, in int, dstRow int, s float64, b, a Mat, srcRow, rows 
 
 // checkSide compares y = x·Wᵀ + (x·Aᵀ)·Bᵀ + x·Denseᵀ from the plan with
 // y_ref = x·(W + E)ᵀ computed in float64, for every layer of the model.
-func checkSide(t *testing.T, p *Plan, w map[string][]float32, expect map[string][]float64) {
+func checkSide(t *testing.T, p *Plan, w *lazyW, expect map[string][]float64) {
 	t.Helper()
 	r := rand.New(rand.NewPCG(3, 4))
 	for _, name := range p.Model.Layers() {
@@ -126,6 +149,7 @@ func checkSide(t *testing.T, p *Plan, w map[string][]float32, expect map[string]
 		if sl == nil {
 			continue
 		}
+		wn := w.get(name)
 		x := make([]float64, l.In)
 		for j := range x {
 			x[j] = r.NormFloat64()
@@ -140,7 +164,7 @@ func checkSide(t *testing.T, p *Plan, w map[string][]float32, expect map[string]
 		for i := 0; i < l.Out; i++ {
 			var got, want, dref float64
 			for j := 0; j < l.In; j++ {
-				wij := float64(w[name][i*l.In+j])
+				wij := float64(wn[i*l.In+j])
 				got += x[j] * wij
 				want += x[j] * (wij + e[i*l.In+j])
 				dref += x[j] * e[i*l.In+j]

@@ -1,0 +1,306 @@
+package lora
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"sort"
+	"sync"
+	"time"
+)
+
+// Codec is the 4-bit rule of the fused pass. shared/nf4 provides the
+// bitsandbytes one; the fused pass calls it on tiles that start on a
+// quantization block.
+type Codec interface {
+	// Dequantize decodes len(dst) values from packed (two per byte, high
+	// nibble first) with one absmax per block of blocksize values.
+	Dequantize(dst []float32, packed []byte, absmax []float32, blocksize int)
+	// Quantize encodes src into packed and absmax by the bitsandbytes rule.
+	Quantize(packed []byte, absmax []float32, src []float32, blocksize int)
+}
+
+// QLayer is one quantized layer as the fused pass sees it. Packed and
+// Absmax are written in place.
+type QLayer struct {
+	Name      string
+	Out, In   int
+	Blocksize int
+	Packed    []byte    // (Out·In+1)/2 bytes
+	Absmax    []float32 // ceil(Out·In/Blocksize) values, decoded to fp32
+	// Raw lists the stored regions that make up the layer (packed codes,
+	// absmax, nested statistics); the journal saves and restores exactly
+	// these bytes, which is what makes remove byte-exact.
+	Raw [][]byte
+	// Commit, when set, is called after the pass wrote Packed and Absmax:
+	// storage that keeps absmax nested or in another dtype re-encodes it
+	// into Raw here.
+	Commit func() error
+}
+
+// Store opens a model's quantized layers; the plugin points it at the
+// arena. Layer is called again after a journal restore, so a store that
+// decodes (nested absmax) must decode the restored bytes.
+type Store interface {
+	Layer(name string) (*QLayer, error)
+}
+
+// Journal keeps each fused layer's original bytes until remove. The plugin
+// backs it with host-leased arena regions so a crash can roll back.
+type Journal interface {
+	Has(layer string) bool
+	Save(layer string, raw [][]byte) error
+	// Restore copies the saved bytes back into raw (same shapes as saved).
+	Restore(layer string, raw [][]byte) error
+	Drop(layer string) error
+	Layers() []string
+}
+
+// MemJournal is an in-memory Journal (offline merge, tests).
+type MemJournal struct {
+	mu   sync.Mutex
+	data map[string][][]byte
+}
+
+// NewMemJournal returns an empty in-memory journal.
+func NewMemJournal() *MemJournal { return &MemJournal{data: map[string][][]byte{}} }
+
+// Has reports whether layer is journaled.
+func (j *MemJournal) Has(layer string) bool {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	_, ok := j.data[layer]
+	return ok
+}
+
+// Save copies raw.
+func (j *MemJournal) Save(layer string, raw [][]byte) error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if _, ok := j.data[layer]; ok {
+		return fmt.Errorf("journal: layer %s already saved", layer)
+	}
+	cp := make([][]byte, len(raw))
+	for i, r := range raw {
+		cp[i] = append([]byte(nil), r...)
+	}
+	j.data[layer] = cp
+	return nil
+}
+
+// Restore copies the saved bytes into raw.
+func (j *MemJournal) Restore(layer string, raw [][]byte) error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	saved, ok := j.data[layer]
+	if !ok {
+		return fmt.Errorf("journal: layer %s not saved", layer)
+	}
+	if len(saved) != len(raw) {
+		return fmt.Errorf("journal: layer %s: %d regions saved, %d given", layer, len(saved), len(raw))
+	}
+	for i := range raw {
+		if len(saved[i]) != len(raw[i]) {
+			return fmt.Errorf("journal: layer %s region %d: %d bytes saved, %d given", layer, i, len(saved[i]), len(raw[i]))
+		}
+	}
+	for i := range raw {
+		copy(raw[i], saved[i])
+	}
+	return nil
+}
+
+// Drop forgets a layer.
+func (j *MemJournal) Drop(layer string) error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	delete(j.data, layer)
+	return nil
+}
+
+// Layers lists the journaled layers, sorted.
+func (j *MemJournal) Layers() []string {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	var out []string
+	for k := range j.data {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// FuseOptions tune the fused pass.
+type FuseOptions struct {
+	// TileElems bounds the elements of one tile (default 1<<20: 4 MiB per
+	// fp32 scratch buffer). Tiles are whole rows and whole quant blocks.
+	TileElems int
+	// WarnRetention is the retention below which a layer gets a warning
+	// (default 0.5).
+	WarnRetention float64
+}
+
+// Fuse writes the plan into the model's NF4 bytes: per layer, one pass over
+// row tiles aligned to quantization blocks that dequantizes the original
+// weights, adds the sum of all LoRA deltas in fp32 and re-quantizes, so no
+// full-layer fp32 temporary exists. A layer's original bytes are journaled
+// before its first write; a layer already journaled is fused from its
+// original, never from a previous fusion. Layers journaled earlier that the
+// plan no longer touches are restored. On error every layer this call
+// wrote is restored to its original bytes. The plan's Report gets the
+// per-layer and total retention and relative error.
+func Fuse(ctx context.Context, p *Plan, store Store, codec Codec, j Journal, opt FuseOptions) error {
+	start := time.Now()
+	if opt.TileElems <= 0 {
+		opt.TileElems = 1 << 20
+	}
+	if opt.WarnRetention == 0 {
+		opt.WarnRetention = 0.5
+	}
+	rep := p.Report
+	rep.Mode = "fuse"
+	rep.Warnings = nil
+	var written []string
+	fail := func(err error) error {
+		for _, name := range written {
+			if rerr := restoreLayer(store, j, name); rerr != nil {
+				err = fmt.Errorf("%w (and rollback of %s: %v)", err, name, rerr)
+			}
+		}
+		return err
+	}
+	var dot, norm, diff float64
+	touched := map[string]bool{}
+	var peak int64
+	for li, sl := range p.Layers {
+		touched[sl.Name] = true
+		if err := ctx.Err(); err != nil {
+			return fail(fmt.Errorf("fuse: %w", err))
+		}
+		q, err := store.Layer(sl.Name)
+		if err != nil {
+			return fail(fmt.Errorf("fuse: layer %s: %w", sl.Name, err))
+		}
+		if err := checkQLayer(q, sl.Layer); err != nil {
+			return fail(err)
+		}
+		if j.Has(sl.Name) {
+			if err := j.Restore(sl.Name, q.Raw); err != nil {
+				return fail(fmt.Errorf("fuse: layer %s: %w", sl.Name, err))
+			}
+			if q, err = store.Layer(sl.Name); err != nil {
+				return fail(fmt.Errorf("fuse: layer %s: reopen after restore: %w", sl.Name, err))
+			}
+		} else if err := j.Save(sl.Name, q.Raw); err != nil {
+			return fail(fmt.Errorf("fuse: layer %s: journal: %w", sl.Name, err))
+		}
+		written = append(written, sl.Name)
+		d, n, e, scratch := fuseLayer(sl, q, codec, opt.TileElems)
+		if q.Commit != nil {
+			if err := q.Commit(); err != nil {
+				return fail(fmt.Errorf("fuse: layer %s: commit: %w", sl.Name, err))
+			}
+		}
+		peak = max(peak, scratch)
+		lr := &rep.Layers[li]
+		if n > 0 {
+			lr.Retention, lr.RelError = d/n, math.Sqrt(e/n)
+			if lr.Retention < opt.WarnRetention {
+				lr.Warning = fmt.Sprintf("retention %.3f below %.2f: re-quantization erased most of the LoRA here; use side mode", lr.Retention, opt.WarnRetention)
+				rep.Warnings = append(rep.Warnings, sl.Name+": "+lr.Warning)
+			}
+		}
+		dot, norm, diff = dot+d, norm+n, diff+e
+	}
+	for _, name := range j.Layers() {
+		if !touched[name] {
+			if err := restoreLayer(store, j, name); err != nil {
+				return fail(fmt.Errorf("fuse: restore layer %s no longer patched: %w", name, err))
+			}
+		}
+	}
+	if norm > 0 {
+		rep.Retention, rep.RelError = dot/norm, math.Sqrt(diff/norm)
+	}
+	rep.PeakScratchBytes = peak
+	rep.Elapsed = time.Since(start)
+	return nil
+}
+
+func checkQLayer(q *QLayer, l Layer) error {
+	n := l.Out * l.In
+	switch {
+	case q.Out != l.Out || q.In != l.In:
+		return fmt.Errorf("fuse: layer %s: stored shape [%d %d], plan has [%d %d]", l.Name, q.Out, q.In, l.Out, l.In)
+	case q.Blocksize <= 0 || q.Blocksize%2 != 0:
+		return fmt.Errorf("fuse: layer %s: blocksize %d", l.Name, q.Blocksize)
+	case len(q.Packed) != (n+1)/2:
+		return fmt.Errorf("fuse: layer %s: %d packed bytes, want %d", l.Name, len(q.Packed), (n+1)/2)
+	case len(q.Absmax) != (n+q.Blocksize-1)/q.Blocksize:
+		return fmt.Errorf("fuse: layer %s: %d absmax values, want %d", l.Name, len(q.Absmax), (n+q.Blocksize-1)/q.Blocksize)
+	}
+	return nil
+}
+
+// fuseLayer runs the tiled pass on one layer and returns ⟨ΔW_eff, ΔW⟩,
+// ‖ΔW‖², ‖ΔW_eff − ΔW‖² and the scratch bytes it held.
+func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int) (dot, norm, diff float64, scratch int64) {
+	// Rows per tile: a multiple of the rows that make whole blocks.
+	unit := q.Blocksize / gcd(sl.In, q.Blocksize)
+	rows := max(unit, tileElems/sl.In/unit*unit)
+	rows = min(rows, sl.Out)
+	n := rows * sl.In
+	orig, w, delta := make([]float32, n), make([]float32, n), make([]float32, n)
+	scratch = int64(12 * n)
+	for r0 := 0; r0 < sl.Out; r0 += rows {
+		r1 := min(r0+rows, sl.Out)
+		e0, e1 := r0*sl.In, r1*sl.In
+		m := e1 - e0
+		b0, b1 := e0/q.Blocksize, (e1+q.Blocksize-1)/q.Blocksize
+		packed, absmax := q.Packed[e0/2:(e1+1)/2], q.Absmax[b0:b1]
+		codec.Dequantize(orig[:m], packed, absmax, q.Blocksize)
+		clear(delta[:m])
+		sl.DeltaRows(delta[:m], r0, r1)
+		for i := 0; i < m; i++ {
+			w[i] = orig[i] + delta[i]
+		}
+		codec.Quantize(packed, absmax, w[:m], q.Blocksize)
+		codec.Dequantize(w[:m], packed, absmax, q.Blocksize)
+		for i := 0; i < m; i++ {
+			eff, want := float64(w[i])-float64(orig[i]), float64(delta[i])
+			dot += eff * want
+			norm += want * want
+			diff += (eff - want) * (eff - want)
+		}
+	}
+	return dot, norm, diff, scratch
+}
+
+func gcd(a, b int) int {
+	for b != 0 {
+		a, b = b, a%b
+	}
+	return a
+}
+
+func restoreLayer(store Store, j Journal, name string) error {
+	q, err := store.Layer(name)
+	if err != nil {
+		return err
+	}
+	if err := j.Restore(name, q.Raw); err != nil {
+		return err
+	}
+	return j.Drop(name)
+}
+
+// Remove restores every journaled layer to its original bytes and empties
+// the journal: byte-exact, whatever was fused.
+func Remove(store Store, j Journal) error {
+	for _, name := range j.Layers() {
+		if err := restoreLayer(store, j, name); err != nil {
+			return fmt.Errorf("remove: layer %s: %w", name, err)
+		}
+	}
+	return nil
+}

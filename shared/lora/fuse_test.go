@@ -1,0 +1,347 @@
+package lora
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/arenahost/arenahost/shared/layout"
+)
+
+// refCodec is the bitsandbytes CUDA NF4 rule written out from the
+// reference (nf4-format.md §1–2) as a test oracle: absmax per block,
+// multiply by the fp32 reciprocal, code = number of fp32 midpoints strictly
+// below, high nibble first, odd tail padded with code 7.
+type refCodec struct{}
+
+var nf4Codes = [16]float32{-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+	-0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534,
+	0.16093020141124725, 0.24611230194568634, 0.33791524171829224, 0.44070982933044434,
+	0.5626170039176941, 0.7229568362236023, 1.0}
+
+// nf4Mid are the fp32 midpoints between neighbouring codes (§1.2).
+var nf4Mid = func() (t [15]float32) {
+	hs := []uint32{0xbf591cd8, 0xbf1c5270, 0xbeeb8480, 0xbeadea76, 0xbe703cec, 0xbe0d38bc, 0xbd3a7871,
+		0x3d22faff, 0x3df64862, 0x3e5067e0, 0x3e9582d4, 0x3ec753f9, 0x3f006d04, 0x3f248daf, 0x3f5c89da}
+	for i, h := range hs {
+		t[i] = math.Float32frombits(h)
+	}
+	return t
+}()
+
+// nf4Code counts the midpoints strictly below x (binary search over the
+// ascending list; NaN compares false everywhere and gets code 0).
+func nf4Code(x float32) byte {
+	lo, hi := 0, len(nf4Mid)
+	for lo < hi {
+		mid := (lo + hi) / 2
+		if x > nf4Mid[mid] {
+			lo = mid + 1
+		} else {
+			hi = mid
+		}
+	}
+	return byte(lo)
+}
+
+func (refCodec) Quantize(packed []byte, absmax []float32, src []float32, bs int) {
+	codes := make([]byte, len(src)+1)
+	codes[len(src)] = 7
+	for b := 0; b*bs < len(src); b++ {
+		blk := src[b*bs : min((b+1)*bs, len(src))]
+		var am float32
+		for _, v := range blk {
+			am = max(am, float32(math.Abs(float64(v))))
+		}
+		absmax[b] = am
+		inv := 1 / am
+		for i, v := range blk {
+			codes[b*bs+i] = nf4Code(v * inv)
+		}
+	}
+	for i := 0; i < (len(src)+1)/2; i++ {
+		packed[i] = codes[2*i]<<4 | codes[2*i+1]
+	}
+}
+
+func (refCodec) Dequantize(dst []float32, packed []byte, absmax []float32, bs int) {
+	for i := range dst {
+		c := packed[i/2] >> 4
+		if i%2 == 1 {
+			c = packed[i/2] & 0xF
+		}
+		dst[i] = nf4Codes[c] * absmax[i/bs]
+	}
+}
+
+// memStore keeps each layer's packed codes and absmax as bytes (Raw) and
+// decodes absmax on every Layer call, so journal restores go through Raw.
+type memStore struct {
+	bs     int
+	m      *Model
+	w      *lazyW
+	layers map[string]*storedLayer
+	orig   map[string][]byte // bytes as first quantized
+}
+
+type storedLayer struct {
+	out, in int
+	packed  []byte
+	absmax  []byte // little-endian fp32
+}
+
+func (s *memStore) Layer(name string) (*QLayer, error) {
+	l, ok := s.layers[name]
+	if !ok {
+		ml, ok := s.m.Layer(name)
+		if !ok {
+			return nil, fmt.Errorf("no layer %s", name)
+		}
+		n, bs := ml.Out*ml.In, s.bs
+		nb := (n + bs - 1) / bs
+		q := make([]byte, (n+1)/2)
+		am := make([]float32, nb)
+		refCodec{}.Quantize(q, am, s.w.get(name), bs)
+		ab := make([]byte, 4*nb)
+		for i, v := range am {
+			binary.LittleEndian.PutUint32(ab[4*i:], math.Float32bits(v))
+		}
+		l = &storedLayer{out: ml.Out, in: ml.In, packed: q, absmax: ab}
+		s.layers[name] = l
+		s.orig[name] = append(append([]byte(nil), q...), ab...)
+	}
+	am := make([]float32, len(l.absmax)/4)
+	for i := range am {
+		am[i] = math.Float32frombits(binary.LittleEndian.Uint32(l.absmax[4*i:]))
+	}
+	q := &QLayer{Name: name, Out: l.out, In: l.in, Blocksize: s.bs, Packed: l.packed, Absmax: am, Raw: [][]byte{l.packed, l.absmax}}
+	q.Commit = func() error {
+		for i, v := range q.Absmax {
+			binary.LittleEndian.PutUint32(l.absmax[4*i:], math.Float32bits(v))
+		}
+		return nil
+	}
+	return q, nil
+}
+
+func (s *memStore) snapshot() map[string][]byte {
+	out := map[string][]byte{}
+	for n, l := range s.layers {
+		out[n] = append(append([]byte(nil), l.packed...), l.absmax...)
+	}
+	return out
+}
+
+// quantizedModel quantizes the sample model's random weights with the
+// reference rule, each layer on first use.
+func quantizedModel(t *testing.T, m *Model, w *lazyW, bs int) *memStore {
+	return &memStore{bs: bs, m: m, w: w, layers: map[string]*storedLayer{}, orig: map[string][]byte{}}
+}
+
+// checkRestored fails unless every layer the store materialized holds its
+// first-quantized bytes.
+func (s *memStore) checkRestored(t *testing.T, what string) {
+	t.Helper()
+	for name, b := range s.snapshot() {
+		if !bytes.Equal(b, s.orig[name]) {
+			t.Fatalf("layer %s not byte-exact %s", name, what)
+		}
+	}
+}
+
+func crossPlan(t *testing.T, m *Model, c crossLoRAs, s []float64) *Plan {
+	t.Helper()
+	p, err := BuildSide(m, crossMaps(t, m, c), s, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func crossMaps(t *testing.T, m *Model, c crossLoRAs) []*Mapping {
+	t.Helper()
+	var maps []*Mapping
+	for _, p := range []string{c.peftPath, c.kohyaPath} {
+		f, err := Parse(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mp, err := m.Map(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		maps = append(maps, mp)
+	}
+	return maps
+}
+
+// Fused codes match the bnb rule applied to W_ref = dq(W) + Σ sᵢ·scaleᵢ·BᵢAᵢ
+// (fp64) on ≥ 99.9% of elements, the rest one code off.
+func TestFuseMatchesOracle(t *testing.T) {
+	c := makeCross(t)
+	for _, tc := range []struct {
+		l      layout.Layout
+		prefix string
+		bs     int
+		tile   int
+	}{{layout.FluxBFL, "model.diffusion_model.", 64, 1 << 16}, {layout.FluxDiffusers, "", 128, 1000}} {
+		t.Run(tc.l.String(), func(t *testing.T) {
+			m, w := sampleModel(t, tc.l, tc.prefix)
+			store := quantizedModel(t, m, w, tc.bs)
+			p := crossPlan(t, m, c, []float64{6, 9}) // large enough to survive 4-bit steps
+			j := NewMemJournal()
+			if err := Fuse(context.Background(), p, store, refCodec{}, j, FuseOptions{TileElems: tc.tile}); err != nil {
+				t.Fatal(err)
+			}
+			e := c.expect(m, tc.l, 6, 9)
+			var total, equal, offByOne int
+			for name, delta := range e {
+				l, _ := m.Layer(name)
+				n := l.Out * l.In
+				sl := store.orig[name]
+				am := make([]float32, (n+tc.bs-1)/tc.bs)
+				for i := range am {
+					am[i] = math.Float32frombits(binary.LittleEndian.Uint32(sl[(n+1)/2+4*i:]))
+				}
+				dq := make([]float32, n)
+				refCodec{}.Dequantize(dq, sl[:(n+1)/2], am, tc.bs)
+				ref := make([]float32, n)
+				for i := range ref {
+					ref[i] = float32(float64(dq[i]) + delta[i])
+				}
+				wantQ := make([]byte, (n+1)/2)
+				refCodec{}.Quantize(wantQ, make([]float32, len(am)), ref, tc.bs)
+				got := store.layers[name].packed
+				for i := 0; i < n; i++ {
+					g, w := got[i/2]>>4, wantQ[i/2]>>4
+					if i%2 == 1 {
+						g, w = got[i/2]&0xF, wantQ[i/2]&0xF
+					}
+					total++
+					switch d := int(g) - int(w); {
+					case d == 0:
+						equal++
+					case d == 1 || d == -1:
+						offByOne++
+					default:
+						t.Fatalf("layer %s element %d: code %d, oracle %d", name, i, g, w)
+					}
+				}
+			}
+			if float64(equal) < 0.999*float64(total) {
+				t.Errorf("%d of %d codes equal (%d off by one), want ≥ 99.9%%", equal, total, offByOne)
+			}
+			t.Logf("%d/%d codes equal, %d off by one; retention %.3f rel error %.3f, peak scratch %d B",
+				equal, total, offByOne, p.Report.Retention, p.Report.RelError, p.Report.PeakScratchBytes)
+			if p.Report.Retention <= 0 || p.Report.Retention > 1.5 || len(p.Report.Layers) != len(e) {
+				t.Errorf("report retention %v layers %d", p.Report.Retention, len(p.Report.Layers))
+			}
+			for name := range store.layers {
+				if e[name] == nil {
+					t.Errorf("fuse opened layer %s, which no LoRA touches", name)
+				}
+			}
+			if err := Remove(store, j); err != nil {
+				t.Fatal(err)
+			}
+			store.checkRestored(t, "after remove")
+		})
+	}
+}
+
+// Small LoRA-scale deltas mostly vanish at 4 bits: the report says so.
+func TestFuseWarnsOnLowRetention(t *testing.T) {
+	c := makeCross(t)
+	m, w := sampleModel(t, layout.FluxBFL, "model.diffusion_model.")
+	store := quantizedModel(t, m, w, 64)
+	p := crossPlan(t, m, c, []float64{0.01, 0.01})
+	if err := Fuse(context.Background(), p, store, refCodec{}, NewMemJournal(), FuseOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if p.Report.Retention >= 0.5 || len(p.Report.Warnings) == 0 {
+		t.Errorf("retention %v warnings %v", p.Report.Retention, p.Report.Warnings)
+	}
+}
+
+// 100 random apply / change-strength / remove cycles, then remove: the
+// model's bytes are the original ones exactly.
+func TestFuseCyclesRestoreByteExact(t *testing.T) {
+	c := makeCross(t)
+	m, w := sampleModel(t, layout.FluxBFL, "model.diffusion_model.")
+	store := quantizedModel(t, m, w, 64)
+	j := NewMemJournal()
+	r := rand.New(rand.NewPCG(5, 6))
+	maps := crossMaps(t, m, c)
+	var p *Plan
+	for i := 0; i < 100; i++ {
+		switch op := r.IntN(3); {
+		case op == 0 || p == nil:
+			var err error
+			if p, err = BuildSide(m, maps, []float64{r.Float64()*10 - 5, r.Float64()*10 - 5}, nil, nil); err != nil {
+				t.Fatal(err)
+			}
+		case op == 1:
+			if _, err := p.SetStrength(r.IntN(2), r.Float64()*10-5); err != nil {
+				t.Fatal(err)
+			}
+		default:
+			if err := Remove(store, j); err != nil {
+				t.Fatal(err)
+			}
+			p = nil
+			continue
+		}
+		if err := Fuse(context.Background(), p, store, refCodec{}, j, FuseOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := Remove(store, j); err != nil {
+		t.Fatal(err)
+	}
+	store.checkRestored(t, "after 100 cycles and remove")
+	if len(j.Layers()) != 0 {
+		t.Errorf("journal not empty: %v", j.Layers())
+	}
+}
+
+// A failing layer mid-pass rolls back the layers already written.
+func TestFuseRollsBackOnError(t *testing.T) {
+	c := makeCross(t)
+	m, w := sampleModel(t, layout.FluxBFL, "model.diffusion_model.")
+	store := quantizedModel(t, m, w, 64)
+	p := crossPlan(t, m, c, []float64{3, 3})
+	last := p.Layers[len(p.Layers)-1].Name
+	bad := &failingStore{memStore: store, fail: last}
+	j := NewMemJournal()
+	err := Fuse(context.Background(), p, bad, refCodec{}, j, FuseOptions{})
+	if err == nil {
+		t.Fatal("no error")
+	}
+	store.checkRestored(t, "after a failed fuse")
+	if len(j.Layers()) != 0 {
+		t.Errorf("journal keeps %v after rollback", j.Layers())
+	}
+}
+
+type failingStore struct {
+	*memStore
+	fail string
+}
+
+func (f *failingStore) Layer(name string) (*QLayer, error) {
+	q, err := f.memStore.Layer(name)
+	if name == f.fail && err == nil {
+		q.Commit = func() error { return errCommit }
+	}
+	return q, err
+}
+
+var errCommit = &commitError{}
+
+type commitError struct{}
+
+func (*commitError) Error() string { return "arena write refused" }
