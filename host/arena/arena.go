@@ -52,6 +52,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 )
@@ -454,6 +455,68 @@ func (a *Arena) Free(r Region) error {
 		a.log.Debug("free", slog.String("owner", string(l.owner)), slog.String("name", l.name), slog.Any("region", r))
 	}
 	return nil
+}
+
+// FreeOwned is Free for a caller that may only free its own regions (a
+// plugin generation asking the host to free what it allocated): it fails
+// with ErrNotOwner, changing nothing, when r is live but leased to another
+// owner.
+func (a *Arena) FreeOwned(owner Owner, r Region) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	s, l, err := a.lookup(r, true)
+	if err != nil {
+		return fmt.Errorf("free region %v for %s: %w", r, owner, err)
+	}
+	if l.owner != owner {
+		return fmt.Errorf("free region %v for %s: %w: leased to %s", r, owner, ErrNotOwner, l.owner)
+	}
+	a.release(s, l)
+	return nil
+}
+
+// Lease describes one live region: who holds it and what it is for.
+type Lease struct {
+	Region Region
+	Owner  Owner
+	Name   string
+	Size   ByteSize // the aligned bytes it occupies
+}
+
+// Lease returns the lease of r (a whole region or a range inside one).
+func (a *Arena) Lease(r Region) (Lease, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	_, l, err := a.lookup(r, false)
+	if err != nil {
+		return Lease{}, fmt.Errorf("lease of region %v: %w", r, err)
+	}
+	return l.info(), nil
+}
+
+// Leases returns every live lease, ordered by segment and offset (for the
+// console and for debugging leaks).
+func (a *Arena) Leases() []Lease {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make([]Lease, 0, a.regions)
+	for _, s := range a.segments {
+		s.allocs.Ascend(func(l *lease) bool {
+			out = append(out, l.info())
+			return true
+		})
+	}
+	slices.SortFunc(out, func(x, y Lease) int {
+		if c := cmp.Compare(x.Region.Segment, y.Region.Segment); c != 0 {
+			return c
+		}
+		return cmp.Compare(x.Region.Offset, y.Region.Offset)
+	})
+	return out
+}
+
+func (l *lease) info() Lease {
+	return Lease{Region: l.region(), Owner: l.owner, Name: l.name, Size: ByteSize(l.size)}
 }
 
 // release ends lease l in s, coalesces its extent with free neighbours and

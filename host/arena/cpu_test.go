@@ -6,9 +6,11 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,6 +22,7 @@ import (
 
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/arena/arenatest"
+	"github.com/arenahost/arenahost/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
@@ -341,7 +344,7 @@ func TestKilledHostCleaned(t *testing.T) {
 		t.Fatalf("the killed host's segment 2: %v %q", err, data[:min(len(data), 32)])
 	}
 	// A live host's directory must survive the cleaning.
-	live, err := arena.NewCPUBackend(arena.CPUConfig{Mode: arena.CPUShmDir, Dir: base})
+	live, err := arena.NewCPUBackend(arena.CPUConfig{Mode: arena.CPUShmDir, Dir: base, Logger: slog.New(slog.NewTextHandler(t.Output(), nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -349,7 +352,7 @@ func TestKilledHostCleaned(t *testing.T) {
 	if _, err := os.Stat(dead); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("after a new start, the killed host's dir: %v", err)
 	}
-	next, err := arena.NewCPUBackend(arena.CPUConfig{Mode: arena.CPUMemfd, Dir: base})
+	next, err := arena.NewCPUBackend(arena.CPUConfig{Mode: arena.CPUMemfd, Dir: base, Logger: quiet})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -360,5 +363,53 @@ func TestKilledHostCleaned(t *testing.T) {
 	live.Close()
 	if ents, _ := os.ReadDir(base); len(ents) != 0 {
 		t.Errorf("after close, %s holds %v", base, ents)
+	}
+}
+
+// TestPythonMapsRegion: a Python process (numpy, as the Python SDK does)
+// maps a region by its Location, reads the host's float32 values and writes
+// back what the host then sees.
+func TestPythonMapsRegion(t *testing.T) {
+	python := testenv.Python(t)
+	script, err := filepath.Abs(filepath.Join("testdata", "map_region.py"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mode := range []arena.CPUMode{arena.CPUMemfd, arena.CPUShmDir} {
+		t.Run(string(mode), func(t *testing.T) {
+			b, err := arena.NewCPUBackend(arena.CPUConfig{Mode: mode, Dir: shmBase(t), Logger: quiet})
+			if err != nil {
+				t.Fatal(err)
+			}
+			a, err := arena.New(t.Context(), b, arena.Config{Capacity: 1 << 20, SegmentSize: 64 << 10, Logger: quiet})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer a.Close()
+			mustAlloc(t, a, "first", 100)
+			const count = 1000
+			r := mustAlloc(t, a, "values", count*4)
+			mem, err := a.Bytes(r)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i := range count {
+				binary.LittleEndian.PutUint32(mem[4*i:], math.Float32bits(float32(i)*0.5))
+			}
+			loc, err := a.Location(r)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out := testenv.RunPython(t, python, script, loc.Path, strconv.FormatUint(loc.Size, 10),
+				strconv.FormatUint(r.Offset, 10), strconv.Itoa(count))
+			if !strings.Contains(string(out), "python ok") {
+				t.Fatalf("python: %s", out)
+			}
+			for i := range count {
+				if got := math.Float32frombits(binary.LittleEndian.Uint32(mem[4*i:])); got != -float32(i)*0.5 {
+					t.Fatalf("element %d is %v after python, want %v", i, got, -float32(i)*0.5)
+				}
+			}
+		})
 	}
 }

@@ -89,6 +89,8 @@ var (
 	// ErrNoHostView: the backend's memory is not addressable by the host
 	// (device memory); use Location instead of Bytes.
 	ErrNoHostView = errors.New("no host view of device memory")
+	// ErrNotOwner: FreeOwned of a region another owner holds.
+	ErrNotOwner = errors.New("region leased to another owner")
 	// ErrClosed: the arena was closed.
 	ErrClosed = errors.New("arena closed")
 )

@@ -43,6 +43,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) arena.Backend) {
 		{"Stale", testStale},
 		{"ReleaseOwner", testReleaseOwner},
 		{"Transfer", testTransfer},
+		{"Leases", testLeases},
 		{"Stats", testStats},
 		{"BackendFailure", testBackendFailure},
 		{"Concurrency", testConcurrency},
@@ -610,6 +611,43 @@ func testTransfer(t *testing.T, h *harness) {
 		t.Errorf("transferred bytes: %q", b[:7])
 	}
 	mustFree(t, a, bound)
+}
+
+func testLeases(t *testing.T, h *harness) {
+	a := h.arena(1 << 20)
+	p := arena.PluginOwner("lora-nf4", 2)
+	w := mustAlloc(t, a, arena.HostOwner, "double_blocks.0.img_attn.qkv.weight", 9000)
+	f := mustAlloc(t, a, p, "A_cat", 300)
+	big := mustAlloc(t, a, p, "B_cat", 100*kib) // its own segment
+	before := a.Stats()
+	// A plugin may not free the host's weights...
+	if err := a.FreeOwned(p, w); !errors.Is(err, arena.ErrNotOwner) || !strings.Contains(err.Error(), "leased to host") {
+		t.Fatalf("plugin frees the host's region: %v, want ErrNotOwner naming the owner", err)
+	}
+	if a.Stats() != before {
+		t.Fatal("a refused FreeOwned changed state")
+	}
+	// ...nor a stale descriptor of its own.
+	if err := a.FreeOwned(p, arena.Region{Segment: f.Segment, Offset: f.Offset, Length: f.Length, Generation: f.Generation + 100}); !errors.Is(err, arena.ErrStale) {
+		t.Fatalf("FreeOwned of a stale descriptor: %v", err)
+	}
+	got, err := a.Lease(arena.Region{Segment: w.Segment, Offset: w.Offset + 512, Length: 10, Generation: w.Generation})
+	if err != nil || got.Owner != arena.HostOwner || got.Name != "double_blocks.0.img_attn.qkv.weight" || got.Region != w || got.Size != 9216 {
+		t.Fatalf("lease of a range inside the weight: %+v, %v", got, err)
+	}
+	all := a.Leases()
+	if len(all) != 3 || all[0].Region != w || all[1].Region != f || all[2].Region != big || all[2].Owner != p {
+		t.Fatalf("leases: %+v", all)
+	}
+	if err := a.FreeOwned(p, f); err != nil {
+		t.Fatalf("plugin frees its own region: %v", err)
+	}
+	if err := a.FreeOwned(p, big); err != nil {
+		t.Fatalf("plugin frees its own region: %v", err)
+	}
+	if all := a.Leases(); len(all) != 1 || all[0].Region != w {
+		t.Fatalf("leases after frees: %+v", all)
+	}
 }
 
 func testStats(t *testing.T, h *harness) {
