@@ -148,4 +148,3 @@ func FuzzParseQuantState(f *testing.F) {
 		}
 	})
 }
-
