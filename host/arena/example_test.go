@@ -59,4 +59,3 @@ func Example() {
 	// capacity error: true
 	// allocated: 100.8 KiB in 2 regions, 1 segment
 }
-
