@@ -1,0 +1,49 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/arenahost/arenahost/host/inspect"
+)
+
+func init() {
+	register(&command{
+		name:    "inspect",
+		summary: "describe a model checkpoint or LoRA file (format, layout, tensors, ranks)",
+		usage:   "arenahost inspect [--json] FILE...",
+		example: "arenahost inspect ./models/flux-sample-nf4.safetensors\narenahost inspect --json ./loras/sample-kohya.safetensors",
+		run:     runInspect,
+	})
+}
+
+func runInspect(_ context.Context, env *Env, args []string) error {
+	fs := newFlags(commands["inspect"], env)
+	asJSON := fs.Bool("json", false, "print JSON instead of text")
+	if done, err := parse(fs, args); done {
+		return err
+	}
+	if fs.NArg() == 0 {
+		fs.Usage()
+		return fmt.Errorf("inspect needs at least one FILE: %w", ErrUsage)
+	}
+	for i, path := range fs.Args() {
+		r, err := inspect.File(path)
+		if err != nil {
+			return fmt.Errorf("inspect: %w", err)
+		}
+		if *asJSON {
+			if err := r.WriteJSON(env.Stdout); err != nil {
+				return err
+			}
+			continue
+		}
+		if i > 0 {
+			fmt.Fprintln(env.Stdout)
+		}
+		if err := r.WriteText(env.Stdout); err != nil {
+			return err
+		}
+	}
+	return nil
+}

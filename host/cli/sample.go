@@ -1,0 +1,46 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/arenahost/arenahost/host/samples"
+)
+
+func init() {
+	register(&command{
+		name:    "sample",
+		summary: "write a sample NF4 Flux model (real BFL layer names and width rules, fewer blocks)",
+		usage:   "arenahost sample --out DIR [flags]",
+		example: "arenahost sample --out ./models --nested",
+		run:     runSample,
+	})
+}
+
+func runSample(_ context.Context, env *Env, args []string) error {
+	fs := newFlags(commands["sample"], env)
+	out := fs.String("out", "", "directory to write into (created if missing)")
+	nested := fs.Bool("nested", false, "double-quantize absmax (Forge v1 style) instead of float32 absmax (v2 style)")
+	blocksize := fs.Int("blocksize", 64, "NF4 blocksize (32..4096, a power of two)")
+	dtype := fs.String("dtype", "bfloat16", "logical dtype of the weights: bfloat16 or float16")
+	seed := fs.Uint64("seed", 1, "random seed for the weights")
+	if done, err := parse(fs, args); done {
+		return err
+	}
+	if *out == "" {
+		fs.Usage()
+		return fmt.Errorf("sample needs --out DIR: %w", ErrUsage)
+	}
+	if err := os.MkdirAll(*out, 0o755); err != nil {
+		return fmt.Errorf("sample: create %s: %w", *out, err)
+	}
+	path := filepath.Join(*out, samples.ModelFile)
+	err := samples.WriteModel(path, samples.ModelOptions{Blocksize: *blocksize, Nested: *nested, DType: *dtype, Seed: *seed})
+	if err != nil {
+		return fmt.Errorf("sample: %w", err)
+	}
+	fmt.Fprintf(env.Stdout, "wrote %s\n", path)
+	return nil
+}

@@ -1,0 +1,266 @@
+// Package inspect owns the description of a safetensors file on disk without
+// loading it into the arena: whether it is a model checkpoint (plain
+// safetensors or bitsandbytes NF4/FP4, nested or not, and which layout) or a
+// LoRA (key format, network types, ranks, alphas, targets, base model). The
+// CLI's `inspect` command and the HTTP LoRA listing both use it.
+package inspect
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strings"
+
+	"github.com/arenahost/arenahost/shared/layout"
+	"github.com/arenahost/arenahost/shared/lora"
+	"github.com/arenahost/arenahost/shared/nf4"
+	"github.com/arenahost/arenahost/shared/safetensors"
+)
+
+// Kind says what a file holds.
+type Kind string
+
+// Kinds of file.
+const (
+	KindModel Kind = "model"
+	KindLoRA  Kind = "lora"
+)
+
+// Report describes one file.
+type Report struct {
+	Path  string      `json:"path"`
+	Kind  Kind        `json:"kind"`
+	Model *ModelInfo  `json:"model,omitempty"`
+	LoRA  *LoRAReport `json:"lora,omitempty"`
+}
+
+// ModelInfo describes a checkpoint.
+type ModelInfo struct {
+	// Format is "bnb-nf4", "bnb-fp4" or "safetensors".
+	Format     string   `json:"format"`
+	Nested     bool     `json:"nested"`
+	Blocksize  int      `json:"blocksize,omitempty"`
+	DType      string   `json:"dtype,omitempty"` // logical dtype of the quantized weights
+	Layout     string   `json:"layout"`
+	Prefix     string   `json:"prefix,omitempty"`
+	Tensors    int      `json:"tensors"` // stored tensors
+	Weights    int      `json:"weights"` // 4-bit weights (each one registry entry)
+	Entries    int      `json:"entries"` // registry entries: 4-bit weights plus plain tensors
+	Params     int64    `json:"params"`  // logical parameters
+	Bytes      int64    `json:"bytes"`   // stored bytes of tensor data
+	FileBytes  int64    `json:"file_bytes"`
+	Blocksizes []int    `json:"blocksizes,omitempty"`
+	Warnings   []string `json:"warnings,omitempty"`
+}
+
+// LoRAReport describes a LoRA file.
+type LoRAReport struct {
+	Format       string         `json:"format"`
+	NetworkTypes map[string]int `json:"network_types"`
+	Ranks        []int          `json:"ranks"`
+	Alphas       []float64      `json:"alphas"`
+	BaseModel    string         `json:"base_model,omitempty"`
+	Architecture string         `json:"architecture,omitempty"`
+	Modules      int            `json:"modules"`
+	Targets      []string       `json:"targets"`
+	Unknown      []string       `json:"unknown,omitempty"`
+}
+
+// File inspects the safetensors file at path.
+func File(path string) (*Report, error) {
+	f, err := safetensors.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	names := make([]string, 0, len(f.Tensors))
+	for _, t := range f.Tensors {
+		names = append(names, t.Name)
+	}
+	isLoRA := looksLikeLoRA(names)
+	if isLoRA {
+		f.Close()
+		return inspectLoRA(path)
+	}
+	defer f.Close()
+	return inspectModel(path, f, names)
+}
+
+// looksLikeLoRA reports whether the names are those of a LoRA/LyCORIS file.
+func looksLikeLoRA(names []string) bool {
+	for _, n := range names {
+		for _, m := range []string{"lora_down", "lora_up", "lora_A", "lora_B", "hada_w1", "lokr_w1", ".lora.down", ".lora.up", "_lora1.down", "_lora2.down", ".lora_linear_layer."} {
+			if strings.Contains(n, m) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func inspectModel(path string, f *safetensors.File, names []string) (*Report, error) {
+	meta := make(map[string]nf4.TensorMeta, len(f.Tensors))
+	var data int64
+	for _, t := range f.Tensors {
+		meta[t.Name] = nf4.TensorMeta{DType: string(t.DType), Shape: t.Shape}
+		data += t.NBytes()
+	}
+	weights, plain, err := nf4.GroupWeights(path, meta, f.Data)
+	if err != nil {
+		return nil, err
+	}
+	info := &ModelInfo{Format: "safetensors", Tensors: len(f.Tensors), Weights: len(weights),
+		Entries: len(weights) + len(plain), Bytes: data, FileBytes: fileSize(path)}
+	if li, err := layout.DetectInfo(names); err == nil {
+		info.Layout, info.Prefix = li.Layout.String(), li.Prefix
+	} else {
+		info.Layout = layout.Unknown.String()
+		info.Warnings = append(info.Warnings, err.Error())
+	}
+	bs := map[int]bool{}
+	for i, w := range weights {
+		if i == 0 {
+			info.Format = "bnb-" + string(w.State.QuantType)
+			info.Nested, info.Blocksize, info.DType = w.State.Nested, w.State.Blocksize, string(w.State.DType)
+		}
+		bs[w.State.Blocksize] = true
+		info.Params += int64(w.Numel())
+	}
+	for b := range bs {
+		info.Blocksizes = append(info.Blocksizes, b)
+	}
+	sort.Ints(info.Blocksizes)
+	for _, n := range plain {
+		t, _ := f.Lookup(n)
+		info.Params += t.NumElements()
+	}
+	return &Report{Path: path, Kind: KindModel, Model: info}, nil
+}
+
+func inspectLoRA(path string) (*Report, error) {
+	lf, err := lora.Parse(path)
+	if err != nil {
+		return nil, err
+	}
+	r := &LoRAReport{Format: string(lf.Format), NetworkTypes: map[string]int{}, Modules: len(lf.Modules),
+		BaseModel: lf.Meta.BaseModel, Architecture: lf.Meta.Architecture, Unknown: lf.Unknown}
+	ranks, alphas := map[int]bool{}, map[float64]bool{}
+	for _, m := range lf.Modules {
+		r.NetworkTypes[string(m.Type)]++
+		if m.Rank > 0 {
+			ranks[m.Rank] = true
+		}
+		if m.HasAlpha {
+			alphas[m.Alpha] = true
+		}
+		r.Targets = append(r.Targets, m.Key)
+	}
+	for k := range ranks {
+		r.Ranks = append(r.Ranks, k)
+	}
+	for a := range alphas {
+		r.Alphas = append(r.Alphas, a)
+	}
+	sort.Ints(r.Ranks)
+	sort.Float64s(r.Alphas)
+	sort.Strings(r.Targets)
+	return &Report{Path: path, Kind: KindLoRA, LoRA: r}, nil
+}
+
+// WriteJSON writes the report as indented JSON.
+func (r *Report) WriteJSON(w io.Writer) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(r)
+}
+
+// WriteText writes the report for a person.
+func (r *Report) WriteText(w io.Writer) error {
+	p := func(k string, v any) { fmt.Fprintf(w, "%-14s %v\n", k+":", v) }
+	p("file", r.Path)
+	switch r.Kind {
+	case KindModel:
+		m := r.Model
+		format := m.Format
+		if strings.HasPrefix(format, "bnb-") {
+			nest := "plain"
+			if m.Nested {
+				nest = "nested"
+			}
+			format = fmt.Sprintf("%s %s, blocksize %d, dtype %s", format, nest, m.Blocksize, m.DType)
+		}
+		p("format", format)
+		layoutText := m.Layout
+		if m.Prefix != "" {
+			layoutText += fmt.Sprintf(" (prefix %q)", m.Prefix)
+		}
+		p("layout", layoutText)
+		p("tensors", fmt.Sprintf("%d stored, %d registry entries (%d 4-bit weights)", m.Tensors, m.Entries, m.Weights))
+		p("parameters", humanCount(m.Params))
+		p("bytes", fmt.Sprintf("%s of tensor data, %s file", humanBytes(m.Bytes), humanBytes(m.FileBytes)))
+		for _, wn := range m.Warnings {
+			p("warning", wn)
+		}
+	case KindLoRA:
+		l := r.LoRA
+		p("format", "LoRA, "+l.Format+" keys")
+		types := make([]string, 0, len(l.NetworkTypes))
+		for t, n := range l.NetworkTypes {
+			types = append(types, fmt.Sprintf("%s×%d", t, n))
+		}
+		sort.Strings(types)
+		p("networks", strings.Join(types, ", "))
+		p("ranks", l.Ranks)
+		p("alphas", l.Alphas)
+		base := l.BaseModel
+		if l.Architecture != "" {
+			base = strings.TrimSpace(base + " " + l.Architecture)
+		}
+		if base == "" {
+			base = "(not recorded)"
+		}
+		p("trained for", base)
+		p("modules", l.Modules)
+		show := l.Targets
+		if len(show) > 8 {
+			show = append(append([]string{}, show[:8]...), fmt.Sprintf("… %d more", len(l.Targets)-8))
+		}
+		p("targets", strings.Join(show, "\n               "))
+		if len(l.Unknown) > 0 {
+			p("unknown keys", len(l.Unknown))
+		}
+	}
+	return nil
+}
+
+func fileSize(path string) int64 {
+	st, err := os.Stat(path)
+	if err != nil {
+		return 0
+	}
+	return st.Size()
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.2f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+func humanCount(n int64) string {
+	switch {
+	case n >= 1e9:
+		return fmt.Sprintf("%d (%.2f B)", n, float64(n)/1e9)
+	case n >= 1e6:
+		return fmt.Sprintf("%d (%.2f M)", n, float64(n)/1e6)
+	}
+	return fmt.Sprint(n)
+}
