@@ -78,6 +78,14 @@ func (f *fixture) Describe(_ context.Context, req *pluginv1.DescribeRequest) (*p
 		f.host = pluginv1.NewHostClient(conn)
 		f.mu.Unlock()
 	}
+	if f.mode == "exitafter" {
+		// Crash soon after the host has accepted this generation.
+		go func() {
+			time.Sleep(200 * time.Millisecond)
+			fmt.Fprintln(os.Stderr, "fatal: simulated crash")
+			os.Exit(3)
+		}()
+	}
 	pv := uint32(wire.ProtocolVersion)
 	if f.mode == "badproto" {
 		pv = 2
@@ -223,12 +231,6 @@ func runFixture(mode, name string) {
 		fmt.Fprintln(os.Stderr, "printed garbage")
 		time.Sleep(time.Hour)
 		return
-	case "exitafter":
-		go func() {
-			time.Sleep(150 * time.Millisecond)
-			fmt.Fprintln(os.Stderr, "fatal: simulated crash")
-			os.Exit(3)
-		}()
 	}
 	gen, _ := strconv.ParseUint(os.Getenv(wire.EnvGeneration), 10, 64)
 	f := &fixture{mode: mode, name: name, gen: gen}

@@ -25,6 +25,11 @@ import (
 	"github.com/arenahost/arenahost/shared/wire"
 )
 
+// EnvLifelineFD names the plugin's lifeline descriptor (always 3): the read
+// end of a pipe that reaches EOF when the host exits or retires the
+// generation.
+const EnvLifelineFD = "ARENAHOST_LIFELINE_FD"
+
 // WarmupMethod is invoked (with an empty msgpack map) on a new generation
 // before it takes traffic, when the plugin lists it in Describe.
 const WarmupMethod = "warmup"
@@ -42,6 +47,7 @@ type generation struct {
 	desc   *pluginv1.DescribeResponse
 	start  time.Time
 
+	lifeline *os.File      // write end of the plugin's lifeline pipe
 	released chan struct{} // closed once the generation is torn down
 	stopOnce sync.Once
 	retiring atomic.Bool // stopped on purpose: an exit is not a crash
@@ -197,15 +203,27 @@ func (p *managed) startGeneration(ctx context.Context, man *Manifest) (*generati
 		env = append(env, wire.EnvHostAddr+"="+th.addr(), wire.EnvHostToken+"="+tok)
 	}
 
+	// The lifeline: the plugin's fd 3 is the read end of a pipe whose only
+	// write end the host holds; EOF means the host is gone or done with
+	// this generation. It backs up Pdeathsig for plugins that want to stop
+	// gracefully (the Python SDK watches it) or that fork children.
+	lr, lw, err := os.Pipe()
+	if err != nil {
+		return fail("lifeline", err)
+	}
+	g.lifeline = lw
+	env = append(env, EnvLifelineFD+"=3")
+
 	cmd := exec.Command(r.command, r.args...)
 	cmd.Dir = man.Dir()
 	cmd.Env = env
+	cmd.ExtraFiles = []*os.File{lr}
 	// Own process group, so teardown reaches the plugin's children; killed
 	// by the kernel when the thread that forked it dies (see spawn).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	g.cmd = cmd
 
-	lw := &lineWriter{log: p.log.With("generation", n), ring: p.logs, gen: n}
+	out := &lineWriter{log: p.log.With("generation", n), ring: p.logs, gen: n}
 	side := &hostSide{}
 	cc := &goplugin.ClientConfig{
 		HandshakeConfig:  wire.Handshake,
@@ -214,9 +232,9 @@ func (p *managed) startGeneration(ctx context.Context, man *Manifest) (*generati
 		AllowedProtocols: []goplugin.Protocol{goplugin.ProtocolGRPC},
 		AutoMTLS:         isGo,
 		StartTimeout:     m.cfg.StartTimeout,
-		Stderr:           lw,
-		SyncStderr:       lw,
-		SyncStdout:       lw,
+		Stderr:           out,
+		SyncStderr:       out,
+		SyncStdout:       out,
 		SkipHostEnv:      true,
 		Logger:           hclog.New(&hclog.LoggerOptions{Level: hclog.Off}),
 	}
@@ -228,6 +246,7 @@ func (p *managed) startGeneration(ctx context.Context, man *Manifest) (*generati
 	m.track(g)
 
 	err = spawn(g)
+	_ = lr.Close() // the child has its copy
 	if cmd.Process != nil {
 		g.pid = cmd.Process.Pid
 	}
@@ -324,7 +343,7 @@ func pluginEnv(environ []string) []string {
 	for _, kv := range environ {
 		k, _, _ := strings.Cut(kv, "=")
 		switch k {
-		case wire.EnvHostAddr, wire.EnvHostToken, wire.EnvPluginName, wire.EnvGeneration, wire.Handshake.MagicCookieKey:
+		case wire.EnvHostAddr, wire.EnvHostToken, wire.EnvPluginName, wire.EnvGeneration, wire.Handshake.MagicCookieKey, EnvLifelineFD:
 			continue
 		}
 		if strings.HasPrefix(k, "PLUGIN_") {
@@ -397,6 +416,9 @@ func (p *managed) stop(g *generation, grace time.Duration) {
 			killGroup(g.pid)
 			<-killed
 			killGroup(g.pid) // children that outlived the leader
+		}
+		if g.lifeline != nil {
+			_ = g.lifeline.Close()
 		}
 		if m.deps.arena != nil {
 			if err := m.deps.arena.ReleaseOwner(g.owner); err != nil {
