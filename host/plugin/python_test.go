@@ -54,7 +54,9 @@ func f32Tensor(t testing.TB, a *fakeArena, name string, n int, access pluginv1.A
 	}, mem
 }
 
-func f32At(mem []byte, i int) float32 { return math.Float32frombits(binary.LittleEndian.Uint32(mem[4*i:])) }
+func f32At(mem []byte, i int) float32 {
+	return math.Float32frombits(binary.LittleEndian.Uint32(mem[4*i:]))
+}
 
 // The Python SDK's example plugin through its whole life: start, a
 // zero-copy read of a host tensor, an in-place write the host sees, an
