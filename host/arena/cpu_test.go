@@ -82,6 +82,22 @@ func memfdsOpen(t *testing.T) []string {
 	return out
 }
 
+// mappings lists this process's memory mappings whose file names contain s.
+func mappings(t *testing.T, s string) []string {
+	t.Helper()
+	data, err := os.ReadFile("/proc/self/maps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, line := range strings.Split(string(data), "\n") {
+		if strings.Contains(line, s) {
+			out = append(out, line)
+		}
+	}
+	return out
+}
+
 func TestConformanceCPU(t *testing.T) {
 	t.Run("memfd", func(t *testing.T) {
 		arenatest.Run(t, func(t *testing.T) arena.Backend {
@@ -92,6 +108,9 @@ func TestConformanceCPU(t *testing.T) {
 			t.Cleanup(func() {
 				if fds := memfdsOpen(t); len(fds) > 0 {
 					t.Errorf("memfds left open: %v", fds)
+				}
+				if m := mappings(t, "memfd:arenahost-seg"); len(m) > 0 {
+					t.Errorf("memfds left mapped: %v", m)
 				}
 			})
 			return b
@@ -111,6 +130,9 @@ func TestConformanceCPU(t *testing.T) {
 				ents, err := os.ReadDir(base)
 				if err != nil || len(ents) != 0 {
 					t.Errorf("after close, %s holds %v (%v)", base, ents, err)
+				}
+				if m := mappings(t, base); len(m) > 0 {
+					t.Errorf("segments left mapped: %v", m)
 				}
 			})
 			return b

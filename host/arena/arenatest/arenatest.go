@@ -765,6 +765,24 @@ func testConcurrency(t *testing.T, h *harness) {
 					t.Errorf("worker %d: alloc %d: %v", w, n, err)
 					return
 				}
+				if rng.IntN(4) == 0 {
+					// Hand it over and back: the generation moves on.
+					t1, err := a.Transfer(r, arena.HostOwner)
+					if err != nil {
+						t.Errorf("worker %d: transfer %v: %v", w, r, err)
+						return
+					}
+					if r, err = a.Transfer(t1, owner); err != nil {
+						t.Errorf("worker %d: transfer back %v: %v", w, t1, err)
+						return
+					}
+					if err := a.Check(t1); !errors.Is(err, arena.ErrStale) {
+						t.Errorf("worker %d: transferred-away descriptor %v: %v", w, t1, err)
+					}
+				}
+				if l, err := a.Lease(r); err != nil || l.Owner != owner {
+					t.Errorf("worker %d: lease of %v: %+v %v", w, r, l, err)
+				}
 				fill := byte(w*31 + i)
 				// Regions start on Alignment boundaries, so two that
 				// overlap share the first byte of some block: marking one
