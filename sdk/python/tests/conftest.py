@@ -29,7 +29,7 @@ from arenahost.server import MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE
 from arenahost.tensor import dtype_enum, itemsize, make_descriptor
 
 SDK = Path(__file__).resolve().parents[1]
-EXAMPLES = SDK / "examples"
+EXAMPLES = SDK / "examples" / "hello"
 HANDSHAKE_RE = re.compile(r"^1\|(\d+)\|(unix|tcp)\|([^|]+)\|grpc$")
 
 

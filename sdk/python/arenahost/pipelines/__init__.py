@@ -1,0 +1,1 @@
+"""Python-side pipelines (plugins of kind "pipeline") built on the SDK."""
