@@ -196,6 +196,7 @@ func (s *server) Invoke(ctx context.Context, req *pluginv1.InvokeRequest) (resp 
 	}
 	c := s.p.newCall(req)
 	defer s.recoverTo(req.GetMethod(), &err)
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	out, err := m.unary(ctx, c, req.GetArgs())
 	if err != nil {
 		return nil, s.status(req.GetMethod(), err)
@@ -210,6 +211,7 @@ func (s *server) InvokeStream(req *pluginv1.InvokeRequest, stream pluginv1.Plugi
 	}
 	c := s.p.newCall(req)
 	defer s.recoverTo(req.GetMethod(), &err)
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	if m.stream == nil {
 		// A unary method over InvokeStream yields exactly one result.
 		out, err := m.unary(stream.Context(), c, req.GetArgs())
@@ -236,7 +238,9 @@ func (s *server) status(method string, err error) error {
 }
 
 // recoverTo turns a panic in a handler into an Internal error so one bad
-// call does not take the plugin, and every other call, down.
+// call does not take the plugin, and every other call, down. Handlers run
+// with debug.SetPanicOnFault, so a write through a read-only mapping (on
+// the handler's goroutine) is such a panic rather than a crash.
 func (s *server) recoverTo(method string, err *error) {
 	if r := recover(); r != nil {
 		s.p.logger().Error("method panicked", "method", method, "panic", fmt.Sprint(r), "stack", string(debug.Stack()))

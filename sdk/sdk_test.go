@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/arenahost/arenahost/sdk/plugintest"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 	"github.com/arenahost/arenahost/shared/tensor"
 	"github.com/arenahost/arenahost/shared/wire"
@@ -216,6 +217,29 @@ func TestInvokeStream(t *testing.T) {
 		if fmt.Sprint(got) != fmt.Sprint(tc.want) {
 			t.Errorf("%s %v streamed %v, want %v", tc.method, tc.args, got, tc.want)
 		}
+	}
+}
+
+// TestWriteToReadOnlyInput: a handler that writes through a read-only
+// mapping fails its call with Internal instead of crashing the plugin.
+func TestWriteToReadOnlyInput(t *testing.T) {
+	p := testPlugin(t)
+	Method(p, "scribble", func(_ context.Context, c *Call, _ struct{}) (struct{}, error) {
+		b, err := c.Bytes(c.Inputs()[0])
+		if err != nil {
+			return struct{}{}, err
+		}
+		b[0] = 1
+		return struct{}{}, nil
+	})
+	fh := plugintest.NewFakeHost(t, 1<<16)
+	d := fh.Put(t, "ro", pluginv1.DType_DTYPE_U8, []int64{4}, []byte{9, 9, 9, 9}, pluginv1.Access_ACCESS_READ_ONLY)
+	_, err := p.Server().Invoke(context.Background(), &pluginv1.InvokeRequest{Method: "scribble", Tensors: []*pluginv1.TensorDescriptor{d}})
+	if st, _ := status.FromError(err); st.Code() != codes.Internal || !strings.Contains(st.Message(), "panicked") {
+		t.Fatalf("write to a read-only input: %v, want Internal panicked", err)
+	}
+	if b, _ := fh.Bytes(d); b[0] != 9 {
+		t.Errorf("read-only tensor changed to %v", b)
 	}
 }
 
