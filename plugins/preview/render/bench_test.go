@@ -97,3 +97,68 @@ func BenchmarkEncode(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkDecoder is one TAESD preview: a FLUX.1 1024² latent (128×128×16,
+// bf16) shrunk to the decoder side, decoded by a taef1-shaped decoder
+// (random weights), resized to the 512 default cap and JPEG-encoded.
+// Target: under 200 ms on 2 cores at DefaultDecoderLatentSide.
+func BenchmarkDecoder(b *testing.B) {
+	r := rand.New(rand.NewPCG(41, 42))
+	d, err := ParseDecoder("taef1-random", stFile(randomDecoder(r, 16), "F32"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	l := bf16Latent([]int{1, 16, 128, 128}, ChannelMajor)
+	for _, side := range []int{16, DefaultDecoderLatentSide, 32} {
+		b.Run(fmt.Sprintf("latent%d/out%d", side, 8*side), func(b *testing.B) {
+			o := Options{Family: FamilyFlux, Decoder: d, DecoderLatentSide: side, Filter: Bilinear}
+			times := make([]time.Duration, 0, b.N)
+			for b.Loop() {
+				t0 := time.Now()
+				img, err := Render(l, o)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := Encode(img, Format{Kind: JPEG}); err != nil {
+					b.Fatal(err)
+				}
+				times = append(times, time.Since(t0))
+			}
+			reportPercentiles(b, times)
+			macs := 282.8e9 * float64(side*side) / (128 * 128)
+			b.ReportMetric(macs*2/1e9/(float64(b.Elapsed().Seconds())/float64(b.N)), "GFLOPS")
+		})
+	}
+}
+
+// BenchmarkConv3 is one 64→64 3×3 convolution (the decoder's unit of work).
+func BenchmarkConv3(b *testing.B) {
+	r := rand.New(rand.NewPCG(43, 44))
+	for _, side := range []int{32, 128} {
+		b.Run(fmt.Sprint(side), func(b *testing.B) {
+			in := padded(64, side, side, randFloats(r, 64*side*side))
+			out := fmapOn(make([]float32, fmapLen(64, side, side)), 64, side, side)
+			cv := newConv3(64, 64, randFloats(r, 64*64*9), randFloats(r, 64))
+			for b.Loop() {
+				cv.apply(in, out, nil, true)
+			}
+			flops := 2 * 64 * 576 * float64(side*side)
+			b.ReportMetric(flops/1e9/(b.Elapsed().Seconds()/float64(b.N)), "GFLOPS")
+		})
+	}
+}
+
+// BenchmarkGemm4x16 is the micro-kernel alone, on cache-resident data.
+func BenchmarkGemm4x16(b *testing.B) {
+	r := rand.New(rand.NewPCG(45, 46))
+	a, bb := randFloats(r, 4*576), randFloats(r, 16*576)
+	off := make([]int32, 576)
+	for i := range off {
+		off[i] = int32(16 * i)
+	}
+	var c [64]float32
+	for b.Loop() {
+		gemm4x16(a, bb, off, &c)
+	}
+	b.ReportMetric(2*64*576/1e9/(b.Elapsed().Seconds()/float64(b.N)), "GFLOPS")
+}

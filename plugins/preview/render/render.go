@@ -59,6 +59,13 @@ type Options struct {
 	Scale int
 	// Filter is the upscaling filter.
 	Filter Filter
+	// Decoder, when set, renders with a TAESD-family decoder instead of the
+	// factors: the latent is area-averaged down to DecoderLatentSide on its
+	// longer side, decoded (8× that), and resized to the output size.
+	Decoder *Decoder
+	// DecoderLatentSide is the latent side the decoder runs at; 0 means
+	// DefaultDecoderLatentSide. At most MaxDecoderLatentSide.
+	DecoderLatentSide int
 }
 
 // OutputSize is the preview size Render produces for an unpacked latent of
@@ -106,14 +113,44 @@ func Render(l Latent, o Options) (*image.RGBA, error) {
 	if err != nil {
 		return nil, err
 	}
-	rgb := latentToRGB(p, f)
+	rgb, h, w := []float32(nil), p.H, p.W
+	if o.Decoder == nil {
+		rgb = latentToRGB(p, f)
+	} else {
+		side := o.DecoderLatentSide
+		if side == 0 {
+			side = DefaultDecoderLatentSide
+		}
+		if side < 1 || side > MaxDecoderLatentSide {
+			return nil, fmt.Errorf("options decoder latent side: %d out of range [1, %d]", o.DecoderLatentSide, MaxDecoderLatentSide)
+		}
+		img, err := o.Decoder.Decode(shrink(p, side))
+		if err != nil {
+			return nil, err
+		}
+		h, w = img.H, img.W
+		rgb = interleaveUnit(img)
+	}
 	img := image.NewRGBA(image.Rect(0, 0, ow, oh))
 	if o.Filter == Nearest {
-		resizeNearest(img, rgb, p.H, p.W)
+		resizeNearest(img, rgb, h, w)
 	} else {
-		resizeBilinear(img, rgb, p.H, p.W)
+		resizeBilinear(img, rgb, h, w)
 	}
 	return img, nil
+}
+
+// interleaveUnit turns a 3-plane decoder output into interleaved RGB
+// clamped to [0, 1] (NaN to 0.5).
+func interleaveUnit(p Planes) []float32 {
+	hw := p.H * p.W
+	out := make([]float32, 3*hw)
+	for c := range 3 {
+		for i, v := range p.Data[c*hw : (c+1)*hw] {
+			out[3*i+c] = unit(2*v - 1)
+		}
+	}
+	return out
 }
 
 // latentToRGB applies the factors and maps [-1, 1] to [0, 1] (clamped),
