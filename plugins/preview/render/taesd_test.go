@@ -33,9 +33,9 @@ func TestTorchOracle(t *testing.T) {
 	dir := t.TempDir()
 	testenv.RunPython(t, python, "testdata/torch_oracle.py", dir)
 	var sz struct {
-		C int `json:"C"`
-		H int `json:"H"`
-		W int `json:"W"`
+		C    int `json:"C"`
+		H    int `json:"H"`
+		W    int `json:"W"`
 		h, w int
 	}
 	b, err := os.ReadFile(filepath.Join(dir, "shapes.json"))
@@ -223,9 +223,15 @@ func TestParseDecoderRejectsBadFiles(t *testing.T) {
 		want string
 	}{
 		{"missing block conv", edit(func(m map[string]stTensor) { delete(m, "9.conv.2.bias") }), "tensor 9.conv.2.bias: not found"},
-		{"wrong shape", edit(func(m map[string]stTensor) { m["12.weight"] = stTensor{shape: []int{64, 64, 1, 1}, data: make([]float32, 4096)} }), "tensor 12.weight: shape [64 64 1 1], want [64 64 3 3]"},
-		{"taef2 pool", edit(func(m map[string]stTensor) { m["3.pool.0.weight"] = stTensor{shape: []int{256, 64, 1, 1}, data: make([]float32, 256*64)} }), "TAEF2-style GroupNorm pool"},
-		{"first conv shape", edit(func(m map[string]stTensor) { m["1.weight"] = stTensor{shape: []int{32, 4, 3, 3}, data: make([]float32, 32*36)} }), "tensor 1.weight: shape [32 4 3 3], want [64 C 3 3]"},
+		{"wrong shape", edit(func(m map[string]stTensor) {
+			m["12.weight"] = stTensor{shape: []int{64, 64, 1, 1}, data: make([]float32, 4096)}
+		}), "tensor 12.weight: shape [64 64 1 1], want [64 64 3 3]"},
+		{"taef2 pool", edit(func(m map[string]stTensor) {
+			m["3.pool.0.weight"] = stTensor{shape: []int{256, 64, 1, 1}, data: make([]float32, 256*64)}
+		}), "TAEF2-style GroupNorm pool"},
+		{"first conv shape", edit(func(m map[string]stTensor) {
+			m["1.weight"] = stTensor{shape: []int{32, 4, 3, 3}, data: make([]float32, 32*36)}
+		}), "tensor 1.weight: shape [32 4 3 3], want [64 C 3 3]"},
 		{"not a decoder", stFile(map[string]stTensor{"encoder.0.weight": {shape: []int{1}, data: []float32{1}}}, "F32"), "no TAESD decoder keys; file has encoder.0.weight"},
 		{"truncated", goodBytes[:len(goodBytes)-10], "data_offsets"},
 		{"short", goodBytes[:5], "header length: file has 5 bytes"},
