@@ -31,6 +31,7 @@
 package nf4
 
 import (
+	"encoding/binary"
 	"math"
 	"runtime"
 	"sync"
@@ -104,23 +105,46 @@ var nf4Thresholds = func() (t [16]float32) {
 }()
 
 // quantizeNF4 returns the NF4 code of a normalized value: the count of
-// thresholds strictly below x, found by a branch-free binary search. NaN
-// fails every comparison and yields 0, as in CUDA.
+// thresholds strictly below x. NaN fails every comparison and yields 0, as
+// in CUDA. The count comes from nf4Bucket, indexed by the top 16 bits of x,
+// plus one comparison with the only threshold that can lie in that bucket.
 func quantizeNF4(x float32) byte {
-	q := 0
-	if x > nf4Thresholds[q+7] {
-		q += 8
+	if x != x {
+		return 0
 	}
-	if x > nf4Thresholds[q+3] {
-		q += 4
-	}
-	if x > nf4Thresholds[q+1] {
-		q += 2
-	}
-	if x > nf4Thresholds[q] {
+	q := nf4Bucket[math.Float32bits(x)>>16]
+	if x > nf4Thresholds[q&15] {
 		q++
 	}
-	return byte(q)
+	return q
+}
+
+// nf4Bucket[p] is the NF4 code of the smallest float32 whose top 16 bits
+// are p (sign, exponent and 7 mantissa bits). Thresholds are at least 0.08
+// apart and a bucket is at most 1/128 of its magnitude wide, so a bucket
+// holds at most one threshold and the code of any x in it is
+// nf4Bucket[p] + (x > nf4Thresholds[nf4Bucket[p]]).
+var nf4Bucket = func() (t [1 << 16]byte) {
+	for p := range t {
+		lo := math.Float32frombits(uint32(p) << 16) // smallest magnitude
+		if p&0x8000 != 0 {
+			// Negative: the largest magnitude is the smallest value.
+			lo = math.Float32frombits(uint32(p)<<16 | 0xffff)
+		}
+		t[p] = nf4Count(lo) // 0 for NaN buckets; quantizeNF4 checks NaN first
+	}
+	return t
+}()
+
+// nf4Count is the definition: the number of thresholds strictly below x.
+func nf4Count(x float32) byte {
+	var q byte
+	for _, th := range nf4Thresholds[:15] {
+		if x > th {
+			q++
+		}
+	}
+	return q
 }
 
 // quantizeFP4 is the CUDA dQuantizeFP4 tree, literals included.
@@ -350,9 +374,13 @@ func (o outBytes) block(lo, hi int, packed []byte, tab *[16]float32) {
 	switch o.dtype {
 	case Float32:
 		d := o.b[4*lo : 4*hi]
-		for i := range hi - lo {
-			q := packed[i/2] >> (4 * (1 - uint(i)&1)) & 15
-			putU32(d[4*i:], math.Float32bits(tab[q]))
+		m := hi - lo
+		even := m &^ 1
+		for j, p := range packed[:even/2] {
+			binary.LittleEndian.PutUint64(d[8*j:], uint64(math.Float32bits(tab[p>>4]))|uint64(math.Float32bits(tab[p&15]))<<32)
+		}
+		if even < m {
+			binary.LittleEndian.PutUint32(d[4*even:], math.Float32bits(tab[packed[even/2]>>4]))
 		}
 	default:
 		var h [16]uint16
@@ -366,21 +394,16 @@ func (o outBytes) block(lo, hi int, packed []byte, tab *[16]float32) {
 		d := o.b[2*lo : 2*hi]
 		m := hi - lo
 		even := m &^ 1
-		for i := 0; i < even; i += 2 {
-			p := packed[i/2]
-			a, c := h[p>>4], h[p&15]
-			d[2*i], d[2*i+1], d[2*i+2], d[2*i+3] = byte(a), byte(a>>8), byte(c), byte(c>>8)
+		pk := packed[:even/2]
+		d4 := d[:2*even]
+		for j, p := range pk {
+			binary.LittleEndian.PutUint32(d4[4*j:], uint32(h[p>>4])|uint32(h[p&15])<<16)
 		}
 		if even < m {
 			a := h[packed[even/2]>>4]
 			d[2*even], d[2*even+1] = byte(a), byte(a>>8)
 		}
 	}
-}
-
-func putU32(b []byte, v uint32) {
-	_ = b[3]
-	b[0], b[1], b[2], b[3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24)
 }
 
 // minParallelElems is the work below which the pool is not worth starting.

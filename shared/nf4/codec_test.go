@@ -78,6 +78,22 @@ func cudaNF4Tree(x float32) byte {
 	return 0
 }
 
+// TestNF4Buckets checks every one of the 65536 buckets at both ends, the
+// middle, and around every threshold against the definition.
+func TestNF4Buckets(t *testing.T) {
+	for p := range 1 << 16 {
+		for _, low := range []uint32{0, 1, 0x7fff, 0x8000, 0xfffe, 0xffff} {
+			x := math.Float32frombits(uint32(p)<<16 | low)
+			if x != x {
+				continue
+			}
+			if g, w := quantizeNF4(x), nf4Count(x); g != w {
+				t.Fatalf("quantizeNF4(%#08x) = %d, definition %d", math.Float32bits(x), g, w)
+			}
+		}
+	}
+}
+
 func TestQuantizeNF4MatchesTree(t *testing.T) {
 	var xs []float32
 	for _, th := range nf4Thresholds[:15] {
