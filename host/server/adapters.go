@@ -1,0 +1,109 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/host/registry"
+	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
+)
+
+// arenaLeases adapts *arena.Arena to the plugin manager's Arena seam, which
+// speaks protocol regions and string owners.
+type arenaLeases struct{ a *arena.Arena }
+
+func (l arenaLeases) Alloc(owner, name string, n uint64) (*pluginv1.Region, error) {
+	r, err := l.a.Alloc(arena.Owner(owner), name, n)
+	if err != nil {
+		return nil, err
+	}
+	loc, err := l.a.Location(r)
+	if err != nil {
+		_ = l.a.Free(r)
+		return nil, err
+	}
+	return regionProto(loc, r)
+}
+
+func (l arenaLeases) Free(owner string, r *pluginv1.Region) error {
+	return l.a.FreeOwned(arena.Owner(owner), regionFromProto(r))
+}
+
+func (l arenaLeases) ReleaseOwner(owner string) error {
+	l.a.ReleaseOwner(arena.Owner(owner))
+	return nil
+}
+
+// regionProto converts an arena region and its segment's location to the
+// protocol's Region.
+func regionProto(l arena.Location, r arena.Region) (*pluginv1.Region, error) {
+	reg := &pluginv1.Region{Offset: r.Offset, Length: r.Length, Generation: r.Generation}
+	switch l.Kind {
+	case arena.KindCPU:
+		reg.Segment = &pluginv1.Region_Cpu{Cpu: &pluginv1.CPUSegment{
+			Id: l.SegmentID, Path: l.Path, Size: l.Size, HostPid: int32(l.HostPID)}}
+	case arena.KindCUDA:
+		reg.Segment = &pluginv1.Region_Cuda{Cuda: &pluginv1.CUDASlab{
+			Id: l.SegmentID, IpcHandle: l.IPCHandle, Size: l.Size, Device: int32(l.Device), HostPid: int32(l.HostPID)}}
+	default:
+		return nil, fmt.Errorf("segment %d: unknown location kind %q", l.SegmentID, l.Kind)
+	}
+	return reg, nil
+}
+
+// regionFromProto recovers the arena region a protocol Region names.
+func regionFromProto(r *pluginv1.Region) arena.Region {
+	var seg uint32
+	switch s := r.GetSegment().(type) {
+	case *pluginv1.Region_Cpu:
+		seg = s.Cpu.GetId()
+	case *pluginv1.Region_Cuda:
+		seg = s.Cuda.GetId()
+	}
+	return arena.Region{Segment: seg, Offset: r.GetOffset(), Length: r.GetLength(), Generation: r.GetGeneration()}
+}
+
+// lookup serves the Host service's LookupTensors from the registry.
+type lookup struct {
+	reg *registry.Registry
+	loc registry.Locator
+}
+
+func (l lookup) LookupTensors(_ context.Context, req *pluginv1.LookupTensorsRequest) (*pluginv1.LookupTensorsResponse, error) {
+	model := req.GetModel()
+	if model == "" {
+		model = DefaultModelName
+	}
+	if _, ok := l.reg.Model(model); !ok {
+		return nil, fmt.Errorf("model %q: %w", model, registry.ErrNotFound)
+	}
+	var ts []*registry.Tensor
+	for _, n := range req.GetNames() {
+		t, err := l.reg.Tensor(model, n)
+		if err != nil {
+			return nil, err
+		}
+		ts = append(ts, t)
+	}
+	if req.GetPrefix() != "" || len(req.GetNames()) == 0 {
+		more, err := l.reg.Tensors(model, req.GetPrefix())
+		if err != nil && !errors.Is(err, registry.ErrNotFound) {
+			return nil, err
+		}
+		ts = append(ts, more...)
+	}
+	resp := &pluginv1.LookupTensorsResponse{}
+	for _, t := range ts {
+		if t.NBytes == 0 || t.QuantOf != "" {
+			continue // empty tensors have no region; side tensors travel inside their weight's QuantInfo
+		}
+		d, err := registry.DescriptorOf(l.loc, model, t, pluginv1.Access_ACCESS_READ_ONLY)
+		if err != nil {
+			return nil, err
+		}
+		resp.Tensors = append(resp.Tensors, d)
+	}
+	return resp, nil
+}

@@ -1,0 +1,163 @@
+// Package server owns the composition of the long-lived host: it builds the
+// arena, the tensor registry and the plugin manager from one Config, connects
+// them through small adapters (the plugin manager's Arena and Registry
+// seams), writes the sample files on first run, and tears everything down in
+// reverse order. The HTTP layer is built on top of a Server.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/host/plugin"
+	"github.com/arenahost/arenahost/host/registry"
+	"github.com/arenahost/arenahost/host/samples"
+)
+
+// Config configures a Server. Zero fields take the documented defaults.
+type Config struct {
+	// DataDir holds models/, loras/ and the samples written on first run.
+	DataDir string
+	// ModelsDir and LoRAsDir default to DataDir/models and DataDir/loras.
+	ModelsDir string
+	LoRAsDir  string
+	// PluginsDir is scanned for DIR/NAME/plugin.json; empty: no plugins.
+	PluginsDir string
+	// ArenaCapacity bounds the arena (default 8 GiB of address space; the
+	// memory is only committed as segments are written).
+	ArenaCapacity uint64
+	// ArenaSegment is the arena's growth unit (default 64 MiB).
+	ArenaSegment uint64
+	// ShmMode is "memfd" (default) or "shm" (files under /dev/shm).
+	ShmMode string
+	// Samples writes the sample model into ModelsDir when it has none and
+	// loads it as the default model.
+	Samples bool
+	// PluginEnv is passed to manifest ${VAR} expansion (e.g. ARENAHOST_PYTHON).
+	PluginEnv map[string]string
+	Logger    *slog.Logger
+}
+
+// Defaults for Config.
+const (
+	DefaultArenaCapacity = 8 << 30
+	DefaultModelName     = "sample"
+)
+
+// Server is a running host: arena, registry and plugins.
+type Server struct {
+	cfg      Config
+	log      *slog.Logger
+	Arena    *arena.Arena
+	Registry *registry.Registry
+	Plugins  *plugin.Manager
+}
+
+// New builds a Server: it creates the arena, writes and loads the sample
+// model when asked, and starts every plugin found in PluginsDir. On error
+// everything already built is torn down.
+func New(ctx context.Context, cfg Config) (_ *Server, err error) {
+	cfg = withDefaults(cfg)
+	log := cfg.Logger
+	be, err := arena.NewCPUBackend(arena.CPUConfig{Mode: arena.CPUMode(cfg.ShmMode), Logger: log})
+	if err != nil {
+		return nil, fmt.Errorf("create arena backend: %w", err)
+	}
+	ar, err := arena.New(ctx, be, arena.Config{Capacity: cfg.ArenaCapacity, SegmentSize: cfg.ArenaSegment, Logger: log})
+	if err != nil {
+		return nil, fmt.Errorf("create arena: %w", err)
+	}
+	s := &Server{cfg: cfg, log: log, Arena: ar}
+	defer func() {
+		if err != nil {
+			_ = s.Close(context.WithoutCancel(ctx))
+		}
+	}()
+	s.Registry = registry.New(ar, log)
+	for _, d := range []string{cfg.ModelsDir, cfg.LoRAsDir} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, fmt.Errorf("create %s: %w", d, err)
+		}
+	}
+	if cfg.Samples {
+		if err := s.loadSample(ctx); err != nil {
+			return nil, err
+		}
+	}
+	s.Plugins = plugin.NewManager(plugin.Config{
+		Dir:      cfg.PluginsDir,
+		Env:      cfg.PluginEnv,
+		Logger:   log,
+		Arena:    arenaLeases{ar},
+		Registry: lookup{reg: s.Registry, loc: ar},
+	})
+	if cfg.PluginsDir != "" {
+		if err := s.Plugins.Load(ctx); err != nil {
+			return nil, fmt.Errorf("load plugins from %s: %w", cfg.PluginsDir, err)
+		}
+	}
+	return s, nil
+}
+
+func withDefaults(c Config) Config {
+	if c.DataDir == "" {
+		c.DataDir = "arenahost-data"
+	}
+	if c.ModelsDir == "" {
+		c.ModelsDir = filepath.Join(c.DataDir, "models")
+	}
+	if c.LoRAsDir == "" {
+		c.LoRAsDir = filepath.Join(c.DataDir, "loras")
+	}
+	if c.ArenaCapacity == 0 {
+		c.ArenaCapacity = DefaultArenaCapacity
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return c
+}
+
+// loadSample writes the sample model on first run and loads it.
+func (s *Server) loadSample(ctx context.Context) error {
+	path := filepath.Join(s.cfg.ModelsDir, samples.ModelFile)
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		start := time.Now()
+		if err := samples.WriteModel(path, samples.ModelOptions{Seed: 1}); err != nil {
+			return err
+		}
+		s.log.Info("wrote sample model", "path", path, "took", time.Since(start).Round(time.Millisecond))
+	}
+	m, err := s.Registry.Load(ctx, DefaultModelName, path)
+	if err != nil {
+		return fmt.Errorf("load sample model: %w", err)
+	}
+	s.log.Info("loaded model", "model", m)
+	return nil
+}
+
+// Close stops the plugins, unloads the models and closes the arena (which
+// removes its shared-memory segments).
+func (s *Server) Close(ctx context.Context) error {
+	var errs []error
+	if s.Plugins != nil {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		errs = append(errs, s.Plugins.Close(cctx))
+		cancel()
+	}
+	if s.Registry != nil {
+		for _, m := range s.Registry.Models() {
+			errs = append(errs, s.Registry.Unload(m.Name))
+		}
+	}
+	if s.Arena != nil {
+		errs = append(errs, s.Arena.Close())
+	}
+	return errors.Join(errs...)
+}
