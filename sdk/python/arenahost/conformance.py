@@ -18,8 +18,9 @@ from arenahost.tensor import dtype_name
 
 __all__ = ["register", "METHODS"]
 
-# Bound on element and message counts, as in the Go SDK (sdk/conformance.go).
+# Bounds on element and message counts (sdk/plugintest/README.md).
 MAX_COUNT = 1 << 26
+MAX_STREAM = 10000
 
 METHODS = ("conformance.echo", "conformance.sum", "conformance.scale", "conformance.fill", "conformance.stream", "conformance.fail")
 
@@ -76,8 +77,8 @@ def register(p: Plugin) -> None:
     @p.method("conformance.stream", description="stream {index} for index in 0..args.count-1", streaming=True)
     def stream(call, args):
         count = get_arg(args, "count", int)
-        if not 0 <= count <= MAX_COUNT:
-            raise InvalidArgument(f"args.count: {count} must be in 0..{MAX_COUNT}")
+        if not 0 <= count <= MAX_STREAM:
+            raise InvalidArgument(f"args.count: {count} must be in 0..{MAX_STREAM}")
         for i in range(count):
             yield {"index": i}
 

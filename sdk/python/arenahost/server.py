@@ -321,7 +321,8 @@ class _PluginServicer(pbg.PluginServicer):
         elif isinstance(e, (DescriptorError, ValueError)):
             code = grpc.StatusCode.INVALID_ARGUMENT
         elif isinstance(e, HostError):
-            code = grpc.StatusCode.UNAVAILABLE if e.code == grpc.StatusCode.UNAVAILABLE else grpc.StatusCode.INTERNAL
+            # Host errors keep their code; no Host service at all is a precondition.
+            code = e.code if e.code is not None else grpc.StatusCode.FAILED_PRECONDITION
         else:
             code = grpc.StatusCode.INTERNAL
             log.error("%s: unhandled %s", where, type(e).__name__, extra={"traceback": traceback.format_exc()})
@@ -517,6 +518,10 @@ def _watch_parent(stopper: _Stopper, ppid: int, interval: float) -> None:
 
 
 def _watch_lifeline(stopper: _Stopper, fd: int) -> None:
+    try:
+        os.set_inheritable(fd, False)  # children must not hold the host's lifeline open
+    except OSError:
+        pass
     try:
         while os.read(fd, 4096):
             pass
