@@ -181,6 +181,7 @@ func copyTensor(ctx context.Context, dst []byte, f *safetensors.File, info safet
 			}
 		}
 		end := min(off+copyChunk, len(dst))
+		prefault(dst[off:end])
 		if _, err := f.ReadAt(dst[off:end], f.DataStart+info.Begin+int64(off)); err != nil {
 			return err
 		}
