@@ -653,3 +653,62 @@ func TestSaveErrors(t *testing.T) {
 		t.Errorf("cancelled Save left %v", ents)
 	}
 }
+
+// TestPlainSafetensorsWithEmptyTensors loads a file with an empty and a 0-d
+// tensor and metadata: the empty tensor takes no region, Save reproduces it.
+func TestPlainSafetensorsWithEmptyTensors(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "plain.safetensors")
+	err := safetensors.WriteFile(path, map[string]string{"format": "pt"}, []safetensors.WriteTensor{
+		{Name: "empty", DType: safetensors.F32, Shape: []int64{0, 4}},
+		{Name: "scalar", DType: safetensors.BF16, Shape: []int64{}, Data: []byte{1, 2}},
+		{Name: "w", DType: safetensors.I64, Shape: []int64{2}, Data: make([]byte, 16)},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newTestArena(t, 64<<20, 1<<20)
+	reg := New(a, quiet())
+	m, err := reg.Load(context.Background(), "p", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Format != FormatSafetensors || len(m.Weights) != 0 || m.Metadata["format"] != "pt" || m.Bytes != 18 {
+		t.Errorf("model %+v", m)
+	}
+	if st := a.Stats(); st.Regions != 2 {
+		t.Errorf("%d regions, want 2 (the empty tensor needs none)", st.Regions)
+	}
+	if _, err := reg.Descriptor(a, "p", "empty", pluginv1.Access_ACCESS_READ_ONLY); err == nil || !strings.Contains(err.Error(), "no region") {
+		t.Errorf("descriptor of an empty tensor: %v", err)
+	}
+	out := filepath.Join(t.TempDir(), "out.safetensors")
+	if err := reg.Save(context.Background(), "p", out); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(readFile(t, out), readFile(t, path)) {
+		t.Error("Save does not reproduce the file")
+	}
+}
+
+func TestFormatOf(t *testing.T) {
+	w := func(qt nf4.QuantType, nested bool) nf4.Weight {
+		return nf4.Weight{State: nf4.QuantState{QuantType: qt, Nested: nested}}
+	}
+	tests := []struct {
+		weights []nf4.Weight
+		want    Format
+	}{
+		{nil, FormatSafetensors},
+		{[]nf4.Weight{w(nf4.QuantNF4, true), w(nf4.QuantNF4, true)}, FormatBnbNF4Nested},
+		{[]nf4.Weight{w(nf4.QuantNF4, false)}, FormatBnbNF4},
+		{[]nf4.Weight{w(nf4.QuantFP4, true)}, FormatBnbFP4Nested},
+		{[]nf4.Weight{w(nf4.QuantFP4, false)}, FormatBnbFP4},
+		{[]nf4.Weight{w(nf4.QuantNF4, true), w(nf4.QuantNF4, false)}, "bnb-nf4 partly nested"},
+		{[]nf4.Weight{w(nf4.QuantNF4, false), w(nf4.QuantFP4, false)}, "bnb-nf4+fp4"},
+	}
+	for _, tc := range tests {
+		if got := formatOf(tc.weights); got != tc.want {
+			t.Errorf("formatOf(%v) = %q, want %q", tc.weights, got, tc.want)
+		}
+	}
+}

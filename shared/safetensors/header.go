@@ -119,11 +119,16 @@ func ParseHeader(name string, r io.ReaderAt, fileSize int64) (*Header, error) {
 	}
 	h, err := parseJSON(buf)
 	if err != nil {
+		key := ""
 		var ke *keyError
 		if errors.As(err, &ke) {
-			return nil, &Error{File: name, Key: ke.key, Err: ke.err}
+			key, err = ke.key, ke.err
 		}
-		return nil, &Error{File: name, Err: err}
+		var syn *json.SyntaxError
+		if errors.As(err, &syn) {
+			err = fmt.Errorf("%w (near header byte %d)", err, syn.Offset)
+		}
+		return nil, &Error{File: name, Key: key, Err: err}
 	}
 	h.HeaderLen = int64(n)
 	h.DataStart = lenSize + int64(n)
