@@ -186,6 +186,7 @@ def test_pipeline_plugin_process_end_to_end(start_plugin, fake_host, arena):
     d = stub.Describe(pb.DescribeRequest(), timeout=10)
     assert d.kind == "pipeline" and "run" in [m.name for m in d.methods] and "not a trained model" in d.metadata["note"]
     resp = stub.Invoke(pb.InvokeRequest(method="run", call_id="job-7", args=msgpack.packb({"steps": 3, "seed": 1, "width": 32, "height": 32})), timeout=60)
+    assert msgpack.unpackb(stub.Invoke(pb.InvokeRequest(method="warmup", args=b"\x80"), timeout=10).result) == {"ok": True}
     v = msgpack.unpackb(resp.result)
     assert v["job_id"] == "job-7" and v["layers"] == NAMES
     final = arena.read(resp.tensors[0], np.float32).reshape(16, 4, 4)

@@ -57,9 +57,10 @@ import grpc
 import numpy as np
 
 from arenahost.host import HostClient
+from arenahost.nf4 import NF4_CODE, dequantize_4bit_arrays, quantize_nf4
 from arenahost.plugin.v1 import plugin_pb2 as pb
 from arenahost.server import InvalidArgument, Plugin, PluginError, Result, get_arg
-from arenahost.side import ArenaLinear
+from arenahost.side import ArenaLinear, linear_forward
 from arenahost.tensor import Mapper
 
 __all__ = ["plugin", "run", "choose_chain", "patchify", "unpatchify", "Params", "NAME", "VERSION"]
@@ -319,3 +320,21 @@ plugin = Plugin(NAME, VERSION, kind="pipeline", metadata={
 @plugin.method("run", description="run a denoising-like loop on the model's NF4 layers, publishing each step's latent")
 def _run(call, args):
     return run(call.host, Params.parse(args, call.call_id), mapper=call.mapper, cancelled=call.cancelled)
+
+
+@plugin.method("warmup", description="self-check the host runs before switching to a new generation")
+def _warmup(call, args):
+    # An NF4 round trip and a side forward on a fixed input: catches a broken
+    # NumPy/BLAS install before the generation takes traffic.
+    w = np.linspace(-1.0, 1.0, 8 * TOKEN_DIM, dtype=np.float32).reshape(8, TOKEN_DIM)
+    packed, absmax = quantize_nf4(w, 64)
+    dq = dequantize_4bit_arrays(packed, absmax, NF4_CODE, 64, w.shape, "float32")
+    err = float(np.abs(dq - w).max())
+    if not err <= 0.2 * float(absmax.max()):
+        raise PluginError(f"warmup: NF4 round trip error {err} is too large", grpc.StatusCode.INTERNAL)
+    a = np.eye(2, TOKEN_DIM, dtype=np.float32)
+    y = linear_forward(np.ones((3, TOKEN_DIM), np.float32), dq, None, (a, np.ones((8, 2), np.float32)))
+    want = dq.sum(axis=1, dtype=np.float64) + 2.0
+    if not np.allclose(y, want[None, :], atol=1e-4):
+        raise PluginError("warmup: side forward self-check failed", grpc.StatusCode.INTERNAL)
+    return {"ok": True}
