@@ -1,0 +1,36 @@
+// Command preview is arenahost's preview plugin (kind "preview"): it renders
+// a published latent, read in place through its descriptor, into a JPEG or
+// PNG preview with package render. Its methods are in methods.go; this file
+// only wires them up.
+//
+// The factor method (latent-to-RGB factors, ComfyUI's Latent2RGB) is always
+// served. The TAESD/TAEF1 method is served only when ARENAHOST_PREVIEW_DECODER
+// names a decoder weights file (safetensors) that loads; Describe lists the
+// render.<method> entries the host may pick for a job.
+package main
+
+import (
+	"log/slog"
+	"os"
+
+	"github.com/arenahost/arenahost/sdk"
+)
+
+// EnvDecoder names the TAESD/TAEF1 decoder weights file.
+const EnvDecoder = "ARENAHOST_PREVIEW_DECODER"
+
+func main() {
+	log := slog.New(sdk.NewLogHandler(os.Stderr, slog.LevelInfo))
+	p := sdk.New("preview", "0.1.0", "preview")
+	p.Logger = log
+	r := &renderer{}
+	if path := os.Getenv(EnvDecoder); path != "" {
+		if err := r.loadDecoder(path); err != nil {
+			// Previews still work with the factor method; the missing taesd
+			// method makes jobs that ask for it fail at creation, not mid-run.
+			log.Error("taesd method disabled", "env", EnvDecoder, "err", err)
+		}
+	}
+	r.register(p)
+	sdk.Serve(p)
+}
