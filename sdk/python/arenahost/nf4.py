@@ -60,6 +60,9 @@ def restore_nested_absmax(
     return (prod + np.float32(offset)).astype(np.float32, copy=False)
 
 
+_CHUNK = 1 << 20  # elements per pass: bounds the fp32 temporaries whatever the layer size
+
+
 def dequantize_4bit_arrays(
     packed: np.ndarray,
     absmax: np.ndarray,
@@ -67,15 +70,20 @@ def dequantize_4bit_arrays(
     blocksize: int,
     shape,
     dtype: str = "float32",
+    *,
+    widen: bool = False,
 ) -> np.ndarray:
     """Dequantize packed 4-bit codes with an fp32 absmax.
 
     Returns the logical tensor in `dtype`: float32 and float16 as NumPy types,
-    "bfloat16" as uint16 bf16 bits (NumPy has no bfloat16).
+    "bfloat16" as uint16 bf16 bits (NumPy has no bfloat16). widen=True
+    returns the same values (rounded to `dtype`) widened exactly to float32.
+    Works in chunks, so temporaries stay small for any layer size.
     """
     shape = tuple(int(d) for d in shape)
     n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    raw = np.asarray(packed).reshape(-1).view(np.uint8) if np.asarray(packed).dtype != np.uint8 else np.asarray(packed).reshape(-1)
+    raw = np.asarray(packed)
+    raw = raw.reshape(-1).view(np.uint8) if raw.dtype != np.uint8 else raw.reshape(-1)
     if raw.size < (n + 1) // 2:
         raise ValueError(f"packed weight has {raw.size} bytes, shape {list(shape)} needs {(n + 1) // 2}")
     if blocksize <= 0:
@@ -87,27 +95,40 @@ def dequantize_4bit_arrays(
     cd = np.asarray(code, dtype=np.float32).reshape(-1)
     if cd.size != 16:
         raise ValueError(f"quant_map has {cd.size} values, want 16")
-    nb = (n + 1) // 2
-    b = raw[:nb]
-    q = np.empty(2 * nb, dtype=np.uint8)
-    q[0::2] = b >> 4
-    q[1::2] = b & 0x0F
-    vals = cd[q[:n]]
-    # fp32 multiply per block; reshaping the full blocks avoids an n-sized absmax copy.
-    full = (n // blocksize) * blocksize
-    out32 = np.empty(n, dtype=np.float32)
-    if full:
-        np.multiply(vals[:full].reshape(-1, blocksize), am[: full // blocksize, None], out=out32[:full].reshape(-1, blocksize))
-    if full < n:
-        np.multiply(vals[full:], am[full // blocksize], out=out32[full:])
-    out32 = out32.reshape(shape)
     if dtype in ("float32", np.float32):
-        return out32
-    if dtype in ("float16", np.float16):
-        return out32.astype(np.float16)  # round to nearest even
-    if dtype == "bfloat16":
-        return f32_to_bf16(out32)
-    raise ValueError(f"logical dtype {dtype!r} not supported (float32, float16, bfloat16)")
+        kind = "float32"
+    elif dtype in ("float16", np.float16):
+        kind = "float16"
+    elif dtype == "bfloat16":
+        kind = "bfloat16"
+    else:
+        raise ValueError(f"logical dtype {dtype!r} not supported (float32, float16, bfloat16)")
+    out_dtype = np.float32 if (widen or kind == "float32") else (np.float16 if kind == "float16" else np.uint16)
+    out = np.empty(n, dtype=out_dtype)
+    step = max(1, _CHUNK // (2 * blocksize)) * 2 * blocksize  # even and block-aligned
+    for s0 in range(0, n, step):
+        e0 = min(n, s0 + step)
+        m = e0 - s0
+        b = raw[s0 // 2 : (e0 + 1) // 2]
+        q = np.empty(2 * b.size, dtype=np.uint8)
+        q[0::2] = b >> 4  # element 2j is the high nibble
+        q[1::2] = b & 0x0F
+        v = cd[q[:m]]
+        full = (m // blocksize) * blocksize
+        b0 = s0 // blocksize
+        if full:
+            vb = v[:full].reshape(-1, blocksize)
+            np.multiply(vb, am[b0 : b0 + full // blocksize, None], out=vb)  # fp32 * fp32, rounded once
+        if full < m:
+            np.multiply(v[full:], am[b0 + full // blocksize], out=v[full:])
+        if kind == "float32":
+            out[s0:e0] = v
+        elif kind == "float16":
+            out[s0:e0] = v.astype(np.float16) if not widen else v.astype(np.float16).astype(np.float32)
+        else:
+            bits = f32_to_bf16(v)  # round to nearest even
+            out[s0:e0] = bits if not widen else (bits.astype(np.uint32) << 16).view(np.float32)
+    return out.reshape(shape)
 
 
 def dequantize_nf4(desc: pb.TensorDescriptor, mapper: Mapper | None = None, dtype=None) -> np.ndarray:
@@ -158,18 +179,13 @@ def dequantize_nf4(desc: pb.TensorDescriptor, mapper: Mapper | None = None, dtyp
             if qi.absmax.dtype != pb.DTYPE_F32:
                 raise DescriptorError(f"tensor {name!r}: absmax dtype {dtype_name(qi.absmax.dtype)}, want DTYPE_F32")
             absmax = m.map_ref(name + ".absmax", qi.absmax)
-        out = dequantize_4bit_arrays(packed, absmax, code, int(qi.blocksize), shape, logical)
+        if dtype is not None and np.dtype(dtype) != np.float32:
+            raise ValueError(f"dequantize_nf4: dtype must be None or float32, got {dtype}")
+        return dequantize_4bit_arrays(packed, absmax, code, int(qi.blocksize), shape, logical, widen=dtype is not None)
     except ValueError as e:
         if isinstance(e, DescriptorError):
             raise
         raise DescriptorError(f"tensor {name!r}: {e}") from e
-    if dtype is None:
-        return out
-    if np.dtype(dtype) != np.float32:
-        raise ValueError(f"dequantize_nf4: dtype must be None or float32, got {dtype}")
-    if logical == "bfloat16":
-        return (out.astype(np.uint32) << 16).view(np.float32)
-    return out.astype(np.float32, copy=False)
 
 
 # Sorted fp32 midpoints between neighbouring NF4 codes (the CUDA decision tree).

@@ -122,3 +122,14 @@ def test_bad_quant_descriptors_are_refused_by_name(arena):
         with pytest.raises(DescriptorError, match=msg) as e:
             dequantize_nf4(bad)
         assert "'w'" in str(e.value)
+
+
+@pytest.mark.parametrize("shape, blocksize, nested, dtype", [((33, 7), 64, True, "bfloat16"), ((129, 257), 256, False, "float16"), ((96, 97), 32, True, "float32")])
+def test_chunked_passes_match_bitsandbytes(monkeypatch, arena, shape, blocksize, nested, dtype):
+    import arenahost.nf4 as nf4mod
+
+    monkeypatch.setattr(nf4mod, "_CHUNK", 100)  # many chunks, each a whole number of blocks
+    q, st, ref = _bnb_case(shape, blocksize, nested, dtype, seed=7)
+    d = _put_state(arena, "chunked.weight", q, st, dtype, nested)
+    out = dequantize_nf4(d, Mapper())
+    assert np.array_equal(out.view(np.uint8), np.ascontiguousarray(ref).view(np.uint8))
