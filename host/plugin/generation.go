@@ -242,8 +242,13 @@ func (p *managed) startGeneration(ctx context.Context, man *Manifest) (*generati
 		sum, _ := hex.DecodeString(man.SHA256)
 		cc.SecureConfig = &goplugin.SecureConfig{Checksum: sum, Hash: sha256.New()}
 	}
+	if err := m.track(g); err != nil {
+		_ = lw.Close()
+		_ = lr.Close()
+		g.lifeline = nil
+		return fail("start", err)
+	}
 	g.client = goplugin.NewClient(cc)
-	m.track(g)
 
 	err = spawn(g)
 	_ = lr.Close() // the child has its copy

@@ -212,10 +212,16 @@ func (m *Manager) existingTokenHost() *tokenHost {
 	return m.th
 }
 
-func (m *Manager) track(g *generation) {
+// track records a process about to start; after Close it refuses, so no
+// process can start once Close has taken its final inventory.
+func (m *Manager) track(g *generation) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.closed {
+		return ErrClosed
+	}
 	m.live[g] = nil
+	return nil
 }
 
 func (m *Manager) untrack(g *generation) {
