@@ -189,7 +189,7 @@ func unpackTokenMajor(l Latent, fam Family) (Planes, Factors, error) {
 			return Planes{}, Factors{}, fmt.Errorf("latent shape %v: %d tokens are not a square grid; set the token grid (GridH, GridW)", l.Shape, n)
 		}
 		gh, gw = s, s
-	case gh <= 0 || gw <= 0 || gh*gw != n:
+	case gh <= 0 || gw <= 0 || gh > n || gw > n || gh*gw != n:
 		return Planes{}, Factors{}, fmt.Errorf("latent shape %v: token grid %d×%d does not hold %d tokens", l.Shape, gh, gw, n)
 	}
 	src := toFloat32(l.Data[:n*feat*l.DType.Size()], l.DType)

@@ -24,9 +24,13 @@ const (
 	MaxDecoderLatentSide = 128
 	// DefaultDecoderLatentSide is the latent side the TAESD path shrinks a
 	// latent to (area average) before decoding when Options.DecoderLatentSide
-	// is 0: a 24² latent decodes to 192² in under 200 ms on 2 cores with the
-	// AVX2 kernel (BenchmarkDecoder), then is resized to the output size.
-	DefaultDecoderLatentSide = 24
+	// is 0. The decoder costs 282.8 GMAC for a 128² latent (1024² out) and
+	// scales with the latent area: a 16² latent is 4.4 GMAC, about 250 ms of
+	// CPU with the AVX2 kernel (BenchmarkDecoder), so ~125 ms on 2 cores,
+	// within the 200 ms preview budget; 24² already needs ~540 ms of CPU. The
+	// 128² decoded image is then resized to the output size (bilinear
+	// recommended).
+	DefaultDecoderLatentSide = 16
 )
 
 var (
