@@ -54,8 +54,8 @@ import threading
 import time
 import traceback
 from concurrent import futures
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import grpc
 import msgpack

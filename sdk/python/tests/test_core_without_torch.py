@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SDK, require
+from conftest import SDK
 
 ROOT = SDK.parents[1]
 

@@ -5,7 +5,7 @@ import pytest
 
 from arenahost.nf4 import dequantize_nf4
 from arenahost.plugin.v1 import plugin_pb2 as pb
-from arenahost.side import ArenaLinear, Factors, linear_forward
+from arenahost.side import ArenaLinear, linear_forward
 from arenahost.tensor import Mapper, f32_to_bf16
 from conftest import put_nf4
 

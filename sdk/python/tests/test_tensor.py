@@ -5,6 +5,7 @@ import pytest
 
 from arenahost.plugin.v1 import plugin_pb2 as pb
 from arenahost.tensor import DescriptorError, Mapper, as_float32, bf16_to_f32, f32_to_bf16, map_descriptor
+from conftest import require
 
 
 def test_map_is_zero_copy_both_ways(arena):
@@ -54,7 +55,7 @@ def test_bad_descriptors_are_refused_naming_the_tensor(arena, mutate, msg):
 
 
 def test_bf16_round_trip_and_rounding():
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     x = np.concatenate([np.random.default_rng(0).standard_normal(10000).astype(np.float32) * 100,
                         np.array([0.0, -0.0, np.inf, -np.inf, 1e-40, 3.0e38, np.nan], np.float32)])
     want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)

@@ -5,7 +5,7 @@ import pytest
 
 from arenahost.plugin.v1 import plugin_pb2 as pb
 from arenahost.side import linear_forward as np_forward
-from arenahost.tensor import Mapper, bf16_to_f32, f32_to_bf16
+from arenahost.tensor import Mapper, f32_to_bf16
 from conftest import put_nf4, require
 
 
