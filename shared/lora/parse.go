@@ -173,11 +173,10 @@ func Parse(path string) (*File, error) {
 	if st.Metadata != nil {
 		f.Meta = Meta{BaseModel: st.Metadata["ss_base_model_version"], Architecture: st.Metadata["modelspec.architecture"], NetworkModule: st.Metadata["ss_network_module"]}
 	}
-	var peft *peftMeta
+	var peft map[string]*peftMeta
 	if raw, ok := st.Metadata["lora_adapter_metadata"]; ok {
-		peft = &peftMeta{}
-		if err := json.Unmarshal([]byte(raw), peft); err != nil {
-			return nil, fail("__metadata__.lora_adapter_metadata", "bad JSON: %v", err)
+		if peft, err = parsePEFTMeta(raw); err != nil {
+			return nil, fail("__metadata__.lora_adapter_metadata", "%v", err)
 		}
 	}
 	type tensor struct {
@@ -346,7 +345,7 @@ func Parse(path string) (*File, error) {
 				return nil, fail(t.key, "DoRA magnitude shape %v fits neither %d outputs nor %d inputs", t.shape, m.Out, m.In)
 			}
 		}
-		m.setScale(peft)
+		m.setScale(peftFor(peft, modKey))
 		f.Modules = append(f.Modules, m)
 	}
 	if len(f.Modules) == 0 {
@@ -354,6 +353,64 @@ func Parse(path string) (*File, error) {
 	}
 	f.Format = detectFormat(f.Modules)
 	return f, nil
+}
+
+// parsePEFTMeta reads diffusers' lora_adapter_metadata: a PEFT LoraConfig
+// as JSON, either bare (save_lora_adapter) or with every field prefixed by
+// its component ("transformer.r", "unet.lora_alpha"; pipeline
+// save_lora_weights). The result is keyed by component, "" for bare.
+func parsePEFTMeta(raw string) (map[string]*peftMeta, error) {
+	var flat map[string]json.RawMessage
+	if err := json.Unmarshal([]byte(raw), &flat); err != nil {
+		return nil, fmt.Errorf("bad JSON: %v", err)
+	}
+	groups := map[string]map[string]json.RawMessage{}
+	for k, v := range flat {
+		comp, field := "", k
+		for _, c := range []string{"transformer", "unet", "text_encoder_2", "text_encoder"} {
+			if rest, ok := strings.CutPrefix(k, c+"."); ok {
+				comp, field = c, rest
+				break
+			}
+		}
+		if groups[comp] == nil {
+			groups[comp] = map[string]json.RawMessage{}
+		}
+		groups[comp][field] = v
+	}
+	out := map[string]*peftMeta{}
+	for comp, g := range groups {
+		b, _ := json.Marshal(g)
+		pm := &peftMeta{}
+		if err := json.Unmarshal(b, pm); err != nil {
+			return nil, fmt.Errorf("component %q: %v", comp, err)
+		}
+		out[comp] = pm
+	}
+	return out, nil
+}
+
+// peftFor picks the PEFT config that applies to a module key.
+func peftFor(all map[string]*peftMeta, key string) *peftMeta {
+	if len(all) == 0 {
+		return nil
+	}
+	for _, c := range []string{"transformer", "unet", "text_encoder_2", "text_encoder"} {
+		if strings.HasPrefix(key, c+".") {
+			if pm, ok := all[c]; ok {
+				return pm
+			}
+		}
+	}
+	if pm, ok := all[""]; ok {
+		return pm
+	}
+	if len(all) == 1 {
+		for _, pm := range all {
+			return pm
+		}
+	}
+	return nil
 }
 
 func (m *Module) checkLoKr(fail func(string, string, ...any) error) error {
