@@ -82,7 +82,10 @@ func (f *fixture) Describe(_ context.Context, req *pluginv1.DescribeRequest) (*p
 		// Crash soon after the host has accepted this generation.
 		go func() {
 			time.Sleep(200 * time.Millisecond)
-			fmt.Fprintln(os.Stderr, "fatal: simulated crash")
+			// Straight to fd 2, as the runtime writes a panic: go-plugin's
+			// Serve swaps os.Stderr for a gRPC stdio pipe that an exit
+			// would cut short.
+			_, _ = syscall.Write(2, []byte("fatal: simulated crash\n"))
 			os.Exit(3)
 		}()
 	}
@@ -126,7 +129,7 @@ func (f *fixture) Invoke(ctx context.Context, req *pluginv1.InvokeRequest) (*plu
 	switch req.GetMethod() {
 	case WarmupMethod:
 		if f.mode == "warmfail" {
-			fmt.Fprintln(os.Stderr, "warmup: cannot open model weights: no such file")
+			_, _ = syscall.Write(2, []byte("warmup: cannot open model weights: no such file\n"))
 			return nil, fmt.Errorf("warmup failed")
 		}
 		return reply(map[string]any{})
