@@ -13,7 +13,8 @@ Writes into OUTDIR:
                                  "packed.<n>.<bs>", "absmax.<n>.<bs>",
                                  and with compress_statistics=True
                                  "qabsmax.<n>.<bs>", "nabsmax.<n>.<bs>",
-                                 "offset.<n>.<bs>" ([1] F32), "nmap" ([256])
+                                 "offset.<n>.<bs>" ([1] F32), "nmap" ([256]);
+                                 FP4 codes "packedfp4.<n>.<bs>"
   mean.safetensors               "in.<n>" float32 and torch's "out.<n>" =
                                  in.mean() ([1] F32), with torch's default
                                  thread count, and "out1.<n>" with 1 thread
@@ -83,6 +84,8 @@ for n in SIZES:
         p, st = F.quantize_4bit(x, blocksize=bs, compress_statistics=False, quant_type="nf4")
         qt["packed.%d.%d" % (n, bs)] = p.reshape(-1).contiguous()
         qt["absmax.%d.%d" % (n, bs)] = st.absmax.contiguous()
+        pf, stf = F.quantize_4bit(x, blocksize=bs, compress_statistics=False, quant_type="fp4")
+        qt["packedfp4.%d.%d" % (n, bs)] = pf.reshape(-1).contiguous()
         p2, st2 = F.quantize_4bit(x, blocksize=bs, compress_statistics=True, quant_type="nf4")
         assert torch.equal(p2, p)
         qt["qabsmax.%d.%d" % (n, bs)] = st2.absmax.contiguous()
