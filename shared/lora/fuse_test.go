@@ -9,7 +9,9 @@ import (
 	"math/rand/v2"
 	"testing"
 
+	"github.com/arenahost/arenahost/shared/half"
 	"github.com/arenahost/arenahost/shared/layout"
+	"github.com/arenahost/arenahost/shared/nf4"
 )
 
 // refCodec is the bitsandbytes CUDA NF4 rule written out from the
@@ -75,6 +77,52 @@ func (refCodec) Dequantize(dst []float32, packed []byte, absmax []float32, bs in
 			c = packed[i/2] & 0xF
 		}
 		dst[i] = nf4Codes[c] * absmax[i/bs]
+	}
+}
+
+// nf4Codec is the production codec under test; refCodec is the oracle.
+var nf4Codec = NF4Codec{Type: nf4.QuantNF4, DType: nf4.Float32}
+
+// The production codec agrees with the oracle written from the reference,
+// and the bf16 variant rounds dequantized values once to bf16.
+func TestNF4CodecMatchesReference(t *testing.T) {
+	r := rand.New(rand.NewPCG(9, 9))
+	n, bs := 64*50+1, 64
+	src := make([]float32, n)
+	for i := range src {
+		src[i] = float32(r.NormFloat64())
+	}
+	for i := 128; i < 192; i++ {
+		src[i] = 0 // an all-zero block
+	}
+	nb := (n + bs - 1) / bs
+	q1, q2 := make([]byte, (n+1)/2), make([]byte, (n+1)/2)
+	a1, a2 := make([]float32, nb), make([]float32, nb)
+	nf4Codec.Quantize(q1, a1, src, bs)
+	refCodec{}.Quantize(q2, a2, src, bs)
+	if !bytes.Equal(q1, q2) {
+		t.Fatal("packed codes differ from the reference rule")
+	}
+	d1, d2 := make([]float32, n), make([]float32, n)
+	nf4Codec.Dequantize(d1, q1, a1, bs)
+	refCodec{}.Dequantize(d2, q2, a2, bs)
+	for i := range d1 {
+		if math.Float32bits(d1[i]) != math.Float32bits(d2[i]) {
+			t.Fatalf("element %d: %v vs %v", i, d1[i], d2[i])
+		}
+	}
+	bf, err := NewNF4Codec(nf4.QuantNF4, nf4.BFloat16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bf.Dequantize(d1, q1, a1, bs)
+	for i := range d1 {
+		if want := half.BF16ToF32(half.F32ToBF16(d2[i])); d1[i] != want {
+			t.Fatalf("bf16 element %d: %v, want %v", i, d1[i], want)
+		}
+	}
+	if _, err := NewNF4Codec("int4", nf4.Float32); err == nil {
+		t.Error("quant type int4 accepted")
 	}
 }
 
@@ -194,7 +242,7 @@ func TestFuseMatchesOracle(t *testing.T) {
 			store := quantizedModel(t, m, w, tc.bs)
 			p := crossPlan(t, m, c, []float64{6, 9}) // large enough to survive 4-bit steps
 			j := NewMemJournal()
-			if err := Fuse(context.Background(), p, store, refCodec{}, j, FuseOptions{TileElems: tc.tile}); err != nil {
+			if err := Fuse(context.Background(), p, store, nf4Codec, j, FuseOptions{TileElems: tc.tile}); err != nil {
 				t.Fatal(err)
 			}
 			e := c.expect(m, tc.l, 6, 9)
@@ -259,7 +307,7 @@ func TestFuseWarnsOnLowRetention(t *testing.T) {
 	m, w := sampleModel(t, layout.FluxBFL, "model.diffusion_model.")
 	store := quantizedModel(t, m, w, 64)
 	p := crossPlan(t, m, c, []float64{0.01, 0.01})
-	if err := Fuse(context.Background(), p, store, refCodec{}, NewMemJournal(), FuseOptions{}); err != nil {
+	if err := Fuse(context.Background(), p, store, nf4Codec, NewMemJournal(), FuseOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	if p.Report.Retention >= 0.5 || len(p.Report.Warnings) == 0 {
@@ -295,7 +343,7 @@ func TestFuseCyclesRestoreByteExact(t *testing.T) {
 			p = nil
 			continue
 		}
-		if err := Fuse(context.Background(), p, store, refCodec{}, j, FuseOptions{}); err != nil {
+		if err := Fuse(context.Background(), p, store, nf4Codec, j, FuseOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -317,7 +365,7 @@ func TestFuseRollsBackOnError(t *testing.T) {
 	last := p.Layers[len(p.Layers)-1].Name
 	bad := &failingStore{memStore: store, fail: last}
 	j := NewMemJournal()
-	err := Fuse(context.Background(), p, bad, refCodec{}, j, FuseOptions{})
+	err := Fuse(context.Background(), p, bad, nf4Codec, j, FuseOptions{})
 	if err == nil {
 		t.Fatal("no error")
 	}
