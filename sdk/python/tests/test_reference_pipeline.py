@@ -14,7 +14,7 @@ from arenahost.plugin.v1 import plugin_pb2 as pb
 from arenahost.plugin.v1 import plugin_pb2_grpc as pbg
 from arenahost.server import InvalidArgument
 from arenahost.tensor import Mapper, bf16_to_f32, f32_to_bf16
-from conftest import SDK, put_nf4
+from conftest import SDK, put_nf4, require
 
 HID = 32
 NAMES = ["img_in.weight", "double_blocks.0.img_attn.proj.weight", "final_layer.linear.weight"]
@@ -195,3 +195,30 @@ def test_pipeline_plugin_process_end_to_end(start_plugin, fake_host, arena):
     with pytest.raises(grpc.RpcError) as e:
         stub.Invoke(pb.InvokeRequest(method="run", args=msgpack.packb({"width": 20})), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "args.width" in e.value.details()
+
+
+def test_run_on_bitsandbytes_nested_weights(client, arena):
+    """Weights quantized by bitsandbytes itself (nested, bf16) run through the pipeline as bnb dequantizes them."""
+    torch = require("torch")
+    require("bitsandbytes")
+    import bitsandbytes.functional as F
+
+    host, c = client
+    g = torch.Generator().manual_seed(8)
+    dense = {}
+    for name, shape in zip(NAMES, [(HID, 64), (HID, HID), (64, HID)]):
+        w = (torch.randn(shape, generator=g) / math.sqrt(shape[1])).to(torch.bfloat16)
+        q, st = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        dense[name] = F.dequantize_4bit(q, st).float().numpy().astype(np.float64)
+        d = arena.put(name, q.numpy())
+        d.quant.CopyFrom(pb.QuantInfo(
+            quant_type="nf4", blocksize=64, dtype=pb.DTYPE_BF16, shape=list(shape), nested=True, storage_dtype=pb.DTYPE_U8,
+            absmax=arena.ref(name + ".absmax", st.absmax.numpy()), quant_map=arena.ref(name + ".quant_map", st.code.numpy()),
+            nested_blocksize=st.state2.blocksize, nested_offset=float(st.offset),
+            nested_absmax=arena.ref(name + ".nested_absmax", st.state2.absmax.numpy()),
+            nested_quant_map=arena.ref(name + ".nested_quant_map", st.state2.code.numpy())))
+        host.tensors[name] = d
+        dense[name[: -len(".weight")] + ".bias"] = np.zeros(shape[0])
+    res = ref.run(c, ref.Params.parse({"steps": 3, "seed": 2, "width": 32, "height": 48}), state=ref._Pipeline())
+    want = oracle(dense, [{}] * 3, 3, 2, 48, 32)
+    np.testing.assert_allclose(c.mapper.map(res.tensors[0]), want, rtol=0, atol=2e-4)
