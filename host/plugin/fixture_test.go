@@ -237,8 +237,12 @@ func runFixture(mode, name string) {
 	}
 	gen, _ := strconv.ParseUint(os.Getenv(wire.EnvGeneration), 10, 64)
 	f := &fixture{mode: mode, name: name, gen: gen}
+	hs := wire.Handshake
+	if mode == "badhandshake" {
+		hs.ProtocolVersion = 2
+	}
 	goplugin.Serve(&goplugin.ServeConfig{
-		HandshakeConfig: wire.Handshake,
+		HandshakeConfig: hs,
 		Plugins:         wire.PluginMap(f, f.setBroker),
 		GRPCServer:      goplugin.DefaultGRPCServer,
 	})

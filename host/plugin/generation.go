@@ -256,8 +256,13 @@ func (p *managed) startGeneration(ctx context.Context, man *Manifest) (*generati
 		g.pid = cmd.Process.Pid
 	}
 	if err != nil {
-		if errors.Is(err, goplugin.ErrChecksumsDoNotMatch) {
+		switch {
+		case errors.Is(err, goplugin.ErrChecksumsDoNotMatch):
 			err = fmt.Errorf("%s: sha256 does not match the manifest's %s: %w", r.command, man.SHA256, err)
+		case strings.Contains(err.Error(), "incompatible API version"):
+			// go-plugin's negotiation failed: the plugin was built for
+			// another arenahost protocol.
+			err = fmt.Errorf("%w: this host speaks protocol %d (rebuild the plugin against it): %w", ErrProtocolMismatch, wire.ProtocolVersion, err)
 		}
 		return fail("handshake", err)
 	}

@@ -210,6 +210,7 @@ func TestBrokenPluginsRefused(t *testing.T) {
 		{"no handshake", "nohandshake", nil, []string{"handshake", "timeout while waiting for plugin to start", "loading something slow"}},
 		{"garbage handshake", "garbage", nil, []string{"handshake", "Unrecognized remote plugin message: Hello! I am not a go-plugin handshake"}},
 		{"wrong protocol version", "badproto", nil, []string{"describe", "protocol_version 2 but this host speaks 1"}},
+		{"wrong handshake version", "badhandshake", nil, []string{"handshake", "plugin protocol version mismatch: this host speaks protocol 1", "Plugin version: 2"}},
 		{"checksum mismatch", "echo", func(m *Manifest) { m.SHA256 = hex.EncodeToString(wrong[:]) }, []string{"handshake", "sha256 does not match", exe}},
 		{"warm-up fails", "warmfail", nil, []string{"warmup", "warmup failed", "cannot open model weights"}},
 		{"manifest invalid", "echo", func(m *Manifest) { m.Kind = "Not A Kind" }, []string{"field kind"}},
@@ -230,7 +231,7 @@ func TestBrokenPluginsRefused(t *testing.T) {
 					t.Errorf("swap error %q\nlacks %q", err, w)
 				}
 			}
-			if tc.mode == "badproto" && !errors.Is(err, ErrProtocolMismatch) {
+			if (tc.mode == "badproto" || tc.mode == "badhandshake") && !errors.Is(err, ErrProtocolMismatch) {
 				t.Errorf("error is not ErrProtocolMismatch: %v", err)
 			}
 			after := mustStatus(t, m, "svc")
@@ -246,6 +247,17 @@ func TestBrokenPluginsRefused(t *testing.T) {
 			writeFixture(t, dir, "svc", "echo", nil) // restore for the next case
 		})
 	}
+	// The right checksum passes.
+	bin, err := os.ReadFile(exe)
+	if err != nil {
+		t.Fatal(err)
+	}
+	right := sha256.Sum256(bin)
+	writeFixture(t, dir, "svc", "echo", func(m *Manifest) { m.SHA256 = hex.EncodeToString(right[:]) })
+	if err := m.Swap(t.Context(), "svc"); err != nil {
+		t.Fatalf("swap with the right sha256: %v", err)
+	}
+
 	// A broken plugin added fresh is registered as failed, with the cause.
 	man := writeFixture(t, dir, "dead", "garbage", nil)
 	pm, err := ParseManifest(man)

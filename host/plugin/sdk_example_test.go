@@ -42,6 +42,9 @@ func buildGoHello(t testing.TB) string {
 // through go-plugin's broker allocates its output under the generation's
 // owner, and the output is reclaimed when the generation is retired.
 func TestGoSDKExample(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the go-hello example")
+	}
 	arena := newFakeArena(t, 1<<20)
 	m, _ := newTestManager(t, Config{Arena: arena})
 	man, err := ParseManifest(buildGoHello(t))
