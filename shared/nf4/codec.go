@@ -384,12 +384,19 @@ func (o outBytes) block(lo, hi int, packed []byte, tab *[16]float32) {
 		}
 	default:
 		var h [16]uint16
-		conv := half.F32ToBF16
 		if o.dtype == Float16 {
-			conv = half.F32ToF16
-		}
-		for i, v := range tab {
-			h[i] = conv(v)
+			for i, v := range tab {
+				h[i] = half.F32ToF16(v)
+			}
+		} else {
+			for i, v := range tab {
+				// half.F32ToBF16, inlined: round to nearest even, NaN → 0xFFFF.
+				b := math.Float32bits(v)
+				h[i] = uint16((b + 0x7fff + (b>>16)&1) >> 16)
+				if b&0x7fffffff > 0x7f800000 {
+					h[i] = 0xffff
+				}
+			}
 		}
 		d := o.b[2*lo : 2*hi]
 		m := hi - lo

@@ -385,3 +385,21 @@ func TestMeanSmall(t *testing.T) {
 		t.Errorf("Mean(nil) = %v, want NaN", g)
 	}
 }
+
+// TestDequantizeSpecialAbsmax: an Inf or NaN absmax produces NaN products
+// (0*Inf), which convert like torch's vectorised .to(bfloat16): 0xFFFF.
+func TestDequantizeSpecialAbsmax(t *testing.T) {
+	packed := []byte{0x7f, 0x08}
+	for _, am := range []float32{float32(math.Inf(1)), float32(math.NaN())} {
+		out := make([]byte, 8)
+		DequantizeTo(out, BFloat16, packed, []float32{am}, &NF4, 4, 64)
+		f := make([]float32, 4)
+		Dequantize(f, packed, []float32{am}, &NF4, 4, 64)
+		for i := range 4 {
+			got := uint16(out[2*i]) | uint16(out[2*i+1])<<8
+			if want := half.F32ToBF16(f[i]); got != want {
+				t.Errorf("absmax %v element %d: bf16 %#04x, want %#04x (f32 %v)", am, i, got, want, f[i])
+			}
+		}
+	}
+}

@@ -7,8 +7,11 @@ Prints one JSON object per line:
   {"op": "quantize_4bit", "elems": N, "seconds": best, "melem_per_s": ...}
 for quantize_4bit, quantize_4bit(compress_statistics=True) and
 dequantize_4bit (bf16 out), each the best of --repeat runs after a warm-up.
-Compare with BenchmarkQuantize / BenchmarkQuantizeNested /
-BenchmarkDequantize's Melem/s to get the Go/bnb ratio.
+With --go FILE (the output of `go test -bench` for shared/nf4), it also
+prints one line per operation with the Go figure and the Go/bnb ratio:
+  nf4 quantize_4bit: go 51.8 Melem/s, bnb 8.7 Melem/s, go/bnb 5.96x
+(BenchmarkQuantize, BenchmarkQuantizeNested and BenchmarkDequantize map to
+quantize_4bit, quantize_4bit_nested and dequantize_4bit).
 """
 import argparse
 import json
@@ -22,6 +25,7 @@ import bitsandbytes.functional as F
 p = argparse.ArgumentParser()
 p.add_argument("--elems", type=int, default=int(os.environ.get("ARENAHOST_NF4_BENCH_ELEMS", 64 << 20)))
 p.add_argument("--repeat", type=int, default=3)
+p.add_argument("--go", help="go test -bench output to compare against")
 a = p.parse_args()
 n = a.elems
 cols = 4096 if n % 4096 == 0 else n
@@ -39,7 +43,11 @@ def best(fn):
     return min(ts)
 
 
+results = {}
+
+
 def report(op, secs):
+    results[op] = n / secs / 1e6
     print(json.dumps({"op": op, "elems": n, "seconds": round(secs, 6), "melem_per_s": round(n / secs / 1e6, 3),
                       "torch": torch.__version__, "bitsandbytes": bnb.__version__, "threads": torch.get_num_threads()}),
           flush=True)
@@ -50,3 +58,16 @@ report("quantize_4bit_nested",
        best(lambda: F.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4")))
 packed, state = F.quantize_4bit(x, blocksize=64, compress_statistics=False, quant_type="nf4")
 report("dequantize_4bit", best(lambda: F.dequantize_4bit(packed, state)))
+
+if a.go:
+    import re
+
+    names = {"BenchmarkQuantize": "quantize_4bit", "BenchmarkQuantizeNested": "quantize_4bit_nested",
+             "BenchmarkDequantize": "dequantize_4bit"}
+    with open(a.go) as f:
+        for line in f:
+            m = re.match(r"^(Benchmark\w+?)(-\d+)?\s.*?([\d.]+) Melem/s", line)
+            if m and m.group(1) in names and names[m.group(1)] in results:
+                op = names[m.group(1)]
+                go = float(m.group(3))
+                print("nf4 %s: go %.1f Melem/s, bnb %.1f Melem/s, go/bnb %.2fx" % (op, go, results[op], go / results[op]))
