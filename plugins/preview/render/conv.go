@@ -41,9 +41,14 @@ func fmapOn(buf []float32, c, h, w int) fmap {
 	return m
 }
 
+// tileRows is the micro-kernel's output channels per call (its tile is
+// tileRows channels × 16 pixels).
+const tileRows = 6
+
 // conv3 is a 3×3, stride 1, zero-padding 1 convolution with its weights
-// packed for the 4×16 micro-kernel: w[g][k][r] is the weight of output
-// channel 4g+r at k = ci·9 + ky·3 + kx (output channels padded to 4).
+// packed for the micro-kernel: w[g][k][r] is the weight of output channel
+// tileRows·g+r at k = ci·9 + ky·3 + kx (output channels padded with zeros to
+// a multiple of tileRows).
 type conv3 struct {
 	cin, cout int
 	w         []float32
@@ -52,13 +57,13 @@ type conv3 struct {
 
 // newConv3 packs torch-layout weights [cout][cin][3][3] and an optional bias.
 func newConv3(cin, cout int, w, bias []float32) conv3 {
-	groups := (cout + 3) / 4
+	groups := (cout + tileRows - 1) / tileRows
 	k := cin * 9
-	p := make([]float32, groups*k*4)
+	p := make([]float32, groups*k*tileRows)
 	for co := range cout {
-		g, r := co/4, co%4
+		g, r := co/tileRows, co%tileRows
 		for kk := range k {
-			p[(g*k+kk)*4+r] = w[co*k+kk]
+			p[(g*k+kk)*tileRows+r] = w[co*k+kk]
 		}
 	}
 	b := make([]float32, cout)
@@ -69,7 +74,7 @@ func newConv3(cin, cout int, w, bias []float32) conv3 {
 // apply writes act(conv(in) + bias [+ res]) into the interior of out (same
 // h×w as in, cout channels; res like out). Output rows are shared among the
 // cores; for each strip of 16 output pixels of a row, the kernel multiplies
-// every group of 4 output channels by the 9·cin taps read in place.
+// every group of tileRows output channels by the 9·cin taps read in place.
 func (cv *conv3) apply(in fmap, out fmap, res *fmap, relu bool) {
 	h, w := in.h, in.w
 	s, pl := in.stride(), in.plane()
@@ -82,46 +87,52 @@ func (cv *conv3) apply(in fmap, out fmap, res *fmap, relu bool) {
 			}
 		}
 	}
-	groups := (cv.cout + 3) / 4
+	groups := (cv.cout + tileRows - 1) / tileRows
 	workers := min(runtime.GOMAXPROCS(0), h)
+	// Rows go out in contiguous chunks, so that a core reuses the input rows
+	// its previous output row loaded into its cache, while the chunks stay
+	// small enough to balance the cores.
+	chunk := max(1, h/(4*workers))
 	var next atomic.Int64
 	var wg sync.WaitGroup
 	for range workers {
 		wg.Go(func() {
-			var tile [64]float32
+			var tile [tileRows * 16]float32
 			for {
-				y := int(next.Add(1) - 1)
-				if y >= h {
+				y0 := int(next.Add(1)-1) * chunk
+				if y0 >= h {
 					return
 				}
-				for x0 := 0; x0 < w; x0 += 16 {
-					// Tap (ky=0, kx=0) of output (y, x0) is padded (y, x0).
-					base := in.d[y*s+x0:]
-					n := min(16, w-x0)
-					for g := range groups {
-						gemm4x16(cv.w[g*k*4:(g+1)*k*4], base, off, &tile)
-						for r := range 4 {
-							co := 4*g + r
-							if co >= cv.cout {
-								break
-							}
-							o := co*pl + (y+1)*s + x0 + 1
-							dst := out.d[o : o+n]
-							acc := tile[r*16 : r*16+n]
-							bias := cv.bias[co]
-							if res != nil {
-								rs := res.d[o : o+n]
-								for j := range dst {
-									dst[j] = acc[j] + bias + rs[j]
+				for y := y0; y < min(h, y0+chunk); y++ {
+					for x0 := 0; x0 < w; x0 += 16 {
+						// Tap (ky=0, kx=0) of output (y, x0) is padded (y, x0).
+						base := in.d[y*s+x0:]
+						n := min(16, w-x0)
+						for g := range groups {
+							gemm(cv.w[g*k*tileRows:(g+1)*k*tileRows], base, off, &tile)
+							for r := range tileRows {
+								co := tileRows*g + r
+								if co >= cv.cout {
+									break
 								}
-							} else {
-								for j := range dst {
-									dst[j] = acc[j] + bias
+								o := co*pl + (y+1)*s + x0 + 1
+								dst := out.d[o : o+n]
+								acc := tile[r*16 : r*16+n]
+								bias := cv.bias[co]
+								if res != nil {
+									rs := res.d[o : o+n]
+									for j := range dst {
+										dst[j] = acc[j] + bias + rs[j]
+									}
+								} else {
+									for j := range dst {
+										dst[j] = acc[j] + bias
+									}
 								}
-							}
-							if relu {
-								for j, v := range dst {
-									dst[j] = max(v, 0)
+								if relu {
+									for j, v := range dst {
+										dst[j] = max(v, 0)
+									}
 								}
 							}
 						}
@@ -133,11 +144,12 @@ func (cv *conv3) apply(in fmap, out fmap, res *fmap, relu bool) {
 	wg.Wait()
 }
 
-// gemm4x16Go is the portable micro-kernel: c[r·16+j] = Σ_k a[4k+r]·b[off[k]+j].
-func gemm4x16Go(a, b []float32, off []int32, c *[64]float32) {
-	var acc [64]float32
+// gemmGo is the portable micro-kernel:
+// c[r·16+j] = Σ_k a[tileRows·k+r]·b[off[k]+j].
+func gemmGo(a, b []float32, off []int32, c *[tileRows * 16]float32) {
+	var acc [tileRows * 16]float32
 	for kk, o := range off {
-		av := a[4*kk : 4*kk+4 : 4*kk+4]
+		av := a[tileRows*kk : tileRows*kk+tileRows : tileRows*kk+tileRows]
 		bv := b[o : o+16 : o+16]
 		for r, ar := range av {
 			row := acc[r*16 : r*16+16 : r*16+16]

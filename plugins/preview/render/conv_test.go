@@ -16,22 +16,22 @@ func randFloats(r *rand.Rand, n int) []float32 {
 
 // The micro-kernel (assembly where the CPU has AVX2+FMA) against a float64
 // sum, with scattered tap offsets.
-func TestGemm4x16(t *testing.T) {
+func TestGemm(t *testing.T) {
 	r := rand.New(rand.NewPCG(21, 22))
 	for _, k := range []int{1, 2, 7, 36, 576} {
-		a, b := randFloats(r, 4*k), randFloats(r, 16*k+40)
+		a, b := randFloats(r, tileRows*k), randFloats(r, 16*k+40)
 		off := make([]int32, k)
 		for i := range off {
 			off[i] = int32(16*i + r.IntN(40))
 		}
-		var got, port [64]float32
-		gemm4x16(a, b, off, &got)
-		gemm4x16Go(a, b, off, &port)
-		for i := range 64 {
+		var got, port [tileRows * 16]float32
+		gemm(a, b, off, &got)
+		gemmGo(a, b, off, &port)
+		for i := range tileRows * 16 {
 			row, j := i/16, i%16
 			var want float64
 			for kk := range k {
-				want += float64(a[4*kk+row]) * float64(b[int(off[kk])+j])
+				want += float64(a[tileRows*kk+row]) * float64(b[int(off[kk])+j])
 			}
 			tol := 1e-5 * math.Sqrt(float64(k)) * 4
 			if math.Abs(float64(got[i])-want) > tol || math.Abs(float64(port[i])-want) > tol {

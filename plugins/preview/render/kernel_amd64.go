@@ -9,18 +9,18 @@ import "golang.org/x/sys/cpu"
 var haveAVX2 = cpu.X86.HasAVX2 && cpu.X86.HasFMA
 
 //go:noescape
-func gemm4x16AVX2(a, b *float32, off *int32, k int, c *[64]float32)
+func gemm6x16AVX2(a, b *float32, off *int32, k int, c *[tileRows * 16]float32)
 
-// gemm4x16 is the micro-kernel: c[r·16+j] = Σ_k a[4k+r]·b[off[k]+j] for
-// r < 4, j < 16, k < len(off). The caller guarantees a holds 4·len(off)
-// values and b holds off[k]+16 values for every k (the assembly does not
-// check).
-func gemm4x16(a, b []float32, off []int32, c *[64]float32) {
+// gemm is the micro-kernel: c[r·16+j] = Σ_k a[tileRows·k+r]·b[off[k]+j]
+// for r < tileRows, j < 16, k < len(off). a must hold tileRows·len(off)
+// values and b off[k]+16 values for every k; off must increase (the
+// assembly checks nothing, so the bounds are checked here).
+func gemm(a, b []float32, off []int32, c *[tileRows * 16]float32) {
 	if !haveAVX2 || len(off) == 0 {
-		gemm4x16Go(a, b, off, c)
+		gemmGo(a, b, off, c)
 		return
 	}
-	_ = a[4*len(off)-1]
-	_ = b[off[len(off)-1]+15] // off increases: its last entry is the farthest tap
-	gemm4x16AVX2(&a[0], &b[0], &off[0], len(off), c)
+	_ = a[tileRows*len(off)-1]
+	_ = b[off[len(off)-1]+15]
+	gemm6x16AVX2(&a[0], &b[0], &off[0], len(off), c)
 }

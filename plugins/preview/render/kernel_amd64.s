@@ -2,11 +2,12 @@
 
 #include "textflag.h"
 
-// func gemm4x16AVX2(a, b *float32, off *int32, k int, c *[64]float32)
-// c[r*16+j] = sum over kk < k of a[4kk+r] * b[off[kk]+j]; k > 0.
-// Eight YMM accumulators (4 rows x 16 columns); per step two loads of b,
-// four broadcasts of a, eight FMAs.
-TEXT ·gemm4x16AVX2(SB), NOSPLIT, $0-40
+// func gemm6x16AVX2(a, b *float32, off *int32, k int, c *[96]float32)
+// c[r*16+j] = sum over kk < k of a[6kk+r] * b[off[kk]+j]; k > 0.
+// Twelve YMM accumulators (6 rows x 16 columns); per step one offset load,
+// two loads of b, six broadcasts of a and twelve FMAs, so the FMA units
+// rather than the load ports set the pace.
+TEXT ·gemm6x16AVX2(SB), NOSPLIT, $0-40
 	MOVQ a+0(FP), SI
 	MOVQ b+8(FP), DI
 	MOVQ off+16(FP), BX
@@ -20,24 +21,34 @@ TEXT ·gemm4x16AVX2(SB), NOSPLIT, $0-40
 	VXORPS Y5, Y5, Y5
 	VXORPS Y6, Y6, Y6
 	VXORPS Y7, Y7, Y7
+	VXORPS Y8, Y8, Y8
+	VXORPS Y9, Y9, Y9
+	VXORPS Y10, Y10, Y10
+	VXORPS Y11, Y11, Y11
 
 loop:
 	MOVLQSX      (BX), AX
-	VMOVUPS      (DI)(AX*4), Y8
-	VMOVUPS      32(DI)(AX*4), Y9
-	VBROADCASTSS (SI), Y10
-	VBROADCASTSS 4(SI), Y11
-	VFMADD231PS  Y8, Y10, Y0
-	VFMADD231PS  Y9, Y10, Y1
-	VBROADCASTSS 8(SI), Y12
-	VFMADD231PS  Y8, Y11, Y2
-	VFMADD231PS  Y9, Y11, Y3
-	VBROADCASTSS 12(SI), Y13
-	VFMADD231PS  Y8, Y12, Y4
-	VFMADD231PS  Y9, Y12, Y5
-	VFMADD231PS  Y8, Y13, Y6
-	VFMADD231PS  Y9, Y13, Y7
-	ADDQ         $16, SI
+	VMOVUPS      (DI)(AX*4), Y12
+	VMOVUPS      32(DI)(AX*4), Y13
+	VBROADCASTSS (SI), Y14
+	VBROADCASTSS 4(SI), Y15
+	VFMADD231PS  Y12, Y14, Y0
+	VFMADD231PS  Y13, Y14, Y1
+	VBROADCASTSS 8(SI), Y14
+	VFMADD231PS  Y12, Y15, Y2
+	VFMADD231PS  Y13, Y15, Y3
+	VBROADCASTSS 12(SI), Y15
+	VFMADD231PS  Y12, Y14, Y4
+	VFMADD231PS  Y13, Y14, Y5
+	VBROADCASTSS 16(SI), Y14
+	VFMADD231PS  Y12, Y15, Y6
+	VFMADD231PS  Y13, Y15, Y7
+	VBROADCASTSS 20(SI), Y15
+	VFMADD231PS  Y12, Y14, Y8
+	VFMADD231PS  Y13, Y14, Y9
+	VFMADD231PS  Y12, Y15, Y10
+	VFMADD231PS  Y13, Y15, Y11
+	ADDQ         $24, SI
 	ADDQ         $4, BX
 	DECQ         CX
 	JNZ          loop
@@ -50,5 +61,9 @@ loop:
 	VMOVUPS Y5, 160(DX)
 	VMOVUPS Y6, 192(DX)
 	VMOVUPS Y7, 224(DX)
+	VMOVUPS Y8, 256(DX)
+	VMOVUPS Y9, 288(DX)
+	VMOVUPS Y10, 320(DX)
+	VMOVUPS Y11, 352(DX)
 	VZEROUPPER
 	RET

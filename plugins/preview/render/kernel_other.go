@@ -2,5 +2,5 @@
 
 package render
 
-// gemm4x16 is the micro-kernel; without AVX2 assembly it is portable Go.
-func gemm4x16(a, b []float32, off []int32, c *[64]float32) { gemm4x16Go(a, b, off, c) }
+// gemm is the micro-kernel; without AVX2 assembly it is portable Go.
+func gemm(a, b []float32, off []int32, c *[tileRows * 16]float32) { gemmGo(a, b, off, c) }
