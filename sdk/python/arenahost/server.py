@@ -262,7 +262,11 @@ class Plugin:
             version=self.version,
             protocol_version=PROTOCOL_VERSION,
             kind=self.kind,
-            methods=[pb.MethodInfo(name=m.name, description=m.description, streaming=m.streaming) for m in self.methods.values()],
+            # The plugin's own methods first, then the conformance.* ones.
+            methods=[
+                pb.MethodInfo(name=m.name, description=m.description, streaming=m.streaming)
+                for m in sorted(self.methods.values(), key=lambda m: m.name.startswith("conformance."))
+            ],
             metadata=self.metadata,
         )
 
