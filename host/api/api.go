@@ -1,43 +1,154 @@
 // Package api owns arenahost's HTTP interface: the JSON routes under /v1
-// that UIs and scripts call, and the uniform JSON error shape
-// {error, code, detail}. It serves a *server.Server and holds no state of
-// its own beyond what requests need.
+// that UIs and scripts call, the A1111-compatible routes under /sdapi/v1,
+// Prometheus metrics at /metrics, the embedded web console at /, and the
+// safe defaults every request passes through (bearer token on mutating
+// routes, body size limit, per-request write deadlines, paths confined to
+// their directories). Every error is JSON {error, code, detail}. It serves a
+// *server.Server and holds no state of its own beyond what requests need.
 package api
 
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
+	"strconv"
+	"time"
 
+	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/host/console"
 	"github.com/arenahost/arenahost/host/plugin"
 	"github.com/arenahost/arenahost/host/registry"
 	"github.com/arenahost/arenahost/host/server"
 )
 
-// API serves one Server over HTTP.
-type API struct {
-	s   *server.Server
-	log *slog.Logger
-	mux *http.ServeMux
+// Options configures the HTTP layer. Zero fields take the defaults below.
+type Options struct {
+	// Token, when set, is required on every mutating route (any method but
+	// GET, HEAD and OPTIONS) as "Authorization: Bearer TOKEN" or
+	// "X-Arenahost-Token: TOKEN".
+	Token string
+	// MaxBody bounds request bodies (413 beyond); DefaultMaxBody when 0.
+	MaxBody int64
+	// WriteTimeout bounds how long a non-streaming route may take to answer
+	// (set per request with http.ResponseController); streaming routes
+	// (MJPEG, SSE, websockets) get none. DefaultWriteTimeout when 0.
+	WriteTimeout time.Duration
+	// ModelsDir and LoRAsDir confine request paths; the server's own
+	// directories when empty.
+	ModelsDir string
+	LoRAsDir  string
+	// Metrics receives observations; a new one over the server when nil.
+	Metrics *Metrics
 }
 
-// New returns the HTTP handler for s.
-func New(s *server.Server, log *slog.Logger) *API {
+// Defaults for Options.
+const (
+	DefaultMaxBody      = 1 << 20
+	DefaultWriteTimeout = 10 * time.Minute
+)
+
+// API serves one Server over HTTP.
+type API struct {
+	s    *server.Server
+	log  *slog.Logger
+	mux  *http.ServeMux
+	opts Options
+	// Metrics is where routes and the job engine report what they observe.
+	Metrics *Metrics
+	loras   loraCache
+}
+
+// New returns the HTTP handler for s with default Options.
+func New(s *server.Server, log *slog.Logger) *API { return NewWithOptions(s, log, Options{}) }
+
+// NewWithOptions returns the HTTP handler for s.
+func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
 	if log == nil {
 		log = slog.Default()
 	}
-	a := &API{s: s, log: log, mux: http.NewServeMux()}
+	if o.MaxBody <= 0 {
+		o.MaxBody = DefaultMaxBody
+	}
+	if o.WriteTimeout <= 0 {
+		o.WriteTimeout = DefaultWriteTimeout
+	}
+	if o.ModelsDir == "" {
+		o.ModelsDir = s.Config().ModelsDir
+	}
+	if o.LoRAsDir == "" {
+		o.LoRAsDir = s.Config().LoRAsDir
+	}
+	if o.Metrics == nil {
+		o.Metrics = NewMetrics(s)
+	}
+	a := &API{s: s, log: log, mux: http.NewServeMux(), opts: o, Metrics: o.Metrics}
 	a.mux.HandleFunc("GET /v1/health", a.health)
 	a.mux.HandleFunc("GET /v1/arena", a.arena)
 	a.mux.HandleFunc("GET /v1/models", a.models)
+	a.mux.HandleFunc("POST /v1/models", a.loadModel)
+	a.mux.HandleFunc("DELETE /v1/models/{name}", a.unloadModel)
 	a.mux.HandleFunc("GET /v1/plugins", a.plugins)
 	a.mux.HandleFunc("POST /v1/plugins/{name}/reload", a.reload)
 	a.mux.HandleFunc("GET /v1/plugins/{name}/logs", a.pluginLogs)
+	a.mux.HandleFunc("GET /v1/loras", a.listLoRAs)
+	a.mux.HandleFunc("GET /sdapi/v1/loras", a.sdapiLoRAs)
+	a.mux.Handle("GET /metrics", a.Metrics.Handler())
+	a.mux.HandleFunc("/v1/", a.notFound)
+	a.mux.HandleFunc("/sdapi/", a.notFound)
+	a.mux.Handle("/", a.consoleOr404(console.Handler()))
 	return a
 }
 
-func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) { a.mux.ServeHTTP(w, r) }
+// consoleOr404 serves the console's files to GET and HEAD and a JSON 404 to
+// anything else outside the API's routes.
+func (a *API) consoleOr404(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			a.notFound(w, r)
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// ServeHTTP applies the safe defaults, then routes.
+func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.ContentLength > a.opts.MaxBody {
+		a.fail(w, r, &StatusError{Status: http.StatusRequestEntityTooLarge, Code: "too_large",
+			Err: fmt.Errorf("request body of %d bytes exceeds the %d-byte limit (raise --max-body)", r.ContentLength, a.opts.MaxBody)})
+		return
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, a.opts.MaxBody)
+	if mutating(r.Method) {
+		if err := a.authorize(r); err != nil {
+			a.fail(w, r, err)
+			return
+		}
+	}
+	if !streaming(r) {
+		// Streaming routes keep no write deadline; every other route has
+		// WriteTimeout to answer. Errors mean the writer cannot take
+		// deadlines (e.g. in tests with a recorder), which is harmless.
+		_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(a.opts.WriteTimeout))
+	}
+	a.mux.ServeHTTP(w, r)
+}
+
+// StatusError is an error with the HTTP status and code it answers with.
+type StatusError struct {
+	Status int
+	Code   string
+	Err    error
+}
+
+func (e *StatusError) Error() string { return e.Err.Error() }
+func (e *StatusError) Unwrap() error { return e.Err }
+
+func badRequest(format string, args ...any) error {
+	return &StatusError{Status: http.StatusBadRequest, Code: "bad_request", Err: fmt.Errorf(format, args...)}
+}
 
 // Error is the JSON body of every error response.
 type Error struct {
@@ -54,15 +165,63 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	_ = enc.Encode(v)
 }
 
+// statusOf maps an error to its HTTP status and code.
+func statusOf(err error) (int, string) {
+	var se *StatusError
+	var mbe *http.MaxBytesError
+	switch {
+	case errors.As(err, &se):
+		return se.Status, se.Code
+	case errors.As(err, &mbe):
+		return http.StatusRequestEntityTooLarge, "too_large"
+	case errors.Is(err, plugin.ErrUnknownPlugin), errors.Is(err, registry.ErrNotFound), errors.Is(err, errNoFile):
+		return http.StatusNotFound, "not_found"
+	case errors.Is(err, registry.ErrExists):
+		return http.StatusConflict, "conflict"
+	case errors.Is(err, plugin.ErrNotServing):
+		return http.StatusConflict, "not_serving"
+	case errors.Is(err, arena.ErrCapacity):
+		return http.StatusInsufficientStorage, "arena_full"
+	case errors.Is(err, errOutside):
+		return http.StatusBadRequest, "bad_path"
+	}
+	return http.StatusInternalServerError, "internal"
+}
+
 // fail writes err with the status its class implies.
 func (a *API) fail(w http.ResponseWriter, r *http.Request, err error) {
-	status, code := http.StatusInternalServerError, "internal"
-	switch {
-	case errors.Is(err, plugin.ErrUnknownPlugin), errors.Is(err, registry.ErrNotFound):
-		status, code = http.StatusNotFound, "not_found"
+	status, code := statusOf(err)
+	lvl := slog.LevelWarn
+	if status >= 500 {
+		lvl = slog.LevelError
 	}
-	a.log.Warn("request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
+	a.log.Log(r.Context(), lvl, "request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
+	if status == http.StatusUnauthorized {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="arenahost"`)
+	}
 	writeJSON(w, status, Error{Error: http.StatusText(status), Code: code, Detail: err.Error()})
+}
+
+// decode reads a JSON body into v, rejecting unknown fields and trailing data.
+func decode(r *http.Request, v any) error {
+	dec := json.NewDecoder(r.Body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return fmt.Errorf("read request body: %w", err)
+		}
+		return badRequest("read request body: %v (send one JSON object; see docs/api.md)", err)
+	}
+	if dec.More() {
+		return badRequest("read request body: data after the JSON object")
+	}
+	return nil
+}
+
+func (a *API) notFound(w http.ResponseWriter, r *http.Request) {
+	a.fail(w, r, &StatusError{Status: http.StatusNotFound, Code: "not_found",
+		Err: fmt.Errorf("no route %s %s (see docs/api.md)", r.Method, r.URL.Path)})
 }
 
 func (a *API) health(w http.ResponseWriter, _ *http.Request) {
@@ -87,35 +246,18 @@ func (a *API) arena(w http.ResponseWriter, _ *http.Request) {
 		Peak: uint64(st.Peak), LargestFree: uint64(st.LargestFree), Fragmentation: st.Fragmentation, Segments: st.Segments, Regions: st.Regions})
 }
 
-// ModelInfo is one entry of GET /v1/models.
-type ModelInfo struct {
-	Name    string `json:"name"`
-	Source  string `json:"source"`
-	Format  string `json:"format"`
-	Layout  string `json:"layout"`
-	Tensors int    `json:"tensors"`
-	Weights int    `json:"weights"`
-	Params  int64  `json:"params"`
-	Bytes   uint64 `json:"bytes"`
-}
-
-func (a *API) models(w http.ResponseWriter, _ *http.Request) {
-	out := []ModelInfo{}
-	for _, m := range a.s.Registry.Models() {
-		out = append(out, ModelInfo{Name: m.Name, Source: m.Source, Format: string(m.Format), Layout: m.Layout,
-			Tensors: len(m.Tensors), Weights: len(m.Weights), Params: m.Params(), Bytes: m.Bytes})
-	}
-	writeJSON(w, http.StatusOK, out)
-}
-
 func (a *API) plugins(w http.ResponseWriter, _ *http.Request) {
 	writeJSON(w, http.StatusOK, a.s.Plugins.Status())
 }
 
 func (a *API) reload(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("name")
-	if err := a.s.Plugins.Swap(r.Context(), name); err != nil {
+	if _, err := a.s.Plugins.PluginStatus(name); err != nil {
 		a.fail(w, r, err)
+		return
+	}
+	if err := a.s.Plugins.Swap(r.Context(), name); err != nil {
+		a.fail(w, r, fmt.Errorf("reload plugin %s: %w", name, err))
 		return
 	}
 	st, err := a.s.Plugins.PluginStatus(name)
@@ -126,8 +268,20 @@ func (a *API) reload(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, st)
 }
 
+// maxLogLines bounds ?n= of the logs route.
+const maxLogLines = 1000
+
 func (a *API) pluginLogs(w http.ResponseWriter, r *http.Request) {
-	lines, err := a.s.Plugins.Logs(r.PathValue("name"), 200)
+	n := 200
+	if q := r.URL.Query().Get("n"); q != "" {
+		v, err := strconv.Atoi(q)
+		if err != nil || v < 1 || v > maxLogLines {
+			a.fail(w, r, badRequest("query n=%q: want a line count from 1 to %d", q, maxLogLines))
+			return
+		}
+		n = v
+	}
+	lines, err := a.s.Plugins.Logs(r.PathValue("name"), n)
 	if err != nil {
 		a.fail(w, r, err)
 		return

@@ -8,19 +8,20 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/arenahost/arenahost/host/api"
+	"github.com/arenahost/arenahost/host/config"
 	"github.com/arenahost/arenahost/host/server"
 )
 
 func init() {
 	register(&command{
 		name:    "serve",
-		summary: "start the host: arena, plugins, sample model, HTTP API",
-		usage:   "arenahost serve [flags]",
-		example: "arenahost serve --listen 127.0.0.1:7860 --data ./arenahost-data",
+		summary: "start the host: arena, plugins, sample model, HTTP API and web console",
+		usage:   "arenahost serve [flags]   (settings: docs/config.md; flags beat ARENAHOST_* variables, which beat --config FILE)",
+		example: "arenahost serve\narenahost serve --listen 0.0.0.0:7860 --token \"$(openssl rand -hex 16)\" --data /srv/arenahost",
 		run:     runServe,
 	})
 }
@@ -28,33 +29,50 @@ func init() {
 func runServe(ctx context.Context, env *Env, args []string) error {
 	c := commands["serve"]
 	fs := newFlags(c, env)
-	listen := fs.String("listen", "127.0.0.1:7860", "address the HTTP API listens on")
-	data := fs.String("data", "arenahost-data", "data directory: models/, loras/ and the samples written on first run")
-	plugins := fs.String("plugins", defaultPluginsDir(), "plugins directory (DIR/NAME/plugin.json); empty for none")
-	capacity := fs.Uint64("arena-capacity", server.DefaultArenaCapacity, "arena capacity in bytes")
-	shm := fs.String("shm", "memfd", "shared-memory kind: memfd (nothing can outlive the host) or shm (/dev/shm files)")
-	samples := fs.Bool("samples", true, "write the sample model on first run and load it")
+	flags := config.Bind(fs)
 	if done, err := parse(fs, args); done {
 		return err
 	}
-	log := slog.New(slog.NewTextHandler(env.Stderr, nil))
-	pluginEnv := map[string]string{}
-	if py := os.Getenv("ARENAHOST_PYTHON"); py != "" {
-		pluginEnv["ARENAHOST_PYTHON"] = py
+	if fs.NArg() > 0 {
+		fs.Usage()
+		return fmt.Errorf("serve takes no arguments, got %q: %w", fs.Args(), ErrUsage)
 	}
-	s, err := server.New(ctx, server.Config{DataDir: *data, PluginsDir: *plugins, ArenaCapacity: *capacity,
-		ShmMode: *shm, Samples: *samples, PluginEnv: pluginEnv, Logger: log})
+	cfg, err := flags.Resolve(os.LookupEnv)
+	if err != nil {
+		return fmt.Errorf("configure serve: %w", err)
+	}
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(cfg.LogLevel))
+	log := slog.New(slog.NewTextHandler(env.Stderr, &slog.HandlerOptions{Level: level}))
+
+	// Listen first: a busy port fails fast, before the arena is built.
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w (is another arenahost running? pick another address with --listen)", cfg.Listen, err)
+	}
+	defer ln.Close()
+
+	pluginEnv := map[string]string{}
+	if cfg.Python != "" {
+		pluginEnv["ARENAHOST_PYTHON"] = cfg.Python
+	}
+	s, err := server.New(ctx, server.Config{
+		DataDir: cfg.DataDir, ModelsDir: cfg.Models(), LoRAsDir: cfg.LoRAs(), PluginsDir: cfg.Plugins(),
+		ArenaCapacity: cfg.ArenaCapacity, ArenaSegment: cfg.ArenaSegment, ShmMode: cfg.Shm, Samples: cfg.Samples,
+		PluginEnv: pluginEnv, Logger: log,
+		LoadProgress: func(label string, total int64, done func() int64) func() {
+			return StartProgress(env.Stderr, label, total, done)
+		},
+	})
 	if err != nil {
 		return fmt.Errorf("start host: %w", err)
 	}
 	defer s.Close(context.WithoutCancel(ctx))
 
-	ln, err := net.Listen("tcp", *listen)
-	if err != nil {
-		return fmt.Errorf("listen on %s: %w (is another arenahost running? pick another address with --listen)", *listen, err)
-	}
-	srv := &http.Server{Handler: api.New(s, log), ReadHeaderTimeout: 10 * time.Second}
-	fmt.Fprintf(env.Stdout, "arenahost listening on http://%s/\n", ln.Addr())
+	handler := api.NewWithOptions(s, log, api.Options{Token: cfg.Token, MaxBody: cfg.MaxBody, WriteTimeout: cfg.WriteTimeout})
+	srv := api.HTTPServer(handler, api.Limits{ReadHeaderTimeout: cfg.ReadHeaderTimeout, ReadTimeout: cfg.ReadTimeout, IdleTimeout: cfg.IdleTimeout})
+	srv.ErrorLog = slog.NewLogLogger(log.Handler(), slog.LevelWarn)
+	fmt.Fprintf(env.Stdout, "arenahost console: %s\n", consoleURL(ln.Addr()))
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	select {
@@ -62,7 +80,10 @@ func runServe(ctx context.Context, env *Env, args []string) error {
 		log.Info("shutting down")
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		defer cancel()
-		return srv.Shutdown(sctx)
+		if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
+			return fmt.Errorf("shut down http: %w", err)
+		}
+		return nil
 	case err := <-errc:
 		if errors.Is(err, http.ErrServerClosed) {
 			return nil
@@ -71,16 +92,18 @@ func runServe(ctx context.Context, env *Env, args []string) error {
 	}
 }
 
-// defaultPluginsDir is bin/plugins next to the arenahost binary, where
-// `make build` puts them, when that directory exists.
-func defaultPluginsDir() string {
-	exe, err := os.Executable()
+// consoleURL is the URL a browser on this machine opens for addr: an
+// unspecified address (0.0.0.0, ::) is reachable as 127.0.0.1.
+func consoleURL(addr net.Addr) string {
+	host, port, err := net.SplitHostPort(addr.String())
 	if err != nil {
-		return ""
+		return "http://" + addr.String() + "/"
 	}
-	dir := filepath.Join(filepath.Dir(exe), "plugins")
-	if st, err := os.Stat(dir); err == nil && st.IsDir() {
-		return dir
+	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
+		host = "127.0.0.1"
 	}
-	return ""
+	if strings.Contains(host, ":") {
+		host = "[" + host + "]"
+	}
+	return "http://" + host + ":" + port + "/"
 }

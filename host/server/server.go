@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/host/job"
 	"github.com/arenahost/arenahost/host/plugin"
 	"github.com/arenahost/arenahost/host/registry"
 	"github.com/arenahost/arenahost/host/samples"
@@ -42,6 +43,11 @@ type Config struct {
 	// PluginEnv is passed to manifest ${VAR} expansion (e.g. ARENAHOST_PYTHON).
 	PluginEnv map[string]string
 	Logger    *slog.Logger
+	// LoadProgress, when set, is called as a model load starts with the
+	// bytes to copy and a function reporting the bytes copied so far; it
+	// returns the function to call when the load ends (the CLI's progress
+	// bar).
+	LoadProgress func(label string, total int64, done func() int64) (stop func())
 }
 
 // Defaults for Config.
@@ -57,6 +63,8 @@ type Server struct {
 	Arena    *arena.Arena
 	Registry *registry.Registry
 	Plugins  *plugin.Manager
+	// Jobs runs pipeline jobs and receives what plugins publish.
+	Jobs *job.Manager
 }
 
 // New builds a Server: it creates the arena, writes and loads the sample
@@ -90,13 +98,16 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 			return nil, err
 		}
 	}
+	s.Jobs = job.New(job.Config{Memory: job.ArenaMemory(ar), Logger: log})
 	s.Plugins = plugin.NewManager(plugin.Config{
-		Dir:      cfg.PluginsDir,
-		Env:      cfg.PluginEnv,
-		Logger:   log,
-		Arena:    arenaLeases{ar},
-		Registry: lookup{reg: s.Registry, loc: ar},
+		Dir:       cfg.PluginsDir,
+		Env:       cfg.PluginEnv,
+		Logger:    log,
+		Arena:     arenaLeases{ar},
+		Registry:  lookup{reg: s.Registry, loc: ar},
+		Publisher: s.Jobs,
 	})
+	s.Jobs.Attach(s.Plugins)
 	if cfg.PluginsDir != "" {
 		if err := s.Plugins.Load(ctx); err != nil {
 			return nil, fmt.Errorf("load plugins from %s: %w", cfg.PluginsDir, err)
@@ -124,6 +135,9 @@ func withDefaults(c Config) Config {
 	return c
 }
 
+// Config returns the configuration the server runs with, defaults filled in.
+func (s *Server) Config() Config { return s.cfg }
+
 // loadSample writes the sample model on first run and loads it.
 func (s *Server) loadSample(ctx context.Context) error {
 	path := filepath.Join(s.cfg.ModelsDir, samples.ModelFile)
@@ -133,6 +147,15 @@ func (s *Server) loadSample(ctx context.Context) error {
 			return err
 		}
 		s.log.Info("wrote sample model", "path", path, "took", time.Since(start).Round(time.Millisecond))
+	}
+	if s.cfg.LoadProgress != nil {
+		if st, err := os.Stat(path); err == nil {
+			base := s.Arena.Stats().Allocated
+			stop := s.cfg.LoadProgress("load "+samples.ModelFile, st.Size(), func() int64 {
+				return int64(s.Arena.Stats().Allocated - base)
+			})
+			defer stop()
+		}
 	}
 	m, err := s.Registry.Load(ctx, DefaultModelName, path)
 	if err != nil {
@@ -146,6 +169,11 @@ func (s *Server) loadSample(ctx context.Context) error {
 // removes its shared-memory segments).
 func (s *Server) Close(ctx context.Context) error {
 	var errs []error
+	if s.Jobs != nil {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		errs = append(errs, s.Jobs.Close(cctx))
+		cancel()
+	}
 	if s.Plugins != nil {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		errs = append(errs, s.Plugins.Close(cctx))

@@ -1,0 +1,176 @@
+package api
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/arenahost/arenahost/host/inspect"
+	"github.com/arenahost/arenahost/shared/safetensors"
+)
+
+// LoRAEntry is one file of GET /v1/loras.
+type LoRAEntry struct {
+	// Name is the path relative to the LoRA directory without ".safetensors";
+	// it is what apply requests and <lora:NAME:W> tags use.
+	Name     string              `json:"name"`
+	Path     string              `json:"path"` // relative to the LoRA directory
+	Bytes    int64               `json:"bytes"`
+	Modified time.Time           `json:"modified"`
+	Kind     inspect.Kind        `json:"kind,omitempty"`
+	LoRA     *inspect.LoRAReport `json:"lora,omitempty"`
+	Metadata map[string]string   `json:"metadata,omitempty"`
+	// Error says why the file could not be inspected; it is still listed.
+	Error string `json:"error,omitempty"`
+}
+
+// loraCache keeps inspect results keyed by path, size and modification
+// time, so listing a directory re-reads only files that changed.
+type loraCache struct {
+	mu sync.Mutex
+	m  map[string]LoRAEntry
+}
+
+func (c *loraCache) get(path string, st fs.FileInfo) (LoRAEntry, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.m[path]
+	return e, ok && e.Bytes == st.Size() && e.Modified.Equal(st.ModTime())
+}
+
+func (c *loraCache) put(path string, e LoRAEntry) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil {
+		c.m = map[string]LoRAEntry{}
+	}
+	c.m[path] = e
+}
+
+// LoRAName turns a path relative to the LoRA directory into its name.
+func LoRAName(rel string) string {
+	return strings.TrimSuffix(filepath.ToSlash(rel), ".safetensors")
+}
+
+// LoRAs lists the *.safetensors files under the LoRA directory, with their
+// inspect report. Symlinks are followed only when they stay inside the
+// directory; files that fail to inspect are listed with their error.
+func (a *API) LoRAs() ([]LoRAEntry, error) {
+	dir := a.opts.LoRAsDir
+	root, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return nil, fmt.Errorf("list LoRAs in %s: %w", dir, err)
+	}
+	out := []LoRAEntry{}
+	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() || !strings.HasSuffix(d.Name(), ".safetensors") {
+			return nil
+		}
+		rel, err := filepath.Rel(root, p)
+		if err != nil {
+			return err
+		}
+		real, err := confine(root, rel)
+		if err != nil {
+			return nil // a symlink out of the directory is not listed
+		}
+		st, err := os.Stat(real)
+		if err != nil || !st.Mode().IsRegular() {
+			return nil
+		}
+		if e, ok := a.loras.get(real, st); ok {
+			e.Name, e.Path = LoRAName(rel), filepath.ToSlash(rel)
+			out = append(out, e)
+			return nil
+		}
+		e := LoRAEntry{Name: LoRAName(rel), Path: filepath.ToSlash(rel), Bytes: st.Size(), Modified: st.ModTime()}
+		if rep, err := inspect.File(real); err != nil {
+			e.Error = err.Error()
+		} else {
+			e.Kind, e.LoRA = rep.Kind, rep.LoRA
+		}
+		if f, err := safetensors.Open(real); err == nil {
+			e.Metadata = f.Metadata
+			f.Close()
+		}
+		a.loras.put(real, e)
+		out = append(out, e)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list LoRAs in %s: %w", dir, err)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}
+
+// LoRAPath resolves a LoRA name or relative path (with or without
+// ".safetensors") to its real path inside the LoRA directory. The apply
+// route uses it so every LoRA path is confined.
+func (a *API) LoRAPath(name string) (string, error) {
+	p := filepath.FromSlash(name)
+	if !strings.HasSuffix(p, ".safetensors") {
+		p += ".safetensors"
+	}
+	real, err := confine(a.opts.LoRAsDir, p)
+	if errors.Is(err, errNoFile) {
+		return "", fmt.Errorf("LoRA %q: %w in %s", name, errNoFile, a.opts.LoRAsDir)
+	}
+	return real, err
+}
+
+func (a *API) listLoRAs(w http.ResponseWriter, r *http.Request) {
+	ls, err := a.LoRAs()
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	for i := range ls {
+		ls[i].Metadata = nil // the sdapi route serves metadata; keep this listing small
+	}
+	writeJSON(w, http.StatusOK, ls)
+}
+
+// SDAPILoRA is one entry of GET /sdapi/v1/loras, as A1111 and SD.Next
+// serve it.
+type SDAPILoRA struct {
+	Name     string            `json:"name"`
+	Alias    string            `json:"alias"`
+	Path     string            `json:"path"`
+	Metadata map[string]string `json:"metadata"`
+}
+
+func (a *API) sdapiLoRAs(w http.ResponseWriter, r *http.Request) {
+	ls, err := a.LoRAs()
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	root, _ := filepath.Abs(a.opts.LoRAsDir)
+	out := make([]SDAPILoRA, 0, len(ls))
+	for _, e := range ls {
+		if e.Kind != inspect.KindLoRA {
+			continue
+		}
+		alias := e.Name
+		if v := e.Metadata["ss_output_name"]; v != "" {
+			alias = v // A1111 uses kohya's output name as the alias when present
+		}
+		md := e.Metadata
+		if md == nil {
+			md = map[string]string{}
+		}
+		out = append(out, SDAPILoRA{Name: e.Name, Alias: alias, Path: filepath.Join(root, filepath.FromSlash(e.Path)), Metadata: md})
+	}
+	writeJSON(w, http.StatusOK, out)
+}

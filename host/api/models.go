@@ -1,0 +1,98 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"strings"
+
+	"github.com/arenahost/arenahost/host/registry"
+)
+
+// ModelInfo is one entry of GET /v1/models.
+type ModelInfo struct {
+	Name    string `json:"name"`
+	Source  string `json:"source"`
+	Format  string `json:"format"`
+	Layout  string `json:"layout"`
+	Tensors int    `json:"tensors"`
+	Weights int    `json:"weights"`
+	Params  int64  `json:"params"`
+	Bytes   uint64 `json:"bytes"`
+}
+
+func modelInfo(m *registry.Model) ModelInfo {
+	return ModelInfo{Name: m.Name, Source: m.Source, Format: string(m.Format), Layout: m.Layout,
+		Tensors: len(m.Tensors), Weights: len(m.Weights), Params: m.Params(), Bytes: m.Bytes}
+}
+
+func (a *API) models(w http.ResponseWriter, _ *http.Request) {
+	out := []ModelInfo{}
+	for _, m := range a.s.Registry.Models() {
+		out = append(out, modelInfo(m))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// LoadModelRequest is the body of POST /v1/models.
+type LoadModelRequest struct {
+	// Path is relative to the models directory (or absolute inside it).
+	Path string `json:"path"`
+	// Name registers the model; the file name without extension when empty.
+	Name string `json:"name,omitempty"`
+}
+
+func (a *API) loadModel(w http.ResponseWriter, r *http.Request) {
+	var req LoadModelRequest
+	if err := decode(r, &req); err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	path, err := confine(a.opts.ModelsDir, req.Path)
+	if err != nil {
+		a.fail(w, r, fmt.Errorf("load model: %w", err))
+		return
+	}
+	name := req.Name
+	if name == "" {
+		name = strings.TrimSuffix(filepath.Base(req.Path), filepath.Ext(req.Path))
+	}
+	if err := checkName(name); err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	m, err := a.s.Registry.Load(r.Context(), name, path)
+	if err != nil {
+		if st, _ := statusOf(err); st == http.StatusInternalServerError && !errors.Is(err, context.Canceled) {
+			// The file failed validation: the client's bad input.
+			err = &StatusError{Status: http.StatusBadRequest, Code: "bad_model", Err: err}
+		}
+		a.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, modelInfo(m))
+}
+
+func (a *API) unloadModel(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	if err := a.s.Registry.Unload(name); err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"unloaded": name})
+}
+
+// checkName accepts model names that are safe in URLs and logs.
+func checkName(name string) error {
+	if name == "" || len(name) > 128 {
+		return badRequest("model name %q: want 1 to 128 characters", name)
+	}
+	for _, c := range name {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return badRequest("model name %q: character %q is not allowed (use letters, digits, '-', '_', '.')", name, c)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,147 @@
+package api
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// mutating reports whether a method can change state.
+func mutating(method string) bool {
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions:
+		return false
+	}
+	return true
+}
+
+// streaming reports whether r asks for a long-lived response (MJPEG
+// previews, server-sent events, websockets), which must not get a write
+// deadline.
+func streaming(r *http.Request) bool {
+	p := r.URL.Path
+	return strings.HasSuffix(p, ".mjpeg") || strings.HasSuffix(p, "/events") || strings.HasSuffix(p, "/ws") ||
+		strings.Contains(r.Header.Get("Accept"), "text/event-stream") ||
+		strings.EqualFold(r.Header.Get("Upgrade"), "websocket")
+}
+
+// authorize checks a mutating request: it must come from the console's own
+// origin when a browser says where it comes from, and carry the token when
+// one is configured. Tokens are compared in constant time (over their
+// SHA-256, so the length does not leak either).
+func (a *API) authorize(r *http.Request) error {
+	if o := r.Header.Get("Origin"); o != "" {
+		u, err := url.Parse(o)
+		if err != nil || u.Host != r.Host {
+			return &StatusError{Status: http.StatusForbidden, Code: "cross_origin",
+				Err: fmt.Errorf("%s %s from origin %q: mutating routes only accept requests from this server's own pages", r.Method, r.URL.Path, o)}
+		}
+	}
+	if a.opts.Token == "" {
+		return nil
+	}
+	got := r.Header.Get("X-Arenahost-Token")
+	if h := r.Header.Get("Authorization"); got == "" && h != "" {
+		scheme, tok, ok := strings.Cut(h, " ")
+		if !ok || !strings.EqualFold(scheme, "Bearer") {
+			return &StatusError{Status: http.StatusUnauthorized, Code: "unauthorized",
+				Err: errors.New("authorization header is not \"Bearer TOKEN\"")}
+		}
+		got = strings.TrimSpace(tok)
+	}
+	if got == "" {
+		return &StatusError{Status: http.StatusUnauthorized, Code: "unauthorized",
+			Err: fmt.Errorf("%s %s needs the server's token: send \"Authorization: Bearer TOKEN\"", r.Method, r.URL.Path)}
+	}
+	want := sha256.Sum256([]byte(a.opts.Token))
+	have := sha256.Sum256([]byte(got))
+	if subtle.ConstantTimeCompare(want[:], have[:]) != 1 {
+		return &StatusError{Status: http.StatusForbidden, Code: "forbidden",
+			Err: fmt.Errorf("%s %s: wrong token", r.Method, r.URL.Path)}
+	}
+	return nil
+}
+
+var (
+	// errOutside: a request path leaves its configured directory.
+	errOutside = errors.New("path is outside the configured directory")
+	// errNoFile: a request path names no file.
+	errNoFile = errors.New("no such file")
+)
+
+// confine resolves p (relative to dir, or absolute) to a real path inside
+// dir. It rejects "..", absolute paths elsewhere and symlinks that lead out
+// of dir (both are resolved with filepath.EvalSymlinks before comparing).
+func confine(dir, p string) (string, error) {
+	if p == "" {
+		return "", badRequest("empty path")
+	}
+	if strings.ContainsRune(p, 0) {
+		return "", badRequest("path %q contains a NUL byte", p)
+	}
+	absDir, err := filepath.Abs(dir)
+	if err != nil {
+		return "", fmt.Errorf("directory %s: %w", dir, err)
+	}
+	root, err := filepath.EvalSymlinks(absDir)
+	if err != nil {
+		return "", fmt.Errorf("directory %s: %w", dir, err)
+	}
+	for _, part := range strings.Split(filepath.ToSlash(p), "/") {
+		if part == ".." {
+			return "", fmt.Errorf("path %q: %w %s (\"..\" is not allowed)", p, errOutside, dir)
+		}
+	}
+	full := filepath.Clean(p)
+	if !filepath.IsAbs(p) {
+		full = filepath.Join(absDir, p)
+	}
+	if !within(absDir, full) && !within(root, full) {
+		return "", fmt.Errorf("path %q: %w %s", p, errOutside, dir)
+	}
+	real, err := filepath.EvalSymlinks(full)
+	if errors.Is(err, os.ErrNotExist) {
+		return "", fmt.Errorf("path %q in %s: %w", p, dir, errNoFile)
+	}
+	if err != nil {
+		return "", fmt.Errorf("path %q: %w", p, err)
+	}
+	if !within(root, real) {
+		return "", fmt.Errorf("path %q: %w %s (a symlink leads to %s)", p, errOutside, dir, real)
+	}
+	return real, nil
+}
+
+// within reports whether p is root or below it (both absolute, clean).
+func within(root, p string) bool {
+	rel, err := filepath.Rel(root, filepath.Clean(p))
+	return err == nil && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator)) && !filepath.IsAbs(rel)
+}
+
+// Limits are the connection-level timeouts of HTTPServer.
+type Limits struct {
+	ReadHeaderTimeout time.Duration
+	ReadTimeout       time.Duration
+	IdleTimeout       time.Duration
+}
+
+// HTTPServer returns an http.Server for h that times out slow clients
+// (headers and whole request) and idle connections. It sets no
+// WriteTimeout: the API sets a write deadline per request instead, so that
+// streaming routes (MJPEG, SSE) can run for as long as their client reads.
+func HTTPServer(h http.Handler, l Limits) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: l.ReadHeaderTimeout,
+		ReadTimeout:       l.ReadTimeout,
+		IdleTimeout:       l.IdleTimeout,
+		MaxHeaderBytes:    64 << 10,
+	}
+}

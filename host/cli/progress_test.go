@@ -1,0 +1,67 @@
+package cli
+
+import (
+	"bytes"
+	"os"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestProgressLine(t *testing.T) {
+	start := time.Unix(1000, 0)
+	tests := []struct {
+		done    int64
+		elapsed time.Duration
+		want    []string
+	}{
+		{0, 0, []string{"[>", "  0%", "0 B/100.0 MiB", "ETA --"}},
+		{50 << 20, 2 * time.Second, []string{"[===============>", " 50%", "50.0 MiB/100.0 MiB", "25.0 MiB/s", "ETA 2s"}},
+		{100 << 20, 4 * time.Second, []string{"[==============================]", "100%", "in 4s"}},
+		{200 << 20, 4 * time.Second, []string{"100%", "100.0 MiB/100.0 MiB"}}, // clamped
+	}
+	for _, tt := range tests {
+		p := newProgress(&bytes.Buffer{}, "load m", 100<<20, nil)
+		p.start, p.now = start, func() time.Time { return start.Add(tt.elapsed) }
+		got := p.line(tt.done)
+		for _, w := range tt.want {
+			if !strings.Contains(got, w) {
+				t.Errorf("line(%d after %s) = %q, want it to contain %q", tt.done, tt.elapsed, got, w)
+			}
+		}
+	}
+}
+
+func TestProgressQuietOffTerminal(t *testing.T) {
+	var buf bytes.Buffer
+	stop := StartProgress(&buf, "load", 10, func() int64 { return 5 })
+	time.Sleep(150 * time.Millisecond)
+	stop()
+	if buf.Len() != 0 {
+		t.Fatalf("drew on a non-terminal: %q", buf.String())
+	}
+	f, err := os.CreateTemp(t.TempDir(), "out")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	StartProgress(f, "load", 10, func() int64 { return 5 })()
+	if st, _ := f.Stat(); st.Size() != 0 {
+		t.Fatalf("drew %d bytes into a regular file", st.Size())
+	}
+}
+
+func TestProgressDrawsAndStops(t *testing.T) {
+	var buf bytes.Buffer
+	var n int64
+	p := newProgress(&buf, "copy", 1000, func() int64 { n += 100; return n })
+	p.interval = 5 * time.Millisecond
+	go p.run()
+	time.Sleep(30 * time.Millisecond)
+	p.Stop()
+	p.Stop()
+	out := buf.String()
+	if !strings.HasPrefix(out, "\rcopy [") || !strings.HasSuffix(out, "\n") || strings.Count(out, "\n") != 1 {
+		t.Fatalf("output %q", out)
+	}
+}
