@@ -3,11 +3,14 @@ package plugin
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"sync"
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/arenahost/arenahost/host/arena"
 
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
@@ -112,6 +115,22 @@ func (a *fakeArena) ownerBytes(owner string) uint64 {
 		}
 	}
 	return n
+}
+
+// newRealArena is the host's arena on memfd segments.
+func newRealArena(t testing.TB) *arena.Arena {
+	t.Helper()
+	quiet := slog.New(slog.DiscardHandler)
+	b, err := arena.NewCPUBackend(arena.CPUConfig{Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := arena.New(context.Background(), b, arena.Config{Capacity: 4 << 20, SegmentSize: 1 << 20, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = a.Close() })
+	return a
 }
 
 type published struct {

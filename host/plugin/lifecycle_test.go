@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/vmihailenco/msgpack/v5"
+
+	"github.com/arenahost/arenahost/host/arena"
 )
 
 // Four callers hammer the plugin for 5 s while it is swapped 10 times: no
@@ -118,19 +120,26 @@ func TestSwapUnderLoad(t *testing.T) {
 // A plugin SIGKILLed in the middle of a call: the call fails at once with
 // ErrPluginExited, the plugin serves again within 2 s, and the arena gets
 // back every byte the dead generation leased.
+//
+// This test runs on the host's real arena (memfd segments) through ArenaOf.
 func TestSIGKILLMidCall(t *testing.T) {
-	arena := newFakeArena(t, 1<<20)
-	m, _ := newTestManager(t, Config{Arena: arena, RestartBackoff: 50 * time.Millisecond})
+	ar := newRealArena(t)
+	m, _ := newTestManager(t, Config{Arena: ArenaOf(ar), RestartBackoff: 50 * time.Millisecond})
 	dir := t.TempDir()
 	addFixture(t, m, dir, "echo", "echo", nil)
-	before := arena.allocated()
+	// The host's own lease stays; only the plugin's go.
+	if _, err := ar.Alloc(arena.HostOwner, "weights", 10000); err != nil {
+		t.Fatal(err)
+	}
+	allocated := func() arena.ByteSize { return ar.Stats().Allocated }
+	before := allocated()
 
 	args, _ := msgpack.Marshal(map[string]any{"n": 4096})
 	if _, err := m.Call(t.Context(), "echo", "alloc", args, nil); err != nil {
 		t.Fatal(err)
 	}
-	if arena.allocated() <= before {
-		t.Fatal("the plugin's allocation did not reach the arena")
+	if allocated() <= before || ar.Owned(arena.PluginOwner("echo", 1)) < 4*4096 {
+		t.Fatalf("the plugin's allocation did not reach the arena: %v", ar.Stats())
 	}
 	st := mustStatus(t, m, "echo")
 
@@ -166,7 +175,10 @@ func TestSIGKILLMidCall(t *testing.T) {
 	if s.Restarts != 1 || !strings.Contains(s.LastError, "exited unexpectedly: signal: killed") {
 		t.Fatalf("status after restart = %+v", s)
 	}
-	waitFor(t, time.Second, "leases reclaimed", func() bool { return arena.allocated() == before })
+	waitFor(t, time.Second, "leases reclaimed", func() bool { return allocated() == before })
+	if n := ar.Owned(arena.PluginOwner("echo", 1)); n != 0 {
+		t.Fatalf("the dead generation still owns %v", n)
+	}
 	if g, _, err := callGen(t.Context(), m, "echo", ""); err != nil || g.Generation != 2 {
 		t.Fatalf("call after restart = %+v, %v", g, err)
 	}

@@ -15,6 +15,8 @@ import (
 
 	"github.com/vmihailenco/msgpack/v5"
 
+	"github.com/arenahost/arenahost/host/arena"
+
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
@@ -246,13 +248,27 @@ func TestHostServiceLookupAndAllocateErrors(t *testing.T) {
 }
 
 func TestSwapKeepsServingAndBumpsGeneration(t *testing.T) {
-	arena := newFakeArena(t, 1<<20)
-	m, _ := newTestManager(t, Config{Arena: arena})
+	ar := newRealArena(t)
+	m, _ := newTestManager(t, Config{Arena: ArenaOf(ar)})
 	dir := t.TempDir()
 	addFixture(t, m, dir, "echo", "echo", nil)
 	args, _ := msgpack.Marshal(map[string]any{"n": 256})
+	r, err := m.Call(t.Context(), "echo", "alloc", args, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Free through the real arena: only the owner may free.
+	if _, err := m.Call(t.Context(), "echo", "free", nil, r.Tensors); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Call(t.Context(), "echo", "free", nil, r.Tensors); err == nil || !strings.Contains(err.Error(), "regions[0]") {
+		t.Fatalf("double free = %v, want an error naming regions[0]", err)
+	}
 	if _, err := m.Call(t.Context(), "echo", "alloc", args, nil); err != nil {
 		t.Fatal(err)
+	}
+	if ar.Owned(arena.PluginOwner("echo", 1)) == 0 {
+		t.Fatal("generation 1 owns nothing after alloc")
 	}
 	old := mustStatus(t, m, "echo")
 	if err := m.Swap(t.Context(), "echo"); err != nil {
@@ -265,11 +281,18 @@ func TestSwapKeepsServingAndBumpsGeneration(t *testing.T) {
 	if alive(old.PID) {
 		t.Fatalf("old generation pid %d still alive after swap", old.PID)
 	}
-	if n := arena.ownerBytes(Owner("echo", 1)); n != 0 {
-		t.Fatalf("old generation still leases %d bytes", n)
+	if n := ar.Owned(arena.PluginOwner("echo", 1)); n != 0 {
+		t.Fatalf("old generation still leases %v", n)
 	}
 	g, _, err := callGen(t.Context(), m, "echo", "")
 	if err != nil || g.Generation != 2 || g.PID != st.PID {
 		t.Fatalf("call after swap = %+v, %v", g, err)
+	}
+}
+
+// The manager's owner names are the arena's plugin owners.
+func TestOwnerMatchesArena(t *testing.T) {
+	if got, want := Owner("lora-nf4", 7), string(arena.PluginOwner("lora-nf4", 7)); got != want {
+		t.Fatalf("Owner = %q, arena.PluginOwner = %q", got, want)
 	}
 }
