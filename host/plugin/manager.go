@@ -740,6 +740,8 @@ func (m *Manager) Remove(ctx context.Context, name string) error {
 	m.mu.Lock()
 	delete(m.plugins, name)
 	m.mu.Unlock()
+	p.swapMu.Lock() // let a swap or restart in progress finish first
+	defer p.swapMu.Unlock()
 	p.shutdown(ctx)
 	return nil
 }
