@@ -96,16 +96,24 @@ func quantizeDynamic(code *[256]float32, x float32) byte {
 }
 
 // QuantizeNested compresses float32 absmax the way bitsandbytes'
-// quantize_4bit(compress_statistics=True) does, with the CUDA kernels' rules:
-// offset = Mean(absmax); a' = float32(absmax - offset); a' is cut into blocks
+// quantize_4bit(compress_statistics=True) does, with offset = Mean(absmax)
+// (torch's single-threaded float32 mean; see QuantizeNestedOffset to supply
+// another, e.g. MeanThreads).
+func QuantizeNested(absmax []float32) (q []byte, nestedAbsmax []float32, offset float32) {
+	offset = Mean(absmax)
+	q, nestedAbsmax = QuantizeNestedOffset(absmax, offset)
+	return q, nestedAbsmax, offset
+}
+
+// QuantizeNestedOffset is QuantizeNested with a given offset, following the
+// CUDA kernels' rules: a' = float32(absmax - offset); a' is cut into blocks
 // of NestedBlocksize; nestedAbsmax[c] = max |a'| over block c; each a' is
 // scaled by float32(1/nestedAbsmax[c]) and mapped to the nearest entry of
 // DynamicMap() by the dQuantize binary search. A block whose a' are all 0
 // gets nestedAbsmax 0 and codes 0 (0*Inf is NaN), which dequantize back to
 // exactly offset.
-func QuantizeNested(absmax []float32) (q []byte, nestedAbsmax []float32, offset float32) {
+func QuantizeNestedOffset(absmax []float32, offset float32) (q []byte, nestedAbsmax []float32) {
 	m := DynamicMap()
-	offset = Mean(absmax)
 	q = make([]byte, len(absmax))
 	nestedAbsmax = make([]float32, Blocks(len(absmax), NestedBlocksize))
 	shifted := make([]float32, NestedBlocksize)
@@ -126,7 +134,7 @@ func QuantizeNested(absmax []float32) (q []byte, nestedAbsmax []float32, offset 
 			q[lo+i] = quantizeDynamic(&m, float32(v*inv))
 		}
 	}
-	return q, nestedAbsmax, offset
+	return q, nestedAbsmax
 }
 
 // DequantizeNested rebuilds float32 absmax from its nested encoding, as
@@ -153,6 +161,34 @@ func DequantizeNested(dst []float32, q []byte, nestedAbsmax []float32, nestedMap
 // this function reproduces the single-threaded order. Empty input gives NaN.
 func Mean(x []float32) float32 {
 	return torchSum(x) / float32(len(x))
+}
+
+// torchGrainSize is at::internal::GRAIN_SIZE: reductions over fewer
+// elements run on one thread.
+const torchGrainSize = 32768
+
+// MeanThreads returns torch's float32 CPU mean as computed with threads
+// intra-op threads (torch.get_num_threads()): for 32768 elements or more,
+// torch's two-pass reduction sums nt = min(threads, ceil(n/32768)) chunks
+// of ceil(n/nt) elements into a threads-long buffer of partial sums, then
+// sums that buffer, each sum with the cascade of Mean. With threads <= 1,
+// or fewer elements, it equals Mean.
+func MeanThreads(x []float32, threads int) float32 {
+	n := len(x)
+	if threads <= 1 || n < torchGrainSize {
+		return Mean(x)
+	}
+	nt := min(threads, (n+torchGrainSize-1)/torchGrainSize)
+	chunk := (n + nt - 1) / nt
+	buf := make([]float32, threads)
+	for i := range nt {
+		lo := i * chunk
+		if lo >= n {
+			break
+		}
+		buf[i] = torchSum(x[lo:min(n, lo+chunk)])
+	}
+	return torchSum(buf) / float32(n)
 }
 
 const vecLanes = 8 // Vectorized<float>::size() on AVX2 (and the DEFAULT build)

@@ -417,8 +417,8 @@ func TestNestedAgainstBnb(t *testing.T) {
 }
 
 // TestMeanAgainstTorch compares Mean with torch's float32 tensor.mean() on
-// the CPU, single-threaded (exact) and with torch's default thread count
-// (inputs of 32768 or more elements are split across threads; reported).
+// the CPU single-threaded, and MeanThreads with torch's default thread
+// count and with 4 threads; all must be bit-identical.
 func TestMeanAgainstTorch(t *testing.T) {
 	dir, man := oracle(t)
 	f := readST(t, filepath.Join(dir, "mean.safetensors"))
@@ -430,8 +430,15 @@ func TestMeanAgainstTorch(t *testing.T) {
 			t.Errorf("n=%d: Mean = %v (%#08x), torch 1 thread %v (%#08x)", n, got, math.Float32bits(got), one, math.Float32bits(one))
 		}
 		def := f.f32(t, fmt.Sprintf("out.%d", n))[0]
+		if g := MeanThreads(x, man.Threads); math.Float32bits(g) != math.Float32bits(def) {
+			t.Errorf("n=%d: MeanThreads(%d) = %#08x, torch with %d threads %#08x", n, man.Threads, math.Float32bits(g), man.Threads, math.Float32bits(def))
+		}
+		four := f.f32(t, fmt.Sprintf("out4.%d", n))[0]
+		if g := MeanThreads(x, 4); math.Float32bits(g) != math.Float32bits(four) {
+			t.Errorf("n=%d: MeanThreads(4) = %#08x, torch with 4 threads %#08x", n, math.Float32bits(g), math.Float32bits(four))
+		}
 		if math.Float32bits(got) != math.Float32bits(def) {
-			t.Logf("n=%d: Mean = %#08x, torch with %d threads %#08x (differs)", n, math.Float32bits(got), man.Threads, math.Float32bits(def))
+			t.Logf("n=%d: single-threaded Mean %#08x differs from torch with %d threads %#08x", n, math.Float32bits(got), man.Threads, math.Float32bits(def))
 		}
 	}
 }

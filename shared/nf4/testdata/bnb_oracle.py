@@ -17,7 +17,8 @@ Writes into OUTDIR:
                                  FP4 codes "packedfp4.<n>.<bs>"
   mean.safetensors               "in.<n>" float32 and torch's "out.<n>" =
                                  in.mean() ([1] F32), with torch's default
-                                 thread count, and "out1.<n>" with 1 thread
+                                 thread count, "out1.<n>" with 1 thread and
+                                 "out4.<n>" with 4 threads
   manifest.json                  the cases and sizes, plus the environment
 """
 import json
@@ -106,6 +107,9 @@ threads = torch.get_num_threads()
 torch.set_num_threads(1)
 for n in MEAN_SIZES:
     mm["out1.%d" % n] = mm["in.%d" % n].mean().reshape(1)
+torch.set_num_threads(4)
+for n in MEAN_SIZES:
+    mm["out4.%d" % n] = mm["in.%d" % n].mean().reshape(1)
 torch.set_num_threads(threads)
 save_file(mm, os.path.join(out, "mean.safetensors"))
 manifest["mean_sizes"] = MEAN_SIZES
