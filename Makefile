@@ -19,6 +19,8 @@ GO_TEST_FLAGS ?= -count=1 -timeout 30m
 
 # Every plugin binary lives under bin/plugins/NAME/ next to its manifest.
 GO_PLUGINS := $(notdir $(wildcard plugins/*))
+# Python plugins shipped with the host (copied next to the Go plugins).
+PY_PLUGINS := reference_pipeline
 
 .PHONY: help build run test test-go test-python bench proto lint cuda venv venv-torch clean
 
@@ -32,9 +34,11 @@ build: ## build bin/arenahost and the plugins under bin/plugins/
 	  if ls plugins/$$p/*.go >/dev/null 2>&1; then \
 	    mkdir -p $(BIN)/plugins/$$p; \
 	    $(GO) build -o $(BIN)/plugins/$$p/$$p ./plugins/$$p || exit 1; \
-	    cp plugins/$$p/plugin.json $(BIN)/plugins/$$p/ 2>/dev/null || true; \
+	    cp plugins/$$p/plugin.json $(BIN)/plugins/$$p/; \
 	  fi; \
 	done
+	@# Python plugins run from their own directory through ${ARENAHOST_PYTHON}.
+	@for p in $(PY_PLUGINS); do rm -rf $(BIN)/plugins/$$p; cp -r sdk/python/examples/$$p $(BIN)/plugins/$$p; done
 
 run: build venv ## build, then run `arenahost serve` on embedded defaults
 	ARENAHOST_PYTHON=$(abspath $(PY)) $(BIN)/arenahost serve

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# make bench: every benchmark runs its baseline in the same run and prints the
+# ratio. Figures go to bench/out/ and, by hand with the machine's description,
+# into bench/results.md.
+#
+# BENCH_ONLY=name1,name2 runs a subset (names are the section names below).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY_TORCH=${ARENAHOST_TORCH_PYTHON:-.venv-torch/bin/python}
+out=bench/out
+mkdir -p "$out"
+
+want() { [ -z "${BENCH_ONLY:-}" ] || [[ ",$BENCH_ONLY," == *",$1,"* ]]; }
+section() { printf '\n=== %s\n' "$1"; }
+gobench() { # gobench NAME PKG REGEX BENCHTIME
+  go test -run '^$' -bench "$3" -benchtime "$4" -count 1 "$2" | tee "$out/$1.txt"
+}
+
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+echo "go: $(go version | cut -d' ' -f3)  date: $(date -u +%FT%TZ)"
+
+if want nf4; then
+  section "nf4: quantize/dequantize throughput, Go vs bitsandbytes CPU (torch) on the same data"
+  gobench nf4 ./shared/nf4 '^Benchmark(Quantize|QuantizeNested|Dequantize)$' 3x
+  "$PY_TORCH" shared/nf4/testdata/bench_bnb.py --go "$out/nf4.txt"
+fi
+
+if want load; then
+  section "load: ~1 GiB NF4 checkpoint into the arena vs reading the file once (floor)"
+  gobench load ./host/registry '^BenchmarkLoad$' 2x
+fi
+
+if want invoke; then
+  section "invoke: 1 GiB tensor by descriptor vs the same bytes over gRPC; round-trip p50/p99"
+  gobench invoke ./sdk '^BenchmarkInvoke1GiB$' 1x
+  gobench roundtrip ./sdk '^BenchmarkInvokeRoundTrip$' 2000x
+  gobench plugin ./host/plugin '^Benchmark(InvokeGo|InvokePython|Swap)$' 1x
+fi
+
+if want arena; then
+  section "arena: alloc/free churn"
+  gobench arena ./host/arena '^BenchmarkAllocFree' 1s
+fi
+
+if want preview; then
+  section "preview: latent-to-frame render and encode (Flux 1024², factor method)"
+  gobench preview ./plugins/preview/render '^Benchmark(RenderFlux|Encode)$' 1s
+fi
+
+for extra in bench/*/run.sh; do
+  [ -e "$extra" ] || continue
+  name=$(basename "$(dirname "$extra")")
+  if want "$name"; then
+    section "$name"
+    bash "$extra" | tee "$out/$name.txt"
+  fi
+done
