@@ -1,0 +1,606 @@
+// Package job owns runs of pipeline plugins and their live previews: a job
+// is one call of a pipeline plugin's method with msgpack parameters and its
+// own preview settings (nothing about previews is global). The Manager is
+// the plugin manager's Publisher: pipelines publish each step's latent, the
+// job copies it into a host-owned arena region (so the pipeline may reuse
+// or free its buffer the moment Publish returns), keeps only the newest
+// unrendered one, and renders it asynchronously through a preview plugin.
+// Publishing never waits for a render. Frames and progress fan out to
+// subscribers through bounded drop-oldest queues, so a stalled client never
+// slows a job or the other clients. A preview plugin that crashes or is
+// swapped mid-job costs the frames in flight (counted as dropped); previews
+// resume at the next published step.
+package job
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/arenahost/arenahost/host/plugin"
+	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
+)
+
+// Errors callers can test with errors.Is.
+var (
+	// ErrInvalid: the job spec is wrong (unknown preview method, bad
+	// format...); nothing was started.
+	ErrInvalid = errors.New("invalid job")
+	// ErrNotFound: no job has that id.
+	ErrNotFound = errors.New("job not found")
+)
+
+// Plugins is what jobs need from the plugin manager.
+type Plugins interface {
+	Call(ctx context.Context, name, method string, args []byte, tensors []*pluginv1.TensorDescriptor) (*plugin.Reply, error)
+	Stream(ctx context.Context, name, method string, args []byte, tensors []*pluginv1.TensorDescriptor, fn func(*plugin.Reply) error) error
+	PluginStatus(name string) (plugin.Status, error)
+	Status() []plugin.Status
+}
+
+// State is where a job is in its life.
+type State string
+
+// The states. Done, Failed and Cancelled are final.
+const (
+	StateQueued    State = "queued"
+	StateRunning   State = "running"
+	StateDone      State = "done"
+	StateFailed    State = "failed"
+	StateCancelled State = "cancelled"
+)
+
+// Final reports whether the state is terminal.
+func (s State) Final() bool { return s == StateDone || s == StateFailed || s == StateCancelled }
+
+// Preview methods besides those a preview plugin lists.
+const (
+	MethodNone    = "none"   // previews off: latents are counted, never rendered
+	MethodDefault = "factor" // when a spec names none
+)
+
+// Preview is one job's preview settings.
+type Preview struct {
+	// Method is a method the preview plugin lists as render.<method>
+	// ("factor", "taesd"), or "none"; "" means "factor".
+	Method string `json:"method,omitempty"`
+	// Plugin names the preview plugin; "" picks the first plugin of kind
+	// "preview".
+	Plugin string `json:"plugin,omitempty"`
+	// EveryN renders only steps that are multiples of N (and the last);
+	// 0 or 1: every step.
+	EveryN int `json:"every_n,omitempty"`
+	// MinIntervalMS skips a step published sooner than this after the last
+	// one taken for rendering (the last step is always taken).
+	MinIntervalMS int `json:"min_interval_ms,omitempty"`
+	// MaxSide caps the longer side of a frame (0: the plugin's default, 512).
+	MaxSide int `json:"max_side,omitempty"`
+	// Format is "jpeg" (default) or "png"; Quality the JPEG quality 1..100.
+	Format  string `json:"format,omitempty"`
+	Quality int    `json:"quality,omitempty"`
+	// Family overrides the model family the pipeline's payload names.
+	Family string `json:"family,omitempty"`
+}
+
+// Spec describes a job to create.
+type Spec struct {
+	// Pipeline names the pipeline plugin; Method its method ("" = "run").
+	Pipeline string `json:"pipeline"`
+	Method   string `json:"method,omitempty"`
+	// Params are the method's parameters, sent as msgpack; "job_id" is set
+	// to the job's id so the pipeline publishes under it.
+	Params  map[string]any `json:"params,omitempty"`
+	Preview Preview        `json:"preview"`
+	// ClientID tags the job for delivery (ComfyUI websocket clientId).
+	ClientID string `json:"client_id,omitempty"`
+}
+
+// Config configures a Manager.
+type Config struct {
+	Memory Memory
+	Logger *slog.Logger
+	// MaxRunning bounds the jobs running at once; the others wait queued
+	// (default 1, as a single accelerator runs one pipeline at a time).
+	MaxRunning int
+	// Keep is how many finished jobs stay queryable (default 64).
+	Keep int
+	// RenderTimeout bounds one render call (default 10 s).
+	RenderTimeout time.Duration
+	// FlushTimeout bounds how long a finished job waits for its last
+	// frame before it reports its final state (default 5 s).
+	FlushTimeout time.Duration
+}
+
+// Manager creates, runs and tracks jobs and receives what their pipelines
+// publish. It is safe for concurrent use.
+type Manager struct {
+	cfg     Config
+	log     *slog.Logger
+	plugins atomic.Pointer[pluginsBox]
+	sem     chan struct{}
+	seq     atomic.Uint64
+
+	mu    sync.Mutex
+	jobs  map[string]*Job
+	order []*Job // creation order
+
+	subMu sync.RWMutex
+	subs  map[*Subscription]struct{}
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+type pluginsBox struct{ p Plugins }
+
+// New returns a Manager. Attach the plugin manager before creating jobs;
+// the two refer to each other (the plugin manager publishes into this one).
+func New(cfg Config) *Manager {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.MaxRunning <= 0 {
+		cfg.MaxRunning = 1
+	}
+	if cfg.Keep <= 0 {
+		cfg.Keep = 64
+	}
+	if cfg.RenderTimeout <= 0 {
+		cfg.RenderTimeout = 10 * time.Second
+	}
+	if cfg.FlushTimeout <= 0 {
+		cfg.FlushTimeout = 5 * time.Second
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Manager{cfg: cfg, log: cfg.Logger, sem: make(chan struct{}, cfg.MaxRunning), jobs: map[string]*Job{},
+		subs: map[*Subscription]struct{}{}, ctx: ctx, cancel: cancel}
+}
+
+// Attach sets the plugin manager jobs run on.
+func (m *Manager) Attach(p Plugins) { m.plugins.Store(&pluginsBox{p}) }
+
+func (m *Manager) pluginsOrErr() (Plugins, error) {
+	b := m.plugins.Load()
+	if b == nil {
+		return nil, errors.New("job manager: no plugin manager attached")
+	}
+	return b.p, nil
+}
+
+// Job is one run of a pipeline plugin.
+type Job struct {
+	id       string
+	spec     Spec
+	m        *Manager
+	ctx      context.Context
+	cancel   context.CancelFunc
+	args     []byte
+	stream   bool
+	pv       *previewer // nil: previews off
+	done     chan struct{}
+	created  time.Time
+	finished atomic.Bool
+
+	mu         sync.Mutex
+	state      State
+	step       int
+	total      int
+	started    time.Time
+	firstStep  time.Time
+	lastStep   time.Time
+	ended      time.Time
+	err        string
+	result     any
+	resultGen  uint64
+	cancelSeen bool
+
+	published, rendered, dropped atomic.Uint64
+}
+
+// ID is the job's id.
+func (j *Job) ID() string { return j.id }
+
+// Done is closed when the job has reached a final state.
+func (j *Job) Done() <-chan struct{} { return j.done }
+
+// Create checks spec and starts the job (queued until a run slot is free).
+// A bad spec, an unknown pipeline or an unknown preview method is refused
+// here, never mid-run.
+func (m *Manager) Create(ctx context.Context, spec Spec) (*Job, error) {
+	ps, err := m.pluginsOrErr()
+	if err != nil {
+		return nil, err
+	}
+	if spec.Pipeline == "" {
+		return nil, fmt.Errorf("%w: pipeline: required", ErrInvalid)
+	}
+	if spec.Method == "" {
+		spec.Method = "run"
+	}
+	st, err := ps.PluginStatus(spec.Pipeline)
+	if err != nil {
+		return nil, fmt.Errorf("pipeline %q: %w", spec.Pipeline, err)
+	}
+	mi := slices.IndexFunc(st.Methods, func(x plugin.Method) bool { return x.Name == spec.Method })
+	if mi < 0 {
+		return nil, fmt.Errorf("%w: method: pipeline %q (%s) serves no method %q", ErrInvalid, spec.Pipeline, st.State, spec.Method)
+	}
+	pv, err := m.checkPreview(ps, &spec.Preview)
+	if err != nil {
+		return nil, err
+	}
+	id := fmt.Sprintf("job-%d-%d", time.Now().Unix(), m.seq.Add(1))
+	params, err := msgpackParams(spec.Params, id)
+	if err != nil {
+		return nil, fmt.Errorf("%w: params: %w", ErrInvalid, err)
+	}
+	jctx, cancel := context.WithCancel(m.ctx)
+	j := &Job{id: id, spec: spec, m: m, ctx: jctx, cancel: cancel, args: params, stream: st.Methods[mi].Streaming,
+		done: make(chan struct{}), created: time.Now(), state: StateQueued}
+	if pv != nil {
+		pv.job = j
+		j.pv = pv
+	}
+	m.mu.Lock()
+	m.jobs[id] = j
+	m.order = append(m.order, j)
+	m.pruneLocked()
+	m.mu.Unlock()
+	m.broadcast(Event{Type: EventState, Job: j.Snapshot()})
+	m.wg.Add(1)
+	go j.run()
+	return j, nil
+}
+
+// checkPreview validates the preview settings against the preview plugin
+// and returns the job's previewer (nil when previews are off).
+func (m *Manager) checkPreview(ps Plugins, p *Preview) (*previewer, error) {
+	if p.Method == "" {
+		p.Method = MethodDefault
+	}
+	if p.Method == MethodNone {
+		return nil, nil
+	}
+	switch p.Format {
+	case "":
+		p.Format = "jpeg"
+	case "jpeg", "png":
+	case "jpg":
+		p.Format = "jpeg"
+	default:
+		return nil, fmt.Errorf("%w: preview.format: %q unknown (want jpeg or png)", ErrInvalid, p.Format)
+	}
+	if p.Quality < 0 || p.Quality > 100 {
+		return nil, fmt.Errorf("%w: preview.quality: %d out of range [0, 100]", ErrInvalid, p.Quality)
+	}
+	if p.MaxSide < 0 || p.MaxSide > 8192 {
+		return nil, fmt.Errorf("%w: preview.max_side: %d out of range [0, 8192]", ErrInvalid, p.MaxSide)
+	}
+	if p.EveryN < 0 || p.MinIntervalMS < 0 {
+		return nil, fmt.Errorf("%w: preview.every_n %d / min_interval_ms %d: must not be negative", ErrInvalid, p.EveryN, p.MinIntervalMS)
+	}
+	var st plugin.Status
+	if p.Plugin == "" {
+		all := ps.Status()
+		i := slices.IndexFunc(all, func(s plugin.Status) bool { return s.Kind == "preview" })
+		if i < 0 {
+			return nil, fmt.Errorf("%w: preview: no plugin of kind \"preview\" is loaded (use method %q for none)", ErrInvalid, MethodNone)
+		}
+		st = all[i]
+		p.Plugin = st.Name
+	} else {
+		var err error
+		if st, err = ps.PluginStatus(p.Plugin); err != nil {
+			return nil, fmt.Errorf("%w: preview.plugin: %w", ErrInvalid, err)
+		}
+	}
+	var have []string
+	for _, mi := range st.Methods {
+		if name, ok := cutPrefix(mi.Name, "render."); ok {
+			have = append(have, name)
+		}
+	}
+	if !slices.Contains(have, p.Method) {
+		return nil, fmt.Errorf("%w: preview.method: %q unknown (plugin %s serves %v, or %q)", ErrInvalid, p.Method, p.Plugin, have, MethodNone)
+	}
+	return &previewer{set: *p, inflight: -1, wake: make(chan struct{}, 1)}, nil
+}
+
+func cutPrefix(s, prefix string) (string, bool) {
+	if len(s) > len(prefix) && s[:len(prefix)] == prefix {
+		return s[len(prefix):], true
+	}
+	return "", false
+}
+
+func (m *Manager) pruneLocked() {
+	finished := 0
+	for _, j := range m.order {
+		if j.finished.Load() {
+			finished++
+		}
+	}
+	for i := 0; finished > m.cfg.Keep && i < len(m.order); {
+		j := m.order[i]
+		if j.finished.Load() {
+			delete(m.jobs, j.id)
+			m.order = slices.Delete(m.order, i, i+1)
+			finished--
+			continue
+		}
+		i++
+	}
+}
+
+// Get returns a job by id.
+func (m *Manager) Get(id string) (*Job, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	j, ok := m.jobs[id]
+	if !ok {
+		return nil, fmt.Errorf("job %q: %w", id, ErrNotFound)
+	}
+	return j, nil
+}
+
+// List returns every tracked job, oldest first.
+func (m *Manager) List() []*Job {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return slices.Clone(m.order)
+}
+
+// Current is the job an A1111-style client means: the newest running job,
+// else the newest queued, else the newest job; nil when there is none.
+func (m *Manager) Current() *Job {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var queued *Job
+	for i := len(m.order) - 1; i >= 0; i-- {
+		j := m.order[i]
+		switch j.State() {
+		case StateRunning:
+			return j
+		case StateQueued:
+			if queued == nil {
+				queued = j
+			}
+		}
+	}
+	if queued != nil {
+		return queued
+	}
+	if len(m.order) > 0 {
+		return m.order[len(m.order)-1]
+	}
+	return nil
+}
+
+// Cancel cancels a job: a queued job never starts, a running one has its
+// pipeline call cancelled.
+func (m *Manager) Cancel(id string) (*Job, error) {
+	j, err := m.Get(id)
+	if err != nil {
+		return nil, err
+	}
+	j.Cancel()
+	return j, nil
+}
+
+// Cancel cancels the job (see Manager.Cancel).
+func (j *Job) Cancel() {
+	j.mu.Lock()
+	j.cancelSeen = true
+	j.mu.Unlock()
+	j.cancel()
+}
+
+// State returns the job's state.
+func (j *Job) State() State {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.state
+}
+
+func (j *Job) setState(s State, errMsg string) {
+	j.mu.Lock()
+	j.state = s
+	now := time.Now()
+	switch {
+	case s == StateRunning:
+		j.started = now
+	case s.Final():
+		j.ended = now
+		if errMsg != "" {
+			j.err = errMsg
+		}
+	}
+	j.mu.Unlock()
+	j.m.broadcast(Event{Type: EventState, Job: j.Snapshot()})
+}
+
+// run waits for a slot, calls the pipeline, flushes the last preview and
+// settles the final state.
+func (j *Job) run() {
+	m := j.m
+	defer m.wg.Done()
+	defer close(j.done)
+	select {
+	case m.sem <- struct{}{}:
+	case <-j.ctx.Done():
+		j.finish(StateCancelled, "cancelled before it started")
+		return
+	}
+	defer func() { <-m.sem }()
+	j.setState(StateRunning, "")
+	if j.pv != nil {
+		go j.pv.loop()
+	}
+	ps, err := m.pluginsOrErr()
+	var reply *plugin.Reply
+	if err == nil {
+		if j.stream {
+			err = ps.Stream(j.ctx, j.spec.Pipeline, j.spec.Method, j.args, nil, func(r *plugin.Reply) error {
+				reply = r
+				return nil
+			})
+		} else {
+			reply, err = ps.Call(j.ctx, j.spec.Pipeline, j.spec.Method, j.args, nil)
+		}
+	}
+	if reply != nil {
+		var res any
+		if derr := unmarshalResult(reply.Result, &res); derr == nil {
+			j.mu.Lock()
+			j.result, j.resultGen = res, reply.Generation
+			j.mu.Unlock()
+		}
+	}
+	j.mu.Lock()
+	cancelled := j.cancelSeen || m.ctx.Err() != nil
+	j.mu.Unlock()
+	switch {
+	case err == nil:
+		j.finish(StateDone, "")
+	case cancelled:
+		j.finish(StateCancelled, fmt.Sprintf("cancelled: %v", err))
+	default:
+		j.finish(StateFailed, err.Error())
+	}
+}
+
+// finish stops the previewer (rendering the last latent on success, within
+// FlushTimeout), then settles the final state.
+func (j *Job) finish(s State, errMsg string) {
+	if j.pv != nil {
+		j.pv.stop(s == StateDone, j.m.cfg.FlushTimeout)
+	}
+	j.finished.Store(true)
+	j.setState(s, errMsg)
+	j.cancel()
+	if s != StateDone {
+		j.m.log.Info("job ended", "job", j.id, "state", s, "err", errMsg)
+	}
+}
+
+// progress records a published step.
+func (j *Job) progress(step, total int) {
+	now := time.Now()
+	j.mu.Lock()
+	if j.state != StateRunning {
+		j.mu.Unlock()
+		return
+	}
+	if j.firstStep.IsZero() {
+		j.firstStep = now
+	}
+	if step > j.step || total != j.total {
+		j.step, j.lastStep = step, now
+	}
+	j.total = total
+	j.mu.Unlock()
+	j.m.broadcast(Event{Type: EventProgress, Job: j.Snapshot()})
+}
+
+// Counters are a job's preview figures. Every published latent is either
+// rendered or dropped (throttled, superseded by a newer step, failed to
+// render, or left when the job ended): Published = Rendered + Dropped once
+// the job is final.
+type Counters struct {
+	Published uint64 `json:"published"`
+	Rendered  uint64 `json:"rendered"`
+	Dropped   uint64 `json:"dropped"`
+}
+
+// PreviewInfo is the preview part of a snapshot.
+type PreviewInfo struct {
+	Preview
+	Counters
+	// Frame is the newest frame's id (0: none yet), FrameStep its step,
+	// Generation the preview plugin generation that rendered it.
+	Frame      uint64 `json:"frame"`
+	FrameStep  int    `json:"frame_step"`
+	Generation uint64 `json:"generation"`
+	LastError  string `json:"last_error,omitempty"`
+}
+
+// Snapshot is a job as the API shows it.
+type Snapshot struct {
+	ID       string      `json:"id"`
+	Pipeline string      `json:"pipeline"`
+	Method   string      `json:"method"`
+	ClientID string      `json:"client_id,omitempty"`
+	State    State       `json:"state"`
+	Step     int         `json:"step"`
+	Total    int         `json:"total"`
+	Progress float64     `json:"progress"` // 0..1
+	ETA      float64     `json:"eta_seconds"`
+	Elapsed  float64     `json:"elapsed_seconds"`
+	Created  time.Time   `json:"created"`
+	Started  time.Time   `json:"started,omitzero"`
+	Ended    time.Time   `json:"ended,omitzero"`
+	Error    string      `json:"error,omitempty"`
+	Preview  PreviewInfo `json:"preview"`
+	Result   any         `json:"result,omitempty"`
+}
+
+// Snapshot returns the job's current state.
+func (j *Job) Snapshot() Snapshot {
+	j.mu.Lock()
+	s := Snapshot{ID: j.id, Pipeline: j.spec.Pipeline, Method: j.spec.Method, ClientID: j.spec.ClientID, State: j.state,
+		Step: j.step, Total: j.total, Created: j.created, Started: j.started, Ended: j.ended, Error: j.err, Result: j.result}
+	first, last := j.firstStep, j.lastStep
+	j.mu.Unlock()
+	if s.Total > 0 {
+		s.Progress = min(1, float64(s.Step)/float64(s.Total))
+	}
+	if s.State == StateDone {
+		s.Progress = 1
+	}
+	switch {
+	case !s.Ended.IsZero():
+		s.Elapsed = s.Ended.Sub(s.Started).Seconds()
+	case !s.Started.IsZero():
+		s.Elapsed = time.Since(s.Started).Seconds()
+	}
+	if s.State == StateRunning && s.Step > 0 && s.Total > s.Step {
+		// Time per step from the first published step on (the first step
+		// also carries the pipeline's start-up), times the steps left.
+		per := last.Sub(s.Started).Seconds() / float64(s.Step)
+		if s.Step > 1 {
+			per = last.Sub(first).Seconds() / float64(s.Step-1)
+		}
+		s.ETA = math.Max(0, per*float64(s.Total-s.Step)-time.Since(last).Seconds())
+	}
+	s.Preview.Preview = j.spec.Preview
+	s.Preview.Counters = Counters{Published: j.published.Load(), Rendered: j.rendered.Load(), Dropped: j.dropped.Load()}
+	if j.pv != nil {
+		j.pv.info(&s.Preview)
+	}
+	return s
+}
+
+// Counters returns the job's preview figures.
+func (j *Job) Counters() Counters {
+	return Counters{Published: j.published.Load(), Rendered: j.rendered.Load(), Dropped: j.dropped.Load()}
+}
+
+// Close cancels every job and waits for them to end.
+func (m *Manager) Close(ctx context.Context) error {
+	m.cancel()
+	done := make(chan struct{})
+	go func() { m.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("close jobs: %w", ctx.Err())
+	}
+}
