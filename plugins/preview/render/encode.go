@@ -32,6 +32,17 @@ func (k Kind) String() string {
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
 
+// ParseKind reads an encoding name ("jpeg", "jpg" or "png").
+func ParseKind(s string) (Kind, error) {
+	switch s {
+	case "jpeg", "jpg":
+		return JPEG, nil
+	case "png":
+		return PNG, nil
+	}
+	return 0, fmt.Errorf("image format %q unknown (want jpeg or png)", s)
+}
+
 // MIME is the media type of the encoding.
 func (k Kind) MIME() string {
 	switch k {
@@ -52,6 +63,21 @@ type Format struct {
 	// Quality is the JPEG quality, 1..100; 0 means DefaultJPEGQuality. PNG
 	// ignores it.
 	Quality int
+}
+
+// Validate checks the format, so that a job with a bad one is refused when
+// it is created.
+func (f Format) Validate() error {
+	switch f.Kind {
+	case JPEG:
+		if f.Quality < 0 || f.Quality > 100 {
+			return fmt.Errorf("format jpeg: quality %d out of range [1, 100] (0: default %d)", f.Quality, DefaultJPEGQuality)
+		}
+	case PNG:
+	default:
+		return fmt.Errorf("format: kind %v unknown (want jpeg or png)", f.Kind)
+	}
+	return nil
 }
 
 // pngEncoder favours speed, as ComfyUI (compress_level=1) and A1111 do for

@@ -21,6 +21,16 @@ const (
 	Bilinear
 )
 
+// ParseFilter reads a filter name ("nearest" or "bilinear").
+func ParseFilter(s string) (Filter, error) {
+	for _, f := range []Filter{Nearest, Bilinear} {
+		if s == f.String() {
+			return f, nil
+		}
+	}
+	return 0, fmt.Errorf("filter %q unknown (want nearest or bilinear)", s)
+}
+
 func (f Filter) String() string {
 	switch f {
 	case Nearest:
@@ -68,6 +78,25 @@ type Options struct {
 	DecoderLatentSide int
 }
 
+// Validate checks the options without a latent, so that a job with bad
+// preview settings is refused when it is created rather than at its first
+// frame. The family may still turn out not to match the latent's channels.
+func (o Options) Validate() error {
+	if o.Family != "" {
+		if _, ok := factorTables[o.Family]; !ok {
+			return fmt.Errorf("options family: %q unknown (known: %v)", o.Family, Families())
+		}
+	}
+	if o.Filter != Nearest && o.Filter != Bilinear {
+		return fmt.Errorf("options filter: %v unknown", o.Filter)
+	}
+	if o.DecoderLatentSide < 0 || o.DecoderLatentSide > MaxDecoderLatentSide {
+		return fmt.Errorf("options decoder latent side: %d out of range [1, %d]", o.DecoderLatentSide, MaxDecoderLatentSide)
+	}
+	_, _, err := o.OutputSize(1, 1)
+	return err
+}
+
 // OutputSize is the preview size Render produces for an unpacked latent of
 // h×w pixels under o.
 func (o Options) OutputSize(h, w int) (oh, ow int, err error) {
@@ -102,8 +131,8 @@ func (o Options) OutputSize(h, w int) (oh, ow int, err error) {
 // rounded to the nearest byte (ComfyUI PR #8258 notes the ½-LSB dark bias of
 // truncation); NaN renders as 0 (middle grey). The latent is only read.
 func Render(l Latent, o Options) (*image.RGBA, error) {
-	if o.Filter != Nearest && o.Filter != Bilinear {
-		return nil, fmt.Errorf("options filter: %v unknown", o.Filter)
+	if err := o.Validate(); err != nil {
+		return nil, err
 	}
 	p, f, err := unpack(l, o.Family)
 	if err != nil {
@@ -120,9 +149,6 @@ func Render(l Latent, o Options) (*image.RGBA, error) {
 		side := o.DecoderLatentSide
 		if side == 0 {
 			side = DefaultDecoderLatentSide
-		}
-		if side < 1 || side > MaxDecoderLatentSide {
-			return nil, fmt.Errorf("options decoder latent side: %d out of range [1, %d]", o.DecoderLatentSide, MaxDecoderLatentSide)
 		}
 		img, err := o.Decoder.Decode(shrink(p, side))
 		if err != nil {

@@ -244,10 +244,49 @@ func TestRenderRejectsBadOptions(t *testing.T) {
 		{Options{Family: FamilySD15, MaxSide: MaxSideLimit + 1}, "options max side"},
 		{Options{Family: FamilySD15, Scale: -3}, "options scale: -3 out of range"},
 		{Options{}, "ambiguous between sd15 and sdxl"},
+		{Options{Family: "sd2"}, `options family: "sd2" unknown`},
+		{Options{Family: FamilySD15, DecoderLatentSide: -1}, "options decoder latent side: -1"},
 	}
 	for _, c := range cases {
 		if _, err := Render(l, c.o); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%+v: err %v, want %q", c.o, err, c.want)
+		}
+	}
+}
+
+func TestValidateAndParse(t *testing.T) {
+	if err := (Options{}).Validate(); err != nil {
+		t.Fatalf("zero options: %v", err)
+	}
+	if err := (Options{Family: FamilyFlux2, MaxSide: 1024, Scale: 1, Filter: Bilinear, DecoderLatentSide: 32}).Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if err := (Options{Family: "flux3"}).Validate(); err == nil {
+		t.Fatal("unknown family accepted")
+	}
+	for s, want := range map[string]Filter{"nearest": Nearest, "bilinear": Bilinear} {
+		if f, err := ParseFilter(s); err != nil || f != want {
+			t.Errorf("ParseFilter(%q) = %v, %v", s, f, err)
+		}
+	}
+	if _, err := ParseFilter("lanczos"); err == nil || !strings.Contains(err.Error(), `"lanczos" unknown`) {
+		t.Errorf("ParseFilter(lanczos): %v", err)
+	}
+	for s, want := range map[string]Kind{"jpeg": JPEG, "jpg": JPEG, "png": PNG} {
+		if k, err := ParseKind(s); err != nil || k != want {
+			t.Errorf("ParseKind(%q) = %v, %v", s, k, err)
+		}
+	}
+	if _, err := ParseKind("webp"); err == nil {
+		t.Error("webp accepted")
+	}
+	for _, c := range []struct {
+		f  Format
+		ok bool
+	}{{Format{Kind: JPEG}, true}, {Format{Kind: JPEG, Quality: 95}, true}, {Format{Kind: PNG, Quality: 7}, true},
+		{Format{Kind: JPEG, Quality: 101}, false}, {Format{Kind: 0}, false}} {
+		if err := c.f.Validate(); (err == nil) != c.ok {
+			t.Errorf("%+v: %v", c.f, err)
 		}
 	}
 }
