@@ -4,8 +4,10 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"runtime"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -132,8 +134,9 @@ func (j *MemJournal) Layers() []string {
 
 // FuseOptions tune the fused pass.
 type FuseOptions struct {
-	// TileElems bounds the elements of one tile (default 1<<20: 4 MiB per
-	// fp32 scratch buffer). Tiles are whole rows and whole quant blocks.
+	// TileElems bounds the elements of one tile (default 1<<18: 1 MiB per
+	// fp32 scratch buffer, three per worker). Tiles are whole rows and whole
+	// quant blocks; GOMAXPROCS workers fuse tiles in parallel.
 	TileElems int
 	// WarnRetention is the retention below which a layer gets a warning
 	// (default 0.5).
@@ -152,7 +155,7 @@ type FuseOptions struct {
 func Fuse(ctx context.Context, p *Plan, store Store, codec Codec, j Journal, opt FuseOptions) error {
 	start := time.Now()
 	if opt.TileElems <= 0 {
-		opt.TileElems = 1 << 20
+		opt.TileElems = 1 << 18
 	}
 	if opt.WarnRetention == 0 {
 		opt.WarnRetention = 0.5
@@ -242,36 +245,59 @@ func checkQLayer(q *QLayer, l Layer) error {
 	return nil
 }
 
-// fuseLayer runs the tiled pass on one layer and returns ⟨ΔW_eff, ΔW⟩,
-// ‖ΔW‖², ‖ΔW_eff − ΔW‖² and the scratch bytes it held.
+// fuseLayer runs the tiled pass on one layer, tiles in parallel (each
+// worker owns its scratch), and returns ⟨ΔW_eff, ΔW⟩, ‖ΔW‖², ‖ΔW_eff − ΔW‖²
+// and the scratch bytes held.
 func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int) (dot, norm, diff float64, scratch int64) {
-	// Rows per tile: a multiple of the rows that make whole blocks.
+	// Rows per tile: a multiple of the rows that make whole blocks, so tiles
+	// start on a block and on a byte.
 	unit := q.Blocksize / gcd(sl.In, q.Blocksize)
 	rows := max(unit, tileElems/sl.In/unit*unit)
 	rows = min(rows, sl.Out)
+	tiles := (sl.Out + rows - 1) / rows
+	workers := min(runtime.GOMAXPROCS(0), tiles)
 	n := rows * sl.In
-	orig, w, delta := make([]float32, n), make([]float32, n), make([]float32, n)
-	scratch = int64(12 * n)
-	for r0 := 0; r0 < sl.Out; r0 += rows {
-		r1 := min(r0+rows, sl.Out)
-		e0, e1 := r0*sl.In, r1*sl.In
-		m := e1 - e0
-		b0, b1 := e0/q.Blocksize, (e1+q.Blocksize-1)/q.Blocksize
-		packed, absmax := q.Packed[e0/2:(e1+1)/2], q.Absmax[b0:b1]
-		codec.Dequantize(orig[:m], packed, absmax, q.Blocksize)
-		clear(delta[:m])
-		sl.DeltaRows(delta[:m], r0, r1)
-		for i := 0; i < m; i++ {
-			w[i] = orig[i] + delta[i]
-		}
-		codec.Quantize(packed, absmax, w[:m], q.Blocksize)
-		codec.Dequantize(w[:m], packed, absmax, q.Blocksize)
-		for i := 0; i < m; i++ {
-			eff, want := float64(w[i])-float64(orig[i]), float64(delta[i])
-			dot += eff * want
-			norm += want * want
-			diff += (eff - want) * (eff - want)
-		}
+	scratch = int64(workers) * int64(12*n)
+	type sums struct{ dot, norm, diff float64 }
+	results := make([]sums, workers)
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for wi := 0; wi < workers; wi++ {
+		wg.Add(1)
+		go func(res *sums) {
+			defer wg.Done()
+			orig, w, delta := make([]float32, n), make([]float32, n), make([]float32, n)
+			for {
+				t := int(next.Add(1) - 1)
+				if t >= tiles {
+					return
+				}
+				r0 := t * rows
+				r1 := min(r0+rows, sl.Out)
+				e0, e1 := r0*sl.In, r1*sl.In
+				m := e1 - e0
+				b0, b1 := e0/q.Blocksize, (e1+q.Blocksize-1)/q.Blocksize
+				packed, absmax := q.Packed[e0/2:(e1+1)/2], q.Absmax[b0:b1]
+				codec.Dequantize(orig[:m], packed, absmax, q.Blocksize)
+				clear(delta[:m])
+				sl.DeltaRows(delta[:m], r0, r1)
+				for i := 0; i < m; i++ {
+					w[i] = orig[i] + delta[i]
+				}
+				codec.Quantize(packed, absmax, w[:m], q.Blocksize)
+				codec.Dequantize(w[:m], packed, absmax, q.Blocksize)
+				for i := 0; i < m; i++ {
+					eff, want := float64(w[i])-float64(orig[i]), float64(delta[i])
+					res.dot += eff * want
+					res.norm += want * want
+					res.diff += (eff - want) * (eff - want)
+				}
+			}
+		}(&results[wi])
+	}
+	wg.Wait()
+	for _, r := range results {
+		dot, norm, diff = dot+r.dot, norm+r.norm, diff+r.diff
 	}
 	return dot, norm, diff, scratch
 }
