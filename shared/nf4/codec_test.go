@@ -403,3 +403,41 @@ func TestDequantizeSpecialAbsmax(t *testing.T) {
 		}
 	}
 }
+
+// TestDynamicBuckets checks the bucket table against the binary search at
+// both ends and the middle of every bucket, around every map entry and
+// midpoint, and on random values.
+func TestDynamicBuckets(t *testing.T) {
+	b := dynamicBuckets()
+	m := DynamicMap()
+	slow := 0
+	check := func(x float32) {
+		if g, w := b.quantize(x), quantizeDynamic(&m, x); g != w {
+			t.Fatalf("bucket quantize(%v = %#08x) = %d, binary search %d", x, math.Float32bits(x), g, w)
+		}
+	}
+	for p := range uint32(1 << 16) {
+		if b.slow[p] {
+			slow++
+		}
+		for _, low := range []uint32{0, 1, 0x7fff, 0x8000, 0xfffe, 0xffff} {
+			check(fromKey(p<<16 | low))
+		}
+		if b.thr[p] != math.MaxUint32 && !b.slow[p] {
+			check(fromKey(b.thr[p]))
+			check(fromKey(b.thr[p] - 1))
+		}
+	}
+	for i := range 255 {
+		mid := float32(float32(m[i]+m[i+1]) * 0.5)
+		for _, x := range []float32{m[i], mid, math.Nextafter32(mid, -2), math.Nextafter32(mid, 2)} {
+			check(x)
+		}
+	}
+	r := rand.New(rand.NewPCG(13, 14))
+	for range 200000 {
+		check(r.Float32()*2.2 - 1.1)
+		check(math.Float32frombits(r.Uint32()))
+	}
+	t.Logf("%d of 65536 buckets use the binary search", slow)
+}

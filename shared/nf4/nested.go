@@ -1,6 +1,9 @@
 package nf4
 
-import "math"
+import (
+	"math"
+	"sync"
+)
 
 // NestedBlocksize is the block size bitsandbytes uses for the second
 // (nested) quantization of absmax.
@@ -95,6 +98,90 @@ func quantizeDynamic(code *[256]float32, x float32) byte {
 	return byte(pivot)
 }
 
+// dynBuckets accelerates quantizeDynamic over DynamicMap(). Floats are
+// ordered by key (see orderKey) and grouped by the key's top 16 bits; the
+// binary search's result is a non-decreasing step function of x, so within
+// a bucket it is code[p] below thr[p] and code[p]+1 from thr[p] on, when the
+// bucket holds at most one step (slow[p] marks buckets that hold more, and
+// those keep the binary search).
+type dynBuckets struct {
+	m    [256]float32
+	code [1 << 16]byte
+	thr  [1 << 16]uint32
+	slow [1 << 16]bool
+}
+
+var (
+	dynOnce  sync.Once
+	dynTable *dynBuckets
+)
+
+// orderKey maps float32 bits to a uint32 that orders like the values
+// (-0 just below +0; NaNs at the ends).
+func orderKey(b uint32) uint32 {
+	if b&0x80000000 != 0 {
+		return ^b
+	}
+	return b | 0x80000000
+}
+
+func fromKey(k uint32) float32 {
+	if k&0x80000000 != 0 {
+		return math.Float32frombits(k &^ 0x80000000)
+	}
+	return math.Float32frombits(^k)
+}
+
+func dynamicBuckets() *dynBuckets {
+	dynOnce.Do(func() {
+		t := &dynBuckets{m: DynamicMap()}
+		for p := range uint32(1 << 16) {
+			lo, hi := p<<16, p<<16|0xffff
+			xl, xh := fromKey(lo), fromKey(hi)
+			if xl != xl || xh != xh {
+				t.slow[p] = true // NaN keys: quantizeDynamic handles them
+				continue
+			}
+			cl, ch := quantizeDynamic(&t.m, xl), quantizeDynamic(&t.m, xh)
+			t.code[p] = cl
+			switch {
+			case ch == cl:
+				t.thr[p] = math.MaxUint32
+			case ch == cl+1:
+				// Smallest key in (lo, hi] whose code is cl+1.
+				a, b := lo, hi
+				for b-a > 1 {
+					mid := a + (b-a)/2
+					if quantizeDynamic(&t.m, fromKey(mid)) == cl {
+						a = mid
+					} else {
+						b = mid
+					}
+				}
+				t.thr[p] = b
+			default:
+				t.slow[p] = true
+			}
+		}
+		dynTable = t
+	})
+	return dynTable
+}
+
+// quantize returns quantizeDynamic(&DynamicMap(), x).
+func (t *dynBuckets) quantize(x float32) byte {
+	k := orderKey(math.Float32bits(x))
+	p := k >> 16
+	if t.slow[p] {
+		return quantizeDynamic(&t.m, x)
+	}
+	c := t.code[p]
+	if k >= t.thr[p] {
+		c++
+	}
+	return c
+}
+
 // QuantizeNested compresses float32 absmax the way bitsandbytes'
 // quantize_4bit(compress_statistics=True) does, with offset = Mean(absmax)
 // (torch's single-threaded float32 mean; see QuantizeNestedOffset to supply
@@ -113,7 +200,7 @@ func QuantizeNested(absmax []float32) (q []byte, nestedAbsmax []float32, offset 
 // gets nestedAbsmax 0 and codes 0 (0*Inf is NaN), which dequantize back to
 // exactly offset.
 func QuantizeNestedOffset(absmax []float32, offset float32) (q []byte, nestedAbsmax []float32) {
-	m := DynamicMap()
+	t := dynamicBuckets()
 	q = make([]byte, len(absmax))
 	nestedAbsmax = make([]float32, Blocks(len(absmax), NestedBlocksize))
 	shifted := make([]float32, NestedBlocksize)
@@ -131,7 +218,7 @@ func QuantizeNestedOffset(absmax []float32, offset float32) (q []byte, nestedAbs
 		nestedAbsmax[c] = am
 		inv := 1 / am
 		for i, v := range s {
-			q[lo+i] = quantizeDynamic(&m, float32(v*inv))
+			q[lo+i] = t.quantize(float32(v * inv))
 		}
 	}
 	return q, nestedAbsmax
