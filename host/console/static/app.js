@@ -184,52 +184,72 @@ async function refreshLoRAs() {
 
 function count(v) { return Array.isArray(v) ? v.length : (v ?? "–"); }
 
-function renderReport(rep) {
+function unmatchedKey(u) {
+  if (typeof u === "string") return u;
+  return u.key ? (u.reason ? `${u.key}: ${u.reason}` : u.key) : JSON.stringify(u);
+}
+
+// renderReport shows POST /v1/loras/apply's answer: {model, mode, loras,
+// path, elapsed_ns, report: {mode, loras: [{file, matched, unmatched}],
+// retention, peak_scratch_bytes, side_bytes, elapsed_ns, warnings}}.
+function renderReport(res) {
+  const rep = res.report || res;
   const box = $("lora-report");
   box.replaceChildren();
   const h = document.createElement("h3");
   h.textContent = "Last report";
   box.appendChild(h);
   const t = document.createElement("table");
-  t.innerHTML = "<thead><tr><th scope='col'>LoRA</th><th scope='col'>Matched keys</th><th scope='col'>Unmatched keys</th></tr></thead>";
+  t.id = "lora-report-table";
+  t.innerHTML = "<thead><tr><th scope='col'>LoRA</th><th scope='col'>Strength</th><th scope='col'>Matched keys</th><th scope='col'>Unmatched keys</th></tr></thead>";
   const tb = t.createTBody();
-  for (const l of rep.loras || []) {
+  (rep.loras || []).forEach((l, i) => {
     const tr = tb.insertRow();
-    cell(tr, l.name);
-    cell(tr, count(l.matched));
-    const td = cell(tr, count(l.unmatched));
+    const asked = res.report && res.loras && res.loras[i];
+    cell(tr, l.name || (asked && asked.name) || (l.file || "").split("/").pop());
+    cell(tr, l.strength !== undefined ? Number(l.strength).toFixed(2) : "");
+    cell(tr, count(l.matched)).className = "matched";
+    const td = cell(tr, count(l.unmatched || []));
+    td.className = "unmatched";
     if (Array.isArray(l.unmatched) && l.unmatched.length) {
       const d = document.createElement("details");
       const s = document.createElement("summary");
       s.textContent = "keys";
       d.appendChild(s);
       const pre = document.createElement("pre");
-      pre.textContent = l.unmatched.join("\n");
+      pre.textContent = l.unmatched.map(unmatchedKey).join("\n");
       d.appendChild(pre);
       td.appendChild(d);
     }
-  }
+  });
   box.appendChild(t);
   const dl = document.createElement("dl");
   dl.className = "figures";
-  const fig = (k, v) => {
+  const fig = (k, v, id) => {
     const dt = document.createElement("dt"); dt.textContent = k;
     const dd = document.createElement("dd"); dd.textContent = v;
+    if (id) dd.id = id;
     dl.append(dt, dd);
   };
-  fig("Mode", rep.mode || "–");
-  if (rep.retention !== undefined && rep.retention !== null) {
-    fig("Retention", typeof rep.retention === "number" ? rep.retention.toFixed(4) : JSON.stringify(rep.retention));
-  }
-  const secs = rep.seconds ?? (rep.took_ms !== undefined ? rep.took_ms / 1000 : undefined);
-  fig("Time", secs !== undefined ? `${secs.toFixed(3)} s` : (rep.took || "–"));
+  fig("Mode", rep.mode || res.mode || "–", "lora-report-mode");
+  if (rep.layers_touched !== undefined) fig("Layers touched", rep.layers_touched);
+  fig("Retention", typeof rep.retention === "number" ? rep.retention.toFixed(4) : "– (side mode is exact)");
+  const ns = rep.elapsed_ns ?? res.elapsed_ns;
+  fig("Time", ns !== undefined ? `${(ns / 1e6).toFixed(1)} ms` : "–");
   fig("Peak scratch", bytes(rep.peak_scratch_bytes));
+  if (rep.side_bytes) fig("Side factors", bytes(rep.side_bytes));
   box.appendChild(dl);
+  for (const w of rep.warnings || []) {
+    const p = document.createElement("p");
+    p.className = "muted";
+    p.textContent = "warning: " + w;
+    box.appendChild(p);
+  }
   const raw = document.createElement("details");
   const s = document.createElement("summary");
   s.textContent = "raw report";
   const pre = document.createElement("pre");
-  pre.textContent = JSON.stringify(rep, null, 2);
+  pre.textContent = JSON.stringify(res, null, 2);
   raw.append(s, pre);
   box.appendChild(raw);
 }

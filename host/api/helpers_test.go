@@ -1,0 +1,168 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/arenahost/arenahost/host/server"
+	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/shared/safetensors"
+)
+
+var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+type fixture struct {
+	s    *server.Server
+	api  *API
+	srv  *httptest.Server
+	data string
+}
+
+// newFixture starts a real server (arena, registry with the sample model,
+// plugins from pluginsDir) behind a real listener.
+func newFixture(t *testing.T, pluginsDir string, o Options) *fixture {
+	t.Helper()
+	data := t.TempDir()
+	ctx := context.Background()
+	s, err := server.New(ctx, server.Config{DataDir: data, PluginsDir: pluginsDir, ArenaCapacity: 1 << 30, Samples: true, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close(ctx) })
+	a := NewWithOptions(s, quiet, o)
+	srv := httptest.NewServer(a)
+	t.Cleanup(srv.Close)
+	return &fixture{s: s, api: a, srv: srv, data: data}
+}
+
+type call struct {
+	method, path, body string
+	header             map[string]string
+}
+
+// do sends c and returns the status and the body.
+func (f *fixture) do(t *testing.T, c call) (int, []byte, http.Header) {
+	t.Helper()
+	var body io.Reader
+	if c.body != "" {
+		body = strings.NewReader(c.body)
+	}
+	req, err := http.NewRequest(c.method, f.srv.URL+c.path, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range c.header {
+		req.Header.Set(k, v)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", c.method, c.path, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: read body: %v", c.method, c.path, err)
+	}
+	return resp.StatusCode, b, resp.Header
+}
+
+// wantError checks an error response: JSON {error, code, detail}.
+func wantError(t *testing.T, c call, status int, b []byte, code, detail string) {
+	t.Helper()
+	var e Error
+	if err := json.Unmarshal(b, &e); err != nil {
+		t.Fatalf("%s %s: error body is not JSON: %v: %s", c.method, c.path, err, b)
+	}
+	if e.Error != http.StatusText(status) || (code != "" && e.Code != code) || !strings.Contains(e.Detail, detail) {
+		t.Fatalf("%s %s: error %+v, want code %q and detail containing %q", c.method, c.path, e, code, detail)
+	}
+}
+
+var (
+	goHelloOnce sync.Once
+	goHelloBin  string
+	goHelloErr  error
+)
+
+// goHelloPlugins builds the Go SDK's go-hello example once and installs it
+// into a fresh plugins directory (DIR/go-hello/{go-hello,plugin.json}).
+func goHelloPlugins(t *testing.T) string {
+	t.Helper()
+	root := testenv.RepoRoot(t)
+	goHelloOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "arenahost-api-go-hello-")
+		if err != nil {
+			goHelloErr = err
+			return
+		}
+		goHelloBin = filepath.Join(dir, "go-hello")
+		cmd := exec.Command("go", "build", "-o", goHelloBin, "./sdk/examples/go-hello")
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			goHelloErr = &buildError{err: err, out: string(out)}
+		}
+	})
+	if goHelloErr != nil {
+		t.Fatalf("build go-hello: %v", goHelloErr)
+	}
+	plugins := t.TempDir()
+	dst := filepath.Join(plugins, "go-hello")
+	if err := os.MkdirAll(dst, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	bin, err := os.ReadFile(goHelloBin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dst, "go-hello"), bin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	man, err := os.ReadFile(filepath.Join(root, "sdk", "examples", "go-hello", "plugin.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dst, "plugin.json"), man, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return plugins
+}
+
+type buildError struct {
+	err error
+	out string
+}
+
+func (e *buildError) Error() string { return e.err.Error() + ": " + e.out }
+
+// writeLoRA writes a small kohya-format Flux LoRA (rank 2, two modules).
+func writeLoRA(t *testing.T, path string, meta map[string]string) {
+	t.Helper()
+	f32 := func(n int) []byte { return make([]byte, 4*n) }
+	var ts []safetensors.WriteTensor
+	for _, m := range []struct {
+		key     string
+		in, out int64
+	}{{"lora_unet_double_blocks_0_img_attn_proj", 64, 64}, {"lora_unet_single_blocks_0_linear2", 320, 64}} {
+		ts = append(ts,
+			safetensors.WriteTensor{Name: m.key + ".lora_down.weight", DType: "F32", Shape: []int64{2, m.in}, Data: f32(int(2 * m.in))},
+			safetensors.WriteTensor{Name: m.key + ".lora_up.weight", DType: "F32", Shape: []int64{m.out, 2}, Data: f32(int(2 * m.out))},
+			safetensors.WriteTensor{Name: m.key + ".alpha", DType: "F32", Shape: []int64{}, Data: f32(1)},
+		)
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := safetensors.WriteFile(path, meta, ts); err != nil {
+		t.Fatal(err)
+	}
+}
