@@ -172,6 +172,16 @@ func fluxConfig(l layout.Layout, shapes map[string][]int) (layout.FluxConfig, er
 			shapes[n] = []int{hidden, 1}
 		}
 	}
+	if mlpName := pick("double_blocks.0.img_mlp.0.weight", "transformer_blocks.0.ff.net.0.proj.weight"); shapes[mlpName] == nil {
+		mlp := 4 * hidden // placeholder: no layer of this slice uses it
+		if s, ok := shapes[pick("single_blocks.0.linear1.weight", "single_transformer_blocks.0.proj_mlp.weight")]; ok {
+			mlp = s[0]
+			if bfl {
+				mlp -= 3 * hidden
+			}
+		}
+		shapes[mlpName] = []int{mlp, hidden}
+	}
 	shapes[pick("double_blocks.0.img_attn.norm.query_norm.scale", "transformer_blocks.0.attn.norm_q.weight")] = []int{hidden}
 	shapes[pick("single_blocks.0.norm.query_norm.scale", "single_transformer_blocks.0.attn.norm_q.weight")] = []int{hidden}
 	return layout.FluxConfigFromShapes(l, shapes)
@@ -308,4 +318,16 @@ func pieceNames(ps []Piece) string {
 		s = append(s, p.Layer)
 	}
 	return strings.Join(s, ", ")
+}
+
+// Strict returns an error listing every unmatched key (apply --strict).
+func (mp *Mapping) Strict() error {
+	if len(mp.Unmatched) == 0 {
+		return nil
+	}
+	var keys []string
+	for _, u := range mp.Unmatched {
+		keys = append(keys, u.Key+" ("+u.Reason+")")
+	}
+	return fmt.Errorf("lora %s: %d unmatched keys under --strict: %s", filepath.Base(mp.File.Path), len(keys), strings.Join(keys, "; "))
 }
