@@ -46,9 +46,11 @@ const (
 	// spatial factor, so that by default the preview has the image's size.
 	DefaultScale = 8
 	// DefaultMaxSide caps the longer output side when Options.MaxSide is 0.
-	// 512 is ComfyUI's --preview-size default; it keeps render + JPEG for a
-	// 1024² FLUX latent within the 30 ms preview budget on 2 cores (JPEG of a
-	// full 1024² frame alone costs ~25 ms on one core).
+	// 512 is ComfyUI's --preview-size default. Render + JPEG of a 1024² FLUX
+	// latent costs ~12 ms of CPU at 512² but ~25 ms at the full 1024² (JPEG
+	// alone ~19 ms, split over the cores), so the full size only fits the
+	// 30 ms preview budget with both of 2 cores free (BenchmarkRenderFlux).
+	// Jobs that want the image size ask for it with MaxSide.
 	DefaultMaxSide = 512
 	// MaxSideLimit is the largest output side Render accepts.
 	MaxSideLimit = 8192
