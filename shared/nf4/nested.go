@@ -185,7 +185,7 @@ func (t *dynBuckets) quantize(x float32) byte {
 // QuantizeNested compresses float32 absmax the way bitsandbytes'
 // quantize_4bit(compress_statistics=True) does, with offset = Mean(absmax)
 // (torch's single-threaded float32 mean; see QuantizeNestedOffset to supply
-// another, e.g. MeanThreads).
+// another, e.g. TorchMean with torch's thread count).
 func QuantizeNested(absmax []float32) (q []byte, nestedAbsmax []float32, offset float32) {
 	offset = Mean(absmax)
 	q, nestedAbsmax = QuantizeNestedOffset(absmax, offset)
@@ -239,31 +239,31 @@ func DequantizeNested(dst []float32, q []byte, nestedAbsmax []float32, nestedMap
 }
 
 // Mean returns the float32 mean of x the way torch computes tensor.mean() of
-// a contiguous float32 CPU tensor on an AVX2 build: the cascade sum of
-// aten/src/ATen/native/cpu/SumKernel.cpp over 8-lane vectors (four
-// interleaved accumulators, four cascade levels), the scalar tail, then the
-// lanes in order, then one float32 division by len(x). Torch splits inputs
-// of 32768 elements or more across its threads and sums the per-thread
-// results, so for those the last ulp can depend on torch's thread count;
-// this function reproduces the single-threaded order. Empty input gives NaN.
-func Mean(x []float32) float32 {
-	return torchSum(x) / float32(len(x))
-}
+// a contiguous float32 CPU tensor on one thread of an AVX2 build:
+// TorchMean(x, 1, 8). Empty input gives NaN.
+func Mean(x []float32) float32 { return TorchMean(x, 1, 8) }
 
 // torchGrainSize is at::internal::GRAIN_SIZE: reductions over fewer
 // elements run on one thread.
 const torchGrainSize = 32768
 
-// MeanThreads returns torch's float32 CPU mean as computed with threads
-// intra-op threads (torch.get_num_threads()): for 32768 elements or more,
-// torch's two-pass reduction sums nt = min(threads, ceil(n/32768)) chunks
-// of ceil(n/nt) elements into a threads-long buffer of partial sums, then
-// sums that buffer, each sum with the cascade of Mean. With threads <= 1,
-// or fewer elements, it equals Mean.
-func MeanThreads(x []float32, threads int) float32 {
+// TorchMean reproduces torch's float32 CPU tensor.mean() bit for bit:
+// the sum of aten/src/ATen/native/cpu/SumKernel.cpp (cascade_sum: lanes-wide
+// vectors — Vectorized<float>::size(), 8 on AVX2 and DEFAULT builds, 16 on
+// AVX512 — summed with four interleaved accumulators and four cascade
+// levels, then the scalar tail, then the lanes in order), divided once by
+// len(x) in float32. threads is torch.get_num_threads(): inputs of 32768
+// elements or more are then summed in nt = min(threads, ceil(n/32768))
+// chunks of ceil(n/nt) (the two-pass reduction), and the threads-long
+// buffer of partial sums is summed the same way. lanes must be 8 or 16.
+// Empty input gives NaN.
+func TorchMean(x []float32, threads, lanes int) float32 {
+	if lanes != 16 {
+		lanes = 8
+	}
 	n := len(x)
 	if threads <= 1 || n < torchGrainSize {
-		return Mean(x)
+		return torchSum(x, lanes) / float32(n)
 	}
 	nt := min(threads, (n+torchGrainSize-1)/torchGrainSize)
 	chunk := (n + nt - 1) / nt
@@ -273,14 +273,13 @@ func MeanThreads(x []float32, threads int) float32 {
 		if lo >= n {
 			break
 		}
-		buf[i] = torchSum(x[lo:min(n, lo+chunk)])
+		buf[i] = torchSum(x[lo:min(n, lo+chunk)], lanes)
 	}
-	return torchSum(buf) / float32(n)
+	return torchSum(buf, lanes) / float32(n)
 }
 
-const vecLanes = 8 // Vectorized<float>::size() on AVX2 (and the DEFAULT build)
-
-type vec [vecLanes]float32
+// vec is one Vectorized<float>; only the first lanes entries are used.
+type vec [16]float32
 
 func (v *vec) add(w *vec) {
 	for i := range v {
@@ -289,14 +288,14 @@ func (v *vec) add(w *vec) {
 }
 
 // torchSum is SumKernel.cpp's cascade_sum for one contiguous row.
-func torchSum(x []float32) float32 {
+func torchSum(x []float32, lanes int) float32 {
 	n := len(x)
-	if n < vecLanes {
+	if n < lanes {
 		return scalarRowSum(x)
 	}
-	nv := n / vecLanes
+	nv := n / lanes
 	load := func(i int) (v vec) {
-		copy(v[:], x[i*vecLanes:(i+1)*vecLanes])
+		copy(v[:lanes], x[i*lanes:(i+1)*lanes])
 		return v
 	}
 	// row_sum over nv vectors with ilp_factor 4.
@@ -311,10 +310,10 @@ func torchSum(x []float32) float32 {
 		acc[0].add(&acc[k])
 	}
 	var final float32
-	for k := nv * vecLanes; k < n; k++ {
+	for k := nv * lanes; k < n; k++ {
 		final += x[k]
 	}
-	for _, l := range acc[0] {
+	for _, l := range acc[0][:lanes] {
 		final += l
 	}
 	return final

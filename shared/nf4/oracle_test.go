@@ -7,6 +7,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 
@@ -180,9 +181,14 @@ func TestBnbFiles(t *testing.T) {
 						}
 					}
 				}
-				if diff != 0 {
-					t.Errorf("stored nested_quant_map differs from DynamicMap() in %d of 256 entries", diff)
+				// The reference documents last-ulp variants between torch
+				// builds (FMA or not); report those, fail on anything else.
+				for i := range m {
+					if d := int64(math.Float32bits(m[i])) - int64(math.Float32bits(dyn[i])); d < -1 || d > 1 {
+						t.Errorf("nested_quant_map[%d] = %v, DynamicMap %v: more than one ulp apart", i, m[i], dyn[i])
+					}
 				}
+				t.Logf("stored nested_quant_map differs from DynamicMap() in %d of 256 entries (by at most one ulp)", diff)
 			}
 			qm := f.f32(t, w.Keys.QuantMap)
 			for i, v := range qm {
@@ -191,6 +197,7 @@ func TestBnbFiles(t *testing.T) {
 				}
 			}
 			exp := readST(t, filepath.Join(dir, "case_"+c.Name+".expect.safetensors"))
+			checkEncodeMatchesFile(t, f, w, denseF32(t, exp, "input"))
 			got, err := w.DequantizeDType(f.read)
 			if err != nil {
 				t.Fatal(err)
@@ -417,25 +424,30 @@ func TestNestedAgainstBnb(t *testing.T) {
 }
 
 // TestMeanAgainstTorch compares Mean with torch's float32 tensor.mean() on
-// the CPU single-threaded, and MeanThreads with torch's default thread
-// count and with 4 threads; all must be bit-identical.
+// the CPU single-threaded, and TorchMean with torch's default thread
+// count and with 4 threads; all must be bit-identical. The vector width
+// follows the CPU capability torch reports (8 lanes, 16 on AVX512).
 func TestMeanAgainstTorch(t *testing.T) {
 	dir, man := oracle(t)
 	f := readST(t, filepath.Join(dir, "mean.safetensors"))
+	lanes := 8
+	if strings.HasPrefix(man.CPUCapability, "AVX512") {
+		lanes = 16
+	}
 	for _, n := range man.MeanSizes {
 		x := f.f32(t, fmt.Sprintf("in.%d", n))
-		got := Mean(x)
+		got := TorchMean(x, 1, lanes)
 		one := f.f32(t, fmt.Sprintf("out1.%d", n))[0]
 		if math.Float32bits(got) != math.Float32bits(one) {
 			t.Errorf("n=%d: Mean = %v (%#08x), torch 1 thread %v (%#08x)", n, got, math.Float32bits(got), one, math.Float32bits(one))
 		}
 		def := f.f32(t, fmt.Sprintf("out.%d", n))[0]
-		if g := MeanThreads(x, man.Threads); math.Float32bits(g) != math.Float32bits(def) {
-			t.Errorf("n=%d: MeanThreads(%d) = %#08x, torch with %d threads %#08x", n, man.Threads, math.Float32bits(g), man.Threads, math.Float32bits(def))
+		if g := TorchMean(x, man.Threads, lanes); math.Float32bits(g) != math.Float32bits(def) {
+			t.Errorf("n=%d: TorchMean(%d threads) = %#08x, torch with %d threads %#08x", n, man.Threads, math.Float32bits(g), man.Threads, math.Float32bits(def))
 		}
 		four := f.f32(t, fmt.Sprintf("out4.%d", n))[0]
-		if g := MeanThreads(x, 4); math.Float32bits(g) != math.Float32bits(four) {
-			t.Errorf("n=%d: MeanThreads(4) = %#08x, torch with 4 threads %#08x", n, math.Float32bits(g), math.Float32bits(four))
+		if g := TorchMean(x, 4, lanes); math.Float32bits(g) != math.Float32bits(four) {
+			t.Errorf("n=%d: TorchMean(4 threads) = %#08x, torch with 4 threads %#08x", n, math.Float32bits(g), math.Float32bits(four))
 		}
 		if math.Float32bits(got) != math.Float32bits(def) {
 			t.Logf("n=%d: single-threaded Mean %#08x differs from torch with %d threads %#08x", n, math.Float32bits(got), man.Threads, math.Float32bits(def))
@@ -454,4 +466,44 @@ func isZero(b []byte) bool {
 
 func isNegZero(b []byte) bool {
 	return b[len(b)-1] == 0x80 && isZero(b[:len(b)-1])
+}
+
+// checkEncodeMatchesFile encodes bnb's dense input with Encode and compares
+// the entries with the tensors bnb wrote: same keys, dtypes and shapes
+// (uint8 storage only), same quant_map and nested map, and for NF4 the same
+// packed codes and float32 absmax; non-nested NF4 entries must be byte for
+// byte what bnb wrote, JSON included. Nested codes are not compared here
+// (see TestNestedAgainstBnb), but the offset in the JSON must match.
+func checkEncodeMatchesFile(t *testing.T, f *stFile, w Weight, input []float32) {
+	t.Helper()
+	st := w.State
+	e, err := EncodeType(input, st.Shape, string(st.DType), st.Blocksize, st.Nested, st.QuantType)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.meta[w.Keys.Weight].DType != "U8" {
+		return // quant_storage other than uint8: Entries writes uint8
+	}
+	for _, en := range e.Entries(w.Name) {
+		m, ok := f.meta[en.Key]
+		if !ok {
+			t.Errorf("Encode entry %s not in bnb's file", en.Key)
+			continue
+		}
+		if m.DType != en.DType || fmt.Sprint(m.Shape) != fmt.Sprint(en.Shape) {
+			t.Errorf("%s: Encode %s %v, bnb %s %v", en.Key, en.DType, en.Shape, m.DType, m.Shape)
+		}
+		same := string(f.data[en.Key]) == string(en.Data)
+		switch {
+		case en.Key == w.Keys.Absmax && st.Nested, en.Key == w.Keys.NestedAbsmax:
+			// Depends on the nested codes' rule (CUDA vs bnb's CPU LUT).
+		case en.Key == w.Keys.Weight && st.QuantType == QuantFP4:
+			// FP4 codes differ at known rule differences (TestQuantizeFP4AgainstBnb).
+		case !same:
+			t.Errorf("%s: Encode bytes differ from bnb's", en.Key)
+		}
+	}
+	if len(e.Entries(w.Name)) != len(w.Keys.All()) {
+		t.Errorf("Encode wrote %d entries, bnb %d", len(e.Entries(w.Name)), len(w.Keys.All()))
+	}
 }
