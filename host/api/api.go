@@ -93,8 +93,12 @@ func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
 	a.mux.HandleFunc("POST /v1/plugins/{name}/reload", a.reload)
 	a.mux.HandleFunc("GET /v1/plugins/{name}/logs", a.pluginLogs)
 	a.mux.HandleFunc("GET /v1/loras", a.listLoRAs)
+	a.mux.HandleFunc("POST /v1/loras/apply", a.applyLoRAs)
+	a.mux.HandleFunc("DELETE /v1/loras", a.removeLoRAs)
+	a.mux.HandleFunc("GET /v1/loras/state", a.loraState)
 	a.mux.HandleFunc("GET /sdapi/v1/loras", a.sdapiLoRAs)
 	a.mux.Handle("GET /metrics", a.Metrics.Handler())
+	a.jobRoutes() // jobs.go: jobs, previews, A1111 progress, ComfyUI websocket
 	a.mux.HandleFunc("/v1/", a.notFound)
 	a.mux.HandleFunc("/sdapi/", a.notFound)
 	a.mux.Handle("/", a.consoleOr404(console.Handler()))

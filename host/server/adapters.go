@@ -67,8 +67,9 @@ func regionFromProto(r *pluginv1.Region) arena.Region {
 
 // lookup serves the Host service's LookupTensors from the registry.
 type lookup struct {
-	reg *registry.Registry
-	loc registry.Locator
+	reg      *registry.Registry
+	loc      registry.Locator
+	bindings *registry.Bindings // nil: no LoRA factors are ever bound
 }
 
 func (l lookup) LookupTensors(_ context.Context, req *pluginv1.LookupTensorsRequest) (*pluginv1.LookupTensorsResponse, error) {
@@ -104,6 +105,46 @@ func (l lookup) LookupTensors(_ context.Context, req *pluginv1.LookupTensorsRequ
 			return nil, err
 		}
 		resp.Tensors = append(resp.Tensors, d)
+		if req.GetIncludeFactors() && l.bindings != nil && t.Quant != nil {
+			lf, err := l.factors(model, t.Name)
+			if err != nil {
+				return nil, err
+			}
+			if lf != nil {
+				resp.Factors = append(resp.Factors, lf)
+			}
+		}
 	}
 	return resp, nil
+}
+
+// factors returns the side factors bound to weight, read-only, or nil.
+func (l lookup) factors(model, weight string) (*pluginv1.LayerFactors, error) {
+	f, gen, ok := l.bindings.Get(model, weight)
+	if !ok {
+		return nil, nil
+	}
+	lf := &pluginv1.LayerFactors{Layer: weight, BindingGeneration: gen}
+	for i, t := range []*registry.Tensor{
+		{Name: weight + ".lora_A", DType: "F32", Shape: []int64{int64(f.Rank), int64(f.In)}, Region: f.A, NBytes: uint64(4 * f.Rank * f.In)},
+		{Name: weight + ".lora_B", DType: "F32", Shape: []int64{int64(f.Out), int64(f.Rank)}, Region: f.B, NBytes: uint64(4 * f.Out * f.Rank)},
+	} {
+		d, err := registry.DescriptorOf(l.loc, model, t, pluginv1.Access_ACCESS_READ_ONLY)
+		if err != nil {
+			return nil, fmt.Errorf("factors of %s: %w", weight, err)
+		}
+		if i == 0 {
+			lf.A = d
+		} else {
+			lf.B = d
+		}
+	}
+	return lf, nil
+}
+
+// LookupTensors answers a Host-service lookup as a plugin would get it
+// (descriptors read-only, bound LoRA factors with include_factors): for
+// in-process callers and tests.
+func (s *Server) LookupTensors(ctx context.Context, req *pluginv1.LookupTensorsRequest) (*pluginv1.LookupTensorsResponse, error) {
+	return lookup{reg: s.Registry, loc: s.Arena, bindings: s.Bindings}.LookupTensors(ctx, req)
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/job"
+	"github.com/arenahost/arenahost/host/lora"
 	"github.com/arenahost/arenahost/host/plugin"
 	"github.com/arenahost/arenahost/host/registry"
 	"github.com/arenahost/arenahost/host/samples"
@@ -65,6 +66,10 @@ type Server struct {
 	Plugins  *plugin.Manager
 	// Jobs runs pipeline jobs and receives what plugins publish.
 	Jobs *job.Manager
+	// Bindings holds the LoRA side factors bound to the models' weights;
+	// LoRAs applies LoRA sets through the lora-nf4 plugin.
+	Bindings *registry.Bindings
+	LoRAs    *lora.Coordinator
 }
 
 // New builds a Server: it creates the arena, writes and loads the sample
@@ -88,6 +93,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 		}
 	}()
 	s.Registry = registry.New(ar, log)
+	s.Bindings = registry.NewBindings(ar)
 	for _, d := range []string{cfg.ModelsDir, cfg.LoRAsDir} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, fmt.Errorf("create %s: %w", d, err)
@@ -104,10 +110,11 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 		Env:       cfg.PluginEnv,
 		Logger:    log,
 		Arena:     arenaLeases{ar},
-		Registry:  lookup{reg: s.Registry, loc: ar},
+		Registry:  lookup{reg: s.Registry, loc: ar, bindings: s.Bindings},
 		Publisher: s.Jobs,
 	})
 	s.Jobs.Attach(s.Plugins)
+	s.LoRAs = lora.New(s.Registry, s.Bindings, ar, s.Plugins, log)
 	if cfg.PluginsDir != "" {
 		if err := s.Plugins.Load(ctx); err != nil {
 			return nil, fmt.Errorf("load plugins from %s: %w", cfg.PluginsDir, err)
@@ -147,6 +154,12 @@ func (s *Server) loadSample(ctx context.Context) error {
 			return err
 		}
 		s.log.Info("wrote sample model", "path", path, "took", time.Since(start).Round(time.Millisecond))
+	}
+	if _, err := os.Stat(filepath.Join(s.cfg.LoRAsDir, samples.KohyaLoRAFile)); errors.Is(err, os.ErrNotExist) {
+		if err := samples.WriteLoRAs(s.cfg.LoRAsDir, 1); err != nil {
+			return err
+		}
+		s.log.Info("wrote sample LoRAs", "dir", s.cfg.LoRAsDir, "files", []string{samples.KohyaLoRAFile, samples.PEFTLoRAFile})
 	}
 	if s.cfg.LoadProgress != nil {
 		if st, err := os.Stat(path); err == nil {

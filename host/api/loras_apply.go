@@ -1,0 +1,98 @@
+package api
+
+import (
+	"errors"
+	"net/http"
+
+	"github.com/arenahost/arenahost/host/lora"
+)
+
+// ApplyLoRA is one LoRA of POST /v1/loras/apply: a name (or path relative
+// to the LoRA directory, with or without ".safetensors") and its strength
+// (1 when omitted).
+type ApplyLoRA struct {
+	Name     string   `json:"name"`
+	Strength *float64 `json:"strength,omitempty"`
+}
+
+// ApplyRequest is the body of POST /v1/loras/apply. An empty set removes
+// every LoRA.
+type ApplyRequest struct {
+	Model  string      `json:"model,omitempty"`
+	LoRAs  []ApplyLoRA `json:"loras"`
+	Mode   string      `json:"mode,omitempty"` // "side" (default, exact) or "fuse"
+	Strict bool        `json:"strict,omitempty"`
+}
+
+// loraStatus answers LoRA errors with their class: a bad file or request
+// is 422 bad_lora, an unsupported combination 409 unsupported.
+func loraStatus(err error) error {
+	switch {
+	case errors.Is(err, lora.ErrBadLoRA):
+		return &StatusError{Status: http.StatusUnprocessableEntity, Code: "bad_lora", Err: err}
+	case errors.Is(err, lora.ErrUnsupported):
+		return &StatusError{Status: http.StatusConflict, Code: "unsupported", Err: err}
+	}
+	return err
+}
+
+func (a *API) applyLoRAs(w http.ResponseWriter, r *http.Request) {
+	var req ApplyRequest
+	if err := decode(r, &req); err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	if a.s.LoRAs == nil {
+		a.fail(w, r, &StatusError{Status: http.StatusServiceUnavailable, Code: "no_lora_engine", Err: errors.New("this host runs no LoRA coordinator")})
+		return
+	}
+	lr := lora.Request{Model: req.Model, Mode: req.Mode, Strict: req.Strict}
+	for i, l := range req.LoRAs {
+		if l.Name == "" {
+			a.fail(w, r, badRequest("loras[%d]: name is empty", i))
+			return
+		}
+		p, err := a.LoRAPath(l.Name)
+		if err != nil {
+			a.fail(w, r, err)
+			return
+		}
+		s := 1.0
+		if l.Strength != nil {
+			s = *l.Strength
+		}
+		lr.LoRAs = append(lr.LoRAs, lora.Entry{Name: l.Name, Path: p, Strength: s})
+	}
+	res, err := a.s.LoRAs.Apply(r.Context(), lr)
+	if err != nil {
+		a.fail(w, r, loraStatus(err))
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+func (a *API) removeLoRAs(w http.ResponseWriter, r *http.Request) {
+	if a.s.LoRAs == nil {
+		a.fail(w, r, &StatusError{Status: http.StatusServiceUnavailable, Code: "no_lora_engine", Err: errors.New("this host runs no LoRA coordinator")})
+		return
+	}
+	res, err := a.s.LoRAs.Remove(r.Context(), r.URL.Query().Get("model"))
+	if err != nil {
+		a.fail(w, r, loraStatus(err))
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+func (a *API) loraState(w http.ResponseWriter, r *http.Request) {
+	if a.s.LoRAs == nil {
+		a.fail(w, r, &StatusError{Status: http.StatusServiceUnavailable, Code: "no_lora_engine", Err: errors.New("this host runs no LoRA coordinator")})
+		return
+	}
+	st, err := a.s.LoRAs.State(r.URL.Query().Get("model"))
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, st)
+}

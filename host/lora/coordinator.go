@@ -1,0 +1,728 @@
+// Package lora owns the host's side of LoRA application: the coordinator
+// that validates an apply, calls the lora-nf4 plugin with the model's
+// descriptors, binds the side factors it returns to the model's weights in
+// one atomic swap (registry.Bindings), and, for fuse mode, journals each
+// weight's original packed bytes and absmax in host-owned arena regions
+// before the plugin rewrites it under the model's write lock, so remove
+// and every failure (a bad file, a full arena, a plugin killed mid-apply)
+// restore the bytes exactly. Applies are serialized per model and all or
+// nothing. It also holds the NF4 codec the offline merge uses.
+package lora
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/vmihailenco/msgpack/v5"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/host/plugin"
+	"github.com/arenahost/arenahost/host/registry"
+	slora "github.com/arenahost/arenahost/shared/lora"
+	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
+)
+
+// Errors an apply returns, wrapped with the step, the LoRA file and key.
+var (
+	// ErrBadLoRA: a LoRA file or the request is wrong (truncated file,
+	// shape mismatch, NaN, unmatched key under strict…).
+	ErrBadLoRA = errors.New("bad LoRA")
+	// ErrUnsupported: the request is valid but cannot be applied this way
+	// (fuse on nested absmax, mixed quant types).
+	ErrUnsupported = errors.New("unsupported")
+)
+
+// Plugins calls plugin methods; *plugin.Manager satisfies it.
+type Plugins interface {
+	Call(ctx context.Context, name, method string, args []byte, tensors []*pluginv1.TensorDescriptor) (*plugin.Reply, error)
+}
+
+// Memory is what the coordinator needs from the arena; *arena.Arena
+// satisfies it.
+type Memory interface {
+	Alloc(owner arena.Owner, name string, n uint64) (arena.Region, error)
+	Free(r arena.Region) error
+	Bytes(r arena.Region) ([]byte, error)
+	Transfer(r arena.Region, to arena.Owner) (arena.Region, error)
+	Location(r arena.Region) (arena.Location, error)
+}
+
+// Entry is one LoRA of a set.
+type Entry struct {
+	// Name is what the request called it (a name in the LoRA directory);
+	// Path the confined file path the plugin reads.
+	Name     string  `json:"name,omitempty"`
+	Path     string  `json:"path"`
+	Strength float64 `json:"strength"`
+}
+
+// Request is an apply.
+type Request struct {
+	Model  string  `json:"model,omitempty"` // "" is the default model
+	LoRAs  []Entry `json:"loras"`
+	Mode   string  `json:"mode,omitempty"` // side (default) or fuse
+	Strict bool    `json:"strict,omitempty"`
+	// TileElems bounds the fused pass's tile (0: shared/lora's default).
+	TileElems int `json:"-"`
+}
+
+// State is what a model holds now.
+type State struct {
+	Model string  `json:"model"`
+	Mode  string  `json:"mode,omitempty"` // "" when no LoRA is applied
+	LoRAs []Entry `json:"loras"`
+	// Strict is the strict flag of the applied set.
+	Strict bool `json:"strict,omitempty"`
+	// BindingGeneration changes whenever the bound side factors change.
+	BindingGeneration uint64 `json:"binding_generation,omitempty"`
+	// Fused lists the weights fused (fuse mode).
+	Fused []string `json:"fused,omitempty"`
+	// JournalBytes is the arena the fuse journal holds.
+	JournalBytes uint64        `json:"journal_bytes,omitempty"`
+	Report       *slora.Report `json:"report,omitempty"`
+}
+
+// Result is the outcome of an apply or remove.
+type Result struct {
+	State
+	// NoOp says the request matched the current state and nothing ran.
+	NoOp bool `json:"noop"`
+	// Path says how it ran: "apply", "set_strengths", "remove" or "noop".
+	Path    string        `json:"path"`
+	Elapsed time.Duration `json:"elapsed_ns"`
+}
+
+// Coordinator applies LoRA sets to the registry's models through the
+// plugin. All methods are safe for concurrent use; applies to one model
+// are serialized.
+type Coordinator struct {
+	// Plugin is the plugin to call (PluginName by default).
+	Plugin string
+
+	reg      *registry.Registry
+	bindings *registry.Bindings
+	mem      Memory
+	plugins  Plugins
+	log      *slog.Logger
+
+	mu     sync.Mutex
+	models map[string]*modelState
+}
+
+type journalEntry struct{ packed, absmax arena.Region }
+
+type modelState struct {
+	mu      sync.Mutex
+	state   State
+	journal map[string]journalEntry // by weight key
+}
+
+// New returns a coordinator over the registry's models, the factor
+// bindings, the arena and the plugin manager.
+func New(reg *registry.Registry, b *registry.Bindings, mem Memory, plugins Plugins, log *slog.Logger) *Coordinator {
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Coordinator{Plugin: PluginName, reg: reg, bindings: b, mem: mem, plugins: plugins, log: log, models: map[string]*modelState{}}
+}
+
+// DefaultModel is the model an empty name means.
+const DefaultModel = "sample"
+
+func modelName(m string) string {
+	if m == "" {
+		return DefaultModel
+	}
+	return m
+}
+
+func (c *Coordinator) model(name string) (*modelState, error) {
+	if _, ok := c.reg.Model(name); !ok {
+		return nil, fmt.Errorf("model %q: %w", name, registry.ErrNotFound)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	ms := c.models[name]
+	if ms == nil {
+		ms = &modelState{state: State{Model: name}, journal: map[string]journalEntry{}}
+		c.models[name] = ms
+	}
+	return ms, nil
+}
+
+// State returns what model holds now.
+func (c *Coordinator) State(model string) (State, error) {
+	ms, err := c.model(modelName(model))
+	if err != nil {
+		return State{}, err
+	}
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	return cloneState(ms.state), nil
+}
+
+func cloneState(s State) State {
+	s.LoRAs = slices.Clone(s.LoRAs)
+	s.Fused = slices.Clone(s.Fused)
+	if s.LoRAs == nil {
+		s.LoRAs = []Entry{}
+	}
+	return s
+}
+
+func (c *Coordinator) call(ctx context.Context, method string, args any, tensors []*pluginv1.TensorDescriptor, out any) (*plugin.Reply, error) {
+	raw, err := msgpack.Marshal(args)
+	if err != nil {
+		return nil, fmt.Errorf("encode %s arguments: %w", method, err)
+	}
+	rep, err := c.plugins.Call(ctx, c.Plugin, method, raw, tensors)
+	if err != nil {
+		return nil, classify(err)
+	}
+	if out != nil {
+		if err := msgpack.Unmarshal(rep.Result, out); err != nil {
+			return rep, fmt.Errorf("decode %s.%s result: %w", c.Plugin, method, err)
+		}
+	}
+	return rep, nil
+}
+
+// classify maps the plugin's gRPC codes to the package's errors.
+func classify(err error) error {
+	switch status.Code(err) {
+	case codes.InvalidArgument:
+		return fmt.Errorf("%w: %w", ErrBadLoRA, err)
+	case codes.FailedPrecondition:
+		return fmt.Errorf("%w: %w", ErrUnsupported, err)
+	case codes.ResourceExhausted:
+		return fmt.Errorf("%w: %w", arena.ErrCapacity, err)
+	}
+	return err
+}
+
+func sameSet(a, b []Entry) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i].Path != b[i].Path {
+			return false
+		}
+	}
+	return true
+}
+
+func sameStrengths(a, b []Entry) bool {
+	for i := range a {
+		if a[i].Strength != b[i].Strength {
+			return false
+		}
+	}
+	return true
+}
+
+// Apply applies req's set to its model, replacing what it held. It is all
+// or nothing: on any error the model's bytes and bindings are exactly as
+// before. An empty set removes. The same set with the same strengths,
+// mode and strict flag is a no-op.
+func (c *Coordinator) Apply(ctx context.Context, req Request) (*Result, error) {
+	start := time.Now()
+	req.Model = modelName(req.Model)
+	if req.Mode == "" {
+		req.Mode = ModeSide
+	}
+	if req.Mode != ModeSide && req.Mode != ModeFuse {
+		return nil, fmt.Errorf("apply: mode %q: want side or fuse: %w", req.Mode, ErrBadLoRA)
+	}
+	for _, e := range req.LoRAs {
+		if math.IsNaN(e.Strength) || math.IsInf(e.Strength, 0) {
+			return nil, fmt.Errorf("apply: lora %s: strength %v: %w", e.Path, e.Strength, ErrBadLoRA)
+		}
+	}
+	ms, err := c.model(req.Model)
+	if err != nil {
+		return nil, fmt.Errorf("apply: %w", err)
+	}
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	if len(req.LoRAs) == 0 {
+		return c.remove(ctx, ms, start)
+	}
+	cur := ms.state
+	res := &Result{}
+	switch {
+	case cur.Mode == req.Mode && cur.Strict == req.Strict && sameSet(cur.LoRAs, req.LoRAs) && sameStrengths(cur.LoRAs, req.LoRAs):
+		res.NoOp, res.Path = true, "noop"
+	case req.Mode == ModeSide && cur.Mode == ModeSide && cur.Strict == req.Strict && sameSet(cur.LoRAs, req.LoRAs):
+		err = c.setStrengths(ctx, ms, req)
+		res.Path = "set_strengths"
+		if errors.Is(err, ErrUnsupported) {
+			// The plugin lost its plan (restart): build the set again.
+			c.log.Info("lora: plugin holds no plan; applying the set again", "model", req.Model, "err", err)
+			err = c.applySide(ctx, ms, req)
+			res.Path = "apply"
+		}
+	case req.Mode == ModeSide:
+		err, res.Path = c.applySide(ctx, ms, req), "apply"
+	default:
+		err, res.Path = c.applyFuse(ctx, ms, req), "apply"
+	}
+	if err != nil {
+		return nil, err
+	}
+	res.State = cloneState(ms.state)
+	res.Elapsed = time.Since(start)
+	c.log.Info("lora applied", "model", req.Model, "mode", req.Mode, "loras", len(req.LoRAs), "path", res.Path, "took", res.Elapsed.Round(time.Microsecond))
+	return res, nil
+}
+
+func specs(es []Entry) []loraSpec {
+	out := make([]loraSpec, len(es))
+	for i, e := range es {
+		out[i] = loraSpec{Path: e.Path, Strength: e.Strength}
+	}
+	return out
+}
+
+// factorDescriptors returns read-write descriptors of a model's bound
+// factors.
+func (c *Coordinator) factorDescriptors(model string, fs []registry.Factors) ([]*pluginv1.TensorDescriptor, error) {
+	var out []*pluginv1.TensorDescriptor
+	for _, f := range fs {
+		for _, t := range []*registry.Tensor{
+			{Name: factorA(f.Weight), DType: "F32", Shape: []int64{int64(f.Rank), int64(f.In)}, Region: f.A, NBytes: uint64(4 * f.Rank * f.In)},
+			{Name: factorB(f.Weight), DType: "F32", Shape: []int64{int64(f.Out), int64(f.Rank)}, Region: f.B, NBytes: uint64(4 * f.Out * f.Rank)},
+		} {
+			d, err := registry.DescriptorOf(c.mem, model, t, pluginv1.Access_ACCESS_READ_WRITE)
+			if err != nil {
+				return nil, fmt.Errorf("factors of %s: %w", f.Weight, err)
+			}
+			out = append(out, d)
+		}
+	}
+	return out, nil
+}
+
+func (c *Coordinator) setStrengths(ctx context.Context, ms *modelState, req Request) error {
+	_, fs := c.bindings.Current(req.Model)
+	ds, err := c.factorDescriptors(req.Model, fs)
+	if err != nil {
+		return fmt.Errorf("set strengths: %w", err)
+	}
+	strengths := make([]float64, len(req.LoRAs))
+	for i, e := range req.LoRAs {
+		strengths[i] = e.Strength
+	}
+	var out setStrengthsResult
+	if _, err := c.call(ctx, "set_strengths", setStrengthsArgs{Model: req.Model, Strengths: strengths}, ds, &out); err != nil {
+		return fmt.Errorf("set strengths: %w", err)
+	}
+	ms.state.LoRAs = slices.Clone(req.LoRAs)
+	ms.state.BindingGeneration = c.bindings.Touch(req.Model)
+	ms.state.Report = out.Report
+	return nil
+}
+
+func regionFromProto(r *pluginv1.Region) arena.Region {
+	var seg uint32
+	switch s := r.GetSegment().(type) {
+	case *pluginv1.Region_Cpu:
+		seg = s.Cpu.GetId()
+	case *pluginv1.Region_Cuda:
+		seg = s.Cuda.GetId()
+	}
+	return arena.Region{Segment: seg, Offset: r.GetOffset(), Length: r.GetLength(), Generation: r.GetGeneration()}
+}
+
+func (c *Coordinator) applySide(ctx context.Context, ms *modelState, req Request) error {
+	var out applyResult
+	rep, err := c.call(ctx, "apply", applyArgs{Model: req.Model, LoRAs: specs(req.LoRAs), Mode: ModeSide, Strict: req.Strict}, nil, &out)
+	var returned []arena.Region
+	if rep != nil {
+		for _, d := range rep.Tensors {
+			returned = append(returned, regionFromProto(d.GetRegion()))
+		}
+	}
+	// Until the swap, every region the plugin returned is freed on error.
+	owned := map[arena.Region]bool{}
+	fail := func(err error) error {
+		for _, r := range returned {
+			if !owned[r] {
+				_ = c.mem.Free(r)
+			}
+		}
+		for r := range owned {
+			_ = c.mem.Free(r)
+		}
+		return err
+	}
+	if err != nil {
+		return fail(fmt.Errorf("apply side: %w", err))
+	}
+	byName := map[string]*pluginv1.TensorDescriptor{}
+	for _, d := range rep.Tensors {
+		byName[d.GetName()] = d
+	}
+	var layers []registry.Factors
+	for _, f := range out.Factors {
+		da, db := byName[f.A], byName[f.B]
+		if da == nil || db == nil {
+			return fail(fmt.Errorf("apply side: weight %s: the plugin returned no tensors %s and %s", f.Weight, f.A, f.B))
+		}
+		if _, ok := ms.weight(c.reg, req.Model, f.Weight); !ok {
+			return fail(fmt.Errorf("apply side: the plugin bound factors to %s, which model %q has no 4-bit weight for", f.Weight, req.Model))
+		}
+		fa, fb := registry.Factors{Weight: f.Weight, Rank: f.Rank, Out: f.Out, In: f.In}, [2]arena.Region{}
+		for i, d := range []*pluginv1.TensorDescriptor{da, db} {
+			r := regionFromProto(d.GetRegion())
+			nr, err := c.mem.Transfer(r, arena.HostOwner)
+			if err != nil {
+				return fail(fmt.Errorf("apply side: weight %s: take over factor region: %w", f.Weight, err))
+			}
+			owned[nr] = true
+			for k, x := range returned {
+				if x == r {
+					returned[k] = nr
+				}
+			}
+			fb[i] = nr
+		}
+		fa.A, fa.B = fb[0], fb[1]
+		layers = append(layers, fa)
+	}
+	// Past this point nothing fails: restore a fused model, then swap.
+	if ms.state.Mode == ModeFuse {
+		if err := c.restoreAll(ms); err != nil {
+			return fail(fmt.Errorf("apply side: restore fused weights: %w", err))
+		}
+	}
+	gen, err := c.bindings.Swap(req.Model, layers)
+	if err != nil {
+		return fail(fmt.Errorf("apply side: %w", err))
+	}
+	ms.state = State{Model: req.Model, Mode: ModeSide, LoRAs: slices.Clone(req.LoRAs), Strict: req.Strict, BindingGeneration: gen, Report: out.Report}
+	return nil
+}
+
+func (ms *modelState) weight(reg *registry.Registry, model, w string) (*registry.QuantWeight, bool) {
+	m, ok := reg.Model(model)
+	if !ok {
+		return nil, false
+	}
+	return m.Weight(w)
+}
+
+func (c *Coordinator) copyRegion(dst arena.Region, src []byte) error {
+	b, err := c.mem.Bytes(dst)
+	if err != nil {
+		return err
+	}
+	if len(b) < len(src) {
+		return fmt.Errorf("region of %d bytes for %d", len(b), len(src))
+	}
+	copy(b, src)
+	return nil
+}
+
+// saveBytes copies the current packed bytes and absmax of weight w into
+// new host regions.
+func (c *Coordinator) saveBytes(m *registry.Model, w, what string) (journalEntry, error) {
+	qw, ok := m.Weight(w)
+	if !ok {
+		return journalEntry{}, fmt.Errorf("model %q: 4-bit weight %s: %w", m.Name, w, registry.ErrNotFound)
+	}
+	if qw.State.Nested {
+		return journalEntry{}, fmt.Errorf("weight %s has nested absmax; fuse would change nested_offset in its quant-state JSON (use side mode): %w", w, ErrUnsupported)
+	}
+	var e journalEntry
+	for i, t := range []*registry.Tensor{qw.Packed, qw.Absmax} {
+		src, err := c.reg.TensorBytes(t)
+		if err != nil {
+			return journalEntry{}, err
+		}
+		r, err := c.mem.Alloc(arena.HostOwner, what+" "+t.Name, uint64(len(src)))
+		if err != nil {
+			if i == 1 {
+				_ = c.mem.Free(e.packed)
+			}
+			return journalEntry{}, fmt.Errorf("%s %s: %w", what, t.Name, err)
+		}
+		if err := c.copyRegion(r, src); err != nil {
+			_ = c.mem.Free(r)
+			if i == 1 {
+				_ = c.mem.Free(e.packed)
+			}
+			return journalEntry{}, err
+		}
+		if i == 0 {
+			e.packed = r
+		} else {
+			e.absmax = r
+		}
+	}
+	return e, nil
+}
+
+// putBack copies saved bytes back into weight w.
+func (c *Coordinator) putBack(m *registry.Model, w string, e journalEntry) error {
+	qw, ok := m.Weight(w)
+	if !ok {
+		return fmt.Errorf("model %q: 4-bit weight %s: %w", m.Name, w, registry.ErrNotFound)
+	}
+	for i, t := range []*registry.Tensor{qw.Packed, qw.Absmax} {
+		dst, err := c.reg.TensorBytes(t)
+		if err != nil {
+			return err
+		}
+		r := e.packed
+		if i == 1 {
+			r = e.absmax
+		}
+		src, err := c.mem.Bytes(r)
+		if err != nil {
+			return fmt.Errorf("weight %s: saved bytes: %w", w, err)
+		}
+		if len(src) < len(dst) {
+			return fmt.Errorf("weight %s: %d saved bytes for %d", w, len(src), len(dst))
+		}
+		copy(dst, src[:len(dst)])
+	}
+	return nil
+}
+
+func (c *Coordinator) freeEntry(e journalEntry) {
+	_ = c.mem.Free(e.packed)
+	_ = c.mem.Free(e.absmax)
+}
+
+func (c *Coordinator) journalBytes(ms *modelState) uint64 {
+	var n uint64
+	for _, e := range ms.journal {
+		n += e.packed.Length + e.absmax.Length
+	}
+	return n
+}
+
+// restoreAll copies every journaled weight back under the model's write
+// lock and frees the journal: the model holds its original bytes again.
+func (c *Coordinator) restoreAll(ms *modelState) error {
+	err := c.reg.WriteLocked(ms.state.Model, func(m *registry.Model) error {
+		var errs []error
+		for w, e := range ms.journal {
+			errs = append(errs, c.putBack(m, w, e))
+		}
+		return errors.Join(errs...)
+	})
+	if err != nil {
+		return err
+	}
+	for w, e := range ms.journal {
+		c.freeEntry(e)
+		delete(ms.journal, w)
+	}
+	return nil
+}
+
+func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request) error {
+	args := applyArgs{Model: req.Model, LoRAs: specs(req.LoRAs), Mode: ModeFuse, Strict: req.Strict, TileElems: req.TileElems}
+	var plan planResult
+	if _, err := c.call(ctx, "plan", args, nil, &plan); err != nil {
+		return fmt.Errorf("apply fuse: %w", err)
+	}
+	var out applyResult
+	err := c.reg.WriteLocked(req.Model, func(m *registry.Model) error {
+		// 1. Journal the weights fused for the first time; snapshot the
+		// ones fused already, so a failure can put back exactly what the
+		// model holds now.
+		fresh := map[string]journalEntry{}
+		snaps := map[string]journalEntry{}
+		release := func() {
+			for _, e := range fresh {
+				c.freeEntry(e)
+			}
+			for _, e := range snaps {
+				c.freeEntry(e)
+			}
+		}
+		for _, w := range plan.Weights {
+			if _, ok := ms.journal[w]; ok {
+				continue
+			}
+			e, err := c.saveBytes(m, w, "lora journal")
+			if err != nil {
+				release()
+				return fmt.Errorf("apply fuse: journal: %w", err)
+			}
+			fresh[w] = e
+		}
+		for w := range ms.journal {
+			e, err := c.saveBytes(m, w, "lora snapshot")
+			if err != nil {
+				release()
+				return fmt.Errorf("apply fuse: snapshot: %w", err)
+			}
+			snaps[w] = e
+		}
+		// 2. The plugin writes every journaled weight (restoring those the
+		// set no longer touches) through read-write descriptors.
+		all := map[string]journalEntry{}
+		for w, e := range ms.journal {
+			all[w] = e
+		}
+		for w, e := range fresh {
+			all[w] = e
+		}
+		ds, err := c.fuseDescriptors(m, all)
+		if err != nil {
+			release()
+			return fmt.Errorf("apply fuse: %w", err)
+		}
+		if _, err := c.call(ctx, "apply", args, ds, &out); err != nil {
+			// 3. Roll back: fresh weights to their originals, the others to
+			// what they held before the call (the plugin may have died
+			// anywhere in the pass).
+			var rerr []error
+			for w, e := range fresh {
+				rerr = append(rerr, c.putBack(m, w, e))
+			}
+			for w, e := range snaps {
+				rerr = append(rerr, c.putBack(m, w, e))
+			}
+			release()
+			if re := errors.Join(rerr...); re != nil {
+				return fmt.Errorf("apply fuse: %w (and rollback: %v)", err, re)
+			}
+			return fmt.Errorf("apply fuse: %w", err)
+		}
+		for _, e := range snaps {
+			c.freeEntry(e)
+		}
+		for w, e := range fresh {
+			ms.journal[w] = e
+		}
+		// Weights the set no longer touches were restored by the pass.
+		fused := map[string]bool{}
+		for _, w := range out.Fused {
+			fused[w] = true
+		}
+		for w, e := range ms.journal {
+			if !fused[w] {
+				c.freeEntry(e)
+				delete(ms.journal, w)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if ms.state.Mode == ModeSide {
+		if _, err := c.bindings.Swap(req.Model, nil); err != nil {
+			c.log.Warn("lora: free side factors after fuse", "model", req.Model, "err", err)
+		}
+		if _, err := c.call(ctx, "remove", removeArgs{Model: req.Model}, nil, nil); err != nil {
+			c.log.Warn("lora: drop side plan", "model", req.Model, "err", err)
+		}
+	}
+	fusedList := slices.Clone(out.Fused)
+	sort.Strings(fusedList)
+	ms.state = State{Model: req.Model, Mode: ModeFuse, LoRAs: slices.Clone(req.LoRAs), Strict: req.Strict, Fused: fusedList,
+		JournalBytes: c.journalBytes(ms), Report: out.Report}
+	return nil
+}
+
+// fuseDescriptors returns read-write descriptors of the weights to write
+// and read-only descriptors of their journal.
+func (c *Coordinator) fuseDescriptors(m *registry.Model, journal map[string]journalEntry) ([]*pluginv1.TensorDescriptor, error) {
+	names := make([]string, 0, len(journal))
+	for w := range journal {
+		names = append(names, w)
+	}
+	sort.Strings(names)
+	var out []*pluginv1.TensorDescriptor
+	for _, w := range names {
+		qw, _ := m.Weight(w)
+		d, err := registry.DescriptorOf(c.mem, m.Name, qw.Packed, pluginv1.Access_ACCESS_READ_WRITE)
+		if err != nil {
+			return nil, fmt.Errorf("weight %s: %w", w, err)
+		}
+		d.Name = w
+		out = append(out, d)
+		e := journal[w]
+		for _, t := range []*registry.Tensor{
+			{Name: journalPacked(w), DType: "U8", Shape: []int64{int64(qw.Packed.NBytes)}, Region: e.packed, NBytes: qw.Packed.NBytes},
+			{Name: journalAbsmax(w), DType: "U8", Shape: []int64{int64(qw.Absmax.NBytes)}, Region: e.absmax, NBytes: qw.Absmax.NBytes},
+		} {
+			d, err := registry.DescriptorOf(c.mem, m.Name, t, pluginv1.Access_ACCESS_READ_ONLY)
+			if err != nil {
+				return nil, fmt.Errorf("journal of %s: %w", w, err)
+			}
+			out = append(out, d)
+		}
+	}
+	return out, nil
+}
+
+// Remove takes every LoRA off model: side factors are unbound and freed,
+// fused weights get their journaled bytes back (byte-exact).
+func (c *Coordinator) Remove(ctx context.Context, model string) (*Result, error) {
+	start := time.Now()
+	ms, err := c.model(modelName(model))
+	if err != nil {
+		return nil, fmt.Errorf("remove: %w", err)
+	}
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	return c.remove(ctx, ms, start)
+}
+
+func (c *Coordinator) remove(ctx context.Context, ms *modelState, start time.Time) (*Result, error) {
+	res := &Result{Path: "remove"}
+	switch ms.state.Mode {
+	case "":
+		res.NoOp, res.Path = true, "noop"
+	case ModeSide:
+		if _, err := c.bindings.Swap(ms.state.Model, nil); err != nil {
+			return nil, fmt.Errorf("remove: free side factors: %w", err)
+		}
+		if _, err := c.call(ctx, "remove", removeArgs{Model: ms.state.Model}, nil, nil); err != nil {
+			c.log.Warn("lora: drop side plan", "model", ms.state.Model, "err", err)
+		}
+	case ModeFuse:
+		if err := c.restoreAll(ms); err != nil {
+			return nil, fmt.Errorf("remove: restore fused weights: %w", err)
+		}
+	}
+	ms.state = State{Model: ms.state.Model}
+	res.State = cloneState(ms.state)
+	res.Elapsed = time.Since(start)
+	return res, nil
+}
+
+// Forget drops what the coordinator holds for a model that is being
+// unloaded: its bindings and journal regions (its bytes go with it).
+func (c *Coordinator) Forget(model string) {
+	c.mu.Lock()
+	ms := c.models[model]
+	delete(c.models, model)
+	c.mu.Unlock()
+	if ms == nil {
+		return
+	}
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	_ = c.bindings.Drop(model)
+	for w, e := range ms.journal {
+		c.freeEntry(e)
+		delete(ms.journal, w)
+	}
+}

@@ -1,0 +1,379 @@
+package lora_test
+
+import (
+	"errors"
+	"math"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/arenahost/arenahost/host/lora"
+	"github.com/arenahost/arenahost/host/registry"
+	"github.com/arenahost/arenahost/host/samples"
+	"github.com/arenahost/arenahost/host/server"
+	"github.com/arenahost/arenahost/shared/half"
+	"github.com/arenahost/arenahost/shared/nf4"
+	"github.com/arenahost/arenahost/shared/safetensors"
+)
+
+func entries(dir string, set ...oracleLoRA) []lora.Entry {
+	var out []lora.Entry
+	for _, l := range set {
+		out = append(out, lora.Entry{Name: l.file, Path: filepath.Join(dir, l.file), Strength: l.strength})
+	}
+	return out
+}
+
+func TestSideMatchesOracle(t *testing.T) {
+	s := newHost(t)
+	_, _, dir := fixtures(t)
+	orig := snapshot(t, s)
+	set := []oracleLoRA{kohyaOracle(0.8), peftOracle(1.3)}
+	res, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, set...)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Mode != lora.ModeSide || res.Report == nil || len(res.Report.LoRAs) != 2 {
+		t.Fatalf("result %+v", res)
+	}
+	for _, lr := range res.Report.LoRAs {
+		if lr.Matched == 0 || len(lr.Unmatched) != 0 {
+			t.Errorf("%s: matched %d, unmatched %v", lr.File, lr.Matched, lr.Unmatched)
+		}
+	}
+	checkSide(t, s, dir, set)
+	sameBytes(t, "side mode", orig, snapshot(t, s)) // the NF4 bytes are never rewritten
+
+	// Same set, same strengths: a no-op that keeps the binding.
+	_, _, _, gen := boundFactors(t, s, oracleWeights[0])
+	again, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, set...)})
+	if err != nil || !again.NoOp {
+		t.Fatalf("re-apply: %+v, %v; want a no-op", again, err)
+	}
+	if _, _, _, g := boundFactors(t, s, oracleWeights[0]); g != gen {
+		t.Errorf("no-op changed the binding generation %d → %d", gen, g)
+	}
+
+	// A strength change rewrites only that LoRA's columns of B_cat.
+	w := oracleWeights[0]
+	a0, b0, rank, _ := boundFactors(t, s, w)
+	set[0].strength = 0.4
+	res, err = s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, set...)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Path != "set_strengths" {
+		t.Errorf("strength change ran %q, want set_strengths", res.Path)
+	}
+	a1, b1, rank1, gen1 := boundFactors(t, s, w)
+	if rank1 != rank || gen1 == gen {
+		t.Fatalf("rank %d→%d, generation %d→%d", rank, rank1, gen, gen1)
+	}
+	for i := range a0 {
+		if a0[i] != a1[i] {
+			t.Fatalf("A_cat[%d] changed on a strength change", i)
+		}
+	}
+	const kohyaRank = 8 // LoRA 0 owns columns [0, 8) of the qkv's B_cat
+	out := len(b0) / rank
+	for i := 0; i < out; i++ {
+		for k := 0; k < rank; k++ {
+			o, n := b0[i*rank+k], b1[i*rank+k]
+			if k < kohyaRank && n != o/2 {
+				t.Fatalf("B_cat[%d,%d] = %v, want half of %v", i, k, n, o)
+			}
+			if k >= kohyaRank && n != o {
+				t.Fatalf("B_cat[%d,%d] of the other LoRA changed: %v → %v", i, k, o, n)
+			}
+		}
+	}
+	checkSide(t, s, dir, set)
+
+	// Remove frees every factor.
+	level := s.Arena.Stats().Allocated
+	if _, err := s.LoRAs.Remove(t.Context(), ""); err != nil {
+		t.Fatal(err)
+	}
+	if st := s.Arena.Stats().Allocated; st >= level {
+		t.Errorf("arena at %d after remove, %d before: factors not freed", st, level)
+	}
+	if g, fs := s.Bindings.Current(server.DefaultModelName); g != 0 || fs != nil {
+		t.Errorf("binding left after remove: %d %v", g, fs)
+	}
+}
+
+func TestFuseRemoveByteExact(t *testing.T) {
+	s := newHost(t)
+	_, _, dir := fixtures(t)
+	orig := snapshot(t, s)
+	level := s.Arena.Stats().Allocated
+	set := []oracleLoRA{kohyaOracle(1), peftOracle(0.7)}
+	w := oracleWeights[0]
+	ref, _, outN, in := wRef(t, s, dir, w, set) // before the fuse: W_ref is on the original dq(W)
+	res, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, set...), Mode: lora.ModeFuse})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Report.Retention <= 0 || res.Report.PeakScratchBytes <= 0 || len(res.Fused) == 0 || res.JournalBytes == 0 {
+		t.Errorf("fuse report: retention %v scratch %d fused %d journal %d", res.Report.Retention, res.Report.PeakScratchBytes, len(res.Fused), res.JournalBytes)
+	}
+	// At least 99.9% of the codes are quantize(W_ref) by the bnb rule,
+	// the rest one code away.
+	qw, _ := s.Registry.Weight(server.DefaultModelName, w)
+	f32 := make([]float32, len(ref))
+	for i, v := range ref {
+		f32[i] = float32(v)
+	}
+	want := make([]byte, nf4.PackedLen(len(ref)))
+	nf4.Quantize(want, make([]float32, nf4.Blocks(len(ref), qw.State.Blocksize)), f32, qw.State.Blocksize, nf4.QuantNF4)
+	got := snapshot(t, s)[qw.Packed.Name]
+	var same, off1, n int
+	for i := 0; i < outN*in; i++ {
+		g, wv := int(got[i/2]>>(4*(1-i%2))&15), int(want[i/2]>>(4*(1-i%2))&15)
+		n++
+		switch {
+		case g == wv:
+			same++
+		case g-wv == 1 || wv-g == 1:
+			off1++
+		}
+	}
+	if float64(same) < 0.999*float64(n) || same+off1 != n {
+		t.Errorf("%s: %d of %d codes equal quantize(W_ref), %d off by one", w, same, n, off1)
+	}
+	if string(got) == string(orig[qw.Packed.Name]) {
+		t.Fatalf("%s unchanged by fuse", w)
+	}
+	// Fuse after fuse starts from the originals; then remove is exact.
+	if _, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, kohyaOracle(0.3)), Mode: lora.ModeFuse}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.LoRAs.Remove(t.Context(), ""); err != nil {
+		t.Fatal(err)
+	}
+	sameBytes(t, "remove after fuse", orig, snapshot(t, s))
+	if a := s.Arena.Stats().Allocated; a != level {
+		t.Errorf("arena at %d after remove, %d before apply", a, level)
+	}
+}
+
+// TestRandomCycles runs random apply / strength change / mode switch /
+// remove cycles; every remove must give the original bytes back.
+func TestRandomCycles(t *testing.T) {
+	s := newHost(t)
+	_, _, dir := fixtures(t)
+	orig := snapshot(t, s)
+	level := s.Arena.Stats().Allocated
+	rng := rand.New(rand.NewPCG(3, 4))
+	cycles := 24
+	if testing.Short() {
+		cycles = 6
+	}
+	for c := 0; c < cycles; c++ {
+		var set []oracleLoRA
+		if rng.IntN(2) == 0 {
+			set = append(set, kohyaOracle(float64(rng.IntN(5))*0.25))
+		}
+		if rng.IntN(2) == 0 || len(set) == 0 {
+			set = append(set, peftOracle(float64(rng.IntN(5))*0.5-1))
+		}
+		mode := lora.ModeSide
+		if rng.IntN(3) == 0 {
+			mode = lora.ModeFuse
+		}
+		if _, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, set...), Mode: mode}); err != nil {
+			t.Fatalf("cycle %d: apply %s: %v", c, mode, err)
+		}
+		if rng.IntN(3) == 0 {
+			if _, err := s.LoRAs.Remove(t.Context(), ""); err != nil {
+				t.Fatal(err)
+			}
+			sameBytes(t, "remove", orig, snapshot(t, s))
+		}
+	}
+	if _, err := s.LoRAs.Remove(t.Context(), ""); err != nil {
+		t.Fatal(err)
+	}
+	sameBytes(t, "final remove", orig, snapshot(t, s))
+	if a := s.Arena.Stats().Allocated; a != level {
+		t.Errorf("arena at %d after the cycles, %d before", a, level)
+	}
+}
+
+// badLoRAs writes the malformed corpus into dir and returns file → the key
+// (or text) its error must name.
+func badLoRAs(t *testing.T, src, dir string) map[string]string {
+	t.Helper()
+	good, err := os.ReadFile(filepath.Join(src, samples.KohyaLoRAFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "bad-truncated.safetensors"), good[:len(good)/2], 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f32 := func(vals []float32) []byte {
+		b := make([]byte, 2*len(vals))
+		half.EncodeBF16(b, vals)
+		return b
+	}
+	mk := func(n int, v float32) []float32 {
+		out := make([]float32, n)
+		for i := range out {
+			out[i] = v
+		}
+		return out
+	}
+	const key = "lora_unet_double_blocks_0_img_attn_qkv"
+	write := func(name string, ts ...safetensors.WriteTensor) {
+		if err := safetensors.WriteFile(filepath.Join(dir, name), nil, ts); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bt := func(name string, shape []int64, vals []float32) safetensors.WriteTensor {
+		return safetensors.WriteTensor{Name: name, DType: safetensors.BF16, Shape: shape, Data: f32(vals)}
+	}
+	write("bad-rank.safetensors", bt(key+".lora_down.weight", []int64{8, 256}, mk(8*256, 0.01)), bt(key+".lora_up.weight", []int64{768, 4}, mk(768*4, 0.01)))
+	write("bad-infeatures.safetensors", bt(key+".lora_down.weight", []int64{8, 100}, mk(800, 0.01)), bt(key+".lora_up.weight", []int64{768, 8}, mk(768*8, 0.01)))
+	write("bad-alpha.safetensors", bt(key+".lora_down.weight", []int64{8, 256}, mk(8*256, 0.01)), bt(key+".lora_up.weight", []int64{768, 8}, mk(768*8, 0.01)),
+		bt(key+".alpha", []int64{2}, []float32{4, 4}))
+	nan := mk(8*256, 0.01)
+	nan[77] = float32(math.NaN())
+	write("bad-nan.safetensors", bt(key+".lora_down.weight", []int64{8, 256}, nan), bt(key+".lora_up.weight", []int64{768, 8}, mk(768*8, 0.01)))
+	return map[string]string{
+		"bad-truncated.safetensors":  "bad-truncated.safetensors",
+		"bad-rank.safetensors":       key,
+		"bad-infeatures.safetensors": key,
+		"bad-alpha.safetensors":      key,
+		"bad-nan.safetensors":        key,
+	}
+}
+
+func TestBadLoRAsLeaveModelUnchanged(t *testing.T) {
+	s := newHost(t)
+	_, _, dir := fixtures(t)
+	bad := t.TempDir()
+	corpus := badLoRAs(t, dir, bad)
+	orig := snapshot(t, s)
+	for _, prior := range []string{"", lora.ModeSide, lora.ModeFuse} {
+		if prior != "" {
+			if _, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, kohyaOracle(1)), Mode: prior}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		before, level := snapshot(t, s), s.Arena.Stats().Allocated
+		st0, _ := s.LoRAs.State("")
+		g0, _ := s.Bindings.Current(server.DefaultModelName)
+		for file, key := range corpus {
+			for _, mode := range []string{lora.ModeSide, lora.ModeFuse} {
+				set := append(entries(dir, peftOracle(1)), lora.Entry{Path: filepath.Join(bad, file), Strength: 1})
+				_, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: set, Mode: mode})
+				if !errors.Is(err, lora.ErrBadLoRA) {
+					t.Fatalf("prior %q, %s %s: err %v, want ErrBadLoRA", prior, mode, file, err)
+				}
+				if !contains(err.Error(), file, key) {
+					t.Errorf("%s %s: error %q does not name the file and key %s", mode, file, err, key)
+				}
+				sameBytes(t, file, before, snapshot(t, s))
+				if a := s.Arena.Stats().Allocated; a != level {
+					t.Errorf("prior %q, %s %s: arena at %d, %d before", prior, mode, file, a, level)
+				}
+				st, _ := s.LoRAs.State("")
+				g, _ := s.Bindings.Current(server.DefaultModelName)
+				if st.Mode != st0.Mode || len(st.LoRAs) != len(st0.LoRAs) || g != g0 {
+					t.Errorf("prior %q, %s %s: state %+v gen %d, want %+v gen %d", prior, mode, file, st, g, st0, g0)
+				}
+			}
+		}
+	}
+	// Strict refuses a set with unmatched keys, naming one.
+	extra := filepath.Join(bad, "unmatched.safetensors")
+	b := make([]byte, 2*8*64)
+	if err := safetensors.WriteFile(extra, nil, []safetensors.WriteTensor{
+		{Name: "lora_unet_no_such_layer.lora_down.weight", DType: safetensors.BF16, Shape: []int64{8, 64}, Data: b},
+		{Name: "lora_unet_no_such_layer.lora_up.weight", DType: safetensors.BF16, Shape: []int64{64, 8}, Data: b},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: []lora.Entry{{Path: extra, Strength: 1}}, Strict: true})
+	if !errors.Is(err, lora.ErrBadLoRA) || !contains(err.Error(), "unmatched.safetensors", "lora_unet_no_such_layer") {
+		t.Errorf("strict with an unmatched key: %v", err)
+	}
+	if _, err := s.LoRAs.Remove(t.Context(), ""); err != nil {
+		t.Fatal(err)
+	}
+	sameBytes(t, "after the corpus", orig, snapshot(t, s))
+}
+
+func TestConcurrentAppliesSerialized(t *testing.T) {
+	s := newHost(t)
+	_, _, dir := fixtures(t)
+	var wg sync.WaitGroup
+	errs := make([]error, 6)
+	for i := range errs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			set := []oracleLoRA{kohyaOracle(0.25 * float64(i+1)), peftOracle(1)}
+			_, errs[i] = s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, set...)})
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("apply %d: %v", i, err)
+		}
+	}
+	st, err := s.LoRAs.State("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Whichever ran last, the bound factors are exactly its set.
+	checkSide(t, s, dir, []oracleLoRA{kohyaOracle(st.LoRAs[0].Strength), peftOracle(1)})
+}
+
+func TestPluginKilledMidFuseRollsBack(t *testing.T) {
+	t.Setenv("LORA_NF4_LAYER_DELAY", "40ms")
+	s := newHost(t)
+	_, _, dir := fixtures(t)
+	orig := snapshot(t, s)
+	level := s.Arena.Stats().Allocated
+	st, err := s.Plugins.PluginStatus(lora.PluginName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, kohyaOracle(1)), Mode: lora.ModeFuse})
+		done <- err
+	}()
+	// Wait until the pass has written some layers (40 ms each), then kill.
+	time.Sleep(600 * time.Millisecond)
+	if err := syscall.Kill(st.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("apply succeeded although the plugin was killed mid-pass")
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("apply did not return after the plugin was killed")
+	}
+	sameBytes(t, "after the kill", orig, snapshot(t, s))
+	if cur, _ := s.LoRAs.State(""); cur.Mode != "" {
+		t.Errorf("state after the failed apply: %+v", cur)
+	}
+	// The dead generation's leases are reclaimed; the journal is freed.
+	deadline := time.Now().Add(5 * time.Second)
+	for s.Arena.Stats().Allocated != level && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if a := s.Arena.Stats().Allocated; a != level {
+		t.Errorf("arena at %d after the kill, %d before", a, level)
+	}
+	_ = registry.ErrNotFound
+}

@@ -1,0 +1,185 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/arenahost/arenahost/sdk"
+	"github.com/arenahost/arenahost/shared/lora"
+	"github.com/arenahost/arenahost/shared/nf4"
+	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
+	"github.com/arenahost/arenahost/shared/tensor"
+)
+
+// nf4Codec is the bitsandbytes rule of one quant type as lora.Codec.
+type nf4Codec struct{ qt nf4.QuantType }
+
+func (k nf4Codec) Dequantize(dst []float32, packed []byte, absmax []float32, bs int) {
+	nf4.Dequantize(dst, packed, absmax, k.qt.Table(), len(dst), bs)
+}
+
+func (k nf4Codec) Quantize(packed []byte, absmax []float32, src []float32, bs int) {
+	nf4.Quantize(packed, absmax, src, bs, k.qt)
+}
+
+// callStore opens the weights the host passed read-write with the call.
+type callStore struct {
+	c      *sdk.Call
+	mapper *tensor.Mapper
+	delay  time.Duration
+	ctx    context.Context
+}
+
+func (s callStore) Layer(name string) (*lora.QLayer, error) {
+	if s.delay > 0 {
+		select {
+		case <-time.After(s.delay):
+		case <-s.ctx.Done():
+			return nil, s.ctx.Err()
+		}
+	}
+	w := name + ".weight"
+	d, err := s.c.Input(w)
+	if err != nil {
+		return nil, fmt.Errorf("the host passed no writable descriptor: %w", err)
+	}
+	q := d.GetQuant()
+	switch {
+	case d.GetAccess() != pluginv1.Access_ACCESS_READ_WRITE:
+		return nil, fmt.Errorf("weight %s passed %v, want read-write: %w", w, d.GetAccess(), sdk.ErrInvalidArgument)
+	case q == nil || len(q.GetShape()) != 2:
+		return nil, fmt.Errorf("weight %s is not a 2-D 4-bit weight: %w", w, sdk.ErrInvalidArgument)
+	case q.GetNested():
+		return nil, fmt.Errorf("weight %s has nested absmax: re-quantizing it would change nested_offset in the quant-state JSON; use side mode: %w", w, sdk.ErrFailedPrecondition)
+	case q.GetAbsmax().GetDtype() != pluginv1.DType_DTYPE_F32:
+		return nil, fmt.Errorf("weight %s: absmax dtype %v, want F32: %w", w, q.GetAbsmax().GetDtype(), sdk.ErrInvalidArgument)
+	}
+	packed, err := s.c.Bytes(d)
+	if err != nil {
+		return nil, err
+	}
+	ref := q.GetAbsmax()
+	n, err := tensor.NBytes(ref.GetDtype(), ref.GetShape())
+	if err != nil {
+		return nil, fmt.Errorf("weight %s: absmax: %w", w, err)
+	}
+	ab, err := s.mapper.Region(ref.GetRegion(), n, true)
+	if err != nil {
+		return nil, fmt.Errorf("weight %s: absmax: %w", w, err)
+	}
+	am, err := tensor.Float32s(ab)
+	if err != nil {
+		return nil, fmt.Errorf("weight %s: absmax: %w", w, err)
+	}
+	return &lora.QLayer{Name: name, Out: int(q.GetShape()[0]), In: int(q.GetShape()[1]), Blocksize: int(q.GetBlocksize()),
+		Packed: packed, Absmax: am, Raw: [][]byte{packed, ab}}, nil
+}
+
+// callJournal is the host's journal as the fused pass sees it: the host
+// saved each layer's original packed bytes and absmax in host-owned
+// regions before the call and passed them read-only. Restores copy them
+// back; saving is the host's job, so a layer it did not journal fails.
+type callJournal struct {
+	c      *sdk.Call
+	layers map[string][2]*pluginv1.TensorDescriptor
+}
+
+func newCallJournal(c *sdk.Call) callJournal {
+	j := callJournal{c: c, layers: map[string][2]*pluginv1.TensorDescriptor{}}
+	for _, d := range c.Inputs() {
+		rest, ok := strings.CutPrefix(d.GetName(), "journal/")
+		if !ok {
+			continue
+		}
+		if w, ok := strings.CutSuffix(rest, "/packed"); ok {
+			e := j.layers[strings.TrimSuffix(w, ".weight")]
+			e[0] = d
+			j.layers[strings.TrimSuffix(w, ".weight")] = e
+		} else if w, ok := strings.CutSuffix(rest, "/absmax"); ok {
+			e := j.layers[strings.TrimSuffix(w, ".weight")]
+			e[1] = d
+			j.layers[strings.TrimSuffix(w, ".weight")] = e
+		}
+	}
+	return j
+}
+
+func (j callJournal) Has(layer string) bool { _, ok := j.layers[layer]; return ok }
+
+func (j callJournal) Save(layer string, _ [][]byte) error {
+	return fmt.Errorf("journal: layer %s: the host did not journal it before the call", layer)
+}
+
+func (j callJournal) Restore(layer string, raw [][]byte) error {
+	e, ok := j.layers[layer]
+	if !ok || e[0] == nil || e[1] == nil {
+		return fmt.Errorf("journal: layer %s: not journaled (packed and absmax both needed)", layer)
+	}
+	if len(raw) != 2 {
+		return fmt.Errorf("journal: layer %s: %d regions given, want 2", layer, len(raw))
+	}
+	for i, d := range e {
+		b, err := j.c.Bytes(d)
+		if err != nil {
+			return fmt.Errorf("journal: layer %s: %w", layer, err)
+		}
+		if len(b) != len(raw[i]) {
+			return fmt.Errorf("journal: layer %s region %d: %d bytes saved, %d in the weight", layer, i, len(b), len(raw[i]))
+		}
+	}
+	for i, d := range e {
+		b, _ := j.c.Bytes(d)
+		copy(raw[i], b)
+	}
+	return nil
+}
+
+// Drop leaves the host's journal as it is: the host frees a layer's
+// journal once it knows the layer holds its original bytes again.
+func (j callJournal) Drop(string) error { return nil }
+
+func (j callJournal) Layers() []string {
+	out := make([]string, 0, len(j.layers))
+	for l := range j.layers {
+		out = append(out, l)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args ApplyArgs) (ApplyResult, error) {
+	m, p, err := e.build(ctx, c, args)
+	if err != nil {
+		return ApplyResult{}, err
+	}
+	qt := nf4.QuantType("")
+	for _, sl := range p.Layers {
+		d := m.weights[sl.Name+".weight"]
+		t := nf4.QuantType(d.GetQuant().GetQuantType())
+		if qt != "" && t != qt {
+			return ApplyResult{}, fmt.Errorf("weight %s is %s but others are %s: fuse one quant type at a time: %w", d.GetName(), t, qt, sdk.ErrFailedPrecondition)
+		}
+		qt = t
+	}
+	if qt == "" {
+		qt = nf4.QuantNF4
+	}
+	if qt.Table() == nil {
+		return ApplyResult{}, fmt.Errorf("quant type %q: %w", qt, sdk.ErrFailedPrecondition)
+	}
+	store := callStore{c: c, mapper: e.mapper, delay: e.delay, ctx: ctx}
+	if err := lora.Fuse(ctx, p, store, nf4Codec{qt}, newCallJournal(c), lora.FuseOptions{TileElems: args.TileElems}); err != nil {
+		return ApplyResult{}, err
+	}
+	e.mu.Lock()
+	delete(e.plans, modelName(args.Model)) // the side plan, if any, is no longer what the model holds
+	e.mu.Unlock()
+	res := ApplyResult{Report: p.Report}
+	for _, sl := range p.Layers {
+		res.Fused = append(res.Fused, sl.Name+".weight")
+	}
+	return res, nil
+}

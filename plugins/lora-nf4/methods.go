@@ -1,0 +1,471 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/arenahost/arenahost/sdk"
+	"github.com/arenahost/arenahost/shared/layout"
+	"github.com/arenahost/arenahost/shared/lora"
+	"github.com/arenahost/arenahost/shared/nf4"
+	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
+	"github.com/arenahost/arenahost/shared/tensor"
+)
+
+// EnvLayerDelay, when set to a Go duration, makes the fused pass wait that
+// long before each layer: a debugging aid that lets tests kill the plugin
+// mid-apply and check the host's rollback.
+const EnvLayerDelay = "LORA_NF4_LAYER_DELAY"
+
+// engine holds the side plans the plugin built, one per model, so that a
+// strength change rewrites only the changed LoRA's columns. A plugin
+// restart loses them; the host then applies the set again.
+type engine struct {
+	mu     sync.Mutex
+	plans  map[string]*sidePlan
+	mapper *tensor.Mapper // read-write views of quant side tensors (fuse)
+	delay  time.Duration
+}
+
+type sidePlan struct {
+	plan  *lora.Plan
+	paths []string
+	ranks map[string]int // weight key → bound rank (Σr plus dense rows)
+}
+
+func newEngine() *engine {
+	e := &engine{plans: map[string]*sidePlan{}, mapper: tensor.NewMapper()}
+	if v := os.Getenv(EnvLayerDelay); v != "" {
+		if d, err := time.ParseDuration(v); err == nil {
+			e.delay = d
+		}
+	}
+	return e
+}
+
+func (e *engine) register(p *sdk.Plugin) {
+	sdk.Method(p, "inspect", e.inspect, sdk.Doc("report LoRA files' key formats, network types, ranks, alphas and (with a model) their target layers"))
+	sdk.Method(p, "plan", e.planMethod, sdk.Doc("map a LoRA set on a model and list the weights an apply would touch (the host journals them before a fuse)"))
+	sdk.Method(p, "apply", e.apply, sdk.Doc("apply a LoRA set to a model: side (A_cat/B_cat in new host regions) or fuse (NF4 bytes rewritten in place)"))
+	sdk.Method(p, "set_strengths", e.setStrengths, sdk.Doc("change strengths of the side set last applied, rewriting only the changed LoRAs' columns of B_cat"))
+	sdk.Method(p, "remove", e.remove, sdk.Doc("forget the side plan held for a model"))
+}
+
+func modelName(m string) string {
+	if m == "" {
+		return "sample"
+	}
+	return m
+}
+
+// model is a host model as the plugin sees it: its lora.Model and the
+// read-only descriptors of its 4-bit weights by key.
+type model struct {
+	lm      *lora.Model
+	weights map[string]*pluginv1.TensorDescriptor
+}
+
+func loadModel(ctx context.Context, c *sdk.Call, name string) (*model, error) {
+	resp, err := c.Host().LookupTensors(ctx, &pluginv1.LookupTensorsRequest{Model: name})
+	if err != nil {
+		return nil, fmt.Errorf("look up model %s: %w", modelName(name), err)
+	}
+	var names []string
+	var layers []lora.Layer
+	ws := map[string]*pluginv1.TensorDescriptor{}
+	for _, d := range resp.GetTensors() {
+		names = append(names, d.GetName())
+		q := d.GetQuant()
+		if q == nil || len(q.GetShape()) != 2 || !strings.HasSuffix(d.GetName(), ".weight") {
+			continue
+		}
+		ws[d.GetName()] = d
+		layers = append(layers, lora.Layer{Name: strings.TrimSuffix(d.GetName(), ".weight"), Out: int(q.GetShape()[0]), In: int(q.GetShape()[1])})
+	}
+	if len(layers) == 0 {
+		return nil, fmt.Errorf("model %s: no 2-D bitsandbytes 4-bit weights", modelName(name))
+	}
+	info, err := layout.DetectInfo(names)
+	if err != nil {
+		return nil, fmt.Errorf("model %s: %w", modelName(name), err)
+	}
+	lm, err := lora.NewModel(info, layers)
+	if err != nil {
+		return nil, fmt.Errorf("model %s: %w", modelName(name), err)
+	}
+	return &model{lm: lm, weights: ws}, nil
+}
+
+// mapSet parses and maps every LoRA of the set; under strict, any
+// unmatched key is an error naming the file and key.
+func mapSet(m *lora.Model, specs []LoRASpec, strict bool) ([]*lora.Mapping, []float64, error) {
+	if len(specs) == 0 {
+		return nil, nil, fmt.Errorf("no LoRA given: %w", sdk.ErrInvalidArgument)
+	}
+	var maps []*lora.Mapping
+	var strengths []float64
+	for _, s := range specs {
+		if math.IsNaN(s.Strength) || math.IsInf(s.Strength, 0) {
+			return nil, nil, fmt.Errorf("lora %s: strength %v: %w", filepath.Base(s.Path), s.Strength, sdk.ErrInvalidArgument)
+		}
+		f, err := lora.Parse(s.Path)
+		if err != nil {
+			return nil, nil, fmt.Errorf("%w: %w", err, sdk.ErrInvalidArgument)
+		}
+		mp, err := m.Map(f)
+		if err != nil {
+			return nil, nil, fmt.Errorf("%w: %w", err, sdk.ErrInvalidArgument)
+		}
+		if strict && len(mp.Unmatched) > 0 {
+			u := mp.Unmatched[0]
+			return nil, nil, fmt.Errorf("lora %s: key %s: unmatched (%s) and strict is set (%d unmatched in all): %w",
+				filepath.Base(s.Path), u.Key, u.Reason, len(mp.Unmatched), sdk.ErrInvalidArgument)
+		}
+		maps = append(maps, mp)
+		strengths = append(strengths, s.Strength)
+	}
+	return maps, strengths, nil
+}
+
+func (e *engine) inspect(ctx context.Context, c *sdk.Call, args InspectArgs) (InspectResult, error) {
+	var m *model
+	if args.Model != "" {
+		var err error
+		if m, err = loadModel(ctx, c, args.Model); err != nil {
+			return InspectResult{}, err
+		}
+	}
+	var out InspectResult
+	for _, p := range args.Paths {
+		f, err := lora.Parse(p)
+		if err != nil {
+			return InspectResult{}, fmt.Errorf("%w: %w", err, sdk.ErrInvalidArgument)
+		}
+		fi := FileInfo{Path: p, Format: f.Format, Meta: f.Meta, Unknown: f.Unknown}
+		seen := map[lora.NetType]bool{}
+		for _, mod := range f.Modules {
+			if !seen[mod.Type] {
+				seen[mod.Type] = true
+				fi.Types = append(fi.Types, mod.Type)
+			}
+			fi.Modules = append(fi.Modules, ModuleInfo{Key: mod.Key, Type: mod.Type, Rank: mod.Rank, Alpha: mod.Alpha, Scale: mod.Scale, Out: mod.Out, In: mod.In})
+		}
+		if m != nil {
+			mp, err := m.lm.Map(f)
+			if err != nil {
+				return InspectResult{}, fmt.Errorf("%w: %w", err, sdk.ErrInvalidArgument)
+			}
+			fi.Targets, fi.Unmatched = targetWeights(mp), mp.Unmatched
+		}
+		out.Files = append(out.Files, fi)
+	}
+	return out, nil
+}
+
+func targetWeights(maps ...*lora.Mapping) []string {
+	set := map[string]bool{}
+	for _, mp := range maps {
+		for _, t := range mp.Targets {
+			for _, pc := range t.Pieces {
+				set[pc.Layer+".weight"] = true
+			}
+		}
+	}
+	out := make([]string, 0, len(set))
+	for w := range set {
+		out = append(out, w)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func (e *engine) planMethod(ctx context.Context, c *sdk.Call, args ApplyArgs) (PlanResult, error) {
+	m, err := loadModel(ctx, c, args.Model)
+	if err != nil {
+		return PlanResult{}, err
+	}
+	maps, strengths, err := mapSet(m.lm, args.LoRAs, args.Strict)
+	if err != nil {
+		return PlanResult{}, err
+	}
+	_ = strengths
+	return PlanResult{Weights: targetWeights(maps...)}, nil
+}
+
+// baseWeights dequantizes a layer from the host's bytes (DoRA needs W).
+func baseWeights(c *sdk.Call, m *model) lora.BaseWeights {
+	return func(layer string) ([]float32, error) {
+		d, ok := m.weights[layer+".weight"]
+		if !ok {
+			return nil, fmt.Errorf("no 4-bit weight %s.weight", layer)
+		}
+		st, data, err := weightData(c, d)
+		if err != nil {
+			return nil, err
+		}
+		out := make([]float32, st.Numel())
+		if err := nf4.DequantizeWeight(out, st, data); err != nil {
+			return nil, fmt.Errorf("weight %s: %w", d.GetName(), err)
+		}
+		return out, nil
+	}
+}
+
+var logicalDType = map[pluginv1.DType]nf4.DType{
+	pluginv1.DType_DTYPE_BF16: "bfloat16", pluginv1.DType_DTYPE_F16: "float16", pluginv1.DType_DTYPE_F32: "float32",
+}
+
+func quantState(q *pluginv1.QuantInfo) nf4.QuantState {
+	return nf4.QuantState{QuantType: nf4.QuantType(q.GetQuantType()), Blocksize: int(q.GetBlocksize()), DType: logicalDType[q.GetDtype()],
+		Shape: q.GetShape(), Nested: q.GetNested(), NestedBlocksize: int(q.GetNestedBlocksize()), NestedDType: "float32", NestedOffset: q.GetNestedOffset()}
+}
+
+func refBytes(c *sdk.Call, w string, what string, r *pluginv1.TensorRef) ([]byte, error) {
+	if r == nil {
+		return nil, fmt.Errorf("weight %s: no %s", w, what)
+	}
+	n, err := tensor.NBytes(r.GetDtype(), r.GetShape())
+	if err != nil {
+		return nil, fmt.Errorf("weight %s: %s: %w", w, what, err)
+	}
+	return c.Bytes(&pluginv1.TensorDescriptor{Name: w + "." + what, Dtype: r.GetDtype(), Shape: r.GetShape(), Nbytes: n,
+		Access: pluginv1.Access_ACCESS_READ_ONLY, Region: r.GetRegion()})
+}
+
+func weightData(c *sdk.Call, d *pluginv1.TensorDescriptor) (nf4.QuantState, nf4.WeightData, error) {
+	q := d.GetQuant()
+	st := quantState(q)
+	var data nf4.WeightData
+	var err error
+	if data.Packed, err = c.Bytes(d); err != nil {
+		return st, data, err
+	}
+	if data.Absmax, err = refBytes(c, d.GetName(), "absmax", q.GetAbsmax()); err != nil {
+		return st, data, err
+	}
+	if q.GetNested() {
+		if data.NestedAbsmax, err = refBytes(c, d.GetName(), "nested_absmax", q.GetNestedAbsmax()); err != nil {
+			return st, data, err
+		}
+		if data.NestedQuantMap, err = refBytes(c, d.GetName(), "nested_quant_map", q.GetNestedQuantMap()); err != nil {
+			return st, data, err
+		}
+	}
+	return st, data, nil
+}
+
+func (e *engine) apply(ctx context.Context, c *sdk.Call, args ApplyArgs) (ApplyResult, error) {
+	switch args.Mode {
+	case "", ModeSide:
+		return e.applySide(ctx, c, args)
+	case ModeFuse:
+		return e.applyFuse(ctx, c, args)
+	}
+	return ApplyResult{}, fmt.Errorf("mode %q: want side or fuse: %w", args.Mode, sdk.ErrInvalidArgument)
+}
+
+func (e *engine) build(ctx context.Context, c *sdk.Call, args ApplyArgs) (*model, *lora.Plan, error) {
+	m, err := loadModel(ctx, c, args.Model)
+	if err != nil {
+		return nil, nil, err
+	}
+	maps, strengths, err := mapSet(m.lm, args.LoRAs, args.Strict)
+	if err != nil {
+		return nil, nil, err
+	}
+	p, err := lora.BuildSide(m.lm, maps, strengths, baseWeights(c, m), nil)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: %w", err, sdk.ErrInvalidArgument)
+	}
+	for _, sl := range p.Layers {
+		if sl.Bias != nil {
+			return nil, nil, fmt.Errorf("layer %s: the set carries a bias delta (lora_B.bias or diff_b), which neither side factors nor the fused 4-bit weight can hold: %w",
+				sl.Name, sdk.ErrInvalidArgument)
+		}
+	}
+	return m, p, nil
+}
+
+// boundRank is the rank of a layer's bound factors: Σr, plus Out identity
+// columns when the layer carries a dense delta.
+func boundRank(sl *lora.SideLayer) int {
+	r := sl.Rank
+	if sl.Dense != nil {
+		r += sl.Out
+	}
+	return r
+}
+
+// writeA fills A' [R' × In]: A_cat, then the dense rows.
+func writeA(dst []float32, sl *lora.SideLayer) {
+	copy(dst, sl.A)
+	if sl.Dense != nil {
+		copy(dst[sl.Rank*sl.In:], sl.Dense)
+	}
+}
+
+// writeBCols fills columns [c0, c1) of B' [Out × R'] (all of them with
+// c0=0, c1=R'): B_cat's columns, then identity columns for the dense rows.
+func writeBCols(dst []float32, sl *lora.SideLayer, c0, c1 int) {
+	rr := boundRank(sl)
+	for r := 0; r < sl.Out; r++ {
+		row := dst[r*rr : (r+1)*rr]
+		for k := c0; k < min(c1, sl.Rank); k++ {
+			row[k] = sl.B[r*sl.Rank+k]
+		}
+		if sl.Dense != nil && c1 > sl.Rank {
+			for k := max(c0, sl.Rank); k < c1; k++ {
+				row[k] = 0
+			}
+			if sl.Rank+r >= c0 && sl.Rank+r < c1 {
+				row[sl.Rank+r] = 1
+			}
+		}
+	}
+}
+
+func (e *engine) applySide(ctx context.Context, c *sdk.Call, args ApplyArgs) (res ApplyResult, err error) {
+	_, p, err := e.build(ctx, c, args)
+	if err != nil {
+		return ApplyResult{}, err
+	}
+	var allocated []*pluginv1.Region
+	defer func() {
+		if err != nil && len(allocated) > 0 {
+			_ = c.Host().Free(context.WithoutCancel(ctx), allocated...)
+		}
+	}()
+	ranks := map[string]int{}
+	var out []*pluginv1.TensorDescriptor
+	for _, sl := range p.Layers {
+		rr := boundRank(sl)
+		if rr == 0 {
+			continue
+		}
+		w := sl.Name + ".weight"
+		a, err := c.Host().Allocate(ctx, FactorA(w), pluginv1.DType_DTYPE_F32, []int64{int64(rr), int64(sl.In)})
+		if err != nil {
+			return ApplyResult{}, fmt.Errorf("layer %s: allocate A_cat [%d %d]: %w", sl.Name, rr, sl.In, err)
+		}
+		allocated = append(allocated, a.GetRegion())
+		b, err := c.Host().Allocate(ctx, FactorB(w), pluginv1.DType_DTYPE_F32, []int64{int64(sl.Out), int64(rr)})
+		if err != nil {
+			return ApplyResult{}, fmt.Errorf("layer %s: allocate B_cat [%d %d]: %w", sl.Name, sl.Out, rr, err)
+		}
+		allocated = append(allocated, b.GetRegion())
+		av, err := c.Float32s(a)
+		if err != nil {
+			return ApplyResult{}, err
+		}
+		bv, err := c.Float32s(b)
+		if err != nil {
+			return ApplyResult{}, err
+		}
+		writeA(av, sl)
+		writeBCols(bv, sl, 0, rr)
+		out = append(out, a, b)
+		ranks[w] = rr
+		res.Factors = append(res.Factors, Factor{Weight: w, A: a.GetName(), B: b.GetName(), Rank: rr, Out: sl.Out, In: sl.In})
+	}
+	p.Report.SideBytes = 0
+	for _, f := range res.Factors {
+		p.Report.SideBytes += int64(4 * f.Rank * (f.In + f.Out))
+	}
+	c.Return(out...)
+	var paths []string
+	for _, s := range args.LoRAs {
+		paths = append(paths, s.Path)
+	}
+	e.mu.Lock()
+	e.plans[modelName(args.Model)] = &sidePlan{plan: p, paths: paths, ranks: ranks}
+	e.mu.Unlock()
+	res.Report = p.Report
+	return res, nil
+}
+
+// ErrNoPlan says the plugin holds no side plan for the model (it was
+// restarted, or the set was applied in fuse mode): apply the set again.
+var ErrNoPlan = errors.New("no side plan held for this model; apply the set again")
+
+func (e *engine) setStrengths(ctx context.Context, c *sdk.Call, args SetStrengthsArgs) (SetStrengthsResult, error) {
+	e.mu.Lock()
+	sp := e.plans[modelName(args.Model)]
+	e.mu.Unlock()
+	if sp == nil {
+		return SetStrengthsResult{}, fmt.Errorf("model %s: %w: %w", modelName(args.Model), ErrNoPlan, sdk.ErrFailedPrecondition)
+	}
+	p := sp.plan
+	if len(args.Strengths) != len(p.Strengths) {
+		return SetStrengthsResult{}, fmt.Errorf("%d strengths for a set of %d LoRAs: %w", len(args.Strengths), len(p.Strengths), sdk.ErrInvalidArgument)
+	}
+	for i, s := range args.Strengths {
+		if math.IsNaN(s) || math.IsInf(s, 0) {
+			return SetStrengthsResult{}, fmt.Errorf("lora %s: strength %v: %w", filepath.Base(sp.paths[i]), s, sdk.ErrInvalidArgument)
+		}
+	}
+	// Map every bound factor first, so a bad descriptor changes nothing.
+	views := map[string][2][]float32{}
+	for _, sl := range p.Layers {
+		w := sl.Name + ".weight"
+		rr := sp.ranks[w]
+		if rr == 0 {
+			continue
+		}
+		var v [2][]float32
+		for k, name := range []string{FactorA(w), FactorB(w)} {
+			d, err := c.Input(name)
+			if err != nil {
+				return SetStrengthsResult{}, err
+			}
+			want := rr * sl.In
+			if k == 1 {
+				want = sl.Out * rr
+			}
+			if d.GetAccess() != pluginv1.Access_ACCESS_READ_WRITE || d.GetDtype() != pluginv1.DType_DTYPE_F32 || d.GetNbytes() != uint64(4*want) {
+				return SetStrengthsResult{}, fmt.Errorf("tensor %s: want read-write F32 of %d values: %w", name, want, sdk.ErrInvalidArgument)
+			}
+			if v[k], err = c.Float32s(d); err != nil {
+				return SetStrengthsResult{}, err
+			}
+		}
+		views[w] = v
+	}
+	var touched []lora.Touched
+	for i, s := range args.Strengths {
+		if s == p.Strengths[i] {
+			continue
+		}
+		t, err := p.SetStrength(i, s)
+		if err != nil {
+			return SetStrengthsResult{}, err
+		}
+		touched = append(touched, t...)
+		for _, tc := range t {
+			sl := p.Layer(tc.Layer)
+			v := views[tc.Layer+".weight"]
+			if tc.Cols > 0 {
+				writeBCols(v[1], sl, tc.Col, tc.Col+tc.Cols)
+			}
+			if tc.Dense && sl.Dense != nil {
+				copy(v[0][sl.Rank*sl.In:], sl.Dense)
+			}
+		}
+	}
+	return SetStrengthsResult{Touched: touched, Report: p.Report}, nil
+}
+
+func (e *engine) remove(_ context.Context, _ *sdk.Call, args RemoveArgs) (RemoveResult, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	_, ok := e.plans[modelName(args.Model)]
+	delete(e.plans, modelName(args.Model))
+	return RemoveResult{Dropped: ok}, nil
+}

@@ -1,0 +1,135 @@
+package main
+
+import "github.com/arenahost/arenahost/shared/lora"
+
+// The msgpack arguments and results of the plugin's methods. The host keeps
+// a copy of these types in host/lora (plugins and host share no package but
+// shared/); the tests there run against this binary, so a drift fails them.
+
+// Modes of apply.
+const (
+	ModeSide = "side"
+	ModeFuse = "fuse"
+)
+
+// Names of the tensors that travel with calls. W is a weight key
+// ("double_blocks.0.img_attn.qkv.weight").
+//
+//   - apply (fuse): each weight to write, read-write, under its own name;
+//     each journaled weight's original bytes, read-only, as
+//     JournalPacked(W) and JournalAbsmax(W).
+//   - apply (side) returns FactorA(W) and FactorB(W) for every bound layer.
+//   - set_strengths: the bound factors, read-write, as FactorA(W), FactorB(W).
+func JournalPacked(w string) string { return "journal/" + w + "/packed" }
+
+// JournalAbsmax names the journaled absmax of weight w.
+func JournalAbsmax(w string) string { return "journal/" + w + "/absmax" }
+
+// FactorA names the bound A_cat of weight w.
+func FactorA(w string) string { return "factors/" + w + "/A" }
+
+// FactorB names the bound B_cat of weight w.
+func FactorB(w string) string { return "factors/" + w + "/B" }
+
+// LoRASpec is one LoRA of a set: a file path the host confined to its LoRA
+// directory, and its strength.
+type LoRASpec struct {
+	Path     string  `msgpack:"path"`
+	Strength float64 `msgpack:"strength"`
+}
+
+// InspectArgs are the arguments of inspect.
+type InspectArgs struct {
+	Paths []string `msgpack:"paths"`
+	// Model, when set, also maps each file on that model and lists the
+	// layers it targets and the keys it leaves unmatched.
+	Model string `msgpack:"model"`
+}
+
+// ModuleInfo is one module of an inspected file.
+type ModuleInfo struct {
+	Key   string       `msgpack:"key"`
+	Type  lora.NetType `msgpack:"type"`
+	Rank  int          `msgpack:"rank"`
+	Alpha float64      `msgpack:"alpha"`
+	Scale float64      `msgpack:"scale"`
+	Out   int          `msgpack:"out"`
+	In    int          `msgpack:"in"`
+}
+
+// FileInfo is one inspected LoRA file.
+type FileInfo struct {
+	Path      string           `msgpack:"path"`
+	Format    lora.KeyFormat   `msgpack:"format"`
+	Types     []lora.NetType   `msgpack:"types"`
+	Meta      lora.Meta        `msgpack:"meta"`
+	Modules   []ModuleInfo     `msgpack:"modules"`
+	Unknown   []string         `msgpack:"unknown"`
+	Targets   []string         `msgpack:"targets,omitempty"` // weight keys, with Model
+	Unmatched []lora.Unmatched `msgpack:"unmatched,omitempty"`
+}
+
+// InspectResult is the result of inspect.
+type InspectResult struct {
+	Files []FileInfo `msgpack:"files"`
+}
+
+// ApplyArgs are the arguments of plan and apply.
+type ApplyArgs struct {
+	Model  string     `msgpack:"model"`
+	LoRAs  []LoRASpec `msgpack:"loras"`
+	Mode   string     `msgpack:"mode"`
+	Strict bool       `msgpack:"strict"`
+	// TileElems bounds the fused pass's tile (0: shared/lora's default).
+	TileElems int `msgpack:"tile_elems"`
+}
+
+// PlanResult is the result of plan: the weights an apply of that set
+// writes (fuse) or binds (side), so the host can journal them first.
+type PlanResult struct {
+	Weights []string     `msgpack:"weights"`
+	Report  *lora.Report `msgpack:"report"`
+}
+
+// Factor is one layer's bound side factors: A [Rank × In] and B [Out ×
+// Rank], F32, returned as the tensors named A and B. Rank counts the dense
+// columns too: a dense delta D travels as extra rows D of A with identity
+// columns of B, so y += (x·Aᵀ)·Bᵀ stays the whole update.
+type Factor struct {
+	Weight string `msgpack:"weight"`
+	A      string `msgpack:"a"`
+	B      string `msgpack:"b"`
+	Rank   int    `msgpack:"rank"`
+	Out    int    `msgpack:"out"`
+	In     int    `msgpack:"in"`
+}
+
+// ApplyResult is the result of apply.
+type ApplyResult struct {
+	Report  *lora.Report `msgpack:"report"`
+	Factors []Factor     `msgpack:"factors,omitempty"` // side
+	Fused   []string     `msgpack:"fused,omitempty"`   // fuse: weights now fused
+}
+
+// SetStrengthsArgs are the arguments of set_strengths: the model and one
+// strength per LoRA of the set last applied in side mode.
+type SetStrengthsArgs struct {
+	Model     string    `msgpack:"model"`
+	Strengths []float64 `msgpack:"strengths"`
+}
+
+// SetStrengthsResult says which columns were rewritten.
+type SetStrengthsResult struct {
+	Touched []lora.Touched `msgpack:"touched"`
+	Report  *lora.Report   `msgpack:"report"`
+}
+
+// RemoveArgs are the arguments of remove.
+type RemoveArgs struct {
+	Model string `msgpack:"model"`
+}
+
+// RemoveResult is the result of remove.
+type RemoveResult struct {
+	Dropped bool `msgpack:"dropped"` // a side plan was held and is gone
+}
