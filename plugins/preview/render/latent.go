@@ -1,10 +1,10 @@
 package render
 
 import (
-	"encoding/binary"
 	"fmt"
 	"math"
-	"sync"
+
+	"github.com/arenahost/arenahost/shared/half"
 )
 
 // DType is the element type of a latent's bytes (little-endian).
@@ -212,57 +212,17 @@ func unpackTokenMajor(l Latent, fam Family) (Planes, Factors, error) {
 	return Planes{C: uc, H: uh, W: uw, Data: dst}, f, nil
 }
 
-// toFloat32 converts little-endian elements to fp32.
+// toFloat32 converts little-endian elements to fp32 (exactly, with
+// shared/half's torch-matching rules for 16-bit values).
 func toFloat32(b []byte, d DType) []float32 {
 	out := make([]float32, len(b)/d.Size())
 	switch d {
 	case Float32:
-		for i := range out {
-			out[i] = math.Float32frombits(binary.LittleEndian.Uint32(b[4*i:]))
-		}
+		half.DecodeF32(out, b)
 	case BFloat16:
-		for i := range out {
-			out[i] = bf16ToFloat32(binary.LittleEndian.Uint16(b[2*i:]))
-		}
+		half.DecodeBF16(out, b)
 	case Float16:
-		t := f16Table()
-		for i := range out {
-			out[i] = t[binary.LittleEndian.Uint16(b[2*i:])]
-		}
+		half.DecodeF16(out, b)
 	}
 	return out
 }
-
-// bf16ToFloat32 widens a bfloat16 bit pattern (exact).
-func bf16ToFloat32(u uint16) float32 { return math.Float32frombits(uint32(u) << 16) }
-
-// f16ToFloat32 widens an IEEE 754 binary16 bit pattern (exact, subnormals,
-// infinities and NaN included).
-func f16ToFloat32(u uint16) float32 {
-	sign := uint32(u>>15) << 31
-	exp := uint32(u>>10) & 0x1f
-	man := uint32(u) & 0x3ff
-	switch {
-	case exp == 0 && man == 0:
-		return math.Float32frombits(sign)
-	case exp == 0: // subnormal: man·2^-24
-		v := float32(man) * (1.0 / (1 << 24))
-		if sign != 0 {
-			v = -v
-		}
-		return v
-	case exp == 0x1f:
-		return math.Float32frombits(sign | 0x7f800000 | man<<13)
-	}
-	return math.Float32frombits(sign | (exp+127-15)<<23 | man<<13)
-}
-
-var f16Once = sync.OnceValue(func() *[1 << 16]float32 {
-	var t [1 << 16]float32
-	for i := range t {
-		t[i] = f16ToFloat32(uint16(i))
-	}
-	return &t
-})
-
-func f16Table() *[1 << 16]float32 { return f16Once() }

@@ -4,7 +4,8 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
-	"math"
+
+	"github.com/arenahost/arenahost/shared/half"
 )
 
 // stTensor is one tensor of a safetensors file, widened to fp32.
@@ -77,18 +78,11 @@ func readSafetensors(b []byte) (map[string]stTensor, error) {
 		t := stTensor{shape: e.Shape, data: make([]float32, count)}
 		switch e.DType {
 		case "F32":
-			for i := range t.data {
-				t.data[i] = math.Float32frombits(binary.LittleEndian.Uint32(raw[4*i:]))
-			}
+			half.DecodeF32(t.data, raw)
 		case "F16":
-			tab := f16Table()
-			for i := range t.data {
-				t.data[i] = tab[binary.LittleEndian.Uint16(raw[2*i:])]
-			}
+			half.DecodeF16(t.data, raw)
 		case "BF16":
-			for i := range t.data {
-				t.data[i] = bf16ToFloat32(binary.LittleEndian.Uint16(raw[2*i:]))
-			}
+			half.DecodeBF16(t.data, raw)
 		}
 		out[name] = t
 	}

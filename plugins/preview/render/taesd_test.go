@@ -14,6 +14,7 @@ import (
 	"testing"
 
 	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/shared/half"
 )
 
 func readF32File(t *testing.T, path string) []float32 {
@@ -142,7 +143,7 @@ func stFile(tensors map[string]stTensor, dtype string) []byte {
 		start := len(data)
 		for _, v := range t.data {
 			if dtype == "F16" {
-				data = binary.LittleEndian.AppendUint16(data, f32ToF16(v))
+				data = binary.LittleEndian.AppendUint16(data, half.F32ToF16(v))
 			} else {
 				data = binary.LittleEndian.AppendUint32(data, math.Float32bits(v))
 			}
@@ -158,16 +159,6 @@ func stFile(tensors map[string]stTensor, dtype string) []byte {
 func rawST(header string, n int) []byte {
 	b := binary.LittleEndian.AppendUint64(nil, uint64(len(header)))
 	return append(append(b, header...), make([]byte, n)...)
-}
-
-// f32ToF16 narrows values that are exactly representable (test data only).
-func f32ToF16(v float32) uint16 {
-	for u := range 1 << 16 {
-		if f16ToFloat32(uint16(u)) == v {
-			return uint16(u)
-		}
-	}
-	panic(fmt.Sprintf("%v not fp16-representable", v))
 }
 
 // randomDecoder returns a random decoder state dict under TAESD's keys.
