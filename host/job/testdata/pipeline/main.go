@@ -41,7 +41,13 @@ func run(ctx context.Context, c *sdk.Call, a RunArgs) (RunResult, error) {
 		return RunResult{}, fmt.Errorf("args.steps: %d out of range: %w", a.Steps, sdk.ErrInvalidArgument)
 	}
 	if a.Channels == 0 {
-		a.Channels, a.Height, a.Width = 16, 16, 16
+		a.Channels = 16
+	}
+	if a.Height == 0 {
+		a.Height = 16
+	}
+	if a.Width == 0 {
+		a.Width = 16
 	}
 	if a.Arch == "" {
 		a.Arch = "flux1"
