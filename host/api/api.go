@@ -99,7 +99,6 @@ func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
 	a.mux.HandleFunc("GET /sdapi/v1/loras", a.sdapiLoRAs)
 	a.mux.Handle("GET /metrics", a.Metrics.Handler())
 	a.jobRoutes() // jobs.go: jobs, previews, A1111 progress, ComfyUI websocket
-	a.jobRoutes() // jobs.go: jobs, previews, A1111 progress, ComfyUI websocket
 	a.mux.HandleFunc("/v1/", a.notFound)
 	a.mux.HandleFunc("/sdapi/", a.notFound)
 	a.mux.Handle("/", a.consoleOr404(console.Handler()))
