@@ -26,6 +26,7 @@ package half
 import (
 	"encoding/binary"
 	"math"
+	"sync"
 )
 
 // BF16ToF32 widens a bfloat16 bit pattern to float32 (exact).
@@ -130,10 +131,35 @@ func EncodeBF16(dst []byte, src []float32) int {
 func DecodeF16(dst []float32, src []byte) int {
 	n := min(len(dst), len(src)/2)
 	src = src[:2*n]
+	if n < 4096 {
+		for i := range dst[:n] {
+			dst[i] = F16ToF32(binary.LittleEndian.Uint16(src[2*i:]))
+		}
+		return n
+	}
+	t := f16Table()
 	for i := range dst[:n] {
-		dst[i] = F16ToF32(binary.LittleEndian.Uint16(src[2*i:]))
+		dst[i] = t[binary.LittleEndian.Uint16(src[2*i:])]
 	}
 	return n
+}
+
+var (
+	f16Once sync.Once
+	f16Tab  *[1 << 16]float32
+)
+
+// f16Table returns F16ToF32 for every pattern (256 KiB), built on first use
+// by a large DecodeF16.
+func f16Table() *[1 << 16]float32 {
+	f16Once.Do(func() {
+		t := new([1 << 16]float32)
+		for h := range t {
+			t[h] = F16ToF32(uint16(h))
+		}
+		f16Tab = t
+	})
+	return f16Tab
 }
 
 // EncodeF16 rounds src to float16 (see F32ToF16) and writes the values

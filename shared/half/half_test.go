@@ -192,6 +192,24 @@ func TestBulkLengths(t *testing.T) {
 	}
 }
 
+// TestDecodeF16Table checks the table path of DecodeF16 (large inputs)
+// against F16ToF32 on every pattern.
+func TestDecodeF16Table(t *testing.T) {
+	src := make([]byte, 2<<16)
+	for p := range 1 << 16 {
+		binary.LittleEndian.PutUint16(src[2*p:], uint16(p))
+	}
+	dst := make([]float32, 1<<16)
+	if n := DecodeF16(dst, src); n != 1<<16 {
+		t.Fatalf("n = %d", n)
+	}
+	for p, f := range dst {
+		if math.Float32bits(f) != math.Float32bits(F16ToF32(uint16(p))) {
+			t.Fatalf("pattern %#04x: %#08x, want %#08x", p, math.Float32bits(f), math.Float32bits(F16ToF32(uint16(p))))
+		}
+	}
+}
+
 func BenchmarkEncodeBF16(b *testing.B) {
 	src := make([]float32, 1<<20)
 	for i := range src {
