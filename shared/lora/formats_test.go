@@ -279,6 +279,38 @@ func TestNetworkTypes(t *testing.T) {
 		}
 		checkSide(t, p, wb, e)
 	})
+	t.Run("dora per input (kohya dora_scale [1, in])", func(t *testing.T) {
+		k := "lora_unet_double_blocks_1_txt_attn_proj"
+		ts, b, a := loraPair(r, k, "kohya", 4, 256, 256, 8)
+		mag := make([]float32, 256)
+		for i := range mag {
+			mag[i] = 0.5 + r.Float32()
+		}
+		ts = append(ts, tt{k + ".dora_scale", []int64{1, 256}, mag})
+		layer := "double_blocks.1.txt_attn.proj"
+		base := func(name string) ([]float32, error) { return wb.get(name), nil }
+		f, _, p := applyOne(t, bfl, writeLoRA(t, "dora-in.safetensors", nil, safetensors.F32, ts...), 1, base)
+		if !f.Modules[0].MagnitudePerInput {
+			t.Fatal("magnitude [1, 256] not read as per input column")
+		}
+		d := prod64(b, a)
+		w := wb.get(layer)
+		norms := make([]float64, 256)
+		for i := 0; i < 256; i++ {
+			for j := 0; j < 256; j++ {
+				v := float64(w[i*256+j]) + 2*d[i*256+j]
+				norms[j] += v * v
+			}
+		}
+		e := map[string][]float64{layer: make([]float64, 256*256)}
+		for i := 0; i < 256; i++ {
+			for j := 0; j < 256; j++ {
+				v := float64(w[i*256+j]) + 2*d[i*256+j]
+				e[layer][i*256+j] = float64(mag[j])*v/math.Sqrt(norms[j]) - float64(w[i*256+j])
+			}
+		}
+		checkSide(t, p, wb, e)
+	})
 }
 
 // BuildSideFile parses, maps and builds with strength 1 and no base

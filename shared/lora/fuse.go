@@ -149,8 +149,11 @@ type FuseOptions struct {
 // full-layer fp32 temporary exists. A layer's original bytes are journaled
 // before its first write; a layer already journaled is fused from its
 // original, never from a previous fusion. Layers journaled earlier that the
-// plan no longer touches are restored. On error every layer this call
-// wrote is restored to its original bytes. The plan's Report gets the
+// plan no longer touches are restored. An apply is all or nothing: on
+// error every layer this call wrote gets back the bytes it had before the
+// call (layers fused for the first time from the journal; layers already
+// fused from an undo copy of their packed bytes and absmax, the only extra
+// memory the pass holds besides its tiles). The plan's Report gets the
 // per-layer and total retention and relative error.
 func Fuse(ctx context.Context, p *Plan, store Store, codec Codec, j Journal, opt FuseOptions) error {
 	start := time.Now()
@@ -163,9 +166,36 @@ func Fuse(ctx context.Context, p *Plan, store Store, codec Codec, j Journal, opt
 	rep := p.Report
 	rep.Mode = "fuse"
 	rep.Warnings = nil
+	// Rollback state: layers this call wrote, and for layers that were
+	// already fused (or are being un-fused) a copy of their current bytes,
+	// so a failure puts back exactly what was there.
 	var written []string
+	undo := map[string][][]byte{}
+	keep := func(name string, raw [][]byte) {
+		if _, ok := undo[name]; ok {
+			return
+		}
+		cp := make([][]byte, len(raw))
+		for i, r := range raw {
+			cp[i] = append([]byte(nil), r...)
+		}
+		undo[name] = cp
+	}
 	fail := func(err error) error {
+		for name, saved := range undo {
+			q, lerr := store.Layer(name)
+			if lerr == nil {
+				for i := range q.Raw {
+					copy(q.Raw[i], saved[i])
+				}
+				continue
+			}
+			err = fmt.Errorf("%w (and rollback of %s: %v)", err, name, lerr)
+		}
 		for _, name := range written {
+			if _, ok := undo[name]; ok {
+				continue
+			}
 			if rerr := restoreLayer(store, j, name); rerr != nil {
 				err = fmt.Errorf("%w (and rollback of %s: %v)", err, name, rerr)
 			}
@@ -188,6 +218,7 @@ func Fuse(ctx context.Context, p *Plan, store Store, codec Codec, j Journal, opt
 			return fail(err)
 		}
 		if j.Has(sl.Name) {
+			keep(sl.Name, q.Raw)
 			if err := j.Restore(sl.Name, q.Raw); err != nil {
 				return fail(fmt.Errorf("fuse: layer %s: %w", sl.Name, err))
 			}
@@ -215,11 +246,24 @@ func Fuse(ctx context.Context, p *Plan, store Store, codec Codec, j Journal, opt
 		}
 		dot, norm, diff = dot+d, norm+n, diff+e
 	}
+	var unpatched []string
 	for _, name := range j.Layers() {
-		if !touched[name] {
-			if err := restoreLayer(store, j, name); err != nil {
-				return fail(fmt.Errorf("fuse: restore layer %s no longer patched: %w", name, err))
-			}
+		if touched[name] {
+			continue
+		}
+		q, err := store.Layer(name)
+		if err != nil {
+			return fail(fmt.Errorf("fuse: restore layer %s no longer patched: %w", name, err))
+		}
+		keep(name, q.Raw)
+		if err := j.Restore(name, q.Raw); err != nil {
+			return fail(fmt.Errorf("fuse: restore layer %s no longer patched: %w", name, err))
+		}
+		unpatched = append(unpatched, name)
+	}
+	for _, name := range unpatched { // only now that nothing can fail
+		if err := j.Drop(name); err != nil {
+			return fmt.Errorf("fuse: drop journal of %s: %w", name, err)
 		}
 	}
 	if norm > 0 {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/arenahost/arenahost/shared/half"
@@ -373,6 +374,46 @@ func TestFuseRollsBackOnError(t *testing.T) {
 	if len(j.Layers()) != 0 {
 		t.Errorf("journal keeps %v after rollback", j.Layers())
 	}
+}
+
+// A failure while re-fusing over an earlier fusion (new strengths, one
+// LoRA dropped) leaves the earlier fused bytes exactly in place.
+func TestFuseFailureKeepsPreviousFusion(t *testing.T) {
+	c := makeCross(t)
+	m, w := sampleModel(t, layout.FluxBFL, "model.diffusion_model.")
+	store := quantizedModel(t, m, w, 64)
+	maps := crossMaps(t, m, c)
+	p, err := BuildSide(m, maps, []float64{3, 3}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	j := NewMemJournal()
+	if err := Fuse(context.Background(), p, store, nf4Codec, j, FuseOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	before := store.snapshot()
+	journaled := j.Layers()
+	p2, err := BuildSide(m, maps[1:], []float64{-2}, nil, nil) // kohya only: PEFT-only layers get un-fused
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := &failingStore{memStore: store, fail: p2.Layers[len(p2.Layers)-1].Name}
+	if err := Fuse(context.Background(), p2, bad, nf4Codec, j, FuseOptions{}); err == nil {
+		t.Fatal("no error")
+	}
+	after := store.snapshot()
+	for name, b := range before {
+		if !bytes.Equal(b, after[name]) {
+			t.Fatalf("layer %s changed by a failed re-fuse", name)
+		}
+	}
+	if got := j.Layers(); !slices.Equal(got, journaled) {
+		t.Errorf("journal %v, was %v", got, journaled)
+	}
+	if err := Remove(store, j); err != nil {
+		t.Fatal(err)
+	}
+	store.checkRestored(t, "after remove")
 }
 
 type failingStore struct {
