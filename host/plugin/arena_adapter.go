@@ -2,7 +2,6 @@ package plugin
 
 import (
 	"errors"
-	"fmt"
 
 	"github.com/arenahost/arenahost/host/arena"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
@@ -42,29 +41,7 @@ func (x arenaAdapter) ReleaseOwner(owner string) error {
 
 // RegionProto is the protocol form of an arena region at loc.
 func RegionProto(r arena.Region, loc arena.Location) *pluginv1.Region {
-	pr := &pluginv1.Region{Offset: r.Offset, Length: r.Length, Generation: r.Generation}
-	switch loc.Kind {
-	case arena.KindCUDA:
-		pr.Segment = &pluginv1.Region_Cuda{Cuda: &pluginv1.CUDASlab{
-			Id: loc.SegmentID, IpcHandle: loc.IPCHandle, Size: loc.Size, Device: int32(loc.Device), HostPid: int32(loc.HostPID),
-		}}
-	default:
-		pr.Segment = &pluginv1.Region_Cpu{Cpu: &pluginv1.CPUSegment{
-			Id: loc.SegmentID, Path: loc.Path, Size: loc.Size, HostPid: int32(loc.HostPID),
-		}}
-	}
-	return pr
+	return arena.RegionProto(r, loc)
 }
 
-func arenaRegion(r *pluginv1.Region) (arena.Region, error) {
-	var seg uint32
-	switch s := r.GetSegment().(type) {
-	case *pluginv1.Region_Cpu:
-		seg = s.Cpu.GetId()
-	case *pluginv1.Region_Cuda:
-		seg = s.Cuda.GetId()
-	default:
-		return arena.Region{}, fmt.Errorf("region at offset %d: no segment", r.GetOffset())
-	}
-	return arena.Region{Segment: seg, Offset: r.GetOffset(), Length: r.GetLength(), Generation: r.GetGeneration()}, nil
-}
+func arenaRegion(r *pluginv1.Region) (arena.Region, error) { return arena.RegionFromProto(r) }

@@ -113,16 +113,5 @@ func regionProto(loc Locator, t *Tensor) (*pluginv1.Region, error) {
 	if err != nil {
 		return nil, err
 	}
-	reg := &pluginv1.Region{Offset: t.Region.Offset, Length: t.Region.Length, Generation: t.Region.Generation}
-	switch l.Kind {
-	case arena.KindCPU:
-		reg.Segment = &pluginv1.Region_Cpu{Cpu: &pluginv1.CPUSegment{
-			Id: l.SegmentID, Path: l.Path, Size: l.Size, HostPid: int32(l.HostPID)}}
-	case arena.KindCUDA:
-		reg.Segment = &pluginv1.Region_Cuda{Cuda: &pluginv1.CUDASlab{
-			Id: l.SegmentID, IpcHandle: l.IPCHandle, Size: l.Size, Device: int32(l.Device), HostPid: int32(l.HostPID)}}
-	default:
-		return nil, fmt.Errorf("segment %d: unknown location kind %q", l.SegmentID, l.Kind)
-	}
-	return reg, nil
+	return arena.RegionProto(t.Region, l), nil
 }

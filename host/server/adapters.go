@@ -5,65 +5,9 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/registry"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
-
-// arenaLeases adapts *arena.Arena to the plugin manager's Arena seam, which
-// speaks protocol regions and string owners.
-type arenaLeases struct{ a *arena.Arena }
-
-func (l arenaLeases) Alloc(owner, name string, n uint64) (*pluginv1.Region, error) {
-	r, err := l.a.Alloc(arena.Owner(owner), name, n)
-	if err != nil {
-		return nil, err
-	}
-	loc, err := l.a.Location(r)
-	if err != nil {
-		_ = l.a.Free(r)
-		return nil, err
-	}
-	return regionProto(loc, r)
-}
-
-func (l arenaLeases) Free(owner string, r *pluginv1.Region) error {
-	return l.a.FreeOwned(arena.Owner(owner), regionFromProto(r))
-}
-
-func (l arenaLeases) ReleaseOwner(owner string) error {
-	l.a.ReleaseOwner(arena.Owner(owner))
-	return nil
-}
-
-// regionProto converts an arena region and its segment's location to the
-// protocol's Region.
-func regionProto(l arena.Location, r arena.Region) (*pluginv1.Region, error) {
-	reg := &pluginv1.Region{Offset: r.Offset, Length: r.Length, Generation: r.Generation}
-	switch l.Kind {
-	case arena.KindCPU:
-		reg.Segment = &pluginv1.Region_Cpu{Cpu: &pluginv1.CPUSegment{
-			Id: l.SegmentID, Path: l.Path, Size: l.Size, HostPid: int32(l.HostPID)}}
-	case arena.KindCUDA:
-		reg.Segment = &pluginv1.Region_Cuda{Cuda: &pluginv1.CUDASlab{
-			Id: l.SegmentID, IpcHandle: l.IPCHandle, Size: l.Size, Device: int32(l.Device), HostPid: int32(l.HostPID)}}
-	default:
-		return nil, fmt.Errorf("segment %d: unknown location kind %q", l.SegmentID, l.Kind)
-	}
-	return reg, nil
-}
-
-// regionFromProto recovers the arena region a protocol Region names.
-func regionFromProto(r *pluginv1.Region) arena.Region {
-	var seg uint32
-	switch s := r.GetSegment().(type) {
-	case *pluginv1.Region_Cpu:
-		seg = s.Cpu.GetId()
-	case *pluginv1.Region_Cuda:
-		seg = s.Cuda.GetId()
-	}
-	return arena.Region{Segment: seg, Offset: r.GetOffset(), Length: r.GetLength(), Generation: r.GetGeneration()}
-}
 
 // lookup serves the Host service's LookupTensors from the registry.
 type lookup struct {

@@ -109,7 +109,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 		Dir:       cfg.PluginsDir,
 		Env:       cfg.PluginEnv,
 		Logger:    log,
-		Arena:     arenaLeases{ar},
+		Arena:     plugin.ArenaOf(ar),
 		Registry:  lookup{reg: s.Registry, loc: ar, bindings: s.Bindings},
 		Publisher: s.Jobs,
 	})
