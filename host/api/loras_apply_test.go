@@ -1,0 +1,131 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/arenahost/arenahost/host/samples"
+	"github.com/arenahost/arenahost/host/server"
+)
+
+// loraPlugins builds the lora-nf4 plugin into a plugins directory laid out
+// as `make build` does.
+func loraPlugins(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	pd := filepath.Join(dir, "lora-nf4")
+	if err := os.MkdirAll(pd, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("go", "build", "-o", filepath.Join(pd, "lora-nf4"), "github.com/arenahost/arenahost/plugins/lora-nf4").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go build lora-nf4: %v\n%s", err, out)
+	}
+	man, err := os.ReadFile("../../plugins/lora-nf4/plugin.json")
+	if err == nil {
+		err = os.WriteFile(filepath.Join(pd, "plugin.json"), man, 0o644)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+func loraCall(t *testing.T, method, url string, body any) (int, map[string]any) {
+	t.Helper()
+	var rd io.Reader
+	if body != nil {
+		b, _ := json.Marshal(body)
+		rd = bytes.NewReader(b)
+	}
+	req, _ := http.NewRequestWithContext(t.Context(), method, url, rd)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out map[string]any
+	raw, _ := io.ReadAll(resp.Body)
+	if err := json.Unmarshal(raw, &out); err != nil {
+		t.Fatalf("%s %s: body %q: %v", method, url, raw, err)
+	}
+	return resp.StatusCode, out
+}
+
+func TestLoRAApplyRoutes(t *testing.T) {
+	data := t.TempDir()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	s, err := server.New(t.Context(), server.Config{DataDir: data, PluginsDir: loraPlugins(t), Samples: true, ArenaCapacity: 1 << 30, Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close(context.Background()) })
+	// The sample LoRAs were written on first run, next to the sample model.
+	for _, f := range []string{samples.KohyaLoRAFile, samples.PEFTLoRAFile} {
+		if _, err := os.Stat(filepath.Join(s.Config().LoRAsDir, f)); err != nil {
+			t.Fatalf("sample LoRA: %v", err)
+		}
+	}
+	srv := httptest.NewServer(New(s, log))
+	t.Cleanup(srv.Close)
+	kohya := strings.TrimSuffix(samples.KohyaLoRAFile, ".safetensors")
+
+	code, body := loraCall(t, "POST", srv.URL+"/v1/loras/apply", map[string]any{
+		"loras": []map[string]any{{"name": kohya, "strength": 0.8}, {"name": samples.PEFTLoRAFile}}})
+	if code != http.StatusOK || body["mode"] != "side" {
+		t.Fatalf("apply: %d %v", code, body)
+	}
+	rep := body["report"].(map[string]any)
+	for _, l := range rep["loras"].([]any) {
+		if l.(map[string]any)["matched"].(float64) == 0 {
+			t.Errorf("apply report: %v matched nothing", l)
+		}
+	}
+	code, body = loraCall(t, "GET", srv.URL+"/v1/loras/state", nil)
+	if code != http.StatusOK || body["mode"] != "side" || len(body["loras"].([]any)) != 2 {
+		t.Fatalf("state: %d %v", code, body)
+	}
+	code, body = loraCall(t, "POST", srv.URL+"/v1/loras/apply", map[string]any{
+		"loras": []map[string]any{{"name": kohya, "strength": 0.8}, {"name": samples.PEFTLoRAFile}}})
+	if code != http.StatusOK || body["noop"] != true {
+		t.Errorf("re-apply: %d %v, want a no-op", code, body)
+	}
+
+	// Paths stay inside the LoRA directory; bad files get 422 naming them.
+	code, body = loraCall(t, "POST", srv.URL+"/v1/loras/apply", map[string]any{"loras": []map[string]any{{"name": "../models/" + samples.ModelFile}}})
+	if code != http.StatusBadRequest || body["code"] != "bad_path" {
+		t.Errorf("escape: %d %v", code, body)
+	}
+	if err := os.WriteFile(filepath.Join(s.Config().LoRAsDir, "broken.safetensors"), []byte("\x10\x00\x00\x00\x00\x00\x00\x00{"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, body = loraCall(t, "POST", srv.URL+"/v1/loras/apply", map[string]any{"loras": []map[string]any{{"name": "broken"}}, "mode": "fuse"})
+	if code != http.StatusUnprocessableEntity || body["code"] != "bad_lora" || !strings.Contains(body["detail"].(string), "broken.safetensors") {
+		t.Errorf("broken file: %d %v", code, body)
+	}
+	if _, body = loraCall(t, "GET", srv.URL+"/v1/loras/state", nil); body["mode"] != "side" {
+		t.Errorf("state after a failed apply: %v", body)
+	}
+
+	code, body = loraCall(t, "POST", srv.URL+"/v1/loras/apply", map[string]any{"loras": []map[string]any{{"name": kohya}}, "mode": "fuse"})
+	if code != http.StatusOK || body["mode"] != "fuse" || body["report"].(map[string]any)["retention"].(float64) <= 0 {
+		t.Fatalf("fuse: %d %v", code, body)
+	}
+	code, body = loraCall(t, "DELETE", srv.URL+"/v1/loras", nil)
+	if code != http.StatusOK || body["path"] != "remove" {
+		t.Fatalf("remove: %d %v", code, body)
+	}
+	if _, body = loraCall(t, "GET", srv.URL+"/v1/loras/state", nil); body["mode"] != nil {
+		t.Errorf("state after remove: %v", body)
+	}
+}
