@@ -424,7 +424,7 @@ func parallelBlocks(nb, blocksize int, fn func(b0, b1 int)) {
 		fn(0, nb)
 		return
 	}
-	chunks := min(nb, workers*4)
+	chunks := min(nb, workers*16) // small chunks balance load on a busy machine
 	per := (nb + chunks - 1) / chunks
 	var wg sync.WaitGroup
 	next := make(chan int, chunks)
