@@ -85,6 +85,7 @@ async function refreshPlugins() {
     showError("plugins-error", e);
     return;
   }
+  refreshPipelines(ps);
   const body = $("plugins-body");
   const focused = document.activeElement && document.activeElement.dataset.plugin;
   body.replaceChildren();
@@ -293,33 +294,68 @@ async function removeLoRAs() {
 // ---- jobs ----
 let events = null;
 
+// refreshPipelines fills the pipeline choice from the plugins of kind
+// "pipeline", keeping the current choice.
+function refreshPipelines(ps) {
+  const sel = $("job-pipeline");
+  const names = ps.filter((p) => p.kind === "pipeline").map((p) => p.name);
+  const have = Array.from(sel.options).map((o) => o.value).filter((v) => v);
+  if (names.join() === have.join()) return;
+  const cur = sel.value;
+  sel.replaceChildren();
+  if (!names.length) sel.add(new Option("(no pipeline plugin)", ""));
+  for (const n of names) sel.add(new Option(n, n));
+  if (names.includes(cur)) sel.value = cur;
+}
+
+// POST /v1/jobs takes {pipeline, params, preview}; the pipeline reads
+// steps, seed, width and height (and ignores what it does not know).
 async function startJob(ev) {
   ev.preventDefault();
-  const req = {
-    prompt: $("job-prompt").value,
+  const pipeline = $("job-pipeline").value;
+  if (!pipeline) {
+    showError("job-error", new Error("start job: no pipeline plugin is serving (see the plugins table)"));
+    return;
+  }
+  const params = {
     steps: Number($("job-steps").value),
     seed: Number($("job-seed").value),
     width: Number($("job-width").value),
     height: Number($("job-height").value),
   };
+  const prompt = $("job-prompt").value.trim();
+  if (prompt) params.prompt = prompt;
   $("job-start").disabled = true;
   try {
-    const job = await api("POST", "/v1/jobs", req);
+    const job = await api("POST", "/v1/jobs", { pipeline, params });
     showError("job-error", null);
     const id = encodeURIComponent(job.id);
+    const links = job.links || {};
     $("job-status").textContent = `job ${job.id}: ${job.state || "queued"}`;
+    const frames = new Set();
+    const fr = $("job-frames");
+    fr.dataset.frames = "0";
+    fr.textContent = "";
     const img = $("job-preview");
-    img.src = `/v1/jobs/${id}/preview.mjpeg`;
+    img.src = links.mjpeg || `/v1/jobs/${id}/preview.mjpeg`;
     img.hidden = false;
     if (events) events.close();
-    events = new EventSource(`/v1/jobs/${id}/events`);
-    events.onmessage = (m) => {
+    events = new EventSource(links.events || `/v1/jobs/${id}/events`);
+    const onEvent = (m) => {
       let d;
-      try { d = JSON.parse(m.data); } catch (_) { d = { state: m.data }; }
-      const step = d.step !== undefined ? ` step ${d.step}${d.steps ? "/" + d.steps : ""}` : "";
-      $("job-status").textContent = `job ${job.id}: ${d.state || d.type || "running"}${step}`;
-      if (d.error) showError("job-error", new Error(d.error));
+      try { d = JSON.parse(m.data); } catch (_) { return; }
+      const step = d.total ? ` step ${d.step}/${d.total}` : "";
+      const eta = d.eta_seconds > 0 && !["succeeded", "failed", "canceled"].includes(d.state) ? `, ETA ${d.eta_seconds.toFixed(1)} s` : "";
+      $("job-status").textContent = `job ${job.id}: ${d.state}${step}${eta}`;
+      if (d.frame) {
+        frames.add(d.frame);
+        fr.dataset.frames = String(frames.size);
+        fr.textContent = `${frames.size} preview frames (latest from step ${d.frame_step}${d.dropped ? `, ${d.dropped} dropped` : ""})`;
+      }
+      if (d.error) showError("job-error", new Error(`job ${job.id}: ${d.error}`));
+      if (["succeeded", "failed", "canceled"].includes(d.state)) events.close();
     };
+    for (const t of ["state", "progress", "frame", "message"]) events.addEventListener(t, onEvent);
     events.onerror = () => { if (events) events.close(); };
   } catch (e) {
     showError("job-error", e);
