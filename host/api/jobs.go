@@ -27,6 +27,43 @@ func (a *API) jobRoutes() {
 	a.mux.HandleFunc("POST /sdapi/v1/interrupt", a.sdapiInterrupt)
 	a.mux.HandleFunc("GET /ws", a.comfyWS)
 	a.mux.HandleFunc("GET /api/ws", a.comfyWS)
+	go a.observeJobs(a.s.Jobs.Subscribe("", 1024))
+}
+
+// observeJobs feeds job events to the metrics until the job manager
+// closes.
+func (a *API) observeJobs(sub *job.Subscription) {
+	defer sub.Close()
+	for {
+		select {
+		case <-a.s.Jobs.Done():
+			return
+		case <-sub.C():
+			for _, e := range sub.Next() {
+				switch e.Type {
+				case job.EventFrame:
+					a.Metrics.ObservePreview(e.Frame.Rendered.Sub(e.Frame.Published))
+				case job.EventState:
+					switch e.Job.State {
+					case job.StateQueued:
+						a.Metrics.JobSubmitted()
+					case job.StateRunning:
+						a.Metrics.JobStarted()
+					case job.StateDone:
+						a.Metrics.JobFinished("succeeded")
+					case job.StateFailed:
+						a.Metrics.JobFinished("failed")
+					case job.StateCancelled:
+						if !e.Job.Started.IsZero() {
+							a.Metrics.JobFinished("canceled")
+						} else {
+							a.Metrics.Jobs.WithLabelValues("canceled").Inc() // never ran: not counted running
+						}
+					}
+				}
+			}
+		}
+	}
 }
 
 // clientWriteTimeout bounds one write to a streaming client: a client that
@@ -148,14 +185,18 @@ func (a *API) previewMJPEG(w http.ResponseWriter, r *http.Request) {
 	}
 	sub := a.s.Jobs.Subscribe(j.ID(), 4)
 	defer sub.Close()
+	var sent, skipped uint64
+	defer func() { a.Metrics.PreviewFramesDropped(int(skipped)) }()
 	rc := http.NewResponseController(w)
 	w.Header().Set("Content-Type", "multipart/x-mixed-replace; boundary="+mjpegBoundary)
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(http.StatusOK)
-	var sent uint64
 	send := func(f *job.Frame) bool {
 		if f == nil || f.ID <= sent {
 			return true
+		}
+		if sent > 0 {
+			skipped += f.ID - sent - 1
 		}
 		sent = f.ID
 		_ = rc.SetWriteDeadline(time.Now().Add(clientWriteTimeout))
@@ -180,13 +221,10 @@ func (a *API) previewMJPEG(w http.ResponseWriter, r *http.Request) {
 		case <-r.Context().Done():
 			return
 		case <-sub.C():
-			var newest *job.Frame
-			for _, e := range sub.Next() {
-				if e.Frame != nil {
-					newest = e.Frame
-				}
-			}
-			if !send(newest) {
+			// Only the newest frame matters; the events just say
+			// something changed.
+			sub.Next()
+			if !send(j.Frame()) {
 				return
 			}
 		case <-j.Done():
@@ -235,7 +273,7 @@ func (a *API) jobEvents(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	sub := a.s.Jobs.Subscribe(j.ID(), 0)
-	defer sub.Close()
+	defer func() { a.Metrics.PreviewFramesDropped(int(sub.Dropped())); sub.Close() }()
 	rc := http.NewResponseController(w)
 	w.Header().Set("Content-Type", "text/event-stream")
 	w.Header().Set("Cache-Control", "no-store")

@@ -82,7 +82,7 @@ func (a *API) comfyWS(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
 	sub := a.s.Jobs.Subscribe("", 0)
-	defer sub.Close()
+	defer func() { a.Metrics.PreviewFramesDropped(int(sub.Dropped())); sub.Close() }()
 
 	write := func(typ websocket.MessageType, b []byte) bool {
 		wctx, wcancel := context.WithTimeout(ctx, clientWriteTimeout)

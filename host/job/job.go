@@ -310,7 +310,7 @@ func (m *Manager) checkPreview(ps Plugins, p *Preview) (*previewer, error) {
 	if !slices.Contains(have, p.Method) {
 		return nil, fmt.Errorf("%w: preview.method: %q unknown (plugin %s serves %v, or %q)", ErrInvalid, p.Method, p.Plugin, have, MethodNone)
 	}
-	return &previewer{set: *p, inflight: -1, wake: make(chan struct{}, 1)}, nil
+	return &previewer{set: *p, inflight: -1, wake: make(chan struct{}, 1), exited: make(chan struct{})}, nil
 }
 
 func cutPrefix(s, prefix string) (string, bool) {
@@ -441,7 +441,7 @@ func (j *Job) run() {
 	defer func() { <-m.sem }()
 	j.setState(StateRunning, "")
 	if j.pv != nil {
-		go j.pv.loop()
+		j.pv.start()
 	}
 	ps, err := m.pluginsOrErr()
 	var reply *plugin.Reply
@@ -591,6 +591,9 @@ func (j *Job) Snapshot() Snapshot {
 func (j *Job) Counters() Counters {
 	return Counters{Published: j.published.Load(), Rendered: j.rendered.Load(), Dropped: j.dropped.Load()}
 }
+
+// Done is closed when the Manager is closed.
+func (m *Manager) Done() <-chan struct{} { return m.ctx.Done() }
 
 // Close cancels every job and waits for them to end.
 func (m *Manager) Close(ctx context.Context) error {

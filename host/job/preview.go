@@ -79,7 +79,8 @@ type previewer struct {
 	lastTaken time.Time
 	stopping  bool
 	flush     bool
-	exited    chan struct{}
+	started   bool          // loop was started (set by the job before it runs)
+	exited    chan struct{} // closed when the loop has exited
 	frame     *Frame
 	frameSeq  uint64
 	lastErr   string
@@ -274,13 +275,17 @@ type renderResult struct {
 	Height int    `msgpack:"height"`
 }
 
+// start runs the render loop.
+func (p *previewer) start() {
+	p.mu.Lock()
+	p.started = true
+	p.mu.Unlock()
+	go p.loop()
+}
+
 // loop renders pending latents until stop.
 func (p *previewer) loop() {
-	p.mu.Lock()
-	p.exited = make(chan struct{})
-	exited := p.exited
-	p.mu.Unlock()
-	defer close(exited)
+	defer close(p.exited)
 	defer p.release()
 	for {
 		p.mu.Lock()
@@ -357,7 +362,7 @@ func (p *previewer) failed(pl *pendingLatent, err error) {
 func (p *previewer) stop(flush bool, bound time.Duration) {
 	p.mu.Lock()
 	p.stopping, p.flush = true, flush
-	exited := p.exited
+	started := p.started
 	if !flush && p.pending != nil {
 		p.pending = nil
 		p.job.dropped.Add(1)
@@ -367,14 +372,14 @@ func (p *previewer) stop(flush bool, bound time.Duration) {
 	case p.wake <- struct{}{}:
 	default:
 	}
-	if exited == nil { // the loop never started
+	if !started {
 		p.release()
 		return
 	}
 	t := time.NewTimer(bound)
 	defer t.Stop()
 	select {
-	case <-exited:
+	case <-p.exited:
 	case <-t.C:
 		p.job.m.log.Warn("preview flush timed out; the last frame may come late", "job", p.job.id, "bound", bound)
 	}

@@ -1,0 +1,110 @@
+package job_test
+
+import (
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/arenahost/arenahost/host/job"
+)
+
+func percentile(xs []float64, p float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	return s[min(len(s)-1, int(p*float64(len(s))))]
+}
+
+// BenchmarkPublishToFrame measures, per frame, the time from the host
+// receiving a pipeline's "latent" publish to the frame being available to
+// clients (copy into the host region, render call to the preview plugin
+// process, render + JPEG there, result back), for a FLUX.1 1024² latent,
+// channel-major 16×128×128 and packed 4096×64. Steps are 60 ms apart so that
+// no frame is superseded. Target: p95 ≤ 30 ms with the factor method on
+// 2 cores. Run: go test -run ^$ -bench PublishToFrame -benchtime 40x ./host/job/
+func BenchmarkPublishToFrame(b *testing.B) {
+	s := startHost(b)
+	for _, bc := range []struct {
+		name   string
+		params map[string]any
+	}{
+		{"flux-16x128x128", map[string]any{"channels": 16, "height": 128, "width": 128}},
+		{"flux-packed-4096x64", map[string]any{"channels": 64, "height": 64, "width": 64, "layout": "tokens"}},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			steps := max(b.N, 5)
+			params := map[string]any{"steps": steps, "step_ms": 60}
+			for k, v := range bc.params {
+				params[k] = v
+			}
+			j, err := s.Jobs.Create(b.Context(), job.Spec{Pipeline: "test-pipeline", Params: params, Preview: job.Preview{Family: "flux"}})
+			if err != nil {
+				b.Fatal(err)
+			}
+			sub := s.Jobs.Subscribe(j.ID(), 1024)
+			defer sub.Close()
+			b.ResetTimer()
+			fs := frames(sub, j, nil)
+			b.StopTimer()
+			snap := j.Snapshot()
+			if snap.State != job.StateDone || len(fs) == 0 {
+				b.Fatalf("job %+v, %d frames", snap, len(fs))
+			}
+			var lat []float64
+			for _, f := range fs {
+				lat = append(lat, float64(f.Rendered.Sub(f.Published).Microseconds())/1000)
+			}
+			if testing.Verbose() {
+				fmt.Fprintf(b.Output(), "latencies ms: %.1f\n", lat)
+			}
+			b.ReportMetric(percentile(lat, 0.50), "p50-ms")
+			b.ReportMetric(percentile(lat, 0.95), "p95-ms")
+			b.ReportMetric(float64(snap.Preview.Dropped), "dropped")
+			b.ReportMetric(0, "ns/op")
+		})
+	}
+}
+
+// BenchmarkStepOverhead runs the same job with previews off and on (every
+// step of a FLUX.1 1024² latent, factor method, 512² JPEG), alternating in
+// the same run, and reports the pipeline's mean step time for each and
+// the overhead. "sleep" steps leave the CPU to the renderer (a pipeline
+// on an accelerator); "spin" steps compete with it for the 2 cores.
+// Target: overhead ≤ 2%.
+// Run: go test -run ^$ -bench StepOverhead -benchtime 3x ./host/job/
+func BenchmarkStepOverhead(b *testing.B) {
+	s := startHost(b)
+	for _, spin := range []bool{false, true} {
+		name := "sleep"
+		if spin {
+			name = "spin"
+		}
+		b.Run(name, func(b *testing.B) {
+			run := func(method string) float64 {
+				j, err := s.Jobs.Create(b.Context(), job.Spec{Pipeline: "test-pipeline",
+					Params:  map[string]any{"steps": 50, "step_ms": 20, "spin": spin, "channels": 16, "height": 128, "width": 128},
+					Preview: job.Preview{Method: method, Family: "flux"}})
+				if err != nil {
+					b.Fatal(err)
+				}
+				snap := wait(b, j, time.Minute)
+				res, ok := snap.Result.(map[string]any)
+				if snap.State != job.StateDone || !ok {
+					b.Fatalf("job %+v", snap)
+				}
+				return res["mean_step_ms"].(float64)
+			}
+			var off, on float64
+			for range b.N {
+				off += run("none")
+				on += run("factor")
+			}
+			off, on = off/float64(b.N), on/float64(b.N)
+			b.ReportMetric(off, "off-ms/step")
+			b.ReportMetric(on, "on-ms/step")
+			b.ReportMetric(100*(on/off-1), "overhead-%")
+			b.ReportMetric(0, "ns/op")
+			fmt.Fprintf(b.Output(), "%s: previews off %.3f ms/step, on %.3f ms/step (%+.2f%%)\n", name, off, on, 100*(on/off-1))
+		})
+	}
+}
