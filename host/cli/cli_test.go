@@ -3,14 +3,17 @@ package cli
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/arenahost/arenahost/host/inspect"
+	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
 func run(t *testing.T, args ...string) (string, string, error) {
@@ -122,5 +125,57 @@ func TestHelpHasExamples(t *testing.T) {
 				t.Errorf("%s --help has no example:\n%s", name, errOut)
 			}
 		})
+	}
+}
+
+// writeKohyaLoRA writes a small kohya-format Flux LoRA (BFL module names) for
+// the sample model's first double block.
+func writeKohyaLoRA(t *testing.T, path string) {
+	t.Helper()
+	f32 := func(n int, v float32) []byte {
+		b := make([]byte, 4*n)
+		for i := 0; i < n; i++ {
+			binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(v*float32(i%7-3)))
+		}
+		return b
+	}
+	var ts []safetensors.WriteTensor
+	for _, m := range []struct {
+		name    string
+		in, out int
+	}{{"lora_unet_double_blocks_0_img_attn_qkv", 256, 768}, {"lora_unet_single_blocks_1_linear2", 1280, 256}} {
+		ts = append(ts,
+			safetensors.WriteTensor{Name: m.name + ".lora_down.weight", DType: safetensors.F32, Shape: []int64{4, int64(m.in)}, Data: f32(4*m.in, 0.01)},
+			safetensors.WriteTensor{Name: m.name + ".lora_up.weight", DType: safetensors.F32, Shape: []int64{int64(m.out), 4}, Data: f32(4*m.out, 0.02)},
+			safetensors.WriteTensor{Name: m.name + ".alpha", DType: safetensors.F32, Shape: []int64{}, Data: f32(1, 0)},
+		)
+	}
+	if err := safetensors.WriteFile(path, map[string]string{"ss_base_model_version": "flux1"}, ts); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestInspectLoRA(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "kohya.safetensors")
+	writeKohyaLoRA(t, path)
+	text, _, err := run(t, "inspect", path)
+	if err != nil {
+		t.Fatalf("inspect: %v", err)
+	}
+	for _, w := range []string{"LoRA, kohya keys", "ranks:", "[4]", "flux1", "double_blocks", "modules:       2"} {
+		if !strings.Contains(text, w) {
+			t.Errorf("inspect text lacks %q:\n%s", w, text)
+		}
+	}
+	js, _, err := run(t, "inspect", "--json", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r inspect.Report
+	if err := json.Unmarshal([]byte(js), &r); err != nil {
+		t.Fatal(err)
+	}
+	if r.Kind != inspect.KindLoRA || r.LoRA == nil || r.LoRA.Modules != 2 || r.LoRA.BaseModel != "flux1" {
+		t.Fatalf("report = %+v", r)
 	}
 }

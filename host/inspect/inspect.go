@@ -55,18 +55,8 @@ type ModelInfo struct {
 	Warnings   []string `json:"warnings,omitempty"`
 }
 
-// LoRAReport describes a LoRA file.
-type LoRAReport struct {
-	Format       string         `json:"format"`
-	NetworkTypes map[string]int `json:"network_types"`
-	Ranks        []int          `json:"ranks"`
-	Alphas       []float64      `json:"alphas"`
-	BaseModel    string         `json:"base_model,omitempty"`
-	Architecture string         `json:"architecture,omitempty"`
-	Modules      int            `json:"modules"`
-	Targets      []string       `json:"targets"`
-	Unknown      []string       `json:"unknown,omitempty"`
-}
+// LoRAReport describes a LoRA file: shared/lora's summary of it.
+type LoRAReport = lora.Summary
 
 // File inspects the safetensors file at path.
 func File(path string) (*Report, error) {
@@ -143,29 +133,8 @@ func inspectLoRA(path string) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &LoRAReport{Format: string(lf.Format), NetworkTypes: map[string]int{}, Modules: len(lf.Modules),
-		BaseModel: lf.Meta.BaseModel, Architecture: lf.Meta.Architecture, Unknown: lf.Unknown}
-	ranks, alphas := map[int]bool{}, map[float64]bool{}
-	for _, m := range lf.Modules {
-		r.NetworkTypes[string(m.Type)]++
-		if m.Rank > 0 {
-			ranks[m.Rank] = true
-		}
-		if m.HasAlpha {
-			alphas[m.Alpha] = true
-		}
-		r.Targets = append(r.Targets, m.Key)
-	}
-	for k := range ranks {
-		r.Ranks = append(r.Ranks, k)
-	}
-	for a := range alphas {
-		r.Alphas = append(r.Alphas, a)
-	}
-	sort.Ints(r.Ranks)
-	sort.Float64s(r.Alphas)
-	sort.Strings(r.Targets)
-	return &Report{Path: path, Kind: KindLoRA, LoRA: r}, nil
+	sum := lora.Summarize(lf)
+	return &Report{Path: path, Kind: KindLoRA, LoRA: &sum}, nil
 }
 
 // WriteJSON writes the report as indented JSON.
@@ -204,23 +173,24 @@ func (r *Report) WriteText(w io.Writer) error {
 		}
 	case KindLoRA:
 		l := r.LoRA
-		p("format", "LoRA, "+l.Format+" keys")
-		types := make([]string, 0, len(l.NetworkTypes))
-		for t, n := range l.NetworkTypes {
-			types = append(types, fmt.Sprintf("%s×%d", t, n))
+		p("format", "LoRA, "+string(l.Format)+" keys")
+		types := make([]string, 0, len(l.Types))
+		for _, t := range l.Types {
+			types = append(types, string(t))
 		}
-		sort.Strings(types)
+		if l.DoRA {
+			types = append(types, "dora")
+		}
 		p("networks", strings.Join(types, ", "))
 		p("ranks", l.Ranks)
 		p("alphas", l.Alphas)
-		base := l.BaseModel
-		if l.Architecture != "" {
-			base = strings.TrimSpace(base + " " + l.Architecture)
-		}
+		p("scales", l.Scales)
+		base := strings.TrimSpace(l.BaseModel + " " + l.Architecture)
 		if base == "" {
 			base = "(not recorded)"
 		}
 		p("trained for", base)
+		p("target names", l.Layout)
 		p("modules", l.Modules)
 		show := l.Targets
 		if len(show) > 8 {
@@ -228,7 +198,7 @@ func (r *Report) WriteText(w io.Writer) error {
 		}
 		p("targets", strings.Join(show, "\n               "))
 		if len(l.Unknown) > 0 {
-			p("unknown keys", len(l.Unknown))
+			p("unknown keys", fmt.Sprintf("%d (reported as unmatched on apply)", len(l.Unknown)))
 		}
 	}
 	return nil
