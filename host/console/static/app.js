@@ -345,7 +345,7 @@ async function startJob(ev) {
       let d;
       try { d = JSON.parse(m.data); } catch (_) { return; }
       const step = d.total ? ` step ${d.step}/${d.total}` : "";
-      const eta = d.eta_seconds > 0 && !["succeeded", "failed", "canceled"].includes(d.state) ? `, ETA ${d.eta_seconds.toFixed(1)} s` : "";
+      const eta = d.eta_seconds > 0 && !["done", "failed", "cancelled"].includes(d.state) ? `, ETA ${d.eta_seconds.toFixed(1)} s` : "";
       $("job-status").textContent = `job ${job.id}: ${d.state}${step}${eta}`;
       if (d.frame) {
         frames.add(d.frame);
@@ -353,7 +353,7 @@ async function startJob(ev) {
         fr.textContent = `${frames.size} preview frames (latest from step ${d.frame_step}${d.dropped ? `, ${d.dropped} dropped` : ""})`;
       }
       if (d.error) showError("job-error", new Error(`job ${job.id}: ${d.error}`));
-      if (["succeeded", "failed", "canceled"].includes(d.state)) events.close();
+      if (["done", "failed", "cancelled"].includes(d.state)) events.close();
     };
     for (const t of ["state", "progress", "frame", "message"]) events.addEventListener(t, onEvent);
     events.onerror = () => { if (events) events.close(); };

@@ -1,0 +1,94 @@
+package cli
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestServeRefusesUnsafeConfig(t *testing.T) {
+	tests := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"serve", "--listen", "0.0.0.0:0", "--data", t.TempDir()}, "set --token or ARENAHOST_TOKEN"},
+		{[]string{"serve", "--arena-capacity", "lots"}, `invalid value "lots" for flag -arena-capacity: "lots" is not a size`},
+		{[]string{"serve", "extra"}, "serve takes no arguments"},
+	}
+	for _, tt := range tests {
+		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
+			var stdout, stderr strings.Builder
+			err := Run(context.Background(), tt.args, &stdout, &stderr)
+			if err == nil || !strings.Contains(err.Error(), tt.want) || strings.Contains(err.Error(), "\n") {
+				t.Fatalf("err = %v, want one line containing %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestServeHelpHasExample(t *testing.T) {
+	var stdout, stderr strings.Builder
+	if err := Run(context.Background(), []string{"serve", "--help"}, &stdout, &stderr); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"Example:", "arenahost serve", "-token", "ARENAHOST_TOKEN", "docs/config.md"} {
+		if !strings.Contains(stderr.String(), want) {
+			t.Errorf("serve --help lacks %q:\n%s", want, stderr.String())
+		}
+	}
+}
+
+// TestServeRuns starts serve on 127.0.0.1:0 with a fresh data directory,
+// reads the console URL it prints, calls the API and shuts it down.
+func TestServeRuns(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	pr, pw := io.Pipe()
+	errc := make(chan error, 1)
+	go func() {
+		errc <- Run(ctx, []string{"serve", "--listen", "127.0.0.1:0", "--data", t.TempDir(), "--plugins", "", "--arena-capacity", "256MiB"}, pw, io.Discard)
+		pw.Close()
+	}()
+	urls := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(pr)
+		for sc.Scan() {
+			if u, ok := strings.CutPrefix(sc.Text(), "arenahost console: "); ok {
+				urls <- u
+			}
+		}
+	}()
+	var url string
+	select {
+	case url = <-urls:
+	case err := <-errc:
+		t.Fatalf("serve exited: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("no console URL printed")
+	}
+	if !strings.HasPrefix(url, "http://127.0.0.1:") || !strings.HasSuffix(url, "/") {
+		t.Fatalf("console URL %q", url)
+	}
+	resp, err := http.Get(url + "v1/models")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(b), `"name": "sample"`) {
+		t.Fatalf("GET /v1/models: %d %s", resp.StatusCode, b)
+	}
+	cancel()
+	select {
+	case err := <-errc:
+		if err != nil {
+			t.Fatalf("serve after cancel: %v", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("serve did not stop")
+	}
+}
