@@ -1,0 +1,318 @@
+// NF4 kernels for arenahost (host/cuda). Compiled to PTX for compute_80 by
+// build_ptx.py (NVRTC); the PTX is committed and embedded in the Go binary.
+//
+// Every kernel parameter is 8 bytes (pointers as unsigned long long,
+// integers as long long, floats as double): gorgonia.org/cu copies each
+// launch parameter as 8 bytes.
+//
+// Rules (bitsandbytes 4-bit, mirrored from shared/nf4, the CPU reference):
+//   - codes: q = number of fp32 midpoint thresholds T[k] with x > T[k]
+//     (strict >, ties go to the lower code, NaN gives 0);
+//   - scaling: xn = fp32(x * inv), inv = fp32(1/absmax) (a reciprocal, then a
+//     multiply; IEEE by default like the CPU codec, bitsandbytes' fast-math
+//     approximate reciprocal with -DNF4_BNB_FAST_RCP);
+//   - packing: element 2j in the HIGH nibble of byte j; an odd tail element
+//     is paired with 0 scaled by inv;
+//   - dequantize: fp32(NF4[q] * absmax[k / blocksize]);
+//   - nested absmax: fp32(fp32(map[q] * nabs[b / 256]) + offset), no FMA;
+//   - every product and sum that the CPU rounds separately uses __fmul_rn /
+//     __fadd_rn so no FMA contraction changes a bit.
+
+typedef unsigned long long u64;
+typedef long long i64;
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+#define NESTED_BLOCKSIZE 256
+
+__constant__ float NF4_LUT[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+// fp32 midpoints of neighbouring codes (bit patterns), ascending.
+__constant__ u32 NF4_T[15] = {
+    0xbf591cd8u, 0xbf1c5270u, 0xbeeb8480u, 0xbeadea76u, 0xbe703cecu,
+    0xbe0d38bcu, 0xbd3a7871u, 0x3d22faffu, 0x3df64862u, 0x3e5067e0u,
+    0x3e9582d4u, 0x3ec753f9u, 0x3f006d04u, 0x3f248dafu, 0x3f5c89dau};
+
+__device__ __forceinline__ u32 nf4_code(float x) {
+    u32 q = 0;
+#pragma unroll
+    for (int k = 0; k < 15; k++) q += x > __int_as_float((int)NF4_T[k]) ? 1u : 0u;
+    return q;
+}
+
+__device__ __forceinline__ float nf4_rcp(float am) {
+#ifdef NF4_BNB_FAST_RCP
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(am));
+    return r;
+#else
+    return __frcp_rn(am);
+#endif
+}
+
+// Round to nearest even; NaN becomes 0xFFFF (as shared/nf4 writes it).
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 b = (u32)__float_as_int(f);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return 0xffffu;
+    return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __int_as_float((int)((u32)h << 16)); }
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// dtype codes shared with launch.go: 0 float32, 1 bfloat16, 2 float16.
+__device__ __forceinline__ void store_elem(void* out, i64 k, float v, i64 dtype) {
+    if (dtype == 0) ((float*)out)[k] = v;
+    else if (dtype == 1) ((u16*)out)[k] = f32_to_bf16(v);
+    else ((u16*)out)[k] = f32_to_f16(v);
+}
+
+__device__ __forceinline__ float load_elem(const void* in, i64 k, i64 dtype) {
+    if (dtype == 0) return ((const float*)in)[k];
+    if (dtype == 1) return bf16_to_f32(((const u16*)in)[k]);
+    return f16_to_f32(((const u16*)in)[k]);
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// nf4_dequantize: out[k] = T(fp32(NF4[q_k] * absmax[k / bs])) for k < n.
+// One thread per packed byte, grid-stride.
+extern "C" __global__ void nf4_dequantize(u64 packed_, u64 absmax_, i64 n, i64 bs, u64 out_, i64 dtype) {
+    const u8* packed = (const u8*)packed_;
+    const float* absmax = (const float*)absmax_;
+    void* out = (void*)out_;
+    i64 bytes = (n + 1) / 2;
+    for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < bytes; j += (i64)gridDim.x * blockDim.x) {
+        u32 p = packed[j];
+        i64 e = 2 * j;
+        store_elem(out, e, __fmul_rn(NF4_LUT[p >> 4], absmax[e / bs]), dtype);
+        if (e + 1 < n) store_elem(out, e + 1, __fmul_rn(NF4_LUT[p & 15], absmax[(e + 1) / bs]), dtype);
+    }
+}
+
+// nf4_quantize: one warp per quantization block, grid-stride over blocks.
+// src holds n values of dtype (0 f32, 1 bf16, 2 f16).
+extern "C" __global__ void nf4_quantize(u64 src_, i64 n, i64 bs, u64 packed_, u64 absmax_, i64 dtype) {
+    const void* src = (const void*)src_;
+    u8* packed = (u8*)packed_;
+    float* absmax = (float*)absmax_;
+    int lane = threadIdx.x & 31;
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    i64 nwarps = ((i64)gridDim.x * blockDim.x) >> 5;
+    i64 nb = (n + bs - 1) / bs;
+    for (i64 b = warp; b < nb; b += nwarps) {
+        i64 lo = b * bs, hi = min(lo + bs, n);
+        float am = 0.0f;
+        for (i64 i = lo + lane; i < hi; i += 32) am = fmaxf(am, fabsf(load_elem(src, i, dtype)));
+        am = warp_max(am);
+        if (lane == 0) absmax[b] = am;
+        float inv = nf4_rcp(am);
+        for (i64 j = lo / 2 + lane; j < (hi + 1) / 2; j += 32) {
+            float x0 = load_elem(src, 2 * j, dtype);
+            float x1 = 2 * j + 1 < hi ? load_elem(src, 2 * j + 1, dtype) : 0.0f;
+            packed[j] = (u8)(nf4_code(__fmul_rn(x0, inv)) << 4 | nf4_code(__fmul_rn(x1, inv)));
+        }
+    }
+}
+
+// nested_dequantize: absmax[b] = fp32(fp32(map[q[b]] * nabs[b/256]) + offset).
+extern "C" __global__ void nested_dequantize(u64 q_, u64 nabs_, u64 map_, double offset, i64 nb, u64 out_) {
+    const u8* q = (const u8*)q_;
+    const float* nabs = (const float*)nabs_;
+    const float* map = (const float*)map_;
+    float* out = (float*)out_;
+    float off = (float)offset;
+    for (i64 b = (i64)blockIdx.x * blockDim.x + threadIdx.x; b < nb; b += (i64)gridDim.x * blockDim.x)
+        out[b] = __fadd_rn(__fmul_rn(map[q[b]], nabs[b / NESTED_BLOCKSIZE]), off);
+}
+
+// dynamic_code: bitsandbytes' dQuantize<0> binary search over a sorted
+// 256-entry map (nearest, an exact midpoint tie goes to the final probe).
+__device__ __forceinline__ u32 dynamic_code(const float* code, float x) {
+    int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+    float lower = -1.0f, upper = 1.0f, val = code[pivot];
+    for (int i = 64; i > 0; i >>= 1) {
+        if (x > val) { lower_pivot = pivot; lower = val; pivot += i; }
+        else { upper_pivot = pivot; upper = val; pivot -= i; }
+        val = code[pivot];
+    }
+    if (upper_pivot == 255) upper = code[255];
+    if (lower_pivot == 0) lower = code[0];
+    if (x > val) {
+        float mid = __fmul_rn(__fadd_rn(upper, val), 0.5f);
+        return x > mid ? (u32)upper_pivot : (u32)pivot;
+    }
+    float mid = __fmul_rn(__fadd_rn(lower, val), 0.5f);
+    return x < mid ? (u32)lower_pivot : (u32)pivot;
+}
+
+// nested_quantize: one CUDA block of 256 threads per nested block.
+// a' = fp32(absmax - offset); nabs[c] = max |a'|; q = dynamic_code(a' * fp32(1/nabs)).
+extern "C" __global__ void nested_quantize(u64 absmax_, i64 nb, double offset, u64 map_, u64 q_, u64 nabs_) {
+    __shared__ float code[256];
+    __shared__ float red[8];
+    const float* absmax = (const float*)absmax_;
+    const float* map = (const float*)map_;
+    u8* q = (u8*)q_;
+    float* nabs = (float*)nabs_;
+    float off = (float)offset;
+    code[threadIdx.x] = map[threadIdx.x];
+    i64 nc = (nb + NESTED_BLOCKSIZE - 1) / NESTED_BLOCKSIZE;
+    for (i64 c = blockIdx.x; c < nc; c += gridDim.x) {
+        i64 b = c * NESTED_BLOCKSIZE + threadIdx.x;
+        float a = b < nb ? __fadd_rn(absmax[b], -off) : 0.0f;
+        float m = warp_max(b < nb ? fabsf(a) : 0.0f);
+        __syncthreads();
+        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
+        __syncthreads();
+        float am = red[0];
+#pragma unroll
+        for (int w = 1; w < 8; w++) am = fmaxf(am, red[w]);
+        if (threadIdx.x == 0) nabs[c] = am;
+        float inv = nf4_rcp(am);
+        if (b < nb) q[b] = (u8)dynamic_code(code, __fmul_rn(a, inv));
+    }
+}
+
+// absmax_sum: sum of nb floats into *out (double), for the nested offset
+// (the mean). Partial sums per block, then one atomicAdd per block.
+extern "C" __global__ void absmax_sum(u64 absmax_, i64 nb, u64 out_) {
+    __shared__ double red[256];
+    const float* absmax = (const float*)absmax_;
+    double s = 0.0;
+    for (i64 b = (i64)blockIdx.x * blockDim.x + threadIdx.x; b < nb; b += (i64)gridDim.x * blockDim.x) s += (double)absmax[b];
+    red[threadIdx.x] = s;
+    __syncthreads();
+    for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) red[threadIdx.x] += red[threadIdx.x + k];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) atomicAdd((double*)out_, red[0]);
+}
+
+// nf4_fuse: the fused merge of one layer [out_dim × in_dim] (row-major,
+// n = out_dim·in_dim elements): w = dequantize(packed, absmax) + B·A, then
+// re-quantize in place. A is [rank × in_dim] and B [out_dim × rank], fp32,
+// strengths and scales already folded into B.
+//
+// One CUDA block per tile of `tile` elements (a multiple of bs, so tiles
+// start on a quantization block and a byte), grid-stride over tiles. The
+// merged tile lives in shared memory (tile floats), followed, when b_smem
+// is set, by the B rows the tile spans (max_rows × rank floats); otherwise
+// B is read through the read-only cache. No full-layer temporary exists.
+// absmax is fp32 (decoded from nested storage beforehand when nested).
+extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
+                                    u64 a_, u64 b_, i64 rank, i64 tile, i64 b_smem, i64 max_rows) {
+    extern __shared__ float smem[];
+    float* w = smem;
+    float* bs_rows = smem + tile;
+    u8* packed = (u8*)packed_;
+    float* absmax = (float*)absmax_;
+    const float* __restrict__ A = (const float*)a_;
+    const float* __restrict__ B = (const float*)b_;
+    i64 n = out_dim * in_dim;
+    i64 tiles = (n + tile - 1) / tile;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    for (i64 t = blockIdx.x; t < tiles; t += gridDim.x) {
+        i64 e0 = t * tile, e1 = min(e0 + tile, n);
+        i64 r0 = e0 / in_dim;
+        __syncthreads();
+        if (b_smem) {
+            i64 r1 = (e1 - 1) / in_dim + 1;
+            for (i64 i = threadIdx.x; i < (r1 - r0) * rank; i += blockDim.x) bs_rows[i] = B[r0 * rank + i];
+            __syncthreads();
+        }
+        // 1. dequantize + delta into shared memory, element pairs per thread.
+        for (i64 j = e0 / 2 + threadIdx.x; j < (e1 + 1) / 2; j += blockDim.x) {
+            u32 p = packed[j];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                i64 e = 2 * j + h;
+                if (e >= e1) break;
+                float orig = __fmul_rn(NF4_LUT[h == 0 ? p >> 4 : p & 15], absmax[e / bs]);
+                i64 r = e / in_dim, c = e - r * in_dim;
+                const float* brow = b_smem ? bs_rows + (r - r0) * rank : B + r * rank;
+                // The CPU's order (shared/lora DeltaRows): four ranks summed
+                // left to right, then added; each step rounded (no FMA).
+                float d = 0.0f;
+                i64 k = 0;
+                for (; k + 4 <= rank; k += 4) {
+                    float b0 = brow[k], b1 = brow[k + 1], b2 = brow[k + 2], b3 = brow[k + 3];
+                    if (b0 == 0.0f && b1 == 0.0f && b2 == 0.0f && b3 == 0.0f) continue;
+                    const float* a = A + k * in_dim + c;
+                    float s = __fadd_rn(__fmul_rn(b0, __ldg(a)), __fmul_rn(b1, __ldg(a + in_dim)));
+                    s = __fadd_rn(s, __fmul_rn(b2, __ldg(a + 2 * in_dim)));
+                    s = __fadd_rn(s, __fmul_rn(b3, __ldg(a + 3 * in_dim)));
+                    d = __fadd_rn(d, s);
+                }
+                for (; k < rank; k++) {
+                    float bv = brow[k];
+                    if (bv != 0.0f) d = __fadd_rn(d, __fmul_rn(bv, __ldg(A + k * in_dim + c)));
+                }
+                w[e - e0] = __fadd_rn(orig, d);
+            }
+        }
+        __syncthreads();
+        // 2. re-quantize: one warp per quantization block of the tile.
+        i64 nblk = (e1 - e0 + bs - 1) / bs;
+        for (i64 q = warp; q < nblk; q += nwarps) {
+            i64 lo = q * bs, hi = min(lo + bs, e1 - e0);
+            float am = 0.0f;
+            for (i64 i = lo + lane; i < hi; i += 32) am = fmaxf(am, fabsf(w[i]));
+            am = warp_max(am);
+            if (lane == 0) absmax[(e0 + lo) / bs] = am;
+            float inv = nf4_rcp(am);
+            for (i64 jj = lo / 2 + lane; jj < (hi + 1) / 2; jj += 32) {
+                float x0 = w[2 * jj];
+                float x1 = 2 * jj + 1 < hi ? w[2 * jj + 1] : 0.0f;
+                packed[e0 / 2 + jj] = (u8)(nf4_code(__fmul_rn(x0, inv)) << 4 | nf4_code(__fmul_rn(x1, inv)));
+            }
+        }
+    }
+}
+
+// side_rows: A_cat rows of one LoRA: dst[i] = fp32(src[i]) * scale for i < n
+// (src of dtype 0 f32, 1 bf16, 2 f16). A LoRA's A [r × in] is contiguous in
+// A_cat [rank × in], so one launch places it.
+extern "C" __global__ void side_rows(u64 src_, i64 dtype, i64 n, double scale, u64 dst_) {
+    const void* src = (const void*)src_;
+    float* dst = (float*)dst_;
+    float s = (float)scale;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        dst[i] = __fmul_rn(load_elem(src, i, dtype), s);
+}
+
+// side_cols: B_cat columns of one LoRA (build and strength rescale):
+// dst[(row0+i)·rank + col + j] = fp32(src[(src_row0+i)·r + j]) · scale for
+// i < rows, j < r. src is the LoRA's unscaled B [out × r].
+extern "C" __global__ void side_cols(u64 src_, i64 dtype, i64 src_row0, i64 rows, i64 r, double scale,
+                                     u64 dst_, i64 row0, i64 rank, i64 col) {
+    const void* src = (const void*)src_;
+    float* dst = (float*)dst_;
+    float s = (float)scale;
+    i64 n = rows * r;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        i64 row = i / r, j = i - row * r;
+        dst[(row0 + row) * rank + col + j] = __fmul_rn(load_elem(src, (src_row0 + row) * r + j, dtype), s);
+    }
+}

@@ -1,0 +1,164 @@
+package cuda
+
+import "fmt"
+
+// Element types of kernel inputs and outputs (the kernels' dtype codes).
+const (
+	DTypeF32  = 0
+	DTypeBF16 = 1
+	DTypeF16  = 2
+)
+
+// Launch geometry limits the plans respect (every CUDA GPU since compute
+// capability 3.0): threads per block and the static shared memory a block
+// may use without opting in to more.
+const (
+	ThreadsPerBlock = 256
+	MaxSharedBytes  = 48 << 10
+	// MaxGrid caps the grid of grid-stride kernels: enough blocks to fill
+	// any current GPU many times over.
+	MaxGrid = 1 << 16
+	// NestedBlocksize is the block of the nested (double) quantization.
+	NestedBlocksize = 256
+	// DefaultTileElems is the fused merge's preferred tile: 4096 fp32 values
+	// (16 KiB of shared memory), 64 blocks of 64.
+	DefaultTileElems = 4096
+)
+
+// Launch is one kernel launch's geometry (one-dimensional).
+type Launch struct {
+	Grid, Block int
+	Shared      int // dynamic shared memory bytes
+}
+
+func gridFor(work int) int {
+	return max(1, min(MaxGrid, (work+ThreadsPerBlock-1)/ThreadsPerBlock))
+}
+
+func checkQuant(n, blocksize int) error {
+	switch {
+	case n <= 0:
+		return fmt.Errorf("%d elements", n)
+	case blocksize <= 0 || blocksize%2 != 0 || blocksize > 4096:
+		return fmt.Errorf("blocksize %d (want an even size up to 4096)", blocksize)
+	}
+	return nil
+}
+
+// DequantizeLaunch plans nf4_dequantize: one thread per packed byte,
+// grid-stride.
+func DequantizeLaunch(n, blocksize int) (Launch, error) {
+	if err := checkQuant(n, blocksize); err != nil {
+		return Launch{}, fmt.Errorf("dequantize: %w", err)
+	}
+	return Launch{Grid: gridFor((n + 1) / 2), Block: ThreadsPerBlock}, nil
+}
+
+// QuantizeLaunch plans nf4_quantize: one warp per quantization block,
+// eight per CUDA block, grid-stride.
+func QuantizeLaunch(n, blocksize int) (Launch, error) {
+	if err := checkQuant(n, blocksize); err != nil {
+		return Launch{}, fmt.Errorf("quantize: %w", err)
+	}
+	blocks := (n + blocksize - 1) / blocksize
+	return Launch{Grid: gridFor(blocks * 32), Block: ThreadsPerBlock}, nil
+}
+
+// NestedDequantizeLaunch plans nested_dequantize over nb absmax values.
+func NestedDequantizeLaunch(nb int) (Launch, error) {
+	if nb <= 0 {
+		return Launch{}, fmt.Errorf("nested dequantize: %d absmax values", nb)
+	}
+	return Launch{Grid: gridFor(nb), Block: ThreadsPerBlock}, nil
+}
+
+// NestedQuantizeLaunch plans nested_quantize: one CUDA block of
+// NestedBlocksize threads per nested block (the kernel relies on it).
+func NestedQuantizeLaunch(nb int) (Launch, error) {
+	if nb <= 0 {
+		return Launch{}, fmt.Errorf("nested quantize: %d absmax values", nb)
+	}
+	return Launch{Grid: min(MaxGrid, (nb+NestedBlocksize-1)/NestedBlocksize), Block: NestedBlocksize}, nil
+}
+
+// SumLaunch plans absmax_sum (the kernel's shared reduction assumes
+// ThreadsPerBlock threads).
+func SumLaunch(nb int) (Launch, error) {
+	if nb <= 0 {
+		return Launch{}, fmt.Errorf("absmax sum: %d values", nb)
+	}
+	return Launch{Grid: min(1024, gridFor(nb)), Block: ThreadsPerBlock}, nil
+}
+
+// ElementwiseLaunch plans side_rows and side_cols over n elements.
+func ElementwiseLaunch(n int) (Launch, error) {
+	if n <= 0 {
+		return Launch{}, fmt.Errorf("elementwise: %d elements", n)
+	}
+	return Launch{Grid: gridFor(n), Block: ThreadsPerBlock}, nil
+}
+
+// FuseShape is one layer of a fused merge.
+type FuseShape struct {
+	Out, In   int // the weight is [Out × In]
+	Blocksize int // quantization blocksize (even, ≤ 4096)
+	Rank      int // Σr, the columns of B_cat and rows of A_cat
+}
+
+// FusePlan is nf4_fuse's launch: tiles of TileElems elements (a multiple of
+// the blocksize), MaxRows rows of B_cat per tile staged in shared memory
+// when BShared.
+type FusePlan struct {
+	Launch
+	TileElems int
+	Tiles     int
+	MaxRows   int  // most rows of the weight one tile touches
+	BShared   bool // B rows staged in shared memory (else read through the cache)
+}
+
+// PlanFuse sizes nf4_fuse for one layer. The tile starts at
+// DefaultTileElems rounded to the blocksize and halves, never below one
+// block, until the merged tile plus the B rows it spans fit MaxSharedBytes;
+// when even one block's rows do not fit, B stays in global memory.
+func PlanFuse(s FuseShape) (FusePlan, error) {
+	n := s.Out * s.In
+	switch {
+	case s.Out <= 0 || s.In <= 0:
+		return FusePlan{}, fmt.Errorf("fuse: shape [%d %d]", s.Out, s.In)
+	case s.Rank <= 0:
+		return FusePlan{}, fmt.Errorf("fuse: rank %d", s.Rank)
+	}
+	if err := checkQuant(n, s.Blocksize); err != nil {
+		return FusePlan{}, fmt.Errorf("fuse: %w", err)
+	}
+	tile := max(s.Blocksize, DefaultTileElems/s.Blocksize*s.Blocksize)
+	tile = min(tile, (n+s.Blocksize-1)/s.Blocksize*s.Blocksize)
+	for {
+		rows := maxRows(tile, s.In, s.Out)
+		if 4*(tile+rows*s.Rank) <= MaxSharedBytes {
+			return fusePlan(n, tile, rows, s.Rank, true), nil
+		}
+		if tile == s.Blocksize {
+			return fusePlan(n, tile, rows, s.Rank, false), nil
+		}
+		tile = max(s.Blocksize, tile/2/s.Blocksize*s.Blocksize)
+	}
+}
+
+func fusePlan(n, tile, rows, rank int, bShared bool) FusePlan {
+	tiles := (n + tile - 1) / tile
+	shared := 4 * tile
+	if bShared {
+		shared += 4 * rows * rank
+	}
+	return FusePlan{
+		Launch:    Launch{Grid: min(MaxGrid, tiles), Block: ThreadsPerBlock, Shared: shared},
+		TileElems: tile, Tiles: tiles, MaxRows: rows, BShared: bShared,
+	}
+}
+
+// maxRows is the most rows of an [out × in] weight that a run of tile
+// elements starting on a multiple of tile can touch.
+func maxRows(tile, in, out int) int {
+	return min(out, (tile-1)/in+2)
+}

@@ -1,0 +1,152 @@
+package cuda
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/arenahost/arenahost/shared/layout"
+)
+
+func TestSimpleLaunches(t *testing.T) {
+	tests := []struct {
+		name string
+		fn   func() (Launch, error)
+		want Launch
+		err  string
+	}{
+		{"dequantize odd", func() (Launch, error) { return DequantizeLaunch(1001, 64) }, Launch{Grid: 2, Block: 256}, ""},
+		{"dequantize huge caps the grid", func() (Launch, error) { return DequantizeLaunch(3072*12288, 64) }, Launch{Grid: MaxGrid, Block: 256}, ""},
+		{"dequantize one", func() (Launch, error) { return DequantizeLaunch(1, 64) }, Launch{Grid: 1, Block: 256}, ""},
+		{"quantize warp per block", func() (Launch, error) { return QuantizeLaunch(64*9, 64) }, Launch{Grid: 2, Block: 256}, ""},
+		{"quantize odd block", func() (Launch, error) { return QuantizeLaunch(100, 64) }, Launch{Grid: 1, Block: 256}, ""},
+		{"quantize bad blocksize", func() (Launch, error) { return QuantizeLaunch(100, 63) }, Launch{}, "blocksize 63"},
+		{"quantize empty", func() (Launch, error) { return QuantizeLaunch(0, 64) }, Launch{}, "0 elements"},
+		{"nested quantize", func() (Launch, error) { return NestedQuantizeLaunch(257) }, Launch{Grid: 2, Block: 256}, ""},
+		{"nested dequantize", func() (Launch, error) { return NestedDequantizeLaunch(589824) }, Launch{Grid: 2304, Block: 256}, ""},
+		{"nested empty", func() (Launch, error) { return NestedQuantizeLaunch(0) }, Launch{}, "0 absmax"},
+		{"sum caps at 1024 blocks", func() (Launch, error) { return SumLaunch(1 << 30) }, Launch{Grid: 1024, Block: 256}, ""},
+		{"elementwise", func() (Launch, error) { return ElementwiseLaunch(3072 * 16) }, Launch{Grid: 192, Block: 256}, ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := tc.fn()
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("err %v, want %q", err, tc.err)
+				}
+				return
+			}
+			if err != nil || got != tc.want {
+				t.Fatalf("got %+v %v, want %+v", got, err, tc.want)
+			}
+		})
+	}
+}
+
+func TestPlanFuse(t *testing.T) {
+	tests := []struct {
+		name string
+		s    FuseShape
+		want FusePlan
+		err  string
+	}{
+		{"flux qkv rank 16", FuseShape{Out: 9216, In: 3072, Blocksize: 64, Rank: 16},
+			FusePlan{Launch: Launch{Grid: 6912, Block: 256, Shared: 4*4096 + 4*3*16}, TileElems: 4096, Tiles: 6912, MaxRows: 3, BShared: true}, ""},
+		{"flux mlp down 5 LoRAs", FuseShape{Out: 3072, In: 12288, Blocksize: 64, Rank: 80},
+			FusePlan{Launch: Launch{Grid: 9216, Block: 256, Shared: 4*4096 + 4*2*80}, TileElems: 4096, Tiles: 9216, MaxRows: 2, BShared: true}, ""},
+		// In=3: a 4096-element tile spans 1367 rows; 1367·64·4 bytes do not
+		// fit, so the tile halves until tile + rows·rank fits in 48 KiB:
+		// 1024 needs 4·(1024+343·64) = 91904 bytes, 512 needs 46080.
+		{"narrow rows shrink the tile", FuseShape{Out: 5000, In: 3, Blocksize: 64, Rank: 64},
+			FusePlan{Launch: Launch{Grid: 30, Block: 256, Shared: 4*512 + 4*172*64}, TileElems: 512, Tiles: 30, MaxRows: 172, BShared: true}, ""},
+		{"rank too large for shared B", FuseShape{Out: 100, In: 1, Blocksize: 64, Rank: 4096},
+			FusePlan{Launch: Launch{Grid: 2, Block: 256, Shared: 4 * 64}, TileElems: 64, Tiles: 2, MaxRows: 65, BShared: false}, ""},
+		{"tiny layer", FuseShape{Out: 3, In: 7, Blocksize: 64, Rank: 4},
+			FusePlan{Launch: Launch{Grid: 1, Block: 256, Shared: 4*64 + 4*3*4}, TileElems: 64, Tiles: 1, MaxRows: 3, BShared: true}, ""},
+		{"blocksize 4096", FuseShape{Out: 3072, In: 3072, Blocksize: 4096, Rank: 16},
+			FusePlan{Launch: Launch{Grid: 2304, Block: 256, Shared: 4*4096 + 4*3*16}, TileElems: 4096, Tiles: 2304, MaxRows: 3, BShared: true}, ""},
+		{"rank 0", FuseShape{Out: 3, In: 7, Blocksize: 64}, FusePlan{}, "rank 0"},
+		{"bad shape", FuseShape{Out: 0, In: 7, Blocksize: 64, Rank: 1}, FusePlan{}, "shape [0 7]"},
+		{"odd blocksize", FuseShape{Out: 3, In: 7, Blocksize: 65, Rank: 1}, FusePlan{}, "blocksize 65"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := PlanFuse(tc.s)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("err %v, want %q", err, tc.err)
+				}
+				return
+			}
+			if err != nil || got != tc.want {
+				t.Fatalf("got %+v %v\nwant %+v", got, err, tc.want)
+			}
+		})
+	}
+}
+
+// TestPlanFuseInvariants checks every Flux-dev linear and a sweep of odd
+// shapes: tiles start on a block, cover the layer, fit shared memory, and
+// MaxRows bounds the rows any tile touches.
+func TestPlanFuseInvariants(t *testing.T) {
+	var shapes []FuseShape
+	for _, l := range fluxLinears(t) {
+		for _, r := range []int{16, 80} {
+			shapes = append(shapes, FuseShape{Out: l.Out, In: l.In, Blocksize: 64, Rank: r})
+		}
+	}
+	for _, out := range []int{1, 2, 7, 63, 130} {
+		for _, in := range []int{1, 3, 31, 64, 65, 1000} {
+			for _, bs := range []int{32, 64, 256} {
+				shapes = append(shapes, FuseShape{Out: out, In: in, Blocksize: bs, Rank: 3})
+			}
+		}
+	}
+	for _, s := range shapes {
+		p, err := PlanFuse(s)
+		if err != nil {
+			t.Fatalf("%+v: %v", s, err)
+		}
+		n := s.Out * s.In
+		if p.TileElems%s.Blocksize != 0 || p.Tiles*p.TileElems < n || (p.Tiles-1)*p.TileElems >= n {
+			t.Fatalf("%+v: tiles %+v do not cover %d elements on block boundaries", s, p, n)
+		}
+		if p.Shared > MaxSharedBytes || p.Shared < 4*p.TileElems {
+			t.Fatalf("%+v: shared %d", s, p.Shared)
+		}
+		for tile := 0; tile < p.Tiles; tile++ {
+			e0, e1 := tile*p.TileElems, min((tile+1)*p.TileElems, n)
+			if rows := (e1-1)/s.In - e0/s.In + 1; rows > p.MaxRows {
+				t.Fatalf("%+v: tile %d touches %d rows, plan says at most %d", s, tile, rows, p.MaxRows)
+			}
+		}
+	}
+}
+
+func fluxLinears(t *testing.T) []layout.Linear {
+	t.Helper()
+	ls, err := BlockLinears(layout.FluxDev())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ls
+}
+
+// TestBlockLinears pins the merge workload: the 304 Flux-dev
+// block linears, as shared/layout counts them, 11.8 G elements.
+func TestBlockLinears(t *testing.T) {
+	ls := fluxLinears(t)
+	var elems int64
+	for _, l := range ls {
+		elems += int64(l.Out) * int64(l.In)
+	}
+	if len(ls) != 304 || len(ls) != layout.FluxDev().BlockLinears(layout.FluxBFL) {
+		t.Fatalf("%d block linears", len(ls))
+	}
+	// 19 double blocks: 2×(6h·h + 3h·h + h·h + m·h + h·m); 38 single: (3h+m)·h + h·(h+m) + 3h·h.
+	h, m := int64(3072), int64(12288)
+	want := 19*2*(6*h*h+3*h*h+h*h+2*m*h) + 38*((3*h+m)*h+h*(h+m)+3*h*h)
+	if elems != want {
+		t.Fatalf("%d elements, want %d", elems, want)
+	}
+}

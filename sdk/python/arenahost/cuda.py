@@ -1,0 +1,189 @@
+"""Zero-copy torch tensors over CUDA arena descriptors.
+
+A descriptor whose region lies in a ``CUDASlab`` names a device allocation of
+the host (one large ``cuMemAlloc`` slab) by its 64-byte legacy IPC handle, plus
+the region's offset. :class:`CudaMapper` opens each slab once per process
+(``cupy.cuda.runtime.ipcOpenMemHandle``: the driver allows one open per
+context per device per process) and returns torch tensors that *alias* the
+host's device memory through DLPack: no copy, writes are seen by the host.
+
+torch and cupy are imported lazily, only when a tensor is made, so importing
+this module (and the descriptor checks, which are plain Python) works on any
+machine. The host completes the work behind a descriptor (a stream sync)
+before handing it out, so a reader needs no event.
+
+Lifetime: the IPC handle does not keep the slab alive, and the host keeps a
+slab allocated while a plugin generation that received it is alive. Close a
+mapper (``close()``) only after every tensor made from it is gone.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+from arenahost.plugin.v1 import plugin_pb2 as pb
+from arenahost.tensor import DescriptorError, dtype_name
+
+__all__ = ["HANDLE_SIZE", "SlabInfo", "TensorLayout", "CudaMapper", "slab_info", "tensor_layout", "torch_dtype"]
+
+HANDLE_SIZE = 64  # CU_IPC_HANDLE_SIZE
+
+# Wire DType -> (torch dtype attribute name, itemsize). bf16 is native in
+# torch; cupy has none, so tensors are made as uint8 and viewed.
+_TORCH = {
+    pb.DTYPE_F32: ("float32", 4),
+    pb.DTYPE_F16: ("float16", 2),
+    pb.DTYPE_BF16: ("bfloat16", 2),
+    pb.DTYPE_F64: ("float64", 8),
+    pb.DTYPE_U8: ("uint8", 1),
+    pb.DTYPE_I8: ("int8", 1),
+    pb.DTYPE_I16: ("int16", 2),
+    pb.DTYPE_I32: ("int32", 4),
+    pb.DTYPE_I64: ("int64", 8),
+    pb.DTYPE_BOOL: ("bool", 1),
+    pb.DTYPE_F8_E4M3: ("float8_e4m3fn", 1),
+    pb.DTYPE_F8_E5M2: ("float8_e5m2", 1),
+    pb.DTYPE_U16: ("uint16", 2),
+    pb.DTYPE_U32: ("uint32", 4),
+    pb.DTYPE_U64: ("uint64", 8),
+}
+
+
+@dataclass(frozen=True)
+class SlabInfo:
+    """One device slab as a descriptor names it."""
+
+    id: int
+    handle: bytes  # the 64-byte CUipcMemHandle of the slab's base
+    size: int
+    device: int
+    host_pid: int
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """Where a tensor lies in its slab and how to view it."""
+
+    slab: SlabInfo
+    offset: int  # byte offset of element 0 in the slab
+    nbytes: int
+    dtype: str  # torch dtype attribute name
+    itemsize: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]  # contiguous, in elements
+
+
+def slab_info(region: pb.Region, name: str = "") -> SlabInfo:
+    """Check a region's CUDASlab and return it; DescriptorError names the field."""
+    where = f"tensor {name!r}: " if name else ""
+    if region.WhichOneof("segment") != "cuda":
+        raise DescriptorError(f"{where}region is not on a CUDA slab (segment {region.WhichOneof('segment')})")
+    s = region.cuda
+    if s.id == 0:
+        raise DescriptorError(f"{where}cuda slab id 0")
+    if len(s.ipc_handle) != HANDLE_SIZE:
+        raise DescriptorError(f"{where}cuda slab {s.id}: ipc_handle has {len(s.ipc_handle)} bytes, want {HANDLE_SIZE}")
+    if s.size == 0:
+        raise DescriptorError(f"{where}cuda slab {s.id}: size 0")
+    if s.device < 0:
+        raise DescriptorError(f"{where}cuda slab {s.id}: device {s.device}")
+    if s.host_pid <= 0:
+        raise DescriptorError(f"{where}cuda slab {s.id}: host_pid {s.host_pid}")
+    end = region.offset + region.length
+    if end > s.size:
+        raise DescriptorError(
+            f"{where}cuda slab {s.id}: region offset {region.offset} length {region.length} past the slab's {s.size} bytes"
+        )
+    return SlabInfo(id=s.id, handle=bytes(s.ipc_handle), size=s.size, device=s.device, host_pid=s.host_pid)
+
+
+def torch_dtype(dtype: int) -> tuple[str, int]:
+    """The torch dtype name and itemsize of a wire DType."""
+    try:
+        return _TORCH[dtype]
+    except KeyError:
+        raise DescriptorError(f"dtype {dtype_name(dtype)} has no torch equivalent") from None
+
+
+def tensor_layout(desc: pb.TensorDescriptor) -> TensorLayout:
+    """Check a CUDA descriptor and compute its view: slab, offset, dtype, shape, strides."""
+    name = desc.name
+    if not desc.HasField("region"):
+        raise DescriptorError(f"tensor {name!r}: no region")
+    slab = slab_info(desc.region, name)
+    tname, size = torch_dtype(desc.dtype)
+    shape = tuple(int(d) for d in desc.shape)
+    if any(d < 0 for d in shape):
+        raise DescriptorError(f"tensor {name!r}: shape {list(shape)} has a negative dimension")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * size != desc.nbytes:
+        raise DescriptorError(f"tensor {name!r}: shape {list(shape)} of {dtype_name(desc.dtype)} is {numel * size} bytes, nbytes says {desc.nbytes}")
+    if desc.nbytes > desc.region.length:
+        raise DescriptorError(f"tensor {name!r}: {desc.nbytes} bytes in a region of {desc.region.length}")
+    if desc.region.offset % size:
+        raise DescriptorError(f"tensor {name!r}: offset {desc.region.offset} not aligned to {dtype_name(desc.dtype)}")
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= max(d, 1)
+    return TensorLayout(slab=slab, offset=desc.region.offset, nbytes=desc.nbytes, dtype=tname, itemsize=size,
+                        shape=shape, strides=tuple(reversed(strides)))
+
+
+class CudaMapper:
+    """Opens CUDA slabs once per process and makes zero-copy torch tensors.
+
+    ``tensor(desc)`` returns a torch tensor on ``cuda:<device>`` aliasing the
+    host's bytes. Opened slabs are cached by (host_pid, slab id) until
+    ``close()``.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open: dict[tuple[int, int], tuple[int, object, SlabInfo]] = {}  # key -> (ptr, UnownedMemory, slab)
+
+    def _slab(self, slab: SlabInfo):
+        import cupy  # lazy: only where a GPU stack is installed
+
+        key = (slab.host_pid, slab.id)
+        with self._lock:
+            got = self._open.get(key)
+            if got is not None:
+                if got[2].handle != slab.handle:
+                    raise DescriptorError(f"cuda slab {slab.id}: handle changed since it was opened (host restarted?)")
+                return got[1]
+            with cupy.cuda.Device(slab.device):
+                ptr = cupy.cuda.runtime.ipcOpenMemHandle(slab.handle)
+                mem = cupy.cuda.UnownedMemory(ptr, slab.size, self, slab.device)
+            self._open[key] = (ptr, mem, slab)
+            return mem
+
+    def tensor(self, desc: pb.TensorDescriptor):
+        """A torch tensor over the descriptor's bytes, no copy."""
+        import cupy
+        import torch
+
+        lay = tensor_layout(desc)
+        mem = self._slab(lay.slab)
+        with cupy.cuda.Device(lay.slab.device):
+            raw = cupy.ndarray((lay.nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, lay.offset))
+            t = torch.from_dlpack(raw)
+        return t.view(getattr(torch, lay.dtype)).view(lay.shape)
+
+    def opened(self) -> Sequence[SlabInfo]:
+        with self._lock:
+            return [v[2] for v in self._open.values()]
+
+    def close(self) -> None:
+        """Close every opened slab: only after all tensors made from it are gone."""
+        import cupy
+
+        with self._lock:
+            items, self._open = list(self._open.values()), {}
+        for ptr, _mem, slab in items:
+            with cupy.cuda.Device(slab.device):
+                cupy.cuda.runtime.ipcCloseMemHandle(ptr)
