@@ -76,7 +76,7 @@ func TestStageErrors(t *testing.T) {
 		!strings.Contains(err.Error(), "offset 82") {
 		t.Fatalf("short source: %v", err)
 	}
-	dev.failAt = 2
+	dev.calls, dev.failAt = 0, 2
 	if err := Stage(t.Context(), dev, 0, src, 0, 100, make([]byte, 32)); err == nil || !strings.Contains(err.Error(), "device offset 32") {
 		t.Fatalf("upload failure: %v", err)
 	}
