@@ -50,15 +50,18 @@ func BenchmarkPublishToFrame(b *testing.B) {
 			if snap.State != job.StateDone || len(fs) == 0 {
 				b.Fatalf("job %+v, %d frames", snap, len(fs))
 			}
-			var lat []float64
+			var lat, plug []float64
 			for _, f := range fs {
 				lat = append(lat, float64(f.Rendered.Sub(f.Published).Microseconds())/1000)
+				plug = append(plug, float64((f.Render+f.Encode).Microseconds())/1000)
 			}
 			if testing.Verbose() {
 				fmt.Fprintf(b.Output(), "latencies ms: %.1f\n", lat)
 			}
 			b.ReportMetric(percentile(lat, 0.50), "p50-ms")
 			b.ReportMetric(percentile(lat, 0.95), "p95-ms")
+			b.ReportMetric(percentile(plug, 0.50), "plugin-p50-ms")
+			b.ReportMetric(percentile(plug, 0.95), "plugin-p95-ms")
 			b.ReportMetric(float64(snap.Preview.Dropped), "dropped")
 			b.ReportMetric(0, "ns/op")
 		})
@@ -80,6 +83,7 @@ func BenchmarkStepOverhead(b *testing.B) {
 			name = "spin"
 		}
 		b.Run(name, func(b *testing.B) {
+			var pubOff, pubOn float64
 			run := func(method string) float64 {
 				j, err := s.Jobs.Create(b.Context(), job.Spec{Pipeline: "test-pipeline",
 					Params:  map[string]any{"steps": 50, "step_ms": 20, "spin": spin, "channels": 16, "height": 128, "width": 128},
@@ -91,6 +95,11 @@ func BenchmarkStepOverhead(b *testing.B) {
 				res, ok := snap.Result.(map[string]any)
 				if snap.State != job.StateDone || !ok {
 					b.Fatalf("job %+v", snap)
+				}
+				if method == "none" {
+					pubOff += res["mean_publish_ms"].(float64)
+				} else {
+					pubOn += res["mean_publish_ms"].(float64)
 				}
 				return res["mean_step_ms"].(float64)
 			}
@@ -104,7 +113,11 @@ func BenchmarkStepOverhead(b *testing.B) {
 			b.ReportMetric(on, "on-ms/step")
 			b.ReportMetric(100*(on/off-1), "overhead-%")
 			b.ReportMetric(0, "ns/op")
-			fmt.Fprintf(b.Output(), "%s: previews off %.3f ms/step, on %.3f ms/step (%+.2f%%)\n", name, off, on, 100*(on/off-1))
+			pubOff, pubOn = pubOff/float64(b.N), pubOn/float64(b.N)
+			b.ReportMetric(pubOff, "off-publish-ms")
+			b.ReportMetric(pubOn, "on-publish-ms")
+			fmt.Fprintf(b.Output(), "%s: previews off %.3f ms/step (publish %.3f ms), on %.3f ms/step (publish %.3f ms): %+.2f%%\n",
+				name, off, pubOff, on, pubOn, 100*(on/off-1))
 		})
 	}
 }

@@ -30,9 +30,11 @@ type Frame struct {
 	Format        string
 	Width, Height int
 	Data          []byte
-	// Published is when the pipeline published the latent; Rendered when
-	// the frame came back.
+	// Published is when the host received the latent; Rendered when the
+	// frame came back.
 	Published, Rendered time.Time
+	// Render and Encode are the plugin's own times for the two stages.
+	Render, Encode time.Duration
 }
 
 // MIME is the frame's media type.
@@ -269,10 +271,12 @@ type renderArgs struct {
 }
 
 type renderResult struct {
-	Image  []byte `msgpack:"image"`
-	Format string `msgpack:"format"`
-	Width  int    `msgpack:"width"`
-	Height int    `msgpack:"height"`
+	Image    []byte  `msgpack:"image"`
+	Format   string  `msgpack:"format"`
+	Width    int     `msgpack:"width"`
+	Height   int     `msgpack:"height"`
+	RenderMS float64 `msgpack:"render_ms"`
+	EncodeMS float64 `msgpack:"encode_ms"`
 }
 
 // start runs the render loop.
@@ -340,7 +344,8 @@ func (p *previewer) render(pl *pendingLatent) {
 	p.mu.Lock()
 	p.frameSeq++
 	f := &Frame{ID: p.frameSeq, Step: pl.step, Total: pl.total, Plugin: p.set.Plugin, Generation: reply.Generation, Method: p.set.Method,
-		Format: res.Format, Width: res.Width, Height: res.Height, Data: res.Image, Published: pl.published, Rendered: time.Now()}
+		Format: res.Format, Width: res.Width, Height: res.Height, Data: res.Image, Published: pl.published, Rendered: time.Now(),
+		Render: time.Duration(res.RenderMS * float64(time.Millisecond)), Encode: time.Duration(res.EncodeMS * float64(time.Millisecond))}
 	p.frame = f
 	p.lastErr = ""
 	p.mu.Unlock()
