@@ -12,8 +12,8 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 
 	"github.com/arenahost/arenahost/sdk/plugintest"
-	"github.com/arenahost/arenahost/shared/safetensors"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
+	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
 // writeDecoder writes a TAESD decoder with random weights under
