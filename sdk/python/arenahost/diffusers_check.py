@@ -1,0 +1,329 @@
+"""Cross-check helpers shared by the tests and ``bench/pipeline`` (torch, diffusers, peft, bitsandbytes).
+
+Nothing in the product imports this module. It reads a bitsandbytes-NF4
+safetensors checkpoint (the layout ``arenahost sample`` writes), gives the
+weights to bitsandbytes and diffusers *independently* of
+:mod:`arenahost.diffusers_flux` (its own BFL → diffusers conversion, bnb's own
+``dequantize_4bit``), writes test LoRAs in two real formats (PEFT keys saved
+by ``FluxPipeline.save_lora_weights``, kohya keys on BFL names), and computes
+side factors from LoRA files in Python (the "fake host" path used where the
+host's apply route is not available).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+__all__ = [
+    "read_nf4_checkpoint",
+    "bnb_quant_state",
+    "dequantized_bfl_state",
+    "bfl_to_diffusers_state",
+    "plain_transformer",
+    "write_peft_lora",
+    "write_kohya_lora",
+    "side_factors_from_files",
+    "KOHYA_TARGETS",
+    "arena_descriptors",
+    "PEFT_TARGETS",
+]
+
+QS_SUFFIX = ".quant_state.bitsandbytes__nf4"
+
+
+def read_nf4_checkpoint(path: str) -> dict:
+    """{tensor name: torch tensor} of a safetensors file (bnb's serialized keys kept as they are)."""
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def bnb_quant_state(sd: dict, weight: str):
+    """bitsandbytes' own QuantState for `weight` ("img_in.weight") from its serialized keys."""
+    import bitsandbytes.functional as F
+
+    qs = {k[len(weight) + 1 :]: v for k, v in sd.items() if k.startswith(weight + ".")}
+    if "quant_state.bitsandbytes__nf4" not in qs:
+        raise KeyError(f"{weight}: no {weight}{QS_SUFFIX}")
+    return F.QuantState.from_dict(qs, device="cpu")
+
+
+def quant_weights(sd: dict) -> list[str]:
+    return sorted(k[: -len(QS_SUFFIX)] for k in sd if k.endswith(QS_SUFFIX))
+
+
+def dequantized_bfl_state(sd: dict) -> dict:
+    """fp32 state dict in the checkpoint's names: weights dequantized by bitsandbytes itself."""
+    import bitsandbytes.functional as F
+    import torch
+
+    out = {}
+    qw = set(quant_weights(sd))
+    for w in qw:
+        st = bnb_quant_state(sd, w)
+        out[w] = F.dequantize_4bit(sd[w], st).to(torch.float32)
+    for k, v in sd.items():
+        if k in qw or any(k.startswith(w + ".") for w in qw):
+            continue
+        out[k] = v.to(torch.float32)
+    return out
+
+
+def bfl_to_diffusers_state(bfl: dict, prefix: str = "") -> dict:
+    """BFL Flux state dict -> diffusers FluxTransformer2DModel state dict (split sizes from the shapes)."""
+    import torch
+
+    s = {k[len(prefix):]: v for k, v in bfl.items() if k.startswith(prefix)}
+    h = s["img_in.weight"].shape[0]
+    out = {}
+
+    def put(d, b, rows=None):
+        for suf in ("weight", "bias"):
+            t = s[f"{b}.{suf}"]
+            out[f"{d}.{suf}"] = t if rows is None else t[rows[0] : rows[1]]
+
+    def fused(parts, b, sizes):
+        off = 0
+        for d, n in zip(parts, sizes):
+            put(d, b, (off, off + n))
+            off += n
+
+    put("x_embedder", "img_in")
+    put("context_embedder", "txt_in")
+    for a, b in (("timestep_embedder", "time_in"), ("text_embedder", "vector_in"), ("guidance_embedder", "guidance_in")):
+        if f"{b}.in_layer.weight" in s:
+            put(f"time_text_embed.{a}.linear_1", f"{b}.in_layer")
+            put(f"time_text_embed.{a}.linear_2", f"{b}.out_layer")
+    nd = 1 + max(int(k.split(".")[1]) for k in s if k.startswith("double_blocks."))
+    ns = 1 + max(int(k.split(".")[1]) for k in s if k.startswith("single_blocks."))
+    for i in range(nd):
+        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        put(d + "norm1.linear", b + "img_mod.lin")
+        put(d + "norm1_context.linear", b + "txt_mod.lin")
+        fused([d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"], b + "img_attn.qkv", [h] * 3)
+        fused([d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"], b + "txt_attn.qkv", [h] * 3)
+        put(d + "attn.to_out.0", b + "img_attn.proj")
+        put(d + "attn.to_add_out", b + "txt_attn.proj")
+        put(d + "ff.net.0.proj", b + "img_mlp.0")
+        put(d + "ff.net.2", b + "img_mlp.2")
+        put(d + "ff_context.net.0.proj", b + "txt_mlp.0")
+        put(d + "ff_context.net.2", b + "txt_mlp.2")
+        out[d + "attn.norm_q.weight"] = s[b + "img_attn.norm.query_norm.scale"]
+        out[d + "attn.norm_k.weight"] = s[b + "img_attn.norm.key_norm.scale"]
+        out[d + "attn.norm_added_q.weight"] = s[b + "txt_attn.norm.query_norm.scale"]
+        out[d + "attn.norm_added_k.weight"] = s[b + "txt_attn.norm.key_norm.scale"]
+    for i in range(ns):
+        d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        m = s[b + "linear1.weight"].shape[0] - 3 * h
+        fused([d + "attn.to_q", d + "attn.to_k", d + "attn.to_v", d + "proj_mlp"], b + "linear1", [h, h, h, m])
+        put(d + "proj_out", b + "linear2")
+        put(d + "norm.linear", b + "modulation.lin")
+        out[d + "attn.norm_q.weight"] = s[b + "norm.query_norm.scale"]
+        out[d + "attn.norm_k.weight"] = s[b + "norm.key_norm.scale"]
+    put("proj_out", "final_layer.linear")
+    for suf in ("weight", "bias"):
+        shift, scale = s[f"final_layer.adaLN_modulation.1.{suf}"].chunk(2, dim=0)
+        out[f"norm_out.linear.{suf}"] = torch.cat([scale, shift], dim=0)
+    return out
+
+
+def plain_transformer(diffusers_state: dict, config: dict):
+    """A FluxTransformer2DModel (fp32, eval) holding exactly these weights."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    m = FluxTransformer2DModel(**config).float().eval()
+    missing, unexpected = m.load_state_dict(diffusers_state, strict=False)
+    if missing or unexpected:
+        raise KeyError(f"state dict does not fit the transformer: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return m
+
+
+# LoRA targets: the PEFT LoRA names diffusers modules (split parts included);
+# the kohya one names BFL layers that diffusers' converter maps at any width
+# (it hard-codes FLUX.1's 3072/12288 split of single_blocks.N.linear1, so
+# linear1 is covered by the PEFT LoRA's to_q/to_k/to_v/proj_mlp instead).
+# Top-level kohya modules (img_in, txt_in, final_layer_adaLN_modulation_1)
+# are left out too: diffusers 0.42.1's converter writes them without the
+# "transformer." prefix and load_lora_weights then drops them silently, so
+# diffusers would not be the oracle there (the PEFT LoRA covers x_embedder
+# and norm_out.linear, the swapped-halves layer).
+PEFT_TARGETS = ["to_q", "to_k", "to_v", "add_q_proj", "add_v_proj", "to_out.0", "proj_mlp", "proj_out", "ff.net.2",
+                "norm1_context.linear", "norm.linear", "norm_out.linear", "x_embedder"]
+KOHYA_TARGETS = ["double_blocks_{i}_img_attn_qkv", "double_blocks_{i}_txt_attn_qkv", "double_blocks_{i}_img_attn_proj",
+                 "double_blocks_{i}_img_mlp_0", "double_blocks_{i}_txt_mlp_2", "double_blocks_{i}_img_mod_lin",
+                 "single_blocks_{j}_linear2", "single_blocks_{j}_modulation_lin"]
+
+
+def write_peft_lora(path: str, diffusers_state: dict, config: dict, *, rank: int = 4, alpha: float = 8.0, seed: int = 0, std: float = 0.05) -> str:
+    """A PEFT LoRA saved the way a pipeline saves it (``transformer.`` keys, config in the metadata)."""
+    import torch
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    m = plain_transformer(diffusers_state, config)
+    m.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=PEFT_TARGETS, init_lora_weights=False), adapter_name="default")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    d, name = os.path.split(path)
+    FluxPipeline.save_lora_weights(d, transformer_lora_layers=get_peft_model_state_dict(m, adapter_name="default"),
+                                   transformer_lora_adapter_metadata=m.peft_config["default"].to_dict(), weight_name=name)
+    return path
+
+
+def write_kohya_lora(path: str, bfl_state: dict, *, rank: int = 4, alpha: float = 2.0, seed: int = 1, std: float = 0.05) -> str:
+    """A kohya sd-scripts Flux LoRA (``lora_unet_…`` BFL names, lora_down/lora_up/alpha) in bf16."""
+    import torch
+    from safetensors.torch import save_file
+
+    nd = 1 + max(int(k.split(".")[1]) for k in bfl_state if k.startswith("double_blocks."))
+    ns = 1 + max(int(k.split(".")[1]) for k in bfl_state if k.startswith("single_blocks."))
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    names = []
+    for t in KOHYA_TARGETS:
+        if "{i}" in t:
+            names += [t.format(i=i) for i in range(nd)]
+        elif "{j}" in t:
+            names += [t.format(j=j) for j in range(ns)]
+        else:
+            names.append(t)
+    for k in names:
+        bfl = k.replace("_", ".")
+        # kohya joins the BFL path with "_"; undo it against the real names.
+        cands = [n[: -len(".weight")] for n in bfl_state if n.endswith(".weight") and n[: -len(".weight")].replace(".", "_") == k]
+        if len(cands) != 1:
+            raise KeyError(f"kohya key {k}: {len(cands)} BFL layers match ({bfl})")
+        w = bfl_state[cands[0] + ".weight"]
+        out[f"lora_unet_{k}.lora_down.weight"] = (torch.randn(rank, w.shape[1], generator=g) * std).to(torch.bfloat16)
+        out[f"lora_unet_{k}.lora_up.weight"] = (torch.randn(w.shape[0], rank, generator=g) * std).to(torch.bfloat16)
+        out[f"lora_unet_{k}.alpha"] = torch.tensor(float(alpha), dtype=torch.bfloat16)
+    save_file(out, path, metadata={"ss_network_module": "networks.lora_flux", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha)})
+    return path
+
+
+def _peft_modules(path: str) -> dict[str, tuple]:
+    """diffusers module -> (A [r, in], B [out, r], scale) of a PEFT-keyed file."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        sd = {k: f.get_tensor(k).float() for k in f.keys()}
+    cfg = json.loads(meta.get("lora_adapter_metadata", "{}"))
+    r = cfg.get("transformer.r", cfg.get("r"))
+    alpha = cfg.get("transformer.lora_alpha", cfg.get("lora_alpha"))
+    scale = float(alpha) / float(r) if r and alpha else 1.0
+    out = {}
+    for k, a in sd.items():
+        if k.endswith(".lora_A.weight"):
+            mod = k[: -len(".lora_A.weight")].removeprefix("transformer.")
+            out[mod] = (a, sd[k.replace("lora_A", "lora_B")], scale)
+    return out
+
+
+def _kohya_modules(path: str) -> dict[str, tuple]:
+    """kohya key stem -> (down [r, in], up [out, r], alpha/rank)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        sd = {k: f.get_tensor(k).float() for k in f.keys()}
+    out = {}
+    for k, down in sd.items():
+        if k.endswith(".lora_down.weight"):
+            stem = k[: -len(".lora_down.weight")]
+            alpha = float(sd[stem + ".alpha"]) if stem + ".alpha" in sd else float(down.shape[0])
+            out[stem.removeprefix("lora_unet_")] = (down, sd[stem + ".lora_up.weight"], alpha / down.shape[0])
+    return out
+
+
+def side_factors_from_files(loras, transformer_config: dict, bfl_weights: dict[str, tuple[int, int]]) -> dict[str, tuple]:
+    """A_cat [R × in] and B_cat [out × R] per BFL weight name, strength·scale folded into B_cat.
+
+    loras: [(path, kind "peft"|"kohya", strength)]; bfl_weights: BFL weight
+    name -> (out, in). The same rule the LoRA engine applies in side mode: a
+    diffusers split part's B lands in its rows of the fused layer (the other
+    rows zero), norm_out.linear's halves are swapped back to BFL order.
+    """
+    import torch
+
+    from arenahost.diffusers_flux import flux_layer_map
+
+    lmap = flux_layer_map(transformer_config, "flux-bfl")
+    parts: dict[str, list] = {}
+    for path, kind, strength in loras:
+        if kind == "peft":
+            for mod, (a, b, scale) in _peft_modules(path).items():
+                if mod not in lmap:
+                    raise KeyError(f"{path}: module {mod} has no BFL layer")
+                src, rows = lmap[mod]
+                w = src + ".weight"
+                out_f = bfl_weights[w][0]
+                bb = torch.zeros(out_f, a.shape[0])
+                segs = rows or [(0, out_f)]
+                off = 0
+                for s, c in segs:
+                    bb[s : s + c] = b[off : off + c]
+                    off += c
+                parts.setdefault(w, []).append((a, bb * (strength * scale)))
+        elif kind == "kohya":
+            names = {w[: -len(".weight")].replace(".", "_"): w for w in bfl_weights}
+            for stem, (down, up, scale) in _kohya_modules(path).items():
+                w = names.get(stem)
+                if w is None:
+                    raise KeyError(f"{path}: kohya module {stem} has no BFL layer")
+                parts.setdefault(w, []).append((down, up * (strength * scale)))
+        else:
+            raise ValueError(f"{path}: kind {kind!r}, want peft or kohya")
+    return {w: (torch.cat([a for a, _ in ps], 0).contiguous(), torch.cat([b for _, b in ps], 1).contiguous()) for w, ps in parts.items()}
+
+
+def arena_descriptors(arena, sd: dict, model: str = "sample") -> dict:
+    """Descriptors of a bnb-NF4 checkpoint copied into `arena` (an object with
+    ``put(name, ndarray, wire_dtype=None)`` and ``ref(name, ndarray, wire_dtype=None)``,
+    as the SDK tests' memfd Arena), the way the host's registry describes them:
+    packed bytes with QuantInfo (absmax, quant_map, nested state), other
+    tensors in their stored dtype (bf16 as BF16)."""
+    import torch
+
+    from arenahost.plugin.v1 import plugin_pb2 as pb
+
+    def np_of(t):
+        if t.dtype == torch.bfloat16:
+            return t.contiguous().view(torch.int16).numpy().view(np.uint16), pb.DTYPE_BF16
+        return t.contiguous().numpy(), None
+
+    wire = {torch.bfloat16: pb.DTYPE_BF16, torch.float16: pb.DTYPE_F16, torch.float32: pb.DTYPE_F32}
+    out = {}
+    qw = set(quant_weights(sd))
+    for w in sorted(qw):
+        st = bnb_quant_state(sd, w)
+        d = arena.put(w, sd[w].contiguous().numpy().reshape(-1, 1))
+        d.model = model
+        qi = pb.QuantInfo(quant_type=st.quant_type, blocksize=st.blocksize, dtype=wire[st.dtype], shape=list(st.shape),
+                          nested=st.nested, storage_dtype=pb.DTYPE_U8,
+                          quant_map=arena.ref(w + ".quant_map", st.code.float().numpy()))
+        if st.nested:
+            qi.absmax.CopyFrom(arena.ref(w + ".absmax", st.absmax.numpy()))
+            qi.nested_blocksize = st.state2.blocksize
+            qi.nested_offset = float(st.offset)
+            qi.nested_absmax.CopyFrom(arena.ref(w + ".nested_absmax", st.state2.absmax.float().numpy()))
+            qi.nested_quant_map.CopyFrom(arena.ref(w + ".nested_quant_map", st.state2.code.float().numpy()))
+        else:
+            qi.absmax.CopyFrom(arena.ref(w + ".absmax", st.absmax.float().numpy()))
+        d.quant.CopyFrom(qi)
+        out[w] = d
+    for k, v in sd.items():
+        if k in qw or any(k.startswith(w + ".") for w in qw):
+            continue
+        arr, wd = np_of(v)
+        d = arena.put(k, arr, wire_dtype=wd)
+        d.model = model
+        out[k] = d
+    return out
