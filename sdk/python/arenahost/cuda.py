@@ -23,31 +23,36 @@ import threading
 from dataclasses import dataclass
 from typing import Sequence
 
-from arenahost.plugin.v1 import plugin_pb2 as pb
-from arenahost.tensor import DescriptorError, dtype_name
+try:
+    from arenahost.tensor import DescriptorError
+except ImportError:  # a GPU box with torch and cupy but without the SDK's core deps (numpy, protobuf)
 
-__all__ = ["HANDLE_SIZE", "SlabInfo", "TensorLayout", "CudaMapper", "slab_info", "tensor_layout", "torch_dtype"]
+    class DescriptorError(ValueError):
+        """A descriptor that cannot be mapped: names the tensor and the field."""
+
+
+__all__ = ["HANDLE_SIZE", "SlabInfo", "TensorLayout", "CudaMapper", "DescriptorError", "check_slab", "layout_of", "slab_info", "tensor_layout", "torch_dtype"]
 
 HANDLE_SIZE = 64  # CU_IPC_HANDLE_SIZE
 
-# Wire DType -> (torch dtype attribute name, itemsize). bf16 is native in
-# torch; cupy has none, so tensors are made as uint8 and viewed.
+# Wire DType name -> (torch dtype attribute name, itemsize). bf16 is native
+# in torch; cupy has none, so tensors are made as uint8 and viewed.
 _TORCH = {
-    pb.DTYPE_F32: ("float32", 4),
-    pb.DTYPE_F16: ("float16", 2),
-    pb.DTYPE_BF16: ("bfloat16", 2),
-    pb.DTYPE_F64: ("float64", 8),
-    pb.DTYPE_U8: ("uint8", 1),
-    pb.DTYPE_I8: ("int8", 1),
-    pb.DTYPE_I16: ("int16", 2),
-    pb.DTYPE_I32: ("int32", 4),
-    pb.DTYPE_I64: ("int64", 8),
-    pb.DTYPE_BOOL: ("bool", 1),
-    pb.DTYPE_F8_E4M3: ("float8_e4m3fn", 1),
-    pb.DTYPE_F8_E5M2: ("float8_e5m2", 1),
-    pb.DTYPE_U16: ("uint16", 2),
-    pb.DTYPE_U32: ("uint32", 4),
-    pb.DTYPE_U64: ("uint64", 8),
+    "DTYPE_F32": ("float32", 4),
+    "DTYPE_F16": ("float16", 2),
+    "DTYPE_BF16": ("bfloat16", 2),
+    "DTYPE_F64": ("float64", 8),
+    "DTYPE_U8": ("uint8", 1),
+    "DTYPE_I8": ("int8", 1),
+    "DTYPE_I16": ("int16", 2),
+    "DTYPE_I32": ("int32", 4),
+    "DTYPE_I64": ("int64", 8),
+    "DTYPE_BOOL": ("bool", 1),
+    "DTYPE_F8_E4M3": ("float8_e4m3fn", 1),
+    "DTYPE_F8_E5M2": ("float8_e5m2", 1),
+    "DTYPE_U16": ("uint16", 2),
+    "DTYPE_U32": ("uint32", 4),
+    "DTYPE_U64": ("uint64", 8),
 }
 
 
@@ -75,63 +80,87 @@ class TensorLayout:
     strides: tuple[int, ...]  # contiguous, in elements
 
 
-def slab_info(region: pb.Region, name: str = "") -> SlabInfo:
+def slab_info(region, name: str = "") -> SlabInfo:
     """Check a region's CUDASlab and return it; DescriptorError names the field."""
     where = f"tensor {name!r}: " if name else ""
     if region.WhichOneof("segment") != "cuda":
         raise DescriptorError(f"{where}region is not on a CUDA slab (segment {region.WhichOneof('segment')})")
     s = region.cuda
-    if s.id == 0:
-        raise DescriptorError(f"{where}cuda slab id 0")
-    if len(s.ipc_handle) != HANDLE_SIZE:
-        raise DescriptorError(f"{where}cuda slab {s.id}: ipc_handle has {len(s.ipc_handle)} bytes, want {HANDLE_SIZE}")
-    if s.size == 0:
-        raise DescriptorError(f"{where}cuda slab {s.id}: size 0")
-    if s.device < 0:
-        raise DescriptorError(f"{where}cuda slab {s.id}: device {s.device}")
-    if s.host_pid <= 0:
-        raise DescriptorError(f"{where}cuda slab {s.id}: host_pid {s.host_pid}")
+    slab = check_slab(SlabInfo(id=s.id, handle=bytes(s.ipc_handle), size=s.size, device=s.device, host_pid=s.host_pid), where)
     end = region.offset + region.length
     if end > s.size:
         raise DescriptorError(
             f"{where}cuda slab {s.id}: region offset {region.offset} length {region.length} past the slab's {s.size} bytes"
         )
-    return SlabInfo(id=s.id, handle=bytes(s.ipc_handle), size=s.size, device=s.device, host_pid=s.host_pid)
+    return slab
 
 
-def torch_dtype(dtype: int) -> tuple[str, int]:
-    """The torch dtype name and itemsize of a wire DType."""
+def check_slab(slab: SlabInfo, where: str = "") -> SlabInfo:
+    """Check a slab's fields (also for slabs that arrive as JSON, not protobuf)."""
+    if slab.id <= 0:
+        raise DescriptorError(f"{where}cuda slab id {slab.id}")
+    if len(slab.handle) != HANDLE_SIZE:
+        raise DescriptorError(f"{where}cuda slab {slab.id}: ipc_handle has {len(slab.handle)} bytes, want {HANDLE_SIZE}")
+    if slab.size <= 0:
+        raise DescriptorError(f"{where}cuda slab {slab.id}: size {slab.size}")
+    if slab.device < 0:
+        raise DescriptorError(f"{where}cuda slab {slab.id}: device {slab.device}")
+    if slab.host_pid <= 0:
+        raise DescriptorError(f"{where}cuda slab {slab.id}: host_pid {slab.host_pid}")
+    return slab
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, str):
+        return dtype
+    from arenahost.plugin.v1 import plugin_pb2 as pb
+
     try:
-        return _TORCH[dtype]
+        return pb.DType.Name(dtype)
+    except ValueError:
+        return str(dtype)
+
+
+def torch_dtype(dtype) -> tuple[str, int]:
+    """The torch dtype name and itemsize of a wire DType (enum value or name, "DTYPE_BF16")."""
+    try:
+        return _TORCH[_dtype_name(dtype)]
     except KeyError:
-        raise DescriptorError(f"dtype {dtype_name(dtype)} has no torch equivalent") from None
+        raise DescriptorError(f"dtype {_dtype_name(dtype)} has no torch equivalent") from None
 
 
-def tensor_layout(desc: pb.TensorDescriptor) -> TensorLayout:
+def tensor_layout(desc) -> TensorLayout:
     """Check a CUDA descriptor and compute its view: slab, offset, dtype, shape, strides."""
     name = desc.name
     if not desc.HasField("region"):
         raise DescriptorError(f"tensor {name!r}: no region")
     slab = slab_info(desc.region, name)
-    tname, size = torch_dtype(desc.dtype)
-    shape = tuple(int(d) for d in desc.shape)
+    return layout_of(slab, desc.region.offset, desc.region.length, desc.dtype, desc.shape, desc.nbytes, name)
+
+
+def layout_of(slab: SlabInfo, offset: int, length: int, dtype, shape, nbytes: int, name: str = "") -> TensorLayout:
+    """The view of nbytes at offset of a slab region of length bytes, as dtype and shape."""
+    check_slab(slab, f"tensor {name!r}: " if name else "")
+    tname, size = torch_dtype(dtype)
+    shape = tuple(int(d) for d in shape)
     if any(d < 0 for d in shape):
         raise DescriptorError(f"tensor {name!r}: shape {list(shape)} has a negative dimension")
     numel = 1
     for d in shape:
         numel *= d
-    if numel * size != desc.nbytes:
-        raise DescriptorError(f"tensor {name!r}: shape {list(shape)} of {dtype_name(desc.dtype)} is {numel * size} bytes, nbytes says {desc.nbytes}")
-    if desc.nbytes > desc.region.length:
-        raise DescriptorError(f"tensor {name!r}: {desc.nbytes} bytes in a region of {desc.region.length}")
-    if desc.region.offset % size:
-        raise DescriptorError(f"tensor {name!r}: offset {desc.region.offset} not aligned to {dtype_name(desc.dtype)}")
+    if numel * size != nbytes:
+        raise DescriptorError(f"tensor {name!r}: shape {list(shape)} of {_dtype_name(dtype)} is {numel * size} bytes, nbytes says {nbytes}")
+    if nbytes > length:
+        raise DescriptorError(f"tensor {name!r}: {nbytes} bytes in a region of {length}")
+    if offset + length > slab.size:
+        raise DescriptorError(f"tensor {name!r}: cuda slab {slab.id}: region offset {offset} length {length} past the slab's {slab.size} bytes")
+    if offset % size:
+        raise DescriptorError(f"tensor {name!r}: offset {offset} not aligned to {_dtype_name(dtype)}")
     strides, acc = [], 1
     for d in reversed(shape):
         strides.append(acc)
         acc *= max(d, 1)
-    return TensorLayout(slab=slab, offset=desc.region.offset, nbytes=desc.nbytes, dtype=tname, itemsize=size,
-                        shape=shape, strides=tuple(reversed(strides)))
+    return TensorLayout(slab=slab, offset=offset, nbytes=nbytes, dtype=tname, itemsize=size, shape=shape, strides=tuple(reversed(strides)))
 
 
 class CudaMapper:
@@ -162,12 +191,15 @@ class CudaMapper:
             self._open[key] = (ptr, mem, slab)
             return mem
 
-    def tensor(self, desc: pb.TensorDescriptor):
+    def tensor(self, desc):
         """A torch tensor over the descriptor's bytes, no copy."""
+        return self.tensor_at(tensor_layout(desc))
+
+    def tensor_at(self, lay: TensorLayout):
+        """A torch tensor over a checked layout (see layout_of), no copy."""
         import cupy
         import torch
 
-        lay = tensor_layout(desc)
         mem = self._slab(lay.slab)
         with cupy.cuda.Device(lay.slab.device):
             raw = cupy.ndarray((lay.nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, lay.offset))

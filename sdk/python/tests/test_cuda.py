@@ -80,3 +80,13 @@ def test_import_is_lazy():
 
 def test_mapper_starts_empty():
     assert list(CudaMapper().opened()) == [] and HANDLE_SIZE == 64
+
+
+def test_layout_of_without_protobuf_objects():
+    from arenahost.cuda import SlabInfo, layout_of
+
+    slab = SlabInfo(id=3, handle=HANDLE, size=4096, device=0, host_pid=99)
+    lay = layout_of(slab, 256, 512, "DTYPE_F32", [4, 8], 128)
+    assert (lay.dtype, lay.shape, lay.strides, lay.offset) == ("float32", (4, 8), (8, 1), 256)
+    with pytest.raises(DescriptorError, match="past the slab's 4096 bytes"):
+        layout_of(slab, 4000, 512, "DTYPE_F32", [4, 8], 128)
