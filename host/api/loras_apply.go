@@ -3,6 +3,7 @@ package api
 import (
 	"errors"
 	"net/http"
+	"time"
 
 	"github.com/arenahost/arenahost/host/lora"
 )
@@ -63,7 +64,17 @@ func (a *API) applyLoRAs(w http.ResponseWriter, r *http.Request) {
 		}
 		lr.LoRAs = append(lr.LoRAs, lora.Entry{Name: l.Name, Path: p, Strength: s})
 	}
+	start := time.Now()
 	res, err := a.s.LoRAs.Apply(r.Context(), lr)
+	mode := req.Mode
+	if mode == "" {
+		mode = "side"
+	}
+	op := "apply"
+	if err == nil && res.Path != "" {
+		op = res.Path // apply, set_strengths or noop
+	}
+	a.Metrics.ObserveApply(op, mode, time.Since(start), err)
 	if err != nil {
 		a.fail(w, r, loraStatus(err))
 		return
@@ -76,7 +87,14 @@ func (a *API) removeLoRAs(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, &StatusError{Status: http.StatusServiceUnavailable, Code: "no_lora_engine", Err: errors.New("this host runs no LoRA coordinator")})
 		return
 	}
-	res, err := a.s.LoRAs.Remove(r.Context(), r.URL.Query().Get("model"))
+	model := r.URL.Query().Get("model")
+	mode := "side"
+	if st, err := a.s.LoRAs.State(model); err == nil && st.Mode != "" {
+		mode = st.Mode // the mode being removed, for the metric
+	}
+	start := time.Now()
+	res, err := a.s.LoRAs.Remove(r.Context(), model)
+	a.Metrics.ObserveApply("remove", mode, time.Since(start), err)
 	if err != nil {
 		a.fail(w, r, loraStatus(err))
 		return

@@ -279,6 +279,9 @@ func TestConsoleInChromium(t *testing.T) {
 	if mode := text(`#lora-report-mode`); mode != "side" {
 		t.Fatalf("report mode %q", mode)
 	}
+	if m := getText(t, url+"metrics"); !strings.Contains(m, `arenahost_lora_apply_duration_seconds_count{mode="side",op="apply",result="ok"} 1`) {
+		t.Fatalf("/metrics lacks the apply observation:\n%s", m)
+	}
 
 	// Start a job with the keyboard and watch its live preview: the SSE
 	// events name at least two different frames, and the MJPEG <img> shows
@@ -332,7 +335,7 @@ func TestConsoleInChromium(t *testing.T) {
 	}
 }
 
-func getJSON(t *testing.T, url string, v any) {
+func getText(t *testing.T, url string) string {
 	t.Helper()
 	resp, err := http.Get(url)
 	if err != nil {
@@ -343,6 +346,12 @@ func getJSON(t *testing.T, url string, v any) {
 	if err != nil || resp.StatusCode != http.StatusOK {
 		t.Fatalf("GET %s: %d %v: %s", url, resp.StatusCode, err, b)
 	}
+	return string(b)
+}
+
+func getJSON(t *testing.T, url string, v any) {
+	t.Helper()
+	b := []byte(getText(t, url))
 	if err := json.Unmarshal(b, v); err != nil {
 		t.Fatalf("GET %s: %v: %s", url, err, b)
 	}
