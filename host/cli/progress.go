@@ -60,10 +60,10 @@ func (p *Progress) run() {
 	for {
 		select {
 		case <-p.quit:
-			fmt.Fprintf(p.w, "\r%s\n", p.line(p.done()))
+			fmt.Fprintf(p.w, "\r%s\n", p.render(p.done(), true))
 			return
 		case <-t.C:
-			fmt.Fprintf(p.w, "\r%s", p.line(p.done()))
+			fmt.Fprintf(p.w, "\r%s", p.render(p.done(), false))
 		}
 	}
 }
@@ -79,7 +79,11 @@ func (p *Progress) Stop() {
 const barWidth = 30
 
 // line renders "label [=====>    ]  42% 1.2 GiB/2.8 GiB 512.0 MiB/s ETA 3s".
-func (p *Progress) line(done int64) string {
+func (p *Progress) line(done int64) string { return p.render(done, false) }
+
+// render draws the bar; the final line says how long it took instead of
+// an ETA.
+func (p *Progress) render(done int64, final bool) string {
 	if done < 0 {
 		done = 0
 	}
@@ -102,7 +106,7 @@ func (p *Progress) line(done int64) string {
 	}
 	eta := "ETA --"
 	switch {
-	case p.total > 0 && done >= p.total:
+	case final || (p.total > 0 && done >= p.total):
 		eta = "in " + elapsed.Round(time.Millisecond).String()
 	case rate > 0:
 		eta = "ETA " + time.Duration(float64(p.total-done)/rate*float64(time.Second)).Round(time.Second).String()

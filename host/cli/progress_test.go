@@ -64,4 +64,8 @@ func TestProgressDrawsAndStops(t *testing.T) {
 	if !strings.HasPrefix(out, "\rcopy [") || !strings.HasSuffix(out, "\n") || strings.Count(out, "\n") != 1 {
 		t.Fatalf("output %q", out)
 	}
+	last := out[strings.LastIndex(out, "\r"):]
+	if !strings.Contains(last, " in ") || strings.Contains(last, "ETA") {
+		t.Fatalf("final line %q: want the time taken, not an ETA", last)
+	}
 }
