@@ -312,11 +312,45 @@ func (c *Coordinator) factorDescriptors(model string, fs []registry.Factors) ([]
 	return out, nil
 }
 
+// setStrengths rewrites the changed LoRAs' columns in copies of the bound
+// factors and swaps the copies in: readers never see a half-written B_cat,
+// and a failed call leaves the binding as it was.
 func (c *Coordinator) setStrengths(ctx context.Context, ms *modelState, req Request) error {
 	_, fs := c.bindings.Current(req.Model)
-	ds, err := c.factorDescriptors(req.Model, fs)
-	if err != nil {
+	var fresh []registry.Factors
+	var allocated []arena.Region
+	fail := func(err error) error {
+		for _, r := range allocated {
+			_ = c.mem.Free(r)
+		}
 		return fmt.Errorf("set strengths: %w", err)
+	}
+	for _, f := range fs {
+		nf := f
+		for i, r := range []arena.Region{f.A, f.B} {
+			src, err := c.mem.Bytes(r)
+			if err != nil {
+				return fail(fmt.Errorf("factors of %s: %w", f.Weight, err))
+			}
+			nr, err := c.mem.Alloc(arena.HostOwner, "lora factors "+f.Weight, uint64(len(src)))
+			if err != nil {
+				return fail(fmt.Errorf("copy factors of %s: %w", f.Weight, err))
+			}
+			allocated = append(allocated, nr)
+			if err := c.copyRegion(nr, src); err != nil {
+				return fail(err)
+			}
+			if i == 0 {
+				nf.A = nr
+			} else {
+				nf.B = nr
+			}
+		}
+		fresh = append(fresh, nf)
+	}
+	ds, err := c.factorDescriptors(req.Model, fresh)
+	if err != nil {
+		return fail(err)
 	}
 	strengths := make([]float64, len(req.LoRAs))
 	for i, e := range req.LoRAs {
@@ -324,10 +358,14 @@ func (c *Coordinator) setStrengths(ctx context.Context, ms *modelState, req Requ
 	}
 	var out setStrengthsResult
 	if _, err := c.call(ctx, "set_strengths", setStrengthsArgs{Model: req.Model, Strengths: strengths}, ds, &out); err != nil {
-		return fmt.Errorf("set strengths: %w", err)
+		return fail(err)
+	}
+	gen, err := c.bindings.Swap(req.Model, fresh)
+	if err != nil {
+		return fail(err)
 	}
 	ms.state.LoRAs = slices.Clone(req.LoRAs)
-	ms.state.BindingGeneration = c.bindings.Touch(req.Model)
+	ms.state.BindingGeneration = gen
 	ms.state.Report = out.Report
 	return nil
 }
