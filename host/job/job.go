@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"math"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -198,7 +199,6 @@ type Job struct {
 	ended      time.Time
 	err        string
 	result     any
-	resultGen  uint64
 	cancelSeen bool
 
 	published, rendered, dropped atomic.Uint64
@@ -303,7 +303,7 @@ func (m *Manager) checkPreview(ps Plugins, p *Preview) (*previewer, error) {
 	}
 	var have []string
 	for _, mi := range st.Methods {
-		if name, ok := cutPrefix(mi.Name, "render."); ok {
+		if name, ok := strings.CutPrefix(mi.Name, "render."); ok && name != "" {
 			have = append(have, name)
 		}
 	}
@@ -311,13 +311,6 @@ func (m *Manager) checkPreview(ps Plugins, p *Preview) (*previewer, error) {
 		return nil, fmt.Errorf("%w: preview.method: %q unknown (plugin %s serves %v, or %q)", ErrInvalid, p.Method, p.Plugin, have, MethodNone)
 	}
 	return &previewer{set: *p, inflight: -1, wake: make(chan struct{}, 1), exited: make(chan struct{})}, nil
-}
-
-func cutPrefix(s, prefix string) (string, bool) {
-	if len(s) > len(prefix) && s[:len(prefix)] == prefix {
-		return s[len(prefix):], true
-	}
-	return "", false
 }
 
 func (m *Manager) pruneLocked() {
@@ -459,7 +452,7 @@ func (j *Job) run() {
 		var res any
 		if derr := unmarshalResult(reply.Result, &res); derr == nil {
 			j.mu.Lock()
-			j.result, j.resultGen = res, reply.Generation
+			j.result = res
 			j.mu.Unlock()
 		}
 	}

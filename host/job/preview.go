@@ -69,6 +69,16 @@ type pendingLatent struct {
 // one of two host-owned buffers: the one the preview plugin is reading
 // (inflight) is never written; the other holds the newest pending latent
 // and is overwritten by a newer one, which drops the older.
+//
+// Why a copy rather than a lease on the pipeline's region: the arena has
+// no shared leases, a pipeline frees or rewrites its step buffers as soon
+// as Publish returns (the reference pipeline keeps two), and a 1024² FLUX
+// latent is 1 MiB, a memcpy of well under a millisecond. The copy makes
+// the pipeline's buffer its own again the moment Publish returns, and the
+// preview plugin reads a region nobody writes. The buffers are freed when
+// the render loop exits; a render cut by RenderTimeout may still be
+// reading when its buffer is reused, which can tear that one frame but
+// never fault (the plugin maps whole segments).
 type previewer struct {
 	job  *Job
 	set  Preview
