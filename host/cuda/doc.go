@@ -20,13 +20,20 @@
 //   - the embedded PTX and its entry points (PTX, Entries);
 //   - Stage, the bounded copy through a pinned staging buffer.
 //
-// With -tags cuda the package adds Device (a context on a locked OS
-// thread), DeviceAllocator (the real Allocator) and Kernels.
+// With -tags cuda the package adds Device: the primary context made
+// current on a dedicated goroutine locked to its OS thread, which runs every
+// driver call (Device.Do); the Allocator (cuMemAlloc slabs, zeroed, with
+// their cuIpcGetMemHandle handle); the Uploader (pinned staging, Pinned);
+// the IPC open/close a plugin uses (OpenIPC, CloseIPC); and the kernels
+// (Dequantize, Quantize, NestedDequantize, NestedQuantize, Fuse,
+// FuseNested, SideRows, SideCols, JournalCopy), loaded from the embedded
+// PTX with cuModuleLoadData.
 //
 // # Ordering
 //
-// Every exported operation of Device and Kernels returns only after the
-// stream it used has completed (cuStreamSynchronize), so a descriptor the
-// host hands out after such a call names finished bytes: no IPC event is
-// needed by a reader.
+// Allocator and Uploader calls return after their work completed. Kernel
+// launches are only enqueued on the device's stream; Device.Sync
+// (cuStreamSynchronize) is the ordering point a caller passes before it
+// hands out a descriptor of the results, so a reader in another process
+// needs no IPC event.
 package cuda
