@@ -1,0 +1,184 @@
+"""The ``diffusers-flux`` pipeline plugin: a real diffusers FluxPipeline on the host's NF4 model.
+
+Kind ``pipeline``, method ``run`` (msgpack params; all optional):
+
+==============  ===========================================================
+``steps``       denoising steps, 1..200 (default 4)
+``seed``        noise seed (default 0)
+``width``       image width, a multiple of 16 in 16..2048 (default 256)
+``height``      image height, same rule (default 256)
+``guidance``    Flux guidance (default 3.5)
+``prompt``      prompt text; without text encoders it seeds stand-in
+                embeddings (:func:`arenahost.diffusers_flux.prompt_embeddings`)
+``model``       registry model name ("" = the host's default)
+``model_dir``   a local diffusers FluxPipeline directory (default: env
+                ``ARENAHOST_DIFFUSERS_FLUX_DIR``; none: a small pipeline
+                built from configs with random weights, no download)
+``job_id``      id the latents are published under (default: the call id)
+``keep``        step latents kept allocated at once (default 2)
+==============  ===========================================================
+
+The transformer's Linear layers are patched onto the arena model with
+:func:`arenahost.diffusers_flux.patch_pipeline` (once per model; LoRA side
+factors the host binds are polled once per step). Every step's packed Flux
+latents ``F32 [tokens, 64]`` go into a region allocated through the host and
+are published on topic ``latent`` with payload ``{family: "flux", arch:
+"flux1", packed: true, layout: "packed", height, width, grid_h, grid_w}``.
+The result is ``{images: [png bytes], width, height, steps, seed, model,
+layout, patched, left, step_ms}``; the VAE decodes the final latents.
+
+torch and diffusers are imported on the first ``run``, so the plugin starts
+(and answers Describe) in the core environment too; ``run`` then fails with
+FAILED_PRECONDITION naming the missing package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import threading
+import time
+
+import grpc
+import numpy as np
+
+from arenahost.server import InvalidArgument, Plugin, PluginError, Result, get_arg
+
+__all__ = ["plugin", "run", "NAME", "VERSION", "ENV_MODEL_DIR"]
+
+NAME = "diffusers-flux"
+VERSION = "0.1.0"
+ENV_MODEL_DIR = "ARENAHOST_DIFFUSERS_FLUX_DIR"
+
+
+class _State:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pipes: dict[str, object] = {}
+        self.patched: dict[tuple[str, str], object] = {}  # (model_dir, model) -> PatchReport
+
+
+_STATE = _State()
+
+
+def _need_torch() -> None:
+    missing = [m for m in ("torch", "diffusers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise PluginError(
+            f"{NAME} needs {' and '.join(missing)}: run it with the torch environment "
+            "(ARENAHOST_PYTHON=.venv-torch/bin/python, or pip install 'arenahost[torch]' diffusers)",
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+
+
+def _parse(args, call_id: str) -> dict:
+    p = dict(
+        steps=get_arg(args, "steps", int, 4),
+        seed=get_arg(args, "seed", int, 0),
+        width=get_arg(args, "width", int, 256),
+        height=get_arg(args, "height", int, 256),
+        guidance=get_arg(args, "guidance", float, 3.5),
+        prompt=get_arg(args, "prompt", str, ""),
+        model=get_arg(args, "model", str, ""),
+        model_dir=get_arg(args, "model_dir", str, "") or os.environ.get(ENV_MODEL_DIR, ""),
+        job_id=get_arg(args, "job_id", str, "") or call_id,
+        keep=get_arg(args, "keep", int, 2),
+    )
+    if not 1 <= p["steps"] <= 200:
+        raise InvalidArgument(f"args.steps: {p['steps']} must be in 1..200")
+    for f in ("width", "height"):
+        if not (16 <= p[f] <= 2048 and p[f] % 16 == 0):
+            raise InvalidArgument(f"args.{f}: {p[f]} must be a multiple of 16 in 16..2048")
+    if not 0 <= p["seed"] < 2**63:
+        raise InvalidArgument(f"args.seed: {p['seed']} must be in 0..2^63-1")
+    if not 1 <= p["keep"] <= 64:
+        raise InvalidArgument(f"args.keep: {p['keep']} must be in 1..64")
+    if p["model_dir"] and not os.path.isdir(p["model_dir"]):
+        raise InvalidArgument(f"args.model_dir: {p['model_dir']!r} is not a directory")
+    return p
+
+
+def _pipeline(st: _State, host, p: dict):
+    from arenahost.diffusers_flux import build_small_pipeline, patch_pipeline
+
+    with st.lock:
+        pipe = st.pipes.get(p["model_dir"])
+        if pipe is None:
+            pipe = st.pipes[p["model_dir"]] = build_small_pipeline(p["model_dir"] or None)
+        key = (p["model_dir"], p["model"])
+        report = st.patched.get(key)
+        if report is None:
+            if st.patched:
+                # One transformer per pipeline: a second model needs a fresh pipeline.
+                pipe = st.pipes[p["model_dir"]] = build_small_pipeline(p["model_dir"] or None)
+                st.patched.clear()
+            report = st.patched[key] = patch_pipeline(pipe, host, model=p["model"])
+        return pipe, report
+
+
+def run(host, p: dict, *, cancelled=lambda: False, state: _State | None = None) -> Result:
+    """Run one job (see the module doc); the plugin's ``run`` method calls this."""
+    _need_torch()
+    import torch
+
+    from arenahost.diffusers_flux import prompt_embeddings
+
+    st = state if state is not None else _STATE
+    pipe, report = _pipeline(st, host, p)
+    tcfg = pipe.transformer.config
+    pe, pooled = prompt_embeddings(p["prompt"], context_dim=int(tcfg.joint_attention_dim),
+                                   pooled_dim=int(tcfg.pooled_projection_dim), dtype=pipe.transformer.dtype)
+    h, w, steps, job = p["height"], p["width"], p["steps"], p["job_id"]
+    live: list = []
+    step_ms: list[float] = []
+    t_last = [time.perf_counter()]
+
+    def on_step(_pipe, i, _t, kw):
+        if cancelled():
+            raise PluginError(f"job {job!r}: cancelled at step {i + 1}/{steps}", grpc.StatusCode.CANCELLED)
+        lat = kw["latents"]  # [1, tokens, 64] packed Flux latents
+        desc, buf = host.allocate_array(f"{job}/latent/{i + 1}", np.float32, tuple(lat.shape[1:]))
+        buf[...] = lat[0].detach().float().cpu().numpy()
+        host.publish(job, "latent", i + 1, steps,
+                     {"family": "flux", "arch": "flux1", "packed": True, "layout": "packed", "height": h, "width": w,
+                      "grid_h": h // 16, "grid_w": w // 16}, [desc])
+        live.append(desc)
+        while len(live) > p["keep"]:
+            host.free(live.pop(0))
+        now = time.perf_counter()
+        step_ms.append((now - t_last[0]) * 1000)
+        t_last[0] = now
+        return kw
+
+    gen = torch.Generator().manual_seed(p["seed"])
+    try:
+        with torch.inference_mode():
+            out = pipe(prompt_embeds=pe, pooled_prompt_embeds=pooled, height=h, width=w, num_inference_steps=steps,
+                       guidance_scale=p["guidance"], generator=gen, output_type="pil",
+                       callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"])
+    finally:
+        if live:
+            host.free(*live)
+    pngs = []
+    for img in out.images:
+        b = io.BytesIO()
+        img.save(b, format="PNG")
+        pngs.append(b.getvalue())
+    return Result({
+        "images": pngs, "width": w, "height": h, "steps": steps, "seed": p["seed"], "model": p["model"], "job_id": job,
+        "layout": report.layout, "patched": len(report.patched), "left": sorted(report.left), "step_ms": step_ms,
+        "note": "" if p["model_dir"] else "small FluxPipeline from configs with random weights except the arena model's transformer",
+    })
+
+
+plugin = Plugin(NAME, VERSION, kind="pipeline", metadata={
+    "language": "python",
+    "needs": "torch, diffusers (arenahost[torch])",
+    "note": "diffusers FluxPipeline whose transformer runs on the host's NF4 weights and LoRA side factors",
+})
+
+
+@plugin.method("run", description="run a diffusers FluxPipeline on the host's NF4 Flux model, publishing each step's packed latents; returns PNGs")
+def _run(call, args):
+    return run(call.host, _parse(args, call.call_id), cancelled=call.cancelled)
