@@ -39,6 +39,9 @@ type Options struct {
 	// directories when empty.
 	ModelsDir string
 	LoRAsDir  string
+	// Pipeline is the pipeline plugin txt2img runs; "" picks the first
+	// serving plugin of kind "pipeline".
+	Pipeline string
 	// Metrics receives observations; a new one over the server when nil.
 	Metrics *Metrics
 }
@@ -97,6 +100,7 @@ func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
 	a.mux.HandleFunc("DELETE /v1/loras", a.removeLoRAs)
 	a.mux.HandleFunc("GET /v1/loras/state", a.loraState)
 	a.mux.HandleFunc("GET /sdapi/v1/loras", a.sdapiLoRAs)
+	a.mux.HandleFunc("POST /sdapi/v1/txt2img", a.txt2img)
 	a.mux.Handle("GET /metrics", a.Metrics.Handler())
 	a.jobRoutes() // jobs.go: jobs, previews, A1111 progress, ComfyUI websocket
 	a.mux.HandleFunc("/v1/", a.notFound)

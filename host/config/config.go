@@ -32,6 +32,7 @@ type Config struct {
 	LoRAsDir   string // DataDir/loras when empty
 	PluginsDir string // "auto": <dir of the arenahost binary>/plugins when it exists; "": none
 	Python     string // interpreter for Python plugins (manifest ${ARENAHOST_PYTHON})
+	Pipeline   string // pipeline plugin /sdapi/v1/txt2img runs; "": the first of kind pipeline
 
 	ArenaCapacity uint64
 	ArenaSegment  uint64
@@ -115,6 +116,8 @@ var settings = []setting{
 		set: str(func(c *Config) *string { return &c.PluginsDir })},
 	{name: "python", def: "", doc: "Python interpreter for Python plugins (their manifests' ${ARENAHOST_PYTHON})",
 		set: str(func(c *Config) *string { return &c.Python })},
+	{name: "pipeline", def: "", doc: "pipeline plugin /sdapi/v1/txt2img runs; empty: the first serving plugin of kind pipeline",
+		set: str(func(c *Config) *string { return &c.Pipeline })},
 	{name: "arena-capacity", def: "8GiB", doc: "arena capacity (address space; memory is committed as segments are written)",
 		set: size(func(c *Config) *uint64 { return &c.ArenaCapacity })},
 	{name: "arena-segment", def: "64MiB", doc: "arena growth unit",

@@ -1,0 +1,221 @@
+package api
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"image"
+	"image/color"
+	"image/png"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/arenahost/arenahost/internal/testenv"
+)
+
+func TestParseLoRATags(t *testing.T) {
+	tests := []struct {
+		in, prompt string
+		want       map[string]float64
+		err        string
+	}{
+		{"a cat", "a cat", map[string]float64{}, ""},
+		{"a cat <lora:ink:0.6>, watercolor", "a cat , watercolor", map[string]float64{"ink": 0.6}, ""},
+		{"<lora:styles/ink> x <lora:b:-1.5:0.3>", "x", map[string]float64{"styles/ink": 1, "b": -1.5}, ""},
+		{"<lora:a:0.2> <lora:a:0.9>", "", map[string]float64{"a": 0.9}, ""},
+		{"<lora:a:lots>", "", nil, `weight "lots" is not a number`},
+	}
+	for _, tt := range tests {
+		prompt, ls, err := ParseLoRATags(tt.in)
+		if tt.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tt.err) {
+				t.Errorf("ParseLoRATags(%q): err %v, want %q", tt.in, err, tt.err)
+			}
+			continue
+		}
+		got := map[string]float64{}
+		for _, l := range ls {
+			got[l.Name] = *l.Strength
+		}
+		if err != nil || prompt != tt.prompt || fmt.Sprint(got) != fmt.Sprint(tt.want) {
+			t.Errorf("ParseLoRATags(%q) = %q, %v, %v; want %q, %v", tt.in, prompt, got, err, tt.prompt, tt.want)
+		}
+	}
+}
+
+func TestResize(t *testing.T) {
+	src := image.NewNRGBA(image.Rect(0, 0, 2, 1))
+	src.SetNRGBA(0, 0, color.NRGBA{0, 0, 0, 255})
+	src.SetNRGBA(1, 0, color.NRGBA{200, 100, 50, 255})
+	dst := resize(src, 4, 2)
+	if b := dst.Bounds(); b.Dx() != 4 || b.Dy() != 2 {
+		t.Fatalf("bounds %v", b)
+	}
+	// Sample centres: x=0 → -0.25 (clamped to the first pixel), x=1 → 0.25,
+	// x=2 → 0.75, x=3 → 1.25 (clamped to the last).
+	want := []uint8{0, 50, 150, 200}
+	for x, w := range want {
+		c := color.NRGBAModel.Convert(dst.At(x, 1)).(color.NRGBA)
+		if c.R != w || c.A != 255 {
+			t.Errorf("pixel %d: %v, want R=%d", x, c, w)
+		}
+	}
+	if resize(src, 2, 1) != image.Image(src) {
+		t.Error("same size: not returned as is")
+	}
+}
+
+var (
+	t2iOnce sync.Once
+	t2iDir  string
+	t2iErr  error
+)
+
+// txt2imgPlugins installs lora-nf4, the preview plugin and host/job's test
+// pipeline into a fresh plugins directory.
+func txt2imgPlugins(t *testing.T) string {
+	t.Helper()
+	root := testenv.RepoRoot(t)
+	ps := [][3]string{{"lora-nf4", "./plugins/lora-nf4", "lora"}, {"preview", "./plugins/preview", "preview"}, {"test-pipeline", "./host/job/testdata/pipeline", "pipeline"}}
+	t2iOnce.Do(func() {
+		if t2iDir, t2iErr = os.MkdirTemp("", "arenahost-api-txt2img-"); t2iErr != nil {
+			return
+		}
+		for _, p := range ps {
+			cmd := exec.Command("go", "build", "-o", filepath.Join(t2iDir, p[0]), p[1])
+			cmd.Dir = root
+			if out, err := cmd.CombinedOutput(); err != nil {
+				t2iErr = &buildError{err: err, out: string(out)}
+				return
+			}
+		}
+	})
+	if t2iErr != nil {
+		t.Fatalf("build plugins: %v", t2iErr)
+	}
+	plugins := t.TempDir()
+	for _, p := range ps {
+		dst := filepath.Join(plugins, p[0])
+		if err := os.MkdirAll(dst, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		bin, err := os.ReadFile(filepath.Join(t2iDir, p[0]))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dst, p[0]), bin, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		man := fmt.Sprintf(`{"name": %q, "version": "0.1.0", "kind": %q, "language": "go", "command": "./%s", "protocol_version": 1}`, p[0], p[2], p[0])
+		if err := os.WriteFile(filepath.Join(dst, "plugin.json"), []byte(man), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return plugins
+}
+
+func TestTxt2Img(t *testing.T) {
+	f := newFixture(t, txt2imgPlugins(t), Options{})
+	// A Go plugin's first Host call must come within go-plugin's 5 s broker
+	// window of its start; reload lora-nf4 so this test does not depend on
+	// how long the start took.
+	if status, b, _ := f.do(t, call{method: "POST", path: "/v1/plugins/lora-nf4/reload"}); status != 200 {
+		t.Fatalf("reload lora-nf4: %d %s", status, b)
+	}
+	type state struct {
+		Mode  string `json:"mode"`
+		LoRAs []struct {
+			Name     string  `json:"name"`
+			Strength float64 `json:"strength"`
+		} `json:"loras"`
+	}
+	tests := []struct {
+		name      string
+		body      string
+		w, h, n   int
+		wantLoRAs string
+	}{
+		{"with a LoRA tag", `{"prompt": "a cat <lora:flux-sample-kohya-lora:0.5>", "steps": 4, "seed": 7, "width": 96, "height": 64, "sampler_name": "Euler a", "cfg_scale": 7}`, 96, 64, 1, "flux-sample-kohya-lora=0.5"},
+		{"batch without tags removes the LoRA", `{"prompt": "a cat", "steps": 3, "seed": -1, "width": 64, "height": 64, "batch_size": 2}`, 64, 64, 2, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := call{method: "POST", path: "/sdapi/v1/txt2img", body: tt.body}
+			status, b, _ := f.do(t, c)
+			if status != 200 {
+				t.Fatalf("status %d: %s", status, b)
+			}
+			var res Txt2ImgResponse
+			mustJSON(t, b, &res)
+			if len(res.Images) != tt.n {
+				t.Fatalf("%d images, want %d", len(res.Images), tt.n)
+			}
+			for i, s := range res.Images {
+				raw, err := base64.StdEncoding.DecodeString(s)
+				if err != nil {
+					t.Fatal(err)
+				}
+				img, err := png.Decode(bytes.NewReader(raw))
+				if err != nil {
+					t.Fatalf("image %d: %v", i, err)
+				}
+				if bb := img.Bounds(); bb.Dx() != tt.w || bb.Dy() != tt.h {
+					t.Fatalf("image %d is %v, want %dx%d", i, bb, tt.w, tt.h)
+				}
+			}
+			var info Txt2ImgInfo
+			if err := json.Unmarshal([]byte(res.Info), &info); err != nil {
+				t.Fatalf("info %q: %v", res.Info, err)
+			}
+			if info.Pipeline != "test-pipeline" || len(info.Jobs) != tt.n || len(info.AllSeeds) != tt.n || info.Seed < 0 || strings.Contains(info.Prompt, "<lora") {
+				t.Fatalf("info %+v", info)
+			}
+			var st state
+			_, b, _ = f.do(t, call{method: "GET", path: "/v1/loras/state"})
+			mustJSON(t, b, &st)
+			var got []string
+			for _, l := range st.LoRAs {
+				got = append(got, fmt.Sprintf("%s=%g", l.Name, l.Strength))
+			}
+			if strings.Join(got, ",") != tt.wantLoRAs || (tt.wantLoRAs != "" && st.Mode != "side") {
+				t.Fatalf("LoRA state %+v, want %q in side mode", st, tt.wantLoRAs)
+			}
+		})
+	}
+	for _, tt := range []struct {
+		name, body, code, detail string
+		status                   int
+	}{
+		{"unknown LoRA", `{"prompt": "<lora:nope:1>"}`, "not_found", `LoRA "nope"`, 404},
+		{"escaping LoRA", `{"prompt": "<lora:../models/flux-sample-nf4:1>"}`, "bad_path", "outside", 400},
+		{"bad weight", `{"prompt": "<lora:x:y>"}`, "bad_request", "not a number", 400},
+		{"bad size", `{"prompt": "x", "width": 100}`, "bad_request", "multiples of 16", 400},
+		{"too many", `{"prompt": "x", "batch_size": 4, "n_iter": 3}`, "bad_request", "at most 8", 400},
+		{"bad steps", `{"prompt": "x", "steps": 5000}`, "bad_request", "1..1000", 400},
+		{"not json", `{"prompt": `, "bad_request", "read request body", 400},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c := call{method: "POST", path: "/sdapi/v1/txt2img", body: tt.body}
+			status, b, _ := f.do(t, c)
+			if status != tt.status {
+				t.Fatalf("status %d, want %d: %s", status, tt.status, b)
+			}
+			wantError(t, c, status, b, tt.code, tt.detail)
+		})
+	}
+}
+
+func TestTxt2ImgWithoutPipeline(t *testing.T) {
+	f := newFixture(t, "", Options{})
+	c := call{method: "POST", path: "/sdapi/v1/txt2img", body: `{"prompt": "a cat"}`}
+	status, b, _ := f.do(t, c)
+	if status != 409 {
+		t.Fatalf("status %d: %s", status, b)
+	}
+	wantError(t, c, status, b, "not_serving", "no pipeline plugin is serving")
+}
