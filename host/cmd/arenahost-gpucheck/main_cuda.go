@@ -1,0 +1,101 @@
+//go:build cuda
+
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"time"
+
+	"github.com/arenahost/arenahost/host/cuda"
+)
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "ipc-child" {
+		os.Exit(ipcChild(os.Args[2:]))
+	}
+	os.Exit(run())
+}
+
+type options struct {
+	device      int
+	python      string
+	torchScript string
+	out         string
+	skipTorch   bool
+	loras       []int
+	rank        int
+}
+
+func run() int {
+	var o options
+	flag.IntVar(&o.device, "device", 0, "CUDA device ordinal")
+	flag.StringVar(&o.python, "python", "python3", "Python with torch and cupy (IPC check and the PyTorch baseline)")
+	flag.StringVar(&o.torchScript, "torch-script", "host/cmd/arenahost-gpucheck/torch_check.py", "the Python side of the check")
+	flag.StringVar(&o.out, "out", "bench/gpu-results.md", "markdown report to write")
+	flag.BoolVar(&o.skipTorch, "skip-torch", false, "skip the Python IPC check and the PyTorch baseline")
+	flag.IntVar(&o.rank, "rank", 16, "rank of each LoRA in the merge benchmark")
+	flag.Parse()
+	o.loras = []int{1, 5}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+
+	start := time.Now()
+	dev, err := cuda.Open(o.device)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "gpucheck:", err)
+		return 1
+	}
+	defer dev.Close()
+	r := &Report{Device: deviceName(o.device)}
+	_, total, _ := dev.MemInfo()
+	r.Note("device %d, %s of device memory; kernels JIT-compiled from the embedded compute_80 PTX", o.device, MiB(int64(total)))
+
+	steps := []struct {
+		name string
+		fn   func() error
+	}{
+		{"correctness", func() error { return checkKernels(dev, r) }},
+		{"ipc", func() error { return checkIPC(ctx, dev, r, o, log) }},
+		{"merge", func() error { return benchMerge(ctx, dev, r, o) }},
+	}
+	for _, s := range steps {
+		t0 := time.Now()
+		if err := s.fn(); err != nil {
+			r.Add(s.name, "error", err.Error(), "", Fail)
+		}
+		fmt.Fprintf(os.Stderr, "gpucheck: %s done in %.1f s\n", s.name, time.Since(t0).Seconds())
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	r.Note("total run time %.1f s", time.Since(start).Seconds())
+	fmt.Print(r.Table())
+	md := r.Markdown(time.Now().UTC().Format("2006-01-02 15:04 UTC"), "arenahost-gpucheck "+joinArgs(os.Args[1:]))
+	if err := os.WriteFile(o.out, []byte(md), 0o644); err != nil {
+		fmt.Fprintln(os.Stderr, "gpucheck: write report:", err)
+		return 1
+	}
+	fmt.Fprintf(os.Stderr, "gpucheck: wrote %s\n", o.out)
+	if r.Failed() > 0 {
+		return 1
+	}
+	return 0
+}
+
+func joinArgs(a []string) string {
+	s := ""
+	for i, x := range a {
+		if i > 0 {
+			s += " "
+		}
+		s += x
+	}
+	return s
+}
