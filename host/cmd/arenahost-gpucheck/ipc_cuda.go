@@ -25,8 +25,8 @@ type ipcRequest struct {
 	Size     uint64 `json:"size"`
 	Device   int    `json:"device"`
 	HostPID  int    `json:"host_pid"`
-	Offset   uint64 `json:"offset"`   // the host's floats: value i is i*0.5
-	Count    int    `json:"count"`    // floats at Offset, and floats the reader writes
+	Offset   uint64 `json:"offset"`    // the host's floats: value i is i*0.5
+	Count    int    `json:"count"`     // floats at Offset, and floats the reader writes
 	WriteOff uint64 `json:"write_off"` // where the reader writes value i = -2*i
 }
 

@@ -48,7 +48,9 @@ func (r *Report) Check(section, name, result, target string, ok bool) {
 }
 
 // Note appends a free-text note.
-func (r *Report) Note(format string, args ...any) { r.Notes = append(r.Notes, fmt.Sprintf(format, args...)) }
+func (r *Report) Note(format string, args ...any) {
+	r.Notes = append(r.Notes, fmt.Sprintf(format, args...))
+}
 
 // Failed counts the rows that missed their target.
 func (r *Report) Failed() int {
