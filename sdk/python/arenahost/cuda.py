@@ -25,7 +25,7 @@ from typing import Sequence
 
 try:
     from arenahost.tensor import DescriptorError
-except ImportError:  # a GPU box with torch and cupy but without the SDK's core deps (numpy, protobuf)
+except Exception:  # noqa: BLE001 - a GPU box with torch and cupy but without (or with another) numpy/protobuf
 
     class DescriptorError(ValueError):
         """A descriptor that cannot be mapped: names the tensor and the field."""

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# gpu-check.sh: check and measure the CUDA backend on a Linux machine with an
+# NVIDIA GPU, its driver, and a Python with torch and cupy (CUDA builds).
+# Prints a short table and writes bench/gpu-results.md; under 5 minutes.
+#
+# It runs bin/arenahost-gpucheck, built beforehand on any machine (no GPU
+# needed) with `make cuda`, i.e.
+#   eval "$(bash scripts/cuda-env.sh)"; go build -tags cuda -o bin/arenahost-gpucheck ./host/cmd/arenahost-gpucheck
+#
+# Usage: scripts/gpu-check.sh [arenahost-gpucheck flags, e.g. -device 1 -skip-torch]
+# Environment: PYTHON (default python3), ARENAHOST_GPUCHECK (default bin/arenahost-gpucheck).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=${ARENAHOST_GPUCHECK:-bin/arenahost-gpucheck}
+py=${PYTHON:-python3}
+
+if [ ! -x "$bin" ]; then
+  echo "gpu-check: $bin missing: build it with 'make cuda' (see the header of this script)" >&2
+  exit 2
+fi
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader >&2 || true
+else
+  echo "gpu-check: nvidia-smi not found; is the NVIDIA driver installed?" >&2
+fi
+if ! "$py" -c 'import torch, cupy; assert torch.cuda.is_available()' 2>/dev/null; then
+  echo "gpu-check: warning: $py has no torch+cupy with CUDA; the Python IPC check and the PyTorch baseline will fail (pass -skip-torch to leave them out)" >&2
+fi
+mkdir -p bench
+exec timeout --signal=INT --kill-after=10 290 "$bin" -python "$py" -torch-script host/cmd/arenahost-gpucheck/torch_check.py \
+  -out bench/gpu-results.md "$@"
