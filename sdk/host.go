@@ -19,7 +19,9 @@ import (
 // Host is the plugin's client for the host's Host service. Under go-plugin
 // it dials the broker id the host sends in DescribeRequest.host_broker_id;
 // otherwise it dials ARENAHOST_HOST_ADDR and sends ARENAHOST_HOST_TOKEN as
-// gRPC metadata. It connects on first use and is safe for concurrent use.
+// gRPC metadata. Under go-plugin it connects as soon as the host offers the
+// broker id (see offerBroker); otherwise on first use. It is safe for
+// concurrent use.
 type Host struct {
 	mu       sync.Mutex
 	broker   *plugin.GRPCBroker
@@ -50,9 +52,19 @@ func (h *Host) offerBroker(id uint32) {
 		return
 	}
 	h.brokerID = id
-	if h.conn != nil && h.broker != nil {
+	if h.broker == nil {
+		return
+	}
+	if h.conn != nil {
 		_ = h.conn.Close()
 		h.conn, h.client = nil, nil
+	}
+	// Connect now: go-plugin's broker forgets connection info that nobody
+	// picks up within 5 s, so a lazy dial on a plugin's first Host call
+	// would fail whenever that call comes later than that. A failure here
+	// is retried (and reported) by Client.
+	if conn, err := h.broker.Dial(id); err == nil {
+		h.conn, h.client = conn, pluginv1.NewHostClient(conn)
 	}
 }
 

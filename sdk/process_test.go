@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"github.com/vmihailenco/msgpack/v5"
 	"os"
 	"os/exec"
 	"strconv"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/arenahost/arenahost/sdk"
 	"github.com/arenahost/arenahost/sdk/plugintest"
+	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 	"github.com/arenahost/arenahost/shared/tensor"
 	"github.com/arenahost/arenahost/shared/wire"
 )
@@ -148,4 +150,28 @@ func running(pid int) bool {
 	s := string(b)
 	i := strings.LastIndexByte(s, ')')
 	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
+}
+
+// TestLateFirstHostCall: a plugin's first Host call may come long after
+// Describe (a LoRA apply minutes after start). go-plugin's broker drops
+// connection info nobody picked up within 5 s, so the SDK must connect when
+// the broker id arrives, not on first use.
+func TestLateFirstHostCall(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits past go-plugin's 5 s broker timeout")
+	}
+	p := plugintest.Start(t, plugintest.Config{Cmd: self(t), Env: []string{envRole + "=plugin"}})
+	time.Sleep(6 * time.Second)
+	args, err := msgpack.Marshal(map[string]any{"name": "late", "count": 16, "start": 1.0, "step": 1.0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := p.Client.Invoke(ctx, &pluginv1.InvokeRequest{Method: sdk.ConformanceFill, Args: args}); err != nil {
+		t.Fatalf("host call 6 s after start: %v", err)
+	}
+	if n := len(p.Host.Allocated()); n != 1 {
+		t.Fatalf("host saw %d allocations, want 1", n)
+	}
 }
