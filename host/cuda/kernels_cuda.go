@@ -94,11 +94,16 @@ type FuseLayer struct {
 }
 
 // Fuse enqueues the fused merge of one layer: dequantize, add B·A tile by
-// tile in shared memory, re-quantize, in one kernel.
+// tile in on-chip memory, re-quantize, in one kernel (PlanFuse picks
+// nf4_fuse2d or nf4_fuse).
 func (d *Device) Fuse(l FuseLayer) error {
 	p, err := PlanFuse(FuseShape{Out: l.Out, In: l.In, Blocksize: l.Blocksize, Rank: l.Rank})
 	if err != nil {
 		return err
+	}
+	if p.Kernel == "nf4_fuse2d" {
+		return d.launch(p.Kernel, p.Launch, uint64(l.Packed), uint64(l.Absmax), uint64(l.Out), uint64(l.In), uint64(l.Blocksize),
+			uint64(l.A), uint64(l.B), uint64(l.Rank), uint64(p.TileCols))
 	}
 	bShared := uint64(0)
 	if p.BShared {

@@ -105,18 +105,36 @@ type FuseShape struct {
 	Rank      int // Σr, the columns of B_cat and rows of A_cat
 }
 
-// FusePlan is nf4_fuse's launch: tiles of TileElems elements (a multiple of
-// the blocksize), MaxRows rows of B_cat per tile staged in shared memory
-// when BShared.
+// FusePlan is a fused merge's launch. For a layer whose rows hold whole
+// blocks (In a multiple of a power-of-two blocksize ≤ FuseTileCols) it is
+// nf4_fuse2d: 2-D tiles of TileRows × TileCols, rank chunks staged in
+// shared memory. Otherwise it is nf4_fuse: runs of TileElems elements (a
+// multiple of the blocksize), MaxRows rows of B_cat per tile staged in
+// shared memory when BShared.
 type FusePlan struct {
 	Launch
+	Kernel    string // "nf4_fuse2d" or "nf4_fuse"
 	TileElems int
 	Tiles     int
-	MaxRows   int  // most rows of the weight one tile touches
-	BShared   bool // B rows staged in shared memory (else read through the cache)
+	TileRows  int  // nf4_fuse2d
+	TileCols  int  // nf4_fuse2d
+	MaxRows   int  // nf4_fuse: most rows of the weight one tile touches
+	BShared   bool // nf4_fuse: B rows staged in shared memory (else read through the cache)
 }
 
-// PlanFuse sizes nf4_fuse for one layer. The tile starts at
+// nf4_fuse2d's constants (FUSE_TILE, FUSE_RC in kernels.cu): a tile is
+// FuseTile elements, 16 per thread of a 256-thread block, and ranks are
+// staged FuseRankChunk at a time.
+const (
+	FuseTile      = 4096
+	FuseRankChunk = 16
+	FuseTileCols  = 256
+)
+
+// PlanFuse sizes the fused merge of one layer. The 2-D kernel is used when
+// In is a multiple of the blocksize and the blocksize a power of two no
+// larger than FuseTileCols: TileCols is the smallest power of two ≥ both
+// the blocksize and min(In, FuseTileCols). Otherwise the 1-D tile starts at
 // DefaultTileElems rounded to the blocksize and halves, never below one
 // block, until the merged tile plus the B rows it spans fit MaxSharedBytes;
 // when even one block's rows do not fit, B stays in global memory.
@@ -130,6 +148,19 @@ func PlanFuse(s FuseShape) (FusePlan, error) {
 	}
 	if err := checkQuant(n, s.Blocksize); err != nil {
 		return FusePlan{}, fmt.Errorf("fuse: %w", err)
+	}
+	if s.Blocksize&(s.Blocksize-1) == 0 && s.Blocksize <= FuseTileCols && s.In%s.Blocksize == 0 {
+		cols := s.Blocksize
+		for cols < min(s.In, FuseTileCols) {
+			cols *= 2
+		}
+		rows := FuseTile / cols
+		tiles := (s.Out + rows - 1) / rows * ((s.In + cols - 1) / cols)
+		return FusePlan{
+			Launch:    Launch{Grid: min(MaxGrid, tiles), Block: ThreadsPerBlock, Shared: 4 * (FuseTile + FuseRankChunk*cols + rows*FuseRankChunk)},
+			Kernel:    "nf4_fuse2d",
+			TileElems: FuseTile, Tiles: tiles, TileRows: rows, TileCols: cols,
+		}, nil
 	}
 	tile := max(s.Blocksize, DefaultTileElems/s.Blocksize*s.Blocksize)
 	tile = min(tile, (n+s.Blocksize-1)/s.Blocksize*s.Blocksize)
@@ -153,6 +184,7 @@ func fusePlan(n, tile, rows, rank int, bShared bool) FusePlan {
 	}
 	return FusePlan{
 		Launch:    Launch{Grid: min(MaxGrid, tiles), Block: ThreadsPerBlock, Shared: shared},
+		Kernel:    "nf4_fuse",
 		TileElems: tile, Tiles: tiles, MaxRows: rows, BShared: bShared,
 	}
 }

@@ -50,21 +50,36 @@ func TestPlanFuse(t *testing.T) {
 		want FusePlan
 		err  string
 	}{
+		// 2-D: 16 rows × 256 columns; 9216/16 · 3072/256 tiles; w + A chunk + B chunk in shared memory.
 		{"flux qkv rank 16", FuseShape{Out: 9216, In: 3072, Blocksize: 64, Rank: 16},
-			FusePlan{Launch: Launch{Grid: 6912, Block: 256, Shared: 4*4096 + 4*3*16}, TileElems: 4096, Tiles: 6912, MaxRows: 3, BShared: true}, ""},
+			FusePlan{Launch: Launch{Grid: 6912, Block: 256, Shared: 4 * (4096 + 16*256 + 16*16)}, Kernel: "nf4_fuse2d",
+				TileElems: 4096, Tiles: 6912, TileRows: 16, TileCols: 256}, ""},
+		// Rank does not change the shared memory: ranks are staged 16 at a time.
 		{"flux mlp down 5 LoRAs", FuseShape{Out: 3072, In: 12288, Blocksize: 64, Rank: 80},
-			FusePlan{Launch: Launch{Grid: 9216, Block: 256, Shared: 4*4096 + 4*2*80}, TileElems: 4096, Tiles: 9216, MaxRows: 2, BShared: true}, ""},
+			FusePlan{Launch: Launch{Grid: 9216, Block: 256, Shared: 4 * (4096 + 16*256 + 16*16)}, Kernel: "nf4_fuse2d",
+				TileElems: 4096, Tiles: 9216, TileRows: 16, TileCols: 256}, ""},
+		{"narrow 2-D: In 64", FuseShape{Out: 1000, In: 64, Blocksize: 64, Rank: 3},
+			FusePlan{Launch: Launch{Grid: 16, Block: 256, Shared: 4 * (4096 + 16*64 + 64*16)}, Kernel: "nf4_fuse2d",
+				TileElems: 4096, Tiles: 16, TileRows: 64, TileCols: 64}, ""},
+		{"2-D: In 96 rounds the tile up", FuseShape{Out: 10, In: 96, Blocksize: 32, Rank: 3},
+			FusePlan{Launch: Launch{Grid: 1, Block: 256, Shared: 4 * (4096 + 16*128 + 32*16)}, Kernel: "nf4_fuse2d",
+				TileElems: 4096, Tiles: 1, TileRows: 32, TileCols: 128}, ""},
 		// In=3: a 4096-element tile spans 1367 rows; 1367·64·4 bytes do not
 		// fit, so the tile halves until tile + rows·rank fits in 48 KiB:
 		// 1024 needs 4·(1024+343·64) = 91904 bytes, 512 needs 46080.
 		{"narrow rows shrink the tile", FuseShape{Out: 5000, In: 3, Blocksize: 64, Rank: 64},
-			FusePlan{Launch: Launch{Grid: 30, Block: 256, Shared: 4*512 + 4*172*64}, TileElems: 512, Tiles: 30, MaxRows: 172, BShared: true}, ""},
+			FusePlan{Launch: Launch{Grid: 30, Block: 256, Shared: 4*512 + 4*172*64}, Kernel: "nf4_fuse",
+				TileElems: 512, Tiles: 30, MaxRows: 172, BShared: true}, ""},
 		{"rank too large for shared B", FuseShape{Out: 100, In: 1, Blocksize: 64, Rank: 4096},
-			FusePlan{Launch: Launch{Grid: 2, Block: 256, Shared: 4 * 64}, TileElems: 64, Tiles: 2, MaxRows: 65, BShared: false}, ""},
+			FusePlan{Launch: Launch{Grid: 2, Block: 256, Shared: 4 * 64}, Kernel: "nf4_fuse", TileElems: 64, Tiles: 2, MaxRows: 65}, ""},
 		{"tiny layer", FuseShape{Out: 3, In: 7, Blocksize: 64, Rank: 4},
-			FusePlan{Launch: Launch{Grid: 1, Block: 256, Shared: 4*64 + 4*3*4}, TileElems: 64, Tiles: 1, MaxRows: 3, BShared: true}, ""},
-		{"blocksize 4096", FuseShape{Out: 3072, In: 3072, Blocksize: 4096, Rank: 16},
-			FusePlan{Launch: Launch{Grid: 2304, Block: 256, Shared: 4*4096 + 4*3*16}, TileElems: 4096, Tiles: 2304, MaxRows: 3, BShared: true}, ""},
+			FusePlan{Launch: Launch{Grid: 1, Block: 256, Shared: 4*64 + 4*3*4}, Kernel: "nf4_fuse", TileElems: 64, Tiles: 1, MaxRows: 3, BShared: true}, ""},
+		{"blocksize 4096 stays 1-D", FuseShape{Out: 3072, In: 3072, Blocksize: 4096, Rank: 16},
+			FusePlan{Launch: Launch{Grid: 2304, Block: 256, Shared: 4*4096 + 4*3*16}, Kernel: "nf4_fuse",
+				TileElems: 4096, Tiles: 2304, MaxRows: 3, BShared: true}, ""},
+		{"blocks across rows stay 1-D", FuseShape{Out: 37, In: 77, Blocksize: 64, Rank: 5},
+			FusePlan{Launch: Launch{Grid: 1, Block: 256, Shared: 4*2880 + 4*37*5}, Kernel: "nf4_fuse",
+				TileElems: 2880, Tiles: 1, MaxRows: 37, BShared: true}, ""},
 		{"rank 0", FuseShape{Out: 3, In: 7, Blocksize: 64}, FusePlan{}, "rank 0"},
 		{"bad shape", FuseShape{Out: 0, In: 7, Blocksize: 64, Rank: 1}, FusePlan{}, "shape [0 7]"},
 		{"odd blocksize", FuseShape{Out: 3, In: 7, Blocksize: 65, Rank: 1}, FusePlan{}, "blocksize 65"},
@@ -86,8 +101,9 @@ func TestPlanFuse(t *testing.T) {
 }
 
 // TestPlanFuseInvariants checks every Flux-dev linear and a sweep of odd
-// shapes: tiles start on a block, cover the layer, fit shared memory, and
-// MaxRows bounds the rows any tile touches.
+// shapes. Both kernels: the tiles cover the layer and fit shared memory.
+// 1-D: tiles start on a block and MaxRows bounds the rows a tile touches.
+// 2-D: a tile row holds whole blocks and every thread owns 16 elements.
 func TestPlanFuseInvariants(t *testing.T) {
 	var shapes []FuseShape
 	for _, l := range fluxLinears(t) {
@@ -96,22 +112,34 @@ func TestPlanFuseInvariants(t *testing.T) {
 		}
 	}
 	for _, out := range []int{1, 2, 7, 63, 130} {
-		for _, in := range []int{1, 3, 31, 64, 65, 1000} {
-			for _, bs := range []int{32, 64, 256} {
+		for _, in := range []int{1, 3, 31, 64, 65, 96, 1000, 4096} {
+			for _, bs := range []int{32, 64, 256, 1024} {
 				shapes = append(shapes, FuseShape{Out: out, In: in, Blocksize: bs, Rank: 3})
 			}
 		}
 	}
+	twoD := 0
 	for _, s := range shapes {
 		p, err := PlanFuse(s)
 		if err != nil {
 			t.Fatalf("%+v: %v", s, err)
 		}
 		n := s.Out * s.In
+		if p.Shared > MaxSharedBytes-64 { // 64 bytes of static shared memory (the LUT)
+			t.Fatalf("%+v: shared %d", s, p.Shared)
+		}
+		if p.Kernel == "nf4_fuse2d" {
+			twoD++
+			if s.In%s.Blocksize != 0 || p.TileCols%s.Blocksize != 0 || p.TileRows*p.TileCols != FuseTile ||
+				FuseTile != 16*p.Block || p.Tiles != (s.Out+p.TileRows-1)/p.TileRows*((s.In+p.TileCols-1)/p.TileCols) {
+				t.Fatalf("%+v: 2-D plan %+v", s, p)
+			}
+			continue
+		}
 		if p.TileElems%s.Blocksize != 0 || p.Tiles*p.TileElems < n || (p.Tiles-1)*p.TileElems >= n {
 			t.Fatalf("%+v: tiles %+v do not cover %d elements on block boundaries", s, p, n)
 		}
-		if p.Shared > MaxSharedBytes || p.Shared < 4*p.TileElems {
+		if p.Shared < 4*p.TileElems {
 			t.Fatalf("%+v: shared %d", s, p.Shared)
 		}
 		for tile := 0; tile < p.Tiles; tile++ {
@@ -120,6 +148,9 @@ func TestPlanFuseInvariants(t *testing.T) {
 				t.Fatalf("%+v: tile %d touches %d rows, plan says at most %d", s, tile, rows, p.MaxRows)
 			}
 		}
+	}
+	if twoD < 2*304 {
+		t.Fatalf("only %d shapes use the 2-D kernel; every Flux linear should", twoD)
 	}
 }
 

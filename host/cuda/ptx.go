@@ -22,6 +22,7 @@ var Entries = map[string]int{
 	"nested_quantize":   6,
 	"absmax_sum":        3,
 	"nf4_fuse":          11,
+	"nf4_fuse2d":        9,
 	"side_rows":         5,
 	"side_cols":         10,
 }

@@ -79,7 +79,7 @@ func checkKernels(dev *cuda.Device, r *Report) error {
 		return err
 	}
 	for _, c := range []struct{ out, in, bs, rank int }{
-		{37, 77, 64, 5}, {3072, 3072, 64, 16}, {130, 1000, 256, 80}, {5000, 3, 64, 64}, {100, 1, 64, 4096},
+		{37, 77, 64, 5}, {3072, 3072, 64, 16}, {100, 320, 64, 21}, {512, 3072, 64, 80}, {130, 1000, 256, 80}, {5000, 3, 64, 64}, {100, 1, 64, 4096},
 	} {
 		if err := checkFuse(dev, r, rng, c.out, c.in, c.bs, c.rank); err != nil {
 			return err
@@ -337,7 +337,11 @@ func checkFuse(dev *cuda.Device, r *Report, rng *rand.Rand, out, in, bs, rank in
 	}
 	plan, _ := cuda.PlanFuse(cuda.FuseShape{Out: out, In: in, Blocksize: bs, Rank: rank})
 	s, sa := sameCodes(gotP, wantP, n), sameBits(gotA, wantA)
-	r.Check("correctness", fmt.Sprintf("fused merge [%d %d] bs=%d rank %d (tile %d, B in %s)", out, in, bs, rank, plan.TileElems, map[bool]string{true: "smem", false: "cache"}[plan.BShared]),
+	how := fmt.Sprintf("%s, tile %d×%d", plan.Kernel, plan.TileRows, plan.TileCols)
+	if plan.Kernel == "nf4_fuse" {
+		how = fmt.Sprintf("%s, tile %d, B in %s", plan.Kernel, plan.TileElems, map[bool]string{true: "smem", false: "cache"}[plan.BShared])
+	}
+	r.Check("correctness", fmt.Sprintf("fused merge [%d %d] bs=%d rank %d (%s)", out, in, bs, rank, how),
 		Identical(s, int64(n))+fmt.Sprintf(", absmax %d/%d", sa, nb), target, IdenticalOK(s, int64(n)) && IdenticalOK(sa, int64(nb)))
 	return nil
 }

@@ -291,6 +291,109 @@ extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 i
     }
 }
 
+// nf4_fuse2d: the fused merge for layers whose rows hold whole blocks
+// (in_dim % bs == 0, bs a power of two ≤ tile_cols), the Flux case. A tile
+// is FUSE_TILE elements: tile_rows = FUSE_TILE / tile_cols rows by
+// tile_cols columns. B·A is accumulated in registers (16 elements per
+// thread, blockDim.x must be 256) over rank chunks of FUSE_RC: each chunk
+// stages A_cat[k0.., c0..] and B_cat[r0.., k0..] in shared memory, so each
+// A value is read from global memory once per tile instead of once per
+// element. The sum order (groups of four ranks, each group rounded, then
+// added) is shared/lora DeltaRows', so results equal the CPU's bit for bit.
+#define FUSE_TILE 4096
+#define FUSE_RC 16
+#define FUSE_PER_THREAD (FUSE_TILE / 256)
+
+extern "C" __global__ void nf4_fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
+                                      u64 a_, u64 b_, i64 rank, i64 tile_cols) {
+    __shared__ float lut[16];
+    extern __shared__ float smem[];
+    const i64 tile_rows = FUSE_TILE / tile_cols;
+    float* w = smem;                              // [tile_rows][tile_cols]
+    float* as = w + FUSE_TILE;                    // [FUSE_RC][tile_cols]
+    float* bsm = as + FUSE_RC * tile_cols;        // [tile_rows][FUSE_RC]
+    u8* packed = (u8*)packed_;
+    float* absmax = (float*)absmax_;
+    const float* __restrict__ A = (const float*)a_;
+    const float* __restrict__ B = (const float*)b_;
+    if (threadIdx.x < 16) lut[threadIdx.x] = NF4_LUT[threadIdx.x];
+    const i64 row_tiles = (out_dim + tile_rows - 1) / tile_rows;
+    const i64 col_tiles = (in_dim + tile_cols - 1) / tile_cols;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    for (i64 t = blockIdx.x; t < row_tiles * col_tiles; t += gridDim.x) {
+        const i64 r0 = (t / col_tiles) * tile_rows, c0 = (t % col_tiles) * tile_cols;
+        const i64 nr = min(tile_rows, out_dim - r0), nc = min(tile_cols, in_dim - c0);
+        float d[FUSE_PER_THREAD];
+#pragma unroll
+        for (int i = 0; i < FUSE_PER_THREAD; i++) d[i] = 0.0f;
+        for (i64 k0 = 0; k0 < rank; k0 += FUSE_RC) {
+            __syncthreads();
+            for (i64 i = threadIdx.x; i < FUSE_RC * tile_cols; i += blockDim.x) {
+                i64 kk = i / tile_cols, lc = i - kk * tile_cols;
+                as[i] = (k0 + kk < rank && lc < nc) ? A[(k0 + kk) * in_dim + c0 + lc] : 0.0f;
+            }
+            for (i64 i = threadIdx.x; i < tile_rows * FUSE_RC; i += blockDim.x) {
+                i64 lr = i / FUSE_RC, kk = i - lr * FUSE_RC;
+                bsm[i] = (k0 + kk < rank && lr < nr) ? B[(r0 + lr) * rank + k0 + kk] : 0.0f;
+            }
+            __syncthreads();
+            const int kend = (int)min((i64)FUSE_RC, rank - k0);
+            // Full groups of four as the CPU forms them: k+4 <= rank.
+            const int kgroups = (int)(min(k0 + FUSE_RC, rank / 4 * 4) - k0);
+#pragma unroll
+            for (int i = 0; i < FUSE_PER_THREAD; i++) {
+                const int e = threadIdx.x + i * 256;
+                const int lr = e / (int)tile_cols, lc = e - lr * (int)tile_cols;
+                if (lr >= nr || lc >= nc) continue;
+                const float* brow = bsm + lr * FUSE_RC;
+                float acc = d[i];
+                int kk = 0;
+                for (; kk + 4 <= kgroups; kk += 4) {
+                    float b0 = brow[kk], b1 = brow[kk + 1], b2 = brow[kk + 2], b3 = brow[kk + 3];
+                    if (b0 == 0.0f && b1 == 0.0f && b2 == 0.0f && b3 == 0.0f) continue;
+                    const float* a = as + kk * tile_cols + lc;
+                    float s = __fadd_rn(__fmul_rn(b0, a[0]), __fmul_rn(b1, a[tile_cols]));
+                    s = __fadd_rn(s, __fmul_rn(b2, a[2 * tile_cols]));
+                    s = __fadd_rn(s, __fmul_rn(b3, a[3 * tile_cols]));
+                    acc = __fadd_rn(acc, s);
+                }
+                for (; kk < kend; kk++) {
+                    float bv = brow[kk];
+                    if (bv != 0.0f) acc = __fadd_rn(acc, __fmul_rn(bv, as[kk * tile_cols + lc]));
+                }
+                d[i] = acc;
+            }
+        }
+        __syncthreads();
+        // Dequantize the tile and add the delta into shared memory.
+#pragma unroll
+        for (int i = 0; i < FUSE_PER_THREAD; i++) {
+            const int e = threadIdx.x + i * 256;
+            const int lr = e / (int)tile_cols, lc = e - lr * (int)tile_cols;
+            if (lr >= nr || lc >= nc) continue;
+            const i64 g = (r0 + lr) * in_dim + c0 + lc;
+            const u32 p = packed[g >> 1];
+            const u32 q = (g & 1) ? (p & 15u) : (p >> 4);
+            w[e] = __fadd_rn(__fmul_rn(lut[q], absmax[g / bs]), d[i]);
+        }
+        __syncthreads();
+        // Re-quantize: one warp per block; a row of the tile holds nc / bs blocks.
+        const i64 bpr = nc / bs;
+        for (i64 qb = warp; qb < nr * bpr; qb += nwarps) {
+            const i64 lr = qb / bpr, qi = qb - lr * bpr;
+            const float* x = w + lr * tile_cols + qi * bs;
+            float am = 0.0f;
+            for (i64 i = lane; i < bs; i += 32) am = fmaxf(am, fabsf(x[i]));
+            am = warp_max(am);
+            const i64 g0 = (r0 + lr) * in_dim + c0 + qi * bs;
+            if (lane == 0) absmax[g0 / bs] = am;
+            const float inv = nf4_rcp(am);
+            for (i64 jj = lane; jj < bs / 2; jj += 32)
+                packed[g0 / 2 + jj] = (u8)(nf4_code(__fmul_rn(x[2 * jj], inv)) << 4 | nf4_code(__fmul_rn(x[2 * jj + 1], inv)));
+        }
+    }
+}
+
 // side_rows: A_cat rows of one LoRA: dst[i] = fp32(src[i]) * scale for i < n
 // (src of dtype 0 f32, 1 bf16, 2 f16). A LoRA's A [r × in] is contiguous in
 // A_cat [rank × in], so one launch places it.
