@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/host/job"
+	"github.com/arenahost/arenahost/host/plugin"
+	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
 func percentile(xs []float64, p float64) float64 {
@@ -118,6 +120,52 @@ func BenchmarkStepOverhead(b *testing.B) {
 			b.ReportMetric(pubOn, "on-publish-ms")
 			fmt.Fprintf(b.Output(), "%s: previews off %.3f ms/step (publish %.3f ms), on %.3f ms/step (publish %.3f ms): %+.2f%%\n",
 				name, off, pubOff, on, pubOn, 100*(on/off-1))
+		})
+	}
+}
+
+// BenchmarkPublishCall measures the host's synchronous share of one
+// "latent" publish (what the pipeline waits for, besides the gRPC hop):
+// the job lookup, the progress fan-out and the copy of a FLUX.1 1024²
+// latent (1 MiB) into the job's host buffer, with the render loop running
+// concurrently. Compare "off" (previews off: no copy).
+func BenchmarkPublishCall(b *testing.B) {
+	s := startHost(b)
+	mem := job.ArenaMemory(s.Arena)
+	const c, h, w = 16, 128, 128
+	region, buf, err := mem.Alloc("bench/latent", 4*c*h*w)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer mem.Free(region)
+	for i := range buf {
+		buf[i] = byte(i)
+	}
+	d := &pluginv1.TensorDescriptor{Name: "latent", Dtype: pluginv1.DType_DTYPE_F32, Shape: []int64{c, h, w}, Nbytes: 4 * c * h * w,
+		Access: pluginv1.Access_ACCESS_READ_ONLY, Region: region}
+	for _, method := range []string{"none", "factor"} {
+		b.Run(method, func(b *testing.B) {
+			// A job that stays running (one long step) so publishes are taken.
+			j, err := s.Jobs.Create(b.Context(), job.Spec{Pipeline: "test-pipeline", Params: map[string]any{"steps": 1, "step_ms": 600000},
+				Preview: job.Preview{Method: method, Family: "flux"}})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer func() { j.Cancel(); <-j.Done() }()
+			for j.State() != job.StateRunning {
+				time.Sleep(time.Millisecond)
+			}
+			src := plugin.Source{Plugin: "test-pipeline", Generation: 1}
+			b.SetBytes(4 * c * h * w)
+			b.ResetTimer()
+			for i := range b.N {
+				ok, err := s.Jobs.Publish(b.Context(), src, &pluginv1.PublishRequest{JobId: j.ID(), Topic: "latent", Step: int32(i + 1), Total: int32(b.N + 1),
+					Tensors: []*pluginv1.TensorDescriptor{d}})
+				if err != nil || !ok {
+					b.Fatalf("publish: %v %v", ok, err)
+				}
+			}
+			b.StopTimer() // the deferred cancel waits for the plugin call to end
 		})
 	}
 }
