@@ -20,6 +20,7 @@ import (
 // cuModuleLoadData). It implements Allocator (cuMemAlloc slabs with their
 // IPC handles) and Uploader.
 type Device struct {
+	Kernels
 	ordinal int
 	work    chan func()
 	quit    chan struct{}
@@ -46,6 +47,7 @@ func Open(ordinal int) (*Device, error) {
 		return nil, fmt.Errorf("open device %d: %d devices present", ordinal, n)
 	}
 	d := &Device{ordinal: ordinal, work: make(chan func()), quit: make(chan struct{}), fns: map[string]cu.Function{}}
+	d.Kernels = Kernels{l: d}
 	ready := make(chan error, 1)
 	d.wg.Add(1)
 	go d.run(ready)
@@ -296,9 +298,7 @@ func (d *Device) Download(dst []byte, src DevicePtr) error {
 
 // CopyAsync enqueues a device-to-device copy on the stream.
 func (d *Device) CopyAsync(dst, src DevicePtr, n uint64) error {
-	return d.Do(func() error {
-		return cu.MemcpyDtoDAsync(cu.DevicePtr(dst), cu.DevicePtr(src), int64(n), d.stream)
-	})
+	return d.Do(func() error { return d.copyLocked(dst, src, n) })
 }
 
 // Sync waits for everything enqueued on the stream: the ordering point
@@ -309,14 +309,25 @@ func (d *Device) Sync() error {
 
 // launch enqueues kernel name with 8-byte arguments.
 func (d *Device) launch(name string, l Launch, args ...uint64) error {
+	op, err := d.launchOp(name, l, args)
+	if err != nil {
+		return err
+	}
+	return d.Do(op)
+}
+
+// launchOp checks a launch and returns it as an operation to run on the
+// device thread.
+func (d *Device) launchOp(name string, l Launch, args []uint64) (func() error, error) {
 	fn, ok := d.fns[name]
 	if !ok {
-		return fmt.Errorf("kernel %s: not loaded", name)
+		return nil, fmt.Errorf("kernel %s: not loaded", name)
 	}
 	if want := Entries[name]; len(args) != want {
-		return fmt.Errorf("kernel %s: %d arguments, want %d", name, len(args), want)
+		return nil, fmt.Errorf("kernel %s: %d arguments, want %d", name, len(args), want)
 	}
-	return d.Do(func() error {
+	args = append([]uint64(nil), args...)
+	return func() error {
 		params := make([]unsafe.Pointer, len(args))
 		for i := range args {
 			params[i] = unsafe.Pointer(&args[i])
@@ -325,8 +336,17 @@ func (d *Device) launch(name string, l Launch, args ...uint64) error {
 			return fmt.Errorf("launch %s (grid %d block %d shared %d): %w", name, l.Grid, l.Block, l.Shared, err)
 		}
 		return nil
-	})
+	}, nil
 }
+
+func (d *Device) copyLocked(dst, src DevicePtr, n uint64) error {
+	if err := cu.MemcpyDtoDAsync(cu.DevicePtr(dst), cu.DevicePtr(src), int64(n), d.stream); err != nil {
+		return fmt.Errorf("cuMemcpyDtoDAsync %d bytes: %w", n, err)
+	}
+	return nil
+}
+
+func (d *Device) copyAsync(dst, src DevicePtr, n uint64) error { return d.CopyAsync(dst, src, n) }
 
 // OpenIPC maps another process's slab by its handle (the plugin side:
 // open once per slab and cache).
