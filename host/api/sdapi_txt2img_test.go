@@ -121,12 +121,6 @@ func txt2imgPlugins(t *testing.T) string {
 
 func TestTxt2Img(t *testing.T) {
 	f := newFixture(t, txt2imgPlugins(t), Options{})
-	// A Go plugin's first Host call must come within go-plugin's 5 s broker
-	// window of its start; reload lora-nf4 so this test does not depend on
-	// how long the start took.
-	if status, b, _ := f.do(t, call{method: "POST", path: "/v1/plugins/lora-nf4/reload"}); status != 200 {
-		t.Fatalf("reload lora-nf4: %d %s", status, b)
-	}
 	type state struct {
 		Mode  string `json:"mode"`
 		LoRAs []struct {
