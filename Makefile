@@ -22,7 +22,7 @@ GO_PLUGINS := $(notdir $(wildcard plugins/*))
 # Python plugins shipped with the host (copied next to the Go plugins).
 PY_PLUGINS := reference_pipeline
 
-.PHONY: help build run test test-go test-python bench proto lint cuda venv venv-torch clean
+.PHONY: help build run test test-go test-python bench proto lint cuda venv venv-torch browser-deps clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -62,15 +62,21 @@ $(VENV_TORCH)/.stamp: python/requirements-core.txt python/requirements-torch.txt
 # Tests find the interpreters through these variables; with ARENAHOST_REQUIRE_PYTHON=1
 # a test that needs one fails instead of skipping.
 TEST_ENV := ARENAHOST_PYTHON=$(abspath $(PY)) ARENAHOST_TORCH_PYTHON=$(abspath $(PY_TORCH)) \
-            ARENAHOST_REQUIRE_PYTHON=1 ARENAHOST_BIN=$(abspath $(BIN))
+            ARENAHOST_REQUIRE_PYTHON=1 ARENAHOST_BIN=$(abspath $(BIN)) \
+            ARENAHOST_ARTIFACTS=$(abspath .cache/artifacts)
 
-test: build venv venv-torch test-go test-python ## run every test (Go, then Python)
+test: build venv venv-torch browser-deps test-go test-python ## run every test (Go, then Python)
 
 test-go: ## Go tests only
 	$(TEST_ENV) $(GO) test $(GO_TEST_FLAGS) ./...
 
 test-python: ## Python SDK tests only
 	$(TEST_ENV) $(PY_TORCH) -m pytest -q sdk/python/tests
+
+browser-deps: ## install Debian's chromium for the console's browser test when it is missing
+	@command -v chromium >/dev/null || command -v $${ARENAHOST_CHROMIUM:-chromium} >/dev/null || { \
+	  echo "installing chromium (apt-get) for the browser test"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 bench: build venv venv-torch ## run the benchmarks; each prints its baseline and the ratio
 	$(TEST_ENV) bash bench/run.sh
