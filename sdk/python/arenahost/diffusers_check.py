@@ -178,8 +178,13 @@ def write_peft_lora(path: str, diffusers_state: dict, config: dict, *, rank: int
     return path
 
 
-def write_kohya_lora(path: str, bfl_state: dict, *, rank: int = 4, alpha: float = 2.0, seed: int = 1, std: float = 0.05) -> str:
-    """A kohya sd-scripts Flux LoRA (``lora_unet_…`` BFL names, lora_down/lora_up/alpha) in bf16."""
+def write_kohya_lora(path: str, bfl_state: dict, *, rank: int = 4, alpha: float = 2.0, seed: int = 1, std: float = 0.05,
+                     targets=None) -> str:
+    """A kohya sd-scripts Flux LoRA (``lora_unet_…`` BFL names, lora_down/lora_up/alpha) in bf16.
+
+    targets: kohya stems ("double_blocks_{i}_img_attn_qkv"; {i} runs over
+    double blocks, {j} over single blocks); default KOHYA_TARGETS.
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -188,7 +193,7 @@ def write_kohya_lora(path: str, bfl_state: dict, *, rank: int = 4, alpha: float 
     g = torch.Generator().manual_seed(seed)
     out = {}
     names = []
-    for t in KOHYA_TARGETS:
+    for t in (KOHYA_TARGETS if targets is None else targets):
         if "{i}" in t:
             names += [t.format(i=i) for i in range(nd)]
         elif "{j}" in t:

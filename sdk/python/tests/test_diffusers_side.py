@@ -31,7 +31,8 @@ ROOT = SDK.parents[1]
 
 
 def arenahost_bin() -> Path:
-    b = ROOT / "bin" / "arenahost"
+    """bin/arenahost (make build), or $ARENAHOST_BIN."""
+    b = Path(os.environ.get("ARENAHOST_BIN") or ROOT / "bin" / "arenahost")
     if not b.exists():
         if os.environ.get("ARENAHOST_REQUIRE_PYTHON") == "1":
             pytest.fail(f"{b} missing: run make build")
