@@ -1,8 +1,11 @@
 package cuda
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"os"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -32,6 +35,9 @@ func TestPTXEntries(t *testing.T) {
 	}
 	if !containsLine(PTX, ".target sm_80") {
 		t.Error("PTX is not compiled for compute_80 (.target sm_80)")
+	}
+	if !containsLine(PTX, ".version 7.0") {
+		t.Error("PTX ISA is not 7.0: drivers older than the NVRTC that made it would refuse to JIT it")
 	}
 }
 
@@ -63,5 +69,19 @@ func TestPTXEntriesErrors(t *testing.T) {
 		if _, err := PTXEntries(bad); err == nil {
 			t.Errorf("PTXEntries(%q) accepted", bad)
 		}
+	}
+}
+
+// TestPTXIsCurrent: the committed PTX was generated from the committed
+// kernels.cu (build_ptx.py writes the source's sha256 in its first line).
+func TestPTXIsCurrent(t *testing.T) {
+	src, err := os.ReadFile("kernels/kernels.cu")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(src)
+	first, _, _ := strings.Cut(PTX, "\n")
+	if !strings.Contains(first, "sha256:"+hex.EncodeToString(sum[:])) {
+		t.Fatalf("kernels.ptx is stale (first line %q): run make ptx", first)
 	}
 }
