@@ -125,10 +125,6 @@ func ipcRound(ctx context.Context, dev *cuda.Device, a *arena.Arena, backend *cu
 	return nil
 }
 
-func lastLine(s string) string {
-	ls := strings.Split(strings.TrimSpace(s), "\n")
-	return strings.TrimSpace(ls[len(ls)-1])
-}
 
 // ipcChild is the Go reader: it opens the slab by its handle on its own
 // context, checks the host's floats, writes its own and closes the handle.

@@ -131,3 +131,9 @@ func GBps(bytes float64, seconds float64) string {
 
 // MiB formats bytes as MiB.
 func MiB(bytes int64) string { return fmt.Sprintf("%.1f MiB", float64(bytes)/(1<<20)) }
+
+// lastLine is the last non-empty line of a child's output.
+func lastLine(s string) string {
+	ls := strings.Split(strings.TrimSpace(s), "\n")
+	return strings.TrimSpace(ls[len(ls)-1])
+}
