@@ -1,6 +1,7 @@
 package cuda
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -275,4 +276,17 @@ func (s *segment) Close() error {
 		return nil
 	}
 	return b.freeLocked(s.sl)
+}
+
+// NewArena makes an arena on a Backend over alloc. It sets RetainEmpty:
+// a device arena keeps its slabs until Close, since plugins address them by
+// IPC handle.
+func NewArena(ctx context.Context, alloc Allocator, cfg arena.Config) (*arena.Arena, *Backend, error) {
+	cfg.RetainEmpty = true
+	b := NewBackend(alloc, cfg.Logger)
+	a, err := arena.New(ctx, b, cfg)
+	if err != nil {
+		return nil, nil, fmt.Errorf("cuda arena on device %d: %w", alloc.Device(), err)
+	}
+	return a, b, nil
 }

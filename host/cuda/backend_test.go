@@ -209,3 +209,37 @@ func TestBackendErrors(t *testing.T) {
 		t.Fatal("create after close")
 	}
 }
+
+func TestNewArenaRetainsEmpty(t *testing.T) {
+	f := newFakeAlloc()
+	a, b, err := NewArena(t.Context(), f, arena.Config{Capacity: 8 << 20, SegmentSize: 1 << 20, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r1, err := a.Alloc(arena.HostOwner, "a", 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2, err := a.Alloc(arena.HostOwner, "b", 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Free(r1); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Free(r2); err != nil {
+		t.Fatal(err)
+	}
+	if n := f.liveCount(); n != 2 || len(f.frees) != 0 {
+		t.Fatalf("empty slabs returned before Close: live %d frees %d", n, len(f.frees))
+	}
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if f.liveCount() != 0 || len(b.Pending()) != 0 {
+		t.Fatalf("after close: live %d pending %v", f.liveCount(), b.Pending())
+	}
+	if _, _, err := NewArena(t.Context(), f, arena.Config{}); err == nil || !strings.Contains(err.Error(), "device 3") {
+		t.Fatalf("zero capacity: %v", err)
+	}
+}

@@ -36,4 +36,16 @@
 // (cuStreamSynchronize) is the ordering point a caller passes before it
 // hands out a descriptor of the results, so a reader in another process
 // needs no IPC event.
+//
+// # Wiring (what the rest of the host calls)
+//
+//   - NewArena(ctx, device, cfg) makes the device arena (RetainEmpty set).
+//   - Backend.Opened(owner, segment) whenever a descriptor on a CUDA slab
+//     goes to a plugin generation (host/plugin's RegionProto call sites),
+//     and Backend.Released(owner) when that generation exits or is swapped
+//     out (next to arena.ReleaseOwner): only then can a slab the arena
+//     closed be freed.
+//   - Loader.Load per tensor for checkpoints loaded onto the device (the
+//     registry's Memory.Bytes is nil for device memory), through a pinned
+//     buffer of DefaultStagingBytes.
 package cuda

@@ -33,8 +33,7 @@ type ipcRequest struct {
 const ipcCount = 1 << 16
 
 func checkIPC(ctx context.Context, dev *cuda.Device, r *Report, o options, log *slog.Logger) error {
-	backend := cuda.NewBackend(dev, log)
-	a, err := arena.New(ctx, backend, arena.Config{Capacity: 256 << 20, SegmentSize: 64 << 20, RetainEmpty: true, Logger: log})
+	a, backend, err := cuda.NewArena(ctx, dev, arena.Config{Capacity: 256 << 20, SegmentSize: 64 << 20, Logger: log})
 	if err != nil {
 		return err
 	}
