@@ -124,7 +124,6 @@ func ipcRound(ctx context.Context, dev *cuda.Device, a *arena.Arena, backend *cu
 	return nil
 }
 
-
 // ipcChild is the Go reader: it opens the slab by its handle on its own
 // context, checks the host's floats, writes its own and closes the handle.
 func ipcChild(args []string) int {
