@@ -307,33 +307,34 @@ func (d *Device) Sync() error {
 	return d.Do(func() error { return d.stream.Synchronize() })
 }
 
-// launch enqueues kernel name with 8-byte arguments.
-func (d *Device) launch(name string, l Launch, args ...uint64) error {
-	op, err := d.launchOp(name, l, args)
+// launch enqueues a kernel call.
+func (d *Device) launch(c Call) error {
+	op, err := d.launchOp(c)
 	if err != nil {
 		return err
 	}
 	return d.Do(op)
 }
 
-// launchOp checks a launch and returns it as an operation to run on the
+// launchOp checks a call and returns it as an operation to run on the
 // device thread.
-func (d *Device) launchOp(name string, l Launch, args []uint64) (func() error, error) {
-	fn, ok := d.fns[name]
+func (d *Device) launchOp(c Call) (func() error, error) {
+	fn, ok := d.fns[c.Kernel]
 	if !ok {
-		return nil, fmt.Errorf("kernel %s: not loaded", name)
+		return nil, fmt.Errorf("kernel %s: not loaded", c.Kernel)
 	}
-	if want := Entries[name]; len(args) != want {
-		return nil, fmt.Errorf("kernel %s: %d arguments, want %d", name, len(args), want)
+	args := make([]uint64, len(c.Args))
+	for i, a := range c.Args {
+		args[i] = a.V
 	}
-	args = append([]uint64(nil), args...)
+	l := c.Launch
 	return func() error {
 		params := make([]unsafe.Pointer, len(args))
 		for i := range args {
 			params[i] = unsafe.Pointer(&args[i])
 		}
 		if err := fn.Launch(l.Grid, 1, 1, l.Block, 1, 1, l.Shared, d.stream, params); err != nil {
-			return fmt.Errorf("launch %s (grid %d block %d shared %d): %w", name, l.Grid, l.Block, l.Shared, err)
+			return fmt.Errorf("launch %s (grid %d block %d shared %d): %w", c.Kernel, l.Grid, l.Block, l.Shared, err)
 		}
 		return nil
 	}, nil

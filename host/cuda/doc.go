@@ -17,7 +17,11 @@
 //     it open (a legacy IPC handle does not keep memory alive);
 //   - the descriptor encoding of a slab (SlabProto, LocationFromSlab);
 //   - every kernel's launch parameters (grid, block, shared memory, tiles);
-//   - the embedded PTX and its entry points (PTX, Entries);
+//   - the embedded PTX and its entry points (PTX, Entries), and every
+//     kernel call (DequantizeCall, FuseCall, …): tests run kernels.cu on
+//     the CPU through kernels/emu (one thread per CUDA thread, real
+//     barriers and warp shuffles) and compare bit for bit with shared/nf4
+//     and shared/lora;
 //   - Stage, the bounded copy through a pinned staging buffer.
 //
 // With -tags cuda the package adds Device: the primary context made

@@ -18,6 +18,12 @@
 //   - every product and sum that the CPU rounds separately uses __fmul_rn /
 //     __fadd_rn so no FMA contraction changes a bit.
 
+// NF4_EMULATE: compiled as host C++ by the CPU emulator (emu/), which
+// supplies the CUDA builtins; see emu/emu.h.
+#ifndef NF4_EMULATE
+#define EXTERN_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 typedef unsigned long long u64;
 typedef long long i64;
 typedef unsigned int u32;
@@ -63,17 +69,25 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
 }
 
 __device__ __forceinline__ u16 f32_to_f16(float f) {
+#ifdef NF4_EMULATE
+    return emu_f32_to_f16(f);
+#else
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
+#endif
 }
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __int_as_float((int)((u32)h << 16)); }
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {
+#ifdef NF4_EMULATE
+    return emu_f16_to_f32(h);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#endif
 }
 
 // dtype codes shared with launch.go: 0 float32, 1 bfloat16, 2 float16.
@@ -223,7 +237,7 @@ extern "C" __global__ void absmax_sum(u64 absmax_, i64 nb, u64 out_) {
 // absmax is fp32 (decoded from nested storage beforehand when nested).
 extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
                                     u64 a_, u64 b_, i64 rank, i64 tile, i64 b_smem, i64 max_rows) {
-    extern __shared__ float smem[];
+    EXTERN_SHARED(float, smem);
     float* w = smem;
     float* bs_rows = smem + tile;
     u8* packed = (u8*)packed_;
@@ -307,7 +321,7 @@ extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 i
 extern "C" __global__ void nf4_fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
                                       u64 a_, u64 b_, i64 rank, i64 tile_cols) {
     __shared__ float lut[16];
-    extern __shared__ float smem[];
+    EXTERN_SHARED(float, smem);
     const i64 tile_rows = FUSE_TILE / tile_cols;
     float* w = smem;                              // [tile_rows][tile_cols]
     float* as = w + FUSE_TILE;                    // [FUSE_RC][tile_cols]

@@ -1,0 +1,145 @@
+package cuda
+
+import (
+	"fmt"
+	"math"
+)
+
+// Arg is one kernel argument, 8 bytes as every kernel parameter is.
+type Arg struct {
+	Kind byte   // 'p' device pointer, 'i' integer, 'd' float64 bits
+	V    uint64 // the value as the kernel receives it
+}
+
+func ptr(p DevicePtr) Arg { return Arg{'p', uint64(p)} }
+func num(v int) Arg       { return Arg{'i', uint64(int64(v))} }
+func flt(v float64) Arg   { return Arg{'d', math.Float64bits(v)} }
+
+// Call is one kernel launch: the entry point, its geometry and arguments.
+// The cuda build's Device launches Calls; the CPU emulator test runs the
+// same Calls through kernels.cu compiled for the host.
+type Call struct {
+	Kernel string
+	Launch
+	Args []Arg
+}
+
+func call(name string, l Launch, args ...Arg) (Call, error) {
+	if want, ok := Entries[name]; !ok || len(args) != want {
+		return Call{}, fmt.Errorf("kernel %s: %d arguments, want %d", name, len(args), Entries[name])
+	}
+	return Call{Kernel: name, Launch: l, Args: args}, nil
+}
+
+// DequantizeCall: n values of packed/absmax as dtype (DTypeF32, DTypeBF16,
+// DTypeF16) into out.
+func DequantizeCall(packed, absmax DevicePtr, n, blocksize int, out DevicePtr, dtype int) (Call, error) {
+	l, err := DequantizeLaunch(n, blocksize)
+	if err != nil {
+		return Call{}, err
+	}
+	return call("nf4_dequantize", l, ptr(packed), ptr(absmax), num(n), num(blocksize), ptr(out), num(dtype))
+}
+
+// QuantizeCall: n values of dtype at src into packed codes and fp32 absmax
+// by the bitsandbytes rule.
+func QuantizeCall(src DevicePtr, dtype, n, blocksize int, packed, absmax DevicePtr) (Call, error) {
+	l, err := QuantizeLaunch(n, blocksize)
+	if err != nil {
+		return Call{}, err
+	}
+	return call("nf4_quantize", l, ptr(src), num(n), num(blocksize), ptr(packed), ptr(absmax), num(dtype))
+}
+
+// Nested is a layer's absmax in nested (double-quantized) storage.
+type Nested struct {
+	Q      DevicePtr // uint8 [nb]
+	Absmax DevicePtr // fp32 [ceil(nb/256)]
+	Map    DevicePtr // fp32 [256], the stored nested_quant_map
+	Offset float32
+}
+
+// NestedDequantizeCall decodes nb absmax values into out (fp32).
+func NestedDequantizeCall(n Nested, nb int, out DevicePtr) (Call, error) {
+	l, err := NestedDequantizeLaunch(nb)
+	if err != nil {
+		return Call{}, err
+	}
+	return call("nested_dequantize", l, ptr(n.Q), ptr(n.Absmax), ptr(n.Map), flt(float64(n.Offset)), num(nb), ptr(out))
+}
+
+// NestedQuantizeCall encodes nb fp32 absmax values into n.Q and n.Absmax
+// with n.Offset, against the map at n.Map.
+func NestedQuantizeCall(absmax DevicePtr, nb int, n Nested) (Call, error) {
+	l, err := NestedQuantizeLaunch(nb)
+	if err != nil {
+		return Call{}, err
+	}
+	return call("nested_quantize", l, ptr(absmax), num(nb), flt(float64(n.Offset)), ptr(n.Map), ptr(n.Q), ptr(n.Absmax))
+}
+
+// SumCall adds nb fp32 values into the float64 at out (zero it first).
+func SumCall(absmax DevicePtr, nb int, out DevicePtr) (Call, error) {
+	l, err := SumLaunch(nb)
+	if err != nil {
+		return Call{}, err
+	}
+	return call("absmax_sum", l, ptr(absmax), num(nb), ptr(out))
+}
+
+// FuseLayer is one layer of a fused merge: packed codes and fp32 absmax
+// (rewritten in place), and the side factors A_cat [Rank × In] and B_cat
+// [Out × Rank] in fp32, strengths folded into B_cat.
+type FuseLayer struct {
+	Packed, Absmax DevicePtr
+	Out, In        int
+	Blocksize      int
+	A, B           DevicePtr
+	Rank           int
+}
+
+// FuseCall: the fused merge of one layer, dequantize, add B·A tile by tile
+// in on-chip memory, re-quantize, in one kernel (PlanFuse picks nf4_fuse2d
+// or nf4_fuse).
+func FuseCall(l FuseLayer) (Call, error) {
+	p, err := PlanFuse(FuseShape{Out: l.Out, In: l.In, Blocksize: l.Blocksize, Rank: l.Rank})
+	if err != nil {
+		return Call{}, err
+	}
+	if p.Kernel == "nf4_fuse2d" {
+		return call(p.Kernel, p.Launch, ptr(l.Packed), ptr(l.Absmax), num(l.Out), num(l.In), num(l.Blocksize),
+			ptr(l.A), ptr(l.B), num(l.Rank), num(p.TileCols))
+	}
+	bShared := 0
+	if p.BShared {
+		bShared = 1
+	}
+	return call("nf4_fuse", p.Launch, ptr(l.Packed), ptr(l.Absmax), num(l.Out), num(l.In), num(l.Blocksize),
+		ptr(l.A), ptr(l.B), num(l.Rank), num(p.TileElems), num(bShared), num(p.MaxRows))
+}
+
+// SideRowsCall writes one LoRA's A [r × In] (n = r·In values of dtype)
+// into its rows of A_cat at dst, times scale.
+func SideRowsCall(src DevicePtr, dtype, n int, scale float32, dst DevicePtr) (Call, error) {
+	l, err := ElementwiseLaunch(n)
+	if err != nil {
+		return Call{}, err
+	}
+	return call("side_rows", l, ptr(src), num(dtype), num(n), flt(float64(scale)), ptr(dst))
+}
+
+// SideColsCall writes rows [srcRow0, srcRow0+rows) of one LoRA's unscaled
+// B [· × r] (dtype) into B_cat [· × rank] rows from row0, columns [col,
+// col+r), times scale: the side-factor build, and the rescale when a
+// strength changes.
+func SideColsCall(src DevicePtr, dtype, srcRow0, rows, r int, scale float32, dst DevicePtr, row0, rank, col int) (Call, error) {
+	if col < 0 || r <= 0 || col+r > rank {
+		return Call{}, fmt.Errorf("side cols: columns [%d, %d) outside rank %d", col, col+r, rank)
+	}
+	l, err := ElementwiseLaunch(rows * r)
+	if err != nil {
+		return Call{}, err
+	}
+	return call("side_cols", l, ptr(src), num(dtype), num(srcRow0), num(rows), num(r), flt(float64(scale)),
+		ptr(dst), num(row0), num(rank), num(col))
+}

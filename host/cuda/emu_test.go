@@ -1,0 +1,376 @@
+package cuda
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/arenahost/arenahost/shared/half"
+	"github.com/arenahost/arenahost/shared/lora"
+	"github.com/arenahost/arenahost/shared/nf4"
+)
+
+// The kernels run on the CPU here: kernels.cu compiled as host C++ with
+// kernels/emu (one std::thread per CUDA thread, real barriers and warp
+// shuffles), driven by the same Calls the cuda build launches, and compared
+// bit for bit with shared/nf4 and shared/lora. This checks the kernels'
+// indexing, tiling, barriers and rounding, and the launch plans, without a
+// GPU; the GPU check (arenahost-gpucheck) repeats it on real hardware.
+
+var (
+	emuOnce sync.Once
+	emuBin  string
+	emuErr  error
+)
+
+func emulator(t *testing.T) string {
+	t.Helper()
+	cxx, err := exec.LookPath("g++")
+	if err != nil {
+		t.Skip("g++ not found: the kernel emulator needs a C++20 compiler")
+	}
+	emuOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "nf4emu")
+		if err != nil {
+			emuErr = err
+			return
+		}
+		emuBin = filepath.Join(dir, "emu")
+		out, err := exec.Command(cxx, "-std=c++20", "-O1", "-pthread", "-ffp-contract=off", "-o", emuBin, "kernels/emu/main.cc").CombinedOutput()
+		if err != nil {
+			emuErr = fmt.Errorf("build the kernel emulator: %v\n%s", err, out)
+		}
+	})
+	if emuErr != nil {
+		t.Fatal(emuErr)
+	}
+	return emuBin
+}
+
+// image is emulated device memory: pointers are offsets into it.
+type image struct {
+	t     *testing.T
+	mem   []byte
+	calls []Call
+}
+
+func newImage(t *testing.T) *image { return &image{t: t, mem: make([]byte, 256)} } // no pointer is 0
+
+func (m *image) alloc(n int) DevicePtr {
+	p := len(m.mem)
+	m.mem = append(m.mem, make([]byte, (n+255)&^255)...)
+	return DevicePtr(p)
+}
+
+func (m *image) put(b []byte) DevicePtr {
+	p := m.alloc(len(b))
+	copy(m.mem[p:], b)
+	return p
+}
+
+func (m *image) putF32(v []float32) DevicePtr { return m.put(f32le(v)) }
+
+func (m *image) get(p DevicePtr, n int) []byte { return m.mem[p : int(p)+n] }
+
+func (m *image) getF32(p DevicePtr, n int) []float32 {
+	b := m.get(p, 4*n)
+	v := make([]float32, n)
+	for i := range v {
+		v[i] = math.Float32frombits(binary.LittleEndian.Uint32(b[4*i:]))
+	}
+	return v
+}
+
+func (m *image) add(c Call, err error) {
+	m.t.Helper()
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	m.calls = append(m.calls, c)
+}
+
+// run executes the queued calls in order and reads the memory back.
+func (m *image) run(t *testing.T) {
+	t.Helper()
+	if err := m.runErr(t); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (m *image) runErr(t *testing.T) error {
+	t.Helper()
+	bin := emulator(t)
+	dir := t.TempDir()
+	img, ls := filepath.Join(dir, "image"), filepath.Join(dir, "launches")
+	var b strings.Builder
+	for _, c := range m.calls {
+		fmt.Fprintf(&b, "%s %d %d %d", c.Kernel, c.Grid, c.Block, c.Shared)
+		for _, a := range c.Args {
+			switch a.Kind {
+			case 'p', 'i':
+				fmt.Fprintf(&b, " %c%d", a.Kind, int64(a.V))
+			case 'd':
+				fmt.Fprintf(&b, " d%s", fmt.Sprint(math.Float64frombits(a.V)))
+			}
+		}
+		b.WriteByte('\n')
+	}
+	m.calls = nil
+	if err := os.WriteFile(img, m.mem, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(ls, []byte(b.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(bin, img, ls).CombinedOutput(); err != nil {
+		return fmt.Errorf("emulator: %v\n%s\nlaunches:\n%s", err, out, b.String())
+	}
+	got, err := os.ReadFile(img)
+	if err != nil || len(got) != len(m.mem) {
+		return fmt.Errorf("emulator image: %d bytes, %v", len(got), err)
+	}
+	m.mem = got
+	return nil
+}
+
+func f32le(v []float32) []byte {
+	b := make([]byte, 4*len(v))
+	for i, x := range v {
+		binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(x))
+	}
+	return b
+}
+
+func u16le(v []uint16) []byte {
+	b := make([]byte, 2*len(v))
+	for i, x := range v {
+		binary.LittleEndian.PutUint16(b[2*i:], x)
+	}
+	return b
+}
+
+func weights(rng *rand.Rand, n, bs int) []float32 {
+	v := make([]float32, n)
+	for b := 0; b*bs < n; b++ {
+		scale := float32(math.Exp(rng.NormFloat64()))
+		if b%5 == 2 {
+			continue // an all-zero block
+		}
+		for i := b * bs; i < min(n, (b+1)*bs); i++ {
+			v[i] = float32(rng.NormFloat64()) * scale * 0.02
+		}
+	}
+	return v
+}
+
+func sameF32(t *testing.T, what string, got, want []float32) {
+	t.Helper()
+	for i := range want {
+		if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
+			t.Fatalf("%s[%d] = %v (%#x), CPU %v (%#x)", what, i, got[i], math.Float32bits(got[i]), want[i], math.Float32bits(want[i]))
+		}
+	}
+}
+
+func sameBytes(t *testing.T, what string, got, want []byte) {
+	t.Helper()
+	if i := firstDiff(got, want); i >= 0 {
+		t.Fatalf("%s: byte %d = %#02x, CPU %#02x (%d bytes)", what, i, got[i], want[i], len(want))
+	}
+}
+
+func firstDiff(a, b []byte) int {
+	if bytes.Equal(a, b) {
+		return -1
+	}
+	for i := range b {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return len(b)
+}
+
+func TestEmuQuantizeDequantize(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 8))
+	for _, c := range []struct{ n, bs, dtype int }{
+		{1001, 64, DTypeF32}, {333, 256, DTypeF16}, {2000, 128, DTypeBF16}, {65, 32, DTypeF32}, {4097, 4096, DTypeF32},
+	} {
+		t.Run(fmt.Sprintf("n=%d bs=%d dtype=%d", c.n, c.bs, c.dtype), func(t *testing.T) {
+			src := weights(rng, c.n, c.bs)
+			raw := f32le(src)
+			if c.dtype != DTypeF32 {
+				h := make([]uint16, c.n)
+				for i, v := range src {
+					if c.dtype == DTypeBF16 {
+						h[i] = half.F32ToBF16(v)
+						src[i] = half.BF16ToF32(h[i])
+					} else {
+						h[i] = half.F32ToF16(v)
+						src[i] = half.F16ToF32(h[i])
+					}
+				}
+				raw = u16le(h)
+			}
+			nb := nf4.Blocks(c.n, c.bs)
+			wantP, wantA := make([]byte, nf4.PackedLen(c.n)), make([]float32, nb)
+			nf4.Quantize(wantP, wantA, src, c.bs, nf4.QuantNF4)
+			wantF := make([]byte, 4*c.n)
+			nf4.DequantizeTo(wantF, nf4.Float32, wantP, wantA, &nf4.NF4, c.n, c.bs)
+			wantH := make([]byte, 2*c.n)
+			nf4.DequantizeTo(wantH, nf4.BFloat16, wantP, wantA, &nf4.NF4, c.n, c.bs)
+
+			m := newImage(t)
+			dSrc, dP, dA := m.put(raw), m.alloc(len(wantP)), m.alloc(4*nb)
+			dF, dH := m.alloc(4*c.n), m.alloc(2*c.n)
+			m.add(QuantizeCall(dSrc, c.dtype, c.n, c.bs, dP, dA))
+			m.add(DequantizeCall(dP, dA, c.n, c.bs, dF, DTypeF32))
+			m.add(DequantizeCall(dP, dA, c.n, c.bs, dH, DTypeBF16))
+			m.run(t)
+			sameBytes(t, "packed", m.get(dP, len(wantP)), wantP)
+			sameF32(t, "absmax", m.getF32(dA, nb), wantA)
+			sameBytes(t, "dequantized f32", m.get(dF, 4*c.n), wantF)
+			sameBytes(t, "dequantized bf16", m.get(dH, 2*c.n), wantH)
+		})
+	}
+}
+
+func TestEmuNested(t *testing.T) {
+	rng := rand.New(rand.NewPCG(9, 10))
+	const nb = 256*2 + 45
+	absmax := make([]float32, nb)
+	for i := range absmax {
+		absmax[i] = float32(math.Exp(rng.NormFloat64())) * 0.01
+	}
+	offset := nf4.Mean(absmax)
+	for i := 256; i < 512; i++ {
+		absmax[i] = offset // a nested block of zeros after the shift
+	}
+	wantQ, wantN := nf4.QuantizeNestedOffset(absmax, offset)
+	dm := nf4.DynamicMap()
+	wantD := make([]float32, nb)
+	nf4.DequantizeNested(wantD, wantQ, wantN, &dm, offset, nf4.NestedBlocksize)
+
+	m := newImage(t)
+	dAbs, dMap := m.putF32(absmax), m.putF32(dm[:])
+	dQ, dN, dD, dSum := m.alloc(nb), m.alloc(4*len(wantN)), m.alloc(4*nb), m.alloc(8)
+	n := Nested{Q: dQ, Absmax: dN, Map: dMap, Offset: offset}
+	m.add(NestedQuantizeCall(dAbs, nb, n))
+	m.add(NestedDequantizeCall(n, nb, dD))
+	m.add(SumCall(dAbs, nb, dSum))
+	m.run(t)
+	sameBytes(t, "nested codes", m.get(dQ, nb), wantQ)
+	sameF32(t, "nested absmax", m.getF32(dN, len(wantN)), wantN)
+	sameF32(t, "decoded absmax", m.getF32(dD, nb), wantD)
+	var sum float64
+	for _, a := range absmax {
+		sum += float64(a)
+	}
+	if got := math.Float64frombits(binary.LittleEndian.Uint64(m.get(dSum, 8))); math.Abs(got-sum) > 1e-12*sum {
+		t.Fatalf("absmax sum %v, want %v", got, sum)
+	}
+}
+
+func TestEmuFuse(t *testing.T) {
+	rng := rand.New(rand.NewPCG(11, 12))
+	for _, c := range []struct{ out, in, bs, rank int }{
+		{37, 77, 64, 5},     // 1-D, blocks across rows, a rank tail
+		{100, 320, 64, 21},  // 2-D, partial row and column tiles, two rank chunks
+		{64, 256, 64, 16},   // 2-D, one full tile
+		{40, 96, 32, 7},     // 2-D, 128-column tile over 96 columns
+		{5000, 3, 64, 64},   // 1-D, narrow rows shrink the tile
+		{100, 1, 64, 4096},  // 1-D, B too large for shared memory
+		{130, 1000, 256, 9}, // 1-D, In not a multiple of the blocksize
+	} {
+		p, _ := PlanFuse(FuseShape{Out: c.out, In: c.in, Blocksize: c.bs, Rank: c.rank})
+		t.Run(fmt.Sprintf("%dx%d bs=%d rank=%d %s", c.out, c.in, c.bs, c.rank, p.Kernel), func(t *testing.T) {
+			n := c.out * c.in
+			nb := nf4.Blocks(n, c.bs)
+			packed, absmax := make([]byte, nf4.PackedLen(n)), make([]float32, nb)
+			nf4.Quantize(packed, absmax, weights(rng, n, c.bs), c.bs, nf4.QuantNF4)
+			a, b := make([]float32, c.rank*c.in), make([]float32, c.out*c.rank)
+			for i := range a {
+				a[i] = float32(rng.NormFloat64()) * 0.05
+			}
+			for i := range b {
+				if rng.IntN(6) != 0 { // zero groups take the CPU's skip path
+					b[i] = float32(rng.NormFloat64()) * 0.05
+				}
+			}
+			// The CPU's fused pass: dequantize, DeltaRows, add, quantize.
+			w := make([]float32, n)
+			nf4.Dequantize(w, packed, absmax, &nf4.NF4, n, c.bs)
+			delta := make([]float32, n)
+			(&lora.SideLayer{Layer: lora.Layer{Out: c.out, In: c.in}, Rank: c.rank, A: a, B: b}).DeltaRows(delta, 0, c.out)
+			for i := range w {
+				w[i] += delta[i]
+			}
+			wantP, wantA := make([]byte, len(packed)), make([]float32, nb)
+			nf4.Quantize(wantP, wantA, w, c.bs, nf4.QuantNF4)
+
+			m := newImage(t)
+			dP, dA := m.put(packed), m.putF32(absmax)
+			m.add(FuseCall(FuseLayer{Packed: dP, Absmax: dA, Out: c.out, In: c.in, Blocksize: c.bs, A: m.putF32(a), B: m.putF32(b), Rank: c.rank}))
+			m.run(t)
+			sameBytes(t, "packed", m.get(dP, len(packed)), wantP)
+			sameF32(t, "absmax", m.getF32(dA, nb), wantA)
+		})
+	}
+}
+
+func TestEmuSide(t *testing.T) {
+	rng := rand.New(rand.NewPCG(13, 14))
+	const out, in, r, rank, col = 33, 29, 16, 48, 16
+	const scale = float32(0.75 * 1.25)
+	bs, as := make([]uint16, out*r), make([]uint16, r*in)
+	for i := range bs {
+		bs[i] = half.F32ToBF16(float32(rng.NormFloat64()))
+	}
+	for i := range as {
+		as[i] = half.F32ToBF16(float32(rng.NormFloat64()))
+	}
+	m := newImage(t)
+	dB, dA := m.put(u16le(bs)), m.put(u16le(as))
+	dBcat, dAcat := m.alloc(4*out*rank), m.alloc(4*rank*in)
+	m.add(SideColsCall(dB, DTypeBF16, 3, out-3, r, scale, dBcat, 3, rank, col))
+	m.add(SideRowsCall(dA, DTypeBF16, r*in, scale, dAcat+DevicePtr(4*col*in)))
+	m.run(t)
+	wantB, wantA := make([]float32, out*rank), make([]float32, rank*in)
+	for i := 3; i < out; i++ {
+		for j := 0; j < r; j++ {
+			wantB[i*rank+col+j] = half.BF16ToF32(bs[i*r+j]) * scale
+		}
+	}
+	for i := range as {
+		wantA[col*in+i] = half.BF16ToF32(as[i]) * scale
+	}
+	sameF32(t, "B_cat", m.getF32(dBcat, out*rank), wantB)
+	sameF32(t, "A_cat", m.getF32(dAcat, rank*in), wantA)
+	if _, err := SideColsCall(dB, DTypeBF16, 0, out, r, 1, dBcat, 0, rank, 40); err == nil {
+		t.Fatal("columns past the rank accepted")
+	}
+}
+
+// TestEmuSharedGuard: the emulator catches a launch whose plan gives the
+// kernel less shared memory than it uses, so the plans above are checked.
+func TestEmuSharedGuard(t *testing.T) {
+	m := newImage(t)
+	c, err := FuseCall(FuseLayer{Packed: m.alloc(64 * 256 / 2), Absmax: m.alloc(4 * 256), Out: 64, In: 256, Blocksize: 64,
+		A: m.alloc(4 * 16 * 256), B: m.alloc(4 * 64 * 16), Rank: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Shared -= 4 * FuseRankChunk // one row of the B chunk short
+	m.add(c, nil)
+	if err := m.runErr(t); err == nil || !strings.Contains(err.Error(), "past its") {
+		t.Fatalf("short shared memory not caught: %v", err)
+	}
+}

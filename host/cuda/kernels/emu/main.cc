@@ -1,0 +1,100 @@
+// The CPU emulator's driver: runs kernels.cu launches over a memory image.
+//
+//   emu IMAGE LAUNCHES   reads IMAGE (device memory, addressed from 0),
+//                        runs each line of LAUNCHES, writes IMAGE back.
+//
+// A launch line: NAME GRID BLOCK SHARED ARG...; an argument is p<offset>
+// (a pointer into the image), i<integer> or d<double>.
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <thread>
+
+#include "emu.h"
+
+thread_local emu_dim3 threadIdx, blockIdx;
+emu_dim3 blockDim, gridDim;
+unsigned char* emu_dynamic_shared;
+std::barrier<>* emu_block_barrier;
+std::vector<std::unique_ptr<std::barrier<>>> emu_warp_barriers;
+float emu_warp_slots[1024];
+std::mutex emu_atomic_mu;
+
+#include "../kernels.cu"
+
+using Args = std::vector<u64>;
+static double D(u64 v) { double d; std::memcpy(&d, &v, 8); return d; }
+static i64 I(u64 v) { return (i64)v; }
+
+static std::map<std::string, std::function<void(const Args&)>> kernels = {
+    {"nf4_dequantize", [](const Args& a) { nf4_dequantize(a[0], a[1], I(a[2]), I(a[3]), a[4], I(a[5])); }},
+    {"nf4_quantize", [](const Args& a) { nf4_quantize(a[0], I(a[1]), I(a[2]), a[3], a[4], I(a[5])); }},
+    {"nested_dequantize", [](const Args& a) { nested_dequantize(a[0], a[1], a[2], D(a[3]), I(a[4]), a[5]); }},
+    {"nested_quantize", [](const Args& a) { nested_quantize(a[0], I(a[1]), D(a[2]), a[3], a[4], a[5]); }},
+    {"absmax_sum", [](const Args& a) { absmax_sum(a[0], I(a[1]), a[2]); }},
+    {"nf4_fuse", [](const Args& a) { nf4_fuse(a[0], a[1], I(a[2]), I(a[3]), I(a[4]), a[5], a[6], I(a[7]), I(a[8]), I(a[9]), I(a[10])); }},
+    {"nf4_fuse2d", [](const Args& a) { nf4_fuse2d(a[0], a[1], I(a[2]), I(a[3]), I(a[4]), a[5], a[6], I(a[7]), I(a[8])); }},
+    {"side_rows", [](const Args& a) { side_rows(a[0], I(a[1]), I(a[2]), D(a[3]), a[4]); }},
+    {"side_cols", [](const Args& a) { side_cols(a[0], I(a[1]), I(a[2]), I(a[3]), I(a[4]), D(a[5]), a[6], I(a[7]), I(a[8]), I(a[9])); }},
+};
+
+int main(int argc, char** argv) {
+    if (argc != 3) {
+        std::fprintf(stderr, "usage: emu IMAGE LAUNCHES\n");
+        return 2;
+    }
+    std::ifstream in(argv[1], std::ios::binary);
+    std::vector<unsigned char> mem((std::istreambuf_iterator<char>(in)), {});
+    in.close();
+    std::ifstream ls(argv[2]);
+    std::string line;
+    while (std::getline(ls, line)) {
+        if (line.empty()) continue;
+        std::istringstream f(line);
+        std::string name;
+        unsigned grid, block, shared;
+        f >> name >> grid >> block >> shared;
+        auto k = kernels.find(name);
+        if (k == kernels.end() || block % 32 != 0 || block > 1024) {
+            std::fprintf(stderr, "emu: bad launch %s\n", line.c_str());
+            return 1;
+        }
+        Args args;
+        std::string tok;
+        while (f >> tok) {
+            if (tok[0] == 'p') args.push_back((u64)(uintptr_t)(mem.data() + std::stoull(tok.substr(1))));
+            else if (tok[0] == 'i') args.push_back((u64)std::stoll(tok.substr(1)));
+            else { double d = std::stod(tok.substr(1)); u64 v; std::memcpy(&v, &d, 8); args.push_back(v); }
+        }
+        // Dynamic shared memory with a guard zone: a kernel that writes past
+        // the plan's Shared bytes fails the run.
+        const size_t guard = 4096;
+        std::vector<unsigned char> dyn(shared + guard, 0xAB);
+        emu_dynamic_shared = dyn.data();
+        blockDim.x = block;
+        gridDim.x = grid;
+        for (unsigned b = 0; b < grid; b++) {
+            std::barrier<> bar(block);
+            emu_block_barrier = &bar;
+            emu_warp_barriers.clear();
+            for (unsigned w = 0; w < block / 32; w++) emu_warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+            std::vector<std::thread> ts;
+            for (unsigned t = 0; t < block; t++)
+                ts.emplace_back([&, t, b] { threadIdx.x = t; blockIdx.x = b; k->second(args); });
+            for (auto& t : ts) t.join();
+        }
+        for (size_t i = shared; i < shared + guard; i++) {
+            if (dyn[i] != 0xAB) {
+                std::fprintf(stderr, "emu: %s wrote shared memory byte %zu past its %u bytes\n", name.c_str(), i, shared);
+                return 1;
+            }
+        }
+    }
+    std::ofstream out(argv[1], std::ios::binary | std::ios::trunc);
+    out.write((const char*)mem.data(), (std::streamsize)mem.size());
+    return 0;
+}
