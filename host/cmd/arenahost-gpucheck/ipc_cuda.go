@@ -15,6 +15,7 @@ import (
 
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/cuda"
+	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
 // ipcRequest is what the host tells another process about one region:
@@ -147,15 +148,28 @@ func ipcChild(args []string) int {
 		return 1
 	}
 	defer dev.Close()
-	var hh [cuda.HandleSize]byte
-	copy(hh[:], h)
-	p, err := dev.OpenIPC(hh)
+	// The plugin side: a slab cache opens the slab once and maps regions.
+	slabs := cuda.NewSlabCache(dev)
+	slab, err := cuda.SlabProto(arena.Location{Kind: arena.KindCUDA, SegmentID: req.Slab, Size: req.Size, HostPID: req.HostPID, IPCHandle: h, Device: req.Device})
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	region := func(off uint64) *pluginv1.Region {
+		return &pluginv1.Region{Segment: &pluginv1.Region_Cuda{Cuda: slab}, Offset: off, Length: uint64(4 * req.Count), Generation: 1}
+	}
+	p, err := slabs.Addr(region(req.Offset))
+	if err != nil {
+		fmt.Println("open:", err)
+		return 1
+	}
+	wp, err := slabs.Addr(region(req.WriteOff))
 	if err != nil {
 		fmt.Println("open:", err)
 		return 1
 	}
 	buf := make([]byte, 4*req.Count)
-	if err := dev.Download(buf, p+cuda.DevicePtr(req.Offset)); err != nil {
+	if err := dev.Download(buf, p); err != nil {
 		fmt.Println("read:", err)
 		return 1
 	}
@@ -169,11 +183,19 @@ func ipcChild(args []string) int {
 	for i := range vals {
 		vals[i] = float32(i) * -2
 	}
-	if err := dev.Upload(context.Background(), p+cuda.DevicePtr(req.WriteOff), f32Bytes(vals)); err != nil {
+	if err := dev.Upload(context.Background(), wp, f32Bytes(vals)); err != nil {
 		fmt.Println("write:", err)
 		return 1
 	}
-	if err := dev.CloseIPC(p); err != nil {
+	if err := dev.Sync(); err != nil {
+		fmt.Println("sync:", err)
+		return 1
+	}
+	if n := slabs.Open(); n != 1 {
+		fmt.Printf("slab opened %d times, want once\n", n)
+		return 1
+	}
+	if err := slabs.Close(); err != nil {
 		fmt.Println("close:", err)
 		return 1
 	}
@@ -181,6 +203,6 @@ func ipcChild(args []string) int {
 		fmt.Printf("read %d/%d values wrong\n", bad, req.Count)
 		return 1
 	}
-	fmt.Printf("read ok: %d host values via cuIpcOpenMemHandle, wrote %d\n", req.Count, req.Count)
+	fmt.Printf("read ok: %d host values via cuIpcOpenMemHandle (slab opened once), wrote %d\n", req.Count, req.Count)
 	return 0
 }
