@@ -57,17 +57,3 @@ print(c.HANDLE_SIZE, "grpc" in sys.modules, c.__file__)
 		t.Fatalf("got %q, want 64 False %s", out, want)
 	}
 }
-
-func TestNoCudaBuildSaysSo(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds the command")
-	}
-	bin := filepath.Join(t.TempDir(), "gpucheck")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
-	}
-	out, err := exec.Command(bin).CombinedOutput()
-	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 2 || !strings.Contains(string(out), "built without -tags cuda") {
-		t.Fatalf("exit %v, output %q", err, out)
-	}
-}
