@@ -28,6 +28,7 @@ __all__ = [
     "side_factors_from_files",
     "KOHYA_TARGETS",
     "arena_descriptors",
+    "flux_inputs",
     "PEFT_TARGETS",
 ]
 
@@ -332,3 +333,20 @@ def arena_descriptors(arena, sd: dict, model: str = "sample") -> dict:
         d.model = model
         out[k] = d
     return out
+
+
+def flux_inputs(seed: int = 3, tokens: int = 64, txt: int = 16, in_channels: int = 64, context_dim: int = 4096, pooled_dim: int = 768):
+    """Seeded FluxTransformer2DModel.forward inputs (the same on every machine: torch's CPU generator)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(1, tokens, in_channels, generator=g),
+        encoder_hidden_states=torch.randn(1, txt, context_dim, generator=g),
+        pooled_projections=torch.randn(1, pooled_dim, generator=g),
+        timestep=torch.tensor([0.6]),
+        img_ids=torch.zeros(tokens, 3),
+        txt_ids=torch.zeros(txt, 3),
+        guidance=torch.tensor([3.5]),
+        return_dict=False,
+    )

@@ -27,6 +27,13 @@ are published on topic ``latent`` with payload ``{family: "flux", arch:
 The result is ``{images: [png bytes], width, height, steps, seed, model,
 layout, patched, left, step_ms}``; the VAE decodes the final latents.
 
+Method ``transformer`` (a cross-check, run as a job like ``run``): one
+forward of the patched transformer on seeded inputs
+(:func:`arenahost.diffusers_check.flux_inputs`, params ``seed``, ``tokens``,
+``txt``, ``model``), returning ``{shape, values: [floats], bound: {layer:
+binding_generation}}``, so a test can compare the host's real side factors
+with diffusers + PEFT.
+
 torch and diffusers are imported on the first ``run``, so the plugin starts
 (and answers Describe) in the core environment too; ``run`` then fails with
 FAILED_PRECONDITION naming the missing package.
@@ -182,3 +189,31 @@ plugin = Plugin(NAME, VERSION, kind="pipeline", metadata={
 @plugin.method("run", description="run a diffusers FluxPipeline on the host's NF4 Flux model, publishing each step's packed latents; returns PNGs")
 def _run(call, args):
     return run(call.host, _parse(args, call.call_id), cancelled=call.cancelled)
+
+
+@plugin.method("transformer", description="one forward of the patched transformer on seeded inputs (cross-checks): {shape, values, bound}")
+def _transformer(call, args):
+    p = _parse({k: v for k, v in (args or {}).items() if k in ("model", "model_dir")}, call.call_id)
+    seed = get_arg(args, "seed", int, 3)
+    tokens = get_arg(args, "tokens", int, 64)
+    txt = get_arg(args, "txt", int, 16)
+    if not (1 <= tokens <= 4096 and 1 <= txt <= 512):
+        raise InvalidArgument(f"args.tokens/txt: {tokens}/{txt} must be in 1..4096 / 1..512")
+    _need_torch()
+    import torch
+
+    from arenahost.diffusers_check import flux_inputs
+
+    pipe, report = _pipeline(_STATE, call.host, p)
+    cfg = pipe.transformer.config
+    inp = flux_inputs(seed, tokens, txt, int(cfg.in_channels), int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim))
+    with torch.inference_mode():
+        y = pipe.transformer(**{k: (v.to(pipe.transformer.dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
+                                for k, v in inp.items()})[0]
+    bound = {}
+    for name, m in pipe.transformer.named_modules():
+        if getattr(m, "binding_generation", 0):
+            bound[m.weight_name] = m.binding_generation
+    # values as a float list: job snapshots show msgpack bytes as "<N bytes>"
+    return {"shape": list(y.shape), "values": y.float().reshape(-1).tolist(), "bound": bound,
+            "polls": report.watcher.polls}

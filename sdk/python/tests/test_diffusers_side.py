@@ -45,18 +45,10 @@ def write_sample(out: Path) -> Path:
     return out / "flux-sample-nf4.safetensors"
 
 
-def flux_inputs(torch, seed=3, tokens=64, txt=16):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        hidden_states=torch.randn(1, tokens, 64, generator=g),
-        encoder_hidden_states=torch.randn(1, txt, 4096, generator=g),
-        pooled_projections=torch.randn(1, 768, generator=g),
-        timestep=torch.tensor([0.6]),
-        img_ids=torch.zeros(tokens, 3),
-        txt_ids=torch.zeros(txt, 3),
-        guidance=torch.tensor([3.5]),
-        return_dict=False,
-    )
+def flux_inputs(torch, seed=3):
+    from arenahost.diffusers_check import flux_inputs as fi
+
+    return fi(seed)
 
 
 class SideBinder:
