@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # gpu-check.sh: check and measure the CUDA backend on a Linux machine with an
-# NVIDIA GPU, its driver, and a Python with torch and cupy (CUDA builds).
+# NVIDIA GPU, its driver, and a Python with torch (CUDA build) and cupy.
 # Prints a short table and writes bench/gpu-results.md; under 5 minutes.
 #
 # It runs bin/arenahost-gpucheck, built beforehand on any machine (no GPU
@@ -23,8 +23,10 @@ if command -v nvidia-smi >/dev/null; then
 else
   echo "gpu-check: nvidia-smi not found; is the NVIDIA driver installed?" >&2
 fi
-if ! "$py" -c 'import torch, cupy; assert torch.cuda.is_available()' 2>/dev/null; then
-  echo "gpu-check: warning: $py has no torch+cupy with CUDA; the Python IPC check and the PyTorch baseline will fail (pass -skip-torch to leave them out)" >&2
+if ! "$py" -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+  echo "gpu-check: warning: $py has no torch with CUDA; the Python IPC check and the PyTorch baseline will fail (pass -skip-torch to leave them out)" >&2
+elif ! "$py" -c 'import cupy' 2>/dev/null; then
+  echo "gpu-check: note: no cupy in $py; the Python IPC check uses the CUDA runtime torch loaded instead" >&2
 fi
 mkdir -p bench
 exec timeout --signal=INT --kill-after=10 290 "$bin" -python "$py" -torch-script host/cmd/arenahost-gpucheck/torch_check.py \

@@ -1,4 +1,6 @@
-"""Python side of arenahost-gpucheck (run by it; needs torch and cupy with CUDA).
+"""Python side of arenahost-gpucheck (run by it; needs torch with CUDA, and cupy
+for the SDK's preferred route; without cupy the SDK opens handles with the CUDA
+runtime torch loaded).
 
     torch_check.py ipc   REQUEST_JSON   open the host's slab, check its floats, write ours
     torch_check.py merge REQUEST_JSON   the plain-PyTorch merge baseline; prints one JSON line
@@ -54,7 +56,8 @@ def ipc(req):
     if bad:
         print(f"read {bad}/{n} values wrong")
         return 1
-    print(f"read ok: {n} host values as a torch tensor via cupy ipcOpenMemHandle + DLPack, wrote {n}")
+    how = "cupy ipcOpenMemHandle + DLPack" if m._backend == "cupy" else "cudart cudaIpcOpenMemHandle + __cuda_array_interface__"
+    print(f"read ok: {n} host values as a torch tensor via {how}, wrote {n}")
     return 0
 
 

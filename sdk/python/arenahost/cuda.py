@@ -6,6 +6,8 @@ the region's offset. :class:`CudaMapper` opens each slab once per process
 (``cupy.cuda.runtime.ipcOpenMemHandle``: the driver allows one open per
 context per device per process) and returns torch tensors that *alias* the
 host's device memory through DLPack: no copy, writes are seen by the host.
+Without cupy it opens the handle with the CUDA runtime torch has loaded
+(ctypes) and hands torch a ``__cuda_array_interface__`` object instead.
 
 torch and cupy are imported lazily, only when a tensor is made, so importing
 this module (and the descriptor checks, which are plain Python) works on any
@@ -19,6 +21,9 @@ mapper (``close()``) only after every tensor made from it is gone.
 
 from __future__ import annotations
 
+import ctypes
+import glob
+import os
 import threading
 from dataclasses import dataclass
 from typing import Sequence
@@ -163,33 +168,93 @@ def layout_of(slab: SlabInfo, offset: int, length: int, dtype, shape, nbytes: in
     return TensorLayout(slab=slab, offset=offset, nbytes=nbytes, dtype=tname, itemsize=size, shape=shape, strides=tuple(reversed(strides)))
 
 
+class _CudaArray:
+    """A raw device range for torch.as_tensor (``__cuda_array_interface__``
+    v3); torch keeps it alive with the tensor, and it keeps its mapper."""
+
+    def __init__(self, ptr: int, nbytes: int, owner):
+        self._owner = owner
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3, "strides": None}
+
+
+class _IpcHandle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_char * HANDLE_SIZE)]
+
+
+def _cudart():
+    """The CUDA runtime torch has loaded (its soname resolves to the loaded copy)."""
+    import torch
+
+    torch.cuda.init()
+    names = ["libcudart.so.12", "libcudart.so.13", "libcudart.so.11.0", "libcudart.so"]
+    here = os.path.join(os.path.dirname(torch.__file__), "lib")
+    names += sorted(glob.glob(os.path.join(here, "libcudart*.so*")))
+    for n in names:
+        try:
+            lib = ctypes.CDLL(n)
+        except OSError:
+            continue
+        lib.cudaIpcOpenMemHandle.argtypes = [ctypes.POINTER(ctypes.c_void_p), _IpcHandle, ctypes.c_uint]
+        lib.cudaIpcCloseMemHandle.argtypes = [ctypes.c_void_p]
+        lib.cudaSetDevice.argtypes = [ctypes.c_int]
+        return lib
+    raise DescriptorError("no CUDA runtime (libcudart) found next to torch")
+
+
 class CudaMapper:
     """Opens CUDA slabs once per process and makes zero-copy torch tensors.
 
     ``tensor(desc)`` returns a torch tensor on ``cuda:<device>`` aliasing the
     host's bytes. Opened slabs are cached by (host_pid, slab id) until
-    ``close()``.
+    ``close()``. ``backend`` is ``"cupy"`` (``ipcOpenMemHandle`` + DLPack),
+    ``"cudart"`` (the runtime torch loaded, through ctypes, + the CUDA array
+    interface: torch alone suffices) or ``"auto"`` (cupy when importable).
     """
 
-    def __init__(self):
+    def __init__(self, backend: str = "auto"):
+        if backend not in ("auto", "cupy", "cudart"):
+            raise ValueError(f"backend {backend!r}: want auto, cupy or cudart")
+        self._backend = backend
         self._lock = threading.Lock()
-        self._open: dict[tuple[int, int], tuple[int, object, SlabInfo]] = {}  # key -> (ptr, UnownedMemory, slab)
+        self._open: dict[tuple[int, int], tuple[int, object, SlabInfo]] = {}  # key -> (base ptr, cupy memory or None, slab)
+        self._rt = None
+
+    def _use_cupy(self) -> bool:
+        if self._backend == "auto":
+            try:
+                import cupy  # noqa: F401
+            except ImportError:
+                self._backend = "cudart"
+            else:
+                self._backend = "cupy"
+        return self._backend == "cupy"
 
     def _slab(self, slab: SlabInfo):
-        import cupy  # lazy: only where a GPU stack is installed
-
         key = (slab.host_pid, slab.id)
         with self._lock:
             got = self._open.get(key)
             if got is not None:
-                if got[2].handle != slab.handle:
+                if got[2].handle != slab.handle or got[2].size != slab.size:
                     raise DescriptorError(f"cuda slab {slab.id}: handle changed since it was opened (host restarted?)")
-                return got[1]
-            with cupy.cuda.Device(slab.device):
-                ptr = cupy.cuda.runtime.ipcOpenMemHandle(slab.handle)
-                mem = cupy.cuda.UnownedMemory(ptr, slab.size, self, slab.device)
-            self._open[key] = (ptr, mem, slab)
-            return mem
+                return got
+            if self._use_cupy():
+                import cupy
+
+                with cupy.cuda.Device(slab.device):
+                    ptr = cupy.cuda.runtime.ipcOpenMemHandle(slab.handle)
+                    mem = cupy.cuda.UnownedMemory(ptr, slab.size, self, slab.device)
+            else:
+                if self._rt is None:
+                    self._rt = _cudart()
+                self._rt.cudaSetDevice(slab.device)
+                p = ctypes.c_void_p()
+                rc = self._rt.cudaIpcOpenMemHandle(ctypes.byref(p), _IpcHandle(slab.handle), 1)  # cudaIpcMemLazyEnablePeerAccess
+                if rc != 0:
+                    raise DescriptorError(f"cuda slab {slab.id}: cudaIpcOpenMemHandle: error {rc}")
+                ptr, mem = p.value, None
+            got = (ptr, mem, slab)
+            self._open[key] = got
+            return got
 
     def tensor(self, desc):
         """A torch tensor over the descriptor's bytes, no copy."""
@@ -197,13 +262,17 @@ class CudaMapper:
 
     def tensor_at(self, lay: TensorLayout):
         """A torch tensor over a checked layout (see layout_of), no copy."""
-        import cupy
         import torch
 
-        mem = self._slab(lay.slab)
-        with cupy.cuda.Device(lay.slab.device):
-            raw = cupy.ndarray((lay.nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, lay.offset))
-            t = torch.from_dlpack(raw)
+        ptr, mem, _ = self._slab(lay.slab)
+        if mem is not None:
+            import cupy
+
+            with cupy.cuda.Device(lay.slab.device):
+                raw = cupy.ndarray((lay.nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, lay.offset))
+                t = torch.from_dlpack(raw)
+        else:
+            t = torch.as_tensor(_CudaArray(ptr + lay.offset, lay.nbytes, self), device=f"cuda:{lay.slab.device}")
         return t.view(getattr(torch, lay.dtype)).view(lay.shape)
 
     def opened(self) -> Sequence[SlabInfo]:
@@ -212,10 +281,14 @@ class CudaMapper:
 
     def close(self) -> None:
         """Close every opened slab: only after all tensors made from it are gone."""
-        import cupy
-
         with self._lock:
             items, self._open = list(self._open.values()), {}
-        for ptr, _mem, slab in items:
-            with cupy.cuda.Device(slab.device):
-                cupy.cuda.runtime.ipcCloseMemHandle(ptr)
+        for ptr, mem, slab in items:
+            if mem is not None:
+                import cupy
+
+                with cupy.cuda.Device(slab.device):
+                    cupy.cuda.runtime.ipcCloseMemHandle(ptr)
+            else:
+                self._rt.cudaSetDevice(slab.device)
+                self._rt.cudaIpcCloseMemHandle(ctypes.c_void_p(ptr))

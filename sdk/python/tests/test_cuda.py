@@ -90,3 +90,17 @@ def test_layout_of_without_protobuf_objects():
     assert (lay.dtype, lay.shape, lay.strides, lay.offset) == ("float32", (4, 8), (8, 1), 256)
     with pytest.raises(DescriptorError, match="past the slab's 4096 bytes"):
         layout_of(slab, 4000, 512, "DTYPE_F32", [4, 8], 128)
+
+
+def test_cuda_array_interface_object():
+    from arenahost.cuda import _CudaArray
+
+    owner = object()
+    a = _CudaArray(0x7F0000001000, 4096, owner)
+    cai = a.__cuda_array_interface__
+    assert cai["data"] == (0x7F0000001000, False) and cai["shape"] == (4096,) and cai["typestr"] == "|u1" and cai["version"] == 3
+
+
+def test_mapper_backend_checked():
+    with pytest.raises(ValueError, match="backend"):
+        CudaMapper(backend="opencl")
