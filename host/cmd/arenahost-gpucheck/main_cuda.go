@@ -63,6 +63,7 @@ func run() int {
 	}{
 		{"correctness", func() error { return checkKernels(dev, r) }},
 		{"ipc", func() error { return checkIPC(ctx, dev, r, o, log) }},
+		{"load", func() error { return checkLoad(ctx, dev, r, log) }},
 		{"merge", func() error { return benchMerge(ctx, dev, r, o) }},
 	}
 	for _, s := range steps {
