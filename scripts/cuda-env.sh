@@ -11,6 +11,10 @@
 #   eval "$(bash scripts/cuda-env.sh)"
 #   go vet -tags cuda ./... && go build -tags cuda ./...
 #
+# By default only the headers wheel is installed (a few MB: enough for the
+# cgo compile check and the build). With --ptx it also installs NVRTC and
+# ptxas (about 300 MB) and exports CUDA_NVRTC and CUDA_PTXAS for `make ptx`.
+#
 # Progress goes to stderr; stdout carries only the export lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,15 +22,28 @@ root=$(pwd)
 venv=${CUDA_VENV:-$root/.venv-cuda}
 python=${PYTHON:-python3}
 req=python/requirements-cuda.txt
+ptx=0
+case "${1:-}" in
+  --ptx) ptx=1 ;;
+  "") ;;
+  *) echo "usage: cuda-env.sh [--ptx]" >&2; exit 2 ;;
+esac
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "cuda-env: creating $venv" >&2
   "$python" -m venv "$venv"
 fi
-stamp=$venv/.stamp
+stamp=$venv/.stamp-runtime
+if [ "$ptx" = 1 ]; then stamp=$venv/.stamp-ptx; fi
 if [ ! -f "$stamp" ] || [ "$req" -nt "$stamp" ]; then
-  echo "cuda-env: installing $req" >&2
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req" >&2
+  if [ "$ptx" = 1 ]; then
+    echo "cuda-env: installing $req" >&2
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req" >&2
+  else
+    pin=$(grep -E '^nvidia-cuda-runtime-cu12==' "$req")
+    echo "cuda-env: installing $pin (from $req)" >&2
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "$pin" >&2
+  fi
   touch "$stamp"
 fi
 
@@ -39,14 +56,18 @@ if [ ! -f "$inc/cuda.h" ]; then
   echo "cuda-env: $inc/cuda.h missing: is nvidia-cuda-runtime-cu12 installed in $venv?" >&2
   exit 1
 fi
-nvrtc=$(ls "$nv"/cuda_nvrtc/lib/libnvrtc.so.12 2>/dev/null || true)
-if [ -z "$nvrtc" ]; then
-  echo "cuda-env: $nv/cuda_nvrtc/lib/libnvrtc.so.12 missing: is nvidia-cuda-nvrtc-cu12 installed in $venv?" >&2
-  exit 1
-fi
-if [ ! -x "$nvcc_dir/bin/ptxas" ]; then
-  echo "cuda-env: $nvcc_dir/bin/ptxas missing: is nvidia-cuda-nvcc-cu12 installed in $venv?" >&2
-  exit 1
+nvrtc= ptxas=
+if [ "$ptx" = 1 ]; then
+  nvrtc=$(ls "$nv"/cuda_nvrtc/lib/libnvrtc.so.12 2>/dev/null || true)
+  if [ -z "$nvrtc" ]; then
+    echo "cuda-env: $nv/cuda_nvrtc/lib/libnvrtc.so.12 missing: is nvidia-cuda-nvrtc-cu12 installed in $venv?" >&2
+    exit 1
+  fi
+  ptxas=$nvcc_dir/bin/ptxas
+  if [ ! -x "$ptxas" ]; then
+    echo "cuda-env: $ptxas missing: is nvidia-cuda-nvcc-cu12 installed in $venv?" >&2
+    exit 1
+  fi
 fi
 
 # The link stub: every cu* function that cuda.h declares, as an empty
@@ -67,9 +88,11 @@ fi
 
 cat <<OUT
 export CUDA_VENV='$venv'
-export CUDA_NVRTC='$nvrtc'
-export CUDA_PTXAS='$nvcc_dir/bin/ptxas'
 export CUDA_INCLUDE='$inc'
 export CGO_CFLAGS='-I$inc'
 export CGO_LDFLAGS='-L$stubdir'
 OUT
+if [ "$ptx" = 1 ]; then
+  echo "export CUDA_NVRTC='$nvrtc'"
+  echo "export CUDA_PTXAS='$ptxas'"
+fi
