@@ -1,6 +1,8 @@
 """Compile kernels.cu to kernels.ptx for compute_80 with NVRTC (make ptx).
 
-Usage: python build_ptx.py LIBNVRTC [kernels.cu] [kernels.ptx]
+Usage: eval "$(bash scripts/cuda-env.sh --ptx)"
+       .venv-cuda/bin/python build_ptx.py "$CUDA_NVRTC" [kernels.cu] [kernels.ptx]
+       "$CUDA_PTXAS" -arch=sm_80 kernels.ptx -o /dev/null
 
 The PyPI nvcc wheel ships no nvcc driver, so the CUDA C++ source goes
 through NVRTC (nvidia-cuda-nvrtc-cu12), loaded with ctypes: no GPU, no
