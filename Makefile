@@ -22,7 +22,7 @@ GO_PLUGINS := $(notdir $(wildcard plugins/*))
 # Python plugins shipped with the host (copied next to the Go plugins).
 PY_PLUGINS := reference_pipeline
 
-.PHONY: help build run test test-go test-python bench proto lint cuda venv venv-torch browser-deps clean
+.PHONY: help build run test test-go test-python bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -95,8 +95,17 @@ lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
-cuda: ## build the CUDA variant (-tags cuda)
-	$(GO) build -tags cuda -o $(BIN)/arenahost-cuda ./host/cmd/arenahost
+CUDA_ENV = eval "$$(bash scripts/cuda-env.sh)"
+
+ptx: ## compile host/cuda/kernels/kernels.cu to the committed PTX (NVRTC + ptxas from PyPI, no GPU needed)
+	eval "$$(bash scripts/cuda-env.sh --ptx)"; .venv-cuda/bin/python host/cuda/kernels/build_ptx.py "$$CUDA_NVRTC" && "$$CUDA_PTXAS" -arch=sm_80 host/cuda/kernels/kernels.ptx -o /dev/null
+
+cuda: ## build the CUDA variant and the GPU check (-tags cuda) against the PyPI CUDA 12 headers
+	@mkdir -p $(BIN)
+	$(CUDA_ENV); $(GO) build -tags cuda -o $(BIN)/arenahost-cuda ./host/cmd/arenahost && $(GO) build -tags cuda -o $(BIN)/arenahost-gpucheck ./host/cmd/arenahost-gpucheck
+
+cuda-vet: ## compile-check every package under -tags cuda (no GPU or driver needed)
+	$(CUDA_ENV); $(GO) vet -tags cuda ./...
 
 clean: ## remove build outputs
 	rm -rf $(BIN) .cache
