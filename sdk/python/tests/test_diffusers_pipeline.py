@@ -106,3 +106,16 @@ def test_plugin_without_torch_starts_and_refuses_run_clearly(loaded, start_plugi
     with pytest.raises(grpc.RpcError) as e:
         stub.Invoke(pb.InvokeRequest(method="run", args=msgpack.packb({"steps": 1})), timeout=30)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "torch" in e.value.details()
+
+
+def test_patch_pipeline_example_serves(loaded, start_plugin):
+    """examples/patch_pipeline.py: a UI's pipeline handed to arenahost in under 20 lines."""
+    host, env, _ = loaded
+    src = SDK / "examples" / "patch_pipeline.py"
+    assert len(src.read_text().splitlines()) < 20
+    p = start_plugin([str(src)], env)
+    stub = pbg.PluginStub(p.channel)
+    v = msgpack.unpackb(stub.Invoke(pb.InvokeRequest(method="run", args=msgpack.packb(
+        {"model": "sample", "steps": 1, "size": 32})), timeout=600).result)
+    assert v["summary"].startswith("model 'sample' (flux-bfl): 62 Linear layers patched, 0 left alone, 16 norm scales copied")
+    assert 0.0 <= v["mean"] <= 1.0
