@@ -191,6 +191,19 @@ def dequantize_4bit(desc: pb.TensorDescriptor, mapper: Mapper | None = None, *, 
         s, e, out_shape = r0 * shape[1], (r0 + nr) * shape[1], [nr, shape[1]]
     packed = _from_numpy(m.bytes(name, desc.region, (n + 1) // 2))
     target = getattr(torch, logical)
+    if s % bs == 0 and (e - s) % bs == 0 and bs % 2 == 0:
+        # Whole blocks: decode byte pairs through a 256-entry table and scale each block row at once.
+        pairs = torch.stack([code[torch.arange(256) >> 4], code[torch.arange(256) & 0x0F]], 1)  # [256, 2] fp32
+        outs = []
+        step = max(bs, (_CHUNK // bs) * bs)
+        for c0 in range(s, e, step):
+            c1 = min(e, c0 + step)
+            v = pairs[packed[c0 // 2 : c1 // 2].long()].reshape(-1, bs)
+            v = v * am[c0 // bs : c1 // bs, None]  # fp32 · fp32, rounded once
+            v = v.reshape(-1).to(target)  # round to nearest even
+            outs.append(v if dtype is None else v.to(torch.float32))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.reshape(out_shape)
     out = torch.empty(e - s, dtype=torch.float32 if dtype is not None else target)
     for c0 in range(s, e, _CHUNK):
         c1 = min(e, c0 + _CHUNK)
@@ -396,9 +409,17 @@ def _arena_linear_class():
                     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != self.in_features or b.shape[0] != src_out or a.shape[0] != b.shape[1]:
                         raise DescriptorError(f"layer {self.weight_name!r}: factors A{list(a.shape)} B{list(b.shape)} do not fit "
                                               f"weight [{src_out}, {self.in_features}]")
-                    self._a = a if a.dtype == torch.float32 else a.float()
+                    a = a if a.dtype == torch.float32 else a.float()
                     bsel = self._rowsel(b)
-                    self._bf = bsel if bsel.dtype == torch.float32 else bsel.float()
+                    bsel = bsel if bsel.dtype == torch.float32 else bsel.float()
+                    if self.rows:
+                        # A split layer's rows of B_cat are zero in the columns of the other parts'
+                        # factors (a LoRA on to_q says nothing about to_k): drop those ranks. They
+                        # only ever added x·0 (same sums up to fp32 summation order).
+                        nz = (bsel != 0).any(0)
+                        if not bool(nz.all()):
+                            a, bsel = a[nz], bsel[:, nz].contiguous()
+                    self._a, self._bf = a, bsel
                     self.binding_generation = int(lf.binding_generation)
                 self._fgen = fsig
             self._epoch = wt.epoch
