@@ -80,3 +80,26 @@ def test_arena_linear_rebinds_factors_on_next_forward(arena):
         lin2 = at.ArenaNF4Linear(watcher, "fused.weight", "fused.bias", 16, 8, rows=[(8, 4), (0, 4)], cache_weight=False)
         watcher.poll()
         torch.testing.assert_close(lin2(x), lin(x), rtol=0, atol=0)
+
+
+def test_torch_and_diffusers_modules_import_without_torch():
+    """The core environment (no torch) imports the optional modules; torch loads only on use."""
+    import subprocess
+    from pathlib import Path
+
+    from conftest import SDK
+
+    core = Path(SDK.parents[1]) / ".venv" / "bin" / "python"
+    if not core.exists():
+        if os.environ.get("ARENAHOST_REQUIRE_PYTHON") == "1":
+            pytest.fail(f"core interpreter {core} missing")
+        pytest.skip(f"core interpreter {core} missing")
+    script = (
+        "import sys, arenahost.torch as at, arenahost.diffusers_flux as df, arenahost.diffusers_pipeline as dp\n"
+        "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules\n"
+        "assert at.available() is False\n"
+        "try:\n    at.ArenaNF4Linear\nexcept ImportError as e:\n    assert 'arenahost[torch]' in str(e), e\nelse:\n    raise SystemExit('no error')\n"
+        "print('OK')\n"
+    )
+    r = subprocess.run([str(core), "-c", script], env=dict(os.environ, PYTHONPATH=str(SDK)), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
