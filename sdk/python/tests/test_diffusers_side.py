@@ -208,3 +208,27 @@ def test_mismatched_config_is_refused_without_change(world):
     after = t.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert any(isinstance(m, torch.nn.Linear) for m in t.modules())
+
+
+def test_diffusers_layout_checkpoint_with_prefix(world):
+    """A checkpoint in diffusers names under a prefix maps 1:1 (plain F32 weights here)."""
+    from diffusers import FluxTransformer2DModel
+
+    from arenahost.diffusers_check import plain_transformer
+    from arenahost.diffusers_flux import patch_pipeline
+    from arenahost.host import HostClient
+
+    torch = world["torch"]
+    arena = Arena(96 << 20)
+    try:
+        with serve_fake_host(arena) as (host, env):
+            host.tensors = {"transformer." + k: arena.put("transformer." + k, v.contiguous().numpy()) for k, v in world["diff"].items()}
+            t = FluxTransformer2DModel(**world["cfg"]).float().eval()
+            report = patch_pipeline(t, HostClient(env["ARENAHOST_HOST_ADDR"], env["ARENAHOST_HOST_TOKEN"]), model="sample")
+            assert (report.layout, report.prefix, len(report.patched), len(report.copied)) == ("flux-diffusers", "transformer.", 62, 16)
+            assert report.patched["norm_out.linear"] == "transformer.norm_out.linear.weight"
+            inp = flux_inputs(torch)
+            with torch.no_grad():
+                np.testing.assert_allclose(t(**inp)[0].numpy(), plain_transformer(world["diff"], world["cfg"])(**inp)[0].numpy(), rtol=1e-5, atol=1e-5)
+    finally:
+        arena.close()
