@@ -20,7 +20,7 @@ GO_TEST_FLAGS ?= -count=1 -timeout 30m
 # Every plugin binary lives under bin/plugins/NAME/ next to its manifest.
 GO_PLUGINS := $(notdir $(wildcard plugins/*))
 # Python plugins shipped with the host (copied next to the Go plugins).
-PY_PLUGINS := reference_pipeline
+PY_PLUGINS := reference_pipeline diffusers_flux
 
 .PHONY: help build run test test-go test-python bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet clean
 
