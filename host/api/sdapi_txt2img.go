@@ -232,6 +232,15 @@ func (a *API) runImage(r *http.Request, pipe, prompt string, seed int64, req Txt
 	if s.State != job.StateDone {
 		return "", j.ID(), fmt.Errorf("txt2img: job %s %s: %s", j.ID(), s.State, s.Error)
 	}
+	// A pipeline that decodes its own images (the diffusers pipeline's
+	// VAE) returns them as PNG bytes under "images": those are the answer.
+	// Otherwise the final latent, decoded by the preview plugin, is.
+	if img, ok, err := resultImage(s.Result); ok || err != nil {
+		if err != nil {
+			return "", j.ID(), fmt.Errorf("txt2img: job %s: %w", j.ID(), err)
+		}
+		return encodePNG(j.ID(), resize(img, req.Width, req.Height))
+	}
 	f := j.Frame()
 	if f == nil || f.Step != f.Total {
 		return "", j.ID(), fmt.Errorf("txt2img: job %s: no final preview frame (is a preview plugin serving?)", j.ID())
@@ -240,12 +249,35 @@ func (a *API) runImage(r *http.Request, pipe, prompt string, seed int64, req Txt
 	if err != nil {
 		return "", j.ID(), fmt.Errorf("txt2img: job %s: %w", j.ID(), err)
 	}
-	img = resize(img, req.Width, req.Height)
+	return encodePNG(j.ID(), resize(img, req.Width, req.Height))
+}
+
+// encodePNG answers img as a base64 PNG for job id.
+func encodePNG(id string, img image.Image) (string, string, error) {
 	var buf bytes.Buffer
 	if err := (&png.Encoder{CompressionLevel: png.BestSpeed}).Encode(&buf, img); err != nil {
-		return "", j.ID(), fmt.Errorf("txt2img: job %s: encode png: %w", j.ID(), err)
+		return "", id, fmt.Errorf("txt2img: job %s: encode png: %w", id, err)
 	}
-	return base64.StdEncoding.EncodeToString(buf.Bytes()), j.ID(), nil
+	return base64.StdEncoding.EncodeToString(buf.Bytes()), id, nil
+}
+
+// resultImage returns the first PNG of a pipeline result's "images" list;
+// ok is false when the result has none.
+func resultImage(result any) (img image.Image, ok bool, err error) {
+	m, _ := result.(map[string]any)
+	list, _ := m["images"].([]any)
+	if len(list) == 0 {
+		return nil, false, nil
+	}
+	b, isBytes := list[0].([]byte)
+	if !isBytes {
+		return nil, true, fmt.Errorf("result field \"images\"[0]: %T, want PNG bytes", list[0])
+	}
+	img, err = png.Decode(bytes.NewReader(b))
+	if err != nil {
+		return nil, true, fmt.Errorf("result field \"images\"[0]: decode png: %w", err)
+	}
+	return img, true, nil
 }
 
 func decodeFrame(f *job.Frame) (image.Image, error) {

@@ -494,7 +494,7 @@ func jsonable(v any) any {
 		}
 		return x
 	case []byte:
-		return fmt.Sprintf("<%d bytes>", len(x))
+		return x // encoding/json writes it as base64 (a pipeline's PNGs)
 	case float64:
 		if math.IsNaN(x) || math.IsInf(x, 0) {
 			return nil

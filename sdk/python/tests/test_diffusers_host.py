@@ -164,7 +164,7 @@ def test_job_previews_decode_and_final_image_has_requested_size(host):
     img.load()
     assert min(img.size) > 0
     r = s["result"]
-    # Job snapshots show the PNG bytes as "<N bytes>"; the PNG itself is checked over gRPC
+    # The PNG itself is checked over gRPC (job snapshots carry it base64-encoded)
     # (test_diffusers_pipeline.py). Here: one image of the requested size, and the final frame.
     assert (r["width"], r["height"], r["steps"]) == (w, hgt, steps) and len(r["images"]) == 1, r
     assert s["step"] == s["total"] == steps

@@ -1,0 +1,58 @@
+package api
+
+import (
+	"bytes"
+	"image"
+	"image/color"
+	"image/png"
+	"strings"
+	"testing"
+)
+
+func TestResultImage(t *testing.T) {
+	src := image.NewNRGBA(image.Rect(0, 0, 32, 16))
+	src.Set(3, 4, color.NRGBA{R: 200, A: 255})
+	var buf bytes.Buffer
+	if err := png.Encode(&buf, src); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name    string
+		result  any
+		ok      bool
+		wantErr string
+		w, h    int
+	}{
+		{"no result", nil, false, "", 0, 0},
+		{"no images", map[string]any{"latent": "x"}, false, "", 0, 0},
+		{"empty images", map[string]any{"images": []any{}}, false, "", 0, 0},
+		{"png", map[string]any{"images": []any{buf.Bytes()}}, true, "", 32, 16},
+		{"not bytes", map[string]any{"images": []any{"abc"}}, true, `"images"[0]: string`, 0, 0},
+		{"not png", map[string]any{"images": []any{[]byte("GIF89a")}}, true, "decode png", 0, 0},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			img, ok, err := resultImage(tc.result)
+			if ok != tc.ok {
+				t.Fatalf("ok = %v, want %v", ok, tc.ok)
+			}
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("err = %v, want %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ok {
+				if b := img.Bounds(); b.Dx() != tc.w || b.Dy() != tc.h {
+					t.Fatalf("image %v, want %dx%d", b, tc.w, tc.h)
+				}
+				if r, _, _, _ := img.At(3, 4).RGBA(); r>>8 != 200 {
+					t.Fatalf("pixel (3,4) red = %d, want 200", r>>8)
+				}
+			}
+		})
+	}
+}
