@@ -121,6 +121,7 @@ type Coordinator struct {
 type journalEntry struct{ packed, absmax arena.Region }
 
 type modelState struct {
+	loaded  *registry.Model // the registry's model this state is about
 	mu      sync.Mutex
 	state   State
 	journal map[string]journalEntry // by weight key
@@ -146,16 +147,26 @@ func modelName(m string) string {
 }
 
 func (c *Coordinator) model(name string) (*modelState, error) {
-	if _, ok := c.reg.Model(name); !ok {
+	rm, ok := c.reg.Model(name)
+	if !ok {
 		return nil, fmt.Errorf("model %q: %w", name, registry.ErrNotFound)
 	}
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	ms := c.models[name]
+	if ms != nil && ms.loaded != rm {
+		// The model was unloaded and loaded again: what was applied to the
+		// old one (its journal, its factors) does not describe this one.
+		delete(c.models, name)
+		c.mu.Unlock()
+		c.forget(name, ms)
+		c.mu.Lock()
+		ms = c.models[name]
+	}
 	if ms == nil {
-		ms = &modelState{state: State{Model: name}, journal: map[string]journalEntry{}}
+		ms = &modelState{loaded: rm, state: State{Model: name}, journal: map[string]journalEntry{}}
 		c.models[name] = ms
 	}
+	c.mu.Unlock()
 	return ms, nil
 }
 
@@ -753,14 +764,20 @@ func (c *Coordinator) Forget(model string) {
 	ms := c.models[model]
 	delete(c.models, model)
 	c.mu.Unlock()
-	if ms == nil {
-		return
+	if ms != nil {
+		c.forget(model, ms)
 	}
+}
+
+func (c *Coordinator) forget(model string, ms *modelState) {
 	ms.mu.Lock()
 	defer ms.mu.Unlock()
-	_ = c.bindings.Drop(model)
+	if ms.state.Mode == ModeSide {
+		_ = c.bindings.Drop(model)
+	}
 	for w, e := range ms.journal {
 		c.freeEntry(e)
 		delete(ms.journal, w)
 	}
+	ms.state = State{Model: model}
 }

@@ -377,3 +377,42 @@ func TestPluginKilledMidFuseRollsBack(t *testing.T) {
 	}
 	_ = registry.ErrNotFound
 }
+
+// A model unloaded and loaded again starts with nothing applied; the old
+// journal and factors are freed, never written into the new bytes.
+func TestReloadedModelStartsClean(t *testing.T) {
+	s := newHost(t)
+	_, _, dir := fixtures(t)
+	start := s.Arena.Stats().Allocated
+	if _, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, kohyaOracle(1)), Mode: lora.ModeFuse}); err != nil {
+		t.Fatal(err)
+	}
+	m, _ := s.Registry.Model(server.DefaultModelName)
+	src := m.Source
+	if err := s.Registry.Unload(server.DefaultModelName); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Registry.Load(t.Context(), server.DefaultModelName, src); err != nil {
+		t.Fatal(err)
+	}
+	orig := snapshot(t, s)
+	st, err := s.LoRAs.State("")
+	if err != nil || st.Mode != "" {
+		t.Fatalf("state after reload: %+v, %v", st, err)
+	}
+	level := s.Arena.Stats().Allocated
+	if level != start {
+		t.Errorf("arena at %d after the reload, %d with the first load: the old journal was not freed", level, start)
+	}
+	if _, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, peftOracle(1))}); err != nil {
+		t.Fatal(err)
+	}
+	checkSide(t, s, dir, []oracleLoRA{peftOracle(1)})
+	if _, err := s.LoRAs.Remove(t.Context(), ""); err != nil {
+		t.Fatal(err)
+	}
+	sameBytes(t, "after reload", orig, snapshot(t, s))
+	if a := s.Arena.Stats().Allocated; a != level {
+		t.Errorf("arena at %d, %d before: the old journal or factors leaked", a, level)
+	}
+}
