@@ -416,3 +416,64 @@ func TestReloadedModelStartsClean(t *testing.T) {
 		t.Errorf("arena at %d, %d before: the old journal or factors leaked", a, level)
 	}
 }
+
+// A full-diff module (no low-rank form) travels as extra rows of A with
+// identity columns of B: y = x·dq(W)ᵀ + (x·Aᵀ)·Bᵀ is still exact, and a
+// strength change rescales those rows.
+func TestSideDenseDelta(t *testing.T) {
+	s := newHost(t)
+	const w, n = "double_blocks.0.img_attn.proj.weight", hidden
+	diff := make([]float32, n*n)
+	rng := rand.New(rand.NewPCG(9, 9))
+	for i := range diff {
+		diff[i] = float32(rng.NormFloat64() * 0.02)
+	}
+	b := make([]byte, 2*len(diff))
+	half.EncodeBF16(b, diff)
+	half.DecodeBF16(diff, b) // what the file holds
+	path := filepath.Join(t.TempDir(), "full-diff.safetensors")
+	if err := safetensors.WriteFile(path, nil, []safetensors.WriteTensor{
+		{Name: "lycoris_double_blocks_0_img_attn_proj.diff", DType: safetensors.BF16, Shape: []int64{n, n}, Data: b},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for _, strength := range []float64{1, -0.5} {
+		res, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: []lora.Entry{{Path: path, Strength: strength}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(res.Report.LoRAs[0].Dense) != 1 {
+			t.Errorf("report %+v does not list the dense key", res.Report.LoRAs[0])
+		}
+		base, _, _ := dq(t, s, w)
+		a, bb, rank, _ := boundFactors(t, s, w)
+		if rank != n {
+			t.Fatalf("bound rank %d, want %d dense rows", rank, n)
+		}
+		x := make([]float64, n)
+		for j := range x {
+			x[j] = rng.NormFloat64()
+		}
+		var maxErr, maxY float64
+		xa := make([]float64, rank)
+		for k := 0; k < rank; k++ {
+			for j := 0; j < n; j++ {
+				xa[k] += x[j] * float64(a[k*n+j])
+			}
+		}
+		for i := 0; i < n; i++ {
+			var y, ref float64
+			for j := 0; j < n; j++ {
+				y += x[j] * base[i*n+j]
+				ref += x[j] * (base[i*n+j] + strength*float64(diff[i*n+j]))
+			}
+			for k := 0; k < rank; k++ {
+				y += xa[k] * float64(bb[i*rank+k])
+			}
+			maxErr, maxY = math.Max(maxErr, math.Abs(y-ref)), math.Max(maxY, math.Abs(ref))
+		}
+		if maxErr > 1e-4*maxY {
+			t.Errorf("strength %v: dense side output off by %.3g (|y| %.3g)", strength, maxErr, maxY)
+		}
+	}
+}
