@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; each round's median step time, best round reported")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--arenahost", default=os.environ.get("ARENAHOST_BIN", str(ROOT / "bin" / "arenahost")))
+    ap.add_argument("--arenahost", default=str(Path(os.environ.get("ARENAHOST_BIN") or ROOT / "bin") / "arenahost"))
     a = ap.parse_args()
 
     import torch

@@ -31,8 +31,8 @@ ROOT = SDK.parents[1]
 
 
 def arenahost_bin() -> Path:
-    """bin/arenahost (make build), or $ARENAHOST_BIN."""
-    b = Path(os.environ.get("ARENAHOST_BIN") or ROOT / "bin" / "arenahost")
+    """arenahost in $ARENAHOST_BIN (the bin directory `make test` passes), else bin/arenahost."""
+    b = Path(os.environ.get("ARENAHOST_BIN") or ROOT / "bin") / "arenahost"
     if not b.exists():
         if os.environ.get("ARENAHOST_REQUIRE_PYTHON") == "1":
             pytest.fail(f"{b} missing: run make build")
