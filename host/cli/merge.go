@@ -14,7 +14,6 @@ import (
 	"strings"
 	"time"
 
-	hlora "github.com/arenahost/arenahost/host/lora"
 	"github.com/arenahost/arenahost/shared/half"
 	"github.com/arenahost/arenahost/shared/layout"
 	"github.com/arenahost/arenahost/shared/lora"
@@ -232,7 +231,7 @@ func Merge(ctx context.Context, o MergeOptions) (*MergeReport, error) {
 			if w == nil {
 				return nil, fmt.Errorf("no 4-bit weight %s.weight", layer)
 			}
-			return w.DequantizeF32(in.read)
+			return dqLogical(w, in.read)
 		}
 		if plan, err = lora.BuildSide(in.model, maps, strengths, base, nil); err != nil {
 			return nil, fmt.Errorf("merge: %w", err)
@@ -401,7 +400,11 @@ func fuseOne(ctx context.Context, in *mergeInput, sl *lora.SideLayer, w *nf4.Wei
 	packed := append([]byte(nil), d.Packed...)
 	q := &lora.QLayer{Name: sl.Name, Out: sl.Out, In: sl.In, Blocksize: w.State.Blocksize, Packed: packed, Absmax: am, Raw: [][]byte{packed}}
 	p := &lora.Plan{Layers: []*lora.SideLayer{sl}, Report: &lora.Report{Layers: []lora.LayerReport{{Layer: sl.Name, Rank: sl.Rank, Dense: sl.Dense != nil}}}}
-	if err := lora.Fuse(ctx, p, memStore{q}, hlora.Codec{Type: w.State.QuantType}, lora.NewMemJournal(), lora.FuseOptions{TileElems: tile}); err != nil {
+	codec, err := lora.NewNF4Codec(w.State.QuantType, w.State.DType)
+	if err != nil {
+		return nil, nil, lora.LayerReport{}, 0, fmt.Errorf("%s: %w", w.Name, err)
+	}
+	if err := lora.Fuse(ctx, p, memStore{q}, codec, lora.NewMemJournal(), lora.FuseOptions{TileElems: tile}); err != nil {
 		return nil, nil, lora.LayerReport{}, 0, err
 	}
 	return packed, am, p.Report.Layers[0], p.Report.PeakScratchBytes, nil
@@ -530,6 +533,18 @@ func layerNorm(sl *lora.SideLayer) float64 {
 	return n
 }
 
+// dqLogical dequantizes w as bitsandbytes' dequantize_4bit does: the fp32
+// product rounded to the weight's logical dtype, the base every merge adds
+// deltas to (as PEFT's merge and the fused pass do).
+func dqLogical(w *nf4.Weight, read nf4.TensorBytes) ([]float32, error) {
+	v, err := w.DequantizeF32(read)
+	if err != nil {
+		return nil, err
+	}
+	nf4.RoundTo(v, w.State.DType)
+	return v, nil
+}
+
 func mergeBF16(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[string]string, o MergeOptions) error {
 	quantKey := map[string]bool{}
 	var infos []safetensors.TensorInfo
@@ -549,7 +564,7 @@ func mergeBF16(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[stri
 			out.abort()
 			return fmt.Errorf("merge: %w", err)
 		}
-		vals, err := w.DequantizeF32(in.read)
+		vals, err := dqLogical(&w, in.read)
 		if err != nil {
 			out.abort()
 			return fmt.Errorf("merge: %w", err)

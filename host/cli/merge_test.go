@@ -108,7 +108,21 @@ func dqWeight(t *testing.T, path, name string) ([]float32, nf4.Weight) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	roundToLogical(v, w.State.DType)
 	return v, *w
+}
+
+// roundToLogical rounds dequantized values to the weight's logical dtype:
+// dq(W) is what bitsandbytes' dequantize_4bit returns, in that dtype.
+func roundToLogical(v []float32, dt nf4.DType) {
+	for i, x := range v {
+		switch dt {
+		case nf4.BFloat16:
+			v[i] = half.BF16ToF32(half.F32ToBF16(x))
+		case nf4.Float16:
+			v[i] = half.F16ToF32(half.F32ToF16(x))
+		}
+	}
 }
 
 func TestMergeNF4IdentityWithoutLoRA(t *testing.T) {

@@ -149,8 +149,16 @@ func dq(t *testing.T, s *server.Server, w string) ([]float64, int, int) {
 	if err := nf4.DequantizeWeight(f, qw.State, d); err != nil {
 		t.Fatal(err)
 	}
+	// dq(W) is what bitsandbytes' dequantize_4bit returns: the product
+	// rounded to the weight's logical dtype.
 	out := make([]float64, len(f))
 	for i, v := range f {
+		switch qw.State.DType {
+		case nf4.BFloat16:
+			v = half.BF16ToF32(half.F32ToBF16(v))
+		case nf4.Float16:
+			v = half.F16ToF32(half.F32ToF16(v))
+		}
 		out[i] = float64(v)
 	}
 	return out, int(qw.State.Shape[0]), int(qw.State.Shape[1])

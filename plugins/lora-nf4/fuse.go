@@ -14,17 +14,6 @@ import (
 	"github.com/arenahost/arenahost/shared/tensor"
 )
 
-// nf4Codec is the bitsandbytes rule of one quant type as lora.Codec.
-type nf4Codec struct{ qt nf4.QuantType }
-
-func (k nf4Codec) Dequantize(dst []float32, packed []byte, absmax []float32, bs int) {
-	nf4.Dequantize(dst, packed, absmax, k.qt.Table(), len(dst), bs)
-}
-
-func (k nf4Codec) Quantize(packed []byte, absmax []float32, src []float32, bs int) {
-	nf4.Quantize(packed, absmax, src, bs, k.qt)
-}
-
 // callStore opens the weights the host passed read-write with the call.
 type callStore struct {
 	c      *sdk.Call
@@ -155,23 +144,32 @@ func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args ApplyArgs) (Ap
 	if err != nil {
 		return ApplyResult{}, err
 	}
-	qt := nf4.QuantType("")
+	qt, dt := nf4.QuantType(""), nf4.DType("")
 	for _, sl := range p.Layers {
 		d := m.weights[sl.Name+".weight"]
 		t := nf4.QuantType(d.GetQuant().GetQuantType())
-		if qt != "" && t != qt {
-			return ApplyResult{}, fmt.Errorf("weight %s is %s but others are %s: fuse one quant type at a time: %w", d.GetName(), t, qt, sdk.ErrFailedPrecondition)
+		// The fused pass rounds the dequantized base to the weight's logical
+		// dtype before adding the deltas, as bitsandbytes' dequantize_4bit
+		// (and so PEFT's merge) does.
+		ldt, ok := logicalDType[d.GetQuant().GetDtype()]
+		if !ok {
+			return ApplyResult{}, fmt.Errorf("weight %s: logical dtype %v: want BF16, F16 or F32: %w", d.GetName(), d.GetQuant().GetDtype(), sdk.ErrFailedPrecondition)
 		}
-		qt = t
+		if (qt != "" && t != qt) || (dt != "" && ldt != dt) {
+			return ApplyResult{}, fmt.Errorf("weight %s is %s %s but others are %s %s: fuse one quant type and dtype at a time: %w",
+				d.GetName(), t, ldt, qt, dt, sdk.ErrFailedPrecondition)
+		}
+		qt, dt = t, ldt
 	}
 	if qt == "" {
-		qt = nf4.QuantNF4
+		qt, dt = nf4.QuantNF4, nf4.BFloat16
 	}
-	if qt.Table() == nil {
-		return ApplyResult{}, fmt.Errorf("quant type %q: %w", qt, sdk.ErrFailedPrecondition)
+	codec, err := lora.NewNF4Codec(qt, dt)
+	if err != nil {
+		return ApplyResult{}, fmt.Errorf("%w: %w", err, sdk.ErrFailedPrecondition)
 	}
 	store := callStore{c: c, mapper: e.mapper, delay: e.delay, ctx: ctx}
-	if err := lora.Fuse(ctx, p, store, nf4Codec{qt}, newCallJournal(c), lora.FuseOptions{TileElems: args.TileElems}); err != nil {
+	if err := lora.Fuse(ctx, p, store, codec, newCallJournal(c), lora.FuseOptions{TileElems: args.TileElems}); err != nil {
 		return ApplyResult{}, err
 	}
 	e.mu.Lock()

@@ -200,7 +200,8 @@ func (e *engine) planMethod(ctx context.Context, c *sdk.Call, args ApplyArgs) (P
 	return PlanResult{Weights: targetWeights(maps...)}, nil
 }
 
-// baseWeights dequantizes a layer from the host's bytes (DoRA needs W).
+// baseWeights dequantizes a layer from the host's bytes (DoRA needs W) as
+// bitsandbytes' dequantize_4bit does, rounded to the logical dtype.
 func baseWeights(c *sdk.Call, m *model) lora.BaseWeights {
 	return func(layer string) ([]float32, error) {
 		d, ok := m.weights[layer+".weight"]
@@ -215,6 +216,7 @@ func baseWeights(c *sdk.Call, m *model) lora.BaseWeights {
 		if err := nf4.DequantizeWeight(out, st, data); err != nil {
 			return nil, fmt.Errorf("weight %s: %w", d.GetName(), err)
 		}
+		nf4.RoundTo(out, st.DType)
 		return out, nil
 	}
 }

@@ -3,7 +3,6 @@ package lora
 import (
 	"fmt"
 
-	"github.com/arenahost/arenahost/shared/half"
 	"github.com/arenahost/arenahost/shared/nf4"
 )
 
@@ -32,16 +31,7 @@ func NewNF4Codec(qt nf4.QuantType, dt nf4.DType) (NF4Codec, error) {
 // Dequantize decodes a tile and rounds it to the logical dtype.
 func (c NF4Codec) Dequantize(dst []float32, packed []byte, absmax []float32, blocksize int) {
 	nf4.Dequantize(dst, packed, absmax, c.Type.Table(), len(dst), blocksize)
-	switch c.DType {
-	case nf4.BFloat16:
-		for i, v := range dst {
-			dst[i] = half.BF16ToF32(half.F32ToBF16(v))
-		}
-	case nf4.Float16:
-		for i, v := range dst {
-			dst[i] = half.F16ToF32(half.F32ToF16(v))
-		}
-	}
+	nf4.RoundTo(dst, c.DType)
 }
 
 // Quantize encodes a tile by the CUDA kernel's rule.

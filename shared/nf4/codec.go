@@ -454,3 +454,20 @@ func parallelBlocks(nb, blocksize int, fn func(b0, b1 int)) {
 	}
 	wg.Wait()
 }
+
+// RoundTo rounds float32 values in place to dtype (round to nearest even),
+// keeping them as float32: the final cast of bitsandbytes' dequantize_4bit,
+// and so the base that PEFT's merge adds LoRA deltas to. Float32 (and any
+// other dtype) leaves v unchanged.
+func RoundTo(v []float32, dt DType) {
+	switch dt {
+	case BFloat16:
+		for i, x := range v {
+			v[i] = half.BF16ToF32(half.F32ToBF16(x))
+		}
+	case Float16:
+		for i, x := range v {
+			v[i] = half.F16ToF32(half.F32ToF16(x))
+		}
+	}
+}

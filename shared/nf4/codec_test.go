@@ -441,3 +441,26 @@ func TestDynamicBuckets(t *testing.T) {
 	}
 	t.Logf("%d of 65536 buckets use the binary search", slow)
 }
+
+func TestRoundTo(t *testing.T) {
+	// 1 + 2^-10 is exact in float16 but not in bfloat16 (7 fraction bits),
+	// where it rounds to 1 (tie-free: below the halfway point 1 + 2^-8).
+	x := float32(1 + 1.0/1024)
+	tests := []struct {
+		dt   DType
+		want float32
+	}{
+		{BFloat16, 1},
+		{Float16, x},
+		{Float32, x},
+	}
+	for _, tc := range tests {
+		t.Run(string(tc.dt), func(t *testing.T) {
+			v := []float32{x, -x}
+			RoundTo(v, tc.dt)
+			if v[0] != tc.want || v[1] != -tc.want {
+				t.Fatalf("RoundTo(%v, %s) = %v, want ±%v", x, tc.dt, v, tc.want)
+			}
+		})
+	}
+}

@@ -68,15 +68,10 @@ def peft_merge(sd, kohya_path, stems):
     return {stem: getattr(model, stem).get_base_layer().weight.data.numpy() for stem in stems}, merged
 
 
-# Known difference (found by this test): host/lora.Codec (used by `arenahost merge`)
-# and plugins/lora-nf4's nf4Codec dequantize the base as the fp32 product code·absmax,
-# while bitsandbytes' dequantize_4bit (and so PEFT's merge) rounds it to the logical
-# dtype (bf16) first; shared/lora.NF4Codec already does. On the sample model that
-# moves 0.25 % of the codes (99.75 % agree); with the rounding, arenahost's codes
-# equal bnb's requantization of PEFT's merged weight exactly. strict: once the
-# codecs round, this xfail turns into a failure and the marker must go.
-@pytest.mark.xfail(strict=True, reason="host/lora.Codec and plugins/lora-nf4 nf4Codec skip bnb's rounding of the "
-                   "dequantized base to the logical dtype (use shared/lora.NewNF4Codec): 99.75 % of codes agree, want 99.9 %")
+# bitsandbytes' dequantize_4bit (and so PEFT's merge) rounds the dequantized base
+# to the logical dtype (bf16) before the delta is added; arenahost's fused pass
+# does the same (shared/lora.NF4Codec). This test found the difference when the
+# merge CLI and the plugin skipped that rounding (99.75 % of codes agreed).
 def test_fuse_codes_match_peft_merge_on_bitsandbytes(tmp_path):
     require("torch")
     require("peft")
