@@ -129,3 +129,32 @@ func TestLoRAApplyRoutes(t *testing.T) {
 		t.Errorf("state after remove: %v", body)
 	}
 }
+
+// TestUnloadFreesLoRAState: unloading a model with LoRAs applied frees its
+// weights, its side factors and its bindings at once.
+func TestUnloadFreesLoRAState(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	s, err := server.New(t.Context(), server.Config{DataDir: t.TempDir(), PluginsDir: loraPlugins(t), Samples: true, ArenaCapacity: 1 << 30, Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close(context.Background()) })
+	srv := httptest.NewServer(New(s, log))
+	t.Cleanup(srv.Close)
+	if code, body := loraCall(t, "POST", srv.URL+"/v1/loras/apply", map[string]any{
+		"loras": []map[string]any{{"name": samples.KohyaLoRAFile}, {"name": samples.PEFTLoRAFile}}}); code != http.StatusOK {
+		t.Fatalf("apply: %d %v", code, body)
+	}
+	if g, fs := s.Bindings.Current(server.DefaultModelName); g == 0 || len(fs) == 0 {
+		t.Fatalf("no factors bound after apply")
+	}
+	if code, body := loraCall(t, "DELETE", srv.URL+"/v1/models/"+server.DefaultModelName, nil); code != http.StatusOK {
+		t.Fatalf("unload: %d %v", code, body)
+	}
+	if g, fs := s.Bindings.Current(server.DefaultModelName); g != 0 || fs != nil {
+		t.Errorf("bindings left after unload: generation %d, %d layers", g, len(fs))
+	}
+	if st := s.Arena.Stats(); st.Allocated != 0 {
+		t.Errorf("arena holds %d bytes in %d regions after unloading the only model", st.Allocated, st.Regions)
+	}
+}

@@ -81,6 +81,11 @@ func (a *API) unloadModel(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
+	if a.s.LoRAs != nil {
+		// Free the model's LoRA factors and fuse journal now, not at the
+		// next apply.
+		a.s.LoRAs.Forget(name)
+	}
 	writeJSON(w, http.StatusOK, map[string]string{"unloaded": name})
 }
 
