@@ -34,7 +34,8 @@ if want invoke; then
   section "invoke: 1 GiB tensor by descriptor vs the same bytes over gRPC; round-trip p50/p99"
   gobench invoke ./sdk '^BenchmarkInvoke1GiB$' 1x
   gobench roundtrip ./sdk '^BenchmarkInvokeRoundTrip$' 2000x
-  gobench plugin ./host/plugin '^Benchmark(InvokeGo|InvokePython|Swap)$' 1x
+  gobench plugin ./host/plugin '^Benchmark(InvokeGo|InvokePython)$' 500x
+  gobench swap ./host/plugin '^BenchmarkSwap$' 10x
 fi
 
 if want arena; then
@@ -47,11 +48,17 @@ if want preview; then
   gobench preview ./plugins/preview/render '^Benchmark(RenderFlux|Encode)$' 1s
 fi
 
-for extra in bench/*/run.sh; do
-  [ -e "$extra" ] || continue
-  name=$(basename "$(dirname "$extra")")
-  if want "$name"; then
-    section "$name"
-    bash "$extra" | tee "$out/$name.txt"
-  fi
-done
+if want jobs; then
+  section "jobs: publish-to-frame latency (Flux 1024² latents) and step time with previews on vs off"
+  gobench jobs ./host/job '^Benchmark(PublishToFrame|StepOverhead|PublishCall)$' 1x 2>&1 | grep -v ' INFO '
+fi
+
+if want pipeline; then
+  section "pipeline: diffusers Flux step time, PEFT on bitsandbytes vs arenahost side mode vs no LoRA"
+  "$PY_TORCH" bench/pipeline/bench_pipeline.py --steps 4 --size 256 --rounds 5 | tee "$out/pipeline.txt"
+fi
+
+if want lora; then
+  section "lora: fuse/side/remove on a 0.62 B Flux slice vs PEFT's merge into bitsandbytes Linear4bit (slow: the baseline takes ~20 min)"
+  go test ./bench/lora -run '^$' -bench . -benchtime 1x -timeout 60m | tee "$out/lora.txt"
+fi
