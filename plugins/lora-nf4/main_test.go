@@ -1,11 +1,8 @@
 package main
 
 import (
-	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"sync"
 	"testing"
 
 	"github.com/vmihailenco/msgpack/v5"
@@ -18,35 +15,14 @@ import (
 	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
-var (
-	buildOnce sync.Once
-	buildDir  string
-	buildErr  error
-)
+// bin is the plugin compiled once per test run, as `make build` would.
+var bin = plugintest.NewBinary(".", "lora-nf4")
 
-// build compiles the plugin once per test run, as `make build` would.
-func build(t *testing.T) string {
-	t.Helper()
-	buildOnce.Do(func() {
-		if buildDir, buildErr = os.MkdirTemp("", "lora-nf4"); buildErr != nil {
-			return
-		}
-		out, err := exec.Command("go", "build", "-o", filepath.Join(buildDir, "lora-nf4"), ".").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return filepath.Join(buildDir, "lora-nf4")
-}
+func build(t *testing.T) string { return bin.Path(t) }
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if buildDir != "" {
-		os.RemoveAll(buildDir)
-	}
+	bin.Remove()
 	os.Exit(code)
 }
 

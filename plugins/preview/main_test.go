@@ -10,11 +10,8 @@ import (
 	"image/png"
 	"math"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/vmihailenco/msgpack/v5"
@@ -25,35 +22,14 @@ import (
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
-var (
-	buildOnce sync.Once
-	buildDir  string
-	buildErr  error
-)
+// bin is the plugin compiled once per test run, as `make build` would.
+var bin = plugintest.NewBinary(".", "preview")
 
-// build compiles the plugin once per test run, as `make build` would.
-func build(t *testing.T) string {
-	t.Helper()
-	buildOnce.Do(func() {
-		if buildDir, buildErr = os.MkdirTemp("", "preview"); buildErr != nil {
-			return
-		}
-		out, err := exec.Command("go", "build", "-o", filepath.Join(buildDir, "preview"), ".").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return filepath.Join(buildDir, "preview")
-}
+func build(t *testing.T) string { return bin.Path(t) }
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if buildDir != "" {
-		os.RemoveAll(buildDir)
-	}
+	bin.Remove()
 	os.Exit(code)
 }
 

@@ -3,12 +3,8 @@ package main
 import (
 	"encoding/binary"
 	"encoding/json"
-	"fmt"
 	"math"
 	"os"
-	"os/exec"
-	"path/filepath"
-	"sync"
 	"testing"
 
 	"github.com/vmihailenco/msgpack/v5"
@@ -17,35 +13,14 @@ import (
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
-var (
-	buildOnce sync.Once
-	buildDir  string
-	buildErr  error
-)
+// bin is the plugin compiled once per test run, as `make build` would.
+var bin = plugintest.NewBinary(".", "go-hello")
 
-// build compiles the example once per test run, as `make build` would.
-func build(t *testing.T) string {
-	t.Helper()
-	buildOnce.Do(func() {
-		if buildDir, buildErr = os.MkdirTemp("", "go-hello"); buildErr != nil {
-			return
-		}
-		out, err := exec.Command("go", "build", "-o", filepath.Join(buildDir, "go-hello"), ".").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return filepath.Join(buildDir, "go-hello")
-}
+func build(t *testing.T) string { return bin.Path(t) }
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if buildDir != "" {
-		os.RemoveAll(buildDir)
-	}
+	bin.Remove()
 	os.Exit(code)
 }
 
