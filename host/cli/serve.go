@@ -53,8 +53,8 @@ func runServe(ctx context.Context, env *Env, args []string) error {
 	defer ln.Close()
 
 	pluginEnv := map[string]string{}
-	if cfg.Python != "" {
-		pluginEnv["ARENAHOST_PYTHON"] = cfg.Python
+	if py := cfg.Interpreter(); py != "" {
+		pluginEnv["ARENAHOST_PYTHON"] = py
 	}
 	s, err := server.New(ctx, server.Config{
 		DataDir: cfg.DataDir, ModelsDir: cfg.Models(), LoRAsDir: cfg.LoRAs(), PluginsDir: cfg.Plugins(),

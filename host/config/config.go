@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -114,7 +115,7 @@ var settings = []setting{
 		set: str(func(c *Config) *string { return &c.LoRAsDir })},
 	{name: "plugins", def: Auto, doc: "plugins directory (DIR/NAME/plugin.json); auto: bin/plugins next to the arenahost binary when it exists; empty: none",
 		set: str(func(c *Config) *string { return &c.PluginsDir })},
-	{name: "python", def: "", doc: "Python interpreter for Python plugins (their manifests' ${ARENAHOST_PYTHON})",
+	{name: "python", def: Auto, doc: "Python interpreter for Python plugins (their manifests' ${ARENAHOST_PYTHON}); auto: .venv/bin/python beside bin/ (what make creates), else python3 on PATH",
 		set: str(func(c *Config) *string { return &c.Python })},
 	{name: "pipeline", def: "", doc: "pipeline plugin /sdapi/v1/txt2img runs; empty: the first serving plugin of kind pipeline",
 		set: str(func(c *Config) *string { return &c.Pipeline })},
@@ -361,6 +362,26 @@ func (c Config) Plugins() string {
 	dir := filepath.Join(filepath.Dir(exe), "plugins")
 	if st, err := os.Stat(dir); err == nil && st.IsDir() {
 		return dir
+	}
+	return ""
+}
+
+// Interpreter returns the Python interpreter for Python plugins ("" when
+// none is found), resolving Auto: the repository's .venv/bin/python next to
+// the bin/ directory holding the running executable (the layout make
+// creates), else python3 on PATH.
+func (c Config) Interpreter() string {
+	if c.Python != Auto {
+		return c.Python
+	}
+	if exe, err := os.Executable(); err == nil {
+		venv := filepath.Join(filepath.Dir(filepath.Dir(exe)), ".venv", "bin", "python")
+		if _, err := os.Stat(venv); err == nil {
+			return venv
+		}
+	}
+	if p, err := exec.LookPath("python3"); err == nil {
+		return p
 	}
 	return ""
 }

@@ -29,7 +29,7 @@ func TestDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Config{Listen: "127.0.0.1:7860", DataDir: "arenahost-data", PluginsDir: Auto, ArenaCapacity: 8 << 30,
+	want := Config{Listen: "127.0.0.1:7860", DataDir: "arenahost-data", PluginsDir: Auto, Python: Auto, ArenaCapacity: 8 << 30,
 		ArenaSegment: 64 << 20, Shm: "memfd", Samples: true, MaxBody: 1 << 20, ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout: time.Minute, WriteTimeout: 10 * time.Minute, IdleTimeout: 2 * time.Minute, LogLevel: "info"}
 	if c != want {
@@ -163,5 +163,25 @@ func TestDoc(t *testing.T) {
 		if !strings.Contains(string(got), "`--"+n+"`") {
 			t.Errorf("docs/config.md lacks --%s", n)
 		}
+	}
+}
+
+func TestInterpreter(t *testing.T) {
+	tests := []struct {
+		name, python, want string
+	}{
+		{"explicit", "/opt/py/bin/python3", "/opt/py/bin/python3"},
+		{"empty means none", "", ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := (Config{Python: tc.python}).Interpreter(); got != tc.want {
+				t.Fatalf("Interpreter() = %q, want %q", got, tc.want)
+			}
+		})
+	}
+	// auto finds an interpreter on this machine (python3 on PATH at least).
+	if got := (Config{Python: Auto}).Interpreter(); got == "" || !filepath.IsAbs(got) {
+		t.Fatalf("auto Interpreter() = %q, want an absolute path", got)
 	}
 }

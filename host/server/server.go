@@ -116,8 +116,10 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s.Jobs.Attach(s.Plugins)
 	s.LoRAs = lora.New(s.Registry, s.Bindings, ar, s.Plugins, log)
 	if cfg.PluginsDir != "" {
+		// A plugin that does not start stays registered as failed, with
+		// its error in /v1/plugins; the host serves the others.
 		if err := s.Plugins.Load(ctx); err != nil {
-			return nil, fmt.Errorf("load plugins from %s: %w", cfg.PluginsDir, err)
+			log.Warn("some plugins did not start", "dir", cfg.PluginsDir, "err", err)
 		}
 	}
 	return s, nil

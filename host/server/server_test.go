@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
@@ -83,3 +84,35 @@ func TestNewFailsCleanly(t *testing.T) {
 }
 
 var quiet = slog.New(slog.DiscardHandler)
+
+// TestBrokenPluginDoesNotStopHost: a plugin that cannot start is reported
+// as failed, with its error, and the host serves on.
+func TestBrokenPluginDoesNotStopHost(t *testing.T) {
+	plugins := t.TempDir()
+	dir := filepath.Join(plugins, "broken")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	man := `{"name": "broken", "version": "0.1.0", "kind": "pipeline", "language": "python",
+ "command": "${ARENAHOST_PYTHON}", "args": ["plugin.py"], "protocol_version": 1}`
+	if err := os.WriteFile(filepath.Join(dir, "plugin.json"), []byte(man), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("ARENAHOST_PYTHON", "")
+	os.Unsetenv("ARENAHOST_PYTHON")
+	s, err := New(context.Background(), Config{DataDir: t.TempDir(), PluginsDir: plugins, Samples: true, ArenaCapacity: 256 << 20, Logger: quiet})
+	if err != nil {
+		t.Fatalf("New with a broken plugin: %v", err)
+	}
+	defer s.Close(context.Background())
+	st, err := s.Plugins.PluginStatus("broken")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.State != "failed" || !strings.Contains(st.LastError, "ARENAHOST_PYTHON") {
+		t.Fatalf("broken plugin: state %q, last error %q; want failed naming ARENAHOST_PYTHON", st.State, st.LastError)
+	}
+	if _, ok := s.Registry.Model(DefaultModelName); !ok {
+		t.Fatal("the sample model is not loaded")
+	}
+}
