@@ -12,6 +12,7 @@ package main
 import (
 	"log/slog"
 	"os"
+	"strconv"
 
 	"github.com/arenahost/arenahost/sdk"
 )
@@ -19,10 +20,32 @@ import (
 // EnvDecoder names the TAESD/TAEF1 decoder weights file.
 const EnvDecoder = "ARENAHOST_PREVIEW_DECODER"
 
+// EnvNice sets the plugin's nice value (default DefaultNice; 0 keeps the
+// host's priority). Previews must never slow generation: at a lower
+// priority, rendering takes only the CPU time a CPU-bound pipeline leaves.
+const EnvNice = "ARENAHOST_PREVIEW_NICE"
+
+// DefaultNice is the preview plugin's default nice value.
+const DefaultNice = 10
+
 func main() {
 	log := slog.New(sdk.NewLogHandler(os.Stderr, slog.LevelInfo))
 	p := sdk.New("preview", "0.1.0", "preview")
 	p.Logger = log
+	nice := DefaultNice
+	if v := os.Getenv(EnvNice); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 || n > 19 {
+			log.Error("ignoring "+EnvNice+": want 0..19", "value", v)
+		} else {
+			nice = n
+		}
+	}
+	if nice > 0 {
+		if err := lowerPriority(nice); err != nil {
+			log.Warn("previews run at the host's priority", "err", err)
+		}
+	}
 	r := &renderer{}
 	if path := os.Getenv(EnvDecoder); path != "" {
 		if err := r.loadDecoder(path); err != nil {
