@@ -13,6 +13,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/arenahost/arenahost/shared/lora/lorawire"
 	"log/slog"
 	"math"
 	"slices"
@@ -296,10 +297,10 @@ func (c *Coordinator) Apply(ctx context.Context, req Request) (*Result, error) {
 	return res, nil
 }
 
-func specs(es []Entry) []loraSpec {
-	out := make([]loraSpec, len(es))
+func specs(es []Entry) []lorawire.LoRASpec {
+	out := make([]lorawire.LoRASpec, len(es))
 	for i, e := range es {
-		out[i] = loraSpec{Path: e.Path, Strength: e.Strength}
+		out[i] = lorawire.LoRASpec{Path: e.Path, Strength: e.Strength}
 	}
 	return out
 }
@@ -310,8 +311,8 @@ func (c *Coordinator) factorDescriptors(model string, fs []registry.Factors) ([]
 	var out []*pluginv1.TensorDescriptor
 	for _, f := range fs {
 		for _, t := range []*registry.Tensor{
-			{Name: factorA(f.Weight), DType: "F32", Shape: []int64{int64(f.Rank), int64(f.In)}, Region: f.A, NBytes: uint64(4 * f.Rank * f.In)},
-			{Name: factorB(f.Weight), DType: "F32", Shape: []int64{int64(f.Out), int64(f.Rank)}, Region: f.B, NBytes: uint64(4 * f.Out * f.Rank)},
+			{Name: lorawire.FactorA(f.Weight), DType: "F32", Shape: []int64{int64(f.Rank), int64(f.In)}, Region: f.A, NBytes: uint64(4 * f.Rank * f.In)},
+			{Name: lorawire.FactorB(f.Weight), DType: "F32", Shape: []int64{int64(f.Out), int64(f.Rank)}, Region: f.B, NBytes: uint64(4 * f.Out * f.Rank)},
 		} {
 			d, err := registry.DescriptorOf(c.mem, model, t, pluginv1.Access_ACCESS_READ_WRITE)
 			if err != nil {
@@ -367,8 +368,8 @@ func (c *Coordinator) setStrengths(ctx context.Context, ms *modelState, req Requ
 	for i, e := range req.LoRAs {
 		strengths[i] = e.Strength
 	}
-	var out setStrengthsResult
-	if _, err := c.call(ctx, "set_strengths", setStrengthsArgs{Model: req.Model, Strengths: strengths}, ds, &out); err != nil {
+	var out lorawire.SetStrengthsResult
+	if _, err := c.call(ctx, "set_strengths", lorawire.SetStrengthsArgs{Model: req.Model, Strengths: strengths}, ds, &out); err != nil {
 		return fail(err)
 	}
 	gen, err := c.bindings.Swap(req.Model, fresh)
@@ -393,8 +394,8 @@ func regionFromProto(r *pluginv1.Region) arena.Region {
 }
 
 func (c *Coordinator) applySide(ctx context.Context, ms *modelState, req Request) error {
-	var out applyResult
-	rep, err := c.call(ctx, "apply", applyArgs{Model: req.Model, LoRAs: specs(req.LoRAs), Mode: ModeSide, Strict: req.Strict}, nil, &out)
+	var out lorawire.ApplyResult
+	rep, err := c.call(ctx, "apply", lorawire.ApplyArgs{Model: req.Model, LoRAs: specs(req.LoRAs), Mode: ModeSide, Strict: req.Strict}, nil, &out)
 	var returned []arena.Region
 	if rep != nil {
 		for _, d := range rep.Tensors {
@@ -582,12 +583,12 @@ func (c *Coordinator) restoreAll(ms *modelState) error {
 }
 
 func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request) error {
-	args := applyArgs{Model: req.Model, LoRAs: specs(req.LoRAs), Mode: ModeFuse, Strict: req.Strict, TileElems: req.TileElems}
-	var plan planResult
+	args := lorawire.ApplyArgs{Model: req.Model, LoRAs: specs(req.LoRAs), Mode: ModeFuse, Strict: req.Strict, TileElems: req.TileElems}
+	var plan lorawire.PlanResult
 	if _, err := c.call(ctx, "plan", args, nil, &plan); err != nil {
 		return fmt.Errorf("apply fuse: %w", err)
 	}
-	var out applyResult
+	var out lorawire.ApplyResult
 	err := c.reg.WriteLocked(req.Model, func(m *registry.Model) error {
 		// 1. Journal the weights fused for the first time; snapshot the
 		// ones fused already, so a failure can put back exactly what the
@@ -678,7 +679,7 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 		if _, err := c.bindings.Swap(req.Model, nil); err != nil {
 			c.log.Warn("lora: free side factors after fuse", "model", req.Model, "err", err)
 		}
-		if _, err := c.call(ctx, "remove", removeArgs{Model: req.Model}, nil, nil); err != nil {
+		if _, err := c.call(ctx, "remove", lorawire.RemoveArgs{Model: req.Model}, nil, nil); err != nil {
 			c.log.Warn("lora: drop side plan", "model", req.Model, "err", err)
 		}
 	}
@@ -708,8 +709,8 @@ func (c *Coordinator) fuseDescriptors(m *registry.Model, journal map[string]jour
 		out = append(out, d)
 		e := journal[w]
 		for _, t := range []*registry.Tensor{
-			{Name: journalPacked(w), DType: "U8", Shape: []int64{int64(qw.Packed.NBytes)}, Region: e.packed, NBytes: qw.Packed.NBytes},
-			{Name: journalAbsmax(w), DType: "U8", Shape: []int64{int64(qw.Absmax.NBytes)}, Region: e.absmax, NBytes: qw.Absmax.NBytes},
+			{Name: lorawire.JournalPacked(w), DType: "U8", Shape: []int64{int64(qw.Packed.NBytes)}, Region: e.packed, NBytes: qw.Packed.NBytes},
+			{Name: lorawire.JournalAbsmax(w), DType: "U8", Shape: []int64{int64(qw.Absmax.NBytes)}, Region: e.absmax, NBytes: qw.Absmax.NBytes},
 		} {
 			d, err := registry.DescriptorOf(c.mem, m.Name, t, pluginv1.Access_ACCESS_READ_ONLY)
 			if err != nil {
@@ -743,7 +744,7 @@ func (c *Coordinator) remove(ctx context.Context, ms *modelState, start time.Tim
 		if _, err := c.bindings.Swap(ms.state.Model, nil); err != nil {
 			return nil, fmt.Errorf("remove: free side factors: %w", err)
 		}
-		if _, err := c.call(ctx, "remove", removeArgs{Model: ms.state.Model}, nil, nil); err != nil {
+		if _, err := c.call(ctx, "remove", lorawire.RemoveArgs{Model: ms.state.Model}, nil, nil); err != nil {
 			c.log.Warn("lora: drop side plan", "model", ms.state.Model, "err", err)
 		}
 	case ModeFuse:

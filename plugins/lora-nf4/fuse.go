@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"github.com/arenahost/arenahost/shared/lora/lorawire"
 	"sort"
 	"strings"
 	"time"
@@ -139,10 +140,10 @@ func (j callJournal) Layers() []string {
 	return out
 }
 
-func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args ApplyArgs) (ApplyResult, error) {
+func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs) (lorawire.ApplyResult, error) {
 	m, p, err := e.build(ctx, c, args)
 	if err != nil {
-		return ApplyResult{}, err
+		return lorawire.ApplyResult{}, err
 	}
 	qt, dt := nf4.QuantType(""), nf4.DType("")
 	for _, sl := range p.Layers {
@@ -153,10 +154,10 @@ func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args ApplyArgs) (Ap
 		// (and so PEFT's merge) does.
 		ldt, ok := logicalDType[d.GetQuant().GetDtype()]
 		if !ok {
-			return ApplyResult{}, fmt.Errorf("weight %s: logical dtype %v: want BF16, F16 or F32: %w", d.GetName(), d.GetQuant().GetDtype(), sdk.ErrFailedPrecondition)
+			return lorawire.ApplyResult{}, fmt.Errorf("weight %s: logical dtype %v: want BF16, F16 or F32: %w", d.GetName(), d.GetQuant().GetDtype(), sdk.ErrFailedPrecondition)
 		}
 		if (qt != "" && t != qt) || (dt != "" && ldt != dt) {
-			return ApplyResult{}, fmt.Errorf("weight %s is %s %s but others are %s %s: fuse one quant type and dtype at a time: %w",
+			return lorawire.ApplyResult{}, fmt.Errorf("weight %s is %s %s but others are %s %s: fuse one quant type and dtype at a time: %w",
 				d.GetName(), t, ldt, qt, dt, sdk.ErrFailedPrecondition)
 		}
 		qt, dt = t, ldt
@@ -166,16 +167,16 @@ func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args ApplyArgs) (Ap
 	}
 	codec, err := lora.NewNF4Codec(qt, dt)
 	if err != nil {
-		return ApplyResult{}, fmt.Errorf("%w: %w", err, sdk.ErrFailedPrecondition)
+		return lorawire.ApplyResult{}, fmt.Errorf("%w: %w", err, sdk.ErrFailedPrecondition)
 	}
 	store := callStore{c: c, mapper: e.mapper, delay: e.delay, ctx: ctx}
 	if err := lora.Fuse(ctx, p, store, codec, newCallJournal(c), lora.FuseOptions{TileElems: args.TileElems}); err != nil {
-		return ApplyResult{}, err
+		return lorawire.ApplyResult{}, err
 	}
 	e.mu.Lock()
 	delete(e.plans, modelName(args.Model)) // the side plan, if any, is no longer what the model holds
 	e.mu.Unlock()
-	res := ApplyResult{Report: p.Report}
+	res := lorawire.ApplyResult{Report: p.Report}
 	for _, sl := range p.Layers {
 		res.Fused = append(res.Fused, sl.Name+".weight")
 	}

@@ -3,7 +3,7 @@
 // shared/lora, in side mode (exact factors A_cat/B_cat in host regions,
 // bound to the layers by the host) or fuse mode (the NF4 bytes rewritten in
 // place, journaled by the host first). Its methods and their msgpack
-// arguments are in methods.go and wire.go; this file only wires them up.
+// arguments are in methods.go and shared/lora/lorawire; this file only wires them up.
 package main
 
 import (

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"github.com/arenahost/arenahost/shared/lora/lorawire"
 	"os"
 	"path/filepath"
 	"testing"
@@ -54,8 +55,8 @@ func TestInspectSampleLoRAs(t *testing.T) {
 	writeLoRA(t, paths[0], "lora_unet_double_blocks_0_img_attn_qkv", ".lora_down.weight", ".lora_up.weight", 8, 768, 256, 4)
 	writeLoRA(t, paths[1], "transformer.transformer_blocks.0.attn.to_q", ".lora_A.weight", ".lora_B.weight", 4, 256, 256, 4)
 	p := plugintest.Start(t, plugintest.Config{Cmd: []string{build(t)}})
-	var res InspectResult
-	if err := invoke(t, p, "inspect", InspectArgs{Paths: paths}, &res); err != nil {
+	var res lorawire.InspectResult
+	if err := invoke(t, p, "inspect", lorawire.InspectArgs{Paths: paths}, &res); err != nil {
 		t.Fatal(err)
 	}
 	want := []struct {
@@ -90,10 +91,10 @@ func TestBadArguments(t *testing.T) {
 		args   any
 		code   codes.Code
 	}{
-		"inspect truncated":        {"inspect", InspectArgs{Paths: []string{trunc}}, codes.InvalidArgument},
-		"set_strengths, no plan":   {"set_strengths", SetStrengthsArgs{Model: "m", Strengths: []float64{1}}, codes.FailedPrecondition},
-		"apply with an odd mode":   {"apply", ApplyArgs{Mode: "bake"}, codes.InvalidArgument},
-		"remove with nothing held": {"remove", RemoveArgs{Model: "m"}, codes.OK},
+		"inspect truncated":        {"inspect", lorawire.InspectArgs{Paths: []string{trunc}}, codes.InvalidArgument},
+		"set_strengths, no plan":   {"set_strengths", lorawire.SetStrengthsArgs{Model: "m", Strengths: []float64{1}}, codes.FailedPrecondition},
+		"apply with an odd mode":   {"apply", lorawire.ApplyArgs{Mode: "bake"}, codes.InvalidArgument},
+		"remove with nothing held": {"remove", lorawire.RemoveArgs{Model: "m"}, codes.OK},
 	} {
 		err := invoke(t, p, c.method, c.args, nil)
 		if status.Code(err) != c.code {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/arenahost/arenahost/shared/lora/lorawire"
 	"math"
 	"os"
 	"path/filepath"
@@ -106,7 +107,7 @@ func loadModel(ctx context.Context, c *sdk.Call, name string) (*model, error) {
 
 // mapSet parses and maps every LoRA of the set; under strict, any
 // unmatched key is an error naming the file and key.
-func mapSet(m *lora.Model, specs []LoRASpec, strict bool) ([]*lora.Mapping, []float64, error) {
+func mapSet(m *lora.Model, specs []lorawire.LoRASpec, strict bool) ([]*lora.Mapping, []float64, error) {
 	if len(specs) == 0 {
 		return nil, nil, fmt.Errorf("no LoRA given: %w", sdk.ErrInvalidArgument)
 	}
@@ -135,33 +136,33 @@ func mapSet(m *lora.Model, specs []LoRASpec, strict bool) ([]*lora.Mapping, []fl
 	return maps, strengths, nil
 }
 
-func (e *engine) inspect(ctx context.Context, c *sdk.Call, args InspectArgs) (InspectResult, error) {
+func (e *engine) inspect(ctx context.Context, c *sdk.Call, args lorawire.InspectArgs) (lorawire.InspectResult, error) {
 	var m *model
 	if args.Model != "" {
 		var err error
 		if m, err = loadModel(ctx, c, args.Model); err != nil {
-			return InspectResult{}, err
+			return lorawire.InspectResult{}, err
 		}
 	}
-	var out InspectResult
+	var out lorawire.InspectResult
 	for _, p := range args.Paths {
 		f, err := lora.Parse(p)
 		if err != nil {
-			return InspectResult{}, fmt.Errorf("%w: %w", err, sdk.ErrInvalidArgument)
+			return lorawire.InspectResult{}, fmt.Errorf("%w: %w", err, sdk.ErrInvalidArgument)
 		}
-		fi := FileInfo{Path: p, Format: f.Format, Meta: f.Meta, Unknown: f.Unknown}
+		fi := lorawire.FileInfo{Path: p, Format: f.Format, Meta: f.Meta, Unknown: f.Unknown}
 		seen := map[lora.NetType]bool{}
 		for _, mod := range f.Modules {
 			if !seen[mod.Type] {
 				seen[mod.Type] = true
 				fi.Types = append(fi.Types, mod.Type)
 			}
-			fi.Modules = append(fi.Modules, ModuleInfo{Key: mod.Key, Type: mod.Type, Rank: mod.Rank, Alpha: mod.Alpha, Scale: mod.Scale, Out: mod.Out, In: mod.In})
+			fi.Modules = append(fi.Modules, lorawire.ModuleInfo{Key: mod.Key, Type: mod.Type, Rank: mod.Rank, Alpha: mod.Alpha, Scale: mod.Scale, Out: mod.Out, In: mod.In})
 		}
 		if m != nil {
 			mp, err := m.lm.Map(f)
 			if err != nil {
-				return InspectResult{}, fmt.Errorf("%w: %w", err, sdk.ErrInvalidArgument)
+				return lorawire.InspectResult{}, fmt.Errorf("%w: %w", err, sdk.ErrInvalidArgument)
 			}
 			fi.Targets, fi.Unmatched = targetWeights(mp), mp.Unmatched
 		}
@@ -187,17 +188,17 @@ func targetWeights(maps ...*lora.Mapping) []string {
 	return out
 }
 
-func (e *engine) planMethod(ctx context.Context, c *sdk.Call, args ApplyArgs) (PlanResult, error) {
+func (e *engine) planMethod(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs) (lorawire.PlanResult, error) {
 	m, err := loadModel(ctx, c, args.Model)
 	if err != nil {
-		return PlanResult{}, err
+		return lorawire.PlanResult{}, err
 	}
 	maps, strengths, err := mapSet(m.lm, args.LoRAs, args.Strict)
 	if err != nil {
-		return PlanResult{}, err
+		return lorawire.PlanResult{}, err
 	}
 	_ = strengths
-	return PlanResult{Weights: targetWeights(maps...)}, nil
+	return lorawire.PlanResult{Weights: targetWeights(maps...)}, nil
 }
 
 // baseWeights dequantizes a layer from the host's bytes (DoRA needs W) as
@@ -264,17 +265,17 @@ func weightData(c *sdk.Call, d *pluginv1.TensorDescriptor) (nf4.QuantState, nf4.
 	return st, data, nil
 }
 
-func (e *engine) apply(ctx context.Context, c *sdk.Call, args ApplyArgs) (ApplyResult, error) {
+func (e *engine) apply(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs) (lorawire.ApplyResult, error) {
 	switch args.Mode {
-	case "", ModeSide:
+	case "", lorawire.ModeSide:
 		return e.applySide(ctx, c, args)
-	case ModeFuse:
+	case lorawire.ModeFuse:
 		return e.applyFuse(ctx, c, args)
 	}
-	return ApplyResult{}, fmt.Errorf("mode %q: want side or fuse: %w", args.Mode, sdk.ErrInvalidArgument)
+	return lorawire.ApplyResult{}, fmt.Errorf("mode %q: want side or fuse: %w", args.Mode, sdk.ErrInvalidArgument)
 }
 
-func (e *engine) build(ctx context.Context, c *sdk.Call, args ApplyArgs) (*model, *lora.Plan, error) {
+func (e *engine) build(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs) (*model, *lora.Plan, error) {
 	m, err := loadModel(ctx, c, args.Model)
 	if err != nil {
 		return nil, nil, err
@@ -334,10 +335,10 @@ func writeBCols(dst []float32, sl *lora.SideLayer, c0, c1 int) {
 	}
 }
 
-func (e *engine) applySide(ctx context.Context, c *sdk.Call, args ApplyArgs) (res ApplyResult, err error) {
+func (e *engine) applySide(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs) (res lorawire.ApplyResult, err error) {
 	_, p, err := e.build(ctx, c, args)
 	if err != nil {
-		return ApplyResult{}, err
+		return lorawire.ApplyResult{}, err
 	}
 	var allocated []*pluginv1.Region
 	defer func() {
@@ -353,29 +354,29 @@ func (e *engine) applySide(ctx context.Context, c *sdk.Call, args ApplyArgs) (re
 			continue
 		}
 		w := sl.Name + ".weight"
-		a, err := c.Host().Allocate(ctx, FactorA(w), pluginv1.DType_DTYPE_F32, []int64{int64(rr), int64(sl.In)})
+		a, err := c.Host().Allocate(ctx, lorawire.FactorA(w), pluginv1.DType_DTYPE_F32, []int64{int64(rr), int64(sl.In)})
 		if err != nil {
-			return ApplyResult{}, fmt.Errorf("layer %s: allocate A_cat [%d %d]: %w", sl.Name, rr, sl.In, err)
+			return lorawire.ApplyResult{}, fmt.Errorf("layer %s: allocate A_cat [%d %d]: %w", sl.Name, rr, sl.In, err)
 		}
 		allocated = append(allocated, a.GetRegion())
-		b, err := c.Host().Allocate(ctx, FactorB(w), pluginv1.DType_DTYPE_F32, []int64{int64(sl.Out), int64(rr)})
+		b, err := c.Host().Allocate(ctx, lorawire.FactorB(w), pluginv1.DType_DTYPE_F32, []int64{int64(sl.Out), int64(rr)})
 		if err != nil {
-			return ApplyResult{}, fmt.Errorf("layer %s: allocate B_cat [%d %d]: %w", sl.Name, sl.Out, rr, err)
+			return lorawire.ApplyResult{}, fmt.Errorf("layer %s: allocate B_cat [%d %d]: %w", sl.Name, sl.Out, rr, err)
 		}
 		allocated = append(allocated, b.GetRegion())
 		av, err := c.Float32s(a)
 		if err != nil {
-			return ApplyResult{}, err
+			return lorawire.ApplyResult{}, err
 		}
 		bv, err := c.Float32s(b)
 		if err != nil {
-			return ApplyResult{}, err
+			return lorawire.ApplyResult{}, err
 		}
 		writeA(av, sl)
 		writeBCols(bv, sl, 0, rr)
 		out = append(out, a, b)
 		ranks[w] = rr
-		res.Factors = append(res.Factors, Factor{Weight: w, A: a.GetName(), B: b.GetName(), Rank: rr, Out: sl.Out, In: sl.In})
+		res.Factors = append(res.Factors, lorawire.Factor{Weight: w, A: a.GetName(), B: b.GetName(), Rank: rr, Out: sl.Out, In: sl.In})
 	}
 	p.Report.SideBytes = 0
 	for _, f := range res.Factors {
@@ -397,20 +398,20 @@ func (e *engine) applySide(ctx context.Context, c *sdk.Call, args ApplyArgs) (re
 // restarted, or the set was applied in fuse mode): apply the set again.
 var ErrNoPlan = errors.New("no side plan held for this model; apply the set again")
 
-func (e *engine) setStrengths(ctx context.Context, c *sdk.Call, args SetStrengthsArgs) (SetStrengthsResult, error) {
+func (e *engine) setStrengths(ctx context.Context, c *sdk.Call, args lorawire.SetStrengthsArgs) (lorawire.SetStrengthsResult, error) {
 	e.mu.Lock()
 	sp := e.plans[modelName(args.Model)]
 	e.mu.Unlock()
 	if sp == nil {
-		return SetStrengthsResult{}, fmt.Errorf("model %s: %w: %w", modelName(args.Model), ErrNoPlan, sdk.ErrFailedPrecondition)
+		return lorawire.SetStrengthsResult{}, fmt.Errorf("model %s: %w: %w", modelName(args.Model), ErrNoPlan, sdk.ErrFailedPrecondition)
 	}
 	p := sp.plan
 	if len(args.Strengths) != len(p.Strengths) {
-		return SetStrengthsResult{}, fmt.Errorf("%d strengths for a set of %d LoRAs: %w", len(args.Strengths), len(p.Strengths), sdk.ErrInvalidArgument)
+		return lorawire.SetStrengthsResult{}, fmt.Errorf("%d strengths for a set of %d LoRAs: %w", len(args.Strengths), len(p.Strengths), sdk.ErrInvalidArgument)
 	}
 	for i, s := range args.Strengths {
 		if math.IsNaN(s) || math.IsInf(s, 0) {
-			return SetStrengthsResult{}, fmt.Errorf("lora %s: strength %v: %w", filepath.Base(sp.paths[i]), s, sdk.ErrInvalidArgument)
+			return lorawire.SetStrengthsResult{}, fmt.Errorf("lora %s: strength %v: %w", filepath.Base(sp.paths[i]), s, sdk.ErrInvalidArgument)
 		}
 	}
 	// Map every bound factor first, so a bad descriptor changes nothing.
@@ -422,20 +423,20 @@ func (e *engine) setStrengths(ctx context.Context, c *sdk.Call, args SetStrength
 			continue
 		}
 		var v [2][]float32
-		for k, name := range []string{FactorA(w), FactorB(w)} {
+		for k, name := range []string{lorawire.FactorA(w), lorawire.FactorB(w)} {
 			d, err := c.Input(name)
 			if err != nil {
-				return SetStrengthsResult{}, err
+				return lorawire.SetStrengthsResult{}, err
 			}
 			want := rr * sl.In
 			if k == 1 {
 				want = sl.Out * rr
 			}
 			if d.GetAccess() != pluginv1.Access_ACCESS_READ_WRITE || d.GetDtype() != pluginv1.DType_DTYPE_F32 || d.GetNbytes() != uint64(4*want) {
-				return SetStrengthsResult{}, fmt.Errorf("tensor %s: want read-write F32 of %d values: %w", name, want, sdk.ErrInvalidArgument)
+				return lorawire.SetStrengthsResult{}, fmt.Errorf("tensor %s: want read-write F32 of %d values: %w", name, want, sdk.ErrInvalidArgument)
 			}
 			if v[k], err = c.Float32s(d); err != nil {
-				return SetStrengthsResult{}, err
+				return lorawire.SetStrengthsResult{}, err
 			}
 		}
 		views[w] = v
@@ -447,7 +448,7 @@ func (e *engine) setStrengths(ctx context.Context, c *sdk.Call, args SetStrength
 		}
 		t, err := p.SetStrength(i, s)
 		if err != nil {
-			return SetStrengthsResult{}, err
+			return lorawire.SetStrengthsResult{}, err
 		}
 		touched = append(touched, t...)
 		for _, tc := range t {
@@ -461,13 +462,13 @@ func (e *engine) setStrengths(ctx context.Context, c *sdk.Call, args SetStrength
 			}
 		}
 	}
-	return SetStrengthsResult{Touched: touched, Report: p.Report}, nil
+	return lorawire.SetStrengthsResult{Touched: touched, Report: p.Report}, nil
 }
 
-func (e *engine) remove(_ context.Context, _ *sdk.Call, args RemoveArgs) (RemoveResult, error) {
+func (e *engine) remove(_ context.Context, _ *sdk.Call, args lorawire.RemoveArgs) (lorawire.RemoveResult, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	_, ok := e.plans[modelName(args.Model)]
 	delete(e.plans, modelName(args.Model))
-	return RemoveResult{Dropped: ok}, nil
+	return lorawire.RemoveResult{Dropped: ok}, nil
 }

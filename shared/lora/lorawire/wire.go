@@ -1,10 +1,13 @@
-package main
+// Package lorawire owns the contract between the host and the lora-nf4
+// plugin: the msgpack arguments and results of its methods and the names of
+// the tensors that travel with the calls. Both sides import it (the host
+// imports no plugin code, and plugins no host code), so they cannot drift.
+package lorawire
 
 import "github.com/arenahost/arenahost/shared/lora"
 
-// The msgpack arguments and results of the plugin's methods. The host keeps
-// a copy of these types in host/lora (plugins and host share no package but
-// shared/); the tests there run against this binary, so a drift fails them.
+// PluginName is the plugin the host's LoRA coordinator calls by default.
+const PluginName = "lora-nf4"
 
 // Modes of apply.
 const (
