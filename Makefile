@@ -97,8 +97,8 @@ lint: ## gofmt and go vet
 
 CUDA_ENV = eval "$$(bash scripts/cuda-env.sh)"
 
-ptx: ## compile host/cuda/kernels/kernels.cu to the committed PTX (NVRTC + ptxas from PyPI, no GPU needed)
-	eval "$$(bash scripts/cuda-env.sh --ptx)"; .venv-cuda/bin/python host/cuda/kernels/build_ptx.py "$$CUDA_NVRTC" && "$$CUDA_PTXAS" -arch=sm_80 host/cuda/kernels/kernels.ptx -o /dev/null
+ptx: ## compile shared/gpu/kernels/kernels.cu to the committed PTX (NVRTC + ptxas from PyPI, no GPU needed)
+	eval "$$(bash scripts/cuda-env.sh --ptx)"; .venv-cuda/bin/python shared/gpu/kernels/build_ptx.py "$$CUDA_NVRTC" && "$$CUDA_PTXAS" -arch=sm_80 shared/gpu/kernels/kernels.ptx -o /dev/null
 
 cuda: ## build the CUDA variant and the GPU check (-tags cuda) against the PyPI CUDA 12 headers
 	@mkdir -p $(BIN)

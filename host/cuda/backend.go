@@ -11,20 +11,17 @@ import (
 	"sync"
 
 	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/shared/gpu"
 )
 
 // HandleSize is the size of a CUipcMemHandle (CU_IPC_HANDLE_SIZE).
-const HandleSize = 64
+const HandleSize = gpu.HandleSize
 
 // DevicePtr is a device address (CUdeviceptr).
-type DevicePtr uint64
+type DevicePtr = gpu.DevicePtr
 
 // Slab is one device allocation made by an Allocator.
-type Slab struct {
-	Ptr    DevicePtr
-	Size   uint64
-	Handle [HandleSize]byte // cuIpcGetMemHandle of Ptr, the allocation's base
-}
+type Slab = gpu.Slab
 
 // Allocator is the device memory under a Backend. The cuda build's
 // DeviceAllocator uses cuMemAlloc and cuIpcGetMemHandle; tests use a fake

@@ -12,6 +12,7 @@ import (
 
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/shared/gpu"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
@@ -77,14 +78,14 @@ func TestSlabErrors(t *testing.T) {
 		t.Fatal("nil slab accepted")
 	}
 	s, _ := SlabProto(testLocation())
-	if _, _, err := RegionAddr(&pluginv1.Region{Segment: &pluginv1.Region_Cuda{Cuda: s}, Offset: 64<<20 - 8, Length: 16}); err == nil ||
+	if _, _, err := gpu.RegionAddr(&pluginv1.Region{Segment: &pluginv1.Region_Cuda{Cuda: s}, Offset: 64<<20 - 8, Length: 16}); err == nil ||
 		!strings.Contains(err.Error(), "past the slab") {
 		t.Fatalf("region past the slab: %v", err)
 	}
-	if _, off, err := RegionAddr(&pluginv1.Region{Segment: &pluginv1.Region_Cuda{Cuda: s}, Offset: 4096, Length: 16}); err != nil || off != 4096 {
+	if _, off, err := gpu.RegionAddr(&pluginv1.Region{Segment: &pluginv1.Region_Cuda{Cuda: s}, Offset: 4096, Length: 16}); err != nil || off != 4096 {
 		t.Fatalf("region: %d %v", off, err)
 	}
-	if _, _, err := RegionAddr(&pluginv1.Region{Segment: &pluginv1.Region_Cpu{Cpu: &pluginv1.CPUSegment{Id: 1}}}); err == nil {
+	if _, _, err := gpu.RegionAddr(&pluginv1.Region{Segment: &pluginv1.Region_Cpu{Cpu: &pluginv1.CPUSegment{Id: 1}}}); err == nil {
 		t.Fatal("cpu region accepted")
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/shared/gpu"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
@@ -44,7 +45,7 @@ func cudaRegion(t *testing.T, loc arena.Location, off, n uint64) *pluginv1.Regio
 
 func TestSlabCache(t *testing.T) {
 	f := &fakeOpener{opens: map[[HandleSize]byte]DevicePtr{}}
-	c := NewSlabCache(f)
+	c := gpu.NewSlabCache(f)
 	a := testLocation()
 	b := testLocation()
 	b.SegmentID, b.IPCHandle = 6, append([]byte(nil), a.IPCHandle...)
@@ -82,7 +83,7 @@ func TestSlabCache(t *testing.T) {
 		t.Fatal("use after close")
 	}
 	f2 := &fakeOpener{opens: map[[HandleSize]byte]DevicePtr{}, fail: true}
-	if _, err := NewSlabCache(f2).Addr(cudaRegion(t, a, 0, 16)); err == nil || !strings.Contains(err.Error(), "slab 5 of host 4321: open") {
+	if _, err := gpu.NewSlabCache(f2).Addr(cudaRegion(t, a, 0, 16)); err == nil || !strings.Contains(err.Error(), "slab 5 of host 4321: open") {
 		t.Fatalf("open failure: %v", err)
 	}
 }

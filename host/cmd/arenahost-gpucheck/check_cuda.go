@@ -7,7 +7,7 @@ import (
 	"math"
 	"math/rand/v2"
 
-	"github.com/arenahost/arenahost/host/cuda"
+	"github.com/arenahost/arenahost/shared/gpu"
 	"github.com/arenahost/arenahost/shared/half"
 	"github.com/arenahost/arenahost/shared/lora"
 	"github.com/arenahost/arenahost/shared/nf4"
@@ -58,18 +58,18 @@ func sameBits(a, b []float32) int64 {
 	return s
 }
 
-func checkKernels(dev *cuda.Device, r *Report) error {
+func checkKernels(dev *gpu.Device, r *Report) error {
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, c := range []struct {
 		n, bs, dtype int
 		zero         bool
 	}{
-		{1001, 64, cuda.DTypeF32, true},
-		{65, 32, cuda.DTypeF32, false},
-		{1<<20 + 3, 64, cuda.DTypeF32, true},
-		{100_000, 128, cuda.DTypeBF16, true},
-		{4097, 4096, cuda.DTypeF32, false},
-		{333, 256, cuda.DTypeF16, true},
+		{1001, 64, gpu.DTypeF32, true},
+		{65, 32, gpu.DTypeF32, false},
+		{1<<20 + 3, 64, gpu.DTypeF32, true},
+		{100_000, 128, gpu.DTypeBF16, true},
+		{4097, 4096, gpu.DTypeF32, false},
+		{333, 256, gpu.DTypeF16, true},
 	} {
 		if err := checkQuantize(dev, r, rng, c.n, c.bs, c.dtype, c.zero); err != nil {
 			return err
@@ -88,20 +88,20 @@ func checkKernels(dev *cuda.Device, r *Report) error {
 	return checkSide(dev, r, rng)
 }
 
-var dtypeNames = map[int]string{cuda.DTypeF32: "f32", cuda.DTypeBF16: "bf16", cuda.DTypeF16: "f16"}
+var dtypeNames = map[int]string{gpu.DTypeF32: "f32", gpu.DTypeBF16: "bf16", gpu.DTypeF16: "f16"}
 
-func checkQuantize(dev *cuda.Device, r *Report, rng *rand.Rand, n, bs, dtype int, zero bool) error {
+func checkQuantize(dev *gpu.Device, r *Report, rng *rand.Rand, n, bs, dtype int, zero bool) error {
 	p := newPool(dev)
 	defer p.free()
 	src := randWeights(rng, n, bs, zero)
 	var raw []byte
 	switch dtype {
-	case cuda.DTypeF32:
+	case gpu.DTypeF32:
 		raw = f32Bytes(src)
-	case cuda.DTypeBF16, cuda.DTypeF16:
+	case gpu.DTypeBF16, gpu.DTypeF16:
 		h := make([]uint16, n)
 		for i, v := range src {
-			if dtype == cuda.DTypeBF16 {
+			if dtype == gpu.DTypeBF16 {
 				h[i] = half.F32ToBF16(v)
 				src[i] = half.BF16ToF32(h[i])
 			} else {
@@ -148,7 +148,7 @@ func checkQuantize(dev *cuda.Device, r *Report, rng *rand.Rand, n, bs, dtype int
 		IdenticalOK(same, int64(n)) && IdenticalOK(sameA, int64(nb)))
 
 	// Dequantize the CPU's encoding to f32 and bf16.
-	for _, odt := range []int{cuda.DTypeF32, cuda.DTypeBF16} {
+	for _, odt := range []int{gpu.DTypeF32, gpu.DTypeBF16} {
 		dP2, err := p.put(wantP)
 		if err != nil {
 			return err
@@ -159,7 +159,7 @@ func checkQuantize(dev *cuda.Device, r *Report, rng *rand.Rand, n, bs, dtype int
 		}
 		size := 4
 		want := make([]byte, 4*n)
-		if odt == cuda.DTypeBF16 {
+		if odt == gpu.DTypeBF16 {
 			size = 2
 			want = want[:2*n]
 			nf4.DequantizeTo(want, nf4.BFloat16, wantP, wantA, &nf4.NF4, n, bs)
@@ -188,7 +188,7 @@ func checkQuantize(dev *cuda.Device, r *Report, rng *rand.Rand, n, bs, dtype int
 	return nil
 }
 
-func checkNested(dev *cuda.Device, r *Report, rng *rand.Rand) error {
+func checkNested(dev *gpu.Device, r *Report, rng *rand.Rand) error {
 	p := newPool(dev)
 	defer p.free()
 	const nb = 256*7 + 45 // a partial last nested block
@@ -218,7 +218,7 @@ func checkNested(dev *cuda.Device, r *Report, rng *rand.Rand) error {
 	if err != nil {
 		return err
 	}
-	nested := cuda.Nested{Q: dQ, Absmax: dN, Map: dMap, Offset: offset}
+	nested := gpu.Nested{Q: dQ, Absmax: dN, Map: dMap, Offset: offset}
 	if err := dev.NestedQuantize(dAbs, nb, nested); err != nil {
 		return err
 	}
@@ -253,7 +253,7 @@ func checkNested(dev *cuda.Device, r *Report, rng *rand.Rand) error {
 	if err != nil {
 		return err
 	}
-	if err := dev.NestedDequantize(cuda.Nested{Q: dQ2, Absmax: dN2, Map: dMap, Offset: offset}, nb, dOut); err != nil {
+	if err := dev.NestedDequantize(gpu.Nested{Q: dQ2, Absmax: dN2, Map: dMap, Offset: offset}, nb, dOut); err != nil {
 		return err
 	}
 	got, err := p.getF32(dOut, nb)
@@ -279,7 +279,7 @@ func checkNested(dev *cuda.Device, r *Report, rng *rand.Rand) error {
 	return nil
 }
 
-func checkFuse(dev *cuda.Device, r *Report, rng *rand.Rand, out, in, bs, rank int) error {
+func checkFuse(dev *gpu.Device, r *Report, rng *rand.Rand, out, in, bs, rank int) error {
 	p := newPool(dev)
 	defer p.free()
 	n := out * in
@@ -324,7 +324,7 @@ func checkFuse(dev *cuda.Device, r *Report, rng *rand.Rand, out, in, bs, rank in
 	if err != nil {
 		return err
 	}
-	if err := dev.Fuse(cuda.FuseLayer{Packed: dP, Absmax: dA, Out: out, In: in, Blocksize: bs, A: dFa, B: dFb, Rank: rank}); err != nil {
+	if err := dev.Fuse(gpu.FuseLayer{Packed: dP, Absmax: dA, Out: out, In: in, Blocksize: bs, A: dFa, B: dFb, Rank: rank}); err != nil {
 		return err
 	}
 	gotP, err := p.get(dP, len(packed))
@@ -335,7 +335,7 @@ func checkFuse(dev *cuda.Device, r *Report, rng *rand.Rand, out, in, bs, rank in
 	if err != nil {
 		return err
 	}
-	plan, _ := cuda.PlanFuse(cuda.FuseShape{Out: out, In: in, Blocksize: bs, Rank: rank})
+	plan, _ := gpu.PlanFuse(gpu.FuseShape{Out: out, In: in, Blocksize: bs, Rank: rank})
 	s, sa := sameCodes(gotP, wantP, n), sameBits(gotA, wantA)
 	how := fmt.Sprintf("%s, tile %d×%d", plan.Kernel, plan.TileRows, plan.TileCols)
 	if plan.Kernel == "nf4_fuse" {
@@ -346,7 +346,7 @@ func checkFuse(dev *cuda.Device, r *Report, rng *rand.Rand, out, in, bs, rank in
 	return nil
 }
 
-func checkSide(dev *cuda.Device, r *Report, rng *rand.Rand) error {
+func checkSide(dev *gpu.Device, r *Report, rng *rand.Rand) error {
 	p := newPool(dev)
 	defer p.free()
 	const out, in, rr, rank, col = 333, 129, 16, 48, 16
@@ -374,10 +374,10 @@ func checkSide(dev *cuda.Device, r *Report, rng *rand.Rand) error {
 	if err != nil {
 		return err
 	}
-	if err := dev.SideCols(dB, cuda.DTypeBF16, 0, out, rr, scale, dBcat, 0, rank, col); err != nil {
+	if err := dev.SideCols(dB, gpu.DTypeBF16, 0, out, rr, scale, dBcat, 0, rank, col); err != nil {
 		return err
 	}
-	if err := dev.SideRows(dA, cuda.DTypeBF16, rr*in, 1, dAcat+cuda.DevicePtr(4*col*in)); err != nil {
+	if err := dev.SideRows(dA, gpu.DTypeBF16, rr*in, 1, dAcat+gpu.DevicePtr(4*col*in)); err != nil {
 		return err
 	}
 	gotB, err := p.getF32(dBcat, out*rank)

@@ -15,6 +15,7 @@ import (
 
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/cuda"
+	"github.com/arenahost/arenahost/shared/gpu"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
@@ -33,7 +34,7 @@ type ipcRequest struct {
 
 const ipcCount = 1 << 16
 
-func checkIPC(ctx context.Context, dev *cuda.Device, r *Report, o options, log *slog.Logger) error {
+func checkIPC(ctx context.Context, dev *gpu.Device, r *Report, o options, log *slog.Logger) error {
 	a, backend, err := cuda.NewArena(ctx, dev, arena.Config{Capacity: 256 << 20, SegmentSize: 64 << 20, Logger: log})
 	if err != nil {
 		return err
@@ -64,7 +65,7 @@ func checkIPC(ctx context.Context, dev *cuda.Device, r *Report, o options, log *
 	return nil
 }
 
-func ipcRound(ctx context.Context, dev *cuda.Device, a *arena.Arena, backend *cuda.Backend, r *Report, name string, gen uint64,
+func ipcRound(ctx context.Context, dev *gpu.Device, a *arena.Arena, backend *cuda.Backend, r *Report, name string, gen uint64,
 	mk func(ctx context.Context, req []byte) *exec.Cmd) error {
 	reg, err := a.Alloc(arena.HostOwner, "ipc-check", 8*ipcCount)
 	if err != nil {
@@ -83,10 +84,10 @@ func ipcRound(ctx context.Context, dev *cuda.Device, a *arena.Arena, backend *cu
 	for i := range vals {
 		vals[i] = float32(i) * 0.5
 	}
-	if err := dev.Upload(ctx, base+cuda.DevicePtr(reg.Offset), f32Bytes(vals)); err != nil {
+	if err := dev.Upload(ctx, base+gpu.DevicePtr(reg.Offset), f32Bytes(vals)); err != nil {
 		return err
 	}
-	if err := dev.Zero(base+cuda.DevicePtr(reg.Offset+4*ipcCount), 4*ipcCount); err != nil {
+	if err := dev.Zero(base+gpu.DevicePtr(reg.Offset+4*ipcCount), 4*ipcCount); err != nil {
 		return err
 	}
 	if err := dev.Sync(); err != nil { // the ordering point before handing out the descriptor
@@ -110,7 +111,7 @@ func ipcRound(ctx context.Context, dev *cuda.Device, a *arena.Arena, backend *cu
 		return fmt.Errorf("reader failed: %v: %s", err, lastLine(string(outb)))
 	}
 	got := make([]byte, 4*ipcCount)
-	if err := dev.Download(got, base+cuda.DevicePtr(reg.Offset+4*ipcCount)); err != nil {
+	if err := dev.Download(got, base+gpu.DevicePtr(reg.Offset+4*ipcCount)); err != nil {
 		return err
 	}
 	bad := 0
@@ -138,18 +139,18 @@ func ipcChild(args []string) int {
 		return 1
 	}
 	h, err := hex.DecodeString(req.Handle)
-	if err != nil || len(h) != cuda.HandleSize {
+	if err != nil || len(h) != gpu.HandleSize {
 		fmt.Println("bad handle")
 		return 1
 	}
-	dev, err := cuda.Open(req.Device)
+	dev, err := gpu.Open(req.Device)
 	if err != nil {
 		fmt.Println(err)
 		return 1
 	}
 	defer dev.Close()
 	// The plugin side: a slab cache opens the slab once and maps regions.
-	slabs := cuda.NewSlabCache(dev)
+	slabs := gpu.NewSlabCache(dev)
 	slab, err := cuda.SlabProto(arena.Location{Kind: arena.KindCUDA, SegmentID: req.Slab, Size: req.Size, HostPID: req.HostPID, IPCHandle: h, Device: req.Device})
 	if err != nil {
 		fmt.Println(err)

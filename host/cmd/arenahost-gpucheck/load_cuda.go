@@ -15,11 +15,12 @@ import (
 
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/cuda"
+	"github.com/arenahost/arenahost/shared/gpu"
 )
 
 // checkLoad loads a file straight into an arena region on the device
 // through a small pinned staging buffer (cuda.Loader) and reads it back.
-func checkLoad(ctx context.Context, dev *cuda.Device, r *Report, log *slog.Logger) error {
+func checkLoad(ctx context.Context, dev *gpu.Device, r *Report, log *slog.Logger) error {
 	const size, staging = 256 << 20, 16 << 20
 	dir, err := os.MkdirTemp("", "gpucheck")
 	if err != nil {
@@ -68,7 +69,7 @@ func checkLoad(ctx context.Context, dev *cuda.Device, r *Report, log *slog.Logge
 		return err
 	}
 	back := make([]byte, size)
-	if err := dev.Download(back, base+cuda.DevicePtr(reg.Offset)); err != nil {
+	if err := dev.Download(back, base+gpu.DevicePtr(reg.Offset)); err != nil {
 		return err
 	}
 	want, got := sha256.Sum256(data), sha256.Sum256(back)

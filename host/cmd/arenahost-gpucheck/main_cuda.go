@@ -11,7 +11,7 @@ import (
 	"os/signal"
 	"time"
 
-	"github.com/arenahost/arenahost/host/cuda"
+	"github.com/arenahost/arenahost/shared/gpu"
 )
 
 func main() {
@@ -47,7 +47,7 @@ func run() int {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 
 	start := time.Now()
-	dev, err := cuda.Open(o.device)
+	dev, err := gpu.Open(o.device)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "gpucheck:", err)
 		return 1

@@ -8,19 +8,19 @@ import (
 	"errors"
 	"math"
 
-	"github.com/arenahost/arenahost/host/cuda"
+	"github.com/arenahost/arenahost/shared/gpu"
 )
 
 // pool tracks the device buffers of one check so they are all freed.
 type pool struct {
-	dev   *cuda.Device
-	ptrs  []cuda.DevicePtr
+	dev   *gpu.Device
+	ptrs  []gpu.DevicePtr
 	bytes int64
 }
 
-func newPool(dev *cuda.Device) *pool { return &pool{dev: dev} }
+func newPool(dev *gpu.Device) *pool { return &pool{dev: dev} }
 
-func (p *pool) alloc(n int) (cuda.DevicePtr, error) {
+func (p *pool) alloc(n int) (gpu.DevicePtr, error) {
 	d, err := p.dev.MemAlloc(uint64(max(n, 1)))
 	if err != nil {
 		return 0, err
@@ -33,7 +33,7 @@ func (p *pool) alloc(n int) (cuda.DevicePtr, error) {
 	return d, nil
 }
 
-func (p *pool) put(b []byte) (cuda.DevicePtr, error) {
+func (p *pool) put(b []byte) (gpu.DevicePtr, error) {
 	d, err := p.alloc(len(b))
 	if err != nil {
 		return 0, err
@@ -41,14 +41,14 @@ func (p *pool) put(b []byte) (cuda.DevicePtr, error) {
 	return d, p.dev.Upload(context.Background(), d, b)
 }
 
-func (p *pool) putF32(v []float32) (cuda.DevicePtr, error) { return p.put(f32Bytes(v)) }
+func (p *pool) putF32(v []float32) (gpu.DevicePtr, error) { return p.put(f32Bytes(v)) }
 
-func (p *pool) get(d cuda.DevicePtr, n int) ([]byte, error) {
+func (p *pool) get(d gpu.DevicePtr, n int) ([]byte, error) {
 	b := make([]byte, n)
 	return b, p.dev.Download(b, d)
 }
 
-func (p *pool) getF32(d cuda.DevicePtr, n int) ([]float32, error) {
+func (p *pool) getF32(d gpu.DevicePtr, n int) ([]float32, error) {
 	b, err := p.get(d, 4*n)
 	if err != nil {
 		return nil, err

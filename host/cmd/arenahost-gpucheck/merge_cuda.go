@@ -12,7 +12,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/arenahost/arenahost/host/cuda"
+	"github.com/arenahost/arenahost/shared/gpu"
 	"github.com/arenahost/arenahost/shared/half"
 	"github.com/arenahost/arenahost/shared/layout"
 	"github.com/arenahost/arenahost/shared/nf4"
@@ -29,22 +29,22 @@ const (
 type benchLayer struct {
 	name             string
 	out, in, n, nb   int
-	packed, absmax   cuda.DevicePtr
-	jPacked, jAbsmax cuda.DevicePtr
-	acat, bcat       cuda.DevicePtr
-	srcA, srcB       [maxLoRAs]cuda.DevicePtr
-	nq, nabs         cuda.DevicePtr
+	packed, absmax   gpu.DevicePtr
+	jPacked, jAbsmax gpu.DevicePtr
+	acat, bcat       gpu.DevicePtr
+	srcA, srcB       [maxLoRAs]gpu.DevicePtr
+	nq, nabs         gpu.DevicePtr
 }
 
 // bump carves one device allocation into 256-byte aligned pieces.
 type bump struct {
-	base cuda.DevicePtr
+	base gpu.DevicePtr
 	size uint64
 	off  uint64
 }
 
-func (b *bump) take(n int) cuda.DevicePtr {
-	p := b.base + cuda.DevicePtr(b.off)
+func (b *bump) take(n int) gpu.DevicePtr {
+	p := b.base + gpu.DevicePtr(b.off)
 	b.off += (uint64(n) + 255) &^ 255
 	if b.off > b.size {
 		panic(fmt.Sprintf("gpucheck: bump overflow: %d > %d", b.off, b.size)) // sizes are computed just above; a bug, not input
@@ -54,8 +54,8 @@ func (b *bump) take(n int) cuda.DevicePtr {
 
 func align(n int) uint64 { return (uint64(n) + 255) &^ 255 }
 
-func benchMerge(ctx context.Context, dev *cuda.Device, r *Report, o options) error {
-	lin, err := cuda.BlockLinears(layout.FluxDev())
+func benchMerge(ctx context.Context, dev *gpu.Device, r *Report, o options) error {
+	lin, err := gpu.BlockLinears(layout.FluxDev())
 	if err != nil {
 		return err
 	}
@@ -134,9 +134,9 @@ func benchMerge(ctx context.Context, dev *cuda.Device, r *Report, o options) err
 			}
 		}
 	}
-	fill := func(dst cuda.DevicePtr, n int) error {
+	fill := func(dst gpu.DevicePtr, n int) error {
 		for done := 0; done < n; done += len(buf) {
-			if err := dev.Upload(ctx, dst+cuda.DevicePtr(done), buf[:min(len(buf), n-done)]); err != nil {
+			if err := dev.Upload(ctx, dst+gpu.DevicePtr(done), buf[:min(len(buf), n-done)]); err != nil {
 				return err
 			}
 		}
@@ -254,10 +254,10 @@ func benchMerge(ctx context.Context, dev *cuda.Device, r *Report, o options) err
 			q := dev.Queue()
 			for _, l := range layers {
 				for i := 0; i < k; i++ {
-					if err := q.SideRows(l.srcA[i], cuda.DTypeBF16, rank*l.in, 1, l.acat+cuda.DevicePtr(4*i*rank*l.in)); err != nil {
+					if err := q.SideRows(l.srcA[i], gpu.DTypeBF16, rank*l.in, 1, l.acat+gpu.DevicePtr(4*i*rank*l.in)); err != nil {
 						return err
 					}
-					if err := q.SideCols(l.srcB[i], cuda.DTypeBF16, 0, l.out, rank, 0.8, l.bcat, 0, R, i*rank); err != nil {
+					if err := q.SideCols(l.srcB[i], gpu.DTypeBF16, 0, l.out, rank, 0.8, l.bcat, 0, R, i*rank); err != nil {
 						return err
 					}
 				}
@@ -279,7 +279,7 @@ func benchMerge(ctx context.Context, dev *cuda.Device, r *Report, o options) err
 			mBytes = 0
 			q := dev.Queue()
 			for _, l := range layers {
-				if err := q.Fuse(cuda.FuseLayer{Packed: l.packed, Absmax: l.absmax, Out: l.out, In: l.in, Blocksize: benchBlocksize,
+				if err := q.Fuse(gpu.FuseLayer{Packed: l.packed, Absmax: l.absmax, Out: l.out, In: l.in, Blocksize: benchBlocksize,
 					A: l.acat, B: l.bcat, Rank: R}); err != nil {
 					return fmt.Errorf("layer %s: %w", l.name, err)
 				}
@@ -316,11 +316,11 @@ func benchMerge(ctx context.Context, dev *cuda.Device, r *Report, o options) err
 	if err != nil {
 		return err
 	}
-	meanScratch := scratch + cuda.DevicePtr(align(4*maxNB))
+	meanScratch := scratch + gpu.DevicePtr(align(4*maxNB))
 	tn, err := timed(func() error {
 		for _, l := range layers {
-			if _, err := dev.FuseNested(cuda.FuseLayer{Packed: l.packed, Absmax: scratch, Out: l.out, In: l.in, Blocksize: benchBlocksize,
-				A: l.acat, B: l.bcat, Rank: rank}, cuda.Nested{Q: l.nq, Absmax: l.nabs, Map: mapPtr, Offset: 0.02}, meanScratch); err != nil {
+			if _, err := dev.FuseNested(gpu.FuseLayer{Packed: l.packed, Absmax: scratch, Out: l.out, In: l.in, Blocksize: benchBlocksize,
+				A: l.acat, B: l.bcat, Rank: rank}, gpu.Nested{Q: l.nq, Absmax: l.nabs, Map: mapPtr, Offset: 0.02}, meanScratch); err != nil {
 				return fmt.Errorf("layer %s: %w", l.name, err)
 			}
 		}

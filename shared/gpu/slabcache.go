@@ -1,7 +1,6 @@
-package cuda
+package gpu
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"slices"
@@ -56,20 +55,19 @@ func (c *SlabCache) Addr(r *pluginv1.Region) (DevicePtr, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
-		return 0, fmt.Errorf("cuda slab %d: slab cache closed", loc.SegmentID)
+		return 0, fmt.Errorf("cuda slab %d: slab cache closed", loc.ID)
 	}
-	key := slabKey{hostPID: loc.HostPID, id: loc.SegmentID}
+	key := slabKey{hostPID: loc.HostPID, id: loc.ID}
 	if s, ok := c.slabs[key]; ok {
-		if !bytes.Equal(s.handle[:], loc.IPCHandle) || s.size != loc.Size {
-			return 0, fmt.Errorf("cuda slab %d of host %d: handle or size changed since it was opened", loc.SegmentID, loc.HostPID)
+		if s.handle != loc.Handle || s.size != loc.Size {
+			return 0, fmt.Errorf("cuda slab %d of host %d: handle or size changed since it was opened", loc.ID, loc.HostPID)
 		}
 		return s.base + DevicePtr(off), nil
 	}
-	s := &openSlab{size: loc.Size}
-	copy(s.handle[:], loc.IPCHandle)
+	s := &openSlab{size: loc.Size, handle: loc.Handle}
 	base, err := c.o.OpenIPC(s.handle)
 	if err != nil {
-		return 0, fmt.Errorf("cuda slab %d of host %d: open: %w", loc.SegmentID, loc.HostPID, err)
+		return 0, fmt.Errorf("cuda slab %d of host %d: open: %w", loc.ID, loc.HostPID, err)
 	}
 	s.base = base
 	c.slabs[key] = s

@@ -1,6 +1,6 @@
 //go:build cuda
 
-package cuda
+package gpu
 
 import (
 	"context"
@@ -306,6 +306,9 @@ func (d *Device) CopyAsync(dst, src DevicePtr, n uint64) error {
 func (d *Device) Sync() error {
 	return d.Do(func() error { return d.stream.Synchronize() })
 }
+
+// Launch enqueues a kernel call on the stream.
+func (d *Device) Launch(c Call) error { return d.launch(c) }
 
 // launch enqueues a kernel call.
 func (d *Device) launch(c Call) error {

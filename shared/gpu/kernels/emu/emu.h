@@ -1,5 +1,5 @@
 // emu.h: just enough of CUDA to run kernels.cu on the CPU, for tests
-// without a GPU (host/cuda emu_test.go). Every CUDA thread of a block is a
+// without a GPU (shared/gpu emu_test.go). Every CUDA thread of a block is a
 // std::thread; __syncthreads is a block barrier; warp shuffles go through
 // per-warp slots and barriers; blocks run one after another, so __shared__
 // variables are function statics. Float math is IEEE with no contraction
