@@ -92,6 +92,7 @@ func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
 	a.mux.HandleFunc("GET /v1/models", a.models)
 	a.mux.HandleFunc("POST /v1/models", a.loadModel)
 	a.mux.HandleFunc("DELETE /v1/models/{name}", a.unloadModel)
+	a.mux.HandleFunc("GET /v1/models/{name}/digest", a.modelDigest)
 	a.mux.HandleFunc("GET /v1/plugins", a.plugins)
 	a.mux.HandleFunc("POST /v1/plugins/{name}/reload", a.reload)
 	a.mux.HandleFunc("GET /v1/plugins/{name}/logs", a.pluginLogs)
