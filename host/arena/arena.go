@@ -131,6 +131,7 @@ type Arena struct {
 	capacity    uint64
 	segSize     uint64
 	retainEmpty bool
+	mapped      bool // the backend's segments have host mappings (set by New)
 	log         *slog.Logger
 
 	mu        sync.Mutex
@@ -262,6 +263,9 @@ func (a *Arena) grow(size uint64) (*segment, error) {
 		freeByStart: make(map[uint64]uint64),
 		freeByEnd:   make(map[uint64]uint64),
 		allocs:      newTreap(cmpLeaseOffset),
+	}
+	if id == 1 {
+		a.mapped = mem != nil
 	}
 	a.segments[id] = s
 	a.reserved += size
@@ -598,7 +602,8 @@ func (a *Arena) shouldRelease(s *segment) bool {
 
 // Bytes returns the host's view of r (a whole region or a range inside
 // one), with its capacity limited to r. It fails with ErrNoHostView on a
-// backend without host mappings.
+// backend without host mappings (device memory): Read, Write and Copy work
+// on every backend.
 func (a *Arena) Bytes(r Region) ([]byte, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -607,7 +612,7 @@ func (a *Arena) Bytes(r Region) ([]byte, error) {
 		return nil, fmt.Errorf("bytes of region %v: %w", r, err)
 	}
 	if s.mem == nil {
-		return nil, fmt.Errorf("bytes of region %v: %w (%s backend): use its Location", r, ErrNoHostView, a.name)
+		return nil, fmt.Errorf("bytes of region %v: %w (%s backend): use Read, Write or Copy", r, ErrNoHostView, a.name)
 	}
 	return s.mem[r.Offset : r.Offset+r.Length : r.Offset+r.Length], nil
 }

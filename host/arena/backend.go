@@ -1,5 +1,7 @@
 package arena
 
+import "context"
+
 // Kinds of memory a Location can point at.
 const (
 	KindCPU  = "cpu"  // a shared-memory file another process maps (memfd or /dev/shm)
@@ -43,8 +45,26 @@ type Segment interface {
 	// size passed to Create and its SegmentID the id passed to Create.
 	Location() Location
 	// Bytes is the host's own mapping of the whole segment, or nil when
-	// the host cannot address the memory directly (device memory).
+	// the host cannot address the memory directly (device memory); such a
+	// segment implements Mover.
 	Bytes() []byte
 	// Close unmaps and releases the segment; a second call does nothing.
 	Close() error
+}
+
+// Mover is implemented by segments the host cannot map (their Bytes is
+// nil, device slabs): the arena's Read, Write and Copy move bytes through
+// it. Segments with a host mapping need not implement it; the arena copies
+// through Bytes for them. Offsets are from the segment's start; the arena
+// has checked every range against a live region before calling.
+type Mover interface {
+	// ReadAt copies len(p) bytes at off into p, after the segment's
+	// pending work (queued kernels, copies) has completed.
+	ReadAt(p []byte, off uint64) error
+	// WriteAt copies p to off and returns once the bytes are in place.
+	WriteAt(ctx context.Context, p []byte, off uint64) error
+	// CopyFrom copies n bytes at srcOff of src, a segment of the same
+	// backend, to dstOff of this segment, and returns once the copy has
+	// completed (a later ReadAt, or a reader in another process, sees it).
+	CopyFrom(src Segment, srcOff, dstOff, n uint64) error
 }

@@ -87,7 +87,8 @@ var (
 	// unknown segment, range outside the region, empty owner).
 	ErrInvalid = errors.New("invalid region request")
 	// ErrNoHostView: the backend's memory is not addressable by the host
-	// (device memory); use Location instead of Bytes.
+	// (device memory): Bytes fails with it; move bytes with Read, Write
+	// and Copy, and give other processes the region's Location.
 	ErrNoHostView = errors.New("no host view of device memory")
 	// ErrNotOwner: FreeOwned of a region another owner holds.
 	ErrNotOwner = errors.New("region leased to another owner")

@@ -48,6 +48,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) arena.Backend) {
 		{"BackendFailure", testBackendFailure},
 		{"Concurrency", testConcurrency},
 		{"Close", testClose},
+		{"Move", testMove},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -878,7 +879,11 @@ func (b *countingBackend) Create(id uint32, size uint64) (arena.Segment, error) 
 	}
 	b.made++
 	b.open[id] = true
-	return &countedSegment{Segment: s, b: b, id: id}, nil
+	cs := &countedSegment{Segment: s, b: b, id: id}
+	if _, ok := s.(arena.Mover); ok {
+		return &countedMover{cs}, nil // keep the backend's byte mover visible
+	}
+	return cs, nil
 }
 
 func (b *countingBackend) Close() error {
@@ -932,6 +937,24 @@ func (s *countedSegment) Close() error {
 		s.b.mu.Unlock()
 	})
 	return err
+}
+
+// countedMover is a countedSegment whose inner segment moves bytes.
+type countedMover struct{ *countedSegment }
+
+func (s *countedMover) ReadAt(p []byte, off uint64) error {
+	return s.Segment.(arena.Mover).ReadAt(p, off)
+}
+
+func (s *countedMover) WriteAt(ctx context.Context, p []byte, off uint64) error {
+	return s.Segment.(arena.Mover).WriteAt(ctx, p, off)
+}
+
+func (s *countedMover) CopyFrom(src arena.Segment, srcOff, dstOff, n uint64) error {
+	if c, ok := src.(*countedMover); ok {
+		src = c.Segment
+	}
+	return s.Segment.(arena.Mover).CopyFrom(src, srcOff, dstOff, n)
 }
 
 // testLogger logs to t at debug level, so a failing test shows the

@@ -1,6 +1,7 @@
 package arenatest
 
 import (
+	"context"
 	"crypto/rand"
 	"fmt"
 	"os"
@@ -13,7 +14,9 @@ import (
 // no host mapping (Bytes is nil) and a Location of kind "cuda" with a random
 // 64-byte IPC handle, as cuIpcGetMemHandle would give. It lets the slab and
 // lease bookkeeping of the CUDA backend run through Run on machines
-// without a GPU, and it tracks live slabs for leak checks.
+// without a GPU, and it tracks live slabs for leak checks. Its slabs move
+// bytes (arena.Mover) through host memory made on first use, so the
+// arena's Read, Write and Copy run on it too.
 type FakeDevice struct {
 	device int
 	// Limit, when non-zero, is the device memory available: Create fails
@@ -84,6 +87,67 @@ func (d *FakeDevice) Live() int {
 type fakeSlab struct {
 	d   *FakeDevice
 	loc arena.Location
+	mem []byte // the slab's "device memory", made on first use; guarded by d.mu
+}
+
+func (s *fakeSlab) memLocked(off, n uint64) ([]byte, error) {
+	if cur, ok := s.d.live[s.loc.SegmentID]; !ok || cur != s {
+		return nil, fmt.Errorf("fake device %d: slab %d was freed", s.d.device, s.loc.SegmentID)
+	}
+	if off > s.loc.Size || n > s.loc.Size-off {
+		return nil, fmt.Errorf("fake device %d: slab %d: bytes [%d, %d) past its %d bytes", s.d.device, s.loc.SegmentID, off, off+n, s.loc.Size)
+	}
+	if s.mem == nil {
+		s.mem = make([]byte, s.loc.Size)
+	}
+	return s.mem[off : off+n], nil
+}
+
+// ReadAt "downloads" len(p) bytes at off.
+func (s *fakeSlab) ReadAt(p []byte, off uint64) error {
+	s.d.mu.Lock()
+	defer s.d.mu.Unlock()
+	m, err := s.memLocked(off, uint64(len(p)))
+	if err != nil {
+		return err
+	}
+	copy(p, m)
+	return nil
+}
+
+// WriteAt "uploads" p to off.
+func (s *fakeSlab) WriteAt(ctx context.Context, p []byte, off uint64) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	s.d.mu.Lock()
+	defer s.d.mu.Unlock()
+	m, err := s.memLocked(off, uint64(len(p)))
+	if err != nil {
+		return err
+	}
+	copy(m, p)
+	return nil
+}
+
+// CopyFrom copies between two slabs of the same fake device.
+func (s *fakeSlab) CopyFrom(src arena.Segment, srcOff, dstOff, n uint64) error {
+	fs, ok := src.(*fakeSlab)
+	if !ok || fs.d != s.d {
+		return fmt.Errorf("fake device %d: copy into slab %d from a segment of another backend (%T)", s.d.device, s.loc.SegmentID, src)
+	}
+	s.d.mu.Lock()
+	defer s.d.mu.Unlock()
+	from, err := fs.memLocked(srcOff, n)
+	if err != nil {
+		return err
+	}
+	to, err := s.memLocked(dstOff, n)
+	if err != nil {
+		return err
+	}
+	copy(to, from)
+	return nil
 }
 
 func (s *fakeSlab) Location() arena.Location { return s.loc }
