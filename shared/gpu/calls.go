@@ -90,32 +90,45 @@ func SumCall(absmax DevicePtr, nb int, out DevicePtr) (Call, error) {
 // FuseLayer is one layer of a fused merge: packed codes and fp32 absmax
 // (rewritten in place), and the side factors A_cat [Rank × In] and B_cat
 // [Out × Rank] in fp32, strengths folded into B_cat.
+//
+// DType is the layer's logical dtype (DTypeF32, DTypeBF16, DTypeF16: the
+// model's compute dtype, bf16 for Flux): the dequantized base weight is
+// rounded to it (nearest even) before the delta is added, as bitsandbytes'
+// dequantize_4bit, and so PEFT's merge, and the CPU merge (shared/lora.Fuse
+// with lora.NF4Codec, nf4.RoundTo) do. DTypeF32 (0, the zero value) adds the
+// delta to the fp32 product unrounded.
 type FuseLayer struct {
 	Packed, Absmax DevicePtr
 	Out, In        int
 	Blocksize      int
 	A, B           DevicePtr
 	Rank           int
+	DType          int
 }
 
-// FuseCall: the fused merge of one layer, dequantize, add B·A tile by tile
-// in on-chip memory, re-quantize, in one kernel (PlanFuse picks nf4_fuse2d
-// or nf4_fuse).
+// FuseCall: the fused merge of one layer, dequantize (rounded to l.DType),
+// add B·A tile by tile in on-chip memory, re-quantize, in one kernel
+// (PlanFuse picks nf4_fuse2d or nf4_fuse).
 func FuseCall(l FuseLayer) (Call, error) {
+	switch l.DType {
+	case DTypeF32, DTypeBF16, DTypeF16:
+	default:
+		return Call{}, fmt.Errorf("fuse: dtype %d (want %d f32, %d bf16 or %d f16)", l.DType, DTypeF32, DTypeBF16, DTypeF16)
+	}
 	p, err := PlanFuse(FuseShape{Out: l.Out, In: l.In, Blocksize: l.Blocksize, Rank: l.Rank})
 	if err != nil {
 		return Call{}, err
 	}
 	if p.Kernel == "nf4_fuse2d" {
 		return call(p.Kernel, p.Launch, ptr(l.Packed), ptr(l.Absmax), num(l.Out), num(l.In), num(l.Blocksize),
-			ptr(l.A), ptr(l.B), num(l.Rank), num(p.TileCols))
+			ptr(l.A), ptr(l.B), num(l.Rank), num(p.TileCols), num(l.DType))
 	}
 	bShared := 0
 	if p.BShared {
 		bShared = 1
 	}
 	return call("nf4_fuse", p.Launch, ptr(l.Packed), ptr(l.Absmax), num(l.Out), num(l.In), num(l.Blocksize),
-		ptr(l.A), ptr(l.B), num(l.Rank), num(p.TileElems), num(bShared), num(p.MaxRows))
+		ptr(l.A), ptr(l.B), num(l.Rank), num(p.TileElems), num(bShared), num(p.MaxRows), num(l.DType))
 }
 
 // SideRowsCall writes one LoRA's A [r × In] (n = r·In values of dtype)

@@ -279,19 +279,33 @@ func TestEmuNested(t *testing.T) {
 	}
 }
 
+// fuseDTypes maps the kernels' dtype codes to the CPU codec's dtypes.
+var fuseDTypes = map[int]nf4.DType{DTypeF32: nf4.Float32, DTypeBF16: nf4.BFloat16, DTypeF16: nf4.Float16}
+
+// TestEmuFuse: both fused-merge kernels against the CPU's fused pass
+// (shared/lora's NF4Codec: dequantize, round to the logical dtype as
+// bitsandbytes' dequantize_4bit does, add DeltaRows, quantize), bit for bit,
+// for fp32, bf16 and f16 logical dtypes.
 func TestEmuFuse(t *testing.T) {
 	rng := rand.New(rand.NewPCG(11, 12))
-	for _, c := range []struct{ out, in, bs, rank int }{
-		{37, 77, 64, 5},     // 1-D, blocks across rows, a rank tail
-		{100, 320, 64, 21},  // 2-D, partial row and column tiles, two rank chunks
-		{64, 256, 64, 16},   // 2-D, one full tile
-		{40, 96, 32, 7},     // 2-D, 128-column tile over 96 columns
-		{5000, 3, 64, 64},   // 1-D, narrow rows shrink the tile
-		{100, 1, 64, 4096},  // 1-D, B too large for shared memory
-		{130, 1000, 256, 9}, // 1-D, In not a multiple of the blocksize
+	for _, c := range []struct{ out, in, bs, rank, dtype int }{
+		{37, 77, 64, 5, DTypeF32},     // 1-D, blocks across rows, a rank tail
+		{100, 320, 64, 21, DTypeF32},  // 2-D, partial row and column tiles, two rank chunks
+		{64, 256, 64, 16, DTypeF32},   // 2-D, one full tile
+		{40, 96, 32, 7, DTypeF32},     // 2-D, 128-column tile over 96 columns
+		{5000, 3, 64, 64, DTypeF32},   // 1-D, narrow rows shrink the tile
+		{100, 1, 64, 4096, DTypeF32},  // 1-D, B too large for shared memory
+		{130, 1000, 256, 9, DTypeF32}, // 1-D, In not a multiple of the blocksize
+		{64, 256, 64, 16, DTypeBF16},  // 2-D, the Flux case
+		{100, 320, 64, 21, DTypeBF16}, // 2-D, partial tiles
+		{37, 77, 64, 5, DTypeBF16},    // 1-D, blocks across rows
+		{64, 256, 64, 16, DTypeF16},
+		{40, 96, 32, 7, DTypeF16},
+		{37, 77, 64, 5, DTypeF16},
 	} {
+		dt := fuseDTypes[c.dtype]
 		p, _ := PlanFuse(FuseShape{Out: c.out, In: c.in, Blocksize: c.bs, Rank: c.rank})
-		t.Run(fmt.Sprintf("%dx%d bs=%d rank=%d %s", c.out, c.in, c.bs, c.rank, p.Kernel), func(t *testing.T) {
+		t.Run(fmt.Sprintf("%dx%d bs=%d rank=%d %s %s", c.out, c.in, c.bs, c.rank, dt, p.Kernel), func(t *testing.T) {
 			n := c.out * c.in
 			nb := nf4.Blocks(n, c.bs)
 			packed, absmax := make([]byte, nf4.PackedLen(n)), make([]float32, nb)
@@ -305,24 +319,89 @@ func TestEmuFuse(t *testing.T) {
 					b[i] = float32(rng.NormFloat64()) * 0.05
 				}
 			}
-			// The CPU's fused pass: dequantize, DeltaRows, add, quantize.
-			w := make([]float32, n)
-			nf4.Dequantize(w, packed, absmax, &nf4.NF4, n, c.bs)
+			// The CPU's fused pass: dequantize (rounded to the logical
+			// dtype), DeltaRows, add, quantize.
+			codec, err := lora.NewNF4Codec(nf4.QuantNF4, dt)
+			if err != nil {
+				t.Fatal(err)
+			}
 			delta := make([]float32, n)
 			(&lora.SideLayer{Layer: lora.Layer{Out: c.out, In: c.in}, Rank: c.rank, A: a, B: b}).DeltaRows(delta, 0, c.out)
-			for i := range w {
-				w[i] += delta[i]
+			merge := func(round bool) ([]byte, []float32) {
+				w := make([]float32, n)
+				nf4.Dequantize(w, packed, absmax, &nf4.NF4, n, c.bs)
+				if round {
+					nf4.RoundTo(w, dt)
+				}
+				for i := range w {
+					w[i] += delta[i]
+				}
+				p, a := make([]byte, len(packed)), make([]float32, nb)
+				codec.Quantize(p, a, w, c.bs)
+				return p, a
 			}
-			wantP, wantA := make([]byte, len(packed)), make([]float32, nb)
-			nf4.Quantize(wantP, wantA, w, c.bs, nf4.QuantNF4)
+			wantP, wantA := merge(true)
+			if c.dtype != DTypeF32 {
+				// The case must tell the rounding apart, or it checks nothing.
+				if p, a := merge(false); bytes.Equal(p, wantP) && bytes.Equal(f32le(a), f32le(wantA)) {
+					t.Fatalf("%s rounding changes nothing here: pick other data", dt)
+				}
+			}
 
 			m := newImage(t)
 			dP, dA := m.put(packed), m.putF32(absmax)
-			m.add(FuseCall(FuseLayer{Packed: dP, Absmax: dA, Out: c.out, In: c.in, Blocksize: c.bs, A: m.putF32(a), B: m.putF32(b), Rank: c.rank}))
+			m.add(FuseCall(FuseLayer{Packed: dP, Absmax: dA, Out: c.out, In: c.in, Blocksize: c.bs,
+				A: m.putF32(a), B: m.putF32(b), Rank: c.rank, DType: c.dtype}))
 			m.run(t)
 			sameBytes(t, "packed", m.get(dP, len(packed)), wantP)
 			sameF32(t, "absmax", m.getF32(dA, nb), wantA)
 		})
+	}
+}
+
+// TestEmuFuseArity: the emulator refuses a launch whose argument count is
+// not the kernel's, as the old 11- and 9-argument fuse launches now are.
+func TestEmuFuseArity(t *testing.T) {
+	m := newImage(t)
+	c, err := FuseCall(FuseLayer{Packed: m.alloc(64 * 256 / 2), Absmax: m.alloc(4 * 256), Out: 64, In: 256, Blocksize: 64,
+		A: m.alloc(4 * 16 * 256), B: m.alloc(4 * 64 * 16), Rank: 16, DType: DTypeBF16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Args = c.Args[:len(c.Args)-1]
+	m.add(c, nil)
+	if err := m.runErr(t); err == nil || !strings.Contains(err.Error(), "takes 10 arguments, launch has 9") {
+		t.Fatalf("short launch not refused: %v", err)
+	}
+}
+
+func TestFuseCallDType(t *testing.T) {
+	l := FuseLayer{Packed: 256, Absmax: 512, Out: 64, In: 256, Blocksize: 64, A: 1024, B: 2048, Rank: 16}
+	for _, tc := range []struct {
+		out, in, dtype int
+		kernel         string
+		err            string
+	}{
+		{64, 256, DTypeBF16, "nf4_fuse2d", ""},
+		{37, 77, DTypeF16, "nf4_fuse", ""},
+		{64, 256, DTypeF32, "nf4_fuse2d", ""},
+		{64, 256, 3, "", "fuse: dtype 3"},
+		{37, 77, -1, "", "fuse: dtype -1"},
+	} {
+		l.Out, l.In, l.DType = tc.out, tc.in, tc.dtype
+		c, err := FuseCall(l)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("dtype %d: error %v, want %q", tc.dtype, err, tc.err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.Kernel != tc.kernel || len(c.Args) != Entries[tc.kernel] || c.Args[len(c.Args)-1] != num(tc.dtype) {
+			t.Errorf("%dx%d dtype %d: %s with last argument %v of %d", tc.out, tc.in, tc.dtype, c.Kernel, c.Args[len(c.Args)-1], len(c.Args))
+		}
 	}
 }
 

@@ -14,6 +14,9 @@
 //   - packing: element 2j in the HIGH nibble of byte j; an odd tail element
 //     is paired with 0 scaled by inv;
 //   - dequantize: fp32(NF4[q] * absmax[k / blocksize]);
+//   - fused merge: the dequantized base is rounded to the weight's logical
+//     dtype (round to nearest even, as bitsandbytes' dequantize_4bit and so
+//     PEFT's merge, and shared/nf4.RoundTo) before the delta is added;
 //   - nested absmax: fp32(fp32(map[q] * nabs[b / 256]) + offset), no FMA;
 //   - every product and sum that the CPU rounds separately uses __fmul_rn /
 //     __fadd_rn so no FMA contraction changes a bit.
@@ -101,6 +104,14 @@ __device__ __forceinline__ float load_elem(const void* in, i64 k, i64 dtype) {
     if (dtype == 0) return ((const float*)in)[k];
     if (dtype == 1) return bf16_to_f32(((const u16*)in)[k]);
     return f16_to_f32(((const u16*)in)[k]);
+}
+
+// round_to: v rounded to dtype and back (0 float32: unchanged), as
+// shared/nf4.RoundTo: the fused merge's base weight in its logical dtype.
+__device__ __forceinline__ float round_to(float v, i64 dtype) {
+    if (dtype == 1) return bf16_to_f32(f32_to_bf16(v));
+    if (dtype == 2) return f16_to_f32(f32_to_f16(v));
+    return v;
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -227,7 +238,9 @@ extern "C" __global__ void absmax_sum(u64 absmax_, i64 nb, u64 out_) {
 // nf4_fuse: the fused merge of one layer [out_dim × in_dim] (row-major,
 // n = out_dim·in_dim elements): w = dequantize(packed, absmax) + B·A, then
 // re-quantize in place. A is [rank × in_dim] and B [out_dim × rank], fp32,
-// strengths and scales already folded into B.
+// strengths and scales already folded into B. The dequantized base is
+// rounded to dtype (0 float32: not rounded, 1 bfloat16, 2 float16), the
+// layer's logical dtype, before the delta is added.
 //
 // One CUDA block per tile of `tile` elements (a multiple of bs, so tiles
 // start on a quantization block and a byte), grid-stride over tiles. The
@@ -236,7 +249,7 @@ extern "C" __global__ void absmax_sum(u64 absmax_, i64 nb, u64 out_) {
 // B is read through the read-only cache. No full-layer temporary exists.
 // absmax is fp32 (decoded from nested storage beforehand when nested).
 extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
-                                    u64 a_, u64 b_, i64 rank, i64 tile, i64 b_smem, i64 max_rows) {
+                                    u64 a_, u64 b_, i64 rank, i64 tile, i64 b_smem, i64 max_rows, i64 dtype) {
     EXTERN_SHARED(float, smem);
     float* w = smem;
     float* bs_rows = smem + tile;
@@ -263,7 +276,7 @@ extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 i
             for (int h = 0; h < 2; h++) {
                 i64 e = 2 * j + h;
                 if (e >= e1) break;
-                float orig = __fmul_rn(NF4_LUT[h == 0 ? p >> 4 : p & 15], absmax[e / bs]);
+                float orig = round_to(__fmul_rn(NF4_LUT[h == 0 ? p >> 4 : p & 15], absmax[e / bs]), dtype);
                 i64 r = e / in_dim, c = e - r * in_dim;
                 const float* brow = b_smem ? bs_rows + (r - r0) * rank : B + r * rank;
                 // The CPU's order (shared/lora DeltaRows): four ranks summed
@@ -314,12 +327,13 @@ extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 i
 // A value is read from global memory once per tile instead of once per
 // element. The sum order (groups of four ranks, each group rounded, then
 // added) is shared/lora DeltaRows', so results equal the CPU's bit for bit.
+// As in nf4_fuse, the dequantized base is rounded to dtype before the add.
 #define FUSE_TILE 4096
 #define FUSE_RC 16
 #define FUSE_PER_THREAD (FUSE_TILE / 256)
 
 extern "C" __global__ void nf4_fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
-                                      u64 a_, u64 b_, i64 rank, i64 tile_cols) {
+                                      u64 a_, u64 b_, i64 rank, i64 tile_cols, i64 dtype) {
     __shared__ float lut[16];
     EXTERN_SHARED(float, smem);
     const i64 tile_rows = FUSE_TILE / tile_cols;
@@ -388,7 +402,7 @@ extern "C" __global__ void nf4_fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64
             const i64 g = (r0 + lr) * in_dim + c0 + lc;
             const u32 p = packed[g >> 1];
             const u32 q = (g & 1) ? (p & 15u) : (p >> 4);
-            w[e] = __fadd_rn(__fmul_rn(lut[q], absmax[g / bs]), d[i]);
+            w[e] = __fadd_rn(round_to(__fmul_rn(lut[q], absmax[g / bs]), dtype), d[i]);
         }
         __syncthreads();
         // Re-quantize: one warp per block; a row of the tile holds nc / bs blocks.

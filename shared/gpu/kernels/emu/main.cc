@@ -30,16 +30,23 @@ using Args = std::vector<u64>;
 static double D(u64 v) { double d; std::memcpy(&d, &v, 8); return d; }
 static i64 I(u64 v) { return (i64)v; }
 
-static std::map<std::string, std::function<void(const Args&)>> kernels = {
-    {"nf4_dequantize", [](const Args& a) { nf4_dequantize(a[0], a[1], I(a[2]), I(a[3]), a[4], I(a[5])); }},
-    {"nf4_quantize", [](const Args& a) { nf4_quantize(a[0], I(a[1]), I(a[2]), a[3], a[4], I(a[5])); }},
-    {"nested_dequantize", [](const Args& a) { nested_dequantize(a[0], a[1], a[2], D(a[3]), I(a[4]), a[5]); }},
-    {"nested_quantize", [](const Args& a) { nested_quantize(a[0], I(a[1]), D(a[2]), a[3], a[4], a[5]); }},
-    {"absmax_sum", [](const Args& a) { absmax_sum(a[0], I(a[1]), a[2]); }},
-    {"nf4_fuse", [](const Args& a) { nf4_fuse(a[0], a[1], I(a[2]), I(a[3]), I(a[4]), a[5], a[6], I(a[7]), I(a[8]), I(a[9]), I(a[10])); }},
-    {"nf4_fuse2d", [](const Args& a) { nf4_fuse2d(a[0], a[1], I(a[2]), I(a[3]), I(a[4]), a[5], a[6], I(a[7]), I(a[8])); }},
-    {"side_rows", [](const Args& a) { side_rows(a[0], I(a[1]), I(a[2]), D(a[3]), a[4]); }},
-    {"side_cols", [](const Args& a) { side_cols(a[0], I(a[1]), I(a[2]), I(a[3]), I(a[4]), D(a[5]), a[6], I(a[7]), I(a[8]), I(a[9])); }},
+// Each kernel with its parameter count (a launch with another count is
+// refused, as cuLaunchKernel would misread it) and its call.
+struct Kernel {
+    size_t params;
+    std::function<void(const Args&)> run;
+};
+
+static std::map<std::string, Kernel> kernels = {
+    {"nf4_dequantize", {6, [](const Args& a) { nf4_dequantize(a[0], a[1], I(a[2]), I(a[3]), a[4], I(a[5])); }}},
+    {"nf4_quantize", {6, [](const Args& a) { nf4_quantize(a[0], I(a[1]), I(a[2]), a[3], a[4], I(a[5])); }}},
+    {"nested_dequantize", {6, [](const Args& a) { nested_dequantize(a[0], a[1], a[2], D(a[3]), I(a[4]), a[5]); }}},
+    {"nested_quantize", {6, [](const Args& a) { nested_quantize(a[0], I(a[1]), D(a[2]), a[3], a[4], a[5]); }}},
+    {"absmax_sum", {3, [](const Args& a) { absmax_sum(a[0], I(a[1]), a[2]); }}},
+    {"nf4_fuse", {12, [](const Args& a) { nf4_fuse(a[0], a[1], I(a[2]), I(a[3]), I(a[4]), a[5], a[6], I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11])); }}},
+    {"nf4_fuse2d", {10, [](const Args& a) { nf4_fuse2d(a[0], a[1], I(a[2]), I(a[3]), I(a[4]), a[5], a[6], I(a[7]), I(a[8]), I(a[9])); }}},
+    {"side_rows", {5, [](const Args& a) { side_rows(a[0], I(a[1]), I(a[2]), D(a[3]), a[4]); }}},
+    {"side_cols", {10, [](const Args& a) { side_cols(a[0], I(a[1]), I(a[2]), I(a[3]), I(a[4]), D(a[5]), a[6], I(a[7]), I(a[8]), I(a[9])); }}},
 };
 
 int main(int argc, char** argv) {
@@ -70,6 +77,10 @@ int main(int argc, char** argv) {
             else if (tok[0] == 'i') args.push_back((u64)std::stoll(tok.substr(1)));
             else { double d = std::stod(tok.substr(1)); u64 v; std::memcpy(&v, &d, 8); args.push_back(v); }
         }
+        if (args.size() != k->second.params) {
+            std::fprintf(stderr, "emu: %s takes %zu arguments, launch has %zu\n", name.c_str(), k->second.params, args.size());
+            return 1;
+        }
         // Dynamic shared memory with a guard zone: a kernel that writes past
         // the plan's Shared bytes fails the run.
         const size_t guard = 4096;
@@ -84,7 +95,7 @@ int main(int argc, char** argv) {
             for (unsigned w = 0; w < block / 32; w++) emu_warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
             std::vector<std::thread> ts;
             for (unsigned t = 0; t < block; t++)
-                ts.emplace_back([&, t, b] { threadIdx.x = t; blockIdx.x = b; k->second(args); });
+                ts.emplace_back([&, t, b] { threadIdx.x = t; blockIdx.x = b; k->second.run(args); });
             for (auto& t : ts) t.join();
         }
         for (size_t i = shared; i < shared + guard; i++) {
