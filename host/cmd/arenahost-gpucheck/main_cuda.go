@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strconv"
 	"time"
 
 	"github.com/arenahost/arenahost/shared/gpu"
@@ -29,6 +30,8 @@ type options struct {
 	skipTorch   bool
 	loras       []int
 	rank        int
+	cpuHost     string
+	deviceHost  string
 }
 
 func run() int {
@@ -39,6 +42,8 @@ func run() int {
 	flag.StringVar(&o.out, "out", "bench/gpu-results.md", "markdown report to write")
 	flag.BoolVar(&o.skipTorch, "skip-torch", false, "skip the Python IPC check and the PyTorch baseline")
 	flag.IntVar(&o.rank, "rank", 16, "rank of each LoRA in the merge benchmark")
+	flag.StringVar(&o.cpuHost, "cpu-host", "bin/arenahost", "arenahost built without CUDA (make build): the served check's CPU host; empty skips the served check")
+	flag.StringVar(&o.deviceHost, "device-host", "bin/cuda/arenahost", "arenahost built with -tags cuda (make cuda), with its plugins under bin/cuda/plugins")
 	flag.Parse()
 	o.loras = []int{1, 5}
 
@@ -64,6 +69,13 @@ func run() int {
 		{"correctness", func() error { return checkKernels(dev, r) }},
 		{"ipc", func() error { return checkIPC(ctx, dev, r, o, log) }},
 		{"load", func() error { return checkLoad(ctx, dev, r, log) }},
+		{"served", func() error {
+			if o.cpuHost == "" {
+				return nil
+			}
+			return CheckServed(ctx, r, ServedOptions{CPU: o.cpuHost, Device: o.deviceHost,
+				DeviceArgs: []string{"--arena-backend", "cuda", "--arena-device", strconv.Itoa(o.device)}})
+		}},
 		{"merge", func() error { return benchMerge(ctx, dev, r, o) }},
 	}
 	for _, s := range steps {

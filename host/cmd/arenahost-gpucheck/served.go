@@ -1,0 +1,314 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// ServedOptions says which two hosts the served check compares: the same
+// sample model and LoRAs on a CPU arena (CPU) and on a device arena
+// (Device, started with DeviceArgs such as --arena-backend cuda).
+type ServedOptions struct {
+	CPU        string
+	Device     string
+	DeviceArgs []string
+	// Env is added to both hosts' environment.
+	Env []string
+	// StartTimeout bounds each host's start (sample model written and
+	// loaded, lora-nf4 serving).
+	StartTimeout time.Duration
+}
+
+// sampleLoRAs are the LoRAs every host writes on first run (host/samples),
+// applied together with these strengths.
+var sampleLoRAs = []map[string]any{
+	{"name": "flux-sample-kohya-lora", "strength": 0.8},
+	{"name": "flux-sample-peft-lora.safetensors", "strength": 1.0},
+}
+
+// CheckServed runs the whole product path on the device, as a UI drives
+// it: two real hosts (each with its own data directory, the sample model
+// and LoRAs, and the lora-nf4 plugin process), one on the CPU arena and one
+// on the device arena. Through the HTTP API it checks that the model loads
+// with the same bytes (GET /v1/models/{name}/digest), that a fused apply of
+// two LoRAs leaves byte-identical weights on both, that removing them
+// brings back the original bytes on the device, and that a side apply
+// serves; it reports the device's apply times.
+func CheckServed(ctx context.Context, r *Report, o ServedOptions) error {
+	if o.StartTimeout == 0 {
+		o.StartTimeout = 2 * time.Minute
+	}
+	cpu, err := startHost(ctx, "cpu", o.CPU, nil, o.Env, o.StartTimeout)
+	if err != nil {
+		return err
+	}
+	defer cpu.stop()
+	dev, err := startHost(ctx, "device", o.Device, o.DeviceArgs, o.Env, o.StartTimeout)
+	if err != nil {
+		return err
+	}
+	defer dev.stop()
+	var arena struct {
+		Backend string `json:"backend"`
+	}
+	if err := dev.call(ctx, "GET", "/v1/arena", nil, &arena); err != nil {
+		return err
+	}
+	r.Note("served check: %s on the CPU arena against %s %s (arena backend %q)", o.CPU, o.Device, strings.Join(o.DeviceArgs, " "), arena.Backend)
+
+	d0, err := bothDigests(ctx, cpu, dev)
+	if err != nil {
+		return err
+	}
+	r.Check("served", "load: model digest, device vs cpu", short(d0[1]), "equal", d0[0] == d0[1])
+
+	var rep applyReply
+	for _, h := range []*host{cpu, dev} {
+		if err := h.call(ctx, "POST", "/v1/loras/apply", map[string]any{"loras": sampleLoRAs, "mode": "fuse"}, &rep); err != nil {
+			return err
+		}
+	}
+	r.Add("served", "fuse 2 sample LoRAs on the device", fmt.Sprintf("%d weights in %.1f ms", len(rep.Fused), float64(rep.Report.ElapsedNS)/1e6), "", Info)
+	d1, err := bothDigests(ctx, cpu, dev)
+	if err != nil {
+		return err
+	}
+	r.Check("served", "fuse: model digest, device vs cpu (bit for bit)", short(d1[1]), "equal", d1[0] == d1[1] && d1[0] != d0[0])
+
+	for _, h := range []*host{cpu, dev} {
+		if err := h.call(ctx, "DELETE", "/v1/loras", nil, nil); err != nil {
+			return err
+		}
+	}
+	d2, err := bothDigests(ctx, cpu, dev)
+	if err != nil {
+		return err
+	}
+	r.Check("served", "remove: device digest back to the loaded one", short(d2[1]), short(d0[1]), d2[1] == d0[1] && d2[0] == d0[0])
+
+	if err := dev.call(ctx, "POST", "/v1/loras/apply", map[string]any{"loras": sampleLoRAs, "mode": "side"}, &rep); err != nil {
+		return err
+	}
+	r.Add("served", "side apply of 2 sample LoRAs on the device", fmt.Sprintf("%.1f ms, %d B of factors", float64(rep.Report.ElapsedNS)/1e6, rep.Report.SideBytes), "", Info)
+	if err := dev.call(ctx, "DELETE", "/v1/loras", nil, nil); err != nil {
+		return err
+	}
+	d3, err := dev.digest(ctx)
+	if err != nil {
+		return err
+	}
+	r.Check("served", "side apply and remove leave the device weights as loaded", short(d3), short(d0[1]), d3 == d0[1])
+	return nil
+}
+
+type applyReply struct {
+	Fused  []string `json:"fused"`
+	Report struct {
+		ElapsedNS int64 `json:"elapsed_ns"`
+		SideBytes int64 `json:"side_bytes"`
+	} `json:"report"`
+}
+
+func short(h string) string {
+	if len(h) > 12 {
+		return h[:12]
+	}
+	return h
+}
+
+func bothDigests(ctx context.Context, cpu, dev *host) ([2]string, error) {
+	var out [2]string
+	for i, h := range []*host{cpu, dev} {
+		d, err := h.digest(ctx)
+		if err != nil {
+			return out, err
+		}
+		out[i] = d
+	}
+	return out, nil
+}
+
+// host is one arenahost serve process.
+type host struct {
+	name string
+	url  string
+	cmd  *exec.Cmd
+	data string
+	logs *syncBuffer
+	done chan struct{}
+	err  error // the process's exit, once done is closed
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// tail is the end of the host's log, for errors.
+func (h *host) tail() string {
+	s := strings.TrimSpace(h.logs.String())
+	if len(s) > 2000 {
+		s = "…" + s[len(s)-2000:]
+	}
+	return s
+}
+
+func freePort() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	return l.Addr().String(), nil
+}
+
+// startHost starts `bin serve` on a free loopback port with a fresh data
+// directory and waits until the lora-nf4 plugin serves.
+func startHost(ctx context.Context, name, bin string, args, env []string, timeout time.Duration) (*host, error) {
+	if _, err := os.Stat(bin); err != nil {
+		return nil, fmt.Errorf("start %s host: %w", name, err)
+	}
+	data, err := os.MkdirTemp("", "arenahost-served-"+name+"-")
+	if err != nil {
+		return nil, fmt.Errorf("start %s host: %w", name, err)
+	}
+	addr, err := freePort()
+	if err != nil {
+		os.RemoveAll(data)
+		return nil, fmt.Errorf("start %s host: %w", name, err)
+	}
+	h := &host{name: name, url: "http://" + addr, data: data, logs: &syncBuffer{}, done: make(chan struct{})}
+	h.cmd = exec.Command(bin, append([]string{"serve", "--listen", addr, "--data", data, "--log-level", "warn"}, args...)...)
+	h.cmd.Env = append(os.Environ(), env...)
+	h.cmd.Stdout, h.cmd.Stderr = h.logs, h.logs
+	h.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := h.cmd.Start(); err != nil {
+		os.RemoveAll(data)
+		return nil, fmt.Errorf("start %s host %s: %w", name, bin, err)
+	}
+	go func() { h.err = h.cmd.Wait(); close(h.done) }()
+	deadline := time.Now().Add(timeout)
+	for {
+		var ps []struct {
+			Name  string `json:"name"`
+			State string `json:"state"`
+		}
+		err := h.call(ctx, "GET", "/v1/plugins", nil, &ps)
+		if err == nil {
+			for _, p := range ps {
+				if p.Name == "lora-nf4" && p.State == "serving" {
+					return h, nil
+				}
+			}
+			err = fmt.Errorf("lora-nf4 not serving: %v", ps)
+		}
+		select {
+		case <-h.done:
+			h.stop()
+			return nil, fmt.Errorf("%s host exited before serving (%v); its log:\n%s", name, h.err, h.tail())
+		case <-ctx.Done():
+			h.stop()
+			return nil, ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			h.stop()
+			return nil, fmt.Errorf("%s host not ready after %s: %v; its log:\n%s", name, timeout, err, h.tail())
+		}
+	}
+}
+
+// stop interrupts the host (it stops its plugins and frees its arena), kills
+// its process group if it lingers, and removes its data directory.
+func (h *host) stop() {
+	select {
+	case <-h.done:
+	default:
+		_ = h.cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-h.done:
+		case <-time.After(15 * time.Second):
+			_ = syscall.Kill(-h.cmd.Process.Pid, syscall.SIGKILL)
+			<-h.done
+		}
+	}
+	os.RemoveAll(h.data)
+}
+
+// call sends a JSON request and decodes a 2xx answer into out.
+func (h *host) call(ctx context.Context, method, path string, body, out any) error {
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return err
+		}
+		rd = bytes.NewReader(b)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, method, h.url+path, rd)
+	if err != nil {
+		return err
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("%s host: %s %s: %w", h.name, method, path, err)
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return fmt.Errorf("%s host: %s %s: read answer: %w", h.name, method, path, err)
+	}
+	if resp.StatusCode/100 != 2 {
+		return fmt.Errorf("%s host: %s %s: %s: %s", h.name, method, path, resp.Status, bytes.TrimSpace(raw))
+	}
+	if out == nil {
+		return nil
+	}
+	if err := json.Unmarshal(raw, out); err != nil {
+		return fmt.Errorf("%s host: %s %s: decode %q: %w", h.name, method, path, raw, err)
+	}
+	return nil
+}
+
+func (h *host) digest(ctx context.Context) (string, error) {
+	var d struct {
+		SHA256  string `json:"sha256"`
+		Tensors int    `json:"tensors"`
+	}
+	if err := h.call(ctx, "GET", "/v1/models/sample/digest", nil, &d); err != nil {
+		return "", err
+	}
+	if d.SHA256 == "" || d.Tensors == 0 {
+		return "", errors.New(h.name + " host: empty model digest")
+	}
+	return d.SHA256, nil
+}
