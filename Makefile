@@ -100,9 +100,12 @@ CUDA_ENV = eval "$$(bash scripts/cuda-env.sh)"
 ptx: ## compile shared/gpu/kernels/kernels.cu to the committed PTX (NVRTC + ptxas from PyPI, no GPU needed)
 	eval "$$(bash scripts/cuda-env.sh --ptx)"; .venv-cuda/bin/python shared/gpu/kernels/build_ptx.py "$$CUDA_NVRTC" && "$$CUDA_PTXAS" -arch=sm_80 shared/gpu/kernels/kernels.ptx -o /dev/null
 
-cuda: ## build the CUDA variant and the GPU check (-tags cuda) against the PyPI CUDA 12 headers
-	@mkdir -p $(BIN)
-	$(CUDA_ENV); $(GO) build -tags cuda -o $(BIN)/arenahost-cuda ./host/cmd/arenahost && $(GO) build -tags cuda -o $(BIN)/arenahost-gpucheck ./host/cmd/arenahost-gpucheck
+# bin/cuda/ is a whole second tree (host, plugins, GPU check) built with
+# -tags cuda: those binaries only start on a machine with the NVIDIA driver,
+# so they never replace the CPU build in bin/.
+cuda: build ## build bin/ and the CUDA variant under bin/cuda/ (host, plugins, GPU check; -tags cuda) against the PyPI CUDA 12 headers
+	$(CUDA_ENV); export GOFLAGS="$${GOFLAGS:+$$GOFLAGS }-tags=cuda"; \
+	  $(MAKE) --no-print-directory build BIN=$(BIN)/cuda && $(GO) build -o $(BIN)/cuda/arenahost-gpucheck ./host/cmd/arenahost-gpucheck
 
 cuda-vet: ## compile-check every package under -tags cuda (no GPU or driver needed)
 	$(CUDA_ENV); $(GO) vet -tags cuda ./...

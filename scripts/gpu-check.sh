@@ -3,21 +3,26 @@
 # NVIDIA GPU, its driver, and a Python with torch (CUDA build) and cupy.
 # Prints a short table and writes bench/gpu-results.md; under 5 minutes.
 #
-# It runs bin/arenahost-gpucheck, built beforehand on any machine (no GPU
-# needed) with `make cuda`, i.e.
-#   eval "$(bash scripts/cuda-env.sh)"; go build -tags cuda -o bin/arenahost-gpucheck ./host/cmd/arenahost-gpucheck
+# It runs bin/cuda/arenahost-gpucheck, built beforehand on any machine (no
+# GPU needed) with `make cuda`, which also builds the CPU tree in bin/ and
+# the CUDA host and plugins in bin/cuda/: the served step starts
+# bin/arenahost (CPU arena) and bin/cuda/arenahost --arena-backend cuda and
+# compares them through the HTTP API.
 #
 # Usage: scripts/gpu-check.sh [arenahost-gpucheck flags, e.g. -device 1 -skip-torch]
-# Environment: PYTHON (default python3), ARENAHOST_GPUCHECK (default bin/arenahost-gpucheck).
+# Environment: PYTHON (default python3), ARENAHOST_GPUCHECK (default bin/cuda/arenahost-gpucheck).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=${ARENAHOST_GPUCHECK:-bin/arenahost-gpucheck}
+bin=${ARENAHOST_GPUCHECK:-bin/cuda/arenahost-gpucheck}
 py=${PYTHON:-python3}
 
 if [ ! -x "$bin" ]; then
   echo "gpu-check: $bin missing: build it with 'make cuda' (see the header of this script)" >&2
   exit 2
 fi
+for b in bin/arenahost bin/cuda/arenahost bin/cuda/plugins/lora-nf4/lora-nf4; do
+  [ -x "$b" ] || echo "gpu-check: warning: $b missing (make cuda builds it); the served step will fail" >&2
+done
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader >&2 || true
 else
