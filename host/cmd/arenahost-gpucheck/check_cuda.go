@@ -78,10 +78,13 @@ func checkKernels(dev *gpu.Device, r *Report) error {
 	if err := checkNested(dev, r, rng); err != nil {
 		return err
 	}
-	for _, c := range []struct{ out, in, bs, rank int }{
-		{37, 77, 64, 5}, {3072, 3072, 64, 16}, {100, 320, 64, 21}, {512, 3072, 64, 80}, {130, 1000, 256, 80}, {5000, 3, 64, 64}, {100, 1, 64, 4096},
+	// The Flux shapes in bf16, its logical dtype; the others cover f32 and f16.
+	for _, c := range []struct{ out, in, bs, rank, dtype int }{
+		{37, 77, 64, 5, gpu.DTypeBF16}, {3072, 3072, 64, 16, gpu.DTypeBF16}, {100, 320, 64, 21, gpu.DTypeF16},
+		{512, 3072, 64, 80, gpu.DTypeBF16}, {130, 1000, 256, 80, gpu.DTypeF32}, {5000, 3, 64, 64, gpu.DTypeF16},
+		{100, 1, 64, 4096, gpu.DTypeF32}, {100, 320, 64, 21, gpu.DTypeF32},
 	} {
-		if err := checkFuse(dev, r, rng, c.out, c.in, c.bs, c.rank); err != nil {
+		if err := checkFuse(dev, r, rng, c.out, c.in, c.bs, c.rank, c.dtype); err != nil {
 			return err
 		}
 	}
@@ -89,6 +92,9 @@ func checkKernels(dev *gpu.Device, r *Report) error {
 }
 
 var dtypeNames = map[int]string{gpu.DTypeF32: "f32", gpu.DTypeBF16: "bf16", gpu.DTypeF16: "f16"}
+
+// nf4DTypes maps the kernels' dtype codes to shared/nf4's logical dtypes.
+var nf4DTypes = map[int]nf4.DType{gpu.DTypeF32: nf4.Float32, gpu.DTypeBF16: nf4.BFloat16, gpu.DTypeF16: nf4.Float16}
 
 func checkQuantize(dev *gpu.Device, r *Report, rng *rand.Rand, n, bs, dtype int, zero bool) error {
 	p := newPool(dev)
@@ -279,7 +285,7 @@ func checkNested(dev *gpu.Device, r *Report, rng *rand.Rand) error {
 	return nil
 }
 
-func checkFuse(dev *gpu.Device, r *Report, rng *rand.Rand, out, in, bs, rank int) error {
+func checkFuse(dev *gpu.Device, r *Report, rng *rand.Rand, out, in, bs, rank, dtype int) error {
 	p := newPool(dev)
 	defer p.free()
 	n := out * in
@@ -296,9 +302,11 @@ func checkFuse(dev *gpu.Device, r *Report, rng *rand.Rand, out, in, bs, rank int
 			b[i] = float32(rng.NormFloat64()) * 0.05
 		}
 	}
-	// CPU reference: dequantize, DeltaRows (shared/lora's fused-pass delta), add, quantize.
+	// CPU reference, shared/lora's fused pass: dequantize, round to the
+	// logical dtype (as bitsandbytes' dequantize_4bit), DeltaRows, add, quantize.
 	orig := make([]float32, n)
 	nf4.Dequantize(orig, packed, absmax, &nf4.NF4, n, bs)
+	nf4.RoundTo(orig, nf4DTypes[dtype])
 	sl := &lora.SideLayer{Layer: lora.Layer{Name: "check", Out: out, In: in}, Rank: rank, A: a, B: b}
 	delta := make([]float32, n)
 	sl.DeltaRows(delta, 0, out)
@@ -324,7 +332,7 @@ func checkFuse(dev *gpu.Device, r *Report, rng *rand.Rand, out, in, bs, rank int
 	if err != nil {
 		return err
 	}
-	if err := dev.Fuse(gpu.FuseLayer{Packed: dP, Absmax: dA, Out: out, In: in, Blocksize: bs, A: dFa, B: dFb, Rank: rank}); err != nil {
+	if err := dev.Fuse(gpu.FuseLayer{Packed: dP, Absmax: dA, Out: out, In: in, Blocksize: bs, A: dFa, B: dFb, Rank: rank, DType: dtype}); err != nil {
 		return err
 	}
 	gotP, err := p.get(dP, len(packed))
@@ -341,7 +349,7 @@ func checkFuse(dev *gpu.Device, r *Report, rng *rand.Rand, out, in, bs, rank int
 	if plan.Kernel == "nf4_fuse" {
 		how = fmt.Sprintf("%s, tile %d, B in %s", plan.Kernel, plan.TileElems, map[bool]string{true: "smem", false: "cache"}[plan.BShared])
 	}
-	r.Check("correctness", fmt.Sprintf("fused merge [%d %d] bs=%d rank %d (%s)", out, in, bs, rank, how),
+	r.Check("correctness", fmt.Sprintf("fused merge [%d %d] bs=%d rank %d %s (%s)", out, in, bs, rank, dtypeNames[dtype], how),
 		Identical(s, int64(n))+fmt.Sprintf(", absmax %d/%d", sa, nb), target, IdenticalOK(s, int64(n)) && IdenticalOK(sa, int64(nb)))
 	return nil
 }

@@ -21,6 +21,9 @@ import (
 const (
 	benchBlocksize = 64
 	maxLoRAs       = 5
+	// benchDType is the Flux weights' logical dtype: the fused merge rounds
+	// the dequantized base to it before adding the delta.
+	benchDType = gpu.DTypeBF16
 )
 
 // benchLayer is one Flux-dev linear on the device: NF4 weight, journal,
@@ -280,7 +283,7 @@ func benchMerge(ctx context.Context, dev *gpu.Device, r *Report, o options) erro
 			q := dev.Queue()
 			for _, l := range layers {
 				if err := q.Fuse(gpu.FuseLayer{Packed: l.packed, Absmax: l.absmax, Out: l.out, In: l.in, Blocksize: benchBlocksize,
-					A: l.acat, B: l.bcat, Rank: R}); err != nil {
+					A: l.acat, B: l.bcat, Rank: R, DType: benchDType}); err != nil {
 					return fmt.Errorf("layer %s: %w", l.name, err)
 				}
 				mBytes += float64(2*nf4.PackedLen(l.n) + 2*4*l.nb + 4*R*(l.in+l.out))
@@ -320,7 +323,7 @@ func benchMerge(ctx context.Context, dev *gpu.Device, r *Report, o options) erro
 	tn, err := timed(func() error {
 		for _, l := range layers {
 			if _, err := dev.FuseNested(gpu.FuseLayer{Packed: l.packed, Absmax: scratch, Out: l.out, In: l.in, Blocksize: benchBlocksize,
-				A: l.acat, B: l.bcat, Rank: rank}, gpu.Nested{Q: l.nq, Absmax: l.nabs, Map: mapPtr, Offset: 0.02}, meanScratch); err != nil {
+				A: l.acat, B: l.bcat, Rank: rank, DType: benchDType}, gpu.Nested{Q: l.nq, Absmax: l.nabs, Map: mapPtr, Offset: 0.02}, meanScratch); err != nil {
 				return fmt.Errorf("layer %s: %w", l.name, err)
 			}
 		}
