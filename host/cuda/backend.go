@@ -49,7 +49,14 @@ type Allocator interface {
 // drops its last holder.
 type Backend struct {
 	alloc Allocator
+	mv    Mover // nil when alloc moves no bytes (then Read/Write/Copy fail)
 	log   *slog.Logger
+	chunk int // bytes per upload: the staging buffer's size
+
+	stageMu    sync.Mutex // one Write stages at a time
+	stage      []byte     // pinned staging buffer, made on first Write
+	stageFree  func() error
+	stageTried bool
 
 	mu      sync.Mutex
 	slabs   map[uint32]*slab // live and closing slabs, by segment id
@@ -65,12 +72,18 @@ type slab struct {
 	freed   bool
 }
 
-// NewBackend returns a backend over alloc. A nil logger means slog.Default().
+// NewBackend returns a backend over alloc. A nil logger means
+// slog.Default(). When alloc is also a Mover (a Device), the segments move
+// bytes (arena.Mover) and the arena's Read, Write and Copy work on them;
+// uploads go through a staging buffer of DefaultStagingBytes, pinned when
+// the device offers pinned memory (the cuda build's gpu.Device).
 func NewBackend(alloc Allocator, log *slog.Logger) *Backend {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Backend{alloc: alloc, log: log, slabs: map[uint32]*slab{}, holders: map[arena.Owner]map[uint32]struct{}{}}
+	mv, _ := alloc.(Mover)
+	return &Backend{alloc: alloc, mv: mv, log: log, chunk: DefaultStagingBytes,
+		slabs: map[uint32]*slab{}, holders: map[arena.Owner]map[uint32]struct{}{}}
 }
 
 // Name is "cuda".
@@ -199,10 +212,22 @@ func (b *Backend) Ptr(id uint32) (DevicePtr, error) {
 	return sl.s.Ptr, nil
 }
 
-// Close marks the backend closed. Slabs still held by a live holder are
-// not freed (that would be undefined behaviour for the holder); Close
-// reports them, and a later Released still frees them.
+// Close marks the backend closed and frees the staging buffer. Slabs still
+// held by a live holder are not freed (that would be undefined behaviour
+// for the holder); Close reports them, and a later Released still frees
+// them.
 func (b *Backend) Close() error {
+	b.stageMu.Lock()
+	var stageErr error
+	if b.stageFree != nil {
+		stageErr = b.stageFree()
+		b.stage, b.stageFree = nil, nil
+	}
+	b.stageTried = true
+	b.stageMu.Unlock()
+	if stageErr != nil {
+		b.log.Warn("free the pinned staging buffer", "err", stageErr)
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.closed = true
@@ -256,7 +281,8 @@ func (s *segment) Location() arena.Location {
 	}
 }
 
-// Bytes is nil: the host cannot address device memory directly.
+// Bytes is nil: the host cannot address device memory directly; the
+// segment moves bytes instead (ReadAt, WriteAt, CopyFrom in mover.go).
 func (s *segment) Bytes() []byte { return nil }
 
 // Close frees the slab, or defers the free while a holder has it open.

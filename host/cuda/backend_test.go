@@ -24,6 +24,13 @@ type fakeAlloc struct {
 	frees   []DevicePtr
 	failNth int // fail the failNth Alloc (1-based) when non-zero
 	freeErr error
+
+	// Mover (mover_test.go)
+	mem       map[DevicePtr][]byte // slab base → its bytes, made on first use
+	queued    [][3]uint64          // dst, src, n of copies not yet synced
+	uploads   []int                // sizes of the uploads
+	syncs     int
+	uploadErr error
 }
 
 func newFakeAlloc() *fakeAlloc { return &fakeAlloc{next: 1 << 32, live: map[DevicePtr]Slab{}} }
@@ -53,6 +60,7 @@ func (f *fakeAlloc) Free(s Slab) error {
 		return fmt.Errorf("cuMemFree %#x: not allocated (double free)", s.Ptr)
 	}
 	delete(f.live, s.Ptr)
+	delete(f.mem, s.Ptr)
 	f.frees = append(f.frees, s.Ptr)
 	return f.freeErr
 }
