@@ -166,5 +166,7 @@ func (r *Registry) WriteLocked(model string, fn func(m *Model) error) error {
 
 // TensorBytes returns the bytes of t, a tensor of a registered model. The
 // caller must hold the model's write lock (WriteLocked) or otherwise keep it
-// from being unloaded while it uses them.
+// from being unloaded while it uses them. On a device arena it fails with
+// arena.ErrNoHostView: move the bytes of t.Region with the arena's Read,
+// Write and Copy instead.
 func (r *Registry) TensorBytes(t *Tensor) ([]byte, error) { return r.bytes(t) }

@@ -16,13 +16,17 @@ import (
 )
 
 // copyChunk bounds the bytes copied between two cancellation checks.
-const copyChunk = 16 << 20
+var copyChunk = 16 << 20
 
 // Load maps the safetensors file at path, validates it (the safetensors
 // header, every tensor's dtype, and the bitsandbytes 4-bit layout of each
 // quantized weight), copies each stored tensor from the mapping into its own
 // arena region, and registers the result as model name. The file is streamed
-// through the mapping: no tensor is copied onto the Go heap.
+// through the mapping: no tensor is copied onto the Go heap. On memory the
+// host cannot map (a device arena), each tensor is streamed from the file
+// into its region with the arena's Write, through one buffer of at most
+// 16 MiB for the whole load: host memory stays bounded whatever the
+// tensor's size.
 //
 // Load is atomic: on any error, including cancellation of ctx and an arena
 // that is full, every region allocated for this load is freed and nothing is
@@ -109,6 +113,7 @@ func (r *Registry) load(ctx context.Context, name, path string) (m *Model, err e
 	}
 
 	var regions []arena.Region
+	var buf []byte // the streaming buffer for unmapped memory
 	defer func() {
 		if err == nil {
 			return
@@ -134,10 +139,13 @@ func (r *Registry) load(ctx context.Context, name, path string) (m *Model, err e
 			regions = append(regions, reg)
 			t.Region = reg
 			dst, err := r.mem.Bytes(reg)
-			if err != nil {
-				return nil, fmt.Errorf("%s: tensor %s: %w", path, info.Name, err)
+			switch {
+			case err == nil:
+				err = copyTensor(ctx, dst, f, info)
+			case errors.Is(err, arena.ErrNoHostView):
+				err = streamTensor(ctx, r.mem, reg, f, info, &buf)
 			}
-			if err := copyTensor(ctx, dst, f, info); err != nil {
+			if err != nil {
 				return nil, fmt.Errorf("%s: tensor %s: %w", path, info.Name, err)
 			}
 		}
@@ -189,6 +197,33 @@ func copyTensor(ctx context.Context, dst []byte, f *safetensors.File, info safet
 	return nil
 }
 
+// streamTensor copies a tensor from the file into reg with the memory's
+// Write, in chunks of at most copyChunk bytes through *buf (made on first
+// use), checking ctx between them.
+func streamTensor(ctx context.Context, mem Memory, reg arena.Region, f *safetensors.File, info safetensors.TensorInfo, buf *[]byte) error {
+	n := uint64(info.End - info.Begin)
+	if reg.Length != n {
+		return fmt.Errorf("region of %d bytes for a %d-byte tensor", reg.Length, n)
+	}
+	if want := min(n, uint64(copyChunk)); uint64(len(*buf)) < want {
+		*buf = make([]byte, want)
+	}
+	for off := uint64(0); off < n; {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		chunk := (*buf)[:min(n-off, uint64(len(*buf)))]
+		if _, err := f.ReadAt(chunk, f.DataStart+info.Begin+int64(off)); err != nil {
+			return err
+		}
+		if err := mem.Write(ctx, reg, off, chunk); err != nil {
+			return err
+		}
+		off += uint64(len(chunk))
+	}
+	return nil
+}
+
 // formatOf names the checkpoint format from its 4-bit weights.
 func formatOf(weights []nf4.Weight) Format {
 	if len(weights) == 0 {
@@ -220,6 +255,8 @@ func formatOf(weights []nf4.Weight) Format {
 // reference writer produced (Python safetensors, so bitsandbytes'
 // checkpoints) is written back byte for byte; metadata keys are written
 // sorted, so a file with several metadata keys may differ in their order.
+// On a device arena each tensor is downloaded in turn into one host buffer
+// (the largest tensor's size) and written from it.
 func (r *Registry) Save(ctx context.Context, model, path string) error {
 	m, err := r.model(model)
 	if err != nil {
@@ -238,11 +275,12 @@ func (r *Registry) Save(ctx context.Context, model, path string) error {
 	if err != nil {
 		return fmt.Errorf("save model %q: %w", model, err)
 	}
+	var scratch []byte
 	for _, info := range fw.Layout() {
 		err := ctx.Err()
 		var b []byte
 		if err == nil {
-			b, err = r.bytes(m.byName[info.Name])
+			b, err = r.read(m.byName[info.Name], &scratch)
 		}
 		if err == nil {
 			err = fw.WriteTensor(info.Name, b)

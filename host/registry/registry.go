@@ -8,6 +8,7 @@
 package registry
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -21,11 +22,15 @@ import (
 )
 
 // Memory is what the registry needs from the arena to hold tensors.
-// *arena.Arena satisfies it.
+// *arena.Arena satisfies it. Bytes fails with arena.ErrNoHostView on
+// memory the host cannot map (a device arena); the registry then moves
+// bytes with Read and Write.
 type Memory interface {
 	Alloc(owner arena.Owner, name string, n uint64) (arena.Region, error)
 	Free(r arena.Region) error
 	Bytes(r arena.Region) ([]byte, error)
+	Read(r arena.Region, off uint64, p []byte) error
+	Write(ctx context.Context, r arena.Region, off uint64, p []byte) error
 }
 
 // Errors the registry returns, wrapped with the model and tensor names.
@@ -260,7 +265,9 @@ func (r *Registry) Unload(name string) error {
 
 // View calls fn with the bytes of model's tensor name while the model cannot
 // be unloaded. fn must not keep the slice, and must not write to it unless
-// the caller owns the model's write access.
+// the caller owns the model's write access. On a device arena the bytes are
+// a copy downloaded into a temporary buffer of the tensor's size: writes
+// to it do not reach the tensor.
 func (r *Registry) View(model, name string, fn func(t *Tensor, b []byte) error) error {
 	m, err := r.model(model)
 	if err != nil {
@@ -275,7 +282,7 @@ func (r *Registry) View(model, name string, fn func(t *Tensor, b []byte) error) 
 	if !ok {
 		return fmt.Errorf("model %q: tensor %q: %w", model, name, ErrNotFound)
 	}
-	b, err := r.bytes(t)
+	b, err := r.read(t, nil)
 	if err != nil {
 		return fmt.Errorf("model %q: tensor %q: %w", model, name, err)
 	}
@@ -287,6 +294,31 @@ func (r *Registry) bytes(t *Tensor) ([]byte, error) {
 		return []byte{}, nil
 	}
 	return r.mem.Bytes(t.Region)
+}
+
+// read returns t's bytes: the host's view of them, or, on memory the host
+// cannot map, a copy downloaded into scratch (grown to the tensor's size
+// when shorter).
+func (r *Registry) read(t *Tensor, scratch *[]byte) ([]byte, error) {
+	b, err := r.bytes(t)
+	if !errors.Is(err, arena.ErrNoHostView) {
+		return b, err
+	}
+	var buf []byte
+	if scratch != nil {
+		buf = *scratch
+	}
+	if uint64(cap(buf)) < t.NBytes {
+		buf = make([]byte, t.NBytes)
+		if scratch != nil {
+			*scratch = buf
+		}
+	}
+	buf = buf[:t.NBytes]
+	if err := r.mem.Read(t.Region, 0, buf); err != nil {
+		return nil, err
+	}
+	return buf, nil
 }
 
 // freeAll frees every region, joining the errors.
