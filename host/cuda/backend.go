@@ -48,6 +48,7 @@ type Allocator interface {
 // it is still open stays allocated and is freed by the Released call that
 // drops its last holder.
 type Backend struct {
+	name  string
 	alloc Allocator
 	mv    Mover // nil when alloc moves no bytes (then Read/Write/Copy fail)
 	log   *slog.Logger
@@ -82,12 +83,16 @@ func NewBackend(alloc Allocator, log *slog.Logger) *Backend {
 		log = slog.Default()
 	}
 	mv, _ := alloc.(Mover)
-	return &Backend{alloc: alloc, mv: mv, log: log, chunk: DefaultStagingBytes,
+	return &Backend{name: "cuda", alloc: alloc, mv: mv, log: log, chunk: DefaultStagingBytes,
 		slabs: map[uint32]*slab{}, holders: map[arena.Owner]map[uint32]struct{}{}}
 }
 
-// Name is "cuda".
-func (b *Backend) Name() string { return "cuda" }
+// Name is "cuda" unless SetName changed it.
+func (b *Backend) Name() string { return b.name }
+
+// SetName names the backend in the arena's stats and logs (the server says
+// "cuda-sim" for the simulated device). Call it before arena.New.
+func (b *Backend) SetName(name string) { b.name = name }
 
 // Create allocates a slab for segment id.
 func (b *Backend) Create(id uint32, size uint64) (arena.Segment, error) {
@@ -305,8 +310,15 @@ func (s *segment) Close() error {
 // a device arena keeps its slabs until Close, since plugins address them by
 // IPC handle.
 func NewArena(ctx context.Context, alloc Allocator, cfg arena.Config) (*arena.Arena, *Backend, error) {
+	return NewArenaNamed(ctx, "cuda", alloc, cfg)
+}
+
+// NewArenaNamed is NewArena with the backend named name in the arena's
+// stats and logs ("cuda-sim" for the simulated device).
+func NewArenaNamed(ctx context.Context, name string, alloc Allocator, cfg arena.Config) (*arena.Arena, *Backend, error) {
 	cfg.RetainEmpty = true
 	b := NewBackend(alloc, cfg.Logger)
+	b.SetName(name)
 	a, err := arena.New(ctx, b, cfg)
 	if err != nil {
 		return nil, nil, fmt.Errorf("cuda arena on device %d: %w", alloc.Device(), err)

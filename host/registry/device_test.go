@@ -1,3 +1,5 @@
+//go:build linux
+
 package registry
 
 import (
@@ -12,7 +14,9 @@ import (
 
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/arena/arenatest"
+	"github.com/arenahost/arenahost/host/cuda"
 	"github.com/arenahost/arenahost/host/samples"
+	"github.com/arenahost/arenahost/shared/gpu/gpusim"
 	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
@@ -29,6 +33,22 @@ var deviceArenas = []struct {
 		}
 		t.Cleanup(func() {
 			if err := a.Close(); err != nil {
+				t.Error(err)
+			}
+		})
+		return a
+	}},
+	{"gpusim", func(t *testing.T) *arena.Arena {
+		d := gpusim.NewCapacity(0, 256<<20)
+		a, _, err := cuda.NewArena(t.Context(), d, arena.Config{Capacity: 256 << 20, SegmentSize: 4 << 20, Logger: quiet()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			if err := a.Close(); err != nil {
+				t.Error(err)
+			}
+			if err := d.Close(); err != nil {
 				t.Error(err)
 			}
 		})
