@@ -37,6 +37,8 @@ type Config struct {
 
 	ArenaCapacity uint64
 	ArenaSegment  uint64
+	ArenaBackend  string // cpu, cuda or cuda-sim
+	ArenaDevice   int    // device ordinal for cuda and cuda-sim
 	Shm           string
 	Samples       bool
 
@@ -123,6 +125,24 @@ var settings = []setting{
 		set: size(func(c *Config) *uint64 { return &c.ArenaCapacity })},
 	{name: "arena-segment", def: "64MiB", doc: "arena growth unit",
 		set: size(func(c *Config) *uint64 { return &c.ArenaSegment })},
+	{name: "arena-backend", def: "cpu", doc: "arena memory: cpu (shared memory plugins map), cuda (device memory plugins open by CUDA IPC handle; needs bin/arenahost-cuda from make cuda) or cuda-sim (a simulated GPU over shared memory, for development and tests)",
+		set: func(c *Config, v string) error {
+			switch v {
+			case "cpu", "cuda", "cuda-sim":
+				c.ArenaBackend = v
+				return nil
+			}
+			return fmt.Errorf("%q is not cpu, cuda or cuda-sim", v)
+		}},
+	{name: "arena-device", def: "0", doc: "device ordinal of the cuda and cuda-sim arena backends",
+		set: func(c *Config, v string) error {
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil || n < 0 || n > 1<<16 {
+				return fmt.Errorf("%q is not a device ordinal (0, 1, …)", v)
+			}
+			c.ArenaDevice = n
+			return nil
+		}},
 	{name: "shm", def: "memfd", doc: "shared-memory kind: memfd (nothing outlives the host) or shm (files under /dev/shm)",
 		set: func(c *Config, v string) error {
 			if v != "memfd" && v != "shm" {

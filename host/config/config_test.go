@@ -30,7 +30,7 @@ func TestDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := Config{Listen: "127.0.0.1:7860", DataDir: "arenahost-data", PluginsDir: Auto, Python: Auto, ArenaCapacity: 8 << 30,
-		ArenaSegment: 64 << 20, Shm: "memfd", Samples: true, MaxBody: 1 << 20, ReadHeaderTimeout: 10 * time.Second,
+		ArenaSegment: 64 << 20, ArenaBackend: "cpu", Shm: "memfd", Samples: true, MaxBody: 1 << 20, ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout: time.Minute, WriteTimeout: 10 * time.Minute, IdleTimeout: 2 * time.Minute, LogLevel: "info"}
 	if c != want {
 		t.Fatalf("defaults:\n got %+v\nwant %+v", c, want)
@@ -65,6 +65,10 @@ func TestPrecedence(t *testing.T) {
 			func(c Config) bool { return c.Token == "s3cret" }},
 		{"sizes", []string{"--arena-capacity", "512MiB", "--max-body", "2048"}, nil, func(c Config) bool { return c.ArenaCapacity == 512<<20 && c.MaxBody == 2048 }},
 		{"plugins none", []string{"--plugins", ""}, nil, func(c Config) bool { return c.Plugins() == "" }},
+		{"arena backend from env", nil, map[string]string{"ARENAHOST_ARENA_BACKEND": "cuda-sim", "ARENAHOST_ARENA_DEVICE": "2"},
+			func(c Config) bool { return c.ArenaBackend == "cuda-sim" && c.ArenaDevice == 2 }},
+		{"arena backend flag beats env", []string{"--arena-backend", "cuda", "--arena-device", "1"}, map[string]string{"ARENAHOST_ARENA_BACKEND": "cuda-sim"},
+			func(c Config) bool { return c.ArenaBackend == "cuda" && c.ArenaDevice == 1 }},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -102,6 +106,8 @@ func TestErrors(t *testing.T) {
 		{"bad env", nil, map[string]string{"ARENAHOST_READ_TIMEOUT": "soon"}, "environment ARENAHOST_READ_TIMEOUT"},
 		{"bad flag", []string{"--shm", "tmpfs"}, nil, `"tmpfs" is not memfd or shm`},
 		{"bad listen", []string{"--listen", "7860"}, nil, "use HOST:PORT"},
+		{"bad arena backend", []string{"--arena-backend", "rocm"}, nil, `"rocm" is not cpu, cuda or cuda-sim`},
+		{"negative device", nil, map[string]string{"ARENAHOST_ARENA_DEVICE": "-1"}, `environment ARENAHOST_ARENA_DEVICE: "-1" is not a device ordinal`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
