@@ -169,9 +169,21 @@ func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args lorawire.Apply
 	if err != nil {
 		return lorawire.ApplyResult{}, fmt.Errorf("%w: %w", err, sdk.ErrFailedPrecondition)
 	}
-	store := callStore{c: c, mapper: e.mapper, delay: e.delay, ctx: ctx}
-	if err := lora.Fuse(ctx, p, store, codec, newCallJournal(c), lora.FuseOptions{TileElems: args.TileElems}); err != nil {
+	// The weights' memory picks the pass: CUDA slabs get the device
+	// kernels (fuse_device.go), CPU segments the tiled CPU pass.
+	device, err := onDevice(c, p)
+	if err != nil {
 		return lorawire.ApplyResult{}, err
+	}
+	if device {
+		if err := e.fuseDevice(ctx, c, p, dt); err != nil {
+			return lorawire.ApplyResult{}, err
+		}
+	} else {
+		store := callStore{c: c, mapper: e.mapper, delay: e.delay, ctx: ctx}
+		if err := lora.Fuse(ctx, p, store, codec, newCallJournal(c), lora.FuseOptions{TileElems: args.TileElems}); err != nil {
+			return lorawire.ApplyResult{}, err
+		}
 	}
 	e.mu.Lock()
 	delete(e.plans, modelName(args.Model)) // the side plan, if any, is no longer what the model holds

@@ -34,6 +34,7 @@ type engine struct {
 	plans  map[string]*sidePlan
 	mapper *tensor.Mapper // read-write views of quant side tensors (fuse)
 	delay  time.Duration
+	gpu    *gpuState // the device, for descriptors on CUDA slabs
 }
 
 type sidePlan struct {
@@ -43,7 +44,7 @@ type sidePlan struct {
 }
 
 func newEngine() *engine {
-	e := &engine{plans: map[string]*sidePlan{}, mapper: tensor.NewMapper()}
+	e := &engine{plans: map[string]*sidePlan{}, mapper: tensor.NewMapper(), gpu: &gpuState{}}
 	if v := os.Getenv(EnvLayerDelay); v != "" {
 		if d, err := time.ParseDuration(v); err == nil {
 			e.delay = d
@@ -51,6 +52,9 @@ func newEngine() *engine {
 	}
 	return e
 }
+
+// Close releases the device, if a call opened one.
+func (e *engine) Close() error { return e.gpu.Close() }
 
 func (e *engine) register(p *sdk.Plugin) {
 	sdk.Method(p, "inspect", e.inspect, sdk.Doc("report LoRA files' key formats, network types, ranks, alphas and (with a model) their target layers"))
@@ -202,14 +206,15 @@ func (e *engine) planMethod(ctx context.Context, c *sdk.Call, args lorawire.Appl
 }
 
 // baseWeights dequantizes a layer from the host's bytes (DoRA needs W) as
-// bitsandbytes' dequantize_4bit does, rounded to the logical dtype.
-func baseWeights(c *sdk.Call, m *model) lora.BaseWeights {
+// bitsandbytes' dequantize_4bit does, rounded to the logical dtype. Weights
+// on the device are downloaded and dequantized here too.
+func (e *engine) baseWeights(c *sdk.Call, m *model) lora.BaseWeights {
 	return func(layer string) ([]float32, error) {
 		d, ok := m.weights[layer+".weight"]
 		if !ok {
 			return nil, fmt.Errorf("no 4-bit weight %s.weight", layer)
 		}
-		st, data, err := weightData(c, d)
+		st, data, err := e.weightData(c, d)
 		if err != nil {
 			return nil, err
 		}
@@ -231,7 +236,7 @@ func quantState(q *pluginv1.QuantInfo) nf4.QuantState {
 		Shape: q.GetShape(), Nested: q.GetNested(), NestedBlocksize: int(q.GetNestedBlocksize()), NestedDType: "float32", NestedOffset: q.GetNestedOffset()}
 }
 
-func refBytes(c *sdk.Call, w string, what string, r *pluginv1.TensorRef) ([]byte, error) {
+func (e *engine) refBytes(c *sdk.Call, w string, what string, r *pluginv1.TensorRef) ([]byte, error) {
 	if r == nil {
 		return nil, fmt.Errorf("weight %s: no %s", w, what)
 	}
@@ -239,26 +244,35 @@ func refBytes(c *sdk.Call, w string, what string, r *pluginv1.TensorRef) ([]byte
 	if err != nil {
 		return nil, fmt.Errorf("weight %s: %s: %w", w, what, err)
 	}
-	return c.Bytes(&pluginv1.TensorDescriptor{Name: w + "." + what, Dtype: r.GetDtype(), Shape: r.GetShape(), Nbytes: n,
+	return e.hostBytes(c, "weight "+w+": "+what, &pluginv1.TensorDescriptor{Name: w + "." + what, Dtype: r.GetDtype(), Shape: r.GetShape(), Nbytes: n,
 		Access: pluginv1.Access_ACCESS_READ_ONLY, Region: r.GetRegion()})
 }
 
-func weightData(c *sdk.Call, d *pluginv1.TensorDescriptor) (nf4.QuantState, nf4.WeightData, error) {
+// hostBytes returns a read-only descriptor's bytes: mapped in place from a
+// CPU segment, downloaded from a CUDA slab.
+func (e *engine) hostBytes(c *sdk.Call, what string, d *pluginv1.TensorDescriptor) ([]byte, error) {
+	if isCUDA(d.GetRegion()) {
+		return e.gpu.download(what, d)
+	}
+	return c.Bytes(d)
+}
+
+func (e *engine) weightData(c *sdk.Call, d *pluginv1.TensorDescriptor) (nf4.QuantState, nf4.WeightData, error) {
 	q := d.GetQuant()
 	st := quantState(q)
 	var data nf4.WeightData
 	var err error
-	if data.Packed, err = c.Bytes(d); err != nil {
+	if data.Packed, err = e.hostBytes(c, "weight "+d.GetName(), d); err != nil {
 		return st, data, err
 	}
-	if data.Absmax, err = refBytes(c, d.GetName(), "absmax", q.GetAbsmax()); err != nil {
+	if data.Absmax, err = e.refBytes(c, d.GetName(), "absmax", q.GetAbsmax()); err != nil {
 		return st, data, err
 	}
 	if q.GetNested() {
-		if data.NestedAbsmax, err = refBytes(c, d.GetName(), "nested_absmax", q.GetNestedAbsmax()); err != nil {
+		if data.NestedAbsmax, err = e.refBytes(c, d.GetName(), "nested_absmax", q.GetNestedAbsmax()); err != nil {
 			return st, data, err
 		}
-		if data.NestedQuantMap, err = refBytes(c, d.GetName(), "nested_quant_map", q.GetNestedQuantMap()); err != nil {
+		if data.NestedQuantMap, err = e.refBytes(c, d.GetName(), "nested_quant_map", q.GetNestedQuantMap()); err != nil {
 			return st, data, err
 		}
 	}
@@ -284,7 +298,7 @@ func (e *engine) build(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs
 	if err != nil {
 		return nil, nil, err
 	}
-	p, err := lora.BuildSide(m.lm, maps, strengths, baseWeights(c, m), nil)
+	p, err := lora.BuildSide(m.lm, maps, strengths, e.baseWeights(c, m), nil)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: %w", err, sdk.ErrInvalidArgument)
 	}
@@ -348,6 +362,7 @@ func (e *engine) applySide(ctx context.Context, c *sdk.Call, args lorawire.Apply
 	}()
 	ranks := map[string]int{}
 	var out []*pluginv1.TensorDescriptor
+	onDevice := false
 	for _, sl := range p.Layers {
 		rr := boundRank(sl)
 		if rr == 0 {
@@ -364,19 +379,24 @@ func (e *engine) applySide(ctx context.Context, c *sdk.Call, args lorawire.Apply
 			return lorawire.ApplyResult{}, fmt.Errorf("layer %s: allocate B_cat [%d %d]: %w", sl.Name, sl.Out, rr, err)
 		}
 		allocated = append(allocated, b.GetRegion())
-		av, err := c.Float32s(a)
+		fv, err := e.factorView(c, w, a, b)
 		if err != nil {
 			return lorawire.ApplyResult{}, err
 		}
-		bv, err := c.Float32s(b)
-		if err != nil {
+		if err := fv.writeAll(ctx, sl); err != nil {
 			return lorawire.ApplyResult{}, err
 		}
-		writeA(av, sl)
-		writeBCols(bv, sl, 0, rr)
+		onDevice = onDevice || fv.dev != nil
 		out = append(out, a, b)
 		ranks[w] = rr
 		res.Factors = append(res.Factors, lorawire.Factor{Weight: w, A: a.GetName(), B: b.GetName(), Rank: rr, Out: sl.Out, In: sl.In})
+	}
+	if onDevice {
+		// The factors are read by another process once the descriptors are
+		// out: everything enqueued must have landed.
+		if err := e.gpu.sync(); err != nil {
+			return lorawire.ApplyResult{}, err
+		}
 	}
 	p.Report.SideBytes = 0
 	for _, f := range res.Factors {
@@ -414,15 +434,15 @@ func (e *engine) setStrengths(ctx context.Context, c *sdk.Call, args lorawire.Se
 			return lorawire.SetStrengthsResult{}, fmt.Errorf("lora %s: strength %v: %w", filepath.Base(sp.paths[i]), s, sdk.ErrInvalidArgument)
 		}
 	}
-	// Map every bound factor first, so a bad descriptor changes nothing.
-	views := map[string][2][]float32{}
+	// Open every bound factor first, so a bad descriptor changes nothing.
+	views := map[string]*factors{}
 	for _, sl := range p.Layers {
 		w := sl.Name + ".weight"
 		rr := sp.ranks[w]
 		if rr == 0 {
 			continue
 		}
-		var v [2][]float32
+		var ds [2]*pluginv1.TensorDescriptor
 		for k, name := range []string{lorawire.FactorA(w), lorawire.FactorB(w)} {
 			d, err := c.Input(name)
 			if err != nil {
@@ -435,13 +455,16 @@ func (e *engine) setStrengths(ctx context.Context, c *sdk.Call, args lorawire.Se
 			if d.GetAccess() != pluginv1.Access_ACCESS_READ_WRITE || d.GetDtype() != pluginv1.DType_DTYPE_F32 || d.GetNbytes() != uint64(4*want) {
 				return lorawire.SetStrengthsResult{}, fmt.Errorf("tensor %s: want read-write F32 of %d values: %w", name, want, sdk.ErrInvalidArgument)
 			}
-			if v[k], err = c.Float32s(d); err != nil {
-				return lorawire.SetStrengthsResult{}, err
-			}
+			ds[k] = d
 		}
-		views[w] = v
+		fv, err := e.factorView(c, w, ds[0], ds[1])
+		if err != nil {
+			return lorawire.SetStrengthsResult{}, err
+		}
+		views[w] = fv
 	}
 	var touched []lora.Touched
+	onDevice := false
 	for i, s := range args.Strengths {
 		if s == p.Strengths[i] {
 			continue
@@ -453,13 +476,19 @@ func (e *engine) setStrengths(ctx context.Context, c *sdk.Call, args lorawire.Se
 		touched = append(touched, t...)
 		for _, tc := range t {
 			sl := p.Layer(tc.Layer)
-			v := views[tc.Layer+".weight"]
-			if tc.Cols > 0 {
-				writeBCols(v[1], sl, tc.Col, tc.Col+tc.Cols)
+			fv := views[tc.Layer+".weight"]
+			if fv == nil {
+				continue
 			}
-			if tc.Dense && sl.Dense != nil {
-				copy(v[0][sl.Rank*sl.In:], sl.Dense)
+			if err := fv.rewrite(ctx, sl, tc); err != nil {
+				return lorawire.SetStrengthsResult{}, err
 			}
+			onDevice = onDevice || fv.dev != nil
+		}
+	}
+	if onDevice {
+		if err := e.gpu.sync(); err != nil {
+			return lorawire.SetStrengthsResult{}, err
 		}
 	}
 	return lorawire.SetStrengthsResult{Touched: touched, Report: p.Report}, nil

@@ -1,0 +1,169 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/arenahost/arenahost/sdk"
+	"github.com/arenahost/arenahost/shared/gpu"
+	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
+	"github.com/arenahost/arenahost/shared/tensor"
+)
+
+// device is what the plugin uses of a GPU driver: the cuda build's
+// gpu.Device and the simulated gpusim.Device both provide it.
+type device interface {
+	gpu.IPCOpener
+	MemAlloc(n uint64) (gpu.DevicePtr, error)
+	MemFree(p gpu.DevicePtr) error
+	// Upload copies src to dst after the stream's pending work and waits.
+	Upload(ctx context.Context, dst gpu.DevicePtr, src []byte) error
+	// Download copies len(dst) bytes after the stream's pending work.
+	Download(dst []byte, src gpu.DevicePtr) error
+	CopyAsync(dst, src gpu.DevicePtr, n uint64) error
+	Launch(c gpu.Call) error
+	Sync() error
+	Close() error
+}
+
+// openCUDA opens the real driver on a device ordinal; the default build's
+// answers that this binary has no CUDA (device_cuda.go, device_nocuda.go).
+var openCUDA func(ordinal int) (device, error)
+
+// errNoCUDA is the default build's answer to a real device descriptor.
+var errNoCUDA = errors.New("this lora-nf4 was built without CUDA; build it with make cuda")
+
+// openDevice opens the driver a slab's handle belongs to: the simulated
+// one for gpusim handles, the real one otherwise.
+func openDevice(loc gpu.SlabLocation) (device, bool, error) {
+	if isSimHandle(loc.Handle) {
+		d, err := openSim(loc.Device)
+		return d, true, err
+	}
+	d, err := openCUDA(loc.Device)
+	return d, false, err
+}
+
+// gpuState is the plugin's one device and its cache of opened slabs, opened
+// on the first CUDA descriptor and closed when the plugin stops.
+type gpuState struct {
+	mu     sync.Mutex
+	dev    device
+	sim    bool
+	slabs  *gpu.SlabCache
+	closed bool
+
+	// fuse serialises fused passes: they share the stream's ordering and
+	// one scratch allocation each.
+	fuse sync.Mutex
+}
+
+// isCUDA reports whether a region is on a device slab.
+func isCUDA(r *pluginv1.Region) bool { return r.GetCuda() != nil }
+
+// open returns the device for a region on a CUDA slab, opening it on first
+// use. what names the tensor for errors.
+func (g *gpuState) open(what string, r *pluginv1.Region) (device, error) {
+	loc, _, err := gpu.RegionAddr(r)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w: %w", what, err, sdk.ErrInvalidArgument)
+	}
+	sim := isSimHandle(loc.Handle)
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return nil, fmt.Errorf("%s: the plugin is stopping: %w", what, sdk.ErrFailedPrecondition)
+	}
+	if g.dev != nil {
+		if sim != g.sim {
+			return nil, fmt.Errorf("%s: cuda slab %d is %s but this plugin already opened %s: %w",
+				what, loc.ID, simWord(sim), simWord(g.sim), sdk.ErrInvalidArgument)
+		}
+		return g.dev, nil
+	}
+	d, sim, err := openDevice(loc)
+	if err != nil {
+		if errors.Is(err, errNoCUDA) {
+			return nil, fmt.Errorf("%s is in CUDA device memory but %w (cuda slab %d on device %d): %w", what, err, loc.ID, loc.Device, sdk.ErrFailedPrecondition)
+		}
+		return nil, fmt.Errorf("%s: open device %d: %w: %w", what, loc.Device, err, sdk.ErrFailedPrecondition)
+	}
+	g.dev, g.sim, g.slabs = d, sim, gpu.NewSlabCache(d)
+	return d, nil
+}
+
+func simWord(sim bool) string {
+	if sim {
+		return "simulated (gpusim)"
+	}
+	return "a real device"
+}
+
+// addr returns the device address of n bytes at a region on a CUDA slab,
+// checking that the region holds them.
+func (g *gpuState) addr(what string, r *pluginv1.Region, n uint64) (device, gpu.DevicePtr, error) {
+	d, err := g.open(what, r)
+	if err != nil {
+		return nil, 0, err
+	}
+	if r.GetLength() < n {
+		return nil, 0, fmt.Errorf("%s: region of %d bytes, want %d: %w", what, r.GetLength(), n, sdk.ErrInvalidArgument)
+	}
+	p, err := g.slabs.Addr(r)
+	if err != nil {
+		return nil, 0, fmt.Errorf("%s: %w: %w", what, err, sdk.ErrInvalidArgument)
+	}
+	return d, p, nil
+}
+
+// descAddr is addr for a descriptor (what: "weight X", "tensor X"): its
+// nbytes at its region.
+func (g *gpuState) descAddr(what string, d *pluginv1.TensorDescriptor) (device, gpu.DevicePtr, error) {
+	if err := tensor.Check(d); err != nil {
+		return nil, 0, fmt.Errorf("%w: %w", err, sdk.ErrInvalidArgument)
+	}
+	return g.addr(what, d.GetRegion(), d.GetNbytes())
+}
+
+// download copies a descriptor's bytes from the device.
+func (g *gpuState) download(what string, d *pluginv1.TensorDescriptor) ([]byte, error) {
+	dev, p, err := g.descAddr(what, d)
+	if err != nil {
+		return nil, err
+	}
+	b := make([]byte, d.GetNbytes())
+	if err := dev.Download(b, p); err != nil {
+		return nil, fmt.Errorf("%s: download %d bytes: %w", what, len(b), err)
+	}
+	return b, nil
+}
+
+// Close closes the opened slabs and the device, after the stream's work.
+func (g *gpuState) Close() error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.closed = true
+	if g.dev == nil {
+		return nil
+	}
+	errs := []error{g.dev.Sync(), g.slabs.Close(), g.dev.Close()}
+	g.dev, g.slabs = nil, nil
+	return errors.Join(errs...)
+}
+
+// sync waits for the device's stream, when a device is open: the ordering
+// point before descriptors of written device memory go back to the host.
+func (g *gpuState) sync() error {
+	g.mu.Lock()
+	d := g.dev
+	g.mu.Unlock()
+	if d == nil {
+		return nil
+	}
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("device sync: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,617 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/go-plugin"
+	"github.com/vmihailenco/msgpack/v5"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/arenahost/arenahost/sdk/plugintest"
+	"github.com/arenahost/arenahost/shared/gpu"
+	"github.com/arenahost/arenahost/shared/gpu/gpusim"
+	"github.com/arenahost/arenahost/shared/half"
+	"github.com/arenahost/arenahost/shared/lora/lorawire"
+	"github.com/arenahost/arenahost/shared/nf4"
+	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
+	"github.com/arenahost/arenahost/shared/safetensors"
+	"github.com/arenahost/arenahost/shared/tensor"
+	"github.com/arenahost/arenahost/shared/wire"
+)
+
+// The device path is tested against the CPU path with real plugin
+// processes: the test acts as the host, once with its arena in a memfd
+// (plugintest.FakeHost: CPU descriptors) and once in a gpusim slab (CUDA
+// descriptors the plugin opens by IPC handle), hands the plugin the same
+// model and LoRAs, and compares every byte the plugin wrote.
+//
+// plugintest.Start serves only a FakeHost, whose LookupTensors knows no
+// models and whose Allocate and descriptors are CPU-only, so the host here
+// is a pluginv1.HostServer of its own served on go-plugin's broker.
+
+// testHost is a Host service over one memory: the FakeHost's memfd arena
+// or one gpusim slab.
+type testHost struct {
+	pluginv1.UnimplementedHostServer
+
+	cpu  *plugintest.FakeHost // CPU memory
+	sim  *gpusim.Device       // device memory: one slab, bump-allocated
+	slab gpu.Slab
+	// handle, when set, replaces the slab's IPC handle in descriptors
+	// (a real driver's handle, which no gpusim build can open).
+	handle *[gpu.HandleSize]byte
+
+	mu    sync.Mutex
+	next  uint64
+	gen   uint64
+	model []*pluginv1.TensorDescriptor
+	freed int
+}
+
+const testArena = 32 << 20
+
+func newTestHost(t *testing.T, device bool) *testHost {
+	t.Helper()
+	if !device {
+		return &testHost{cpu: plugintest.NewFakeHost(t, testArena)}
+	}
+	sim := gpusim.New(0)
+	slab, err := sim.Alloc(testArena)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := sim.Close(); err != nil {
+			t.Errorf("close gpusim: %v", err)
+		}
+	})
+	return &testHost{sim: sim, slab: slab, next: 0}
+}
+
+// allocDevice returns a zeroed region of n bytes in the slab.
+func (h *testHost) allocDevice(name string, dtype pluginv1.DType, shape []int64, n uint64, access pluginv1.Access) (*pluginv1.TensorDescriptor, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	off := (h.next + 255) / 256 * 256
+	if off+n > h.slab.Size {
+		return nil, fmt.Errorf("test host: allocate %s: %d bytes at %d in a slab of %d", name, n, off, h.slab.Size)
+	}
+	h.next = off + n
+	h.gen++
+	loc := gpu.SlabLocation{ID: 1, Handle: h.slab.Handle, Size: h.slab.Size, Device: 0, HostPID: os.Getpid()}
+	if h.handle != nil {
+		loc.Handle = *h.handle
+	}
+	cs, err := loc.Proto()
+	if err != nil {
+		return nil, err
+	}
+	return &pluginv1.TensorDescriptor{Name: name, Dtype: dtype, Shape: shape, Nbytes: n, Access: access,
+		Region: &pluginv1.Region{Segment: &pluginv1.Region_Cuda{Cuda: cs}, Offset: off, Length: n, Generation: h.gen}}, nil
+}
+
+// put allocates a region and fills it with data.
+func (h *testHost) put(t testing.TB, name string, dtype pluginv1.DType, shape []int64, data []byte, access pluginv1.Access) *pluginv1.TensorDescriptor {
+	t.Helper()
+	if h.cpu != nil {
+		return h.cpu.Put(t, name, dtype, shape, data, access)
+	}
+	d, err := h.allocDevice(name, dtype, shape, uint64(len(data)), access)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.sim.Upload(context.Background(), h.slab.Ptr+gpu.DevicePtr(d.Region.Offset), data); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// read returns a copy of n bytes at a region.
+func (h *testHost) read(t testing.TB, r *pluginv1.Region, n uint64) []byte {
+	t.Helper()
+	if h.cpu != nil {
+		b, err := h.cpu.Bytes(&pluginv1.TensorDescriptor{Name: "read", Nbytes: n, Region: r})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return bytes.Clone(b)
+	}
+	if _, ok := r.GetSegment().(*pluginv1.Region_Cuda); !ok {
+		t.Fatalf("test host: region at %d is not on the device", r.GetOffset())
+	}
+	b := make([]byte, n)
+	if err := h.sim.Download(b, h.slab.Ptr+gpu.DevicePtr(r.GetOffset())); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func (h *testHost) LookupTensors(_ context.Context, req *pluginv1.LookupTensorsRequest) (*pluginv1.LookupTensorsResponse, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if req.GetModel() != "m" {
+		return nil, status.Errorf(codes.NotFound, "test host: model %q not found", req.GetModel())
+	}
+	return &pluginv1.LookupTensorsResponse{Tensors: h.model}, nil
+}
+
+func (h *testHost) Allocate(ctx context.Context, req *pluginv1.AllocateRequest) (*pluginv1.AllocateResponse, error) {
+	if h.cpu != nil {
+		return h.cpu.Allocate(ctx, req)
+	}
+	n, err := tensor.NBytes(req.GetDtype(), req.GetShape())
+	if err != nil || n == 0 {
+		return nil, status.Errorf(codes.InvalidArgument, "test host: allocate %q: %v", req.GetName(), err)
+	}
+	d, err := h.allocDevice(req.GetName(), req.GetDtype(), req.GetShape(), n, pluginv1.Access_ACCESS_READ_WRITE)
+	if err != nil {
+		return nil, status.Error(codes.ResourceExhausted, err.Error())
+	}
+	return &pluginv1.AllocateResponse{Tensor: d}, nil
+}
+
+func (h *testHost) Free(_ context.Context, req *pluginv1.FreeRequest) (*pluginv1.FreeResponse, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.freed += len(req.GetRegions())
+	return &pluginv1.FreeResponse{}, nil
+}
+
+// startPlugin starts the plugin as the host does (go-plugin, AutoMTLS)
+// and serves h on the broker.
+func startPlugin(t *testing.T, h pluginv1.HostServer) pluginv1.PluginClient {
+	t.Helper()
+	cmd := exec.Command(build(t))
+	cmd.Env = os.Environ()
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	var logs syncBuffer
+	client := plugin.NewClient(&plugin.ClientConfig{
+		HandshakeConfig: wire.Handshake, Plugins: wire.PluginMap(nil, nil), Cmd: cmd,
+		AllowedProtocols: []plugin.Protocol{plugin.ProtocolGRPC}, AutoMTLS: true, StartTimeout: 30 * time.Second,
+		Logger: hclog.New(&hclog.LoggerOptions{Name: "plugin", Output: &logs, Level: hclog.Debug}),
+	})
+	t.Cleanup(func() {
+		client.Kill()
+		if t.Failed() {
+			t.Logf("plugin log:\n%s", logs.String())
+		}
+	})
+	rpc, err := client.Client()
+	if err != nil {
+		t.Fatalf("start plugin: %v", err)
+	}
+	raw, err := rpc.Dispense(wire.PluginName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wc := raw.(*wire.Client)
+	id := wc.Broker.NextId()
+	go wc.Broker.AcceptAndServe(id, func(opts []grpc.ServerOption) *grpc.Server {
+		s := grpc.NewServer(opts...)
+		pluginv1.RegisterHostServer(s, h)
+		return s
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := wc.Describe(ctx, &pluginv1.DescribeRequest{HostBrokerId: id}); err != nil {
+		t.Fatal(err)
+	}
+	return wc.PluginClient
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func call(t *testing.T, p pluginv1.PluginClient, method string, args any, tensors []*pluginv1.TensorDescriptor, out any) (*pluginv1.InvokeResponse, error) {
+	t.Helper()
+	raw, err := msgpack.Marshal(args)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := p.Invoke(t.Context(), &pluginv1.InvokeRequest{Method: method, Args: raw, Tensors: tensors})
+	if err != nil {
+		return nil, err
+	}
+	if out != nil {
+		if err := msgpack.Unmarshal(resp.GetResult(), out); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return resp, nil
+}
+
+// testLayer is one 4-bit weight of the test model (Flux sample shapes).
+type testLayer struct {
+	name    string
+	out, in int
+}
+
+var testLayers = []testLayer{
+	{"double_blocks.0.img_attn.qkv", 768, 256},
+	{"double_blocks.0.img_attn.proj", 256, 256},
+	{"single_blocks.0.linear2", 256, 1280},
+}
+
+// modelOpts vary the stored weights.
+type modelOpts struct {
+	dtype  pluginv1.DType // logical dtype
+	quant  string         // "nf4" or "fp4"
+	nested bool           // flag the weights nested (refusal cases)
+}
+
+// storedWeight is a weight as the host stores it: its descriptor (read
+// only, as LookupTensors gives it) and original bytes.
+type storedWeight struct {
+	d              *pluginv1.TensorDescriptor
+	packed, absmax []byte
+}
+
+// putModel quantizes seeded random weights and stores them.
+func (h *testHost) putModel(t *testing.T, o modelOpts) map[string]*storedWeight {
+	t.Helper()
+	const bs = 64
+	out := map[string]*storedWeight{}
+	for li, l := range testLayers {
+		n := l.out * l.in
+		rng := rand.New(rand.NewPCG(uint64(li), 99))
+		w := make([]float32, n)
+		for i := range w {
+			w[i] = float32(rng.NormFloat64() * 0.05)
+		}
+		packed, absmax := make([]byte, nf4.PackedLen(n)), make([]float32, nf4.Blocks(n, bs))
+		nf4.Quantize(packed, absmax, w, bs, nf4.QuantType(o.quant))
+		ab := make([]byte, 4*len(absmax))
+		half.EncodeF32(ab, absmax)
+		key := l.name + ".weight"
+		ad := h.put(t, key+".absmax", pluginv1.DType_DTYPE_F32, []int64{int64(len(absmax))}, ab, pluginv1.Access_ACCESS_READ_ONLY)
+		d := h.put(t, key, pluginv1.DType_DTYPE_U8, []int64{int64(len(packed)), 1}, packed, pluginv1.Access_ACCESS_READ_ONLY)
+		d.Quant = &pluginv1.QuantInfo{QuantType: o.quant, Blocksize: bs, Dtype: o.dtype, Shape: []int64{int64(l.out), int64(l.in)},
+			Nested: o.nested, Absmax: &pluginv1.TensorRef{Dtype: pluginv1.DType_DTYPE_F32, Shape: ad.Shape, Region: ad.Region}}
+		d.Model = "m"
+		h.model = append(h.model, d)
+		out[key] = &storedWeight{d: d, packed: packed, absmax: ab}
+	}
+	return out
+}
+
+// fuseTensors is what the coordinator passes a fuse: each weight
+// read-write, and its journal (the original bytes) read-only.
+func (h *testHost) fuseTensors(t *testing.T, ws map[string]*storedWeight, names []string) []*pluginv1.TensorDescriptor {
+	t.Helper()
+	var out []*pluginv1.TensorDescriptor
+	for _, w := range names {
+		sw := ws[w]
+		d := cloneDesc(sw.d)
+		d.Access = pluginv1.Access_ACCESS_READ_WRITE
+		out = append(out, d,
+			h.put(t, lorawire.JournalPacked(w), pluginv1.DType_DTYPE_U8, []int64{int64(len(sw.packed))}, sw.packed, pluginv1.Access_ACCESS_READ_ONLY),
+			h.put(t, lorawire.JournalAbsmax(w), pluginv1.DType_DTYPE_U8, []int64{int64(len(sw.absmax))}, sw.absmax, pluginv1.Access_ACCESS_READ_ONLY))
+	}
+	return out
+}
+
+func cloneDesc(d *pluginv1.TensorDescriptor) *pluginv1.TensorDescriptor {
+	return proto.Clone(d).(*pluginv1.TensorDescriptor)
+}
+
+// weightBytes reads a weight's packed codes and absmax as stored now.
+func (h *testHost) weightBytes(t *testing.T, sw *storedWeight) []byte {
+	t.Helper()
+	p := h.read(t, sw.d.Region, uint64(len(sw.packed)))
+	a := h.read(t, sw.d.Quant.Absmax.Region, uint64(len(sw.absmax)))
+	return append(p, a...)
+}
+
+// testLoRA is one kohya module of a test LoRA file.
+type testLoRA struct {
+	layer   string // kohya key after lora_unet_
+	rank    int
+	out, in int
+	alpha   float32
+	full    bool // a full-rank diff instead of factors
+	seed    uint64
+}
+
+// writeTestLoRA writes a LoRA file with seeded random BF16 factors.
+func writeTestLoRA(t *testing.T, path string, mods ...testLoRA) {
+	t.Helper()
+	var ws []safetensors.WriteTensor
+	for _, m := range mods {
+		rng := rand.New(rand.NewPCG(m.seed, 5))
+		bf := func(n int, s float64) []byte {
+			v := make([]float32, n)
+			for i := range v {
+				v[i] = float32(rng.NormFloat64() * s)
+			}
+			b := make([]byte, 2*n)
+			half.EncodeBF16(b, v)
+			return b
+		}
+		key := "lora_unet_" + m.layer
+		if m.full {
+			ws = append(ws, safetensors.WriteTensor{Name: key + ".diff", DType: safetensors.BF16, Shape: []int64{int64(m.out), int64(m.in)}, Data: bf(m.out*m.in, 0.01)})
+			continue
+		}
+		al := make([]byte, 2)
+		half.EncodeBF16(al, []float32{m.alpha})
+		ws = append(ws,
+			safetensors.WriteTensor{Name: key + ".lora_down.weight", DType: safetensors.BF16, Shape: []int64{int64(m.rank), int64(m.in)}, Data: bf(m.rank*m.in, 0.1)},
+			safetensors.WriteTensor{Name: key + ".lora_up.weight", DType: safetensors.BF16, Shape: []int64{int64(m.out), int64(m.rank)}, Data: bf(m.out*m.rank, 0.1)},
+			safetensors.WriteTensor{Name: key + ".alpha", DType: safetensors.BF16, Shape: []int64{}, Data: al})
+	}
+	if err := safetensors.WriteFile(path, nil, ws); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// testLoRAs writes the two LoRAs of the tests: A on all three layers
+// (rank 8, 5 and 16: rank tails of the kernels' four-rank groups), B on
+// qkv and proj (rank 4 and 3).
+func testLoRAs(t *testing.T) []string {
+	dir := t.TempDir()
+	a, b := filepath.Join(dir, "a.safetensors"), filepath.Join(dir, "b.safetensors")
+	writeTestLoRA(t, a,
+		testLoRA{layer: "double_blocks_0_img_attn_qkv", rank: 8, out: 768, in: 256, alpha: 4, seed: 1},
+		testLoRA{layer: "double_blocks_0_img_attn_proj", rank: 5, out: 256, in: 256, alpha: 5, seed: 2},
+		testLoRA{layer: "single_blocks_0_linear2", rank: 16, out: 256, in: 1280, alpha: 8, seed: 3})
+	writeTestLoRA(t, b,
+		testLoRA{layer: "double_blocks_0_img_attn_qkv", rank: 4, out: 768, in: 256, alpha: 4, seed: 4},
+		testLoRA{layer: "double_blocks_0_img_attn_proj", rank: 3, out: 256, in: 256, alpha: 1, seed: 5})
+	return []string{a, b}
+}
+
+// fuseRun is what one memory's run of the fuse sequence produced.
+type fuseRun struct {
+	orig   map[string][]byte // weight → packed+absmax before any fuse
+	first  map[string][]byte // after fusing A and B
+	second map[string][]byte // after fusing B alone over the first
+	report lorawire.ApplyResult
+}
+
+// runFuse fuses LoRAs A+B, then B alone (the journal of A's extra layer
+// is passed, so the pass restores it), on one memory.
+func runFuse(t *testing.T, device bool, o modelOpts, loras []string) fuseRun {
+	t.Helper()
+	h := newTestHost(t, device)
+	ws := h.putModel(t, o)
+	p := startPlugin(t, h)
+	r := fuseRun{orig: map[string][]byte{}, first: map[string][]byte{}, second: map[string][]byte{}}
+	for w, sw := range ws {
+		r.orig[w] = h.weightBytes(t, sw)
+	}
+	set := []lorawire.LoRASpec{{Path: loras[0], Strength: 0.8}, {Path: loras[1], Strength: -1.3}}
+	var plan lorawire.PlanResult
+	if _, err := call(t, p, "plan", lorawire.ApplyArgs{Model: "m", LoRAs: set, Mode: lorawire.ModeFuse}, nil, &plan); err != nil {
+		t.Fatalf("plan: %v", err)
+	}
+	if len(plan.Weights) != 3 {
+		t.Fatalf("plan: weights %v, want the three layers", plan.Weights)
+	}
+	if _, err := call(t, p, "apply", lorawire.ApplyArgs{Model: "m", LoRAs: set, Mode: lorawire.ModeFuse}, h.fuseTensors(t, ws, plan.Weights), &r.report); err != nil {
+		t.Fatalf("apply fuse A+B: %v", err)
+	}
+	for w, sw := range ws {
+		r.first[w] = h.weightBytes(t, sw)
+	}
+	// B alone: the host journaled all three, so it passes all three.
+	var res lorawire.ApplyResult
+	if _, err := call(t, p, "apply", lorawire.ApplyArgs{Model: "m", LoRAs: set[1:], Mode: lorawire.ModeFuse}, h.fuseTensors(t, ws, plan.Weights), &res); err != nil {
+		t.Fatalf("apply fuse B: %v", err)
+	}
+	if len(res.Fused) != 2 {
+		t.Fatalf("fuse B: fused %v, want qkv and proj", res.Fused)
+	}
+	for w, sw := range ws {
+		r.second[w] = h.weightBytes(t, sw)
+	}
+	return r
+}
+
+// TestDeviceFuseMatchesCPU: the fused pass on gpusim slabs writes exactly
+// the bytes the CPU pass writes into shared memory.
+func TestDeviceFuseMatchesCPU(t *testing.T) {
+	loras := testLoRAs(t)
+	for _, c := range []struct {
+		name string
+		o    modelOpts
+	}{
+		{"nf4 bf16", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"}},
+		{"nf4 f16", modelOpts{dtype: pluginv1.DType_DTYPE_F16, quant: "nf4"}},
+		{"nf4 f32", modelOpts{dtype: pluginv1.DType_DTYPE_F32, quant: "nf4"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cpu := runFuse(t, false, c.o, loras)
+			dev := runFuse(t, true, c.o, loras)
+			stale := "single_blocks.0.linear2.weight"
+			for w, orig := range cpu.orig {
+				if !bytes.Equal(orig, dev.orig[w]) {
+					t.Fatalf("%s: the two hosts stored different originals", w)
+				}
+				if bytes.Equal(cpu.first[w], orig) {
+					t.Errorf("%s: the CPU fuse left the weight unchanged", w)
+				}
+				for _, s := range []struct {
+					step     string
+					cpu, dev []byte
+				}{{"fuse A+B", cpu.first[w], dev.first[w]}, {"fuse B", cpu.second[w], dev.second[w]}} {
+					if i := firstDiff(s.cpu, s.dev); i >= 0 {
+						t.Errorf("%s after %s: device differs from CPU at byte %d of %d", w, s.step, i, len(s.cpu))
+					}
+				}
+			}
+			if !bytes.Equal(dev.second[stale], dev.orig[stale]) {
+				t.Errorf("%s: not restored to its original bytes when B alone was fused", stale)
+			}
+			if dev.report.Report == nil || dev.report.Report.Mode != "fuse" || dev.report.Report.PeakScratchBytes <= 0 || len(dev.report.Fused) != 3 {
+				t.Errorf("device report %+v fused %v", dev.report.Report, dev.report.Fused)
+			} else {
+				// The scratch holds the largest layer's A_cat and B_cat:
+				// linear2, rank 16, In 1280, Out 256.
+				want := int64(4*16*1280 + 4*256*16)
+				if got := dev.report.Report.PeakScratchBytes; got != want {
+					t.Errorf("peak scratch %d bytes, want %d", got, want)
+				}
+			}
+		})
+	}
+}
+
+func firstDiff(a, b []byte) int {
+	if len(a) != len(b) {
+		return min(len(a), len(b))
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return -1
+}
+
+// sideRun is the factors one memory's side apply and strength change wrote.
+type sideRun struct {
+	applied, changed map[string][]byte
+}
+
+func runSide(t *testing.T, device bool, loras []string) sideRun {
+	t.Helper()
+	h := newTestHost(t, device)
+	h.putModel(t, modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"})
+	p := startPlugin(t, h)
+	set := []lorawire.LoRASpec{{Path: loras[0], Strength: 0.8}, {Path: loras[1], Strength: -1.3}}
+	var res lorawire.ApplyResult
+	resp, err := call(t, p, "apply", lorawire.ApplyArgs{Model: "m", LoRAs: set, Mode: lorawire.ModeSide}, nil, &res)
+	if err != nil {
+		t.Fatalf("apply side: %v", err)
+	}
+	if len(res.Factors) != 3 || len(resp.GetTensors()) != 6 {
+		t.Fatalf("apply side: %d factors, %d tensors", len(res.Factors), len(resp.GetTensors()))
+	}
+	read := func() map[string][]byte {
+		out := map[string][]byte{}
+		for _, d := range resp.GetTensors() {
+			if got := isCUDA(d.GetRegion()); got != device {
+				t.Fatalf("%s: returned on CUDA %v, the host allocated on CUDA %v", d.GetName(), got, device)
+			}
+			out[d.GetName()] = h.read(t, d.GetRegion(), d.GetNbytes())
+		}
+		return out
+	}
+	r := sideRun{applied: read()}
+	var sres lorawire.SetStrengthsResult
+	if _, err := call(t, p, "set_strengths", lorawire.SetStrengthsArgs{Model: "m", Strengths: []float64{0.8, 0.25}}, resp.GetTensors(), &sres); err != nil {
+		t.Fatalf("set_strengths: %v", err)
+	}
+	if len(sres.Touched) != 2 {
+		t.Fatalf("set_strengths touched %+v, want qkv and proj", sres.Touched)
+	}
+	r.changed = read()
+	return r
+}
+
+// TestDeviceSideMatchesCPU: side factors written to device regions equal
+// those written to shared memory, after apply and after a strength change.
+func TestDeviceSideMatchesCPU(t *testing.T) {
+	loras := testLoRAs(t)
+	cpu, dev := runSide(t, false, loras), runSide(t, true, loras)
+	changed := 0
+	for name, b := range cpu.applied {
+		if i := firstDiff(b, dev.applied[name]); i >= 0 {
+			t.Errorf("%s after apply: device differs from CPU at byte %d", name, i)
+		}
+		if i := firstDiff(cpu.changed[name], dev.changed[name]); i >= 0 {
+			t.Errorf("%s after set_strengths: device differs from CPU at byte %d", name, i)
+		}
+		if !bytes.Equal(b, cpu.changed[name]) {
+			changed++
+		}
+		if bytes.Count(b, []byte{0}) == len(b) {
+			t.Errorf("%s: all zero", name)
+		}
+	}
+	if changed != 2 { // B' of qkv and proj
+		t.Errorf("%d factors changed with B's strength, want 2", changed)
+	}
+}
+
+// TestDeviceFuseRefusals: what the device pass cannot do is refused before
+// any byte changes, with the CPU path's message where the CPU refuses too.
+func TestDeviceFuseRefusals(t *testing.T) {
+	loras := testLoRAs(t)
+	full := filepath.Join(t.TempDir(), "full.safetensors")
+	writeTestLoRA(t, full, testLoRA{layer: "double_blocks_0_img_attn_proj", out: 256, in: 256, full: true, seed: 9})
+	for _, c := range []struct {
+		name     string
+		o        modelOpts
+		lora     string
+		code     codes.Code
+		want     string
+		sameText bool // the CPU pass refuses with the same message
+	}{
+		{"nested absmax", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4", nested: true}, loras[1], codes.FailedPrecondition,
+			"has nested absmax: re-quantizing it would change nested_offset", true},
+		{"fp4", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "fp4"}, loras[1], codes.FailedPrecondition,
+			`"fp4" in CUDA device memory: the device fused pass has NF4 kernels only`, false},
+		{"full-rank diff", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"}, full, codes.FailedPrecondition,
+			"layer double_blocks.0.img_attn.proj: a full-rank (dense) delta", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var msgs [2]string
+			for i, device := range []bool{false, true} {
+				h := newTestHost(t, device)
+				ws := h.putModel(t, c.o)
+				p := startPlugin(t, h)
+				set := []lorawire.LoRASpec{{Path: c.lora, Strength: 1}}
+				var plan lorawire.PlanResult
+				if _, err := call(t, p, "plan", lorawire.ApplyArgs{Model: "m", LoRAs: set}, nil, &plan); err != nil {
+					t.Fatal(err)
+				}
+				_, err := call(t, p, "apply", lorawire.ApplyArgs{Model: "m", LoRAs: set, Mode: lorawire.ModeFuse}, h.fuseTensors(t, ws, plan.Weights), nil)
+				msgs[i] = status.Convert(err).Message()
+				if !device {
+					continue
+				}
+				if status.Code(err) != c.code || !strings.Contains(err.Error(), c.want) {
+					t.Fatalf("device: %v, want %v containing %q", err, c.code, c.want)
+				}
+				for w, sw := range ws {
+					if !bytes.Equal(h.weightBytes(t, sw), append(bytes.Clone(sw.packed), sw.absmax...)) {
+						t.Errorf("%s changed by a refused fuse", w)
+					}
+				}
+			}
+			if c.sameText && msgs[0] != msgs[1] {
+				t.Errorf("messages differ:\ncpu:    %s\ndevice: %s", msgs[0], msgs[1])
+			}
+		})
+	}
+}
