@@ -435,6 +435,11 @@ func (p *managed) stop(g *generation, grace time.Duration) {
 				p.log.Warn("release leases", "owner", g.owner, "err", err)
 			}
 		}
+		// The process is gone, so are its IPC imports: slabs the arena
+		// closed meanwhile can be freed now.
+		if err := m.deps.released(g.owner); err != nil {
+			p.log.Warn("release device slabs", "owner", g.owner, "err", err)
+		}
 		close(g.released)
 		m.untrack(g)
 	})

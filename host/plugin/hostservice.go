@@ -69,6 +69,7 @@ type hostDeps struct {
 	arena     Arena
 	registry  Registry
 	publisher Publisher
+	slabs     SlabHolders // nil for a host-mapped arena
 }
 
 var dtypeSize = map[pluginv1.DType]uint64{
@@ -132,6 +133,12 @@ func (h *hostService) Allocate(_ context.Context, req *pluginv1.AllocateRequest)
 	if err != nil {
 		return nil, status.Errorf(codes.ResourceExhausted, "allocate %q (%d bytes) for %s: %v", req.GetName(), n, h.src.Owner, err)
 	}
+	if err := h.deps.opened(h.src.Owner, []*pluginv1.Region{region}); err != nil {
+		if ferr := h.deps.arena.Free(h.src.Owner, region); ferr != nil {
+			err = errors.Join(err, ferr)
+		}
+		return nil, status.Errorf(codes.FailedPrecondition, "allocate %q (%d bytes) for %s: %v", req.GetName(), n, h.src.Owner, err)
+	}
 	return &pluginv1.AllocateResponse{Tensor: &pluginv1.TensorDescriptor{
 		Name:   req.GetName(),
 		Dtype:  dt,
@@ -168,6 +175,9 @@ func (h *hostService) LookupTensors(ctx context.Context, req *pluginv1.LookupTen
 			return nil, err
 		}
 		return nil, status.Errorf(codes.NotFound, "lookup tensors in model %q: %v", req.GetModel(), err)
+	}
+	if err := h.deps.opened(h.src.Owner, lookupRegions(resp)); err != nil {
+		return nil, status.Errorf(codes.FailedPrecondition, "lookup tensors in model %q: %v", req.GetModel(), err)
 	}
 	return resp, nil
 }

@@ -90,6 +90,9 @@ type Config struct {
 	Arena     Arena     // leases for Host.Allocate/Free; nil: Allocate is Unimplemented
 	Registry  Registry  // Host.LookupTensors; nil: Unimplemented
 	Publisher Publisher // Host.Publish; nil: every publish is refused (accepted=false)
+	// Slabs is told which generation holds which device slab (see
+	// SlabHolders); nil for a host-mapped arena.
+	Slabs SlabHolders
 
 	// StartTimeout bounds a new generation's handshake, and separately its
 	// health check, Describe and warm-up.
@@ -170,7 +173,7 @@ func NewManager(cfg Config) *Manager {
 	m := &Manager{
 		cfg:     cfg,
 		log:     cfg.Logger,
-		deps:    hostDeps{arena: cfg.Arena, registry: cfg.Registry, publisher: cfg.Publisher},
+		deps:    hostDeps{arena: cfg.Arena, registry: cfg.Registry, publisher: cfg.Publisher, slabs: cfg.Slabs},
 		ctx:     ctx,
 		cancel:  cancel,
 		plugins: map[string]*managed{},
@@ -612,6 +615,9 @@ func (m *Manager) Call(ctx context.Context, name, method string, args []byte, te
 	defer g.release()
 	cctx, done := callCtx(ctx, g)
 	defer done()
+	if err := m.deps.opened(g.owner, descriptorRegions(nil, tensors...)); err != nil {
+		return nil, fmt.Errorf("call %s.%s (generation %d): %w", name, method, g.n, err)
+	}
 	resp, err := g.rpc.Invoke(cctx, &pluginv1.InvokeRequest{Method: method, Args: args, Tensors: tensors})
 	if err != nil {
 		return nil, p.callErr(g, method, err)
@@ -635,6 +641,9 @@ func (m *Manager) Stream(ctx context.Context, name, method string, args []byte, 
 	defer g.release()
 	cctx, done := callCtx(ctx, g)
 	defer done()
+	if err := m.deps.opened(g.owner, descriptorRegions(nil, tensors...)); err != nil {
+		return fmt.Errorf("call %s.%s (generation %d): %w", name, method, g.n, err)
+	}
 	st, err := g.rpc.InvokeStream(cctx, &pluginv1.InvokeRequest{Method: method, Args: args, Tensors: tensors})
 	if err != nil {
 		return p.callErr(g, method, err)
