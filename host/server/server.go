@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/host/cuda"
 	"github.com/arenahost/arenahost/host/job"
 	"github.com/arenahost/arenahost/host/lora"
 	"github.com/arenahost/arenahost/host/plugin"
@@ -38,6 +39,11 @@ type Config struct {
 	ArenaSegment uint64
 	// ShmMode is "memfd" (default) or "shm" (files under /dev/shm).
 	ShmMode string
+	// ArenaBackend is "cpu" (default: shared memory), "cuda" (device
+	// memory; only in a build with -tags cuda) or "cuda-sim" (gpusim's
+	// simulated device); ArenaDevice is the device ordinal of the last two.
+	ArenaBackend string
+	ArenaDevice  int
 	// Samples writes the sample model into ModelsDir when it has none and
 	// loads it as the default model.
 	Samples bool
@@ -70,6 +76,11 @@ type Server struct {
 	// LoRAs applies LoRA sets through the lora-nf4 plugin.
 	Bindings *registry.Bindings
 	LoRAs    *lora.Coordinator
+	// Slabs is the device arena's backend (which plugin generation holds
+	// which slab); nil for a CPU arena.
+	Slabs *cuda.Backend
+
+	device device // the device a device arena lives on, closed after it
 }
 
 // New builds a Server: it creates the arena, writes and loads the sample
@@ -78,15 +89,11 @@ type Server struct {
 func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	cfg = withDefaults(cfg)
 	log := cfg.Logger
-	be, err := arena.NewCPUBackend(arena.CPUConfig{Mode: arena.CPUMode(cfg.ShmMode), Logger: log})
+	ar, slabs, dev, err := newArena(ctx, cfg, log)
 	if err != nil {
-		return nil, fmt.Errorf("create arena backend: %w", err)
+		return nil, err
 	}
-	ar, err := arena.New(ctx, be, arena.Config{Capacity: cfg.ArenaCapacity, SegmentSize: cfg.ArenaSegment, Logger: log})
-	if err != nil {
-		return nil, fmt.Errorf("create arena: %w", err)
-	}
-	s := &Server{cfg: cfg, log: log, Arena: ar}
+	s := &Server{cfg: cfg, log: log, Arena: ar, Slabs: slabs, device: dev}
 	defer func() {
 		if err != nil {
 			_ = s.Close(context.WithoutCancel(ctx))
@@ -105,14 +112,18 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 		}
 	}
 	s.Jobs = job.New(job.Config{Memory: job.ArenaMemory(ar), Logger: log})
-	s.Plugins = plugin.NewManager(plugin.Config{
+	pcfg := plugin.Config{
 		Dir:       cfg.PluginsDir,
 		Env:       cfg.PluginEnv,
 		Logger:    log,
 		Arena:     plugin.ArenaOf(ar),
 		Registry:  lookup{reg: s.Registry, loc: ar, bindings: s.Bindings},
 		Publisher: s.Jobs,
-	})
+	}
+	if slabs != nil {
+		pcfg.Slabs = slabs
+	}
+	s.Plugins = plugin.NewManager(pcfg)
 	s.Jobs.Attach(s.Plugins)
 	s.LoRAs = lora.New(s.Registry, s.Bindings, ar, s.Plugins, log)
 	if cfg.PluginsDir != "" {
@@ -137,6 +148,9 @@ func withDefaults(c Config) Config {
 	}
 	if c.ArenaCapacity == 0 {
 		c.ArenaCapacity = DefaultArenaCapacity
+	}
+	if c.ArenaBackend == "" {
+		c.ArenaBackend = BackendCPU
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -181,7 +195,8 @@ func (s *Server) loadSample(ctx context.Context) error {
 }
 
 // Close stops the plugins, unloads the models and closes the arena (which
-// removes its shared-memory segments).
+// removes its shared-memory segments), then the device a device arena
+// lived on.
 func (s *Server) Close(ctx context.Context) error {
 	var errs []error
 	if s.Jobs != nil {
@@ -201,6 +216,10 @@ func (s *Server) Close(ctx context.Context) error {
 	}
 	if s.Arena != nil {
 		errs = append(errs, s.Arena.Close())
+	}
+	if s.device != nil {
+		errs = append(errs, s.device.Close())
+		s.device = nil
 	}
 	return errors.Join(errs...)
 }

@@ -1,0 +1,7 @@
+//go:build !cuda
+
+package server
+
+// openCUDA fails: this build has no driver binding (make cuda builds
+// bin/arenahost-cuda with it).
+func openCUDA(int) (device, error) { return nil, ErrNoCUDA }
