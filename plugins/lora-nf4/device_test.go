@@ -338,6 +338,7 @@ type testLoRA struct {
 	out, in int
 	alpha   float32
 	full    bool // a full-rank diff instead of factors
+	dora    bool // with a DoRA magnitude per output row
 	seed    uint64
 }
 
@@ -360,6 +361,15 @@ func writeTestLoRA(t *testing.T, path string, mods ...testLoRA) {
 		if m.full {
 			ws = append(ws, safetensors.WriteTensor{Name: key + ".diff", DType: safetensors.BF16, Shape: []int64{int64(m.out), int64(m.in)}, Data: bf(m.out*m.in, 0.01)})
 			continue
+		}
+		if m.dora {
+			mag := make([]float32, m.out)
+			for i := range mag {
+				mag[i] = float32(0.5 + rng.Float64())
+			}
+			b := make([]byte, 2*m.out)
+			half.EncodeBF16(b, mag)
+			ws = append(ws, safetensors.WriteTensor{Name: key + ".dora_scale", DType: safetensors.BF16, Shape: []int64{int64(m.out), 1}, Data: b})
 		}
 		al := make([]byte, 2)
 		half.EncodeBF16(al, []float32{m.alpha})
@@ -502,19 +512,32 @@ type sideRun struct {
 	applied, changed map[string][]byte
 }
 
-func runSide(t *testing.T, device bool, loras []string) sideRun {
+// sideCase is a side apply and a strength change of its second LoRA.
+type sideCase struct {
+	name      string
+	loras     []string
+	strengths []float64 // applied; the second LoRA's then changes to 0.25
+	layers    int       // layers bound
+	touched   int       // layers the change touches
+	changed   int       // factor tensors the change rewrites
+}
+
+func runSide(t *testing.T, device bool, c sideCase) sideRun {
 	t.Helper()
 	h := newTestHost(t, device)
 	h.putModel(t, modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"})
 	p := startPlugin(t, h)
-	set := []lorawire.LoRASpec{{Path: loras[0], Strength: 0.8}, {Path: loras[1], Strength: -1.3}}
+	var set []lorawire.LoRASpec
+	for i, path := range c.loras {
+		set = append(set, lorawire.LoRASpec{Path: path, Strength: c.strengths[i]})
+	}
 	var res lorawire.ApplyResult
 	resp, err := call(t, p, "apply", lorawire.ApplyArgs{Model: "m", LoRAs: set, Mode: lorawire.ModeSide}, nil, &res)
 	if err != nil {
 		t.Fatalf("apply side: %v", err)
 	}
-	if len(res.Factors) != 3 || len(resp.GetTensors()) != 6 {
-		t.Fatalf("apply side: %d factors, %d tensors", len(res.Factors), len(resp.GetTensors()))
+	if len(res.Factors) != c.layers || len(resp.GetTensors()) != 2*c.layers {
+		t.Fatalf("apply side: %d factors, %d tensors, want %d layers", len(res.Factors), len(resp.GetTensors()), c.layers)
 	}
 	read := func() map[string][]byte {
 		out := map[string][]byte{}
@@ -528,11 +551,13 @@ func runSide(t *testing.T, device bool, loras []string) sideRun {
 	}
 	r := sideRun{applied: read()}
 	var sres lorawire.SetStrengthsResult
-	if _, err := call(t, p, "set_strengths", lorawire.SetStrengthsArgs{Model: "m", Strengths: []float64{0.8, 0.25}}, resp.GetTensors(), &sres); err != nil {
+	strengths := append([]float64(nil), c.strengths...)
+	strengths[1] = 0.25
+	if _, err := call(t, p, "set_strengths", lorawire.SetStrengthsArgs{Model: "m", Strengths: strengths}, resp.GetTensors(), &sres); err != nil {
 		t.Fatalf("set_strengths: %v", err)
 	}
-	if len(sres.Touched) != 2 {
-		t.Fatalf("set_strengths touched %+v, want qkv and proj", sres.Touched)
+	if len(sres.Touched) != c.touched {
+		t.Fatalf("set_strengths touched %+v, want %d layers", sres.Touched, c.touched)
 	}
 	r.changed = read()
 	return r
@@ -540,26 +565,39 @@ func runSide(t *testing.T, device bool, loras []string) sideRun {
 
 // TestDeviceSideMatchesCPU: side factors written to device regions equal
 // those written to shared memory, after apply and after a strength change.
+// A DoRA module's delta needs the base weight, which the device path
+// downloads and dequantizes; it is bound as dense rows of A'.
 func TestDeviceSideMatchesCPU(t *testing.T) {
 	loras := testLoRAs(t)
-	cpu, dev := runSide(t, false, loras), runSide(t, true, loras)
-	changed := 0
-	for name, b := range cpu.applied {
-		if i := firstDiff(b, dev.applied[name]); i >= 0 {
-			t.Errorf("%s after apply: device differs from CPU at byte %d", name, i)
-		}
-		if i := firstDiff(cpu.changed[name], dev.changed[name]); i >= 0 {
-			t.Errorf("%s after set_strengths: device differs from CPU at byte %d", name, i)
-		}
-		if !bytes.Equal(b, cpu.changed[name]) {
-			changed++
-		}
-		if bytes.Count(b, []byte{0}) == len(b) {
-			t.Errorf("%s: all zero", name)
-		}
-	}
-	if changed != 2 { // B' of qkv and proj
-		t.Errorf("%d factors changed with B's strength, want 2", changed)
+	dora := filepath.Join(t.TempDir(), "dora.safetensors")
+	writeTestLoRA(t, dora, testLoRA{layer: "double_blocks_0_img_attn_proj", rank: 4, out: 256, in: 256, alpha: 4, dora: true, seed: 7})
+	for _, c := range []sideCase{
+		// B' of qkv and proj change with B's strength.
+		{name: "lora", loras: loras, strengths: []float64{0.8, -1.3}, layers: 3, touched: 2, changed: 2},
+		// The DoRA layer's dense rows of A' change with its strength.
+		{name: "dora", loras: []string{loras[0], dora}, strengths: []float64{0.8, 0.6}, layers: 3, touched: 1, changed: 1},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cpu, dev := runSide(t, false, c), runSide(t, true, c)
+			changed := 0
+			for name, b := range cpu.applied {
+				if i := firstDiff(b, dev.applied[name]); i >= 0 {
+					t.Errorf("%s after apply: device differs from CPU at byte %d", name, i)
+				}
+				if i := firstDiff(cpu.changed[name], dev.changed[name]); i >= 0 {
+					t.Errorf("%s after set_strengths: device differs from CPU at byte %d", name, i)
+				}
+				if !bytes.Equal(b, cpu.changed[name]) {
+					changed++
+				}
+				if bytes.Count(b, []byte{0}) == len(b) {
+					t.Errorf("%s: all zero", name)
+				}
+			}
+			if changed != c.changed {
+				t.Errorf("%d factors changed with the second LoRA's strength, want %d", changed, c.changed)
+			}
+		})
 	}
 }
 
