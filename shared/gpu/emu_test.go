@@ -6,13 +6,10 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 
+	"github.com/arenahost/arenahost/shared/gpu/internal/emutest"
 	"github.com/arenahost/arenahost/shared/half"
 	"github.com/arenahost/arenahost/shared/lora"
 	"github.com/arenahost/arenahost/shared/nf4"
@@ -25,60 +22,22 @@ import (
 // indexing, tiling, barriers and rounding, and the launch plans, without a
 // GPU; the GPU check (arenahost-gpucheck) repeats it on real hardware.
 
-var (
-	emuOnce sync.Once
-	emuBin  string
-	emuErr  error
-)
-
-func emulator(t *testing.T) string {
-	t.Helper()
-	cxx, err := exec.LookPath("g++")
-	if err != nil {
-		t.Skip("g++ not found: the kernel emulator needs a C++20 compiler")
-	}
-	emuOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "nf4emu")
-		if err != nil {
-			emuErr = err
-			return
-		}
-		emuBin = filepath.Join(dir, "emu")
-		out, err := exec.Command(cxx, "-std=c++20", "-O1", "-pthread", "-ffp-contract=off", "-o", emuBin, "kernels/emu/main.cc").CombinedOutput()
-		if err != nil {
-			emuErr = fmt.Errorf("build the kernel emulator: %v\n%s", err, out)
-		}
-	})
-	if emuErr != nil {
-		t.Fatal(emuErr)
-	}
-	return emuBin
-}
-
-// image is emulated device memory: pointers are offsets into it.
+// image is emulated device memory (emutest.Image): pointers are offsets
+// into it.
 type image struct {
-	t     *testing.T
-	mem   []byte
-	calls []Call
+	t *testing.T
+	*emutest.Image
 }
 
-func newImage(t *testing.T) *image { return &image{t: t, mem: make([]byte, 256)} } // no pointer is 0
+func newImage(t *testing.T) *image { return &image{t: t, Image: emutest.NewImage()} }
 
-func (m *image) alloc(n int) DevicePtr {
-	p := len(m.mem)
-	m.mem = append(m.mem, make([]byte, (n+255)&^255)...)
-	return DevicePtr(p)
-}
+func (m *image) alloc(n int) DevicePtr { return DevicePtr(m.Alloc(n)) }
 
-func (m *image) put(b []byte) DevicePtr {
-	p := m.alloc(len(b))
-	copy(m.mem[p:], b)
-	return p
-}
+func (m *image) put(b []byte) DevicePtr { return DevicePtr(m.Put(b)) }
 
 func (m *image) putF32(v []float32) DevicePtr { return m.put(f32le(v)) }
 
-func (m *image) get(p DevicePtr, n int) []byte { return m.mem[p : int(p)+n] }
+func (m *image) get(p DevicePtr, n int) []byte { return m.Get(uint64(p), n) }
 
 func (m *image) getF32(p DevicePtr, n int) []float32 {
 	b := m.get(p, 4*n)
@@ -94,7 +53,11 @@ func (m *image) add(c Call, err error) {
 	if err != nil {
 		m.t.Fatal(err)
 	}
-	m.calls = append(m.calls, c)
+	l := emutest.Launch{Kernel: c.Kernel, Grid: c.Grid, Block: c.Block, Shared: c.Shared}
+	for _, a := range c.Args {
+		l.Args = append(l.Args, emutest.Arg{Kind: a.Kind, V: a.V})
+	}
+	m.Add(l)
 }
 
 // run executes the queued calls in order and reads the memory back.
@@ -107,38 +70,7 @@ func (m *image) run(t *testing.T) {
 
 func (m *image) runErr(t *testing.T) error {
 	t.Helper()
-	bin := emulator(t)
-	dir := t.TempDir()
-	img, ls := filepath.Join(dir, "image"), filepath.Join(dir, "launches")
-	var b strings.Builder
-	for _, c := range m.calls {
-		fmt.Fprintf(&b, "%s %d %d %d", c.Kernel, c.Grid, c.Block, c.Shared)
-		for _, a := range c.Args {
-			switch a.Kind {
-			case 'p', 'i':
-				fmt.Fprintf(&b, " %c%d", a.Kind, int64(a.V))
-			case 'd':
-				fmt.Fprintf(&b, " d%s", fmt.Sprint(math.Float64frombits(a.V)))
-			}
-		}
-		b.WriteByte('\n')
-	}
-	m.calls = nil
-	if err := os.WriteFile(img, m.mem, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(ls, []byte(b.String()), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command(bin, img, ls).CombinedOutput(); err != nil {
-		return fmt.Errorf("emulator: %v\n%s\nlaunches:\n%s", err, out, b.String())
-	}
-	got, err := os.ReadFile(img)
-	if err != nil || len(got) != len(m.mem) {
-		return fmt.Errorf("emulator image: %d bytes, %v", len(got), err)
-	}
-	m.mem = got
-	return nil
+	return m.Run(t)
 }
 
 func f32le(v []float32) []byte {

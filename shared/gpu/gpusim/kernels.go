@@ -1,0 +1,540 @@
+package gpusim
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math"
+	"strings"
+
+	"github.com/arenahost/arenahost/shared/gpu"
+	"github.com/arenahost/arenahost/shared/half"
+	"github.com/arenahost/arenahost/shared/lora"
+	"github.com/arenahost/arenahost/shared/nf4"
+)
+
+// kernel is one entry point of kernels.cu as the simulator runs it.
+type kernel struct {
+	params string   // argument kinds in order: 'p', 'i', 'd' (gpu.Arg.Kind)
+	names  []string // argument names, as in kernels.cu
+	block  int      // the block size the kernel requires, 0 when any multiple of 32 does
+	plan   func(a args, names []string, l gpu.Launch) (plan, error)
+}
+
+// plan is a checked launch: the device memory each pointer argument
+// covers, and the work over those bytes (in the order of bufs).
+type plan struct {
+	bufs []buf
+	run  func(b [][]byte) error
+}
+
+type buf struct {
+	arg int    // index of the pointer argument
+	n   uint64 // bytes from the pointer, or from the pointer + off
+	off uint64
+}
+
+// args reads a launch's arguments as the kernel receives them.
+type args []gpu.Arg
+
+func (a args) p(i int) gpu.DevicePtr { return gpu.DevicePtr(a[i].V) }
+func (a args) i(i int) int64         { return int64(a[i].V) }
+func (a args) f(i int) float64       { return math.Float64frombits(a[i].V) }
+
+var kernels = map[string]kernel{
+	"nf4_dequantize":    {"ppiipi", []string{"packed", "absmax", "n", "bs", "out", "dtype"}, 0, planDequantize},
+	"nf4_quantize":      {"piippi", []string{"src", "n", "bs", "packed", "absmax", "dtype"}, 0, planQuantize},
+	"nested_dequantize": {"pppdip", []string{"q", "nabs", "map", "offset", "nb", "out"}, 0, planNestedDequantize},
+	"nested_quantize":   {"pidppp", []string{"absmax", "nb", "offset", "map", "q", "nabs"}, gpu.NestedBlocksize, planNestedQuantize},
+	"absmax_sum":        {"pip", []string{"absmax", "nb", "out"}, gpu.ThreadsPerBlock, planSum},
+	"nf4_fuse": {"ppiiippiiiii", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile", "b_smem", "max_rows", "dtype"},
+		0, planFuse},
+	"nf4_fuse2d": {"ppiiippiii", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile_cols", "dtype"},
+		gpu.ThreadsPerBlock, planFuse2D},
+	"side_rows": {"piidp", []string{"src", "dtype", "n", "scale", "dst"}, 0, planSideRows},
+	"side_cols": {"piiiidpiii", []string{"src", "dtype", "src_row0", "rows", "r", "scale", "dst", "row0", "rank", "col"},
+		0, planSideCols},
+}
+
+// Launch checks a kernel call (name, argument count against gpu.Entries
+// and kinds, geometry, the memory every pointer covers) and queues it.
+func (d *Device) Launch(c gpu.Call) error {
+	k, err := checkCall(c)
+	if err != nil {
+		return err
+	}
+	p, err := k.plan(args(c.Args), k.names, c.Launch)
+	if err != nil {
+		return fmt.Errorf("launch %s: %w", c.Kernel, err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return d.errClosed("launch " + c.Kernel)
+	}
+	run := func(d *Device) (err error) {
+		bs, err := d.resolveLocked(c, k, p)
+		if err != nil {
+			return err
+		}
+		defer func() {
+			if r := recover(); r != nil {
+				err = fmt.Errorf("%s: %v", c.Kernel, r)
+			}
+		}()
+		if err := p.run(bs); err != nil {
+			return fmt.Errorf("%s: %w", c.Kernel, err)
+		}
+		return nil
+	}
+	return d.enqueueLocked(op{what: c.Kernel, run: run}, func() error {
+		_, err := d.resolveLocked(c, k, p)
+		return err
+	})
+}
+
+func checkCall(c gpu.Call) (kernel, error) {
+	k, ok := kernels[c.Kernel]
+	if !ok {
+		return kernel{}, fmt.Errorf("launch %s: no such kernel", c.Kernel)
+	}
+	want, ok := gpu.Entries[c.Kernel]
+	switch {
+	case !ok:
+		return kernel{}, fmt.Errorf("launch %s: not in gpu.Entries", c.Kernel)
+	case len(c.Args) != want:
+		return kernel{}, fmt.Errorf("launch %s: %d arguments, the kernel takes %d", c.Kernel, len(c.Args), want)
+	case len(k.params) != want:
+		return kernel{}, fmt.Errorf("launch %s: gpu.Entries says %d arguments but the simulator implements %d (gpusim is behind kernels.cu)",
+			c.Kernel, want, len(k.params))
+	}
+	for i, a := range c.Args {
+		if a.Kind != k.params[i] {
+			return kernel{}, fmt.Errorf("launch %s: argument %d (%s) of kind %q, want %q", c.Kernel, i, k.names[i], a.Kind, k.params[i])
+		}
+	}
+	l := c.Launch
+	switch {
+	case l.Grid < 1 || l.Grid > math.MaxInt32:
+		return kernel{}, fmt.Errorf("launch %s: grid %d", c.Kernel, l.Grid)
+	case k.block != 0 && l.Block != k.block:
+		return kernel{}, fmt.Errorf("launch %s: block %d, the kernel needs %d threads", c.Kernel, l.Block, k.block)
+	case l.Block < 32 || l.Block > 1024 || l.Block%32 != 0:
+		return kernel{}, fmt.Errorf("launch %s: block %d (want whole warps, at most 1024 threads)", c.Kernel, l.Block)
+	case l.Shared < 0 || l.Shared > gpu.MaxSharedBytes:
+		return kernel{}, fmt.Errorf("launch %s: %d bytes of dynamic shared memory (at most %d)", c.Kernel, l.Shared, gpu.MaxSharedBytes)
+	}
+	return k, nil
+}
+
+// resolveLocked maps a plan's buffers to device memory.
+func (d *Device) resolveLocked(c gpu.Call, k kernel, p plan) ([][]byte, error) {
+	out := make([][]byte, len(p.bufs))
+	for i, b := range p.bufs {
+		ptr := gpu.DevicePtr(c.Args[b.arg].V) + gpu.DevicePtr(b.off)
+		m, err := d.spanLocked(ptr, b.n)
+		if err != nil {
+			return nil, fmt.Errorf("launch %s: argument %d (%s): %w", c.Kernel, b.arg, k.names[b.arg], err)
+		}
+		out[i] = m
+	}
+	return out, nil
+}
+
+// dtypes maps the kernels' dtype codes to shared/nf4's.
+var dtypes = map[int64]nf4.DType{gpu.DTypeF32: nf4.Float32, gpu.DTypeBF16: nf4.BFloat16, gpu.DTypeF16: nf4.Float16}
+
+func dtypeArg(a args, i int, name string) (nf4.DType, error) {
+	dt, ok := dtypes[a.i(i)]
+	if !ok {
+		return "", fmt.Errorf("%s %d (want %d f32, %d bf16 or %d f16)", name, a.i(i), gpu.DTypeF32, gpu.DTypeBF16, gpu.DTypeF16)
+	}
+	return dt, nil
+}
+
+// positive checks integer arguments that must be > 0.
+func positive(a args, names []string, idx ...int) error {
+	for _, i := range idx {
+		if a.i(i) <= 0 || a.i(i) > 1<<40 {
+			return fmt.Errorf("%s %d", names[i], a.i(i))
+		}
+	}
+	return nil
+}
+
+func evenBlocksize(bs int64) error {
+	if bs <= 0 || bs%2 != 0 || bs > 4096 {
+		return fmt.Errorf("bs %d (want an even size up to 4096)", bs)
+	}
+	return nil
+}
+
+func blocks(n, bs int64) int64 { return (n + bs - 1) / bs }
+
+// loadElems decodes n values of dtype into float32, as kernels.cu's
+// load_elem.
+func loadElems(b []byte, dt nf4.DType, n int) []float32 {
+	v := make([]float32, n)
+	switch dt {
+	case nf4.Float32:
+		half.DecodeF32(v, b)
+	case nf4.BFloat16:
+		half.DecodeBF16(v, b)
+	default:
+		half.DecodeF16(v, b)
+	}
+	return v
+}
+
+func f32s(b []byte) []float32 {
+	v := make([]float32, len(b)/4)
+	half.DecodeF32(v, b)
+	return v
+}
+
+func putF32s(b []byte, v []float32) { half.EncodeF32(b, v) }
+
+func planDequantize(a args, names []string, _ gpu.Launch) (plan, error) {
+	if err := positive(a, names, 2); err != nil {
+		return plan{}, err
+	}
+	n, bs := a.i(2), a.i(3)
+	if err := evenBlocksize(bs); err != nil {
+		return plan{}, err
+	}
+	dt, err := dtypeArg(a, 5, "dtype")
+	if err != nil {
+		return plan{}, err
+	}
+	return plan{
+		bufs: []buf{{arg: 0, n: uint64((n + 1) / 2)}, {arg: 1, n: uint64(4 * blocks(n, bs))}, {arg: 4, n: uint64(n) * uint64(dt.Size())}},
+		run: func(b [][]byte) error {
+			nf4.DequantizeTo(b[2], dt, b[0], f32s(b[1]), &nf4.NF4, int(n), int(bs))
+			return nil
+		},
+	}, nil
+}
+
+func planQuantize(a args, names []string, _ gpu.Launch) (plan, error) {
+	if err := positive(a, names, 1); err != nil {
+		return plan{}, err
+	}
+	n, bs := a.i(1), a.i(2)
+	if err := evenBlocksize(bs); err != nil {
+		return plan{}, err
+	}
+	dt, err := dtypeArg(a, 5, "dtype")
+	if err != nil {
+		return plan{}, err
+	}
+	nb := blocks(n, bs)
+	return plan{
+		bufs: []buf{{arg: 0, n: uint64(n) * uint64(dt.Size())}, {arg: 3, n: uint64((n + 1) / 2)}, {arg: 4, n: uint64(4 * nb)}},
+		run: func(b [][]byte) error {
+			src := loadElems(b[0], dt, int(n))
+			absmax := make([]float32, nb)
+			nf4.Quantize(b[1], absmax, src, int(bs), nf4.QuantNF4)
+			putF32s(b[2], absmax)
+			return nil
+		},
+	}, nil
+}
+
+func planNestedDequantize(a args, names []string, _ gpu.Launch) (plan, error) {
+	if err := positive(a, names, 4); err != nil {
+		return plan{}, err
+	}
+	nb := a.i(4)
+	off := float32(a.f(3))
+	return plan{
+		bufs: []buf{{arg: 0, n: uint64(nb)}, {arg: 1, n: uint64(4 * blocks(nb, gpu.NestedBlocksize))}, {arg: 2, n: 4 * 256}, {arg: 5, n: uint64(4 * nb)}},
+		run: func(b [][]byte) error {
+			m := (*[256]float32)(f32s(b[2]))
+			out := make([]float32, nb)
+			nf4.DequantizeNested(out, b[0], f32s(b[1]), m, off, gpu.NestedBlocksize)
+			putF32s(b[3], out)
+			return nil
+		},
+	}, nil
+}
+
+func planNestedQuantize(a args, names []string, _ gpu.Launch) (plan, error) {
+	if err := positive(a, names, 1); err != nil {
+		return plan{}, err
+	}
+	nb := a.i(1)
+	off := float32(a.f(2))
+	nc := blocks(nb, gpu.NestedBlocksize)
+	return plan{
+		bufs: []buf{{arg: 0, n: uint64(4 * nb)}, {arg: 3, n: 4 * 256}, {arg: 4, n: uint64(nb)}, {arg: 5, n: uint64(4 * nc)}},
+		run: func(b [][]byte) error {
+			absmax, code := f32s(b[0]), (*[256]float32)(f32s(b[1]))
+			var q []byte
+			var nabs []float32
+			if *code == nf4.DynamicMap() {
+				q, nabs = nf4.QuantizeNestedOffset(absmax, off)
+			} else {
+				q, nabs = nestedQuantize(absmax, off, code)
+			}
+			copy(b[2], q)
+			putF32s(b[3], nabs)
+			return nil
+		},
+	}, nil
+}
+
+// nestedQuantize is kernels.cu's nested_quantize over any sorted map (the
+// stored nested_quant_map need not be bitsandbytes' dynamic map, which
+// nf4.QuantizeNestedOffset assumes). Explicit float32 conversions keep
+// every product and sum rounded on its own, as __fmul_rn/__fadd_rn do.
+func nestedQuantize(absmax []float32, off float32, code *[256]float32) ([]byte, []float32) {
+	q := make([]byte, len(absmax))
+	nabs := make([]float32, nf4.Blocks(len(absmax), gpu.NestedBlocksize))
+	s := make([]float32, gpu.NestedBlocksize)
+	for c := range nabs {
+		lo, hi := c*gpu.NestedBlocksize, min((c+1)*gpu.NestedBlocksize, len(absmax))
+		var am float32
+		for i, v := range absmax[lo:hi] {
+			s[i] = float32(v + -off)
+			if x := float32(math.Abs(float64(s[i]))); x > am {
+				am = x
+			}
+		}
+		nabs[c] = am
+		inv := float32(1 / am)
+		for i := range hi - lo {
+			q[lo+i] = dynamicCode(code, float32(s[i]*inv))
+		}
+	}
+	return q, nabs
+}
+
+// dynamicCode is kernels.cu's dynamic_code: bitsandbytes' dQuantize<0>
+// binary search (nearest entry; an exact midpoint tie goes to the final
+// probe).
+func dynamicCode(code *[256]float32, x float32) byte {
+	pivot, upperPivot, lowerPivot := 127, 255, 0
+	lower, upper, val := float32(-1), float32(1), code[127]
+	for i := 64; i > 0; i >>= 1 {
+		if x > val {
+			lowerPivot, lower = pivot, val
+			pivot += i
+		} else {
+			upperPivot, upper = pivot, val
+			pivot -= i
+		}
+		val = code[pivot]
+	}
+	if upperPivot == 255 {
+		upper = code[255]
+	}
+	if lowerPivot == 0 {
+		lower = code[0]
+	}
+	if x > val {
+		mid := float32(float32(upper+val) * 0.5)
+		if x > mid {
+			return byte(upperPivot)
+		}
+		return byte(pivot)
+	}
+	mid := float32(float32(lower+val) * 0.5)
+	if x < mid {
+		return byte(lowerPivot)
+	}
+	return byte(pivot)
+}
+
+func planSum(a args, names []string, _ gpu.Launch) (plan, error) {
+	if err := positive(a, names, 1); err != nil {
+		return plan{}, err
+	}
+	nb := a.i(1)
+	return plan{
+		bufs: []buf{{arg: 0, n: uint64(4 * nb)}, {arg: 2, n: 8}},
+		run: func(b [][]byte) error {
+			s := math.Float64frombits(binary.LittleEndian.Uint64(b[1]))
+			var part float64
+			for _, v := range f32s(b[0]) {
+				part += float64(v)
+			}
+			binary.LittleEndian.PutUint64(b[1], math.Float64bits(s+part))
+			return nil
+		},
+	}, nil
+}
+
+// fuseShape checks the arguments both fused-merge kernels share.
+func fuseShape(a args, names []string) (out, in, bs, rank int64, dt nf4.DType, err error) {
+	if err = positive(a, names, 2, 3, 4, 7); err != nil {
+		return
+	}
+	out, in, bs, rank = a.i(2), a.i(3), a.i(4), a.i(7)
+	if err = evenBlocksize(bs); err != nil {
+		return
+	}
+	dt, err = dtypeArg(a, len(names)-1, "dtype")
+	return
+}
+
+func planFuse(a args, names []string, l gpu.Launch) (plan, error) {
+	out, in, bs, rank, dt, err := fuseShape(a, names)
+	if err != nil {
+		return plan{}, err
+	}
+	tile, bSmem, maxRows := a.i(8), a.i(9), a.i(10)
+	n := out * in
+	switch {
+	case tile <= 0 || tile%bs != 0:
+		return plan{}, fmt.Errorf("tile %d (want a positive multiple of bs %d)", tile, bs)
+	case bSmem != 0 && bSmem != 1:
+		return plan{}, fmt.Errorf("b_smem %d (want 0 or 1)", bSmem)
+	}
+	need := 4 * tile
+	if bSmem == 1 {
+		// Every tile's B rows must fit the max_rows the shared memory holds.
+		rows := int64(0)
+		for e0 := int64(0); e0 < n; e0 += tile {
+			rows = max(rows, (min(e0+tile, n)-1)/in-e0/in+1)
+		}
+		if maxRows < rows {
+			return plan{}, fmt.Errorf("max_rows %d, but a tile of %d elements spans %d rows of %d", maxRows, tile, rows, in)
+		}
+		need += 4 * maxRows * rank
+	}
+	if int64(l.Shared) < need {
+		return plan{}, fmt.Errorf("%d bytes of shared memory, the tile needs %d", l.Shared, need)
+	}
+	return fusePlan(out, in, bs, rank, dt)
+}
+
+func planFuse2D(a args, names []string, l gpu.Launch) (plan, error) {
+	out, in, bs, rank, dt, err := fuseShape(a, names)
+	if err != nil {
+		return plan{}, err
+	}
+	cols := a.i(8)
+	switch {
+	case bs&(bs-1) != 0 || in%bs != 0:
+		return plan{}, fmt.Errorf("bs %d with in_dim %d: the 2-D kernel needs a power-of-two blocksize dividing in_dim", bs, in)
+	case cols < bs || cols > gpu.FuseTile || cols&(cols-1) != 0:
+		return plan{}, fmt.Errorf("tile_cols %d (want a power of two from bs %d to %d)", cols, bs, gpu.FuseTile)
+	}
+	need := 4 * (gpu.FuseTile + gpu.FuseRankChunk*cols + gpu.FuseTile/cols*gpu.FuseRankChunk)
+	if int64(l.Shared) < need {
+		return plan{}, fmt.Errorf("%d bytes of shared memory, tile_cols %d needs %d", l.Shared, cols, need)
+	}
+	return fusePlan(out, in, bs, rank, dt)
+}
+
+// fuseChunk is how many elements the simulator merges at a time (rounded
+// to whole blocks): the layer never exists in float32 all at once.
+const fuseChunk = 1 << 16
+
+// fusePlan is both fused-merge kernels' work, which differs only in
+// tiling: the CPU's fused pass (lora.NF4Codec and SideLayer.DeltaRows),
+// block-aligned chunk by chunk, in place.
+func fusePlan(out, in, bs, rank int64, dt nf4.DType) (plan, error) {
+	n := out * in
+	nb := blocks(n, bs)
+	codec, err := lora.NewNF4Codec(nf4.QuantNF4, dt)
+	if err != nil {
+		return plan{}, err
+	}
+	return plan{
+		bufs: []buf{{arg: 0, n: uint64((n + 1) / 2)}, {arg: 1, n: uint64(4 * nb)}, {arg: 5, n: uint64(4 * rank * in)}, {arg: 6, n: uint64(4 * out * rank)}},
+		run: func(b [][]byte) error {
+			packed, absmax := b[0], f32s(b[1])
+			sl := &lora.SideLayer{Layer: lora.Layer{Out: int(out), In: int(in)}, Rank: int(rank), A: f32s(b[2]), B: f32s(b[3])}
+			chunk := max(bs, fuseChunk/bs*bs)
+			var w, delta []float32
+			for e0 := int64(0); e0 < n; e0 += chunk {
+				e1 := min(e0+chunk, n)
+				r0, r1 := e0/in, (e1-1)/in+1
+				w = grow(w, int(e1-e0))
+				delta = grow(delta, int((r1-r0)*in))
+				clear(delta)
+				codec.Dequantize(w, packed[e0/2:(e1+1)/2], absmax[e0/bs:], int(bs))
+				sl.DeltaRows(delta, int(r0), int(r1))
+				for i, d := range delta[e0-r0*in : e1-r0*in] {
+					w[i] += d
+				}
+				codec.Quantize(packed[e0/2:(e1+1)/2], absmax[e0/bs:blocks(e1, bs)], w, int(bs))
+			}
+			putF32s(b[1], absmax)
+			return nil
+		},
+	}, nil
+}
+
+func grow(v []float32, n int) []float32 {
+	if cap(v) < n {
+		return make([]float32, n)
+	}
+	return v[:n]
+}
+
+func planSideRows(a args, names []string, _ gpu.Launch) (plan, error) {
+	if err := positive(a, names, 2); err != nil {
+		return plan{}, err
+	}
+	dt, err := dtypeArg(a, 1, "dtype")
+	if err != nil {
+		return plan{}, err
+	}
+	n, scale := a.i(2), float32(a.f(3))
+	return plan{
+		bufs: []buf{{arg: 0, n: uint64(n) * uint64(dt.Size())}, {arg: 4, n: uint64(4 * n)}},
+		run: func(b [][]byte) error {
+			v := loadElems(b[0], dt, int(n))
+			for i := range v {
+				v[i] *= scale
+			}
+			putF32s(b[1], v)
+			return nil
+		},
+	}, nil
+}
+
+func planSideCols(a args, names []string, _ gpu.Launch) (plan, error) {
+	if err := positive(a, names, 3, 4, 8); err != nil {
+		return plan{}, err
+	}
+	dt, err := dtypeArg(a, 1, "dtype")
+	if err != nil {
+		return plan{}, err
+	}
+	srcRow0, rows, r, scale := a.i(2), a.i(3), a.i(4), float32(a.f(5))
+	row0, rank, col := a.i(7), a.i(8), a.i(9)
+	var bad []string
+	for _, c := range []struct {
+		name string
+		v    int64
+	}{{"src_row0", srcRow0}, {"row0", row0}, {"col", col}} {
+		if c.v < 0 || c.v > 1<<40 {
+			bad = append(bad, fmt.Sprintf("%s %d", c.name, c.v))
+		}
+	}
+	if len(bad) > 0 {
+		return plan{}, fmt.Errorf("%s", strings.Join(bad, ", "))
+	}
+	if col+r > rank {
+		return plan{}, fmt.Errorf("columns [%d, %d) outside rank %d", col, col+r, rank)
+	}
+	size := int64(dt.Size())
+	dstOff := 4 * (row0*rank + col)
+	dstLen := 4 * ((rows-1)*rank + r)
+	return plan{
+		bufs: []buf{{arg: 0, off: uint64(srcRow0 * r * size), n: uint64(rows * r * size)}, {arg: 6, off: uint64(dstOff), n: uint64(dstLen)}},
+		run: func(b [][]byte) error {
+			v := loadElems(b[0], dt, int(rows*r))
+			var e [4]byte
+			for row := range rows {
+				for j := range r {
+					binary.LittleEndian.PutUint32(e[:], math.Float32bits(v[row*r+j]*scale))
+					copy(b[1][4*(row*rank+j):], e[:])
+				}
+			}
+			return nil
+		},
+	}, nil
+}
