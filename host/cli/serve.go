@@ -59,6 +59,7 @@ func runServe(ctx context.Context, env *Env, args []string) error {
 	s, err := server.New(ctx, server.Config{
 		DataDir: cfg.DataDir, ModelsDir: cfg.Models(), LoRAsDir: cfg.LoRAs(), PluginsDir: cfg.Plugins(),
 		ArenaCapacity: cfg.ArenaCapacity, ArenaSegment: cfg.ArenaSegment, ShmMode: cfg.Shm, Samples: cfg.Samples,
+		ArenaBackend: cfg.ArenaBackend, ArenaDevice: cfg.ArenaDevice,
 		PluginEnv: pluginEnv, Logger: log,
 		LoadProgress: func(label string, total int64, done func() int64) func() {
 			return StartProgress(env.Stderr, label, total, done)

@@ -42,15 +42,23 @@ func TestServeHelpHasExample(t *testing.T) {
 	}
 }
 
-// TestServeRuns starts serve on 127.0.0.1:0 with a fresh data directory,
-// reads the console URL it prints, calls the API and shuts it down.
+// TestServeRuns starts serve on 127.0.0.1:0 with a fresh data directory on
+// each arena backend this build has without a GPU, reads the console URL it
+// prints, calls the API (GET /v1/arena names the backend) and shuts it down.
 func TestServeRuns(t *testing.T) {
+	for _, backend := range []string{"cpu", "cuda-sim"} {
+		t.Run(backend, func(t *testing.T) { testServeRuns(t, backend) })
+	}
+}
+
+func testServeRuns(t *testing.T, backend string) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	pr, pw := io.Pipe()
 	errc := make(chan error, 1)
 	go func() {
-		errc <- Run(ctx, []string{"serve", "--listen", "127.0.0.1:0", "--data", t.TempDir(), "--plugins", "", "--arena-capacity", "256MiB"}, pw, io.Discard)
+		errc <- Run(ctx, []string{"serve", "--listen", "127.0.0.1:0", "--data", t.TempDir(), "--plugins", "", "--arena-capacity", "256MiB",
+			"--arena-backend", backend}, pw, io.Discard)
 		pw.Close()
 	}()
 	urls := make(chan string, 1)
@@ -81,6 +89,15 @@ func TestServeRuns(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != 200 || !strings.Contains(string(b), `"name": "sample"`) {
 		t.Fatalf("GET /v1/models: %d %s", resp.StatusCode, b)
+	}
+	resp, err = http.Get(url + "v1/arena")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if want := `"backend": "` + backend; resp.StatusCode != 200 || (backend != "cpu" && !strings.Contains(string(b), want)) {
+		t.Fatalf("GET /v1/arena: %d %s, want %s", resp.StatusCode, b, want)
 	}
 	cancel()
 	select {
