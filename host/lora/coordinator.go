@@ -48,11 +48,13 @@ type Plugins interface {
 }
 
 // Memory is what the coordinator needs from the arena; *arena.Arena
-// satisfies it.
+// satisfies it. The journal and the factor copies move bytes region to
+// region with Copy, which works on every backend (a device-to-device copy
+// and a sync on a device arena), so nothing here maps the memory.
 type Memory interface {
 	Alloc(owner arena.Owner, name string, n uint64) (arena.Region, error)
 	Free(r arena.Region) error
-	Bytes(r arena.Region) ([]byte, error)
+	Copy(dst, src arena.Region) error
 	Transfer(r arena.Region, to arena.Owner) (arena.Region, error)
 	Location(r arena.Region) (arena.Location, error)
 }
@@ -340,17 +342,13 @@ func (c *Coordinator) setStrengths(ctx context.Context, ms *modelState, req Requ
 	for _, f := range fs {
 		nf := f
 		for i, r := range []arena.Region{f.A, f.B} {
-			src, err := c.mem.Bytes(r)
-			if err != nil {
-				return fail(fmt.Errorf("factors of %s: %w", f.Weight, err))
-			}
-			nr, err := c.mem.Alloc(arena.HostOwner, "lora factors "+f.Weight, uint64(len(src)))
+			nr, err := c.mem.Alloc(arena.HostOwner, "lora factors "+f.Weight, r.Length)
 			if err != nil {
 				return fail(fmt.Errorf("copy factors of %s: %w", f.Weight, err))
 			}
 			allocated = append(allocated, nr)
-			if err := c.copyRegion(nr, src); err != nil {
-				return fail(err)
+			if err := c.mem.Copy(nr, r); err != nil {
+				return fail(fmt.Errorf("copy factors of %s: %w", f.Weight, err))
 			}
 			if i == 0 {
 				nf.A = nr
@@ -471,18 +469,6 @@ func (ms *modelState) weight(reg *registry.Registry, model, w string) (*registry
 	return m.Weight(w)
 }
 
-func (c *Coordinator) copyRegion(dst arena.Region, src []byte) error {
-	b, err := c.mem.Bytes(dst)
-	if err != nil {
-		return err
-	}
-	if len(b) < len(src) {
-		return fmt.Errorf("region of %d bytes for %d", len(b), len(src))
-	}
-	copy(b, src)
-	return nil
-}
-
 // saveBytes copies the current packed bytes and absmax of weight w into
 // new host regions.
 func (c *Coordinator) saveBytes(m *registry.Model, w, what string) (journalEntry, error) {
@@ -495,23 +481,19 @@ func (c *Coordinator) saveBytes(m *registry.Model, w, what string) (journalEntry
 	}
 	var e journalEntry
 	for i, t := range []*registry.Tensor{qw.Packed, qw.Absmax} {
-		src, err := c.reg.TensorBytes(t)
-		if err != nil {
-			return journalEntry{}, err
-		}
-		r, err := c.mem.Alloc(arena.HostOwner, what+" "+t.Name, uint64(len(src)))
+		r, err := c.mem.Alloc(arena.HostOwner, what+" "+t.Name, t.NBytes)
 		if err != nil {
 			if i == 1 {
 				_ = c.mem.Free(e.packed)
 			}
 			return journalEntry{}, fmt.Errorf("%s %s: %w", what, t.Name, err)
 		}
-		if err := c.copyRegion(r, src); err != nil {
+		if err := c.mem.Copy(r, t.Region); err != nil {
 			_ = c.mem.Free(r)
 			if i == 1 {
 				_ = c.mem.Free(e.packed)
 			}
-			return journalEntry{}, err
+			return journalEntry{}, fmt.Errorf("%s %s: %w", what, t.Name, err)
 		}
 		if i == 0 {
 			e.packed = r
@@ -529,22 +511,16 @@ func (c *Coordinator) putBack(m *registry.Model, w string, e journalEntry) error
 		return fmt.Errorf("model %q: 4-bit weight %s: %w", m.Name, w, registry.ErrNotFound)
 	}
 	for i, t := range []*registry.Tensor{qw.Packed, qw.Absmax} {
-		dst, err := c.reg.TensorBytes(t)
-		if err != nil {
-			return err
-		}
 		r := e.packed
 		if i == 1 {
 			r = e.absmax
 		}
-		src, err := c.mem.Bytes(r)
-		if err != nil {
-			return fmt.Errorf("weight %s: saved bytes: %w", w, err)
+		if r.Length != t.NBytes {
+			return fmt.Errorf("weight %s: tensor %s: %d saved bytes for %d", w, t.Name, r.Length, t.NBytes)
 		}
-		if len(src) < len(dst) {
-			return fmt.Errorf("weight %s: %d saved bytes for %d", w, len(src), len(dst))
+		if err := c.mem.Copy(t.Region, r); err != nil {
+			return fmt.Errorf("weight %s: put back tensor %s: %w", w, t.Name, err)
 		}
-		copy(dst, src[:len(dst)])
 	}
 	return nil
 }

@@ -81,12 +81,16 @@ func TestMain(m *testing.M) {
 }
 
 // newHost starts a real host (arena, registry, plugin manager running the
-// built lora-nf4 binary) with the sample model loaded.
-func newHost(t *testing.T) *server.Server {
+// built lora-nf4 binary) with the sample model loaded, on the CPU arena.
+func newHost(t *testing.T) *server.Server { return newHostOn(t, server.BackendCPU) }
+
+// newHostOn is newHost on the given arena backend (server.BackendCPU,
+// server.BackendCUDASim, …).
+func newHostOn(t *testing.T, backend string) *server.Server {
 	t.Helper()
 	plugins, models, loras := fixtures(t)
 	s, err := server.New(t.Context(), server.Config{DataDir: t.TempDir(), ModelsDir: models, LoRAsDir: loras, PluginsDir: plugins,
-		Samples: true, ArenaCapacity: 1 << 30, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		Samples: true, ArenaCapacity: 1 << 30, ArenaBackend: backend, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,125 @@
+//go:build linux
+
+package lora
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"path/filepath"
+	"testing"
+
+	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/host/arena/arenatest"
+	"github.com/arenahost/arenahost/host/cuda"
+	"github.com/arenahost/arenahost/host/registry"
+	"github.com/arenahost/arenahost/host/samples"
+	"github.com/arenahost/arenahost/shared/gpu/gpusim"
+)
+
+// TestJournalOnEveryBackend: the fuse journal (saveBytes, putBack) and the
+// factor copies move bytes region to region, so they work on arenas the
+// host cannot map as on shared memory.
+func TestJournalOnEveryBackend(t *testing.T) {
+	log := slog.New(slog.DiscardHandler)
+	path := filepath.Join(t.TempDir(), samples.ModelFile)
+	if err := samples.WriteModel(path, samples.ModelOptions{Seed: 1}); err != nil {
+		t.Fatal(err)
+	}
+	cfg := arena.Config{Capacity: 256 << 20, SegmentSize: 4 << 20, RetainEmpty: true, Logger: log}
+	backends := []struct {
+		name string
+		new  func(t *testing.T) *arena.Arena
+	}{
+		{"cpu", func(t *testing.T) *arena.Arena {
+			b, err := arena.NewCPUBackend(arena.CPUConfig{Logger: log})
+			if err != nil {
+				t.Fatal(err)
+			}
+			a, err := arena.New(t.Context(), b, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = a.Close() })
+			return a
+		}},
+		{"fake device", func(t *testing.T) *arena.Arena {
+			a, err := arena.New(t.Context(), arenatest.NewFakeDevice(0), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = a.Close() })
+			return a
+		}},
+		{"gpusim", func(t *testing.T) *arena.Arena {
+			d := gpusim.NewCapacity(0, 256<<20)
+			a, _, err := cuda.NewArena(t.Context(), d, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() {
+				_ = a.Close()
+				_ = d.Close()
+			})
+			return a
+		}},
+	}
+	for _, be := range backends {
+		t.Run(be.name, func(t *testing.T) {
+			ctx := context.Background()
+			a := be.new(t)
+			reg := registry.New(a, log)
+			m, err := reg.Load(ctx, "m", path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c := New(reg, registry.NewBindings(a), a, nil, log)
+			qw := m.Weights[0]
+			read := func(tn *registry.Tensor) []byte {
+				b := make([]byte, tn.NBytes)
+				if err := a.Read(tn.Region, 0, b); err != nil {
+					t.Fatal(err)
+				}
+				return b
+			}
+			packed, absmax := read(qw.Packed), read(qw.Absmax)
+
+			e, err := c.saveBytes(m, qw.Name, "lora journal")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if e.packed.Length != qw.Packed.NBytes || e.absmax.Length != qw.Absmax.NBytes {
+				t.Fatalf("journal entry %+v for %d and %d bytes", e, qw.Packed.NBytes, qw.Absmax.NBytes)
+			}
+			// "Fuse": overwrite the weight, as the plugin would.
+			if err := a.Write(ctx, qw.Packed.Region, 0, bytes.Repeat([]byte{0xa5}, int(qw.Packed.NBytes))); err != nil {
+				t.Fatal(err)
+			}
+			if err := a.Write(ctx, qw.Absmax.Region, 0, make([]byte, qw.Absmax.NBytes)); err != nil {
+				t.Fatal(err)
+			}
+			if bytes.Equal(read(qw.Packed), packed) {
+				t.Fatal("the weight did not change")
+			}
+			if err := c.putBack(m, qw.Name, e); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(read(qw.Packed), packed) || !bytes.Equal(read(qw.Absmax), absmax) {
+				t.Fatal("putBack did not restore the journaled bytes")
+			}
+			// A journal entry of the wrong size is refused, changing nothing.
+			short := e
+			short.packed.Length--
+			if err := c.putBack(m, qw.Name, short); err == nil {
+				t.Fatal("putBack of a short journal entry succeeded")
+			}
+			c.freeEntry(e)
+			if err := reg.Unload("m"); err != nil {
+				t.Fatal(err)
+			}
+			if st := a.Stats(); st.Allocated != 0 {
+				t.Fatalf("after freeing the journal and unloading: %v allocated", st.Allocated)
+			}
+		})
+	}
+}
