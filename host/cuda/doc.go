@@ -18,4 +18,12 @@
 //   - Loader.Load per tensor for checkpoints loaded onto the device (the
 //     host cannot map device memory), through a pinned buffer of
 //     DefaultStagingBytes.
+//   - Over a Device (an Allocator that is also a Mover: gpu.Device, or
+//     gpusim's simulated one), every slab is an arena.Mover, so the arena's
+//     Read, Write and Copy work on device regions: downloads, uploads in
+//     chunks of DefaultStagingBytes (through pinned memory in the cuda
+//     build), and device-to-device copies followed by a Sync. The registry
+//     loads, saves and views models and the LoRA coordinator journals
+//     through them; host/server builds the arena (NewArenaNamed) for
+//     `arena-backend: cuda` and `cuda-sim`.
 package cuda
