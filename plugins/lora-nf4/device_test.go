@@ -174,16 +174,23 @@ func (h *testHost) Free(_ context.Context, req *pluginv1.FreeRequest) (*pluginv1
 
 // startPlugin starts the plugin as the host does (go-plugin, AutoMTLS)
 // and serves h on the broker.
-func startPlugin(t *testing.T, h pluginv1.HostServer) pluginv1.PluginClient {
+func startPlugin(t *testing.T, h pluginv1.HostServer, env ...string) pluginv1.PluginClient {
+	t.Helper()
+	p, _ := startPluginLogs(t, h, env...)
+	return p
+}
+
+// startPluginLogs is startPlugin that also returns the plugin's log.
+func startPluginLogs(t *testing.T, h pluginv1.HostServer, env ...string) (pluginv1.PluginClient, *syncBuffer) {
 	t.Helper()
 	cmd := exec.Command(build(t))
-	cmd.Env = os.Environ()
+	cmd.Env = append(os.Environ(), env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	var logs syncBuffer
+	logs := &syncBuffer{}
 	client := plugin.NewClient(&plugin.ClientConfig{
 		HandshakeConfig: wire.Handshake, Plugins: wire.PluginMap(nil, nil), Cmd: cmd,
 		AllowedProtocols: []plugin.Protocol{plugin.ProtocolGRPC}, AutoMTLS: true, StartTimeout: 30 * time.Second,
-		Logger: hclog.New(&hclog.LoggerOptions{Name: "plugin", Output: &logs, Level: hclog.Debug}),
+		Logger: hclog.New(&hclog.LoggerOptions{Name: "plugin", Output: logs, Level: hclog.Debug}),
 	})
 	t.Cleanup(func() {
 		client.Kill()
@@ -211,7 +218,7 @@ func startPlugin(t *testing.T, h pluginv1.HostServer) pluginv1.PluginClient {
 	if _, err := wc.Describe(ctx, &pluginv1.DescribeRequest{HostBrokerId: id}); err != nil {
 		t.Fatal(err)
 	}
-	return wc.PluginClient
+	return wc.PluginClient, logs
 }
 
 type syncBuffer struct {
@@ -649,6 +656,52 @@ func TestDeviceFuseRefusals(t *testing.T) {
 			}
 			if c.sameText && msgs[0] != msgs[1] {
 				t.Errorf("messages differ:\ncpu:    %s\ndevice: %s", msgs[0], msgs[1])
+			}
+		})
+	}
+}
+
+// TestFuseCancelledRollsBack: a fused pass cancelled between layers puts
+// the weights it wrote back to their journaled originals, on either
+// memory (the device path restores by device copies).
+func TestFuseCancelledRollsBack(t *testing.T) {
+	loras := testLoRAs(t)
+	for _, device := range []bool{false, true} {
+		t.Run(map[bool]string{false: "cpu", true: "device"}[device], func(t *testing.T) {
+			h := newTestHost(t, device)
+			ws := h.putModel(t, modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"})
+			const delay = 300 * time.Millisecond
+			p, logs := startPluginLogs(t, h, EnvLayerDelay+"="+delay.String())
+			set := []lorawire.LoRASpec{{Path: loras[0], Strength: 1}}
+			names := []string{"double_blocks.0.img_attn.proj.weight", "double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear2.weight"}
+			raw, err := msgpack.Marshal(lorawire.ApplyArgs{Model: "m", LoRAs: set, Mode: lorawire.ModeFuse})
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Cancel while the pass waits before its second layer: the
+			// first is written by then.
+			ctx, cancel := context.WithTimeout(t.Context(), delay*3/2)
+			defer cancel()
+			_, err = p.Invoke(ctx, &pluginv1.InvokeRequest{Method: "apply", Args: raw, Tensors: h.fuseTensors(t, ws, names)})
+			if status.Code(err) != codes.DeadlineExceeded {
+				t.Fatalf("apply: %v, want DeadlineExceeded", err)
+			}
+			// The plugin rolls back once the cancellation reached it, and
+			// says so in its log.
+			deadline := time.Now().Add(10 * time.Second)
+			for !strings.Contains(logs.String(), "fuse failed; the weights it wrote were rolled back") {
+				if time.Now().After(deadline) {
+					t.Fatalf("no rollback logged 10 s after the cancelled fuse")
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			if l := logs.String(); !strings.Contains(l, "context canceled") && !strings.Contains(l, "context deadline exceeded") {
+				t.Errorf("the rollback was not for the cancellation")
+			}
+			for w, sw := range ws {
+				if !bytes.Equal(h.weightBytes(t, sw), append(bytes.Clone(sw.packed), sw.absmax...)) {
+					t.Errorf("%s differs from its original after the rollback", w)
+				}
 			}
 		})
 	}

@@ -176,14 +176,16 @@ func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args lorawire.Apply
 		return lorawire.ApplyResult{}, err
 	}
 	if device {
-		if err := e.fuseDevice(ctx, c, p, dt); err != nil {
-			return lorawire.ApplyResult{}, err
-		}
+		err = e.fuseDevice(ctx, c, p, dt)
 	} else {
 		store := callStore{c: c, mapper: e.mapper, delay: e.delay, ctx: ctx}
-		if err := lora.Fuse(ctx, p, store, codec, newCallJournal(c), lora.FuseOptions{TileElems: args.TileElems}); err != nil {
-			return lorawire.ApplyResult{}, err
-		}
+		err = lora.Fuse(ctx, p, store, codec, newCallJournal(c), lora.FuseOptions{TileElems: args.TileElems})
+	}
+	if err != nil {
+		// Both passes put back what they wrote before returning; the
+		// caller may have gone (a cancelled call), so say so here too.
+		c.Logger().Warn("fuse failed; the weights it wrote were rolled back", "model", modelName(args.Model), "device", device, "err", err)
+		return lorawire.ApplyResult{}, err
 	}
 	e.mu.Lock()
 	delete(e.plans, modelName(args.Model)) // the side plan, if any, is no longer what the model holds
