@@ -40,9 +40,18 @@
 // HostOwner, or PluginOwner(name, generation) for the regions a plugin
 // generation asked for; ReleaseOwner reclaims all of a dead owner's regions.
 //
+// # Moving bytes
+//
+// Bytes returns a view into the host's mapping; device memory has none
+// (ErrNoHostView). Read, Write and Copy move bytes on every backend: through
+// the mapping, or through the segment's Mover (downloads, staged uploads,
+// device-to-device copies that have completed when Copy returns). Mapped
+// says which kind the arena is.
+//
 // All methods are safe for concurrent use. Bytes returns a view into the
 // host's mapping that stays valid while the region is live; using it after
-// Free is a use-after-free the arena cannot detect.
+// Free is a use-after-free the arena cannot detect. Read, Write and Copy
+// likewise need the region kept live until they return.
 package arena
 
 import (

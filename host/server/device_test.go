@@ -12,6 +12,7 @@ import (
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/shared/gpu"
+	"github.com/arenahost/arenahost/shared/gpu/gpusim"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
@@ -79,11 +80,21 @@ func TestCUDASimServer(t *testing.T) {
 	if !bytes.Equal(got, want) {
 		t.Fatalf("saved model (%d bytes) differs from %s (%d bytes)", len(got), src, len(want))
 	}
+	dev, ok := s.device.(*gpusim.Device)
+	if !ok {
+		t.Fatalf("device %T, want the simulated one", s.device)
+	}
 	if err := s.Close(ctx); err != nil {
 		t.Fatalf("close: %v", err)
 	}
 	if _, err := s.Arena.Alloc(arena.HostOwner, "x", 1); !errors.Is(err, arena.ErrClosed) {
 		t.Fatalf("alloc after close: %v", err)
+	}
+	if slabs, scratch, _ := dev.Live(); slabs+scratch != 0 {
+		t.Fatalf("after close the device still holds %d slabs and %d scratch buffers", slabs, scratch)
+	}
+	if _, err := dev.Alloc(4096); err == nil || !strings.Contains(err.Error(), "closed") {
+		t.Fatalf("alloc on the device after the server closed: %v, want it closed", err)
 	}
 }
 
