@@ -52,6 +52,9 @@ type testHost struct {
 	cpu  *plugintest.FakeHost // CPU memory
 	sim  *gpusim.Device       // device memory: one slab, bump-allocated
 	slab gpu.Slab
+	// journal, when set, holds the fuse journal in CPU memory while the
+	// weights are on the device.
+	journal *plugintest.FakeHost
 	// handle, when set, replaces the slab's IPC handle in descriptors
 	// (a real driver's handle, which no gpusim build can open).
 	handle *[gpu.HandleSize]byte
@@ -319,9 +322,13 @@ func (h *testHost) fuseTensors(t *testing.T, ws map[string]*storedWeight, names 
 		sw := ws[w]
 		d := cloneDesc(sw.d)
 		d.Access = pluginv1.Access_ACCESS_READ_WRITE
+		put := h.put
+		if h.journal != nil {
+			put = h.journal.Put
+		}
 		out = append(out, d,
-			h.put(t, lorawire.JournalPacked(w), pluginv1.DType_DTYPE_U8, []int64{int64(len(sw.packed))}, sw.packed, pluginv1.Access_ACCESS_READ_ONLY),
-			h.put(t, lorawire.JournalAbsmax(w), pluginv1.DType_DTYPE_U8, []int64{int64(len(sw.absmax))}, sw.absmax, pluginv1.Access_ACCESS_READ_ONLY))
+			put(t, lorawire.JournalPacked(w), pluginv1.DType_DTYPE_U8, []int64{int64(len(sw.packed))}, sw.packed, pluginv1.Access_ACCESS_READ_ONLY),
+			put(t, lorawire.JournalAbsmax(w), pluginv1.DType_DTYPE_U8, []int64{int64(len(sw.absmax))}, sw.absmax, pluginv1.Access_ACCESS_READ_ONLY))
 	}
 	return out
 }
@@ -416,9 +423,12 @@ type fuseRun struct {
 
 // runFuse fuses LoRAs A+B, then B alone (the journal of A's extra layer
 // is passed, so the pass restores it), on one memory.
-func runFuse(t *testing.T, device bool, o modelOpts, loras []string) fuseRun {
+func runFuse(t *testing.T, device bool, o modelOpts, loras []string, cpuJournal bool) fuseRun {
 	t.Helper()
 	h := newTestHost(t, device)
+	if cpuJournal {
+		h.journal = plugintest.NewFakeHost(t, testArena)
+	}
 	ws := h.putModel(t, o)
 	p := startPlugin(t, h)
 	r := fuseRun{orig: map[string][]byte{}, first: map[string][]byte{}, second: map[string][]byte{}}
@@ -458,16 +468,18 @@ func runFuse(t *testing.T, device bool, o modelOpts, loras []string) fuseRun {
 func TestDeviceFuseMatchesCPU(t *testing.T) {
 	loras := testLoRAs(t)
 	for _, c := range []struct {
-		name string
-		o    modelOpts
+		name       string
+		o          modelOpts
+		cpuJournal bool // the device run's journal in CPU memory (uploaded back)
 	}{
-		{"nf4 bf16", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"}},
-		{"nf4 f16", modelOpts{dtype: pluginv1.DType_DTYPE_F16, quant: "nf4"}},
-		{"nf4 f32", modelOpts{dtype: pluginv1.DType_DTYPE_F32, quant: "nf4"}},
+		{"nf4 bf16", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"}, false},
+		{"nf4 f16", modelOpts{dtype: pluginv1.DType_DTYPE_F16, quant: "nf4"}, false},
+		{"nf4 f32", modelOpts{dtype: pluginv1.DType_DTYPE_F32, quant: "nf4"}, false},
+		{"nf4 bf16, journal in CPU memory", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"}, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			cpu := runFuse(t, false, c.o, loras)
-			dev := runFuse(t, true, c.o, loras)
+			cpu := runFuse(t, false, c.o, loras, false)
+			dev := runFuse(t, true, c.o, loras, c.cpuJournal)
 			stale := "single_blocks.0.linear2.weight"
 			for w, orig := range cpu.orig {
 				if !bytes.Equal(orig, dev.orig[w]) {

@@ -124,6 +124,8 @@ func (e *engine) deviceWeight(c *sdk.Call, j callJournal, layer string, out, in 
 			if _, _, err := e.gpu.descAddr("tensor "+jd[i].GetName(), jd[i]); err != nil {
 				return nil, err
 			}
+		} else if _, err := c.Bytes(jd[i]); err != nil { // uploaded from the CPU
+			return nil, fmt.Errorf("journal: layer %s: %w", layer, err)
 		}
 	}
 	dw.journal = jd
