@@ -32,9 +32,9 @@ func (k kind) String() string {
 	case kindSlab:
 		return "slab"
 	case kindScratch:
-		return "scratch"
+		return "scratch buffer"
 	default:
-		return "opened slab"
+		return "slab opened by handle"
 	}
 }
 
@@ -106,9 +106,9 @@ func (d *Device) Alloc(size uint64) (gpu.Slab, error) {
 		return gpu.Slab{}, err
 	}
 	name := fmt.Sprintf("arenahost-sim-%d", memfdSerial.Add(1))
-	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC)
+	fd, err := memfd(name)
 	if err != nil {
-		return gpu.Slab{}, fmt.Errorf("alloc %d bytes: memfd_create %s: %w", size, name, err)
+		return gpu.Slab{}, fmt.Errorf("alloc %d bytes: %w", size, err)
 	}
 	if err := unix.Ftruncate(fd, int64(size)); err != nil {
 		unix.Close(fd)

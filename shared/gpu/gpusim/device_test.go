@@ -1,3 +1,5 @@
+//go:build linux
+
 package gpusim
 
 import (
@@ -193,15 +195,15 @@ func TestPointerErrors(t *testing.T) {
 		{"copy past the end", func() error { return d.CopyAsync(s.Ptr+4040, scratch, 60) }, "runs 4 bytes past the end of the slab of 4096 bytes"},
 		{"copy from freed", func() error { return d.CopyAsync(s.Ptr, gone.Ptr+8, 8) }, "already freed"},
 		{"copy from nowhere", func() error { return d.CopyAsync(s.Ptr, 16, 8) }, "0x10 + 8 bytes: not in any live allocation"},
-		{"zero past scratch", func() error { return d.Zero(scratch, 65) }, "past the end of the scratch of 64 bytes"},
+		{"zero past scratch", func() error { return d.Zero(scratch, 65) }, "past the end of the scratch buffer of 64 bytes"},
 		{"upload past the end", func() error { return d.Upload(context.Background(), s.Ptr+1, make([]byte, 4096)) }, "upload 4096 bytes: destination"},
 		{"download freed", func() error { return d.Download(make([]byte, 4), gone.Ptr) }, "already freed"},
 		{"double free", func() error { return d.Free(gone) }, "already freed"},
 		{"free inside a slab", func() error { return d.Free(gpu.Slab{Ptr: s.Ptr + 8, Size: 4088}) }, "not the start of a slab"},
 		{"free wrong size", func() error { return d.Free(gpu.Slab{Ptr: s.Ptr, Size: 4095}) }, "size 4095, allocated 4096"},
-		{"free scratch as slab", func() error { return d.Free(gpu.Slab{Ptr: scratch, Size: 64}) }, "a scratch, not a slab"},
-		{"mem free a slab", func() error { return d.MemFree(s.Ptr) }, "a slab, not a scratch"},
-		{"close ipc of a slab", func() error { return d.CloseIPC(s.Ptr) }, "a slab, not a opened slab"},
+		{"free scratch as slab", func() error { return d.Free(gpu.Slab{Ptr: scratch, Size: 64}) }, "a scratch buffer, not a slab"},
+		{"mem free a slab", func() error { return d.MemFree(s.Ptr) }, "a slab, not a scratch buffer"},
+		{"close ipc of a slab", func() error { return d.CloseIPC(s.Ptr) }, "a slab, not a slab opened by handle"},
 		{"open a non-sim handle", func() error { _, err := d.OpenIPC([gpu.HandleSize]byte{1, 2, 3}); return err }, "not a simulated-GPU handle"},
 		{"open own handle", func() error { _, err := d.OpenIPC(s.Handle); return err }, "made by this process"},
 		{"open a bad version", func() error {

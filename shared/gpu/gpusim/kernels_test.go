@@ -1,7 +1,10 @@
+//go:build linux
+
 package gpusim
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"fmt"
 	"math"
@@ -621,5 +624,60 @@ func TestLaunchQueued(t *testing.T) {
 	}
 	if got := download(t, d, s.Ptr, 16); bytes.Equal(got, make([]byte, 16)) {
 		t.Fatal("the zero queued after a failed launch ran")
+	}
+}
+
+// TestConcurrent: goroutines sharing one device each run their own
+// upload, copy, launch and download; run with -race.
+func TestConcurrent(t *testing.T) {
+	d := newDevice(t)
+	errs := make(chan error, 4)
+	for g := range 4 {
+		go func() {
+			errs <- func() error {
+				src := weights(rand.New(rand.NewPCG(uint64(g), 5)), 1000, 64)
+				s, err := d.Alloc(8192)
+				if err != nil {
+					return err
+				}
+				defer d.Free(s)
+				sc, err := d.MemAlloc(4000)
+				if err != nil {
+					return err
+				}
+				defer d.MemFree(sc)
+				if err := d.Upload(context.Background(), sc, f32le(src)); err != nil {
+					return err
+				}
+				if err := d.CopyAsync(s.Ptr, sc, 4000); err != nil {
+					return err
+				}
+				c, err := gpu.QuantizeCall(s.Ptr, gpu.DTypeF32, 1000, 64, s.Ptr+4096, s.Ptr+6144)
+				if err != nil {
+					return err
+				}
+				if err := d.Launch(c); err != nil {
+					return err
+				}
+				got := make([]byte, 500)
+				if err := d.Download(got, s.Ptr+4096); err != nil {
+					return err
+				}
+				want, am := make([]byte, 500), make([]float32, 16)
+				nf4.Quantize(want, am, src, 64, nf4.QuantNF4)
+				if !bytes.Equal(got, want) {
+					return fmt.Errorf("goroutine %d: packed codes differ", g)
+				}
+				return nil
+			}()
+		}()
+	}
+	for range 4 {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	if n, k, o := d.Live(); n+k+o != 0 {
+		t.Fatalf("live after: %d slabs %d scratch %d opened", n, k, o)
 	}
 }
