@@ -52,6 +52,7 @@ type gpuState struct {
 	mu     sync.Mutex
 	dev    device
 	sim    bool
+	device int // the opened device's ordinal
 	slabs  *gpu.SlabCache
 	closed bool
 
@@ -77,9 +78,9 @@ func (g *gpuState) open(what string, r *pluginv1.Region) (device, error) {
 		return nil, fmt.Errorf("%s: the plugin is stopping: %w", what, sdk.ErrFailedPrecondition)
 	}
 	if g.dev != nil {
-		if sim != g.sim {
-			return nil, fmt.Errorf("%s: cuda slab %d is %s but this plugin already opened %s: %w",
-				what, loc.ID, simWord(sim), simWord(g.sim), sdk.ErrInvalidArgument)
+		if sim != g.sim || loc.Device != g.device {
+			return nil, fmt.Errorf("%s: cuda slab %d is on %s device %d but this plugin opened %s device %d (one device per plugin process): %w",
+				what, loc.ID, simWord(sim), loc.Device, simWord(g.sim), g.device, sdk.ErrInvalidArgument)
 		}
 		return g.dev, nil
 	}
@@ -90,15 +91,15 @@ func (g *gpuState) open(what string, r *pluginv1.Region) (device, error) {
 		}
 		return nil, fmt.Errorf("%s: open device %d: %w: %w", what, loc.Device, err, sdk.ErrFailedPrecondition)
 	}
-	g.dev, g.sim, g.slabs = d, sim, gpu.NewSlabCache(d)
+	g.dev, g.sim, g.device, g.slabs = d, sim, loc.Device, gpu.NewSlabCache(d)
 	return d, nil
 }
 
 func simWord(sim bool) string {
 	if sim {
-		return "simulated (gpusim)"
+		return "the simulated (gpusim)"
 	}
-	return "a real device"
+	return "the CUDA"
 }
 
 // addr returns the device address of n bytes at a region on a CUDA slab,

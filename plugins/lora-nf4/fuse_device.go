@@ -201,11 +201,10 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 		}
 		stale = append(stale, w)
 	}
-	all := append(append([]*devWeight(nil), weights...), stale...)
-	if len(all) == 0 {
-		return nil
+	if len(weights) == 0 {
+		return fmt.Errorf("fuse on device: the set touches no layer: %w", sdk.ErrInvalidArgument)
 	}
-	dev := all[0].dev
+	dev := weights[0].dev
 
 	e.gpu.fuse.Lock()
 	defer e.gpu.fuse.Unlock()
