@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -29,7 +30,13 @@ func entries(dir string, set ...oracleLoRA) []lora.Entry {
 }
 
 func TestSideMatchesOracle(t *testing.T) {
-	s := newHost(t)
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) { testSideMatchesOracle(t, backend) })
+	}
+}
+
+func testSideMatchesOracle(t *testing.T, backend string) {
+	s := newHostOn(t, backend)
 	_, _, dir := fixtures(t)
 	orig := snapshot(t, s)
 	set := []oracleLoRA{kohyaOracle(0.8), peftOracle(1.3)}
@@ -47,6 +54,14 @@ func TestSideMatchesOracle(t *testing.T) {
 	}
 	checkSide(t, s, dir, set)
 	sameBytes(t, "side mode", orig, snapshot(t, s)) // the NF4 bytes are never rewritten
+	if backend != server.BackendCPU {
+		// The plugin got descriptors on the device slabs: the backend
+		// knows its generation holds them.
+		qw, _ := s.Registry.Weight(server.DefaultModelName, oracleWeights[0])
+		if hs := s.Slabs.Holders(qw.Packed.Region.Segment); len(hs) == 0 || !strings.HasPrefix(string(hs[0]), "plugin:lora-nf4#") {
+			t.Errorf("holders of the slab of %s: %v, want the lora-nf4 generation", qw.Name, hs)
+		}
+	}
 
 	// Same set, same strengths: a no-op that keeps the binding.
 	_, _, _, gen := boundFactors(t, s, oracleWeights[0])
@@ -107,7 +122,13 @@ func TestSideMatchesOracle(t *testing.T) {
 }
 
 func TestFuseRemoveByteExact(t *testing.T) {
-	s := newHost(t)
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) { testFuseRemoveByteExact(t, backend) })
+	}
+}
+
+func testFuseRemoveByteExact(t *testing.T, backend string) {
+	s := newHostOn(t, backend)
 	_, _, dir := fixtures(t)
 	orig := snapshot(t, s)
 	level := s.Arena.Stats().Allocated
@@ -118,7 +139,9 @@ func TestFuseRemoveByteExact(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res.Report.Retention <= 0 || res.Report.PeakScratchBytes <= 0 || len(res.Fused) == 0 || res.JournalBytes == 0 {
+	// The plugin measures retention on the CPU path only (on the device it
+	// would need the delta downloaded).
+	if (backend == server.BackendCPU && res.Report.Retention <= 0) || res.Report.PeakScratchBytes <= 0 || len(res.Fused) == 0 || res.JournalBytes == 0 {
 		t.Errorf("fuse report: retention %v scratch %d fused %d journal %d", res.Report.Retention, res.Report.PeakScratchBytes, len(res.Fused), res.JournalBytes)
 	}
 	// At least 99.9% of the codes are quantize(W_ref) by the bnb rule,

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/registry"
 	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/host/server"
@@ -267,7 +268,35 @@ func wRef(t *testing.T, s *server.Server, loraDir, w string, set []oracleLoRA) (
 	return ref, base, out, in
 }
 
-// boundFactors maps the factors bound to w, as a pipeline would.
+// descriptorBytes returns a copy of a descriptor's bytes: mapped, as a
+// pipeline would, for shared memory; read through the arena for a device
+// slab (the test process cannot open its own slabs).
+func descriptorBytes(t *testing.T, s *server.Server, d *pluginv1.TensorDescriptor) []byte {
+	t.Helper()
+	if d.GetRegion().GetCuda() != nil {
+		r, err := arena.RegionFromProto(d.GetRegion())
+		if err != nil {
+			t.Fatal(err)
+		}
+		b := make([]byte, r.Length)
+		if err := s.Arena.Read(r, 0, b); err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	mp := tensor.NewMapper()
+	defer mp.Close()
+	b, err := mp.Bytes(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return append([]byte(nil), b...)
+}
+
+// backends are the arena backends the end-to-end tests run on.
+var backends = []string{server.BackendCPU, server.BackendCUDASim}
+
+// boundFactors reads the factors bound to w, as a pipeline would.
 func boundFactors(t *testing.T, s *server.Server, w string) (a, b []float32, rank int, gen uint64) {
 	t.Helper()
 	resp, err := s.LookupTensors(t.Context(), &pluginv1.LookupTensorsRequest{Names: []string{w}, IncludeFactors: true})
@@ -278,16 +307,7 @@ func boundFactors(t *testing.T, s *server.Server, w string) (a, b []float32, ran
 		t.Fatalf("lookup %s with factors: %d factor sets, want 1", w, len(resp.GetFactors()))
 	}
 	lf := resp.GetFactors()[0]
-	mp := tensor.NewMapper()
-	t.Cleanup(func() { _ = mp.Close() })
-	ab, err := mp.Bytes(lf.GetA())
-	if err != nil {
-		t.Fatal(err)
-	}
-	bb, err := mp.Bytes(lf.GetB())
-	if err != nil {
-		t.Fatal(err)
-	}
+	ab, bb := descriptorBytes(t, s, lf.GetA()), descriptorBytes(t, s, lf.GetB())
 	a, _ = tensor.Float32s(ab)
 	b, _ = tensor.Float32s(bb)
 	return append([]float32(nil), a...), append([]float32(nil), b...), int(lf.GetA().GetShape()[0]), lf.GetBindingGeneration()
