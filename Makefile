@@ -22,7 +22,7 @@ GO_PLUGINS := $(notdir $(wildcard plugins/*))
 # Python plugins shipped with the host (copied next to the Go plugins).
 PY_PLUGINS := reference_pipeline diffusers_flux
 
-.PHONY: help build run test test-go test-python bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet clean
+.PHONY: help build run test test-go test-python bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet gpu-bundle clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -106,6 +106,9 @@ ptx: ## compile shared/gpu/kernels/kernels.cu to the committed PTX (NVRTC + ptxa
 cuda: build ## build bin/ and the CUDA variant under bin/cuda/ (host, plugins, GPU check; -tags cuda) against the PyPI CUDA 12 headers
 	$(CUDA_ENV); export GOFLAGS="$${GOFLAGS:+$$GOFLAGS }-tags=cuda"; \
 	  $(MAKE) --no-print-directory build BIN=$(BIN)/cuda && $(GO) build -o $(BIN)/cuda/arenahost-gpucheck ./host/cmd/arenahost-gpucheck
+
+gpu-bundle: ## pack stripped CPU + CUDA builds for a GPU machine without Go (bin/gpu-bundle.tar.xz; scripts/gpu-check.sh unpacks it)
+	bash scripts/gpu-bundle.sh
 
 cuda-vet: ## compile-check every package under -tags cuda (no GPU or driver needed)
 	$(CUDA_ENV); $(GO) vet -tags cuda ./...

@@ -9,6 +9,9 @@
 # bin/arenahost (CPU arena) and bin/cuda/arenahost --arena-backend cuda and
 # compares them through the HTTP API.
 #
+# On a GPU machine without Go, build `make gpu-bundle` here and bring only
+# bin/gpu-bundle.tar.xz (about 22 MB); this script unpacks it.
+#
 # Usage: scripts/gpu-check.sh [arenahost-gpucheck flags, e.g. -device 1 -skip-torch]
 # Environment: PYTHON (default python3), ARENAHOST_GPUCHECK (default bin/cuda/arenahost-gpucheck).
 set -euo pipefail
@@ -16,6 +19,10 @@ cd "$(dirname "$0")/.."
 bin=${ARENAHOST_GPUCHECK:-bin/cuda/arenahost-gpucheck}
 py=${PYTHON:-python3}
 
+if [ ! -x "$bin" ] && [ -z "${ARENAHOST_GPUCHECK:-}" ] && [ -f bin/gpu-bundle.tar.xz ]; then
+  echo "gpu-check: unpacking bin/gpu-bundle.tar.xz (make gpu-bundle)" >&2
+  tar -xJf bin/gpu-bundle.tar.xz
+fi
 if [ ! -x "$bin" ]; then
   echo "gpu-check: $bin missing: build it with 'make cuda' (see the header of this script)" >&2
   exit 2
