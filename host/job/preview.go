@@ -216,12 +216,8 @@ func (p *previewer) offer(req *pluginv1.PublishRequest) error {
 			return fmt.Errorf("latent %q: payload: %w", d.GetName(), err)
 		}
 	}
-	src, err := j.m.cfg.Memory.View(d.GetRegion())
-	if err != nil {
-		return fmt.Errorf("latent %q: %w", d.GetName(), err)
-	}
-	if uint64(len(src)) < n {
-		return fmt.Errorf("latent %q: shape %v %v needs %d bytes, region holds %d", d.GetName(), d.GetShape(), d.GetDtype(), n, len(src))
+	if have := d.GetRegion().GetLength(); have < n {
+		return fmt.Errorf("latent %q: shape %v %v needs %d bytes, region holds %d", d.GetName(), d.GetShape(), d.GetDtype(), n, have)
 	}
 	target := 0
 	switch {
@@ -243,7 +239,14 @@ func (p *previewer) offer(req *pluginv1.PublishRequest) error {
 		b = &latentBuf{region: r, mem: mem[:n]}
 		p.bufs[target] = b
 	}
-	copy(b.mem, src[:n])
+	if err := j.m.cfg.Memory.Read(d.GetRegion(), b.mem); err != nil {
+		if p.pending != nil && p.pending.buf == target {
+			// The buffer may be half overwritten: its latent is lost.
+			p.pending = nil
+			j.dropped.Add(1)
+		}
+		return fmt.Errorf("latent %q: %w", d.GetName(), err)
+	}
 	if p.pending != nil {
 		j.dropped.Add(1) // superseded before it was rendered
 	}

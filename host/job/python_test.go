@@ -14,8 +14,16 @@ import (
 
 // TestPythonReferencePipeline runs the SDK's NumPy reference pipeline as a
 // job: its "latent" publishes (payload arch flux1, layout chw, a region it
-// frees two steps later) are copied, rendered and counted.
+// frees two steps later) are copied, rendered and counted. On a device
+// arena (the simulated one here) the pipeline's regions are device
+// memory and the latents are downloaded into the preview arena.
 func TestPythonReferencePipeline(t *testing.T) {
+	for _, backend := range []string{server.BackendCPU, server.BackendCUDASim} {
+		t.Run(backend, func(t *testing.T) { testReferencePipeline(t, backend) })
+	}
+}
+
+func testReferencePipeline(t *testing.T, backend string) {
 	py := testenv.Python(t)
 	root := testenv.RepoRoot(t)
 	plugins := t.TempDir()
@@ -29,7 +37,7 @@ func TestPythonReferencePipeline(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	s, err := server.New(ctx, server.Config{DataDir: t.TempDir(), PluginsDir: plugins, ArenaCapacity: 1 << 30, Samples: true,
+	s, err := server.New(ctx, server.Config{DataDir: t.TempDir(), PluginsDir: plugins, ArenaCapacity: 1 << 30, Samples: true, ArenaBackend: backend,
 		PluginEnv: map[string]string{"ARENAHOST_PYTHON": py}})
 	if err != nil {
 		t.Fatal(err)

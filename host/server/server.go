@@ -61,6 +61,9 @@ type Config struct {
 const (
 	DefaultArenaCapacity = 8 << 30
 	DefaultModelName     = "sample"
+	// PreviewArenaCapacity bounds the shared-memory arena of latent copies
+	// beside a device arena (two copies per running job).
+	PreviewArenaCapacity = 1 << 30
 )
 
 // Server is a running host: arena, registry and plugins.
@@ -79,6 +82,9 @@ type Server struct {
 	// Slabs is the device arena's backend (which plugin generation holds
 	// which slab); nil for a CPU arena.
 	Slabs *cuda.Backend
+	// PreviewArena holds the latent copies previews render from when the
+	// weights' arena is on the device (nil otherwise: one arena serves).
+	PreviewArena *arena.Arena
 
 	device device // the device a device arena lives on, closed after it
 }
@@ -111,7 +117,21 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 			return nil, err
 		}
 	}
-	s.Jobs = job.New(job.Config{Memory: job.ArenaMemory(ar), Logger: log})
+	mem := job.ArenaMemory(ar)
+	if slabs != nil {
+		// The preview plugin maps the latent copies it renders: they live
+		// in a small shared-memory arena of their own; what pipelines
+		// publish on the device is downloaded into it.
+		be, err := arena.NewCPUBackend(arena.CPUConfig{Mode: arena.CPUMode(cfg.ShmMode), Logger: log})
+		if err != nil {
+			return nil, fmt.Errorf("create the preview arena: %w", err)
+		}
+		if s.PreviewArena, err = arena.New(ctx, be, arena.Config{Capacity: PreviewArenaCapacity, SegmentSize: 16 << 20, Logger: log}); err != nil {
+			return nil, fmt.Errorf("create the preview arena: %w", err)
+		}
+		mem = job.SplitMemory(ar, s.PreviewArena)
+	}
+	s.Jobs = job.New(job.Config{Memory: mem, Logger: log})
 	pcfg := plugin.Config{
 		Dir:       cfg.PluginsDir,
 		Env:       cfg.PluginEnv,
@@ -213,6 +233,9 @@ func (s *Server) Close(ctx context.Context) error {
 		for _, m := range s.Registry.Models() {
 			errs = append(errs, s.Registry.Unload(m.Name))
 		}
+	}
+	if s.PreviewArena != nil {
+		errs = append(errs, s.PreviewArena.Close())
 	}
 	if s.Arena != nil {
 		errs = append(errs, s.Arena.Close())

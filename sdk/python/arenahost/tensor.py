@@ -167,6 +167,7 @@ class Mapper:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._segs: dict[tuple[int, int, str, bool], _Segment] = {}
+        self._sims: dict[tuple[int, int, bytes], mmap.mmap] = {}
 
     def _segment(self, name: str, seg: pb.CPUSegment, writable: bool) -> _Segment:
         key = (seg.host_pid, seg.id, seg.path, writable)
@@ -200,13 +201,37 @@ class Mapper:
             self._segs[key] = s
             return s
 
+    def _sim_slab(self, name: str, region: pb.Region) -> mmap.mmap:
+        """The mapping of a simulated-device slab (host memory behind the
+        device API: arena backend cuda-sim), made once per slab."""
+        from . import cuda  # lazily: cuda imports this module
+
+        slab = cuda.slab_info(region, name)
+        key = (slab.host_pid, slab.id, slab.handle)
+        with self._lock:
+            got = self._sims.get(key)
+            if got is None:
+                got = cuda._map_sim(slab)
+                self._sims[key] = got
+            return got
+
     def region_bytes(self, name: str, region: pb.Region, writable: bool) -> tuple[mmap.mmap, int, int]:
-        """(mapping, offset, length) of a region after checking its bounds."""
-        if region is None or not region.HasField("cpu"):
-            if region is not None and region.HasField("cuda"):
+        """(mapping, offset, length) of a region after checking its bounds.
+
+        CPU segments, and the simulated device's slabs (their memory is host
+        shared memory) map; a real GPU's slab has no host view: open it with
+        :class:`arenahost.cuda.CudaMapper`.
+        """
+        if region is not None and region.HasField("cuda"):
+            from . import cuda
+
+            if not cuda.is_sim_handle(bytes(region.cuda.ipc_handle)):
                 raise DescriptorError(
-                    f"tensor {name!r}: region is a CUDA slab; the NumPy mapper maps CPU segments only"
+                    f"tensor {name!r}: region is on a GPU's CUDA slab; the NumPy mapper maps host memory only "
+                    "(use arenahost.cuda.CudaMapper for a torch tensor on the device)"
                 )
+            return self._sim_slab(name, region), region.offset, region.length
+        if region is None or not region.HasField("cpu"):
             raise DescriptorError(f"tensor {name!r}: region has no cpu segment")
         s = self._segment(name, region.cpu, writable)
         end = region.offset + region.length
@@ -281,9 +306,15 @@ class Mapper:
                 except BufferError:
                     continue  # still exported to a live array
                 del self._segs[key]
+            for key, mm in list(self._sims.items()):
+                try:
+                    mm.close()
+                except BufferError:
+                    continue
+                del self._sims[key]
 
     def __len__(self) -> int:
-        return len(self._segs)
+        return len(self._segs) + len(self._sims)
 
 
 _default = Mapper()

@@ -196,3 +196,29 @@ def test_real_handle_has_no_numpy_view():
     d = pb.TensorDescriptor(name="w", dtype=pb.DTYPE_F32, shape=[4], nbytes=16, region=region)
     with pytest.raises(DescriptorError, match="real GPU has no NumPy view"):
         CudaMapper().array(d)
+
+
+def test_numpy_mapper_maps_sim_slabs(slab):
+    """arenahost.tensor's Mapper (what plugins and pipelines use for every
+    descriptor) maps simulated-device slabs like CPU segments, so a Python
+    pipeline runs unchanged on a host whose arena is cuda-sim; a real GPU's
+    slab is refused with a pointer to CudaMapper."""
+    from arenahost.tensor import Mapper
+
+    m = Mapper()
+    src = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+    slab.mm[512:512 + src.nbytes] = src.tobytes()
+    a = m.map(slab.desc("w", pb.DTYPE_F32, (3, 4), 512))
+    assert not a.flags.writeable
+    np.testing.assert_array_equal(a, src)
+    out = m.map(slab.desc("out", pb.DTYPE_F32, (2, 2), 8192, access=pb.ACCESS_READ_WRITE))
+    out[...] = [[1, 2], [3, 4]]
+    assert np.frombuffer(slab.mm, np.float32, 4, 8192).tolist() == [1, 2, 3, 4]
+    with pytest.raises(DescriptorError, match="exceeds|past the slab"):
+        m.map(slab.desc("far", pb.DTYPE_F32, (4,), SIZE - 8))
+    region = pb.Region(cuda=pb.CUDASlab(id=1, ipc_handle=bytes(range(64)), size=4096, device=0, host_pid=1), offset=0, length=16)
+    with pytest.raises(DescriptorError, match="GPU's CUDA slab.*CudaMapper"):
+        m.map(pb.TensorDescriptor(name="g", dtype=pb.DTYPE_F32, shape=[4], nbytes=16, region=region))
+    del a, out
+    m.close()
+    assert len(m) == 0
