@@ -13,7 +13,7 @@ import (
 // a pointer to the CUDA build.
 func TestServeCUDAWithoutCUDA(t *testing.T) {
 	err := Run(context.Background(), []string{"serve", "--listen", "127.0.0.1:0", "--data", t.TempDir(), "--plugins", "", "--arena-backend", "cuda"}, io.Discard, io.Discard)
-	if err == nil || !strings.Contains(err.Error(), "built without CUDA; build bin/arenahost-cuda with make cuda") {
+	if err == nil || !strings.Contains(err.Error(), "built without CUDA; build bin/cuda/arenahost with make cuda") {
 		t.Fatalf("serve --arena-backend cuda: %v", err)
 	}
 }

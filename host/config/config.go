@@ -125,7 +125,7 @@ var settings = []setting{
 		set: size(func(c *Config) *uint64 { return &c.ArenaCapacity })},
 	{name: "arena-segment", def: "64MiB", doc: "arena growth unit",
 		set: size(func(c *Config) *uint64 { return &c.ArenaSegment })},
-	{name: "arena-backend", def: "cpu", doc: "arena memory: cpu (shared memory plugins map), cuda (device memory plugins open by CUDA IPC handle; needs bin/arenahost-cuda from make cuda) or cuda-sim (a simulated GPU over shared memory, for development and tests)",
+	{name: "arena-backend", def: "cpu", doc: "arena memory: cpu (shared memory plugins map), cuda (device memory plugins open by CUDA IPC handle; needs bin/cuda/arenahost from make cuda) or cuda-sim (a simulated GPU over shared memory, for development and tests)",
 		set: func(c *Config, v string) error {
 			switch v {
 			case "cpu", "cuda", "cuda-sim":

@@ -29,7 +29,7 @@ type device interface {
 var _ plugin.SlabHolders = (*cuda.Backend)(nil)
 
 // ErrNoCUDA: arena backend cuda in a build without the driver binding.
-var ErrNoCUDA = errors.New("this arenahost was built without CUDA; build bin/arenahost-cuda with make cuda")
+var ErrNoCUDA = errors.New("this arenahost was built without CUDA; build bin/cuda/arenahost with make cuda")
 
 // newArena builds the arena cfg asks for. For a device backend it also
 // returns the device (closed after the arena) and the backend (the slab

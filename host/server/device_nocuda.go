@@ -3,5 +3,5 @@
 package server
 
 // openCUDA fails: this build has no driver binding (make cuda builds
-// bin/arenahost-cuda with it).
+// bin/cuda/arenahost with it).
 func openCUDA(int) (device, error) { return nil, ErrNoCUDA }

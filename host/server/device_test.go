@@ -106,7 +106,7 @@ func TestArenaBackendErrors(t *testing.T) {
 		{"rocm", `arena backend "rocm": not cpu, cuda or cuda-sim`},
 	}
 	if noCUDA {
-		tests = append(tests, struct{ backend, want string }{BackendCUDA, "built without CUDA; build bin/arenahost-cuda with make cuda"})
+		tests = append(tests, struct{ backend, want string }{BackendCUDA, "built without CUDA; build bin/cuda/arenahost with make cuda"})
 	}
 	for _, tc := range tests {
 		t.Run(tc.backend, func(t *testing.T) {
