@@ -322,20 +322,20 @@ func TestQuantizeDynamicNearest(t *testing.T) {
 	r := rand.New(rand.NewPCG(7, 8))
 	for range 100000 {
 		x := r.Float32()*2 - 1
-		q := quantizeDynamic(&m, x)
+		q := QuantizeDynamic(&m, x)
 		if d := math.Abs(float64(m[q]) - float64(x)); d > bruteNearest(&m, x)*1.000001+1e-12 {
 			t.Fatalf("x=%v: code %d (%v) is not nearest", x, q, m[q])
 		}
 	}
 	for _, x := range m {
-		if q := quantizeDynamic(&m, x); m[q] != x {
+		if q := QuantizeDynamic(&m, x); m[q] != x {
 			t.Errorf("exact map value %v gave code %d (%v)", x, q, m[q])
 		}
 	}
-	if q := quantizeDynamic(&m, float32(math.NaN())); q != 0 {
+	if q := QuantizeDynamic(&m, float32(math.NaN())); q != 0 {
 		t.Errorf("NaN gave %d, want 0", q)
 	}
-	if q := quantizeDynamic(&m, -1); q != 0 {
+	if q := QuantizeDynamic(&m, -1); q != 0 {
 		t.Errorf("-1 gave %d, want 0", q)
 	}
 }
@@ -412,7 +412,7 @@ func TestDynamicBuckets(t *testing.T) {
 	m := DynamicMap()
 	slow := 0
 	check := func(x float32) {
-		if g, w := b.quantize(x), quantizeDynamic(&m, x); g != w {
+		if g, w := b.quantize(x), QuantizeDynamic(&m, x); g != w {
 			t.Fatalf("bucket quantize(%v = %#08x) = %d, binary search %d", x, math.Float32bits(x), g, w)
 		}
 	}

@@ -61,10 +61,11 @@ func DynamicMap() [256]float32 {
 	return m
 }
 
-// quantizeDynamic is the CUDA dQuantize<0> binary search over a sorted
-// 256-entry map: the nearest code, with an exact midpoint tie going to the
+// QuantizeDynamic is the CUDA dQuantize<0> binary search over a sorted
+// 256-entry map (bitsandbytes' nested-absmax quantizer, and kernels.cu's
+// dynamic_code): the nearest code, with an exact midpoint tie going to the
 // final probe. NaN fails every comparison and yields code 0.
-func quantizeDynamic(code *[256]float32, x float32) byte {
+func QuantizeDynamic(code *[256]float32, x float32) byte {
 	pivot, upperPivot, lowerPivot := 127, 255, 0
 	lower, upper := float32(-1), float32(1)
 	val := code[pivot]
@@ -98,7 +99,7 @@ func quantizeDynamic(code *[256]float32, x float32) byte {
 	return byte(pivot)
 }
 
-// dynBuckets accelerates quantizeDynamic over DynamicMap(). Floats are
+// dynBuckets accelerates QuantizeDynamic over DynamicMap(). Floats are
 // ordered by key (see orderKey) and grouped by the key's top 16 bits; the
 // binary search's result is a non-decreasing step function of x, so within
 // a bucket it is code[p] below thr[p] and code[p]+1 from thr[p] on, when the
@@ -139,10 +140,10 @@ func dynamicBuckets() *dynBuckets {
 			lo, hi := p<<16, p<<16|0xffff
 			xl, xh := fromKey(lo), fromKey(hi)
 			if xl != xl || xh != xh {
-				t.slow[p] = true // NaN keys: quantizeDynamic handles them
+				t.slow[p] = true // NaN keys: QuantizeDynamic handles them
 				continue
 			}
-			cl, ch := quantizeDynamic(&t.m, xl), quantizeDynamic(&t.m, xh)
+			cl, ch := QuantizeDynamic(&t.m, xl), QuantizeDynamic(&t.m, xh)
 			t.code[p] = cl
 			switch {
 			case ch == cl:
@@ -152,7 +153,7 @@ func dynamicBuckets() *dynBuckets {
 				a, b := lo, hi
 				for b-a > 1 {
 					mid := a + (b-a)/2
-					if quantizeDynamic(&t.m, fromKey(mid)) == cl {
+					if QuantizeDynamic(&t.m, fromKey(mid)) == cl {
 						a = mid
 					} else {
 						b = mid
@@ -168,12 +169,12 @@ func dynamicBuckets() *dynBuckets {
 	return dynTable
 }
 
-// quantize returns quantizeDynamic(&DynamicMap(), x).
+// quantize returns QuantizeDynamic(&DynamicMap(), x).
 func (t *dynBuckets) quantize(x float32) byte {
 	k := orderKey(math.Float32bits(x))
 	p := k >> 16
 	if t.slow[p] {
-		return quantizeDynamic(&t.m, x)
+		return QuantizeDynamic(&t.m, x)
 	}
 	c := t.code[p]
 	if k >= t.thr[p] {

@@ -302,46 +302,10 @@ func nestedQuantize(absmax []float32, off float32, code *[256]float32) ([]byte, 
 		nabs[c] = am
 		inv := float32(1 / am)
 		for i := range hi - lo {
-			q[lo+i] = dynamicCode(code, float32(s[i]*inv))
+			q[lo+i] = nf4.QuantizeDynamic(code, float32(s[i]*inv))
 		}
 	}
 	return q, nabs
-}
-
-// dynamicCode is kernels.cu's dynamic_code: bitsandbytes' dQuantize<0>
-// binary search (nearest entry; an exact midpoint tie goes to the final
-// probe).
-func dynamicCode(code *[256]float32, x float32) byte {
-	pivot, upperPivot, lowerPivot := 127, 255, 0
-	lower, upper, val := float32(-1), float32(1), code[127]
-	for i := 64; i > 0; i >>= 1 {
-		if x > val {
-			lowerPivot, lower = pivot, val
-			pivot += i
-		} else {
-			upperPivot, upper = pivot, val
-			pivot -= i
-		}
-		val = code[pivot]
-	}
-	if upperPivot == 255 {
-		upper = code[255]
-	}
-	if lowerPivot == 0 {
-		lower = code[0]
-	}
-	if x > val {
-		mid := float32(float32(upper+val) * 0.5)
-		if x > mid {
-			return byte(upperPivot)
-		}
-		return byte(pivot)
-	}
-	mid := float32(float32(lower+val) * 0.5)
-	if x < mid {
-		return byte(lowerPivot)
-	}
-	return byte(pivot)
 }
 
 func planSum(a args, names []string, _ gpu.Launch) (plan, error) {
