@@ -28,6 +28,12 @@ var copyChunk = 16 << 20
 // 16 MiB for the whole load: host memory stays bounded whatever the
 // tensor's size.
 //
+// The registry keeps the file mapped read-only for the model's lifetime
+// (until Unload or DetachSource), so the original bytes of every tensor
+// can be read back (Model.ReadSource) without a copy in the arena: a file
+// renamed over the path does not change what the mapping shows, while an
+// in-place write to the file does, which is why readers checksum.
+//
 // Load is atomic: on any error, including cancellation of ctx and an arena
 // that is full, every region allocated for this load is freed and nothing is
 // registered. The error names the file and, where one is at fault, the key.
@@ -70,7 +76,13 @@ func (r *Registry) load(ctx context.Context, name, path string) (m *Model, err e
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
+	// The mapping stays open for the model's lifetime (Model.ReadSource):
+	// it is closed here only when the load fails.
+	defer func() {
+		if err != nil {
+			_ = f.Close()
+		}
+	}()
 
 	meta := make(map[string]nf4.TensorMeta, len(f.Tensors))
 	names := make([]string, 0, len(f.Tensors))
@@ -101,6 +113,7 @@ func (r *Registry) load(ctx context.Context, name, path string) (m *Model, err e
 	m = &Model{
 		Name:     name,
 		Source:   path,
+		source:   f,
 		Format:   formatOf(weights),
 		Metadata: f.Metadata,
 		byName:   make(map[string]*Tensor, len(f.Tensors)),

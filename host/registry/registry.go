@@ -108,6 +108,79 @@ type Model struct {
 	byName   map[string]*Tensor
 	weights  map[string]*QuantWeight
 	lifetime sync.RWMutex // readers hold it while they use region bytes; Unload takes it to free
+	// source is the file the model was loaded from, mapped read-only until
+	// Unload or DetachSource (nil after); guarded by lifetime.
+	source *safetensors.File
+}
+
+// SourceRef is where a stored tensor's bytes lie in the file its model was
+// loaded from.
+type SourceRef struct {
+	File   string // the path the model was loaded from
+	Tensor string
+	Offset int64 // from the start of the file
+	Length int64
+}
+
+// SourceOf returns where tensor name's bytes lie in the model's source
+// file; ok is false when the model holds no source file (DetachSource) or
+// the tensor is empty or unknown. The caller must hold the model's write
+// lock (WriteLocked) or otherwise keep it from being unloaded.
+func (m *Model) SourceOf(name string) (ref SourceRef, ok bool) {
+	if m.source == nil {
+		return SourceRef{}, false
+	}
+	info, ok := m.source.Lookup(name)
+	if !ok || info.End <= info.Begin {
+		return SourceRef{}, false
+	}
+	return SourceRef{File: m.Source, Tensor: name, Offset: m.source.DataStart + info.Begin, Length: info.End - info.Begin}, true
+}
+
+// ReadSource copies len(p) bytes of ref's tensor, from byte off of the
+// tensor, out of the source file as its mapping shows them now: the file
+// the model was loaded from even if another was renamed over its path
+// since, but with any in-place write to that file (checksum what you read
+// when that matters). A fault (the file was truncated) is an error naming
+// the file and tensor. The caller must hold the model's write lock
+// (WriteLocked) or otherwise keep it from being unloaded.
+func (m *Model) ReadSource(ref SourceRef, off int64, p []byte) error {
+	if m.source == nil {
+		return fmt.Errorf("model %q: tensor %s: the source file %s is no longer held: %w", m.Name, ref.Tensor, ref.File, ErrNotFound)
+	}
+	if off < 0 || off+int64(len(p)) > ref.Length {
+		return fmt.Errorf("read source %s: tensor %s: bytes [%d, %d) outside its %d bytes", ref.File, ref.Tensor, off, off+int64(len(p)), ref.Length)
+	}
+	if _, err := m.source.ReadAt(p, ref.Offset+off); err != nil {
+		return fmt.Errorf("read source %s: tensor %s: %w", ref.File, ref.Tensor, err)
+	}
+	return nil
+}
+
+// DetachSource closes model's source file: the registry stops holding it
+// (a deleted file's disk space is released), and readers of original bytes
+// (the LoRA fuse journal) fall back to copies in the arena for what they
+// save afterwards. References taken before (SourceOf) stop resolving.
+func (r *Registry) DetachSource(model string) error {
+	m, err := r.model(model)
+	if err != nil {
+		return fmt.Errorf("detach source: %w", err)
+	}
+	m.lifetime.Lock()
+	defer m.lifetime.Unlock()
+	return m.closeSource()
+}
+
+func (m *Model) closeSource() error {
+	if m.source == nil {
+		return nil
+	}
+	f := m.source
+	m.source = nil
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("model %q: close source %s: %w", m.Name, m.Source, err)
+	}
+	return nil
 }
 
 // Tensor returns the stored tensor called name.
@@ -256,7 +329,7 @@ func (r *Registry) Unload(name string) error {
 			regions = append(regions, t.Region)
 		}
 	}
-	if err := freeAll(r.mem, regions); err != nil {
+	if err := errors.Join(freeAll(r.mem, regions), m.closeSource()); err != nil {
 		return fmt.Errorf("unload model %q: %w", name, err)
 	}
 	r.log.Info("model unloaded", slog.String("model", name), slog.Any("bytes", arena.ByteSize(m.Bytes)))
