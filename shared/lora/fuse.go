@@ -141,6 +141,26 @@ type FuseOptions struct {
 	// WarnRetention is the retention below which a layer gets a warning
 	// (default 0.5).
 	WarnRetention float64
+	// CallerRestores says the caller keeps the layers' originals itself:
+	// every layer of the plan holds its original bytes when Fuse is called
+	// (the caller put back layers fused before, and those the plan no
+	// longer touches), and on an error the caller puts back every layer of
+	// the plan. Fuse then journals nothing (j is not used and may be nil),
+	// holds no undo copies, and returns a failed pass's error leaving the
+	// bytes it wrote to the caller. The host's coordinator works this way:
+	// its journal references the model's file instead of copying it.
+	CallerRestores bool
+}
+
+// noJournal is the journal of a CallerRestores pass: nothing is journaled.
+type noJournal struct{}
+
+func (noJournal) Has(string) bool             { return false }
+func (noJournal) Save(string, [][]byte) error { return nil }
+func (noJournal) Drop(string) error           { return nil }
+func (noJournal) Layers() []string            { return nil }
+func (noJournal) Restore(l string, _ [][]byte) error {
+	return fmt.Errorf("journal: layer %s: the caller keeps the originals", l)
 }
 
 // Fuse writes the plan into the model's NF4 bytes: per layer, one pass over
@@ -153,7 +173,8 @@ type FuseOptions struct {
 // error every layer this call wrote gets back the bytes it had before the
 // call (layers fused for the first time from the journal; layers already
 // fused from an undo copy of their packed bytes and absmax, the only extra
-// memory the pass holds besides its tiles). The plan's Report gets the
+// memory the pass holds besides its tiles); with opt.CallerRestores the
+// caller does both, and the pass holds no copy at all. The plan's Report gets the
 // per-layer and total retention and relative error.
 func Fuse(ctx context.Context, p *Plan, store Store, codec Codec, j Journal, opt FuseOptions) error {
 	start := time.Now()
@@ -162,6 +183,9 @@ func Fuse(ctx context.Context, p *Plan, store Store, codec Codec, j Journal, opt
 	}
 	if opt.WarnRetention == 0 {
 		opt.WarnRetention = 0.5
+	}
+	if opt.CallerRestores {
+		j = noJournal{}
 	}
 	rep := p.Report
 	rep.Mode = "fuse"
@@ -182,6 +206,9 @@ func Fuse(ctx context.Context, p *Plan, store Store, codec Codec, j Journal, opt
 		undo[name] = cp
 	}
 	fail := func(err error) error {
+		if opt.CallerRestores {
+			return err
+		}
 		for name, saved := range undo {
 			q, lerr := store.Layer(name)
 			if lerr == nil {

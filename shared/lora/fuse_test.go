@@ -434,3 +434,43 @@ var errCommit = &commitError{}
 type commitError struct{}
 
 func (*commitError) Error() string { return "arena write refused" }
+
+// With CallerRestores the pass writes exactly the bytes a journaled pass
+// writes, journals nothing, and on an error leaves what it wrote to the
+// caller (who holds the originals) instead of restoring it.
+func TestFuseCallerRestores(t *testing.T) {
+	c := makeCross(t)
+	m, w := sampleModel(t, layout.FluxBFL, "model.diffusion_model.")
+	journaled := quantizedModel(t, m, w, 64)
+	if err := Fuse(context.Background(), crossPlan(t, m, c, []float64{1, -0.7}), journaled, nf4Codec, NewMemJournal(), FuseOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	caller := quantizedModel(t, m, w, 64)
+	p := crossPlan(t, m, c, []float64{1, -0.7})
+	if err := Fuse(context.Background(), p, caller, nf4Codec, nil, FuseOptions{CallerRestores: true}); err != nil {
+		t.Fatal(err)
+	}
+	want, got := journaled.snapshot(), caller.snapshot()
+	if len(got) != len(want) {
+		t.Fatalf("%d layers written, want %d", len(got), len(want))
+	}
+	for name, b := range want {
+		if !bytes.Equal(got[name], b) {
+			t.Errorf("layer %s: the CallerRestores pass wrote other bytes", name)
+		}
+	}
+	if p.Report.Retention <= 0 || p.Report.RelError <= 0 {
+		t.Errorf("report: retention %v, relative error %v", p.Report.Retention, p.Report.RelError)
+	}
+
+	store := quantizedModel(t, m, w, 64)
+	p = crossPlan(t, m, c, []float64{3, 3})
+	last := p.Layers[len(p.Layers)-1].Name
+	if err := Fuse(context.Background(), p, &failingStore{memStore: store, fail: last}, nf4Codec, nil, FuseOptions{CallerRestores: true}); err == nil {
+		t.Fatal("no error")
+	}
+	first := p.Layers[0].Name
+	if bytes.Equal(store.snapshot()[first], store.orig[first]) {
+		t.Errorf("layer %s was restored: the caller does that", first)
+	}
+}
