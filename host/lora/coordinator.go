@@ -49,12 +49,16 @@ type Plugins interface {
 
 // Memory is what the coordinator needs from the arena; *arena.Arena
 // satisfies it. The journal and the factor copies move bytes region to
-// region with Copy, which works on every backend (a device-to-device copy
-// and a sync on a device arena), so nothing here maps the memory.
+// region with Copy, and the file journal reads and writes them with Read
+// and Write, which all work on every backend (a device-to-device copy and
+// a sync, a download, an upload on a device arena), so nothing here needs
+// to map the memory.
 type Memory interface {
 	Alloc(owner arena.Owner, name string, n uint64) (arena.Region, error)
 	Free(r arena.Region) error
 	Copy(dst, src arena.Region) error
+	Read(r arena.Region, off uint64, p []byte) error
+	Write(ctx context.Context, r arena.Region, off uint64, p []byte) error
 	Transfer(r arena.Region, to arena.Owner) (arena.Region, error)
 	Location(r arena.Region) (arena.Location, error)
 }
@@ -89,9 +93,13 @@ type State struct {
 	BindingGeneration uint64 `json:"binding_generation,omitempty"`
 	// Fused lists the weights fused (fuse mode).
 	Fused []string `json:"fused,omitempty"`
-	// JournalBytes is the arena the fuse journal holds.
-	JournalBytes uint64        `json:"journal_bytes,omitempty"`
-	Report       *slora.Report `json:"report,omitempty"`
+	// JournalBytes is the arena the fuse journal holds (original bytes
+	// copied because the model has no source file, or its file differed).
+	JournalBytes uint64 `json:"journal_bytes,omitempty"`
+	// JournalFileBytes is what the fuse journal references in the model's
+	// safetensors file instead of copying (checked by CRC-32C on restore).
+	JournalFileBytes uint64        `json:"journal_file_bytes,omitempty"`
+	Report           *slora.Report `json:"report,omitempty"`
 }
 
 // Result is the outcome of an apply or remove.
@@ -120,8 +128,6 @@ type Coordinator struct {
 	mu     sync.Mutex
 	models map[string]*modelState
 }
-
-type journalEntry struct{ packed, absmax arena.Region }
 
 type modelState struct {
 	loaded  *registry.Model // the registry's model this state is about
@@ -469,95 +475,6 @@ func (ms *modelState) weight(reg *registry.Registry, model, w string) (*registry
 	return m.Weight(w)
 }
 
-// saveBytes copies the current packed bytes and absmax of weight w into
-// new host regions.
-func (c *Coordinator) saveBytes(m *registry.Model, w, what string) (journalEntry, error) {
-	qw, ok := m.Weight(w)
-	if !ok {
-		return journalEntry{}, fmt.Errorf("model %q: 4-bit weight %s: %w", m.Name, w, registry.ErrNotFound)
-	}
-	if qw.State.Nested {
-		return journalEntry{}, fmt.Errorf("weight %s has nested absmax; fuse would change nested_offset in its quant-state JSON (use side mode): %w", w, ErrUnsupported)
-	}
-	var e journalEntry
-	for i, t := range []*registry.Tensor{qw.Packed, qw.Absmax} {
-		r, err := c.mem.Alloc(arena.HostOwner, what+" "+t.Name, t.NBytes)
-		if err != nil {
-			if i == 1 {
-				_ = c.mem.Free(e.packed)
-			}
-			return journalEntry{}, fmt.Errorf("%s %s: %w", what, t.Name, err)
-		}
-		if err := c.mem.Copy(r, t.Region); err != nil {
-			_ = c.mem.Free(r)
-			if i == 1 {
-				_ = c.mem.Free(e.packed)
-			}
-			return journalEntry{}, fmt.Errorf("%s %s: %w", what, t.Name, err)
-		}
-		if i == 0 {
-			e.packed = r
-		} else {
-			e.absmax = r
-		}
-	}
-	return e, nil
-}
-
-// putBack copies saved bytes back into weight w.
-func (c *Coordinator) putBack(m *registry.Model, w string, e journalEntry) error {
-	qw, ok := m.Weight(w)
-	if !ok {
-		return fmt.Errorf("model %q: 4-bit weight %s: %w", m.Name, w, registry.ErrNotFound)
-	}
-	for i, t := range []*registry.Tensor{qw.Packed, qw.Absmax} {
-		r := e.packed
-		if i == 1 {
-			r = e.absmax
-		}
-		if r.Length != t.NBytes {
-			return fmt.Errorf("weight %s: tensor %s: %d saved bytes for %d", w, t.Name, r.Length, t.NBytes)
-		}
-		if err := c.mem.Copy(t.Region, r); err != nil {
-			return fmt.Errorf("weight %s: put back tensor %s: %w", w, t.Name, err)
-		}
-	}
-	return nil
-}
-
-func (c *Coordinator) freeEntry(e journalEntry) {
-	_ = c.mem.Free(e.packed)
-	_ = c.mem.Free(e.absmax)
-}
-
-func (c *Coordinator) journalBytes(ms *modelState) uint64 {
-	var n uint64
-	for _, e := range ms.journal {
-		n += e.packed.Length + e.absmax.Length
-	}
-	return n
-}
-
-// restoreAll copies every journaled weight back under the model's write
-// lock and frees the journal: the model holds its original bytes again.
-func (c *Coordinator) restoreAll(ms *modelState) error {
-	err := c.reg.WriteLocked(ms.state.Model, func(m *registry.Model) error {
-		var errs []error
-		for w, e := range ms.journal {
-			errs = append(errs, c.putBack(m, w, e))
-		}
-		return errors.Join(errs...)
-	})
-	if err != nil {
-		return err
-	}
-	for w, e := range ms.journal {
-		c.freeEntry(e)
-		delete(ms.journal, w)
-	}
-	return nil
-}
-
 func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request) error {
 	args := lorawire.ApplyArgs{Model: req.Model, LoRAs: specs(req.LoRAs), Mode: ModeFuse, Strict: req.Strict, TileElems: req.TileElems}
 	var plan lorawire.PlanResult
@@ -567,8 +484,8 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 	var out lorawire.ApplyResult
 	err := c.reg.WriteLocked(req.Model, func(m *registry.Model) error {
 		// 1. Journal the weights fused for the first time; snapshot the
-		// ones fused already, so a failure can put back exactly what the
-		// model holds now.
+		// ones fused already (arena copies: their bytes are in no file), so
+		// a failure can put back exactly what the model holds now.
 		fresh := map[string]journalEntry{}
 		snaps := map[string]journalEntry{}
 		release := func() {
@@ -583,7 +500,7 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 			if _, ok := ms.journal[w]; ok {
 				continue
 			}
-			e, err := c.saveBytes(m, w, "lora journal")
+			e, err := c.journal(m, w)
 			if err != nil {
 				release()
 				return fmt.Errorf("apply fuse: journal: %w", err)
@@ -598,33 +515,41 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 			}
 			snaps[w] = e
 		}
-		// 2. The plugin writes every journaled weight (restoring those the
-		// set no longer touches) through read-write descriptors.
-		all := map[string]journalEntry{}
-		for w, e := range ms.journal {
-			all[w] = e
-		}
-		for w, e := range fresh {
-			all[w] = e
-		}
-		ds, err := c.fuseDescriptors(m, all)
-		if err != nil {
-			release()
-			return fmt.Errorf("apply fuse: %w", err)
-		}
-		if _, err := c.call(ctx, "apply", args, ds, &out); err != nil {
-			// 3. Roll back: fresh weights to their originals, the others to
-			// what they held before the call (the plugin may have died
-			// anywhere in the pass).
+		// rollback puts back fresh weights' originals (once the plugin may
+		// have written them) and the others' snapshots: what the model held
+		// before this apply.
+		rollback := func(called bool) error {
 			var rerr []error
 			for w, e := range fresh {
-				rerr = append(rerr, c.putBack(m, w, e))
+				if called {
+					rerr = append(rerr, c.putBack(m, w, e))
+				}
 			}
 			for w, e := range snaps {
 				rerr = append(rerr, c.putBack(m, w, e))
 			}
 			release()
-			if re := errors.Join(rerr...); re != nil {
+			return errors.Join(rerr...)
+		}
+		// 2. Put the weights fused already back to their originals: the
+		// plugin fuses from the bytes it is given, and weights the set no
+		// longer touches stay restored. File references are checked first.
+		if err := c.restore(m, ms.journal); err != nil {
+			if re := rollback(false); re != nil {
+				return fmt.Errorf("apply fuse: restore fused weights: %w (and rollback: %v)", err, re)
+			}
+			return fmt.Errorf("apply fuse: restore fused weights: %w", err)
+		}
+		// 3. The plugin rewrites the set's weights through read-write
+		// descriptors.
+		ds, err := c.fuseDescriptors(m, plan.Weights)
+		if err == nil {
+			_, err = c.call(ctx, "apply", args, ds, &out)
+		}
+		if err != nil {
+			// 4. Roll back: the plugin may have died anywhere in the pass,
+			// and leaves what it wrote to the host.
+			if re := rollback(true); re != nil {
 				return fmt.Errorf("apply fuse: %w (and rollback: %v)", err, re)
 			}
 			return fmt.Errorf("apply fuse: %w", err)
@@ -635,7 +560,7 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 		for w, e := range fresh {
 			ms.journal[w] = e
 		}
-		// Weights the set no longer touches were restored by the pass.
+		// Weights the set no longer touches were restored in step 2.
 		fused := map[string]bool{}
 		for _, w := range out.Fused {
 			fused[w] = true
@@ -661,39 +586,30 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 	}
 	fusedList := slices.Clone(out.Fused)
 	sort.Strings(fusedList)
+	inArena, inFile := journalBytes(ms)
 	ms.state = State{Model: req.Model, Mode: ModeFuse, LoRAs: slices.Clone(req.LoRAs), Strict: req.Strict, Fused: fusedList,
-		JournalBytes: c.journalBytes(ms), Report: out.Report}
+		JournalBytes: inArena, JournalFileBytes: inFile, Report: out.Report}
+	c.log.Info("lora fuse journal", "model", req.Model, "weights", len(ms.journal),
+		"arena", arena.ByteSize(inArena), "referenced_in_file", arena.ByteSize(inFile))
 	return nil
 }
 
-// fuseDescriptors returns read-write descriptors of the weights to write
-// and read-only descriptors of their journal.
-func (c *Coordinator) fuseDescriptors(m *registry.Model, journal map[string]journalEntry) ([]*pluginv1.TensorDescriptor, error) {
-	names := make([]string, 0, len(journal))
-	for w := range journal {
-		names = append(names, w)
-	}
+// fuseDescriptors returns read-write descriptors of the weights to write.
+func (c *Coordinator) fuseDescriptors(m *registry.Model, weights []string) ([]*pluginv1.TensorDescriptor, error) {
+	names := slices.Clone(weights)
 	sort.Strings(names)
 	var out []*pluginv1.TensorDescriptor
 	for _, w := range names {
-		qw, _ := m.Weight(w)
+		qw, ok := m.Weight(w)
+		if !ok {
+			return nil, fmt.Errorf("the plugin planned weight %s, which model %q has no 4-bit weight for", w, m.Name)
+		}
 		d, err := registry.DescriptorOf(c.mem, m.Name, qw.Packed, pluginv1.Access_ACCESS_READ_WRITE)
 		if err != nil {
 			return nil, fmt.Errorf("weight %s: %w", w, err)
 		}
 		d.Name = w
 		out = append(out, d)
-		e := journal[w]
-		for _, t := range []*registry.Tensor{
-			{Name: lorawire.JournalPacked(w), DType: "U8", Shape: []int64{int64(qw.Packed.NBytes)}, Region: e.packed, NBytes: qw.Packed.NBytes},
-			{Name: lorawire.JournalAbsmax(w), DType: "U8", Shape: []int64{int64(qw.Absmax.NBytes)}, Region: e.absmax, NBytes: qw.Absmax.NBytes},
-		} {
-			d, err := registry.DescriptorOf(c.mem, m.Name, t, pluginv1.Access_ACCESS_READ_ONLY)
-			if err != nil {
-				return nil, fmt.Errorf("journal of %s: %w", w, err)
-			}
-			out = append(out, d)
-		}
 	}
 	return out, nil
 }

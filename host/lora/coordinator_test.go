@@ -2,6 +2,7 @@ package lora_test
 
 import (
 	"errors"
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -141,8 +142,10 @@ func testFuseRemoveByteExact(t *testing.T, backend string) {
 	}
 	// The plugin measures retention on the CPU path only (on the device it
 	// would need the delta downloaded).
-	if (backend == server.BackendCPU && res.Report.Retention <= 0) || res.Report.PeakScratchBytes <= 0 || len(res.Fused) == 0 || res.JournalBytes == 0 {
-		t.Errorf("fuse report: retention %v scratch %d fused %d journal %d", res.Report.Retention, res.Report.PeakScratchBytes, len(res.Fused), res.JournalBytes)
+	// The sample model was loaded from a file: the journal references it
+	// and holds nothing in the arena.
+	if (backend == server.BackendCPU && res.Report.Retention <= 0) || res.Report.PeakScratchBytes <= 0 || len(res.Fused) == 0 || res.JournalFileBytes == 0 || res.JournalBytes != 0 {
+		t.Errorf("fuse report: retention %v scratch %d fused %d journal %d in the arena, %d in the file", res.Report.Retention, res.Report.PeakScratchBytes, len(res.Fused), res.JournalBytes, res.JournalFileBytes)
 	}
 	// At least 99.9% of the codes are quantize(W_ref) by the bnb rule,
 	// the rest one code away.
@@ -358,10 +361,37 @@ func TestConcurrentAppliesSerialized(t *testing.T) {
 	checkSide(t, s, dir, []oracleLoRA{kohyaOracle(st.LoRAs[0].Strength), peftOracle(1)})
 }
 
+// TestPluginKilledMidFuseRollsBack kills the plugin mid-pass, with the
+// journal referencing the model file and with it in the arena (the model's
+// source detached), on a fused model (snapshots roll back) and a clean one.
 func TestPluginKilledMidFuseRollsBack(t *testing.T) {
+	for _, kind := range []string{"file", "arena"} {
+		for _, over := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s journal, over a fuse %v", kind, over), func(t *testing.T) { testPluginKilledMidFuse(t, kind, over) })
+		}
+	}
+}
+
+func testPluginKilledMidFuse(t *testing.T, kind string, over bool) {
 	t.Setenv("LORA_NF4_LAYER_DELAY", "40ms")
 	s := newHost(t)
 	_, _, dir := fixtures(t)
+	if kind == "arena" {
+		if err := s.Registry.DetachSource(server.DefaultModelName); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var inArena uint64
+	if over {
+		res, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, peftOracle(0.5)), Mode: lora.ModeFuse})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if (kind == "file") != (res.JournalBytes == 0 && res.JournalFileBytes > 0) {
+			t.Fatalf("%s journal: %d bytes in the arena, %d in the file", kind, res.JournalBytes, res.JournalFileBytes)
+		}
+		inArena = res.JournalBytes
+	}
 	orig := snapshot(t, s)
 	level := s.Arena.Stats().Allocated
 	st, err := s.Plugins.PluginStatus(lora.PluginName)
@@ -387,7 +417,7 @@ func TestPluginKilledMidFuseRollsBack(t *testing.T) {
 		t.Fatal("apply did not return after the plugin was killed")
 	}
 	sameBytes(t, "after the kill", orig, snapshot(t, s))
-	if cur, _ := s.LoRAs.State(""); cur.Mode != "" {
+	if cur, _ := s.LoRAs.State(""); (cur.Mode == lora.ModeFuse) != over || cur.JournalBytes != inArena {
 		t.Errorf("state after the failed apply: %+v", cur)
 	}
 	// The dead generation's leases are reclaimed; the journal is freed.

@@ -99,11 +99,17 @@ func newHostOn(t *testing.T, backend string) *server.Server {
 	return s
 }
 
-// snapshot copies every stored byte of the model's 4-bit weights.
+// snapshot copies every stored byte of the default model's 4-bit weights.
 func snapshot(t *testing.T, s *server.Server) map[string][]byte {
 	t.Helper()
+	return snapshotOf(t, s, server.DefaultModelName)
+}
+
+// snapshotOf copies every stored byte of model's 4-bit weights.
+func snapshotOf(t *testing.T, s *server.Server, model string) map[string][]byte {
+	t.Helper()
 	out := map[string][]byte{}
-	m, _ := s.Registry.Model(server.DefaultModelName)
+	m, _ := s.Registry.Model(model)
 	for _, w := range m.Weights {
 		for _, tn := range []*registry.Tensor{w.Packed, w.Absmax} {
 			err := s.Registry.View(m.Name, tn.Name, func(_ *registry.Tensor, b []byte) error {

@@ -114,6 +114,48 @@ func TestJournalOnEveryBackend(t *testing.T) {
 				t.Fatal("putBack of a short journal entry succeeded")
 			}
 			c.freeEntry(e)
+
+			// The file journal: a reference into the model's file, put
+			// back with the arena's Write after a CRC check.
+			level := a.Stats().Allocated
+			if err := reg.WriteLocked("m", func(m *registry.Model) error {
+				fe, err := c.journal(m, qw.Name)
+				if err != nil {
+					return err
+				}
+				if !fe.referenced() || fe.arenaBytes() != 0 || fe.fileBytes() != qw.Packed.NBytes+qw.Absmax.NBytes {
+					t.Fatalf("file journal entry %+v", fe)
+				}
+				if a.Stats().Allocated != level {
+					t.Fatal("the file journal allocated arena")
+				}
+				if err := a.Write(ctx, qw.Packed.Region, 0, bytes.Repeat([]byte{0x5a}, int(qw.Packed.NBytes))); err != nil {
+					return err
+				}
+				if err := a.Write(ctx, qw.Absmax.Region, 0, bytes.Repeat([]byte{1}, int(qw.Absmax.NBytes))); err != nil {
+					return err
+				}
+				return c.putBack(m, qw.Name, fe)
+			}); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(read(qw.Packed), packed) || !bytes.Equal(read(qw.Absmax), absmax) {
+				t.Fatal("putBack from the file did not restore the original bytes")
+			}
+			// Without a source file, the journal copies into the arena.
+			if err := reg.DetachSource("m"); err != nil {
+				t.Fatal(err)
+			}
+			if err := reg.WriteLocked("m", func(m *registry.Model) error {
+				fe, err := c.journal(m, qw.Name)
+				if err == nil && (fe.referenced() || fe.arenaBytes() != qw.Packed.NBytes+qw.Absmax.NBytes) {
+					t.Errorf("journal entry without a source file: %+v", fe)
+				}
+				c.freeEntry(fe)
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
 			if err := reg.Unload("m"); err != nil {
 				t.Fatal(err)
 			}

@@ -52,9 +52,6 @@ type testHost struct {
 	cpu  *plugintest.FakeHost // CPU memory
 	sim  *gpusim.Device       // device memory: one slab, bump-allocated
 	slab gpu.Slab
-	// journal, when set, holds the fuse journal in CPU memory while the
-	// weights are on the device.
-	journal *plugintest.FakeHost
 	// handle, when set, replaces the slab's IPC handle in descriptors
 	// (a real driver's handle, which no gpusim build can open).
 	handle *[gpu.HandleSize]byte
@@ -122,6 +119,22 @@ func (h *testHost) put(t testing.TB, name string, dtype pluginv1.DType, shape []
 		t.Fatal(err)
 	}
 	return d
+}
+
+// write copies data into a region.
+func (h *testHost) write(t testing.TB, r *pluginv1.Region, data []byte) {
+	t.Helper()
+	if h.cpu != nil {
+		b, err := h.cpu.Bytes(&pluginv1.TensorDescriptor{Name: "write", Nbytes: uint64(len(data)), Region: r})
+		if err != nil {
+			t.Fatal(err)
+		}
+		copy(b, data)
+		return
+	}
+	if err := h.sim.Upload(context.Background(), h.slab.Ptr+gpu.DevicePtr(r.GetOffset()), data); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // read returns a copy of n bytes at a region.
@@ -313,24 +326,28 @@ func (h *testHost) putModel(t *testing.T, o modelOpts) map[string]*storedWeight 
 	return out
 }
 
-// fuseTensors is what the coordinator passes a fuse: each weight
-// read-write, and its journal (the original bytes) read-only.
+// fuseTensors is what the coordinator passes a fuse: each weight of the
+// plan read-write (holding its original bytes: see restoreOriginals).
 func (h *testHost) fuseTensors(t *testing.T, ws map[string]*storedWeight, names []string) []*pluginv1.TensorDescriptor {
 	t.Helper()
 	var out []*pluginv1.TensorDescriptor
 	for _, w := range names {
-		sw := ws[w]
-		d := cloneDesc(sw.d)
+		d := cloneDesc(ws[w].d)
 		d.Access = pluginv1.Access_ACCESS_READ_WRITE
-		put := h.put
-		if h.journal != nil {
-			put = h.journal.Put
-		}
-		out = append(out, d,
-			put(t, lorawire.JournalPacked(w), pluginv1.DType_DTYPE_U8, []int64{int64(len(sw.packed))}, sw.packed, pluginv1.Access_ACCESS_READ_ONLY),
-			put(t, lorawire.JournalAbsmax(w), pluginv1.DType_DTYPE_U8, []int64{int64(len(sw.absmax))}, sw.absmax, pluginv1.Access_ACCESS_READ_ONLY))
+		out = append(out, d)
 	}
 	return out
+}
+
+// restoreOriginals is the coordinator's part of a fuse: before the call it
+// puts back the originals of every weight fused earlier, and after a
+// failed call those of every weight it passed.
+func (h *testHost) restoreOriginals(t *testing.T, ws map[string]*storedWeight) {
+	t.Helper()
+	for _, sw := range ws {
+		h.write(t, sw.d.Region, sw.packed)
+		h.write(t, sw.d.Quant.Absmax.Region, sw.absmax)
+	}
 }
 
 func cloneDesc(d *pluginv1.TensorDescriptor) *pluginv1.TensorDescriptor {
@@ -421,14 +438,11 @@ type fuseRun struct {
 	report lorawire.ApplyResult
 }
 
-// runFuse fuses LoRAs A+B, then B alone (the journal of A's extra layer
-// is passed, so the pass restores it), on one memory.
-func runFuse(t *testing.T, device bool, o modelOpts, loras []string, cpuJournal bool) fuseRun {
+// runFuse fuses LoRAs A+B, then B alone (the host restores all three
+// first, so A's extra layer is back to its original), on one memory.
+func runFuse(t *testing.T, device bool, o modelOpts, loras []string) fuseRun {
 	t.Helper()
 	h := newTestHost(t, device)
-	if cpuJournal {
-		h.journal = plugintest.NewFakeHost(t, testArena)
-	}
 	ws := h.putModel(t, o)
 	p := startPlugin(t, h)
 	r := fuseRun{orig: map[string][]byte{}, first: map[string][]byte{}, second: map[string][]byte{}}
@@ -449,7 +463,11 @@ func runFuse(t *testing.T, device bool, o modelOpts, loras []string, cpuJournal 
 	for w, sw := range ws {
 		r.first[w] = h.weightBytes(t, sw)
 	}
-	// B alone: the host journaled all three, so it passes all three.
+	// B alone: the host puts back all three, then passes B's two.
+	h.restoreOriginals(t, ws)
+	if _, err := call(t, p, "plan", lorawire.ApplyArgs{Model: "m", LoRAs: set[1:], Mode: lorawire.ModeFuse}, nil, &plan); err != nil {
+		t.Fatalf("plan B: %v", err)
+	}
 	var res lorawire.ApplyResult
 	if _, err := call(t, p, "apply", lorawire.ApplyArgs{Model: "m", LoRAs: set[1:], Mode: lorawire.ModeFuse}, h.fuseTensors(t, ws, plan.Weights), &res); err != nil {
 		t.Fatalf("apply fuse B: %v", err)
@@ -468,18 +486,16 @@ func runFuse(t *testing.T, device bool, o modelOpts, loras []string, cpuJournal 
 func TestDeviceFuseMatchesCPU(t *testing.T) {
 	loras := testLoRAs(t)
 	for _, c := range []struct {
-		name       string
-		o          modelOpts
-		cpuJournal bool // the device run's journal in CPU memory (uploaded back)
+		name string
+		o    modelOpts
 	}{
-		{"nf4 bf16", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"}, false},
-		{"nf4 f16", modelOpts{dtype: pluginv1.DType_DTYPE_F16, quant: "nf4"}, false},
-		{"nf4 f32", modelOpts{dtype: pluginv1.DType_DTYPE_F32, quant: "nf4"}, false},
-		{"nf4 bf16, journal in CPU memory", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"}, true},
+		{"nf4 bf16", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"}},
+		{"nf4 f16", modelOpts{dtype: pluginv1.DType_DTYPE_F16, quant: "nf4"}},
+		{"nf4 f32", modelOpts{dtype: pluginv1.DType_DTYPE_F32, quant: "nf4"}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			cpu := runFuse(t, false, c.o, loras, false)
-			dev := runFuse(t, true, c.o, loras, c.cpuJournal)
+			cpu := runFuse(t, false, c.o, loras)
+			dev := runFuse(t, true, c.o, loras)
 			stale := "single_blocks.0.linear2.weight"
 			for w, orig := range cpu.orig {
 				if !bytes.Equal(orig, dev.orig[w]) {
@@ -673,10 +689,11 @@ func TestDeviceFuseRefusals(t *testing.T) {
 	}
 }
 
-// TestFuseCancelledRollsBack: a fused pass cancelled between layers puts
-// the weights it wrote back to their journaled originals, on either
-// memory (the device path restores by device copies).
-func TestFuseCancelledRollsBack(t *testing.T) {
+// TestFuseCancelledStopsWriting: a fused pass cancelled between layers
+// returns having written only the layers before the cancellation, and
+// writes nothing afterwards, on either memory, so the host's rollback
+// (here: restoreOriginals) cannot be overwritten by a pass still running.
+func TestFuseCancelledStopsWriting(t *testing.T) {
 	loras := testLoRAs(t)
 	for _, device := range []bool{false, true} {
 		t.Run(map[bool]string{false: "cpu", true: "device"}[device], func(t *testing.T) {
@@ -698,21 +715,39 @@ func TestFuseCancelledRollsBack(t *testing.T) {
 			if status.Code(err) != codes.DeadlineExceeded {
 				t.Fatalf("apply: %v, want DeadlineExceeded", err)
 			}
-			// The plugin rolls back once the cancellation reached it, and
-			// says so in its log.
 			deadline := time.Now().Add(10 * time.Second)
-			for !strings.Contains(logs.String(), "fuse failed; the weights it wrote were rolled back") {
+			for !strings.Contains(logs.String(), "fuse failed; it stopped writing") {
 				if time.Now().After(deadline) {
-					t.Fatalf("no rollback logged 10 s after the cancelled fuse")
+					t.Fatalf("no failure logged 10 s after the cancelled fuse")
 				}
 				time.Sleep(20 * time.Millisecond)
 			}
 			if l := logs.String(); !strings.Contains(l, "context canceled") && !strings.Contains(l, "context deadline exceeded") {
-				t.Errorf("the rollback was not for the cancellation")
+				t.Errorf("the failure was not the cancellation")
 			}
+			after := map[string][]byte{}
+			changed := 0
+			for w, sw := range ws {
+				after[w] = h.weightBytes(t, sw)
+				if !bytes.Equal(after[w], append(bytes.Clone(sw.packed), sw.absmax...)) {
+					changed++
+				}
+			}
+			if changed != 1 {
+				t.Errorf("%d weights written before the cancellation, want 1 (the first layer)", changed)
+			}
+			// Nothing is written after the failure: the host's rollback
+			// stays.
+			time.Sleep(2 * delay)
+			for w, sw := range ws {
+				if !bytes.Equal(h.weightBytes(t, sw), after[w]) {
+					t.Errorf("%s written after the pass returned its error", w)
+				}
+			}
+			h.restoreOriginals(t, ws)
 			for w, sw := range ws {
 				if !bytes.Equal(h.weightBytes(t, sw), append(bytes.Clone(sw.packed), sw.absmax...)) {
-					t.Errorf("%s differs from its original after the rollback", w)
+					t.Errorf("%s differs from its original after the host's rollback", w)
 				}
 			}
 		})

@@ -4,8 +4,6 @@ import (
 	"context"
 	"fmt"
 	"github.com/arenahost/arenahost/shared/lora/lorawire"
-	"sort"
-	"strings"
 	"time"
 
 	"github.com/arenahost/arenahost/sdk"
@@ -68,78 +66,6 @@ func (s callStore) Layer(name string) (*lora.QLayer, error) {
 		Packed: packed, Absmax: am, Raw: [][]byte{packed, ab}}, nil
 }
 
-// callJournal is the host's journal as the fused pass sees it: the host
-// saved each layer's original packed bytes and absmax in host-owned
-// regions before the call and passed them read-only. Restores copy them
-// back; saving is the host's job, so a layer it did not journal fails.
-type callJournal struct {
-	c      *sdk.Call
-	layers map[string][2]*pluginv1.TensorDescriptor
-}
-
-func newCallJournal(c *sdk.Call) callJournal {
-	j := callJournal{c: c, layers: map[string][2]*pluginv1.TensorDescriptor{}}
-	for _, d := range c.Inputs() {
-		rest, ok := strings.CutPrefix(d.GetName(), "journal/")
-		if !ok {
-			continue
-		}
-		if w, ok := strings.CutSuffix(rest, "/packed"); ok {
-			e := j.layers[strings.TrimSuffix(w, ".weight")]
-			e[0] = d
-			j.layers[strings.TrimSuffix(w, ".weight")] = e
-		} else if w, ok := strings.CutSuffix(rest, "/absmax"); ok {
-			e := j.layers[strings.TrimSuffix(w, ".weight")]
-			e[1] = d
-			j.layers[strings.TrimSuffix(w, ".weight")] = e
-		}
-	}
-	return j
-}
-
-func (j callJournal) Has(layer string) bool { _, ok := j.layers[layer]; return ok }
-
-func (j callJournal) Save(layer string, _ [][]byte) error {
-	return fmt.Errorf("journal: layer %s: the host did not journal it before the call", layer)
-}
-
-func (j callJournal) Restore(layer string, raw [][]byte) error {
-	e, ok := j.layers[layer]
-	if !ok || e[0] == nil || e[1] == nil {
-		return fmt.Errorf("journal: layer %s: not journaled (packed and absmax both needed)", layer)
-	}
-	if len(raw) != 2 {
-		return fmt.Errorf("journal: layer %s: %d regions given, want 2", layer, len(raw))
-	}
-	for i, d := range e {
-		b, err := j.c.Bytes(d)
-		if err != nil {
-			return fmt.Errorf("journal: layer %s: %w", layer, err)
-		}
-		if len(b) != len(raw[i]) {
-			return fmt.Errorf("journal: layer %s region %d: %d bytes saved, %d in the weight", layer, i, len(b), len(raw[i]))
-		}
-	}
-	for i, d := range e {
-		b, _ := j.c.Bytes(d)
-		copy(raw[i], b)
-	}
-	return nil
-}
-
-// Drop leaves the host's journal as it is: the host frees a layer's
-// journal once it knows the layer holds its original bytes again.
-func (j callJournal) Drop(string) error { return nil }
-
-func (j callJournal) Layers() []string {
-	out := make([]string, 0, len(j.layers))
-	for l := range j.layers {
-		out = append(out, l)
-	}
-	sort.Strings(out)
-	return out
-}
-
 func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs) (lorawire.ApplyResult, error) {
 	m, p, err := e.build(ctx, c, args)
 	if err != nil {
@@ -179,12 +105,15 @@ func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args lorawire.Apply
 		err = e.fuseDevice(ctx, c, p, dt)
 	} else {
 		store := callStore{c: c, mapper: e.mapper, delay: e.delay, ctx: ctx}
-		err = lora.Fuse(ctx, p, store, codec, newCallJournal(c), lora.FuseOptions{TileElems: args.TileElems})
+		// The host keeps the originals (lorawire: apply, fuse) and passed
+		// every weight holding them, so the pass journals nothing.
+		err = lora.Fuse(ctx, p, store, codec, nil, lora.FuseOptions{TileElems: args.TileElems, CallerRestores: true})
 	}
 	if err != nil {
-		// Both passes put back what they wrote before returning; the
-		// caller may have gone (a cancelled call), so say so here too.
-		c.Logger().Warn("fuse failed; the weights it wrote were rolled back", "model", modelName(args.Model), "device", device, "err", err)
+		// Neither pass writes after returning; the host puts back every
+		// weight it passed. The caller may have gone (a cancelled call),
+		// so say so here too.
+		c.Logger().Warn("fuse failed; it stopped writing and leaves the weights it wrote to the host's rollback", "model", modelName(args.Model), "device", device, "err", err)
 		return lorawire.ApplyResult{}, err
 	}
 	e.mu.Lock()

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
@@ -15,8 +14,8 @@ import (
 )
 
 // The fused pass on device memory: the same result as lora.Fuse with
-// lora.NF4Codec on CPU memory, byte for byte. Per layer, the weight gets
-// its journaled original back (a device-to-device copy), then A_cat and
+// lora.NF4Codec on CPU memory, byte for byte. Per layer (each holds its
+// original bytes: the host restored it before the call), A_cat and
 // B_cat (fp32, strengths folded: exactly the factors lora.Fuse's
 // DeltaRows multiplies) go up into one scratch allocation and one
 // gpu.FuseCall dequantizes, rounds to the logical dtype, adds B·A and
@@ -30,15 +29,13 @@ const scratchAlign = 256
 
 var gpuDType = map[nf4.DType]int{nf4.Float32: gpu.DTypeF32, nf4.BFloat16: gpu.DTypeBF16, nf4.Float16: gpu.DTypeF16}
 
-// devWeight is a 4-bit weight on the device as the pass writes it, with
-// the host's journal of its original bytes.
+// devWeight is a 4-bit weight on the device as the pass writes it.
 type devWeight struct {
 	name           string // weight key
 	dev            device
 	blocksize      int
 	packed, absmax gpu.DevicePtr
 	nPacked, nAbs  uint64
-	journal        [2]*pluginv1.TensorDescriptor // packed, absmax
 }
 
 // onDevice reports whether the call's weights for the plan are on CUDA
@@ -64,9 +61,8 @@ func onDevice(c *sdk.Call, p *lora.Plan) (bool, error) {
 }
 
 // deviceWeight checks a weight the host passed for writing on the device
-// and returns its addresses; it mirrors callStore.Layer's checks. out < 0
-// takes the stored shape (a layer only restored).
-func (e *engine) deviceWeight(c *sdk.Call, j callJournal, layer string, out, in int) (*devWeight, error) {
+// and returns its addresses; it mirrors callStore.Layer's checks.
+func (e *engine) deviceWeight(c *sdk.Call, layer string, out, in int) (*devWeight, error) {
 	w := layer + ".weight"
 	d, err := c.Input(w)
 	if err != nil {
@@ -84,7 +80,7 @@ func (e *engine) deviceWeight(c *sdk.Call, j callJournal, layer string, out, in 
 		return nil, fmt.Errorf("weight %s: absmax dtype %v, want F32: %w", w, q.GetAbsmax().GetDtype(), sdk.ErrInvalidArgument)
 	case nf4.QuantType(q.GetQuantType()) != nf4.QuantNF4:
 		return nil, fmt.Errorf("weight %s is %q in CUDA device memory: the device fused pass has NF4 kernels only; use side mode: %w", w, q.GetQuantType(), sdk.ErrFailedPrecondition)
-	case out >= 0 && (int(q.GetShape()[0]) != out || int(q.GetShape()[1]) != in):
+	case int(q.GetShape()[0]) != out || int(q.GetShape()[1]) != in:
 		return nil, fmt.Errorf("weight %s: shape %v, the plan has [%d %d]: %w", w, q.GetShape(), out, in, sdk.ErrInvalidArgument)
 	}
 	bs := int(q.GetBlocksize())
@@ -109,53 +105,7 @@ func (e *engine) deviceWeight(c *sdk.Call, j callJournal, layer string, out, in 
 	if _, dw.absmax, err = e.gpu.addr("weight "+w+": absmax", q.GetAbsmax().GetRegion(), dw.nAbs); err != nil {
 		return nil, err
 	}
-	jd, ok := j.layers[layer]
-	if !ok || jd[0] == nil || jd[1] == nil {
-		return nil, fmt.Errorf("journal: layer %s: the host did not journal it before the call (packed and absmax both needed): %w", layer, sdk.ErrFailedPrecondition)
-	}
-	for i, want := range []uint64{dw.nPacked, dw.nAbs} {
-		if err := tensor.Check(jd[i]); err != nil {
-			return nil, fmt.Errorf("journal: layer %s: %w: %w", layer, err, sdk.ErrInvalidArgument)
-		}
-		if jd[i].GetNbytes() != want {
-			return nil, fmt.Errorf("journal: layer %s: %s holds %d bytes, the weight %d: %w", layer, jd[i].GetName(), jd[i].GetNbytes(), want, sdk.ErrInvalidArgument)
-		}
-		if isCUDA(jd[i].GetRegion()) {
-			if _, _, err := e.gpu.descAddr("tensor "+jd[i].GetName(), jd[i]); err != nil {
-				return nil, err
-			}
-		} else if _, err := c.Bytes(jd[i]); err != nil { // uploaded from the CPU
-			return nil, fmt.Errorf("journal: layer %s: %w", layer, err)
-		}
-	}
-	dw.journal = jd
 	return dw, nil
-}
-
-// restore enqueues the copy of a weight's journaled original into it:
-// device to device, or up from a journal the host kept in CPU memory.
-func (e *engine) restore(ctx context.Context, c *sdk.Call, dev device, w *devWeight) error {
-	for i, dst := range []gpu.DevicePtr{w.packed, w.absmax} {
-		jd := w.journal[i]
-		if isCUDA(jd.GetRegion()) {
-			_, src, err := e.gpu.descAddr("tensor "+jd.GetName(), jd)
-			if err != nil {
-				return err
-			}
-			if err := dev.CopyAsync(dst, src, jd.GetNbytes()); err != nil {
-				return fmt.Errorf("journal: weight %s: copy %s back: %w", w.name, jd.GetName(), err)
-			}
-			continue
-		}
-		b, err := c.Bytes(jd)
-		if err != nil {
-			return fmt.Errorf("journal: weight %s: %w", w.name, err)
-		}
-		if err := dev.Upload(ctx, dst, b); err != nil {
-			return fmt.Errorf("journal: weight %s: upload %s: %w", w.name, jd.GetName(), err)
-		}
-	}
-	return nil
 }
 
 // fuseDevice runs the fused pass on device memory and fills the plan's
@@ -167,20 +117,17 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 	if !ok {
 		return fmt.Errorf("fuse on device: logical dtype %q: %w", dt, sdk.ErrFailedPrecondition)
 	}
-	j := newCallJournal(c)
 	// Check everything before the first write.
 	weights := make([]*devWeight, len(p.Layers))
-	touched := map[string]bool{}
 	var need uint64
 	for i, sl := range p.Layers {
-		touched[sl.Name] = true
 		if sl.Dense != nil {
 			return fmt.Errorf("fuse: layer %s: a full-rank (dense) delta, which the device fused pass does not apply yet; use side mode or CPU memory: %w", sl.Name, sdk.ErrFailedPrecondition)
 		}
 		if sl.Rank == 0 {
 			return fmt.Errorf("fuse: layer %s: nothing to fuse: %w", sl.Name, sdk.ErrInvalidArgument)
 		}
-		w, err := e.deviceWeight(c, j, sl.Name, sl.Out, sl.In)
+		w, err := e.deviceWeight(c, sl.Name, sl.Out, sl.In)
 		if err != nil {
 			return fmt.Errorf("fuse: layer %s: %w", sl.Name, err)
 		}
@@ -189,17 +136,6 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 		}
 		weights[i] = w
 		need = max(need, scratchB(sl)+uint64(4*sl.Out*sl.Rank))
-	}
-	var stale []*devWeight // journaled layers the set no longer touches
-	for _, name := range j.Layers() {
-		if touched[name] {
-			continue
-		}
-		w, err := e.deviceWeight(c, j, name, -1, -1)
-		if err != nil {
-			return fmt.Errorf("fuse: restore layer %s no longer patched: %w", name, err)
-		}
-		stale = append(stale, w)
 	}
 	if len(weights) == 0 {
 		return fmt.Errorf("fuse on device: the set touches no layer: %w", sdk.ErrInvalidArgument)
@@ -217,20 +153,15 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 			err = fmt.Errorf("fuse: free device scratch: %w", ferr)
 		}
 	}()
-	// On failure every weight this call wrote gets its journaled original
-	// back (the host then puts back what previously fused weights held).
-	var written []*devWeight
+	// On failure the pass stops before its next layer and leaves what it
+	// wrote to the host, which puts back every weight it passed; the
+	// stream is drained first, so nothing is written after the return.
 	defer func() {
 		if err == nil {
 			return
 		}
-		var rerr []error
-		for _, w := range written {
-			rerr = append(rerr, e.restore(context.WithoutCancel(ctx), c, dev, w))
-		}
-		rerr = append(rerr, dev.Sync())
-		if re := errors.Join(rerr...); re != nil {
-			err = fmt.Errorf("%w (and rollback: %v)", err, re)
+		if serr := dev.Sync(); serr != nil {
+			err = fmt.Errorf("%w (and device sync: %v)", err, serr)
 		}
 	}()
 	for i, sl := range p.Layers {
@@ -244,10 +175,6 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 			return fmt.Errorf("fuse: %w", err)
 		}
 		w := weights[i]
-		written = append(written, w)
-		if err := e.restore(ctx, c, dev, w); err != nil {
-			return fmt.Errorf("fuse: layer %s: %w", sl.Name, err)
-		}
 		// Upload waits for the stream's earlier work, so the previous
 		// layer's kernel has read the scratch before it is overwritten.
 		a, b := scratch, scratch+gpu.DevicePtr(scratchB(sl))
@@ -264,12 +191,6 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 		}
 		if err := dev.Launch(call); err != nil {
 			return fmt.Errorf("fuse: layer %s: launch %s: %w", sl.Name, call.Kernel, err)
-		}
-	}
-	for _, w := range stale {
-		written = append(written, w)
-		if err := e.restore(ctx, c, dev, w); err != nil {
-			return fmt.Errorf("fuse: restore layer %s no longer patched: %w", w.name, err)
 		}
 	}
 	if err := dev.Sync(); err != nil {

@@ -18,15 +18,17 @@ const (
 // Names of the tensors that travel with calls. W is a weight key
 // ("double_blocks.0.img_attn.qkv.weight").
 //
-//   - apply (fuse): each weight to write, read-write, under its own name;
-//     each journaled weight's original bytes, read-only, as
-//     JournalPacked(W) and JournalAbsmax(W).
+//   - apply (fuse): each weight of the plan, read-write, under its own
+//     name, holding its original (unfused) bytes. The host keeps the
+//     originals (its journal: a reference into the model's file or an
+//     arena copy) and does every restore itself: before the call it puts
+//     back weights fused earlier, including those the new set no longer
+//     touches (which it does not pass); when the call fails (an error, a
+//     cancelled call, a plugin killed mid-pass) it puts back every weight
+//     it passed. The plugin journals nothing, holds no copy of the
+//     originals, and stops writing when it returns an error.
 //   - apply (side) returns FactorA(W) and FactorB(W) for every bound layer.
 //   - set_strengths: the bound factors, read-write, as FactorA(W), FactorB(W).
-func JournalPacked(w string) string { return "journal/" + w + "/packed" }
-
-// JournalAbsmax names the journaled absmax of weight w.
-func JournalAbsmax(w string) string { return "journal/" + w + "/absmax" }
 
 // FactorA names the bound A_cat of weight w.
 func FactorA(w string) string { return "factors/" + w + "/A" }
@@ -88,7 +90,8 @@ type ApplyArgs struct {
 }
 
 // PlanResult is the result of plan: the weights an apply of that set
-// writes (fuse) or binds (side), so the host can journal them first.
+// writes (fuse) or binds (side), so the host can journal them first and
+// pass exactly those to apply.
 type PlanResult struct {
 	Weights []string     `msgpack:"weights"`
 	Report  *lora.Report `msgpack:"report"`

@@ -1,0 +1,337 @@
+package lora
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"sync"
+
+	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/host/registry"
+)
+
+// The fuse journal keeps each fused weight's original packed bytes and
+// absmax until remove. For a model loaded from a safetensors file those
+// bytes are already in the file, which the registry keeps mapped for the
+// model's lifetime: the journal then records where they lie (a
+// registry.SourceRef) and their CRC-32C instead of copying them into the
+// arena. A reference is taken only when the weight's bytes in the arena
+// checksum equal to the file's at that moment; otherwise (and for a model
+// that holds no source file) the journal copies the bytes into host arena
+// regions, as it always did. Every restore re-reads the file, checks the
+// CRC and writes the bytes with the arena's Write, so it works on a device
+// arena too; a file modified in place since is refused, naming the file
+// and tensor, and the weight keeps the bytes it has.
+
+// castagnoli is CRC-32C, which the hardware computes on amd64 and arm64.
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// chunkBytes bounds the host buffer a checksum or a restore goes through.
+const chunkBytes = 1 << 20
+
+var chunks = sync.Pool{New: func() any { b := make([]byte, chunkBytes); return &b }}
+
+// sourceRef is one journaled tensor referenced in the model's file.
+type sourceRef struct {
+	registry.SourceRef
+	crc uint32 // CRC-32C of the bytes when journaled
+}
+
+// journalEntry keeps one weight's saved packed bytes and absmax: copies in
+// host arena regions, or (journal entries only, never snapshots)
+// references into the model's source file.
+type journalEntry struct {
+	packed, absmax arena.Region // arena copies; zero when referenced
+	refs           []sourceRef  // packed, absmax; nil for arena copies
+}
+
+// referenced reports whether the entry points into the source file.
+func (e journalEntry) referenced() bool { return e.refs != nil }
+
+// arenaBytes is what the entry holds in the arena.
+func (e journalEntry) arenaBytes() uint64 { return e.packed.Length + e.absmax.Length }
+
+// fileBytes is what the entry references in the source file.
+func (e journalEntry) fileBytes() uint64 {
+	var n uint64
+	for _, r := range e.refs {
+		n += uint64(r.Length)
+	}
+	return n
+}
+
+// errNoSource: the model holds no source file for the tensor.
+var errNoSource = errors.New("no source file")
+
+// journal saves weight w's original bytes before its first fuse: a file
+// reference when the model's source file holds exactly the bytes the arena
+// holds, an arena copy otherwise (logged when the file was there but
+// differed).
+func (c *Coordinator) journal(m *registry.Model, w string) (journalEntry, error) {
+	qw, err := fusable(m, w)
+	if err != nil {
+		return journalEntry{}, err
+	}
+	refs, err := c.reference(m, []*registry.Tensor{qw.Packed, qw.Absmax})
+	if err == nil {
+		return journalEntry{refs: refs}, nil
+	}
+	if !errors.Is(err, errNoSource) {
+		c.log.Warn("lora journal: original bytes copied into the arena instead of referenced in the model file", "model", m.Name, "weight", w, "err", err)
+	}
+	return c.saveBytes(m, w, "lora journal")
+}
+
+// reference returns file references to ts whose CRC-32C over the file
+// equals the CRC over the arena's bytes now.
+func (c *Coordinator) reference(m *registry.Model, ts []*registry.Tensor) ([]sourceRef, error) {
+	out := make([]sourceRef, 0, len(ts))
+	for _, t := range ts {
+		ref, ok := m.SourceOf(t.Name)
+		if !ok {
+			return nil, fmt.Errorf("tensor %s: %w", t.Name, errNoSource)
+		}
+		if uint64(ref.Length) != t.NBytes {
+			return nil, fmt.Errorf("tensor %s: %d bytes in %s, %d in the arena", t.Name, ref.Length, ref.File, t.NBytes)
+		}
+		inFile, err := sourceCRC(m, ref)
+		if err != nil {
+			return nil, err
+		}
+		inArena, err := c.regionCRC(t.Region)
+		if err != nil {
+			return nil, fmt.Errorf("tensor %s: checksum the arena's bytes: %w", t.Name, err)
+		}
+		if inFile != inArena {
+			return nil, fmt.Errorf("tensor %s: CRC-32C %08x in the arena but %08x in %s", t.Name, inArena, inFile, ref.File)
+		}
+		out = append(out, sourceRef{SourceRef: ref, crc: inFile})
+	}
+	return out, nil
+}
+
+// sourceCRC checksums ref's bytes as the source file holds them now.
+func sourceCRC(m *registry.Model, ref registry.SourceRef) (uint32, error) {
+	bp := chunks.Get().(*[]byte)
+	defer chunks.Put(bp)
+	var crc uint32
+	for off := int64(0); off < ref.Length; {
+		p := (*bp)[:min(int64(len(*bp)), ref.Length-off)]
+		if err := m.ReadSource(ref, off, p); err != nil {
+			return 0, err
+		}
+		crc = crc32.Update(crc, castagnoli, p)
+		off += int64(len(p))
+	}
+	return crc, nil
+}
+
+// hostView is the arena's view of host-mapped memory (CPU backends).
+type hostView interface {
+	Bytes(r arena.Region) ([]byte, error)
+}
+
+// regionCRC checksums a region's bytes: through the host's mapping when
+// there is one, else downloaded chunk by chunk.
+func (c *Coordinator) regionCRC(r arena.Region) (uint32, error) {
+	if v, ok := c.mem.(hostView); ok {
+		if b, err := v.Bytes(r); err == nil {
+			return crc32.Checksum(b, castagnoli), nil
+		} else if !errors.Is(err, arena.ErrNoHostView) {
+			return 0, err
+		}
+	}
+	bp := chunks.Get().(*[]byte)
+	defer chunks.Put(bp)
+	var crc uint32
+	for off := uint64(0); off < r.Length; {
+		p := (*bp)[:min(uint64(len(*bp)), r.Length-off)]
+		if err := c.mem.Read(r, off, p); err != nil {
+			return 0, err
+		}
+		crc = crc32.Update(crc, castagnoli, p)
+		off += uint64(len(p))
+	}
+	return crc, nil
+}
+
+// verify checks that the source file still holds the bytes e references.
+func verify(m *registry.Model, w string, e journalEntry) error {
+	for _, r := range e.refs {
+		got, err := sourceCRC(m, r.SourceRef)
+		if err != nil {
+			return fmt.Errorf("weight %s: %w", w, err)
+		}
+		if got != r.crc {
+			return fmt.Errorf("weight %s: tensor %s: the model file %s changed since it was loaded (CRC-32C %08x, journaled %08x): its original bytes are lost, so the weight keeps the bytes it has", w, r.Tensor, r.File, got, r.crc)
+		}
+	}
+	return nil
+}
+
+// fusable returns weight w of m if the fused pass can rewrite it.
+func fusable(m *registry.Model, w string) (*registry.QuantWeight, error) {
+	qw, ok := m.Weight(w)
+	if !ok {
+		return nil, fmt.Errorf("model %q: 4-bit weight %s: %w", m.Name, w, registry.ErrNotFound)
+	}
+	if qw.State.Nested {
+		return nil, fmt.Errorf("weight %s has nested absmax; fuse would change nested_offset in its quant-state JSON (use side mode): %w", w, ErrUnsupported)
+	}
+	return qw, nil
+}
+
+// saveBytes copies the current packed bytes and absmax of weight w into
+// new host regions (the fallback journal, and the snapshots a re-apply
+// keeps for its rollback).
+func (c *Coordinator) saveBytes(m *registry.Model, w, what string) (journalEntry, error) {
+	qw, err := fusable(m, w)
+	if err != nil {
+		return journalEntry{}, err
+	}
+	var e journalEntry
+	for i, t := range []*registry.Tensor{qw.Packed, qw.Absmax} {
+		r, err := c.mem.Alloc(arena.HostOwner, what+" "+t.Name, t.NBytes)
+		if err != nil {
+			if i == 1 {
+				_ = c.mem.Free(e.packed)
+			}
+			return journalEntry{}, fmt.Errorf("%s %s: %w", what, t.Name, err)
+		}
+		if err := c.mem.Copy(r, t.Region); err != nil {
+			_ = c.mem.Free(r)
+			if i == 1 {
+				_ = c.mem.Free(e.packed)
+			}
+			return journalEntry{}, fmt.Errorf("%s %s: %w", what, t.Name, err)
+		}
+		if i == 0 {
+			e.packed = r
+		} else {
+			e.absmax = r
+		}
+	}
+	return e, nil
+}
+
+// putBack writes saved bytes back into weight w: a region copy for arena
+// entries; for file references, the file's bytes once their CRC is checked
+// (a mismatch writes nothing), checked again as they are written.
+func (c *Coordinator) putBack(m *registry.Model, w string, e journalEntry) error {
+	qw, ok := m.Weight(w)
+	if !ok {
+		return fmt.Errorf("model %q: 4-bit weight %s: %w", m.Name, w, registry.ErrNotFound)
+	}
+	ts := []*registry.Tensor{qw.Packed, qw.Absmax}
+	if e.referenced() {
+		if len(e.refs) != len(ts) {
+			return fmt.Errorf("weight %s: %d journaled tensors for %d", w, len(e.refs), len(ts))
+		}
+		for i, t := range ts {
+			if uint64(e.refs[i].Length) != t.NBytes {
+				return fmt.Errorf("weight %s: tensor %s: %d journaled bytes for %d", w, t.Name, e.refs[i].Length, t.NBytes)
+			}
+		}
+		if err := verify(m, w, e); err != nil {
+			return err
+		}
+		for i, t := range ts {
+			if err := c.writeSource(m, t.Region, e.refs[i]); err != nil {
+				return fmt.Errorf("weight %s: put back tensor %s: %w", w, t.Name, err)
+			}
+		}
+		return nil
+	}
+	for i, t := range ts {
+		r := e.packed
+		if i == 1 {
+			r = e.absmax
+		}
+		if r.Length != t.NBytes {
+			return fmt.Errorf("weight %s: tensor %s: %d saved bytes for %d", w, t.Name, r.Length, t.NBytes)
+		}
+		if err := c.mem.Copy(t.Region, r); err != nil {
+			return fmt.Errorf("weight %s: put back tensor %s: %w", w, t.Name, err)
+		}
+	}
+	return nil
+}
+
+// writeSource copies ref's bytes from the source file into dst with the
+// arena's Write, one chunk at a time. A restore is never cancelled half
+// way, so it runs without the caller's context.
+func (c *Coordinator) writeSource(m *registry.Model, dst arena.Region, ref sourceRef) error {
+	bp := chunks.Get().(*[]byte)
+	defer chunks.Put(bp)
+	var crc uint32
+	for off := int64(0); off < ref.Length; {
+		p := (*bp)[:min(int64(len(*bp)), ref.Length-off)]
+		if err := m.ReadSource(ref.SourceRef, off, p); err != nil {
+			return err
+		}
+		crc = crc32.Update(crc, castagnoli, p)
+		if err := c.mem.Write(context.Background(), dst, uint64(off), p); err != nil {
+			return err
+		}
+		off += int64(len(p))
+	}
+	if crc != ref.crc {
+		return fmt.Errorf("the model file %s changed while tensor %s was read back (CRC-32C %08x, journaled %08x)", ref.File, ref.Tensor, crc, ref.crc)
+	}
+	return nil
+}
+
+func (c *Coordinator) freeEntry(e journalEntry) {
+	if e.packed.Length > 0 {
+		_ = c.mem.Free(e.packed)
+	}
+	if e.absmax.Length > 0 {
+		_ = c.mem.Free(e.absmax)
+	}
+}
+
+// journalBytes returns what the model's journal holds in the arena and
+// what it references in the model's file.
+func journalBytes(ms *modelState) (inArena, inFile uint64) {
+	for _, e := range ms.journal {
+		inArena += e.arenaBytes()
+		inFile += e.fileBytes()
+	}
+	return inArena, inFile
+}
+
+// restoreAll puts every journaled weight back under the model's write
+// lock and frees the journal: the model holds its original bytes again.
+// File references are all checked before anything is written, so a model
+// file modified in place fails the whole restore with every weight as it
+// was.
+func (c *Coordinator) restoreAll(ms *modelState) error {
+	err := c.reg.WriteLocked(ms.state.Model, func(m *registry.Model) error {
+		return c.restore(m, ms.journal)
+	})
+	if err != nil {
+		return err
+	}
+	for w, e := range ms.journal {
+		c.freeEntry(e)
+		delete(ms.journal, w)
+	}
+	return nil
+}
+
+// restore puts back every weight of entries, checking every file
+// reference first.
+func (c *Coordinator) restore(m *registry.Model, entries map[string]journalEntry) error {
+	var errs []error
+	for w, e := range entries {
+		errs = append(errs, verify(m, w, e))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	for w, e := range entries {
+		errs = append(errs, c.putBack(m, w, e))
+	}
+	return errors.Join(errs...)
+}
