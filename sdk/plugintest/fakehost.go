@@ -250,11 +250,15 @@ func (h *FakeHost) Log(_ context.Context, req *pluginv1.LogRequest) (*pluginv1.L
 
 // ServeBroker serves h on a new id of go-plugin's broker and returns the id
 // to send in DescribeRequest.host_broker_id.
-func (h *FakeHost) ServeBroker(b *plugin.GRPCBroker) uint32 {
+func (h *FakeHost) ServeBroker(b *plugin.GRPCBroker) uint32 { return ServeBroker(b, h) }
+
+// ServeBroker serves any Host service implementation on a new id of
+// go-plugin's broker and returns the id for DescribeRequest.host_broker_id.
+func ServeBroker(b *plugin.GRPCBroker, srv pluginv1.HostServer) uint32 {
 	id := b.NextId()
 	go b.AcceptAndServe(id, func(opts []grpc.ServerOption) *grpc.Server {
 		s := grpc.NewServer(opts...)
-		pluginv1.RegisterHostServer(s, h)
+		pluginv1.RegisterHostServer(s, srv)
 		return s
 	})
 	return id
@@ -265,6 +269,13 @@ func (h *FakeHost) ServeBroker(b *plugin.GRPCBroker) uint32 {
 // and a random ARENAHOST_HOST_TOKEN that every call must carry as
 // arenahost-host-token metadata. The server stops when tb ends.
 func (h *FakeHost) ServeUnix(tb testing.TB, dir string) []string {
+	tb.Helper()
+	return ServeUnix(tb, dir, h)
+}
+
+// ServeUnix serves any Host service implementation as FakeHost.ServeUnix
+// does.
+func ServeUnix(tb testing.TB, dir string, srv pluginv1.HostServer) []string {
 	tb.Helper()
 	path := filepath.Join(dir, "host.sock")
 	lis, err := net.Listen("unix", path)
@@ -281,7 +292,7 @@ func (h *FakeHost) ServeUnix(tb testing.TB, dir string) []string {
 		}
 		return handler(ctx, req)
 	}))
-	pluginv1.RegisterHostServer(s, h)
+	pluginv1.RegisterHostServer(s, srv)
 	go func() { _ = s.Serve(lis) }()
 	tb.Cleanup(s.Stop)
 	return []string{wire.EnvHostAddr + "=unix://" + path, wire.EnvHostToken + "=" + token}

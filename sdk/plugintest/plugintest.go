@@ -49,6 +49,11 @@ type Config struct {
 	NoConformanceMethods bool
 	// Host is the fake host to serve; nil: a new one with ArenaBytes.
 	Host *FakeHost
+	// HostServer, when set, is served instead of Host: a test's own Host
+	// service (for example one whose LookupTensors serves a model, or
+	// whose tensors live on a simulated GPU: shared/gpu/gpusim). The
+	// conformance suite needs the FakeHost and ignores it.
+	HostServer pluginv1.HostServer
 	// ArenaBytes sizes a new fake host's arena (default 16 MiB).
 	ArenaBytes uint64
 	// StartTimeout bounds the handshake (default 30 s).
@@ -61,7 +66,8 @@ type Config struct {
 type Plugin struct {
 	// Client calls the plugin's Plugin service.
 	Client pluginv1.PluginClient
-	// Host is the fake host the plugin was given.
+	// Host is the fake host the plugin was given (made but not served when
+	// Config.HostServer was set).
 	Host *FakeHost
 	// Describe is the plugin's answer to the first Describe.
 	Describe *pluginv1.DescribeResponse
@@ -109,7 +115,7 @@ func Start(tb testing.TB, cfg Config) *Plugin {
 			tb.Fatalf("plugintest: temp dir: %v", err)
 		}
 		tb.Cleanup(func() { os.RemoveAll(dir) })
-		cmd.Env = append(cmd.Env, h.ServeUnix(tb, dir)...)
+		cmd.Env = append(cmd.Env, ServeUnix(tb, dir, hostServer(cfg, h))...)
 	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 
@@ -147,7 +153,7 @@ func Start(tb testing.TB, cfg Config) *Plugin {
 	}
 	p.Client = wc.PluginClient
 	if goBroker {
-		p.BrokerID = h.ServeBroker(wc.Broker)
+		p.BrokerID = ServeBroker(wc.Broker, hostServer(cfg, h))
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -156,6 +162,14 @@ func Start(tb testing.TB, cfg Config) *Plugin {
 		tb.Fatalf("plugintest: describe: %v", err)
 	}
 	return p
+}
+
+// hostServer is what Start serves: cfg.HostServer, else the fake host.
+func hostServer(cfg Config, h *FakeHost) pluginv1.HostServer {
+	if cfg.HostServer != nil {
+		return cfg.HostServer
+	}
+	return h
 }
 
 // Ping checks the plugin's gRPC health service ("plugin" SERVING).

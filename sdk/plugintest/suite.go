@@ -39,6 +39,7 @@ const MaxKill = 2 * time.Second
 // as subtests, ending with the shutdown checks.
 func Run(t *testing.T, cfg Config) {
 	t.Helper()
+	cfg.HostServer = nil // the checks read what the plugin did through the FakeHost
 	p := Start(t, cfg)
 	t.Logf("plugin pid %d: %s", p.PID, describeString(p.Describe))
 
