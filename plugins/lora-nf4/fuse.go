@@ -67,7 +67,7 @@ func (s callStore) Layer(name string) (*lora.QLayer, error) {
 }
 
 func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs) (lorawire.ApplyResult, error) {
-	m, p, err := e.build(ctx, c, args)
+	m, p, err := e.build(ctx, c, args, true)
 	if err != nil {
 		return lorawire.ApplyResult{}, err
 	}

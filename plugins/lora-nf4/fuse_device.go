@@ -121,7 +121,7 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 	weights := make([]*devWeight, len(p.Layers))
 	var need uint64
 	for i, sl := range p.Layers {
-		if sl.Dense != nil {
+		if sl.HasDense() {
 			return fmt.Errorf("fuse: layer %s: a full-rank (dense) delta, which the device fused pass does not apply yet; use side mode or CPU memory: %w", sl.Name, sdk.ErrFailedPrecondition)
 		}
 		if sl.Rank == 0 {
@@ -177,11 +177,18 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 		w := weights[i]
 		// Upload waits for the stream's earlier work, so the previous
 		// layer's kernel has read the scratch before it is overwritten.
+		// The layer's factors are built for its upload only (Upload
+		// waits), then dropped: one layer's at a time on the host.
 		a, b := scratch, scratch+gpu.DevicePtr(scratchB(sl))
-		if err := dev.Upload(ctx, a, f32Bytes(sl.A)); err != nil {
+		p.Materialize(sl)
+		err := dev.Upload(ctx, a, f32Bytes(sl.A))
+		if err != nil {
+			p.Release(sl)
 			return fmt.Errorf("fuse: layer %s: upload A_cat: %w", sl.Name, err)
 		}
-		if err := dev.Upload(ctx, b, f32Bytes(sl.B)); err != nil {
+		err = dev.Upload(ctx, b, f32Bytes(sl.B))
+		p.Release(sl)
+		if err != nil {
 			return fmt.Errorf("fuse: layer %s: upload B_cat: %w", sl.Name, err)
 		}
 		call, err := gpu.FuseCall(gpu.FuseLayer{Packed: w.packed, Absmax: w.absmax, Out: sl.Out, In: sl.In,

@@ -289,7 +289,11 @@ func (e *engine) apply(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs
 	return lorawire.ApplyResult{}, fmt.Errorf("mode %q: want side or fuse: %w", args.Mode, sdk.ErrInvalidArgument)
 }
 
-func (e *engine) build(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs) (*model, *lora.Plan, error) {
+// build maps the set on the model and plans it: for side mode every
+// layer's factors are built now (they go into arena regions); for the
+// fused pass (deferred) one layer's at a time as the pass reaches it, so
+// the plugin never holds every layer's A_cat and B_cat at once.
+func (e *engine) build(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs, deferred bool) (*model, *lora.Plan, error) {
 	m, err := loadModel(ctx, c, args.Model)
 	if err != nil {
 		return nil, nil, err
@@ -298,12 +302,17 @@ func (e *engine) build(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs
 	if err != nil {
 		return nil, nil, err
 	}
-	p, err := lora.BuildSide(m.lm, maps, strengths, e.baseWeights(c, m), nil)
+	var p *lora.Plan
+	if deferred {
+		p, err = lora.BuildDeferred(m.lm, maps, strengths, e.baseWeights(c, m))
+	} else {
+		p, err = lora.BuildSide(m.lm, maps, strengths, e.baseWeights(c, m), nil)
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: %w", err, sdk.ErrInvalidArgument)
 	}
 	for _, sl := range p.Layers {
-		if sl.Bias != nil {
+		if sl.HasBias() {
 			return nil, nil, fmt.Errorf("layer %s: the set carries a bias delta (lora_B.bias or diff_b), which neither side factors nor the fused 4-bit weight can hold: %w",
 				sl.Name, sdk.ErrInvalidArgument)
 		}
@@ -350,7 +359,7 @@ func writeBCols(dst []float32, sl *lora.SideLayer, c0, c1 int) {
 }
 
 func (e *engine) applySide(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs) (res lorawire.ApplyResult, err error) {
-	_, p, err := e.build(ctx, c, args)
+	_, p, err := e.build(ctx, c, args, false)
 	if err != nil {
 		return lorawire.ApplyResult{}, err
 	}

@@ -230,6 +230,7 @@ func Fuse(ctx context.Context, p *Plan, store Store, codec Codec, j Journal, opt
 		return err
 	}
 	var dot, norm, diff float64
+	var bufs [][]float32 // each worker's scratch, reused from layer to layer
 	touched := map[string]bool{}
 	var peak int64
 	for li, sl := range p.Layers {
@@ -256,7 +257,9 @@ func Fuse(ctx context.Context, p *Plan, store Store, codec Codec, j Journal, opt
 			return fail(fmt.Errorf("fuse: layer %s: journal: %w", sl.Name, err))
 		}
 		written = append(written, sl.Name)
-		d, n, e, scratch := fuseLayer(sl, q, codec, opt.TileElems)
+		p.Materialize(sl)
+		d, n, e, scratch := fuseLayer(sl, q, codec, opt.TileElems, &bufs)
+		p.Release(sl)
 		if q.Commit != nil {
 			if err := q.Commit(); err != nil {
 				return fail(fmt.Errorf("fuse: layer %s: commit: %w", sl.Name, err))
@@ -317,9 +320,10 @@ func checkQLayer(q *QLayer, l Layer) error {
 }
 
 // fuseLayer runs the tiled pass on one layer, tiles in parallel (each
-// worker owns its scratch), and returns ⟨ΔW_eff, ΔW⟩, ‖ΔW‖², ‖ΔW_eff − ΔW‖²
+// worker owns its scratch: 3 tiles of (*bufs)[worker], grown when short and
+// kept for the next layer), and returns ⟨ΔW_eff, ΔW⟩, ‖ΔW‖², ‖ΔW_eff − ΔW‖²
 // and the scratch bytes held.
-func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int) (dot, norm, diff float64, scratch int64) {
+func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int, bufs *[][]float32) (dot, norm, diff float64, scratch int64) {
 	// Rows per tile: a multiple of the rows that make whole blocks, so tiles
 	// start on a block and on a byte.
 	unit := q.Blocksize / gcd(sl.In, q.Blocksize)
@@ -329,15 +333,23 @@ func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int) (dot, norm,
 	workers := min(runtime.GOMAXPROCS(0), tiles)
 	n := rows * sl.In
 	scratch = int64(workers) * int64(12*n)
+	for len(*bufs) < workers {
+		*bufs = append(*bufs, nil)
+	}
+	for wi := 0; wi < workers; wi++ {
+		if len((*bufs)[wi]) < 3*n {
+			(*bufs)[wi] = make([]float32, 3*n)
+		}
+	}
 	type sums struct{ dot, norm, diff float64 }
 	results := make([]sums, workers)
 	var next atomic.Int64
 	var wg sync.WaitGroup
 	for wi := 0; wi < workers; wi++ {
 		wg.Add(1)
-		go func(res *sums) {
+		go func(res *sums, buf []float32) {
 			defer wg.Done()
-			orig, w, delta := make([]float32, n), make([]float32, n), make([]float32, n)
+			orig, w, delta := buf[:n], buf[n:2*n], buf[2*n:3*n]
 			for {
 				t := int(next.Add(1) - 1)
 				if t >= tiles {
@@ -364,7 +376,7 @@ func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int) (dot, norm,
 					res.diff += (eff - want) * (eff - want)
 				}
 			}
-		}(&results[wi])
+		}(&results[wi], (*bufs)[wi])
 	}
 	wg.Wait()
 	for _, r := range results {

@@ -61,6 +61,10 @@ type Plan struct {
 	Layers    []*SideLayer
 	byName    map[string]*SideLayer
 	Report    *Report
+	// deferred: the layers' factors are built by Materialize, one layer at
+	// a time, into bufA and bufB (reused from layer to layer).
+	deferred   bool
+	bufA, bufB []float32
 }
 
 // BuildSide places every mapping on the model and builds each touched
@@ -69,6 +73,20 @@ type Plan struct {
 // LoKr) go into the factors; full diffs, DoRA and factorisations costlier
 // than dense become a per-layer dense delta, flagged in the report.
 func BuildSide(m *Model, maps []*Mapping, strengths []float64, base BaseWeights, alloc Alloc) (*Plan, error) {
+	return buildSide(m, maps, strengths, base, alloc, false)
+}
+
+// BuildDeferred is BuildSide for the fused pass: it places the mappings
+// (and computes DoRA deltas) but builds no layer's A_cat, B_cat, dense or
+// bias sums; Materialize builds one layer's, exactly as BuildSide would,
+// into buffers the plan reuses from layer to layer, and Release drops
+// them. The pass then holds one layer's factors at a time instead of every
+// layer's. The report is the one BuildSide gives.
+func BuildDeferred(m *Model, maps []*Mapping, strengths []float64, base BaseWeights) (*Plan, error) {
+	return buildSide(m, maps, strengths, base, nil, true)
+}
+
+func buildSide(m *Model, maps []*Mapping, strengths []float64, base BaseWeights, alloc Alloc, deferred bool) (*Plan, error) {
 	start := time.Now()
 	if len(strengths) != len(maps) {
 		return nil, fmt.Errorf("build side: %d strengths for %d LoRAs", len(strengths), len(maps))
@@ -140,7 +158,14 @@ func BuildSide(m *Model, maps []*Mapping, strengths []float64, base BaseWeights,
 		}
 	}
 	sort.Slice(p.Layers, func(i, j int) bool { return p.Layers[i].Name < p.Layers[j].Name })
+	p.deferred = deferred
 	for _, sl := range p.Layers {
+		if deferred {
+			nd, nb := sl.sumLens()
+			rep.SideBytes += int64(4 * (sl.Rank*sl.In + sl.Out*sl.Rank + nd + nb))
+			rep.Layers = append(rep.Layers, LayerReport{Layer: sl.Name, Rank: sl.Rank, Dense: nd > 0})
+			continue
+		}
 		if sl.Rank > 0 {
 			aLen, bLen := sl.Rank*sl.In, sl.Out*sl.Rank
 			var err error
@@ -170,6 +195,63 @@ func BuildSide(m *Model, maps []*Mapping, strengths []float64, base BaseWeights,
 	p.Report = rep
 	return p, nil
 }
+
+// sumLens returns the lengths the layer's dense and bias sums have once
+// built (0 when it has none).
+func (sl *SideLayer) sumLens() (dense, bias int) {
+	for _, d := range sl.dense {
+		if d.delta.ok() {
+			dense = sl.Out * sl.In
+		}
+		if d.bias != nil {
+			bias = sl.Out
+		}
+	}
+	return dense, bias
+}
+
+// HasDense reports whether the layer carries a dense delta (full diff,
+// DoRA…), built or not.
+func (sl *SideLayer) HasDense() bool { d, _ := sl.sumLens(); return d > 0 }
+
+// HasBias reports whether the layer carries a bias delta, built or not.
+func (sl *SideLayer) HasBias() bool { _, b := sl.sumLens(); return b > 0 }
+
+// Materialize builds sl's A_cat, B_cat and dense and bias sums for a plan
+// from BuildDeferred, bit for bit as BuildSide does, reusing the plan's
+// buffers: the previous layer's factors are gone. It does nothing for a
+// plan from BuildSide, whose layers are built already.
+func (p *Plan) Materialize(sl *SideLayer) {
+	if !p.deferred {
+		return
+	}
+	if sl.Rank > 0 {
+		aLen, bLen := sl.Rank*sl.In, sl.Out*sl.Rank
+		if cap(p.bufA) < aLen {
+			p.bufA = make([]float32, aLen)
+		}
+		if cap(p.bufB) < bLen {
+			p.bufB = make([]float32, bLen)
+		}
+		sl.A, sl.B = p.bufA[:aLen], p.bufB[:bLen]
+		clear(sl.A)
+		clear(sl.B)
+		for _, cb := range sl.cols {
+			copy(sl.A[cb.col*sl.In:(cb.col+cb.rank)*sl.In], cb.a.Data)
+		}
+	}
+	sl.rewrite(p.Strengths, -1)
+}
+
+// Release drops what Materialize built for sl (a plan from BuildDeferred).
+func (p *Plan) Release(sl *SideLayer) {
+	if p.deferred {
+		sl.A, sl.B, sl.Dense, sl.Bias = nil, nil, nil, nil
+	}
+}
+
+// Deferred reports whether the plan builds its layers on Materialize.
+func (p *Plan) Deferred() bool { return p.deferred }
 
 // rewrite recomputes B_cat columns of LoRA only (all when only < 0) and the
 // dense sums.
@@ -247,6 +329,9 @@ type Touched struct {
 func (p *Plan) SetStrength(i int, s float64) ([]Touched, error) {
 	if i < 0 || i >= len(p.Strengths) {
 		return nil, fmt.Errorf("set strength: LoRA %d of %d", i, len(p.Strengths))
+	}
+	if p.deferred {
+		return nil, fmt.Errorf("set strength: the plan builds its layers one at a time (BuildDeferred); build it with BuildSide")
 	}
 	p.Strengths[i] = s
 	p.Report.LoRAs[i].Strength = s
