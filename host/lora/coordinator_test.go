@@ -365,16 +365,21 @@ func TestConcurrentAppliesSerialized(t *testing.T) {
 // journal referencing the model file and with it in the arena (the model's
 // source detached), on a fused model (snapshots roll back) and a clean one.
 func TestPluginKilledMidFuseRollsBack(t *testing.T) {
-	for _, kind := range []string{"file", "arena"} {
-		for _, over := range []bool{false, true} {
-			t.Run(fmt.Sprintf("%s journal, over a fuse %v", kind, over), func(t *testing.T) { testPluginKilledMidFuse(t, kind, over) })
-		}
+	for _, c := range []struct {
+		backend, kind string
+		over          bool
+	}{
+		{server.BackendCPU, "file", false}, {server.BackendCPU, "file", true},
+		{server.BackendCPU, "arena", false}, {server.BackendCPU, "arena", true},
+		{server.BackendCUDASim, "file", true}, {server.BackendCUDASim, "arena", false},
+	} {
+		t.Run(fmt.Sprintf("%s, %s journal, over a fuse %v", c.backend, c.kind, c.over), func(t *testing.T) { testPluginKilledMidFuse(t, c.backend, c.kind, c.over) })
 	}
 }
 
-func testPluginKilledMidFuse(t *testing.T, kind string, over bool) {
+func testPluginKilledMidFuse(t *testing.T, backend, kind string, over bool) {
 	t.Setenv("LORA_NF4_LAYER_DELAY", "40ms")
-	s := newHost(t)
+	s := newHostOn(t, backend)
 	_, _, dir := fixtures(t)
 	if kind == "arena" {
 		if err := s.Registry.DetachSource(server.DefaultModelName); err != nil {
