@@ -200,12 +200,12 @@ func BenchmarkLoRAvsPEFT(b *testing.B) {
 			return es
 		}
 		ours := map[string]figure{}
-		var journal arena.ByteSize
+		var journal, journalFile arena.ByteSize
 		for _, n := range []int{1, nLoRAs} {
 			t, an, ar := measure(b, s, pids, func() error {
 				r, err := s.LoRAs.Apply(ctx, lora.Request{Model: "bench", LoRAs: set(n), Mode: lora.ModeFuse})
 				if err == nil {
-					journal = arena.ByteSize(r.JournalBytes)
+					journal, journalFile = arena.ByteSize(r.JournalBytes), arena.ByteSize(r.JournalFileBytes)
 				}
 				return err
 			})
@@ -244,11 +244,11 @@ func BenchmarkLoRAvsPEFT(b *testing.B) {
 		if err := json.Unmarshal(raw, &base); err != nil {
 			b.Fatalf("baseline output %q: %v", raw, err)
 		}
-		report(b, ours, base, journal)
+		report(b, ours, base, journal, journalFile)
 	}
 }
 
-func report(b *testing.B, ours, base map[string]figure, journal arena.ByteSize) {
+func report(b *testing.B, ours, base map[string]figure, journal, journalFile arena.ByteSize) {
 	mib := func(n int64) string { return fmt.Sprintf("%.0f MiB", float64(n)/(1<<20)) }
 	row := func(name, ourKey, baseKey string) {
 		o, p := ours[ourKey], base[baseKey]
@@ -264,7 +264,7 @@ func report(b *testing.B, ours, base map[string]figure, journal arena.ByteSize) 
 		b.ReportMetric(o.Seconds, name+"-s")
 		b.ReportMetric(speed, name+"-speedup")
 	}
-	fmt.Printf("LoRA on NF4 Flux slice: time and peak extra memory (ours: private RSS of host and plugin plus arena bytes allocated, journal included; scratch: private RSS only; PEFT: its process RSS); fuse journal %s\n", journal)
+	fmt.Printf("LoRA on NF4 Flux slice: time and peak extra memory (ours: private RSS of host and plugin plus arena bytes allocated, journal included; scratch: private RSS only; PEFT: its process RSS); fuse journal %s in the arena, %s referenced in the model file\n", journal, journalFile)
 	row("fuse1", "fuse1", "fuse1")
 	row("fuse5", "fuse5", "fuse5")
 	row("side5", "side5", "fuse5")
