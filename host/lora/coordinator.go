@@ -548,7 +548,9 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 		}
 		if err != nil {
 			// 4. Roll back: the plugin may have died anywhere in the pass,
-			// and leaves what it wrote to the host.
+			// and leaves what it wrote to the host. A cancelled call
+			// returns before the pass stops, so wait for it first.
+			c.fence(ctx, req.Model)
 			if re := rollback(true); re != nil {
 				return fmt.Errorf("apply fuse: %w (and rollback: %v)", err, re)
 			}
@@ -592,6 +594,21 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 	c.log.Info("lora fuse journal", "model", req.Model, "weights", len(ms.journal),
 		"arena", arena.ByteSize(inArena), "referenced_in_file", arena.ByteSize(inFile))
 	return nil
+}
+
+// fenceTimeout bounds the wait for a cancelled fused pass to stop: it
+// checks its context before every layer.
+const fenceTimeout = 2 * time.Minute
+
+// fence waits until no fused pass on model runs in the plugin, so a
+// rollback is not overwritten by a pass still writing. A plugin that died
+// or restarted writes nothing; that failure is only logged.
+func (c *Coordinator) fence(ctx context.Context, model string) {
+	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fenceTimeout)
+	defer cancel()
+	if _, err := c.call(fctx, "fence", lorawire.FenceArgs{Model: model}, nil, nil); err != nil {
+		c.log.Warn("lora: wait for the failed fused pass to stop", "model", model, "err", err)
+	}
 }
 
 // fuseDescriptors returns read-write descriptors of the weights to write.

@@ -1,10 +1,12 @@
 package lora_test
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/arenahost/arenahost/host/lora"
 	"github.com/arenahost/arenahost/host/registry"
@@ -189,5 +191,30 @@ func TestSourceRenamedOver(t *testing.T) {
 			}
 			sameBytes(t, "remove after the file was replaced", orig, snapshotOf(t, s, "own"))
 		})
+	}
+}
+
+// TestCancelledFuseRollsBack: an apply whose context ends mid-pass fails,
+// and once it returned the model holds its original bytes, for good (the
+// host waits for the pass to stop before its rollback).
+func TestCancelledFuseRollsBack(t *testing.T) {
+	t.Setenv("LORA_NF4_LAYER_DELAY", "30ms")
+	s := newHost(t)
+	_, _, dir := fixtures(t)
+	orig := snapshot(t, s)
+	level := s.Arena.Stats().Allocated
+	ctx, cancel := context.WithTimeout(t.Context(), 500*time.Millisecond)
+	defer cancel()
+	if _, err := s.LoRAs.Apply(ctx, lora.Request{LoRAs: entries(dir, kohyaOracle(1), peftOracle(1)), Mode: lora.ModeFuse}); err == nil {
+		t.Fatal("a fuse cancelled mid-pass succeeded")
+	}
+	sameBytes(t, "after the cancelled fuse", orig, snapshot(t, s))
+	time.Sleep(200 * time.Millisecond)
+	sameBytes(t, "a while after the cancelled fuse", orig, snapshot(t, s))
+	if st, _ := s.LoRAs.State(""); st.Mode != "" {
+		t.Errorf("state after the cancelled fuse: %+v", st)
+	}
+	if a := s.Arena.Stats().Allocated; a != level {
+		t.Errorf("arena at %d after the cancelled fuse, %d before", a, level)
 	}
 }

@@ -715,6 +715,11 @@ func TestFuseCancelledStopsWriting(t *testing.T) {
 			if status.Code(err) != codes.DeadlineExceeded {
 				t.Fatalf("apply: %v, want DeadlineExceeded", err)
 			}
+			// fence returns once the pass has stopped: what the weights hold
+			// then stays (checked below).
+			if _, err := call(t, p, "fence", lorawire.FenceArgs{Model: "m"}, nil, nil); err != nil {
+				t.Fatalf("fence: %v", err)
+			}
 			deadline := time.Now().Add(10 * time.Second)
 			for !strings.Contains(logs.String(), "fuse failed; it stopped writing") {
 				if time.Now().After(deadline) {

@@ -67,6 +67,9 @@ func (s callStore) Layer(name string) (*lora.QLayer, error) {
 }
 
 func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs) (lorawire.ApplyResult, error) {
+	mu := e.pass(args.Model)
+	mu.Lock()
+	defer mu.Unlock()
 	m, p, err := e.build(ctx, c, args, true)
 	if err != nil {
 		return lorawire.ApplyResult{}, err

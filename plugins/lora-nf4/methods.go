@@ -35,6 +35,34 @@ type engine struct {
 	mapper *tensor.Mapper // read-write views of quant side tensors (fuse)
 	delay  time.Duration
 	gpu    *gpuState // the device, for descriptors on CUDA slabs
+	// passes holds one lock per model, held while a fused pass writes the
+	// model's weights (fence waits for it).
+	passes sync.Map // model name → *sync.Mutex
+}
+
+// pass returns the lock a fused pass on model holds.
+func (e *engine) pass(model string) *sync.Mutex {
+	mu, _ := e.passes.LoadOrStore(modelName(model), &sync.Mutex{})
+	return mu.(*sync.Mutex)
+}
+
+// fence returns once no fused pass on the model is running: a cancelled
+// apply returns on the host's side before the pass stops at its next
+// layer, and the host rolls back only after this.
+func (e *engine) fence(ctx context.Context, _ *sdk.Call, args lorawire.FenceArgs) (lorawire.FenceResult, error) {
+	mu := e.pass(args.Model)
+	done := make(chan struct{})
+	go func() {
+		mu.Lock()
+		mu.Unlock() // nothing to guard: this only waits for the running pass
+		close(done)
+	}()
+	select {
+	case <-done:
+		return lorawire.FenceResult{}, nil
+	case <-ctx.Done():
+		return lorawire.FenceResult{}, ctx.Err()
+	}
 }
 
 type sidePlan struct {
@@ -62,6 +90,7 @@ func (e *engine) register(p *sdk.Plugin) {
 	sdk.Method(p, "apply", e.apply, sdk.Doc("apply a LoRA set to a model: side (A_cat/B_cat in new host regions) or fuse (NF4 bytes rewritten in place)"))
 	sdk.Method(p, "set_strengths", e.setStrengths, sdk.Doc("change strengths of the side set last applied, rewriting only the changed LoRAs' columns of B_cat"))
 	sdk.Method(p, "remove", e.remove, sdk.Doc("forget the side plan held for a model"))
+	sdk.Method(p, "fence", e.fence, sdk.Doc("return once no fused pass on the model is writing (the host calls it before rolling back a failed fuse)"))
 }
 
 func modelName(m string) string {

@@ -26,7 +26,10 @@ const (
 //     touches (which it does not pass); when the call fails (an error, a
 //     cancelled call, a plugin killed mid-pass) it puts back every weight
 //     it passed. The plugin journals nothing, holds no copy of the
-//     originals, and stops writing when it returns an error.
+//     originals, and stops writing when it returns an error. A cancelled
+//     call returns on the host's side before the pass has noticed, so the
+//     host calls fence first and rolls back once it returns: no pass is
+//     writing the model's weights any more.
 //   - apply (side) returns FactorA(W) and FactorB(W) for every bound layer.
 //   - set_strengths: the bound factors, read-write, as FactorA(W), FactorB(W).
 
@@ -129,6 +132,15 @@ type SetStrengthsResult struct {
 	Touched []lora.Touched `msgpack:"touched"`
 	Report  *lora.Report   `msgpack:"report"`
 }
+
+// FenceArgs are the arguments of fence: it returns once no fused pass on
+// the model is running in the plugin.
+type FenceArgs struct {
+	Model string `msgpack:"model"`
+}
+
+// FenceResult is the result of fence.
+type FenceResult struct{}
 
 // RemoveArgs are the arguments of remove.
 type RemoveArgs struct {
