@@ -110,32 +110,7 @@ func TestSourceModifiedInPlace(t *testing.T) {
 	level := s.Arena.Stats().Allocated
 	// Flip one byte of a fused weight's packed codes in the file itself.
 	const w = "double_blocks.0.img_attn.qkv.weight"
-	var ref registry.SourceRef
-	if err := s.Registry.WriteLocked("own", func(m *registry.Model) error {
-		var ok bool
-		ref, ok = m.SourceOf(w)
-		if !ok {
-			t.Fatalf("model own holds no source for %s", w)
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := make([]byte, 1)
-	if _, err := f.ReadAt(b, ref.Offset+ref.Length/2); err != nil {
-		t.Fatal(err)
-	}
-	b[0] ^= 0xff
-	if _, err := f.WriteAt(b, ref.Offset+ref.Length/2); err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Close(); err != nil {
-		t.Fatal(err)
-	}
+	flipInFile(t, s, "own", path, w)
 	for _, op := range []struct {
 		name string
 		run  func() error
@@ -217,4 +192,60 @@ func TestCancelledFuseRollsBack(t *testing.T) {
 	if a := s.Arena.Stats().Allocated; a != level {
 		t.Errorf("arena at %d after the cancelled fuse, %d before", a, level)
 	}
+}
+
+// flipInFile flips one byte of tensor's bytes in model's source file,
+// in place.
+func flipInFile(t *testing.T, s *server.Server, model, path, tensor string) {
+	t.Helper()
+	var ref registry.SourceRef
+	if err := s.Registry.WriteLocked(model, func(m *registry.Model) error {
+		var ok bool
+		if ref, ok = m.SourceOf(tensor); !ok {
+			t.Fatalf("model %s holds no source for %s", model, tensor)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	b := make([]byte, 1)
+	if _, err := f.ReadAt(b, ref.Offset+ref.Length/2); err != nil {
+		t.Fatal(err)
+	}
+	b[0] ^= 0xff
+	if _, err := f.WriteAt(b, ref.Offset+ref.Length/2); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestSourceDiffersAtFirstFuse: a weight whose file bytes no longer equal
+// the arena's when first fused is journaled as an arena copy (the others
+// still by reference), and remove is byte-exact.
+func TestSourceDiffersAtFirstFuse(t *testing.T) {
+	s := newHost(t)
+	_, _, dir := fixtures(t)
+	path := loadOwnCopy(t, s)
+	orig := snapshotOf(t, s, "own")
+	const w = "double_blocks.0.img_attn.qkv.weight"
+	flipInFile(t, s, "own", path, w)
+	res, err := s.LoRAs.Apply(t.Context(), lora.Request{Model: "own", LoRAs: entries(dir, kohyaOracle(1)), Mode: lora.ModeFuse})
+	if err != nil {
+		t.Fatal(err)
+	}
+	qw, err := s.Registry.Weight("own", w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := qw.Packed.NBytes + qw.Absmax.NBytes; res.JournalBytes != want || res.JournalFileBytes == 0 {
+		t.Errorf("journal: %d bytes in the arena (want %d: %s copied), %d in the file", res.JournalBytes, want, w, res.JournalFileBytes)
+	}
+	if _, err := s.LoRAs.Remove(t.Context(), "own"); err != nil {
+		t.Fatal(err)
+	}
+	sameBytes(t, "remove", orig, snapshotOf(t, s, "own"))
 }
