@@ -6,18 +6,13 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
-	"github.com/hashicorp/go-plugin"
 	"github.com/vmihailenco/msgpack/v5"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -31,7 +26,6 @@ import (
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 	"github.com/arenahost/arenahost/shared/safetensors"
 	"github.com/arenahost/arenahost/shared/tensor"
-	"github.com/arenahost/arenahost/shared/wire"
 )
 
 // The device path is tested against the CPU path with real plugin
@@ -189,69 +183,16 @@ func (h *testHost) Free(_ context.Context, req *pluginv1.FreeRequest) (*pluginv1
 }
 
 // startPlugin starts the plugin as the host does (go-plugin, AutoMTLS)
-// and serves h on the broker.
+// with h as its Host service.
 func startPlugin(t *testing.T, h pluginv1.HostServer, env ...string) pluginv1.PluginClient {
 	t.Helper()
-	p, _ := startPluginLogs(t, h, env...)
-	return p
+	return startPluginLogs(t, h, env...).Client
 }
 
-// startPluginLogs is startPlugin that also returns the plugin's log.
-func startPluginLogs(t *testing.T, h pluginv1.HostServer, env ...string) (pluginv1.PluginClient, *syncBuffer) {
+// startPluginLogs is startPlugin that also gives the plugin's log (Logs).
+func startPluginLogs(t *testing.T, h pluginv1.HostServer, env ...string) *plugintest.Plugin {
 	t.Helper()
-	cmd := exec.Command(build(t))
-	cmd.Env = append(os.Environ(), env...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	logs := &syncBuffer{}
-	client := plugin.NewClient(&plugin.ClientConfig{
-		HandshakeConfig: wire.Handshake, Plugins: wire.PluginMap(nil, nil), Cmd: cmd,
-		AllowedProtocols: []plugin.Protocol{plugin.ProtocolGRPC}, AutoMTLS: true, StartTimeout: 30 * time.Second,
-		Logger: hclog.New(&hclog.LoggerOptions{Name: "plugin", Output: logs, Level: hclog.Debug}),
-	})
-	t.Cleanup(func() {
-		client.Kill()
-		if t.Failed() {
-			t.Logf("plugin log:\n%s", logs.String())
-		}
-	})
-	rpc, err := client.Client()
-	if err != nil {
-		t.Fatalf("start plugin: %v", err)
-	}
-	raw, err := rpc.Dispense(wire.PluginName)
-	if err != nil {
-		t.Fatal(err)
-	}
-	wc := raw.(*wire.Client)
-	id := wc.Broker.NextId()
-	go wc.Broker.AcceptAndServe(id, func(opts []grpc.ServerOption) *grpc.Server {
-		s := grpc.NewServer(opts...)
-		pluginv1.RegisterHostServer(s, h)
-		return s
-	})
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if _, err := wc.Describe(ctx, &pluginv1.DescribeRequest{HostBrokerId: id}); err != nil {
-		t.Fatal(err)
-	}
-	return wc.PluginClient, logs
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+	return plugintest.Start(t, plugintest.Config{Cmd: []string{build(t)}, Env: env, HostServer: h})
 }
 
 func call(t *testing.T, p pluginv1.PluginClient, method string, args any, tensors []*pluginv1.TensorDescriptor, out any) (*pluginv1.InvokeResponse, error) {
@@ -440,11 +381,11 @@ type fuseRun struct {
 
 // runFuse fuses LoRAs A+B, then B alone (the host restores all three
 // first, so A's extra layer is back to its original), on one memory.
-func runFuse(t *testing.T, device bool, o modelOpts, loras []string) fuseRun {
+func runFuse(t *testing.T, device bool, o modelOpts, loras []string, env ...string) fuseRun {
 	t.Helper()
 	h := newTestHost(t, device)
 	ws := h.putModel(t, o)
-	p := startPlugin(t, h)
+	p := startPlugin(t, h, env...)
 	r := fuseRun{orig: map[string][]byte{}, first: map[string][]byte{}, second: map[string][]byte{}}
 	for w, sw := range ws {
 		r.orig[w] = h.weightBytes(t, sw)
@@ -485,17 +426,34 @@ func runFuse(t *testing.T, device bool, o modelOpts, loras []string) fuseRun {
 // the bytes the CPU pass writes into shared memory.
 func TestDeviceFuseMatchesCPU(t *testing.T) {
 	loras := testLoRAs(t)
+	// A layer's scratch slot: A_cat [rank × in] then B_cat [out × rank],
+	// fp32, each 256-byte aligned; set B is rank 16 on two layers, qkv
+	// [768 256] and linear2 [256 1280].
+	slot := func(out, in, rank int) int64 { return int64(4*rank*in+4*out*rank+255) / 256 * 256 }
+	allLayers := slot(768, 256, 16) + slot(256, 1280, 16)
 	for _, c := range []struct {
-		name string
-		o    modelOpts
+		name  string
+		o     modelOpts
+		batch string // EnvDeviceBatch; empty: the default (the whole set fits)
+		peak  int64  // the device pass's scratch for set B
 	}{
-		{"nf4 bf16", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"}},
-		{"nf4 f16", modelOpts{dtype: pluginv1.DType_DTYPE_F16, quant: "nf4"}},
-		{"nf4 f32", modelOpts{dtype: pluginv1.DType_DTYPE_F32, quant: "nf4"}},
+		{"nf4 bf16", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"}, "", allLayers},
+		{"nf4 f16", modelOpts{dtype: pluginv1.DType_DTYPE_F16, quant: "nf4"}, "", allLayers},
+		{"nf4 f32", modelOpts{dtype: pluginv1.DType_DTYPE_F32, quant: "nf4"}, "", allLayers},
+		// One layer per upload: the scratch holds the largest layer only
+		// (linear2), and each batch's kernel must read its own factors.
+		{"nf4 bf16 one layer per upload", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"}, "1", slot(256, 1280, 16)},
+		// A batch as large as linear2's slot: qkv goes alone, then
+		// linear2 (set A+B: proj and qkv together, then linear2).
+		{"nf4 bf16 two batches", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"}, fmt.Sprint(slot(256, 1280, 16)), slot(256, 1280, 16)},
 	} {
 		t.Run(c.name, func(t *testing.T) {
+			var env []string
+			if c.batch != "" {
+				env = append(env, EnvDeviceBatch+"="+c.batch)
+			}
 			cpu := runFuse(t, false, c.o, loras)
-			dev := runFuse(t, true, c.o, loras)
+			dev := runFuse(t, true, c.o, loras, env...)
 			stale := "single_blocks.0.linear2.weight"
 			for w, orig := range cpu.orig {
 				if !bytes.Equal(orig, dev.orig[w]) {
@@ -518,13 +476,8 @@ func TestDeviceFuseMatchesCPU(t *testing.T) {
 			}
 			if dev.report.Report == nil || dev.report.Report.Mode != "fuse" || dev.report.Report.PeakScratchBytes <= 0 || len(dev.report.Fused) != 3 {
 				t.Errorf("device report %+v fused %v", dev.report.Report, dev.report.Fused)
-			} else {
-				// The scratch holds the largest layer's A_cat and B_cat:
-				// linear2, rank 16, In 1280, Out 256.
-				want := int64(4*16*1280 + 4*256*16)
-				if got := dev.report.Report.PeakScratchBytes; got != want {
-					t.Errorf("peak scratch %d bytes, want %d", got, want)
-				}
+			} else if got := dev.report.Report.PeakScratchBytes; got != c.peak {
+				t.Errorf("peak scratch %d bytes, want %d", got, c.peak)
 			}
 		})
 	}
@@ -695,12 +648,26 @@ func TestDeviceFuseRefusals(t *testing.T) {
 // (here: restoreOriginals) cannot be overwritten by a pass still running.
 func TestFuseCancelledStopsWriting(t *testing.T) {
 	loras := testLoRAs(t)
-	for _, device := range []bool{false, true} {
-		t.Run(map[bool]string{false: "cpu", true: "device"}[device], func(t *testing.T) {
-			h := newTestHost(t, device)
+	for _, c := range []struct {
+		name    string
+		device  bool
+		env     []string
+		written int // weights written when the pass stops
+	}{
+		{"cpu", false, nil, 1},
+		// One layer per upload: the first layer's kernel ran before the
+		// cancellation.
+		{"device one layer per upload", true, []string{EnvDeviceBatch + "=1"}, 1},
+		// The default batch holds all three layers: the pass stops before
+		// its one upload, so nothing is written.
+		{"device batched", true, nil, 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			h := newTestHost(t, c.device)
 			ws := h.putModel(t, modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"})
 			const delay = 300 * time.Millisecond
-			p, logs := startPluginLogs(t, h, EnvLayerDelay+"="+delay.String())
+			started := startPluginLogs(t, h, append(c.env, EnvLayerDelay+"="+delay.String())...)
+			p, logs := started.Client, started
 			set := []lorawire.LoRASpec{{Path: loras[0], Strength: 1}}
 			names := []string{"double_blocks.0.img_attn.proj.weight", "double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear2.weight"}
 			raw, err := msgpack.Marshal(lorawire.ApplyArgs{Model: "m", LoRAs: set, Mode: lorawire.ModeFuse})
@@ -721,13 +688,13 @@ func TestFuseCancelledStopsWriting(t *testing.T) {
 				t.Fatalf("fence: %v", err)
 			}
 			deadline := time.Now().Add(10 * time.Second)
-			for !strings.Contains(logs.String(), "fuse failed; it stopped writing") {
+			for !strings.Contains(logs.Logs(), "fuse failed; it stopped writing") {
 				if time.Now().After(deadline) {
 					t.Fatalf("no failure logged 10 s after the cancelled fuse")
 				}
 				time.Sleep(20 * time.Millisecond)
 			}
-			if l := logs.String(); !strings.Contains(l, "context canceled") && !strings.Contains(l, "context deadline exceeded") {
+			if l := logs.Logs(); !strings.Contains(l, "context canceled") && !strings.Contains(l, "context deadline exceeded") {
 				t.Errorf("the failure was not the cancellation")
 			}
 			after := map[string][]byte{}
@@ -738,8 +705,8 @@ func TestFuseCancelledStopsWriting(t *testing.T) {
 					changed++
 				}
 			}
-			if changed != 1 {
-				t.Errorf("%d weights written before the cancellation, want 1 (the first layer)", changed)
+			if changed != c.written {
+				t.Errorf("%d weights written before the cancellation, want %d", changed, c.written)
 			}
 			// Nothing is written after the failure: the host's rollback
 			// stays.

@@ -119,7 +119,7 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 	}
 	// Check everything before the first write.
 	weights := make([]*devWeight, len(p.Layers))
-	var need uint64
+	var total, largest uint64
 	for i, sl := range p.Layers {
 		if sl.HasDense() {
 			return fmt.Errorf("fuse: layer %s: a full-rank (dense) delta, which the device fused pass does not apply yet; use side mode or CPU memory: %w", sl.Name, sdk.ErrFailedPrecondition)
@@ -135,8 +135,13 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 			return fmt.Errorf("fuse: layer %s: %w: %w", sl.Name, err, sdk.ErrFailedPrecondition)
 		}
 		weights[i] = w
-		need = max(need, scratchB(sl)+uint64(4*sl.Out*sl.Rank))
+		total += slotBytes(sl)
+		largest = max(largest, slotBytes(sl))
 	}
+	// The scratch holds a batch of consecutive layers' factors: at most
+	// e.batch bytes (a layer larger than that goes alone), and never more
+	// than the whole set's.
+	need := min(total, max(uint64(e.batch), largest))
 	if len(weights) == 0 {
 		return fmt.Errorf("fuse on device: the set touches no layer: %w", sdk.ErrInvalidArgument)
 	}
@@ -164,6 +169,39 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 			err = fmt.Errorf("%w (and device sync: %v)", err, serr)
 		}
 	}()
+	// Each batch: the factors of consecutive layers packed into one host
+	// buffer, one upload (it waits for the stream's earlier work, so the
+	// previous batch's kernels have read the scratch), then one kernel per
+	// layer. Factors are built one layer at a time and dropped once packed.
+	host := make([]byte, need)
+	type queued struct {
+		i   int
+		off uint64
+	}
+	var batch []queued
+	var used uint64
+	flush := func() error {
+		if len(batch) == 0 {
+			return nil
+		}
+		if err := dev.Upload(ctx, scratch, host[:used]); err != nil {
+			return fmt.Errorf("fuse: upload the factors of %d layers from %s: %w", len(batch), p.Layers[batch[0].i].Name, err)
+		}
+		for _, q := range batch {
+			sl, w := p.Layers[q.i], weights[q.i]
+			a := scratch + gpu.DevicePtr(q.off)
+			call, err := gpu.FuseCall(gpu.FuseLayer{Packed: w.packed, Absmax: w.absmax, Out: sl.Out, In: sl.In,
+				Blocksize: w.blocksize, A: a, B: a + gpu.DevicePtr(scratchB(sl)), Rank: sl.Rank, DType: gdt})
+			if err != nil {
+				return fmt.Errorf("fuse: layer %s: %w", sl.Name, err)
+			}
+			if err := dev.Launch(call); err != nil {
+				return fmt.Errorf("fuse: layer %s: launch %s: %w", sl.Name, call.Kernel, err)
+			}
+		}
+		batch, used = batch[:0], 0
+		return nil
+	}
 	for i, sl := range p.Layers {
 		if e.delay > 0 {
 			select {
@@ -174,31 +212,22 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("fuse: %w", err)
 		}
-		w := weights[i]
-		// Upload waits for the stream's earlier work, so the previous
-		// layer's kernel has read the scratch before it is overwritten.
-		// The layer's factors are built for its upload only (Upload
-		// waits), then dropped: one layer's at a time on the host.
-		a, b := scratch, scratch+gpu.DevicePtr(scratchB(sl))
 		p.Materialize(sl)
-		err := dev.Upload(ctx, a, f32Bytes(sl.A))
-		if err != nil {
-			p.Release(sl)
-			return fmt.Errorf("fuse: layer %s: upload A_cat: %w", sl.Name, err)
-		}
-		err = dev.Upload(ctx, b, f32Bytes(sl.B))
+		copy(host[used:], f32Bytes(sl.A))
+		copy(host[used+scratchB(sl):], f32Bytes(sl.B))
 		p.Release(sl)
-		if err != nil {
-			return fmt.Errorf("fuse: layer %s: upload B_cat: %w", sl.Name, err)
+		batch = append(batch, queued{i: i, off: used})
+		used += slotBytes(sl)
+		// A full batch goes at once: its kernels run while the next one
+		// is packed, and a cancellation stops between batches.
+		if i+1 < len(p.Layers) && used+slotBytes(p.Layers[i+1]) > uint64(e.batch) {
+			if err := flush(); err != nil {
+				return err
+			}
 		}
-		call, err := gpu.FuseCall(gpu.FuseLayer{Packed: w.packed, Absmax: w.absmax, Out: sl.Out, In: sl.In,
-			Blocksize: w.blocksize, A: a, B: b, Rank: sl.Rank, DType: gdt})
-		if err != nil {
-			return fmt.Errorf("fuse: layer %s: %w", sl.Name, err)
-		}
-		if err := dev.Launch(call); err != nil {
-			return fmt.Errorf("fuse: layer %s: launch %s: %w", sl.Name, call.Kernel, err)
-		}
+	}
+	if err := flush(); err != nil {
+		return err
 	}
 	if err := dev.Sync(); err != nil {
 		return fmt.Errorf("fuse: device sync: %w", err)
@@ -211,7 +240,13 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 	return nil
 }
 
-// scratchB is the offset of B_cat in the scratch: after A_cat, aligned.
+// scratchB is the offset of B_cat in a layer's slot: after A_cat, aligned.
 func scratchB(sl *lora.SideLayer) uint64 {
 	return (uint64(4*sl.Rank*sl.In) + scratchAlign - 1) / scratchAlign * scratchAlign
+}
+
+// slotBytes is a layer's slot in the scratch (A_cat, then B_cat), rounded
+// up so that the next layer's slot starts aligned.
+func slotBytes(sl *lora.SideLayer) uint64 {
+	return (scratchB(sl) + uint64(4*sl.Out*sl.Rank) + scratchAlign - 1) / scratchAlign * scratchAlign
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -26,6 +27,19 @@ import (
 // mid-apply and check the host's rollback.
 const EnvLayerDelay = "LORA_NF4_LAYER_DELAY"
 
+// EnvDeviceBatch, when set to a byte count, bounds the device scratch of a
+// fused pass on the GPU (default DefaultDeviceBatch): the factors of
+// consecutive layers are uploaded together in batches of at most this
+// size, or one layer's when a layer alone is larger.
+const EnvDeviceBatch = "LORA_NF4_DEVICE_BATCH"
+
+// DefaultDeviceBatch: 32 MiB of factors per upload. A Flux-dev pass with
+// one rank-16 LoRA (about 1 MB of A_cat and B_cat per layer) then makes
+// tens of uploads, each a stream synchronisation, instead of two per
+// layer, and stays well inside the 64 MiB of extra device memory a fused
+// merge may take beyond its journal.
+const DefaultDeviceBatch = 32 << 20
+
 // engine holds the side plans the plugin built, one per model, so that a
 // strength change rewrites only the changed LoRA's columns. A plugin
 // restart loses them; the host then applies the set again.
@@ -34,6 +48,7 @@ type engine struct {
 	plans  map[string]*sidePlan
 	mapper *tensor.Mapper // read-write views of quant side tensors (fuse)
 	delay  time.Duration
+	batch  int       // device scratch bound (EnvDeviceBatch)
 	gpu    *gpuState // the device, for descriptors on CUDA slabs
 	// passes holds one lock per model, held while a fused pass writes the
 	// model's weights (fence waits for it).
@@ -72,10 +87,15 @@ type sidePlan struct {
 }
 
 func newEngine() *engine {
-	e := &engine{plans: map[string]*sidePlan{}, mapper: tensor.NewMapper(), gpu: &gpuState{}}
+	e := &engine{plans: map[string]*sidePlan{}, mapper: tensor.NewMapper(), gpu: &gpuState{}, batch: DefaultDeviceBatch}
 	if v := os.Getenv(EnvLayerDelay); v != "" {
 		if d, err := time.ParseDuration(v); err == nil {
 			e.delay = d
+		}
+	}
+	if v := os.Getenv(EnvDeviceBatch); v != "" {
+		if n, err := strconv.Atoi(v); err == nil && n > 0 {
+			e.batch = n
 		}
 	}
 	return e
