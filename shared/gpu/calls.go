@@ -97,6 +97,13 @@ func SumCall(absmax DevicePtr, nb int, out DevicePtr) (Call, error) {
 // dequantize_4bit, and so PEFT's merge, and the CPU merge (shared/lora.Fuse
 // with lora.NF4Codec, nf4.RoundTo) do. DTypeF32 (0, the zero value) adds the
 // delta to the fp32 product unrounded.
+//
+// Stats, when not 0, is 3 float64 in device memory (zero them first) to
+// which the kernel adds the layer's retention sums, as shared/lora's fused
+// pass measures them: Σ eff·delta, Σ delta², Σ (eff − delta)², where delta
+// is the fp32 delta B·A and eff = new − base, the re-quantized weight and
+// the original, both dequantized and rounded to DType, taken in float64.
+// Measuring changes no byte of the result.
 type FuseLayer struct {
 	Packed, Absmax DevicePtr
 	Out, In        int
@@ -104,6 +111,7 @@ type FuseLayer struct {
 	A, B           DevicePtr
 	Rank           int
 	DType          int
+	Stats          DevicePtr
 }
 
 // FuseCall: the fused merge of one layer, dequantize (rounded to l.DType),
@@ -121,14 +129,14 @@ func FuseCall(l FuseLayer) (Call, error) {
 	}
 	if p.Kernel == "nf4_fuse2d" {
 		return call(p.Kernel, p.Launch, ptr(l.Packed), ptr(l.Absmax), num(l.Out), num(l.In), num(l.Blocksize),
-			ptr(l.A), ptr(l.B), num(l.Rank), num(p.TileCols), num(l.DType))
+			ptr(l.A), ptr(l.B), num(l.Rank), num(p.TileCols), num(l.DType), ptr(l.Stats))
 	}
 	bShared := 0
 	if p.BShared {
 		bShared = 1
 	}
 	return call("nf4_fuse", p.Launch, ptr(l.Packed), ptr(l.Absmax), num(l.Out), num(l.In), num(l.Blocksize),
-		ptr(l.A), ptr(l.B), num(l.Rank), num(p.TileElems), num(bShared), num(p.MaxRows), num(l.DType))
+		ptr(l.A), ptr(l.B), num(l.Rank), num(p.TileElems), num(bShared), num(p.MaxRows), num(l.DType), ptr(l.Stats))
 }
 
 // SideRowsCall writes one LoRA's A [r × In] (n = r·In values of dtype)

@@ -217,7 +217,9 @@ var fuseDTypes = map[int]nf4.DType{DTypeF32: nf4.Float32, DTypeBF16: nf4.BFloat1
 // TestEmuFuse: both fused-merge kernels against the CPU's fused pass
 // (shared/lora's NF4Codec: dequantize, round to the logical dtype as
 // bitsandbytes' dequantize_4bit does, add DeltaRows, quantize), bit for bit,
-// for fp32, bf16 and f16 logical dtypes.
+// for fp32, bf16 and f16 logical dtypes; each case runs without and with
+// the retention sums, which must leave the bytes alone and agree with a
+// float64 computation on the CPU.
 func TestEmuFuse(t *testing.T) {
 	rng := rand.New(rand.NewPCG(11, 12))
 	for _, c := range []struct{ out, in, bs, rank, dtype int }{
@@ -280,19 +282,49 @@ func TestEmuFuse(t *testing.T) {
 				}
 			}
 
+			// The retention sums as shared/lora measures them: the new weight
+			// and the base, both rounded to the logical dtype.
+			base, eff := make([]float32, n), make([]float32, n)
+			codec.Dequantize(base, packed, absmax, c.bs)
+			codec.Dequantize(eff, wantP, wantA, c.bs)
+			var want [3]float64
+			for i := range n {
+				e, d := float64(eff[i])-float64(base[i]), float64(delta[i])
+				want[0] += e * d
+				want[1] += d * d
+				want[2] += (e - d) * (e - d)
+			}
+
 			m := newImage(t)
+			dA0, dB0 := m.putF32(a), m.putF32(b)
 			dP, dA := m.put(packed), m.putF32(absmax)
+			sP, sA := m.put(packed), m.putF32(absmax)
+			stats := m.alloc(24)
 			m.add(FuseCall(FuseLayer{Packed: dP, Absmax: dA, Out: c.out, In: c.in, Blocksize: c.bs,
-				A: m.putF32(a), B: m.putF32(b), Rank: c.rank, DType: c.dtype}))
+				A: dA0, B: dB0, Rank: c.rank, DType: c.dtype}))
+			m.add(FuseCall(FuseLayer{Packed: sP, Absmax: sA, Out: c.out, In: c.in, Blocksize: c.bs,
+				A: dA0, B: dB0, Rank: c.rank, DType: c.dtype, Stats: stats}))
 			m.run(t)
 			sameBytes(t, "packed", m.get(dP, len(packed)), wantP)
 			sameF32(t, "absmax", m.getF32(dA, nb), wantA)
+			sameBytes(t, "packed (stats)", m.get(sP, len(packed)), wantP)
+			sameF32(t, "absmax (stats)", m.getF32(sA, nb), wantA)
+			got := m.get(stats, 24)
+			for k, name := range []string{"Σ eff·delta", "Σ delta²", "Σ (eff−delta)²"} {
+				g := math.Float64frombits(binary.LittleEndian.Uint64(got[8*k:]))
+				if math.Abs(g-want[k]) > 1e-9*math.Abs(want[k]) || (want[k] == 0) != (g == 0) {
+					t.Errorf("%s = %.17g, want %.17g", name, g, want[k])
+				}
+			}
+			if want[1] == 0 || want[0] <= 0 {
+				t.Fatalf("sums %v: the case measures nothing", want)
+			}
 		})
 	}
 }
 
 // TestEmuFuseArity: the emulator refuses a launch whose argument count is
-// not the kernel's, as the old 11- and 9-argument fuse launches now are.
+// not the kernel's, as the old 12- and 10-argument fuse launches now are.
 func TestEmuFuseArity(t *testing.T) {
 	m := newImage(t)
 	c, err := FuseCall(FuseLayer{Packed: m.alloc(64 * 256 / 2), Absmax: m.alloc(4 * 256), Out: 64, In: 256, Blocksize: 64,
@@ -302,13 +334,13 @@ func TestEmuFuseArity(t *testing.T) {
 	}
 	c.Args = c.Args[:len(c.Args)-1]
 	m.add(c, nil)
-	if err := m.runErr(t); err == nil || !strings.Contains(err.Error(), "takes 10 arguments, launch has 9") {
+	if err := m.runErr(t); err == nil || !strings.Contains(err.Error(), "takes 11 arguments, launch has 10") {
 		t.Fatalf("short launch not refused: %v", err)
 	}
 }
 
 func TestFuseCallDType(t *testing.T) {
-	l := FuseLayer{Packed: 256, Absmax: 512, Out: 64, In: 256, Blocksize: 64, A: 1024, B: 2048, Rank: 16}
+	l := FuseLayer{Packed: 256, Absmax: 512, Out: 64, In: 256, Blocksize: 64, A: 1024, B: 2048, Rank: 16, Stats: 4096}
 	for _, tc := range []struct {
 		out, in, dtype int
 		kernel         string
@@ -331,8 +363,8 @@ func TestFuseCallDType(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if c.Kernel != tc.kernel || len(c.Args) != Entries[tc.kernel] || c.Args[len(c.Args)-1] != num(tc.dtype) {
-			t.Errorf("%dx%d dtype %d: %s with last argument %v of %d", tc.out, tc.in, tc.dtype, c.Kernel, c.Args[len(c.Args)-1], len(c.Args))
+		if c.Kernel != tc.kernel || len(c.Args) != Entries[tc.kernel] || c.Args[len(c.Args)-2] != num(tc.dtype) || c.Args[len(c.Args)-1] != ptr(l.Stats) {
+			t.Errorf("%dx%d dtype %d: %s with last arguments %v of %d", tc.out, tc.in, tc.dtype, c.Kernel, c.Args[len(c.Args)-2:], len(c.Args))
 		}
 	}
 }

@@ -129,6 +129,10 @@ const (
 	FuseTile      = 4096
 	FuseRankChunk = 16
 	FuseTileCols  = 256
+	// FuseStaticShared is the static shared memory of the fused kernels
+	// (the retention sums' block reduction: 3 doubles per warp of up to
+	// 1024 threads), which the 1-D plan leaves free of MaxSharedBytes.
+	FuseStaticShared = 3 * 32 * 8
 )
 
 // PlanFuse sizes the fused merge of one layer. The 2-D kernel is used when
@@ -136,7 +140,8 @@ const (
 // larger than FuseTileCols: TileCols is the smallest power of two ≥ both
 // the blocksize and min(In, FuseTileCols). Otherwise the 1-D tile starts at
 // DefaultTileElems rounded to the blocksize and halves, never below one
-// block, until the merged tile plus the B rows it spans fit MaxSharedBytes;
+// block, until the merged tile plus the B rows it spans fit MaxSharedBytes
+// less FuseStaticShared;
 // when even one block's rows do not fit, B stays in global memory.
 func PlanFuse(s FuseShape) (FusePlan, error) {
 	n := s.Out * s.In
@@ -166,7 +171,7 @@ func PlanFuse(s FuseShape) (FusePlan, error) {
 	tile = min(tile, (n+s.Blocksize-1)/s.Blocksize*s.Blocksize)
 	for {
 		rows := maxRows(tile, s.In, s.Out)
-		if 4*(tile+rows*s.Rank) <= MaxSharedBytes {
+		if 4*(tile+rows*s.Rank) <= MaxSharedBytes-FuseStaticShared {
 			return fusePlan(n, tile, rows, s.Rank, true), nil
 		}
 		if tile == s.Blocksize {

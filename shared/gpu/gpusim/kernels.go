@@ -46,9 +46,9 @@ var kernels = map[string]kernel{
 	"nested_dequantize": {"pppdip", []string{"q", "nabs", "map", "offset", "nb", "out"}, 0, planNestedDequantize},
 	"nested_quantize":   {"pidppp", []string{"absmax", "nb", "offset", "map", "q", "nabs"}, gpu.NestedBlocksize, planNestedQuantize},
 	"absmax_sum":        {"pip", []string{"absmax", "nb", "out"}, gpu.ThreadsPerBlock, planSum},
-	"nf4_fuse": {"ppiiippiiiii", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile", "b_smem", "max_rows", "dtype"},
+	"nf4_fuse": {"ppiiippiiiiip", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile", "b_smem", "max_rows", "dtype", "stats"},
 		0, planFuse},
-	"nf4_fuse2d": {"ppiiippiii", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile_cols", "dtype"},
+	"nf4_fuse2d": {"ppiiippiiip", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile_cols", "dtype", "stats"},
 		gpu.ThreadsPerBlock, planFuse2D},
 	"side_rows": {"piidp", []string{"src", "dtype", "n", "scale", "dst"}, 0, planSideRows},
 	"side_cols": {"piiiidpiii", []string{"src", "dtype", "src_row0", "rows", "r", "scale", "dst", "row0", "rank", "col"},
@@ -336,7 +336,7 @@ func fuseShape(a args, names []string) (out, in, bs, rank int64, dt nf4.DType, e
 	if err = evenBlocksize(bs); err != nil {
 		return
 	}
-	dt, err = dtypeArg(a, len(names)-1, "dtype")
+	dt, err = dtypeArg(a, len(names)-2, "dtype") // the last is stats
 	return
 }
 
@@ -368,7 +368,7 @@ func planFuse(a args, names []string, l gpu.Launch) (plan, error) {
 	if int64(l.Shared) < need {
 		return plan{}, fmt.Errorf("%d bytes of shared memory, the tile needs %d", l.Shared, need)
 	}
-	return fusePlan(out, in, bs, rank, dt)
+	return fusePlan(out, in, bs, rank, dt, statsArg(a, 12))
 }
 
 func planFuse2D(a args, names []string, l gpu.Launch) (plan, error) {
@@ -387,7 +387,16 @@ func planFuse2D(a args, names []string, l gpu.Launch) (plan, error) {
 	if int64(l.Shared) < need {
 		return plan{}, fmt.Errorf("%d bytes of shared memory, tile_cols %d needs %d", l.Shared, cols, need)
 	}
-	return fusePlan(out, in, bs, rank, dt)
+	return fusePlan(out, in, bs, rank, dt, statsArg(a, 10))
+}
+
+// statsArg is the index of a fused kernel's stats argument, or -1 when it
+// is 0 (nothing measured).
+func statsArg(a args, i int) int {
+	if a.p(i) == 0 {
+		return -1
+	}
+	return i
 }
 
 // fuseChunk is how many elements the simulator merges at a time (rounded
@@ -396,18 +405,28 @@ const fuseChunk = 1 << 16
 
 // fusePlan is both fused-merge kernels' work, which differs only in
 // tiling: the CPU's fused pass (lora.NF4Codec and SideLayer.DeltaRows),
-// block-aligned chunk by chunk, in place.
-func fusePlan(out, in, bs, rank int64, dt nf4.DType) (plan, error) {
+// block-aligned chunk by chunk, in place. With stats ≥ 0, that argument
+// points at 3 float64 to which it adds Σ eff·delta, Σ delta² and
+// Σ (eff − delta)² (eff = the re-quantized weight minus the original, both
+// dequantized and rounded to dt), as the kernels and shared/lora do.
+func fusePlan(out, in, bs, rank int64, dt nf4.DType, statsIdx int) (plan, error) {
+	stats := statsIdx >= 0
 	n := out * in
 	nb := blocks(n, bs)
 	codec, err := lora.NewNF4Codec(nf4.QuantNF4, dt)
 	if err != nil {
 		return plan{}, err
 	}
+	bufs := []buf{{arg: 0, n: uint64((n + 1) / 2)}, {arg: 1, n: uint64(4 * nb)}, {arg: 5, n: uint64(4 * rank * in)}, {arg: 6, n: uint64(4 * out * rank)}}
+	if stats {
+		bufs = append(bufs, buf{arg: statsIdx, n: 24})
+	}
 	return plan{
-		bufs: []buf{{arg: 0, n: uint64((n + 1) / 2)}, {arg: 1, n: uint64(4 * nb)}, {arg: 5, n: uint64(4 * rank * in)}, {arg: 6, n: uint64(4 * out * rank)}},
+		bufs: bufs,
 		run: func(b [][]byte) error {
 			packed, absmax := b[0], f32s(b[1])
+			var orig []float32
+			var dot, norm, diff float64
 			sl := &lora.SideLayer{Layer: lora.Layer{Out: int(out), In: int(in)}, Rank: int(rank), A: f32s(b[2]), B: f32s(b[3])}
 			chunk := max(bs, fuseChunk/bs*bs)
 			var w, delta []float32
@@ -419,12 +438,30 @@ func fusePlan(out, in, bs, rank int64, dt nf4.DType) (plan, error) {
 				clear(delta)
 				codec.Dequantize(w, packed[e0/2:(e1+1)/2], absmax[e0/bs:], int(bs))
 				sl.DeltaRows(delta, int(r0), int(r1))
+				if stats {
+					orig = append(orig[:0], w...)
+				}
 				for i, d := range delta[e0-r0*in : e1-r0*in] {
 					w[i] += d
 				}
 				codec.Quantize(packed[e0/2:(e1+1)/2], absmax[e0/bs:blocks(e1, bs)], w, int(bs))
+				if stats {
+					codec.Dequantize(w, packed[e0/2:(e1+1)/2], absmax[e0/bs:], int(bs))
+					for i, d := range delta[e0-r0*in : e1-r0*in] {
+						eff, want := float64(w[i])-float64(orig[i]), float64(d)
+						dot += eff * want
+						norm += want * want
+						diff += (eff - want) * (eff - want)
+					}
+				}
 			}
 			putF32s(b[1], absmax)
+			if stats {
+				for k, v := range []float64{dot, norm, diff} {
+					old := math.Float64frombits(binary.LittleEndian.Uint64(b[4][8*k:]))
+					binary.LittleEndian.PutUint64(b[4][8*k:], math.Float64bits(old+v))
+				}
+			}
 			return nil
 		},
 	}, nil

@@ -120,6 +120,63 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Retention sums of the fused merge (stats_ != 0): per layer three doubles
+// {Σ eff·delta, Σ delta², Σ (eff − delta)²}, as shared/lora's fused pass
+// measures them: eff = new − base, both dequantized and rounded to the
+// logical dtype (new from the re-quantized codes and absmax), widened to
+// float64; delta the fp32 delta. Threads accumulate over their elements
+// and tiles; each block adds its sums with one atomicAdd per figure.
+__device__ __forceinline__ void fuse_stat(double* s, float nv, float orig, float d) {
+    double eff = (double)nv - (double)orig, want = (double)d;
+    s[0] += eff * want;
+    s[1] += want * want;
+    s[2] += (eff - want) * (eff - want);
+}
+
+// fuse_stats_flush: every thread of the block calls it once, at the end.
+__device__ __forceinline__ void fuse_stats_flush(u64 stats_, double* s) {
+    __shared__ double red[3 * 32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+#pragma unroll
+    for (int k = 0; k < 3; k++) s[k] = warp_sum(s[k]);
+    if (lane == 0)
+        for (int k = 0; k < 3; k++) red[3 * warp + k] = s[k];
+    __syncthreads();
+    if (threadIdx.x < 3) {
+        double t = 0.0;
+        for (int w = 0; w < nwarps; w++) t += red[3 * w + threadIdx.x];
+        atomicAdd((double*)stats_ + threadIdx.x, t);
+    }
+}
+
+// fuse_delta: one element's delta, (B·A)[r, c] for the B row brow, in the
+// CPU's order (shared/lora DeltaRows): four ranks summed left to right,
+// then added; each step rounded (no FMA).
+__device__ __forceinline__ float fuse_delta(const float* brow, const float* __restrict__ A, i64 rank, i64 in_dim, i64 c) {
+    float d = 0.0f;
+    i64 k = 0;
+    for (; k + 4 <= rank; k += 4) {
+        float b0 = brow[k], b1 = brow[k + 1], b2 = brow[k + 2], b3 = brow[k + 3];
+        if (b0 == 0.0f && b1 == 0.0f && b2 == 0.0f && b3 == 0.0f) continue;
+        const float* a = A + k * in_dim + c;
+        float s = __fadd_rn(__fmul_rn(b0, __ldg(a)), __fmul_rn(b1, __ldg(a + in_dim)));
+        s = __fadd_rn(s, __fmul_rn(b2, __ldg(a + 2 * in_dim)));
+        s = __fadd_rn(s, __fmul_rn(b3, __ldg(a + 3 * in_dim)));
+        d = __fadd_rn(d, s);
+    }
+    for (; k < rank; k++) {
+        float bv = brow[k];
+        if (bv != 0.0f) d = __fadd_rn(d, __fmul_rn(bv, __ldg(A + k * in_dim + c)));
+    }
+    return d;
+}
+
 // nf4_dequantize: out[k] = T(fp32(NF4[q_k] * absmax[k / bs])) for k < n.
 // One thread per packed byte, grid-stride.
 extern "C" __global__ void nf4_dequantize(u64 packed_, u64 absmax_, i64 n, i64 bs, u64 out_, i64 dtype) {
@@ -248,8 +305,12 @@ extern "C" __global__ void absmax_sum(u64 absmax_, i64 nb, u64 out_) {
 // is set, by the B rows the tile spans (max_rows × rank floats); otherwise
 // B is read through the read-only cache. No full-layer temporary exists.
 // absmax is fp32 (decoded from nested storage beforehand when nested).
+// With stats_ (see fuse_stat), each warp measures its block while it
+// re-quantizes it: the old codes and absmax give the base, and the delta
+// is computed again (the same function, so the same bits).
 extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
-                                    u64 a_, u64 b_, i64 rank, i64 tile, i64 b_smem, i64 max_rows, i64 dtype) {
+                                    u64 a_, u64 b_, i64 rank, i64 tile, i64 b_smem, i64 max_rows, i64 dtype,
+                                    u64 stats_) {
     EXTERN_SHARED(float, smem);
     float* w = smem;
     float* bs_rows = smem + tile;
@@ -260,6 +321,7 @@ extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 i
     i64 n = out_dim * in_dim;
     i64 tiles = (n + tile - 1) / tile;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    double st[3] = {0.0, 0.0, 0.0};
     for (i64 t = blockIdx.x; t < tiles; t += gridDim.x) {
         i64 e0 = t * tile, e1 = min(e0 + tile, n);
         i64 r0 = e0 / in_dim;
@@ -279,24 +341,7 @@ extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 i
                 float orig = round_to(__fmul_rn(NF4_LUT[h == 0 ? p >> 4 : p & 15], absmax[e / bs]), dtype);
                 i64 r = e / in_dim, c = e - r * in_dim;
                 const float* brow = b_smem ? bs_rows + (r - r0) * rank : B + r * rank;
-                // The CPU's order (shared/lora DeltaRows): four ranks summed
-                // left to right, then added; each step rounded (no FMA).
-                float d = 0.0f;
-                i64 k = 0;
-                for (; k + 4 <= rank; k += 4) {
-                    float b0 = brow[k], b1 = brow[k + 1], b2 = brow[k + 2], b3 = brow[k + 3];
-                    if (b0 == 0.0f && b1 == 0.0f && b2 == 0.0f && b3 == 0.0f) continue;
-                    const float* a = A + k * in_dim + c;
-                    float s = __fadd_rn(__fmul_rn(b0, __ldg(a)), __fmul_rn(b1, __ldg(a + in_dim)));
-                    s = __fadd_rn(s, __fmul_rn(b2, __ldg(a + 2 * in_dim)));
-                    s = __fadd_rn(s, __fmul_rn(b3, __ldg(a + 3 * in_dim)));
-                    d = __fadd_rn(d, s);
-                }
-                for (; k < rank; k++) {
-                    float bv = brow[k];
-                    if (bv != 0.0f) d = __fadd_rn(d, __fmul_rn(bv, __ldg(A + k * in_dim + c)));
-                }
-                w[e - e0] = __fadd_rn(orig, d);
+                w[e - e0] = __fadd_rn(orig, fuse_delta(brow, A, rank, in_dim, c));
             }
         }
         __syncthreads();
@@ -307,15 +352,32 @@ extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 i
             float am = 0.0f;
             for (i64 i = lo + lane; i < hi; i += 32) am = fmaxf(am, fabsf(w[i]));
             am = warp_max(am);
+            // The block's old absmax, read by every lane before lane 0
+            // overwrites it.
+            float oam = stats_ ? absmax[(e0 + lo) / bs] : 0.0f;
+            if (stats_) __syncwarp();
             if (lane == 0) absmax[(e0 + lo) / bs] = am;
             float inv = nf4_rcp(am);
             for (i64 jj = lo / 2 + lane; jj < (hi + 1) / 2; jj += 32) {
                 float x0 = w[2 * jj];
                 float x1 = 2 * jj + 1 < hi ? w[2 * jj + 1] : 0.0f;
-                packed[e0 / 2 + jj] = (u8)(nf4_code(__fmul_rn(x0, inv)) << 4 | nf4_code(__fmul_rn(x1, inv)));
+                u32 np = nf4_code(__fmul_rn(x0, inv)) << 4 | nf4_code(__fmul_rn(x1, inv));
+                if (stats_) {
+                    u32 op = packed[e0 / 2 + jj];
+                    for (int h = 0; h < 2 && 2 * jj + h < hi; h++) {
+                        i64 e = e0 + 2 * jj + h;
+                        i64 r = e / in_dim, c = e - r * in_dim;
+                        const float* brow = b_smem ? bs_rows + (r - r0) * rank : B + r * rank;
+                        float orig = round_to(__fmul_rn(NF4_LUT[h == 0 ? op >> 4 : op & 15], oam), dtype);
+                        float nv = round_to(__fmul_rn(NF4_LUT[h == 0 ? np >> 4 : np & 15], am), dtype);
+                        fuse_stat(st, nv, orig, fuse_delta(brow, A, rank, in_dim, c));
+                    }
+                }
+                packed[e0 / 2 + jj] = (u8)np;
             }
         }
     }
+    if (stats_) fuse_stats_flush(stats_, st);
 }
 
 // nf4_fuse2d: the fused merge for layers whose rows hold whole blocks
@@ -328,12 +390,15 @@ extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 i
 // element. The sum order (groups of four ranks, each group rounded, then
 // added) is shared/lora DeltaRows', so results equal the CPU's bit for bit.
 // As in nf4_fuse, the dequantized base is rounded to dtype before the add.
+// With stats_ (see fuse_stat), each thread keeps its elements' rounded base
+// in registers and, once the tile is re-quantized, reads the new codes and
+// absmax back.
 #define FUSE_TILE 4096
 #define FUSE_RC 16
 #define FUSE_PER_THREAD (FUSE_TILE / 256)
 
 extern "C" __global__ void nf4_fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
-                                      u64 a_, u64 b_, i64 rank, i64 tile_cols, i64 dtype) {
+                                      u64 a_, u64 b_, i64 rank, i64 tile_cols, i64 dtype, u64 stats_) {
     __shared__ float lut[16];
     EXTERN_SHARED(float, smem);
     const i64 tile_rows = FUSE_TILE / tile_cols;
@@ -348,6 +413,7 @@ extern "C" __global__ void nf4_fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64
     const i64 row_tiles = (out_dim + tile_rows - 1) / tile_rows;
     const i64 col_tiles = (in_dim + tile_cols - 1) / tile_cols;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    double st[3] = {0.0, 0.0, 0.0};
     for (i64 t = blockIdx.x; t < row_tiles * col_tiles; t += gridDim.x) {
         const i64 r0 = (t / col_tiles) * tile_rows, c0 = (t % col_tiles) * tile_cols;
         const i64 nr = min(tile_rows, out_dim - r0), nc = min(tile_cols, in_dim - c0);
@@ -394,15 +460,18 @@ extern "C" __global__ void nf4_fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64
         }
         __syncthreads();
         // Dequantize the tile and add the delta into shared memory.
+        float o[FUSE_PER_THREAD];
 #pragma unroll
         for (int i = 0; i < FUSE_PER_THREAD; i++) {
             const int e = threadIdx.x + i * 256;
             const int lr = e / (int)tile_cols, lc = e - lr * (int)tile_cols;
+            o[i] = 0.0f;
             if (lr >= nr || lc >= nc) continue;
             const i64 g = (r0 + lr) * in_dim + c0 + lc;
             const u32 p = packed[g >> 1];
             const u32 q = (g & 1) ? (p & 15u) : (p >> 4);
-            w[e] = __fadd_rn(round_to(__fmul_rn(lut[q], absmax[g / bs]), dtype), d[i]);
+            o[i] = round_to(__fmul_rn(lut[q], absmax[g / bs]), dtype);
+            w[e] = __fadd_rn(o[i], d[i]);
         }
         __syncthreads();
         // Re-quantize: one warp per block; a row of the tile holds nc / bs blocks.
@@ -419,7 +488,21 @@ extern "C" __global__ void nf4_fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64
             for (i64 jj = lane; jj < bs / 2; jj += 32)
                 packed[g0 / 2 + jj] = (u8)(nf4_code(__fmul_rn(x[2 * jj], inv)) << 4 | nf4_code(__fmul_rn(x[2 * jj + 1], inv)));
         }
+        if (stats_) {
+            __syncthreads();  // the tile's new codes and absmax are written
+#pragma unroll
+            for (int i = 0; i < FUSE_PER_THREAD; i++) {
+                const int e = threadIdx.x + i * 256;
+                const int lr = e / (int)tile_cols, lc = e - lr * (int)tile_cols;
+                if (lr >= nr || lc >= nc) continue;
+                const i64 g = (r0 + lr) * in_dim + c0 + lc;
+                const u32 p = packed[g >> 1];
+                const u32 q = (g & 1) ? (p & 15u) : (p >> 4);
+                fuse_stat(st, round_to(__fmul_rn(lut[q], absmax[g / bs]), dtype), o[i], d[i]);
+            }
+        }
     }
+    if (stats_) fuse_stats_flush(stats_, st);
 }
 
 // side_rows: A_cat rows of one LoRA: dst[i] = fp32(src[i]) * scale for i < n

@@ -30,6 +30,7 @@ extern unsigned char* emu_dynamic_shared;
 extern std::barrier<>* emu_block_barrier;
 extern std::vector<std::unique_ptr<std::barrier<>>> emu_warp_barriers;
 extern float emu_warp_slots[1024];
+extern double emu_warp_dslots[1024];
 extern std::mutex emu_atomic_mu;
 
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
@@ -42,6 +43,17 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
     emu_warp_barriers[w]->arrive_and_wait();
     return r;
 }
+
+inline double __shfl_xor_sync(unsigned, double v, int o) {
+    unsigned t = threadIdx.x, w = t / 32;
+    emu_warp_dslots[t] = v;
+    emu_warp_barriers[w]->arrive_and_wait();
+    double r = emu_warp_dslots[(t & ~31u) | ((t & 31u) ^ (unsigned)o)];
+    emu_warp_barriers[w]->arrive_and_wait();
+    return r;
+}
+
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }

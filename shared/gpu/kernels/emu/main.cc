@@ -4,7 +4,7 @@
 //                        runs each line of LAUNCHES, writes IMAGE back.
 //
 // A launch line: NAME GRID BLOCK SHARED ARG...; an argument is p<offset>
-// (a pointer into the image), i<integer> or d<double>.
+// (a pointer into the image; p0 is null), i<integer> or d<double>.
 #include <cstdio>
 #include <fstream>
 #include <functional>
@@ -22,6 +22,7 @@ unsigned char* emu_dynamic_shared;
 std::barrier<>* emu_block_barrier;
 std::vector<std::unique_ptr<std::barrier<>>> emu_warp_barriers;
 float emu_warp_slots[1024];
+double emu_warp_dslots[1024];
 std::mutex emu_atomic_mu;
 
 #include "../kernels.cu"
@@ -43,8 +44,8 @@ static std::map<std::string, Kernel> kernels = {
     {"nested_dequantize", {6, [](const Args& a) { nested_dequantize(a[0], a[1], a[2], D(a[3]), I(a[4]), a[5]); }}},
     {"nested_quantize", {6, [](const Args& a) { nested_quantize(a[0], I(a[1]), D(a[2]), a[3], a[4], a[5]); }}},
     {"absmax_sum", {3, [](const Args& a) { absmax_sum(a[0], I(a[1]), a[2]); }}},
-    {"nf4_fuse", {12, [](const Args& a) { nf4_fuse(a[0], a[1], I(a[2]), I(a[3]), I(a[4]), a[5], a[6], I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11])); }}},
-    {"nf4_fuse2d", {10, [](const Args& a) { nf4_fuse2d(a[0], a[1], I(a[2]), I(a[3]), I(a[4]), a[5], a[6], I(a[7]), I(a[8]), I(a[9])); }}},
+    {"nf4_fuse", {13, [](const Args& a) { nf4_fuse(a[0], a[1], I(a[2]), I(a[3]), I(a[4]), a[5], a[6], I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), a[12]); }}},
+    {"nf4_fuse2d", {11, [](const Args& a) { nf4_fuse2d(a[0], a[1], I(a[2]), I(a[3]), I(a[4]), a[5], a[6], I(a[7]), I(a[8]), I(a[9]), a[10]); }}},
     {"side_rows", {5, [](const Args& a) { side_rows(a[0], I(a[1]), I(a[2]), D(a[3]), a[4]); }}},
     {"side_cols", {10, [](const Args& a) { side_cols(a[0], I(a[1]), I(a[2]), I(a[3]), I(a[4]), D(a[5]), a[6], I(a[7]), I(a[8]), I(a[9])); }}},
 };
@@ -73,7 +74,11 @@ int main(int argc, char** argv) {
         Args args;
         std::string tok;
         while (f >> tok) {
-            if (tok[0] == 'p') args.push_back((u64)(uintptr_t)(mem.data() + std::stoull(tok.substr(1))));
+            // p0 is the null pointer (no allocation starts at 0).
+            if (tok[0] == 'p') {
+                u64 off = std::stoull(tok.substr(1));
+                args.push_back(off == 0 ? 0 : (u64)(uintptr_t)(mem.data() + off));
+            }
             else if (tok[0] == 'i') args.push_back((u64)std::stoll(tok.substr(1)));
             else { double d = std::stod(tok.substr(1)); u64 v; std::memcpy(&v, &d, 8); args.push_back(v); }
         }
