@@ -347,11 +347,59 @@ func (c fuseCase) inputs(rng *rand.Rand) (packed []byte, absmax, a, b []float32)
 	return packed, absmax, a, b
 }
 
+// scenario fuses the layer twice, without and with the retention sums
+// ("stats": 3 float64).
 func (c fuseCase) scenario(m mem, packed []byte, absmax, a, b []float32) []out {
+	dA0, dB0 := m.put(f32le(a)), m.put(f32le(b))
 	dP, dA := m.put(packed), m.put(f32le(absmax))
+	sP, sA, st := m.put(packed), m.put(f32le(absmax)), m.put(make([]byte, 24))
 	m.launch(gpu.FuseCall(gpu.FuseLayer{Packed: dP, Absmax: dA, Out: c.out, In: c.in, Blocksize: c.bs,
-		A: m.put(f32le(a)), B: m.put(f32le(b)), Rank: c.rank, DType: c.dtype}))
-	return []out{{"packed", dP, len(packed)}, {"absmax", dA, 4 * len(absmax)}}
+		A: dA0, B: dB0, Rank: c.rank, DType: c.dtype}))
+	m.launch(gpu.FuseCall(gpu.FuseLayer{Packed: sP, Absmax: sA, Out: c.out, In: c.in, Blocksize: c.bs,
+		A: dA0, B: dB0, Rank: c.rank, DType: c.dtype, Stats: st}))
+	return []out{{"packed", dP, len(packed)}, {"absmax", dA, 4 * len(absmax)},
+		{"packed (stats)", sP, len(packed)}, {"absmax (stats)", sA, 4 * len(absmax)}, {"stats", st, 24}}
+}
+
+// wantStats is the retention sums of a fused merge in float64 on the CPU:
+// Σ eff·delta, Σ delta², Σ (eff − delta)², eff the fused weight minus the
+// original, both dequantized and rounded to the logical dtype.
+func (c fuseCase) wantStats(packed []byte, absmax, a, b []float32, fused map[string][]byte) [3]float64 {
+	n := c.out * c.in
+	base, eff := make([]float32, n), make([]float32, n)
+	nf4.Dequantize(base, packed, absmax, &nf4.NF4, n, c.bs)
+	nf4.Dequantize(eff, fused["packed"], f32s(fused["absmax"]), &nf4.NF4, n, c.bs)
+	nf4.RoundTo(base, dtypeNames[c.dtype])
+	nf4.RoundTo(eff, dtypeNames[c.dtype])
+	delta := make([]float32, n)
+	(&lora.SideLayer{Layer: lora.Layer{Out: c.out, In: c.in}, Rank: c.rank, A: a, B: b}).DeltaRows(delta, 0, c.out)
+	var s [3]float64
+	for i := range n {
+		e, d := float64(eff[i])-float64(base[i]), float64(delta[i])
+		s[0] += e * d
+		s[1] += d * d
+		s[2] += (e - d) * (e - d)
+	}
+	return s
+}
+
+// sameStats compares retention sums to 1e-9 relative (the order differs).
+func sameStats(t *testing.T, what string, got []byte, want [3]float64) {
+	t.Helper()
+	for k := range want {
+		g := math.Float64frombits(binary.LittleEndian.Uint64(got[8*k:]))
+		if math.Abs(g-want[k]) > 1e-9*math.Abs(want[k]) || (g == 0) != (want[k] == 0) {
+			t.Errorf("%s[%d] = %.17g, want %.17g", what, k, g, want[k])
+		}
+	}
+}
+
+func statsOf(b []byte) [3]float64 {
+	var s [3]float64
+	for k := range s {
+		s[k] = math.Float64frombits(binary.LittleEndian.Uint64(b[8*k:]))
+	}
+	return s
 }
 
 // want is the CPU's fused pass over the whole layer at once.
@@ -387,6 +435,13 @@ func TestFuse(t *testing.T) {
 			want := c.want(t, packed, absmax, a, b, true)
 			sameBytes(t, "packed", got["packed"], want["packed"])
 			sameBytes(t, "absmax", got["absmax"], want["absmax"])
+			sameBytes(t, "packed (stats)", got["packed (stats)"], want["packed"])
+			sameBytes(t, "absmax (stats)", got["absmax (stats)"], want["absmax"])
+			ws := c.wantStats(packed, absmax, a, b, want)
+			if ws[1] == 0 || ws[0] <= 0 {
+				t.Fatalf("sums %v: the case measures nothing", ws)
+			}
+			sameStats(t, "stats", got["stats"], ws)
 			if c.dtype != gpu.DTypeF32 {
 				unrounded := c.want(t, packed, absmax, a, b, false)
 				if bytes.Equal(unrounded["packed"], want["packed"]) && bytes.Equal(unrounded["absmax"], want["absmax"]) {
@@ -496,6 +551,10 @@ func TestAgainstEmulator(t *testing.T) {
 	for i, p := range all {
 		for j, o := range p.sim {
 			got, want := sim.get(o.p, o.n), emu.get(p.emu[j].p, o.n)
+			if o.name == "stats" {
+				sameStats(t, fmt.Sprintf("scenario %d stats", i), got, statsOf(want))
+				continue
+			}
 			if o.name == "sum" {
 				g, w := math.Float64frombits(binary.LittleEndian.Uint64(got)), math.Float64frombits(binary.LittleEndian.Uint64(want))
 				if math.Abs(g-w) > 1e-12*math.Abs(w) {
@@ -537,7 +596,7 @@ func TestLaunchErrors(t *testing.T) {
 		want string
 	}{
 		{"unknown kernel", with(good, func(c *gpu.Call) { c.Kernel = "nf4_bogus" }), "launch nf4_bogus: no such kernel"},
-		{"short arguments", with(fuse, func(c *gpu.Call) { c.Args = c.Args[:len(c.Args)-1] }), "nf4_fuse2d: 9 arguments, the kernel takes 10"},
+		{"short arguments", with(fuse, func(c *gpu.Call) { c.Args = c.Args[:len(c.Args)-1] }), "nf4_fuse2d: 10 arguments, the kernel takes 11"},
 		{"wrong kind", with(good, func(c *gpu.Call) { c.Args[2].Kind = 'd' }), "argument 2 (n) of kind 'd', want 'i'"},
 		{"freed output", with(good, func(c *gpu.Call) { c.Args[4].V = uint64(gone.Ptr) }), "argument 4 (out): " + fmt.Sprintf("%#x", gone.Ptr) + " + 4000 bytes: in a slab of 4096 bytes at"},
 		{"output past the end", with(good, func(c *gpu.Call) { c.Args[4].V = uint64(s.Ptr + 1<<16 - 100) }), "argument 4 (out)"},
@@ -549,6 +608,8 @@ func TestLaunchErrors(t *testing.T) {
 		{"fuse2d block size", with(fuse, func(c *gpu.Call) { c.Block = 128 }), "block 128, the kernel needs 256"},
 		{"zero grid", with(good, func(c *gpu.Call) { c.Grid = 0 }), "grid 0"},
 		{"fuse dtype", with(fuse, func(c *gpu.Call) { c.Args[9].V = 7 }), "dtype 7"},
+		{"fuse stats freed", with(fuse, func(c *gpu.Call) { c.Args[10].V = uint64(gone.Ptr) }), "argument 10 (stats)"},
+		{"fuse stats kind", with(fuse, func(c *gpu.Call) { c.Args[10].Kind = 'i' }), "argument 10 (stats) of kind 'i', want 'p'"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			err := d.Launch(c.call)
