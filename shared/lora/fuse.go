@@ -3,7 +3,6 @@ package lora
 import (
 	"context"
 	"fmt"
-	"math"
 	"runtime"
 	"sort"
 	"sync"
@@ -182,7 +181,7 @@ func Fuse(ctx context.Context, p *Plan, store Store, codec Codec, j Journal, opt
 		opt.TileElems = 1 << 18
 	}
 	if opt.WarnRetention == 0 {
-		opt.WarnRetention = 0.5
+		opt.WarnRetention = DefaultWarnRetention
 	}
 	if opt.CallerRestores {
 		j = noJournal{}
@@ -266,14 +265,7 @@ func Fuse(ctx context.Context, p *Plan, store Store, codec Codec, j Journal, opt
 			}
 		}
 		peak = max(peak, scratch)
-		lr := &rep.Layers[li]
-		if n > 0 {
-			lr.Retention, lr.RelError = d/n, math.Sqrt(e/n)
-			if lr.Retention < opt.WarnRetention {
-				lr.Warning = fmt.Sprintf("retention %.3f below %.2f: re-quantization erased most of the LoRA here; use side mode", lr.Retention, opt.WarnRetention)
-				rep.Warnings = append(rep.Warnings, sl.Name+": "+lr.Warning)
-			}
-		}
+		rep.SetLayerFit(li, sl.Name, d, n, e, opt.WarnRetention)
 		dot, norm, diff = dot+d, norm+n, diff+e
 	}
 	var unpatched []string
@@ -296,9 +288,7 @@ func Fuse(ctx context.Context, p *Plan, store Store, codec Codec, j Journal, opt
 			return fmt.Errorf("fuse: drop journal of %s: %w", name, err)
 		}
 	}
-	if norm > 0 {
-		rep.Retention, rep.RelError = dot/norm, math.Sqrt(diff/norm)
-	}
+	rep.SetFit(dot, norm, diff)
 	rep.PeakScratchBytes = peak
 	rep.Elapsed = time.Since(start)
 	return nil

@@ -1,6 +1,8 @@
 package lora
 
 import (
+	"fmt"
+	"math"
 	"path/filepath"
 	"time"
 )
@@ -49,6 +51,35 @@ type Report struct {
 	RelError  float64       `json:"rel_error,omitempty" msgpack:"rel_error,omitempty"`
 	Warnings  []string      `json:"warnings,omitempty" msgpack:"warnings,omitempty"`
 	Elapsed   time.Duration `json:"elapsed_ns" msgpack:"elapsed_ns"`
+}
+
+// DefaultWarnRetention is the retention below which a fused layer gets a
+// warning when FuseOptions.WarnRetention is 0.
+const DefaultWarnRetention = 0.5
+
+// SetLayerFit fills layer li's Retention and RelError from its fused sums,
+// dot = ⟨ΔW_eff, ΔW⟩, norm = ‖ΔW‖² and diff = ‖ΔW_eff − ΔW‖² (nothing when
+// norm is 0), and below warn its Warning, which it also appends to
+// r.Warnings under name. Fuse and the device fused pass both report
+// through it.
+func (r *Report) SetLayerFit(li int, name string, dot, norm, diff, warn float64) {
+	if norm <= 0 {
+		return
+	}
+	lr := &r.Layers[li]
+	lr.Retention, lr.RelError = dot/norm, math.Sqrt(diff/norm)
+	if lr.Retention < warn {
+		lr.Warning = fmt.Sprintf("retention %.3f below %.2f: re-quantization erased most of the LoRA here; use side mode", lr.Retention, warn)
+		r.Warnings = append(r.Warnings, name+": "+lr.Warning)
+	}
+}
+
+// SetFit sets the pass's Retention and RelError from the sums over all
+// fused layers (as SetLayerFit's).
+func (r *Report) SetFit(dot, norm, diff float64) {
+	if norm > 0 {
+		r.Retention, r.RelError = dot/norm, math.Sqrt(diff/norm)
+	}
 }
 
 func newReport(maps []*Mapping, strengths []float64, mode string) *Report {
