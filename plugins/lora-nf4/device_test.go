@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -21,6 +22,7 @@ import (
 	"github.com/arenahost/arenahost/shared/gpu"
 	"github.com/arenahost/arenahost/shared/gpu/gpusim"
 	"github.com/arenahost/arenahost/shared/half"
+	"github.com/arenahost/arenahost/shared/lora"
 	"github.com/arenahost/arenahost/shared/lora/lorawire"
 	"github.com/arenahost/arenahost/shared/nf4"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
@@ -479,7 +481,36 @@ func TestDeviceFuseMatchesCPU(t *testing.T) {
 			} else if got := dev.report.Report.PeakScratchBytes; got != c.peak {
 				t.Errorf("peak scratch %d bytes, want %d", got, c.peak)
 			}
+			sameFit(t, cpu.report.Report, dev.report.Report)
 		})
+	}
+}
+
+// sameFit: the device pass reports the CPU pass's retention and relative
+// error, overall and per layer, to 1e-6 relative (the kernels add the same
+// terms in another order), and warns about the same layers.
+func sameFit(t *testing.T, cpu, dev *lora.Report) {
+	t.Helper()
+	if cpu == nil || dev == nil {
+		t.Fatalf("reports: CPU %v, device %v", cpu, dev)
+	}
+	near := func(what string, c, d float64) {
+		if c <= 0 || math.Abs(d-c) > 1e-6*c {
+			t.Errorf("%s: device %.12g, CPU %.12g", what, d, c)
+		}
+	}
+	near("retention", cpu.Retention, dev.Retention)
+	near("rel_error", cpu.RelError, dev.RelError)
+	if len(cpu.Layers) != len(dev.Layers) || len(cpu.Warnings) != len(dev.Warnings) {
+		t.Fatalf("layers %d and %d, warnings %q and %q", len(cpu.Layers), len(dev.Layers), cpu.Warnings, dev.Warnings)
+	}
+	for i, cl := range cpu.Layers {
+		dl := dev.Layers[i]
+		if cl.Layer != dl.Layer || (cl.Warning == "") != (dl.Warning == "") {
+			t.Errorf("layer %d: CPU %+v, device %+v", i, cl, dl)
+		}
+		near(cl.Layer+" retention", cl.Retention, dl.Retention)
+		near(cl.Layer+" rel_error", cl.RelError, dl.RelError)
 	}
 }
 

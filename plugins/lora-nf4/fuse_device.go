@@ -2,7 +2,9 @@ package main
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
+	"math"
 	"time"
 
 	"github.com/arenahost/arenahost/sdk"
@@ -19,10 +21,14 @@ import (
 // B_cat (fp32, strengths folded: exactly the factors lora.Fuse's
 // DeltaRows multiplies) go up into one scratch allocation and one
 // gpu.FuseCall dequantizes, rounds to the logical dtype, adds B·A and
-// re-quantizes in place. The kernels reproduce DeltaRows' summation order,
-// so dense (full-rank) deltas, which DeltaRows adds after the factor sum,
-// have no device form yet and are refused, as are FP4 weights (the fused
-// kernels are NF4) and nested absmax (as on the CPU).
+// re-quantizes in place, adding the layer's retention sums (Σ eff·delta,
+// Σ delta², Σ (eff − delta)²) into its 3 float64 of a small stats
+// buffer, read back once at the end for the report's retention, relative
+// error and warnings, as lora.Fuse reports them. The kernels reproduce
+// DeltaRows' summation order, so dense (full-rank) deltas, which DeltaRows
+// adds after the factor sum, have no device form yet and are refused, as
+// are FP4 weights (the fused kernels are NF4) and nested absmax (as on the
+// CPU).
 
 // scratchAlign aligns B_cat after A_cat in the scratch allocation.
 const scratchAlign = 256
@@ -109,8 +115,9 @@ func (e *engine) deviceWeight(c *sdk.Call, layer string, out, in int) (*devWeigh
 }
 
 // fuseDevice runs the fused pass on device memory and fills the plan's
-// report (retention is not measured on the device: it would need the
-// delta on the CPU).
+// report, per-layer and overall retention and relative error included
+// (measured by the kernels: the sums differ from lora.Fuse's only in
+// their order).
 func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt nf4.DType) (err error) {
 	start := time.Now()
 	gdt, ok := gpuDType[dt]
@@ -158,6 +165,21 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 			err = fmt.Errorf("fuse: free device scratch: %w", ferr)
 		}
 	}()
+	// The retention sums: 3 float64 per layer, zeroed before the kernels
+	// add to them.
+	statsLen := uint64(statsBytes * len(p.Layers))
+	stats, err := dev.MemAlloc(statsLen)
+	if err != nil {
+		return fmt.Errorf("fuse: allocate %d bytes of device memory for the retention sums: %w", statsLen, err)
+	}
+	defer func() {
+		if ferr := dev.MemFree(stats); ferr != nil && err == nil {
+			err = fmt.Errorf("fuse: free the retention sums: %w", ferr)
+		}
+	}()
+	if err := dev.Upload(ctx, stats, make([]byte, statsLen)); err != nil {
+		return fmt.Errorf("fuse: zero the retention sums: %w", err)
+	}
 	// On failure the pass stops before its next layer and leaves what it
 	// wrote to the host, which puts back every weight it passed; the
 	// stream is drained first, so nothing is written after the return.
@@ -191,7 +213,8 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 			sl, w := p.Layers[q.i], weights[q.i]
 			a := scratch + gpu.DevicePtr(q.off)
 			call, err := gpu.FuseCall(gpu.FuseLayer{Packed: w.packed, Absmax: w.absmax, Out: sl.Out, In: sl.In,
-				Blocksize: w.blocksize, A: a, B: a + gpu.DevicePtr(scratchB(sl)), Rank: sl.Rank, DType: gdt})
+				Blocksize: w.blocksize, A: a, B: a + gpu.DevicePtr(scratchB(sl)), Rank: sl.Rank, DType: gdt,
+				Stats: stats + gpu.DevicePtr(statsBytes*q.i)})
 			if err != nil {
 				return fmt.Errorf("fuse: layer %s: %w", sl.Name, err)
 			}
@@ -232,12 +255,31 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 	if err := dev.Sync(); err != nil {
 		return fmt.Errorf("fuse: device sync: %w", err)
 	}
+	sums := make([]byte, statsLen)
+	if err := dev.Download(sums, stats); err != nil {
+		return fmt.Errorf("fuse: download the retention sums: %w", err)
+	}
 	rep := p.Report
 	rep.Mode = "fuse"
 	rep.Warnings = nil
+	var dot, norm, diff float64
+	for i, sl := range p.Layers {
+		d, n, e := statAt(sums, i, 0), statAt(sums, i, 1), statAt(sums, i, 2)
+		rep.SetLayerFit(i, sl.Name, d, n, e, lora.DefaultWarnRetention)
+		dot, norm, diff = dot+d, norm+n, diff+e
+	}
+	rep.SetFit(dot, norm, diff)
 	rep.PeakScratchBytes = int64(need)
 	rep.Elapsed = time.Since(start)
 	return nil
+}
+
+// statsBytes is one layer's retention sums on the device: 3 float64.
+const statsBytes = 24
+
+// statAt is layer i's k-th retention sum in the downloaded buffer.
+func statAt(b []byte, i, k int) float64 {
+	return math.Float64frombits(binary.LittleEndian.Uint64(b[statsBytes*i+8*k:]))
 }
 
 // scratchB is the offset of B_cat in a layer's slot: after A_cat, aligned.
