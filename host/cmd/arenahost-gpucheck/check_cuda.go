@@ -3,6 +3,7 @@
 package main
 
 import (
+	"encoding/binary"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -307,6 +308,7 @@ func checkFuse(dev *gpu.Device, r *Report, rng *rand.Rand, out, in, bs, rank, dt
 	orig := make([]float32, n)
 	nf4.Dequantize(orig, packed, absmax, &nf4.NF4, n, bs)
 	nf4.RoundTo(orig, nf4DTypes[dtype])
+	base := append([]float32(nil), orig...)
 	sl := &lora.SideLayer{Layer: lora.Layer{Name: "check", Out: out, In: in}, Rank: rank, A: a, B: b}
 	delta := make([]float32, n)
 	sl.DeltaRows(delta, 0, out)
@@ -315,6 +317,17 @@ func checkFuse(dev *gpu.Device, r *Report, rng *rand.Rand, out, in, bs, rank, dt
 	}
 	wantP, wantA := make([]byte, len(packed)), make([]float32, nb)
 	nf4.Quantize(wantP, wantA, orig, bs, nf4.QuantNF4)
+	// The retention sums as shared/lora measures them, in float64.
+	eff := make([]float32, n)
+	nf4.Dequantize(eff, wantP, wantA, &nf4.NF4, n, bs)
+	nf4.RoundTo(eff, nf4DTypes[dtype])
+	var wantS [3]float64
+	for i := range eff {
+		e, d := float64(eff[i])-float64(base[i]), float64(delta[i])
+		wantS[0] += e * d
+		wantS[1] += d * d
+		wantS[2] += (e - d) * (e - d)
+	}
 
 	dP, err := p.put(packed)
 	if err != nil {
@@ -351,6 +364,43 @@ func checkFuse(dev *gpu.Device, r *Report, rng *rand.Rand, out, in, bs, rank, dt
 	}
 	r.Check("correctness", fmt.Sprintf("fused merge [%d %d] bs=%d rank %d %s (%s)", out, in, bs, rank, dtypeNames[dtype], how),
 		Identical(s, int64(n))+fmt.Sprintf(", absmax %d/%d", sa, nb), target, IdenticalOK(s, int64(n)) && IdenticalOK(sa, int64(nb)))
+
+	// Again from the original bytes, measuring the retention sums: the
+	// same bytes, and sums equal to the CPU's to 1e-9 (another order).
+	sP, err := p.put(packed)
+	if err != nil {
+		return err
+	}
+	sA, err := p.putF32(absmax)
+	if err != nil {
+		return err
+	}
+	st, err := p.alloc(24)
+	if err != nil {
+		return err
+	}
+	if err := dev.Fuse(gpu.FuseLayer{Packed: sP, Absmax: sA, Out: out, In: in, Blocksize: bs, A: dFa, B: dFb, Rank: rank, DType: dtype, Stats: st}); err != nil {
+		return err
+	}
+	if gotP, err = p.get(sP, len(packed)); err != nil {
+		return err
+	}
+	if gotA, err = p.getF32(sA, nb); err != nil {
+		return err
+	}
+	gotS, err := p.get(st, 24)
+	if err != nil {
+		return err
+	}
+	worst := 0.0
+	for k, w := range wantS {
+		g := math.Float64frombits(binary.LittleEndian.Uint64(gotS[8*k:]))
+		worst = max(worst, math.Abs(g-w)/math.Abs(w))
+	}
+	s, sa = sameCodes(gotP, wantP, n), sameBits(gotA, wantA)
+	ok := IdenticalOK(s, int64(n)) && IdenticalOK(sa, int64(nb)) && worst < 1e-9
+	r.Check("correctness", fmt.Sprintf("fused merge [%d %d] %s measuring retention (%.4f)", out, in, dtypeNames[dtype], wantS[0]/wantS[1]),
+		Identical(s, int64(n))+fmt.Sprintf(", absmax %d/%d, sums rel. diff %.1e", sa, nb, worst), target+", sums < 1e-9", ok)
 	return nil
 }
 
