@@ -30,21 +30,11 @@ func (s callStore) Layer(name string) (*lora.QLayer, error) {
 		}
 	}
 	w := name + ".weight"
-	d, err := s.c.Input(w)
+	d, err := fusable(s.c, w)
 	if err != nil {
-		return nil, fmt.Errorf("the host passed no writable descriptor: %w", err)
+		return nil, err
 	}
 	q := d.GetQuant()
-	switch {
-	case d.GetAccess() != pluginv1.Access_ACCESS_READ_WRITE:
-		return nil, fmt.Errorf("weight %s passed %v, want read-write: %w", w, d.GetAccess(), sdk.ErrInvalidArgument)
-	case q == nil || len(q.GetShape()) != 2:
-		return nil, fmt.Errorf("weight %s is not a 2-D 4-bit weight: %w", w, sdk.ErrInvalidArgument)
-	case q.GetNested():
-		return nil, fmt.Errorf("weight %s has nested absmax: re-quantizing it would change nested_offset in the quant-state JSON; use side mode: %w", w, sdk.ErrFailedPrecondition)
-	case q.GetAbsmax().GetDtype() != pluginv1.DType_DTYPE_F32:
-		return nil, fmt.Errorf("weight %s: absmax dtype %v, want F32: %w", w, q.GetAbsmax().GetDtype(), sdk.ErrInvalidArgument)
-	}
 	packed, err := s.c.Bytes(d)
 	if err != nil {
 		return nil, err
@@ -64,6 +54,29 @@ func (s callStore) Layer(name string) (*lora.QLayer, error) {
 	}
 	return &lora.QLayer{Name: name, Out: int(q.GetShape()[0]), In: int(q.GetShape()[1]), Blocksize: int(q.GetBlocksize()),
 		Packed: packed, Absmax: am, Raw: [][]byte{packed, ab}}, nil
+}
+
+// fusable returns the descriptor the host passed for writing weight w
+// after the checks both fused passes (CPU and device) need: read-write, a
+// 2-D 4-bit weight, plain fp32 absmax (nested absmax would change the
+// quant state's nested_offset).
+func fusable(c *sdk.Call, w string) (*pluginv1.TensorDescriptor, error) {
+	d, err := c.Input(w)
+	if err != nil {
+		return nil, fmt.Errorf("the host passed no writable descriptor: %w", err)
+	}
+	q := d.GetQuant()
+	switch {
+	case d.GetAccess() != pluginv1.Access_ACCESS_READ_WRITE:
+		return nil, fmt.Errorf("weight %s passed %v, want read-write: %w", w, d.GetAccess(), sdk.ErrInvalidArgument)
+	case q == nil || len(q.GetShape()) != 2:
+		return nil, fmt.Errorf("weight %s is not a 2-D 4-bit weight: %w", w, sdk.ErrInvalidArgument)
+	case q.GetNested():
+		return nil, fmt.Errorf("weight %s has nested absmax: re-quantizing it would change nested_offset in the quant-state JSON; use side mode: %w", w, sdk.ErrFailedPrecondition)
+	case q.GetAbsmax().GetDtype() != pluginv1.DType_DTYPE_F32:
+		return nil, fmt.Errorf("weight %s: absmax dtype %v, want F32: %w", w, q.GetAbsmax().GetDtype(), sdk.ErrInvalidArgument)
+	}
+	return d, nil
 }
 
 func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs) (lorawire.ApplyResult, error) {

@@ -11,7 +11,6 @@ import (
 	"github.com/arenahost/arenahost/shared/gpu"
 	"github.com/arenahost/arenahost/shared/lora"
 	"github.com/arenahost/arenahost/shared/nf4"
-	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 	"github.com/arenahost/arenahost/shared/tensor"
 )
 
@@ -67,23 +66,16 @@ func onDevice(c *sdk.Call, p *lora.Plan) (bool, error) {
 }
 
 // deviceWeight checks a weight the host passed for writing on the device
-// and returns its addresses; it mirrors callStore.Layer's checks.
+// and returns its addresses: fusable's checks, plus what the device pass
+// needs.
 func (e *engine) deviceWeight(c *sdk.Call, layer string, out, in int) (*devWeight, error) {
 	w := layer + ".weight"
-	d, err := c.Input(w)
+	d, err := fusable(c, w)
 	if err != nil {
-		return nil, fmt.Errorf("the host passed no writable descriptor: %w", err)
+		return nil, err
 	}
 	q := d.GetQuant()
 	switch {
-	case d.GetAccess() != pluginv1.Access_ACCESS_READ_WRITE:
-		return nil, fmt.Errorf("weight %s passed %v, want read-write: %w", w, d.GetAccess(), sdk.ErrInvalidArgument)
-	case q == nil || len(q.GetShape()) != 2:
-		return nil, fmt.Errorf("weight %s is not a 2-D 4-bit weight: %w", w, sdk.ErrInvalidArgument)
-	case q.GetNested():
-		return nil, fmt.Errorf("weight %s has nested absmax: re-quantizing it would change nested_offset in the quant-state JSON; use side mode: %w", w, sdk.ErrFailedPrecondition)
-	case q.GetAbsmax().GetDtype() != pluginv1.DType_DTYPE_F32:
-		return nil, fmt.Errorf("weight %s: absmax dtype %v, want F32: %w", w, q.GetAbsmax().GetDtype(), sdk.ErrInvalidArgument)
 	case nf4.QuantType(q.GetQuantType()) != nf4.QuantNF4:
 		return nil, fmt.Errorf("weight %s is %q in CUDA device memory: the device fused pass has NF4 kernels only; use side mode: %w", w, q.GetQuantType(), sdk.ErrFailedPrecondition)
 	case int(q.GetShape()[0]) != out || int(q.GetShape()[1]) != in:
