@@ -103,7 +103,10 @@ func SumCall(absmax DevicePtr, nb int, out DevicePtr) (Call, error) {
 // pass measures them: Σ eff·delta, Σ delta², Σ (eff − delta)², where delta
 // is the fp32 delta B·A and eff = new − base, the re-quantized weight and
 // the original, both dequantized and rounded to DType, taken in float64.
-// Measuring changes no byte of the result.
+// Measuring changes no byte of the result. A layer with Stats runs the
+// measuring entry point (nf4_fuse2d_stats, nf4_fuse_stats); without, the
+// plain one, which carries none of the measuring code and so keeps its
+// registers and occupancy.
 type FuseLayer struct {
 	Packed, Absmax DevicePtr
 	Out, In        int
@@ -116,27 +119,35 @@ type FuseLayer struct {
 
 // FuseCall: the fused merge of one layer, dequantize (rounded to l.DType),
 // add B·A tile by tile in on-chip memory, re-quantize, in one kernel
-// (PlanFuse picks nf4_fuse2d or nf4_fuse).
+// (PlanFuse picks nf4_fuse2d or nf4_fuse, and their _stats variant when
+// l.Stats is set).
 func FuseCall(l FuseLayer) (Call, error) {
 	switch l.DType {
 	case DTypeF32, DTypeBF16, DTypeF16:
 	default:
 		return Call{}, fmt.Errorf("fuse: dtype %d (want %d f32, %d bf16 or %d f16)", l.DType, DTypeF32, DTypeBF16, DTypeF16)
 	}
-	p, err := PlanFuse(FuseShape{Out: l.Out, In: l.In, Blocksize: l.Blocksize, Rank: l.Rank})
+	stats := l.Stats != 0
+	p, err := PlanFuse(FuseShape{Out: l.Out, In: l.In, Blocksize: l.Blocksize, Rank: l.Rank, Stats: stats})
 	if err != nil {
 		return Call{}, err
 	}
-	if p.Kernel == "nf4_fuse2d" {
-		return call(p.Kernel, p.Launch, ptr(l.Packed), ptr(l.Absmax), num(l.Out), num(l.In), num(l.Blocksize),
-			ptr(l.A), ptr(l.B), num(l.Rank), num(p.TileCols), num(l.DType), ptr(l.Stats))
+	var args []Arg
+	if p.TwoD() {
+		args = []Arg{ptr(l.Packed), ptr(l.Absmax), num(l.Out), num(l.In), num(l.Blocksize),
+			ptr(l.A), ptr(l.B), num(l.Rank), num(p.TileCols), num(l.DType)}
+	} else {
+		bShared := 0
+		if p.BShared {
+			bShared = 1
+		}
+		args = []Arg{ptr(l.Packed), ptr(l.Absmax), num(l.Out), num(l.In), num(l.Blocksize),
+			ptr(l.A), ptr(l.B), num(l.Rank), num(p.TileElems), num(bShared), num(p.MaxRows), num(l.DType)}
 	}
-	bShared := 0
-	if p.BShared {
-		bShared = 1
+	if stats {
+		args = append(args, ptr(l.Stats))
 	}
-	return call("nf4_fuse", p.Launch, ptr(l.Packed), ptr(l.Absmax), num(l.Out), num(l.In), num(l.Blocksize),
-		ptr(l.A), ptr(l.B), num(l.Rank), num(p.TileElems), num(bShared), num(p.MaxRows), num(l.DType), ptr(l.Stats))
+	return call(p.Kernel, p.Launch, args...)
 }
 
 // SideRowsCall writes one LoRA's A [r × In] (n = r·In values of dtype)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"testing"
 
@@ -217,9 +218,9 @@ var fuseDTypes = map[int]nf4.DType{DTypeF32: nf4.Float32, DTypeBF16: nf4.BFloat1
 // TestEmuFuse: both fused-merge kernels against the CPU's fused pass
 // (shared/lora's NF4Codec: dequantize, round to the logical dtype as
 // bitsandbytes' dequantize_4bit does, add DeltaRows, quantize), bit for bit,
-// for fp32, bf16 and f16 logical dtypes; each case runs without and with
-// the retention sums, which must leave the bytes alone and agree with a
-// float64 computation on the CPU.
+// for fp32, bf16 and f16 logical dtypes; each case runs the plain entry
+// point and the measuring one (_stats), which must give the same bytes and
+// retention sums that agree with a float64 computation on the CPU.
 func TestEmuFuse(t *testing.T) {
 	rng := rand.New(rand.NewPCG(11, 12))
 	for _, c := range []struct{ out, in, bs, rank, dtype int }{
@@ -300,10 +301,21 @@ func TestEmuFuse(t *testing.T) {
 			dP, dA := m.put(packed), m.putF32(absmax)
 			sP, sA := m.put(packed), m.putF32(absmax)
 			stats := m.alloc(24)
-			m.add(FuseCall(FuseLayer{Packed: dP, Absmax: dA, Out: c.out, In: c.in, Blocksize: c.bs,
-				A: dA0, B: dB0, Rank: c.rank, DType: c.dtype}))
-			m.add(FuseCall(FuseLayer{Packed: sP, Absmax: sA, Out: c.out, In: c.in, Blocksize: c.bs,
-				A: dA0, B: dB0, Rank: c.rank, DType: c.dtype, Stats: stats}))
+			plain, err := FuseCall(FuseLayer{Packed: dP, Absmax: dA, Out: c.out, In: c.in, Blocksize: c.bs,
+				A: dA0, B: dB0, Rank: c.rank, DType: c.dtype})
+			if err != nil {
+				t.Fatal(err)
+			}
+			measured, err := FuseCall(FuseLayer{Packed: sP, Absmax: sA, Out: c.out, In: c.in, Blocksize: c.bs,
+				A: dA0, B: dB0, Rank: c.rank, DType: c.dtype, Stats: stats})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if plain.Kernel != p.Kernel || measured.Kernel != p.Kernel+"_stats" {
+				t.Fatalf("kernels %s and %s, want %s and its _stats variant", plain.Kernel, measured.Kernel, p.Kernel)
+			}
+			m.add(plain, nil)
+			m.add(measured, nil)
 			m.run(t)
 			sameBytes(t, "packed", m.get(dP, len(packed)), wantP)
 			sameF32(t, "absmax", m.getF32(dA, nb), wantA)
@@ -324,35 +336,66 @@ func TestEmuFuse(t *testing.T) {
 }
 
 // TestEmuFuseArity: the emulator refuses a launch whose argument count is
-// not the kernel's, as the old 12- and 10-argument fuse launches now are.
+// not the kernel's: a plain fused kernel given a stats pointer, a
+// measuring one without it (cuLaunchKernel would misread either); and the
+// Go side refuses to build such a call at all.
 func TestEmuFuseArity(t *testing.T) {
-	m := newImage(t)
-	c, err := FuseCall(FuseLayer{Packed: m.alloc(64 * 256 / 2), Absmax: m.alloc(4 * 256), Out: 64, In: 256, Blocksize: 64,
-		A: m.alloc(4 * 16 * 256), B: m.alloc(4 * 64 * 16), Rank: 16, DType: DTypeBF16})
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.Args = c.Args[:len(c.Args)-1]
-	m.add(c, nil)
-	if err := m.runErr(t); err == nil || !strings.Contains(err.Error(), "takes 11 arguments, launch has 10") {
-		t.Fatalf("short launch not refused: %v", err)
+	for _, tc := range []struct {
+		name  string
+		stats bool
+		edit  func(c *Call, stats DevicePtr)
+		want  string
+	}{
+		{"2-D plain with stats", false, func(c *Call, s DevicePtr) { c.Args = append(c.Args, ptr(s)) }, "nf4_fuse2d takes 10 arguments, launch has 11"},
+		{"2-D stats without", true, func(c *Call, _ DevicePtr) { c.Args = c.Args[:len(c.Args)-1] }, "nf4_fuse2d_stats takes 11 arguments, launch has 10"},
+		{"1-D plain with stats", false, func(c *Call, s DevicePtr) {
+			c.Kernel, c.Args = "nf4_fuse", append(c.Args[:8], num(4096), num(0), num(16), num(DTypeBF16), ptr(s))
+		}, "nf4_fuse takes 12 arguments, launch has 13"},
+		{"1-D stats without", true, func(c *Call, _ DevicePtr) {
+			c.Kernel, c.Args = "nf4_fuse_stats", append(c.Args[:8], num(4096), num(0), num(16), num(DTypeBF16))
+		}, "nf4_fuse_stats takes 13 arguments, launch has 12"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := newImage(t)
+			l := FuseLayer{Packed: m.alloc(64 * 256 / 2), Absmax: m.alloc(4 * 256), Out: 64, In: 256, Blocksize: 64,
+				A: m.alloc(4 * 16 * 256), B: m.alloc(4 * 64 * 16), Rank: 16, DType: DTypeBF16}
+			stats := m.alloc(24)
+			if tc.stats {
+				l.Stats = stats
+			}
+			c, err := FuseCall(l)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tc.edit(&c, stats)
+			if _, err := call(c.Kernel, c.Launch, c.Args...); err == nil || !strings.Contains(err.Error(), "arguments, want") {
+				t.Errorf("call accepted %s with %d arguments: %v", c.Kernel, len(c.Args), err)
+			}
+			m.add(c, nil)
+			if err := m.runErr(t); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("wrong arity not refused: %v, want %q", err, tc.want)
+			}
+		})
 	}
 }
 
 func TestFuseCallDType(t *testing.T) {
-	l := FuseLayer{Packed: 256, Absmax: 512, Out: 64, In: 256, Blocksize: 64, A: 1024, B: 2048, Rank: 16, Stats: 4096}
+	l := FuseLayer{Packed: 256, Absmax: 512, Out: 64, In: 256, Blocksize: 64, A: 1024, B: 2048, Rank: 16}
 	for _, tc := range []struct {
 		out, in, dtype int
+		stats          DevicePtr
 		kernel         string
 		err            string
 	}{
-		{64, 256, DTypeBF16, "nf4_fuse2d", ""},
-		{37, 77, DTypeF16, "nf4_fuse", ""},
-		{64, 256, DTypeF32, "nf4_fuse2d", ""},
-		{64, 256, 3, "", "fuse: dtype 3"},
-		{37, 77, -1, "", "fuse: dtype -1"},
+		{64, 256, DTypeBF16, 4096, "nf4_fuse2d_stats", ""},
+		{37, 77, DTypeF16, 4096, "nf4_fuse_stats", ""},
+		{64, 256, DTypeF32, 4096, "nf4_fuse2d_stats", ""},
+		{64, 256, DTypeBF16, 0, "nf4_fuse2d", ""},
+		{37, 77, DTypeF16, 0, "nf4_fuse", ""},
+		{64, 256, 3, 4096, "", "fuse: dtype 3"},
+		{37, 77, -1, 0, "", "fuse: dtype -1"},
 	} {
-		l.Out, l.In, l.DType = tc.out, tc.in, tc.dtype
+		l.Out, l.In, l.DType, l.Stats = tc.out, tc.in, tc.dtype, tc.stats
 		c, err := FuseCall(l)
 		if tc.err != "" {
 			if err == nil || !strings.Contains(err.Error(), tc.err) {
@@ -363,8 +406,12 @@ func TestFuseCallDType(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if c.Kernel != tc.kernel || len(c.Args) != Entries[tc.kernel] || c.Args[len(c.Args)-2] != num(tc.dtype) || c.Args[len(c.Args)-1] != ptr(l.Stats) {
-			t.Errorf("%dx%d dtype %d: %s with last arguments %v of %d", tc.out, tc.in, tc.dtype, c.Kernel, c.Args[len(c.Args)-2:], len(c.Args))
+		last := []Arg{num(tc.dtype)}
+		if tc.stats != 0 {
+			last = append(last, ptr(tc.stats))
+		}
+		if c.Kernel != tc.kernel || len(c.Args) != Entries[tc.kernel] || !slices.Equal(c.Args[len(c.Args)-len(last):], last) {
+			t.Errorf("%dx%d dtype %d stats %#x: %s with last arguments %v of %d", tc.out, tc.in, tc.dtype, tc.stats, c.Kernel, c.Args[len(c.Args)-len(last):], len(c.Args))
 		}
 	}
 }

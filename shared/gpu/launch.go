@@ -1,6 +1,9 @@
 package gpu
 
-import "fmt"
+import (
+	"fmt"
+	"strings"
+)
 
 // Element types of kernel inputs and outputs (the kernels' dtype codes).
 const (
@@ -103,6 +106,10 @@ type FuseShape struct {
 	Out, In   int // the weight is [Out × In]
 	Blocksize int // quantization blocksize (even, ≤ 4096)
 	Rank      int // Σr, the columns of B_cat and rows of A_cat
+	// Stats plans the measuring entry point (nf4_fuse2d_stats,
+	// nf4_fuse_stats), whose block reduction takes FuseStaticShared more
+	// static shared memory.
+	Stats bool
 }
 
 // FusePlan is a fused merge's launch. For a layer whose rows hold whole
@@ -110,10 +117,12 @@ type FuseShape struct {
 // nf4_fuse2d: 2-D tiles of TileRows × TileCols, rank chunks staged in
 // shared memory. Otherwise it is nf4_fuse: runs of TileElems elements (a
 // multiple of the blocksize), MaxRows rows of B_cat per tile staged in
-// shared memory when BShared.
+// shared memory when BShared. With FuseShape.Stats the entry point is the
+// measuring one, nf4_fuse2d_stats or nf4_fuse_stats (same geometry and
+// tiles; only the 1-D budget for the dynamic shared memory is smaller).
 type FusePlan struct {
 	Launch
-	Kernel    string // "nf4_fuse2d" or "nf4_fuse"
+	Kernel    string // "nf4_fuse2d", "nf4_fuse", or either with "_stats"
 	TileElems int
 	Tiles     int
 	TileRows  int  // nf4_fuse2d
@@ -129,9 +138,11 @@ const (
 	FuseTile      = 4096
 	FuseRankChunk = 16
 	FuseTileCols  = 256
-	// FuseStaticShared is the static shared memory of the fused kernels
-	// (the retention sums' block reduction: 3 doubles per warp of up to
-	// 1024 threads), which the 1-D plan leaves free of MaxSharedBytes.
+	// FuseStaticShared is the static shared memory the measuring entry
+	// points (nf4_fuse_stats, nf4_fuse2d_stats) add (the retention sums'
+	// block reduction: 3 doubles per warp of up to 1024 threads), which
+	// their 1-D plan leaves free of MaxSharedBytes. The plain entry points
+	// have none of it.
 	FuseStaticShared = 3 * 32 * 8
 )
 
@@ -141,8 +152,8 @@ const (
 // the blocksize and min(In, FuseTileCols). Otherwise the 1-D tile starts at
 // DefaultTileElems rounded to the blocksize and halves, never below one
 // block, until the merged tile plus the B rows it spans fit MaxSharedBytes
-// less FuseStaticShared;
-// when even one block's rows do not fit, B stays in global memory.
+// (less FuseStaticShared for the measuring kernel, s.Stats); when even one
+// block's rows do not fit, B stays in global memory.
 func PlanFuse(s FuseShape) (FusePlan, error) {
 	n := s.Out * s.In
 	switch {
@@ -163,25 +174,41 @@ func PlanFuse(s FuseShape) (FusePlan, error) {
 		tiles := (s.Out + rows - 1) / rows * ((s.In + cols - 1) / cols)
 		return FusePlan{
 			Launch:    Launch{Grid: min(MaxGrid, tiles), Block: ThreadsPerBlock, Shared: 4 * (FuseTile + FuseRankChunk*cols + rows*FuseRankChunk)},
-			Kernel:    "nf4_fuse2d",
+			Kernel:    fuseKernel("nf4_fuse2d", s.Stats),
 			TileElems: FuseTile, Tiles: tiles, TileRows: rows, TileCols: cols,
 		}, nil
 	}
 	tile := max(s.Blocksize, DefaultTileElems/s.Blocksize*s.Blocksize)
 	tile = min(tile, (n+s.Blocksize-1)/s.Blocksize*s.Blocksize)
+	budget := MaxSharedBytes
+	if s.Stats {
+		budget -= FuseStaticShared
+	}
 	for {
 		rows := maxRows(tile, s.In, s.Out)
-		if 4*(tile+rows*s.Rank) <= MaxSharedBytes-FuseStaticShared {
-			return fusePlan(n, tile, rows, s.Rank, true), nil
+		if 4*(tile+rows*s.Rank) <= budget {
+			return fusePlan(n, tile, rows, s.Rank, true, s.Stats), nil
 		}
 		if tile == s.Blocksize {
-			return fusePlan(n, tile, rows, s.Rank, false), nil
+			return fusePlan(n, tile, rows, s.Rank, false, s.Stats), nil
 		}
 		tile = max(s.Blocksize, tile/2/s.Blocksize*s.Blocksize)
 	}
 }
 
-func fusePlan(n, tile, rows, rank int, bShared bool) FusePlan {
+// fuseKernel names the plain or the measuring entry point of a fused kernel.
+func fuseKernel(base string, stats bool) string {
+	if stats {
+		return base + "_stats"
+	}
+	return base
+}
+
+// TwoD reports whether the plan is for the 2-D kernel (nf4_fuse2d or
+// nf4_fuse2d_stats).
+func (p FusePlan) TwoD() bool { return strings.HasPrefix(p.Kernel, "nf4_fuse2d") }
+
+func fusePlan(n, tile, rows, rank int, bShared, stats bool) FusePlan {
 	tiles := (n + tile - 1) / tile
 	shared := 4 * tile
 	if bShared {
@@ -189,7 +216,7 @@ func fusePlan(n, tile, rows, rank int, bShared bool) FusePlan {
 	}
 	return FusePlan{
 		Launch:    Launch{Grid: min(MaxGrid, tiles), Block: ThreadsPerBlock, Shared: shared},
-		Kernel:    "nf4_fuse",
+		Kernel:    fuseKernel("nf4_fuse", stats),
 		TileElems: tile, Tiles: tiles, MaxRows: rows, BShared: bShared,
 	}
 }

@@ -70,6 +70,18 @@ func TestPlanFuse(t *testing.T) {
 		{"narrow rows shrink the tile", FuseShape{Out: 5000, In: 3, Blocksize: 64, Rank: 64},
 			FusePlan{Launch: Launch{Grid: 30, Block: 256, Shared: 4*512 + 4*172*64}, Kernel: "nf4_fuse",
 				TileElems: 512, Tiles: 30, MaxRows: 172, BShared: true}, ""},
+		// Rank 68: the plain kernel's 512-element tile needs 48832 bytes,
+		// within 48 KiB, but not within the 48384 the measuring kernel's
+		// reduction leaves, so its tile halves: 4·(256+87·68) bytes.
+		{"plain kernel keeps the full budget", FuseShape{Out: 5000, In: 3, Blocksize: 64, Rank: 68},
+			FusePlan{Launch: Launch{Grid: 30, Block: 256, Shared: 4*512 + 4*172*68}, Kernel: "nf4_fuse",
+				TileElems: 512, Tiles: 30, MaxRows: 172, BShared: true}, ""},
+		{"stats kernel leaves room for its reduction", FuseShape{Out: 5000, In: 3, Blocksize: 64, Rank: 68, Stats: true},
+			FusePlan{Launch: Launch{Grid: 59, Block: 256, Shared: 4*256 + 4*87*68}, Kernel: "nf4_fuse_stats",
+				TileElems: 256, Tiles: 59, MaxRows: 87, BShared: true}, ""},
+		{"stats 2-D", FuseShape{Out: 9216, In: 3072, Blocksize: 64, Rank: 16, Stats: true},
+			FusePlan{Launch: Launch{Grid: 6912, Block: 256, Shared: 4 * (4096 + 16*256 + 16*16)}, Kernel: "nf4_fuse2d_stats",
+				TileElems: 4096, Tiles: 6912, TileRows: 16, TileCols: 256}, ""},
 		{"rank too large for shared B", FuseShape{Out: 100, In: 1, Blocksize: 64, Rank: 4096},
 			FusePlan{Launch: Launch{Grid: 2, Block: 256, Shared: 4 * 64}, Kernel: "nf4_fuse", TileElems: 64, Tiles: 2, MaxRows: 65}, ""},
 		{"tiny layer", FuseShape{Out: 3, In: 7, Blocksize: 64, Rank: 4},
@@ -101,20 +113,26 @@ func TestPlanFuse(t *testing.T) {
 }
 
 // TestPlanFuseInvariants checks every Flux-dev linear and a sweep of odd
-// shapes. Both kernels: the tiles cover the layer and fit shared memory.
+// shapes, for the plain and the measuring entry points. Both kernels: the
+// tiles cover the layer and fit shared memory with the kernel's static
+// arrays (the 2-D LUT; the sums' reduction of the _stats variants).
 // 1-D: tiles start on a block and MaxRows bounds the rows a tile touches.
 // 2-D: a tile row holds whole blocks and every thread owns 16 elements.
 func TestPlanFuseInvariants(t *testing.T) {
 	var shapes []FuseShape
 	for _, l := range fluxLinears(t) {
 		for _, r := range []int{16, 80} {
-			shapes = append(shapes, FuseShape{Out: l.Out, In: l.In, Blocksize: 64, Rank: r})
+			shapes = append(shapes, FuseShape{Out: l.Out, In: l.In, Blocksize: 64, Rank: r},
+				FuseShape{Out: l.Out, In: l.In, Blocksize: 64, Rank: r, Stats: true})
 		}
 	}
 	for _, out := range []int{1, 2, 7, 63, 130} {
 		for _, in := range []int{1, 3, 31, 64, 65, 96, 1000, 4096} {
 			for _, bs := range []int{32, 64, 256, 1024} {
-				shapes = append(shapes, FuseShape{Out: out, In: in, Blocksize: bs, Rank: 3})
+				for _, r := range []int{3, 68, 300} {
+					shapes = append(shapes, FuseShape{Out: out, In: in, Blocksize: bs, Rank: r},
+						FuseShape{Out: out, In: in, Blocksize: bs, Rank: r, Stats: true})
+				}
 			}
 		}
 	}
@@ -125,10 +143,22 @@ func TestPlanFuseInvariants(t *testing.T) {
 			t.Fatalf("%+v: %v", s, err)
 		}
 		n := s.Out * s.In
-		if p.Shared > MaxSharedBytes-64 { // 64 bytes of static shared memory (the LUT)
-			t.Fatalf("%+v: shared %d", s, p.Shared)
+		static := 0
+		if p.TwoD() {
+			static += 64 // the LUT
 		}
-		if p.Kernel == "nf4_fuse2d" {
+		if s.Stats {
+			static += FuseStaticShared
+			if !strings.HasSuffix(p.Kernel, "_stats") {
+				t.Fatalf("%+v: kernel %s", s, p.Kernel)
+			}
+		} else if strings.HasSuffix(p.Kernel, "_stats") {
+			t.Fatalf("%+v: kernel %s", s, p.Kernel)
+		}
+		if p.Shared+static > MaxSharedBytes {
+			t.Fatalf("%+v: shared %d + static %d", s, p.Shared, static)
+		}
+		if p.TwoD() {
 			twoD++
 			if s.In%s.Blocksize != 0 || p.TileCols%s.Blocksize != 0 || p.TileRows*p.TileCols != FuseTile ||
 				FuseTile != 16*p.Block || p.Tiles != (s.Out+p.TileRows-1)/p.TileRows*((s.In+p.TileCols-1)/p.TileCols) {
@@ -149,7 +179,7 @@ func TestPlanFuseInvariants(t *testing.T) {
 			}
 		}
 	}
-	if twoD < 2*304 {
+	if twoD < 4*304 {
 		t.Fatalf("only %d shapes use the 2-D kernel; every Flux linear should", twoD)
 	}
 }

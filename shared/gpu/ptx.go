@@ -21,8 +21,10 @@ var Entries = map[string]int{
 	"nested_dequantize": 6,
 	"nested_quantize":   6,
 	"absmax_sum":        3,
-	"nf4_fuse":          13,
-	"nf4_fuse2d":        11,
+	"nf4_fuse":          12,
+	"nf4_fuse2d":        10,
+	"nf4_fuse_stats":    13,
+	"nf4_fuse2d_stats":  11,
 	"side_rows":         5,
 	"side_cols":         10,
 }

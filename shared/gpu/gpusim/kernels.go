@@ -46,10 +46,14 @@ var kernels = map[string]kernel{
 	"nested_dequantize": {"pppdip", []string{"q", "nabs", "map", "offset", "nb", "out"}, 0, planNestedDequantize},
 	"nested_quantize":   {"pidppp", []string{"absmax", "nb", "offset", "map", "q", "nabs"}, gpu.NestedBlocksize, planNestedQuantize},
 	"absmax_sum":        {"pip", []string{"absmax", "nb", "out"}, gpu.ThreadsPerBlock, planSum},
-	"nf4_fuse": {"ppiiippiiiiip", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile", "b_smem", "max_rows", "dtype", "stats"},
-		0, planFuse},
-	"nf4_fuse2d": {"ppiiippiiip", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile_cols", "dtype", "stats"},
-		gpu.ThreadsPerBlock, planFuse2D},
+	"nf4_fuse": {"ppiiippiiiii", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile", "b_smem", "max_rows", "dtype"},
+		0, planFuse(false)},
+	"nf4_fuse_stats": {"ppiiippiiiiip", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile", "b_smem", "max_rows", "dtype", "stats"},
+		0, planFuse(true)},
+	"nf4_fuse2d": {"ppiiippiii", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile_cols", "dtype"},
+		gpu.ThreadsPerBlock, planFuse2D(false)},
+	"nf4_fuse2d_stats": {"ppiiippiiip", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile_cols", "dtype", "stats"},
+		gpu.ThreadsPerBlock, planFuse2D(true)},
 	"side_rows": {"piidp", []string{"src", "dtype", "n", "scale", "dst"}, 0, planSideRows},
 	"side_cols": {"piiiidpiii", []string{"src", "dtype", "src_row0", "rows", "r", "scale", "dst", "row0", "rank", "col"},
 		0, planSideCols},
@@ -327,8 +331,14 @@ func planSum(a args, names []string, _ gpu.Launch) (plan, error) {
 	}, nil
 }
 
-// fuseShape checks the arguments both fused-merge kernels share.
-func fuseShape(a args, names []string) (out, in, bs, rank int64, dt nf4.DType, err error) {
+// fuseShape checks the arguments the fused-merge kernels share, and the
+// shared memory the launch leaves for the static arrays: the measuring
+// variants (stats) add gpu.FuseStaticShared to the 48 KiB a block has.
+// It returns the index of the stats argument, -1 for a plain kernel; a
+// measuring kernel given no stats pointer is refused, as the GPU would
+// fault on it.
+func fuseShape(a args, names []string, l gpu.Launch, stats bool) (out, in, bs, rank int64, dt nf4.DType, statsIdx int, err error) {
+	statsIdx = -1
 	if err = positive(a, names, 2, 3, 4, 7); err != nil {
 		return
 	}
@@ -336,12 +346,31 @@ func fuseShape(a args, names []string) (out, in, bs, rank int64, dt nf4.DType, e
 	if err = evenBlocksize(bs); err != nil {
 		return
 	}
-	dt, err = dtypeArg(a, len(names)-2, "dtype") // the last is stats
+	di := len(names) - 1
+	if stats {
+		di, statsIdx = len(names)-2, len(names)-1
+		switch {
+		case a.p(statsIdx) == 0:
+			err = fmt.Errorf("stats is null (the plain kernel measures nothing)")
+			return
+		case l.Shared+gpu.FuseStaticShared > gpu.MaxSharedBytes:
+			err = fmt.Errorf("%d bytes of dynamic shared memory and %d static (the sums' reduction) exceed %d",
+				l.Shared, gpu.FuseStaticShared, gpu.MaxSharedBytes)
+			return
+		}
+	}
+	dt, err = dtypeArg(a, di, "dtype")
 	return
 }
 
-func planFuse(a args, names []string, l gpu.Launch) (plan, error) {
-	out, in, bs, rank, dt, err := fuseShape(a, names)
+func planFuse(stats bool) func(a args, names []string, l gpu.Launch) (plan, error) {
+	return func(a args, names []string, l gpu.Launch) (plan, error) {
+		return checkFuse1D(a, names, l, stats)
+	}
+}
+
+func checkFuse1D(a args, names []string, l gpu.Launch, stats bool) (plan, error) {
+	out, in, bs, rank, dt, statsIdx, err := fuseShape(a, names, l, stats)
 	if err != nil {
 		return plan{}, err
 	}
@@ -368,11 +397,17 @@ func planFuse(a args, names []string, l gpu.Launch) (plan, error) {
 	if int64(l.Shared) < need {
 		return plan{}, fmt.Errorf("%d bytes of shared memory, the tile needs %d", l.Shared, need)
 	}
-	return fusePlan(out, in, bs, rank, dt, statsArg(a, 12))
+	return fusePlan(out, in, bs, rank, dt, statsIdx)
 }
 
-func planFuse2D(a args, names []string, l gpu.Launch) (plan, error) {
-	out, in, bs, rank, dt, err := fuseShape(a, names)
+func planFuse2D(stats bool) func(a args, names []string, l gpu.Launch) (plan, error) {
+	return func(a args, names []string, l gpu.Launch) (plan, error) {
+		return checkFuse2D(a, names, l, stats)
+	}
+}
+
+func checkFuse2D(a args, names []string, l gpu.Launch, stats bool) (plan, error) {
+	out, in, bs, rank, dt, statsIdx, err := fuseShape(a, names, l, stats)
 	if err != nil {
 		return plan{}, err
 	}
@@ -387,16 +422,7 @@ func planFuse2D(a args, names []string, l gpu.Launch) (plan, error) {
 	if int64(l.Shared) < need {
 		return plan{}, fmt.Errorf("%d bytes of shared memory, tile_cols %d needs %d", l.Shared, cols, need)
 	}
-	return fusePlan(out, in, bs, rank, dt, statsArg(a, 10))
-}
-
-// statsArg is the index of a fused kernel's stats argument, or -1 when it
-// is 0 (nothing measured).
-func statsArg(a args, i int) int {
-	if a.p(i) == 0 {
-		return -1
-	}
-	return i
+	return fusePlan(out, in, bs, rank, dt, statsIdx)
 }
 
 // fuseChunk is how many elements the simulator merges at a time (rounded

@@ -348,7 +348,7 @@ func (c fuseCase) inputs(rng *rand.Rand) (packed []byte, absmax, a, b []float32)
 }
 
 // scenario fuses the layer twice, without and with the retention sums
-// ("stats": 3 float64).
+// ("stats": 3 float64): the plain entry point and the _stats one.
 func (c fuseCase) scenario(m mem, packed []byte, absmax, a, b []float32) []out {
 	dA0, dB0 := m.put(f32le(a)), m.put(f32le(b))
 	dP, dA := m.put(packed), m.put(f32le(absmax))
@@ -585,6 +585,11 @@ func TestLaunchErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	fuseStats, err := gpu.FuseCall(gpu.FuseLayer{Packed: s.Ptr, Absmax: s.Ptr + 8192, Out: 64, In: 256, Blocksize: 64,
+		A: s.Ptr + 12288, B: s.Ptr + 32768, Rank: 16, DType: gpu.DTypeBF16, Stats: s.Ptr + 40960})
+	if err != nil {
+		t.Fatal(err)
+	}
 	with := func(c gpu.Call, f func(*gpu.Call)) gpu.Call {
 		c.Args = append([]gpu.Arg(nil), c.Args...)
 		f(&c)
@@ -596,7 +601,11 @@ func TestLaunchErrors(t *testing.T) {
 		want string
 	}{
 		{"unknown kernel", with(good, func(c *gpu.Call) { c.Kernel = "nf4_bogus" }), "launch nf4_bogus: no such kernel"},
-		{"short arguments", with(fuse, func(c *gpu.Call) { c.Args = c.Args[:len(c.Args)-1] }), "nf4_fuse2d: 10 arguments, the kernel takes 11"},
+		{"short arguments", with(fuse, func(c *gpu.Call) { c.Args = c.Args[:len(c.Args)-1] }), "nf4_fuse2d: 9 arguments, the kernel takes 10"},
+		{"plain fuse given stats", with(fuse, func(c *gpu.Call) { c.Args = append(c.Args, fuseStats.Args[10]) }), "nf4_fuse2d: 11 arguments, the kernel takes 10"},
+		{"stats fuse without stats", with(fuseStats, func(c *gpu.Call) { c.Args = c.Args[:len(c.Args)-1] }), "nf4_fuse2d_stats: 10 arguments, the kernel takes 11"},
+		{"stats fuse with null stats", with(fuseStats, func(c *gpu.Call) { c.Args[10].V = 0 }), "launch nf4_fuse2d_stats: stats is null"},
+		{"stats fuse shared memory", with(fuseStats, func(c *gpu.Call) { c.Shared = gpu.MaxSharedBytes - 8 }), "and 768 static (the sums' reduction) exceed 49152"},
 		{"wrong kind", with(good, func(c *gpu.Call) { c.Args[2].Kind = 'd' }), "argument 2 (n) of kind 'd', want 'i'"},
 		{"freed output", with(good, func(c *gpu.Call) { c.Args[4].V = uint64(gone.Ptr) }), "argument 4 (out): " + fmt.Sprintf("%#x", gone.Ptr) + " + 4000 bytes: in a slab of 4096 bytes at"},
 		{"output past the end", with(good, func(c *gpu.Call) { c.Args[4].V = uint64(s.Ptr + 1<<16 - 100) }), "argument 4 (out)"},
@@ -608,8 +617,9 @@ func TestLaunchErrors(t *testing.T) {
 		{"fuse2d block size", with(fuse, func(c *gpu.Call) { c.Block = 128 }), "block 128, the kernel needs 256"},
 		{"zero grid", with(good, func(c *gpu.Call) { c.Grid = 0 }), "grid 0"},
 		{"fuse dtype", with(fuse, func(c *gpu.Call) { c.Args[9].V = 7 }), "dtype 7"},
-		{"fuse stats freed", with(fuse, func(c *gpu.Call) { c.Args[10].V = uint64(gone.Ptr) }), "argument 10 (stats)"},
-		{"fuse stats kind", with(fuse, func(c *gpu.Call) { c.Args[10].Kind = 'i' }), "argument 10 (stats) of kind 'i', want 'p'"},
+		{"fuse stats freed", with(fuseStats, func(c *gpu.Call) { c.Args[10].V = uint64(gone.Ptr) }), "argument 10 (stats)"},
+		{"fuse stats kind", with(fuseStats, func(c *gpu.Call) { c.Args[10].Kind = 'i' }), "argument 10 (stats) of kind 'i', want 'p'"},
+		{"fuse stats dtype", with(fuseStats, func(c *gpu.Call) { c.Args[9].V = 7 }), "dtype 7"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			err := d.Launch(c.call)

@@ -140,6 +140,8 @@ __device__ __forceinline__ void fuse_stat(double* s, float nv, float orig, float
 }
 
 // fuse_stats_flush: every thread of the block calls it once, at the end.
+// Only the _stats entry points (STATS = true) reach it, so only they hold
+// its shared array.
 __device__ __forceinline__ void fuse_stats_flush(u64 stats_, double* s) {
     __shared__ double red[3 * 32];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -305,12 +307,15 @@ extern "C" __global__ void absmax_sum(u64 absmax_, i64 nb, u64 out_) {
 // is set, by the B rows the tile spans (max_rows × rank floats); otherwise
 // B is read through the read-only cache. No full-layer temporary exists.
 // absmax is fp32 (decoded from nested storage beforehand when nested).
-// With stats_ (see fuse_stat), each warp measures its block while it
-// re-quantizes it: the old codes and absmax give the base, and the delta
-// is computed again (the same function, so the same bits).
-extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
-                                    u64 a_, u64 b_, i64 rank, i64 tile, i64 b_smem, i64 max_rows, i64 dtype,
-                                    u64 stats_) {
+// nf4_fuse_stats (STATS, stats_ != 0, see fuse_stat) also measures: each
+// warp measures its block while it re-quantizes it: the old codes and
+// absmax give the base, and the delta is computed again (the same
+// function, so the same bits). The body is a template so that nf4_fuse,
+// which never measures, carries none of it (registers, the reduction's
+// shared memory): the merge's occupancy is the plain kernel's.
+template <bool STATS>
+__device__ __forceinline__ void fuse1d(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
+                                       u64 a_, u64 b_, i64 rank, i64 tile, i64 b_smem, i64 dtype, u64 stats_) {
     EXTERN_SHARED(float, smem);
     float* w = smem;
     float* bs_rows = smem + tile;
@@ -322,6 +327,7 @@ extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 i
     i64 tiles = (n + tile - 1) / tile;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     double st[3] = {0.0, 0.0, 0.0};
+    (void)st;
     for (i64 t = blockIdx.x; t < tiles; t += gridDim.x) {
         i64 e0 = t * tile, e1 = min(e0 + tile, n);
         i64 r0 = e0 / in_dim;
@@ -354,15 +360,19 @@ extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 i
             am = warp_max(am);
             // The block's old absmax, read by every lane before lane 0
             // overwrites it.
-            float oam = stats_ ? absmax[(e0 + lo) / bs] : 0.0f;
-            if (stats_) __syncwarp();
+            float oam = 0.0f;
+            if constexpr (STATS) {
+                oam = absmax[(e0 + lo) / bs];
+                __syncwarp();
+            }
+            (void)oam;
             if (lane == 0) absmax[(e0 + lo) / bs] = am;
             float inv = nf4_rcp(am);
             for (i64 jj = lo / 2 + lane; jj < (hi + 1) / 2; jj += 32) {
                 float x0 = w[2 * jj];
                 float x1 = 2 * jj + 1 < hi ? w[2 * jj + 1] : 0.0f;
                 u32 np = nf4_code(__fmul_rn(x0, inv)) << 4 | nf4_code(__fmul_rn(x1, inv));
-                if (stats_) {
+                if constexpr (STATS) {
                     u32 op = packed[e0 / 2 + jj];
                     for (int h = 0; h < 2 && 2 * jj + h < hi; h++) {
                         i64 e = e0 + 2 * jj + h;
@@ -377,7 +387,22 @@ extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 i
             }
         }
     }
-    if (stats_) fuse_stats_flush(stats_, st);
+    if constexpr (STATS) fuse_stats_flush(stats_, st);
+}
+
+// max_rows is the plan's (gpu.FusePlan.MaxRows): the kernel needs only the
+// shared memory the launch gives it, so it is unused here.
+extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
+                                    u64 a_, u64 b_, i64 rank, i64 tile, i64 b_smem, i64 max_rows, i64 dtype) {
+    (void)max_rows;
+    fuse1d<false>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile, b_smem, dtype, 0);
+}
+
+extern "C" __global__ void nf4_fuse_stats(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
+                                          u64 a_, u64 b_, i64 rank, i64 tile, i64 b_smem, i64 max_rows, i64 dtype,
+                                          u64 stats_) {
+    (void)max_rows;
+    fuse1d<true>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile, b_smem, dtype, stats_);
 }
 
 // nf4_fuse2d: the fused merge for layers whose rows hold whole blocks
@@ -390,15 +415,17 @@ extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 i
 // element. The sum order (groups of four ranks, each group rounded, then
 // added) is shared/lora DeltaRows', so results equal the CPU's bit for bit.
 // As in nf4_fuse, the dequantized base is rounded to dtype before the add.
-// With stats_ (see fuse_stat), each thread keeps its elements' rounded base
-// in registers and, once the tile is re-quantized, reads the new codes and
-// absmax back.
+// nf4_fuse2d_stats (STATS, see fuse_stat) also measures: each thread keeps
+// its elements' rounded base in registers and, once the tile is
+// re-quantized, reads the new codes and absmax back; nf4_fuse2d carries
+// none of it (see fuse1d).
 #define FUSE_TILE 4096
 #define FUSE_RC 16
 #define FUSE_PER_THREAD (FUSE_TILE / 256)
 
-extern "C" __global__ void nf4_fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
-                                      u64 a_, u64 b_, i64 rank, i64 tile_cols, i64 dtype, u64 stats_) {
+template <bool STATS>
+__device__ __forceinline__ void fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
+                                       u64 a_, u64 b_, i64 rank, i64 tile_cols, i64 dtype, u64 stats_) {
     __shared__ float lut[16];
     EXTERN_SHARED(float, smem);
     const i64 tile_rows = FUSE_TILE / tile_cols;
@@ -414,6 +441,7 @@ extern "C" __global__ void nf4_fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64
     const i64 col_tiles = (in_dim + tile_cols - 1) / tile_cols;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     double st[3] = {0.0, 0.0, 0.0};
+    (void)st;
     for (i64 t = blockIdx.x; t < row_tiles * col_tiles; t += gridDim.x) {
         const i64 r0 = (t / col_tiles) * tile_rows, c0 = (t % col_tiles) * tile_cols;
         const i64 nr = min(tile_rows, out_dim - r0), nc = min(tile_cols, in_dim - c0);
@@ -488,7 +516,7 @@ extern "C" __global__ void nf4_fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64
             for (i64 jj = lane; jj < bs / 2; jj += 32)
                 packed[g0 / 2 + jj] = (u8)(nf4_code(__fmul_rn(x[2 * jj], inv)) << 4 | nf4_code(__fmul_rn(x[2 * jj + 1], inv)));
         }
-        if (stats_) {
+        if constexpr (STATS) {
             __syncthreads();  // the tile's new codes and absmax are written
 #pragma unroll
             for (int i = 0; i < FUSE_PER_THREAD; i++) {
@@ -502,7 +530,17 @@ extern "C" __global__ void nf4_fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64
             }
         }
     }
-    if (stats_) fuse_stats_flush(stats_, st);
+    if constexpr (STATS) fuse_stats_flush(stats_, st);
+}
+
+extern "C" __global__ void nf4_fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
+                                      u64 a_, u64 b_, i64 rank, i64 tile_cols, i64 dtype) {
+    fuse2d<false>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, dtype, 0);
+}
+
+extern "C" __global__ void nf4_fuse2d_stats(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
+                                            u64 a_, u64 b_, i64 rank, i64 tile_cols, i64 dtype, u64 stats_) {
+    fuse2d<true>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, dtype, stats_);
 }
 
 // side_rows: A_cat rows of one LoRA: dst[i] = fp32(src[i]) * scale for i < n
