@@ -329,6 +329,7 @@ var fuseCases = []fuseCase{
 	{40, 96, 32, 7, gpu.DTypeF16},
 	{37, 77, 64, 5, gpu.DTypeF16},
 	{300, 700, 64, 3, gpu.DTypeBF16}, // 1-D over several simulator chunks
+	{5000, 3, 64, 68, gpu.DTypeBF16}, // 1-D, the plain and _stats plans differ (tile 512, 256)
 }
 
 func (c fuseCase) inputs(rng *rand.Rand) (packed []byte, absmax, a, b []float32) {
