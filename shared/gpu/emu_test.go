@@ -36,7 +36,7 @@ func (m *image) alloc(n int) DevicePtr { return DevicePtr(m.Alloc(n)) }
 
 func (m *image) put(b []byte) DevicePtr { return DevicePtr(m.Put(b)) }
 
-func (m *image) putF32(v []float32) DevicePtr { return m.put(f32le(v)) }
+func (m *image) putF32(v []float32) DevicePtr { return m.put(emutest.F32LE(v)) }
 
 func (m *image) get(p DevicePtr, n int) []byte { return m.Get(uint64(p), n) }
 
@@ -74,36 +74,6 @@ func (m *image) runErr(t *testing.T) error {
 	return m.Run(t)
 }
 
-func f32le(v []float32) []byte {
-	b := make([]byte, 4*len(v))
-	for i, x := range v {
-		binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(x))
-	}
-	return b
-}
-
-func u16le(v []uint16) []byte {
-	b := make([]byte, 2*len(v))
-	for i, x := range v {
-		binary.LittleEndian.PutUint16(b[2*i:], x)
-	}
-	return b
-}
-
-func weights(rng *rand.Rand, n, bs int) []float32 {
-	v := make([]float32, n)
-	for b := 0; b*bs < n; b++ {
-		scale := float32(math.Exp(rng.NormFloat64()))
-		if b%5 == 2 {
-			continue // an all-zero block
-		}
-		for i := b * bs; i < min(n, (b+1)*bs); i++ {
-			v[i] = float32(rng.NormFloat64()) * scale * 0.02
-		}
-	}
-	return v
-}
-
 func sameF32(t *testing.T, what string, got, want []float32) {
 	t.Helper()
 	for i := range want {
@@ -138,8 +108,8 @@ func TestEmuQuantizeDequantize(t *testing.T) {
 		{1001, 64, DTypeF32}, {333, 256, DTypeF16}, {2000, 128, DTypeBF16}, {65, 32, DTypeF32}, {4097, 4096, DTypeF32},
 	} {
 		t.Run(fmt.Sprintf("n=%d bs=%d dtype=%d", c.n, c.bs, c.dtype), func(t *testing.T) {
-			src := weights(rng, c.n, c.bs)
-			raw := f32le(src)
+			src := emutest.Weights(rng, c.n, c.bs)
+			raw := emutest.F32LE(src)
 			if c.dtype != DTypeF32 {
 				h := make([]uint16, c.n)
 				for i, v := range src {
@@ -151,7 +121,7 @@ func TestEmuQuantizeDequantize(t *testing.T) {
 						src[i] = half.F16ToF32(h[i])
 					}
 				}
-				raw = u16le(h)
+				raw = emutest.U16LE(h)
 			}
 			nb := nf4.Blocks(c.n, c.bs)
 			wantP, wantA := make([]byte, nf4.PackedLen(c.n)), make([]float32, nb)
@@ -244,7 +214,7 @@ func TestEmuFuse(t *testing.T) {
 			n := c.out * c.in
 			nb := nf4.Blocks(n, c.bs)
 			packed, absmax := make([]byte, nf4.PackedLen(n)), make([]float32, nb)
-			nf4.Quantize(packed, absmax, weights(rng, n, c.bs), c.bs, nf4.QuantNF4)
+			nf4.Quantize(packed, absmax, emutest.Weights(rng, n, c.bs), c.bs, nf4.QuantNF4)
 			a, b := make([]float32, c.rank*c.in), make([]float32, c.out*c.rank)
 			for i := range a {
 				a[i] = float32(rng.NormFloat64()) * 0.05
@@ -278,7 +248,7 @@ func TestEmuFuse(t *testing.T) {
 			wantP, wantA := merge(true)
 			if c.dtype != DTypeF32 {
 				// The case must tell the rounding apart, or it checks nothing.
-				if p, a := merge(false); bytes.Equal(p, wantP) && bytes.Equal(f32le(a), f32le(wantA)) {
+				if p, a := merge(false); bytes.Equal(p, wantP) && bytes.Equal(emutest.F32LE(a), emutest.F32LE(wantA)) {
 					t.Fatalf("%s rounding changes nothing here: pick other data", dt)
 				}
 			}
@@ -428,7 +398,7 @@ func TestEmuSide(t *testing.T) {
 		as[i] = half.F32ToBF16(float32(rng.NormFloat64()))
 	}
 	m := newImage(t)
-	dB, dA := m.put(u16le(bs)), m.put(u16le(as))
+	dB, dA := m.put(emutest.U16LE(bs)), m.put(emutest.U16LE(as))
 	dBcat, dAcat := m.alloc(4*out*rank), m.alloc(4*rank*in)
 	m.add(SideColsCall(dB, DTypeBF16, 3, out-3, r, scale, dBcat, 3, rank, col))
 	m.add(SideRowsCall(dA, DTypeBF16, r*in, scale, dAcat+DevicePtr(4*col*in)))

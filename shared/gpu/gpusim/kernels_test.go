@@ -116,35 +116,6 @@ func read(t *testing.T, m mem, outs []out) map[string][]byte {
 	return got
 }
 
-func f32le(v []float32) []byte {
-	b := make([]byte, 4*len(v))
-	half.EncodeF32(b, v)
-	return b
-}
-
-func u16le(v []uint16) []byte {
-	b := make([]byte, 2*len(v))
-	for i, x := range v {
-		binary.LittleEndian.PutUint16(b[2*i:], x)
-	}
-	return b
-}
-
-// weights: random blocks of varied scale, every fifth block all zeros.
-func weights(rng *rand.Rand, n, bs int) []float32 {
-	v := make([]float32, n)
-	for b := 0; b*bs < n; b++ {
-		scale := float32(math.Exp(rng.NormFloat64()))
-		if b%5 == 2 {
-			continue
-		}
-		for i := b * bs; i < min(n, (b+1)*bs); i++ {
-			v[i] = float32(rng.NormFloat64()) * scale * 0.02
-		}
-	}
-	return v
-}
-
 func sameBytes(t *testing.T, what string, got, want []byte) {
 	t.Helper()
 	if len(got) != len(want) {
@@ -163,8 +134,8 @@ var dtypeNames = map[int]nf4.DType{gpu.DTypeF32: nf4.Float32, gpu.DTypeBF16: nf4
 type quantCase struct{ n, bs, dtype int }
 
 func (c quantCase) inputs(rng *rand.Rand) (raw []byte, src []float32) {
-	src = weights(rng, c.n, c.bs)
-	raw = f32le(src)
+	src = emutest.Weights(rng, c.n, c.bs)
+	raw = emutest.F32LE(src)
 	if c.dtype != gpu.DTypeF32 {
 		h := make([]uint16, c.n)
 		for i, v := range src {
@@ -176,7 +147,7 @@ func (c quantCase) inputs(rng *rand.Rand) (raw []byte, src []float32) {
 				src[i] = half.F16ToF32(h[i])
 			}
 		}
-		raw = u16le(h)
+		raw = emutest.U16LE(h)
 	}
 	return raw, src
 }
@@ -196,7 +167,7 @@ func (c quantCase) want(src []float32) map[string][]byte {
 	nb := nf4.Blocks(c.n, c.bs)
 	p, a := make([]byte, nf4.PackedLen(c.n)), make([]float32, nb)
 	nf4.Quantize(p, a, src, c.bs, nf4.QuantNF4)
-	w := map[string][]byte{"packed": p, "absmax": f32le(a)}
+	w := map[string][]byte{"packed": p, "absmax": emutest.F32LE(a)}
 	for name, dt := range map[string]nf4.DType{"f32": nf4.Float32, "bf16": nf4.BFloat16, "f16": nf4.Float16} {
 		b := make([]byte, c.n*dt.Size())
 		nf4.DequantizeTo(b, dt, p, a, &nf4.NF4, c.n, c.bs)
@@ -252,8 +223,8 @@ func (c nestedCase) inputs(rng *rand.Rand) (absmax []float32, offset float32, co
 
 func (c nestedCase) scenario(m mem, absmax []float32, offset float32, code [256]float32) []out {
 	nc := nf4.Blocks(c.nb, nf4.NestedBlocksize)
-	dAbs, dMap := m.put(f32le(absmax)), m.put(f32le(code[:]))
-	dQ, dN, dD, dSum := m.alloc(c.nb), m.alloc(4*nc), m.alloc(4*c.nb), m.put(f32le([]float32{0, 0}))
+	dAbs, dMap := m.put(emutest.F32LE(absmax)), m.put(emutest.F32LE(code[:]))
+	dQ, dN, dD, dSum := m.alloc(c.nb), m.alloc(4*nc), m.alloc(4*c.nb), m.put(emutest.F32LE([]float32{0, 0}))
 	n := gpu.Nested{Q: dQ, Absmax: dN, Map: dMap, Offset: offset}
 	m.launch(gpu.NestedQuantizeCall(dAbs, c.nb, n))
 	m.launch(gpu.NestedDequantizeCall(n, c.nb, dD))
@@ -278,8 +249,8 @@ func TestNested(t *testing.T) {
 			wantD := make([]float32, c.nb)
 			nf4.DequantizeNested(wantD, wantQ, wantN, &code, offset, nf4.NestedBlocksize)
 			sameBytes(t, "q", got["q"], wantQ)
-			sameBytes(t, "nabs", got["nabs"], f32le(wantN))
-			sameBytes(t, "decoded", got["decoded"], f32le(wantD))
+			sameBytes(t, "nabs", got["nabs"], emutest.F32LE(wantN))
+			sameBytes(t, "decoded", got["decoded"], emutest.F32LE(wantD))
 			var sum float64
 			for _, a := range absmax {
 				sum += float64(a)
@@ -308,7 +279,7 @@ func TestDynamicCodePort(t *testing.T) {
 	q, nabs := nestedQuantize(absmax, off, &code)
 	wq, wn := nf4.QuantizeNestedOffset(absmax, off)
 	sameBytes(t, "q", q, wq)
-	sameBytes(t, "nabs", f32le(nabs), f32le(wn))
+	sameBytes(t, "nabs", emutest.F32LE(nabs), emutest.F32LE(wn))
 }
 
 // fuseCase is one fused merge: emu_test's shapes and dtypes.
@@ -335,7 +306,7 @@ var fuseCases = []fuseCase{
 func (c fuseCase) inputs(rng *rand.Rand) (packed []byte, absmax, a, b []float32) {
 	n := c.out * c.in
 	packed, absmax = make([]byte, nf4.PackedLen(n)), make([]float32, nf4.Blocks(n, c.bs))
-	nf4.Quantize(packed, absmax, weights(rng, n, c.bs), c.bs, nf4.QuantNF4)
+	nf4.Quantize(packed, absmax, emutest.Weights(rng, n, c.bs), c.bs, nf4.QuantNF4)
 	a, b = make([]float32, c.rank*c.in), make([]float32, c.out*c.rank)
 	for i := range a {
 		a[i] = float32(rng.NormFloat64()) * 0.05
@@ -351,9 +322,9 @@ func (c fuseCase) inputs(rng *rand.Rand) (packed []byte, absmax, a, b []float32)
 // scenario fuses the layer twice, without and with the retention sums
 // ("stats": 3 float64): the plain entry point and the _stats one.
 func (c fuseCase) scenario(m mem, packed []byte, absmax, a, b []float32) []out {
-	dA0, dB0 := m.put(f32le(a)), m.put(f32le(b))
-	dP, dA := m.put(packed), m.put(f32le(absmax))
-	sP, sA, st := m.put(packed), m.put(f32le(absmax)), m.put(make([]byte, 24))
+	dA0, dB0 := m.put(emutest.F32LE(a)), m.put(emutest.F32LE(b))
+	dP, dA := m.put(packed), m.put(emutest.F32LE(absmax))
+	sP, sA, st := m.put(packed), m.put(emutest.F32LE(absmax)), m.put(make([]byte, 24))
 	m.launch(gpu.FuseCall(gpu.FuseLayer{Packed: dP, Absmax: dA, Out: c.out, In: c.in, Blocksize: c.bs,
 		A: dA0, B: dB0, Rank: c.rank, DType: c.dtype}))
 	m.launch(gpu.FuseCall(gpu.FuseLayer{Packed: sP, Absmax: sA, Out: c.out, In: c.in, Blocksize: c.bs,
@@ -418,7 +389,7 @@ func (c fuseCase) want(t *testing.T, packed []byte, absmax, a, b []float32, roun
 	}
 	p, am := make([]byte, len(packed)), make([]float32, len(absmax))
 	nf4.Quantize(p, am, w, c.bs, nf4.QuantNF4)
-	return map[string][]byte{"packed": p, "absmax": f32le(am)}
+	return map[string][]byte{"packed": p, "absmax": emutest.F32LE(am)}
 }
 
 func (c fuseCase) String() string {
@@ -471,16 +442,16 @@ func sideInputs(rng *rand.Rand, dtype int) (b, a []byte, bf, af []float32) {
 				h[i] = half.F32ToBF16(v[i])
 				v[i] = half.BF16ToF32(h[i])
 			}
-			return u16le(h)
+			return emutest.U16LE(h)
 		case gpu.DTypeF16:
 			h := make([]uint16, len(v))
 			for i := range v {
 				h[i] = half.F32ToF16(v[i])
 				v[i] = half.F16ToF32(h[i])
 			}
-			return u16le(h)
+			return emutest.U16LE(h)
 		}
-		return f32le(v)
+		return emutest.F32LE(v)
 	}
 	return enc(bf), enc(af), bf, af
 }
@@ -509,8 +480,8 @@ func TestSide(t *testing.T) {
 			for i, v := range af {
 				wantA[sideCol*sideIn+i] = v * sideScale
 			}
-			sameBytes(t, "B_cat", got["B_cat"], f32le(wantB))
-			sameBytes(t, "A_cat", got["A_cat"], f32le(wantA))
+			sameBytes(t, "B_cat", got["B_cat"], emutest.F32LE(wantB))
+			sameBytes(t, "A_cat", got["A_cat"], emutest.F32LE(wantA))
 		})
 	}
 }
@@ -646,9 +617,9 @@ func TestLaunchErrors(t *testing.T) {
 func TestLaunchQueued(t *testing.T) {
 	d := newDevice(t)
 	rng := rand.New(rand.NewPCG(3, 4))
-	src := weights(rng, 512, 64)
+	src := emutest.Weights(rng, 512, 64)
 	s := alloc(t, d, 4096)
-	upload(t, d, s.Ptr, f32le(src))
+	upload(t, d, s.Ptr, emutest.F32LE(src))
 	c, err := gpu.QuantizeCall(s.Ptr, gpu.DTypeF32, 512, 64, s.Ptr+2048, s.Ptr+3072)
 	if err != nil {
 		t.Fatal(err)
@@ -663,7 +634,7 @@ func TestLaunchQueued(t *testing.T) {
 	wantP, wantA := make([]byte, 256), make([]float32, 8)
 	nf4.Quantize(wantP, wantA, src, 64, nf4.QuantNF4)
 	sameBytes(t, "packed", download(t, d, s.Ptr+2048, 256), wantP)
-	sameBytes(t, "absmax", m.mem[3072:3072+32], f32le(wantA))
+	sameBytes(t, "absmax", m.mem[3072:3072+32], emutest.F32LE(wantA))
 
 	// Every free in the API runs the queue first, so a queued launch cannot
 	// lose its memory; the check when it runs is a second line, exercised
@@ -707,7 +678,7 @@ func TestConcurrent(t *testing.T) {
 	for g := range 4 {
 		go func() {
 			errs <- func() error {
-				src := weights(rand.New(rand.NewPCG(uint64(g), 5)), 1000, 64)
+				src := emutest.Weights(rand.New(rand.NewPCG(uint64(g), 5)), 1000, 64)
 				s, err := d.Alloc(8192)
 				if err != nil {
 					return err
@@ -718,7 +689,7 @@ func TestConcurrent(t *testing.T) {
 					return err
 				}
 				defer d.MemFree(sc)
-				if err := d.Upload(context.Background(), sc, f32le(src)); err != nil {
+				if err := d.Upload(context.Background(), sc, emutest.F32LE(src)); err != nil {
 					return err
 				}
 				if err := d.CopyAsync(s.Ptr, sc, 4000); err != nil {

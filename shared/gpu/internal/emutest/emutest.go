@@ -10,9 +10,11 @@ package emutest
 
 import (
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -175,4 +177,39 @@ func (m *Image) Run(t testing.TB) error {
 	}
 	m.Mem = got
 	return nil
+}
+
+// F32LE encodes float32s little-endian, as device memory holds them.
+func F32LE(v []float32) []byte {
+	b := make([]byte, 4*len(v))
+	for i, x := range v {
+		binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(x))
+	}
+	return b
+}
+
+// U16LE encodes uint16s (bf16/f16 bits) little-endian.
+func U16LE(v []uint16) []byte {
+	b := make([]byte, 2*len(v))
+	for i, x := range v {
+		binary.LittleEndian.PutUint16(b[2*i:], x)
+	}
+	return b
+}
+
+// Weights returns n weight-like values in blocks of bs: each block of its
+// own random scale, every fifth block all zeros (the kernels' zero-absmax
+// path).
+func Weights(rng *rand.Rand, n, bs int) []float32 {
+	v := make([]float32, n)
+	for b := 0; b*bs < n; b++ {
+		scale := float32(math.Exp(rng.NormFloat64()))
+		if b%5 == 2 {
+			continue
+		}
+		for i := b * bs; i < min(n, (b+1)*bs); i++ {
+			v[i] = float32(rng.NormFloat64()) * scale * 0.02
+		}
+	}
+	return v
 }
