@@ -4,7 +4,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"net/http"
-	"strings"
 
 	"github.com/arenahost/arenahost/host/registry"
 )
@@ -72,12 +71,7 @@ func (a *API) modelDigest(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, badRequest("query detail=%q: want 0 or 1", detail))
 		return
 	}
-	prefix := q.Get("prefix")
-	if strings.ContainsRune(prefix, 0) {
-		a.fail(w, r, badRequest("query prefix: contains NUL"))
-		return
-	}
-	d, err := digestModel(a.s.Registry, r.PathValue("name"), prefix, detail == "1")
+	d, err := digestModel(a.s.Registry, r.PathValue("name"), q.Get("prefix"), detail == "1")
 	if err != nil {
 		a.fail(w, r, err)
 		return
