@@ -370,6 +370,71 @@ func TestNestedRoundTrip(t *testing.T) {
 	}
 }
 
+// TestQuantizeNestedInto: re-encoding with a given offset and the stored
+// map is the dQuantize search over that map, whether the map is the
+// dynamic one (bucket table) or one whose entries a torch build rounded
+// differently (plain search), and writes only into the caller's slices.
+func TestQuantizeNestedInto(t *testing.T) {
+	r := rand.New(rand.NewPCG(11, 12))
+	absmax := make([]float32, 700) // 3 nested blocks, the last partial
+	for i := range absmax {
+		absmax[i] = float32(math.Exp(r.NormFloat64())) * 0.01
+	}
+	dyn := DynamicMap()
+	nudged := dyn // still sorted, far enough off to move codes
+	for i := 1; i < 255; i += 2 {
+		if i != 127 {
+			nudged[i] += 0.3 * (dyn[i+1] - dyn[i])
+		}
+	}
+	for _, tc := range []struct {
+		name   string
+		code   [256]float32
+		offset float32
+	}{
+		{"dynamic map, mean offset", dyn, Mean(absmax)},
+		{"dynamic map, stale offset", dyn, 0.004},
+		{"nudged map, stale offset", nudged, 0.004},
+		{"nudged map, zero offset", nudged, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			q := make([]byte, len(absmax)+5) // longer than needed: the tail stays untouched
+			nabs := make([]float32, 3)
+			for i := range q {
+				q[i] = 0xAB
+			}
+			QuantizeNestedInto(q, nabs, absmax, tc.offset, &tc.code)
+			for c := range nabs {
+				lo, hi := c*NestedBlocksize, min((c+1)*NestedBlocksize, len(absmax))
+				var am float32
+				for _, a := range absmax[lo:hi] {
+					am = max(am, float32(math.Abs(float64(a-tc.offset))))
+				}
+				if nabs[c] != am {
+					t.Fatalf("nested absmax[%d] = %v, want %v", c, nabs[c], am)
+				}
+				for i := lo; i < hi; i++ {
+					if want := QuantizeDynamic(&tc.code, float32(float32(absmax[i]-tc.offset)*float32(1/am))); q[i] != want {
+						t.Fatalf("code[%d] = %d, want %d", i, q[i], want)
+					}
+				}
+			}
+			for i := len(absmax); i < len(q); i++ {
+				if q[i] != 0xAB {
+					t.Fatalf("byte %d past the codes written", i)
+				}
+			}
+			got := make([]float32, len(absmax))
+			DequantizeNested(got, q[:len(absmax)], nabs, &tc.code, tc.offset, NestedBlocksize)
+			for i := range got {
+				if d := math.Abs(float64(got[i] - absmax[i])); d > 0.02*float64(nabs[i/NestedBlocksize]) {
+					t.Fatalf("absmax[%d] %v rebuilt as %v", i, absmax[i], got[i])
+				}
+			}
+		})
+	}
+}
+
 func TestMeanSmall(t *testing.T) {
 	for _, tc := range []struct {
 		x    []float32

@@ -201,10 +201,29 @@ func QuantizeNested(absmax []float32) (q []byte, nestedAbsmax []float32, offset 
 // gets nestedAbsmax 0 and codes 0 (0*Inf is NaN), which dequantize back to
 // exactly offset.
 func QuantizeNestedOffset(absmax []float32, offset float32) (q []byte, nestedAbsmax []float32) {
-	t := dynamicBuckets()
 	q = make([]byte, len(absmax))
 	nestedAbsmax = make([]float32, Blocks(len(absmax), NestedBlocksize))
-	shifted := make([]float32, NestedBlocksize)
+	m := DynamicMap()
+	QuantizeNestedInto(q, nestedAbsmax, absmax, offset, &m)
+	return q, nestedAbsmax
+}
+
+// QuantizeNestedInto is QuantizeNestedOffset into caller-owned q (len(absmax)
+// bytes) and nestedAbsmax (Blocks(len(absmax), NestedBlocksize) values),
+// mapping to the entries of code: the nested_quant_map stored with a
+// weight, which a re-encoding in place must use because it is what
+// readers decode with (a torch build may have rounded a few entries of
+// bitsandbytes' map differently from DynamicMap()). It is the fused pass's
+// re-encoding of a nested weight's absmax, and kernels.cu's
+// nested_quantize.
+func QuantizeNestedInto(q []byte, nestedAbsmax []float32, absmax []float32, offset float32, code *[256]float32) {
+	quantize := func(x float32) byte { return QuantizeDynamic(code, x) }
+	if t := dynamicBuckets(); *code == t.m {
+		quantize = t.quantize
+	}
+	q = q[:len(absmax)]
+	nestedAbsmax = nestedAbsmax[:Blocks(len(absmax), NestedBlocksize)]
+	var shifted [NestedBlocksize]float32
 	for c := range nestedAbsmax {
 		lo := c * NestedBlocksize
 		hi := min(lo+NestedBlocksize, len(absmax))
@@ -219,10 +238,9 @@ func QuantizeNestedOffset(absmax []float32, offset float32) (q []byte, nestedAbs
 		nestedAbsmax[c] = am
 		inv := 1 / am
 		for i, v := range s {
-			q[lo+i] = t.quantize(float32(v * inv))
+			q[lo+i] = quantize(float32(v * inv))
 		}
 	}
-	return q, nestedAbsmax
 }
 
 // DequantizeNested rebuilds float32 absmax from its nested encoding, as

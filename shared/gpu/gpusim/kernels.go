@@ -272,44 +272,13 @@ func planNestedQuantize(a args, names []string, _ gpu.Launch) (plan, error) {
 		bufs: []buf{{arg: 0, n: uint64(4 * nb)}, {arg: 3, n: 4 * 256}, {arg: 4, n: uint64(nb)}, {arg: 5, n: uint64(4 * nc)}},
 		run: func(b [][]byte) error {
 			absmax, code := f32s(b[0]), (*[256]float32)(f32s(b[1]))
-			var q []byte
-			var nabs []float32
-			if *code == nf4.DynamicMap() {
-				q, nabs = nf4.QuantizeNestedOffset(absmax, off)
-			} else {
-				q, nabs = nestedQuantize(absmax, off, code)
-			}
+			q, nabs := make([]byte, len(absmax)), make([]float32, nc)
+			nf4.QuantizeNestedInto(q, nabs, absmax, off, code)
 			copy(b[2], q)
 			putF32s(b[3], nabs)
 			return nil
 		},
 	}, nil
-}
-
-// nestedQuantize is kernels.cu's nested_quantize over any sorted map (the
-// stored nested_quant_map need not be bitsandbytes' dynamic map, which
-// nf4.QuantizeNestedOffset assumes). Explicit float32 conversions keep
-// every product and sum rounded on its own, as __fmul_rn/__fadd_rn do.
-func nestedQuantize(absmax []float32, off float32, code *[256]float32) ([]byte, []float32) {
-	q := make([]byte, len(absmax))
-	nabs := make([]float32, nf4.Blocks(len(absmax), gpu.NestedBlocksize))
-	s := make([]float32, gpu.NestedBlocksize)
-	for c := range nabs {
-		lo, hi := c*gpu.NestedBlocksize, min((c+1)*gpu.NestedBlocksize, len(absmax))
-		var am float32
-		for i, v := range absmax[lo:hi] {
-			s[i] = float32(v + -off)
-			if x := float32(math.Abs(float64(s[i]))); x > am {
-				am = x
-			}
-		}
-		nabs[c] = am
-		inv := float32(1 / am)
-		for i := range hi - lo {
-			q[lo+i] = nf4.QuantizeDynamic(code, float32(s[i]*inv))
-		}
-	}
-	return q, nabs
 }
 
 func planSum(a args, names []string, _ gpu.Launch) (plan, error) {

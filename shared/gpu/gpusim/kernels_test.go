@@ -282,6 +282,32 @@ func TestDynamicCodePort(t *testing.T) {
 	sameBytes(t, "nabs", emutest.F32LE(nabs), emutest.F32LE(wn))
 }
 
+// nestedQuantize is the test's port of kernels.cu's nested_quantize over
+// any sorted map, by the plain binary search (nf4.QuantizeNestedInto, which
+// the simulator runs, takes a bucket table on the dynamic map). Explicit float32 conversions keep
+// every product and sum rounded on its own, as __fmul_rn/__fadd_rn do.
+func nestedQuantize(absmax []float32, off float32, code *[256]float32) ([]byte, []float32) {
+	q := make([]byte, len(absmax))
+	nabs := make([]float32, nf4.Blocks(len(absmax), gpu.NestedBlocksize))
+	s := make([]float32, gpu.NestedBlocksize)
+	for c := range nabs {
+		lo, hi := c*gpu.NestedBlocksize, min((c+1)*gpu.NestedBlocksize, len(absmax))
+		var am float32
+		for i, v := range absmax[lo:hi] {
+			s[i] = float32(v + -off)
+			if x := float32(math.Abs(float64(s[i]))); x > am {
+				am = x
+			}
+		}
+		nabs[c] = am
+		inv := float32(1 / am)
+		for i := range hi - lo {
+			q[lo+i] = nf4.QuantizeDynamic(code, float32(s[i]*inv))
+		}
+	}
+	return q, nabs
+}
+
 // fuseCase is one fused merge: emu_test's shapes and dtypes.
 type fuseCase struct{ out, in, bs, rank, dtype int }
 
