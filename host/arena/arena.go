@@ -46,12 +46,15 @@
 // (ErrNoHostView). Read, Write and Copy move bytes on every backend: through
 // the mapping, or through the segment's Mover (downloads, staged uploads,
 // device-to-device copies that have completed when Copy returns). Mapped
-// says which kind the arena is.
+// says which kind the arena is. WriteFrom fills a region from an
+// io.ReaderAt (a mapped file) with no buffer of the caller's: on a device
+// segment that is a Filler each chunk is read straight into the device's
+// staging buffer, one host copy where Write of a filled buffer makes two.
 //
 // All methods are safe for concurrent use. Bytes returns a view into the
 // host's mapping that stays valid while the region is live; using it after
-// Free is a use-after-free the arena cannot detect. Read, Write and Copy
-// likewise need the region kept live until they return.
+// Free is a use-after-free the arena cannot detect. Read, Write, WriteFrom
+// and Copy likewise need the region kept live until they return.
 package arena
 
 import (

@@ -1,6 +1,9 @@
 package arena
 
-import "context"
+import (
+	"context"
+	"io"
+)
 
 // Kinds of memory a Location can point at.
 const (
@@ -67,4 +70,19 @@ type Mover interface {
 	// backend, to dstOff of this segment, and returns once the copy has
 	// completed (a later ReadAt, or a reader in another process, sees it).
 	CopyFrom(src Segment, srcOff, dstOff, n uint64) error
+}
+
+// Filler is implemented by Mover segments that can fill a range straight
+// from a reader: each chunk is read from the reader into the segment's own
+// transfer buffer (a device's pinned staging memory) and moved from there,
+// so the host copies every byte once instead of twice (into a caller's
+// buffer, then into the staging buffer). The arena's WriteFrom uses it
+// when a segment has it and otherwise reads through a bounded buffer into
+// WriteAt.
+type Filler interface {
+	// WriteFrom copies n bytes of src, from offset srcOff, to off and
+	// returns once the bytes are in place. A short read from src is an
+	// error (io.ErrUnexpectedEOF when src gives none). It checks ctx
+	// between chunks.
+	WriteFrom(ctx context.Context, src io.ReaderAt, srcOff, n int64, off uint64) error
 }

@@ -2,8 +2,19 @@ package arena
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
+	"sync"
 )
+
+// fillChunk bounds the bytes WriteFrom moves between two cancellation
+// checks, and the buffer it reads through for a device segment that is no
+// Filler (a variable so that tests can make chunks small).
+var fillChunk int64 = 4 << 20
+
+// fillBufs holds WriteFrom's read buffers for segments that are no Filler.
+var fillBufs sync.Pool
 
 // Mapped reports whether the host maps the arena's memory (Bytes works):
 // true on the CPU backends, false on a device backend.
@@ -77,6 +88,86 @@ func (a *Arena) Write(ctx context.Context, r Region, off uint64, p []byte) error
 		return fmt.Errorf("write %d bytes at %d of region %v: %w", len(p), off, r, err)
 	}
 	return nil
+}
+
+// WriteFrom copies n bytes of src, from offset srcOff, into r from byte
+// off of r, and returns once the bytes are in place. It reads src once per
+// chunk, with no buffer of the caller's: a host-mapped segment is read
+// into straight through its mapping; a device segment that is a Filler
+// reads src straight into the device's staging buffer and uploads from
+// there (one host copy per chunk, where Write of a buffer the caller
+// filled makes two); any other device segment reads through a bounded
+// buffer of the arena's into WriteAt. A short read from src is an error
+// (io.ErrUnexpectedEOF when src gives none of its own); the bytes written
+// before it stay. ctx is checked between chunks. Like Write, the caller
+// must keep r live until WriteFrom returns.
+func (a *Arena) WriteFrom(ctx context.Context, r Region, off uint64, src io.ReaderAt, srcOff, n int64) error {
+	fail := func(err error) error {
+		return fmt.Errorf("write %d bytes from offset %d of the source at %d of region %v: %w", n, srcOff, off, r, err)
+	}
+	if n < 0 || srcOff < 0 {
+		return fail(fmt.Errorf("%w: negative source offset or length", ErrInvalid))
+	}
+	a.mu.Lock()
+	s, err := a.span(r, off, uint64(n))
+	a.mu.Unlock()
+	if err == nil {
+		err = ctx.Err()
+	}
+	if err != nil {
+		return fail(err)
+	}
+	if n == 0 {
+		return nil
+	}
+	at := r.Offset + off
+	if f, ok := s.seg.(Filler); ok && s.mem == nil {
+		if err := f.WriteFrom(ctx, src, srcOff, n, at); err != nil {
+			return fail(err)
+		}
+		return nil
+	}
+	var buf []byte
+	if s.mem == nil {
+		bp, _ := fillBufs.Get().(*[]byte)
+		if bp == nil || int64(len(*bp)) < min(n, fillChunk) {
+			b := make([]byte, min(n, fillChunk))
+			bp = &b
+		}
+		defer fillBufs.Put(bp)
+		buf = *bp
+	}
+	for done := int64(0); done < n; {
+		if done > 0 {
+			if err := ctx.Err(); err != nil {
+				return fail(fmt.Errorf("at byte %d: %w", done, err))
+			}
+		}
+		k := min(n-done, fillChunk)
+		dst := at + uint64(done)
+		if s.mem != nil {
+			err = readFull(src, s.mem[dst:dst+uint64(k)], srcOff+done)
+		} else if err = readFull(src, buf[:k], srcOff+done); err == nil {
+			err = s.seg.(Mover).WriteAt(ctx, buf[:k], dst)
+		}
+		if err != nil {
+			return fail(err)
+		}
+		done += k
+	}
+	return nil
+}
+
+// readFull fills p from src at off; a short read is an error.
+func readFull(src io.ReaderAt, p []byte, off int64) error {
+	k, err := src.ReadAt(p, off)
+	if k == len(p) {
+		return nil // io.ReaderAt may say io.EOF with the last bytes
+	}
+	if err == nil || errors.Is(err, io.EOF) {
+		err = io.ErrUnexpectedEOF
+	}
+	return fmt.Errorf("read %d bytes at offset %d of the source: got %d: %w", len(p), off, k, err)
 }
 
 // Copy copies all src.Length bytes of src to the start of dst, which must

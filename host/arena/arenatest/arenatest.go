@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math"
 	"math/rand/v2"
@@ -49,6 +50,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) arena.Backend) {
 		{"Concurrency", testConcurrency},
 		{"Close", testClose},
 		{"Move", testMove},
+		{"WriteFrom", testWriteFrom},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -881,7 +883,11 @@ func (b *countingBackend) Create(id uint32, size uint64) (arena.Segment, error) 
 	b.open[id] = true
 	cs := &countedSegment{Segment: s, b: b, id: id}
 	if _, ok := s.(arena.Mover); ok {
-		return &countedMover{cs}, nil // keep the backend's byte mover visible
+		// Keep the backend's byte mover (and reader fill) visible.
+		if _, ok := s.(arena.Filler); ok {
+			return &countedFiller{&countedMover{cs}}, nil
+		}
+		return &countedMover{cs}, nil
 	}
 	return cs, nil
 }
@@ -951,10 +957,21 @@ func (s *countedMover) WriteAt(ctx context.Context, p []byte, off uint64) error 
 }
 
 func (s *countedMover) CopyFrom(src arena.Segment, srcOff, dstOff, n uint64) error {
-	if c, ok := src.(*countedMover); ok {
+	switch c := src.(type) {
+	case *countedMover:
+		src = c.Segment
+	case *countedFiller:
 		src = c.Segment
 	}
 	return s.Segment.(arena.Mover).CopyFrom(src, srcOff, dstOff, n)
+}
+
+// countedFiller is a countedMover whose inner segment also fills from a
+// reader (arena.Filler).
+type countedFiller struct{ *countedMover }
+
+func (s *countedFiller) WriteFrom(ctx context.Context, src io.ReaderAt, srcOff, n int64, off uint64) error {
+	return s.Segment.(arena.Filler).WriteFrom(ctx, src, srcOff, n, off)
 }
 
 // testLogger logs to t at debug level, so a failing test shows the

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"testing"
 
 	"github.com/arenahost/arenahost/host/arena"
@@ -132,5 +133,99 @@ func testMove(t *testing.T, h *harness) {
 	// The failed calls changed nothing.
 	if err := a.Read(r1, 0, got); err != nil || !bytes.Equal(got, pattern(100*kib, 5)[4096:4096+3000]) {
 		t.Fatalf("a failed call changed r1: read err %v", err)
+	}
+}
+
+// failingReader gives err after its first n bytes.
+type failingReader struct {
+	data []byte
+	err  error
+}
+
+func (f failingReader) ReadAt(p []byte, off int64) (int, error) {
+	if off >= int64(len(f.data)) {
+		return 0, f.err
+	}
+	n := copy(p, f.data[off:])
+	if n < len(p) {
+		return n, f.err
+	}
+	return n, nil
+}
+
+// testWriteFrom checks WriteFrom, which fills a region from a reader on
+// every backend (through the host mapping, a Filler segment, or a buffer
+// into the segment's WriteAt), against Read, and its errors.
+func testWriteFrom(t *testing.T, h *harness) {
+	a := h.arena(1<<20, retainEmpty)
+	ctx := t.Context()
+	r1 := mustAlloc(t, a, arena.HostOwner, "r1", 3000)
+	big := mustAlloc(t, a, arena.HostOwner, "big", 100*kib)
+	src := pattern(200*kib, 9)
+	in := arena.Region{Segment: big.Segment, Offset: big.Offset + 8192, Length: 4000, Generation: big.Generation}
+
+	fills := []struct {
+		name      string
+		r         arena.Region
+		off       uint64
+		srcOff, n int64
+	}{
+		{"whole", r1, 0, 0, 3000},
+		{"from a source offset", r1, 1000, 4321, 2000},
+		{"inside a range", in, 10, 77, 3990},
+		{"large", big, 0, 50 * kib, 100 * kib},
+		{"empty", r1, 3000, 0, 0},
+	}
+	for _, f := range fills {
+		t.Run("fill/"+f.name, func(t *testing.T) {
+			if err := a.WriteFrom(ctx, f.r, f.off, bytes.NewReader(src), f.srcOff, f.n); err != nil {
+				t.Fatalf("write from: %v", err)
+			}
+			back := make([]byte, f.n)
+			if err := a.Read(f.r, f.off, back); err != nil {
+				t.Fatalf("read: %v", err)
+			}
+			if !bytes.Equal(back, src[f.srcOff:f.srcOff+f.n]) {
+				t.Fatal("read back differs from the source bytes")
+			}
+			if view, ok := hostView(t, a, f.r); ok && !bytes.Equal(view[f.off:f.off+uint64(f.n)], back) {
+				t.Fatal("Bytes differs from what was filled")
+			}
+		})
+	}
+
+	// r1 holds: src[0:1000] then src[4321:6321].
+	want := append(append([]byte{}, src[:1000]...), src[4321:6321]...)
+	stale := mustAlloc(t, a, arena.HostOwner, "stale", 512)
+	mustFree(t, a, stale)
+	canceled, cancel := context.WithCancel(ctx)
+	cancel()
+	errDisk := errors.New("input/output error")
+	bad := []struct {
+		name string
+		err  error
+		is   error
+	}{
+		{"source too short", a.WriteFrom(ctx, r1, 0, bytes.NewReader(src[:2500]), 0, 3000), io.ErrUnexpectedEOF},
+		{"source fails", a.WriteFrom(ctx, r1, 0, failingReader{src[:10], errDisk}, 0, 3000), errDisk},
+		{"past the region", a.WriteFrom(ctx, r1, 1, bytes.NewReader(src), 0, 3000), arena.ErrInvalid},
+		{"negative length", a.WriteFrom(ctx, r1, 0, bytes.NewReader(src), 0, -1), arena.ErrInvalid},
+		{"negative source offset", a.WriteFrom(ctx, r1, 0, bytes.NewReader(src), -1, 10), arena.ErrInvalid},
+		{"freed region", a.WriteFrom(ctx, stale, 0, bytes.NewReader(src), 0, 10), arena.ErrStale},
+		{"cancelled context", a.WriteFrom(canceled, r1, 0, bytes.NewReader(src), 0, 10), context.Canceled},
+	}
+	for _, b := range bad {
+		if !errors.Is(b.err, b.is) {
+			t.Errorf("%s: error %v, want %v", b.name, b.err, b.is)
+		}
+	}
+	// Only the failed reads may have left bytes behind: the calls refused
+	// up front changed nothing past the first 2500 bytes.
+	got := make([]byte, 3000)
+	if err := a.Read(r1, 0, got); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got[2500:], want[2500:]) {
+		t.Fatal("a refused WriteFrom changed r1")
 	}
 }
