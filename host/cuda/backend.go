@@ -54,10 +54,11 @@ type Backend struct {
 	log   *slog.Logger
 	chunk int // bytes per upload: the staging buffer's size
 
-	stageMu    sync.Mutex // one Write stages at a time
-	stage      []byte     // pinned staging buffer, made on first Write
-	stageFree  func() error
-	stageTried bool
+	stageMu     sync.Mutex // one write stages at a time
+	stage       []byte     // the staging buffer, made on first write (staging)
+	stageFree   func() error
+	stagePinned bool // stage is page-locked memory (fixed at b.chunk bytes)
+	stageTried  bool // the pinned allocation was tried
 
 	mu      sync.Mutex
 	slabs   map[uint32]*slab // live and closing slabs, by segment id
@@ -75,9 +76,11 @@ type slab struct {
 
 // NewBackend returns a backend over alloc. A nil logger means
 // slog.Default(). When alloc is also a Mover (a Device), the segments move
-// bytes (arena.Mover) and the arena's Read, Write and Copy work on them;
-// uploads go through a staging buffer of DefaultStagingBytes, pinned when
-// the device offers pinned memory (the cuda build's gpu.Device).
+// bytes (arena.Mover) and fill from readers (arena.Filler), and the
+// arena's Read, Write, WriteFrom and Copy work on them; uploads go through
+// a staging buffer of at most DefaultStagingBytes, pinned when the device
+// offers pinned memory (the cuda build's gpu.Device), ordinary host memory
+// otherwise (cuda-sim), so every device takes the same host path.
 func NewBackend(alloc Allocator, log *slog.Logger) *Backend {
 	if log == nil {
 		log = slog.Default()
@@ -226,8 +229,8 @@ func (b *Backend) Close() error {
 	var stageErr error
 	if b.stageFree != nil {
 		stageErr = b.stageFree()
-		b.stage, b.stageFree = nil, nil
 	}
+	b.stage, b.stageFree, b.stagePinned = nil, nil, false
 	b.stageTried = true
 	b.stageMu.Unlock()
 	if stageErr != nil {

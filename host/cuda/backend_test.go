@@ -29,6 +29,7 @@ type fakeAlloc struct {
 	mem       map[DevicePtr][]byte // slab base → its bytes, made on first use
 	queued    [][3]uint64          // dst, src, n of copies not yet synced
 	uploads   []int                // sizes of the uploads
+	uploadSrc []*byte              // the first byte of each upload's source
 	syncs     int
 	uploadErr error
 }

@@ -15,15 +15,18 @@
 //     goes to a plugin generation, and Backend.Released(owner) when that
 //     generation exits or is swapped out (next to arena.ReleaseOwner): only
 //     then can a slab the arena closed be freed.
-//   - Loader.Load per tensor for checkpoints loaded onto the device (the
-//     host cannot map device memory), through a pinned buffer of
-//     DefaultStagingBytes.
+//   - Loader.Load per tensor to stage a reader into a region through a
+//     buffer the caller owns (the host cannot map device memory).
 //   - Over a Device (an Allocator that is also a Mover: gpu.Device, or
-//     gpusim's simulated one), every slab is an arena.Mover, so the arena's
-//     Read, Write and Copy work on device regions: downloads, uploads in
-//     chunks of DefaultStagingBytes (through pinned memory in the cuda
-//     build), and device-to-device copies followed by a Sync. The registry
-//     loads, saves and views models and the LoRA coordinator journals
-//     through them; host/server builds the arena (NewArenaNamed) for
-//     `arena-backend: cuda` and `cuda-sim`.
+//     gpusim's simulated one), every slab is an arena.Mover and an
+//     arena.Filler, so the arena's Read, Write, WriteFrom and Copy work on
+//     device regions: downloads, uploads in chunks of DefaultStagingBytes
+//     through the backend's staging buffer (pinned in the cuda build,
+//     ordinary memory elsewhere), and device-to-device copies followed by
+//     a Sync. WriteFrom reads its source straight into the staging buffer,
+//     so a checkpoint chunk is copied once on the host (mapping → staging)
+//     where Write of a filled buffer copies it twice. The registry loads
+//     models with WriteFrom, saves and views them with Read, and the LoRA
+//     coordinator journals through them; host/server builds the arena
+//     (NewArenaNamed) for `arena-backend: cuda` and `cuda-sim`.
 package cuda

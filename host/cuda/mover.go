@@ -3,6 +3,7 @@ package cuda
 import (
 	"context"
 	"fmt"
+	"io"
 
 	"github.com/arenahost/arenahost/host/arena"
 )
@@ -26,30 +27,44 @@ type Device interface {
 	Mover
 }
 
+// A device slab moves bytes and fills from readers.
+var (
+	_ arena.Mover  = (*segment)(nil)
+	_ arena.Filler = (*segment)(nil)
+)
+
 // pinnedStaging allocates page-locked staging memory on m when the build
 // can (the cuda build sets it for gpu.Device); it returns a nil buffer when
 // m has no pinned memory.
 var pinnedStaging func(m Mover, n int) (buf []byte, free func() error, err error)
 
-// staging returns the buffer Write stages uploads through, made on first
-// use: pinned memory when the device offers it (DMA at full speed), else
-// nil (upload straight from the caller's bytes, in chunks of b.chunk).
-// Callers hold b.stageMu.
-func (b *Backend) staging() []byte {
-	if b.stageTried {
+// staging returns the buffer a write of n bytes stages through, made on
+// first use. It is page-locked memory of b.chunk bytes when the device
+// offers it (DMA at full speed); otherwise ordinary host memory, grown on
+// demand up to b.chunk bytes. A device without pinned memory (cuda-sim, the
+// test fakes, a cuda build whose cuMemAllocHost failed) so takes the same
+// path, host copies included, as the cuda build: a source is read into the
+// buffer and uploaded from there. Callers hold b.stageMu.
+func (b *Backend) staging(n int64) []byte {
+	if !b.stageTried {
+		b.stageTried = true
+		if pinnedStaging != nil {
+			buf, free, err := pinnedStaging(b.mv, b.chunk)
+			switch {
+			case err != nil:
+				b.log.Warn("no pinned staging buffer; staging uploads through pageable memory", "bytes", b.chunk, "err", err)
+			case len(buf) > 0:
+				b.stage, b.stageFree, b.stagePinned = buf, free, true
+			}
+		}
+	}
+	if b.stagePinned {
 		return b.stage
 	}
-	b.stageTried = true
-	if pinnedStaging == nil {
-		return nil
+	if want := int(min(n, int64(b.chunk))); len(b.stage) < want {
+		b.stage = make([]byte, max(want, min(2*len(b.stage), b.chunk)))
 	}
-	buf, free, err := pinnedStaging(b.mv, b.chunk)
-	if err != nil {
-		b.log.Warn("no pinned staging buffer; uploading from pageable memory", "bytes", b.chunk, "err", err)
-		return nil
-	}
-	b.stage, b.stageFree = buf, free
-	return buf
+	return b.stage
 }
 
 // addr returns the segment's device address at off, checking that the
@@ -84,11 +99,29 @@ func (s *segment) ReadAt(p []byte, off uint64) error {
 }
 
 // WriteAt uploads p to off (arena.Mover) after the device's pending work,
-// in chunks of at most the staging size, through the pinned staging
-// buffer when there is one. It checks ctx between chunks.
+// in chunks of at most the staging size, each copied into the staging
+// buffer and uploaded from there. It checks ctx between chunks.
 func (s *segment) WriteAt(ctx context.Context, p []byte, off uint64) error {
-	dst, err := s.addr("write", off, uint64(len(p)))
-	if err != nil {
+	return s.fill(ctx, bytesReaderAt(p), 0, int64(len(p)), off)
+}
+
+// WriteFrom uploads n bytes of src, from offset srcOff, to off
+// (arena.Filler) after the device's pending work: each chunk is read from
+// src straight into the staging buffer (pinned in the cuda build) and
+// uploaded from there, one host copy per chunk. A short read from src (a
+// file truncated under a guarded mapping) is an error. It checks ctx
+// between chunks.
+func (s *segment) WriteFrom(ctx context.Context, src io.ReaderAt, srcOff, n int64, off uint64) error {
+	if n < 0 || srcOff < 0 {
+		return fmt.Errorf("cuda slab %d: write from offset %d, length %d: %w", s.sl.id, srcOff, n, arena.ErrInvalid)
+	}
+	return s.fill(ctx, src, srcOff, n, off)
+}
+
+// fill stages n bytes of src at srcOff to off through the staging buffer.
+func (s *segment) fill(ctx context.Context, src io.ReaderAt, srcOff, n int64, off uint64) error {
+	dst, err := s.addr("write", off, uint64(n))
+	if err != nil || n == 0 {
 		return err
 	}
 	b := s.b
@@ -99,21 +132,8 @@ func (s *segment) WriteAt(ctx context.Context, p []byte, off uint64) error {
 	}
 	b.stageMu.Lock()
 	defer b.stageMu.Unlock()
-	if buf := b.staging(); buf != nil {
-		if err := Stage(ctx, b.mv, dst, bytesReaderAt(p), 0, int64(len(p)), buf); err != nil {
-			return fmt.Errorf("cuda slab %d: write %d bytes at %d: %w", s.sl.id, len(p), off, err)
-		}
-		return nil
-	}
-	for done := 0; done < len(p); {
-		if err := ctx.Err(); err != nil {
-			return fmt.Errorf("cuda slab %d: write at byte %d of %d: %w", s.sl.id, done, len(p), err)
-		}
-		n := min(len(p)-done, b.chunk)
-		if err := b.mv.Upload(ctx, dst+DevicePtr(done), p[done:done+n]); err != nil {
-			return fmt.Errorf("cuda slab %d: upload %d bytes at %d: %w", s.sl.id, n, off+uint64(done), err)
-		}
-		done += n
+	if err := Stage(ctx, b.mv, dst, src, srcOff, n, b.staging(n)); err != nil {
+		return fmt.Errorf("cuda slab %d: write %d bytes at %d: %w", s.sl.id, n, off, err)
 	}
 	return nil
 }
@@ -143,7 +163,7 @@ func (s *segment) CopyFrom(src arena.Segment, srcOff, dstOff, n uint64) error {
 	return nil
 }
 
-// bytesReaderAt reads from a byte slice (Stage's source for Write).
+// bytesReaderAt reads from a byte slice (Stage's source for WriteAt).
 type bytesReaderAt []byte
 
 func (p bytesReaderAt) ReadAt(dst []byte, off int64) (int, error) {

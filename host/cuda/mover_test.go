@@ -5,9 +5,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"strings"
 	"testing"
+	"unsafe"
 
 	"github.com/arenahost/arenahost/host/arena"
 )
@@ -43,6 +45,7 @@ func (f *fakeAlloc) Upload(ctx context.Context, dst DevicePtr, src []byte) error
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.uploads = append(f.uploads, len(src))
+	f.uploadSrc = append(f.uploadSrc, unsafe.SliceData(src))
 	if f.uploadErr != nil {
 		return f.uploadErr
 	}
@@ -190,5 +193,110 @@ func TestMove(t *testing.T) {
 	}
 	if err := a2.Write(t.Context(), r, 0, []byte{1}); !errors.Is(err, arena.ErrNoHostView) || !strings.Contains(err.Error(), "moves no bytes") {
 		t.Fatalf("write through a device without a Mover: %v", err)
+	}
+}
+
+// recordingReader serves data and records where each read landed; it fails
+// with err past len(data), and calls onRead after each read.
+type recordingReader struct {
+	data   []byte
+	err    error
+	dsts   []*byte
+	onRead func()
+}
+
+func (r *recordingReader) ReadAt(p []byte, off int64) (int, error) {
+	r.dsts = append(r.dsts, unsafe.SliceData(p))
+	if r.onRead != nil {
+		r.onRead()
+	}
+	if off >= int64(len(r.data)) {
+		return 0, r.err
+	}
+	n := copy(p, r.data[off:])
+	if n < len(p) {
+		return n, r.err
+	}
+	return n, nil
+}
+
+// TestWriteFrom: the arena's WriteFrom on a device slab reads each chunk
+// of the source straight into the backend's staging buffer and uploads it
+// from there (one host copy), in chunks of the staging size; a short or
+// failing source and cancellation stop it with an error naming the slab.
+func TestWriteFrom(t *testing.T) {
+	f := newFakeAlloc()
+	a, b := newArena(t, f)
+	defer a.Close()
+	b.chunk = 1000
+	r, err := a.Alloc(arena.HostOwner, "r", 4000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := make([]byte, 5000)
+	for i := range src {
+		src[i] = byte(i*29 + 3)
+	}
+	errFault := errors.New("memory fault reading the mapping (file truncated while open?)")
+	tests := []struct {
+		name        string
+		data        []byte // the reader's bytes; reads past them fail
+		readErr     error
+		cancel      bool // cancel the context on the first read
+		off, srcOff int64
+		n           int64
+		wantUploads []int
+		wantErr     error
+	}{
+		{"chunked", src, nil, false, 100, 1234, 2500, []int{1000, 1000, 500}, nil},
+		{"one chunk", src, nil, false, 0, 0, 1000, []int{1000}, nil},
+		{"empty", src, nil, false, 4000, 0, 0, nil, nil},
+		{"short source", src[:1700], nil, false, 0, 0, 2500, []int{1000}, io.ErrUnexpectedEOF},
+		{"source faults", src[:1000], errFault, false, 0, 0, 2500, []int{1000}, errFault},
+		{"cancelled", src, nil, true, 0, 0, 2500, nil, context.Canceled},
+		{"negative length", src, nil, false, 0, 0, -1, nil, arena.ErrInvalid},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(t.Context())
+			defer cancel()
+			rd := &recordingReader{data: tc.data, err: tc.readErr}
+			if tc.cancel {
+				rd.onRead = cancel
+			}
+			f.mu.Lock()
+			f.uploads, f.uploadSrc = nil, nil
+			f.mu.Unlock()
+			err := a.WriteFrom(ctx, r, uint64(tc.off), rd, tc.srcOff, tc.n)
+			if !errors.Is(err, tc.wantErr) {
+				t.Fatalf("write from: %v, want %v", err, tc.wantErr)
+			}
+			if err != nil && tc.n >= 0 && !strings.Contains(err.Error(), "cuda slab") {
+				t.Errorf("error %q does not name the slab", err)
+			}
+			f.mu.Lock()
+			uploads, srcs := f.uploads, f.uploadSrc
+			f.mu.Unlock()
+			if fmt.Sprint(uploads) != fmt.Sprint(tc.wantUploads) {
+				t.Fatalf("uploads %v, want %v", uploads, tc.wantUploads)
+			}
+			// One host copy: every upload sends the very bytes the reader
+			// wrote, in the staging buffer, with no copy in between.
+			for i, p := range srcs {
+				if p != rd.dsts[i] || p != unsafe.SliceData(b.stage) {
+					t.Fatalf("upload %d sends %p; the reader wrote to %p, the staging buffer is %p", i, p, rd.dsts[i], unsafe.SliceData(b.stage))
+				}
+			}
+			if len(b.stage) > b.chunk {
+				t.Fatalf("staging buffer of %d bytes, over the %d-byte chunk", len(b.stage), b.chunk)
+			}
+			if err != nil {
+				return
+			}
+			back := make([]byte, tc.n)
+			if err := a.Read(r, uint64(tc.off), back); err != nil || !bytes.Equal(back, src[tc.srcOff:tc.srcOff+tc.n]) {
+				t.Fatalf("read back: err %v, equal %v", err, bytes.Equal(back, src[tc.srcOff:tc.srcOff+tc.n]))
+			}
+		})
 	}
 }
