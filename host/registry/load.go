@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"sort"
 	"time"
@@ -24,9 +25,12 @@ var copyChunk = 16 << 20
 // arena region, and registers the result as model name. The file is streamed
 // through the mapping: no tensor is copied onto the Go heap. On memory the
 // host cannot map (a device arena), each tensor is streamed from the file
-// into its region with the arena's Write, through one buffer of at most
-// 16 MiB for the whole load: host memory stays bounded whatever the
-// tensor's size.
+// into its region with the arena's WriteFrom, which reads the mapping
+// (fault-guarded) straight into the device's bounded staging buffer and
+// uploads from there: one host copy per chunk. Memory without WriteFrom
+// gets the tensor through one buffer of at most 16 MiB for the whole load
+// and its Write (two host copies on a device that stages). Either way host
+// memory stays bounded whatever the tensor's size.
 //
 // The registry keeps the file mapped read-only for the model's lifetime
 // (until Unload or DetachSource), so the original bytes of every tensor
@@ -210,13 +214,30 @@ func copyTensor(ctx context.Context, dst []byte, f *safetensors.File, info safet
 	return nil
 }
 
-// streamTensor copies a tensor from the file into reg with the memory's
-// Write, in chunks of at most copyChunk bytes through *buf (made on first
-// use), checking ctx between them.
+// fillMemory is memory that fills a region straight from a reader
+// ((*arena.Arena).WriteFrom): on a device arena each chunk goes from the
+// file's mapping into the device's staging buffer and is uploaded from
+// there, one host copy instead of two.
+type fillMemory interface {
+	WriteFrom(ctx context.Context, r arena.Region, off uint64, src io.ReaderAt, srcOff, n int64) error
+}
+
+// writeFromOn lets BenchmarkDeviceLoad and the tests compare WriteFrom with
+// the buffer + Write path it replaces.
+var writeFromOn = true
+
+// streamTensor copies a tensor from the file into reg: with the memory's
+// WriteFrom when it has one, reading the mapping through f's fault-guarded
+// ReadAt (so a file truncated under the load is an error, not SIGBUS);
+// otherwise with its Write, in chunks of at most copyChunk bytes through
+// *buf (made on first use). ctx is checked between chunks.
 func streamTensor(ctx context.Context, mem Memory, reg arena.Region, f *safetensors.File, info safetensors.TensorInfo, buf *[]byte) error {
 	n := uint64(info.End - info.Begin)
 	if reg.Length != n {
 		return fmt.Errorf("region of %d bytes for a %d-byte tensor", reg.Length, n)
+	}
+	if fm, ok := mem.(fillMemory); ok && writeFromOn {
+		return fm.WriteFrom(ctx, reg, 0, f, f.DataStart+info.Begin, int64(n))
 	}
 	if want := min(n, uint64(copyChunk)); uint64(len(*buf)) < want {
 		*buf = make([]byte, want)
