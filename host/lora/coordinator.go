@@ -38,7 +38,7 @@ var (
 	// shape mismatch, NaN, unmatched key under strict…).
 	ErrBadLoRA = errors.New("bad LoRA")
 	// ErrUnsupported: the request is valid but cannot be applied this way
-	// (fuse on nested absmax, mixed quant types).
+	// (mixed quant types in one fuse, a bias delta).
 	ErrUnsupported = errors.New("unsupported")
 )
 

@@ -1,6 +1,7 @@
 package lora_test
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math"
@@ -124,39 +125,51 @@ func testSideMatchesOracle(t *testing.T, backend string) {
 
 func TestFuseRemoveByteExact(t *testing.T) {
 	for _, backend := range backends {
-		t.Run(backend, func(t *testing.T) { testFuseRemoveByteExact(t, backend) })
+		for _, model := range []string{server.DefaultModelName, nestedModel} {
+			t.Run(backend+"/"+model, func(t *testing.T) { testFuseRemoveByteExact(t, backend, model) })
+		}
 	}
 }
 
-func testFuseRemoveByteExact(t *testing.T, backend string) {
+// testFuseRemoveByteExact fuses into model (the sample, or its nested-absmax
+// twin), checks the codes against quantize(W_ref), then fuses again and
+// removes: byte-exact. A nested weight keeps its nested_quant_map and
+// quant-state JSON (nested_offset) and re-encodes absmax around them.
+func testFuseRemoveByteExact(t *testing.T, backend, model string) {
 	s := newHostOn(t, backend)
 	_, _, dir := fixtures(t)
-	orig := snapshot(t, s)
+	if model == nestedModel {
+		loadNested(t, s)
+	}
+	orig := snapshotOf(t, s, model)
 	level := s.Arena.Stats().Allocated
 	set := []oracleLoRA{kohyaOracle(1), peftOracle(0.7)}
 	w := oracleWeights[0]
-	ref, _, outN, in := wRef(t, s, dir, w, set) // before the fuse: W_ref is on the original dq(W)
-	res, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, set...), Mode: lora.ModeFuse})
+	ref, _, outN, in := wRefOf(t, s, model, dir, w, set) // before the fuse: W_ref is on the original dq(W)
+	res, err := s.LoRAs.Apply(t.Context(), lora.Request{Model: model, LoRAs: entries(dir, set...), Mode: lora.ModeFuse})
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The plugin measures retention on the CPU path only (on the device it
-	// would need the delta downloaded).
+	qw, _ := s.Registry.Weight(model, w)
 	// The sample model was loaded from a file: the journal references it
 	// and holds nothing in the arena.
-	if (backend == server.BackendCPU && res.Report.Retention <= 0) || res.Report.PeakScratchBytes <= 0 || len(res.Fused) == 0 || res.JournalFileBytes == 0 || res.JournalBytes != 0 {
+	if res.Report.Retention <= 0 || res.Report.PeakScratchBytes <= 0 || len(res.Fused) == 0 || res.JournalFileBytes == 0 || res.JournalBytes != 0 {
 		t.Errorf("fuse report: retention %v scratch %d fused %d journal %d in the arena, %d in the file", res.Report.Retention, res.Report.PeakScratchBytes, len(res.Fused), res.JournalBytes, res.JournalFileBytes)
+	}
+	if qw.State.Nested && res.JournalFileBytes%(qw.Packed.NBytes+qw.Absmax.NBytes+qw.NestedAbsmax.NBytes) != 0 {
+		t.Errorf("journal of %d file bytes does not hold packed, absmax and nested_absmax of each weight", res.JournalFileBytes)
 	}
 	// At least 99.9% of the codes are quantize(W_ref) by the bnb rule,
 	// the rest one code away.
-	qw, _ := s.Registry.Weight(server.DefaultModelName, w)
 	f32 := make([]float32, len(ref))
 	for i, v := range ref {
 		f32[i] = float32(v)
 	}
 	want := make([]byte, nf4.PackedLen(len(ref)))
-	nf4.Quantize(want, make([]float32, nf4.Blocks(len(ref), qw.State.Blocksize)), f32, qw.State.Blocksize, nf4.QuantNF4)
-	got := snapshot(t, s)[qw.Packed.Name]
+	wantAbsmax := make([]float32, nf4.Blocks(len(ref), qw.State.Blocksize))
+	nf4.Quantize(want, wantAbsmax, f32, qw.State.Blocksize, nf4.QuantNF4)
+	now := snapshotOf(t, s, model)
+	got := now[qw.Packed.Name]
 	var same, off1, n int
 	for i := 0; i < outN*in; i++ {
 		g, wv := int(got[i/2]>>(4*(1-i%2))&15), int(want[i/2]>>(4*(1-i%2))&15)
@@ -174,17 +187,46 @@ func testFuseRemoveByteExact(t *testing.T, backend string) {
 	if string(got) == string(orig[qw.Packed.Name]) {
 		t.Fatalf("%s unchanged by fuse", w)
 	}
+	if qw.State.Nested {
+		// Absmax decodes, with the stored map and offset, to quantize(W_ref)'s
+		// within the nested 8-bit step; map and JSON are untouched.
+		for _, tn := range []*registry.Tensor{qw.NestedQuantMap, qw.StateJSON} {
+			if string(now[tn.Name]) != string(orig[tn.Name]) {
+				t.Errorf("fuse changed %s", tn.Name)
+			}
+		}
+		nabs, code := f32le(now[qw.NestedAbsmax.Name]), f32le(now[qw.NestedQuantMap.Name])
+		dec := make([]float32, len(wantAbsmax))
+		nf4.DequantizeNested(dec, now[qw.Absmax.Name], nabs, (*[256]float32)(code), float32(qw.State.NestedOffset), nf4.NestedBlocksize)
+		for b, v := range dec {
+			if d := math.Abs(float64(v - wantAbsmax[b])); d > 0.02*float64(nabs[b/nf4.NestedBlocksize])+1e-3*float64(wantAbsmax[b]) {
+				t.Fatalf("%s: absmax block %d decodes to %v, quantize(W_ref) has %v", w, b, v, wantAbsmax[b])
+			}
+		}
+		if string(now[qw.Absmax.Name]) == string(orig[qw.Absmax.Name]) || string(now[qw.NestedAbsmax.Name]) == string(orig[qw.NestedAbsmax.Name]) {
+			t.Errorf("%s: nested absmax not re-encoded", w)
+		}
+	}
 	// Fuse after fuse starts from the originals; then remove is exact.
-	if _, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, kohyaOracle(0.3)), Mode: lora.ModeFuse}); err != nil {
+	if _, err := s.LoRAs.Apply(t.Context(), lora.Request{Model: model, LoRAs: entries(dir, kohyaOracle(0.3)), Mode: lora.ModeFuse}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.LoRAs.Remove(t.Context(), ""); err != nil {
+	if _, err := s.LoRAs.Remove(t.Context(), model); err != nil {
 		t.Fatal(err)
 	}
-	sameBytes(t, "remove after fuse", orig, snapshot(t, s))
+	sameBytes(t, "remove after fuse", orig, snapshotOf(t, s, model))
 	if a := s.Arena.Stats().Allocated; a != level {
 		t.Errorf("arena at %d after remove, %d before apply", a, level)
 	}
+}
+
+// f32le decodes little-endian float32s.
+func f32le(b []byte) []float32 {
+	v := make([]float32, len(b)/4)
+	for i := range v {
+		v[i] = math.Float32frombits(binary.LittleEndian.Uint32(b[4*i:]))
+	}
+	return v
 }
 
 // TestRandomCycles runs random apply / strength change / mode switch /

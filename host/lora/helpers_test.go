@@ -61,12 +61,33 @@ func fixtures(t *testing.T) (plugins, models, loras string) {
 		if onceErr = samples.WriteModel(filepath.Join(md, samples.ModelFile), samples.ModelOptions{Seed: 1}); onceErr != nil {
 			return
 		}
+		// The same model with double-quantized absmax (Forge "v1"), kept
+		// outside the models directory: tests load it as nestedModel.
+		if onceErr = samples.WriteModel(filepath.Join(tmpRoot, nestedFile), samples.ModelOptions{Seed: 1, Nested: true}); onceErr != nil {
+			return
+		}
 		onceErr = samples.WriteLoRAs(ld, 1)
 	})
 	if onceErr != nil {
 		t.Fatal(onceErr)
 	}
 	return filepath.Join(tmpRoot, "plugins"), filepath.Join(tmpRoot, "models"), filepath.Join(tmpRoot, "loras")
+}
+
+// nestedModel is the sample model with nested absmax, which loadNested
+// loads from nestedFile.
+const (
+	nestedModel = "nested"
+	nestedFile  = "flux-sample-nf4-nested.safetensors"
+)
+
+// loadNested loads the nested-absmax sample model as nestedModel.
+func loadNested(t *testing.T, s *server.Server) {
+	t.Helper()
+	fixtures(t)
+	if _, err := s.Registry.Load(t.Context(), nestedModel, filepath.Join(tmpRoot, nestedFile)); err != nil {
+		t.Fatal(err)
+	}
 }
 
 type buildError struct{ s string }
@@ -111,7 +132,10 @@ func snapshotOf(t *testing.T, s *server.Server, model string) map[string][]byte 
 	out := map[string][]byte{}
 	m, _ := s.Registry.Model(model)
 	for _, w := range m.Weights {
-		for _, tn := range []*registry.Tensor{w.Packed, w.Absmax} {
+		for _, tn := range []*registry.Tensor{w.Packed, w.Absmax, w.NestedAbsmax, w.NestedQuantMap, w.StateJSON} {
+			if tn == nil {
+				continue
+			}
 			err := s.Registry.View(m.Name, tn.Name, func(_ *registry.Tensor, b []byte) error {
 				out[tn.Name] = append([]byte(nil), b...)
 				return nil
@@ -138,8 +162,13 @@ func sameBytes(t *testing.T, what string, want, got map[string][]byte) {
 
 // dq dequantizes a weight of the sample model to float64 [out*in].
 func dq(t *testing.T, s *server.Server, w string) ([]float64, int, int) {
+	return dqOf(t, s, server.DefaultModelName, w)
+}
+
+// dqOf is dq for weight w of model.
+func dqOf(t *testing.T, s *server.Server, model, w string) ([]float64, int, int) {
 	t.Helper()
-	qw, err := s.Registry.Weight(server.DefaultModelName, w)
+	qw, err := s.Registry.Weight(model, w)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -147,8 +176,11 @@ func dq(t *testing.T, s *server.Server, w string) ([]float64, int, int) {
 	for _, x := range []struct {
 		t   *registry.Tensor
 		dst *[]byte
-	}{{qw.Packed, &d.Packed}, {qw.Absmax, &d.Absmax}} {
-		err := s.Registry.View(server.DefaultModelName, x.t.Name, func(_ *registry.Tensor, b []byte) error {
+	}{{qw.Packed, &d.Packed}, {qw.Absmax, &d.Absmax}, {qw.NestedAbsmax, &d.NestedAbsmax}, {qw.NestedQuantMap, &d.NestedQuantMap}} {
+		if x.t == nil {
+			continue
+		}
+		err := s.Registry.View(model, x.t.Name, func(_ *registry.Tensor, b []byte) error {
 			*x.dst = append([]byte(nil), b...)
 			return nil
 		})
@@ -247,8 +279,13 @@ var oracleWeights = []string{"double_blocks.0.img_attn.qkv.weight", "single_bloc
 
 // wRef returns dq(W) + Σ sᵢ·(alphaᵢ/rᵢ)·Bᵢ·Aᵢ in float64.
 func wRef(t *testing.T, s *server.Server, loraDir, w string, set []oracleLoRA) ([]float64, []float64, int, int) {
+	return wRefOf(t, s, server.DefaultModelName, loraDir, w, set)
+}
+
+// wRefOf is wRef for weight w of model.
+func wRefOf(t *testing.T, s *server.Server, model, loraDir, w string, set []oracleLoRA) ([]float64, []float64, int, int) {
 	t.Helper()
-	base, out, in := dq(t, s, w)
+	base, out, in := dqOf(t, s, model, w)
 	ref := append([]float64(nil), base...)
 	for _, l := range set {
 		ts := loraFile(t, filepath.Join(loraDir, l.file))

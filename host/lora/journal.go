@@ -38,19 +38,38 @@ type sourceRef struct {
 	crc uint32 // CRC-32C of the bytes when journaled
 }
 
-// journalEntry keeps one weight's saved packed bytes and absmax: copies in
-// host arena regions, or (journal entries only, never snapshots)
-// references into the model's source file.
+// journalEntry keeps the bytes the fused pass rewrites in one weight
+// (journaled: packed codes, absmax and, when nested, nested_absmax):
+// copies in host arena regions, or (journal entries only, never
+// snapshots) references into the model's source file.
 type journalEntry struct {
-	packed, absmax arena.Region // arena copies; zero when referenced
-	refs           []sourceRef  // packed, absmax; nil for arena copies
+	saved []arena.Region // arena copies, in journaled order; nil when referenced
+	refs  []sourceRef    // the same tensors in the file; nil for arena copies
+}
+
+// journaled lists the tensors of qw the fused pass rewrites, in the order
+// an entry keeps them. The nested_quant_map and the quant-state JSON
+// (nested_offset included) are never rewritten: the pass re-encodes
+// nested absmax around the stored offset with the stored map.
+func journaled(qw *registry.QuantWeight) []*registry.Tensor {
+	ts := []*registry.Tensor{qw.Packed, qw.Absmax}
+	if qw.State.Nested {
+		ts = append(ts, qw.NestedAbsmax)
+	}
+	return ts
 }
 
 // referenced reports whether the entry points into the source file.
 func (e journalEntry) referenced() bool { return e.refs != nil }
 
 // arenaBytes is what the entry holds in the arena.
-func (e journalEntry) arenaBytes() uint64 { return e.packed.Length + e.absmax.Length }
+func (e journalEntry) arenaBytes() uint64 {
+	var n uint64
+	for _, r := range e.saved {
+		n += r.Length
+	}
+	return n
+}
 
 // fileBytes is what the entry references in the source file.
 func (e journalEntry) fileBytes() uint64 {
@@ -73,7 +92,7 @@ func (c *Coordinator) journal(m *registry.Model, w string) (journalEntry, error)
 	if err != nil {
 		return journalEntry{}, err
 	}
-	refs, err := c.reference(m, []*registry.Tensor{qw.Packed, qw.Absmax})
+	refs, err := c.reference(m, journaled(qw))
 	if err == nil {
 		return journalEntry{refs: refs}, nil
 	}
@@ -176,41 +195,33 @@ func fusable(m *registry.Model, w string) (*registry.QuantWeight, error) {
 	if !ok {
 		return nil, fmt.Errorf("model %q: 4-bit weight %s: %w", m.Name, w, registry.ErrNotFound)
 	}
-	if qw.State.Nested {
-		return nil, fmt.Errorf("weight %s has nested absmax; fuse would change nested_offset in its quant-state JSON (use side mode): %w", w, ErrUnsupported)
+	if qw.State.Nested && qw.NestedAbsmax == nil {
+		return nil, fmt.Errorf("weight %s: nested absmax without a nested_absmax tensor: %w", w, ErrUnsupported)
 	}
 	return qw, nil
 }
 
-// saveBytes copies the current packed bytes and absmax of weight w into
+// saveBytes copies the current bytes of weight w's journaled tensors into
 // new host regions (the fallback journal, and the snapshots a re-apply
-// keeps for its rollback).
+// keeps for its rollback). On error it holds nothing.
 func (c *Coordinator) saveBytes(m *registry.Model, w, what string) (journalEntry, error) {
 	qw, err := fusable(m, w)
 	if err != nil {
 		return journalEntry{}, err
 	}
 	var e journalEntry
-	for i, t := range []*registry.Tensor{qw.Packed, qw.Absmax} {
+	for _, t := range journaled(qw) {
 		r, err := c.mem.Alloc(arena.HostOwner, what+" "+t.Name, t.NBytes)
+		if err == nil {
+			if err = c.mem.Copy(r, t.Region); err != nil {
+				_ = c.mem.Free(r)
+			}
+		}
 		if err != nil {
-			if i == 1 {
-				_ = c.mem.Free(e.packed)
-			}
+			c.freeEntry(e)
 			return journalEntry{}, fmt.Errorf("%s %s: %w", what, t.Name, err)
 		}
-		if err := c.mem.Copy(r, t.Region); err != nil {
-			_ = c.mem.Free(r)
-			if i == 1 {
-				_ = c.mem.Free(e.packed)
-			}
-			return journalEntry{}, fmt.Errorf("%s %s: %w", what, t.Name, err)
-		}
-		if i == 0 {
-			e.packed = r
-		} else {
-			e.absmax = r
-		}
+		e.saved = append(e.saved, r)
 	}
 	return e, nil
 }
@@ -229,7 +240,7 @@ func (c *Coordinator) putBackChecked(m *registry.Model, w string, e journalEntry
 	if !ok {
 		return fmt.Errorf("model %q: 4-bit weight %s: %w", m.Name, w, registry.ErrNotFound)
 	}
-	ts := []*registry.Tensor{qw.Packed, qw.Absmax}
+	ts := journaled(qw)
 	if e.referenced() {
 		if len(e.refs) != len(ts) {
 			return fmt.Errorf("weight %s: %d journaled tensors for %d", w, len(e.refs), len(ts))
@@ -251,11 +262,11 @@ func (c *Coordinator) putBackChecked(m *registry.Model, w string, e journalEntry
 		}
 		return nil
 	}
+	if len(e.saved) != len(ts) {
+		return fmt.Errorf("weight %s: %d saved tensors for %d", w, len(e.saved), len(ts))
+	}
 	for i, t := range ts {
-		r := e.packed
-		if i == 1 {
-			r = e.absmax
-		}
+		r := e.saved[i]
 		if r.Length != t.NBytes {
 			return fmt.Errorf("weight %s: tensor %s: %d saved bytes for %d", w, t.Name, r.Length, t.NBytes)
 		}
@@ -306,11 +317,8 @@ func (c *Coordinator) writeSource(m *registry.Model, dst arena.Region, ref sourc
 }
 
 func (c *Coordinator) freeEntry(e journalEntry) {
-	if e.packed.Length > 0 {
-		_ = c.mem.Free(e.packed)
-	}
-	if e.absmax.Length > 0 {
-		_ = c.mem.Free(e.absmax)
+	for _, r := range e.saved {
+		_ = c.mem.Free(r)
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"context"
 	"log/slog"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/arenahost/arenahost/host/arena"
@@ -88,7 +89,7 @@ func TestJournalOnEveryBackend(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if e.packed.Length != qw.Packed.NBytes || e.absmax.Length != qw.Absmax.NBytes {
+			if len(e.saved) != 2 || e.saved[0].Length != qw.Packed.NBytes || e.saved[1].Length != qw.Absmax.NBytes {
 				t.Fatalf("journal entry %+v for %d and %d bytes", e, qw.Packed.NBytes, qw.Absmax.NBytes)
 			}
 			// "Fuse": overwrite the weight, as the plugin would.
@@ -108,8 +109,8 @@ func TestJournalOnEveryBackend(t *testing.T) {
 				t.Fatal("putBack did not restore the journaled bytes")
 			}
 			// A journal entry of the wrong size is refused, changing nothing.
-			short := e
-			short.packed.Length--
+			short := journalEntry{saved: slices.Clone(e.saved)}
+			short.saved[0].Length--
 			if err := c.putBack(m, qw.Name, short); err == nil {
 				t.Fatal("putBack of a short journal entry succeeded")
 			}

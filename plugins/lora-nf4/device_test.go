@@ -7,6 +7,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -231,7 +232,10 @@ var testLayers = []testLayer{
 type modelOpts struct {
 	dtype  pluginv1.DType // logical dtype
 	quant  string         // "nf4" or "fp4"
-	nested bool           // flag the weights nested (refusal cases)
+	nested bool           // double-quantized absmax, as bitsandbytes stores it
+	// nestedBlocksize is the nested_blocksize the descriptors claim (0:
+	// bitsandbytes' 256); refusal cases set another.
+	nestedBlocksize uint32
 }
 
 // storedWeight is a weight as the host stores it: its descriptor (read
@@ -239,6 +243,7 @@ type modelOpts struct {
 type storedWeight struct {
 	d              *pluginv1.TensorDescriptor
 	packed, absmax []byte
+	nestedAbsmax   []byte // nil unless nested
 }
 
 // putModel quantizes seeded random weights and stores them.
@@ -255,18 +260,42 @@ func (h *testHost) putModel(t *testing.T, o modelOpts) map[string]*storedWeight 
 		}
 		packed, absmax := make([]byte, nf4.PackedLen(n)), make([]float32, nf4.Blocks(n, bs))
 		nf4.Quantize(packed, absmax, w, bs, nf4.QuantType(o.quant))
-		ab := make([]byte, 4*len(absmax))
-		half.EncodeF32(ab, absmax)
 		key := l.name + ".weight"
-		ad := h.put(t, key+".absmax", pluginv1.DType_DTYPE_F32, []int64{int64(len(absmax))}, ab, pluginv1.Access_ACCESS_READ_ONLY)
 		d := h.put(t, key, pluginv1.DType_DTYPE_U8, []int64{int64(len(packed)), 1}, packed, pluginv1.Access_ACCESS_READ_ONLY)
-		d.Quant = &pluginv1.QuantInfo{QuantType: o.quant, Blocksize: bs, Dtype: o.dtype, Shape: []int64{int64(l.out), int64(l.in)},
-			Nested: o.nested, Absmax: &pluginv1.TensorRef{Dtype: pluginv1.DType_DTYPE_F32, Shape: ad.Shape, Region: ad.Region}}
+		d.Quant = &pluginv1.QuantInfo{QuantType: o.quant, Blocksize: bs, Dtype: o.dtype, Shape: []int64{int64(l.out), int64(l.in)}}
+		sw := &storedWeight{d: d, packed: packed}
+		if o.nested {
+			q, nabs, off := nf4.QuantizeNested(absmax)
+			code := nf4.DynamicMap()
+			sw.absmax, sw.nestedAbsmax = q, f32LE(nabs)
+			ad := h.put(t, key+".absmax", pluginv1.DType_DTYPE_U8, []int64{int64(len(q))}, q, pluginv1.Access_ACCESS_READ_ONLY)
+			nd := h.put(t, key+".nested_absmax", pluginv1.DType_DTYPE_F32, []int64{int64(len(nabs))}, sw.nestedAbsmax, pluginv1.Access_ACCESS_READ_ONLY)
+			md := h.put(t, key+".nested_quant_map", pluginv1.DType_DTYPE_F32, []int64{256}, f32LE(code[:]), pluginv1.Access_ACCESS_READ_ONLY)
+			d.Quant.Nested, d.Quant.NestedOffset, d.Quant.NestedBlocksize = true, float64(off), nf4.NestedBlocksize
+			if o.nestedBlocksize != 0 {
+				d.Quant.NestedBlocksize = o.nestedBlocksize
+			}
+			d.Quant.Absmax = &pluginv1.TensorRef{Dtype: pluginv1.DType_DTYPE_U8, Shape: ad.Shape, Region: ad.Region}
+			d.Quant.NestedAbsmax = &pluginv1.TensorRef{Dtype: pluginv1.DType_DTYPE_F32, Shape: nd.Shape, Region: nd.Region}
+			d.Quant.NestedQuantMap = &pluginv1.TensorRef{Dtype: pluginv1.DType_DTYPE_F32, Shape: md.Shape, Region: md.Region}
+		} else {
+			sw.absmax = make([]byte, 4*len(absmax))
+			half.EncodeF32(sw.absmax, absmax)
+			ad := h.put(t, key+".absmax", pluginv1.DType_DTYPE_F32, []int64{int64(len(absmax))}, sw.absmax, pluginv1.Access_ACCESS_READ_ONLY)
+			d.Quant.Absmax = &pluginv1.TensorRef{Dtype: pluginv1.DType_DTYPE_F32, Shape: ad.Shape, Region: ad.Region}
+		}
 		d.Model = "m"
 		h.model = append(h.model, d)
-		out[key] = &storedWeight{d: d, packed: packed, absmax: ab}
+		out[key] = sw
 	}
 	return out
+}
+
+// f32LE encodes float32s little-endian, as stored.
+func f32LE(v []float32) []byte {
+	b := make([]byte, 4*len(v))
+	half.EncodeF32(b, v)
+	return b
 }
 
 // fuseTensors is what the coordinator passes a fuse: each weight of the
@@ -290,6 +319,9 @@ func (h *testHost) restoreOriginals(t *testing.T, ws map[string]*storedWeight) {
 	for _, sw := range ws {
 		h.write(t, sw.d.Region, sw.packed)
 		h.write(t, sw.d.Quant.Absmax.Region, sw.absmax)
+		if sw.nestedAbsmax != nil {
+			h.write(t, sw.d.Quant.NestedAbsmax.Region, sw.nestedAbsmax)
+		}
 	}
 }
 
@@ -302,6 +334,9 @@ func (h *testHost) weightBytes(t *testing.T, sw *storedWeight) []byte {
 	t.Helper()
 	p := h.read(t, sw.d.Region, uint64(len(sw.packed)))
 	a := h.read(t, sw.d.Quant.Absmax.Region, uint64(len(sw.absmax)))
+	if sw.nestedAbsmax != nil {
+		a = append(a, h.read(t, sw.d.Quant.NestedAbsmax.Region, uint64(len(sw.nestedAbsmax)))...)
+	}
 	return append(p, a...)
 }
 
@@ -442,6 +477,10 @@ func TestDeviceFuseMatchesCPU(t *testing.T) {
 		{"nf4 bf16", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"}, "", allLayers},
 		{"nf4 f16", modelOpts{dtype: pluginv1.DType_DTYPE_F16, quant: "nf4"}, "", allLayers},
 		{"nf4 f32", modelOpts{dtype: pluginv1.DType_DTYPE_F32, quant: "nf4"}, "", allLayers},
+		// Nested absmax: decoded into an fp32 scratch after the factors,
+		// as large as the largest layer's absmax (linear2: 5120 blocks).
+		{"nf4 bf16 nested", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4", nested: true}, "", allLayers + 4*5120},
+		{"nf4 f16 nested one layer per upload", modelOpts{dtype: pluginv1.DType_DTYPE_F16, quant: "nf4", nested: true}, "1", slot(256, 1280, 16) + 4*5120},
 		// One layer per upload: the scratch holds the largest layer only
 		// (linear2), and each batch's kernel must read its own factors.
 		{"nf4 bf16 one layer per upload", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"}, "1", slot(256, 1280, 16)},
@@ -634,8 +673,8 @@ func TestDeviceFuseRefusals(t *testing.T) {
 		want     string
 		sameText bool // the CPU pass refuses with the same message
 	}{
-		{"nested absmax", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4", nested: true}, loras[1], codes.FailedPrecondition,
-			"has nested absmax: re-quantizing it would change nested_offset", true},
+		{"nested blocksize 128", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4", nested: true, nestedBlocksize: 128}, loras[1], codes.FailedPrecondition,
+			"nested_blocksize 128, want 256", true},
 		{"fp4", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "fp4"}, loras[1], codes.FailedPrecondition,
 			`"fp4" in CUDA device memory: the device fused pass has NF4 kernels only`, false},
 		{"full-rank diff", modelOpts{dtype: pluginv1.DType_DTYPE_BF16, quant: "nf4"}, full, codes.FailedPrecondition,
@@ -661,7 +700,7 @@ func TestDeviceFuseRefusals(t *testing.T) {
 					t.Fatalf("device: %v, want %v containing %q", err, c.code, c.want)
 				}
 				for w, sw := range ws {
-					if !bytes.Equal(h.weightBytes(t, sw), append(bytes.Clone(sw.packed), sw.absmax...)) {
+					if !bytes.Equal(h.weightBytes(t, sw), slices.Concat(sw.packed, sw.absmax, sw.nestedAbsmax)) {
 						t.Errorf("%s changed by a refused fuse", w)
 					}
 				}

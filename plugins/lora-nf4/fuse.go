@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"github.com/arenahost/arenahost/shared/lora/lorawire"
+	"slices"
 	"time"
 
 	"github.com/arenahost/arenahost/sdk"
@@ -39,27 +40,78 @@ func (s callStore) Layer(name string) (*lora.QLayer, error) {
 	if err != nil {
 		return nil, err
 	}
-	ref := q.GetAbsmax()
+	ab, err := s.ref(w, "absmax", q.GetAbsmax(), true)
+	if err != nil {
+		return nil, err
+	}
+	l := &lora.QLayer{Name: name, Out: int(q.GetShape()[0]), In: int(q.GetShape()[1]), Blocksize: int(q.GetBlocksize()),
+		Packed: packed, Raw: [][]byte{packed, ab}}
+	if !q.GetNested() {
+		if l.Absmax, err = tensor.Float32s(ab); err != nil {
+			return nil, fmt.Errorf("weight %s: absmax: %w", w, err)
+		}
+		return l, nil
+	}
+	// Nested absmax: the pass works on the decoded fp32 absmax, and Commit
+	// re-encodes it in place around the stored nested_offset with the
+	// stored nested_quant_map, so the quant-state JSON stays as loaded.
+	nb, err := s.ref(w, "nested_absmax", q.GetNestedAbsmax(), true)
+	if err != nil {
+		return nil, err
+	}
+	mb, err := s.ref(w, "nested_quant_map", q.GetNestedQuantMap(), false)
+	if err != nil {
+		return nil, err
+	}
+	nabs, err := tensor.Float32s(nb)
+	if err != nil {
+		return nil, fmt.Errorf("weight %s: nested_absmax: %w", w, err)
+	}
+	code, err := nestedMap(mb)
+	if err != nil {
+		return nil, fmt.Errorf("weight %s: nested_quant_map: %w", w, err)
+	}
+	off := float32(q.GetNestedOffset())
+	l.Absmax = make([]float32, len(ab))
+	nf4.DequantizeNested(l.Absmax, ab, nabs, code, off, nf4.NestedBlocksize)
+	l.Raw = append(l.Raw, nb)
+	l.Commit = func() error {
+		nf4.QuantizeNestedInto(ab, nabs, l.Absmax, off, code)
+		return nil
+	}
+	return l, nil
+}
+
+// ref maps one of weight w's quant-state tensors (what names it).
+func (s callStore) ref(w, what string, ref *pluginv1.TensorRef, write bool) ([]byte, error) {
 	n, err := tensor.NBytes(ref.GetDtype(), ref.GetShape())
 	if err != nil {
-		return nil, fmt.Errorf("weight %s: absmax: %w", w, err)
+		return nil, fmt.Errorf("weight %s: %s: %w", w, what, err)
 	}
-	ab, err := s.mapper.Region(ref.GetRegion(), n, true)
+	b, err := s.mapper.Region(ref.GetRegion(), n, write)
 	if err != nil {
-		return nil, fmt.Errorf("weight %s: absmax: %w", w, err)
+		return nil, fmt.Errorf("weight %s: %s: %w", w, what, err)
 	}
-	am, err := tensor.Float32s(ab)
+	return b, nil
+}
+
+// nestedMap decodes a stored nested_quant_map (fp32 [256], little-endian).
+func nestedMap(b []byte) (*[256]float32, error) {
+	v, err := tensor.Float32s(b)
 	if err != nil {
-		return nil, fmt.Errorf("weight %s: absmax: %w", w, err)
+		return nil, err
 	}
-	return &lora.QLayer{Name: name, Out: int(q.GetShape()[0]), In: int(q.GetShape()[1]), Blocksize: int(q.GetBlocksize()),
-		Packed: packed, Absmax: am, Raw: [][]byte{packed, ab}}, nil
+	if len(v) != 256 {
+		return nil, fmt.Errorf("%d values, want 256", len(v))
+	}
+	return (*[256]float32)(v), nil
 }
 
 // fusable returns the descriptor the host passed for writing weight w
 // after the checks both fused passes (CPU and device) need: read-write, a
-// 2-D 4-bit weight, plain fp32 absmax (nested absmax would change the
-// quant state's nested_offset).
+// 2-D 4-bit weight, and absmax stored as bitsandbytes stores it: fp32, or
+// nested (uint8 codes, fp32 nested absmax per 256 blocks, an fp32 [256]
+// map), which the passes re-encode around the stored nested_offset.
 func fusable(c *sdk.Call, w string) (*pluginv1.TensorDescriptor, error) {
 	d, err := c.Input(w)
 	if err != nil {
@@ -71,10 +123,20 @@ func fusable(c *sdk.Call, w string) (*pluginv1.TensorDescriptor, error) {
 		return nil, fmt.Errorf("weight %s passed %v, want read-write: %w", w, d.GetAccess(), sdk.ErrInvalidArgument)
 	case q == nil || len(q.GetShape()) != 2:
 		return nil, fmt.Errorf("weight %s is not a 2-D 4-bit weight: %w", w, sdk.ErrInvalidArgument)
-	case q.GetNested():
-		return nil, fmt.Errorf("weight %s has nested absmax: re-quantizing it would change nested_offset in the quant-state JSON; use side mode: %w", w, sdk.ErrFailedPrecondition)
-	case q.GetAbsmax().GetDtype() != pluginv1.DType_DTYPE_F32:
+	case !q.GetNested() && q.GetAbsmax().GetDtype() != pluginv1.DType_DTYPE_F32:
 		return nil, fmt.Errorf("weight %s: absmax dtype %v, want F32: %w", w, q.GetAbsmax().GetDtype(), sdk.ErrInvalidArgument)
+	case q.GetNested():
+		nb := int64(nf4.Blocks(int(q.GetShape()[0]*q.GetShape()[1]), int(q.GetBlocksize())))
+		switch {
+		case q.GetNestedBlocksize() != nf4.NestedBlocksize:
+			return nil, fmt.Errorf("weight %s: nested_blocksize %d, want %d (bitsandbytes' only one): %w", w, q.GetNestedBlocksize(), nf4.NestedBlocksize, sdk.ErrFailedPrecondition)
+		case q.GetAbsmax().GetDtype() != pluginv1.DType_DTYPE_U8 || !slices.Equal(q.GetAbsmax().GetShape(), []int64{nb}):
+			return nil, fmt.Errorf("weight %s: nested absmax %v %v, want U8 [%d]: %w", w, q.GetAbsmax().GetDtype(), q.GetAbsmax().GetShape(), nb, sdk.ErrInvalidArgument)
+		case q.GetNestedAbsmax().GetDtype() != pluginv1.DType_DTYPE_F32 || !slices.Equal(q.GetNestedAbsmax().GetShape(), []int64{int64(nf4.Blocks(int(nb), nf4.NestedBlocksize))}):
+			return nil, fmt.Errorf("weight %s: nested_absmax %v %v, want F32 [%d]: %w", w, q.GetNestedAbsmax().GetDtype(), q.GetNestedAbsmax().GetShape(), nf4.Blocks(int(nb), nf4.NestedBlocksize), sdk.ErrInvalidArgument)
+		case q.GetNestedQuantMap().GetDtype() != pluginv1.DType_DTYPE_F32 || !slices.Equal(q.GetNestedQuantMap().GetShape(), []int64{256}):
+			return nil, fmt.Errorf("weight %s: nested_quant_map %v %v, want F32 [256]: %w", w, q.GetNestedQuantMap().GetDtype(), q.GetNestedQuantMap().GetShape(), sdk.ErrInvalidArgument)
+		}
 	}
 	return d, nil
 }

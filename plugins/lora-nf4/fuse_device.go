@@ -11,6 +11,7 @@ import (
 	"github.com/arenahost/arenahost/shared/gpu"
 	"github.com/arenahost/arenahost/shared/lora"
 	"github.com/arenahost/arenahost/shared/nf4"
+	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 	"github.com/arenahost/arenahost/shared/tensor"
 )
 
@@ -26,8 +27,10 @@ import (
 // error and warnings, as lora.Fuse reports them. The kernels reproduce
 // DeltaRows' summation order, so dense (full-rank) deltas, which DeltaRows
 // adds after the factor sum, have no device form yet and are refused, as
-// are FP4 weights (the fused kernels are NF4) and nested absmax (as on the
-// CPU).
+// are FP4 weights (the fused kernels are NF4). A weight with nested absmax
+// is decoded into an fp32 absmax scratch (nested_dequantize), fused there,
+// and re-encoded around its stored nested_offset with its stored map
+// (nested_quantize), as the CPU pass's Commit does.
 
 // scratchAlign aligns B_cat after A_cat in the scratch allocation.
 const scratchAlign = 256
@@ -39,8 +42,10 @@ type devWeight struct {
 	name           string // weight key
 	dev            device
 	blocksize      int
-	packed, absmax gpu.DevicePtr
+	packed, absmax gpu.DevicePtr // absmax: fp32, or the nested codes
 	nPacked, nAbs  uint64
+	nb             int         // absmax blocks
+	nested         *gpu.Nested // nil unless absmax is nested
 }
 
 // onDevice reports whether the call's weights for the plan are on CUDA
@@ -86,7 +91,11 @@ func (e *engine) deviceWeight(c *sdk.Call, layer string, out, in int) (*devWeigh
 		return nil, fmt.Errorf("weight %s: blocksize %d: %w", w, bs, sdk.ErrInvalidArgument)
 	}
 	n := int(q.GetShape()[0] * q.GetShape()[1])
-	dw := &devWeight{name: w, blocksize: bs, nPacked: uint64((n + 1) / 2), nAbs: uint64(4 * ((n + bs - 1) / bs))}
+	nb := (n + bs - 1) / bs
+	dw := &devWeight{name: w, blocksize: bs, nPacked: uint64((n + 1) / 2), nAbs: uint64(4 * nb), nb: nb}
+	if q.GetNested() {
+		dw.nAbs = uint64(nb) // uint8 codes; fusable checked the nested tensors' shapes
+	}
 	if d.GetNbytes() != dw.nPacked {
 		return nil, fmt.Errorf("weight %s: %d packed bytes, want %d: %w", w, d.GetNbytes(), dw.nPacked, sdk.ErrInvalidArgument)
 	}
@@ -103,6 +112,27 @@ func (e *engine) deviceWeight(c *sdk.Call, layer string, out, in int) (*devWeigh
 	if _, dw.absmax, err = e.gpu.addr("weight "+w+": absmax", q.GetAbsmax().GetRegion(), dw.nAbs); err != nil {
 		return nil, err
 	}
+	if !q.GetNested() {
+		return dw, nil
+	}
+	n2 := &gpu.Nested{Q: dw.absmax, Offset: float32(q.GetNestedOffset())}
+	for _, r := range []struct {
+		what string
+		ref  *pluginv1.TensorRef
+		dst  *gpu.DevicePtr
+		n    uint64
+	}{
+		{"nested_absmax", q.GetNestedAbsmax(), &n2.Absmax, uint64(4 * nf4.Blocks(nb, nf4.NestedBlocksize))},
+		{"nested_quant_map", q.GetNestedQuantMap(), &n2.Map, 4 * 256},
+	} {
+		if !isCUDA(r.ref.GetRegion()) {
+			return nil, fmt.Errorf("weight %s: packed codes in CUDA device memory but %s in CPU memory: %w", w, r.what, sdk.ErrInvalidArgument)
+		}
+		if _, *r.dst, err = e.gpu.addr("weight "+w+": "+r.what, r.ref.GetRegion(), r.n); err != nil {
+			return nil, err
+		}
+	}
+	dw.nested = n2
 	return dw, nil
 }
 
@@ -118,7 +148,7 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 	}
 	// Check everything before the first write.
 	weights := make([]*devWeight, len(p.Layers))
-	var total, largest uint64
+	var total, largest, absScratch uint64
 	for i, sl := range p.Layers {
 		if sl.HasDense() {
 			return fmt.Errorf("fuse: layer %s: a full-rank (dense) delta, which the device fused pass does not apply yet; use side mode or CPU memory: %w", sl.Name, sdk.ErrFailedPrecondition)
@@ -134,13 +164,17 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 			return fmt.Errorf("fuse: layer %s: %w: %w", sl.Name, err, sdk.ErrFailedPrecondition)
 		}
 		weights[i] = w
+		if w.nested != nil {
+			absScratch = max(absScratch, uint64(4*w.nb))
+		}
 		total += slotBytes(sl)
 		largest = max(largest, slotBytes(sl))
 	}
 	// The scratch holds a batch of consecutive layers' factors: at most
 	// e.batch bytes (a layer larger than that goes alone), and never more
 	// than the whole set's.
-	need := min(total, max(uint64(e.batch), largest))
+	factors := min(total, max(uint64(e.batch), largest))
+	need := factors
 	if len(weights) == 0 {
 		return fmt.Errorf("fuse on device: the set touches no layer: %w", sdk.ErrInvalidArgument)
 	}
@@ -148,6 +182,12 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 
 	e.gpu.fuse.Lock()
 	defer e.gpu.fuse.Unlock()
+	// A nested weight's absmax is decoded into fp32 after the factors
+	// (aligned), one layer at a time: the stream orders the layers.
+	absOff := (factors + scratchAlign - 1) / scratchAlign * scratchAlign
+	if absScratch > 0 {
+		need = absOff + absScratch
+	}
 	scratch, err := dev.MemAlloc(max(need, 1))
 	if err != nil {
 		return fmt.Errorf("fuse: allocate %d bytes of device scratch: %w", need, err)
@@ -187,7 +227,7 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 	// buffer, one upload (it waits for the stream's earlier work, so the
 	// previous batch's kernels have read the scratch), then one kernel per
 	// layer. Factors are built one layer at a time and dropped once packed.
-	host := make([]byte, need)
+	host := make([]byte, factors)
 	type queued struct {
 		i   int
 		off uint64
@@ -204,14 +244,34 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 		for _, q := range batch {
 			sl, w := p.Layers[q.i], weights[q.i]
 			a := scratch + gpu.DevicePtr(q.off)
-			call, err := gpu.FuseCall(gpu.FuseLayer{Packed: w.packed, Absmax: w.absmax, Out: sl.Out, In: sl.In,
+			absmax := w.absmax
+			var calls []gpu.Call
+			if w.nested != nil {
+				absmax = scratch + gpu.DevicePtr(absOff)
+				call, err := gpu.NestedDequantizeCall(*w.nested, w.nb, absmax)
+				if err != nil {
+					return fmt.Errorf("fuse: layer %s: %w", sl.Name, err)
+				}
+				calls = append(calls, call)
+			}
+			call, err := gpu.FuseCall(gpu.FuseLayer{Packed: w.packed, Absmax: absmax, Out: sl.Out, In: sl.In,
 				Blocksize: w.blocksize, A: a, B: a + gpu.DevicePtr(scratchB(sl)), Rank: sl.Rank, DType: gdt,
 				Stats: stats + gpu.DevicePtr(statsBytes*q.i)})
 			if err != nil {
 				return fmt.Errorf("fuse: layer %s: %w", sl.Name, err)
 			}
-			if err := dev.Launch(call); err != nil {
-				return fmt.Errorf("fuse: layer %s: launch %s: %w", sl.Name, call.Kernel, err)
+			calls = append(calls, call)
+			if w.nested != nil {
+				call, err := gpu.NestedQuantizeCall(absmax, w.nb, *w.nested)
+				if err != nil {
+					return fmt.Errorf("fuse: layer %s: %w", sl.Name, err)
+				}
+				calls = append(calls, call)
+			}
+			for _, call := range calls {
+				if err := dev.Launch(call); err != nil {
+					return fmt.Errorf("fuse: layer %s: launch %s: %w", sl.Name, call.Kernel, err)
+				}
 			}
 		}
 		batch, used = batch[:0], 0
