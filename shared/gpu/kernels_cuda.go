@@ -138,25 +138,21 @@ func (d *Device) AbsmaxMean(absmax DevicePtr, nb int, scratch DevicePtr) (float3
 	return float32(math.Float64frombits(binary.LittleEndian.Uint64(b[:])) / float64(nb)), nil
 }
 
-// FuseNested merges into a layer whose absmax is nested: decode it into
-// scratch (l.Absmax must point at nb fp32 values of scratch), fuse,
-// re-encode with a new offset (the mean), which it returns. meanScratch is
-// 8 bytes. It waits for the stream once (the mean).
-func (d *Device) FuseNested(l FuseLayer, n Nested, meanScratch DevicePtr) (float32, error) {
+// FuseNested merges into a layer whose absmax is nested, as lora-nf4's
+// device pass does: decode it into scratch (l.Absmax must point at nb fp32
+// values of scratch), fuse, and re-encode it around n.Offset, the stored
+// nested_offset, with n.Map, the stored map (the quant-state JSON that
+// holds the offset is not rewritten). It queues the three kernels.
+func (d *Device) FuseNested(l FuseLayer, n Nested) error {
 	nb := (l.Out*l.In + l.Blocksize - 1) / l.Blocksize
 	if err := d.NestedDequantize(n, nb, l.Absmax); err != nil {
-		return 0, fmt.Errorf("fuse nested: %w", err)
+		return fmt.Errorf("fuse nested: %w", err)
 	}
 	if err := d.Fuse(l); err != nil {
-		return 0, fmt.Errorf("fuse nested: %w", err)
+		return fmt.Errorf("fuse nested: %w", err)
 	}
-	off, err := d.AbsmaxMean(l.Absmax, nb, meanScratch)
-	if err != nil {
-		return 0, fmt.Errorf("fuse nested: mean: %w", err)
-	}
-	n.Offset = off
 	if err := d.NestedQuantize(l.Absmax, nb, n); err != nil {
-		return 0, fmt.Errorf("fuse nested: %w", err)
+		return fmt.Errorf("fuse nested: %w", err)
 	}
-	return off, nil
+	return nil
 }

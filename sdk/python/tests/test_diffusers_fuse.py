@@ -72,14 +72,19 @@ def peft_merge(sd, kohya_path, stems):
 # to the logical dtype (bf16) before the delta is added; arenahost's fused pass
 # does the same (shared/lora.NF4Codec). This test found the difference when the
 # merge CLI and the plugin skipped that rounding (99.75 % of codes agreed).
-def test_fuse_codes_match_peft_merge_on_bitsandbytes(tmp_path):
+#
+# Nested: the same on the double-quantized sample (Forge v1 style), where both
+# sides decode absmax from its 8-bit nested encoding first and re-encode it
+# after; the 4-bit codes do not depend on the nested offset either side picks.
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_fuse_codes_match_peft_merge_on_bitsandbytes(tmp_path, nested):
     require("torch")
     require("peft")
     require("bitsandbytes")
 
     from arenahost import diffusers_check as dc
 
-    ckpt = write_sample(tmp_path)
+    ckpt = write_sample(tmp_path, "--nested") if nested else write_sample(tmp_path)
     sd = dc.read_nf4_checkpoint(str(ckpt))
     weights = dc.quant_weights(sd)
     stems = {w[: -len(".weight")].replace(".", "_"): w for w in weights}

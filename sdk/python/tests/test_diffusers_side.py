@@ -40,8 +40,9 @@ def arenahost_bin() -> Path:
     return b
 
 
-def write_sample(out: Path) -> Path:
-    subprocess.run([str(arenahost_bin()), "sample", "--out", str(out)], check=True, capture_output=True, timeout=120)
+def write_sample(out: Path, *flags: str) -> Path:
+    """The sample NF4 Flux model (`arenahost sample`, with extra flags such as --nested) in out."""
+    subprocess.run([str(arenahost_bin()), "sample", "--out", str(out), *flags], check=True, capture_output=True, timeout=120)
     return out / "flux-sample-nf4.safetensors"
 
 
