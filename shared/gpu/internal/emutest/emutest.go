@@ -76,7 +76,7 @@ func build(cxx string) (string, error) {
 	src := filepath.Join(dir, "emu", "main.cc")
 	h := sha256.New()
 	fmt.Fprintln(h, cxx, strings.Join(flags, " "))
-	for _, f := range []string{src, filepath.Join(dir, "emu", "emu.h"), filepath.Join(dir, "kernels.cu")} {
+	for _, f := range []string{src, filepath.Join(dir, "emu", "emu.h"), filepath.Join(dir, "emu", "kernels_table.h"), filepath.Join(dir, "kernels.cu")} {
 		b, err := os.ReadFile(f)
 		if err != nil {
 			return "", fmt.Errorf("build the kernel emulator: %w", err)
