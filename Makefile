@@ -22,7 +22,7 @@ GO_PLUGINS := $(notdir $(wildcard plugins/*))
 # Python plugins shipped with the host (copied next to the Go plugins).
 PY_PLUGINS := reference_pipeline diffusers_flux
 
-.PHONY: help build run test test-go test-python bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet gpu-bundle clean
+.PHONY: help build run test test-go test-python bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -65,7 +65,7 @@ TEST_ENV := ARENAHOST_PYTHON=$(abspath $(PY)) ARENAHOST_TORCH_PYTHON=$(abspath $
             ARENAHOST_REQUIRE_PYTHON=1 ARENAHOST_BIN=$(abspath $(BIN)) \
             ARENAHOST_ARTIFACTS=$(abspath .cache/artifacts)
 
-test: build venv venv-torch browser-deps test-go test-python ## run every test (Go, then Python)
+test: build venv venv-torch browser-deps test-go test-python test-cuda-fake ## run every test (Go, Python, then the -tags cuda build on fakecuda)
 
 test-go: ## Go tests only
 	$(TEST_ENV) $(GO) test $(GO_TEST_FLAGS) ./...
@@ -109,6 +109,10 @@ cuda: build ## build bin/ and the CUDA variant under bin/cuda/ (host, plugins, G
 
 gpu-bundle: ## pack stripped CPU + CUDA builds for a GPU machine without Go (bin/gpu-bundle.tar.xz; scripts/gpu-check.sh unpacks it)
 	bash scripts/gpu-bundle.sh
+
+test-cuda-fake: cuda ## run the -tags cuda build (host, plugins, GPU check) on fakecuda, a CPU stand-in for the driver: kernels, IPC, loads, the served check
+	lib=$$(bash scripts/fakecuda.sh) && LD_LIBRARY_PATH=$$lib $$lib/fakecuda_test && LD_LIBRARY_PATH=$$lib $(BIN)/cuda/arenahost-gpucheck -steps correctness,ipc,load,served -skip-torch \
+	  -cpu-host $(BIN)/arenahost -device-host $(BIN)/cuda/arenahost -out $$lib/gpucheck.md
 
 cuda-vet: ## compile-check every package under -tags cuda (no GPU or driver needed)
 	$(CUDA_ENV); $(GO) vet -tags cuda ./...

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/arenahost/arenahost/shared/gpu"
@@ -32,6 +33,7 @@ type options struct {
 	rank        int
 	cpuHost     string
 	deviceHost  string
+	steps       string
 }
 
 func run() int {
@@ -44,6 +46,7 @@ func run() int {
 	flag.IntVar(&o.rank, "rank", 16, "rank of each LoRA in the merge benchmark")
 	flag.StringVar(&o.cpuHost, "cpu-host", "bin/arenahost", "arenahost built without CUDA (make build): the served check's CPU host; empty skips the served check")
 	flag.StringVar(&o.deviceHost, "device-host", "bin/cuda/arenahost", "arenahost built with -tags cuda (make cuda), with its plugins under bin/cuda/plugins")
+	flag.StringVar(&o.steps, "steps", "correctness,ipc,load,served,merge", "the steps to run, comma-separated")
 	flag.Parse()
 	o.loras = []int{1, 5}
 
@@ -78,7 +81,15 @@ func run() int {
 		}},
 		{"merge", func() error { return benchMerge(ctx, dev, r, o) }},
 	}
+	want := map[string]bool{}
+	for _, s := range strings.Split(o.steps, ",") {
+		want[strings.TrimSpace(s)] = true
+	}
 	for _, s := range steps {
+		if !want[s.name] {
+			continue
+		}
+		delete(want, s.name)
 		t0 := time.Now()
 		if err := s.fn(); err != nil {
 			r.Add(s.name, "error", err.Error(), "", Fail)
@@ -87,6 +98,9 @@ func run() int {
 		if ctx.Err() != nil {
 			break
 		}
+	}
+	for s := range want {
+		r.Add(s, "error", fmt.Sprintf("no step %q (steps: correctness, ipc, load, served, merge)", s), "", Fail)
 	}
 	r.Note("total run time %.1f s", time.Since(start).Seconds())
 	fmt.Print(r.Table())
