@@ -34,6 +34,7 @@ type options struct {
 	cpuHost     string
 	deviceHost  string
 	steps       string
+	mergeModel  string
 }
 
 func run() int {
@@ -46,6 +47,7 @@ func run() int {
 	flag.IntVar(&o.rank, "rank", 16, "rank of each LoRA in the merge benchmark")
 	flag.StringVar(&o.cpuHost, "cpu-host", "bin/arenahost", "arenahost built without CUDA (make build): the served check's CPU host; empty skips the served check")
 	flag.StringVar(&o.deviceHost, "device-host", "bin/cuda/arenahost", "arenahost built with -tags cuda (make cuda), with its plugins under bin/cuda/plugins")
+	flag.StringVar(&o.mergeModel, "merge-model", "dev", "the merge step's model: dev (Flux-dev, the targets) or tiny (one block of each kind, for fakecuda)")
 	flag.StringVar(&o.steps, "steps", "correctness,ipc,load,served,merge", "the steps to run, comma-separated")
 	flag.Parse()
 	o.loras = []int{1, 5}
