@@ -28,6 +28,12 @@ type ModelOptions struct {
 	Nested    bool              // double quantization of absmax (Forge "v1" style)
 	DType     string            // logical dtype: "bfloat16" (default) or "float16"
 	Seed      uint64
+	// RandomCodes stores uniformly random 4-bit codes and absmax in
+	// [0.005, 0.05) instead of quantizing drawn weights: a checkpoint of a
+	// real model's shapes and layout (Flux-dev's 12B parameters) written in
+	// seconds, for timing the product path, whose work does not depend on
+	// the values. Not nested.
+	RandomCodes bool
 }
 
 // WriteModel writes a sample NF4 Flux model in BFL layout to path. Linear
@@ -68,6 +74,13 @@ func WriteModel(path string, o ModelOptions) error {
 		}
 		switch s.Kind {
 		case layout.KindLinear:
+			if o.RandomCodes {
+				e := randomCodes(rng, shape, n, o.DType, o.Blocksize)
+				for _, en := range e.Entries(s.Name) {
+					tensors = append(tensors, safetensors.WriteTensor{Name: en.Key, DType: safetensors.DType(en.DType), Shape: en.Shape, Data: en.Data})
+				}
+				continue
+			}
 			std := 1 / math.Sqrt(float64(s.Shape[len(s.Shape)-1]))
 			for i := range vals {
 				vals[i] = roundTo(o.DType, float32(rng.NormFloat64()*std))
@@ -103,6 +116,27 @@ func WriteModel(path string, o ModelOptions) error {
 		return fmt.Errorf("write sample model %s: %w", filepath.Base(path), err)
 	}
 	return nil
+}
+
+// randomCodes is an NF4 weight of n elements with random codes and absmax.
+func randomCodes(rng *rand.Rand, shape []int64, n int, dtype string, bs int) *nf4.Encoded {
+	e := &nf4.Encoded{
+		State:    nf4.QuantState{QuantType: nf4.QuantNF4, Blocksize: bs, DType: nf4.DType(dtype), Shape: shape},
+		Packed:   make([]byte, nf4.PackedLen(n)),
+		Absmax:   make([]float32, nf4.Blocks(n, bs)),
+		QuantMap: nf4.QuantNF4.QuantMap(),
+	}
+	for i := 0; i < len(e.Packed); i += 8 {
+		v := rng.Uint64()
+		for k := i; k < min(i+8, len(e.Packed)); k++ {
+			e.Packed[k] = byte(v)
+			v >>= 8
+		}
+	}
+	for i := range e.Absmax {
+		e.Absmax[i] = 0.005 + 0.045*rng.Float32()
+	}
+	return e
 }
 
 func roundTo(dtype string, f float32) float32 {
