@@ -57,15 +57,6 @@ func (b *bump) take(n int) gpu.DevicePtr {
 
 func align(n int) uint64 { return (uint64(n) + 255) &^ 255 }
 
-// mergeModels are the models -merge-model picks: Flux-dev, which the
-// targets are for, and a tiny Flux (one block of each kind, width 128)
-// that runs every line of the merge step where speed means nothing (on
-// fakecuda, the CPU stand-in for the driver).
-var mergeModels = map[string]layout.FluxConfig{
-	"dev":  layout.FluxDev(),
-	"tiny": {Hidden: 128, HeadDim: 64, MLP: 512, InChannels: 64, ContextDim: 256, VecDim: 128, TimeDim: 64, DoubleBlocks: 1, SingleBlocks: 1, Guidance: true},
-}
-
 func benchMerge(ctx context.Context, dev *gpu.Device, r *Report, o options) error {
 	cfg, ok := mergeModels[o.mergeModel]
 	if !ok {

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"strings"
@@ -114,10 +115,14 @@ func CheckServed(ctx context.Context, r *Report, o ServedOptions) error {
 }
 
 type applyReply struct {
-	Fused  []string `json:"fused"`
-	Report struct {
-		ElapsedNS int64 `json:"elapsed_ns"`
-		SideBytes int64 `json:"side_bytes"`
+	Fused            []string `json:"fused"`
+	JournalBytes     uint64   `json:"journal_bytes"`
+	JournalFileBytes uint64   `json:"journal_file_bytes"`
+	ElapsedNS        int64    `json:"elapsed_ns"`
+	Report           struct {
+		ElapsedNS        int64 `json:"elapsed_ns"`
+		SideBytes        int64 `json:"side_bytes"`
+		PeakScratchBytes int64 `json:"peak_scratch_bytes"`
 	} `json:"report"`
 }
 
@@ -299,12 +304,15 @@ func (h *host) call(ctx context.Context, method, path string, body, out any) err
 	return nil
 }
 
-func (h *host) digest(ctx context.Context) (string, error) {
+func (h *host) digest(ctx context.Context) (string, error) { return h.digestOf(ctx, "sample", "") }
+
+// digestOf is the digest of model's tensors whose names start with prefix.
+func (h *host) digestOf(ctx context.Context, model, prefix string) (string, error) {
 	var d struct {
 		SHA256  string `json:"sha256"`
 		Tensors int    `json:"tensors"`
 	}
-	if err := h.call(ctx, "GET", "/v1/models/sample/digest", nil, &d); err != nil {
+	if err := h.call(ctx, "GET", "/v1/models/"+url.PathEscape(model)+"/digest?prefix="+url.QueryEscape(prefix), nil, &d); err != nil {
 		return "", err
 	}
 	if d.SHA256 == "" || d.Tensors == 0 {

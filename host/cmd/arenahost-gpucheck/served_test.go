@@ -68,3 +68,23 @@ func TestServedStartFailureNamesHost(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+// TestScaleOnSimulatedDevice runs the GPU check's scale step on the tiny
+// Flux with the simulated device: checkpoint and LoRAs written into the
+// host's directories, loaded over HTTP, fused with 1 and 5 LoRAs, removed
+// byte-exact, side-applied.
+func TestScaleOnSimulatedDevice(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs a host")
+	}
+	bin := buildHost(t)
+	r := &Report{Device: "simulated device"}
+	err := CheckScale(t.Context(), r, ScaleOptions{Device: bin, DeviceArgs: []string{"--arena-backend", "cuda-sim"}, Model: "tiny", Rank: 16})
+	t.Log("\n" + r.Table())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Failed() > 0 || len(r.Rows) < 6 {
+		t.Fatalf("%d of %d checks failed", r.Failed(), len(r.Rows))
+	}
+}
