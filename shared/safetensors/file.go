@@ -19,6 +19,9 @@ type File struct {
 	Path string
 	*Header
 
+	// opened is the file's status when it was mapped (Unchanged).
+	opened unix.Stat_t
+
 	mapping []byte
 }
 
@@ -57,7 +60,27 @@ func Open(path string) (*File, error) {
 		_ = unix.Munmap(m)
 		return nil, err
 	}
-	return &File{Path: path, Header: h, mapping: m}, nil
+	out := &File{Path: path, Header: h, mapping: m}
+	if err := unix.Fstat(int(f.Fd()), &out.opened); err != nil {
+		_ = unix.Munmap(m)
+		return nil, &Error{File: path, Err: fmt.Errorf("stat: %w", err)}
+	}
+	return out, nil
+}
+
+// Unchanged reports whether Path still names the mapped file (same device
+// and inode) with the size and the modification and status-change times it
+// had when it was opened: then a write to it since is not recorded (writes
+// update both times; a rename over Path changes the inode). Times are as
+// fine as the filesystem keeps them, so a caller that must be sure still
+// checksums the bytes; false means only "look".
+func (f *File) Unchanged() bool {
+	var st unix.Stat_t
+	if err := unix.Stat(f.Path, &st); err != nil {
+		return false
+	}
+	o := f.opened
+	return st.Dev == o.Dev && st.Ino == o.Ino && st.Size == o.Size && st.Mtim == o.Mtim && st.Ctim == o.Ctim
 }
 
 // Data returns the bytes of tensor name as a slice of the mapping. The slice

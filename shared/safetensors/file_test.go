@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestOpenDataClose(t *testing.T) {
@@ -209,5 +210,84 @@ func TestReadAt(t *testing.T) {
 	}
 	if _, err := f.ReadAt(p, -1); err == nil {
 		t.Error("ReadAt(-1) succeeded")
+	}
+}
+
+// Unchanged is true until the path's file is written, retimed, truncated,
+// renamed over or removed.
+func TestUnchanged(t *testing.T) {
+	later := time.Now().Add(time.Hour)
+	for _, tc := range []struct {
+		name   string
+		change func(t *testing.T, path string)
+		want   bool
+	}{
+		{"untouched", func(*testing.T, string) {}, true},
+		{"read", func(t *testing.T, path string) {
+			if _, err := os.ReadFile(path); err != nil {
+				t.Fatal(err)
+			}
+		}, true},
+		{"written in place, times kept", func(t *testing.T, path string) {
+			st, err := os.Stat(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Kernels before 6.13 keep timestamps to the tick (up to 10
+			// ms): let one pass so the write's ctime differs.
+			time.Sleep(20 * time.Millisecond)
+			f, err := os.OpenFile(path, os.O_WRONLY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := f.WriteAt([]byte("Z"), st.Size()-1); err != nil {
+				t.Fatal(err)
+			}
+			f.Close()
+			// Putting the modification time back still changes ctime.
+			if err := os.Chtimes(path, st.ModTime(), st.ModTime()); err != nil {
+				t.Fatal(err)
+			}
+		}, false},
+		{"modification time changed", func(t *testing.T, path string) {
+			if err := os.Chtimes(path, later, later); err != nil {
+				t.Fatal(err)
+			}
+		}, false},
+		{"truncated", func(t *testing.T, path string) {
+			if err := os.Truncate(path, 8); err != nil {
+				t.Fatal(err)
+			}
+		}, false},
+		{"renamed over", func(t *testing.T, path string) {
+			other := path + ".new"
+			if err := os.WriteFile(other, []byte("x"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Rename(other, path); err != nil {
+				t.Fatal(err)
+			}
+		}, false},
+		{"removed", func(t *testing.T, path string) {
+			if err := os.Remove(path); err != nil {
+				t.Fatal(err)
+			}
+		}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "m.safetensors")
+			if err := WriteFile(path, nil, []WriteTensor{{Name: "w", DType: U8, Shape: []int64{4}, Data: []byte("abcd")}}); err != nil {
+				t.Fatal(err)
+			}
+			f, err := Open(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			tc.change(t, path)
+			if got := f.Unchanged(); got != tc.want {
+				t.Errorf("Unchanged() = %v, want %v", got, tc.want)
+			}
+		})
 	}
 }
