@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"hash/crc32"
 	"io"
 	"os"
 	"path/filepath"
@@ -200,6 +201,9 @@ func testDeviceArena(t *testing.T, a *arena.Arena, wrap func(*writeCounter) Memo
 		want, err := src.Data(tn.Name)
 		if err != nil {
 			t.Fatal(err)
+		}
+		if got := tn.LoadCRC(); got != crc32.Checksum(want, castagnoli) {
+			t.Errorf("%s: load CRC-32C %08x, the file's bytes %08x", tn.Name, got, crc32.Checksum(want, castagnoli))
 		}
 		err = reg.View("m", tn.Name, func(_ *Tensor, b []byte) error {
 			if !bytes.Equal(b, want) {

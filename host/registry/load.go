@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"log/slog"
 	"sort"
@@ -158,9 +159,9 @@ func (r *Registry) load(ctx context.Context, name, path string) (m *Model, err e
 			dst, err := r.mem.Bytes(reg)
 			switch {
 			case err == nil:
-				err = copyTensor(ctx, dst, f, info)
+				t.crc, err = copyTensor(ctx, dst, f, info)
 			case errors.Is(err, arena.ErrNoHostView):
-				err = streamTensor(ctx, r.mem, reg, f, info, &buf)
+				t.crc, err = streamTensor(ctx, r.mem, reg, f, info, &buf)
 			}
 			if err != nil {
 				return nil, fmt.Errorf("%s: tensor %s: %w", path, info.Name, err)
@@ -193,25 +194,58 @@ func (r *Registry) load(ctx context.Context, name, path string) (m *Model, err e
 	return m, nil
 }
 
+// castagnoli is CRC-32C, which the hardware computes on amd64 and arm64.
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
 // copyTensor copies a tensor from the mapping into dst in chunks, checking
-// ctx between them.
-func copyTensor(ctx context.Context, dst []byte, f *safetensors.File, info safetensors.TensorInfo) error {
+// ctx between them, and returns the CRC-32C of what it copied (each chunk
+// checksummed while it is still in cache).
+func copyTensor(ctx context.Context, dst []byte, f *safetensors.File, info safetensors.TensorInfo) (uint32, error) {
 	if int64(len(dst)) != info.End-info.Begin {
-		return fmt.Errorf("region of %d bytes for a %d-byte tensor", len(dst), info.End-info.Begin)
+		return 0, fmt.Errorf("region of %d bytes for a %d-byte tensor", len(dst), info.End-info.Begin)
 	}
+	var crc uint32
 	for off := 0; off < len(dst); off += copyChunk {
 		if off > 0 {
 			if err := ctx.Err(); err != nil {
-				return err
+				return 0, err
 			}
 		}
 		end := min(off+copyChunk, len(dst))
 		prefault(dst[off:end])
 		if _, err := f.ReadAt(dst[off:end], f.DataStart+info.Begin+int64(off)); err != nil {
-			return err
+			return 0, err
 		}
+		crc = crc32.Update(crc, castagnoli, dst[off:end])
 	}
-	return nil
+	return crc, nil
+}
+
+// crcReader is the file as WriteFrom reads it, checksumming each chunk
+// right after reading it (before it goes up to the device): the tensor's
+// CRC-32C when the reads covered it once, in order.
+type crcReader struct {
+	f         *safetensors.File
+	next, end int64 // the offset the next read must start at; the tensor's end
+	crc       uint32
+	broken    bool // a read out of order: the sum is unknown
+}
+
+func (c *crcReader) ReadAt(p []byte, off int64) (int, error) {
+	if off != c.next {
+		c.broken = true
+	}
+	n, err := c.f.ReadAt(p, off)
+	c.crc = crc32.Update(c.crc, castagnoli, p[:n])
+	c.next = off + int64(n)
+	return n, err
+}
+
+func (c *crcReader) sum() (uint32, error) {
+	if c.broken || c.next != c.end {
+		return 0, fmt.Errorf("the tensor was not read once front to back (up to byte %d of %d)", c.next, c.end)
+	}
+	return c.crc, nil
 }
 
 // fillMemory is memory that fills a region straight from a reader
@@ -230,32 +264,39 @@ var writeFromOn = true
 // WriteFrom when it has one, reading the mapping through f's fault-guarded
 // ReadAt (so a file truncated under the load is an error, not SIGBUS);
 // otherwise with its Write, in chunks of at most copyChunk bytes through
-// *buf (made on first use). ctx is checked between chunks.
-func streamTensor(ctx context.Context, mem Memory, reg arena.Region, f *safetensors.File, info safetensors.TensorInfo, buf *[]byte) error {
+// *buf (made on first use). ctx is checked between chunks. It returns the
+// CRC-32C of the bytes it wrote.
+func streamTensor(ctx context.Context, mem Memory, reg arena.Region, f *safetensors.File, info safetensors.TensorInfo, buf *[]byte) (uint32, error) {
 	n := uint64(info.End - info.Begin)
 	if reg.Length != n {
-		return fmt.Errorf("region of %d bytes for a %d-byte tensor", reg.Length, n)
+		return 0, fmt.Errorf("region of %d bytes for a %d-byte tensor", reg.Length, n)
 	}
 	if fm, ok := mem.(fillMemory); ok && writeFromOn {
-		return fm.WriteFrom(ctx, reg, 0, f, f.DataStart+info.Begin, int64(n))
+		cr := &crcReader{f: f, next: f.DataStart + info.Begin, end: f.DataStart + info.End}
+		if err := fm.WriteFrom(ctx, reg, 0, cr, f.DataStart+info.Begin, int64(n)); err != nil {
+			return 0, err
+		}
+		return cr.sum()
 	}
 	if want := min(n, uint64(copyChunk)); uint64(len(*buf)) < want {
 		*buf = make([]byte, want)
 	}
+	var crc uint32
 	for off := uint64(0); off < n; {
 		if err := ctx.Err(); err != nil {
-			return err
+			return 0, err
 		}
 		chunk := (*buf)[:min(n-off, uint64(len(*buf)))]
 		if _, err := f.ReadAt(chunk, f.DataStart+info.Begin+int64(off)); err != nil {
-			return err
+			return 0, err
 		}
+		crc = crc32.Update(crc, castagnoli, chunk)
 		if err := mem.Write(ctx, reg, off, chunk); err != nil {
-			return err
+			return 0, err
 		}
 		off += uint64(len(chunk))
 	}
-	return nil
+	return crc, nil
 }
 
 // formatOf names the checkpoint format from its 4-bit weights.

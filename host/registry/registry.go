@@ -69,7 +69,17 @@ type Tensor struct {
 	// QuantOf names the 4-bit weight a side tensor (absmax, quant_map,
 	// nested_*, quant-state JSON) belongs to; empty otherwise.
 	QuantOf string
+
+	// crc is the CRC-32C of the bytes the load wrote (LoadCRC).
+	crc uint32
 }
+
+// LoadCRC is the CRC-32C of the bytes the load wrote into the tensor's
+// region, taken as they were copied: what the region holds for as long as
+// nothing has written it since (the LoRA journal, the only writer of model
+// tensors, knows which it has), without reading the region back, which on
+// a device arena is a download.
+func (t *Tensor) LoadCRC() uint32 { return t.crc }
 
 // QuantWeight is one bitsandbytes 4-bit weight: its quant state and its
 // tensors. Nested fields are nil when the weight is not nested.
@@ -136,6 +146,14 @@ func (m *Model) SourceOf(name string) (ref SourceRef, ok bool) {
 	}
 	return SourceRef{File: m.Source, Tensor: name, Offset: m.source.DataStart + info.Begin, Length: info.End - info.Begin}, true
 }
+
+// SourceUnchanged reports whether the model's source file is still the
+// file it was loaded from, with the size and modification times it had
+// (safetensors.File.Unchanged): then its bytes are the ones the load
+// copied. False when it was written, retimed or renamed over since, or the
+// model holds no source file. Timestamps are as fine as the filesystem
+// keeps them; whoever restores from the file checksums what it reads.
+func (m *Model) SourceUnchanged() bool { return m.source != nil && m.source.Unchanged() }
 
 // ReadSource copies len(p) bytes of ref's tensor, from byte off of the
 // tensor, out of the source file as its mapping shows them now: the file

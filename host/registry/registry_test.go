@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"hash/crc32"
 	"math"
 	"os"
 	"path/filepath"
@@ -89,6 +90,9 @@ func checkBnbRoundTrip(t *testing.T, path string, format Format) {
 		err := reg.View("m", info.Name, func(tt *Tensor, got []byte) error {
 			if tt.DType != info.DType || !slices.Equal(tt.Shape, info.Shape) || !bytes.Equal(got, want) {
 				t.Errorf("tensor %s: %s %v %d bytes, file %s %v %d bytes (equal %v)", info.Name, tt.DType, tt.Shape, len(got), info.DType, info.Shape, len(want), bytes.Equal(got, want))
+			}
+			if c := crc32.Checksum(want, castagnoli); tt.LoadCRC() != c {
+				t.Errorf("tensor %s: load CRC-32C %08x, the file's bytes %08x", info.Name, tt.LoadCRC(), c)
 			}
 			return nil
 		})
