@@ -5,24 +5,36 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"sync"
 
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/registry"
 )
 
-// The fuse journal keeps each fused weight's original packed bytes and
-// absmax until remove. For a model loaded from a safetensors file those
-// bytes are already in the file, which the registry keeps mapped for the
-// model's lifetime: the journal then records where they lie (a
-// registry.SourceRef) and their CRC-32C instead of copying them into the
-// arena. A reference is taken only when the weight's bytes in the arena
-// checksum equal to the file's at that moment; otherwise (and for a model
-// that holds no source file) the journal copies the bytes into host arena
-// regions, as it always did. Every restore re-reads the file, checks the
-// CRC and writes the bytes with the arena's Write, so it works on a device
-// arena too; a file modified in place since is refused, naming the file
-// and tensor, and the weight keeps the bytes it has.
+// The fuse journal keeps each fused weight's original bytes (packed codes,
+// absmax, nested_absmax) until remove. For a model loaded from a
+// safetensors file those bytes are already in the file, which the registry
+// keeps mapped for the model's lifetime: the journal then records where
+// they lie (a registry.SourceRef) and their CRC-32C instead of copying them
+// into the arena.
+//
+// The CRC is the one the registry took while loading the tensor
+// (Tensor.LoadCRC): a weight is journaled before the plugin first writes
+// it, and this journal is the only writer of model tensors, so an
+// unjournaled weight holds its loaded bytes and taking a reference reads
+// nothing back from the arena (a download on a device arena). Nor does it
+// read the file while the file is unchanged since the load
+// (Model.SourceUnchanged: same inode, size and times); otherwise the
+// file's bytes are checksummed and, if they differ from what was loaded,
+// the journal copies the weight into host arena regions instead. That copy
+// is also the fallback for a model that holds no source file.
+//
+// Every restore writes the file's bytes with the arena (one host copy on a
+// device arena) and checks their CRC as it goes; when the file has changed
+// since the load it first checks every reference, so a file modified in
+// place is refused, naming the file and tensor, with the weights as they
+// were.
 
 // castagnoli is CRC-32C, which the hardware computes on amd64 and arm64.
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -102,9 +114,12 @@ func (c *Coordinator) journal(m *registry.Model, w string) (journalEntry, error)
 	return c.saveBytes(m, w, "lora journal")
 }
 
-// reference returns file references to ts whose CRC-32C over the file
-// equals the CRC over the arena's bytes now.
+// reference returns file references to ts, whose bytes are the ones the
+// load wrote (see above), each with the load's CRC-32C; it checksums the
+// file only when the file changed since the load, and fails if the file's
+// bytes differ.
 func (c *Coordinator) reference(m *registry.Model, ts []*registry.Tensor) ([]sourceRef, error) {
+	unchanged := m.SourceUnchanged()
 	out := make([]sourceRef, 0, len(ts))
 	for _, t := range ts {
 		ref, ok := m.SourceOf(t.Name)
@@ -114,18 +129,16 @@ func (c *Coordinator) reference(m *registry.Model, ts []*registry.Tensor) ([]sou
 		if uint64(ref.Length) != t.NBytes {
 			return nil, fmt.Errorf("tensor %s: %d bytes in %s, %d in the arena", t.Name, ref.Length, ref.File, t.NBytes)
 		}
-		inFile, err := sourceCRC(m, ref)
-		if err != nil {
-			return nil, err
+		if !unchanged {
+			inFile, err := sourceCRC(m, ref)
+			if err != nil {
+				return nil, err
+			}
+			if inFile != t.LoadCRC() {
+				return nil, fmt.Errorf("tensor %s: CRC-32C %08x when loaded but %08x in %s now", t.Name, t.LoadCRC(), inFile, ref.File)
+			}
 		}
-		inArena, err := c.regionCRC(t.Region)
-		if err != nil {
-			return nil, fmt.Errorf("tensor %s: checksum the arena's bytes: %w", t.Name, err)
-		}
-		if inFile != inArena {
-			return nil, fmt.Errorf("tensor %s: CRC-32C %08x in the arena but %08x in %s", t.Name, inArena, inFile, ref.File)
-		}
-		out = append(out, sourceRef{SourceRef: ref, crc: inFile})
+		out = append(out, sourceRef{SourceRef: ref, crc: t.LoadCRC()})
 	}
 	return out, nil
 }
@@ -151,32 +164,19 @@ type hostView interface {
 	Bytes(r arena.Region) ([]byte, error)
 }
 
-// regionCRC checksums a region's bytes: through the host's mapping when
-// there is one, else downloaded chunk by chunk.
-func (c *Coordinator) regionCRC(r arena.Region) (uint32, error) {
-	if v, ok := c.mem.(hostView); ok {
-		if b, err := v.Bytes(r); err == nil {
-			return crc32.Checksum(b, castagnoli), nil
-		} else if !errors.Is(err, arena.ErrNoHostView) {
-			return 0, err
-		}
-	}
-	bp := chunks.Get().(*[]byte)
-	defer chunks.Put(bp)
-	var crc uint32
-	for off := uint64(0); off < r.Length; {
-		p := (*bp)[:min(uint64(len(*bp)), r.Length-off)]
-		if err := c.mem.Read(r, off, p); err != nil {
-			return 0, err
-		}
-		crc = crc32.Update(crc, castagnoli, p)
-		off += uint64(len(p))
-	}
-	return crc, nil
+// filler is an arena that fills a region straight from a reader
+// ((*arena.Arena).WriteFrom): on a device arena the file's bytes go through
+// the staging buffer only, one host copy.
+type filler interface {
+	WriteFrom(ctx context.Context, r arena.Region, off uint64, src io.ReaderAt, srcOff, n int64) error
 }
 
-// verify checks that the source file still holds the bytes e references.
+// verify checks that the source file still holds the bytes e references:
+// at once when the file is unchanged since the load, else by reading them.
 func verify(m *registry.Model, w string, e journalEntry) error {
+	if m.SourceUnchanged() {
+		return nil
+	}
 	for _, r := range e.refs {
 		got, err := sourceCRC(m, r.SourceRef)
 		if err != nil {
@@ -296,24 +296,64 @@ func (c *Coordinator) writeSource(m *registry.Model, dst arena.Region, ref sourc
 			return nil
 		}
 	}
-	bp := chunks.Get().(*[]byte)
-	defer chunks.Put(bp)
 	var crc uint32
-	for off := int64(0); off < ref.Length; {
-		p := (*bp)[:min(int64(len(*bp)), ref.Length-off)]
-		if err := m.ReadSource(ref.SourceRef, off, p); err != nil {
+	if f, ok := c.mem.(filler); ok {
+		// Device memory: the file's bytes through the staging buffer.
+		src := &sourceReader{m: m, ref: ref.SourceRef}
+		if err := f.WriteFrom(context.Background(), dst, 0, src, 0, ref.Length); err != nil {
 			return err
 		}
-		crc = crc32.Update(crc, castagnoli, p)
-		if err := c.mem.Write(context.Background(), dst, uint64(off), p); err != nil {
-			return err
+		if src.next != ref.Length {
+			return fmt.Errorf("tensor %s: %d of its %d bytes read back from %s", ref.Tensor, src.next, ref.Length, ref.File)
 		}
-		off += int64(len(p))
+		crc = src.crc
+	} else {
+		bp := chunks.Get().(*[]byte)
+		defer chunks.Put(bp)
+		for off := int64(0); off < ref.Length; {
+			p := (*bp)[:min(int64(len(*bp)), ref.Length-off)]
+			if err := m.ReadSource(ref.SourceRef, off, p); err != nil {
+				return err
+			}
+			crc = crc32.Update(crc, castagnoli, p)
+			if err := c.mem.Write(context.Background(), dst, uint64(off), p); err != nil {
+				return err
+			}
+			off += int64(len(p))
+		}
 	}
 	if crc != ref.crc {
 		return fmt.Errorf("the model file %s changed while tensor %s was read back (CRC-32C %08x, journaled %08x)", ref.File, ref.Tensor, crc, ref.crc)
 	}
 	return nil
+}
+
+// sourceReader reads one tensor out of the model's source file, from its
+// first byte, in order (as WriteFrom reads), checksumming what it reads.
+type sourceReader struct {
+	m    *registry.Model
+	ref  registry.SourceRef
+	next int64 // the tensor offset the next read must start at
+	crc  uint32
+}
+
+func (s *sourceReader) ReadAt(p []byte, off int64) (int, error) {
+	if off != s.next {
+		return 0, fmt.Errorf("read source %s: tensor %s: read at %d, want %d (in order)", s.ref.File, s.ref.Tensor, off, s.next)
+	}
+	n := min(int64(len(p)), s.ref.Length-off)
+	if n <= 0 {
+		return 0, io.EOF
+	}
+	if err := s.m.ReadSource(s.ref, off, p[:n]); err != nil {
+		return 0, err
+	}
+	s.crc = crc32.Update(s.crc, castagnoli, p[:n])
+	s.next += n
+	if n < int64(len(p)) {
+		return int(n), io.EOF
+	}
+	return int(n), nil
 }
 
 func (c *Coordinator) freeEntry(e journalEntry) {
@@ -352,7 +392,7 @@ func (c *Coordinator) restoreAll(ms *modelState) error {
 }
 
 // restore puts back every weight of entries, checking every file
-// reference first.
+// reference first when the file changed since the load (verify).
 func (c *Coordinator) restore(m *registry.Model, entries map[string]journalEntry) error {
 	var errs []error
 	for w, e := range entries {

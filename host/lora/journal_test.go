@@ -5,10 +5,14 @@ package lora
 import (
 	"bytes"
 	"context"
+	"hash/crc32"
+	"io"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/arena/arenatest"
@@ -74,7 +78,8 @@ func TestJournalOnEveryBackend(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			c := New(reg, registry.NewBindings(a), a, nil, log)
+			mem := &countingMem{Arena: a}
+			c := New(reg, registry.NewBindings(a), mem, nil, log)
 			qw := m.Weights[0]
 			read := func(tn *registry.Tensor) []byte {
 				b := make([]byte, tn.NBytes)
@@ -116,16 +121,23 @@ func TestJournalOnEveryBackend(t *testing.T) {
 			}
 			c.freeEntry(e)
 
-			// The file journal: a reference into the model's file, put
-			// back with the arena's Write after a CRC check.
+			// The file journal: a reference into the model's file with
+			// the CRC the load took, reading nothing back from the arena
+			// (a download on a device); put back from the file (one
+			// WriteFrom per tensor on a device, straight into the mapping
+			// on the CPU) after a CRC check.
 			level := a.Stats().Allocated
 			if err := reg.WriteLocked("m", func(m *registry.Model) error {
+				*mem = countingMem{Arena: a}
 				fe, err := c.journal(m, qw.Name)
 				if err != nil {
 					return err
 				}
 				if !fe.referenced() || fe.arenaBytes() != 0 || fe.fileBytes() != qw.Packed.NBytes+qw.Absmax.NBytes {
 					t.Fatalf("file journal entry %+v", fe)
+				}
+				if mem.reads != 0 || fe.refs[0].crc != crc32.Checksum(packed, castagnoli) || fe.refs[1].crc != crc32.Checksum(absmax, castagnoli) {
+					t.Fatalf("journal read %d times from the arena; CRCs %08x %08x", mem.reads, fe.refs[0].crc, fe.refs[1].crc)
 				}
 				if a.Stats().Allocated != level {
 					t.Fatal("the file journal allocated arena")
@@ -136,14 +148,51 @@ func TestJournalOnEveryBackend(t *testing.T) {
 				if err := a.Write(ctx, qw.Absmax.Region, 0, bytes.Repeat([]byte{1}, int(qw.Absmax.NBytes))); err != nil {
 					return err
 				}
-				return c.putBack(m, qw.Name, fe)
+				*mem = countingMem{Arena: a}
+				if err := c.putBack(m, qw.Name, fe); err != nil {
+					return err
+				}
+				if wantFills := map[bool]int{true: 0, false: 2}[a.Mapped()]; mem.fills != wantFills || mem.writes != 0 {
+					t.Fatalf("putBack from the file: %d WriteFrom and %d Write calls, want %d and none", mem.fills, mem.writes, wantFills)
+				}
+				c.freeEntry(fe)
+				return nil
 			}); err != nil {
 				t.Fatal(err)
 			}
 			if !bytes.Equal(read(qw.Packed), packed) || !bytes.Equal(read(qw.Absmax), absmax) {
 				t.Fatal("putBack from the file did not restore the original bytes")
 			}
+			// A file retimed since the load is checksummed: same bytes, so
+			// still a reference, restored after the CRC check.
+			later := time.Now().Add(time.Hour)
+			if err := os.Chtimes(path, later, later); err != nil {
+				t.Fatal(err)
+			}
+			if err := reg.WriteLocked("m", func(m *registry.Model) error {
+				if m.SourceUnchanged() {
+					t.Fatal("a retimed source file reported unchanged")
+				}
+				fe, err := c.journal(m, qw.Name)
+				if err != nil {
+					return err
+				}
+				defer c.freeEntry(fe)
+				if !fe.referenced() {
+					t.Fatalf("journal entry for a retimed file holding the same bytes: %+v", fe)
+				}
+				if err := a.Write(ctx, qw.Packed.Region, 0, bytes.Repeat([]byte{0x5a}, int(qw.Packed.NBytes))); err != nil {
+					return err
+				}
+				return c.restore(m, map[string]journalEntry{qw.Name: fe})
+			}); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(read(qw.Packed), packed) {
+				t.Fatal("restore after the file was retimed did not put the bytes back")
+			}
 			// Without a source file, the journal copies into the arena.
+
 			if err := reg.DetachSource("m"); err != nil {
 				t.Fatal(err)
 			}
@@ -165,4 +214,25 @@ func TestJournalOnEveryBackend(t *testing.T) {
 			}
 		})
 	}
+}
+
+// countingMem is an arena that counts the journal's reads and writes.
+type countingMem struct {
+	*arena.Arena
+	reads, writes, fills int
+}
+
+func (m *countingMem) Read(r arena.Region, off uint64, p []byte) error {
+	m.reads++
+	return m.Arena.Read(r, off, p)
+}
+
+func (m *countingMem) Write(ctx context.Context, r arena.Region, off uint64, p []byte) error {
+	m.writes++
+	return m.Arena.Write(ctx, r, off, p)
+}
+
+func (m *countingMem) WriteFrom(ctx context.Context, r arena.Region, off uint64, src io.ReaderAt, srcOff, n int64) error {
+	m.fills++
+	return m.Arena.WriteFrom(ctx, r, off, src, srcOff, n)
 }
