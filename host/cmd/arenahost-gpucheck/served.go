@@ -264,6 +264,11 @@ func (h *host) stop() {
 	os.RemoveAll(h.data)
 }
 
+// callTimeout bounds one HTTP call to a host. A fused apply on fakecuda,
+// where the kernels run in the CPU emulator, takes minutes; on a GPU a
+// call that hangs this long has failed anyway.
+const callTimeout = 10 * time.Minute
+
 // call sends a JSON request and decodes a 2xx answer into out.
 func (h *host) call(ctx context.Context, method, path string, body, out any) error {
 	var rd io.Reader
@@ -274,7 +279,7 @@ func (h *host) call(ctx context.Context, method, path string, body, out any) err
 		}
 		rd = bytes.NewReader(b)
 	}
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	ctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, method, h.url+path, rd)
 	if err != nil {
