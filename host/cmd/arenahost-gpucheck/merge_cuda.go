@@ -14,7 +14,6 @@ import (
 
 	"github.com/arenahost/arenahost/shared/gpu"
 	"github.com/arenahost/arenahost/shared/half"
-	"github.com/arenahost/arenahost/shared/layout"
 	"github.com/arenahost/arenahost/shared/nf4"
 )
 
