@@ -20,7 +20,7 @@ out=${FAKECUDA_DIR:-$(pwd)/.cache/fakecuda}
 lib=$out/libcuda.so.1
 cxx=${CXX:-g++}
 cc=${CC:-gcc}
-newest=$(ls -t "$src"/fakecuda.cc "$src"/fakecuda_test.c "$src"/emu.h "$src"/kernels_table.h shared/gpu/kernels/kernels.cu "$CUDA_INCLUDE/cuda.h" "$0" | head -1)
+newest=$(ls -t "$src"/fakecuda.cc "$src"/fakecuda_test.c "$src"/emu.h "$src"/emu_run.h "$src"/kernels_table.h shared/gpu/kernels/kernels.cu "$CUDA_INCLUDE/cuda.h" "$0" | head -1)
 if [ ! -f "$lib" ] || [ "$newest" -nt "$lib" ]; then
   echo "fakecuda: building $lib" >&2
   mkdir -p "$out"

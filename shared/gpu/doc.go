@@ -14,8 +14,8 @@
 // build and its tests never import it. What needs no driver is plain Go and
 // is tested on every machine: the slab encoding, the launch parameters, the
 // embedded PTX and its entry points, and every kernel call: tests run
-// kernels.cu on the CPU through kernels/emu (one thread per CUDA thread,
-// real barriers and warp shuffles) and compare bit for bit with shared/nf4
+// kernels.cu on the CPU through kernels/emu (a fiber per CUDA thread, each
+// running until it waits at a barrier or a warp shuffle) and compare bit for bit with shared/nf4
 // and shared/lora.
 //
 // With -tags cuda the package adds Device: the primary context made current

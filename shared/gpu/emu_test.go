@@ -17,8 +17,9 @@ import (
 )
 
 // The kernels run on the CPU here: kernels.cu compiled as host C++ with
-// kernels/emu (one std::thread per CUDA thread, real barriers and warp
-// shuffles), driven by the same Calls the cuda build launches, and compared
+// kernels/emu (a fiber per CUDA thread, each running until it waits at a
+// barrier or a warp shuffle, so a missing barrier reads stale shared memory
+// every time), driven by the same Calls the cuda build launches, and compared
 // bit for bit with shared/nf4 and shared/lora. This checks the kernels'
 // indexing, tiling, barriers and rounding, and the launch plans, without a
 // GPU; the GPU check (arenahost-gpucheck) repeats it on real hardware.

@@ -1,6 +1,6 @@
 // Package emutest owns the test harness of the kernel emulator: it builds
-// kernels/emu (kernels.cu compiled as host C++, one std::thread per CUDA
-// thread, real barriers and warp shuffles) once per test emuBin, and runs
+// kernels/emu (kernels.cu compiled as host C++, a fiber per CUDA thread,
+// barriers and warp shuffles at which fibers yield) once per test emuBin, and runs
 // launches over an Image, emulated device memory whose pointers are
 // offsets into it. shared/gpu's tests compare the kernels with the CPU
 // references through it, and shared/gpu/gpusim's compare the simulator
@@ -76,7 +76,7 @@ func build(cxx string) (string, error) {
 	src := filepath.Join(dir, "emu", "main.cc")
 	h := sha256.New()
 	fmt.Fprintln(h, cxx, strings.Join(flags, " "))
-	for _, f := range []string{src, filepath.Join(dir, "emu", "emu.h"), filepath.Join(dir, "emu", "kernels_table.h"), filepath.Join(dir, "kernels.cu")} {
+	for _, f := range []string{src, filepath.Join(dir, "emu", "emu.h"), filepath.Join(dir, "emu", "kernels_table.h"), filepath.Join(dir, "emu", "emu_run.h"), filepath.Join(dir, "kernels.cu")} {
 		b, err := os.ReadFile(f)
 		if err != nil {
 			return "", fmt.Errorf("build the kernel emulator: %w", err)

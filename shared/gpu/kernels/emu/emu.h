@@ -1,12 +1,15 @@
 // emu.h: just enough of CUDA to run kernels.cu on the CPU, for tests
-// without a GPU (shared/gpu emu_test.go). Every CUDA thread of a block is a
-// std::thread; __syncthreads is a block barrier; warp shuffles go through
-// per-warp slots and barriers; blocks run one after another, so __shared__
-// variables are function statics. Float math is IEEE with no contraction
-// (-ffp-contract=off), as the kernels' __fmul_rn/__fadd_rn ask.
+// without a GPU (shared/gpu emu_test.go, and fakecuda.cc). Each CUDA thread
+// of a block is a fiber (a ucontext with its own stack) on one OS thread;
+// __syncthreads, __syncwarp and the warp shuffles are barriers at which a
+// fiber yields to the next until every thread of its block (or warp) has
+// arrived; blocks run one after another, so __shared__ variables are
+// function statics. A thread runs as far as it can before the next one
+// starts, so a missing barrier reads stale shared memory every time rather
+// than sometimes. Float math is IEEE with no contraction (-ffp-contract=off),
+// as the kernels' __fmul_rn/__fadd_rn ask. emu_run.h runs a launch.
 #pragma once
 #include <algorithm>
-#include <barrier>
 #include <cmath>
 #include <math.h>
 #include <cstdint>
@@ -24,36 +27,56 @@
 #define EXTERN_SHARED(type, name) type* name = (type*)emu_dynamic_shared
 
 struct emu_dim3 { unsigned x = 0, y = 0, z = 0; };
-extern thread_local emu_dim3 threadIdx, blockIdx;
+// The running fiber's indices: the scheduler sets threadIdx before it
+// resumes a fiber.
+extern emu_dim3 threadIdx, blockIdx;
 extern emu_dim3 blockDim, gridDim;
 extern unsigned char* emu_dynamic_shared;
-extern std::barrier<>* emu_block_barrier;
-extern std::vector<std::unique_ptr<std::barrier<>>> emu_warp_barriers;
 extern float emu_warp_slots[1024];
 extern double emu_warp_dslots[1024];
 extern std::mutex emu_atomic_mu;
 
-inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+// emu_barrier: n fibers arrive; each but the last yields until the last
+// one has arrived.
+struct emu_barrier {
+    unsigned n = 0, count = 0;
+    unsigned long phase = 0;
+};
+extern emu_barrier emu_block_barrier;
+extern emu_barrier emu_warp_barriers[32];
+void emu_yield();  // emu_run.h: back to the scheduler, which resumes the next fiber
+
+inline void emu_arrive_and_wait(emu_barrier& b) {
+    unsigned long p = b.phase;
+    if (++b.count == b.n) {
+        b.count = 0;
+        b.phase++;
+        return;
+    }
+    while (b.phase == p) emu_yield();
+}
+
+inline void __syncthreads() { emu_arrive_and_wait(emu_block_barrier); }
 
 inline float __shfl_xor_sync(unsigned, float v, int o) {
     unsigned t = threadIdx.x, w = t / 32;
     emu_warp_slots[t] = v;
-    emu_warp_barriers[w]->arrive_and_wait();
+    emu_arrive_and_wait(emu_warp_barriers[w]);
     float r = emu_warp_slots[(t & ~31u) | ((t & 31u) ^ (unsigned)o)];
-    emu_warp_barriers[w]->arrive_and_wait();
+    emu_arrive_and_wait(emu_warp_barriers[w]);
     return r;
 }
 
 inline double __shfl_xor_sync(unsigned, double v, int o) {
     unsigned t = threadIdx.x, w = t / 32;
     emu_warp_dslots[t] = v;
-    emu_warp_barriers[w]->arrive_and_wait();
+    emu_arrive_and_wait(emu_warp_barriers[w]);
     double r = emu_warp_dslots[(t & ~31u) | ((t & 31u) ^ (unsigned)o)];
-    emu_warp_barriers[w]->arrive_and_wait();
+    emu_arrive_and_wait(emu_warp_barriers[w]);
     return r;
 }
 
-inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_arrive_and_wait(emu_warp_barriers[threadIdx.x / 32]); }
 
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }

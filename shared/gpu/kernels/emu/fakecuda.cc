@@ -18,8 +18,8 @@
 //     parameter count differs from kernels.cu's, and launches check the
 //     kernel, block size, grid and dynamic shared memory.
 //
-// Kernels run in the emulator (emu.h): kernels.cu compiled as host C++,
-// one std::thread per CUDA thread of a block, blocks in turn. Streams are
+// Kernels run in the emulator (emu.h, emu_run.h): kernels.cu compiled as
+// host C++, one fiber per CUDA thread of a block, blocks in turn. Streams are
 // synchronous: each call finishes before it returns. Functions of cuda.h
 // that this file does not define return CUDA_ERROR_NOT_SUPPORTED (the
 // build script generates them).
@@ -43,17 +43,9 @@
 
 #include "emu.h"
 
-thread_local emu_dim3 threadIdx, blockIdx;
-emu_dim3 blockDim, gridDim;
-unsigned char* emu_dynamic_shared;
-std::barrier<>* emu_block_barrier;
-std::vector<std::unique_ptr<std::barrier<>>> emu_warp_barriers;
-float emu_warp_slots[1024];
-double emu_warp_dslots[1024];
-std::mutex emu_atomic_mu;
-
 #include "../kernels.cu"
 #include "kernels_table.h"
+#include "emu_run.h"
 
 namespace {
 
@@ -161,37 +153,13 @@ CUresult checkStream(const char* fn, CUstream s) {
     return CUDA_SUCCESS;
 }
 
-// runGrid runs a launch: block threads, each looping over the grid's
-// blocks, with a barrier between blocks (the kernels' __shared__ arrays
-// are statics, shared by one block at a time).
+// runGrid runs a launch in the emulator, one at a time (its state is
+// global).
 bool runGrid(const std::string& name, const Kernel& k, const Args& a, unsigned grid, unsigned block, unsigned shared) {
     std::lock_guard<std::mutex> g(launchMu);
-    const size_t guard = 4096;
-    std::vector<unsigned char> dyn(shared + guard, 0xAB);
-    emu_dynamic_shared = dyn.data();
-    blockDim.x = block;
-    gridDim.x = grid;
-    std::barrier<> bar(block), end(block);
-    emu_block_barrier = &bar;
-    emu_warp_barriers.clear();
-    for (unsigned w = 0; w < block / 32; w++) emu_warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
-    std::vector<std::thread> ts;
-    ts.reserve(block);
-    for (unsigned t = 0; t < block; t++)
-        ts.emplace_back([&, t] {
-            threadIdx.x = t;
-            for (unsigned b = 0; b < grid; b++) {
-                blockIdx.x = b;
-                k.run(a);
-                end.arrive_and_wait();
-            }
-        });
-    for (auto& t : ts) t.join();
-    for (size_t i = shared; i < shared + guard; i++) {
-        if (dyn[i] != 0xAB) {
-            fail("cuLaunchKernel", name + " wrote shared memory past its " + std::to_string(shared) + " bytes");
-            return false;
-        }
+    if (std::string err = emu_run_grid(k, a, grid, block, shared); !err.empty()) {
+        fail("cuLaunchKernel", name + ": " + err);
+        return false;
     }
     return true;
 }

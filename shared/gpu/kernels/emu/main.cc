@@ -12,22 +12,13 @@
 #include <map>
 #include <sstream>
 #include <string>
-#include <thread>
 
 #include "emu.h"
-
-thread_local emu_dim3 threadIdx, blockIdx;
-emu_dim3 blockDim, gridDim;
-unsigned char* emu_dynamic_shared;
-std::barrier<>* emu_block_barrier;
-std::vector<std::unique_ptr<std::barrier<>>> emu_warp_barriers;
-float emu_warp_slots[1024];
-double emu_warp_dslots[1024];
-std::mutex emu_atomic_mu;
 
 #include "../kernels.cu"
 
 #include "kernels_table.h"
+#include "emu_run.h"
 
 int main(int argc, char** argv) {
     if (argc != 3) {
@@ -65,28 +56,11 @@ int main(int argc, char** argv) {
             std::fprintf(stderr, "emu: %s takes %zu arguments, launch has %zu\n", name.c_str(), k->second.params, args.size());
             return 1;
         }
-        // Dynamic shared memory with a guard zone: a kernel that writes past
-        // the plan's Shared bytes fails the run.
-        const size_t guard = 4096;
-        std::vector<unsigned char> dyn(shared + guard, 0xAB);
-        emu_dynamic_shared = dyn.data();
-        blockDim.x = block;
-        gridDim.x = grid;
-        for (unsigned b = 0; b < grid; b++) {
-            std::barrier<> bar(block);
-            emu_block_barrier = &bar;
-            emu_warp_barriers.clear();
-            for (unsigned w = 0; w < block / 32; w++) emu_warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
-            std::vector<std::thread> ts;
-            for (unsigned t = 0; t < block; t++)
-                ts.emplace_back([&, t, b] { threadIdx.x = t; blockIdx.x = b; k->second.run(args); });
-            for (auto& t : ts) t.join();
-        }
-        for (size_t i = shared; i < shared + guard; i++) {
-            if (dyn[i] != 0xAB) {
-                std::fprintf(stderr, "emu: %s wrote shared memory byte %zu past its %u bytes\n", name.c_str(), i, shared);
-                return 1;
-            }
+        // Dynamic shared memory has a guard zone: a kernel that writes
+        // past the plan's Shared bytes fails the run.
+        if (std::string err = emu_run_grid(k->second, args, grid, block, shared); !err.empty()) {
+            std::fprintf(stderr, "emu: %s: %s\n", name.c_str(), err.c_str());
+            return 1;
         }
     }
     std::ofstream out(argv[1], std::ios::binary | std::ios::trunc);
