@@ -200,8 +200,8 @@ inline std::string emu_run_grid(const Kernel& k, const Args& a, unsigned grid, u
             left += !fibers[t].done;
         }
         if (left > 0 && left == was && progress() == before)
-            return "block " + std::to_string(blockIdx.x) + ": " + std::to_string(left) + " of " + std::to_string(block) +
-                   " threads wait at a barrier the others returned without reaching";
+            return "block " + std::to_string(blockIdx.x) + ": its " + std::to_string(block) +
+                   " threads wait at barriers that cannot open (a thread returned from the kernel without reaching one)";
     }
     for (size_t i = shared; i < shared + guard; i++) {
         if (dyn[i] != 0xAB) return "wrote shared memory byte " + std::to_string(i) + " past its " + std::to_string(shared) + " bytes";
