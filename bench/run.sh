@@ -30,6 +30,11 @@ if want load; then
   gobench load ./host/registry '^BenchmarkLoad$' 2x
 fi
 
+if want device-load; then
+  section "device-load: ~256 MiB NF4 checkpoint into cuda-sim, one host copy per chunk vs two, and the load CRC's cost"
+  gobench device-load ./host/registry '^BenchmarkDeviceLoad$' 3x
+fi
+
 if want invoke; then
   section "invoke: 1 GiB tensor by descriptor vs the same bytes over gRPC; round-trip p50/p99"
   gobench invoke ./sdk '^BenchmarkInvoke1GiB$' 1x

@@ -113,12 +113,18 @@ func BenchmarkLoad(b *testing.B) {
 		loadBench(b)
 	})
 	noPrefault := load
+	b.Run("load-no-crc", func(b *testing.B) {
+		loadCRCOn = false
+		defer func() { loadCRCOn = true }()
+		loadBench(b)
+	})
+	noCRC := load
 	b.Run("load", loadBench)
 	if floor > 0 && load > 0 {
 		mibs := func(d time.Duration) float64 { return float64(size) / (1 << 20) / d.Seconds() }
-		fmt.Printf("BenchmarkLoad: %.0f MiB checkpoint: load into arena %.0f MiB/s (%v), read floor %.0f MiB/s (%v), load/read time ratio %.2f (without prefault %.0f MiB/s, ratio %.2f)\n",
+		fmt.Printf("BenchmarkLoad: %.0f MiB checkpoint: load into arena %.0f MiB/s (%v), read floor %.0f MiB/s (%v), load/read time ratio %.2f (without prefault %.0f MiB/s, ratio %.2f; without the load CRC %.0f MiB/s, ratio %.2f)\n",
 			float64(size)/(1<<20), mibs(load), load.Round(time.Millisecond), mibs(floor), floor.Round(time.Millisecond), load.Seconds()/floor.Seconds(),
-			mibs(noPrefault), noPrefault.Seconds()/floor.Seconds())
+			mibs(noPrefault), noPrefault.Seconds()/floor.Seconds(), mibs(noCRC), noCRC.Seconds()/floor.Seconds())
 	}
 }
 
@@ -144,10 +150,10 @@ func BenchmarkLoad(b *testing.B) {
 func BenchmarkDeviceLoad(b *testing.B) {
 	path, size := writeBenchCheckpoint(b, b.TempDir(), benchMiB(b, "ARENAHOST_BENCH_DEVICE_LOAD_MIB", benchDeviceLoadMiB))
 	capacity := uint64(size) + 128<<20
-	var perOp [2]time.Duration // two-copy, one-copy
-	load := func(b *testing.B, oneCopy bool) {
-		defer func(on bool) { writeFromOn = on }(writeFromOn)
-		writeFromOn = oneCopy
+	var perOp [3]time.Duration // two-copy, one-copy, one-copy without the load CRC
+	load := func(b *testing.B, oneCopy, crc bool) {
+		defer func(on, c bool) { writeFromOn, loadCRCOn = on, c }(writeFromOn, loadCRCOn)
+		writeFromOn, loadCRCOn = oneCopy, crc
 		d := gpusim.NewCapacity(0, capacity)
 		defer d.Close()
 		a, _, err := cuda.NewArenaNamed(b.Context(), "cuda-sim", d, arena.Config{Capacity: capacity, Logger: quiet()})
@@ -173,21 +179,19 @@ func BenchmarkDeviceLoad(b *testing.B) {
 			once()
 		}
 		b.StopTimer() // closing the arena and the device is not loading
-		i := 0
-		if oneCopy {
-			i = 1
-		}
+		i := map[[2]bool]int{{false, true}: 0, {true, true}: 1, {true, false}: 2}[[2]bool{oneCopy, crc}]
 		perOp[i] = b.Elapsed() / time.Duration(b.N)
-		if oneCopy && perOp[0] > 0 {
+		if i == 1 && perOp[0] > 0 {
 			b.ReportMetric(perOp[0].Seconds()/perOp[1].Seconds(), "speedup")
 		}
 	}
-	b.Run("two-copy", func(b *testing.B) { load(b, false) })
-	b.Run("one-copy", func(b *testing.B) { load(b, true) })
+	b.Run("two-copy", func(b *testing.B) { load(b, false, true) })
+	b.Run("one-copy-no-crc", func(b *testing.B) { load(b, true, false) })
+	b.Run("one-copy", func(b *testing.B) { load(b, true, true) })
 	if perOp[0] > 0 && perOp[1] > 0 {
 		mbs := func(d time.Duration) float64 { return float64(size) / 1e6 / d.Seconds() }
-		fmt.Printf("BenchmarkDeviceLoad: %.0f MiB checkpoint into cuda-sim: two-copy %.0f MB/s (%v), one-copy %.0f MB/s (%v), speedup %.2f\n",
+		fmt.Printf("BenchmarkDeviceLoad: %.0f MiB checkpoint into cuda-sim: two-copy %.0f MB/s (%v), one-copy %.0f MB/s (%v), speedup %.2f; one-copy without the load CRC %.0f MB/s (%v)\n",
 			float64(size)/(1<<20), mbs(perOp[0]), perOp[0].Round(time.Millisecond), mbs(perOp[1]), perOp[1].Round(time.Millisecond),
-			perOp[0].Seconds()/perOp[1].Seconds())
+			perOp[0].Seconds()/perOp[1].Seconds(), mbs(perOp[2]), perOp[2].Round(time.Millisecond))
 	}
 }
