@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"github.com/arenahost/arenahost/shared/lora/lorawire"
 	"log/slog"
+	"maps"
 	"math"
 	"slices"
 	"sort"
@@ -483,16 +484,10 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 	}
 	var out lorawire.ApplyResult
 	err := c.reg.WriteLocked(req.Model, func(m *registry.Model) error {
-		// 1. Journal the weights fused for the first time; snapshot the
-		// ones fused already (arena copies: their bytes are in no file), so
-		// a failure can put back exactly what the model holds now.
+		// 1. Journal the weights fused for the first time.
 		fresh := map[string]journalEntry{}
-		snaps := map[string]journalEntry{}
 		release := func() {
 			for _, e := range fresh {
-				c.freeEntry(e)
-			}
-			for _, e := range snaps {
 				c.freeEntry(e)
 			}
 		}
@@ -507,38 +502,18 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 			}
 			fresh[w] = e
 		}
-		for w := range ms.journal {
-			e, err := c.saveBytes(m, w, "lora snapshot")
-			if err != nil {
-				release()
-				return fmt.Errorf("apply fuse: snapshot: %w", err)
-			}
-			snaps[w] = e
-		}
-		// rollback puts back fresh weights' originals (once the plugin may
-		// have written them) and the others' snapshots: what the model held
-		// before this apply.
-		rollback := func(called bool) error {
-			var rerr []error
-			for w, e := range fresh {
-				if called {
-					rerr = append(rerr, c.putBack(m, w, e))
-				}
-			}
-			for w, e := range snaps {
-				rerr = append(rerr, c.putBack(m, w, e))
-			}
-			release()
-			return errors.Join(rerr...)
-		}
 		// 2. Put the weights fused already back to their originals: the
 		// plugin fuses from the bytes it is given, and weights the set no
-		// longer touches stay restored. File references are checked first.
-		if err := c.restore(m, ms.journal); err != nil {
-			if re := rollback(false); re != nil {
-				return fmt.Errorf("apply fuse: restore fused weights: %w (and rollback: %v)", err, re)
-			}
+		// longer touches stay restored. File references are checked
+		// before anything is written, so a changed file fails here with
+		// the model as it was.
+		if err := c.verifyAll(m, ms.journal); err != nil {
+			release()
 			return fmt.Errorf("apply fuse: restore fused weights: %w", err)
+		}
+		if err := c.putBackAll(m, ms.journal); err != nil {
+			release()
+			return fmt.Errorf("apply fuse: restore fused weights: %w; the fused weights may be partly restored: remove the LoRAs (DELETE /v1/loras) or reload the model", err)
 		}
 		// 3. The plugin rewrites the set's weights through read-write
 		// descriptors.
@@ -547,17 +522,23 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 			_, err = c.call(ctx, "apply", args, ds, &out)
 		}
 		if err != nil {
-			// 4. Roll back: the plugin may have died anywhere in the pass,
-			// and leaves what it wrote to the host. A cancelled call
-			// returns before the pass stops, so wait for it first.
+			// 4. Roll back to what the model held: the plugin may have
+			// died anywhere in the pass, and leaves what it wrote to the
+			// host. A cancelled call returns before the pass stops, so
+			// wait for it first.
 			c.fence(ctx, req.Model)
-			if re := rollback(true); re != nil {
+			var rerr []error
+			for w, e := range fresh {
+				rerr = append(rerr, c.putBack(m, w, e))
+			}
+			release()
+			if len(ms.journal) > 0 {
+				rerr = append(rerr, c.refuse(ctx, m, ms))
+			}
+			if re := errors.Join(rerr...); re != nil {
 				return fmt.Errorf("apply fuse: %w (and rollback: %v)", err, re)
 			}
 			return fmt.Errorf("apply fuse: %w", err)
-		}
-		for _, e := range snaps {
-			c.freeEntry(e)
 		}
 		for w, e := range fresh {
 			ms.journal[w] = e
@@ -594,6 +575,64 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 	c.log.Info("lora fuse journal", "model", req.Model, "weights", len(ms.journal),
 		"arena", arena.ByteSize(inArena), "referenced_in_file", arena.ByteSize(inFile))
 	return nil
+}
+
+// refuseTimeout bounds a rollback's fused pass of the previous set, and
+// refuseWait how long it waits for a crashed plugin to serve again.
+const (
+	refuseTimeout = 5 * time.Minute
+	refuseWait    = 30 * time.Second
+)
+
+// refuse is the rollback of a failed fuse over a fused model: it puts the
+// previous set's weights back to their originals (the failed pass may have
+// written them) and fuses the previous set into them again. The fused pass
+// is deterministic, so that is byte for byte what they held, and no copy
+// of the fused weights is kept for the length of every re-apply (on a
+// device, that copy would be as large as the fused layers). If the pass
+// fails again, the weights get their originals back, the journal is freed
+// and the model holds no LoRA; the error says so.
+func (c *Coordinator) refuse(ctx context.Context, m *registry.Model, ms *modelState) error {
+	prev := ms.state
+	if err := c.putBackAll(m, ms.journal); err != nil {
+		return fmt.Errorf("put back the originals of the previous set's weights: %w", err)
+	}
+	weights := slices.Sorted(maps.Keys(ms.journal))
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), refuseTimeout)
+	defer cancel()
+	args := lorawire.ApplyArgs{Model: prev.Model, LoRAs: specs(prev.LoRAs), Mode: ModeFuse, Strict: prev.Strict}
+	ds, err := c.fuseDescriptors(m, weights)
+	var out lorawire.ApplyResult
+	// The failure may have been the plugin dying: the manager restarts
+	// it after a backoff, so wait for it to serve again.
+	wait := time.Now().Add(refuseWait)
+	for delay := 50 * time.Millisecond; err == nil; delay = min(2*delay, time.Second) {
+		_, err = c.call(rctx, "apply", args, ds, &out)
+		if !errors.Is(err, plugin.ErrNotServing) || time.Now().After(wait) {
+			break
+		}
+		select {
+		case <-time.After(delay):
+			err = nil
+		case <-rctx.Done():
+		}
+	}
+	if err == nil && !slices.Equal(slices.Sorted(slices.Values(out.Fused)), weights) {
+		err = fmt.Errorf("it fused %d weights, the previous set had fused %d", len(out.Fused), len(weights))
+	}
+	if err == nil {
+		return nil
+	}
+	c.fence(rctx, prev.Model)
+	if perr := c.putBackAll(m, ms.journal); perr != nil {
+		return fmt.Errorf("fuse the previous set again: %w (and put back the originals: %v)", err, perr)
+	}
+	for w, e := range ms.journal {
+		c.freeEntry(e)
+		delete(ms.journal, w)
+	}
+	ms.state = State{Model: prev.Model}
+	return fmt.Errorf("fuse the previous set again: %w; the model now holds its original weights and no LoRA", err)
 }
 
 // fenceTimeout bounds the wait for a cancelled fused pass to stop: it

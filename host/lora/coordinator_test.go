@@ -478,6 +478,61 @@ func testPluginKilledMidFuse(t *testing.T, backend, kind string, over bool) {
 	_ = registry.ErrNotFound
 }
 
+// TestFailedRefuseLeavesOriginals: the rollback of a failed fuse over a
+// fused model fuses the previous set again; when that fails too (its file
+// was deleted), the model gets its original bytes back, holds no LoRA, and
+// the error says so.
+func TestFailedRefuseLeavesOriginals(t *testing.T) {
+	t.Setenv("LORA_NF4_LAYER_DELAY", "40ms")
+	s := newHost(t)
+	_, _, dir := fixtures(t)
+	orig := snapshot(t, s)
+	level := s.Arena.Stats().Allocated
+	raw, err := os.ReadFile(filepath.Join(dir, samples.PEFTLoRAFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	gone := filepath.Join(dir, "refuse-gone.safetensors")
+	if err := os.WriteFile(gone, raw, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(gone)
+	if _, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: []lora.Entry{{Name: "refuse-gone.safetensors", Path: gone, Strength: 0.5}}, Mode: lora.ModeFuse}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(gone); err != nil {
+		t.Fatal(err)
+	}
+	st, err := s.Plugins.PluginStatus(lora.PluginName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, kohyaOracle(1)), Mode: lora.ModeFuse})
+		done <- err
+	}()
+	time.Sleep(600 * time.Millisecond)
+	if err := syscall.Kill(st.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err == nil || !contains(err.Error(), "fuse the previous set again", "refuse-gone.safetensors", "the model now holds its original weights and no LoRA") {
+			t.Fatalf("apply: %v", err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("apply did not return after the plugin was killed")
+	}
+	sameBytes(t, "after the failed rollback", orig, snapshot(t, s))
+	if cur, _ := s.LoRAs.State(""); cur.Mode != "" || len(cur.LoRAs) != 0 {
+		t.Errorf("state after the failed rollback: %+v", cur)
+	}
+	if a := s.Arena.Stats().Allocated; a != level {
+		t.Errorf("arena at %d after the failed rollback, %d before the first apply", a, level)
+	}
+}
+
 // A model unloaded and loaded again starts with nothing applied; the old
 // journal and factors are freed, never written into the new bytes.
 func TestReloadedModelStartsClean(t *testing.T) {

@@ -52,8 +52,8 @@ type sourceRef struct {
 
 // journalEntry keeps the bytes the fused pass rewrites in one weight
 // (journaled: packed codes, absmax and, when nested, nested_absmax):
-// copies in host arena regions, or (journal entries only, never
-// snapshots) references into the model's source file.
+// copies in host arena regions, or references into the model's source
+// file.
 type journalEntry struct {
 	saved []arena.Region // arena copies, in journaled order; nil when referenced
 	refs  []sourceRef    // the same tensors in the file; nil for arena copies
@@ -202,8 +202,7 @@ func fusable(m *registry.Model, w string) (*registry.QuantWeight, error) {
 }
 
 // saveBytes copies the current bytes of weight w's journaled tensors into
-// new host regions (the fallback journal, and the snapshots a re-apply
-// keeps for its rollback). On error it holds nothing.
+// new host regions (the journal's fallback). On error it holds nothing.
 func (c *Coordinator) saveBytes(m *registry.Model, w, what string) (journalEntry, error) {
 	qw, err := fusable(m, w)
 	if err != nil {
@@ -392,15 +391,27 @@ func (c *Coordinator) restoreAll(ms *modelState) error {
 }
 
 // restore puts back every weight of entries, checking every file
-// reference first when the file changed since the load (verify).
+// reference first when the file changed since the load (verifyAll).
 func (c *Coordinator) restore(m *registry.Model, entries map[string]journalEntry) error {
+	if err := c.verifyAll(m, entries); err != nil {
+		return err
+	}
+	return c.putBackAll(m, entries)
+}
+
+// verifyAll checks every file reference of entries (verify).
+func (c *Coordinator) verifyAll(m *registry.Model, entries map[string]journalEntry) error {
 	var errs []error
 	for w, e := range entries {
 		errs = append(errs, verify(m, w, e))
 	}
-	if err := errors.Join(errs...); err != nil {
-		return err
-	}
+	return errors.Join(errs...)
+}
+
+// putBackAll puts back every weight of entries whose references were just
+// verified (verifyAll).
+func (c *Coordinator) putBackAll(m *registry.Model, entries map[string]journalEntry) error {
+	var errs []error
 	for w, e := range entries {
 		errs = append(errs, c.putBackChecked(m, w, e, true))
 	}
