@@ -81,7 +81,7 @@ func (r *Report) Table() string {
 func (r *Report) Markdown(when, command string) string {
 	var b strings.Builder
 	b.WriteString("# GPU check results\n\n")
-	fmt.Fprintf(&b, "Written by `scripts/gpu-check.sh` (%s) on %s, %s.\n\n", command, r.Device, when)
+	fmt.Fprintf(&b, "Written by `%s` on %s, %s.\n\n", command, r.Device, when)
 	b.WriteString("| section | check | result | target | status |\n|---|---|---|---|---|\n")
 	for _, row := range r.Rows {
 		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s |\n", row.Section, mdCell(row.Name), mdCell(row.Result), mdCell(orDash(row.Target)), row.Status)
