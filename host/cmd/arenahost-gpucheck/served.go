@@ -12,10 +12,13 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/arenahost/arenahost/host/samples"
 )
 
 // ServedOptions says which two hosts the served check compares: the same
@@ -111,6 +114,50 @@ func CheckServed(ctx context.Context, r *Report, o ServedOptions) error {
 		return err
 	}
 	r.Check("served", "side apply and remove leave the device weights as loaded", short(d3), short(d0[1]), d3 == d0[1])
+	return checkServedNested(ctx, r, cpu, dev)
+}
+
+// checkServedNested repeats the fuse and remove on a double-quantized copy
+// of the sample (nested absmax, as Forge's v1 NF4 checkpoints and diffusers'
+// bnb_4bit_use_double_quant store it), which both hosts write into their
+// models directory and load over HTTP: the device re-encodes the nested
+// absmax with nested_dequantize and nested_quantize around the fused
+// kernel.
+func checkServedNested(ctx context.Context, r *Report, cpu, dev *host) error {
+	const model, file = "nested", "flux-sample-nf4-nested.safetensors"
+	for _, h := range []*host{cpu, dev} {
+		if err := samples.WriteModel(filepath.Join(h.data, "models", file), samples.ModelOptions{Seed: 1, Nested: true}); err != nil {
+			return err
+		}
+		if err := h.call(ctx, "POST", "/v1/models", map[string]any{"path": file, "name": model}, nil); err != nil {
+			return err
+		}
+	}
+	d0, err := bothDigestsOf(ctx, cpu, dev, model)
+	if err != nil {
+		return err
+	}
+	var rep applyReply
+	for _, h := range []*host{cpu, dev} {
+		if err := h.call(ctx, "POST", "/v1/loras/apply", map[string]any{"model": model, "loras": sampleLoRAs, "mode": "fuse"}, &rep); err != nil {
+			return err
+		}
+	}
+	d1, err := bothDigestsOf(ctx, cpu, dev, model)
+	if err != nil {
+		return err
+	}
+	r.Check("served", "nested absmax: fuse, model digest, device vs cpu (bit for bit)", short(d1[1]), "equal", d0[0] == d0[1] && d1[0] == d1[1] && d1[0] != d0[0])
+	for _, h := range []*host{cpu, dev} {
+		if err := h.call(ctx, "DELETE", "/v1/loras?model="+model, nil, nil); err != nil {
+			return err
+		}
+	}
+	d2, err := bothDigestsOf(ctx, cpu, dev, model)
+	if err != nil {
+		return err
+	}
+	r.Check("served", "nested absmax: remove, device digest back to the loaded one", short(d2[1]), short(d0[1]), d2[1] == d0[1] && d2[0] == d0[0])
 	return nil
 }
 
@@ -134,9 +181,14 @@ func short(h string) string {
 }
 
 func bothDigests(ctx context.Context, cpu, dev *host) ([2]string, error) {
+	return bothDigestsOf(ctx, cpu, dev, "sample")
+}
+
+// bothDigestsOf is the digest of model on each host.
+func bothDigestsOf(ctx context.Context, cpu, dev *host, model string) ([2]string, error) {
 	var out [2]string
 	for i, h := range []*host{cpu, dev} {
-		d, err := h.digest(ctx)
+		d, err := h.digestOf(ctx, model, "")
 		if err != nil {
 			return out, err
 		}
