@@ -594,9 +594,6 @@ const (
 // and the model holds no LoRA; the error says so.
 func (c *Coordinator) refuse(ctx context.Context, m *registry.Model, ms *modelState) error {
 	prev := ms.state
-	if err := c.putBackAll(m, ms.journal); err != nil {
-		return fmt.Errorf("put back the originals of the previous set's weights: %w", err)
-	}
 	weights := slices.Sorted(maps.Keys(ms.journal))
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), refuseTimeout)
 	defer cancel()
@@ -604,11 +601,18 @@ func (c *Coordinator) refuse(ctx context.Context, m *registry.Model, ms *modelSt
 	ds, err := c.fuseDescriptors(m, weights)
 	var out lorawire.ApplyResult
 	// The failure may have been the plugin dying: the manager restarts
-	// it after a backoff, so wait for it to serve again.
+	// it after a backoff, so wait for it to serve again. Until the
+	// manager has seen the death, a call can still reach the dying
+	// generation and fail with ErrPluginExited: that is retried too. Every
+	// attempt starts from the originals, since a pass that died may have
+	// written some weights.
 	wait := time.Now().Add(refuseWait)
 	for delay := 50 * time.Millisecond; err == nil; delay = min(2*delay, time.Second) {
+		if err = c.putBackAll(m, ms.journal); err != nil {
+			return fmt.Errorf("put back the originals of the previous set's weights: %w", err)
+		}
 		_, err = c.call(rctx, "apply", args, ds, &out)
-		if !errors.Is(err, plugin.ErrNotServing) || time.Now().After(wait) {
+		if !(errors.Is(err, plugin.ErrNotServing) || errors.Is(err, plugin.ErrPluginExited)) || time.Now().After(wait) {
 			break
 		}
 		select {

@@ -441,27 +441,8 @@ func testPluginKilledMidFuse(t *testing.T, backend, kind string, over bool) {
 	}
 	orig := snapshot(t, s)
 	level := s.Arena.Stats().Allocated
-	st, err := s.Plugins.PluginStatus(lora.PluginName)
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() {
-		_, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, kohyaOracle(1)), Mode: lora.ModeFuse})
-		done <- err
-	}()
-	// Wait until the pass has written some layers (40 ms each), then kill.
-	time.Sleep(600 * time.Millisecond)
-	if err := syscall.Kill(st.PID, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case err := <-done:
-		if err == nil {
-			t.Fatal("apply succeeded although the plugin was killed mid-pass")
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("apply did not return after the plugin was killed")
+	if err := killMidFuse(t, s, entries(dir, kohyaOracle(1))); err == nil {
+		t.Fatal("apply succeeded although the plugin was killed mid-pass")
 	}
 	sameBytes(t, "after the kill", orig, snapshot(t, s))
 	if cur, _ := s.LoRAs.State(""); (cur.Mode == lora.ModeFuse) != over || cur.JournalBytes != inArena {
@@ -503,13 +484,31 @@ func TestFailedRefuseLeavesOriginals(t *testing.T) {
 	if err := os.Remove(gone); err != nil {
 		t.Fatal(err)
 	}
+	if err := killMidFuse(t, s, entries(dir, kohyaOracle(1))); err == nil ||
+		!contains(err.Error(), "fuse the previous set again", "refuse-gone.safetensors", "the model now holds its original weights and no LoRA") {
+		t.Fatalf("apply: %v", err)
+	}
+	sameBytes(t, "after the failed rollback", orig, snapshot(t, s))
+	if cur, _ := s.LoRAs.State(""); cur.Mode != "" || len(cur.LoRAs) != 0 {
+		t.Errorf("state after the failed rollback: %+v", cur)
+	}
+	if a := s.Arena.Stats().Allocated; a != level {
+		t.Errorf("arena at %d after the failed rollback, %d before the first apply", a, level)
+	}
+}
+
+// killMidFuse starts a fused apply of set on the default model (with
+// LORA_NF4_LAYER_DELAY set, so that the pass is slow), kills the plugin
+// once the pass has written some layers, and returns the apply's error.
+func killMidFuse(t *testing.T, s *server.Server, set []lora.Entry) error {
+	t.Helper()
 	st, err := s.Plugins.PluginStatus(lora.PluginName)
 	if err != nil {
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
 	go func() {
-		_, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, kohyaOracle(1)), Mode: lora.ModeFuse})
+		_, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: set, Mode: lora.ModeFuse})
 		done <- err
 	}()
 	time.Sleep(600 * time.Millisecond)
@@ -518,18 +517,10 @@ func TestFailedRefuseLeavesOriginals(t *testing.T) {
 	}
 	select {
 	case err := <-done:
-		if err == nil || !contains(err.Error(), "fuse the previous set again", "refuse-gone.safetensors", "the model now holds its original weights and no LoRA") {
-			t.Fatalf("apply: %v", err)
-		}
+		return err
 	case <-time.After(60 * time.Second):
 		t.Fatal("apply did not return after the plugin was killed")
-	}
-	sameBytes(t, "after the failed rollback", orig, snapshot(t, s))
-	if cur, _ := s.LoRAs.State(""); cur.Mode != "" || len(cur.LoRAs) != 0 {
-		t.Errorf("state after the failed rollback: %+v", cur)
-	}
-	if a := s.Arena.Stats().Allocated; a != level {
-		t.Errorf("arena at %d after the failed rollback, %d before the first apply", a, level)
+		return nil
 	}
 }
 
