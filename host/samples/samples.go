@@ -6,11 +6,14 @@
 package samples
 
 import (
+	"encoding/binary"
 	"fmt"
 	"math"
 	"math/rand/v2"
 	"path/filepath"
+	"runtime"
 	"strconv"
+	"sync"
 
 	"github.com/arenahost/arenahost/shared/half"
 	"github.com/arenahost/arenahost/shared/layout"
@@ -65,22 +68,22 @@ func WriteModel(path string, o ModelOptions) error {
 	}
 	rng := rand.New(rand.NewPCG(o.Seed, 0x5eed))
 	var tensors []safetensors.WriteTensor
+	var random []randomWeight
 	for _, s := range specs {
 		n := int(s.Elements())
-		vals := make([]float32, n)
 		shape := make([]int64, len(s.Shape))
 		for i, d := range s.Shape {
 			shape[i] = int64(d)
 		}
+		if s.Kind == layout.KindLinear && o.RandomCodes {
+			// Streamed by writeRandomCodes: only the layout now.
+			st := nf4.QuantState{QuantType: nf4.QuantNF4, Blocksize: o.Blocksize, DType: nf4.DType(o.DType), Shape: shape}
+			random = append(random, randomWeight{name: s.Name, n: n, state: st})
+			continue
+		}
+		vals := make([]float32, n)
 		switch s.Kind {
 		case layout.KindLinear:
-			if o.RandomCodes {
-				e := randomCodes(rng, shape, n, o.DType, o.Blocksize)
-				for _, en := range e.Entries(s.Name) {
-					tensors = append(tensors, safetensors.WriteTensor{Name: en.Key, DType: safetensors.DType(en.DType), Shape: en.Shape, Data: en.Data})
-				}
-				continue
-			}
 			std := 1 / math.Sqrt(float64(s.Shape[len(s.Shape)-1]))
 			for i := range vals {
 				vals[i] = roundTo(o.DType, float32(rng.NormFloat64()*std))
@@ -112,31 +115,114 @@ func WriteModel(path string, o ModelOptions) error {
 		"arenahost.config": fmt.Sprintf("hidden=%d mlp=%d double=%d single=%d", o.Config.Hidden, o.Config.MLP, o.Config.DoubleBlocks, o.Config.SingleBlocks),
 		"arenahost.seed":   strconv.FormatUint(o.Seed, 10),
 	}
+	if o.RandomCodes {
+		if err := writeRandomCodes(path, meta, tensors, random, rng); err != nil {
+			return fmt.Errorf("write sample model %s: %w", filepath.Base(path), err)
+		}
+		return nil
+	}
 	if err := safetensors.WriteFile(path, meta, tensors); err != nil {
 		return fmt.Errorf("write sample model %s: %w", filepath.Base(path), err)
 	}
 	return nil
 }
 
-// randomCodes is an NF4 weight of n elements with random codes and absmax.
-func randomCodes(rng *rand.Rand, shape []int64, n int, dtype string, bs int) *nf4.Encoded {
-	e := &nf4.Encoded{
-		State:    nf4.QuantState{QuantType: nf4.QuantNF4, Blocksize: bs, DType: nf4.DType(dtype), Shape: shape},
-		Packed:   make([]byte, nf4.PackedLen(n)),
-		Absmax:   make([]float32, nf4.Blocks(n, bs)),
-		QuantMap: nf4.QuantNF4.QuantMap(),
+// randomWeight is a 4-bit weight whose codes and absmax writeRandomCodes
+// draws as it writes them.
+type randomWeight struct {
+	name  string
+	n     int
+	state nf4.QuantState
+}
+
+// writeRandomCodes streams a checkpoint whose 4-bit weights have uniformly
+// random codes and absmax in [0.005, 0.05): each tensor is drawn into a
+// reused buffer when the file's layout reaches it, so a Flux-dev-sized
+// file (6.5 GB) never sits in memory. plain holds the other tensors.
+func writeRandomCodes(path string, meta map[string]string, plain []safetensors.WriteTensor, weights []randomWeight, rng *rand.Rand) error {
+	type source struct {
+		data []byte           // fixed bytes (plain tensors, quant maps, quant-state JSON)
+		draw func(dst []byte) // random bytes, drawn into dst
 	}
-	for i := 0; i < len(e.Packed); i += 8 {
-		v := rng.Uint64()
-		for k := i; k < min(i+8, len(e.Packed)); k++ {
-			e.Packed[k] = byte(v)
-			v >>= 8
+	infos := make([]safetensors.TensorInfo, 0, len(plain)+4*len(weights))
+	src := make(map[string]source, cap(infos))
+	for _, t := range plain {
+		infos = append(infos, safetensors.TensorInfo{Name: t.Name, DType: t.DType, Shape: t.Shape})
+		src[t.Name] = source{data: t.Data}
+	}
+	code := nf4.QuantNF4.QuantMap()
+	qmap := make([]byte, 4*len(code))
+	half.EncodeF32(qmap, code[:])
+	// Codes are drawn in 8 MiB pieces on all cores, each piece from its
+	// own generator seeded from rng: the same file for the same seed.
+	drawCodes := func(dst []byte) {
+		const piece = 8 << 20
+		seed := rng.Uint64()
+		var wg sync.WaitGroup
+		sem := make(chan struct{}, runtime.GOMAXPROCS(0))
+		for p := 0; p*piece < len(dst); p++ {
+			wg.Add(1)
+			sem <- struct{}{}
+			go func() {
+				defer func() { <-sem; wg.Done() }()
+				r := rand.NewPCG(seed, uint64(p))
+				d := dst[p*piece : min((p+1)*piece, len(dst))]
+				i := 0
+				for ; i+8 <= len(d); i += 8 {
+					binary.LittleEndian.PutUint64(d[i:], r.Uint64())
+				}
+				for v := r.Uint64(); i < len(d); i, v = i+1, v>>8 {
+					d[i] = byte(v)
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	drawAbsmax := func(dst []byte) {
+		for i := 0; i+4 <= len(dst); i += 4 {
+			binary.LittleEndian.PutUint32(dst[i:], math.Float32bits(0.005+0.045*rng.Float32()))
 		}
 	}
-	for i := range e.Absmax {
-		e.Absmax[i] = 0.005 + 0.045*rng.Float32()
+	for _, w := range weights {
+		nb := nf4.Blocks(w.n, w.state.Blocksize)
+		js := w.state.MarshalPython()
+		for _, t := range []struct {
+			key   string
+			dtype safetensors.DType
+			shape []int64
+			src   source
+		}{
+			{w.name, safetensors.U8, []int64{int64(nf4.PackedLen(w.n)), 1}, source{draw: drawCodes}},
+			{w.name + nf4.SuffixAbsmax, safetensors.F32, []int64{int64(nb)}, source{draw: drawAbsmax}},
+			{w.name + nf4.SuffixQuantMap, safetensors.F32, []int64{16}, source{data: qmap}},
+			{w.name + nf4.SuffixQuantStateNF4, safetensors.U8, []int64{int64(len(js))}, source{data: js}},
+		} {
+			infos = append(infos, safetensors.TensorInfo{Name: t.key, DType: t.dtype, Shape: t.shape})
+			src[t.key] = t.src
+		}
 	}
-	return e
+	fw, err := safetensors.Create(path, meta, infos)
+	if err != nil {
+		return err
+	}
+	var buf []byte
+	for _, t := range fw.Layout() {
+		s := src[t.Name]
+		data := s.data
+		if s.draw != nil {
+			n := int(t.End - t.Begin)
+			if cap(buf) < n {
+				buf = make([]byte, n)
+			}
+			data = buf[:n]
+			s.draw(data)
+		}
+		if err := fw.WriteTensor(t.Name, data); err != nil {
+			fw.Abort()
+			return err
+		}
+	}
+	return fw.Commit()
 }
 
 func roundTo(dtype string, f float32) float32 {
