@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -66,7 +67,13 @@ func CheckScale(ctx context.Context, r *Report, o ScaleOptions) error {
 			r.Add("scale", name, measured, target+" (Flux-dev only)", Info)
 		}
 	}
-	h, err := startHost(ctx, "device", o.Device, o.DeviceArgs, o.Env, o.StartTimeout)
+	args := o.DeviceArgs
+	if o.Model == "dev" {
+		// The checkpoint (6.9 GB) and five LoRAs' side factors (1.2 GB)
+		// need more than the default 8 GiB of arena address space.
+		args = append(slices.Clone(args), "--arena-capacity", "24GiB")
+	}
+	h, err := startHost(ctx, "device", o.Device, args, o.Env, o.StartTimeout)
 	if err != nil {
 		return err
 	}
