@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/arenahost/arenahost/shared/lora/lorawire"
+	"io"
 	"log/slog"
 	"maps"
 	"math"
@@ -60,6 +61,7 @@ type Memory interface {
 	Copy(dst, src arena.Region) error
 	Read(r arena.Region, off uint64, p []byte) error
 	Write(ctx context.Context, r arena.Region, off uint64, p []byte) error
+	WriteFrom(ctx context.Context, r arena.Region, off uint64, src io.ReaderAt, srcOff, n int64) error
 	Transfer(r arena.Region, to arena.Owner) (arena.Region, error)
 	Location(r arena.Region) (arena.Location, error)
 }

@@ -159,18 +159,6 @@ func sourceCRC(m *registry.Model, ref registry.SourceRef) (uint32, error) {
 	return crc, nil
 }
 
-// hostView is the arena's view of host-mapped memory (CPU backends).
-type hostView interface {
-	Bytes(r arena.Region) ([]byte, error)
-}
-
-// filler is an arena that fills a region straight from a reader
-// ((*arena.Arena).WriteFrom): on a device arena the file's bytes go through
-// the staging buffer only, one host copy.
-type filler interface {
-	WriteFrom(ctx context.Context, r arena.Region, off uint64, src io.ReaderAt, srcOff, n int64) error
-}
-
 // verify checks that the source file still holds the bytes e references:
 // at once when the file is unchanged since the load, else by reading them.
 func verify(m *registry.Model, w string, e journalEntry) error {
@@ -276,53 +264,21 @@ func (c *Coordinator) putBackChecked(m *registry.Model, w string, e journalEntry
 	return nil
 }
 
-// writeSource copies ref's bytes from the source file into dst: straight
-// into host-mapped memory, else with the arena's Write one chunk at a time
-// (a device arena). Either way the CRC of what was copied is checked. A
-// restore is never cancelled half way, so it runs without the caller's
-// context.
+// writeSource copies ref's bytes from the source file into dst with the
+// arena's WriteFrom (straight into host-mapped memory; through the staging
+// buffer, one host copy, on a device) and checks the CRC of what it
+// copied. A restore is never cancelled half way, so it runs without the
+// caller's context.
 func (c *Coordinator) writeSource(m *registry.Model, dst arena.Region, ref sourceRef) error {
-	if v, ok := c.mem.(hostView); ok {
-		if b, err := v.Bytes(dst); err == nil && int64(len(b)) >= ref.Length {
-			// Host-mapped memory: read straight into it (one copy).
-			b = b[:ref.Length]
-			if err := m.ReadSource(ref.SourceRef, 0, b); err != nil {
-				return err
-			}
-			if crc := crc32.Checksum(b, castagnoli); crc != ref.crc {
-				return fmt.Errorf("the model file %s changed while tensor %s was read back (CRC-32C %08x, journaled %08x)", ref.File, ref.Tensor, crc, ref.crc)
-			}
-			return nil
-		}
+	src := &sourceReader{m: m, ref: ref.SourceRef}
+	if err := c.mem.WriteFrom(context.Background(), dst, 0, src, 0, ref.Length); err != nil {
+		return err
 	}
-	var crc uint32
-	if f, ok := c.mem.(filler); ok {
-		// Device memory: the file's bytes through the staging buffer.
-		src := &sourceReader{m: m, ref: ref.SourceRef}
-		if err := f.WriteFrom(context.Background(), dst, 0, src, 0, ref.Length); err != nil {
-			return err
-		}
-		if src.next != ref.Length {
-			return fmt.Errorf("tensor %s: %d of its %d bytes read back from %s", ref.Tensor, src.next, ref.Length, ref.File)
-		}
-		crc = src.crc
-	} else {
-		bp := chunks.Get().(*[]byte)
-		defer chunks.Put(bp)
-		for off := int64(0); off < ref.Length; {
-			p := (*bp)[:min(int64(len(*bp)), ref.Length-off)]
-			if err := m.ReadSource(ref.SourceRef, off, p); err != nil {
-				return err
-			}
-			crc = crc32.Update(crc, castagnoli, p)
-			if err := c.mem.Write(context.Background(), dst, uint64(off), p); err != nil {
-				return err
-			}
-			off += int64(len(p))
-		}
+	if src.next != ref.Length {
+		return fmt.Errorf("tensor %s: %d of its %d bytes read back from %s", ref.Tensor, src.next, ref.Length, ref.File)
 	}
-	if crc != ref.crc {
-		return fmt.Errorf("the model file %s changed while tensor %s was read back (CRC-32C %08x, journaled %08x)", ref.File, ref.Tensor, crc, ref.crc)
+	if src.crc != ref.crc {
+		return fmt.Errorf("the model file %s changed while tensor %s was read back (CRC-32C %08x, journaled %08x)", ref.File, ref.Tensor, src.crc, ref.crc)
 	}
 	return nil
 }
@@ -401,6 +357,9 @@ func (c *Coordinator) restore(m *registry.Model, entries map[string]journalEntry
 
 // verifyAll checks every file reference of entries (verify).
 func (c *Coordinator) verifyAll(m *registry.Model, entries map[string]journalEntry) error {
+	if m.SourceUnchanged() {
+		return nil
+	}
 	var errs []error
 	for w, e := range entries {
 		errs = append(errs, verify(m, w, e))
