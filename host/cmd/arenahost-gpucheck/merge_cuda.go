@@ -65,15 +65,7 @@ func benchMerge(ctx context.Context, dev *gpu.Device, r *Report, o options) erro
 	if err != nil {
 		return err
 	}
-	// The time targets are for Flux-dev on a real GPU; on the tiny model
-	// they are reported, not checked.
-	timeCheck := func(name, measured, target string, ok bool) {
-		if o.mergeModel == "dev" {
-			r.Check("merge", name, measured, target, ok)
-		} else {
-			r.Add("merge", name, measured, target+" (Flux-dev only)", Info)
-		}
-	}
+	timeCheck := timeTarget(r, "merge", o.mergeModel)
 	rank := o.rank
 	var wSize, jSize, fSize, sSize, nSize uint64
 	var elems, maxNB int

@@ -24,6 +24,19 @@ var mergeModels = map[string]layout.FluxConfig{
 	"tiny": {Hidden: 128, HeadDim: 64, MLP: 512, InChannels: 64, ContextDim: 256, VecDim: 128, TimeDim: 64, DoubleBlocks: 1, SingleBlocks: 1, Guidance: true},
 }
 
+// timeTarget returns the check of a time target in section: checked on
+// Flux-dev, the targets' model, only reported on another (a real GPU is
+// what the targets are for).
+func timeTarget(r *Report, section, model string) func(name, measured, target string, ok bool) {
+	return func(name, measured, target string, ok bool) {
+		if model == "dev" {
+			r.Check(section, name, measured, target, ok)
+		} else {
+			r.Add(section, name, measured, target+" (Flux-dev only)", Info)
+		}
+	}
+}
+
 // ScaleOptions says where CheckScale runs: the device host (Device, with
 // DeviceArgs such as --arena-backend cuda) and the model (a mergeModels
 // key) with its LoRAs' rank.
@@ -60,13 +73,7 @@ func CheckScale(ctx context.Context, r *Report, o ScaleOptions) error {
 	if o.StartTimeout == 0 {
 		o.StartTimeout = 2 * time.Minute
 	}
-	timeCheck := func(name, measured, target string, ok bool) {
-		if o.Model == "dev" {
-			r.Check("scale", name, measured, target, ok)
-		} else {
-			r.Add("scale", name, measured, target+" (Flux-dev only)", Info)
-		}
-	}
+	timeCheck := timeTarget(r, "scale", o.Model)
 	args := o.DeviceArgs
 	if o.Model == "dev" {
 		// The checkpoint (6.9 GB) and five LoRAs' side factors (1.2 GB)
