@@ -199,6 +199,8 @@ func TestEmuFuse(t *testing.T) {
 		{100, 320, 64, 21, DTypeF32},  // 2-D, partial row and column tiles, two rank chunks
 		{64, 256, 64, 16, DTypeF32},   // 2-D, one full tile
 		{40, 96, 32, 7, DTypeF32},     // 2-D, 128-column tile over 96 columns
+		{70, 16, 16, 9, DTypeF32},     // 2-D, 16-column tile: a warp spans two rows
+		{300, 48, 16, 37, DTypeBF16},  // 2-D, 64-column tile over 48, three rank chunks
 		{5000, 3, 64, 64, DTypeF32},   // 1-D, narrow rows shrink the tile
 		{100, 1, 64, 4096, DTypeF32},  // 1-D, B too large for shared memory
 		{130, 1000, 256, 9, DTypeF32}, // 1-D, In not a multiple of the blocksize

@@ -416,117 +416,154 @@ extern "C" __global__ void nf4_fuse_stats(u64 packed_, u64 absmax_, i64 out_dim,
 // added) is shared/lora DeltaRows', so results equal the CPU's bit for bit.
 // As in nf4_fuse, the dequantized base is rounded to dtype before the add.
 // nf4_fuse2d_stats (STATS, see fuse_stat) also measures: each thread keeps
-// its elements' rounded base in registers and, once the tile is
-// re-quantized, reads the new codes and absmax back; nf4_fuse2d carries
-// none of it (see fuse1d).
+// its elements' rounded base in registers, and the re-quantizing warps
+// leave each element's new value (dequantized, rounded) in the tile in
+// shared memory; nf4_fuse2d carries none of it (see fuse1d).
 #define FUSE_TILE 4096
 #define FUSE_RC 16
 #define FUSE_PER_THREAD (FUSE_TILE / 256)
 
+// ilog2: log2 of a power of two (gpu.PlanFuse gives nf4_fuse2d powers of
+// two for bs and tile_cols), computed once per thread.
+__device__ __forceinline__ int ilog2(i64 v) {
+    int l = 0;
+    while (((i64)1 << l) < v) l++;
+    return l;
+}
+
+// Vector loads from shared memory (16- and 8-byte aligned by construction).
+#ifdef NF4_EMULATE
+struct vec4 { float x, y, z, w; };
+struct vec2 { float x, y; };
+inline vec4 ld4(const float* p) { return vec4{p[0], p[1], p[2], p[3]}; }
+inline vec2 ld2(const float* p) { return vec2{p[0], p[1]}; }
+#else
+typedef float4 vec4;
+typedef float2 vec2;
+__device__ __forceinline__ vec4 ld4(const float* p) { return *(const float4*)p; }
+__device__ __forceinline__ vec2 ld2(const float* p) { return *(const float2*)p; }
+#endif
+
+// Thread layout: tile_cols ≤ 256 divides 256, so element e = tid + 256·i
+// of the tile (i < FUSE_PER_THREAD) is row lr0 + i·rstep, column lc, with
+// lc = tid mod tile_cols and lr0 = tid / tile_cols the same for every i:
+// a thread owns one column of the tile. Each group of four ranks loads the
+// thread's four A values once and reuses them for its 16 rows; the rows'
+// B values are one 16-byte load each (a broadcast: a warp's lanes share the
+// row when tile_cols ≥ 32). In-tile indices are 32-bit and every division
+// by bs or tile_cols is a shift.
 template <bool STATS>
 __device__ __forceinline__ void fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
                                        u64 a_, u64 b_, i64 rank, i64 tile_cols, i64 dtype, u64 stats_) {
     __shared__ float lut[16];
     EXTERN_SHARED(float, smem);
-    const i64 tile_rows = FUSE_TILE / tile_cols;
-    float* w = smem;                              // [tile_rows][tile_cols]
-    float* as = w + FUSE_TILE;                    // [FUSE_RC][tile_cols]
-    float* bsm = as + FUSE_RC * tile_cols;        // [tile_rows][FUSE_RC]
+    const int tc = (int)tile_cols, lg_tc = ilog2(tile_cols), lg_bs = ilog2(bs), ibs = (int)bs;
+    const int tile_rows = FUSE_TILE >> lg_tc, rstep = 256 >> lg_tc;
+    float* w = smem;                         // [tile_rows][tc]
+    float* as = w + FUSE_TILE;               // [FUSE_RC][tc]
+    float* bsm = as + FUSE_RC * tc;          // [tile_rows][FUSE_RC]
     u8* packed = (u8*)packed_;
     float* absmax = (float*)absmax_;
     const float* __restrict__ A = (const float*)a_;
     const float* __restrict__ B = (const float*)b_;
     if (threadIdx.x < 16) lut[threadIdx.x] = NF4_LUT[threadIdx.x];
     const i64 row_tiles = (out_dim + tile_rows - 1) / tile_rows;
-    const i64 col_tiles = (in_dim + tile_cols - 1) / tile_cols;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const i64 col_tiles = (in_dim + tc - 1) / tc;
+    const int tid = (int)threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = (int)(blockDim.x >> 5);
+    const int lc = tid & (tc - 1), lr0 = tid >> lg_tc;
     double st[3] = {0.0, 0.0, 0.0};
     (void)st;
     for (i64 t = blockIdx.x; t < row_tiles * col_tiles; t += gridDim.x) {
-        const i64 r0 = (t / col_tiles) * tile_rows, c0 = (t % col_tiles) * tile_cols;
-        const i64 nr = min(tile_rows, out_dim - r0), nc = min(tile_cols, in_dim - c0);
+        const i64 rt = t / col_tiles;
+        const i64 r0 = rt * tile_rows, c0 = (t - rt * col_tiles) * tc;
+        const int nr = (int)min((i64)tile_rows, out_dim - r0), nc = (int)min((i64)tc, in_dim - c0);
         float d[FUSE_PER_THREAD];
 #pragma unroll
         for (int i = 0; i < FUSE_PER_THREAD; i++) d[i] = 0.0f;
         for (i64 k0 = 0; k0 < rank; k0 += FUSE_RC) {
             __syncthreads();
-            for (i64 i = threadIdx.x; i < FUSE_RC * tile_cols; i += blockDim.x) {
-                i64 kk = i / tile_cols, lc = i - kk * tile_cols;
-                as[i] = (k0 + kk < rank && lc < nc) ? A[(k0 + kk) * in_dim + c0 + lc] : 0.0f;
+            const int kn = (int)min((i64)FUSE_RC, rank - k0);
+            for (int i = tid; i < FUSE_RC * tc; i += 256) {
+                const int kk = i >> lg_tc, l = i & (tc - 1);
+                as[i] = (kk < kn && l < nc) ? A[(k0 + kk) * in_dim + c0 + l] : 0.0f;
             }
-            for (i64 i = threadIdx.x; i < tile_rows * FUSE_RC; i += blockDim.x) {
-                i64 lr = i / FUSE_RC, kk = i - lr * FUSE_RC;
-                bsm[i] = (k0 + kk < rank && lr < nr) ? B[(r0 + lr) * rank + k0 + kk] : 0.0f;
+            for (int i = tid; i < tile_rows * FUSE_RC; i += 256) {
+                const int lr = i >> 4, kk = i & (FUSE_RC - 1);
+                bsm[i] = (kk < kn && lr < nr) ? B[(r0 + lr) * rank + k0 + kk] : 0.0f;
             }
             __syncthreads();
-            const int kend = (int)min((i64)FUSE_RC, rank - k0);
-            // Full groups of four as the CPU forms them: k+4 <= rank.
+            // Full groups of four as the CPU forms them (k + 4 <= rank),
+            // then the remaining ranks one by one. Rows past nr have zero B
+            // (skipped) and are never stored.
             const int kgroups = (int)(min(k0 + FUSE_RC, rank / 4 * 4) - k0);
+            int kk = 0;
+            for (; kk + 4 <= kgroups; kk += 4) {
+                const float a0 = as[kk * tc + lc], a1 = as[(kk + 1) * tc + lc];
+                const float a2 = as[(kk + 2) * tc + lc], a3 = as[(kk + 3) * tc + lc];
 #pragma unroll
-            for (int i = 0; i < FUSE_PER_THREAD; i++) {
-                const int e = threadIdx.x + i * 256;
-                const int lr = e / (int)tile_cols, lc = e - lr * (int)tile_cols;
-                if (lr >= nr || lc >= nc) continue;
-                const float* brow = bsm + lr * FUSE_RC;
-                float acc = d[i];
-                int kk = 0;
-                for (; kk + 4 <= kgroups; kk += 4) {
-                    float b0 = brow[kk], b1 = brow[kk + 1], b2 = brow[kk + 2], b3 = brow[kk + 3];
-                    if (b0 == 0.0f && b1 == 0.0f && b2 == 0.0f && b3 == 0.0f) continue;
-                    const float* a = as + kk * tile_cols + lc;
-                    float s = __fadd_rn(__fmul_rn(b0, a[0]), __fmul_rn(b1, a[tile_cols]));
-                    s = __fadd_rn(s, __fmul_rn(b2, a[2 * tile_cols]));
-                    s = __fadd_rn(s, __fmul_rn(b3, a[3 * tile_cols]));
-                    acc = __fadd_rn(acc, s);
+                for (int i = 0; i < FUSE_PER_THREAD; i++) {
+                    const vec4 b = ld4(bsm + (lr0 + i * rstep) * FUSE_RC + kk);
+                    if (b.x == 0.0f && b.y == 0.0f && b.z == 0.0f && b.w == 0.0f) continue;
+                    float s = __fadd_rn(__fmul_rn(b.x, a0), __fmul_rn(b.y, a1));
+                    s = __fadd_rn(s, __fmul_rn(b.z, a2));
+                    s = __fadd_rn(s, __fmul_rn(b.w, a3));
+                    d[i] = __fadd_rn(d[i], s);
                 }
-                for (; kk < kend; kk++) {
-                    float bv = brow[kk];
-                    if (bv != 0.0f) acc = __fadd_rn(acc, __fmul_rn(bv, as[kk * tile_cols + lc]));
+            }
+            for (; kk < kn; kk++) {
+                const float a = as[kk * tc + lc];
+#pragma unroll
+                for (int i = 0; i < FUSE_PER_THREAD; i++) {
+                    const float bv = bsm[(lr0 + i * rstep) * FUSE_RC + kk];
+                    if (bv != 0.0f) d[i] = __fadd_rn(d[i], __fmul_rn(bv, a));
                 }
-                d[i] = acc;
             }
         }
-        __syncthreads();
-        // Dequantize the tile and add the delta into shared memory.
+        // Dequantize the thread's elements and add the delta into shared
+        // memory (w[e], e = tid + 256·i).
         float o[FUSE_PER_THREAD];
+        const i64 g0 = (r0 + lr0) * in_dim + c0 + lc;
 #pragma unroll
         for (int i = 0; i < FUSE_PER_THREAD; i++) {
-            const int e = threadIdx.x + i * 256;
-            const int lr = e / (int)tile_cols, lc = e - lr * (int)tile_cols;
+            const int lr = lr0 + i * rstep;
             o[i] = 0.0f;
             if (lr >= nr || lc >= nc) continue;
-            const i64 g = (r0 + lr) * in_dim + c0 + lc;
+            const i64 g = g0 + (i64)(i * rstep) * in_dim;
             const u32 p = packed[g >> 1];
             const u32 q = (g & 1) ? (p & 15u) : (p >> 4);
-            o[i] = round_to(__fmul_rn(lut[q], absmax[g / bs]), dtype);
-            w[e] = __fadd_rn(o[i], d[i]);
+            o[i] = round_to(__fmul_rn(lut[q], absmax[g >> lg_bs]), dtype);
+            w[tid + 256 * i] = __fadd_rn(o[i], d[i]);
         }
         __syncthreads();
-        // Re-quantize: one warp per block; a row of the tile holds nc / bs blocks.
-        const i64 bpr = nc / bs;
-        for (i64 qb = warp; qb < nr * bpr; qb += nwarps) {
-            const i64 lr = qb / bpr, qi = qb - lr * bpr;
-            const float* x = w + lr * tile_cols + qi * bs;
+        // Re-quantize: one warp per block; a row of the tile holds nc / bs
+        // blocks. The measuring kernel leaves each element's new value,
+        // dequantized and rounded to dtype, in w for the sums below.
+        const int bpr = nc >> lg_bs;
+        for (int qb = warp; qb < nr * bpr; qb += nwarps) {
+            const int lr = qb / bpr, qi = qb - lr * bpr;
+            float* x = w + lr * tc + (qi << lg_bs);
             float am = 0.0f;
-            for (i64 i = lane; i < bs; i += 32) am = fmaxf(am, fabsf(x[i]));
+            for (int i = lane; i < ibs; i += 32) am = fmaxf(am, fabsf(x[i]));
             am = warp_max(am);
-            const i64 g0 = (r0 + lr) * in_dim + c0 + qi * bs;
-            if (lane == 0) absmax[g0 / bs] = am;
+            const i64 gb = (r0 + lr) * in_dim + c0 + ((i64)qi << lg_bs);
+            if (lane == 0) absmax[gb >> lg_bs] = am;
             const float inv = nf4_rcp(am);
-            for (i64 jj = lane; jj < bs / 2; jj += 32)
-                packed[g0 / 2 + jj] = (u8)(nf4_code(__fmul_rn(x[2 * jj], inv)) << 4 | nf4_code(__fmul_rn(x[2 * jj + 1], inv)));
+            for (int jj = lane; jj < ibs / 2; jj += 32) {
+                const vec2 v = ld2(x + 2 * jj);
+                const u32 q0 = nf4_code(__fmul_rn(v.x, inv)), q1 = nf4_code(__fmul_rn(v.y, inv));
+                packed[(gb >> 1) + jj] = (u8)(q0 << 4 | q1);
+                if constexpr (STATS) {
+                    x[2 * jj] = round_to(__fmul_rn(lut[q0], am), dtype);
+                    x[2 * jj + 1] = round_to(__fmul_rn(lut[q1], am), dtype);
+                }
+            }
         }
         if constexpr (STATS) {
-            __syncthreads();  // the tile's new codes and absmax are written
+            __syncthreads();  // w holds the tile's new values
 #pragma unroll
             for (int i = 0; i < FUSE_PER_THREAD; i++) {
-                const int e = threadIdx.x + i * 256;
-                const int lr = e / (int)tile_cols, lc = e - lr * (int)tile_cols;
-                if (lr >= nr || lc >= nc) continue;
-                const i64 g = (r0 + lr) * in_dim + c0 + lc;
-                const u32 p = packed[g >> 1];
-                const u32 q = (g & 1) ? (p & 15u) : (p >> 4);
-                fuse_stat(st, round_to(__fmul_rn(lut[q], absmax[g / bs]), dtype), o[i], d[i]);
+                if (lr0 + i * rstep >= nr || lc >= nc) continue;
+                fuse_stat(st, w[tid + 256 * i], o[i], d[i]);
             }
         }
     }
