@@ -366,6 +366,18 @@ func TestBadLoRAs(t *testing.T) {
 			return writeLoRA(t, "nan.safetensors", nil, safetensors.BF16,
 				tt{k + ".lora_down.weight", []int64{4, 256}, randMat(r, 4, 256)}, tt{k + ".lora_up.weight", []int64{768, 4}, up})
 		}, []string{"nan.safetensors", k + ".lora_up.weight", "non-finite", "element 77"}},
+		{"inf f16", func(t *testing.T) string {
+			down := randMat(r, 4, 256)
+			down[300] = float32(math.Inf(-1))
+			return writeLoRA(t, "inf16.safetensors", nil, safetensors.F16,
+				tt{k + ".lora_down.weight", []int64{4, 256}, down}, tt{k + ".lora_up.weight", []int64{768, 4}, randMat(r, 768, 4)})
+		}, []string{"inf16.safetensors", k + ".lora_down.weight", "non-finite value -Inf", "element 300"}},
+		{"inf f32, first of two bad tensors in file order", func(t *testing.T) string {
+			down, up := randMat(r, 4, 256), randMat(r, 768, 4)
+			down[5], up[9] = float32(math.Inf(1)), float32(math.NaN())
+			return writeLoRA(t, "inf32.safetensors", nil, safetensors.F32,
+				tt{k + ".lora_down.weight", []int64{4, 256}, down}, tt{k + ".lora_up.weight", []int64{768, 4}, up})
+		}, []string{"inf32.safetensors", k + ".lora_down.weight", "non-finite value +Inf", "element 5"}},
 		{"only down", func(t *testing.T) string {
 			return writeLoRA(t, "half.safetensors", nil, safetensors.F32, good[0])
 		}, []string{"half.safetensors", "only one of down/up"}},

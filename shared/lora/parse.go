@@ -8,12 +8,16 @@
 package lora
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"math"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strings"
+	"sync"
+	"sync/atomic"
 
 	"github.com/arenahost/arenahost/shared/half"
 	"github.com/arenahost/arenahost/shared/safetensors"
@@ -184,34 +188,31 @@ func Parse(path string) (*File, error) {
 		shape []int
 		data  []float32
 	}
-	byModule := map[string]map[string]tensor{}
-	var order []string
+	// Tensors are decoded (and checked finite) in parallel; errors are
+	// reported in file order, as a sequential read would meet them.
+	var infos []safetensors.TensorInfo
+	var mods, roles []string
 	for _, ti := range st.Tensors {
 		mod, r, ok := splitKey(ti.Name)
 		if !ok {
 			f.Unknown = append(f.Unknown, ti.Name)
 			continue
 		}
-		data, err := st.TensorData(ti)
-		if err != nil {
-			return nil, fail(ti.Name, "read: %v", err)
-		}
-		vals := make([]float32, ti.NumElements())
 		switch ti.DType {
-		case safetensors.F32:
-			half.DecodeF32(vals, data)
-		case safetensors.F16:
-			half.DecodeF16(vals, data)
-		case safetensors.BF16:
-			half.DecodeBF16(vals, data)
+		case safetensors.F32, safetensors.F16, safetensors.BF16:
 		default:
 			return nil, fail(ti.Name, "dtype %s, want F32, F16 or BF16", ti.DType)
 		}
-		for i, v := range vals {
-			if math.IsNaN(float64(v)) || math.IsInf(float64(v), 0) {
-				return nil, fail(ti.Name, "non-finite value %v at element %d", v, i)
-			}
+		infos, mods, roles = append(infos, ti), append(mods, mod), append(roles, r)
+	}
+	vals, errs := decodeAll(st, infos)
+	byModule := map[string]map[string]tensor{}
+	var order []string
+	for i, ti := range infos {
+		if errs[i] != nil {
+			return nil, fail(ti.Name, "%v", errs[i])
 		}
+		mod, r := mods[i], roles[i]
 		shape := make([]int, len(ti.Shape))
 		for i, d := range ti.Shape {
 			shape[i] = int(d)
@@ -223,7 +224,7 @@ func Parse(path string) (*File, error) {
 		if prev, dup := byModule[mod][r]; dup {
 			return nil, fail(ti.Name, "second %s tensor for module %s (first: %s)", r, mod, prev.key)
 		}
-		byModule[mod][r] = tensor{key: ti.Name, shape: shape, data: vals}
+		byModule[mod][r] = tensor{key: ti.Name, shape: shape, data: vals[i]}
 	}
 	sort.Strings(order)
 	for _, modKey := range order {
@@ -501,4 +502,77 @@ func formatOf(m *Module) KeyFormat {
 		return FormatDiffusers
 	}
 	return FormatBare
+}
+
+// decodeAll decodes every tensor of infos to float32 on up to GOMAXPROCS
+// goroutines, each reading the mapping under its own fault guard. errs[i]
+// says why tensor i could not be read or holds a NaN or an infinity.
+func decodeAll(st *safetensors.File, infos []safetensors.TensorInfo) (vals [][]float32, errs []error) {
+	vals, errs = make([][]float32, len(infos)), make([]error, len(infos))
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range min(runtime.GOMAXPROCS(0), len(infos)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := int(next.Add(1) - 1); i < len(infos); i = int(next.Add(1) - 1) {
+				vals[i], errs[i] = decodeTensor(st, infos[i])
+			}
+		}()
+	}
+	wg.Wait()
+	return vals, errs
+}
+
+// decodeTensor decodes one F32, F16 or BF16 tensor and checks that every
+// value is finite.
+func decodeTensor(st *safetensors.File, ti safetensors.TensorInfo) ([]float32, error) {
+	vals := make([]float32, ti.NumElements())
+	bad := -1
+	err := st.ReadTensor(ti, func(data []byte) error {
+		if int64(len(data)) != ti.NBytes() {
+			return fmt.Errorf("%d bytes for %d %s values", len(data), len(vals), ti.DType)
+		}
+		switch ti.DType {
+		case safetensors.F32:
+			half.DecodeF32(vals, data)
+		case safetensors.F16:
+			half.DecodeF16(vals, data)
+		case safetensors.BF16:
+			half.DecodeBF16(vals, data)
+		}
+		bad = firstNonFinite(data, ti.DType)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read: %w", err)
+	}
+	if bad >= 0 {
+		return nil, fmt.Errorf("non-finite value %v at element %d", vals[bad], bad)
+	}
+	return vals, nil
+}
+
+// firstNonFinite is the index of the first NaN or ±Inf among the
+// little-endian values of dt in data (all exponent bits set), or -1.
+func firstNonFinite(data []byte, dt safetensors.DType) int {
+	switch dt {
+	case safetensors.F32:
+		for i := 0; i+4 <= len(data); i += 4 {
+			if binary.LittleEndian.Uint32(data[i:])&0x7f800000 == 0x7f800000 {
+				return i / 4
+			}
+		}
+	case safetensors.F16, safetensors.BF16:
+		mask := uint16(0x7f80) // bfloat16: 8 exponent bits
+		if dt == safetensors.F16 {
+			mask = 0x7c00 // float16: 5
+		}
+		for i := 0; i+2 <= len(data); i += 2 {
+			if binary.LittleEndian.Uint16(data[i:])&mask == mask {
+				return i / 2
+			}
+		}
+	}
+	return -1
 }

@@ -106,6 +106,22 @@ func (f *File) TensorData(t TensorInfo) ([]byte, error) {
 	return f.mapping[f.DataStart+t.Begin : f.DataStart+t.End : f.DataStart+t.End], nil
 }
 
+// ReadTensor calls fn with the bytes of t as a slice of the mapping, valid
+// only during the call. A fault while fn reads them (the file was
+// truncated under us) is returned as an error instead of crashing the
+// process. The guard is the calling goroutine's, so concurrent readers each
+// call ReadTensor.
+func (f *File) ReadTensor(t TensorInfo, fn func(data []byte) error) error {
+	src, err := f.TensorData(t)
+	if err != nil {
+		return err
+	}
+	if err := guardFault(func() error { return fn(src) }); err != nil {
+		return &Error{File: f.Path, Key: t.Name, Err: err}
+	}
+	return nil
+}
+
 // CopyTensor copies the bytes of t into dst, which must be exactly t's size.
 // A fault while reading the mapping (the file was truncated under us) is
 // returned as an error instead of crashing the process.
