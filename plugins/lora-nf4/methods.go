@@ -52,7 +52,8 @@ type engine struct {
 	gpu    *gpuState // the device, for descriptors on CUDA slabs
 	// passes holds one lock per model, held while a fused pass writes the
 	// model's weights (fence waits for it).
-	passes sync.Map // model name → *sync.Mutex
+	passes sync.Map  // model name → *sync.Mutex
+	files  fileCache // the last plan's parsed LoRA files, for its apply
 }
 
 // pass returns the lock a fused pass on model holds.
@@ -159,20 +160,26 @@ func loadModel(ctx context.Context, c *sdk.Call, name string) (*model, error) {
 }
 
 // mapSet parses and maps every LoRA of the set; under strict, any
-// unmatched key is an error naming the file and key.
-func mapSet(m *lora.Model, specs []lorawire.LoRASpec, strict bool) ([]*lora.Mapping, []float64, error) {
+// unmatched key is an error naming the file and key. With keep (the plan
+// call) the parsed files stay in e.files for the apply that follows.
+func (e *engine) mapSet(m *lora.Model, specs []lorawire.LoRASpec, strict, keep bool) ([]*lora.Mapping, []float64, error) {
 	if len(specs) == 0 {
 		return nil, nil, fmt.Errorf("no LoRA given: %w", sdk.ErrInvalidArgument)
 	}
 	var maps []*lora.Mapping
 	var strengths []float64
+	kept := map[string]cachedFile{}
 	for _, s := range specs {
 		if math.IsNaN(s.Strength) || math.IsInf(s.Strength, 0) {
 			return nil, nil, fmt.Errorf("lora %s: strength %v: %w", filepath.Base(s.Path), s.Strength, sdk.ErrInvalidArgument)
 		}
-		f, err := lora.Parse(s.Path)
+		id, statted := statID(s.Path)
+		f, err := e.files.parse(s.Path)
 		if err != nil {
 			return nil, nil, fmt.Errorf("%w: %w", err, sdk.ErrInvalidArgument)
+		}
+		if statted {
+			kept[s.Path] = cachedFile{id: id, f: f}
 		}
 		mp, err := m.Map(f)
 		if err != nil {
@@ -185,6 +192,9 @@ func mapSet(m *lora.Model, specs []lorawire.LoRASpec, strict bool) ([]*lora.Mapp
 		}
 		maps = append(maps, mp)
 		strengths = append(strengths, s.Strength)
+	}
+	if keep {
+		e.files.keep(kept)
 	}
 	return maps, strengths, nil
 }
@@ -246,7 +256,7 @@ func (e *engine) planMethod(ctx context.Context, c *sdk.Call, args lorawire.Appl
 	if err != nil {
 		return lorawire.PlanResult{}, err
 	}
-	maps, strengths, err := mapSet(m.lm, args.LoRAs, args.Strict)
+	maps, strengths, err := e.mapSet(m.lm, args.LoRAs, args.Strict, true)
 	if err != nil {
 		return lorawire.PlanResult{}, err
 	}
@@ -347,7 +357,7 @@ func (e *engine) build(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs
 	if err != nil {
 		return nil, nil, err
 	}
-	maps, strengths, err := mapSet(m.lm, args.LoRAs, args.Strict)
+	maps, strengths, err := e.mapSet(m.lm, args.LoRAs, args.Strict, false)
 	if err != nil {
 		return nil, nil, err
 	}
