@@ -795,3 +795,30 @@ func TestFuseCancelledStopsWriting(t *testing.T) {
 		})
 	}
 }
+
+// TestBatches: the fused pass's upload batches cover every layer once, in
+// order, each within the limit unless one layer alone exceeds it.
+func TestBatches(t *testing.T) {
+	layer := func(out, in, rank int) *lora.SideLayer {
+		return &lora.SideLayer{Layer: lora.Layer{Out: out, In: in}, Rank: rank}
+	}
+	small, big := layer(64, 64, 4), layer(4096, 4096, 64) // 2 KiB slots; 2 MiB
+	for _, c := range []struct {
+		name   string
+		layers []*lora.SideLayer
+		limit  uint64
+		want   []span
+	}{
+		{"none", nil, 1 << 20, nil},
+		{"all fit", []*lora.SideLayer{small, small, small}, 1 << 20, []span{{0, 3}}},
+		{"two per batch", []*lora.SideLayer{small, small, small}, 2 * slotBytes(small), []span{{0, 2}, {2, 3}}},
+		{"a layer over the limit goes alone", []*lora.SideLayer{small, big, small}, 1 << 20, []span{{0, 1}, {1, 2}, {2, 3}}},
+		{"limit below every layer", []*lora.SideLayer{small, small}, 1, []span{{0, 1}, {1, 2}}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if got := batches(c.layers, c.limit); !slices.Equal(got, c.want) {
+				t.Fatalf("batches = %v, want %v", got, c.want)
+			}
+		})
+	}
+}

@@ -5,6 +5,9 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math"
+	"runtime"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/arenahost/arenahost/sdk"
@@ -223,86 +226,43 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 			err = fmt.Errorf("%w (and device sync: %v)", err, serr)
 		}
 	}()
-	// Each batch: the factors of consecutive layers packed into one host
-	// buffer, one upload (it waits for the stream's earlier work, so the
-	// previous batch's kernels have read the scratch), then one kernel per
-	// layer. Factors are built one layer at a time and dropped once packed.
-	host := make([]byte, factors)
-	type queued struct {
-		i   int
-		off uint64
-	}
-	var batch []queued
-	var used uint64
-	flush := func() error {
-		if len(batch) == 0 {
-			return nil
-		}
-		if err := dev.Upload(ctx, scratch, host[:used]); err != nil {
-			return fmt.Errorf("fuse: upload the factors of %d layers from %s: %w", len(batch), p.Layers[batch[0].i].Name, err)
-		}
-		for _, q := range batch {
-			sl, w := p.Layers[q.i], weights[q.i]
-			a := scratch + gpu.DevicePtr(q.off)
-			absmax := w.absmax
-			var calls []gpu.Call
-			if w.nested != nil {
-				absmax = scratch + gpu.DevicePtr(absOff)
-				call, err := gpu.NestedDequantizeCall(*w.nested, w.nb, absmax)
-				if err != nil {
-					return fmt.Errorf("fuse: layer %s: %w", sl.Name, err)
-				}
-				calls = append(calls, call)
-			}
-			call, err := gpu.FuseCall(gpu.FuseLayer{Packed: w.packed, Absmax: absmax, Out: sl.Out, In: sl.In,
-				Blocksize: w.blocksize, A: a, B: a + gpu.DevicePtr(scratchB(sl)), Rank: sl.Rank, DType: gdt,
-				Stats: stats + gpu.DevicePtr(statsBytes*q.i)})
-			if err != nil {
-				return fmt.Errorf("fuse: layer %s: %w", sl.Name, err)
-			}
-			calls = append(calls, call)
-			if w.nested != nil {
-				call, err := gpu.NestedQuantizeCall(absmax, w.nb, *w.nested)
-				if err != nil {
-					return fmt.Errorf("fuse: layer %s: %w", sl.Name, err)
-				}
-				calls = append(calls, call)
-			}
-			for _, call := range calls {
-				if err := dev.Launch(call); err != nil {
-					return fmt.Errorf("fuse: layer %s: launch %s: %w", sl.Name, call.Kernel, err)
+	// Each batch: the factors of consecutive layers written into one host
+	// buffer, on every core (lora.Plan.FactorsInto), one upload (it waits
+	// for the stream's earlier work, so the previous batch's kernels have
+	// read the scratch), then one kernel per layer. The next batch is
+	// written while those kernels run.
+	host := make([]float32, (factors+3)/4)
+	hostBytes := f32Bytes(host)
+	for _, b := range batches(p.Layers, uint64(e.batch)) {
+		for i := b.lo; i < b.hi; i++ {
+			if e.delay > 0 {
+				select {
+				case <-time.After(e.delay):
+				case <-ctx.Done():
 				}
 			}
-		}
-		batch, used = batch[:0], 0
-		return nil
-	}
-	for i, sl := range p.Layers {
-		if e.delay > 0 {
-			select {
-			case <-time.After(e.delay):
-			case <-ctx.Done():
+			if err := ctx.Err(); err != nil {
+				return fmt.Errorf("fuse: %w", err)
 			}
 		}
-		if err := ctx.Err(); err != nil {
-			return fmt.Errorf("fuse: %w", err)
+		offs := make([]uint64, b.hi-b.lo)
+		var used uint64
+		for i := b.lo; i < b.hi; i++ {
+			offs[i-b.lo] = used
+			used += slotBytes(p.Layers[i])
 		}
-		p.Materialize(sl)
-		copy(host[used:], f32Bytes(sl.A))
-		copy(host[used+scratchB(sl):], f32Bytes(sl.B))
-		p.Release(sl)
-		batch = append(batch, queued{i: i, off: used})
-		used += slotBytes(sl)
-		// A full batch goes at once: its kernels run while the next one
-		// is packed, and a cancellation stops between batches.
-		if i+1 < len(p.Layers) && used+slotBytes(p.Layers[i+1]) > uint64(e.batch) {
-			if err := flush(); err != nil {
+		parallel(b.hi-b.lo, func(k int) {
+			sl, off := p.Layers[b.lo+k], offs[k]
+			p.FactorsInto(sl, host[off/4:], host[(off+scratchB(sl))/4:])
+		})
+		if err := dev.Upload(ctx, scratch, hostBytes[:used]); err != nil {
+			return fmt.Errorf("fuse: upload the factors of %d layers from %s: %w", b.hi-b.lo, p.Layers[b.lo].Name, err)
+		}
+		for i := b.lo; i < b.hi; i++ {
+			if err := e.launchFuse(dev, p.Layers[i], weights[i], scratch, offs[i-b.lo], absOff, gdt, stats+gpu.DevicePtr(statsBytes*i)); err != nil {
 				return err
 			}
 		}
-	}
-	if err := flush(); err != nil {
-		return err
 	}
 	if err := dev.Sync(); err != nil {
 		return fmt.Errorf("fuse: device sync: %w", err)
@@ -324,6 +284,80 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 	rep.PeakScratchBytes = int64(need)
 	rep.Elapsed = time.Since(start)
 	return nil
+}
+
+// launchFuse queues one layer's fused merge, its factors at off in the
+// scratch: the kernel, and around it the nested absmax decode into the
+// scratch at absOff and the re-encode.
+func (e *engine) launchFuse(dev device, sl *lora.SideLayer, w *devWeight, scratch gpu.DevicePtr, off, absOff uint64, gdt int, stats gpu.DevicePtr) error {
+	a := scratch + gpu.DevicePtr(off)
+	absmax := w.absmax
+	var calls []gpu.Call
+	if w.nested != nil {
+		absmax = scratch + gpu.DevicePtr(absOff)
+		call, err := gpu.NestedDequantizeCall(*w.nested, w.nb, absmax)
+		if err != nil {
+			return fmt.Errorf("fuse: layer %s: %w", sl.Name, err)
+		}
+		calls = append(calls, call)
+	}
+	call, err := gpu.FuseCall(gpu.FuseLayer{Packed: w.packed, Absmax: absmax, Out: sl.Out, In: sl.In,
+		Blocksize: w.blocksize, A: a, B: a + gpu.DevicePtr(scratchB(sl)), Rank: sl.Rank, DType: gdt, Stats: stats})
+	if err != nil {
+		return fmt.Errorf("fuse: layer %s: %w", sl.Name, err)
+	}
+	calls = append(calls, call)
+	if w.nested != nil {
+		call, err := gpu.NestedQuantizeCall(absmax, w.nb, *w.nested)
+		if err != nil {
+			return fmt.Errorf("fuse: layer %s: %w", sl.Name, err)
+		}
+		calls = append(calls, call)
+	}
+	for _, call := range calls {
+		if err := dev.Launch(call); err != nil {
+			return fmt.Errorf("fuse: layer %s: launch %s: %w", sl.Name, call.Kernel, err)
+		}
+	}
+	return nil
+}
+
+// span is the layers [lo, hi) of one upload batch.
+type span struct{ lo, hi int }
+
+// batches splits layers into runs of consecutive layers whose slots
+// together fit limit bytes; a layer larger than limit goes alone.
+func batches(layers []*lora.SideLayer, limit uint64) []span {
+	var out []span
+	var used uint64
+	lo := 0
+	for i, sl := range layers {
+		if i > lo && used+slotBytes(sl) > limit {
+			out = append(out, span{lo, i})
+			lo, used = i, 0
+		}
+		used += slotBytes(sl)
+	}
+	if lo < len(layers) {
+		out = append(out, span{lo, len(layers)})
+	}
+	return out
+}
+
+// parallel calls fn(0) … fn(n-1) on up to GOMAXPROCS goroutines.
+func parallel(n int, fn func(int)) {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range min(runtime.GOMAXPROCS(0), n) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for k := int(next.Add(1) - 1); k < n; k = int(next.Add(1) - 1) {
+				fn(k)
+			}
+		}()
+	}
+	wg.Wait()
 }
 
 // statsBytes is one layer's retention sums on the device: 3 float64.

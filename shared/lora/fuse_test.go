@@ -506,6 +506,21 @@ func TestFuseDeferredPlanBitIdentical(t *testing.T) {
 		if sl.A != nil || sl.B != nil {
 			t.Fatalf("layer %s built before Materialize", sl.Name)
 		}
+		// FactorsInto writes the same A_cat and B_cat into buffers it does
+		// not own, whatever they held.
+		if !sl.HasDense() && !sl.HasBias() {
+			a, b := make([]float32, sl.Rank*sl.In), make([]float32, sl.Out*sl.Rank)
+			for i := range a {
+				a[i] = float32(math.NaN())
+			}
+			for i := range b {
+				b[i] = 7
+			}
+			lazy.FactorsInto(sl, a, b)
+			if !eq(a, want.A) || !eq(b, want.B) {
+				t.Errorf("layer %s: FactorsInto differs from BuildSide's factors", sl.Name)
+			}
+		}
 		lazy.Materialize(sl)
 		if !eq(sl.A, want.A) || !eq(sl.B, want.B) || !eq(sl.Dense, want.Dense) || !eq(sl.Bias, want.Bias) || sl.HasDense() != (want.Dense != nil) {
 			t.Errorf("layer %s: deferred factors differ from BuildSide's", sl.Name)

@@ -253,6 +253,38 @@ func (p *Plan) Release(sl *SideLayer) {
 // Deferred reports whether the plan builds its layers on Materialize.
 func (p *Plan) Deferred() bool { return p.deferred }
 
+// FactorsInto writes sl's A_cat into a (Rank·In values) and B_cat into b
+// (Out·Rank), bit for bit as Materialize builds them, and touches nothing
+// else, so the layers of one plan can be written concurrently. It writes
+// no dense or bias sums: a layer with them (HasDense, HasBias) needs
+// Materialize.
+func (p *Plan) FactorsInto(sl *SideLayer, a, b []float32) {
+	a, b = a[:sl.Rank*sl.In], b[:sl.Out*sl.Rank]
+	clear(a)
+	for _, cb := range sl.cols {
+		copy(a[cb.col*sl.In:(cb.col+cb.rank)*sl.In], cb.a.Data)
+		sl.writeB(b, cb, p.Strengths)
+	}
+}
+
+// writeB writes module cb's columns of B_cat b: its unscaled B times
+// strength·scale, zero in rows it does not reach.
+func (sl *SideLayer) writeB(b []float32, cb colBlock, strengths []float64) {
+	f := float32(strengths[cb.lora] * cb.scale)
+	for r := 0; r < sl.Out; r++ {
+		clear(b[r*sl.Rank+cb.col : r*sl.Rank+cb.col+cb.rank])
+	}
+	for _, pc := range cb.pieces {
+		for i := 0; i < pc.Rows; i++ {
+			src := cb.b.Data[(pc.SrcRow+i)*cb.rank : (pc.SrcRow+i+1)*cb.rank]
+			dst := b[(pc.DstRow+i)*sl.Rank+cb.col:]
+			for j, v := range src {
+				dst[j] = v * f
+			}
+		}
+	}
+}
+
 // rewrite recomputes B_cat columns of LoRA only (all when only < 0) and the
 // dense sums.
 func (sl *SideLayer) rewrite(strengths []float64, only int) {
@@ -260,20 +292,7 @@ func (sl *SideLayer) rewrite(strengths []float64, only int) {
 		if only >= 0 && cb.lora != only {
 			continue
 		}
-		f := float32(strengths[cb.lora] * cb.scale)
-		for r := 0; r < sl.Out; r++ {
-			row := sl.B[r*sl.Rank+cb.col : r*sl.Rank+cb.col+cb.rank]
-			clear(row)
-		}
-		for _, pc := range cb.pieces {
-			for i := 0; i < pc.Rows; i++ {
-				src := cb.b.Data[(pc.SrcRow+i)*cb.rank : (pc.SrcRow+i+1)*cb.rank]
-				dst := sl.B[(pc.DstRow+i)*sl.Rank+cb.col:]
-				for j, v := range src {
-					dst[j] = v * f
-				}
-			}
-		}
+		sl.writeB(sl.B, cb, strengths)
 	}
 	if len(sl.dense) == 0 {
 		return
