@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/go-plugin"
 	"google.golang.org/grpc"
 
+	"github.com/arenahost/arenahost/shared/cpuprofile"
 	"github.com/arenahost/arenahost/shared/wire"
 )
 
@@ -55,6 +56,17 @@ func (p *Plugin) Serve(ctx context.Context) error {
 	}
 	defer p.mapper.Close()
 	defer p.host.close()
+	// With ARENAHOST_CPU_PROFILE set (shared/cpuprofile), the plugin
+	// profiles its run into that directory.
+	if stopProfile, err := cpuprofile.Start(p.Name); err != nil {
+		p.logger().Warn("no cpu profile", "err", err)
+	} else {
+		defer func() {
+			if err := stopProfile(); err != nil {
+				p.logger().Warn("cpu profile", "err", err)
+			}
+		}()
+	}
 
 	var (
 		mu  sync.Mutex

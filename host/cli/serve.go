@@ -14,6 +14,7 @@ import (
 	"github.com/arenahost/arenahost/host/api"
 	"github.com/arenahost/arenahost/host/config"
 	"github.com/arenahost/arenahost/host/server"
+	"github.com/arenahost/arenahost/shared/cpuprofile"
 )
 
 func init() {
@@ -41,6 +42,11 @@ func runServe(ctx context.Context, env *Env, args []string) error {
 	if err != nil {
 		return fmt.Errorf("configure serve: %w", err)
 	}
+	stopProfile, err := cpuprofile.Start("arenahost")
+	if err != nil {
+		return fmt.Errorf("serve: %w", err)
+	}
+	defer stopProfile()
 	var level slog.Level
 	_ = level.UnmarshalText([]byte(cfg.LogLevel))
 	log := slog.New(slog.NewTextHandler(env.Stderr, &slog.HandlerOptions{Level: level}))

@@ -20,6 +20,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/arenahost/arenahost/shared/cpuprofile"
 )
 
 // Config is the resolved configuration of `arenahost serve`.
@@ -452,6 +454,11 @@ func Doc() string {
 		}
 		fmt.Fprintf(&b, "| `--%s` | `%s` | `%s` | %s | %s |\n", s.name, s.env(), s.key(), def, strings.ReplaceAll(s.doc, "|", "\\|"))
 	}
+	b.WriteString("\n## Profiling\n\n")
+	b.WriteString("`" + cpuprofile.Env + "=DIR` (an environment variable only, no flag) makes `arenahost serve` and every plugin built on the Go SDK ")
+	b.WriteString("write a CPU profile of their whole run to `DIR/NAME-PID.pprof` (package shared/cpuprofile). Plugins inherit the host's environment, ")
+	b.WriteString("so one variable profiles both sides of a call; stop the host with Ctrl-C (SIGINT) so that every profile is closed, then read one with ")
+	b.WriteString("`go tool pprof -top DIR/lora-nf4-*.pprof`.\n")
 	return b.String()
 }
 
