@@ -65,7 +65,7 @@ func PTXEntries(ptx string) (map[string][]int, error) {
 	return out, nil
 }
 
-var kernelRE = regexp.MustCompile(`extern "C" __global__ void (\w+)\(`)
+var kernelRE = regexp.MustCompile(`extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(`)
 
 // kernelNames lists the extern "C" kernels defined in CUDA source.
 func kernelNames(src string) []string {

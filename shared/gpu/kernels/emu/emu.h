@@ -22,6 +22,7 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 #define __constant__
 #define __shared__ static
 #define EXTERN_SHARED(type, name) type* name = (type*)emu_dynamic_shared
