@@ -481,11 +481,14 @@ func (ms *modelState) weight(reg *registry.Registry, model, w string) (*registry
 func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request) error {
 	args := lorawire.ApplyArgs{Model: req.Model, LoRAs: specs(req.LoRAs), Mode: ModeFuse, Strict: req.Strict, TileElems: req.TileElems}
 	var plan lorawire.PlanResult
+	tPlan := time.Now()
 	if _, err := c.call(ctx, "plan", args, nil, &plan); err != nil {
 		return fmt.Errorf("apply fuse: %w", err)
 	}
+	phases := []slora.Phase{{Name: "host: plan call (the plugin parses and maps the set)", Elapsed: time.Since(tPlan)}}
 	var out lorawire.ApplyResult
 	err := c.reg.WriteLocked(req.Model, func(m *registry.Model) error {
+		tJournal := time.Now()
 		// 1. Journal the weights fused for the first time.
 		fresh := map[string]journalEntry{}
 		release := func() {
@@ -519,9 +522,14 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 		}
 		// 3. The plugin rewrites the set's weights through read-write
 		// descriptors.
+		phases = append(phases, slora.Phase{Name: "host: journal and restore", Elapsed: time.Since(tJournal)})
+		tApply := time.Now()
 		ds, err := c.fuseDescriptors(m, plan.Weights)
 		if err == nil {
 			_, err = c.call(ctx, "apply", args, ds, &out)
+		}
+		if err == nil && out.Report != nil {
+			out.Report.Phases = append(append(phases, out.Report.Phases...), slora.Phase{Name: "host: apply call (the plugin's phases above)", Elapsed: time.Since(tApply)})
 		}
 		if err != nil {
 			// 4. Roll back to what the model held: the plugin may have

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -155,6 +156,16 @@ func testFuseRemoveByteExact(t *testing.T, backend, model string) {
 	// and holds nothing in the arena.
 	if res.Report.Retention <= 0 || res.Report.PeakScratchBytes <= 0 || len(res.Fused) == 0 || res.JournalFileBytes == 0 || res.JournalBytes != 0 {
 		t.Errorf("fuse report: retention %v scratch %d fused %d journal %d in the arena, %d in the file", res.Report.Retention, res.Report.PeakScratchBytes, len(res.Fused), res.JournalBytes, res.JournalFileBytes)
+	}
+	// The host's steps around the plugin's (which differ by backend), in
+	// order.
+	var phases []string
+	for _, ph := range res.Report.Phases {
+		phases = append(phases, ph.Name)
+	}
+	head := []string{"host: plan call (the plugin parses and maps the set)", "host: journal and restore", "parse and plan"}
+	if len(phases) < len(head)+2 || !slices.Equal(phases[:len(head)], head) || phases[len(phases)-1] != "host: apply call (the plugin's phases above)" {
+		t.Errorf("phases %q: want %q, the plugin's pass, then the host's apply call", phases, head)
 	}
 	if qw.State.Nested && res.JournalFileBytes%(qw.Packed.NBytes+qw.Absmax.NBytes+qw.NestedAbsmax.NBytes) != 0 {
 		t.Errorf("journal of %d file bytes does not hold packed, absmax and nested_absmax of each weight", res.JournalFileBytes)

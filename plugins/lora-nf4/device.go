@@ -59,6 +59,43 @@ type gpuState struct {
 	// fuse serialises fused passes: they share the stream's ordering and
 	// one scratch allocation each.
 	fuse sync.Mutex
+	// upload is the fused pass's host buffer for factor uploads (under
+	// fuse), kept for the next pass: page-locked when the driver gives it.
+	upload     []byte
+	freeUpload func() error
+}
+
+// pinnedHost allocates n bytes of page-locked host memory on d, which
+// uploads read at DMA speed; nil (the default build, and gpusim) means
+// plain memory. device_cuda.go sets it.
+var pinnedHost func(d device, n int) (buf []byte, free func() error, err error)
+
+// uploadAlign rounds the upload buffer's size: whole scratch slots.
+const uploadAlign = 1 << 20
+
+// uploadBuffer returns the fused pass's upload buffer, at least n bytes,
+// page-locked when the driver gives it; the caller holds g.fuse.
+func (g *gpuState) uploadBuffer(d device, n int) ([]byte, error) {
+	if len(g.upload) >= n {
+		return g.upload[:n], nil
+	}
+	if g.freeUpload != nil {
+		if err := g.freeUpload(); err != nil {
+			return nil, fmt.Errorf("free the upload buffer: %w", err)
+		}
+	}
+	g.upload, g.freeUpload = nil, nil
+	size := (n + uploadAlign - 1) / uploadAlign * uploadAlign
+	if pinnedHost != nil {
+		buf, free, err := pinnedHost(d, size)
+		if err != nil {
+			return nil, fmt.Errorf("allocate %d bytes of page-locked upload buffer: %w", size, err)
+		}
+		g.upload, g.freeUpload = buf, free
+	} else {
+		g.upload = make([]byte, size)
+	}
+	return g.upload[:n], nil
 }
 
 // isCUDA reports whether a region is on a device slab.
@@ -149,8 +186,12 @@ func (g *gpuState) Close() error {
 	if g.dev == nil {
 		return nil
 	}
-	errs := []error{g.dev.Sync(), g.slabs.Close(), g.dev.Close()}
-	g.dev, g.slabs = nil, nil
+	errs := []error{g.dev.Sync(), g.slabs.Close()}
+	if g.freeUpload != nil {
+		errs = append(errs, g.freeUpload())
+	}
+	errs = append(errs, g.dev.Close())
+	g.dev, g.slabs, g.upload, g.freeUpload = nil, nil, nil, nil
 	return errors.Join(errs...)
 }
 

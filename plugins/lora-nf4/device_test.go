@@ -520,6 +520,24 @@ func TestDeviceFuseMatchesCPU(t *testing.T) {
 			} else if got := dev.report.Report.PeakScratchBytes; got != c.peak {
 				t.Errorf("peak scratch %d bytes, want %d", got, c.peak)
 			}
+			for _, r := range []struct {
+				rep  *lora.Report
+				want []string
+			}{
+				{cpu.report.Report, []string{"parse and plan", "cpu fused pass"}},
+				{dev.report.Report, []string{"parse and plan", "check weights", "write factors", "upload factors (after the previous batch's kernels)", "last kernels and retention sums"}},
+			} {
+				var got []string
+				for _, ph := range r.rep.Phases {
+					got = append(got, ph.Name)
+					if ph.Elapsed <= 0 {
+						t.Errorf("phase %q took %v", ph.Name, ph.Elapsed)
+					}
+				}
+				if !slices.Equal(got, r.want) {
+					t.Errorf("%s pass phases %q, want %q", r.rep.Mode, got, r.want)
+				}
+			}
 			sameFit(t, cpu.report.Report, dev.report.Report)
 		})
 	}

@@ -145,10 +145,12 @@ func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args lorawire.Apply
 	mu := e.pass(args.Model)
 	mu.Lock()
 	defer mu.Unlock()
+	t0 := time.Now()
 	m, p, err := e.build(ctx, c, args, true)
 	if err != nil {
 		return lorawire.ApplyResult{}, err
 	}
+	p.Report.AddPhase("parse and plan", time.Since(t0))
 	qt, dt := nf4.QuantType(""), nf4.DType("")
 	for _, sl := range p.Layers {
 		d := m.weights[sl.Name+".weight"]
@@ -185,7 +187,9 @@ func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args lorawire.Apply
 		store := callStore{c: c, mapper: e.mapper, delay: e.delay, ctx: ctx}
 		// The host keeps the originals (lorawire: apply, fuse) and passed
 		// every weight holding them, so the pass journals nothing.
+		t := time.Now()
 		err = lora.Fuse(ctx, p, store, codec, nil, lora.FuseOptions{TileElems: args.TileElems, CallerRestores: true})
+		p.Report.AddPhase("cpu fused pass", time.Since(t))
 	}
 	if err != nil {
 		// Neither pass writes after returning; the host puts back every

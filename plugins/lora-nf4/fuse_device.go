@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/arenahost/arenahost/sdk"
 	"github.com/arenahost/arenahost/shared/gpu"
@@ -150,6 +151,7 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 		return fmt.Errorf("fuse on device: logical dtype %q: %w", dt, sdk.ErrFailedPrecondition)
 	}
 	// Check everything before the first write.
+	tCheck := time.Now()
 	weights := make([]*devWeight, len(p.Layers))
 	var total, largest, absScratch uint64
 	for i, sl := range p.Layers {
@@ -182,6 +184,7 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 		return fmt.Errorf("fuse on device: the set touches no layer: %w", sdk.ErrInvalidArgument)
 	}
 	dev := weights[0].dev
+	p.Report.AddPhase("check weights", time.Since(tCheck))
 
 	e.gpu.fuse.Lock()
 	defer e.gpu.fuse.Unlock()
@@ -231,8 +234,12 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 	// for the stream's earlier work, so the previous batch's kernels have
 	// read the scratch), then one kernel per layer. The next batch is
 	// written while those kernels run.
-	host := make([]float32, (factors+3)/4)
-	hostBytes := f32Bytes(host)
+	hostBytes, err := e.gpu.uploadBuffer(dev, int(factors))
+	if err != nil {
+		return fmt.Errorf("fuse: %w", err)
+	}
+	host := unsafe.Slice((*float32)(unsafe.Pointer(unsafe.SliceData(hostBytes))), len(hostBytes)/4)
+	var tFactors, tUpload time.Duration
 	for _, b := range batches(p.Layers, uint64(e.batch)) {
 		for i := b.lo; i < b.hi; i++ {
 			if e.delay > 0 {
@@ -251,19 +258,26 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 			offs[i-b.lo] = used
 			used += slotBytes(p.Layers[i])
 		}
+		t := time.Now()
 		parallel(b.hi-b.lo, func(k int) {
 			sl, off := p.Layers[b.lo+k], offs[k]
 			p.FactorsInto(sl, host[off/4:], host[(off+scratchB(sl))/4:])
 		})
+		tFactors += time.Since(t)
+		t = time.Now()
 		if err := dev.Upload(ctx, scratch, hostBytes[:used]); err != nil {
 			return fmt.Errorf("fuse: upload the factors of %d layers from %s: %w", b.hi-b.lo, p.Layers[b.lo].Name, err)
 		}
+		tUpload += time.Since(t)
 		for i := b.lo; i < b.hi; i++ {
 			if err := e.launchFuse(dev, p.Layers[i], weights[i], scratch, offs[i-b.lo], absOff, gdt, stats+gpu.DevicePtr(statsBytes*i)); err != nil {
 				return err
 			}
 		}
 	}
+	p.Report.AddPhase("write factors", tFactors)
+	p.Report.AddPhase("upload factors (after the previous batch's kernels)", tUpload)
+	tDrain := time.Now()
 	if err := dev.Sync(); err != nil {
 		return fmt.Errorf("fuse: device sync: %w", err)
 	}
@@ -281,6 +295,7 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 		dot, norm, diff = dot+d, norm+n, diff+e
 	}
 	rep.SetFit(dot, norm, diff)
+	rep.AddPhase("last kernels and retention sums", time.Since(tDrain))
 	rep.PeakScratchBytes = int64(need)
 	rep.Elapsed = time.Since(start)
 	return nil

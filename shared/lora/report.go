@@ -51,6 +51,20 @@ type Report struct {
 	RelError  float64       `json:"rel_error,omitempty" msgpack:"rel_error,omitempty"`
 	Warnings  []string      `json:"warnings,omitempty" msgpack:"warnings,omitempty"`
 	Elapsed   time.Duration `json:"elapsed_ns" msgpack:"elapsed_ns"`
+	// Phases says where a fused apply's time went, step by step, as the
+	// host and the plugin measured it (see docs/api.md).
+	Phases []Phase `json:"phases,omitempty" msgpack:"phases,omitempty"`
+}
+
+// Phase is one step of an apply and the wall time it took.
+type Phase struct {
+	Name    string        `json:"name" msgpack:"name"`
+	Elapsed time.Duration `json:"elapsed_ns" msgpack:"elapsed_ns"`
+}
+
+// AddPhase appends a step's wall time.
+func (r *Report) AddPhase(name string, d time.Duration) {
+	r.Phases = append(r.Phases, Phase{Name: name, Elapsed: d})
 }
 
 // DefaultWarnRetention is the retention below which a fused layer gets a

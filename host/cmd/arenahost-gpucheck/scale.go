@@ -150,6 +150,7 @@ func CheckScale(ctx context.Context, r *Report, o ScaleOptions) error {
 			return err
 		}
 		what := fmt.Sprintf("fused apply of %d rank-%d LoRA(s) to %d layers, end to end", k, o.Rank, len(rep.Fused))
+		r.Note("scale step: %s: %s", what, rep.phases())
 		measured := fmt.Sprintf("%.3f s wall, %.3f s in the host; journal %s referenced in the file, %s in the arena",
 			t, float64(rep.ElapsedNS)/1e9, MiB(int64(rep.JournalFileBytes)), MiB(int64(rep.JournalBytes)))
 		if k == 1 {

@@ -170,7 +170,23 @@ type applyReply struct {
 		ElapsedNS        int64 `json:"elapsed_ns"`
 		SideBytes        int64 `json:"side_bytes"`
 		PeakScratchBytes int64 `json:"peak_scratch_bytes"`
+		Phases           []struct {
+			Name      string `json:"name"`
+			ElapsedNS int64  `json:"elapsed_ns"`
+		} `json:"phases"`
 	} `json:"report"`
+}
+
+// phases lists where an apply's time went, as its report says.
+func (a applyReply) phases() string {
+	var b strings.Builder
+	for i, p := range a.Report.Phases {
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		fmt.Fprintf(&b, "%s %.1f ms", p.Name, float64(p.ElapsedNS)/1e6)
+	}
+	return b.String()
 }
 
 func short(h string) string {
