@@ -525,7 +525,7 @@ func TestDeviceFuseMatchesCPU(t *testing.T) {
 				want []string
 			}{
 				{cpu.report.Report, []string{"parse and plan", "cpu fused pass"}},
-				{dev.report.Report, []string{"parse and plan", "check weights", "write factors", "upload factors (after the previous batch's kernels)", "last kernels and retention sums"}},
+				{dev.report.Report, []string{"parse and plan", "check weights", "write factors", "upload factors (after the previous batch's kernels)", "launch kernels", "last kernels and retention sums"}},
 			} {
 				var got []string
 				for _, ph := range r.rep.Phases {

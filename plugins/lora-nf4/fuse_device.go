@@ -239,7 +239,7 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 		return fmt.Errorf("fuse: %w", err)
 	}
 	host := unsafe.Slice((*float32)(unsafe.Pointer(unsafe.SliceData(hostBytes))), len(hostBytes)/4)
-	var tFactors, tUpload time.Duration
+	var tFactors, tUpload, tLaunch time.Duration
 	for _, b := range batches(p.Layers, uint64(e.batch)) {
 		for i := b.lo; i < b.hi; i++ {
 			if e.delay > 0 {
@@ -269,14 +269,17 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 			return fmt.Errorf("fuse: upload the factors of %d layers from %s: %w", b.hi-b.lo, p.Layers[b.lo].Name, err)
 		}
 		tUpload += time.Since(t)
+		t = time.Now()
 		for i := b.lo; i < b.hi; i++ {
 			if err := e.launchFuse(dev, p.Layers[i], weights[i], scratch, offs[i-b.lo], absOff, gdt, stats+gpu.DevicePtr(statsBytes*i)); err != nil {
 				return err
 			}
 		}
+		tLaunch += time.Since(t)
 	}
 	p.Report.AddPhase("write factors", tFactors)
 	p.Report.AddPhase("upload factors (after the previous batch's kernels)", tUpload)
+	p.Report.AddPhase("launch kernels", tLaunch)
 	tDrain := time.Now()
 	if err := dev.Sync(); err != nil {
 		return fmt.Errorf("fuse: device sync: %w", err)
