@@ -840,3 +840,87 @@ func TestBatches(t *testing.T) {
 		})
 	}
 }
+
+// countingOpener stands in for the driver's IPC opens: it counts them.
+type countingOpener struct {
+	mu     sync.Mutex
+	opened map[[gpu.HandleSize]byte]int
+}
+
+func (o *countingOpener) OpenIPC(h [gpu.HandleSize]byte) (gpu.DevicePtr, error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.opened[h]++
+	return gpu.DevicePtr(1<<32 + len(o.opened)<<24), nil
+}
+
+func (o *countingOpener) CloseIPC(gpu.DevicePtr) error { return nil }
+
+func (o *countingOpener) counts() (slabs, opens int) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for _, n := range o.opened {
+		opens += n
+	}
+	return len(o.opened), opens
+}
+
+// TestPrefetchOpensSlabs: a plan's prefetch opens the slabs of the
+// weights, absmax included, in the background, each once, and nothing for
+// weights in CPU memory.
+func TestPrefetchOpensSlabs(t *testing.T) {
+	sim := gpusim.New(0)
+	t.Cleanup(func() { sim.Close() })
+	region := func(t *testing.T, id uint32) *pluginv1.Region {
+		t.Helper()
+		s, err := sim.Alloc(1 << 20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		loc := gpu.SlabLocation{ID: id, Handle: s.Handle, Size: s.Size, HostPID: os.Getpid()}
+		p, err := loc.Proto()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &pluginv1.Region{Offset: 4096, Length: 4096, Segment: &pluginv1.Region_Cuda{Cuda: p}}
+	}
+	cpu := &pluginv1.Region{Length: 4096, Segment: &pluginv1.Region_Cpu{Cpu: &pluginv1.CPUSegment{Id: 1}}}
+	for _, c := range []struct {
+		name string
+		ws   func(t *testing.T) map[string]*pluginv1.TensorDescriptor
+		want int
+	}{
+		{"weights and absmax on three slabs", func(t *testing.T) map[string]*pluginv1.TensorDescriptor {
+			a, b, c := region(t, 1), region(t, 2), region(t, 3)
+			return map[string]*pluginv1.TensorDescriptor{
+				"x.weight": {Region: a, Quant: &pluginv1.QuantInfo{Absmax: &pluginv1.TensorRef{Region: b}}},
+				"y.weight": {Region: a, Quant: &pluginv1.QuantInfo{Absmax: &pluginv1.TensorRef{Region: c}}},
+			}
+		}, 3},
+		{"cpu memory", func(*testing.T) map[string]*pluginv1.TensorDescriptor {
+			return map[string]*pluginv1.TensorDescriptor{"x.weight": {Region: cpu, Quant: &pluginv1.QuantInfo{Absmax: &pluginv1.TensorRef{Region: cpu}}}}
+		}, 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			// The device is already open (a simulated one, as the handles
+			// say), its slab cache over the counting opener.
+			o := &countingOpener{opened: map[[gpu.HandleSize]byte]int{}}
+			g := &gpuState{dev: sim, sim: true, slabs: gpu.NewSlabCache(o)}
+			g.prefetch(c.ws(t))
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				slabs, opens := o.counts()
+				if opens > slabs {
+					t.Fatalf("%d opens of %d slabs: a slab opened twice", opens, slabs)
+				}
+				if slabs == c.want {
+					break
+				}
+				if slabs > c.want || time.Now().After(deadline) {
+					t.Fatalf("%d slabs opened, want %d", slabs, c.want)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		})
+	}
+}

@@ -256,6 +256,9 @@ func (e *engine) planMethod(ctx context.Context, c *sdk.Call, args lorawire.Appl
 	if err != nil {
 		return lorawire.PlanResult{}, err
 	}
+	if args.Mode == lorawire.ModeFuse {
+		e.gpu.prefetch(m.weights)
+	}
 	maps, strengths, err := e.mapSet(m.lm, args.LoRAs, args.Strict, true)
 	if err != nil {
 		return lorawire.PlanResult{}, err
