@@ -72,6 +72,9 @@ func (a *API) loadModel(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
+	// On a device arena the LoRA plugin opens the model's memory now, in
+	// the background, rather than in the first fused apply.
+	a.s.Prepare(name)
 	writeJSON(w, http.StatusCreated, modelInfo(m))
 }
 

@@ -720,6 +720,18 @@ func (c *Coordinator) remove(ctx context.Context, ms *modelState, start time.Tim
 	return res, nil
 }
 
+// Prepare asks the LoRA plugin to open the device memory model's weights
+// lie in, ahead of the first fused apply, and returns how many device
+// slabs it holds open (0 for a model in CPU memory). The host calls it
+// after loading a model into a device arena.
+func (c *Coordinator) Prepare(ctx context.Context, model string) (int, error) {
+	var res lorawire.PrepareResult
+	if _, err := c.call(ctx, "prepare", lorawire.PrepareArgs{Model: model}, nil, &res); err != nil {
+		return 0, fmt.Errorf("prepare model %s: %w", modelName(model), err)
+	}
+	return res.Slabs, nil
+}
+
 // Forget drops what the coordinator holds for a model that is being
 // unloaded: its bindings and journal regions (its bytes go with it).
 func (c *Coordinator) Forget(model string) {

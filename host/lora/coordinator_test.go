@@ -634,3 +634,53 @@ func TestSideDenseDelta(t *testing.T) {
 		}
 	}
 }
+
+// TestPrepare: the plugin opens a device model's slabs when asked (the
+// host asks after a load) and has nothing to open for a CPU model; an
+// unknown model is an error naming it.
+func TestPrepare(t *testing.T) {
+	for _, c := range []struct {
+		backend string
+		slabs   bool
+	}{{server.BackendCPU, false}, {server.BackendCUDASim, true}} {
+		t.Run(c.backend, func(t *testing.T) {
+			s := newHostOn(t, c.backend)
+			n, err := s.LoRAs.Prepare(t.Context(), server.DefaultModelName)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if (n > 0) != c.slabs {
+				t.Fatalf("%d slabs open, want some: %v", n, c.slabs)
+			}
+			if _, err := s.LoRAs.Prepare(t.Context(), "no-such-model"); err == nil || !strings.Contains(err.Error(), "no-such-model") {
+				t.Fatalf("unknown model: %v", err)
+			}
+		})
+	}
+}
+
+// TestServerPreparesLoadedModel: after a model is loaded into a device
+// arena, Server.Prepare (which the API's load calls) has the plugin look
+// the model up and open its slabs, with no apply: the plugin becomes a
+// holder of the segments the model's weights lie in.
+func TestServerPreparesLoadedModel(t *testing.T) {
+	// No sample model: nothing is looked up, or prepared, at start.
+	s := newHostWith(t, server.BackendCUDASim, false)
+	loadNested(t, s)
+	qw, err := s.Registry.Weight(nestedModel, oracleWeights[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	seg := qw.Packed.Region.Segment
+	if h := s.Slabs.Holders(seg); len(h) != 0 {
+		t.Fatalf("segment %d held by %v before any plugin looked the model up", seg, h)
+	}
+	s.Prepare(nestedModel)
+	deadline := time.Now().Add(30 * time.Second)
+	for len(s.Slabs.Holders(seg)) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("segment %d: no holder 30 s after Prepare", seg)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -108,11 +108,14 @@ func newHost(t *testing.T) *server.Server { return newHostOn(t, server.BackendCP
 
 // newHostOn is newHost on the given arena backend (server.BackendCPU,
 // server.BackendCUDASim, …).
-func newHostOn(t *testing.T, backend string) *server.Server {
+func newHostOn(t *testing.T, backend string) *server.Server { return newHostWith(t, backend, true) }
+
+// newHostWith is newHostOn with or without the sample model loaded.
+func newHostWith(t *testing.T, backend string, samples bool) *server.Server {
 	t.Helper()
 	plugins, models, loras := fixtures(t)
 	s, err := server.New(t.Context(), server.Config{DataDir: t.TempDir(), ModelsDir: models, LoRAsDir: loras, PluginsDir: plugins,
-		Samples: true, ArenaCapacity: 1 << 30, ArenaBackend: backend, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		Samples: samples, ArenaCapacity: 1 << 30, ArenaBackend: backend, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}

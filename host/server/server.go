@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/arenahost/arenahost/host/arena"
@@ -87,6 +88,38 @@ type Server struct {
 	PreviewArena *arena.Arena
 
 	device device // the device a device arena lives on, closed after it
+
+	// bg is cancelled by Close; prepares are the Prepare calls running.
+	bg       context.Context
+	stopBg   context.CancelFunc
+	prepares sync.WaitGroup
+}
+
+// prepareTimeout bounds a background Prepare.
+const prepareTimeout = 2 * time.Minute
+
+// Prepare has the LoRA plugin open the device memory of a model just
+// loaded into a device arena, in the background, so that the model's first
+// fused apply does not wait for it (about 140 ms for Flux-dev on an H200).
+// It does nothing for a CPU arena. A failure is only logged: the apply
+// opens what is still closed and reports its errors.
+func (s *Server) Prepare(model string) {
+	if s.Slabs == nil || s.LoRAs == nil {
+		return
+	}
+	s.prepares.Add(1)
+	go func() {
+		defer s.prepares.Done()
+		ctx, cancel := context.WithTimeout(s.bg, prepareTimeout)
+		defer cancel()
+		t := time.Now()
+		n, err := s.LoRAs.Prepare(ctx, model)
+		if err != nil {
+			s.log.Info("lora plugin did not prepare the model; its first fused apply opens the device memory itself", "model", model, "err", err)
+			return
+		}
+		s.log.Debug("lora plugin opened the model's device memory", "model", model, "slabs", n, "took", time.Since(t))
+	}()
 }
 
 // New builds a Server: it creates the arena, writes and loads the sample
@@ -100,6 +133,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	s := &Server{cfg: cfg, log: log, Arena: ar, Slabs: slabs, device: dev}
+	s.bg, s.stopBg = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
 		if err != nil {
 			_ = s.Close(context.WithoutCancel(ctx))
@@ -151,6 +185,9 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 		// its error in /v1/plugins; the host serves the others.
 		if err := s.Plugins.Load(ctx); err != nil {
 			log.Warn("some plugins did not start", "dir", cfg.PluginsDir, "err", err)
+		}
+		if cfg.Samples {
+			s.Prepare(DefaultModelName)
 		}
 	}
 	return s, nil
@@ -219,6 +256,10 @@ func (s *Server) loadSample(ctx context.Context) error {
 // lived on.
 func (s *Server) Close(ctx context.Context) error {
 	var errs []error
+	if s.stopBg != nil {
+		s.stopBg()
+		s.prepares.Wait()
+	}
 	if s.Jobs != nil {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		errs = append(errs, s.Jobs.Close(cctx))

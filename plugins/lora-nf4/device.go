@@ -139,13 +139,14 @@ func simWord(sim bool) string {
 	return "the CUDA"
 }
 
-// prefetch opens, in the background, every CUDA slab that the weights ws
-// and their quantization tensors lie on, so that the apply a plan call
-// announces finds them open: cuIpcOpenMemHandle took about 1.3 ms a slab
-// on an H200, 150 ms for a Flux-dev checkpoint in 64 MiB slabs, which the
-// plan call's LoRA parsing now hides. Errors are left to the apply, which
-// opens what is still closed and reports them.
-func (g *gpuState) prefetch(ws map[string]*pluginv1.TensorDescriptor) {
+// openAll opens every CUDA slab that the weights ws and their
+// quantization tensors lie on (each once: the slab cache keeps them) and
+// returns how many slabs the plugin holds open. cuIpcOpenMemHandle took
+// about 20 ms a GiB on an H200, 140 ms for a Flux-dev checkpoint, whatever
+// the slab size, so the plugin opens a model's slabs before its first
+// fused apply needs them: when the host says a model was loaded (prepare)
+// and, in the background, during the plan call before every fused apply.
+func (g *gpuState) openAll(ws map[string]*pluginv1.TensorDescriptor) (int, error) {
 	var regions []*pluginv1.Region
 	for _, d := range ws {
 		if !isCUDA(d.GetRegion()) {
@@ -160,24 +161,34 @@ func (g *gpuState) prefetch(ws map[string]*pluginv1.TensorDescriptor) {
 		}
 	}
 	if len(regions) == 0 {
-		return
+		return 0, nil
 	}
-	go func() {
-		for _, r := range regions {
-			if _, err := g.open("prefetch", r); err != nil {
-				return
-			}
-			g.mu.Lock()
-			sc := g.slabs
-			g.mu.Unlock()
-			if sc == nil {
-				return
-			}
-			if _, err := sc.Addr(r); err != nil {
-				return
-			}
+	for _, r := range regions {
+		if _, err := g.open("weights", r); err != nil {
+			return 0, err
 		}
-	}()
+		g.mu.Lock()
+		sc := g.slabs
+		g.mu.Unlock()
+		if sc == nil {
+			return 0, fmt.Errorf("weights: the plugin is stopping: %w", sdk.ErrFailedPrecondition)
+		}
+		if _, err := sc.Addr(r); err != nil {
+			return 0, fmt.Errorf("weights: %w: %w", err, sdk.ErrInvalidArgument)
+		}
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.slabs == nil {
+		return 0, nil
+	}
+	return g.slabs.Open(), nil
+}
+
+// prefetch is openAll in the background; errors are left to the apply,
+// which opens what is still closed and reports them.
+func (g *gpuState) prefetch(ws map[string]*pluginv1.TensorDescriptor) {
+	go func() { _, _ = g.openAll(ws) }()
 }
 
 // addr returns the device address of n bytes at a region on a CUDA slab,

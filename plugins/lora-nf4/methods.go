@@ -111,6 +111,7 @@ func (e *engine) register(p *sdk.Plugin) {
 	sdk.Method(p, "apply", e.apply, sdk.Doc("apply a LoRA set to a model: side (A_cat/B_cat in new host regions) or fuse (NF4 bytes rewritten in place)"))
 	sdk.Method(p, "set_strengths", e.setStrengths, sdk.Doc("change strengths of the side set last applied, rewriting only the changed LoRAs' columns of B_cat"))
 	sdk.Method(p, "remove", e.remove, sdk.Doc("forget the side plan held for a model"))
+	sdk.Method(p, "prepare", e.prepare, sdk.Doc("open the device memory a model's 4-bit weights lie in, ahead of its first fused apply (the host calls it after a load)"))
 	sdk.Method(p, "fence", e.fence, sdk.Doc("return once no fused pass on the model is writing (the host calls it before rolling back a failed fuse)"))
 }
 
@@ -249,6 +250,20 @@ func targetWeights(maps ...*lora.Mapping) []string {
 	}
 	sort.Strings(out)
 	return out
+}
+
+// prepare opens the CUDA slabs of a model's weights now, so that the first
+// fused apply does not wait for them; a model in CPU memory needs nothing.
+func (e *engine) prepare(ctx context.Context, c *sdk.Call, args lorawire.PrepareArgs) (lorawire.PrepareResult, error) {
+	m, err := loadModel(ctx, c, args.Model)
+	if err != nil {
+		return lorawire.PrepareResult{}, err
+	}
+	n, err := e.gpu.openAll(m.weights)
+	if err != nil {
+		return lorawire.PrepareResult{}, fmt.Errorf("prepare model %s: %w", modelName(args.Model), err)
+	}
+	return lorawire.PrepareResult{Slabs: n}, nil
 }
 
 func (e *engine) planMethod(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs) (lorawire.PlanResult, error) {

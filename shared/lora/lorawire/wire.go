@@ -142,6 +142,18 @@ type FenceArgs struct {
 // FenceResult is the result of fence.
 type FenceResult struct{}
 
+// PrepareArgs are the arguments of prepare: open, ahead of an apply, the
+// device memory the model's 4-bit weights lie in (the host calls it after
+// loading a model into a device arena).
+type PrepareArgs struct {
+	Model string `msgpack:"model"`
+}
+
+// PrepareResult says how many device slabs the plugin holds open.
+type PrepareResult struct {
+	Slabs int `msgpack:"slabs"`
+}
+
 // RemoveArgs are the arguments of remove.
 type RemoveArgs struct {
 	Model string `msgpack:"model"`
