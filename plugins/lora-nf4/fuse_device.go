@@ -241,16 +241,10 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 	host := unsafe.Slice((*float32)(unsafe.Pointer(unsafe.SliceData(hostBytes))), len(hostBytes)/4)
 	var tFactors, tUpload, tLaunch time.Duration
 	for _, b := range batches(p.Layers, uint64(e.batch)) {
-		for i := b.lo; i < b.hi; i++ {
-			if e.delay > 0 {
-				select {
-				case <-time.After(e.delay):
-				case <-ctx.Done():
-				}
-			}
-			if err := ctx.Err(); err != nil {
-				return fmt.Errorf("fuse: %w", err)
-			}
+		// A cancellation stops between batches (and, with the debugging
+		// delay, between layers).
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("fuse: %w", err)
 		}
 		offs := make([]uint64, b.hi-b.lo)
 		var used uint64
@@ -271,6 +265,13 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 		tUpload += time.Since(t)
 		t = time.Now()
 		for i := b.lo; i < b.hi; i++ {
+			if e.delay > 0 {
+				select {
+				case <-time.After(e.delay):
+				case <-ctx.Done():
+					return fmt.Errorf("fuse: %w", ctx.Err())
+				}
+			}
 			if err := e.launchFuse(dev, p.Layers[i], weights[i], scratch, offs[i-b.lo], absOff, gdt, stats+gpu.DevicePtr(statsBytes*i)); err != nil {
 				return err
 			}
