@@ -300,10 +300,12 @@ func (s *sourceReader) ReadAt(p []byte, off int64) (int, error) {
 	if n <= 0 {
 		return 0, io.EOF
 	}
-	if err := s.m.ReadSource(s.ref, off, p[:n]); err != nil {
+	// The file's mapping is read, and checksummed, in parallel pieces.
+	crc, err := registry.ReadCRC(s.crc, p[:n], off, func(q []byte, o int64) error { return s.m.ReadSource(s.ref, o, q) })
+	if err != nil {
 		return 0, err
 	}
-	s.crc = crc32.Update(s.crc, castagnoli, p[:n])
+	s.crc = crc
 	s.next += n
 	if n < int64(len(p)) {
 		return int(n), io.EOF

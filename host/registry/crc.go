@@ -40,6 +40,42 @@ func updateCRC(crc uint32, p []byte) uint32 {
 	return crc
 }
 
+// ReadCRC fills p with the bytes at off (read is called concurrently, on
+// disjoint pieces of p of at least crcPiece bytes, up to GOMAXPROCS at
+// once: a mapped file copies and faults in parallel) and returns the
+// CRC-32C of crc followed by p, each piece checksummed while it is still
+// in cache. The first failing piece's error (in file order) is returned.
+func ReadCRC(crc uint32, p []byte, off int64, read func(p []byte, off int64) error) (uint32, error) {
+	k := min(runtime.GOMAXPROCS(0), len(p)/crcPiece)
+	if k < 2 {
+		if err := read(p, off); err != nil {
+			return 0, err
+		}
+		return crc32.Update(crc, castagnoli, p), nil
+	}
+	size := (len(p) + k - 1) / k
+	sums, errs := make([]uint32, k), make([]error, k)
+	var wg sync.WaitGroup
+	for i := range k {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			piece := p[i*size : min((i+1)*size, len(p))]
+			if errs[i] = read(piece, off+int64(i*size)); errs[i] == nil {
+				sums[i] = crc32.Checksum(piece, castagnoli)
+			}
+		}()
+	}
+	wg.Wait()
+	for i, s := range sums {
+		if errs[i] != nil {
+			return 0, errs[i]
+		}
+		crc = combineCRC(crc, s, int64(min((i+1)*size, len(p))-i*size))
+	}
+	return crc, nil
+}
+
 // combineCRC returns the CRC-32C of A followed by B from crcA, crcB and
 // len(B), as zlib's crc32_combine does for its CRC: crcA is carried over
 // lenB zero bytes by squaring the one-zero-bit operator in GF(2), then

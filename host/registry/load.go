@@ -237,12 +237,22 @@ func (c *crcReader) ReadAt(p []byte, off int64) (int, error) {
 	if off != c.next {
 		c.broken = true
 	}
-	n, err := c.f.ReadAt(p, off)
-	if loadCRCOn {
-		c.crc = updateCRC(c.crc, p[:n])
+	if !loadCRCOn {
+		n, err := c.f.ReadAt(p, off)
+		c.next = off + int64(n)
+		return n, err
 	}
-	c.next = off + int64(n)
-	return n, err
+	// The file's mapping is read, and checksummed, in parallel pieces.
+	crc, err := ReadCRC(c.crc, p, off, func(q []byte, o int64) error {
+		_, err := c.f.ReadAt(q, o)
+		return err
+	})
+	if err != nil {
+		c.broken = true
+		return 0, err
+	}
+	c.crc, c.next = crc, off+int64(len(p))
+	return len(p), nil
 }
 
 func (c *crcReader) sum() (uint32, error) {
