@@ -533,15 +533,7 @@ func decodeTensor(st *safetensors.File, ti safetensors.TensorInfo) ([]float32, e
 		if int64(len(data)) != ti.NBytes() {
 			return fmt.Errorf("%d bytes for %d %s values", len(data), len(vals), ti.DType)
 		}
-		switch ti.DType {
-		case safetensors.F32:
-			half.DecodeF32(vals, data)
-		case safetensors.F16:
-			half.DecodeF16(vals, data)
-		case safetensors.BF16:
-			half.DecodeBF16(vals, data)
-		}
-		bad = firstNonFinite(data, ti.DType)
+		bad = decodeFinite(vals, data, ti.DType)
 		return nil
 	})
 	if err != nil {
@@ -553,24 +545,39 @@ func decodeTensor(st *safetensors.File, ti safetensors.TensorInfo) ([]float32, e
 	return vals, nil
 }
 
-// firstNonFinite is the index of the first NaN or ±Inf among the
-// little-endian values of dt in data (all exponent bits set), or -1.
-func firstNonFinite(data []byte, dt safetensors.DType) int {
+// decodeFinite widens the little-endian values of dt in src into dst, in
+// one pass, and returns the index of the first NaN or ±Inf (all exponent
+// bits set), or -1. len(src) is len(dst) values of dt.
+func decodeFinite(dst []float32, src []byte, dt safetensors.DType) int {
+	if len(dst) == 0 {
+		return -1
+	}
 	switch dt {
 	case safetensors.F32:
-		for i := 0; i+4 <= len(data); i += 4 {
-			if binary.LittleEndian.Uint32(data[i:])&0x7f800000 == 0x7f800000 {
-				return i / 4
+		src = src[:4*len(dst)]
+		for i := range dst {
+			u := binary.LittleEndian.Uint32(src[4*i:])
+			if u&0x7f800000 == 0x7f800000 {
+				dst[i] = math.Float32frombits(u)
+				return i
+			}
+			dst[i] = math.Float32frombits(u)
+		}
+	case safetensors.BF16:
+		src = src[:2*len(dst)]
+		for i := range dst {
+			u := uint16(src[2*i]) | uint16(src[2*i+1])<<8
+			dst[i] = math.Float32frombits(uint32(u) << 16)
+			if u&0x7f80 == 0x7f80 { // 8 exponent bits
+				return i
 			}
 		}
-	case safetensors.F16, safetensors.BF16:
-		mask := uint16(0x7f80) // bfloat16: 8 exponent bits
-		if dt == safetensors.F16 {
-			mask = 0x7c00 // float16: 5
-		}
-		for i := 0; i+2 <= len(data); i += 2 {
-			if binary.LittleEndian.Uint16(data[i:])&mask == mask {
-				return i / 2
+	case safetensors.F16:
+		half.DecodeF16(dst, src)
+		src = src[:2*len(dst)]
+		for i := range dst {
+			if (uint16(src[2*i])|uint16(src[2*i+1])<<8)&0x7c00 == 0x7c00 { // 5 exponent bits
+				return i
 			}
 		}
 	}
