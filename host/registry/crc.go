@@ -17,26 +17,10 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 const crcPiece = 1 << 20
 
 // updateCRC is crc32.Update(crc, castagnoli, p), computed in up to
-// GOMAXPROCS pieces of at least crcPiece bytes at once.
+// GOMAXPROCS pieces of at least crcPiece bytes at once (ReadCRC with the
+// bytes already in p).
 func updateCRC(crc uint32, p []byte) uint32 {
-	k := min(runtime.GOMAXPROCS(0), len(p)/crcPiece)
-	if k < 2 {
-		return crc32.Update(crc, castagnoli, p)
-	}
-	size := (len(p) + k - 1) / k
-	sums := make([]uint32, k)
-	var wg sync.WaitGroup
-	for i := range k {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			sums[i] = crc32.Checksum(p[i*size:min((i+1)*size, len(p))], castagnoli)
-		}()
-	}
-	wg.Wait()
-	for i, s := range sums {
-		crc = combineCRC(crc, s, int64(min((i+1)*size, len(p))-i*size))
-	}
+	crc, _ = ReadCRC(crc, p, 0, func([]byte, int64) error { return nil })
 	return crc
 }
 

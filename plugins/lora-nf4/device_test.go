@@ -905,22 +905,25 @@ func TestPrefetchOpensSlabs(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			// The device is already open (a simulated one, as the handles
 			// say), its slab cache over the counting opener.
+			ws := c.ws(t)
 			o := &countingOpener{opened: map[[gpu.HandleSize]byte]int{}}
 			g := &gpuState{dev: sim, sim: true, slabs: gpu.NewSlabCache(o)}
-			g.prefetch(c.ws(t))
+			// In the background (the plan call's prefetch)…
+			g.prefetch(ws)
 			deadline := time.Now().Add(10 * time.Second)
-			for {
-				slabs, opens := o.counts()
-				if opens > slabs {
-					t.Fatalf("%d opens of %d slabs: a slab opened twice", opens, slabs)
-				}
-				if slabs == c.want {
-					break
-				}
-				if slabs > c.want || time.Now().After(deadline) {
-					t.Fatalf("%d slabs opened, want %d", slabs, c.want)
+			for slabs, _ := o.counts(); slabs < c.want; slabs, _ = o.counts() {
+				if time.Now().After(deadline) {
+					t.Fatalf("%d slabs opened 10 s after the prefetch, want %d", slabs, c.want)
 				}
 				time.Sleep(10 * time.Millisecond)
+			}
+			// …then synchronously (prepare): the same slabs, each opened once.
+			n, err := g.openAll(ws)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if slabs, opens := o.counts(); n != c.want || slabs != c.want || opens != c.want {
+				t.Fatalf("openAll says %d open; %d slabs opened %d times; want %d, once each", n, slabs, opens, c.want)
 			}
 		})
 	}

@@ -51,17 +51,20 @@ func statID(path string) (fileID, bool) {
 }
 
 // parse returns path parsed, from the cache when the plan before this call
-// parsed it and it is unchanged (the entry is taken out), else from disk.
-func (c *fileCache) parse(path string) (*lora.File, error) {
-	id, ok := statID(path)
+// parsed it and it is unchanged (the entry is taken out), else from disk,
+// with the file's identity as stated before the parse (ok false when the
+// stat failed: such a file is not worth keeping).
+func (c *fileCache) parse(path string) (f *lora.File, id fileID, ok bool, err error) {
+	id, ok = statID(path)
 	c.mu.Lock()
 	e, hit := c.files[path]
 	delete(c.files, path)
 	c.mu.Unlock()
 	if ok && hit && e.id == id {
-		return e.f, nil
+		return e.f, id, ok, nil
 	}
-	return lora.Parse(path)
+	f, err = lora.Parse(path)
+	return f, id, ok, err
 }
 
 // keep replaces the cache with files (path → parsed file), each with its

@@ -57,14 +57,14 @@ func TestFileCache(t *testing.T) {
 			}
 			fc.keep(map[string]cachedFile{path: {id: id, f: planned}})
 			c.change(t, &fc, path)
-			got, err := fc.parse(path)
+			got, _, _, err := fc.parse(path)
 			if err != nil {
 				t.Fatal(err)
 			}
 			if (got == planned) != c.hit {
 				t.Fatalf("apply got the plan's parse: %v, want %v", got == planned, c.hit)
 			}
-			again, err := fc.parse(path)
+			again, _, _, err := fc.parse(path)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -174,8 +174,7 @@ func (e *engine) mapSet(m *lora.Model, specs []lorawire.LoRASpec, strict, keep b
 		if math.IsNaN(s.Strength) || math.IsInf(s.Strength, 0) {
 			return nil, nil, fmt.Errorf("lora %s: strength %v: %w", filepath.Base(s.Path), s.Strength, sdk.ErrInvalidArgument)
 		}
-		id, statted := statID(s.Path)
-		f, err := e.files.parse(s.Path)
+		f, id, statted, err := e.files.parse(s.Path)
 		if err != nil {
 			return nil, nil, fmt.Errorf("%w: %w", err, sdk.ErrInvalidArgument)
 		}
