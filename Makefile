@@ -22,7 +22,7 @@ GO_PLUGINS := $(notdir $(wildcard plugins/*))
 # Python plugins shipped with the host (copied next to the Go plugins).
 PY_PLUGINS := reference_pipeline diffusers_flux
 
-.PHONY: help build run test test-go test-python bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean
+.PHONY: help build run test test-go test-python test-oracles bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -72,6 +72,17 @@ test-go: ## Go tests only
 
 test-python: ## Python SDK tests only
 	$(TEST_ENV) $(PY_TORCH) -m pytest -q sdk/python/tests
+
+# The packages whose tests compare with torch, bitsandbytes, diffusers or PEFT.
+ORACLE_GO_PKGS := ./shared/nf4 ./shared/half ./shared/lora ./shared/layout ./host/registry ./plugins/preview/render
+ORACLE_CAPS    ?= avx2 default
+
+test-oracles: build venv venv-torch ## rerun the oracle tests with torch forced to each of ORACLE_CAPS (ATEN_CPU_CAPABILITY), so a CPU-dependent oracle shows on any machine
+	@for cap in $(ORACLE_CAPS); do \
+	  echo "== oracle tests with ATEN_CPU_CAPABILITY=$$cap"; \
+	  $(TEST_ENV) ATEN_CPU_CAPABILITY=$$cap $(GO) test $(GO_TEST_FLAGS) $(ORACLE_GO_PKGS) || exit 1; \
+	  $(TEST_ENV) ATEN_CPU_CAPABILITY=$$cap $(PY_TORCH) -m pytest -q -W default::UserWarning sdk/python/tests || exit 1; \
+	done
 
 browser-deps: ## install Debian's chromium for the console's browser test when it is missing
 	@command -v chromium >/dev/null || command -v $${ARENAHOST_CHROMIUM:-chromium} >/dev/null || { \
