@@ -30,6 +30,9 @@ from arenahost.tensor import dtype_enum, itemsize, make_descriptor
 
 SDK = Path(__file__).resolve().parents[1]
 EXAMPLES = SDK / "examples" / "hello"
+# A hang guard, not a timing: a plugin that imports torch and diffusers can
+# take over 20 s to print its handshake on a busy 2-core machine.
+HANDSHAKE_TIMEOUT = float(os.environ.get("ARENAHOST_TEST_HANDSHAKE_TIMEOUT", "90"))
 HANDSHAKE_RE = re.compile(r"^1\|(\d+)\|(unix|tcp)\|([^|]+)\|grpc$")
 
 
@@ -296,7 +299,7 @@ class PluginProc:
             [python or sys.executable, *argv], env=env, cwd=cwd,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
-        self.line = self._read_line(20.0)
+        self.line = self._read_line(HANDSHAKE_TIMEOUT)
         m = HANDSHAKE_RE.match(self.line)
         if not m:
             self.proc.kill()
