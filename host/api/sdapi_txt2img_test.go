@@ -208,8 +208,8 @@ func TestTxt2ImgWithoutPipeline(t *testing.T) {
 	f := newFixture(t, "", Options{})
 	c := call{method: "POST", path: "/sdapi/v1/txt2img", body: `{"prompt": "a cat"}`}
 	status, b, _ := f.do(t, c)
-	if status != 409 {
+	if status != 503 {
 		t.Fatalf("status %d: %s", status, b)
 	}
-	wantError(t, c, status, b, "not_serving", "no pipeline plugin is serving")
+	wantError(t, c, status, b, "unavailable", "no pipeline plugin is installed")
 }
