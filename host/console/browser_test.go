@@ -47,13 +47,17 @@ func chromium(t *testing.T) string {
 	return ""
 }
 
-// build compiles a Go package of this module into dir.
-func build(t *testing.T, root, pkg, out string) {
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+// build puts a copy of a Go package of this module (built once per test
+// binary) at out.
+func build(t *testing.T, _, pkg, out string) {
 	t.Helper()
-	cmd := exec.Command("go", "build", "-o", out, pkg)
-	cmd.Dir = root
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build %s: %v\n%s", pkg, err, b)
+	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := testenv.CopyFile(testenv.GoBinary(t, pkg), out, 0o755); err != nil {
+		t.Fatal(err)
 	}
 }
 

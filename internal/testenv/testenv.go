@@ -95,16 +95,19 @@ type buildEntry struct {
 	err  error
 }
 
-// Main runs the package's tests and then removes every binary GoBinary
-// built. A package whose tests call GoBinary (directly or through
-// InstallPlugin) must have
+// Main runs the package's tests, then the cleanup functions, then removes
+// every binary GoBinary built. A package whose tests call GoBinary
+// (directly or through InstallPlugin) must have
 //
 //	func TestMain(m *testing.M) { testenv.Main(m) }
-func Main(m *testing.M) {
+func Main(m *testing.M, cleanup ...func()) {
 	builds.mu.Lock()
 	builds.main = true
 	builds.mu.Unlock()
 	code := m.Run()
+	for _, f := range cleanup {
+		f()
+	}
 	builds.mu.Lock()
 	if builds.dir != "" {
 		_ = os.RemoveAll(builds.dir)
