@@ -22,7 +22,7 @@ GO_PLUGINS := $(notdir $(wildcard plugins/*))
 # Python plugins shipped with the host (copied next to the Go plugins).
 PY_PLUGINS := reference_pipeline diffusers_flux
 
-.PHONY: help build run test test-go test-python test-oracles bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean
+.PHONY: help build run test test-go test-python test-oracles bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean distclean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -128,5 +128,11 @@ test-cuda-fake: cuda ## run the -tags cuda build (host, plugins, GPU check) on f
 cuda-vet: ## compile-check every package under -tags cuda (no GPU or driver needed)
 	$(CUDA_ENV); $(GO) vet -tags cuda ./...
 
-clean: ## remove build outputs
+clean: ## remove build outputs (bin/, .cache/); keeps the virtual environments and arenahost-data/
 	rm -rf $(BIN) .cache
+
+# The virtual environments (.venv, .venv-torch, .venv-cuda and any other
+# .venv-*) take several GB and a while to recreate; the data directory holds
+# what `make run` wrote (the sample model and LoRAs, and anything you added).
+distclean: clean ## also remove the virtual environments (.venv, .venv-*) and the data directory (arenahost-data/)
+	rm -rf $(VENV) .venv-* arenahost-data

@@ -39,8 +39,9 @@ type Options struct {
 	// directories when empty.
 	ModelsDir string
 	LoRAsDir  string
-	// Pipeline is the pipeline plugin txt2img runs; "" picks the first
-	// serving plugin of kind "pipeline".
+	// Pipeline is the pipeline plugin txt2img, POST /v1/jobs without a
+	// pipeline and the console run; "" picks the first serving plugin of
+	// kind "pipeline" (never an unavailable or failed one).
 	Pipeline string
 	// Metrics receives observations; a new one over the server when nil.
 	Metrics *Metrics
@@ -94,6 +95,7 @@ func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
 	a.mux.HandleFunc("DELETE /v1/models/{name}", a.unloadModel)
 	a.mux.HandleFunc("GET /v1/models/{name}/digest", a.modelDigest)
 	a.mux.HandleFunc("GET /v1/plugins", a.plugins)
+	a.mux.HandleFunc("GET /v1/pipelines", a.pipelines)
 	a.mux.HandleFunc("POST /v1/plugins/{name}/reload", a.reload)
 	a.mux.HandleFunc("GET /v1/plugins/{name}/logs", a.pluginLogs)
 	a.mux.HandleFunc("GET /v1/loras", a.listLoRAs)
@@ -187,6 +189,8 @@ func statusOf(err error) (int, string) {
 		return http.StatusNotFound, "not_found"
 	case errors.Is(err, registry.ErrExists):
 		return http.StatusConflict, "conflict"
+	case errors.Is(err, plugin.ErrUnavailable):
+		return http.StatusServiceUnavailable, "unavailable"
 	case errors.Is(err, plugin.ErrNotServing):
 		return http.StatusConflict, "not_serving"
 	case errors.Is(err, arena.ErrCapacity):

@@ -99,6 +99,16 @@ func (a *API) createJob(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
+	if spec.Pipeline == "" {
+		// No pipeline named: the default (GET /v1/pipelines), which the
+		// answer's "pipeline" names.
+		p, err := a.pipeline()
+		if err != nil {
+			a.fail(w, r, fmt.Errorf("create job: %w", err))
+			return
+		}
+		spec.Pipeline = p
+	}
 	j, err := a.s.Jobs.Create(r.Context(), spec)
 	if err != nil {
 		a.fail(w, r, jobErr(err))

@@ -96,21 +96,6 @@ func ParseLoRATags(prompt string) (string, []ApplyLoRA, error) {
 	return clean, out, nil
 }
 
-// pipeline returns the configured pipeline plugin, else the first serving
-// plugin of kind "pipeline".
-func (a *API) pipeline() (string, error) {
-	if a.opts.Pipeline != "" {
-		return a.opts.Pipeline, nil
-	}
-	for _, p := range a.s.Plugins.Status() {
-		if p.Kind == "pipeline" && p.State == "serving" {
-			return p.Name, nil
-		}
-	}
-	return "", &StatusError{Status: http.StatusConflict, Code: "not_serving",
-		Err: errors.New("txt2img: no pipeline plugin is serving (install one under --plugins, or name it with --pipeline)")}
-}
-
 // txt2img applies the prompt's <lora:NAME:WEIGHT> set in side mode (an
 // empty set removes the LoRAs), runs the pipeline plugin as one job per
 // image with steps, seed, width and height, and answers the final frame

@@ -8,11 +8,7 @@ import (
 	"image"
 	"image/color"
 	"image/png"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/arenahost/arenahost/internal/testenv"
@@ -70,51 +66,13 @@ func TestResize(t *testing.T) {
 	}
 }
 
-var (
-	t2iOnce sync.Once
-	t2iDir  string
-	t2iErr  error
-)
-
 // txt2imgPlugins installs lora-nf4, the preview plugin and host/job's test
-// pipeline into a fresh plugins directory.
+// pipeline (built once per test binary) into a fresh plugins directory.
 func txt2imgPlugins(t *testing.T) string {
 	t.Helper()
-	root := testenv.RepoRoot(t)
-	ps := [][3]string{{"lora-nf4", "./plugins/lora-nf4", "lora"}, {"preview", "./plugins/preview", "preview"}, {"test-pipeline", "./host/job/testdata/pipeline", "pipeline"}}
-	t2iOnce.Do(func() {
-		if t2iDir, t2iErr = os.MkdirTemp("", "arenahost-api-txt2img-"); t2iErr != nil {
-			return
-		}
-		for _, p := range ps {
-			cmd := exec.Command("go", "build", "-o", filepath.Join(t2iDir, p[0]), p[1])
-			cmd.Dir = root
-			if out, err := cmd.CombinedOutput(); err != nil {
-				t2iErr = &buildError{err: err, out: string(out)}
-				return
-			}
-		}
-	})
-	if t2iErr != nil {
-		t.Fatalf("build plugins: %v", t2iErr)
-	}
 	plugins := t.TempDir()
-	for _, p := range ps {
-		dst := filepath.Join(plugins, p[0])
-		if err := os.MkdirAll(dst, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		bin, err := os.ReadFile(filepath.Join(t2iDir, p[0]))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(dst, p[0]), bin, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		man := fmt.Sprintf(`{"name": %q, "version": "0.1.0", "kind": %q, "language": "go", "command": "./%s", "protocol_version": 1}`, p[0], p[2], p[0])
-		if err := os.WriteFile(filepath.Join(dst, "plugin.json"), []byte(man), 0o644); err != nil {
-			t.Fatal(err)
-		}
+	for _, p := range [][3]string{{"lora-nf4", "./plugins/lora-nf4", "lora"}, {"preview", "./plugins/preview", "preview"}, {"test-pipeline", "./host/job/testdata/pipeline", "pipeline"}} {
+		testenv.InstallPlugin(t, plugins, p[0], p[1], goManifest(p[0], p[2]))
 	}
 	return plugins
 }
@@ -208,8 +166,8 @@ func TestTxt2ImgWithoutPipeline(t *testing.T) {
 	f := newFixture(t, "", Options{})
 	c := call{method: "POST", path: "/sdapi/v1/txt2img", body: `{"prompt": "a cat"}`}
 	status, b, _ := f.do(t, c)
-	if status != 409 {
+	if status != 503 {
 		t.Fatalf("status %d: %s", status, b)
 	}
-	wantError(t, c, status, b, "not_serving", "no pipeline plugin is serving")
+	wantError(t, c, status, b, "unavailable", "no pipeline plugin is installed")
 }

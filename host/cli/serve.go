@@ -31,12 +31,12 @@ func runServe(ctx context.Context, env *Env, args []string) error {
 	c := commands["serve"]
 	fs := newFlags(c, env)
 	flags := config.Bind(fs)
-	if done, err := parse(fs, args); done {
+	pos, done, err := parse(fs, args)
+	if done {
 		return err
 	}
-	if fs.NArg() > 0 {
-		fs.Usage()
-		return fmt.Errorf("serve takes no arguments, got %q: %w", fs.Args(), ErrUsage)
+	if len(pos) > 0 {
+		return usagef("takes no positional arguments, got %q (settings are flags: see --help)", pos)
 	}
 	cfg, err := flags.Resolve(os.LookupEnv)
 	if err != nil {

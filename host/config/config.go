@@ -121,7 +121,7 @@ var settings = []setting{
 		set: str(func(c *Config) *string { return &c.PluginsDir })},
 	{name: "python", def: Auto, doc: "Python interpreter for Python plugins (their manifests' ${ARENAHOST_PYTHON}); auto: .venv/bin/python beside bin/ (what make creates), else python3 on PATH",
 		set: str(func(c *Config) *string { return &c.Python })},
-	{name: "pipeline", def: "", doc: "pipeline plugin /sdapi/v1/txt2img runs; empty: the first serving plugin of kind pipeline",
+	{name: "pipeline", def: "", doc: "pipeline plugin /sdapi/v1/txt2img, POST /v1/jobs without a pipeline and the console run; empty: the first serving plugin of kind pipeline (never an unavailable one)",
 		set: str(func(c *Config) *string { return &c.Pipeline })},
 	{name: "arena-capacity", def: "8GiB", doc: "arena capacity (address space; memory is committed as segments are written)",
 		set: size(func(c *Config) *uint64 { return &c.ArenaCapacity })},

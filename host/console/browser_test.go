@@ -47,13 +47,17 @@ func chromium(t *testing.T) string {
 	return ""
 }
 
-// build compiles a Go package of this module into dir.
-func build(t *testing.T, root, pkg, out string) {
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+// build puts a copy of a Go package of this module (built once per test
+// binary) at out.
+func build(t *testing.T, _, pkg, out string) {
 	t.Helper()
-	cmd := exec.Command("go", "build", "-o", out, pkg)
-	cmd.Dir = root
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build %s: %v\n%s", pkg, err, b)
+	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := testenv.CopyFile(testenv.GoBinary(t, pkg), out, 0o755); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -125,14 +129,22 @@ func TestConsoleInChromium(t *testing.T) {
 	build(t, root, "./plugins/lora-nf4", filepath.Join(plugins, "lora-nf4", "lora-nf4"))
 	build(t, root, "./plugins/preview", filepath.Join(plugins, "preview", "preview"))
 	python := testenv.Python(t) // runs the reference pipeline plugin
-	if err := os.MkdirAll(filepath.Join(plugins, "reference-pipeline"), 0o755); err != nil {
-		t.Fatal(err)
+	for _, d := range []string{"reference-pipeline", "diffusers-flux"} {
+		if err := os.MkdirAll(filepath.Join(plugins, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
 	refDir := filepath.Join(root, "sdk", "python", "examples", "reference_pipeline")
+	// diffusers-flux needs torch, which the core environment lacks: it is
+	// listed unavailable, and the console must not pick it although it
+	// comes first by name.
+	dfDir := filepath.Join(root, "sdk", "python", "examples", "diffusers_flux")
 	for _, p := range []struct{ src, dst string }{
 		{filepath.Join(root, "plugins", "preview", "plugin.json"), filepath.Join(plugins, "preview", "plugin.json")},
 		{filepath.Join(refDir, "plugin.json"), filepath.Join(plugins, "reference-pipeline", "plugin.json")},
 		{filepath.Join(refDir, "reference_pipeline.py"), filepath.Join(plugins, "reference-pipeline", "reference_pipeline.py")},
+		{filepath.Join(dfDir, "plugin.json"), filepath.Join(plugins, "diffusers-flux", "plugin.json")},
+		{filepath.Join(dfDir, "diffusers_flux.py"), filepath.Join(plugins, "diffusers-flux", "diffusers_flux.py")},
 		{filepath.Join(root, "sdk", "examples", "go-hello", "plugin.json"), filepath.Join(plugins, "go-hello", "plugin.json")},
 		{filepath.Join(root, "plugins", "lora-nf4", "plugin.json"), filepath.Join(plugins, "lora-nf4", "plugin.json")},
 	} {
@@ -278,7 +290,9 @@ func TestConsoleInChromium(t *testing.T) {
 	// events name at least two different frames, and the MJPEG <img> shows
 	// two different pictures.
 	must("start a job from the console", chromedp.Do(bctx,
-		chromedp.Poll[chromedp.Void](`document.getElementById("job-pipeline").value === "reference-pipeline"`, chromedp.WithPollingTimeout(30*time.Second)),
+		chromedp.Poll[chromedp.Void](`document.getElementById("job-pipeline").value === "reference-pipeline" && document.getElementById("job-pipeline-note").textContent === "default: reference-pipeline"`, chromedp.WithPollingTimeout(30*time.Second)),
+		chromedp.Poll[chromedp.Void](`Array.from(document.getElementById("job-pipeline").options).some((o) => o.value === "diffusers-flux" && o.disabled && o.text === "diffusers-flux (unavailable)" && o.title.includes("torch"))`,
+			chromedp.WithPollingTimeout(30*time.Second)),
 		chromedp.SetValue(`#job-steps`, "24"),
 		chromedp.SetValue(`#job-width`, "128"),
 		chromedp.SetValue(`#job-height`, "128"),

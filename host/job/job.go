@@ -228,6 +228,15 @@ func (m *Manager) Create(ctx context.Context, spec Spec) (*Job, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pipeline %q: %w", spec.Pipeline, err)
 	}
+	switch {
+	case st.State == plugin.StateUnavailable:
+		return nil, fmt.Errorf("pipeline %q: %w: %s", spec.Pipeline, plugin.ErrUnavailable, st.LastError)
+	case len(st.Methods) == 0 && st.State != plugin.StateServing:
+		if st.LastError != "" {
+			return nil, fmt.Errorf("pipeline %q is %s: %w (last error: %s)", spec.Pipeline, st.State, plugin.ErrNotServing, st.LastError)
+		}
+		return nil, fmt.Errorf("pipeline %q is %s: %w", spec.Pipeline, st.State, plugin.ErrNotServing)
+	}
 	mi := slices.IndexFunc(st.Methods, func(x plugin.Method) bool { return x.Name == spec.Method })
 	if mi < 0 {
 		return nil, fmt.Errorf("%w: method: pipeline %q (%s) serves no method %q", ErrInvalid, spec.Pipeline, st.State, spec.Method)

@@ -48,6 +48,7 @@ type generation struct {
 	start  time.Time
 
 	lifeline *os.File      // write end of the plugin's lifeline pipe
+	sockDir  string        // where the plugin creates its listening socket; removed on stop
 	released chan struct{} // closed once the generation is torn down
 	stopOnce sync.Once
 	retiring atomic.Bool // stopped on purpose: an exit is not a crash
@@ -190,6 +191,15 @@ func (p *managed) startGeneration(ctx context.Context, man *Manifest) (*generati
 	env = append(env,
 		wire.EnvPluginName+"="+man.Name,
 		wire.EnvGeneration+"="+strconv.FormatUint(n, 10))
+	// The plugin's own listening socket goes into a directory of this
+	// generation, removed when it stops: a plugin that is killed (crash,
+	// drain bound, SIGKILL) cannot leave its socket in the temp directory.
+	// Under os.TempDir, not SocketDir, to keep the path short for a unix
+	// socket.
+	if g.sockDir, err = os.MkdirTemp("", "arenahost-plugin-"); err != nil {
+		return fail("socket dir", err)
+	}
+	env = append(env, goplugin.EnvUnixSocketDir+"="+g.sockDir)
 	if !isGo {
 		th, err := m.tokenHost()
 		if err != nil {
@@ -439,6 +449,9 @@ func (p *managed) stop(g *generation, grace time.Duration) {
 		// closed meanwhile can be freed now.
 		if err := m.deps.released(g.owner); err != nil {
 			p.log.Warn("release device slabs", "owner", g.owner, "err", err)
+		}
+		if g.sockDir != "" {
+			_ = os.RemoveAll(g.sockDir)
 		}
 		close(g.released)
 		m.untrack(g)

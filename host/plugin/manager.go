@@ -58,7 +58,11 @@ const (
 	StateCrashed    State = "crashed"
 	StateRestarting State = "restarting"
 	StateFailed     State = "failed"
-	StateStopped    State = "stopped"
+	// StateUnavailable: the manifest's "requires" are not met on this
+	// machine (LastError says what is missing); the plugin was not
+	// started. A swap (reload) checks again.
+	StateUnavailable State = "unavailable"
+	StateStopped     State = "stopped"
 )
 
 // Defaults for Config's zero fields.
@@ -299,6 +303,14 @@ func (m *Manager) Add(ctx context.Context, man *Manifest) error {
 	p.mu.Lock()
 	p.fingerprint = m.fingerprint(man)
 	p.mu.Unlock()
+	if err := m.checkRequires(m.startCtx(ctx), man); err != nil {
+		if errors.Is(err, ErrUnavailable) {
+			p.setUnavailable(err)
+		} else {
+			p.setFailed(err)
+		}
+		return err
+	}
 	g, err := p.startGeneration(m.startCtx(ctx), man)
 	if err != nil {
 		p.setFailed(err)
@@ -327,6 +339,20 @@ func (m *Manager) get(name string) (*managed, error) {
 		return nil, fmt.Errorf("plugin %q: %w", name, ErrUnknownPlugin)
 	}
 	return p, nil
+}
+
+// setUnavailable records that the plugin's requirements are not met.
+func (p *managed) setUnavailable(err error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.state = StateUnavailable
+	var ue *unmetError
+	if errors.As(err, &ue) {
+		p.lastErr = ue.Reason
+	} else {
+		p.lastErr = err.Error()
+	}
+	p.log.Warn("plugin unavailable; not started", "reason", p.lastErr)
 }
 
 func (p *managed) setFailed(err error) {
@@ -402,6 +428,16 @@ func (p *managed) swap(ctx context.Context, reason string) error {
 	}
 	if man.Name != p.name {
 		return restore(fmt.Errorf("swap plugin %s: manifest %s: field name: now %q; a plugin cannot be renamed in place", p.name, path, man.Name))
+	}
+	if err := m.checkRequires(m.startCtx(ctx), man); err != nil {
+		if errors.Is(err, ErrUnavailable) && p.current.Load() == nil {
+			p.mu.Lock()
+			p.manifest = man
+			p.mu.Unlock()
+			p.setUnavailable(err)
+			return fmt.Errorf("swap plugin %s: %w", p.name, err)
+		}
+		return restore(fmt.Errorf("swap plugin %s: %w", p.name, err))
 	}
 	t0 := time.Now()
 	g, err := p.startGeneration(m.startCtx(ctx), man)

@@ -41,6 +41,10 @@ func TestParseManifest(t *testing.T) {
 		{"protocol as string", `{"name":"x","version":"1","kind":"lora","language":"go","command":"x","protocol_version":"1"}`, "field protocol_version: string is not a valid uint"},
 		{"args not a list", `{"name":"x","version":"1","kind":"lora","language":"go","command":"x","args":"-v","protocol_version":1}`, "field args: string"},
 		{"short sha", `{"name":"x","version":"1","kind":"lora","language":"go","command":"x","protocol_version":1,"sha256":"abcd"}`, `field sha256: "abcd" is not 64 hex digits`},
+		{"requires python modules", `{"name":"p","version":"1","kind":"pipeline","language":"python","command":"x","protocol_version":1,"requires":{"python_modules":["torch","diffusers.pipelines"]}}`, ""},
+		{"requires modules of a go plugin", `{"name":"x","version":"1","kind":"lora","language":"go","command":"x","protocol_version":1,"requires":{"python_modules":["torch"]}}`, `field requires.python_modules: only for language "python"`},
+		{"requires bad module", `{"name":"p","version":"1","kind":"pipeline","language":"python","command":"x","protocol_version":1,"requires":{"python_modules":["torch; rm -rf /"]}}`, `field requires.python_modules[0]: "torch; rm -rf /" is not a Python module name`},
+		{"requires unknown need", `{"name":"p","version":"1","kind":"pipeline","language":"python","command":"x","protocol_version":1,"requires":{"gpu":true}}`, `unknown field "gpu"`},
 		{"trailing data", valid + `{}`, "trailing data"},
 		{"not json", `name = "x"`, "decode"},
 	}

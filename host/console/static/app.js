@@ -85,7 +85,7 @@ async function refreshPlugins() {
     showError("plugins-error", e);
     return;
   }
-  refreshPipelines(ps);
+  refreshPipelines();
   const body = $("plugins-body");
   const focused = document.activeElement && document.activeElement.dataset.plugin;
   body.replaceChildren();
@@ -294,29 +294,45 @@ async function removeLoRAs() {
 // ---- jobs ----
 let events = null;
 
-// refreshPipelines fills the pipeline choice from the plugins of kind
-// "pipeline", keeping the current choice.
-function refreshPipelines(ps) {
+// refreshPipelines fills the pipeline choice from GET /v1/pipelines: every
+// plugin of kind "pipeline", those that cannot run (unavailable, failed,
+// starting) disabled with their reason as a tooltip, and the server's
+// default selected until the user picks another runnable one.
+let pipelineChosen = false;
+async function refreshPipelines() {
+  let info;
+  try {
+    info = await api("GET", "/v1/pipelines");
+  } catch (e) {
+    showError("job-error", e);
+    return;
+  }
   const sel = $("job-pipeline");
-  const names = ps.filter((p) => p.kind === "pipeline").map((p) => p.name);
-  const have = Array.from(sel.options).map((o) => o.value).filter((v) => v);
-  if (names.join() === have.join()) return;
+  const note = info.default ? `default: ${info.default}` : (info.reason || "no pipeline can run");
+  const key = JSON.stringify([info.default, info.pipelines.map((p) => [p.name, p.state, p.reason || ""])]);
+  if (sel.dataset.key === key) return;
+  sel.dataset.key = key;
   const cur = sel.value;
   sel.replaceChildren();
-  if (!names.length) sel.add(new Option("(no pipeline plugin)", ""));
-  for (const n of names) sel.add(new Option(n, n));
-  if (names.includes(cur)) sel.value = cur;
+  if (!info.pipelines.length) sel.add(new Option("(no pipeline plugin)", ""));
+  for (const p of info.pipelines) {
+    const o = new Option(p.runnable ? p.name : `${p.name} (${p.state})`, p.name);
+    o.disabled = !p.runnable;
+    if (p.reason) o.title = p.reason;
+    sel.add(o);
+  }
+  const keep = pipelineChosen && info.pipelines.some((p) => p.name === cur && p.runnable);
+  sel.value = keep ? cur : (info.default || "");
+  $("job-pipeline-note").textContent = note;
 }
 
 // POST /v1/jobs takes {pipeline, params, preview}; the pipeline reads
 // steps, seed, width and height (and ignores what it does not know).
 async function startJob(ev) {
   ev.preventDefault();
-  const pipeline = $("job-pipeline").value;
-  if (!pipeline) {
-    showError("job-error", new Error("start job: no pipeline plugin is serving (see the plugins table)"));
-    return;
-  }
+  // No choice: the server runs its default pipeline, or answers 503 with
+  // the reason none can run, which the error line shows.
+  const pipeline = $("job-pipeline").value || undefined;
   const params = {
     steps: Number($("job-steps").value),
     seed: Number($("job-seed").value),
@@ -374,6 +390,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("lora-form").addEventListener("submit", applyLoRAs);
   $("lora-remove").addEventListener("click", removeLoRAs);
   $("job-form").addEventListener("submit", startJob);
+  $("job-pipeline").addEventListener("change", () => { pipelineChosen = true; });
   refreshArena();
   refreshPlugins();
   refreshLoRAs();
