@@ -137,22 +137,23 @@ type ArenaUsage struct {
 }
 
 // purposeOf classifies a lease by its owner and name: models are named
-// "MODEL/TENSOR" by the registry, the LoRA coordinator's regions "lora
-// factors …" and "lora journal …", the job manager's "job/ID/…".
+// "MODEL/TENSOR" by the registry, side factors "factors/WEIGHT/A|B" by the
+// LoRA plugin (the host takes them over) or "lora factors …" by the
+// coordinator, journal copies "lora journal …", job latents "job/ID/…".
 func purposeOf(l arena.Lease, models map[string]bool) (owner, purpose string) {
 	if l.Owner != arena.HostOwner {
 		return string(l.Owner), PurposePlugin
 	}
+	if m, _, ok := strings.Cut(l.Name, "/"); ok && models[m] {
+		return "model:" + m, PurposeModel
+	}
 	switch {
-	case strings.HasPrefix(l.Name, "lora factors "):
+	case strings.HasPrefix(l.Name, "lora factors "), strings.HasPrefix(l.Name, "factors/"):
 		return "host", PurposeLoRAFactors
 	case strings.HasPrefix(l.Name, "lora journal "):
 		return "host", PurposeJournal
 	case strings.HasPrefix(l.Name, "job/"):
 		return "host", PurposeJobs
-	}
-	if m, _, ok := strings.Cut(l.Name, "/"); ok && models[m] {
-		return "model:" + m, PurposeModel
 	}
 	return "host", PurposeOther
 }

@@ -156,6 +156,7 @@ func TestPurposeOf(t *testing.T) {
 		{arena.Lease{Owner: arena.HostOwner, Name: "flux/double_blocks.0.img_attn.proj.weight"}, "model:flux", PurposeModel},
 		{arena.Lease{Owner: arena.HostOwner, Name: "gone/x.weight"}, "host", PurposeOther},
 		{arena.Lease{Owner: arena.HostOwner, Name: "lora factors double_blocks.0.img_attn.proj.weight"}, "host", PurposeLoRAFactors},
+		{arena.Lease{Owner: arena.HostOwner, Name: "factors/double_blocks.0.img_attn.proj.weight/A"}, "host", PurposeLoRAFactors},
 		{arena.Lease{Owner: arena.HostOwner, Name: "lora journal double_blocks.0.img_attn.proj.weight"}, "host", PurposeJournal},
 		{arena.Lease{Owner: arena.HostOwner, Name: "job/job-1-1/latent-copy-3"}, "host", PurposeJobs},
 		{arena.Lease{Owner: arena.PluginOwner("lora-nf4", 2), Name: "scratch"}, "plugin:lora-nf4#2", PurposePlugin},
@@ -187,5 +188,27 @@ func TestJobOrigin(t *testing.T) {
 		if s.Origin != tc.want || s.Params["steps"] != float64(2) {
 			t.Fatalf("job of %s: origin %q params %v, want origin %q", tc.body, s.Origin, s.Params, tc.want)
 		}
+	}
+}
+
+// A job cancelled while it waited never ran: its elapsed time is zero, not
+// the time since the zero time.
+func TestJobNeverRanHasNoElapsed(t *testing.T) {
+	f := newFixture(t, jobPlugins(t), Options{})
+	running := f.createJob(t, `{"pipeline": "test-pipeline", "params": {"steps": 200, "step_ms": 20}}`)
+	waiting := f.createJob(t, `{"pipeline": "test-pipeline", "params": {"steps": 2, "step_ms": 1}}`)
+	var s job.Snapshot
+	getInto(t, f, "/v1/jobs/"+waiting, &s)
+	if s.State != job.StateQueued || s.Elapsed != 0 {
+		t.Fatalf("second job %s elapsed %v, want queued with 0", s.State, s.Elapsed)
+	}
+	for _, id := range []string{waiting, running} {
+		if status, b, _ := f.do(t, call{method: "DELETE", path: "/v1/jobs/" + id}); status != http.StatusOK {
+			t.Fatalf("cancel %s: %d %s", id, status, b)
+		}
+	}
+	getInto(t, f, "/v1/jobs/"+waiting, &s)
+	if s.State != job.StateCancelled || !s.Started.IsZero() || s.Elapsed != 0 {
+		t.Fatalf("job cancelled while queued: %s started %v elapsed %v", s.State, s.Started, s.Elapsed)
 	}
 }

@@ -594,6 +594,8 @@ func (j *Job) Snapshot() Snapshot {
 		s.Progress = 1
 	}
 	switch {
+	case s.Started.IsZero():
+		// Never ran (still queued, or cancelled before it started).
 	case !s.Ended.IsZero():
 		s.Elapsed = s.Ended.Sub(s.Started).Seconds()
 	case !s.Started.IsZero():
