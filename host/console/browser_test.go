@@ -25,7 +25,7 @@ import (
 	"github.com/arenahost/arenahost/internal/testenv"
 )
 
-var updateScreenshot = flag.Bool("update-screenshot", false, "copy the console screenshot to docs/console.png")
+var updateScreenshot = flag.Bool("update-screenshot", false, "write the console screenshots into docs/ (as ARENAHOST_SCREENSHOTS=docs does)")
 
 // chromium finds a Chromium to drive: ARENAHOST_CHROMIUM, else Debian's
 // /usr/bin/chromium. Without one the test skips, except under `make test`
@@ -233,7 +233,9 @@ func TestConsoleInChromium(t *testing.T) {
 			t.Fatalf("console shows %s: %q", id, e)
 		}
 	}
-	shoot := func(name string, full bool) {
+	// shoot saves a screenshot among the artifacts and, for the pictures
+	// the docs show (docs true), in the screenshots directory.
+	shoot := func(name string, full, docs bool) {
 		t.Helper()
 		var png []byte
 		var err error
@@ -244,7 +246,7 @@ func TestConsoleInChromium(t *testing.T) {
 		}
 		must("screenshot "+name, err)
 		for _, dir := range []string{artifacts, shots} {
-			if dir == "" {
+			if dir == "" || (dir == shots && !docs) {
 				continue
 			}
 			if err := os.WriteFile(filepath.Join(dir, name), png, 0o644); err != nil {
@@ -335,9 +337,42 @@ func TestConsoleInChromium(t *testing.T) {
 		t.Fatalf("models after the console's unload: %+v", models)
 	}
 
-	// Apply two LoRAs to sample, one after the other; a bad strength is
-	// refused beside its field.
+	// Fuse a LoRA into sample: the page shows the retention and the
+	// journal, and the digest changes; Remove all restores the file's
+	// bytes, and the digest shows it.
 	kohya, peft := "flux-sample-kohya-lora", "flux-sample-peft-lora"
+	digestCell := `#models-body tr[data-model="sample"] td.digest`
+	original := text(digestCell)
+	step("fuse a LoRA", 60*time.Second,
+		chromedp.SetValue(`#lora-file`, kohya),
+		chromedp.SetValue(`#lora-mode`, "fuse"),
+		chromedp.Click(`#lora-apply`),
+		chromedp.WaitVisible(`#applied-body tr[data-lora="`+kohya+`"]`),
+		chromedp.Poll[chromedp.Void](`document.getElementById("lora-summary").dataset.mode === "fuse"`, chromedp.WithPollingTimeout(30*time.Second)),
+		chromedp.Poll[chromedp.Void](`(() => { const c = document.querySelector('`+digestCell+` code'); return c !== null; })()`, chromedp.WithPollingTimeout(30*time.Second)),
+	)
+	noError("lora-error")
+	if s := text(`#lora-summary`); !strings.Contains(s, "mode fuse") || !strings.Contains(s, "retention") || !strings.Contains(s, "journal") {
+		t.Fatalf("fuse summary %q: want mode, retention and journal", s)
+	}
+	if fused := text(digestCell); fused == original {
+		t.Fatalf("the digest %q did not change with a fused LoRA", fused)
+	}
+	step("remove all", 60*time.Second,
+		chromedp.Click(`#lora-remove-all`),
+		chromedp.Poll[chromedp.Void](`document.getElementById("lora-summary").textContent.startsWith("no LoRA applied")`, chromedp.WithPollingTimeout(30*time.Second)),
+		chromedp.Poll[chromedp.Void](`(() => { const c = document.querySelector('`+digestCell+` code'); return c !== null; })()`, chromedp.WithPollingTimeout(30*time.Second)),
+	)
+	if restored := text(digestCell); restored != original {
+		t.Fatalf("after Remove all the digest is %q, the file's was %q", restored, original)
+	}
+	if s := text(`#lora-result`); !strings.Contains(s, "removed") {
+		t.Fatalf("remove result %q", s)
+	}
+
+	// Apply two LoRAs to sample in side mode, one after the other; a bad
+	// strength is refused beside its field.
+	must("side mode", chromedp.Do(bctx, chromedp.SetValue(`#lora-mode`, "side")))
 	must("bad strength", chromedp.Do(bctx,
 		chromedp.SetValue(`#lora-file`, kohya),
 		chromedp.SetValue(`#lora-strength`, "strong"),
@@ -396,7 +431,7 @@ func TestConsoleInChromium(t *testing.T) {
 	if s := text(`#lora-result`); !strings.Contains(s, "rebound live") {
 		t.Fatalf("rebind result %q", s)
 	}
-	shoot("console-loras.png", false)
+	shoot("console-loras.png", false, false)
 
 	// Jobs: a bad step count is refused beside its field and starts
 	// nothing; then two long jobs (one runs, one waits) are cancelled from
@@ -443,7 +478,7 @@ func TestConsoleInChromium(t *testing.T) {
 		t.Fatalf("origin cell %q", s)
 	}
 	until("live preview", `document.getElementById("job-preview").dataset.src.endsWith(".mjpeg") || document.getElementById("job-frames").textContent.includes("step")`, 60*time.Second)
-	shoot("console-jobs-running.png", false)
+	shoot("console-jobs-running.png", false, false)
 	must("cancel the queued job, then the running one", chromedp.Do(bctx,
 		chromedp.Click(row(queued)+` button.cancel`),
 		chromedp.Poll[chromedp.Void](fmt.Sprintf(`document.querySelector('%s').dataset.state === "cancelled"`, row(queued)), chromedp.WithPollingTimeout(20*time.Second)),
@@ -514,10 +549,16 @@ func TestConsoleInChromium(t *testing.T) {
 	}
 	noError("arena-error")
 
+	// At 1280×800 no section needs sideways scrolling.
+	wide := `Array.from(document.querySelectorAll("section")).filter(s => s.scrollWidth > s.clientWidth + 1).map(s => s.id).join(" ")`
+	if w := eval(wide); w != "" {
+		t.Fatalf("at 1280×800 these sections scroll sideways: %s", w)
+	}
+
 	// Screenshots: the top of the page at 1280×800 and the whole page.
 	must("scroll to the top", chromedp.Do(bctx, chromedp.Evaluate[chromedp.Void](`window.scrollTo(0, 0)`)))
-	shoot("console.png", false)
-	shoot("console-full.png", true)
+	shoot("console.png", false, true)
+	shoot("console-full.png", true, true)
 
 	// Phone width: one column, nothing wider than the screen.
 	must("phone width", chromedp.Do(bctx,
@@ -528,7 +569,10 @@ func TestConsoleInChromium(t *testing.T) {
 	if w := eval(`String(document.documentElement.scrollWidth)`); w != "390" {
 		t.Fatalf("at phone width the page is %s px wide, want 390 (no sideways scrolling)", w)
 	}
-	shoot("console-phone.png", false)
+	if w := eval(wide); w != "" {
+		t.Fatalf("at phone width these sections scroll sideways: %s", w)
+	}
+	shoot("console-phone.png", false, true)
 
 	consoleMu.Lock()
 	defer consoleMu.Unlock()

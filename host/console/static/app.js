@@ -314,15 +314,20 @@ function loraLine(st) {
   return `${st.loras.length} in ${st.mode} mode:\n` + st.loras.map((l) => `${l.name} ${Number(l.strength).toFixed(2)}`).join("\n");
 }
 
+// computeDigest asks for the model's digest; an answer to an older request
+// than the newest is dropped (the bytes may have changed since).
 async function computeDigest(name) {
-  state.digests[name] = { pending: true };
+  const mine = { pending: true };
+  state.digests[name] = mine;
   renderModels();
+  let d;
   try {
-    const d = await api("GET", `/v1/models/${encodeURIComponent(name)}/digest`);
-    state.digests[name] = d;
+    d = await api("GET", `/v1/models/${encodeURIComponent(name)}/digest`);
   } catch (e) {
-    state.digests[name] = { error: e.message };
+    d = { error: e.message };
   }
+  if (state.digests[name] !== mine) return;
+  state.digests[name] = d;
   renderModels();
 }
 
@@ -461,8 +466,6 @@ function renderApplied() {
   const body = $("applied-body");
   const sum = $("lora-summary");
   if (!st) { sum.textContent = "–"; body.replaceChildren(); return; }
-  // Do not rebuild the sliders under the user's hand.
-  if (body.contains(document.activeElement) && document.activeElement.type === "range") return;
   const rep = st.report || {};
   const parts = [];
   if (st.loras.length) {
@@ -484,6 +487,8 @@ function renderApplied() {
   sum.dataset.mode = st.mode || "";
   sum.dataset.binding = String(st.binding_generation || 0);
   if (st.mode) $("lora-mode").value = st.mode;
+  // Do not move the sliders under the user's hand.
+  if (body.contains(document.activeElement) && document.activeElement.type === "range" && (state.rebinding || state.dragging)) return;
   const rows = [];
   if (!st.loras.length) {
     const tr = row("empty");
@@ -524,7 +529,9 @@ function renderApplied() {
       out.htmlFor = id;
       out.textContent = Number(l.strength).toFixed(2);
       slider.addEventListener("input", () => { out.value = Number(slider.value).toFixed(2); });
-      slider.addEventListener("change", () => rebind());
+      slider.addEventListener("change", () => { state.dragging = false; rebind(); });
+      slider.addEventListener("pointerdown", () => { state.dragging = true; });
+      slider.addEventListener("pointerup", () => { state.dragging = false; });
       td.append(lab, slider, out);
       const act = cell(tr, "", "", "actions");
       act.replaceChildren();
@@ -548,6 +555,9 @@ async function applySet(loras, mode, what) {
   state.loraState = res;
   renderApplied();
   updateLoRACell();
+  // The bytes changed (fuse) or were restored: show the digest as held now.
+  const m = state.models.find((x) => x.name === model);
+  if (m && m.bytes <= 256 << 20) computeDigest(model);
   const how = { set_strengths: "rebound live (same factors, new strengths)", apply: "applied", noop: "unchanged", remove: "removed" }[res.path] || res.path;
   say("lora-result", `${what}: ${how} on ${model} in ${ms.toFixed(1)} ms${res.binding_generation ? `, binding generation ${res.binding_generation}` : ""}.`, "lora-error");
   $("lora-result").dataset.path = res.path || "";
@@ -560,8 +570,11 @@ function currentSet() {
   return st.loras.map((l) => ({ name: l.name, strength: l.strength }));
 }
 
+// rebind sends the sliders' strengths; moves made while one is in flight
+// are sent together once it answers, so answers never arrive out of order.
 async function rebind() {
   if (!state.loraState) return;
+  if (state.rebinding) { state.rebindAgain = true; return; }
   const set = currentSet();
   for (const s of document.querySelectorAll("#applied-body input.strength")) {
     const e = set.find((x) => x.name === s.dataset.lora);
@@ -577,6 +590,10 @@ async function rebind() {
     await refreshLoRAState();
   } finally {
     state.rebinding = false;
+  }
+  if (state.rebindAgain) {
+    state.rebindAgain = false;
+    return rebind();
   }
   refreshUsage();
 }
