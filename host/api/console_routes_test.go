@@ -1,8 +1,10 @@
 package api
 
 import (
+	"context"
 	"encoding/json"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -13,6 +15,7 @@ import (
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/job"
 	"github.com/arenahost/arenahost/host/samples"
+	"github.com/arenahost/arenahost/host/server"
 )
 
 func getInto(t *testing.T, f *fixture, path string, v any) {
@@ -210,5 +213,32 @@ func TestJobNeverRanHasNoElapsed(t *testing.T) {
 	getInto(t, f, "/v1/jobs/"+waiting, &s)
 	if s.State != job.StateCancelled || !s.Started.IsZero() || s.Elapsed != 0 {
 		t.Fatalf("job cancelled while queued: %s started %v elapsed %v", s.State, s.Started, s.Elapsed)
+	}
+}
+
+// On a device arena (the simulated device here) the usage and the history
+// carry the device's own memory figures.
+func TestArenaUsageOnDevice(t *testing.T) {
+	ctx := t.Context()
+	s, err := server.New(ctx, server.Config{DataDir: t.TempDir(), ArenaBackend: server.BackendCUDASim, ArenaCapacity: 1 << 30, Samples: true, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close(context.Background()) })
+	srv := httptest.NewServer(New(s, quiet))
+	t.Cleanup(srv.Close)
+	f := &fixture{s: s, srv: srv}
+	var u ArenaUsage
+	getInto(t, f, "/v1/arena/usage", &u)
+	if u.Device == nil || u.Device.Total == 0 || u.Device.Used < u.Allocated || u.Device.Used+u.Device.Free != u.Device.Total {
+		t.Fatalf("device memory %+v with %d bytes allocated in the arena", u.Device, u.Allocated)
+	}
+	if x := u.ByOwner[0]; x.Owner != "model:sample" || x.Purpose != PurposeModel {
+		t.Fatalf("largest owner on the device %+v, want the sample model", x)
+	}
+	var h ArenaHistory
+	getInto(t, f, "/v1/arena/history", &h)
+	if h.DeviceTotal != u.Device.Total || len(h.Samples) == 0 || h.Samples[0].DeviceUsed == 0 {
+		t.Fatalf("device history %+v", h)
 	}
 }
