@@ -503,6 +503,23 @@ func TestConsoleInChromium(t *testing.T) {
 		t.Fatalf("gallery holds %s pictures, want the one finished job", n)
 	}
 
+	// A job a script starts with a size the pipeline refuses fails: the
+	// list says so and who started it, and the pipeline's row, still
+	// serving, says its calls fail and why.
+	bad := postJSON(t, url+"v1/jobs", tok, `{"pipeline": "reference-pipeline", "params": {"steps": 4, "width": 20, "height": 16}}`)
+	until("failed job listed", fmt.Sprintf(`(() => { const r = document.querySelector('%s'); return r && r.dataset.state === "failed"; })()`, row(bad)), 30*time.Second)
+	if s := text(row(bad) + ` td.origin`); s != "API" {
+		t.Fatalf("origin of a job started through the API: %q", s)
+	}
+	if s := eval(`document.querySelector('` + row(bad) + ` td.state').title`); !strings.Contains(s, "width") {
+		t.Fatalf("failed job's state explains %q, want the pipeline's complaint about the width", s)
+	}
+	rp := `#plugins-body tr[data-plugin="reference-pipeline"]`
+	until("failing calls shown", `document.querySelector('`+rp+` td.state').textContent.includes("recent calls fail")`, 10*time.Second)
+	if s := text(rp + ` td.last-error`); !strings.Contains(s, "failed call") || !strings.Contains(s, "width") {
+		t.Fatalf("reference-pipeline last error %q: want the failed call and its reason", s)
+	}
+
 	// Kill a plugin: its row shows the crash, the restart and the error
 	// with its time.
 	var ps []struct {
@@ -579,6 +596,30 @@ func TestConsoleInChromium(t *testing.T) {
 	if len(consoleErrs) > 0 {
 		t.Fatalf("the browser console has %d errors:\n%s", len(consoleErrs), strings.Join(consoleErrs, "\n"))
 	}
+}
+
+// postJSON posts body with the token and returns the "id" of the answer.
+func postJSON(t *testing.T, url, token, body string) string {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out struct {
+		ID string `json:"id"`
+	}
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode/100 != 2 || json.Unmarshal(b, &out) != nil || out.ID == "" {
+		t.Fatalf("POST %s: %d %s", url, resp.StatusCode, b)
+	}
+	return out.ID
 }
 
 func getText(t *testing.T, url string) string {

@@ -225,6 +225,7 @@ const state = {
   history: [],
   lastSample: "",
   rebinding: false,
+  unloading: new Set(), // models whose unload is in flight
 };
 
 // ---- models ----
@@ -243,7 +244,7 @@ async function refreshModels() {
   renderModels();
   refreshModelFiles();
   for (const m of state.models) {
-    if (!(m.name in state.digests) && m.bytes <= 256 << 20) computeDigest(m.name);
+    if (!(m.name in state.digests) && m.bytes <= 256 << 20 && !state.unloading.has(m.name)) computeDigest(m.name);
   }
 }
 
@@ -317,6 +318,7 @@ function loraLine(st) {
 // computeDigest asks for the model's digest; an answer to an older request
 // than the newest is dropped (the bytes may have changed since).
 async function computeDigest(name) {
+  if (state.unloading.has(name)) return;
   const mine = { pending: true };
   state.digests[name] = mine;
   renderModels();
@@ -392,6 +394,7 @@ async function loadModel(ev) {
 }
 
 async function unloadModel(name, b) {
+  state.unloading.add(name); // no digest of a model on its way out
   await busy(b, "Unloading…", async () => {
     try {
       await api("DELETE", `/v1/models/${encodeURIComponent(name)}`);
@@ -403,6 +406,7 @@ async function unloadModel(name, b) {
     }
   });
   await refreshModels();
+  state.unloading.delete(name);
   refreshLoRAState();
   refreshUsage();
 }
@@ -802,6 +806,12 @@ function renderJobs() {
       const st = cell(tr, j.state, "State", "state state-" + j.state);
       if (j.state === "running" && j.progress) st.textContent = `running ${Math.round(100 * j.progress)}%`;
       if (j.error && j.state !== "done") st.title = j.error;
+      if (j.error && j.state === "failed") {
+        const why = document.createElement("div");
+        why.className = "err-text";
+        why.textContent = j.error.length > 160 ? j.error.slice(0, 160) + "…" : j.error;
+        st.append(why);
+      }
       cell(tr, j.pipeline, "Pipeline");
       cell(tr, stepsOf(j), "Steps", "steps");
       cell(tr, { console: "console", a1111: "A1111 API", comfyui: "ComfyUI", api: "API" }[j.origin] || j.origin || "API", "From", "origin");
