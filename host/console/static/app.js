@@ -417,8 +417,6 @@ function selectModel(name) {
   say("models-result", `Selected ${name}: its LoRAs are shown below.`, "models-error");
   renderModels();
   refreshLoRAState();
-  const f = document.querySelector(`#models-body button[data-key="${CSS.escape("select:" + name)}"]`);
-  if (f) $("lora-file").focus();
 }
 
 // ---- LoRAs of the selected model ----
