@@ -590,6 +590,7 @@ func TestConsoleInChromium(t *testing.T) {
 		t.Fatalf("at phone width these sections scroll sideways: %s", w)
 	}
 	shoot("console-phone.png", false, true)
+	shoot("console-phone-full.png", true, false)
 
 	consoleMu.Lock()
 	defer consoleMu.Unlock()
