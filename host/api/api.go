@@ -62,6 +62,7 @@ type API struct {
 	// Metrics is where routes and the job engine report what they observe.
 	Metrics *Metrics
 	loras   loraCache
+	history *arenaHistory // console_routes.go
 }
 
 // New returns the HTTP handler for s with default Options.
@@ -105,7 +106,8 @@ func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
 	a.mux.HandleFunc("GET /sdapi/v1/loras", a.sdapiLoRAs)
 	a.mux.HandleFunc("POST /sdapi/v1/txt2img", a.txt2img)
 	a.mux.Handle("GET /metrics", a.Metrics.Handler())
-	a.jobRoutes() // jobs.go: jobs, previews, A1111 progress, ComfyUI websocket
+	a.jobRoutes()     // jobs.go: jobs, previews, A1111 progress, ComfyUI websocket
+	a.consoleRoutes() // console_routes.go: model files, arena usage and history
 	a.mux.HandleFunc("/v1/", a.notFound)
 	a.mux.HandleFunc("/sdapi/", a.notFound)
 	a.mux.Handle("/", a.consoleOr404(console.Handler()))

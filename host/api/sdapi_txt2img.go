@@ -201,6 +201,7 @@ func resElapsed(res *lora.Result) (d time.Duration) {
 func (a *API) runImage(r *http.Request, pipe, prompt string, seed int64, req Txt2ImgRequest) (string, string, error) {
 	j, err := a.s.Jobs.Create(r.Context(), job.Spec{
 		Pipeline: pipe,
+		Origin:   job.OriginA1111,
 		Params:   map[string]any{"prompt": prompt, "steps": req.Steps, "seed": seed, "width": req.Width, "height": req.Height},
 		Preview:  job.Preview{Format: "png", MaxSide: max(req.Width, req.Height)},
 	})

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/arenahost/arenahost/host/job"
 	"github.com/arenahost/arenahost/internal/testenv"
 )
 
@@ -126,6 +127,12 @@ func TestTxt2Img(t *testing.T) {
 			}
 			if info.Pipeline != "test-pipeline" || len(info.Jobs) != tt.n || len(info.AllSeeds) != tt.n || info.Seed < 0 || strings.Contains(info.Prompt, "<lora") {
 				t.Fatalf("info %+v", info)
+			}
+			for _, id := range info.Jobs {
+				j, err := f.s.Jobs.Get(id)
+				if err != nil || j.Snapshot().Origin != job.OriginA1111 {
+					t.Fatalf("job %s of txt2img: %v, want origin %q in the job list", id, err, job.OriginA1111)
+				}
 			}
 			var st state
 			_, b, _ = f.do(t, call{method: "GET", path: "/v1/loras/state"})
