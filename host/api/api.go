@@ -61,6 +61,7 @@ type API struct {
 	// Metrics is where routes and the job engine report what they observe.
 	Metrics *Metrics
 	loras   loraCache
+	a1      a1111State // a1111_routes.go
 }
 
 // New returns the HTTP handler for s with default Options.
@@ -102,6 +103,7 @@ func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
 	a.mux.HandleFunc("GET /v1/loras/state", a.loraState)
 	a.mux.HandleFunc("GET /sdapi/v1/loras", a.sdapiLoRAs)
 	a.mux.HandleFunc("POST /sdapi/v1/txt2img", a.txt2img)
+	a.a1111Routes() // a1111_routes.go: sd-models, options, samplers, memory, skip …
 	a.mux.Handle("GET /metrics", a.Metrics.Handler())
 	a.jobRoutes() // jobs.go: jobs, previews, A1111 progress, ComfyUI websocket
 	a.mux.HandleFunc("/v1/", a.notFound)
