@@ -2,6 +2,7 @@ package api
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -200,7 +201,7 @@ func (a *API) checkpointTitle(model string) string {
 // resolveCheckpoint finds the checkpoint a client names (a title, a title
 // with " [hash]", a model_name, a file name or a registry name) and loads
 // it into the arena when it is not there yet. It returns the registry name.
-func (a *API) resolveCheckpoint(r *http.Request, name string) (string, error) {
+func (a *API) resolveCheckpoint(ctx context.Context, name string) (string, error) {
 	name = strings.TrimSpace(name)
 	if i := strings.LastIndex(name, " ["); i > 0 && strings.HasSuffix(name, "]") {
 		name = name[:i] // A1111 titles carry " [hash]"
@@ -236,8 +237,8 @@ func (a *API) resolveCheckpoint(r *http.Request, name string) (string, error) {
 			Err: fmt.Errorf("sd_model_checkpoint %q: a different model is loaded as %q; unload it first (DELETE /v1/models/%s)", name, reg, reg)}
 	}
 	a.log.Info("a1111: loading checkpoint", "title", hit.Title, "model", reg)
-	if _, err := a.s.Registry.Load(r.Context(), reg, hit.Filename); err != nil {
-		if st, _ := statusOf(err); st == http.StatusInternalServerError && !errors.Is(err, r.Context().Err()) {
+	if _, err := a.s.Registry.Load(ctx, reg, hit.Filename); err != nil {
+		if st, _ := statusOf(err); st == http.StatusInternalServerError && ctx.Err() == nil {
 			err = &StatusError{Status: http.StatusBadRequest, Code: "bad_model", Err: err}
 		}
 		return "", fmt.Errorf("sd_model_checkpoint %q: %w", name, err)
@@ -307,7 +308,7 @@ func (a *API) setOptions(w http.ResponseWriter, r *http.Request) {
 			a.fail(w, r, badRequest("option sd_model_checkpoint: %v is not a string", v))
 			return
 		}
-		m, err := a.resolveCheckpoint(r, s)
+		m, err := a.resolveCheckpoint(r.Context(), s)
 		if err != nil {
 			a.fail(w, r, err)
 			return

@@ -228,7 +228,7 @@ func (a *API) txt2img(w http.ResponseWriter, r *http.Request) {
 				a.fail(w, r, badRequest("override_settings.sd_model_checkpoint: %v is not a string", v))
 				return
 			}
-			m, err := a.resolveCheckpoint(r, s)
+			m, err := a.resolveCheckpoint(r.Context(), s)
 			if err != nil {
 				a.fail(w, r, err)
 				return
@@ -450,27 +450,35 @@ func (a *API) runJob(r *http.Request, run *t2iRun, pipe, model, prompt string, s
 // jobImage returns a finished job's image as a base64 PNG of the
 // requested size.
 func (a *API) jobImage(j *job.Job, req Txt2ImgRequest) (string, error) {
+	img, err := finalImage(j, req.Width, req.Height)
+	if err != nil {
+		return "", err
+	}
+	b64, _, err := encodePNG(j.ID(), img)
+	return b64, err
+}
+
+// finalImage returns a finished job's image scaled to w×h.
+func finalImage(j *job.Job, w, h int) (image.Image, error) {
 	s := j.Snapshot()
 	// A pipeline that decodes its own images (the diffusers pipeline's
 	// VAE) returns them as PNG bytes under "images": those are the answer.
 	// Otherwise the final latent, decoded by the preview plugin, is.
 	if img, ok, err := resultImage(s.Result); ok || err != nil {
 		if err != nil {
-			return "", fmt.Errorf("txt2img: job %s: %w", j.ID(), err)
+			return nil, fmt.Errorf("job %s: %w", j.ID(), err)
 		}
-		b64, _, err := encodePNG(j.ID(), resize(img, req.Width, req.Height))
-		return b64, err
+		return resize(img, w, h), nil
 	}
 	f := j.Frame()
 	if f == nil || f.Step != f.Total {
-		return "", fmt.Errorf("txt2img: job %s: no final preview frame (is a preview plugin serving?)", j.ID())
+		return nil, fmt.Errorf("job %s: no final preview frame (is a preview plugin serving?)", j.ID())
 	}
 	img, err := decodeFrame(f)
 	if err != nil {
-		return "", fmt.Errorf("txt2img: job %s: %w", j.ID(), err)
+		return nil, fmt.Errorf("job %s: %w", j.ID(), err)
 	}
-	b64, _, err := encodePNG(j.ID(), resize(img, req.Width, req.Height))
-	return b64, err
+	return resize(img, w, h), nil
 }
 
 // encodePNG answers img as a base64 PNG for job id.
