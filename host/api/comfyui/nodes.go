@@ -466,6 +466,8 @@ func toFloat(v any) (float64, bool) {
 		return x, true
 	case uint64:
 		return float64(x), true
+	case int:
+		return float64(x), true
 	}
 	return 0, false
 }

@@ -302,7 +302,7 @@ func (x *execution) execute() {
 	node := x.errNode
 	class := x.it.graph[node].ClassType
 	executed := append([]string{}, x.executed...)
-	if errors.Is(x.err, ErrInterrupted) || errors.Is(x.err, context.Canceled) {
+	if errors.Is(x.err, ErrInterrupted) || errors.Is(x.err, context.Canceled) || x.ctx.Err() != nil {
 		x.err = ErrInterrupted
 		x.message("execution_interrupted", map[string]any{"prompt_id": id, "node_id": node, "node_type": class, "executed": executed}, true)
 		return
