@@ -7,7 +7,9 @@ GO        ?= go
 PYTHON    ?= python3
 VENV      := .venv
 VENV_TORCH := .venv-torch
+VENV_CLIENTS := .venv-clients
 PY        := $(VENV)/bin/python
+PY_CLIENTS := $(VENV_CLIENTS)/bin/python
 PY_TORCH  := $(VENV_TORCH)/bin/python
 BIN       := bin
 GOBIN_DIR := $(CURDIR)/.cache/gobin
@@ -22,7 +24,7 @@ GO_PLUGINS := $(notdir $(wildcard plugins/*))
 # Python plugins shipped with the host (copied next to the Go plugins).
 PY_PLUGINS := reference_pipeline diffusers_flux
 
-.PHONY: help build run test test-go test-python bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean
+.PHONY: help build run test test-go test-python test-clients venv-clients bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -59,19 +61,29 @@ $(VENV_TORCH)/.stamp: python/requirements-core.txt python/requirements-torch.txt
 	$(PY_TORCH) -m pip install -q --disable-pip-version-check --no-deps -e sdk/python
 	@touch $@
 
+venv-clients: $(VENV_CLIENTS)/.stamp ## create the client-library environment (.venv-clients: webuiapi, comfy-api-simplified, comfy-catapult, comfy-headless)
+
+$(VENV_CLIENTS)/.stamp: python/requirements-clients.txt
+	@test -x $(PY_CLIENTS) || $(PYTHON) -m venv $(VENV_CLIENTS)
+	$(PY_CLIENTS) -m pip install -q --disable-pip-version-check -r python/requirements-clients.txt
+	@touch $@
+
 # Tests find the interpreters through these variables; with ARENAHOST_REQUIRE_PYTHON=1
 # a test that needs one fails instead of skipping.
 TEST_ENV := ARENAHOST_PYTHON=$(abspath $(PY)) ARENAHOST_TORCH_PYTHON=$(abspath $(PY_TORCH)) \
             ARENAHOST_REQUIRE_PYTHON=1 ARENAHOST_BIN=$(abspath $(BIN)) \
             ARENAHOST_ARTIFACTS=$(abspath .cache/artifacts)
 
-test: build venv venv-torch browser-deps test-go test-python test-cuda-fake ## run every test (Go, Python, then the -tags cuda build on fakecuda)
+test: build venv venv-torch venv-clients browser-deps test-go test-python test-clients test-cuda-fake ## run every test (Go, Python, the A1111/ComfyUI client libraries, then the -tags cuda build on fakecuda)
 
 test-go: ## Go tests only
 	$(TEST_ENV) $(GO) test $(GO_TEST_FLAGS) ./...
 
 test-python: ## Python SDK tests only
 	$(TEST_ENV) $(PY_TORCH) -m pytest -q sdk/python/tests
+
+test-clients: build venv venv-clients ## the real A1111/ComfyUI client libraries, unmodified, against a real `arenahost serve`
+	$(TEST_ENV) $(PY_CLIENTS) -m pytest -q -p no:warnings tests/clients
 
 browser-deps: ## install Debian's chromium for the console's browser test when it is missing
 	@command -v chromium >/dev/null || command -v $${ARENAHOST_CHROMIUM:-chromium} >/dev/null || { \
