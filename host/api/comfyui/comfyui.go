@@ -176,8 +176,11 @@ func cut(p string) (string, string, bool) {
 	return "", p, false
 }
 
+// serverFeatures are the flags /features and the websocket answer with:
+// ComfyUI's keys, true only for what arenahost does.
 func serverFeatures(maxUpload int64) map[string]any {
-	return map[string]any{"supports_preview_metadata": true, "max_upload_size": maxUpload}
+	return map[string]any{"supports_preview_metadata": true, "supports_model_type_tags": false, "max_upload_size": maxUpload,
+		"extension": map[string]any{"manager": map[string]any{"supports_v4": false}}, "node_replacements": false, "assets": false}
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

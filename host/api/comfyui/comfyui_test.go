@@ -37,7 +37,9 @@ func (f *fakeCore) LoadCheckpoint(_ context.Context, name string) (string, error
 	}
 	return "sample", nil
 }
-func (f *fakeCore) LoRAs() ([]string, error) { return []string{"a.safetensors", "sub/b.safetensors"}, nil }
+func (f *fakeCore) LoRAs() ([]string, error) {
+	return []string{"a.safetensors", "sub/b.safetensors"}, nil
+}
 func (f *fakeCore) ApplyLoRAs(_ context.Context, _ string, ls []LoRA) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()

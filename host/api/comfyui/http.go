@@ -380,7 +380,7 @@ func (s *Server) systemStats(w http.ResponseWriter, _ *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{
 		"system": map[string]any{
 			"os": runtime.GOOS, "ram_total": st.RAMTotal, "ram_free": st.RAMFree, "comfyui_version": Version,
-			"required_frontend_version": "", "installed_templates_version": nil, "required_templates_version": nil,
+			"required_frontend_version": "", "installed_templates_version": nil, "required_templates_version": "",
 			"comfy_package_versions": []any{}, "python_version": "arenahost (Go " + runtime.Version() + ")",
 			"pytorch_version": "", "embedded_python": false, "deploy_environment": "arenahost", "argv": argv,
 		},

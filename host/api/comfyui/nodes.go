@@ -54,10 +54,16 @@ func intIn(name string, def, lo float64, hi any) input {
 }
 
 func floatIn(name string, def, lo, hi, step float64) input {
-	return input{name: name, typ: "FLOAT", opts: map[string]any{"default": def, "min": lo, "max": hi, "step": step}}
+	return input{name: name, typ: "FLOAT", opts: map[string]any{"default": def, "min": lo, "max": hi, "step": step, "round": 0.01}}
 }
 
 func link(name, typ string) input { return input{name: name, typ: typ} }
+
+func seedIn() input {
+	in := intIn("seed", 0, 0, maxSeed)
+	in.opts["control_after_generate"] = true
+	return in
+}
 
 func combo(name string, f func(s *Server) []string) input {
 	return input{name: name, typ: "COMBO", combo: f, opts: map[string]any{}}
@@ -118,7 +124,7 @@ func init() {
 	register(&node{name: "ArenahostSampler", display: "Sample (arenahost)", category: "arenahost", arenahost: true,
 		description: "Runs the host's pipeline plugin (one job per image) and decodes the final latent; previews stream while it runs.",
 		inputs: []input{link("model", "MODEL"), {name: "prompt", typ: "STRING", opts: map[string]any{"default": "", "multiline": true}},
-			intIn("seed", 0, 0, maxSeed), intIn("steps", 20, 1, 1000), sizeIn("width"), sizeIn("height"), intIn("batch_size", 1, 1, 8)},
+			seedIn(), intIn("steps", 20, 1, 1000), sizeIn("width"), sizeIn("height"), intIn("batch_size", 1, 1, 8)},
 		outputs: []string{"LATENT"}, outputNames: []string{"LATENT"}, run: runArenahostSampler})
 	register(&node{name: "ArenahostDecode", display: "Decode (arenahost)", category: "arenahost", arenahost: true,
 		description: "Turns a sampled latent into images (the sampler already decoded them).",
@@ -162,7 +168,7 @@ func init() {
 	}
 	register(&node{name: "KSampler", display: "KSampler", category: "sampling",
 		description: "arenahost: runs the pipeline plugin (flow-matching Euler; cfg and the negative prompt are not used by the pipelines).",
-		inputs: []input{link("model", "MODEL"), intIn("seed", 0, 0, maxSeed), intIn("steps", 20, 1, 1000), floatIn("cfg", 8, 0, 100, 0.1),
+		inputs: []input{link("model", "MODEL"), seedIn(), intIn("steps", 20, 1, 1000), floatIn("cfg", 8, 0, 100, 0.1),
 			combo("sampler_name", fixed(samplerNames...)), combo("scheduler", fixed(schedulerNames...)),
 			link("positive", "CONDITIONING"), link("negative", "CONDITIONING"), link("latent_image", "LATENT"), floatIn("denoise", 1, 1, 1, 0.01)},
 		outputs: []string{"LATENT"}, outputNames: []string{"LATENT"}, run: runKSampler})
@@ -180,20 +186,49 @@ func init() {
 		outputs:     []string{}, outputNames: []string{}, run: runSave("temp")})
 }
 
+// tooltips describe inputs by name, as ComfyUI's inputs carry tooltips.
+var tooltips = map[string]string{
+	"model":          "The model (an NF4 checkpoint in the arena, with its LoRAs).",
+	"seed":           "The random seed of the noise (taken modulo 2^63).",
+	"steps":          "The number of sampling steps.",
+	"cfg":            "Accepted for compatibility; the pipelines do not use classifier-free guidance.",
+	"sampler_name":   "The pipelines sample with flow-matching Euler.",
+	"scheduler":      "The pipelines' schedule, σ = 1 → 0.",
+	"positive":       "The prompt (its text goes to the pipeline).",
+	"negative":       "Not used by the pipelines.",
+	"latent_image":   "The size and batch to sample.",
+	"denoise":        "Must be 1: the pipelines sample from noise.",
+	"lora_name":      "A LoRA file under the LoRA directory.",
+	"strength":       "How strongly the LoRA modifies the model.",
+	"strength_model": "How strongly the LoRA modifies the model.",
+	"strength_clip":  "Not applied: the text encoder is the pipeline's own.",
+	"mode":           "side: exact low-rank side factors; fuse: written into the NF4 bytes, restored byte-exact.",
+	"images":         "The images to save.",
+	"samples":        "The sampled latent.",
+}
+
+func (in input) spec(s *Server) []any {
+	opts := map[string]any{}
+	for k, v := range in.opts {
+		opts[k] = v
+	}
+	tip := tooltips[in.name]
+	if tip == "" {
+		tip = in.name
+	}
+	opts["tooltip"] = tip
+	if in.typ == "COMBO" {
+		return []any{in.combo(s), opts}
+	}
+	return []any{in.typ, opts}
+}
+
 // info is a node's /object_info entry.
 func (n *node) info(s *Server) map[string]any {
 	req, opt := map[string]any{}, map[string]any{}
 	var reqOrder, optOrder []string
 	for _, in := range n.inputs {
-		var spec []any
-		switch {
-		case in.typ == "COMBO":
-			spec = []any{in.combo(s), in.opts}
-		case in.opts != nil:
-			spec = []any{in.typ, in.opts}
-		default:
-			spec = []any{in.typ}
-		}
+		spec := in.spec(s)
 		if in.optional {
 			opt[in.name] = spec
 			optOrder = append(optOrder, in.name)
@@ -212,9 +247,13 @@ func (n *node) info(s *Server) map[string]any {
 		module = "arenahost"
 	}
 	isList := make([]bool, len(n.outputs))
+	outTips := make([]string, len(n.outputs))
+	for i, o := range n.outputs {
+		outTips[i] = "The " + o + "."
+	}
 	return map[string]any{
 		"input": inputs, "input_order": order, "is_input_list": false,
-		"output": nonNil(n.outputs), "output_is_list": isList, "output_name": nonNil(n.outputNames),
+		"output": nonNil(n.outputs), "output_is_list": isList, "output_name": nonNil(n.outputNames), "output_tooltips": outTips,
 		"name": n.name, "display_name": n.display, "description": n.description, "python_module": module,
 		"category": n.category, "output_node": n.outputNode, "has_intermediate_output": false, "search_aliases": []string{},
 	}
@@ -398,6 +437,7 @@ func checkValue(s *Server, in input, val any) map[string]any {
 	bad := func(typ, msg string) map[string]any {
 		e := verr(typ, msg, in.name, in.name)
 		e["extra_info"].(map[string]any)["received_value"] = val
+		e["extra_info"].(map[string]any)["input_config"] = in.spec(s)
 		return e
 	}
 	switch in.typ {
