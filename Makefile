@@ -24,7 +24,7 @@ GO_PLUGINS := $(notdir $(wildcard plugins/*))
 # Python plugins shipped with the host (copied next to the Go plugins).
 PY_PLUGINS := reference_pipeline diffusers_flux
 
-.PHONY: help build run test test-go test-python test-clients venv-clients bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean
+.PHONY: help build run test test-go test-python test-clients venv-clients comfy-frontend bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -68,13 +68,27 @@ $(VENV_CLIENTS)/.stamp: python/requirements-clients.txt
 	$(PY_CLIENTS) -m pip install -q --disable-pip-version-check -r python/requirements-clients.txt
 	@touch $@
 
+# ComfyUI's web frontend, served by `arenahost serve` under /comfy/ (optional:
+# without it /comfy/ says how to install it). Unpacked without source maps.
+COMFY_FRONTEND := comfyui-frontend-package==1.58.1
+COMFY_FRONTEND_DIR := .cache/comfy-frontend
+
+comfy-frontend: $(COMFY_FRONTEND_DIR)/.stamp ## fetch ComfyUI's web frontend ($(COMFY_FRONTEND)) into .cache/comfy-frontend/static
+
+$(COMFY_FRONTEND_DIR)/.stamp: scripts/unpack-comfy-frontend.py
+	@rm -rf $(COMFY_FRONTEND_DIR) && mkdir -p $(COMFY_FRONTEND_DIR)/wheel
+	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps $(COMFY_FRONTEND) -d $(COMFY_FRONTEND_DIR)/wheel
+	$(PYTHON) scripts/unpack-comfy-frontend.py $(COMFY_FRONTEND_DIR)/wheel/*.whl $(COMFY_FRONTEND_DIR)/static
+	@rm -rf $(COMFY_FRONTEND_DIR)/wheel
+	@touch $@
+
 # Tests find the interpreters through these variables; with ARENAHOST_REQUIRE_PYTHON=1
 # a test that needs one fails instead of skipping.
 TEST_ENV := ARENAHOST_PYTHON=$(abspath $(PY)) ARENAHOST_TORCH_PYTHON=$(abspath $(PY_TORCH)) \
             ARENAHOST_REQUIRE_PYTHON=1 ARENAHOST_BIN=$(abspath $(BIN)) \
-            ARENAHOST_ARTIFACTS=$(abspath .cache/artifacts)
+            ARENAHOST_ARTIFACTS=$(abspath .cache/artifacts) ARENAHOST_COMFY_FRONTEND=$(abspath $(COMFY_FRONTEND_DIR)/static)
 
-test: build venv venv-torch venv-clients browser-deps test-go test-python test-clients test-cuda-fake ## run every test (Go, Python, the A1111/ComfyUI client libraries, then the -tags cuda build on fakecuda)
+test: build venv venv-torch venv-clients comfy-frontend browser-deps test-go test-python test-clients test-cuda-fake ## run every test (Go, Python, the A1111/ComfyUI client libraries, then the -tags cuda build on fakecuda)
 
 test-go: ## Go tests only
 	$(TEST_ENV) $(GO) test $(GO_TEST_FLAGS) ./...

@@ -45,6 +45,9 @@ type Options struct {
 	Pipeline string
 	// Metrics receives observations; a new one over the server when nil.
 	Metrics *Metrics
+	// ComfyFrontend is comfyui-frontend-package's static/ folder, served
+	// under /comfy/ ("": a page says how to install it).
+	ComfyFrontend string
 }
 
 // Defaults for Options.

@@ -20,7 +20,7 @@ import (
 // DATA/comfyui.
 func (a *API) comfyRoutes() {
 	dir := filepath.Join(a.s.Config().DataDir, "comfyui")
-	c, err := comfyui.New(comfyCore{a}, comfyui.Options{Dir: dir, Logger: a.log, MaxUpload: a.opts.MaxBody})
+	c, err := comfyui.New(comfyCore{a}, comfyui.Options{Dir: dir, Logger: a.log, MaxUpload: a.opts.MaxBody, Frontend: a.opts.ComfyFrontend})
 	if err != nil {
 		a.log.Error("comfyui routes disabled", "err", err)
 		return

@@ -97,6 +97,9 @@ type Options struct {
 	MaxUpload int64
 	// MaxHistory bounds the history kept (default 10000, as ComfyUI).
 	MaxHistory int
+	// Frontend is the static/ folder of comfyui-frontend-package, served
+	// under /comfy/; "" serves a page saying how to install it.
+	Frontend string
 }
 
 // Server serves ComfyUI's API over a Core.
@@ -135,12 +138,16 @@ func New(core Core, o Options) (*Server, error) {
 // Close stops the executor (the running prompt is interrupted).
 func (s *Server) Close() { s.q.close() }
 
-// Register adds every route at /X and /api/X, as ComfyUI does.
+type route struct {
+	pattern string
+	h       http.HandlerFunc
+}
+
+// Register adds every route at /X and /api/X, as ComfyUI does, and under
+// /comfy/api/X for the frontend served at /comfy/ (it builds its URLs from
+// the page's path).
 func (s *Server) Register(mux *http.ServeMux) {
-	routes := []struct {
-		pattern string
-		h       http.HandlerFunc
-	}{
+	routes := []route{
 		{"GET /ws", s.serveWS},
 		{"POST /prompt", s.postPrompt},
 		{"GET /prompt", s.getPrompt},
@@ -160,11 +167,17 @@ func (s *Server) Register(mux *http.ServeMux) {
 		{"GET /extensions", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, 200, []string{}) }},
 		{"GET /features", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, 200, serverFeatures(s.opts.MaxUpload)) }},
 	}
+	fe := &frontend{s: s, static: s.opts.Frontend}
+	routes = append(routes, fe.routes()...)
 	for _, r := range routes {
 		mux.HandleFunc(r.pattern, r.h)
 		method, path, _ := cut(r.pattern)
 		mux.HandleFunc(method+" /api"+path, r.h)
+		mux.HandleFunc(method+" /comfy/api"+path, r.h)
 	}
+	mux.HandleFunc("GET /comfy/ws", s.serveWS)
+	mux.HandleFunc("GET /comfy/", fe.serveStatic)
+	mux.Handle("GET /comfy", http.RedirectHandler("/comfy/", http.StatusMovedPermanently))
 }
 
 func cut(p string) (string, string, bool) {
