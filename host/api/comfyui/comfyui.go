@@ -177,6 +177,10 @@ func (s *Server) Register(mux *http.ServeMux) {
 	}
 	mux.HandleFunc("GET /comfy/ws", s.serveWS)
 	mux.HandleFunc("GET /comfy/", fe.serveStatic)
+	if fe.static != "" {
+		// The frontend names some images by absolute paths.
+		mux.HandleFunc("GET /assets/", fe.serveRootAssets)
+	}
 	mux.Handle("GET /comfy", http.RedirectHandler("/comfy/", http.StatusMovedPermanently))
 }
 

@@ -210,9 +210,13 @@ func (f *frontend) getUserdata(w http.ResponseWriter, r *http.Request) {
 	}
 	b, err := os.ReadFile(p)
 	if err != nil {
-		if name == "user.css" {
+		switch name {
+		case "user.css": // the frontend asks for it on every start
 			w.Header().Set("Content-Type", "text/css")
 			w.WriteHeader(200)
+			return
+		case "comfy.templates.json": // no workflow templates are installed
+			writeJSON(w, 200, []any{})
 			return
 		}
 		http.NotFound(w, r)
@@ -433,6 +437,21 @@ func historyJob(id string, h *histEntry) map[string]any {
 	}
 	j["outputs_count"] = n
 	return j
+}
+
+// serveRootAssets serves the files the frontend names by absolute paths
+// (/assets/images/…, /assets/favicon.ico) from its static/assets folder.
+func (f *frontend) serveRootAssets(w http.ResponseWriter, r *http.Request) {
+	p, ok := confined(filepath.Join(f.static, "assets"), "", strings.TrimPrefix(r.URL.Path, "/assets/"))
+	if !ok {
+		http.NotFound(w, r)
+		return
+	}
+	if st, err := os.Stat(p); err != nil || st.IsDir() {
+		http.NotFound(w, r)
+		return
+	}
+	http.ServeFile(w, r, p)
 }
 
 // serveStatic serves the frontend's files under /comfy/, or a page that
