@@ -414,3 +414,73 @@ func TestQueueInterruptAndUpload(t *testing.T) {
 		t.Fatalf("different file, same name: %v", r)
 	}
 }
+
+func TestFrontendRoutes(t *testing.T) {
+	_, srv := newTestServer(t, &fakeCore{})
+	var settings map[string]any
+	get(t, srv.URL+"/comfy/api/settings", &settings)
+	if settings["Comfy.TutorialCompleted"] != true || settings["Comfy.Notification.ShowVersionUpdates"] != false {
+		t.Fatalf("settings %v", settings)
+	}
+	if status, _ := post(t, srv.URL+"/api/settings/Comfy.ColorPalette", "light"); status != 200 {
+		t.Fatal(status)
+	}
+	if status, _ := post(t, srv.URL+"/api/settings", map[string]any{"Comfy.TutorialCompleted": false, "x": 1}); status != 200 {
+		t.Fatal(status)
+	}
+	var v any
+	get(t, srv.URL+"/api/settings/Comfy.ColorPalette", &v)
+	get(t, srv.URL+"/api/settings", &settings)
+	if v != "light" || settings["Comfy.TutorialCompleted"] != false || settings["x"] != float64(1) {
+		t.Fatalf("settings after posts %v %v", v, settings)
+	}
+	var users map[string]any
+	get(t, srv.URL+"/api/users", &users)
+	if users["storage"] != "server" || users["migrated"] != true {
+		t.Fatalf("users %v", users)
+	}
+	var list []any
+	if get(t, srv.URL+"/api/userdata?dir=workflows", &list); len(list) != 0 {
+		t.Fatalf("empty userdata %v", list)
+	}
+	req, _ := http.NewRequest("POST", srv.URL+"/api/userdata/workflows%2Fa.json", strings.NewReader(`{"nodes": []}`))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("post userdata: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	if get(t, srv.URL+"/api/userdata?dir=workflows", &list); len(list) != 1 || list[0] != "a.json" {
+		t.Fatalf("userdata %v", list)
+	}
+	var wf map[string]any
+	if get(t, srv.URL+"/api/userdata/workflows%2Fa.json", &wf); wf["nodes"] == nil {
+		t.Fatalf("userdata file %v", wf)
+	}
+	for _, bad := range []string{"/api/userdata/..%2F..%2Fetc%2Fpasswd", "/api/userdata?dir=..%2F.."} {
+		resp, err := http.Get(srv.URL + bad)
+		if err != nil || resp.StatusCode != 403 {
+			t.Fatalf("GET %s: %v %v", bad, resp, err)
+		}
+		resp.Body.Close()
+	}
+	var jobs struct {
+		Jobs       []map[string]any `json:"jobs"`
+		Pagination map[string]any   `json:"pagination"`
+	}
+	if get(t, srv.URL+"/api/jobs?status=in_progress,pending", &jobs); len(jobs.Jobs) != 0 || jobs.Pagination["total"] != float64(0) {
+		t.Fatalf("jobs %+v", jobs)
+	}
+	if status := get(t, srv.URL+"/api/jobs?status=nope", nil); status != 400 {
+		t.Fatalf("bad status filter: %d", status)
+	}
+	// Without the package, /comfy/ says how to install it.
+	resp, err = http.Get(srv.URL + "/comfy/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 404 || !strings.Contains(string(b), FrontendPackage) || !strings.Contains(string(b), "--comfy-frontend") {
+		t.Fatalf("/comfy/ without the frontend: %d %s", resp.StatusCode, b)
+	}
+}
