@@ -67,6 +67,7 @@ type API struct {
 	loras   loraCache
 	a1      a1111State      // a1111_routes.go
 	comfy   *comfyui.Server // comfy.go
+	gen     genLock         // generate.go
 }
 
 // New returns the HTTP handler for s with default Options.

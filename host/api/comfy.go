@@ -66,7 +66,8 @@ func (c comfyCore) LoRAs() ([]string, error) {
 	return out, err
 }
 
-func (c comfyCore) ApplyLoRAs(ctx context.Context, model string, ls []comfyui.LoRA) error {
+// applyLoRAs makes exactly ls active on model.
+func (c comfyCore) applyLoRAs(ctx context.Context, model string, ls []comfyui.LoRA) error {
 	if c.a.s.LoRAs == nil {
 		if len(ls) > 0 {
 			return errors.New("this host runs no LoRA coordinator")
@@ -101,6 +102,14 @@ func (c comfyCore) Sample(ctx context.Context, s comfyui.Sampling, ev comfyui.Ev
 	pipe, err := c.a.pipeline()
 	if err != nil {
 		return nil, err
+	}
+	release, err := c.a.gen.acquire(ctx)
+	if err != nil {
+		return nil, comfyui.ErrInterrupted
+	}
+	defer release()
+	if err := c.applyLoRAs(ctx, s.Model, s.LoRAs); err != nil {
+		return nil, fmt.Errorf("apply LoRAs: %w", err)
 	}
 	j, err := c.a.s.Jobs.Create(ctx, job.Spec{
 		Pipeline: pipe,

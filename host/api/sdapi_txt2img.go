@@ -321,6 +321,12 @@ func (a *API) txt2img(w http.ResponseWriter, r *http.Request) {
 	for _, m := range warnings {
 		a.log.Warn("a1111 txt2img: "+m, "path", r.URL.Path)
 	}
+	release, err := a.gen.acquire(r.Context())
+	if err != nil {
+		a.fail(w, r, fmt.Errorf("txt2img: waiting for the generation before it: %w", err))
+		return
+	}
+	defer release()
 	if a.s.LoRAs != nil {
 		res, err := a.s.LoRAs.Apply(r.Context(), lora.Request{Model: model, Mode: lora.ModeSide, LoRAs: entries})
 		a.Metrics.ObserveApply("apply", lora.ModeSide, resElapsed(res), err)

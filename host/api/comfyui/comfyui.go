@@ -37,9 +37,10 @@ type LoRA struct {
 	Mode     string
 }
 
-// Sampling is one pipeline run.
+// Sampling is one pipeline run with the LoRAs its model carries.
 type Sampling struct {
 	Model         string // registry name
+	LoRAs         []LoRA // applied, all in one mode, just before the run (none: removed)
 	Prompt        string
 	Seed          int64
 	Steps         int
@@ -76,10 +77,9 @@ type Core interface {
 	LoadCheckpoint(ctx context.Context, name string) (string, error)
 	// LoRAs lists the LoRA names LoRA nodes may name.
 	LoRAs() ([]string, error)
-	// ApplyLoRAs makes exactly these LoRAs active on model (none removes
-	// them); all share one mode.
-	ApplyLoRAs(ctx context.Context, model string, loras []LoRA) error
-	// Sample runs the pipeline once and returns the final image at the
+	// Sample makes exactly the sampling's LoRAs active on its model, runs
+	// the pipeline once (the two together, so that no other generation
+	// changes the LoRAs in between) and returns the final image at the
 	// requested size; a cancelled job returns ErrInterrupted.
 	Sample(ctx context.Context, s Sampling, ev Events) (image.Image, error)
 	// Free removes the applied LoRAs (unload) as /free asks.

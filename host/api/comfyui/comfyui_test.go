@@ -40,13 +40,10 @@ func (f *fakeCore) LoadCheckpoint(_ context.Context, name string) (string, error
 func (f *fakeCore) LoRAs() ([]string, error) {
 	return []string{"a.safetensors", "sub/b.safetensors"}, nil
 }
-func (f *fakeCore) ApplyLoRAs(_ context.Context, _ string, ls []LoRA) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.applied = append(f.applied, ls)
-	return nil
-}
 func (f *fakeCore) Sample(ctx context.Context, s Sampling, ev Events) (image.Image, error) {
+	f.mu.Lock()
+	f.applied = append(f.applied, s.LoRAs)
+	f.mu.Unlock()
 	for i := 1; i <= 2; i++ {
 		ev.Progress(i, 2)
 		if ev.Frame != nil {
@@ -316,7 +313,7 @@ func TestRunAndWebsocket(t *testing.T) {
 		resp.Body.Close()
 	}
 	core.mu.Lock()
-	if len(core.applied) != 3 || len(core.applied[0]) != 1 || core.applied[0][0] != (LoRA{Name: "sub/b.safetensors", Strength: 0.5, Mode: "side"}) {
+	if len(core.applied) != 6 || len(core.applied[0]) != 1 || core.applied[0][0] != (LoRA{Name: "sub/b.safetensors", Strength: 0.5, Mode: "side"}) {
 		t.Fatalf("LoRAs applied %v", core.applied)
 	}
 	core.mu.Unlock()

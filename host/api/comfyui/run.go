@@ -112,9 +112,6 @@ func (x *execution) sample(id string, m modelVal, prompt string, seed int64, ste
 			return nil, fmt.Errorf("model: LoRAs %q (%s) and %q (%s): one model chain applies its LoRAs in one mode", m.loras[0].Name, m.loras[0].Mode, l.Name, l.Mode)
 		}
 	}
-	if err := x.s.core.ApplyLoRAs(x.ctx, m.model, m.loras); err != nil {
-		return nil, fmt.Errorf("apply LoRAs: %w", err)
-	}
 	c := x.s.hub.get(x.it.clientID)
 	previews := c != nil && c.wantsPreviews(x.it.extra)
 	var imgs []image.Image
@@ -125,7 +122,7 @@ func (x *execution) sample(id string, m modelVal, prompt string, seed int64, ste
 		if previews {
 			ev.Frame = func(format string, data []byte) { c.preview(format, data, x.it.id, id) }
 		}
-		img, err := x.s.core.Sample(x.ctx, Sampling{Model: m.model, Prompt: prompt, Seed: seed + int64(i), Steps: steps, Width: w, Height: h}, ev)
+		img, err := x.s.core.Sample(x.ctx, Sampling{Model: m.model, LoRAs: m.loras, Prompt: prompt, Seed: seed + int64(i), Steps: steps, Width: w, Height: h}, ev)
 		if err != nil {
 			return nil, err
 		}
