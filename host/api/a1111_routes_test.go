@@ -147,4 +147,34 @@ func TestA1111Routes(t *testing.T) {
 	if len(info.LoRAs) != 1 || info.LoRAs[0].Name != "styles/deep" || len(info.Warnings) != 0 || info.SDModelName != "sample" {
 		t.Fatalf("info %+v", info)
 	}
+
+	// Selecting a checkpoint that is not loaded loads it into the arena
+	// and txt2img runs on it.
+	m, err := os.ReadFile(filepath.Join(f.data, "models", samples.ModelFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(f.data, "models", "more"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(f.data, "models", "more", "second model.safetensors"), m, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if status, b, _ := f.do(t, call{method: "POST", path: "/sdapi/v1/options", body: `{"sd_model_checkpoint": "more/second model.safetensors"}`}); status != 200 {
+		t.Fatalf("select second: %d %s", status, b)
+	}
+	if _, ok := f.s.Registry.Model("more_second_model"); !ok {
+		t.Fatal("the second checkpoint is not in the registry")
+	}
+	get("/sdapi/v1/options", &opts)
+	get("/sdapi/v1/sd-models", &models)
+	if opts["sd_model_checkpoint"] != "more/second model.safetensors" || len(models) != 2 {
+		t.Fatalf("options %v models %v", opts["sd_model_checkpoint"], models)
+	}
+	status, body, _ = f.do(t, call{method: "POST", path: "/sdapi/v1/txt2img", body: `{"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler"}`})
+	mustJSON(t, body, &res)
+	mustJSON(t, []byte(res.Info), &info)
+	if status != 200 || info.SDModelName != "more_second_model" {
+		t.Fatalf("txt2img on the second checkpoint: %d %+v", status, info)
+	}
 }

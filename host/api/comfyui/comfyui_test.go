@@ -28,6 +28,7 @@ type fakeCore struct {
 	mu      sync.Mutex
 	applied [][]LoRA
 	release chan struct{} // when set, Sample waits for it (or the context)
+	fail    error         // when set, Sample fails with it
 }
 
 func (f *fakeCore) Checkpoints() ([]string, error) { return []string{"model.safetensors"}, nil }
@@ -44,6 +45,9 @@ func (f *fakeCore) Sample(ctx context.Context, s Sampling, ev Events) (image.Ima
 	f.mu.Lock()
 	f.applied = append(f.applied, s.LoRAs)
 	f.mu.Unlock()
+	if f.fail != nil {
+		return nil, f.fail
+	}
 	for i := 1; i <= 2; i++ {
 		ev.Progress(i, 2)
 		if ev.Frame != nil {
@@ -479,5 +483,37 @@ func TestFrontendRoutes(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != 404 || !strings.Contains(string(b), FrontendPackage) || !strings.Contains(string(b), "--comfy-frontend") {
 		t.Fatalf("/comfy/ without the frontend: %d %s", resp.StatusCode, b)
+	}
+}
+
+func TestExecutionError(t *testing.T) {
+	_, srv := newTestServer(t, &fakeCore{fail: fmt.Errorf("pipeline job j-1 failed: out of arena")})
+	ws := dial(t, srv, "clientId=e", nil)
+	ws.until(t, "status")
+	_, out := post(t, srv.URL+"/prompt", map[string]any{"prompt": graph(nil), "client_id": "e"})
+	m := ws.until(t, "execution_error")
+	d := m["data"].(map[string]any)
+	if d["prompt_id"] != out["prompt_id"] || d["node_id"] != "5" || d["node_type"] != "KSampler" || !strings.Contains(d["exception_message"].(string), "out of arena") {
+		t.Fatalf("execution_error %v", d)
+	}
+	id := out["prompt_id"].(string)
+	var hist map[string]map[string]any
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		get(t, srv.URL+"/history/"+id, &hist)
+		if hist[id] != nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	st := hist[id]["status"].(map[string]any)
+	if st["status_str"] != "error" || st["completed"] != false {
+		t.Fatalf("history status %v", st)
+	}
+	var jobs struct {
+		Jobs []map[string]any `json:"jobs"`
+	}
+	get(t, srv.URL+"/api/jobs?status=failed", &jobs)
+	if len(jobs.Jobs) != 1 || jobs.Jobs[0]["id"] != id || jobs.Jobs[0]["execution_error"] == nil {
+		t.Fatalf("jobs %v", jobs.Jobs)
 	}
 }
