@@ -118,6 +118,7 @@ func (x *execution) sample(id string, m modelVal, prompt string, seed int64, ste
 	for i := range max(n, 1) {
 		ev := Events{Progress: func(step, total int) {
 			x.s.hub.send(x.it.clientID, "progress", map[string]any{"value": step, "max": total, "prompt_id": x.it.id, "node": id})
+			x.progressState(id, "running", step, total)
 		}}
 		if previews {
 			ev.Frame = func(format string, data []byte) { c.preview(format, data, x.it.id, id) }
@@ -128,7 +129,17 @@ func (x *execution) sample(id string, m modelVal, prompt string, seed int64, ste
 		}
 		imgs = append(imgs, img)
 	}
+	x.progressState(id, "finished", steps, steps)
 	return imgs, nil
+}
+
+// progressState sends ComfyUI's progress_state for the sampling node (the
+// frontend draws node progress bars from it).
+func (x *execution) progressState(id, state string, value, max int) {
+	x.s.hub.send(x.it.clientID, "progress_state", map[string]any{"prompt_id": x.it.id, "nodes": map[string]any{
+		id: map[string]any{"value": value, "max": max, "state": state, "node_id": id, "prompt_id": x.it.id,
+			"display_node_id": id, "parent_node_id": nil, "real_node_id": id},
+	}})
 }
 
 // prefixRe keeps file-name prefixes to safe characters.

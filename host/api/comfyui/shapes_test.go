@@ -260,7 +260,7 @@ func TestShapesMatchComfyUI(t *testing.T) {
 	got["POST /upload/image"] = reference{Status: resp.StatusCode, Shape: shapeOf(up, false)}
 
 	// Message types ComfyUI sends that arenahost does not (docs/api.md).
-	notSent := map[string]bool{"ws progress_state": true}
+	notSent := map[string]bool{}
 	names := make([]string, 0, len(ref))
 	for k := range ref {
 		names = append(names, k)
