@@ -194,8 +194,20 @@ func TestFrontendInChromium(t *testing.T) {
 	step("open the frontend", chromedp.Navigate(base+"/comfy/"),
 		chromedp.Poll[chromedp.Void](`!!(window.app && window.app.graph && window.app.api && window.app.api.clientId)`, chromedp.WithPollingTimeout(60*time.Second)))
 	if _, err := chromedp.Run(bctx, chromedp.Evaluate[bool](`(async () => {
-		window.__previews = 0; window.__executed = 0;
-		app.api.addEventListener("b_preview_with_metadata", () => { window.__previews++; });
+		window.__previews = 0; window.__executed = 0; window.__previewDrawn = false;
+		// A type-4 frame becomes the KSampler node's preview image (a blob
+		// URL in the app's node previews); it must decode as an image.
+		app.api.addEventListener("b_preview_with_metadata", (e) => {
+			window.__previews++;
+			if (e.detail.nodeId !== "3") return;
+			setTimeout(() => {
+				const urls = (app.nodePreviewImages || {})["3"];
+				if (!urls || !urls[0]) return;
+				const im = new Image();
+				im.onload = () => { if (im.naturalWidth > 0) window.__previewDrawn = true; };
+				im.src = urls[0];
+			}, 0);
+		});
 		app.api.addEventListener("executed", () => { window.__executed++; });
 		await app.loadApiJson(`+graph+`, "arenahost.json");
 		await app.queuePrompt(0, 1);
@@ -203,7 +215,7 @@ func TestFrontendInChromium(t *testing.T) {
 	})()`, chromedp.EvalAwaitPromise)); err != nil {
 		t.Fatalf("load and queue the graph: %v (problems: %v)", err, problems)
 	}
-	step("previews reach the sampler node", chromedp.Poll[chromedp.Void](`window.__previews > 0`, chromedp.WithPollingTimeout(60*time.Second)))
+	step("a type-4 preview draws on the sampler node", chromedp.Poll[chromedp.Void](`window.__previews > 0 && window.__previewDrawn`, chromedp.WithPollingTimeout(60*time.Second)))
 	step("the saved image is displayed", chromedp.Poll[chromedp.Void](`window.__executed > 0 && Array.from(document.images).some(i => i.src.includes("/api/view") && i.src.includes("frontend_") && i.complete && i.naturalWidth === 256)`,
 		chromedp.WithPollingTimeout(90*time.Second)))
 	resp, err := http.Get(base + "/history?max_items=1")
