@@ -93,6 +93,8 @@ def host(tmp_path_factory) -> Host:
         # A LoRA in a subfolder, named by its bare name in prompts, as A1111 does.
         (data / "loras" / "styles").mkdir()
         shutil.copy(data / "loras" / "flux-sample-kohya-lora.safetensors", data / "loras" / "styles" / "deep-style.safetensors")
+        # A second checkpoint, not loaded until a client selects it.
+        shutil.copy(data / "models" / "flux-sample-nf4.safetensors", data / "models" / "second-nf4.safetensors")
         yield h
     finally:
         proc.terminate()

@@ -34,7 +34,7 @@ def client(host):
 
 def test_listings(client):
     assert client.is_online()
-    assert client.get_checkpoints() == ["flux-sample-nf4.safetensors"]
+    assert client.get_checkpoints() == ["flux-sample-nf4.safetensors", "second-nf4.safetensors"]
     assert client.get_samplers() == ["euler"]
     assert client.get_schedulers() == ["simple", "normal"]
     assert {"flux-sample-kohya-lora.safetensors", "styles/deep-style.safetensors"} <= set(client.get_loras())

@@ -44,7 +44,7 @@ def run_in_thread(fn, **kw):
 
 
 def test_lists_models_samplers_loras_and_memory(api, host):
-    assert api.util_get_model_names() == ["flux-sample-nf4.safetensors"]
+    assert api.util_get_model_names() == ["flux-sample-nf4.safetensors", "second-nf4.safetensors"]
     m = api.get_sd_models()[0]
     assert set(m) >= {"title", "model_name", "hash", "sha256", "filename", "config"}
     assert api.util_get_current_model() == "flux-sample-nf4.safetensors"
@@ -64,9 +64,15 @@ def test_options_keep_unknown_keys_and_select_the_checkpoint(api):
     api.set_options({"my_extension_setting": {"a": [1, 2]}, "samples_format": "jpg"})
     opts = api.get_options()
     assert opts["my_extension_setting"] == {"a": [1, 2]} and opts["samples_format"] == "jpg"
-    # util_set_model lower-cases the name and picks the closest title.
+    # util_set_model lower-cases the name and picks the closest title; the
+    # second checkpoint is loaded into the arena then, and txt2img runs on it.
+    api.util_set_model("Second-NF4")
+    assert api.util_get_current_model() == "second-nf4.safetensors"
+    r = api.txt2img(prompt="a cat", steps=2, width=64, height=64)
+    assert r.info["sd_model_name"] == "second-nf4"
     api.util_set_model("FLUX-sample-nf4")
     assert api.get_options()["sd_model_checkpoint"] == "flux-sample-nf4.safetensors"
+    assert api.txt2img(prompt="a cat", steps=2, width=64, height=64).info["sd_model_name"] == "sample"
 
 
 def test_txt2img_with_lora_tags_progress_and_batches(api, host):
