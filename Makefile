@@ -73,7 +73,7 @@ $(VENV_CLIENTS)/.stamp: python/requirements-clients.txt
 COMFY_FRONTEND := comfyui-frontend-package==1.58.1
 COMFY_FRONTEND_DIR := .cache/comfy-frontend
 
-comfy-frontend: $(COMFY_FRONTEND_DIR)/.stamp ## fetch ComfyUI's web frontend ($(COMFY_FRONTEND)) into .cache/comfy-frontend/static
+comfy-frontend: $(COMFY_FRONTEND_DIR)/.stamp ## fetch ComfyUI's web frontend (comfyui-frontend-package 1.58.1) into .cache/comfy-frontend/static
 
 $(COMFY_FRONTEND_DIR)/.stamp: scripts/unpack-comfy-frontend.py
 	@rm -rf $(COMFY_FRONTEND_DIR) && mkdir -p $(COMFY_FRONTEND_DIR)/wheel
