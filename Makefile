@@ -75,10 +75,10 @@ COMFY_FRONTEND_DIR := .cache/comfy-frontend
 
 comfy-frontend: $(COMFY_FRONTEND_DIR)/.stamp ## fetch ComfyUI's web frontend (comfyui-frontend-package 1.58.1) into .cache/comfy-frontend/static
 
-$(COMFY_FRONTEND_DIR)/.stamp: scripts/unpack-comfy-frontend.py
+$(COMFY_FRONTEND_DIR)/.stamp: scripts/unpack-comfy-frontend.py $(VENV_CLIENTS)/.stamp
 	@rm -rf $(COMFY_FRONTEND_DIR) && mkdir -p $(COMFY_FRONTEND_DIR)/wheel
-	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps $(COMFY_FRONTEND) -d $(COMFY_FRONTEND_DIR)/wheel
-	$(PYTHON) scripts/unpack-comfy-frontend.py $(COMFY_FRONTEND_DIR)/wheel/*.whl $(COMFY_FRONTEND_DIR)/static
+	$(PY_CLIENTS) -m pip download -q --disable-pip-version-check --no-deps $(COMFY_FRONTEND) -d $(COMFY_FRONTEND_DIR)/wheel
+	$(PY_CLIENTS) scripts/unpack-comfy-frontend.py $(COMFY_FRONTEND_DIR)/wheel/*.whl $(COMFY_FRONTEND_DIR)/static
 	@rm -rf $(COMFY_FRONTEND_DIR)/wheel
 	@touch $@
 
