@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/arenahost/arenahost/host/api/comfyui"
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/console"
 	"github.com/arenahost/arenahost/host/plugin"
@@ -45,6 +46,9 @@ type Options struct {
 	Pipeline string
 	// Metrics receives observations; a new one over the server when nil.
 	Metrics *Metrics
+	// ComfyFrontend is comfyui-frontend-package's static/ folder, served
+	// under /comfy/ ("": a page says how to install it).
+	ComfyFrontend string
 }
 
 // Defaults for Options.
@@ -62,7 +66,10 @@ type API struct {
 	// Metrics is where routes and the job engine report what they observe.
 	Metrics *Metrics
 	loras   loraCache
-	history *arenaHistory // console_routes.go
+	history *arenaHistory   // console_routes.go
+	a1      a1111State      // a1111_routes.go
+	comfy   *comfyui.Server // comfy.go
+	gen     genLock         // generate.go
 }
 
 // New returns the HTTP handler for s with default Options.
@@ -105,9 +112,11 @@ func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
 	a.mux.HandleFunc("GET /v1/loras/state", a.loraState)
 	a.mux.HandleFunc("GET /sdapi/v1/loras", a.sdapiLoRAs)
 	a.mux.HandleFunc("POST /sdapi/v1/txt2img", a.txt2img)
+	a.a1111Routes() // a1111_routes.go: sd-models, options, samplers, memory, skip …
 	a.mux.Handle("GET /metrics", a.Metrics.Handler())
-	a.jobRoutes()     // jobs.go: jobs, previews, A1111 progress, ComfyUI websocket
+	a.jobRoutes()     // jobs.go: jobs, previews, A1111 progress
 	a.consoleRoutes() // console_routes.go: model files, arena usage and history
+	a.comfyRoutes()   // comfy.go: ComfyUI's server API and websocket (package comfyui)
 	a.mux.HandleFunc("/v1/", a.notFound)
 	a.mux.HandleFunc("/sdapi/", a.notFound)
 	a.mux.Handle("/", a.consoleOr404(console.Handler()))

@@ -39,6 +39,7 @@ func newFixture(t *testing.T, pluginsDir string, o Options) *fixture {
 	}
 	t.Cleanup(func() { s.Close(ctx) })
 	a := NewWithOptions(s, quiet, o)
+	t.Cleanup(a.Close)
 	srv := httptest.NewServer(a)
 	t.Cleanup(srv.Close)
 	return &fixture{s: s, api: a, srv: srv, data: data}

@@ -146,17 +146,58 @@ func TestTxt2Img(t *testing.T) {
 			}
 		})
 	}
+	// What A1111 warns about and carries on with: info.warnings says so.
+	for _, tt := range []struct {
+		name, body, warning string
+		w, h                int
+	}{
+		{"unknown LoRA", `{"prompt": "<lora:nope:1>", "steps": 2, "width": 64, "height": 64}`, `<lora:nope> skipped: LoRA "nope"`, 64, 64},
+		{"escaping LoRA", `{"prompt": "<lora:../models/flux-sample-nf4:1>", "steps": 2, "width": 64, "height": 64}`, "<lora:../models/flux-sample-nf4> skipped", 64, 64},
+		{"size rounded", `{"prompt": "x", "steps": 2, "width": 100, "height": 57}`, "size 100×57 rounded to 96×64", 96, 64},
+		{"sampler ignored", `{"prompt": "x", "steps": 2, "width": 64, "height": 64, "sampler_name": "DPM++ 2M"}`, `sampler_name "DPM++ 2M" ignored`, 64, 64},
+		{"hires ignored", `{"prompt": "x", "steps": 2, "width": 64, "height": 64, "enable_hr": true}`, "enable_hr=true ignored", 64, 64},
+		{"override ignored", `{"prompt": "x", "steps": 2, "width": 64, "height": 64, "override_settings": {"CLIP_stop_at_last_layers": 2}}`, "override_settings.CLIP_stop_at_last_layers ignored", 64, 64},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			status, b, _ := f.do(t, call{method: "POST", path: "/sdapi/v1/txt2img", body: tt.body})
+			if status != 200 {
+				t.Fatalf("status %d: %s", status, b)
+			}
+			var res Txt2ImgResponse
+			mustJSON(t, b, &res)
+			var info Txt2ImgInfo
+			mustJSON(t, []byte(res.Info), &info)
+			if !strings.Contains(strings.Join(info.Warnings, "\n"), tt.warning) || info.Width != tt.w || info.Height != tt.h || len(res.Images) != 1 {
+				t.Fatalf("info %+v, want warning %q and %dx%d", info, tt.warning, tt.w, tt.h)
+			}
+			// Strict mode refuses the same request.
+			var body map[string]any
+			mustJSON(t, []byte(tt.body), &body)
+			body["override_settings"] = map[string]any{OptionStrict: true}
+			if tt.name == "override ignored" {
+				body["override_settings"] = map[string]any{OptionStrict: true, "CLIP_stop_at_last_layers": 2}
+			}
+			sb, _ := json.Marshal(body)
+			c := call{method: "POST", path: "/sdapi/v1/txt2img", body: string(sb)}
+			status, b, _ = f.do(t, c)
+			if status != 400 {
+				t.Fatalf("strict: status %d: %s", status, b)
+			}
+			wantError(t, c, status, b, "strict", tt.warning)
+		})
+	}
 	for _, tt := range []struct {
 		name, body, code, detail string
 		status                   int
 	}{
-		{"unknown LoRA", `{"prompt": "<lora:nope:1>"}`, "not_found", `LoRA "nope"`, 404},
-		{"escaping LoRA", `{"prompt": "<lora:../models/flux-sample-nf4:1>"}`, "bad_path", "outside", 400},
 		{"bad weight", `{"prompt": "<lora:x:y>"}`, "bad_request", "not a number", 400},
-		{"bad size", `{"prompt": "x", "width": 100}`, "bad_request", "multiples of 16", 400},
+		{"bad size", `{"prompt": "x", "width": -100}`, "bad_request", "width×height", 400},
 		{"too many", `{"prompt": "x", "batch_size": 4, "n_iter": 3}`, "bad_request", "at most 8", 400},
 		{"bad steps", `{"prompt": "x", "steps": 5000}`, "bad_request", "1..1000", 400},
 		{"not json", `{"prompt": `, "bad_request", "read request body", 400},
+		{"not an object", `[1]`, "bad_request", "read request body", 400},
+		{"bad strict", `{"prompt": "x", "override_settings": {"arenahost_strict": "yes"}}`, "bad_request", "not a boolean", 400},
+		{"unknown checkpoint", `{"prompt": "x", "override_settings": {"sd_model_checkpoint": "nope"}}`, "not_found", `no checkpoint "nope"`, 404},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			c := call{method: "POST", path: "/sdapi/v1/txt2img", body: tt.body}
