@@ -93,7 +93,10 @@ func NewModel(info layout.Info, layers []Layer) (*Model, error) {
 		for p, l := range diffusion {
 			shapes[p+".weight"] = []int{l.Out, l.In}
 		}
-		cfg, err := fluxConfig(info.Layout, shapes)
+		// Only the widths of the layers present matter: DeriveFlux reads
+		// each off a layer that has it and leaves absent ones 0 (Chroma
+		// has no vector_in; a slice of blocks has no top level at all).
+		cfg, _, err := layout.DeriveFlux(info.Layout, shapes)
 		if err != nil {
 			return nil, fmt.Errorf("lora model: %w", err)
 		}
@@ -135,56 +138,6 @@ func isTextEncoder(name string) bool {
 		}
 	}
 	return false
-}
-
-// fluxConfig reads the widths the row maps need off Linear shapes alone.
-// FluxConfigFromShapes also wants a QK-norm scale (head_dim only sets the
-// head count, which mapping does not use, so one head is assumed) and the
-// top-level layers; a slice of a model (blocks only, as in the benchmarks)
-// gets its hidden width from the attention projection and placeholder
-// widths for the absent top-level layers, whose row maps are never used
-// because those layers do not exist.
-func fluxConfig(l layout.Layout, shapes map[string][]int) (layout.FluxConfig, error) {
-	bfl := l == layout.FluxBFL
-	pick := func(b, d string) string {
-		if bfl {
-			return b
-		}
-		return d
-	}
-	hidden := 0
-	if s, ok := shapes[pick("img_in.weight", "x_embedder.weight")]; ok {
-		hidden = s[0]
-	} else {
-		for name, s := range shapes {
-			if strings.HasSuffix(name, pick(".img_attn.proj.weight", ".attn.to_out.0.weight")) ||
-				strings.HasSuffix(name, pick(".linear2.weight", ".proj_out.weight")) && strings.Contains(name, "single_") {
-				hidden = s[0]
-				break
-			}
-		}
-		if hidden == 0 {
-			return layout.FluxConfig{}, fmt.Errorf("flux config from %s layers: neither %s nor a block attention projection present", l, pick("img_in", "x_embedder"))
-		}
-		for _, n := range []string{pick("img_in.weight", "x_embedder.weight"), pick("txt_in.weight", "context_embedder.weight"),
-			pick("vector_in.in_layer.weight", "time_text_embed.text_embedder.linear_1.weight"),
-			pick("time_in.in_layer.weight", "time_text_embed.timestep_embedder.linear_1.weight")} {
-			shapes[n] = []int{hidden, 1}
-		}
-	}
-	if mlpName := pick("double_blocks.0.img_mlp.0.weight", "transformer_blocks.0.ff.net.0.proj.weight"); shapes[mlpName] == nil {
-		mlp := 4 * hidden // placeholder: no layer of this slice uses it
-		if s, ok := shapes[pick("single_blocks.0.linear1.weight", "single_transformer_blocks.0.proj_mlp.weight")]; ok {
-			mlp = s[0]
-			if bfl {
-				mlp -= 3 * hidden
-			}
-		}
-		shapes[mlpName] = []int{mlp, hidden}
-	}
-	shapes[pick("double_blocks.0.img_attn.norm.query_norm.scale", "transformer_blocks.0.attn.norm_q.weight")] = []int{hidden}
-	shapes[pick("single_blocks.0.norm.query_norm.scale", "single_transformer_blocks.0.attn.norm_q.weight")] = []int{hidden}
-	return layout.FluxConfigFromShapes(l, shapes)
 }
 
 // Layer returns the layer called name.
