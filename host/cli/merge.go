@@ -46,6 +46,9 @@ type MergeOptions struct {
 	Strict bool
 	// TileElems bounds the fused pass's tile (nf4; 0: shared/lora's default).
 	TileElems int
+	// MaxShardSize bounds each shard of a folder Out (0: 10 GB, diffusers'
+	// default); see merge_folder.go.
+	MaxShardSize int64
 }
 
 // MergeReport is what a merge did (--report writes it as JSON).
@@ -89,7 +92,8 @@ func runMerge(ctx context.Context, env *Env, args []string) error {
 	var ls loraFlags
 	fs.StringVar(&o.Model, "model", "", "input bitsandbytes 4-bit safetensors model")
 	fs.Var(&ls, "lora", "a LoRA file, optionally :STRENGTH (default 1); repeat for several")
-	fs.StringVar(&o.Out, "out", "", "output safetensors file")
+	fs.StringVar(&o.Out, "out", "", "output safetensors file, or a folder (any name not ending in .safetensors) diffusers loads as it is")
+	fs.Var(byteSize{&o.MaxShardSize}, "max-shard-size", "with a folder --out: shard above this size (e.g. 10GB, 500MB; default 10GB)")
 	fs.StringVar(&o.As, "as", "nf4", "output: nf4 (the input's layout, re-quantized), bf16 (dense merged weights) or lora (one concatenated LoRA)")
 	fs.BoolVar(&o.Strict, "strict", false, "fail when a LoRA has keys that match no layer")
 	report := fs.String("report", "", "write the merge report (matched/unmatched keys, retention) as JSON to this file")
@@ -127,7 +131,7 @@ func runMerge(ctx context.Context, env *Env, args []string) error {
 
 // mergeInput is the opened model.
 type mergeInput struct {
-	f       *safetensors.File
+	f       *safetensors.Set
 	weights []nf4.Weight
 	byName  map[string]*nf4.Weight
 	model   *lora.Model
@@ -136,7 +140,7 @@ type mergeInput struct {
 func (in *mergeInput) read(key string) ([]byte, error) { return in.f.Data(key) }
 
 func openMergeInput(path string) (*mergeInput, error) {
-	f, err := safetensors.Open(path)
+	f, err := safetensors.OpenSet(path)
 	if err != nil {
 		return nil, fmt.Errorf("merge: %w", err)
 	}
@@ -193,7 +197,7 @@ func Merge(ctx context.Context, o MergeOptions) (*MergeReport, error) {
 	for _, l := range o.LoRAs {
 		zero = zero && l.Strength == 0
 	}
-	if o.As == "nf4" && zero {
+	if o.As == "nf4" && zero && !isFolderOut(o) && !isDir(o.Model) {
 		// Nothing changes any weight: the input, byte for byte.
 		n, err := copyFile(o.Model, o.Out)
 		if err != nil {
@@ -455,7 +459,7 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 			infos[i].Shape = []int64{int64(len(js))}
 		}
 	}
-	out, err := createOut(o.Out, md, infos)
+	out, err := openOut(in, o, md, infos)
 	if err != nil {
 		return err
 	}
@@ -555,7 +559,7 @@ func mergeBF16(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[stri
 		infos = append(infos, safetensors.TensorInfo{Name: w.Name, DType: safetensors.BF16, Shape: w.State.Shape})
 	}
 	infos = append(infos, in.plainInfos(func(n string) bool { return quantKey[n] })...)
-	out, err := createOut(o.Out, md, infos)
+	out, err := openOut(in, o, md, infos)
 	if err != nil {
 		return err
 	}

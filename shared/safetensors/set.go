@@ -322,3 +322,12 @@ func (s *Set) Close() error {
 	}
 	return errors.Join(errs...)
 }
+
+// TensorData is File.TensorData on t's shard.
+func (s *Set) TensorData(t TensorInfo) ([]byte, error) {
+	f, ok := s.fileOf[t.Name]
+	if !ok {
+		return nil, &Error{File: s.Path, Key: t.Name, Err: errors.New("no such tensor")}
+	}
+	return f.TensorData(t)
+}
