@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -212,7 +213,11 @@ func (f *outFolder) abort() {
 func folderConfig(in *mergeInput, as string) ([]byte, error) {
 	cfg := map[string]any{}
 	if in.f.Config != nil {
-		if err := json.Unmarshal(in.f.Config, &cfg); err != nil {
+		// json.Number keeps each number as written: diffusers wants
+		// llm_int8_threshold as 6.0, never 6.
+		dec := json.NewDecoder(bytes.NewReader(in.f.Config))
+		dec.UseNumber()
+		if err := dec.Decode(&cfg); err != nil {
 			return nil, fmt.Errorf("merge: %s: %w", in.f.ConfigPath, err)
 		}
 	} else {
@@ -245,7 +250,7 @@ func folderConfig(in *mergeInput, as string) ([]byte, error) {
 		st := in.weights[0].State
 		q, _ := cfg["quantization_config"].(map[string]any)
 		if q == nil {
-			q = map[string]any{"quant_method": "bitsandbytes", "load_in_8bit": false, "llm_int8_threshold": 6.0,
+			q = map[string]any{"quant_method": "bitsandbytes", "load_in_8bit": false, "llm_int8_threshold": json.Number("6.0"),
 				"llm_int8_skip_modules": nil, "llm_int8_enable_fp32_cpu_offload": false, "llm_int8_has_fp16_weight": false,
 				"bnb_4bit_quant_storage": "uint8", "_load_in_8bit": false}
 		}

@@ -65,6 +65,11 @@ func NewModel(info layout.Info, layers []Layer) (*Model, error) {
 	sort.Strings(m.names)
 	add := func(comp, alias string, p Piece) {
 		k := comp + ":" + layout.KohyaName("", alias)
+		for _, q := range m.index[k] {
+			if q == p { // a layer named alike in both namings (Chroma's distilled_guidance_layer.in_proj)
+				return
+			}
+		}
 		m.index[k] = append(m.index[k], p)
 	}
 	diffusion := map[string]Layer{} // module path without prefix → layer

@@ -1,0 +1,152 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/arenahost/arenahost/host/inspect"
+	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/shared/safetensors"
+)
+
+// The Flux family in every diffusers container, against the real stack:
+// testdata/flux_family.py builds each model from its diffusers class (tiny
+// config, seeded weights), quantizes it with BitsAndBytesConfig, writes it
+// with save_pretrained as one file, as shards and inside a pipeline folder,
+// makes a PEFT LoRA on every Linear and merges it with PEFT's merge() on
+// the bnb model. arenahost inspects each folder, merges the same LoRA
+// into a sharded folder, and the codes must agree with PEFT's on ≥ 99.9 %;
+// diffusers loads the merged folder as it is, every Linear4bit holding the
+// bytes arenahost wrote.
+func TestFluxFamilyFolders(t *testing.T) {
+	py := testenv.TorchPython(t)
+	dir := t.TempDir()
+	testenv.RunPython(t, py, filepath.Join("testdata", "flux_family.py"), "make", dir)
+	type load struct {
+		dir, class string
+		weights    int
+	}
+	var loads []load
+	for _, fam := range []struct {
+		name, variant, class string
+	}{
+		{"flux-dev", "flux.1-dev (", "FluxTransformer2DModel"},
+		{"flux-schnell-pruned", "flux.1-schnell (1 double + 2 single blocks", "FluxTransformer2DModel"},
+		{"flux-fill", "flux.1-fill-dev (", "FluxTransformer2DModel"},
+		{"chroma", "chroma (", "ChromaTransformer2DModel"},
+	} {
+		for _, c := range []struct {
+			dir       string
+			container safetensors.Container
+			sharded   bool
+		}{
+			{"nf4", safetensors.ContainerModelFolder, false},
+			{"nf4-sharded", safetensors.ContainerModelFolder, true},
+			{"pipeline", safetensors.ContainerPipelineFolder, true},
+		} {
+			t.Run(fam.name+"/"+c.dir, func(t *testing.T) {
+				model := filepath.Join(dir, fam.name, c.dir)
+				r, err := inspect.File(model)
+				if err != nil {
+					t.Fatal(err)
+				}
+				m := r.Model
+				if !strings.HasPrefix(m.Variant, fam.variant) || m.Container != string(c.container) || (m.Shards > 1) != c.sharded ||
+					m.Class != fam.class || m.Layout != "flux-diffusers" || len(m.Warnings) != 0 {
+					t.Errorf("inspect: variant %q container %s shards %d class %s layout %s warnings %v", m.Variant, m.Container, m.Shards, m.Class, m.Layout, m.Warnings)
+				}
+				out := filepath.Join(dir, fam.name, "merged-"+c.dir) // outlives the subtest: loaded below
+				rep, err := Merge(context.Background(), MergeOptions{Model: model, Out: out, As: "nf4", Strict: true, MaxShardSize: 150_000,
+					LoRAs: []MergeLoRA{{Path: filepath.Join(dir, fam.name, "lora.safetensors"), Strength: 1}}})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if n := len(rep.Report.Layers); n != m.Weights {
+					t.Errorf("merged %d layers of %d 4-bit weights", n, m.Weights)
+				}
+				agree, total := compareCodes(t, out, filepath.Join(dir, fam.name, "peft-merged.safetensors"))
+				frac := float64(agree) / float64(total)
+				t.Logf("%s %s: fused codes vs PEFT merge on the bnb model: %d/%d agree (%.5f%%)", fam.name, c.dir, agree, total, 100*frac)
+				if frac < 0.999 {
+					t.Errorf("only %.4f%% of codes agree with PEFT's merge", 100*frac)
+				}
+				if c.dir == "nf4" { // diffusers' loading is checked once per family, all in one run
+					loads = append(loads, load{out, fam.class, m.Weights})
+				}
+			})
+		}
+	}
+	args := []string{filepath.Join("testdata", "flux_family.py"), "load"}
+	for _, l := range loads {
+		args = append(args, l.dir+":"+l.class)
+	}
+	text := testenv.RunPython(t, py, args...)
+	got := map[string]struct {
+		Class      string `json:"class"`
+		Linear4bit int    `json:"linear4bit"`
+		CodesEqual int    `json:"codes_equal"`
+	}{}
+	for _, line := range strings.Split(string(text), "\n") {
+		var g struct {
+			Dir        string `json:"dir"`
+			Class      string `json:"class"`
+			Linear4bit int    `json:"linear4bit"`
+			CodesEqual int    `json:"codes_equal"`
+		}
+		if json.Unmarshal([]byte(line), &g) == nil && g.Dir != "" {
+			got[g.Dir] = struct {
+				Class      string `json:"class"`
+				Linear4bit int    `json:"linear4bit"`
+				CodesEqual int    `json:"codes_equal"`
+			}{g.Class, g.Linear4bit, g.CodesEqual}
+		}
+	}
+	for _, l := range loads {
+		g := got[l.dir]
+		if g.Class != l.class || g.Linear4bit != l.weights || g.CodesEqual != l.weights {
+			t.Errorf("diffusers loaded %s as %+v; want %s with %d Linear4bit holding arenahost's codes\n%s", l.dir, g, l.class, l.weights, text)
+		}
+	}
+}
+
+// compareCodes counts the 4-bit codes of want's packed weights that the
+// model at got holds too.
+func compareCodes(t *testing.T, got, want string) (agree, total int) {
+	t.Helper()
+	g, err := safetensors.OpenSet(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	w, err := safetensors.Open(want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	for _, ti := range w.Tensors {
+		a, err := w.Data(ti.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := g.Data(ti.Name)
+		if err != nil {
+			t.Fatalf("merged model lacks %s: %v", ti.Name, err)
+		}
+		if len(a) != len(b) {
+			t.Fatalf("%s: %d bytes, PEFT's %d", ti.Name, len(b), len(a))
+		}
+		for i := range a {
+			if a[i]>>4 == b[i]>>4 {
+				agree++
+			}
+			if a[i]&15 == b[i]&15 {
+				agree++
+			}
+			total += 2
+		}
+	}
+	return agree, total
+}
