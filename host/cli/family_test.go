@@ -9,10 +9,12 @@ import (
 
 	"github.com/arenahost/arenahost/host/inspect"
 	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/shared/layout"
 	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
-// The Flux family in every diffusers container, against the real stack:
+// The Flux family, FLUX.2, SDXL's UNet and SD3.5 in every diffusers
+// container, against the real stack:
 // testdata/flux_family.py builds each model from its diffusers class (tiny
 // config, seeded weights), quantizes it with BitsAndBytesConfig, writes it
 // with save_pretrained as one file, as shards and inside a pipeline folder,
@@ -31,12 +33,15 @@ func TestFluxFamilyFolders(t *testing.T) {
 	}
 	var loads []load
 	for _, fam := range []struct {
-		name, variant, class string
+		name, layout, variant, class string
 	}{
-		{"flux-dev", "flux.1-dev (", "FluxTransformer2DModel"},
-		{"flux-schnell-pruned", "flux.1-schnell (1 double + 2 single blocks", "FluxTransformer2DModel"},
-		{"flux-fill", "flux.1-fill-dev (", "FluxTransformer2DModel"},
-		{"chroma", "chroma (", "ChromaTransformer2DModel"},
+		{"flux-dev", "flux-diffusers", "flux.1-dev (", "FluxTransformer2DModel"},
+		{"flux-schnell-pruned", "flux-diffusers", "flux.1-schnell (1 double + 2 single blocks", "FluxTransformer2DModel"},
+		{"flux-fill", "flux-diffusers", "flux.1-fill-dev (", "FluxTransformer2DModel"},
+		{"chroma", "flux-diffusers", "chroma (", "ChromaTransformer2DModel"},
+		{"flux2", "flux2", "", "Flux2Transformer2DModel"},
+		{"sdxl", "sdxl", "", "UNet2DConditionModel"},
+		{"sd35", "sd3", "", "SD3Transformer2DModel"},
 	} {
 		for _, c := range []struct {
 			dir       string
@@ -54,24 +59,34 @@ func TestFluxFamilyFolders(t *testing.T) {
 					t.Fatal(err)
 				}
 				m := r.Model
-				if !strings.HasPrefix(m.Variant, fam.variant) || m.Container != string(c.container) || (m.Shards > 1) != c.sharded ||
-					m.Class != fam.class || m.Layout != "flux-diffusers" || len(m.Warnings) != 0 {
+				if !strings.HasPrefix(m.Variant, fam.variant) || (fam.variant == "") != (m.Variant == "") || m.Container != string(c.container) ||
+					(m.Shards > 1) != c.sharded || m.Class != fam.class || m.Layout != fam.layout || len(m.Warnings) != 0 {
 					t.Errorf("inspect: variant %q container %s shards %d class %s layout %s warnings %v", m.Variant, m.Container, m.Shards, m.Class, m.Layout, m.Warnings)
 				}
 				out := filepath.Join(dir, fam.name, "merged-"+c.dir) // outlives the subtest: loaded below
-				rep, err := Merge(context.Background(), MergeOptions{Model: model, Out: out, As: "nf4", Strict: true, MaxShardSize: 150_000,
-					LoRAs: []MergeLoRA{{Path: filepath.Join(dir, fam.name, "lora.safetensors"), Strength: 1}}})
-				if err != nil {
-					t.Fatal(err)
+				loras := map[string]string{"peft": filepath.Join(dir, fam.name, "lora.safetensors")}
+				if fam.name == "sdxl" { // the same LoRA with kohya's LDM keys (lora_unet_input_blocks_…)
+					loras["kohya"] = kohyaSDXL(t, loras["peft"], filepath.Join(t.TempDir(), "kohya.safetensors"))
 				}
-				if n := len(rep.Report.Layers); n != m.Weights {
-					t.Errorf("merged %d layers of %d 4-bit weights", n, m.Weights)
-				}
-				agree, total := compareCodes(t, out, filepath.Join(dir, fam.name, "peft-merged.safetensors"))
-				frac := float64(agree) / float64(total)
-				t.Logf("%s %s: fused codes vs PEFT merge on the bnb model: %d/%d agree (%.5f%%)", fam.name, c.dir, agree, total, 100*frac)
-				if frac < 0.999 {
-					t.Errorf("only %.4f%% of codes agree with PEFT's merge", 100*frac)
+				for format, lf := range loras {
+					o := out
+					if format != "peft" {
+						o = filepath.Join(t.TempDir(), "merged-"+format)
+					}
+					rep, err := Merge(context.Background(), MergeOptions{Model: model, Out: o, As: "nf4", Strict: true, MaxShardSize: 150_000,
+						LoRAs: []MergeLoRA{{Path: lf, Strength: 1}}})
+					if err != nil {
+						t.Fatal(err)
+					}
+					if n := len(rep.Report.Layers); n != m.Weights {
+						t.Errorf("%s: merged %d layers of %d 4-bit weights", format, n, m.Weights)
+					}
+					agree, total := compareCodes(t, o, filepath.Join(dir, fam.name, "peft-merged.safetensors"))
+					frac := float64(agree) / float64(total)
+					t.Logf("%s %s, %s keys: fused codes vs PEFT merge on the bnb model: %d/%d agree (%.5f%%)", fam.name, c.dir, format, agree, total, 100*frac)
+					if frac < 0.999 {
+						t.Errorf("%s: only %.4f%% of codes agree with PEFT's merge", format, 100*frac)
+					}
 				}
 				if c.dir == "nf4" { // diffusers' loading is checked once per family, all in one run
 					loads = append(loads, load{out, fam.class, m.Weights})
@@ -110,6 +125,54 @@ func TestFluxFamilyFolders(t *testing.T) {
 			t.Errorf("diffusers loaded %s as %+v; want %s with %d Linear4bit holding arenahost's codes\n%s", l.dir, g, l.class, l.weights, text)
 		}
 	}
+}
+
+// kohyaSDXL rewrites a diffusers PEFT SDXL UNet LoRA (unet.down_blocks…
+// .lora_A.weight, lora_alpha/r from its adapter metadata) with kohya's
+// keys: lora_unet_ + the LDM module path flattened, lora_down/lora_up and
+// an alpha per module.
+func kohyaSDXL(t *testing.T, peft, out string) string {
+	t.Helper()
+	f, err := safetensors.Open(peft)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	// diffusers writes the UNet's PEFT config with "unet."-prefixed keys.
+	var meta map[string]any
+	if err := json.Unmarshal([]byte(f.Metadata["lora_adapter_metadata"]), &meta); err != nil {
+		t.Fatalf("adapter metadata: %v", err)
+	}
+	alpha, ok := meta["unet.lora_alpha"].(float64)
+	if !ok {
+		t.Fatalf("adapter metadata without unet.lora_alpha: %v", meta)
+	}
+	var ts []safetensors.WriteTensor
+	for _, ti := range f.Tensors {
+		mod, suffix, ok := strings.Cut(strings.TrimPrefix(ti.Name, "unet."), ".lora_")
+		if !ok {
+			t.Fatalf("key %s", ti.Name)
+		}
+		ldm, ok := layout.UNetToLDM(layout.SDXL, mod)
+		if !ok {
+			t.Fatalf("no LDM name for %s", mod)
+		}
+		key := layout.KohyaName("lora_unet_", ldm)
+		b, _ := f.Data(ti.Name)
+		switch suffix {
+		case "A.weight":
+			ts = append(ts, safetensors.WriteTensor{Name: key + ".lora_down.weight", DType: ti.DType, Shape: ti.Shape, Data: b},
+				safetensors.WriteTensor{Name: key + ".alpha", DType: safetensors.F32, Shape: []int64{}, Data: f32le([]float32{float32(alpha)})})
+		case "B.weight":
+			ts = append(ts, safetensors.WriteTensor{Name: key + ".lora_up.weight", DType: ti.DType, Shape: ti.Shape, Data: b})
+		default:
+			t.Fatalf("key %s", ti.Name)
+		}
+	}
+	if err := safetensors.WriteFile(out, nil, ts); err != nil {
+		t.Fatal(err)
+	}
+	return out
 }
 
 // compareCodes counts the 4-bit codes of want's packed weights that the
