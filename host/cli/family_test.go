@@ -94,6 +94,9 @@ func TestFluxFamilyFolders(t *testing.T) {
 			})
 		}
 	}
+	// Chroma and FLUX.1-dev in BFL layout, converted from the same weights.
+	t.Run("chroma/bfl", func(t *testing.T) { checkBFL(t, dir, "chroma", "chroma (") })
+	t.Run("flux-dev/bfl", func(t *testing.T) { checkBFL(t, dir, "flux-dev", "flux.1-dev (") })
 	args := []string{filepath.Join("testdata", "flux_family.py"), "load"}
 	for _, l := range loads {
 		args = append(args, l.dir+":"+l.class)
