@@ -177,6 +177,7 @@ func openMergeInput(path string) (*mergeInput, error) {
 		f.Close()
 		return nil, fmt.Errorf("merge: %s: %w", path, err)
 	}
+	in.model.NoteTensors(names)
 	return in, nil
 }
 

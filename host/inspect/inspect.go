@@ -62,11 +62,12 @@ type ModelInfo struct {
 	// Variant is the Flux-family model recognised, Flux the configuration
 	// derived from the layers present and DerivedFrom where each width
 	// came from.
-	Variant     string                `json:"variant,omitempty"`
-	Flux        *layout.FluxConfig    `json:"flux,omitempty"`
-	DerivedFrom layout.FluxDerivation `json:"derived_from,omitempty"`
-	Blocksizes  []int                 `json:"blocksizes,omitempty"`
-	Warnings    []string              `json:"warnings,omitempty"`
+	Variant     string                 `json:"variant,omitempty"`
+	Components  []checkpoint.Component `json:"components,omitempty"`
+	Flux        *layout.FluxConfig     `json:"flux,omitempty"`
+	DerivedFrom layout.FluxDerivation  `json:"derived_from,omitempty"`
+	Blocksizes  []int                  `json:"blocksizes,omitempty"`
+	Warnings    []string               `json:"warnings,omitempty"`
 }
 
 // LoRAReport describes a LoRA file: shared/lora's summary of it.
@@ -119,7 +120,7 @@ func inspectModel(path string, f *safetensors.Set, names []string) (*Report, err
 		Entries: len(weights) + len(plain), Bytes: data, FileBytes: f.FileBytes()}
 	desc, derr := checkpoint.Describe(f, weights)
 	info.Container, info.Component, info.Shards, info.Config, info.Class = string(desc.Container), desc.Component, desc.Shards, desc.Config, desc.Class
-	info.Variant, info.Flux, info.DerivedFrom = desc.Variant, desc.Flux, desc.DerivedFrom
+	info.Variant, info.Flux, info.DerivedFrom, info.Components = desc.Variant, desc.Flux, desc.DerivedFrom, desc.Components
 	if desc.LayoutError == "" {
 		info.Layout, info.Prefix = desc.Layout.Layout.String(), desc.Layout.Prefix
 	} else {
@@ -201,6 +202,18 @@ func (r *Report) WriteText(w io.Writer) error {
 			}
 		}
 		p("container", container)
+		for i, c := range m.Components {
+			var dts []string
+			for dt, n := range c.DTypes {
+				dts = append(dts, fmt.Sprintf("%d %s", n, dt))
+			}
+			sort.Strings(dts)
+			label := ""
+			if i == 0 {
+				label = "components"
+			}
+			fmt.Fprintf(w, "%-14s %s under %q: %d tensors (%s), %s, %d 4-bit weights\n", label, c.Label, c.Prefix, c.Tensors, strings.Join(dts, ", "), humanBytes(c.Bytes), c.Weights)
+		}
 		if m.Variant != "" {
 			p("variant", m.Variant)
 			c := m.Flux

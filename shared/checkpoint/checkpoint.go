@@ -32,7 +32,22 @@ type Description struct {
 	Flux        *layout.FluxConfig    `json:"flux,omitempty"`
 	DerivedFrom layout.FluxDerivation `json:"derived_from,omitempty"`
 	Variant     string                `json:"variant,omitempty"`
-	Warnings    []string              `json:"warnings,omitempty"`
+	// Components are the models a single file bundles (Forge/ComfyUI:
+	// diffusion model, text encoders, VAE), in file order; nil for a bare
+	// model.
+	Components []Component `json:"components,omitempty"`
+	Warnings   []string    `json:"warnings,omitempty"`
+}
+
+// Component is one bundled model and what its tensors are stored as.
+type Component struct {
+	Kind    string         `json:"kind"` // diffusion, te1, te2, t5, vae
+	Label   string         `json:"label"`
+	Prefix  string         `json:"prefix"`
+	Tensors int            `json:"tensors"`
+	Bytes   int64          `json:"bytes"`
+	Weights int            `json:"weights_4bit"` // bitsandbytes 4-bit weights
+	DTypes  map[string]int `json:"dtypes"`       // stored tensors per safetensors dtype
 }
 
 // Describe describes the model s holds; weights are its 4-bit weights
@@ -54,6 +69,7 @@ func Describe(s *safetensors.Set, weights []nf4.Weight) (*Description, error) {
 		d.LayoutError = err.Error()
 	}
 	d.Layout = info
+	d.Components = components(s, weights)
 	var cfg map[string]any
 	if s.Config != nil {
 		if err := json.Unmarshal(s.Config, &cfg); err != nil {
@@ -112,6 +128,36 @@ func Describe(s *safetensors.Set, weights []nf4.Weight) (*Description, error) {
 		}
 	}
 	return d, nil
+}
+
+// components groups the tensors by bundled component; nil when none has a
+// component prefix.
+func components(s *safetensors.Set, weights []nf4.Weight) []Component {
+	four := map[string]bool{}
+	for _, w := range weights {
+		four[w.Name] = true
+	}
+	var out []Component
+	at := map[string]int{}
+	for _, t := range s.Tensors {
+		c, pre, ok := layout.ComponentOf(t.Name)
+		if !ok {
+			continue
+		}
+		i, seen := at[c.Kind+pre]
+		if !seen {
+			i = len(out)
+			at[c.Kind+pre] = i
+			out = append(out, Component{Kind: c.Kind, Label: c.Label, Prefix: pre, DTypes: map[string]int{}})
+		}
+		out[i].Tensors++
+		out[i].Bytes += t.End - t.Begin
+		out[i].DTypes[string(t.DType)]++
+		if four[t.Name] {
+			out[i].Weights++
+		}
+	}
+	return out
 }
 
 // fluxMismatches compares the diffusers FluxTransformer2DModel /

@@ -38,6 +38,25 @@ type Model struct {
 	layers map[string]Layer
 	names  []string
 	index  map[string][]Piece // component + ":" + flattened alias
+	// hasComp: components with 4-bit layers in the index; bundled: the
+	// components the checkpoint carries at all (NoteTensors), with an
+	// example tensor.
+	hasComp map[string]bool
+	bundled map[string]string
+}
+
+// NoteTensors records which bundled components (text encoders, VAE) the
+// checkpoint carries among all its tensor names, 4-bit or not, so an
+// unmatched text-encoder key says whether the encoder is absent or present
+// but not in bitsandbytes 4-bit (arenahost applies LoRAs to 4-bit layers).
+func (m *Model) NoteTensors(names []string) {
+	for _, n := range names {
+		if c, _, ok := layout.ComponentOf(n); ok {
+			if _, seen := m.bundled[c.Kind]; !seen {
+				m.bundled[c.Kind] = n
+			}
+		}
+	}
 }
 
 // Component prefixes in the alias index.
@@ -45,13 +64,17 @@ const (
 	compDiffusion = "unet"
 	compTE1       = "te1"
 	compTE2       = "te2"
+	compTE3       = "t5"
 )
+
+// teComp is the alias-index component of each text encoder.
+var teComp = map[layout.TextEncoder]string{layout.TE1: compTE1, layout.TE2: compTE2, layout.TE3: compTE3}
 
 // NewModel builds the mapping index for a model. layers are all its Linear
 // layers (logical shapes); info comes from layout.DetectInfo on the same
 // checkpoint. Flux split sizes are derived from the layers' shapes.
 func NewModel(info layout.Info, layers []Layer) (*Model, error) {
-	m := &Model{Info: info, layers: map[string]Layer{}, index: map[string][]Piece{}}
+	m := &Model{Info: info, layers: map[string]Layer{}, index: map[string][]Piece{}, hasComp: map[string]bool{}, bundled: map[string]string{}}
 	for _, l := range layers {
 		if l.Out <= 0 || l.In <= 0 {
 			return nil, fmt.Errorf("lora model: layer %s: shape [%d %d]", l.Name, l.Out, l.In)
@@ -80,14 +103,11 @@ func NewModel(info layout.Info, layers []Layer) (*Model, error) {
 			add(compDiffusion, path, Piece{Layer: n, Rows: l.Out})
 			continue
 		}
-		for _, te := range []layout.TextEncoder{layout.TE1, layout.TE2} {
+		for _, te := range []layout.TextEncoder{layout.TE1, layout.TE2, layout.TE3} {
 			for _, pre := range layout.TextEncoderPrefixes(te) {
 				if path, ok := strings.CutPrefix(n, pre); ok {
-					comp := compTE1
-					if te == layout.TE2 {
-						comp = compTE2
-					}
-					add(comp, path, Piece{Layer: n, Rows: l.Out})
+					add(teComp[te], path, Piece{Layer: n, Rows: l.Out})
+					m.hasComp[teComp[te]] = true
 				}
 			}
 		}
@@ -135,7 +155,7 @@ func NewModel(info layout.Info, layers []Layer) (*Model, error) {
 }
 
 func isTextEncoder(name string) bool {
-	for _, te := range []layout.TextEncoder{layout.TE1, layout.TE2} {
+	for _, te := range []layout.TextEncoder{layout.TE1, layout.TE2, layout.TE3} {
 		for _, pre := range layout.TextEncoderPrefixes(te) {
 			if strings.HasPrefix(name, pre) {
 				return true
@@ -189,7 +209,7 @@ var xlabs = []struct {
 func resolve(key string) (comp, path string, partial bool) {
 	for _, p := range []struct{ pre, comp string }{
 		{"lora_unet_", compDiffusion}, {"lora_transformer_", compDiffusion}, {"lycoris_", compDiffusion},
-		{"lora_te1_", compTE1}, {"lora_te2_", compTE2}, {"lora_te_", compTE1},
+		{"lora_te1_", compTE1}, {"lora_te2_", compTE2}, {"lora_te3_", compTE3}, {"lora_te_", compTE1},
 	} {
 		if rest, ok := strings.CutPrefix(key, p.pre); ok {
 			return p.comp, rest, false
@@ -199,7 +219,8 @@ func resolve(key string) (comp, path string, partial bool) {
 	for _, p := range []struct{ pre, comp string }{
 		{"base_model.model.", compDiffusion}, {"model.diffusion_model.", compDiffusion}, {"diffusion_model.", compDiffusion},
 		{"transformer.", compDiffusion}, {"unet.", compDiffusion},
-		{"text_encoders.clip_l.transformer.", compTE1}, {"text_encoder_2.", compTE2}, {"text_encoder.", compTE1},
+		{"text_encoders.clip_l.transformer.", compTE1}, {"text_encoders.t5xxl.transformer.", compTE3},
+		{"text_encoder_3.", compTE3}, {"text_encoder_2.", compTE2}, {"text_encoder.", compTE1},
 	} {
 		if rest, ok := strings.CutPrefix(key, p.pre); ok {
 			comp, path = p.comp, rest
@@ -235,7 +256,7 @@ func (m *Model) Map(f *File) (*Mapping, error) {
 		comp, path, partial := resolve(mod.Key)
 		pieces := m.index[comp+":"+layout.KohyaName("", path)]
 		if len(pieces) == 0 {
-			out.Unmatched = append(out.Unmatched, Unmatched{Key: mod.Key, Reason: fmt.Sprintf("no %s layer named %s in this %s model", comp, path, m.Info.Layout)})
+			out.Unmatched = append(out.Unmatched, Unmatched{Key: mod.Key, Reason: m.unmatchedReason(comp, path)})
 			continue
 		}
 		var kept []Piece
@@ -268,6 +289,19 @@ func (m *Model) Map(f *File) (*Mapping, error) {
 		out.Targets = append(out.Targets, Target{Module: mod, Pieces: kept})
 	}
 	return out, nil
+}
+
+// unmatchedReason says why a module of component comp found no layer.
+func (m *Model) unmatchedReason(comp, path string) string {
+	if comp == compDiffusion || m.hasComp[comp] {
+		return fmt.Sprintf("no %s layer named %s in this %s model", comp, path, m.Info.Layout)
+	}
+	kind := comp
+	label := layout.ComponentLabel(kind)
+	if ex, ok := m.bundled[kind]; ok {
+		return fmt.Sprintf("text-encoder key: the checkpoint bundles %s (e.g. %s) but not in bitsandbytes 4-bit; LoRAs apply to 4-bit layers only", label, ex)
+	}
+	return fmt.Sprintf("text-encoder key: the checkpoint bundles no %s", label)
 }
 
 func pieceNames(ps []Piece) string {
