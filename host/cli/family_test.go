@@ -3,12 +3,14 @@ package cli
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/arenahost/arenahost/host/inspect"
 	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/shared/half"
 	"github.com/arenahost/arenahost/shared/layout"
 	"github.com/arenahost/arenahost/shared/safetensors"
 )
@@ -67,6 +69,9 @@ func TestFluxFamilyFolders(t *testing.T) {
 				loras := map[string]string{"peft": filepath.Join(dir, fam.name, "lora.safetensors")}
 				if fam.name == "sdxl" { // the same LoRA with kohya's LDM keys (lora_unet_input_blocks_…)
 					loras["kohya"] = kohyaSDXL(t, loras["peft"], filepath.Join(t.TempDir(), "kohya.safetensors"))
+				}
+				if fam.name == "sd35" { // the same LoRA with kohya's SAI keys (lora_unet_joint_blocks_…, fused qkv)
+					loras["kohya"] = kohyaSD3(t, loras["peft"], filepath.Join(t.TempDir(), "kohya.safetensors"))
 				}
 				for format, lf := range loras {
 					o := out
@@ -171,6 +176,110 @@ func kohyaSDXL(t *testing.T, peft, out string) string {
 		default:
 			t.Fatalf("key %s", ti.Name)
 		}
+	}
+	if err := safetensors.WriteFile(out, nil, ts); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// kohyaSD3 rewrites a diffusers PEFT SD3 LoRA with kohya's SAI keys: one
+// module per SAI layer, the parts of a fused layer (to_q/to_k/to_v →
+// attn.qkv) stacked in A and block-diagonal in B, the swapped adaLN halves
+// moved by rows, alpha = (lora_alpha/r)·rank so the product is unchanged.
+func kohyaSD3(t *testing.T, peft, out string) string {
+	t.Helper()
+	f, err := safetensors.Open(peft)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var meta map[string]any
+	if err := json.Unmarshal([]byte(f.Metadata["lora_adapter_metadata"]), &meta); err != nil {
+		t.Fatalf("adapter metadata: %v", err)
+	}
+	alpha, _ := meta["transformer.lora_alpha"].(float64)
+	r, _ := meta["transformer.r"].(float64)
+	if alpha == 0 || r == 0 {
+		alpha, _ = meta["lora_alpha"].(float64)
+		r, _ = meta["r"].(float64)
+	}
+	if alpha == 0 || r == 0 {
+		t.Fatalf("adapter metadata without lora_alpha/r: %v", meta)
+	}
+	scale := alpha / r
+	type ab struct {
+		a, b     []float32
+		rank, in int
+	}
+	mods := map[string]*ab{}
+	for _, ti := range f.Tensors {
+		mod, suffix, _ := strings.Cut(strings.TrimPrefix(ti.Name, "transformer."), ".lora_")
+		b, _ := f.Data(ti.Name)
+		v := make([]float32, len(b)/4)
+		half.DecodeF32(v, b)
+		if mods[mod] == nil {
+			mods[mod] = &ab{}
+		}
+		if suffix == "A.weight" {
+			mods[mod].a, mods[mod].rank, mods[mod].in = v, int(ti.Shape[0]), int(ti.Shape[1])
+		} else {
+			mods[mod].b = v
+		}
+	}
+	blocks := 0
+	for m := range mods {
+		if rest, ok := strings.CutPrefix(m, "transformer_blocks."); ok {
+			var i int
+			fmt.Sscanf(rest, "%d", &i)
+			blocks = max(blocks, i+1)
+		}
+	}
+	maps := layout.SD3RowMaps(blocks, func(d string) (int, bool) {
+		m, ok := mods[d]
+		if !ok {
+			return 0, false
+		}
+		return len(m.b) / m.rank, true
+	})
+	bySAI := map[string][]layout.RowMap{}
+	var order []string
+	covered := map[string]bool{}
+	for _, m := range maps {
+		if bySAI[m.BFL] == nil {
+			order = append(order, m.BFL)
+		}
+		bySAI[m.BFL] = append(bySAI[m.BFL], m)
+		covered[m.Diffusers] = true
+	}
+	for m := range mods {
+		if !covered[m] {
+			t.Fatalf("PEFT module %s has no SAI name in the row maps", m)
+		}
+	}
+	var ts []safetensors.WriteTensor
+	for _, sai := range order {
+		parts := bySAI[sai]
+		r0, in := mods[parts[0].Diffusers].rank, mods[parts[0].Diffusers].in
+		R, rows := r0*len(parts), 0
+		for _, p := range parts {
+			rows = max(rows, p.BFLRow+p.Rows)
+		}
+		down, up := make([]float32, 0, R*in), make([]float32, rows*R)
+		for k, p := range parts {
+			m := mods[p.Diffusers]
+			down = append(down, m.a...)
+			for i := 0; i < p.Rows; i++ {
+				for j := 0; j < r0; j++ {
+					up[(p.BFLRow+i)*R+k*r0+j] = m.b[(p.DiffRow+i)*r0+j]
+				}
+			}
+		}
+		key := layout.KohyaName("lora_unet_", sai)
+		ts = append(ts,
+			safetensors.WriteTensor{Name: key + ".lora_down.weight", DType: safetensors.F32, Shape: []int64{int64(R), int64(in)}, Data: f32le(down)},
+			safetensors.WriteTensor{Name: key + ".lora_up.weight", DType: safetensors.F32, Shape: []int64{int64(rows), int64(R)}, Data: f32le(up)},
+			safetensors.WriteTensor{Name: key + ".alpha", DType: safetensors.F32, Shape: []int64{}, Data: f32le([]float32{float32(scale * float64(R))})})
 	}
 	if err := safetensors.WriteFile(out, nil, ts); err != nil {
 		t.Fatal(err)

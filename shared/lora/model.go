@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/arenahost/arenahost/shared/layout"
@@ -139,6 +140,18 @@ func NewModel(info layout.Info, layers []Layer) (*Model, error) {
 				add(compDiffusion, r.BFL, Piece{Layer: info.Prefix + r.Diffusers, DstRow: r.DiffRow, SrcRow: r.BFLRow, Rows: r.Rows})
 			}
 		}
+	case info.Layout == layout.SD3 && info.Naming == layout.NamingDiffusers:
+		// kohya's SD3 LoRAs name Stability's modules (joint_blocks…,
+		// fused qkv); on a diffusers-named model they land by the row maps.
+		// (A SAI-named model takes SAI-named keys by their own names.)
+		blocks := countPrefix(diffusion, "transformer_blocks.")
+		rows := func(d string) (int, bool) {
+			l, ok := diffusion[d]
+			return l.Out, ok
+		}
+		for _, r := range layout.SD3RowMaps(blocks, rows) {
+			add(compDiffusion, r.BFL, Piece{Layer: info.Prefix + r.Diffusers, DstRow: r.DiffRow, SrcRow: r.BFLRow, Rows: r.Rows})
+		}
 	case info.Layout == layout.SDXL || info.Layout == layout.SD15:
 		for p := range diffusion {
 			l := diffusion[p]
@@ -152,6 +165,22 @@ func NewModel(info layout.Info, layers []Layer) (*Model, error) {
 		}
 	}
 	return m, nil
+}
+
+// countPrefix returns 1 + the highest N among module paths "<prefix>N.…".
+func countPrefix(ls map[string]Layer, prefix string) int {
+	n := 0
+	for p := range ls {
+		rest, ok := strings.CutPrefix(p, prefix)
+		if !ok {
+			continue
+		}
+		idx, _, _ := strings.Cut(rest, ".")
+		if i, err := strconv.Atoi(idx); err == nil && i+1 > n {
+			n = i + 1
+		}
+	}
+	return n
 }
 
 func isTextEncoder(name string) bool {
