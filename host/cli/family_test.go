@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -99,6 +100,17 @@ func TestFluxFamilyFolders(t *testing.T) {
 			})
 		}
 	}
+	// A folder --out that exists with files in it is refused, untouched.
+	t.Run("out-not-empty", func(t *testing.T) {
+		out := filepath.Join(dir, "flux-dev", "merged-nf4") // written above
+		before, _ := os.ReadDir(out)
+		_, err := Merge(context.Background(), MergeOptions{Model: filepath.Join(dir, "flux-dev", "nf4"), Out: out, As: "nf4",
+			LoRAs: []MergeLoRA{{Path: filepath.Join(dir, "flux-dev", "lora.safetensors"), Strength: 1}}})
+		after, _ := os.ReadDir(out)
+		if err == nil || !strings.Contains(err.Error(), "exists and is not an empty folder") || len(before) == 0 || len(after) != len(before) {
+			t.Errorf("err %v; %d entries before, %d after", err, len(before), len(after))
+		}
+	})
 	// Chroma and FLUX.1-dev in BFL layout, converted from the same weights.
 	t.Run("chroma/bfl", func(t *testing.T) { checkBFL(t, dir, "chroma", "chroma (") })
 	t.Run("flux-dev/bfl", func(t *testing.T) { checkBFL(t, dir, "flux-dev", "flux.1-dev (") })
