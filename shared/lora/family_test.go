@@ -2,6 +2,7 @@ package lora
 
 import (
 	"math/rand/v2"
+	"strings"
 	"testing"
 
 	"github.com/arenahost/arenahost/shared/layout"
@@ -141,5 +142,64 @@ func TestMapFluxFamily(t *testing.T) {
 				})
 			}
 		}
+	}
+}
+
+// Text-encoder keys land on a bundled encoder stored in 4-bit (kohya
+// lora_te1_/lora_te3_ and diffusers text_encoder.… onto ComfyUI's
+// text_encoders.clip_l/t5xxl.transformer.…), and say why when it is not.
+func TestMapBundledTextEncoders(t *testing.T) {
+	pre := "model.diffusion_model."
+	clip := "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+	t5 := "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q"
+	lin, _ := layout.FluxSample().Linears(layout.FluxBFL)
+	var layers []Layer
+	var names []string
+	for _, l := range lin {
+		layers = append(layers, Layer{Name: pre + l.Name, Out: l.Out, In: l.In})
+		names = append(names, pre+l.Name+".weight")
+	}
+	layers = append(layers, Layer{Name: clip, Out: 64, In: 64}, Layer{Name: t5, Out: 64, In: 64})
+	names = append(names, clip+".weight", t5+".weight", "vae.decoder.conv_in.weight")
+	info, err := layout.DetectInfo(names)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := NewModel(info, layers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.NoteTensors(names)
+	r := rand.New(rand.NewPCG(91, 92))
+	var ts []tt
+	for _, k := range []string{"lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_te3_encoder_block_0_layer_0_SelfAttention_q",
+		"text_encoder.text_model.encoder.layers.0.self_attn.q_proj", "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"} {
+		style := "kohya"
+		if !strings.HasPrefix(k, "lora_") {
+			style = "peft"
+		}
+		p, _, _ := loraPair(r, k, style, 2, 64, 64, 0)
+		ts = append(ts, p...)
+	}
+	f, err := Parse(writeLoRA(t, "te.safetensors", nil, safetensors.F32, ts...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mp, err := m.Map(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	for _, tg := range mp.Targets {
+		got[tg.Module.Key] = tg.Pieces[0].Layer
+	}
+	for k, want := range map[string]string{"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": clip, "lora_te3_encoder_block_0_layer_0_SelfAttention_q": t5,
+		"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": clip} {
+		if got[k] != want {
+			t.Errorf("%s → %q, want %q", k, got[k], want)
+		}
+	}
+	if len(mp.Unmatched) != 1 || !strings.Contains(mp.Unmatched[0].Reason, "bundles no text encoder 2") {
+		t.Errorf("unmatched %+v", mp.Unmatched)
 	}
 }
