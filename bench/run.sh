@@ -30,6 +30,11 @@ if want load; then
   gobench load ./host/registry '^BenchmarkLoad$' 2x
 fi
 
+if want load-sharded; then
+  section "load-sharded: the same NF4 checkpoint from one file and from a diffusers folder of 64 MiB shards + index"
+  gobench load-sharded ./host/registry '^BenchmarkLoadSharded$' 8x
+fi
+
 if want device-load; then
   section "device-load: ~256 MiB NF4 checkpoint into cuda-sim, one host copy per chunk vs two, and the load CRC's cost"
   gobench device-load ./host/registry '^BenchmarkDeviceLoad$' 3x

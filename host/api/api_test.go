@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/host/samples"
+	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
 func TestReadRoutes(t *testing.T) {
@@ -125,6 +126,23 @@ func TestModelLoadUnload(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(models, "junk.safetensors"), []byte("not a safetensors file"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// Model folders: sharded, inside a pipeline, missing a shard, with a
+	// config.json that disagrees with the weights.
+	shardSample(t, sample, filepath.Join(models, "folder"), `{"num_layers": 2}`)
+	shardSample(t, sample, filepath.Join(models, "pipe", "transformer"), `{}`)
+	if err := os.WriteFile(filepath.Join(models, "pipe", "model_index.json"), []byte(`{"_class_name": "FluxPipeline"}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	shardSample(t, sample, filepath.Join(models, "broken"), `{}`)
+	second, _ := filepath.Glob(filepath.Join(models, "broken", "diffusion_pytorch_model-00002-of-*.safetensors"))
+	if len(second) != 1 {
+		t.Fatalf("shards %v", second)
+	}
+	if err := os.Remove(second[0]); err != nil {
+		t.Fatal(err)
+	}
+	shard2 := filepath.Base(second[0])
+	shardSample(t, sample, filepath.Join(models, "badcfg"), `{"num_layers": 19}`)
 	allocated := f.s.Arena.Stats().Allocated
 	tests := []struct {
 		name   string
@@ -133,6 +151,12 @@ func TestModelLoadUnload(t *testing.T) {
 		code   string
 		detail string
 	}{
+		{"load sharded folder", call{method: "POST", path: "/v1/models", body: `{"path": "folder"}`}, 201, "", ""},
+		{"load pipeline folder", call{method: "POST", path: "/v1/models", body: `{"path": "pipe"}`}, 201, "", ""},
+		{"folder missing a shard", call{method: "POST", path: "/v1/models", body: `{"path": "broken"}`}, 400, "bad_model", "shard " + shard2},
+		{"config disagrees", call{method: "POST", path: "/v1/models", body: `{"path": "badcfg"}`}, 400, "bad_model", "num_layers = 19 but the weights have 2 double blocks"},
+		{"unload folder", call{method: "DELETE", path: "/v1/models/folder"}, 200, "", ""},
+		{"unload pipeline", call{method: "DELETE", path: "/v1/models/pipe"}, 200, "", ""},
 		{"load relative", call{method: "POST", path: "/v1/models", body: `{"path": "` + samples.ModelFile + `", "name": "copy"}`}, 201, "", ""},
 		{"same name again", call{method: "POST", path: "/v1/models", body: `{"path": "` + samples.ModelFile + `", "name": "copy"}`}, 409, "conflict", "already loaded"},
 		{"symlink inside", call{method: "POST", path: "/v1/models", body: `{"path": "sub/inside.safetensors"}`}, 201, "", ""},
@@ -168,6 +192,34 @@ func TestModelLoadUnload(t *testing.T) {
 	}
 	if ms := f.s.Registry.Models(); len(ms) != 1 || ms[0].Name != "sample" {
 		t.Fatalf("models left: %v", ms)
+	}
+}
+
+// shardSample writes the sample model as a model folder of about three shards
+// (each weight's tensors together) with config.json cfg.
+func shardSample(t *testing.T, sample, dir, cfg string) {
+	t.Helper()
+	f, err := safetensors.Open(sample)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var ts []safetensors.WriteTensor
+	var total int64
+	for _, ti := range f.Tensors {
+		b, _ := f.Data(ti.Name)
+		ts = append(ts, safetensors.WriteTensor{Name: ti.Name, DType: ti.DType, Shape: ti.Shape, Data: b})
+		total += int64(len(b))
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	group := func(n string) string { return strings.SplitN(n, ".weight", 2)[0] }
+	if err := safetensors.WriteSharded(dir, "diffusion_pytorch_model", nil, ts, total/3, group); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "config.json"), []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -13,19 +13,23 @@ import (
 
 // ModelInfo is one entry of GET /v1/models.
 type ModelInfo struct {
-	Name    string `json:"name"`
-	Source  string `json:"source"`
-	Format  string `json:"format"`
-	Layout  string `json:"layout"`
-	Tensors int    `json:"tensors"`
-	Weights int    `json:"weights"`
-	Params  int64  `json:"params"`
-	Bytes   uint64 `json:"bytes"`
+	Name   string `json:"name"`
+	Source string `json:"source"`
+	Format string `json:"format"`
+	Layout string `json:"layout"`
+	// Variant is the Flux-family model recognised ("chroma", "flux.1-dev",
+	// …), Container "file", "model-folder" or "pipeline-folder".
+	Variant   string `json:"variant,omitempty"`
+	Container string `json:"container,omitempty"`
+	Tensors   int    `json:"tensors"`
+	Weights   int    `json:"weights"`
+	Params    int64  `json:"params"`
+	Bytes     uint64 `json:"bytes"`
 }
 
 func modelInfo(m *registry.Model) ModelInfo {
 	return ModelInfo{Name: m.Name, Source: m.Source, Format: string(m.Format), Layout: m.Layout,
-		Tensors: len(m.Tensors), Weights: len(m.Weights), Params: m.Params(), Bytes: m.Bytes}
+		Variant: m.Variant, Container: m.Container, Tensors: len(m.Tensors), Weights: len(m.Weights), Params: m.Params(), Bytes: m.Bytes}
 }
 
 func (a *API) models(w http.ResponseWriter, _ *http.Request) {

@@ -50,6 +50,9 @@ type MergeOptions struct {
 	TileElems int
 	// Progress, when set, is kept up to date while Merge runs.
 	Progress *MergeProgress
+	// MaxShardSize bounds each shard of a folder Out (0: 10 GB, diffusers'
+	// default); see merge_folder.go.
+	MaxShardSize int64
 }
 
 // MergeProgress is how far a running Merge is: layers and bytes of the
@@ -129,7 +132,8 @@ func runMerge(ctx context.Context, env *Env, args []string) error {
 	var ls loraFlags
 	fs.StringVar(&o.Model, "model", "", "input bitsandbytes 4-bit safetensors model")
 	fs.Var(&ls, "lora", "a LoRA file, optionally :STRENGTH (default 1); repeat for several")
-	fs.StringVar(&o.Out, "out", "", "output safetensors file")
+	fs.StringVar(&o.Out, "out", "", "output safetensors file, or a folder (any name not ending in .safetensors) diffusers loads as it is")
+	fs.Var(byteSize{&o.MaxShardSize}, "max-shard-size", "with a folder --out: shard above this size (e.g. 10GB, 500MB; default 10GB)")
 	fs.StringVar(&o.As, "as", "nf4", "output: nf4 (the input's layout, re-quantized), bf16 (dense merged weights) or lora (one concatenated LoRA)")
 	fs.BoolVar(&o.Strict, "strict", false, "fail when a LoRA has keys that match no layer")
 	report := fs.String("report", "", "write the merge report (matched/unmatched keys, retention) as JSON to this file")
@@ -206,9 +210,9 @@ func mergeSummary(rep *MergeReport) string {
 }
 
 // checkOut refuses an output whose directory is missing or which is a
-// directory itself, naming the user's path (not the temporary file the
+// directory itself (unless folder: a diffusers folder --out), naming the user's path (not the temporary file the
 // output is written through).
-func checkOut(path string) error {
+func checkOut(path string, folder bool) error {
 	dir := filepath.Dir(path)
 	st, err := os.Stat(dir)
 	switch {
@@ -219,7 +223,7 @@ func checkOut(path string) error {
 	case !st.IsDir():
 		return fmt.Errorf("merge: --out %s: %s is not a directory", path, dir)
 	}
-	if st, err := os.Stat(path); err == nil && st.IsDir() {
+	if st, err := os.Stat(path); err == nil && st.IsDir() && !folder {
 		return fmt.Errorf("merge: --out %s is a directory; name the output file", path)
 	}
 	return nil
@@ -249,7 +253,7 @@ func (w progressWriter) Write(b []byte) (int, error) {
 
 // mergeInput is the opened model.
 type mergeInput struct {
-	f       *safetensors.File
+	f       *safetensors.Set
 	weights []nf4.Weight
 	byName  map[string]*nf4.Weight
 	model   *lora.Model
@@ -269,7 +273,7 @@ func (in *mergeInput) weightBytes(w *nf4.Weight) int64 {
 func (in *mergeInput) read(key string) ([]byte, error) { return in.f.Data(key) }
 
 func openMergeInput(path string) (*mergeInput, error) {
-	f, err := safetensors.Open(path)
+	f, err := safetensors.OpenSet(path)
 	if err != nil {
 		return nil, fmt.Errorf("merge: %w", err)
 	}
@@ -308,6 +312,7 @@ func openMergeInput(path string) (*mergeInput, error) {
 		f.Close()
 		return nil, fmt.Errorf("merge: %s: %w", path, err)
 	}
+	in.model.NoteTensors(names)
 	return in, nil
 }
 
@@ -320,7 +325,8 @@ func Merge(ctx context.Context, o MergeOptions) (*MergeReport, error) {
 	if o.As != "nf4" && o.As != "bf16" && o.As != "lora" {
 		return nil, fmt.Errorf("merge: --as must be nf4, bf16 or lora, got %q", o.As)
 	}
-	if err := checkOut(o.Out); err != nil {
+	// A folder --out may exist empty (merge_folder.go refuses a non-empty one).
+	if err := checkOut(o.Out, isFolderOut(o)); err != nil {
 		return nil, err
 	}
 	if o.LoRAs == nil {
@@ -331,7 +337,7 @@ func Merge(ctx context.Context, o MergeOptions) (*MergeReport, error) {
 	for _, l := range o.LoRAs {
 		zero = zero && l.Strength == 0
 	}
-	if o.As == "nf4" && zero {
+	if o.As == "nf4" && zero && !isFolderOut(o) && !isDir(o.Model) {
 		// Nothing changes any weight: the input, byte for byte.
 		if st, err := os.Stat(o.Model); err == nil {
 			o.Progress.totals(0, st.Size())
@@ -596,7 +602,7 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 			infos[i].Shape = []int64{int64(len(js))}
 		}
 	}
-	out, err := createOut(o.Out, md, infos)
+	out, err := openOut(in, o, md, infos)
 	if err != nil {
 		return err
 	}
@@ -699,7 +705,7 @@ func mergeBF16(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[stri
 		infos = append(infos, safetensors.TensorInfo{Name: w.Name, DType: safetensors.BF16, Shape: w.State.Shape})
 	}
 	infos = append(infos, in.plainInfos(func(n string) bool { return quantKey[n] })...)
-	out, err := createOut(o.Out, md, infos)
+	out, err := openOut(in, o, md, infos)
 	if err != nil {
 		return err
 	}

@@ -9,10 +9,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"os"
 	"sort"
 	"strings"
 
+	"github.com/arenahost/arenahost/shared/checkpoint"
 	"github.com/arenahost/arenahost/shared/layout"
 	"github.com/arenahost/arenahost/shared/lora"
 	"github.com/arenahost/arenahost/shared/nf4"
@@ -39,28 +39,44 @@ type Report struct {
 // ModelInfo describes a checkpoint.
 type ModelInfo struct {
 	// Format is "bnb-nf4", "bnb-fp4" or "safetensors".
-	Format     string   `json:"format"`
-	Nested     bool     `json:"nested"`
-	Blocksize  int      `json:"blocksize,omitempty"`
-	DType      string   `json:"dtype,omitempty"` // logical dtype of the quantized weights
-	Layout     string   `json:"layout"`
-	Prefix     string   `json:"prefix,omitempty"`
-	Tensors    int      `json:"tensors"` // stored tensors
-	Weights    int      `json:"weights"` // 4-bit weights (each one registry entry)
-	Entries    int      `json:"entries"` // registry entries: 4-bit weights plus plain tensors
-	Params     int64    `json:"params"`  // logical parameters
-	Bytes      int64    `json:"bytes"`   // stored bytes of tensor data
-	FileBytes  int64    `json:"file_bytes"`
-	Blocksizes []int    `json:"blocksizes,omitempty"`
-	Warnings   []string `json:"warnings,omitempty"`
+	Format    string `json:"format"`
+	Nested    bool   `json:"nested"`
+	Blocksize int    `json:"blocksize,omitempty"`
+	DType     string `json:"dtype,omitempty"` // logical dtype of the quantized weights
+	Layout    string `json:"layout"`
+	Prefix    string `json:"prefix,omitempty"`
+	Tensors   int    `json:"tensors"`    // stored tensors
+	Weights   int    `json:"weights"`    // 4-bit weights (each one registry entry)
+	Entries   int    `json:"entries"`    // registry entries: 4-bit weights plus plain tensors
+	Params    int64  `json:"params"`     // logical parameters
+	Bytes     int64  `json:"bytes"`      // stored bytes of tensor data
+	FileBytes int64  `json:"file_bytes"` // all shards
+	// Container is "file", "model-folder" or "pipeline-folder"; Component
+	// the pipeline component read; Shards the files; Config config.json
+	// and Class its _class_name.
+	Container string `json:"container"`
+	Component string `json:"component,omitempty"`
+	Shards    int    `json:"shards"`
+	Config    string `json:"config,omitempty"`
+	Class     string `json:"class_name,omitempty"`
+	// Variant is the Flux-family model recognised, Flux the configuration
+	// derived from the layers present and DerivedFrom where each width
+	// came from.
+	Variant     string                 `json:"variant,omitempty"`
+	Components  []checkpoint.Component `json:"components,omitempty"`
+	Flux        *layout.FluxConfig     `json:"flux,omitempty"`
+	DerivedFrom layout.FluxDerivation  `json:"derived_from,omitempty"`
+	Blocksizes  []int                  `json:"blocksizes,omitempty"`
+	Warnings    []string               `json:"warnings,omitempty"`
 }
 
 // LoRAReport describes a LoRA file: shared/lora's summary of it.
 type LoRAReport = lora.Summary
 
-// File inspects the safetensors file at path.
+// File inspects the model or LoRA at path: a safetensors file, or a
+// diffusers model or pipeline folder (safetensors.OpenSet).
 func File(path string) (*Report, error) {
-	f, err := safetensors.Open(path)
+	f, err := safetensors.OpenSet(path)
 	if err != nil {
 		return nil, err
 	}
@@ -68,7 +84,7 @@ func File(path string) (*Report, error) {
 	for _, t := range f.Tensors {
 		names = append(names, t.Name)
 	}
-	isLoRA := looksLikeLoRA(names)
+	isLoRA := f.Container == safetensors.ContainerFile && looksLikeLoRA(names)
 	if isLoRA {
 		f.Close()
 		return inspectLoRA(path)
@@ -89,7 +105,7 @@ func looksLikeLoRA(names []string) bool {
 	return false
 }
 
-func inspectModel(path string, f *safetensors.File, names []string) (*Report, error) {
+func inspectModel(path string, f *safetensors.Set, names []string) (*Report, error) {
 	meta := make(map[string]nf4.TensorMeta, len(f.Tensors))
 	var data int64
 	for _, t := range f.Tensors {
@@ -101,12 +117,19 @@ func inspectModel(path string, f *safetensors.File, names []string) (*Report, er
 		return nil, err
 	}
 	info := &ModelInfo{Format: "safetensors", Tensors: len(f.Tensors), Weights: len(weights),
-		Entries: len(weights) + len(plain), Bytes: data, FileBytes: fileSize(path)}
-	if li, err := layout.DetectInfo(names); err == nil {
-		info.Layout, info.Prefix = li.Layout.String(), li.Prefix
+		Entries: len(weights) + len(plain), Bytes: data, FileBytes: f.FileBytes()}
+	desc, derr := checkpoint.Describe(f, weights)
+	info.Container, info.Component, info.Shards, info.Config, info.Class = string(desc.Container), desc.Component, desc.Shards, desc.Config, desc.Class
+	info.Variant, info.Flux, info.DerivedFrom, info.Components = desc.Variant, desc.Flux, desc.DerivedFrom, desc.Components
+	if desc.LayoutError == "" {
+		info.Layout, info.Prefix = desc.Layout.Layout.String(), desc.Layout.Prefix
 	} else {
 		info.Layout = layout.Unknown.String()
-		info.Warnings = append(info.Warnings, err.Error())
+		info.Warnings = append(info.Warnings, desc.LayoutError)
+	}
+	info.Warnings = append(info.Warnings, desc.Warnings...)
+	if derr != nil {
+		info.Warnings = append(info.Warnings, "will not load: "+derr.Error())
 	}
 	bs := map[int]bool{}
 	for i, w := range weights {
@@ -165,6 +188,49 @@ func (r *Report) WriteText(w io.Writer) error {
 			layoutText += fmt.Sprintf(" (prefix %q)", m.Prefix)
 		}
 		p("layout", layoutText)
+		container := m.Container
+		if m.Component != "" {
+			container += ", component " + m.Component + "/"
+		}
+		if m.Shards > 1 {
+			container += fmt.Sprintf(", %d shards", m.Shards)
+		}
+		if m.Config != "" {
+			container += ", " + m.Config
+			if m.Class != "" {
+				container += " (" + m.Class + ")"
+			}
+		}
+		p("container", container)
+		for i, c := range m.Components {
+			var dts []string
+			for dt, n := range c.DTypes {
+				dts = append(dts, fmt.Sprintf("%d %s", n, dt))
+			}
+			sort.Strings(dts)
+			label := ""
+			if i == 0 {
+				label = "components"
+			}
+			fmt.Fprintf(w, "%-14s %s under %q: %d tensors (%s), %s, %d 4-bit weights\n", label, c.Label, c.Prefix, c.Tensors, strings.Join(dts, ", "), humanBytes(c.Bytes), c.Weights)
+		}
+		if m.Variant != "" {
+			p("variant", m.Variant)
+			c := m.Flux
+			p("flux", fmt.Sprintf("hidden %d, head_dim %d, mlp %d, in %d, out %d, context %d, vec %d, time %d, %d double + %d single blocks, guidance %v",
+				c.Hidden, c.HeadDim, c.MLP, c.InChannels, c.OutChannels(), c.ContextDim, c.VecDim, c.TimeDim, c.DoubleBlocks, c.SingleBlocks, c.Guidance))
+			if c.Chroma {
+				p("approximator", fmt.Sprintf("in %d, hidden %d, %d layers", c.Approximator.InDim, c.Approximator.Hidden, c.Approximator.Layers))
+			}
+			first := true
+			for _, k := range m.DerivedFrom.Fields() {
+				label := ""
+				if first {
+					label, first = "derived from", false
+				}
+				fmt.Fprintf(w, "%-14s %s ← %s\n", label, k, m.DerivedFrom[k])
+			}
+		}
 		p("tensors", fmt.Sprintf("%d stored, %d registry entries (%d 4-bit weights)", m.Tensors, m.Entries, m.Weights))
 		p("parameters", humanCount(m.Params))
 		p("bytes", fmt.Sprintf("%s of tensor data, %s file", humanBytes(m.Bytes), humanBytes(m.FileBytes)))
@@ -202,14 +268,6 @@ func (r *Report) WriteText(w io.Writer) error {
 		}
 	}
 	return nil
-}
-
-func fileSize(path string) int64 {
-	st, err := os.Stat(path)
-	if err != nil {
-		return 0
-	}
-	return st.Size()
 }
 
 func humanBytes(n int64) string {

@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/host/arena"
-	"github.com/arenahost/arenahost/shared/layout"
+	"github.com/arenahost/arenahost/shared/checkpoint"
 	"github.com/arenahost/arenahost/shared/nf4"
 	"github.com/arenahost/arenahost/shared/safetensors"
 	"github.com/arenahost/arenahost/shared/tensor"
@@ -19,7 +19,9 @@ import (
 // copyChunk bounds the bytes copied between two cancellation checks.
 var copyChunk = 16 << 20
 
-// Load maps the safetensors file at path, validates it (the safetensors
+// Load maps the model at path (a safetensors file, or a diffusers model or
+// pipeline folder whose shards are each mapped in place:
+// safetensors.OpenSet), validates it (the safetensors
 // header, every tensor's dtype, and the bitsandbytes 4-bit layout of each
 // quantized weight), copies each stored tensor from the mapping into its own
 // arena region, and registers the result as model name. The file is streamed
@@ -76,11 +78,11 @@ func (r *Registry) load(ctx context.Context, name, path string) (m *Model, err e
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	f, err := safetensors.Open(path)
+	f, err := safetensors.OpenSet(path)
 	if err != nil {
 		return nil, err
 	}
-	// The mapping stays open for the model's lifetime (Model.ReadSource):
+	// The mappings stay open for the model's lifetime (Model.ReadSource):
 	// it is closed here only when the load fails.
 	defer func() {
 		if err != nil {
@@ -105,7 +107,7 @@ func (r *Registry) load(ctx context.Context, name, path string) (m *Model, err e
 			return nil, fmt.Errorf("no tensor %q", key)
 		}
 		b := make([]byte, info.End-info.Begin)
-		if _, err := f.ReadAt(b, f.DataStart+info.Begin); err != nil {
+		if err := f.CopyTensor(b, info); err != nil {
 			return nil, err
 		}
 		return b, nil
@@ -123,11 +125,19 @@ func (r *Registry) load(ctx context.Context, name, path string) (m *Model, err e
 		byName:   make(map[string]*Tensor, len(f.Tensors)),
 		weights:  make(map[string]*QuantWeight, len(weights)),
 	}
-	if info, err := layout.DetectInfo(names); err == nil {
-		m.Layout, m.LayoutPrefix = info.Layout.String(), info.Prefix
-	} else {
-		r.log.Debug("no known layout", slog.String("file", path), slog.Any("error", err))
+	// The layout, the Flux-family variant, and a diffusers folder's
+	// config.json checked against the weights (a disagreeing config is
+	// refused before anything is allocated).
+	desc, err := checkpoint.Describe(f, weights)
+	if err != nil {
+		return nil, err
 	}
+	if desc.LayoutError == "" {
+		m.Layout, m.LayoutPrefix = desc.Layout.Layout.String(), desc.Layout.Prefix
+	} else {
+		r.log.Debug("no known layout", slog.String("file", path), slog.Any("error", desc.LayoutError))
+	}
+	m.Variant, m.Container = desc.Variant, string(desc.Container)
 
 	var regions []arena.Region
 	var buf []byte // the streaming buffer for unmapped memory
@@ -155,12 +165,13 @@ func (r *Registry) load(ctx context.Context, name, path string) (m *Model, err e
 			}
 			regions = append(regions, reg)
 			t.Region = reg
+			shard, _ := f.FileOf(info.Name) // the file of a sharded folder that holds it
 			dst, err := r.mem.Bytes(reg)
 			switch {
 			case err == nil:
-				t.crc, err = copyTensor(ctx, dst, f, info)
+				t.crc, err = copyTensor(ctx, dst, shard, info)
 			case errors.Is(err, arena.ErrNoHostView):
-				t.crc, err = streamTensor(ctx, r.mem, reg, f, info, &buf)
+				t.crc, err = streamTensor(ctx, r.mem, reg, shard, info, &buf)
 			}
 			if err != nil {
 				return nil, fmt.Errorf("%s: tensor %s: %w", path, info.Name, err)

@@ -98,7 +98,7 @@ type QuantWeight struct {
 // every field (and the tensors it points to) as read-only.
 type Model struct {
 	Name   string
-	Source string // the file it was loaded from
+	Source string // the file or folder it was loaded from
 	Format Format
 	// Layout is the architecture and naming shared/layout detected from the
 	// tensor names ("flux-bfl", "flux-diffusers", "sdxl", "sd15"); empty
@@ -106,6 +106,11 @@ type Model struct {
 	// model's module paths ("model.diffusion_model." in Forge files).
 	Layout       string
 	LayoutPrefix string
+	// Variant names the Flux-family model its layers say it is ("chroma",
+	// "flux.1-dev", …; empty for other layouts), Container how it is
+	// packaged ("file", "model-folder", "pipeline-folder").
+	Variant   string
+	Container string
 	// Metadata is the checkpoint's __metadata__ (nil when it had none).
 	Metadata map[string]string
 	// Tensors are every stored tensor, sorted by name.
@@ -120,13 +125,13 @@ type Model struct {
 	lifetime sync.RWMutex // readers hold it while they use region bytes; Unload takes it to free
 	// source is the file the model was loaded from, mapped read-only until
 	// Unload or DetachSource (nil after); guarded by lifetime.
-	source *safetensors.File
+	source *safetensors.Set
 }
 
 // SourceRef is where a stored tensor's bytes lie in the file its model was
-// loaded from.
+// loaded from (for a sharded folder, the shard that holds the tensor).
 type SourceRef struct {
-	File   string // the path the model was loaded from
+	File   string // the file (shard) that holds the tensor
 	Tensor string
 	Offset int64 // from the start of the file
 	Length int64
@@ -144,7 +149,8 @@ func (m *Model) SourceOf(name string) (ref SourceRef, ok bool) {
 	if !ok || info.End <= info.Begin {
 		return SourceRef{}, false
 	}
-	return SourceRef{File: m.Source, Tensor: name, Offset: m.source.DataStart + info.Begin, Length: info.End - info.Begin}, true
+	f, _ := m.source.FileOf(name)
+	return SourceRef{File: f.Path, Tensor: name, Offset: f.DataStart + info.Begin, Length: info.End - info.Begin}, true
 }
 
 // SourceUnchanged reports whether the model's source file is still the
@@ -169,7 +175,11 @@ func (m *Model) ReadSource(ref SourceRef, off int64, p []byte) error {
 	if off < 0 || off+int64(len(p)) > ref.Length {
 		return fmt.Errorf("read source %s: tensor %s: bytes [%d, %d) outside its %d bytes", ref.File, ref.Tensor, off, off+int64(len(p)), ref.Length)
 	}
-	if _, err := m.source.ReadAt(p, ref.Offset+off); err != nil {
+	f, ok := m.source.FileOf(ref.Tensor)
+	if !ok || f.Path != ref.File {
+		return fmt.Errorf("read source %s: tensor %s: not in the model's source %s", ref.File, ref.Tensor, m.Source)
+	}
+	if _, err := f.ReadAt(p, ref.Offset+off); err != nil {
 		return fmt.Errorf("read source %s: tensor %s: %w", ref.File, ref.Tensor, err)
 	}
 	return nil

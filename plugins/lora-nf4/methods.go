@@ -157,6 +157,7 @@ func loadModel(ctx context.Context, c *sdk.Call, name string) (*model, error) {
 	if err != nil {
 		return nil, fmt.Errorf("model %s: %w", modelName(name), err)
 	}
+	lm.NoteTensors(names) // bundled text encoders, for unmatched keys' reasons
 	return &model{lm: lm, weights: ws}, nil
 }
 

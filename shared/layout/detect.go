@@ -13,6 +13,7 @@ const (
 	NamingBFL       Naming = "bfl"       // Flux reference names (double_blocks…)
 	NamingDiffusers Naming = "diffusers" // diffusers names (transformer_blocks…, down_blocks…)
 	NamingLDM       Naming = "ldm"       // Stability's LDM/sgm UNet names (input_blocks…)
+	NamingSAI       Naming = "sai"       // Stability's SD3 MMDiT names (joint_blocks…)
 )
 
 // Info is what Detect learns from a checkpoint's tensor names.
@@ -73,6 +74,10 @@ var probes = []probe{
 	{"add_embedding.", SDXL, NamingDiffusers},
 	{"input_blocks.1.1.", SD15, NamingLDM},
 	{"down_blocks.0.attentions.", SD15, NamingDiffusers},
+	{"pos_embed.proj.", SD3, NamingDiffusers},
+	{"joint_blocks.", SD3, NamingSAI},
+	{"double_stream_modulation_img.", Flux2, NamingDiffusers},
+	{"single_stream_modulation.", Flux2, NamingDiffusers},
 }
 
 // unet probes that confirm a UNet without telling SDXL from SD1.5.
@@ -122,6 +127,11 @@ func DetectInfo(names []string) (Info, error) {
 			if p.layout == FluxBFL && !hasAny(name, fluxLeaves) {
 				continue
 			}
+			// SD3's SAI names have a patch-embedding conv x_embedder.proj;
+			// Flux's x_embedder is a Linear.
+			if p.key == "x_embedder." && strings.Contains(name, "x_embedder.proj.") {
+				continue
+			}
 			add(Info{Layout: p.layout, Naming: p.naming, Prefix: pre}, name)
 		}
 		for _, p := range unetProbes {
@@ -129,6 +139,21 @@ func DetectInfo(names []string) (Info, error) {
 				unet[Info{Naming: p.naming, Prefix: pre}] = name
 			}
 		}
+	}
+	// FLUX.2 shares x_embedder and single_transformer_blocks with FLUX.1's
+	// diffusers names; its own modulation layers decide.
+	for _, h := range hits {
+		if h.info.Layout != Flux2 {
+			continue
+		}
+		kept := hits[:0]
+		for _, o := range hits {
+			if !(o.info.Layout == FluxDiffusers && o.info.Prefix == h.info.Prefix) {
+				kept = append(kept, o)
+			}
+		}
+		hits = kept
+		break
 	}
 	// A UNet with no SD1.5 probe but UNet names is SDXL only if label/add
 	// embedding was seen; SD1.5's own probe must be present otherwise.

@@ -143,3 +143,22 @@ func TestKohyaName(t *testing.T) {
 		t.Error(got)
 	}
 }
+
+// SD3 in both namings and FLUX.2 (whose x_embedder and
+// single_transformer_blocks FLUX.1's diffusers names share) are told apart.
+func TestDetectSD3Flux2(t *testing.T) {
+	for _, tc := range []struct {
+		names []string
+		want  Info
+	}{
+		{[]string{"pos_embed.proj.weight", "transformer_blocks.0.attn.to_q.weight", "context_embedder.weight"}, Info{Layout: SD3, Naming: NamingDiffusers}},
+		{[]string{"model.diffusion_model.x_embedder.proj.weight", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"}, Info{Layout: SD3, Naming: NamingSAI, Prefix: "model.diffusion_model."}},
+		{[]string{"x_embedder.weight", "double_stream_modulation_img.linear.weight", "single_stream_modulation.linear.weight",
+			"transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight"}, Info{Layout: Flux2, Naming: NamingDiffusers}},
+	} {
+		got, err := DetectInfo(tc.names)
+		if err != nil || got != tc.want {
+			t.Errorf("%v: %+v, %v; want %+v", tc.names, got, err, tc.want)
+		}
+	}
+}

@@ -12,16 +12,43 @@ import (
 // modulation layers are 6·Hidden (double) and 3·Hidden (single) wide, the
 // single-block linear1 is 3·Hidden+MLP wide and linear2 reads Hidden+MLP.
 type FluxConfig struct {
-	Hidden       int  `json:"hidden"`        // 3072 in FLUX.1
-	HeadDim      int  `json:"head_dim"`      // 128; Hidden/HeadDim heads
-	MLP          int  `json:"mlp"`           // Hidden·mlp_ratio, 12288 in FLUX.1
-	InChannels   int  `json:"in_channels"`   // 64 (packed 2×2 latents of 16 channels)
-	ContextDim   int  `json:"context_dim"`   // 4096 (T5-XXL)
-	VecDim       int  `json:"vec_dim"`       // 768 (CLIP-L pooled)
-	TimeDim      int  `json:"time_dim"`      // 256 (sinusoidal embedding width)
-	DoubleBlocks int  `json:"double_blocks"` // 19
-	SingleBlocks int  `json:"single_blocks"` // 38
-	Guidance     bool `json:"guidance"`      // guidance_in present (dev), absent (schnell)
+	Hidden       int  `json:"hidden"`                 // 3072 in FLUX.1
+	HeadDim      int  `json:"head_dim"`               // 128; Hidden/HeadDim heads
+	MLP          int  `json:"mlp"`                    // Hidden·mlp_ratio, 12288 in FLUX.1
+	InChannels   int  `json:"in_channels"`            // 64 (packed 2×2 latents of 16 channels)
+	OutCh        int  `json:"out_channels,omitempty"` // final layer width when not InChannels (Fill 64 of 384)
+	ContextDim   int  `json:"context_dim"`            // 4096 (T5-XXL)
+	VecDim       int  `json:"vec_dim"`                // 768 (CLIP-L pooled)
+	TimeDim      int  `json:"time_dim"`               // 256 (sinusoidal embedding width)
+	DoubleBlocks int  `json:"double_blocks"`          // 19
+	SingleBlocks int  `json:"single_blocks"`          // 38
+	Guidance     bool `json:"guidance"`               // guidance_in present (dev), absent (schnell)
+	// Chroma marks Chroma's pruned guidance path: no img_mod/txt_mod,
+	// modulation or final adaLN layers and no vector_in/time_in/guidance_in
+	// (VecDim and TimeDim are 0); Approximator describes the
+	// distilled_guidance_layer that produces every modulation vector.
+	Chroma       bool         `json:"chroma,omitempty"`
+	Approximator Approximator `json:"approximator,omitzero"`
+}
+
+// Approximator is Chroma's distilled_guidance_layer: in_proj [Hidden, InDim],
+// Layers MLP blocks of two [Hidden, Hidden] linears each (BFL
+// layers.N.in_layer/out_layer, diffusers layers.N.linear_1/linear_2) with an
+// RMSNorm [Hidden] each, and out_proj [model hidden, Hidden].
+type Approximator struct {
+	InDim  int `json:"in_dim"` // approximator_num_channels, 64
+	Hidden int `json:"hidden"` // approximator_hidden_dim, 5120
+	Layers int `json:"layers"` // approximator_layers, 5
+}
+
+// Chroma is Chroma (lodestones): FLUX.1-schnell's blocks with the guidance
+// path replaced by the distilled_guidance_layer approximator.
+func Chroma() FluxConfig {
+	c := FluxSchnell()
+	c.VecDim, c.TimeDim = 0, 0
+	c.Chroma = true
+	c.Approximator = Approximator{InDim: 64, Hidden: 5120, Layers: 5}
+	return c
 }
 
 // FluxDev is FLUX.1-dev.
@@ -49,11 +76,22 @@ func FluxSample() FluxConfig {
 // Validate checks that every width is positive and the head width divides
 // the hidden width.
 func (c FluxConfig) Validate() error {
-	for _, f := range []struct {
+	type field struct {
 		name string
 		v    int
-	}{{"hidden", c.Hidden}, {"head_dim", c.HeadDim}, {"mlp", c.MLP}, {"in_channels", c.InChannels},
-		{"context_dim", c.ContextDim}, {"vec_dim", c.VecDim}, {"time_dim", c.TimeDim}} {
+	}
+	fs := []field{{"hidden", c.Hidden}, {"head_dim", c.HeadDim}, {"mlp", c.MLP}, {"in_channels", c.InChannels},
+		{"context_dim", c.ContextDim}}
+	if c.Chroma {
+		fs = append(fs, field{"approximator.in_dim", c.Approximator.InDim}, field{"approximator.hidden", c.Approximator.Hidden},
+			field{"approximator.layers", c.Approximator.Layers})
+		if c.VecDim != 0 || c.TimeDim != 0 || c.Guidance {
+			return fmt.Errorf("flux config: chroma has no vector_in/time_in/guidance_in (vec_dim %d, time_dim %d, guidance %v)", c.VecDim, c.TimeDim, c.Guidance)
+		}
+	} else {
+		fs = append(fs, field{"vec_dim", c.VecDim}, field{"time_dim", c.TimeDim})
+	}
+	for _, f := range fs {
 		if f.v <= 0 {
 			return fmt.Errorf("flux config: %s = %d, want > 0", f.name, f.v)
 		}
@@ -85,7 +123,7 @@ type fluxLayer struct {
 func (c FluxConfig) doubleLayers(i int) []fluxLayer {
 	h, m := c.Hidden, c.MLP
 	b, d := "double_blocks."+strconv.Itoa(i)+".", "transformer_blocks."+strconv.Itoa(i)+"."
-	return []fluxLayer{
+	ls := []fluxLayer{
 		{bfl: b + "img_mod.lin", out: 6 * h, in: h, diff: []string{d + "norm1.linear"}},
 		{bfl: b + "img_attn.qkv", out: 3 * h, in: h, diff: []string{d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"}, split: []int{h, h, h}},
 		{bfl: b + "img_attn.proj", out: h, in: h, diff: []string{d + "attn.to_out.0"}},
@@ -97,27 +135,57 @@ func (c FluxConfig) doubleLayers(i int) []fluxLayer {
 		{bfl: b + "txt_mlp.0", out: m, in: h, diff: []string{d + "ff_context.net.0.proj"}},
 		{bfl: b + "txt_mlp.2", out: h, in: m, diff: []string{d + "ff_context.net.2"}},
 	}
+	if c.Chroma {
+		return withoutModulation(ls)
+	}
+	return ls
+}
+
+// withoutModulation drops the adaLN modulation layers Chroma prunes.
+func withoutModulation(ls []fluxLayer) []fluxLayer {
+	out := ls[:0]
+	for _, l := range ls {
+		if !strings.HasSuffix(l.bfl, "_mod.lin") && !strings.HasSuffix(l.bfl, ".modulation.lin") && !l.swap {
+			out = append(out, l)
+		}
+	}
+	return out
 }
 
 func (c FluxConfig) singleLayers(i int) []fluxLayer {
 	h, m := c.Hidden, c.MLP
 	b, d := "single_blocks."+strconv.Itoa(i)+".", "single_transformer_blocks."+strconv.Itoa(i)+"."
-	return []fluxLayer{
+	ls := []fluxLayer{
 		{bfl: b + "linear1", out: 3*h + m, in: h, diff: []string{d + "attn.to_q", d + "attn.to_k", d + "attn.to_v", d + "proj_mlp"}, split: []int{h, h, h, m}},
 		{bfl: b + "linear2", out: h, in: h + m, diff: []string{d + "proj_out"}},
 		{bfl: b + "modulation.lin", out: 3 * h, in: h, diff: []string{d + "norm.linear"}},
 	}
+	if c.Chroma {
+		return withoutModulation(ls)
+	}
+	return ls
 }
 
 func (c FluxConfig) headLayers() []fluxLayer {
 	h := c.Hidden
-	ls := []fluxLayer{
-		{bfl: "img_in", out: h, in: c.InChannels, diff: []string{"x_embedder"}},
-		{bfl: "time_in.in_layer", out: h, in: c.TimeDim, diff: []string{"time_text_embed.timestep_embedder.linear_1"}},
-		{bfl: "time_in.out_layer", out: h, in: h, diff: []string{"time_text_embed.timestep_embedder.linear_2"}},
-		{bfl: "vector_in.in_layer", out: h, in: c.VecDim, diff: []string{"time_text_embed.text_embedder.linear_1"}},
-		{bfl: "vector_in.out_layer", out: h, in: h, diff: []string{"time_text_embed.text_embedder.linear_2"}},
+	ls := []fluxLayer{{bfl: "img_in", out: h, in: c.InChannels, diff: []string{"x_embedder"}}}
+	if c.Chroma {
+		a, g := c.Approximator, "distilled_guidance_layer."
+		ls = append(ls, fluxLayer{bfl: g + "in_proj", out: a.Hidden, in: a.InDim, diff: []string{g + "in_proj"}})
+		for i := 0; i < a.Layers; i++ {
+			l := g + "layers." + strconv.Itoa(i) + "."
+			ls = append(ls,
+				fluxLayer{bfl: l + "in_layer", out: a.Hidden, in: a.Hidden, diff: []string{l + "linear_1"}},
+				fluxLayer{bfl: l + "out_layer", out: a.Hidden, in: a.Hidden, diff: []string{l + "linear_2"}})
+		}
+		ls = append(ls, fluxLayer{bfl: g + "out_proj", out: h, in: a.Hidden, diff: []string{g + "out_proj"}})
+		return append(ls, fluxLayer{bfl: "txt_in", out: h, in: c.ContextDim, diff: []string{"context_embedder"}})
 	}
+	ls = append(ls,
+		fluxLayer{bfl: "time_in.in_layer", out: h, in: c.TimeDim, diff: []string{"time_text_embed.timestep_embedder.linear_1"}},
+		fluxLayer{bfl: "time_in.out_layer", out: h, in: h, diff: []string{"time_text_embed.timestep_embedder.linear_2"}},
+		fluxLayer{bfl: "vector_in.in_layer", out: h, in: c.VecDim, diff: []string{"time_text_embed.text_embedder.linear_1"}},
+		fluxLayer{bfl: "vector_in.out_layer", out: h, in: h, diff: []string{"time_text_embed.text_embedder.linear_2"}})
 	if c.Guidance {
 		ls = append(ls,
 			fluxLayer{bfl: "guidance_in.in_layer", out: h, in: c.TimeDim, diff: []string{"time_text_embed.guidance_embedder.linear_1"}},
@@ -128,10 +196,24 @@ func (c FluxConfig) headLayers() []fluxLayer {
 
 func (c FluxConfig) tailLayers() []fluxLayer {
 	h := c.Hidden
-	return []fluxLayer{
-		{bfl: "final_layer.linear", out: c.InChannels, in: h, diff: []string{"proj_out"}},
+	ls := []fluxLayer{
+		{bfl: "final_layer.linear", out: c.OutChannels(), in: h, diff: []string{"proj_out"}},
 		{bfl: "final_layer.adaLN_modulation.1", out: 2 * h, in: h, diff: []string{"norm_out.linear"}, swap: true},
 	}
+	if c.Chroma {
+		return withoutModulation(ls)
+	}
+	return ls
+}
+
+// OutChannels is the width of final_layer.linear / proj_out: the packed
+// latent channels, 64 in every FLUX.1 variant (Fill, Depth and Canny read
+// more channels than they write).
+func (c FluxConfig) OutChannels() int {
+	if c.OutCh > 0 {
+		return c.OutCh
+	}
+	return c.InChannels
 }
 
 func (c FluxConfig) table() []fluxLayer {
@@ -215,6 +297,13 @@ func (c FluxConfig) Tensors(l Layout) ([]LayerSpec, error) {
 			}
 		}
 	}
+	for i := 0; i < c.Approximator.Layers && c.Chroma; i++ {
+		n := "distilled_guidance_layer.norms." + strconv.Itoa(i) + ".weight"
+		if l == FluxBFL {
+			n = "distilled_guidance_layer.norms." + strconv.Itoa(i) + ".scale"
+		}
+		out = append(out, LayerSpec{Name: n, Shape: []int{c.Approximator.Hidden}, Kind: KindNormScale})
+	}
 	for i := 0; i < c.SingleBlocks; i++ {
 		if l == FluxBFL {
 			b := "single_blocks." + strconv.Itoa(i) + ".norm."
@@ -266,10 +355,14 @@ type RowMap struct {
 // to_k, to_v at rows 0, H, 2H; linear1 → to_q, to_k, to_v, proj_mlp at 0, H,
 // 2H, 3H), and two for final_layer.adaLN_modulation.1, whose (shift, scale)
 // halves are norm_out.linear's (scale, shift). Split sizes come from the
-// configuration, which FluxConfigFromShapes reads off a checkpoint.
+// configuration, which DeriveFlux reads off a checkpoint; layers of the
+// table the model does not have are simply never looked up.
 func (c FluxConfig) RowMaps() ([]RowMap, error) {
-	if err := c.Validate(); err != nil {
-		return nil, err
+	// Only the widths of layers the model has matter here (a derived
+	// config has 0 for absent ones), and every row map needs the hidden
+	// width.
+	if c.Hidden <= 0 || c.MLP < 0 {
+		return nil, fmt.Errorf("flux row maps: hidden %d, mlp %d", c.Hidden, c.MLP)
 	}
 	var out []RowMap
 	for _, fl := range c.table() {
@@ -290,83 +383,6 @@ func (c FluxConfig) RowMaps() ([]RowMap, error) {
 		}
 	}
 	return out, nil
-}
-
-// FluxConfigFromShapes reads a Flux configuration off a checkpoint: names
-// maps each Linear weight and norm-scale tensor name, prefix already removed,
-// to its logical shape (for NF4 weights, the shape in the quant state, not
-// the packed bytes). Widths come from img_in/x_embedder, the first MLP and the
-// QK-norm scales; block counts from the highest block index present.
-func FluxConfigFromShapes(l Layout, shapes map[string][]int) (FluxConfig, error) {
-	var c FluxConfig
-	get := func(name string, dim int) (int, error) {
-		s, ok := shapes[name]
-		if !ok {
-			return 0, fmt.Errorf("flux config from %s checkpoint: tensor %s missing", l, name)
-		}
-		if dim >= len(s) {
-			return 0, fmt.Errorf("flux config from %s checkpoint: tensor %s: shape %v has no dimension %d", l, name, s, dim)
-		}
-		return s[dim], nil
-	}
-	var err error
-	var names struct{ in, ctx, vec, time, guid, norm, mlp, singleFused, doublePfx, singlePfx string }
-	switch l {
-	case FluxBFL:
-		names.in, names.ctx, names.vec, names.time, names.guid = "img_in.weight", "txt_in.weight", "vector_in.in_layer.weight", "time_in.in_layer.weight", "guidance_in.in_layer.weight"
-		names.doublePfx, names.singlePfx = "double_blocks.", "single_blocks."
-	case FluxDiffusers:
-		names.in, names.ctx, names.vec, names.time, names.guid = "x_embedder.weight", "context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight", "time_text_embed.timestep_embedder.linear_1.weight", "time_text_embed.guidance_embedder.linear_1.weight"
-		names.doublePfx, names.singlePfx = "transformer_blocks.", "single_transformer_blocks."
-	default:
-		return c, fmt.Errorf("flux config: layout %s is not a Flux layout", l)
-	}
-	if c.Hidden, err = get(names.in, 0); err != nil {
-		return c, err
-	}
-	if c.InChannels, err = get(names.in, 1); err != nil {
-		return c, err
-	}
-	if c.ContextDim, err = get(names.ctx, 1); err != nil {
-		return c, err
-	}
-	if c.VecDim, err = get(names.vec, 1); err != nil {
-		return c, err
-	}
-	if c.TimeDim, err = get(names.time, 1); err != nil {
-		return c, err
-	}
-	_, c.Guidance = shapes[names.guid]
-	c.DoubleBlocks = countBlocks(shapes, names.doublePfx)
-	c.SingleBlocks = countBlocks(shapes, names.singlePfx)
-	switch {
-	case l == FluxBFL && c.DoubleBlocks > 0:
-		names.mlp, names.norm = "double_blocks.0.img_mlp.0.weight", "double_blocks.0.img_attn.norm.query_norm.scale"
-	case l == FluxBFL && c.SingleBlocks > 0:
-		names.singleFused, names.norm = "single_blocks.0.linear1.weight", "single_blocks.0.norm.query_norm.scale"
-	case l == FluxDiffusers && c.DoubleBlocks > 0:
-		names.mlp, names.norm = "transformer_blocks.0.ff.net.0.proj.weight", "transformer_blocks.0.attn.norm_q.weight"
-	case l == FluxDiffusers && c.SingleBlocks > 0:
-		names.mlp, names.norm = "single_transformer_blocks.0.proj_mlp.weight", "single_transformer_blocks.0.attn.norm_q.weight"
-	default:
-		return c, fmt.Errorf("flux config from %s checkpoint: no blocks found (%s*, %s*)", l, names.doublePfx, names.singlePfx)
-	}
-	if names.singleFused != "" {
-		var out int
-		if out, err = get(names.singleFused, 0); err != nil {
-			return c, err
-		}
-		c.MLP = out - 3*c.Hidden
-	} else if c.MLP, err = get(names.mlp, 0); err != nil {
-		return c, err
-	}
-	if c.HeadDim, err = get(names.norm, 0); err != nil {
-		return c, err
-	}
-	if err := c.Validate(); err != nil {
-		return c, fmt.Errorf("flux config from %s checkpoint: %w", l, err)
-	}
-	return c, nil
 }
 
 // countBlocks returns 1 + the highest N among names "<prefix>N.…".

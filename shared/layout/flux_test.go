@@ -144,7 +144,7 @@ func TestFluxShapes(t *testing.T) {
 // Every row of every layer in either layout is covered exactly once by the
 // row maps, and each map stays inside both layers.
 func TestRowMapsCoverEveryRowOnce(t *testing.T) {
-	for _, c := range []FluxConfig{FluxDev(), FluxSchnell(), FluxSample()} {
+	for _, c := range []FluxConfig{FluxDev(), FluxSchnell(), FluxSample(), Chroma(), fill(), lite()} {
 		maps, err := c.RowMaps()
 		if err != nil {
 			t.Fatal(err)
@@ -285,8 +285,12 @@ func TestFluxConfigFromShapes(t *testing.T) {
 		}
 	}
 	_, err := FluxConfigFromShapes(FluxBFL, map[string][]int{"img_in.weight": {3072, 64}})
-	if err == nil || !strings.Contains(err.Error(), "txt_in.weight missing") {
-		t.Errorf("missing tensor: err %v", err)
+	if err == nil || !strings.Contains(err.Error(), "no blocks found") {
+		t.Errorf("no blocks: err %v", err)
+	}
+	_, err = FluxConfigFromShapes(FluxBFL, map[string][]int{"double_blocks.0.img_attn.norm.query_norm.scale": {128}})
+	if err == nil || !strings.Contains(err.Error(), "no layer gives the hidden width") {
+		t.Errorf("no hidden: err %v", err)
 	}
 }
 

@@ -24,9 +24,11 @@ const (
 	FluxDiffusers        // transformer_blocks.N.attn.to_q, single_transformer_blocks.N.proj_mlp (split)
 	SDXL                 // SDXL UNet, LDM (input_blocks…) or diffusers (down_blocks…) naming
 	SD15                 // SD1.x UNet, LDM or diffusers naming
+	SD3                  // SD3/SD3.5 MMDiT: diffusers (transformer_blocks…, pos_embed) or SAI (joint_blocks…) naming
+	Flux2                // FLUX.2 transformer, diffusers naming (double_stream_modulation_img…)
 )
 
-var layoutNames = [...]string{"unknown", "flux-bfl", "flux-diffusers", "sdxl", "sd15"}
+var layoutNames = [...]string{"unknown", "flux-bfl", "flux-diffusers", "sdxl", "sd15", "sd3", "flux2"}
 
 // String returns the layout's stable name ("flux-bfl").
 func (l Layout) String() string {

@@ -160,6 +160,7 @@ type TextEncoder int
 const (
 	TE1 TextEncoder = 1 // CLIP-L: kohya lora_te_ / lora_te1_, diffusers text_encoder.
 	TE2 TextEncoder = 2 // SDXL OpenCLIP-G: kohya lora_te2_, diffusers text_encoder_2.
+	TE3 TextEncoder = 3 // T5-XXL (Flux, SD3): kohya lora_te3_, diffusers text_encoder_3.
 )
 
 // TextEncoderPrefixes lists the prefixes under which a checkpoint stores the
@@ -169,10 +170,13 @@ const (
 // SDXL's single-file OpenCLIP-G (conditioner.embedders.1.model.) uses
 // OpenCLIP names and fused in_proj weights; see OpenCLIPRowMaps.
 func TextEncoderPrefixes(te TextEncoder) []string {
-	if te == TE2 {
+	switch te {
+	case TE2:
 		return []string{"text_encoder_2.", "te2."}
+	case TE3:
+		return []string{"text_encoders.t5xxl.transformer.", "text_encoder_3.", "te3."}
 	}
-	return []string{"text_encoder.", "cond_stage_model.transformer.", "conditioner.embedders.0.transformer.", "te1."}
+	return []string{"text_encoder.", "cond_stage_model.transformer.", "conditioner.embedders.0.transformer.", "text_encoders.clip_l.transformer.", "te1."}
 }
 
 // OpenCLIPRowMaps maps layer i of a transformers-named CLIP text encoder

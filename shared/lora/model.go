@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/arenahost/arenahost/shared/layout"
@@ -38,6 +39,25 @@ type Model struct {
 	layers map[string]Layer
 	names  []string
 	index  map[string][]Piece // component + ":" + flattened alias
+	// hasComp: components with 4-bit layers in the index; bundled: the
+	// components the checkpoint carries at all (NoteTensors), with an
+	// example tensor.
+	hasComp map[string]bool
+	bundled map[string]string
+}
+
+// NoteTensors records which bundled components (text encoders, VAE) the
+// checkpoint carries among all its tensor names, 4-bit or not, so an
+// unmatched text-encoder key says whether the encoder is absent or present
+// but not in bitsandbytes 4-bit (arenahost applies LoRAs to 4-bit layers).
+func (m *Model) NoteTensors(names []string) {
+	for _, n := range names {
+		if c, _, ok := layout.ComponentOf(n); ok {
+			if _, seen := m.bundled[c.Kind]; !seen {
+				m.bundled[c.Kind] = n
+			}
+		}
+	}
 }
 
 // Component prefixes in the alias index.
@@ -45,13 +65,17 @@ const (
 	compDiffusion = "unet"
 	compTE1       = "te1"
 	compTE2       = "te2"
+	compTE3       = "t5"
 )
+
+// teComp is the alias-index component of each text encoder.
+var teComp = map[layout.TextEncoder]string{layout.TE1: compTE1, layout.TE2: compTE2, layout.TE3: compTE3}
 
 // NewModel builds the mapping index for a model. layers are all its Linear
 // layers (logical shapes); info comes from layout.DetectInfo on the same
 // checkpoint. Flux split sizes are derived from the layers' shapes.
 func NewModel(info layout.Info, layers []Layer) (*Model, error) {
-	m := &Model{Info: info, layers: map[string]Layer{}, index: map[string][]Piece{}}
+	m := &Model{Info: info, layers: map[string]Layer{}, index: map[string][]Piece{}, hasComp: map[string]bool{}, bundled: map[string]string{}}
 	for _, l := range layers {
 		if l.Out <= 0 || l.In <= 0 {
 			return nil, fmt.Errorf("lora model: layer %s: shape [%d %d]", l.Name, l.Out, l.In)
@@ -65,6 +89,11 @@ func NewModel(info layout.Info, layers []Layer) (*Model, error) {
 	sort.Strings(m.names)
 	add := func(comp, alias string, p Piece) {
 		k := comp + ":" + layout.KohyaName("", alias)
+		for _, q := range m.index[k] {
+			if q == p { // a layer named alike in both namings (Chroma's distilled_guidance_layer.in_proj)
+				return
+			}
+		}
 		m.index[k] = append(m.index[k], p)
 	}
 	diffusion := map[string]Layer{} // module path without prefix → layer
@@ -75,14 +104,11 @@ func NewModel(info layout.Info, layers []Layer) (*Model, error) {
 			add(compDiffusion, path, Piece{Layer: n, Rows: l.Out})
 			continue
 		}
-		for _, te := range []layout.TextEncoder{layout.TE1, layout.TE2} {
+		for _, te := range []layout.TextEncoder{layout.TE1, layout.TE2, layout.TE3} {
 			for _, pre := range layout.TextEncoderPrefixes(te) {
 				if path, ok := strings.CutPrefix(n, pre); ok {
-					comp := compTE1
-					if te == layout.TE2 {
-						comp = compTE2
-					}
-					add(comp, path, Piece{Layer: n, Rows: l.Out})
+					add(teComp[te], path, Piece{Layer: n, Rows: l.Out})
+					m.hasComp[teComp[te]] = true
 				}
 			}
 		}
@@ -93,7 +119,10 @@ func NewModel(info layout.Info, layers []Layer) (*Model, error) {
 		for p, l := range diffusion {
 			shapes[p+".weight"] = []int{l.Out, l.In}
 		}
-		cfg, err := fluxConfig(info.Layout, shapes)
+		// Only the widths of the layers present matter: DeriveFlux reads
+		// each off a layer that has it and leaves absent ones 0 (Chroma
+		// has no vector_in; a slice of blocks has no top level at all).
+		cfg, _, err := layout.DeriveFlux(info.Layout, shapes)
 		if err != nil {
 			return nil, fmt.Errorf("lora model: %w", err)
 		}
@@ -111,6 +140,18 @@ func NewModel(info layout.Info, layers []Layer) (*Model, error) {
 				add(compDiffusion, r.BFL, Piece{Layer: info.Prefix + r.Diffusers, DstRow: r.DiffRow, SrcRow: r.BFLRow, Rows: r.Rows})
 			}
 		}
+	case info.Layout == layout.SD3 && info.Naming == layout.NamingDiffusers:
+		// kohya's SD3 LoRAs name Stability's modules (joint_blocks…,
+		// fused qkv); on a diffusers-named model they land by the row maps.
+		// (A SAI-named model takes SAI-named keys by their own names.)
+		blocks := countPrefix(diffusion, "transformer_blocks.")
+		rows := func(d string) (int, bool) {
+			l, ok := diffusion[d]
+			return l.Out, ok
+		}
+		for _, r := range layout.SD3RowMaps(blocks, rows) {
+			add(compDiffusion, r.BFL, Piece{Layer: info.Prefix + r.Diffusers, DstRow: r.DiffRow, SrcRow: r.BFLRow, Rows: r.Rows})
+		}
 	case info.Layout == layout.SDXL || info.Layout == layout.SD15:
 		for p := range diffusion {
 			l := diffusion[p]
@@ -126,8 +167,24 @@ func NewModel(info layout.Info, layers []Layer) (*Model, error) {
 	return m, nil
 }
 
+// countPrefix returns 1 + the highest N among module paths "<prefix>N.…".
+func countPrefix(ls map[string]Layer, prefix string) int {
+	n := 0
+	for p := range ls {
+		rest, ok := strings.CutPrefix(p, prefix)
+		if !ok {
+			continue
+		}
+		idx, _, _ := strings.Cut(rest, ".")
+		if i, err := strconv.Atoi(idx); err == nil && i+1 > n {
+			n = i + 1
+		}
+	}
+	return n
+}
+
 func isTextEncoder(name string) bool {
-	for _, te := range []layout.TextEncoder{layout.TE1, layout.TE2} {
+	for _, te := range []layout.TextEncoder{layout.TE1, layout.TE2, layout.TE3} {
 		for _, pre := range layout.TextEncoderPrefixes(te) {
 			if strings.HasPrefix(name, pre) {
 				return true
@@ -135,56 +192,6 @@ func isTextEncoder(name string) bool {
 		}
 	}
 	return false
-}
-
-// fluxConfig reads the widths the row maps need off Linear shapes alone.
-// FluxConfigFromShapes also wants a QK-norm scale (head_dim only sets the
-// head count, which mapping does not use, so one head is assumed) and the
-// top-level layers; a slice of a model (blocks only, as in the benchmarks)
-// gets its hidden width from the attention projection and placeholder
-// widths for the absent top-level layers, whose row maps are never used
-// because those layers do not exist.
-func fluxConfig(l layout.Layout, shapes map[string][]int) (layout.FluxConfig, error) {
-	bfl := l == layout.FluxBFL
-	pick := func(b, d string) string {
-		if bfl {
-			return b
-		}
-		return d
-	}
-	hidden := 0
-	if s, ok := shapes[pick("img_in.weight", "x_embedder.weight")]; ok {
-		hidden = s[0]
-	} else {
-		for name, s := range shapes {
-			if strings.HasSuffix(name, pick(".img_attn.proj.weight", ".attn.to_out.0.weight")) ||
-				strings.HasSuffix(name, pick(".linear2.weight", ".proj_out.weight")) && strings.Contains(name, "single_") {
-				hidden = s[0]
-				break
-			}
-		}
-		if hidden == 0 {
-			return layout.FluxConfig{}, fmt.Errorf("flux config from %s layers: neither %s nor a block attention projection present", l, pick("img_in", "x_embedder"))
-		}
-		for _, n := range []string{pick("img_in.weight", "x_embedder.weight"), pick("txt_in.weight", "context_embedder.weight"),
-			pick("vector_in.in_layer.weight", "time_text_embed.text_embedder.linear_1.weight"),
-			pick("time_in.in_layer.weight", "time_text_embed.timestep_embedder.linear_1.weight")} {
-			shapes[n] = []int{hidden, 1}
-		}
-	}
-	if mlpName := pick("double_blocks.0.img_mlp.0.weight", "transformer_blocks.0.ff.net.0.proj.weight"); shapes[mlpName] == nil {
-		mlp := 4 * hidden // placeholder: no layer of this slice uses it
-		if s, ok := shapes[pick("single_blocks.0.linear1.weight", "single_transformer_blocks.0.proj_mlp.weight")]; ok {
-			mlp = s[0]
-			if bfl {
-				mlp -= 3 * hidden
-			}
-		}
-		shapes[mlpName] = []int{mlp, hidden}
-	}
-	shapes[pick("double_blocks.0.img_attn.norm.query_norm.scale", "transformer_blocks.0.attn.norm_q.weight")] = []int{hidden}
-	shapes[pick("single_blocks.0.norm.query_norm.scale", "single_transformer_blocks.0.attn.norm_q.weight")] = []int{hidden}
-	return layout.FluxConfigFromShapes(l, shapes)
 }
 
 // Layer returns the layer called name.
@@ -231,7 +238,7 @@ var xlabs = []struct {
 func resolve(key string) (comp, path string, partial bool) {
 	for _, p := range []struct{ pre, comp string }{
 		{"lora_unet_", compDiffusion}, {"lora_transformer_", compDiffusion}, {"lycoris_", compDiffusion},
-		{"lora_te1_", compTE1}, {"lora_te2_", compTE2}, {"lora_te_", compTE1},
+		{"lora_te1_", compTE1}, {"lora_te2_", compTE2}, {"lora_te3_", compTE3}, {"lora_te_", compTE1},
 	} {
 		if rest, ok := strings.CutPrefix(key, p.pre); ok {
 			return p.comp, rest, false
@@ -241,7 +248,8 @@ func resolve(key string) (comp, path string, partial bool) {
 	for _, p := range []struct{ pre, comp string }{
 		{"base_model.model.", compDiffusion}, {"model.diffusion_model.", compDiffusion}, {"diffusion_model.", compDiffusion},
 		{"transformer.", compDiffusion}, {"unet.", compDiffusion},
-		{"text_encoders.clip_l.transformer.", compTE1}, {"text_encoder_2.", compTE2}, {"text_encoder.", compTE1},
+		{"text_encoders.clip_l.transformer.", compTE1}, {"text_encoders.t5xxl.transformer.", compTE3},
+		{"text_encoder_3.", compTE3}, {"text_encoder_2.", compTE2}, {"text_encoder.", compTE1},
 	} {
 		if rest, ok := strings.CutPrefix(key, p.pre); ok {
 			comp, path = p.comp, rest
@@ -277,7 +285,7 @@ func (m *Model) Map(f *File) (*Mapping, error) {
 		comp, path, partial := resolve(mod.Key)
 		pieces := m.index[comp+":"+layout.KohyaName("", path)]
 		if len(pieces) == 0 {
-			out.Unmatched = append(out.Unmatched, Unmatched{Key: mod.Key, Reason: fmt.Sprintf("no %s layer named %s in this %s model", comp, path, m.Info.Layout)})
+			out.Unmatched = append(out.Unmatched, Unmatched{Key: mod.Key, Reason: m.unmatchedReason(comp, path)})
 			continue
 		}
 		var kept []Piece
@@ -310,6 +318,19 @@ func (m *Model) Map(f *File) (*Mapping, error) {
 		out.Targets = append(out.Targets, Target{Module: mod, Pieces: kept})
 	}
 	return out, nil
+}
+
+// unmatchedReason says why a module of component comp found no layer.
+func (m *Model) unmatchedReason(comp, path string) string {
+	if comp == compDiffusion || m.hasComp[comp] {
+		return fmt.Sprintf("no %s layer named %s in this %s model", comp, path, m.Info.Layout)
+	}
+	kind := comp
+	label := layout.ComponentLabel(kind)
+	if ex, ok := m.bundled[kind]; ok {
+		return fmt.Sprintf("text-encoder key: the checkpoint bundles %s (e.g. %s) but not in bitsandbytes 4-bit; LoRAs apply to 4-bit layers only", label, ex)
+	}
+	return fmt.Sprintf("text-encoder key: the checkpoint bundles no %s", label)
 }
 
 func pieceNames(ps []Piece) string {

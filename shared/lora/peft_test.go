@@ -131,9 +131,12 @@ func TestAgainstDiffusersLoader(t *testing.T) {
 	for _, l := range layers {
 		shapes[l.Name+".weight"] = []int{l.Out, l.In}
 	}
-	cfg, err := fluxConfig(layout.FluxDiffusers, shapes)
+	cfg, err := layout.FluxConfigFromShapes(layout.FluxDiffusers, shapes)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if cfg.HeadDim == 0 { // no norm scales among the Linears; the head count does not affect the table
+		cfg.HeadDim = cfg.Hidden
 	}
 	bl, _ := cfg.Linears(layout.FluxBFL)
 	rowMaps, _ := cfg.RowMaps()

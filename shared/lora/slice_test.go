@@ -57,9 +57,14 @@ func TestSliceMapping(t *testing.T) {
 			}
 		})
 	}
-	// A slice with no attention projection cannot tell its width.
-	_, err := NewModel(layout.Info{Layout: layout.FluxBFL}, []Layer{{"double_blocks.0.img_mlp.0", 2048, 512}})
-	if err == nil || !strings.Contains(err.Error(), "img_in") {
+	// Any block layer tells the hidden width (the MLP's input here).
+	m, err := NewModel(layout.Info{Layout: layout.FluxBFL}, []Layer{{"double_blocks.0.img_mlp.0", 2048, 512}})
+	if err != nil || m.Flux.Hidden != 512 || m.Flux.MLP != 2048 {
+		t.Errorf("img_mlp.0 only: %+v, %v", m, err)
+	}
+	// A slice with no layer of known shape cannot tell its width.
+	_, err = NewModel(layout.Info{Layout: layout.FluxBFL}, []Layer{{"double_blocks.0.adapter", 20, 10}})
+	if err == nil || !strings.Contains(err.Error(), "hidden width") || !strings.Contains(err.Error(), "img_in.weight") {
 		t.Errorf("err %v", err)
 	}
 }
