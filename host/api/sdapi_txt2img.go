@@ -59,10 +59,9 @@ type Txt2ImgInfo struct {
 
 // A1111 defaults and arenahost's bounds for txt2img.
 const (
-	txt2imgSteps     = 20
-	txt2imgSide      = 512
-	txt2imgMaxSide   = 2048
-	txt2imgMaxImages = 8
+	txt2imgSteps   = 20
+	txt2imgSide    = 512
+	txt2imgMaxSide = 2048
 )
 
 // loraTag matches A1111's <lora:NAME:WEIGHT> (the weight is optional, and
@@ -137,17 +136,18 @@ func (a *API) txt2img(w http.ResponseWriter, r *http.Request) {
 	if req.Height == 0 {
 		req.Height = txt2imgSide
 	}
+	n, err := imageCount(req.BatchSize, req.NIter, a.opts.MaxImages)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
 	req.BatchSize, req.NIter = max(req.BatchSize, 1), max(req.NIter, 1)
-	n := req.BatchSize * req.NIter
 	switch {
 	case req.Steps < 1 || req.Steps > 1000:
 		a.fail(w, r, badRequest("steps: %d must be in 1..1000", req.Steps))
 		return
 	case req.Width%16 != 0 || req.Height%16 != 0 || req.Width < 16 || req.Height < 16 || req.Width > txt2imgMaxSide || req.Height > txt2imgMaxSide:
 		a.fail(w, r, badRequest("width×height: %d×%d must be multiples of 16 from 16 to %d", req.Width, req.Height, txt2imgMaxSide))
-		return
-	case n > txt2imgMaxImages:
-		a.fail(w, r, badRequest("batch_size×n_iter: %d images, at most %d", n, txt2imgMaxImages))
 		return
 	}
 	if req.Seed < 0 {
@@ -243,7 +243,8 @@ func (a *API) runImage(r *http.Request, pipe, prompt string, seed int64, req Txt
 	}
 	f := j.Frame()
 	if f == nil || f.Step != f.Total {
-		return "", j.ID(), fmt.Errorf("txt2img: job %s: no final preview frame (is a preview plugin serving?)", j.ID())
+		return "", j.ID(), &StatusError{Status: http.StatusServiceUnavailable, Code: "plugin_unavailable",
+			Err: fmt.Errorf("txt2img: job %s: no final preview frame: the preview plugin did not render the last step (is it serving? see GET /v1/plugins)", j.ID())}
 	}
 	img, err := decodeFrame(f)
 	if err != nil {
