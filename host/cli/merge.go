@@ -276,7 +276,7 @@ func Merge(ctx context.Context, o MergeOptions) (*MergeReport, error) {
 }
 
 func copyFile(src, dst string) (int64, error) {
-	in, err := os.Open(src)
+	in, err := safetensors.OpenRegular(src)
 	if err != nil {
 		return 0, err
 	}
@@ -344,6 +344,9 @@ func (o *outFile) put(name string, data []byte) error {
 	}
 	if int64(len(data)) != t.End-t.Begin {
 		return fmt.Errorf("merge: tensor %s: %d bytes, layout holds %d", name, len(data), t.End-t.Begin)
+	}
+	if err := checkFinite(name, t.DType, data); err != nil {
+		return err
 	}
 	if _, err := o.tmp.WriteAt(data, o.start+t.Begin); err != nil {
 		return fmt.Errorf("merge: write %s: tensor %s: %w", o.path, name, err)
@@ -630,8 +633,23 @@ func mergeLoRA(plan *lora.Plan, md map[string]string, o MergeOptions) error {
 			safetensors.WriteTensor{Name: sl.Name + ".lora_A.weight", DType: safetensors.F32, Shape: []int64{int64(r), int64(sl.In)}, Data: f32le(a)},
 			safetensors.WriteTensor{Name: sl.Name + ".lora_B.weight", DType: safetensors.F32, Shape: []int64{int64(sl.Out), int64(r)}, Data: f32le(b)})
 	}
+	for _, t := range ts {
+		if err := checkFinite(t.Name, t.DType, t.Data); err != nil {
+			return err
+		}
+	}
 	if err := safetensors.WriteFile(o.Out, md, ts); err != nil {
 		return fmt.Errorf("merge: %w", err)
+	}
+	return nil
+}
+
+// checkFinite refuses to write a tensor holding a NaN or an infinity: a
+// merge that overflows (a huge strength, LoRA values near the float limits)
+// fails naming the tensor instead of writing a poisoned file.
+func checkFinite(name string, dt safetensors.DType, data []byte) error {
+	if i, v := safetensors.FirstNonFinite(dt, data); i >= 0 {
+		return fmt.Errorf("merge: tensor %s: element %d would be %v: %w (lower the strength or check the LoRA)", name, i, v, lora.ErrNonFinite)
 	}
 	return nil
 }
