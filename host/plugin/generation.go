@@ -186,10 +186,17 @@ func (p *managed) startGeneration(ctx context.Context, man *Manifest) (*generati
 	}
 	isGo := man.Language == LanguageGo
 
+	sockDir, err := m.socketDir()
+	if err != nil {
+		return fail("socket dir", err)
+	}
 	env := pluginEnv(os.Environ())
 	env = append(env,
 		wire.EnvPluginName+"="+man.Name,
-		wire.EnvGeneration+"="+strconv.FormatUint(n, 10))
+		wire.EnvGeneration+"="+strconv.FormatUint(n, 10),
+		// go-plugin's server and the Python SDK create their sockets here,
+		// so a killed host's sockets go with its directory.
+		"PLUGIN_UNIX_SOCKET_DIR="+sockDir)
 	if !isGo {
 		th, err := m.tokenHost()
 		if err != nil {
