@@ -249,6 +249,9 @@ func (m *Manager) runDirLocked() (string, error) {
 	if err != nil {
 		m.log.Warn("clean stale plugin sockets", "dir", parent, "err", err)
 	}
+	if n := cleanDeadSockets(parent); n > 0 {
+		m.log.Info("removed dead go-plugin broker sockets", "dir", parent, "count", n)
+	}
 	dir, err := arena.MakeOwnedDir(parent)
 	if err != nil {
 		return "", fmt.Errorf("plugin socket dir: %w", err)
