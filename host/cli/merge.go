@@ -77,6 +77,9 @@ func (l *loraFlags) Set(v string) error {
 	if path == "" {
 		return errors.New("empty LoRA path")
 	}
+	if math.IsNaN(s) || math.IsInf(s, 0) {
+		return fmt.Errorf("LoRA %s: strength %v is not a finite number", path, s)
+	}
 	*l = append(*l, MergeLoRA{Path: path, Strength: s})
 	return nil
 }
