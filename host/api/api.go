@@ -262,16 +262,45 @@ func decode(r *http.Request, v any) error {
 	return decodeBody(data, v)
 }
 
-// decodeBody decodes one JSON object into v, rejecting anything that is not
-// an object (null, an array, a number: a `null` body must never read as
-// "all defaults"), unknown fields and trailing data.
-func decodeBody(data []byte, v any) error {
+// decodeLenient reads a JSON object into v, ignoring unknown fields (the
+// A1111 routes, whose clients send many); anything but an object is 400.
+func decodeLenient(r *http.Request, v any) error {
+	data, err := io.ReadAll(r.Body)
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return fmt.Errorf("read request body: %w", err)
+		}
+		return badRequest("read request body: %v", err)
+	}
+	if err := requireObject(data); err != nil {
+		return err
+	}
+	if err := json.Unmarshal(data, v); err != nil {
+		return badRequest("read request body: %v", err)
+	}
+	return nil
+}
+
+// requireObject refuses a body that is not a JSON object (by its first
+// non-blank byte; the decoder checks the rest).
+func requireObject(data []byte) error {
 	trimmed := bytes.TrimLeft(data, " \t\r\n")
 	if len(trimmed) == 0 {
 		return badRequest("read request body: empty (send one JSON object; see docs/api.md)")
 	}
 	if trimmed[0] != '{' {
 		return badRequest("read request body: want a JSON object, got %s (see docs/api.md)", jsonKind(trimmed[0]))
+	}
+	return nil
+}
+
+// decodeBody decodes one JSON object into v, rejecting anything that is not
+// an object (null, an array, a number: a `null` body must never read as
+// "all defaults"), unknown fields and trailing data.
+func decodeBody(data []byte, v any) error {
+	if err := requireObject(data); err != nil {
+		return err
 	}
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()

@@ -118,12 +118,7 @@ func (a *API) pipeline() (string, error) {
 // routes show them while they run.
 func (a *API) txt2img(w http.ResponseWriter, r *http.Request) {
 	var req Txt2ImgRequest
-	dec := json.NewDecoder(r.Body) // lenient: A1111 clients send many fields
-	if err := dec.Decode(&req); err != nil {
-		var mbe *http.MaxBytesError
-		if !errors.As(err, &mbe) {
-			err = badRequest("read request body: %v", err)
-		}
+	if err := decodeLenient(r, &req); err != nil { // lenient: A1111 clients send many fields
 		a.fail(w, r, err)
 		return
 	}
@@ -229,6 +224,12 @@ func (a *API) runImage(r *http.Request, pipe, prompt string, seed int64, req Txt
 		return "", j.ID(), fmt.Errorf("txt2img: job %s: %w", j.ID(), r.Context().Err())
 	}
 	s := j.Snapshot()
+	if s.State == job.StateFailed {
+		// The pipeline plugin failed the run: an upstream failure, not
+		// the host's and not the client's.
+		return "", j.ID(), &StatusError{Status: http.StatusBadGateway, Code: "pipeline_failed",
+			Err: fmt.Errorf("txt2img: job %s failed in pipeline %s: %s", j.ID(), pipe, s.Error)}
+	}
 	if s.State != job.StateDone {
 		return "", j.ID(), fmt.Errorf("txt2img: job %s %s: %s", j.ID(), s.State, s.Error)
 	}
