@@ -405,6 +405,21 @@ func TestAbusePluginOutages(t *testing.T) {
 		t.Fatalf("after reload: %s with %d crashes", st.State, st.Crashes)
 	}
 
+	// The LoRA plugin down: applies are 503 too, and the model is untouched.
+	killUntil(t, f, "lora-nf4", plugin.StateFailed)
+	kohya := strings.TrimSuffix(samples.KohyaLoRAFile, ".safetensors")
+	for _, mode := range []string{"side", "fuse"} {
+		c = call{method: "POST", path: "/v1/loras/apply", body: `{"loras": [{"name": "` + kohya + `"}], "mode": "` + mode + `"}`}
+		status, b, h = f.do(t, c)
+		if status != http.StatusServiceUnavailable || h.Get("Retry-After") == "" {
+			t.Fatalf("%s apply with lora-nf4 failed: %d %s (Retry-After %q)", mode, status, b, h.Get("Retry-After"))
+		}
+		wantError(t, c, status, b, "plugin_unavailable", "lora-nf4")
+	}
+	if status, b, _ = f.do(t, call{method: "GET", path: "/v1/loras/state"}); status != http.StatusOK || strings.Contains(string(b), kohya) {
+		t.Fatalf("state after refused applies: %d %s", status, b)
+	}
+
 	killUntil(t, f, "preview", plugin.StateFailed)
 	id := f.createJob(t, `{"pipeline": "test-pipeline", "params": {"steps": 5, "step_ms": 5}}`)
 	s := f.waitJob(t, id)
