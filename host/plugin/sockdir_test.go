@@ -53,7 +53,13 @@ func TestKilledHostSocketsRemovedAtNextStart(t *testing.T) {
 	if len(left) != 1 {
 		t.Fatalf("socket dirs of the running host: %v", left)
 	}
-	socks, _ := filepath.Glob(filepath.Join(left[0], "plugin*"))
+	var socks []string // the plugin's go-plugin socket, at any depth of the host's dir
+	_ = filepath.WalkDir(left[0], func(p string, d os.DirEntry, err error) error {
+		if err == nil && d.Type()&os.ModeSocket != 0 && strings.HasPrefix(d.Name(), "plugin") {
+			socks = append(socks, p)
+		}
+		return nil
+	})
 	if len(socks) == 0 {
 		t.Fatalf("the plugin's go-plugin socket is not in the host's dir %s", left[0])
 	}
