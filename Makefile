@@ -7,7 +7,9 @@ GO        ?= go
 PYTHON    ?= python3
 VENV      := .venv
 VENV_TORCH := .venv-torch
+VENV_CLIENTS := .venv-clients
 PY        := $(VENV)/bin/python
+PY_CLIENTS := $(VENV_CLIENTS)/bin/python
 PY_TORCH  := $(VENV_TORCH)/bin/python
 BIN       := bin
 GOBIN_DIR := $(CURDIR)/.cache/gobin
@@ -22,7 +24,7 @@ GO_PLUGINS := $(notdir $(wildcard plugins/*))
 # Python plugins shipped with the host (copied next to the Go plugins).
 PY_PLUGINS := reference_pipeline diffusers_flux
 
-.PHONY: fuzz abuse help build run test test-go test-python bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean
+.PHONY: fuzz abuse help build run test test-go test-python test-oracles test-clients venv-clients comfy-frontend bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean distclean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -59,19 +61,53 @@ $(VENV_TORCH)/.stamp: python/requirements-core.txt python/requirements-torch.txt
 	$(PY_TORCH) -m pip install -q --disable-pip-version-check --no-deps -e sdk/python
 	@touch $@
 
+venv-clients: $(VENV_CLIENTS)/.stamp ## create the client-library environment (.venv-clients: webuiapi, comfy-api-simplified, comfy-catapult, comfy-headless)
+
+$(VENV_CLIENTS)/.stamp: python/requirements-clients.txt
+	@test -x $(PY_CLIENTS) || $(PYTHON) -m venv $(VENV_CLIENTS)
+	$(PY_CLIENTS) -m pip install -q --disable-pip-version-check -r python/requirements-clients.txt
+	@touch $@
+
+# ComfyUI's web frontend, served by `arenahost serve` under /comfy/ (optional:
+# without it /comfy/ says how to install it). Unpacked without source maps.
+COMFY_FRONTEND := comfyui-frontend-package==1.58.1
+COMFY_FRONTEND_DIR := .cache/comfy-frontend
+
+comfy-frontend: $(COMFY_FRONTEND_DIR)/.stamp ## fetch ComfyUI's web frontend (comfyui-frontend-package 1.58.1) into .cache/comfy-frontend/static
+
+$(COMFY_FRONTEND_DIR)/.stamp: scripts/unpack-comfy-frontend.py $(VENV_CLIENTS)/.stamp
+	@rm -rf $(COMFY_FRONTEND_DIR) && mkdir -p $(COMFY_FRONTEND_DIR)/wheel
+	$(PY_CLIENTS) -m pip download -q --disable-pip-version-check --no-deps $(COMFY_FRONTEND) -d $(COMFY_FRONTEND_DIR)/wheel
+	$(PY_CLIENTS) scripts/unpack-comfy-frontend.py $(COMFY_FRONTEND_DIR)/wheel/*.whl $(COMFY_FRONTEND_DIR)/static
+	@rm -rf $(COMFY_FRONTEND_DIR)/wheel
+	@touch $@
+
 # Tests find the interpreters through these variables; with ARENAHOST_REQUIRE_PYTHON=1
 # a test that needs one fails instead of skipping.
 TEST_ENV := ARENAHOST_PYTHON=$(abspath $(PY)) ARENAHOST_TORCH_PYTHON=$(abspath $(PY_TORCH)) \
             ARENAHOST_REQUIRE_PYTHON=1 ARENAHOST_BIN=$(abspath $(BIN)) \
-            ARENAHOST_ARTIFACTS=$(abspath .cache/artifacts)
+            ARENAHOST_ARTIFACTS=$(abspath .cache/artifacts) ARENAHOST_COMFY_FRONTEND=$(abspath $(COMFY_FRONTEND_DIR)/static)
 
-test: build venv venv-torch browser-deps test-go test-python test-cuda-fake ## run every test (Go, Python, then the -tags cuda build on fakecuda)
+test: build venv venv-torch venv-clients comfy-frontend browser-deps test-go test-python test-clients test-cuda-fake ## run every test (Go, Python, the A1111/ComfyUI client libraries, then the -tags cuda build on fakecuda)
 
 test-go: ## Go tests only
 	$(TEST_ENV) $(GO) test $(GO_TEST_FLAGS) ./...
 
 test-python: ## Python SDK tests only
 	$(TEST_ENV) $(PY_TORCH) -m pytest -q sdk/python/tests
+
+# The packages whose tests compare with torch, bitsandbytes, diffusers or PEFT.
+ORACLE_GO_PKGS := ./shared/nf4 ./shared/half ./shared/lora ./shared/layout ./host/registry ./plugins/preview/render
+ORACLE_CAPS    ?= avx2 default
+
+test-oracles: build venv venv-torch ## rerun the oracle tests with torch forced to each of ORACLE_CAPS (ATEN_CPU_CAPABILITY), so a CPU-dependent oracle shows on any machine
+	@for cap in $(ORACLE_CAPS); do \
+	  echo "== oracle tests with ATEN_CPU_CAPABILITY=$$cap"; \
+	  $(TEST_ENV) ATEN_CPU_CAPABILITY=$$cap $(GO) test $(GO_TEST_FLAGS) $(ORACLE_GO_PKGS) || exit 1; \
+	  $(TEST_ENV) ATEN_CPU_CAPABILITY=$$cap $(PY_TORCH) -m pytest -q -W default::UserWarning sdk/python/tests || exit 1; \
+	done
+test-clients: build venv venv-clients ## the real A1111/ComfyUI client libraries, unmodified, against a real `arenahost serve`
+	$(TEST_ENV) $(PY_CLIENTS) -m pytest -q -p no:warnings tests/clients
 
 browser-deps: ## install Debian's chromium for the console's browser test when it is missing
 	@command -v chromium >/dev/null || command -v $${ARENAHOST_CHROMIUM:-chromium} >/dev/null || { \
@@ -126,5 +162,11 @@ test-cuda-fake: cuda ## run the -tags cuda build (host, plugins, GPU check) on f
 cuda-vet: ## compile-check every package under -tags cuda (no GPU or driver needed)
 	$(CUDA_ENV); $(GO) vet -tags cuda ./...
 
-clean: ## remove build outputs
+clean: ## remove build outputs (bin/, .cache/); keeps the virtual environments and arenahost-data/
 	rm -rf $(BIN) .cache
+
+# The virtual environments (.venv, .venv-torch, .venv-cuda and any other
+# .venv-*) take several GB and a while to recreate; the data directory holds
+# what `make run` wrote (the sample model and LoRAs, and anything you added).
+distclean: clean ## also remove the virtual environments (.venv, .venv-*) and the data directory (arenahost-data/)
+	rm -rf $(VENV) .venv-* arenahost-data

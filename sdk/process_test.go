@@ -108,7 +108,14 @@ func runHost() int {
 // host dies; sdk.Serve notices the re-parenting and stops.
 func TestPluginExitsWhenHostDies(t *testing.T) {
 	host := exec.Command(self(t)[0])
-	host.Env = append(os.Environ(), envRole+"=host")
+	// The plugin's socket goes into a directory removed with the test (the
+	// plugin dies without closing it).
+	sockDir, err := os.MkdirTemp("", "sdk-sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	host.Env = append(os.Environ(), envRole+"=host", plugin.EnvUnixSocketDir+"="+sockDir)
 	out, err := host.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

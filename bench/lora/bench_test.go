@@ -75,9 +75,8 @@ func buildPlugin(b *testing.B) string {
 	if err := os.MkdirAll(pd, 0o755); err != nil {
 		b.Fatal(err)
 	}
-	out, err := exec.Command("go", "build", "-o", filepath.Join(pd, "lora-nf4"), "github.com/arenahost/arenahost/plugins/lora-nf4").CombinedOutput()
-	if err != nil {
-		b.Fatalf("go build lora-nf4: %v\n%s", err, out)
+	if err := testenv.CopyFile(testenv.GoBinary(b, "./plugins/lora-nf4"), filepath.Join(pd, "lora-nf4"), 0o755); err != nil {
+		b.Fatal(err)
 	}
 	man, err := os.ReadFile(filepath.Join(testenv.RepoRoot(b), "plugins", "lora-nf4", "plugin.json"))
 	if err == nil {
@@ -271,3 +270,5 @@ func report(b *testing.B, ours, base map[string]figure, journal, journalFile are
 	row("remove1", "remove1", "unfuse1")
 	row("remove5", "remove5", "unfuse5")
 }
+
+func TestMain(m *testing.M) { testenv.Main(m) }

@@ -115,8 +115,10 @@ func (a *API) sdapiProgress(w http.ResponseWriter, r *http.Request) {
 }
 
 // sdapiInterrupt cancels the current job, as A1111's interrupt stops the
-// running generation at its next step. It answers {} like A1111.
+// running generation at its next step; a txt2img request waiting on it
+// answers 200 with the images done so far. It answers {} like A1111.
 func (a *API) sdapiInterrupt(w http.ResponseWriter, _ *http.Request) {
+	a.interruptRuns()
 	if j := a.s.Jobs.Current(); j != nil && !j.State().Final() {
 		j.Cancel()
 	}

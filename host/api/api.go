@@ -19,6 +19,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/arenahost/arenahost/host/api/comfyui"
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/console"
 	"github.com/arenahost/arenahost/host/plugin"
@@ -43,8 +44,9 @@ type Options struct {
 	// directories when empty.
 	ModelsDir string
 	LoRAsDir  string
-	// Pipeline is the pipeline plugin txt2img runs; "" picks the first
-	// serving plugin of kind "pipeline".
+	// Pipeline is the pipeline plugin txt2img, POST /v1/jobs without a
+	// pipeline and the console run; "" picks the first serving plugin of
+	// kind "pipeline" (never an unavailable or failed one).
 	Pipeline string
 	// Listen is the address the server listens on: its host is accepted
 	// in Host and Origin headers besides the loopback names.
@@ -57,6 +59,9 @@ type Options struct {
 	MaxImages int
 	// Metrics receives observations; a new one over the server when nil.
 	Metrics *Metrics
+	// ComfyFrontend is comfyui-frontend-package's static/ folder, served
+	// under /comfy/ ("": a page says how to install it).
+	ComfyFrontend string
 }
 
 // Defaults for Options.
@@ -75,6 +80,10 @@ type API struct {
 	Metrics *Metrics
 	loras   loraCache
 	hosts   hostPolicy
+	history *arenaHistory   // console_routes.go
+	a1      a1111State      // a1111_routes.go
+	comfy   *comfyui.Server // comfy.go
+	gen     genLock         // generate.go
 }
 
 // New returns the HTTP handler for s with default Options.
@@ -111,6 +120,7 @@ func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
 	a.mux.HandleFunc("DELETE /v1/models/{name}", a.unloadModel)
 	a.mux.HandleFunc("GET /v1/models/{name}/digest", a.modelDigest)
 	a.mux.HandleFunc("GET /v1/plugins", a.plugins)
+	a.mux.HandleFunc("GET /v1/pipelines", a.pipelines)
 	a.mux.HandleFunc("POST /v1/plugins/{name}/reload", a.reload)
 	a.mux.HandleFunc("GET /v1/plugins/{name}/logs", a.pluginLogs)
 	a.mux.HandleFunc("GET /v1/loras", a.listLoRAs)
@@ -119,8 +129,11 @@ func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
 	a.mux.HandleFunc("GET /v1/loras/state", a.loraState)
 	a.mux.HandleFunc("GET /sdapi/v1/loras", a.sdapiLoRAs)
 	a.mux.HandleFunc("POST /sdapi/v1/txt2img", a.txt2img)
+	a.a1111Routes() // a1111_routes.go: sd-models, options, samplers, memory, skip …
 	a.mux.Handle("GET /metrics", a.Metrics.Handler())
-	a.jobRoutes() // jobs.go: jobs, previews, A1111 progress, ComfyUI websocket
+	a.jobRoutes()     // jobs.go: jobs, previews, A1111 progress
+	a.consoleRoutes() // console_routes.go: model files, arena usage and history
+	a.comfyRoutes()   // comfy.go: ComfyUI's server API and websocket (package comfyui)
 	a.mux.HandleFunc("/v1/", a.notFound)
 	a.mux.HandleFunc("/sdapi/", a.notFound)
 	a.mux.Handle("/", a.consoleOr404(console.Handler()))
@@ -222,6 +235,9 @@ func statusOf(err error) (int, string) {
 		return http.StatusNotFound, "not_found"
 	case errors.Is(err, registry.ErrExists):
 		return http.StatusConflict, "conflict"
+	case errors.Is(err, plugin.ErrUnavailable):
+		// The manifest's needs are not met: no retry helps until they are.
+		return http.StatusServiceUnavailable, "unavailable"
 	case errors.Is(err, plugin.ErrNotServing), errors.Is(err, plugin.ErrPluginExited):
 		return http.StatusServiceUnavailable, "plugin_unavailable"
 	case errors.Is(err, arena.ErrCapacity):
@@ -251,27 +267,33 @@ func (a *API) fail(w http.ResponseWriter, r *http.Request, err error) {
 
 // decode reads a JSON body into v (decodeBody).
 func decode(r *http.Request, v any) error {
+	data, err := readBody(r)
+	if err != nil {
+		return err
+	}
+	return decodeBody(data, v)
+}
+
+// readBody reads the whole request body (bounded by --max-body): too long
+// is 413, any other read error 400.
+func readBody(r *http.Request) ([]byte, error) {
 	data, err := io.ReadAll(r.Body)
 	if err != nil {
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
-			return fmt.Errorf("read request body: %w", err)
+			return nil, fmt.Errorf("read request body: %w", err)
 		}
-		return badRequest("read request body: %v", err)
+		return nil, badRequest("read request body: %v", err)
 	}
-	return decodeBody(data, v)
+	return data, nil
 }
 
 // decodeLenient reads a JSON object into v, ignoring unknown fields (the
 // A1111 routes, whose clients send many); anything but an object is 400.
 func decodeLenient(r *http.Request, v any) error {
-	data, err := io.ReadAll(r.Body)
+	data, err := readBody(r)
 	if err != nil {
-		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) {
-			return fmt.Errorf("read request body: %w", err)
-		}
-		return badRequest("read request body: %v", err)
+		return err
 	}
 	if err := requireObject(data); err != nil {
 		return err

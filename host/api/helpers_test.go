@@ -3,15 +3,14 @@ package api
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/arenahost/arenahost/host/server"
@@ -40,6 +39,7 @@ func newFixture(t *testing.T, pluginsDir string, o Options) *fixture {
 	}
 	t.Cleanup(func() { s.Close(ctx) })
 	a := NewWithOptions(s, quiet, o)
+	t.Cleanup(a.Close)
 	srv := httptest.NewServer(a)
 	t.Cleanup(srv.Close)
 	return &fixture{s: s, api: a, srv: srv, data: data}
@@ -88,61 +88,25 @@ func wantError(t *testing.T, c call, status int, b []byte, code, detail string) 
 	}
 }
 
-var (
-	goHelloOnce sync.Once
-	goHelloBin  string
-	goHelloErr  error
-)
+func TestMain(m *testing.M) { testenv.Main(m) }
 
-// goHelloPlugins builds the Go SDK's go-hello example once and installs it
-// into a fresh plugins directory (DIR/go-hello/{go-hello,plugin.json}).
+// goHelloPlugins installs the Go SDK's go-hello example (built once per
+// test binary) into a fresh plugins directory (DIR/go-hello/{go-hello,plugin.json}).
 func goHelloPlugins(t *testing.T) string {
 	t.Helper()
-	root := testenv.RepoRoot(t)
-	goHelloOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "arenahost-api-go-hello-")
-		if err != nil {
-			goHelloErr = err
-			return
-		}
-		goHelloBin = filepath.Join(dir, "go-hello")
-		cmd := exec.Command("go", "build", "-o", goHelloBin, "./sdk/examples/go-hello")
-		cmd.Dir = root
-		if out, err := cmd.CombinedOutput(); err != nil {
-			goHelloErr = &buildError{err: err, out: string(out)}
-		}
-	})
-	if goHelloErr != nil {
-		t.Fatalf("build go-hello: %v", goHelloErr)
+	man, err := os.ReadFile(filepath.Join(testenv.RepoRoot(t), "sdk", "examples", "go-hello", "plugin.json"))
+	if err != nil {
+		t.Fatal(err)
 	}
 	plugins := t.TempDir()
-	dst := filepath.Join(plugins, "go-hello")
-	if err := os.MkdirAll(dst, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	bin, err := os.ReadFile(goHelloBin)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dst, "go-hello"), bin, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	man, err := os.ReadFile(filepath.Join(root, "sdk", "examples", "go-hello", "plugin.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dst, "plugin.json"), man, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	testenv.InstallPlugin(t, plugins, "go-hello", "./sdk/examples/go-hello", string(man))
 	return plugins
 }
 
-type buildError struct {
-	err error
-	out string
+// goManifest is the manifest of a Go plugin installed as DIR/NAME/NAME.
+func goManifest(name, kind string) string {
+	return fmt.Sprintf(`{"name": %q, "version": "0.1.0", "kind": %q, "language": "go", "command": "./%s", "protocol_version": 1}`, name, kind, name)
 }
-
-func (e *buildError) Error() string { return e.err.Error() + ": " + e.out }
 
 // writeLoRA writes a small kohya-format Flux LoRA (rank 2, two modules).
 func writeLoRA(t *testing.T, path string, meta map[string]string) {

@@ -13,8 +13,8 @@ import (
 
 // jobRoutes registers the job routes: creation and cancellation, snapshots,
 // and the preview deliveries (latest frame, MJPEG, server-sent events), the
-// A1111-compatible progress routes (a1111.go) and the ComfyUI-compatible
-// websocket (ws.go).
+// A1111-compatible progress routes (a1111.go). ComfyUI's websocket is in
+// package comfyui.
 func (a *API) jobRoutes() {
 	a.mux.HandleFunc("POST /v1/jobs", a.createJob)
 	a.mux.HandleFunc("GET /v1/jobs", a.listJobs)
@@ -25,8 +25,6 @@ func (a *API) jobRoutes() {
 	a.mux.HandleFunc("GET /v1/jobs/{id}/events", a.jobEvents)
 	a.mux.HandleFunc("GET /sdapi/v1/progress", a.sdapiProgress)
 	a.mux.HandleFunc("POST /sdapi/v1/interrupt", a.sdapiInterrupt)
-	a.mux.HandleFunc("GET /ws", a.comfyWS)
-	a.mux.HandleFunc("GET /api/ws", a.comfyWS)
 	go a.observeJobs(a.s.Jobs.Subscribe("", 1024))
 }
 
@@ -102,6 +100,16 @@ func (a *API) createJob(w http.ResponseWriter, r *http.Request) {
 	if err := decode(r, &spec); err != nil {
 		a.fail(w, r, err)
 		return
+	}
+	if spec.Pipeline == "" {
+		// No pipeline named: the default (GET /v1/pipelines), which the
+		// answer's "pipeline" names.
+		p, err := a.pipeline()
+		if err != nil {
+			a.fail(w, r, fmt.Errorf("create job: %w", err))
+			return
+		}
+		spec.Pipeline = p
 	}
 	j, err := a.s.Jobs.Create(r.Context(), spec)
 	if err != nil {

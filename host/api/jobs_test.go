@@ -4,19 +4,14 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
-	"fmt"
 	"image/jpeg"
 	"io"
 	"mime"
 	"mime/multipart"
 	"net"
 	"net/http"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -24,51 +19,13 @@ import (
 	"github.com/arenahost/arenahost/internal/testenv"
 )
 
-var (
-	jobPluginsOnce sync.Once
-	jobPluginsDir  string
-	jobPluginsErr  error
-)
-
-// jobPlugins builds the preview plugin and host/job's test pipeline once
-// and installs them into a fresh plugins directory.
+// jobPlugins installs the preview plugin and host/job's test pipeline
+// (built once per test binary) into a fresh plugins directory.
 func jobPlugins(t *testing.T) string {
 	t.Helper()
-	root := testenv.RepoRoot(t)
-	jobPluginsOnce.Do(func() {
-		if jobPluginsDir, jobPluginsErr = os.MkdirTemp("", "arenahost-api-jobs-"); jobPluginsErr != nil {
-			return
-		}
-		for _, p := range [][2]string{{"preview", "./plugins/preview"}, {"test-pipeline", "./host/job/testdata/pipeline"}} {
-			cmd := exec.Command("go", "build", "-o", filepath.Join(jobPluginsDir, p[0]), p[1])
-			cmd.Dir = root
-			if out, err := cmd.CombinedOutput(); err != nil {
-				jobPluginsErr = &buildError{err: err, out: string(out)}
-				return
-			}
-		}
-	})
-	if jobPluginsErr != nil {
-		t.Fatalf("build job plugins: %v", jobPluginsErr)
-	}
 	plugins := t.TempDir()
-	for _, p := range [][2]string{{"preview", "preview"}, {"test-pipeline", "pipeline"}} {
-		dst := filepath.Join(plugins, p[0])
-		if err := os.MkdirAll(dst, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		bin, err := os.ReadFile(filepath.Join(jobPluginsDir, p[0]))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(dst, p[0]), bin, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		man := fmt.Sprintf(`{"name": %q, "version": "0.1.0", "kind": %q, "language": "go", "command": "./%s", "protocol_version": 1}`, p[0], p[1], p[0])
-		if err := os.WriteFile(filepath.Join(dst, "plugin.json"), []byte(man), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
+	testenv.InstallPlugin(t, plugins, "preview", "./plugins/preview", goManifest("preview", "preview"))
+	testenv.InstallPlugin(t, plugins, "test-pipeline", "./host/job/testdata/pipeline", goManifest("test-pipeline", "pipeline"))
 	return plugins
 }
 

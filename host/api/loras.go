@@ -162,7 +162,7 @@ func (a *API) sdapiLoRAs(w http.ResponseWriter, r *http.Request) {
 		if e.Kind != inspect.KindLoRA {
 			continue
 		}
-		alias := e.Name
+		alias := filepath.Base(e.Name)
 		if v := e.Metadata["ss_output_name"]; v != "" {
 			alias = v // A1111 uses kohya's output name as the alias when present
 		}
@@ -170,7 +170,9 @@ func (a *API) sdapiLoRAs(w http.ResponseWriter, r *http.Request) {
 		if md == nil {
 			md = map[string]string{}
 		}
-		out = append(out, SDAPILoRA{Name: e.Name, Alias: alias, Path: filepath.Join(root, filepath.FromSlash(e.Path)), Metadata: md})
+		// A1111's name is the bare file name; tags resolve it (and the
+		// alias) when it is unique, or a path relative to the directory.
+		out = append(out, SDAPILoRA{Name: filepath.Base(e.Name), Alias: alias, Path: filepath.Join(root, filepath.FromSlash(e.Path)), Metadata: md})
 	}
 	writeJSON(w, http.StatusOK, out)
 }

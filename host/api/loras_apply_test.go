@@ -9,35 +9,25 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/host/server"
+	"github.com/arenahost/arenahost/internal/testenv"
 )
 
-// loraPlugins builds the lora-nf4 plugin into a plugins directory laid out
-// as `make build` does.
+// loraPlugins installs the lora-nf4 plugin (built once per test binary)
+// into a plugins directory laid out as `make build` does.
 func loraPlugins(t *testing.T) string {
 	t.Helper()
-	dir := t.TempDir()
-	pd := filepath.Join(dir, "lora-nf4")
-	if err := os.MkdirAll(pd, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	out, err := exec.Command("go", "build", "-o", filepath.Join(pd, "lora-nf4"), "github.com/arenahost/arenahost/plugins/lora-nf4").CombinedOutput()
-	if err != nil {
-		t.Fatalf("go build lora-nf4: %v\n%s", err, out)
-	}
 	man, err := os.ReadFile("../../plugins/lora-nf4/plugin.json")
-	if err == nil {
-		err = os.WriteFile(filepath.Join(pd, "plugin.json"), man, 0o644)
-	}
 	if err != nil {
 		t.Fatal(err)
 	}
+	dir := t.TempDir()
+	testenv.InstallPlugin(t, dir, "lora-nf4", "./plugins/lora-nf4", string(man))
 	return dir
 }
 

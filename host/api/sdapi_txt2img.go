@@ -23,38 +23,61 @@ import (
 )
 
 // Txt2ImgRequest is the part of A1111's StableDiffusionTxt2ImgProcessingAPI
-// arenahost reads; the many other fields clients send (sampler, CFG scale,
-// hires fix …) are accepted and ignored.
+// arenahost reads. The many other fields clients send are accepted; those
+// that would change the image in A1111 (sampler, CFG scale, hires fix,
+// override_settings …) are reported as warnings in info (errors in strict
+// mode, see OptionStrict).
 type Txt2ImgRequest struct {
-	Prompt         string `json:"prompt"`
-	NegativePrompt string `json:"negative_prompt,omitempty"`
-	Steps          int    `json:"steps,omitempty"`
-	Seed           int64  `json:"seed"`
-	Width          int    `json:"width,omitempty"`
-	Height         int    `json:"height,omitempty"`
-	BatchSize      int    `json:"batch_size,omitempty"`
-	NIter          int    `json:"n_iter,omitempty"`
+	Prompt           string         `json:"prompt"`
+	NegativePrompt   string         `json:"negative_prompt,omitempty"`
+	Steps            int            `json:"steps,omitempty"`
+	Seed             int64          `json:"seed"`
+	Width            int            `json:"width,omitempty"`
+	Height           int            `json:"height,omitempty"`
+	BatchSize        int            `json:"batch_size,omitempty"`
+	NIter            int            `json:"n_iter,omitempty"`
+	SamplerName      string         `json:"sampler_name,omitempty"`
+	OverrideSettings map[string]any `json:"override_settings,omitempty"`
 }
 
-// Txt2ImgResponse is A1111's answer: base64 PNGs, the parameters used and
-// an info JSON string.
+// Txt2ImgResponse is A1111's answer: base64 PNGs, the parameters used (the
+// request's fields with width, height and seed as run) and an info JSON
+// string.
 type Txt2ImgResponse struct {
 	Images     []string       `json:"images"`
-	Parameters Txt2ImgRequest `json:"parameters"`
+	Parameters map[string]any `json:"parameters"`
 	Info       string         `json:"info"`
 }
 
-// Txt2ImgInfo is the info string's content.
+// Txt2ImgInfo is the info string's content: A1111's keys, plus what
+// arenahost adds (pipeline, jobs, loras, warnings, interrupted, skipped).
 type Txt2ImgInfo struct {
-	Prompt   string       `json:"prompt"`
-	Seed     int64        `json:"seed"`
-	AllSeeds []int64      `json:"all_seeds"`
-	Width    int          `json:"width"`
-	Height   int          `json:"height"`
-	Steps    int          `json:"steps"`
-	Pipeline string       `json:"pipeline"`
-	Jobs     []string     `json:"jobs"`
-	LoRAs    []lora.Entry `json:"loras"`
+	Prompt      string       `json:"prompt"`
+	AllPrompts  []string     `json:"all_prompts"`
+	Negative    string       `json:"negative_prompt"`
+	Seed        int64        `json:"seed"`
+	AllSeeds    []int64      `json:"all_seeds"`
+	Width       int          `json:"width"`
+	Height      int          `json:"height"`
+	Steps       int          `json:"steps"`
+	SamplerName string       `json:"sampler_name"`
+	BatchSize   int          `json:"batch_size"`
+	SDModelName string       `json:"sd_model_name"`
+	Infotexts   []string     `json:"infotexts"`
+	Pipeline    string       `json:"pipeline"`
+	Jobs        []string     `json:"jobs"`
+	LoRAs       []lora.Entry `json:"loras"`
+	// Warnings lists what was ignored or changed: unknown LoRA tags,
+	// settings the pipeline cannot honour, sizes rounded.
+	Warnings []string `json:"warnings"`
+	// Interrupted: /sdapi/v1/interrupt (or a cancelled job) stopped the
+	// request; Images holds the images finished before it and, last, the
+	// interrupted image's newest preview when it had one (PartialImage is
+	// its index, -1 when none).
+	Interrupted  bool `json:"interrupted"`
+	PartialImage int  `json:"partial_image"`
+	// Skipped counts images /sdapi/v1/skip dropped.
+	Skipped int `json:"skipped"`
 }
 
 // A1111 defaults and arenahost's bounds for txt2img.
@@ -95,32 +118,112 @@ func ParseLoRATags(prompt string) (string, []ApplyLoRA, error) {
 	return clean, out, nil
 }
 
-// pipeline returns the configured pipeline plugin, else the first serving
-// plugin of kind "pipeline".
-func (a *API) pipeline() (string, error) {
-	if a.opts.Pipeline != "" {
-		return a.opts.Pipeline, nil
+// txt2imgIgnored lists request fields arenahost does not act on, with the
+// value that means "off" in A1111: any other value is a warning.
+var txt2imgIgnored = []struct {
+	field string
+	off   func(v any) bool
+}{
+	{"enable_hr", isFalse},
+	{"cfg_scale", func(v any) bool { f, ok := v.(float64); return ok && f == 7 }},
+	{"restore_faces", isFalse},
+	{"tiling", isFalse},
+	{"styles", isEmpty},
+	{"subseed_strength", func(v any) bool { f, ok := v.(float64); return ok && f == 0 }},
+	{"alwayson_scripts", isEmpty},
+	{"script_name", isEmpty},
+	{"script_args", isEmpty},
+	{"scheduler", func(v any) bool {
+		s, _ := v.(string)
+		return v == nil || s == "" || strings.EqualFold(s, "automatic") || s == "simple"
+	}},
+	{"negative_prompt", isEmpty},
+}
+
+func isFalse(v any) bool { b, ok := v.(bool); return v == nil || ok && !b }
+
+func isEmpty(v any) bool {
+	switch x := v.(type) {
+	case nil:
+		return true
+	case string:
+		return x == ""
+	case []any:
+		return len(x) == 0
+	case map[string]any:
+		return len(x) == 0
 	}
-	for _, p := range a.s.Plugins.Status() {
-		if p.Kind == "pipeline" && p.State == "serving" {
-			return p.Name, nil
-		}
-	}
-	return "", &StatusError{Status: http.StatusConflict, Code: "not_serving",
-		Err: errors.New("txt2img: no pipeline plugin is serving (install one under --plugins, or name it with --pipeline)")}
+	return false
+}
+
+// roundSide rounds a side to the pipeline's multiple of 16 within 16..max.
+func roundSide(v int) int {
+	r := (v + 8) / 16 * 16
+	return min(max(r, 16), txt2imgMaxSide)
 }
 
 // txt2img applies the prompt's <lora:NAME:WEIGHT> set in side mode (an
 // empty set removes the LoRAs), runs the pipeline plugin as one job per
-// image with steps, seed, width and height, and answers the final frame
-// of each, decoded by the preview plugin and scaled to width×height, as a
-// base64 PNG. The jobs are ordinary jobs: /sdapi/v1/progress and the job
-// routes show them while they run.
+// image with steps, seed, width and height on the selected checkpoint, and
+// answers the final frame of each, decoded by the preview plugin and scaled
+// to width×height, as a base64 PNG. The jobs are ordinary jobs:
+// /sdapi/v1/progress and the job routes show them while they run.
+//
+// As A1111: an unknown LoRA tag is a warning; a size that is not a
+// multiple of 16 is rounded (and reported); /sdapi/v1/interrupt answers
+// 200 with the images done so far; /sdapi/v1/skip drops the current image.
+// Everything ignored is listed in info.warnings and logged; with
+// arenahost_strict (option or override_settings) it is a 400 instead.
 func (a *API) txt2img(w http.ResponseWriter, r *http.Request) {
-	var req Txt2ImgRequest
-	if err := decodeLenient(r, &req); err != nil { // lenient: A1111 clients send many fields
+	raw, err := readBody(r)
+	if err != nil {
 		a.fail(w, r, err)
 		return
+	}
+	if err := requireObject(raw); err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	var req Txt2ImgRequest
+	var fields map[string]any
+	if err := json.Unmarshal(raw, &fields); err != nil || fields == nil {
+		if err == nil {
+			err = errors.New("not a JSON object")
+		}
+		a.fail(w, r, badRequest("read request body: %v", err))
+		return
+	}
+	if err := json.Unmarshal(raw, &req); err != nil { // lenient: A1111 clients send many fields
+		a.fail(w, r, badRequest("read request body: %v", err))
+		return
+	}
+	var warnings []string
+	strict := a.strict()
+	model := a.currentModel()
+	for k, v := range req.OverrideSettings {
+		switch k {
+		case OptionStrict:
+			b, ok := v.(bool)
+			if !ok {
+				a.fail(w, r, badRequest("override_settings.%s: %v is not a boolean", k, v))
+				return
+			}
+			strict = b
+		case "sd_model_checkpoint":
+			s, ok := v.(string)
+			if !ok {
+				a.fail(w, r, badRequest("override_settings.sd_model_checkpoint: %v is not a string", v))
+				return
+			}
+			m, err := a.resolveCheckpoint(r.Context(), s)
+			if err != nil {
+				a.fail(w, r, err)
+				return
+			}
+			model = m
+		default:
+			warnings = append(warnings, fmt.Sprintf("override_settings.%s ignored: arenahost does not act on it", k))
+		}
 	}
 	if req.Steps == 0 {
 		req.Steps = txt2imgSteps
@@ -141,9 +244,21 @@ func (a *API) txt2img(w http.ResponseWriter, r *http.Request) {
 	case req.Steps < 1 || req.Steps > 1000:
 		a.fail(w, r, badRequest("steps: %d must be in 1..1000", req.Steps))
 		return
-	case req.Width%16 != 0 || req.Height%16 != 0 || req.Width < 16 || req.Height < 16 || req.Width > txt2imgMaxSide || req.Height > txt2imgMaxSide:
-		a.fail(w, r, badRequest("width×height: %d×%d must be multiples of 16 from 16 to %d", req.Width, req.Height, txt2imgMaxSide))
+	case req.Width < 1 || req.Height < 1 || req.Width > txt2imgMaxSide || req.Height > txt2imgMaxSide:
+		a.fail(w, r, badRequest("width×height: %d×%d must be from 1 to %d", req.Width, req.Height, txt2imgMaxSide))
 		return
+	}
+	if w2, h2 := roundSide(req.Width), roundSide(req.Height); w2 != req.Width || h2 != req.Height {
+		warnings = append(warnings, fmt.Sprintf("size %d×%d rounded to %d×%d (the pipeline takes multiples of 16)", req.Width, req.Height, w2, h2))
+		req.Width, req.Height = w2, h2
+	}
+	if s := req.SamplerName; s != "" && !strings.EqualFold(s, "Euler") && s != "k_euler" {
+		warnings = append(warnings, fmt.Sprintf("sampler_name %q ignored: the pipeline samples with Euler (flow matching)", s))
+	}
+	for _, ig := range txt2imgIgnored {
+		if v, ok := fields[ig.field]; ok && !ig.off(v) {
+			warnings = append(warnings, fmt.Sprintf("%s=%v ignored: the pipeline does not support it", ig.field, compactJSON(v)))
+		}
 	}
 	if req.Seed < 0 {
 		req.Seed = rand.Int64N(1 << 32) // A1111: -1 is a random seed
@@ -158,45 +273,130 @@ func (a *API) txt2img(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	info := Txt2ImgInfo{Prompt: prompt, Seed: req.Seed, Width: req.Width, Height: req.Height, Steps: req.Steps, Pipeline: pipe}
-	if a.s.LoRAs != nil {
-		lr := lora.Request{Mode: lora.ModeSide}
-		for _, t := range tags {
-			p, err := a.LoRAPath(t.Name)
-			if err != nil {
-				a.fail(w, r, fmt.Errorf("prompt: <lora:%s>: %w", t.Name, err))
-				return
-			}
-			lr.LoRAs = append(lr.LoRAs, lora.Entry{Name: t.Name, Path: p, Strength: *t.Strength})
+	info := Txt2ImgInfo{Prompt: prompt, Negative: req.NegativePrompt, Seed: req.Seed, Width: req.Width, Height: req.Height, Steps: req.Steps,
+		SamplerName: "Euler", BatchSize: req.BatchSize, SDModelName: model, Pipeline: pipe, PartialImage: -1,
+		AllPrompts: []string{}, AllSeeds: []int64{}, Infotexts: []string{}, Jobs: []string{}, LoRAs: []lora.Entry{}}
+	var entries []lora.Entry
+	if len(tags) > 0 {
+		ls, err := a.LoRAs()
+		if err != nil {
+			a.fail(w, r, err)
+			return
 		}
-		res, err := a.s.LoRAs.Apply(r.Context(), lr)
+		for _, t := range tags {
+			e, err := a.resolveLoRA(t.Name, ls)
+			if err != nil {
+				warnings = append(warnings, fmt.Sprintf("<lora:%s> skipped: %v", t.Name, err))
+				continue
+			}
+			p, err := a.LoRAPath(e.Name)
+			if err != nil {
+				warnings = append(warnings, fmt.Sprintf("<lora:%s> skipped: %v", t.Name, err))
+				continue
+			}
+			entries = append(entries, lora.Entry{Name: e.Name, Path: p, Strength: *t.Strength})
+		}
+	}
+	if a.s.LoRAs == nil && len(entries) > 0 {
+		warnings = append(warnings, fmt.Sprintf("%d <lora:…> tags skipped: this host runs no LoRA coordinator", len(entries)))
+		entries = nil
+	}
+	if strict && len(warnings) > 0 {
+		a.fail(w, r, &StatusError{Status: http.StatusBadRequest, Code: "strict",
+			Err: fmt.Errorf("txt2img refused in strict mode (%s): %s", OptionStrict, strings.Join(warnings, "; "))})
+		return
+	}
+	for _, m := range warnings {
+		a.log.Warn("a1111 txt2img: "+m, "path", r.URL.Path)
+	}
+	release, err := a.gen.acquire(r.Context())
+	if err != nil {
+		a.fail(w, r, fmt.Errorf("txt2img: waiting for the generation before it: %w", err))
+		return
+	}
+	defer release()
+	if a.s.LoRAs != nil {
+		res, err := a.s.LoRAs.Apply(r.Context(), lora.Request{Model: model, Mode: lora.ModeSide, LoRAs: entries})
 		a.Metrics.ObserveApply("apply", lora.ModeSide, resElapsed(res), err)
 		if err != nil {
 			a.fail(w, r, loraStatus(err))
 			return
 		}
 		info.LoRAs = res.LoRAs
-	} else if len(tags) > 0 {
-		a.fail(w, r, &StatusError{Status: http.StatusServiceUnavailable, Code: "no_lora_engine", Err: errors.New("prompt has <lora:…> tags but this host runs no LoRA coordinator")})
-		return
 	}
-	out := Txt2ImgResponse{Images: []string{}, Parameters: req}
+	run := a.addRun()
+	defer a.dropRun(run)
+	out := Txt2ImgResponse{Images: []string{}}
 	for i := range n {
 		seed := req.Seed + int64(i)
-		b64, id, err := a.runImage(r, pipe, prompt, seed, req)
-		if id != "" {
-			info.Jobs = append(info.Jobs, id)
+		var stop bool
+		run.set(func(r *t2iRun) { stop = r.interrupted })
+		if stop {
+			info.Interrupted = true
+			break
+		}
+		j, err := a.runJob(r, run, pipe, model, prompt, seed, req)
+		if j != nil {
+			info.Jobs = append(info.Jobs, j.ID())
 		}
 		if err != nil {
 			a.fail(w, r, err)
 			return
 		}
+		s := j.Snapshot()
+		if s.State == job.StateCancelled {
+			var skipped bool
+			run.set(func(r *t2iRun) { skipped = r.skipped[j.ID()] })
+			if skipped {
+				info.Skipped++
+				continue
+			}
+			info.Interrupted = true
+			if f := j.Frame(); f != nil {
+				if img, err := decodeFrame(f); err == nil {
+					if b64, _, err := encodePNG(j.ID(), resize(img, req.Width, req.Height)); err == nil {
+						info.PartialImage = len(out.Images)
+						out.Images = append(out.Images, b64)
+						info.AllSeeds = append(info.AllSeeds, seed)
+						info.AllPrompts = append(info.AllPrompts, prompt)
+						info.Infotexts = append(info.Infotexts, infotext(prompt, req, seed, model)+fmt.Sprintf(", Interrupted at step: %d/%d", s.Step, s.Total))
+					}
+				}
+			}
+			break
+		}
+		b64, err := a.jobImage(j, req)
+		if err != nil {
+			a.fail(w, r, err)
+			return
+		}
 		info.AllSeeds = append(info.AllSeeds, seed)
+		info.AllPrompts = append(info.AllPrompts, prompt)
+		info.Infotexts = append(info.Infotexts, infotext(prompt, req, seed, model))
 		out.Images = append(out.Images, b64)
 	}
+	if info.Interrupted {
+		warnings = append(warnings, fmt.Sprintf("interrupted: %d of %d images returned", len(out.Images), n))
+	}
+	info.Warnings = append([]string{}, warnings...)
 	ib, _ := json.Marshal(info)
 	out.Info = string(ib)
+	fields["width"], fields["height"], fields["seed"], fields["steps"] = req.Width, req.Height, req.Seed, req.Steps
+	out.Parameters = fields
 	writeJSON(w, http.StatusOK, out)
+}
+
+// infotext is A1111's one-line description of an image.
+func infotext(prompt string, req Txt2ImgRequest, seed int64, model string) string {
+	return fmt.Sprintf("%s\nSteps: %d, Sampler: Euler, Seed: %d, Size: %dx%d, Model: %s", prompt, req.Steps, seed, req.Width, req.Height, model)
+}
+
+func compactJSON(v any) string {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Sprint(v)
+	}
+	return string(b)
 }
 
 func resElapsed(res *lora.Result) (d time.Duration) {
@@ -206,52 +406,83 @@ func resElapsed(res *lora.Result) (d time.Duration) {
 	return d
 }
 
-// runImage runs one pipeline job and returns its final frame as a base64
-// PNG of the requested size.
-func (a *API) runImage(r *http.Request, pipe, prompt string, seed int64, req Txt2ImgRequest) (string, string, error) {
+// runJob runs one pipeline job on model and waits for it to end. A job
+// that failed is an error; a cancelled one is returned for the caller to
+// tell skip from interrupt.
+func (a *API) runJob(r *http.Request, run *t2iRun, pipe, model, prompt string, seed int64, req Txt2ImgRequest) (*job.Job, error) {
+	params := map[string]any{"prompt": prompt, "steps": req.Steps, "seed": seed, "width": req.Width, "height": req.Height}
+	if model != "" {
+		params["model"] = model
+	}
 	j, err := a.s.Jobs.Create(r.Context(), job.Spec{
 		Pipeline: pipe,
-		Params:   map[string]any{"prompt": prompt, "steps": req.Steps, "seed": seed, "width": req.Width, "height": req.Height},
+		Origin:   job.OriginA1111,
+		Params:   params,
 		Preview:  job.Preview{Format: "png", MaxSide: max(req.Width, req.Height)},
 	})
 	if err != nil {
-		return "", "", fmt.Errorf("txt2img: %w", jobErr(err))
+		return nil, fmt.Errorf("txt2img: %w", jobErr(err))
+	}
+	run.set(func(r *t2iRun) { r.current = j.ID() })
+	var interrupted bool
+	run.set(func(r *t2iRun) { interrupted = r.interrupted })
+	if interrupted { // an interrupt that came while the job was being created
+		j.Cancel()
 	}
 	select {
 	case <-j.Done():
 	case <-r.Context().Done():
 		j.Cancel()
-		return "", j.ID(), fmt.Errorf("txt2img: job %s: %w", j.ID(), r.Context().Err())
+		return j, fmt.Errorf("txt2img: job %s: %w", j.ID(), r.Context().Err())
 	}
 	s := j.Snapshot()
 	if s.State == job.StateFailed {
 		// The pipeline plugin failed the run: an upstream failure, not
 		// the host's and not the client's.
-		return "", j.ID(), &StatusError{Status: http.StatusBadGateway, Code: "pipeline_failed",
+		return j, &StatusError{Status: http.StatusBadGateway, Code: "pipeline_failed",
 			Err: fmt.Errorf("txt2img: job %s failed in pipeline %s: %s", j.ID(), pipe, s.Error)}
 	}
-	if s.State != job.StateDone {
-		return "", j.ID(), fmt.Errorf("txt2img: job %s %s: %s", j.ID(), s.State, s.Error)
+	if s.State != job.StateDone && s.State != job.StateCancelled {
+		return j, fmt.Errorf("txt2img: job %s %s: %s", j.ID(), s.State, s.Error)
 	}
+	return j, nil
+}
+
+// jobImage returns a finished job's image as a base64 PNG of the
+// requested size.
+func (a *API) jobImage(j *job.Job, req Txt2ImgRequest) (string, error) {
+	img, err := finalImage(j, req.Width, req.Height)
+	if err != nil {
+		return "", err
+	}
+	b64, _, err := encodePNG(j.ID(), img)
+	return b64, err
+}
+
+// finalImage returns a finished job's image scaled to w×h.
+func finalImage(j *job.Job, w, h int) (image.Image, error) {
+	s := j.Snapshot()
 	// A pipeline that decodes its own images (the diffusers pipeline's
 	// VAE) returns them as PNG bytes under "images": those are the answer.
 	// Otherwise the final latent, decoded by the preview plugin, is.
 	if img, ok, err := resultImage(s.Result); ok || err != nil {
 		if err != nil {
-			return "", j.ID(), fmt.Errorf("txt2img: job %s: %w", j.ID(), err)
+			return nil, fmt.Errorf("job %s: %w", j.ID(), err)
 		}
-		return encodePNG(j.ID(), resize(img, req.Width, req.Height))
+		return resize(img, w, h), nil
 	}
 	f := j.Frame()
 	if f == nil || f.Step != f.Total {
-		return "", j.ID(), &StatusError{Status: http.StatusServiceUnavailable, Code: "plugin_unavailable",
-			Err: fmt.Errorf("txt2img: job %s: no final preview frame: the preview plugin did not render the last step (is it serving? see GET /v1/plugins)", j.ID())}
+		// The preview plugin did not render the last step: it is down or
+		// restarting, which a retry can fix.
+		return nil, &StatusError{Status: http.StatusServiceUnavailable, Code: "plugin_unavailable",
+			Err: fmt.Errorf("job %s: no final preview frame: the preview plugin did not render the last step (is it serving? see GET /v1/plugins)", j.ID())}
 	}
 	img, err := decodeFrame(f)
 	if err != nil {
-		return "", j.ID(), fmt.Errorf("txt2img: job %s: %w", j.ID(), err)
+		return nil, fmt.Errorf("job %s: %w", j.ID(), err)
 	}
-	return encodePNG(j.ID(), resize(img, req.Width, req.Height))
+	return resize(img, w, h), nil
 }
 
 // encodePNG answers img as a base64 PNG for job id.

@@ -8,13 +8,10 @@ import (
 	"image"
 	"image/color"
 	"image/png"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 
+	"github.com/arenahost/arenahost/host/job"
 	"github.com/arenahost/arenahost/internal/testenv"
 )
 
@@ -70,51 +67,13 @@ func TestResize(t *testing.T) {
 	}
 }
 
-var (
-	t2iOnce sync.Once
-	t2iDir  string
-	t2iErr  error
-)
-
 // txt2imgPlugins installs lora-nf4, the preview plugin and host/job's test
-// pipeline into a fresh plugins directory.
+// pipeline (built once per test binary) into a fresh plugins directory.
 func txt2imgPlugins(t *testing.T) string {
 	t.Helper()
-	root := testenv.RepoRoot(t)
-	ps := [][3]string{{"lora-nf4", "./plugins/lora-nf4", "lora"}, {"preview", "./plugins/preview", "preview"}, {"test-pipeline", "./host/job/testdata/pipeline", "pipeline"}}
-	t2iOnce.Do(func() {
-		if t2iDir, t2iErr = os.MkdirTemp("", "arenahost-api-txt2img-"); t2iErr != nil {
-			return
-		}
-		for _, p := range ps {
-			cmd := exec.Command("go", "build", "-o", filepath.Join(t2iDir, p[0]), p[1])
-			cmd.Dir = root
-			if out, err := cmd.CombinedOutput(); err != nil {
-				t2iErr = &buildError{err: err, out: string(out)}
-				return
-			}
-		}
-	})
-	if t2iErr != nil {
-		t.Fatalf("build plugins: %v", t2iErr)
-	}
 	plugins := t.TempDir()
-	for _, p := range ps {
-		dst := filepath.Join(plugins, p[0])
-		if err := os.MkdirAll(dst, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		bin, err := os.ReadFile(filepath.Join(t2iDir, p[0]))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(dst, p[0]), bin, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		man := fmt.Sprintf(`{"name": %q, "version": "0.1.0", "kind": %q, "language": "go", "command": "./%s", "protocol_version": 1}`, p[0], p[2], p[0])
-		if err := os.WriteFile(filepath.Join(dst, "plugin.json"), []byte(man), 0o644); err != nil {
-			t.Fatal(err)
-		}
+	for _, p := range [][3]string{{"lora-nf4", "./plugins/lora-nf4", "lora"}, {"preview", "./plugins/preview", "preview"}, {"test-pipeline", "./host/job/testdata/pipeline", "pipeline"}} {
+		testenv.InstallPlugin(t, plugins, p[0], p[1], goManifest(p[0], p[2]))
 	}
 	return plugins
 }
@@ -169,6 +128,12 @@ func TestTxt2Img(t *testing.T) {
 			if info.Pipeline != "test-pipeline" || len(info.Jobs) != tt.n || len(info.AllSeeds) != tt.n || info.Seed < 0 || strings.Contains(info.Prompt, "<lora") {
 				t.Fatalf("info %+v", info)
 			}
+			for _, id := range info.Jobs {
+				j, err := f.s.Jobs.Get(id)
+				if err != nil || j.Snapshot().Origin != job.OriginA1111 {
+					t.Fatalf("job %s of txt2img: %v, want origin %q in the job list", id, err, job.OriginA1111)
+				}
+			}
 			var st state
 			_, b, _ = f.do(t, call{method: "GET", path: "/v1/loras/state"})
 			mustJSON(t, b, &st)
@@ -181,17 +146,58 @@ func TestTxt2Img(t *testing.T) {
 			}
 		})
 	}
+	// What A1111 warns about and carries on with: info.warnings says so.
+	for _, tt := range []struct {
+		name, body, warning string
+		w, h                int
+	}{
+		{"unknown LoRA", `{"prompt": "<lora:nope:1>", "steps": 2, "width": 64, "height": 64}`, `<lora:nope> skipped: LoRA "nope"`, 64, 64},
+		{"escaping LoRA", `{"prompt": "<lora:../models/flux-sample-nf4:1>", "steps": 2, "width": 64, "height": 64}`, "<lora:../models/flux-sample-nf4> skipped", 64, 64},
+		{"size rounded", `{"prompt": "x", "steps": 2, "width": 100, "height": 57}`, "size 100×57 rounded to 96×64", 96, 64},
+		{"sampler ignored", `{"prompt": "x", "steps": 2, "width": 64, "height": 64, "sampler_name": "DPM++ 2M"}`, `sampler_name "DPM++ 2M" ignored`, 64, 64},
+		{"hires ignored", `{"prompt": "x", "steps": 2, "width": 64, "height": 64, "enable_hr": true}`, "enable_hr=true ignored", 64, 64},
+		{"override ignored", `{"prompt": "x", "steps": 2, "width": 64, "height": 64, "override_settings": {"CLIP_stop_at_last_layers": 2}}`, "override_settings.CLIP_stop_at_last_layers ignored", 64, 64},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			status, b, _ := f.do(t, call{method: "POST", path: "/sdapi/v1/txt2img", body: tt.body})
+			if status != 200 {
+				t.Fatalf("status %d: %s", status, b)
+			}
+			var res Txt2ImgResponse
+			mustJSON(t, b, &res)
+			var info Txt2ImgInfo
+			mustJSON(t, []byte(res.Info), &info)
+			if !strings.Contains(strings.Join(info.Warnings, "\n"), tt.warning) || info.Width != tt.w || info.Height != tt.h || len(res.Images) != 1 {
+				t.Fatalf("info %+v, want warning %q and %dx%d", info, tt.warning, tt.w, tt.h)
+			}
+			// Strict mode refuses the same request.
+			var body map[string]any
+			mustJSON(t, []byte(tt.body), &body)
+			body["override_settings"] = map[string]any{OptionStrict: true}
+			if tt.name == "override ignored" {
+				body["override_settings"] = map[string]any{OptionStrict: true, "CLIP_stop_at_last_layers": 2}
+			}
+			sb, _ := json.Marshal(body)
+			c := call{method: "POST", path: "/sdapi/v1/txt2img", body: string(sb)}
+			status, b, _ = f.do(t, c)
+			if status != 400 {
+				t.Fatalf("strict: status %d: %s", status, b)
+			}
+			wantError(t, c, status, b, "strict", tt.warning)
+		})
+	}
 	for _, tt := range []struct {
 		name, body, code, detail string
 		status                   int
 	}{
-		{"unknown LoRA", `{"prompt": "<lora:nope:1>"}`, "not_found", `LoRA "nope"`, 404},
-		{"escaping LoRA", `{"prompt": "<lora:../models/flux-sample-nf4:1>"}`, "bad_path", "outside", 400},
 		{"bad weight", `{"prompt": "<lora:x:y>"}`, "bad_request", "not a number", 400},
-		{"bad size", `{"prompt": "x", "width": 100}`, "bad_request", "multiples of 16", 400},
+		{"bad size", `{"prompt": "x", "width": -100}`, "bad_request", "width×height", 400},
 		{"too many", `{"prompt": "x", "batch_size": 4, "n_iter": 3}`, "bad_request", "at most 8", 400},
 		{"bad steps", `{"prompt": "x", "steps": 5000}`, "bad_request", "1..1000", 400},
 		{"not json", `{"prompt": `, "bad_request", "read request body", 400},
+		{"not an object", `[1]`, "bad_request", "read request body", 400},
+		{"bad strict", `{"prompt": "x", "override_settings": {"arenahost_strict": "yes"}}`, "bad_request", "not a boolean", 400},
+		{"unknown checkpoint", `{"prompt": "x", "override_settings": {"sd_model_checkpoint": "nope"}}`, "not_found", `no checkpoint "nope"`, 404},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			c := call{method: "POST", path: "/sdapi/v1/txt2img", body: tt.body}
@@ -208,8 +214,8 @@ func TestTxt2ImgWithoutPipeline(t *testing.T) {
 	f := newFixture(t, "", Options{})
 	c := call{method: "POST", path: "/sdapi/v1/txt2img", body: `{"prompt": "a cat"}`}
 	status, b, _ := f.do(t, c)
-	if status != 409 {
+	if status != 503 {
 		t.Fatalf("status %d: %s", status, b)
 	}
-	wantError(t, c, status, b, "not_serving", "no pipeline plugin is serving")
+	wantError(t, c, status, b, "unavailable", "no pipeline plugin is installed")
 }

@@ -96,7 +96,8 @@ func TestErrors(t *testing.T) {
 		{"inspect missing file", []string{"inspect", filepath.Join(dir, "missing.safetensors")}, false, "missing.safetensors"},
 		{"inspect garbage", []string{"inspect", garbage}, false, "garbage.safetensors"},
 		{"sample without out", []string{"sample"}, true, "--out"},
-		{"sample bad dtype", []string{"sample", "--out", dir, "--dtype", "int8"}, false, `dtype "int8"`},
+		{"sample bad dtype", []string{"sample", "--out", dir, "--dtype", "int8"}, true, `--dtype must be bfloat16 or float16, got "int8"`},
+		{"sample bad blocksize", []string{"sample", "--out", dir, "--blocksize", "100"}, false, "blocksize"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -117,12 +118,12 @@ func TestErrors(t *testing.T) {
 func TestHelpHasExamples(t *testing.T) {
 	for name := range commands {
 		t.Run(name, func(t *testing.T) {
-			_, errOut, err := run(t, name, "--help")
+			out, errOut, err := run(t, name, "--help")
 			if err != nil {
 				t.Fatalf("%s --help: %v", name, err)
 			}
-			if !strings.Contains(errOut, "Example:") {
-				t.Errorf("%s --help has no example:\n%s", name, errOut)
+			if !strings.Contains(out, "Example:") || errOut != "" {
+				t.Errorf("%s --help has no example on stdout, or writes to stderr:\n%s\nstderr: %s", name, out, errOut)
 			}
 		})
 	}

@@ -11,7 +11,7 @@ func init() {
 	register(&command{
 		name:    "inspect",
 		summary: "describe a model checkpoint or LoRA file (format, layout, tensors, ranks)",
-		usage:   "arenahost inspect [--json] FILE...",
+		usage:   "arenahost inspect FILE... [--json]",
 		example: "arenahost inspect ./models/flux-sample-nf4.safetensors\narenahost inspect --json ./loras/sample-kohya.safetensors",
 		run:     runInspect,
 	})
@@ -20,14 +20,14 @@ func init() {
 func runInspect(_ context.Context, env *Env, args []string) error {
 	fs := newFlags(commands["inspect"], env)
 	asJSON := fs.Bool("json", false, "print JSON instead of text")
-	if done, err := parse(fs, args); done {
+	files, done, err := parse(fs, args)
+	if done {
 		return err
 	}
-	if fs.NArg() == 0 {
-		fs.Usage()
-		return fmt.Errorf("inspect needs at least one FILE: %w", ErrUsage)
+	if len(files) == 0 {
+		return usagef("needs at least one FILE to describe (a checkpoint or LoRA .safetensors)")
 	}
-	for i, path := range fs.Args() {
+	for i, path := range files {
 		r, err := inspect.File(path)
 		if err != nil {
 			return fmt.Errorf("inspect: %w", err)

@@ -7,11 +7,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"math"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/arenahost/arenahost/shared/half"
@@ -25,7 +27,7 @@ func init() {
 	register(&command{
 		name:    "merge",
 		summary: "merge LoRAs into an NF4 model offline, streaming layer by layer (out: nf4, bf16 or one concatenated LoRA)",
-		usage:   "arenahost merge --model IN --lora FILE[:STRENGTH] ... --out OUT --as nf4|bf16|lora [--report FILE.json]",
+		usage:   "arenahost merge --model IN --lora FILE[:STRENGTH] ... --out OUT --as nf4|bf16|lora [--report FILE.json]   (no --lora: an identity copy for nf4, the dequantized model for bf16)",
 		example: "arenahost merge --model flux-nf4.safetensors --lora style.safetensors:0.8 --lora detail.safetensors --out merged.safetensors --as nf4 --report merged.json",
 		run:     runMerge,
 	})
@@ -46,6 +48,36 @@ type MergeOptions struct {
 	Strict bool
 	// TileElems bounds the fused pass's tile (nf4; 0: shared/lora's default).
 	TileElems int
+	// Progress, when set, is kept up to date while Merge runs.
+	Progress *MergeProgress
+}
+
+// MergeProgress is how far a running Merge is: layers and bytes of the
+// input done, out of their totals (set once the input is open). Read it
+// from another goroutine while Merge runs.
+type MergeProgress struct {
+	Layers, LayersTotal atomic.Int64
+	Bytes, BytesTotal   atomic.Int64
+}
+
+func (p *MergeProgress) layer(bytes int64) {
+	if p != nil {
+		p.Layers.Add(1)
+		p.Bytes.Add(bytes)
+	}
+}
+
+func (p *MergeProgress) bytes(n int64) {
+	if p != nil {
+		p.Bytes.Add(n)
+	}
+}
+
+func (p *MergeProgress) totals(layers int, bytes int64) {
+	if p != nil {
+		p.LayersTotal.Store(int64(layers))
+		p.BytesTotal.Store(bytes)
+	}
 }
 
 // MergeReport is what a merge did (--report writes it as JSON).
@@ -67,15 +99,23 @@ type loraFlags []MergeLoRA
 
 func (l *loraFlags) String() string { return fmt.Sprint(*l) }
 
+// Set takes FILE or FILE:STRENGTH. A FILE whose own name has a colon is
+// taken whole when it exists; otherwise what follows the last colon must
+// be a finite number.
 func (l *loraFlags) Set(v string) error {
 	path, s := v, 1.0
-	if i := strings.LastIndexByte(v, ':'); i > 0 {
-		if f, err := strconv.ParseFloat(v[i+1:], 64); err == nil {
+	if i := strings.LastIndexByte(v, ':'); i >= 0 {
+		if _, err := os.Stat(v); err != nil {
+			str := v[i+1:]
+			f, err := strconv.ParseFloat(str, 64)
+			if err != nil || math.IsNaN(f) || math.IsInf(f, 0) {
+				return fmt.Errorf("strength %q is not a finite number (write FILE:STRENGTH, e.g. style.safetensors:0.8)", str)
+			}
 			path, s = v[:i], f
 		}
 	}
 	if path == "" {
-		return errors.New("empty LoRA path")
+		return errors.New("no LoRA file before the strength (write FILE[:STRENGTH])")
 	}
 	if math.IsNaN(s) || math.IsInf(s, 0) {
 		return fmt.Errorf("LoRA %s: strength %v is not a finite number", path, s)
@@ -96,15 +136,34 @@ func runMerge(ctx context.Context, env *Env, args []string) error {
 	fs.StringVar(&o.As, "as", "nf4", "output: nf4 (the input's layout, re-quantized), bf16 (dense merged weights) or lora (one concatenated LoRA)")
 	fs.BoolVar(&o.Strict, "strict", false, "fail when a LoRA has keys that match no layer")
 	report := fs.String("report", "", "write the merge report (matched/unmatched keys, retention) as JSON to this file")
-	if done, err := parse(fs, args); done {
+	pos, done, err := parse(fs, args)
+	if done {
 		return err
 	}
-	if o.Model == "" || o.Out == "" || fs.NArg() > 0 {
-		fs.Usage()
-		return fmt.Errorf("merge needs --model IN and --out OUT (and no positional arguments): %w", ErrUsage)
+	switch {
+	case len(pos) > 0:
+		return usagef("takes no positional arguments, got %q (give LoRAs as --lora FILE[:STRENGTH])", pos)
+	case o.Model == "":
+		return usagef("needs --model IN, the bitsandbytes 4-bit safetensors model to merge into")
+	case o.Out == "":
+		return usagef("needs --out OUT, the safetensors file to write")
+	case o.As != "nf4" && o.As != "bf16" && o.As != "lora":
+		return usagef("--as must be nf4, bf16 or lora, got %q", o.As)
+	case o.As == "lora" && len(ls) == 0:
+		return usagef("--as lora needs at least one --lora FILE[:STRENGTH] to concatenate")
 	}
 	o.LoRAs = ls
+	if len(ls) == 0 {
+		what := "an identity copy of " + o.Model
+		if o.As == "bf16" {
+			what = "the dequantized weights of " + o.Model + " unchanged"
+		}
+		fmt.Fprintf(env.Stderr, "merge: no --lora given: writing %s\n", what)
+	}
+	o.Progress = &MergeProgress{}
+	stop := startMergeProgress(env.Stderr, o.Progress)
 	rep, err := Merge(ctx, o)
+	stop()
 	if err != nil {
 		return err
 	}
@@ -114,7 +173,6 @@ func runMerge(ctx context.Context, env *Env, args []string) error {
 			return fmt.Errorf("merge: write report: %w", err)
 		}
 	}
-	fmt.Fprintf(env.Stdout, "wrote %s (%s, %d LoRAs, %s)\n", o.Out, o.As, len(o.LoRAs), rep.Elapsed.Round(time.Millisecond))
 	if rep.Report != nil {
 		for _, w := range rep.Report.Warnings {
 			fmt.Fprintf(env.Stderr, "warning: %s\n", w)
@@ -125,7 +183,71 @@ func runMerge(ctx context.Context, env *Env, args []string) error {
 			}
 		}
 	}
+	fmt.Fprintln(env.Stdout, mergeSummary(rep))
 	return nil
+}
+
+// mergeSummary is the line merge ends with: what was written, the matched
+// and unmatched LoRA keys per file and, for nf4, the retention.
+func mergeSummary(rep *MergeReport) string {
+	s := fmt.Sprintf("wrote %s (%s, %d LoRAs, %s, %s)", rep.Out, rep.As, len(rep.LoRAs), human(rep.Bytes), rep.Elapsed.Round(time.Millisecond))
+	if rep.Identity {
+		return s + ": identity copy, no LoRA changes a weight"
+	}
+	if rep.Report == nil {
+		return s
+	}
+	var parts []string
+	for _, l := range rep.Report.LoRAs {
+		parts = append(parts, fmt.Sprintf("%s %d keys matched, %d unmatched", filepath.Base(l.File), l.Matched, len(l.Unmatched)))
+	}
+	s += ": " + strings.Join(parts, "; ")
+	if rep.As == "nf4" && rep.Report.Retention != 0 {
+		s += fmt.Sprintf("; retention %.4f (relative error %.4f)", rep.Report.Retention, rep.Report.RelError)
+	}
+	return s
+}
+
+// checkOut refuses an output whose directory is missing or which is a
+// directory itself, naming the user's path (not the temporary file the
+// output is written through).
+func checkOut(path string) error {
+	dir := filepath.Dir(path)
+	st, err := os.Stat(dir)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("merge: --out %s: directory %s does not exist (create it first)", path, dir)
+	case err != nil:
+		return fmt.Errorf("merge: --out %s: %w", path, bareErr(err))
+	case !st.IsDir():
+		return fmt.Errorf("merge: --out %s: %s is not a directory", path, dir)
+	}
+	if st, err := os.Stat(path); err == nil && st.IsDir() {
+		return fmt.Errorf("merge: --out %s is a directory; name the output file", path)
+	}
+	return nil
+}
+
+// bareErr strips the path from a *fs.PathError or *os.LinkError, so the
+// message can name the user's path instead of a temporary file.
+func bareErr(err error) error {
+	var pe *fs.PathError
+	var le *os.LinkError
+	switch {
+	case errors.As(err, &pe):
+		return pe.Err
+	case errors.As(err, &le):
+		return le.Err
+	}
+	return err
+}
+
+// progressWriter counts bytes copied into a MergeProgress.
+type progressWriter struct{ p *MergeProgress }
+
+func (w progressWriter) Write(b []byte) (int, error) {
+	w.p.bytes(int64(len(b)))
+	return len(b), nil
 }
 
 // mergeInput is the opened model.
@@ -134,6 +256,17 @@ type mergeInput struct {
 	weights []nf4.Weight
 	byName  map[string]*nf4.Weight
 	model   *lora.Model
+	sizes   map[string]int64 // stored bytes per tensor
+	total   int64            // every tensor's bytes
+}
+
+// weightBytes is the stored size of all of w's tensors.
+func (in *mergeInput) weightBytes(w *nf4.Weight) int64 {
+	var n int64
+	for _, k := range w.Keys.All() {
+		n += in.sizes[k]
+	}
+	return n
 }
 
 func (in *mergeInput) read(key string) ([]byte, error) { return in.f.Data(key) }
@@ -143,10 +276,12 @@ func openMergeInput(path string) (*mergeInput, error) {
 	if err != nil {
 		return nil, fmt.Errorf("merge: %w", err)
 	}
-	in := &mergeInput{f: f, byName: map[string]*nf4.Weight{}}
+	in := &mergeInput{f: f, byName: map[string]*nf4.Weight{}, sizes: map[string]int64{}}
 	meta := map[string]nf4.TensorMeta{}
 	var names []string
 	for _, t := range f.Tensors {
+		in.sizes[t.Name] = t.End - t.Begin
+		in.total += t.End - t.Begin
 		meta[t.Name] = nf4.TensorMeta{DType: string(t.DType), Shape: t.Shape}
 		names = append(names, t.Name)
 	}
@@ -186,7 +321,10 @@ func Merge(ctx context.Context, o MergeOptions) (*MergeReport, error) {
 		o.As = "nf4"
 	}
 	if o.As != "nf4" && o.As != "bf16" && o.As != "lora" {
-		return nil, fmt.Errorf("merge: --as %q: want nf4, bf16 or lora: %w", o.As, ErrUsage)
+		return nil, fmt.Errorf("merge: --as must be nf4, bf16 or lora, got %q", o.As)
+	}
+	if err := checkOut(o.Out); err != nil {
+		return nil, err
 	}
 	if o.LoRAs == nil {
 		o.LoRAs = []MergeLoRA{}
@@ -198,7 +336,10 @@ func Merge(ctx context.Context, o MergeOptions) (*MergeReport, error) {
 	}
 	if o.As == "nf4" && zero {
 		// Nothing changes any weight: the input, byte for byte.
-		n, err := copyFile(o.Model, o.Out)
+		if st, err := os.Stat(o.Model); err == nil {
+			o.Progress.totals(0, st.Size())
+		}
+		n, err := copyFile(o.Model, o.Out, o.Progress)
 		if err != nil {
 			return nil, fmt.Errorf("merge: %w", err)
 		}
@@ -278,7 +419,7 @@ func Merge(ctx context.Context, o MergeOptions) (*MergeReport, error) {
 	return rep, nil
 }
 
-func copyFile(src, dst string) (int64, error) {
+func copyFile(src, dst string, p *MergeProgress) (int64, error) {
 	in, err := safetensors.OpenRegular(src)
 	if err != nil {
 		return 0, err
@@ -286,9 +427,9 @@ func copyFile(src, dst string) (int64, error) {
 	defer in.Close()
 	tmp, err := os.CreateTemp(filepath.Dir(dst), "."+filepath.Base(dst)+".tmp*")
 	if err != nil {
-		return 0, err
+		return 0, fmt.Errorf("write %s: %w", dst, bareErr(err))
 	}
-	n, err := io.Copy(tmp, in)
+	n, err := io.Copy(tmp, io.TeeReader(in, progressWriter{p}))
 	if err == nil {
 		err = tmp.Sync()
 	}
@@ -303,7 +444,7 @@ func copyFile(src, dst string) (int64, error) {
 	}
 	if err != nil {
 		os.Remove(tmp.Name())
-		return 0, fmt.Errorf("copy %s to %s: %w", src, dst, err)
+		return 0, fmt.Errorf("copy %s to %s: %w", src, dst, bareErr(err))
 	}
 	return n, nil
 }
@@ -327,7 +468,7 @@ func createOut(path string, md map[string]string, infos []safetensors.TensorInfo
 	}
 	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
 	if err != nil {
-		return nil, fmt.Errorf("merge: %w", err)
+		return nil, fmt.Errorf("merge: write %s: %w", path, bareErr(err))
 	}
 	o := &outFile{path: path, tmp: tmp, start: int64(len(prefix)), offset: map[string]safetensors.TensorInfo{}, done: map[string]bool{}}
 	for _, t := range lay {
@@ -335,7 +476,7 @@ func createOut(path string, md map[string]string, infos []safetensors.TensorInfo
 	}
 	if _, err := tmp.WriteAt(prefix, 0); err != nil {
 		o.abort()
-		return nil, fmt.Errorf("merge: write %s: %w", path, err)
+		return nil, fmt.Errorf("merge: write %s: %w", path, bareErr(err))
 	}
 	return o, nil
 }
@@ -352,7 +493,7 @@ func (o *outFile) put(name string, data []byte) error {
 		return err
 	}
 	if _, err := o.tmp.WriteAt(data, o.start+t.Begin); err != nil {
-		return fmt.Errorf("merge: write %s: tensor %s: %w", o.path, name, err)
+		return fmt.Errorf("merge: write %s: tensor %s: %w", o.path, name, bareErr(err))
 	}
 	o.done[name] = true
 	return nil
@@ -377,7 +518,7 @@ func (o *outFile) commit() error {
 	}
 	if err != nil {
 		os.Remove(o.tmp.Name())
-		return fmt.Errorf("merge: write %s: %w", o.path, err)
+		return fmt.Errorf("merge: write %s: %w", o.path, bareErr(err))
 	}
 	return nil
 }
@@ -465,6 +606,7 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 	if err != nil {
 		return err
 	}
+	o.Progress.totals(len(plan.Layers), in.total)
 	written := map[string]bool{}
 	var dot, norm, diff float64
 	rep := plan.Report
@@ -502,6 +644,7 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 			}
 			written[k] = true
 		}
+		o.Progress.layer(in.weightBytes(w))
 	}
 	if norm > 0 {
 		rep.Retention, rep.RelError = dot/norm, math.Sqrt(diff/norm)
@@ -521,6 +664,7 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 			out.abort()
 			return err
 		}
+		o.Progress.bytes(int64(len(b)))
 	}
 	return out.commit()
 }
@@ -565,6 +709,7 @@ func mergeBF16(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[stri
 	if err != nil {
 		return err
 	}
+	o.Progress.totals(len(in.weights), in.total)
 	for _, w := range in.weights {
 		if err := ctx.Err(); err != nil {
 			out.abort()
@@ -586,6 +731,7 @@ func mergeBF16(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[stri
 			out.abort()
 			return err
 		}
+		o.Progress.layer(in.weightBytes(&w))
 	}
 	for _, t := range in.f.Tensors {
 		if quantKey[t.Name] {
@@ -600,6 +746,7 @@ func mergeBF16(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[stri
 			out.abort()
 			return err
 		}
+		o.Progress.bytes(int64(len(b)))
 	}
 	return out.commit()
 }
@@ -642,7 +789,11 @@ func mergeLoRA(plan *lora.Plan, md map[string]string, o MergeOptions) error {
 		}
 	}
 	if err := safetensors.WriteFile(o.Out, md, ts); err != nil {
-		return fmt.Errorf("merge: %w", err)
+		return fmt.Errorf("merge: write %s: %w", o.Out, bareErr(err))
+	}
+	o.Progress.totals(len(plan.Layers), 0)
+	for range plan.Layers {
+		o.Progress.layer(0)
 	}
 	return nil
 }

@@ -24,6 +24,14 @@ type Progress struct {
 	interval time.Duration
 	start    time.Time
 	now      func() time.Time
+	// totalFn, when set, is read at every draw instead of total (a total
+	// known only once the operation has started).
+	totalFn func() int64
+	// detail, when set, is drawn after the bar ("12/57 layers").
+	detail func() string
+	// plain draws whole lines (no carriage return, no bar) and nothing at
+	// the end: for a log file rather than a terminal.
+	plain bool
 
 	stopOnce sync.Once
 	quit     chan struct{}
@@ -60,13 +68,37 @@ func (p *Progress) run() {
 	for {
 		select {
 		case <-p.quit:
-			fmt.Fprintf(p.w, "\r%s\n", p.render(p.done(), true))
+			if !p.plain {
+				fmt.Fprintf(p.w, "\r%s\n", p.render(p.done(), true))
+			}
 			return
 		case <-t.C:
-			fmt.Fprintf(p.w, "\r%s", p.render(p.done(), false))
+			if p.plain {
+				fmt.Fprintf(p.w, "%s\n", p.render(p.done(), false))
+			} else {
+				fmt.Fprintf(p.w, "\r%s", p.render(p.done(), false))
+			}
 		}
 	}
 }
+
+// startMergeProgress shows a running merge's layers and bytes on w: a bar
+// with rate and ETA redrawn ten times a second on a terminal, else a plain
+// line every plainInterval (so a short merge prints none and a long one
+// logs where it is). The returned function ends it.
+func startMergeProgress(w io.Writer, c *MergeProgress) (stop func()) {
+	p := newProgress(w, "merge", 0, c.Bytes.Load)
+	p.totalFn = c.BytesTotal.Load
+	p.detail = func() string { return fmt.Sprintf("%d/%d layers", c.Layers.Load(), c.LayersTotal.Load()) }
+	if !isTerminal(w) {
+		p.plain, p.interval = true, plainInterval
+	}
+	go p.run()
+	return p.Stop
+}
+
+// plainInterval is how often a progress off a terminal prints a line.
+var plainInterval = 5 * time.Second
 
 // Stop draws the final state and ends the line. It may be called twice.
 func (p *Progress) Stop() {
@@ -84,16 +116,20 @@ func (p *Progress) line(done int64) string { return p.render(done, false) }
 // render draws the bar; the final line says how long it took instead of
 // an ETA.
 func (p *Progress) render(done int64, final bool) string {
+	total := p.total
+	if p.totalFn != nil {
+		total = p.totalFn()
+	}
 	if done < 0 {
 		done = 0
 	}
-	if p.total > 0 && done > p.total {
-		done = p.total
+	if total > 0 && done > total {
+		done = total
 	}
 	elapsed := p.now().Sub(p.start)
 	frac := 0.0
-	if p.total > 0 {
-		frac = float64(done) / float64(p.total)
+	if total > 0 {
+		frac = float64(done) / float64(total)
 	}
 	filled := int(frac * barWidth)
 	bar := strings.Repeat("=", filled)
@@ -106,12 +142,19 @@ func (p *Progress) render(done int64, final bool) string {
 	}
 	eta := "ETA --"
 	switch {
-	case final || (p.total > 0 && done >= p.total):
+	case final || (total > 0 && done >= total):
 		eta = "in " + elapsed.Round(time.Millisecond).String()
 	case rate > 0:
-		eta = "ETA " + time.Duration(float64(p.total-done)/rate*float64(time.Second)).Round(time.Second).String()
+		eta = "ETA " + time.Duration(float64(total-done)/rate*float64(time.Second)).Round(time.Second).String()
 	}
-	return fmt.Sprintf("%s [%s] %3.0f%% %s/%s %s/s %s", p.label, bar, frac*100, human(done), human(p.total), human(int64(rate)), eta)
+	detail := ""
+	if p.detail != nil {
+		detail = " " + p.detail()
+	}
+	if p.plain {
+		return fmt.Sprintf("%s: %3.0f%%%s, %s/%s, %s/s, %s", p.label, frac*100, detail, human(done), human(total), human(int64(rate)), eta)
+	}
+	return fmt.Sprintf("%s [%s] %3.0f%%%s %s/%s %s/s %s", p.label, bar, frac*100, detail, human(done), human(total), human(int64(rate)), eta)
 }
 
 func human(n int64) string {

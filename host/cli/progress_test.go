@@ -2,6 +2,7 @@ package cli
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -67,5 +68,53 @@ func TestProgressDrawsAndStops(t *testing.T) {
 	last := out[strings.LastIndex(out, "\r"):]
 	if !strings.Contains(last, " in ") || strings.Contains(last, "ETA") {
 		t.Fatalf("final line %q: want the time taken, not an ETA", last)
+	}
+}
+
+// A merge's bar shows layers and bytes done, rate and ETA against a total
+// known only once the merge has opened its input.
+func TestMergeProgressLine(t *testing.T) {
+	start := time.Unix(1000, 0)
+	var c MergeProgress
+	p := newProgress(&bytes.Buffer{}, "merge", 0, c.Bytes.Load)
+	p.totalFn = c.BytesTotal.Load
+	p.detail = func() string { return fmt.Sprintf("%d/%d layers", c.Layers.Load(), c.LayersTotal.Load()) }
+	p.start, p.now = start, func() time.Time { return start.Add(2 * time.Second) }
+	c.totals(40, 80<<20)
+	for range 10 {
+		c.layer(4 << 20)
+	}
+	got := p.render(c.Bytes.Load(), false)
+	want := "merge [===============>              ]  50% 10/40 layers 40.0 MiB/80.0 MiB 20.0 MiB/s ETA 2s"
+	if got != want {
+		t.Fatalf("line %q\nwant %q", got, want)
+	}
+	p.plain = true
+	if got, want := p.render(c.Bytes.Load(), false), "merge:  50% 10/40 layers, 40.0 MiB/80.0 MiB, 20.0 MiB/s, ETA 2s"; got != want {
+		t.Fatalf("plain line %q\nwant %q", got, want)
+	}
+}
+
+// Off a terminal a merge's progress is whole lines, one per interval, and
+// nothing when it ends (the summary follows).
+func TestMergeProgressPlainOffTerminal(t *testing.T) {
+	old := plainInterval
+	plainInterval = 10 * time.Millisecond
+	t.Cleanup(func() { plainInterval = old })
+	var buf bytes.Buffer
+	var c MergeProgress
+	c.totals(2, 100)
+	c.layer(50)
+	stop := startMergeProgress(&buf, &c)
+	time.Sleep(60 * time.Millisecond)
+	stop()
+	out := buf.String()
+	if out == "" || strings.Contains(out, "\r") || strings.Contains(out, "[") || !strings.HasSuffix(out, "\n") {
+		t.Fatalf("output %q: want plain lines", out)
+	}
+	for _, l := range strings.Split(strings.TrimSuffix(out, "\n"), "\n") {
+		if !strings.HasPrefix(l, "merge:  50% 1/2 layers, 50 B/100 B, ") {
+			t.Fatalf("line %q", l)
+		}
 	}
 }

@@ -26,18 +26,23 @@ func runSample(_ context.Context, env *Env, args []string) error {
 	blocksize := fs.Int("blocksize", 64, "NF4 blocksize (32..4096, a power of two)")
 	dtype := fs.String("dtype", "bfloat16", "logical dtype of the weights: bfloat16 or float16")
 	seed := fs.Uint64("seed", 1, "random seed for the weights")
-	if done, err := parse(fs, args); done {
+	pos, done, err := parse(fs, args)
+	if done {
 		return err
 	}
-	if *out == "" {
-		fs.Usage()
-		return fmt.Errorf("sample needs --out DIR: %w", ErrUsage)
+	switch {
+	case len(pos) > 0:
+		return usagef("takes no positional arguments, got %q (name the directory with --out DIR)", pos)
+	case *out == "":
+		return usagef("needs --out DIR, the directory to write the sample model into")
+	case *dtype != "bfloat16" && *dtype != "float16":
+		return usagef("--dtype must be bfloat16 or float16, got %q", *dtype)
 	}
 	if err := os.MkdirAll(*out, 0o755); err != nil {
 		return fmt.Errorf("sample: create %s: %w", *out, err)
 	}
 	path := filepath.Join(*out, samples.ModelFile)
-	err := samples.WriteModel(path, samples.ModelOptions{Blocksize: *blocksize, Nested: *nested, DType: *dtype, Seed: *seed})
+	err = samples.WriteModel(path, samples.ModelOptions{Blocksize: *blocksize, Nested: *nested, DType: *dtype, Seed: *seed})
 	if err != nil {
 		return fmt.Errorf("sample: %w", err)
 	}

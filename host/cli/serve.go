@@ -31,12 +31,12 @@ func runServe(ctx context.Context, env *Env, args []string) error {
 	c := commands["serve"]
 	fs := newFlags(c, env)
 	flags := config.Bind(fs)
-	if done, err := parse(fs, args); done {
+	pos, done, err := parse(fs, args)
+	if done {
 		return err
 	}
-	if fs.NArg() > 0 {
-		fs.Usage()
-		return fmt.Errorf("serve takes no arguments, got %q: %w", fs.Args(), ErrUsage)
+	if len(pos) > 0 {
+		return usagef("takes no positional arguments, got %q (settings are flags: see --help)", pos)
 	}
 	cfg, err := flags.Resolve(os.LookupEnv)
 	if err != nil {
@@ -77,7 +77,8 @@ func runServe(ctx context.Context, env *Env, args []string) error {
 	defer s.Close(context.WithoutCancel(ctx))
 
 	handler := api.NewWithOptions(s, log, api.Options{Token: cfg.Token, MaxBody: cfg.MaxBody, WriteTimeout: cfg.WriteTimeout, Pipeline: cfg.Pipeline,
-		AllowedHosts: cfg.AllowedHostList(), Listen: ln.Addr().String(), MaxImages: cfg.MaxImages})
+		AllowedHosts: cfg.AllowedHostList(), Listen: ln.Addr().String(), MaxImages: cfg.MaxImages, ComfyFrontend: cfg.FrontendDir()})
+	defer handler.Close()
 	srv := api.HTTPServer(handler, api.Limits{ReadHeaderTimeout: cfg.ReadHeaderTimeout, ReadTimeout: cfg.ReadTimeout, IdleTimeout: cfg.IdleTimeout})
 	srv.ErrorLog = slog.NewLogLogger(log.Handler(), slog.LevelWarn)
 	fmt.Fprintf(env.Stdout, "arenahost console: %s\n", consoleURL(ln.Addr()))

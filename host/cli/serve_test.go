@@ -16,8 +16,8 @@ func TestServeRefusesUnsafeConfig(t *testing.T) {
 		want string
 	}{
 		{[]string{"serve", "--listen", "0.0.0.0:0", "--data", t.TempDir()}, "set --token or ARENAHOST_TOKEN"},
-		{[]string{"serve", "--arena-capacity", "lots"}, `invalid value "lots" for flag -arena-capacity: "lots" is not a size`},
-		{[]string{"serve", "extra"}, "serve takes no arguments"},
+		{[]string{"serve", "--arena-capacity", "lots"}, `--arena-capacity "lots": "lots" is not a size`},
+		{[]string{"serve", "extra"}, `takes no positional arguments, got ["extra"]`},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
@@ -36,8 +36,8 @@ func TestServeHelpHasExample(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, want := range []string{"Example:", "arenahost serve", "-token", "ARENAHOST_TOKEN", "docs/config.md"} {
-		if !strings.Contains(stderr.String(), want) {
-			t.Errorf("serve --help lacks %q:\n%s", want, stderr.String())
+		if !strings.Contains(stdout.String(), want) {
+			t.Errorf("serve --help lacks %q:\n%s", want, stdout.String())
 		}
 	}
 }

@@ -36,6 +36,9 @@ type Config struct {
 	PluginsDir string // "auto": <dir of the arenahost binary>/plugins when it exists; "": none
 	Python     string // interpreter for Python plugins (manifest ${ARENAHOST_PYTHON})
 	Pipeline   string // pipeline plugin /sdapi/v1/txt2img runs; "": the first of kind pipeline
+	// ComfyFrontend is comfyui-frontend-package's static/ folder, served
+	// under /comfy/; Auto: .cache/comfy-frontend/static beside bin/.
+	ComfyFrontend string
 
 	// AllowedHosts are host names (optionally HOST:PORT) accepted in the
 	// Host and Origin headers besides the loopback names and the listen
@@ -128,7 +131,7 @@ var settings = []setting{
 		set: str(func(c *Config) *string { return &c.PluginsDir })},
 	{name: "python", def: Auto, doc: "Python interpreter for Python plugins (their manifests' ${ARENAHOST_PYTHON}); auto: .venv/bin/python beside bin/ (what make creates), else python3 on PATH",
 		set: str(func(c *Config) *string { return &c.Python })},
-	{name: "pipeline", def: "", doc: "pipeline plugin /sdapi/v1/txt2img runs; empty: the first serving plugin of kind pipeline",
+	{name: "pipeline", def: "", doc: "pipeline plugin /sdapi/v1/txt2img, POST /v1/jobs without a pipeline and the console run; empty: the first serving plugin of kind pipeline (never an unavailable one)",
 		set: str(func(c *Config) *string { return &c.Pipeline })},
 	{name: "allowed-hosts", def: "", doc: "comma-separated host names (or HOST:PORT) accepted in the Host and Origin headers besides loopback names and the listen address; every other Host is refused (403), which stops DNS rebinding",
 		set: func(c *Config, v string) error {
@@ -149,6 +152,8 @@ var settings = []setting{
 			c.MaxImages = n
 			return nil
 		}},
+	{name: "comfy-frontend", def: Auto, doc: "ComfyUI's web frontend (comfyui-frontend-package's static/ folder) served under /comfy/; auto: .cache/comfy-frontend/static beside bin/ (make comfy-frontend) when it exists; empty: none",
+		set: str(func(c *Config) *string { return &c.ComfyFrontend })},
 	{name: "arena-capacity", def: "8GiB", doc: "arena capacity (address space; memory is committed as segments are written)",
 		set: size(func(c *Config) *uint64 { return &c.ArenaCapacity })},
 	{name: "arena-segment", def: "64MiB", doc: "arena growth unit",
@@ -451,6 +456,22 @@ func (c Config) Interpreter() string {
 	}
 	if p, err := exec.LookPath("python3"); err == nil {
 		return p
+	}
+	return ""
+}
+
+// FrontendDir resolves ComfyFrontend: Auto means .cache/comfy-frontend/static
+// beside the bin/ directory holding the running executable (where
+// `make comfy-frontend` unpacks it) when it holds an index.html.
+func (c Config) FrontendDir() string {
+	if c.ComfyFrontend != Auto {
+		return c.ComfyFrontend
+	}
+	if exe, err := os.Executable(); err == nil {
+		dir := filepath.Join(filepath.Dir(filepath.Dir(exe)), ".cache", "comfy-frontend", "static")
+		if _, err := os.Stat(filepath.Join(dir, "index.html")); err == nil {
+			return dir
+		}
 	}
 	return ""
 }

@@ -1,9 +1,12 @@
 // Package console owns arenahost's web console: plain HTML, CSS and
 // JavaScript embedded in the binary with go:embed (no Node build), served at
-// / by the HTTP API. The page talks only to the JSON API: arena gauge,
-// plugins table with reload, LoRA list with strengths, mode, apply/remove
-// and the last report, and a job launcher with a live MJPEG preview and SSE
-// progress.
+// / by the HTTP API. The page is an operator's cockpit that talks only to
+// the JSON API: loaded models (load from the models directory, unload,
+// digest) and each model's applied LoRA set with live strength sliders;
+// running, queued and finished jobs with cancel, a live MJPEG preview and a
+// gallery; plugins with their state, restart budget, errors, log tail and
+// reload; and the arena's memory over the last minutes with a breakdown by
+// owner.
 package console
 
 import (

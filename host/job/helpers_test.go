@@ -3,63 +3,31 @@ package job_test
 import (
 	"context"
 	"fmt"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/arenahost/arenahost/host/job"
 	"github.com/arenahost/arenahost/host/server"
+	"github.com/arenahost/arenahost/internal/testenv"
 )
 
-var (
-	buildOnce sync.Once
-	pluginDir string
-	buildErr  error
-)
-
-// buildPlugins builds the preview plugin and the test pipeline into a
-// plugins directory (DIR/NAME/{NAME, plugin.json}), once per test binary.
+// buildPlugins installs the preview plugin and the test pipeline (built
+// once per test binary) into a fresh plugins directory
+// (DIR/NAME/{NAME, plugin.json}).
 func buildPlugins(tb testing.TB) string {
 	tb.Helper()
-	buildOnce.Do(func() {
-		if pluginDir, buildErr = os.MkdirTemp("", "job-plugins"); buildErr != nil {
-			return
-		}
-		for _, p := range []struct{ name, pkg, kind string }{
-			{"preview", "../../plugins/preview", "preview"},
-			{"test-pipeline", "./testdata/pipeline", "pipeline"},
-		} {
-			dir := filepath.Join(pluginDir, p.name)
-			if buildErr = os.MkdirAll(dir, 0o755); buildErr != nil {
-				return
-			}
-			out, err := exec.Command("go", "build", "-o", filepath.Join(dir, p.name), p.pkg).CombinedOutput()
-			if err != nil {
-				buildErr = fmt.Errorf("go build %s: %v\n%s", p.pkg, err, out)
-				return
-			}
-			man := fmt.Sprintf(`{"name": %q, "version": "0.1.0", "kind": %q, "language": "go", "command": "./%s", "protocol_version": 1}`, p.name, p.kind, p.name)
-			if buildErr = os.WriteFile(filepath.Join(dir, "plugin.json"), []byte(man), 0o644); buildErr != nil {
-				return
-			}
-		}
-	})
-	if buildErr != nil {
-		tb.Fatal(buildErr)
+	dir := tb.TempDir()
+	for _, p := range []struct{ name, pkg, kind string }{
+		{"preview", "./plugins/preview", "preview"},
+		{"test-pipeline", "./host/job/testdata/pipeline", "pipeline"},
+	} {
+		man := fmt.Sprintf(`{"name": %q, "version": "0.1.0", "kind": %q, "language": "go", "command": "./%s", "protocol_version": 1}`, p.name, p.kind, p.name)
+		testenv.InstallPlugin(tb, dir, p.name, p.pkg, man)
 	}
-	return pluginDir
+	return dir
 }
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if pluginDir != "" {
-		os.RemoveAll(pluginDir)
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testenv.Main(m) }
 
 // startHost starts a host (arena, plugin manager, jobs) with the preview
 // plugin and the test pipeline.

@@ -106,6 +106,31 @@ type Spec struct {
 	Preview Preview        `json:"preview"`
 	// ClientID tags the job for delivery (ComfyUI websocket clientId).
 	ClientID string `json:"client_id,omitempty"`
+	// Origin says who started the job, for people reading the job list:
+	// "console", "a1111", "comfyui", or "api" (the default) for a plain
+	// POST /v1/jobs. It is a label; nothing depends on it.
+	Origin string `json:"origin,omitempty"`
+}
+
+// Origins a job can name (Spec.Origin); other short labels are accepted.
+const (
+	OriginAPI     = "api"
+	OriginConsole = "console"
+	OriginA1111   = "a1111"
+	OriginComfyUI = "comfyui"
+)
+
+// checkOrigin accepts 1 to 32 lower-case letters, digits, '-' and '_'.
+func checkOrigin(o string) error {
+	if len(o) > 32 {
+		return fmt.Errorf("%w: origin: %d characters, at most 32", ErrInvalid, len(o))
+	}
+	for _, c := range o {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			return fmt.Errorf("%w: origin %q: character %q is not allowed (use a-z, 0-9, '-', '_')", ErrInvalid, o, c)
+		}
+	}
+	return nil
 }
 
 // Config configures a Manager.
@@ -230,6 +255,12 @@ func (m *Manager) Create(ctx context.Context, spec Spec) (*Job, error) {
 	if spec.Method == "" {
 		spec.Method = "run"
 	}
+	if spec.Origin == "" {
+		spec.Origin = OriginAPI
+	}
+	if err := checkOrigin(spec.Origin); err != nil {
+		return nil, err
+	}
 	st, err := ps.PluginStatus(spec.Pipeline)
 	if err != nil {
 		return nil, fmt.Errorf("pipeline %q: %w", spec.Pipeline, err)
@@ -238,7 +269,11 @@ func (m *Manager) Create(ctx context.Context, spec Spec) (*Job, error) {
 		return nil, fmt.Errorf("%w: plugin %q is of kind %q: only pipeline plugins run jobs, and only their public methods (method %q)",
 			ErrForbidden, spec.Pipeline, st.Kind, spec.Method)
 	}
-	if st.State != plugin.StateServing && st.State != plugin.StateSwapping {
+	switch {
+	case st.State == plugin.StateUnavailable:
+		// Its manifest's needs are not met: no restart will help.
+		return nil, fmt.Errorf("pipeline %q: %w: %s", spec.Pipeline, plugin.ErrUnavailable, st.LastError)
+	case st.State != plugin.StateServing && st.State != plugin.StateSwapping:
 		msg := ""
 		if st.LastError != "" {
 			msg = " (last error: " + st.LastError + ")"
@@ -575,28 +610,33 @@ type PreviewInfo struct {
 
 // Snapshot is a job as the API shows it.
 type Snapshot struct {
-	ID       string      `json:"id"`
-	Pipeline string      `json:"pipeline"`
-	Method   string      `json:"method"`
-	ClientID string      `json:"client_id,omitempty"`
-	State    State       `json:"state"`
-	Step     int         `json:"step"`
-	Total    int         `json:"total"`
-	Progress float64     `json:"progress"` // 0..1
-	ETA      float64     `json:"eta_seconds"`
-	Elapsed  float64     `json:"elapsed_seconds"`
-	Created  time.Time   `json:"created"`
-	Started  time.Time   `json:"started,omitzero"`
-	Ended    time.Time   `json:"ended,omitzero"`
-	Error    string      `json:"error,omitempty"`
-	Preview  PreviewInfo `json:"preview"`
-	Result   any         `json:"result,omitempty"`
+	ID       string `json:"id"`
+	Pipeline string `json:"pipeline"`
+	Method   string `json:"method"`
+	ClientID string `json:"client_id,omitempty"`
+	Origin   string `json:"origin,omitempty"`
+	// Params are the parameters the job was created with (without the
+	// job_id the pipeline is given).
+	Params   map[string]any `json:"params,omitempty"`
+	State    State          `json:"state"`
+	Step     int            `json:"step"`
+	Total    int            `json:"total"`
+	Progress float64        `json:"progress"` // 0..1
+	ETA      float64        `json:"eta_seconds"`
+	Elapsed  float64        `json:"elapsed_seconds"`
+	Created  time.Time      `json:"created"`
+	Started  time.Time      `json:"started,omitzero"`
+	Ended    time.Time      `json:"ended,omitzero"`
+	Error    string         `json:"error,omitempty"`
+	Preview  PreviewInfo    `json:"preview"`
+	Result   any            `json:"result,omitempty"`
 }
 
 // Snapshot returns the job's current state.
 func (j *Job) Snapshot() Snapshot {
 	j.mu.Lock()
-	s := Snapshot{ID: j.id, Pipeline: j.spec.Pipeline, Method: j.spec.Method, ClientID: j.spec.ClientID, State: j.state,
+	s := Snapshot{ID: j.id, Pipeline: j.spec.Pipeline, Method: j.spec.Method, ClientID: j.spec.ClientID, Origin: j.spec.Origin,
+		Params: j.spec.Params, State: j.state,
 		Step: j.step, Total: j.total, Created: j.created, Started: j.started, Ended: j.ended, Error: j.err, Result: j.result}
 	first, last := j.firstStep, j.lastStep
 	j.mu.Unlock()
@@ -607,6 +647,8 @@ func (j *Job) Snapshot() Snapshot {
 		s.Progress = 1
 	}
 	switch {
+	case s.Started.IsZero():
+		// Never ran (still queued, or cancelled before it started).
 	case !s.Ended.IsZero():
 		s.Elapsed = s.Ended.Sub(s.Started).Seconds()
 	case !s.Started.IsZero():

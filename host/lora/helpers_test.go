@@ -7,7 +7,6 @@ import (
 	"math"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -17,6 +16,7 @@ import (
 	"github.com/arenahost/arenahost/host/registry"
 	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/host/server"
+	"github.com/arenahost/arenahost/internal/testenv"
 	"github.com/arenahost/arenahost/shared/half"
 	"github.com/arenahost/arenahost/shared/nf4"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
@@ -42,9 +42,7 @@ func fixtures(t *testing.T) (plugins, models, loras string) {
 		if onceErr = os.MkdirAll(pd, 0o755); onceErr != nil {
 			return
 		}
-		out, err := exec.Command("go", "build", "-o", filepath.Join(pd, "lora-nf4"), "github.com/arenahost/arenahost/plugins/lora-nf4").CombinedOutput()
-		if err != nil {
-			onceErr = &buildError{string(out) + err.Error()}
+		if onceErr = testenv.CopyFile(testenv.GoBinary(t, "./plugins/lora-nf4"), filepath.Join(pd, "lora-nf4"), 0o755); onceErr != nil {
 			return
 		}
 		man, err := os.ReadFile("../../plugins/lora-nf4/plugin.json")
@@ -95,11 +93,11 @@ type buildError struct{ s string }
 func (e *buildError) Error() string { return "go build lora-nf4: " + e.s }
 
 func TestMain(m *testing.M) {
-	code := m.Run()
-	if tmpRoot != "" {
-		os.RemoveAll(tmpRoot)
-	}
-	os.Exit(code)
+	testenv.Main(m, func() {
+		if tmpRoot != "" {
+			os.RemoveAll(tmpRoot)
+		}
+	})
 }
 
 // newHost starts a real host (arena, registry, plugin manager running the

@@ -21,6 +21,7 @@ import (
 	goplugin "github.com/hashicorp/go-plugin"
 	"github.com/vmihailenco/msgpack/v5"
 
+	"github.com/arenahost/arenahost/internal/testenv"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 	"github.com/arenahost/arenahost/shared/wire"
 )
@@ -33,7 +34,7 @@ func TestMain(m *testing.M) {
 	if len(os.Args) >= 3 && os.Args[1] == "host" {
 		os.Exit(runHost(os.Args[2]))
 	}
-	os.Exit(m.Run())
+	testenv.Main(m)
 }
 
 // genReply is what the "gen" method answers: who served the call.

@@ -48,6 +48,7 @@ type generation struct {
 	start  time.Time
 
 	lifeline *os.File      // write end of the plugin's lifeline pipe
+	sockDir  string        // where the plugin creates its listening socket; removed on stop
 	released chan struct{} // closed once the generation is torn down
 	stopOnce sync.Once
 	retiring atomic.Bool // stopped on purpose: an exit is not a crash
@@ -193,10 +194,17 @@ func (p *managed) startGeneration(ctx context.Context, man *Manifest) (*generati
 	env := pluginEnv(os.Environ())
 	env = append(env,
 		wire.EnvPluginName+"="+man.Name,
-		wire.EnvGeneration+"="+strconv.FormatUint(n, 10),
-		// go-plugin's server and the Python SDK create their sockets here,
-		// so a killed host's sockets go with its directory.
-		"PLUGIN_UNIX_SOCKET_DIR="+sockDir)
+		wire.EnvGeneration+"="+strconv.FormatUint(n, 10))
+	// The plugin's own listening socket (go-plugin's server and the Python
+	// SDK create it in EnvUnixSocketDir) goes into a directory of this
+	// generation inside the host's own socket directory, removed when the
+	// generation stops: a plugin that is killed (crash, drain bound,
+	// SIGKILL) cannot leave its socket behind, and a killed host's sockets
+	// go with its directory at the next start.
+	if g.sockDir, err = os.MkdirTemp(sockDir, "gen-"); err != nil {
+		return fail("socket dir", err)
+	}
+	env = append(env, goplugin.EnvUnixSocketDir+"="+g.sockDir)
 	if !isGo {
 		th, err := m.tokenHost()
 		if err != nil {
@@ -446,6 +454,9 @@ func (p *managed) stop(g *generation, grace time.Duration) {
 		// closed meanwhile can be freed now.
 		if err := m.deps.released(g.owner); err != nil {
 			p.log.Warn("release device slabs", "owner", g.owner, "err", err)
+		}
+		if g.sockDir != "" {
+			_ = os.RemoveAll(g.sockDir)
 		}
 		close(g.released)
 		m.untrack(g)

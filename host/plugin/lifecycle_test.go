@@ -175,12 +175,49 @@ func TestSIGKILLMidCall(t *testing.T) {
 	if s.Restarts != 1 || !strings.Contains(s.LastError, "exited unexpectedly: signal: killed") {
 		t.Fatalf("status after restart = %+v", s)
 	}
+	// The console shows when the error happened, the restart budget, and
+	// the call the crash failed.
+	if s.LastErrorAt.Before(killed) || time.Since(s.LastErrorAt) > time.Minute {
+		t.Fatalf("last_error_at %v, killed at %v", s.LastErrorAt, killed)
+	}
+	if s.CrashLimit != DefaultCrashLimit || s.CrashWindowSeconds != DefaultCrashWindow.Seconds() {
+		t.Fatalf("restart budget %d in %vs, want the defaults", s.CrashLimit, s.CrashWindowSeconds)
+	}
+	if !strings.Contains(s.LastCallError, "echo.hang") || !strings.Contains(s.LastCallError, "died mid-call") || s.LastCallErrorAt.Before(killed) {
+		t.Fatalf("last call error %q at %v", s.LastCallError, s.LastCallErrorAt)
+	}
 	waitFor(t, time.Second, "leases reclaimed", func() bool { return allocated() == before })
 	if n := ar.Owned(arena.PluginOwner("echo", 1)); n != 0 {
 		t.Fatalf("the dead generation still owns %v", n)
 	}
 	if g, _, err := callGen(t.Context(), m, "echo", ""); err != nil || g.Generation != 2 {
 		t.Fatalf("call after restart = %+v, %v", g, err)
+	}
+}
+
+// A call that fails while the plugin keeps serving shows in its status as
+// the last call error; a call its caller cancels does not.
+func TestFailedCallShownInStatus(t *testing.T) {
+	m, _ := newTestManager(t, Config{})
+	addFixture(t, m, t.TempDir(), "echo", "echo", nil)
+	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	defer cancel()
+	if _, err := m.Call(ctx, "echo", "hang", nil, nil); err == nil {
+		t.Fatal("hang call returned no error after its context ended")
+	}
+	if s := mustStatus(t, m, "echo"); s.LastCallError != "" || !s.LastCallErrorAt.IsZero() {
+		t.Fatalf("a cancelled call was recorded as a failure: %+v", s)
+	}
+	before := time.Now()
+	if _, err := m.Call(t.Context(), "echo", "nosuch", nil, nil); err == nil {
+		t.Fatal("unknown method answered no error")
+	}
+	s := mustStatus(t, m, "echo")
+	if s.State != StateServing || s.LastError != "" {
+		t.Fatalf("status after a failed call = %+v, want serving with no lifecycle error", s)
+	}
+	if !strings.Contains(s.LastCallError, `unknown method "nosuch"`) || s.LastCallErrorAt.Before(before) {
+		t.Fatalf("last call error %q at %v", s.LastCallError, s.LastCallErrorAt)
 	}
 }
 
@@ -194,6 +231,9 @@ func TestCrashLoopMarksFailed(t *testing.T) {
 	s := mustStatus(t, m, "crashy")
 	if s.Crashes != 3 || !strings.Contains(s.LastError, "3 crashes within 1m0s") || !strings.Contains(s.LastError, "simulated crash") {
 		t.Fatalf("failed status = %+v", s)
+	}
+	if s.CrashLimit != 3 || s.CrashWindowSeconds != 60 || s.LastErrorAt.IsZero() {
+		t.Fatalf("failed status: budget %d in %vs, last error at %v", s.CrashLimit, s.CrashWindowSeconds, s.LastErrorAt)
 	}
 	_, err := m.Call(t.Context(), "crashy", "gen", nil, nil)
 	if !errors.Is(err, ErrNotServing) || !strings.Contains(err.Error(), "is failed") {

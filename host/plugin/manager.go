@@ -59,7 +59,11 @@ const (
 	StateCrashed    State = "crashed"
 	StateRestarting State = "restarting"
 	StateFailed     State = "failed"
-	StateStopped    State = "stopped"
+	// StateUnavailable: the manifest's "requires" are not met on this
+	// machine (LastError says what is missing); the plugin was not
+	// started. A swap (reload) checks again.
+	StateUnavailable State = "unavailable"
+	StateStopped     State = "stopped"
 )
 
 // Defaults for Config's zero fields.
@@ -294,10 +298,15 @@ type managed struct {
 	current atomic.Pointer[generation]
 	swapMu  sync.Mutex // one start/swap/restart at a time
 
-	mu          sync.Mutex
-	manifest    *Manifest
-	state       State
-	lastErr     string
+	mu        sync.Mutex
+	manifest  *Manifest
+	state     State
+	lastErr   string
+	lastErrAt time.Time
+	// lastCall is the newest call that failed for a reason other than its
+	// caller's cancellation; lastCallAt when.
+	lastCall    string
+	lastCallAt  time.Time
 	restarts    int
 	crashes     []time.Time
 	nextGen     uint64
@@ -350,6 +359,14 @@ func (m *Manager) Add(ctx context.Context, man *Manifest) error {
 	p.mu.Lock()
 	p.fingerprint = m.fingerprint(man)
 	p.mu.Unlock()
+	if err := m.checkRequires(m.startCtx(ctx), man); err != nil {
+		if errors.Is(err, ErrUnavailable) {
+			p.setUnavailable(err)
+		} else {
+			p.setFailed(err)
+		}
+		return err
+	}
 	g, err := p.startGeneration(m.startCtx(ctx), man)
 	if err != nil {
 		p.setFailed(err)
@@ -380,11 +397,26 @@ func (m *Manager) get(name string) (*managed, error) {
 	return p, nil
 }
 
+// setUnavailable records that the plugin's requirements are not met.
+func (p *managed) setUnavailable(err error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.state = StateUnavailable
+	var ue *unmetError
+	if errors.As(err, &ue) {
+		p.lastErr = ue.Reason
+	} else {
+		p.lastErr = err.Error()
+	}
+	p.log.Warn("plugin unavailable; not started", "reason", p.lastErr)
+}
+
 func (p *managed) setFailed(err error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.state = StateFailed
 	p.lastErr = err.Error()
+	p.lastErrAt = time.Now()
 	p.log.Error("plugin failed", "err", err)
 }
 
@@ -444,6 +476,7 @@ func (p *managed) swap(ctx context.Context, reason string) error {
 			p.state = prevState
 		}
 		p.lastErr = err.Error()
+		p.lastErrAt = time.Now()
 		p.log.Error("swap refused; previous generation keeps serving", "reason", reason, "err", err)
 		return err
 	}
@@ -453,6 +486,16 @@ func (p *managed) swap(ctx context.Context, reason string) error {
 	}
 	if man.Name != p.name {
 		return restore(fmt.Errorf("swap plugin %s: manifest %s: field name: now %q; a plugin cannot be renamed in place", p.name, path, man.Name))
+	}
+	if err := m.checkRequires(m.startCtx(ctx), man); err != nil {
+		if errors.Is(err, ErrUnavailable) && p.current.Load() == nil {
+			p.mu.Lock()
+			p.manifest = man
+			p.mu.Unlock()
+			p.setUnavailable(err)
+			return fmt.Errorf("swap plugin %s: %w", p.name, err)
+		}
+		return restore(fmt.Errorf("swap plugin %s: %w", p.name, err))
 	}
 	t0 := time.Now()
 	g, err := p.startGeneration(m.startCtx(ctx), man)
@@ -523,11 +566,13 @@ func (p *managed) onCrash(g *generation) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.lastErr = cause
+	p.lastErrAt = time.Now()
 	p.crashes = append(p.crashes, now)
 	p.crashes = slices.DeleteFunc(p.crashes, func(t time.Time) bool { return now.Sub(t) > m.cfg.CrashWindow })
 	if len(p.crashes) >= m.cfg.CrashLimit {
 		p.state = StateFailed
 		p.lastErr = fmt.Sprintf("%d crashes within %s, not restarting (swap to retry); last: %s", len(p.crashes), m.cfg.CrashWindow, cause)
+		p.lastErrAt = time.Now()
 		p.log.Error("plugin crashed; marked failed", "generation", g.n, "crashes", len(p.crashes), "cause", cause)
 		return
 	}
@@ -565,6 +610,7 @@ func (p *managed) restart() {
 		now := time.Now()
 		p.mu.Lock()
 		p.lastErr = err.Error()
+		p.lastErrAt = time.Now()
 		p.crashes = append(p.crashes, now)
 		p.crashes = slices.DeleteFunc(p.crashes, func(t time.Time) bool { return now.Sub(t) > m.cfg.CrashWindow })
 		if len(p.crashes) >= m.cfg.CrashLimit {
@@ -644,10 +690,25 @@ func (p *managed) callErr(g *generation, method string, err error) error {
 		if tail := p.logs.lastText(p.m.cfg.ErrorLines, g.n); tail != "" {
 			cause += "; last stderr: " + tail
 		}
-		return fmt.Errorf("call %s.%s: generation %d (pid %d) died mid-call (%s): %w", p.name, method, g.n, g.pid, cause, ErrPluginExited)
+		err := fmt.Errorf("call %s.%s: generation %d (pid %d) died mid-call (%s): %w", p.name, method, g.n, g.pid, cause, ErrPluginExited)
+		p.callFailed(err)
+		return err
 	case <-exited.C:
 	}
-	return fmt.Errorf("call %s.%s (generation %d): %w", p.name, method, g.n, err)
+	code := status.Code(err)
+	err = fmt.Errorf("call %s.%s (generation %d): %w", p.name, method, g.n, err)
+	if code != codes.Canceled && code != codes.DeadlineExceeded {
+		p.callFailed(err)
+	}
+	return err
+}
+
+// callFailed records a failed call for Status (the plugin keeps serving:
+// the call, not the process, failed).
+func (p *managed) callFailed(err error) {
+	p.mu.Lock()
+	p.lastCall, p.lastCallAt = err.Error(), time.Now()
+	p.mu.Unlock()
 }
 
 // Call invokes method on the plugin's current generation. args and the
@@ -728,13 +789,21 @@ type Status struct {
 	Restarts   int       `json:"restarts"`
 	Crashes    int       `json:"crashes"` // within the crash window
 	// CrashLimit crashes within CrashWindowSeconds mark the plugin
-	// failed: it is not restarted until a reload (POST
-	// /v1/plugins/NAME/reload) or a change to its files swaps it, which
-	// also empties the crash count.
-	CrashLimit         int      `json:"crash_limit"`
-	CrashWindowSeconds float64  `json:"crash_window_seconds"`
-	LastError          string   `json:"last_error,omitempty"`
-	Methods            []Method `json:"methods,omitempty"`
+	// failed (the restart budget): it is not restarted until a reload
+	// (POST /v1/plugins/NAME/reload) or a change to its files swaps it,
+	// which also empties the crash count.
+	CrashLimit         int     `json:"crash_limit"`
+	CrashWindowSeconds float64 `json:"crash_window_seconds"`
+	LastError          string  `json:"last_error,omitempty"`
+	// LastErrorAt is when LastError was set (a failed start or swap, a
+	// crash).
+	LastErrorAt time.Time `json:"last_error_at,omitzero"`
+	// LastCallError is the newest failed call (not cancelled by its
+	// caller) and LastCallErrorAt when it failed: a plugin that serves but
+	// whose calls fail shows it here.
+	LastCallError   string    `json:"last_call_error,omitempty"`
+	LastCallErrorAt time.Time `json:"last_call_error_at,omitzero"`
+	Methods         []Method  `json:"methods,omitempty"`
 }
 
 // Method is one method a plugin serves, from its Describe.
@@ -752,8 +821,9 @@ func (p *managed) status() Status {
 	man := p.manifest
 	s := Status{
 		Name: p.name, Version: man.Version, Kind: man.Kind, Language: man.Language, Manifest: man.Path,
-		State: p.state, Restarts: p.restarts, Crashes: len(p.crashes), LastError: p.lastErr,
+		State: p.state, Restarts: p.restarts, Crashes: len(p.crashes), LastError: p.lastErr, LastErrorAt: p.lastErrAt,
 		CrashLimit: p.m.cfg.CrashLimit, CrashWindowSeconds: p.m.cfg.CrashWindow.Seconds(),
+		LastCallError: p.lastCall, LastCallErrorAt: p.lastCallAt,
 	}
 	p.mu.Unlock()
 	if g := p.current.Load(); g != nil {

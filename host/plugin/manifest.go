@@ -62,6 +62,10 @@ const (
 // resolves to; go-plugin checks it (SecureConfig) before every start. For an
 // interpreted plugin that is the interpreter, so pin the script through
 // hot-swap review instead.
+//
+// requires, when present, is what the plugin needs from its environment
+// (see Requires); a plugin whose needs are not met is not started and is
+// listed as unavailable with the reason.
 type Manifest struct {
 	Name            string   `json:"name"`
 	Version         string   `json:"version"`
@@ -77,6 +81,8 @@ type Manifest struct {
 	// Every other method is reachable only from the host itself (the LoRA
 	// coordinator, the preview renderer, warm-up checks).
 	PublicMethods []string `json:"public_methods,omitempty"`
+	// Requires is what the plugin needs to run; nil: nothing checked.
+	Requires *Requires `json:"requires,omitempty"`
 
 	// Path is the manifest file the fields were read from (not in JSON).
 	Path string `json:"-"`
@@ -98,13 +104,31 @@ func (m *Manifest) Public(method string) bool {
 // lists none.
 const DefaultPublicMethod = "run"
 
+// Requires is a manifest's "requires": what must hold before the plugin is
+// started. The host checks it before every start (Load, swap, reload) and
+// marks a plugin whose needs are not met StateUnavailable, naming what is
+// missing, instead of starting it.
+//
+// Example (a Python pipeline that needs torch and diffusers):
+//
+//	"requires": {"python_modules": ["arenahost", "grpc", "numpy", "torch", "diffusers"]}
+type Requires struct {
+	// PythonModules are modules the plugin's interpreter (its resolved
+	// command) must find with importlib.util.find_spec; only for
+	// language "python". Nothing is imported, so the check is quick even
+	// for torch.
+	PythonModules []string `json:"python_modules,omitempty"`
+}
+
 // Dir is the manifest's directory: the plugin's working directory and the
 // base for a relative command.
 func (m *Manifest) Dir() string { return filepath.Dir(m.Path) }
 
 var (
 	nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
-	kindRE = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,31}$`)
+	// pyModuleRE is a dotted Python module name.
+	pyModuleRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]{0,99}(\.[A-Za-z_][A-Za-z0-9_]{0,99}){0,7}$`)
+	kindRE     = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,31}$`)
 )
 
 // ParseManifest reads and validates the manifest at path. Unknown fields,
@@ -186,6 +210,19 @@ func (m *Manifest) validate() error {
 		b, err := hex.DecodeString(m.SHA256)
 		if err != nil || len(b) != 32 {
 			return fmt.Errorf("field sha256: %q is not 64 hex digits", m.SHA256)
+		}
+	}
+	if r := m.Requires; r != nil {
+		if len(r.PythonModules) > 0 && m.Language != LanguagePython {
+			return fmt.Errorf("field requires.python_modules: only for language %q, this plugin is %q", LanguagePython, m.Language)
+		}
+		if len(r.PythonModules) > 64 {
+			return fmt.Errorf("field requires.python_modules: %d modules, at most 64", len(r.PythonModules))
+		}
+		for i, mod := range r.PythonModules {
+			if !pyModuleRE.MatchString(mod) {
+				return fmt.Errorf("field requires.python_modules[%d]: %q is not a Python module name", i, mod)
+			}
 		}
 	}
 	return nil

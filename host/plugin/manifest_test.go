@@ -44,6 +44,10 @@ func TestParseManifest(t *testing.T) {
 		{"public methods on a pipeline", `{"name":"p","version":"1","kind":"pipeline","language":"go","command":"x","protocol_version":1,"public_methods":["run","img2img"]}`, ""},
 		{"public methods on a lora plugin", `{"name":"x","version":"1","kind":"lora","language":"go","command":"x","protocol_version":1,"public_methods":["inspect"]}`, `field public_methods: only a plugin of kind "pipeline"`},
 		{"blank public method", `{"name":"p","version":"1","kind":"pipeline","language":"go","command":"x","protocol_version":1,"public_methods":[" run"]}`, `field public_methods[0]: " run" is not a method name`},
+		{"requires python modules", `{"name":"p","version":"1","kind":"pipeline","language":"python","command":"x","protocol_version":1,"requires":{"python_modules":["torch","diffusers.pipelines"]}}`, ""},
+		{"requires modules of a go plugin", `{"name":"x","version":"1","kind":"lora","language":"go","command":"x","protocol_version":1,"requires":{"python_modules":["torch"]}}`, `field requires.python_modules: only for language "python"`},
+		{"requires bad module", `{"name":"p","version":"1","kind":"pipeline","language":"python","command":"x","protocol_version":1,"requires":{"python_modules":["torch; rm -rf /"]}}`, `field requires.python_modules[0]: "torch; rm -rf /" is not a Python module name`},
+		{"requires unknown need", `{"name":"p","version":"1","kind":"pipeline","language":"python","command":"x","protocol_version":1,"requires":{"gpu":true}}`, `unknown field "gpu"`},
 		{"trailing data", valid + `{}`, "trailing data"},
 		{"not json", `name = "x"`, "decode"},
 	}

@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"math"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 
@@ -30,10 +29,8 @@ func buildGoHello(t testing.TB) string {
 	if err := os.WriteFile(filepath.Join(dst, ManifestFile), b, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("go", "build", "-o", filepath.Join(dst, "go-hello"), ".")
-	cmd.Dir = src
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build go-hello: %v\n%s", err, out)
+	if err := testenv.CopyFile(testenv.GoBinary(t, "./sdk/examples/go-hello"), filepath.Join(dst, "go-hello"), 0o755); err != nil {
+		t.Fatal(err)
 	}
 	return filepath.Join(dst, ManifestFile)
 }

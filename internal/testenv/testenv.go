@@ -2,14 +2,21 @@
 // Python interpreters of the pinned virtual environments and the built
 // binaries. A test that needs one calls these helpers; when the Makefile runs
 // the tests (ARENAHOST_REQUIRE_PYTHON=1) a missing tool fails the test
-// instead of skipping it, so CI can never pass by skipping.
+// instead of skipping it, so CI can never pass by skipping. It also owns the
+// one builder every test uses for Go binaries (GoBinary): each package is
+// built once per test binary into one temporary directory that Main
+// removes when the tests end.
 package testenv
 
 import (
+	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
+	"sync"
 	"testing"
 )
 
@@ -71,4 +78,121 @@ func RunPython(tb testing.TB, python string, args ...string) []byte {
 		tb.Fatalf("%s %v: %v\n%s", python, args, err, out)
 	}
 	return out
+}
+
+// The build cache of this test binary: one directory, one build per
+// package, removed by Main.
+var builds struct {
+	mu      sync.Mutex
+	main    bool   // Main is running the tests
+	dir     string // created on the first build
+	entries map[string]*buildEntry
+}
+
+type buildEntry struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+// Main runs the package's tests, then the cleanup functions, then removes
+// every binary GoBinary built. A package whose tests call GoBinary
+// (directly or through InstallPlugin) must have
+//
+//	func TestMain(m *testing.M) { testenv.Main(m) }
+func Main(m *testing.M, cleanup ...func()) {
+	builds.mu.Lock()
+	builds.main = true
+	builds.mu.Unlock()
+	code := m.Run()
+	for _, f := range cleanup {
+		f()
+	}
+	builds.mu.Lock()
+	if builds.dir != "" {
+		_ = os.RemoveAll(builds.dir)
+	}
+	builds.mu.Unlock()
+	os.Exit(code)
+}
+
+// GoBinary builds the main package pkg (an import path, or a path relative
+// to the repository root such as "./plugins/preview") once per test binary
+// and returns the executable. Later calls with the same pkg return the same
+// file: do not modify it (InstallPlugin copies it). The test fails if the
+// build does, or if the package's TestMain does not call Main (nothing
+// would remove the binaries).
+func GoBinary(tb testing.TB, pkg string) string {
+	tb.Helper()
+	builds.mu.Lock()
+	if !builds.main {
+		builds.mu.Unlock()
+		tb.Fatalf("testenv.GoBinary(%q): this package has no TestMain calling testenv.Main, which removes the builds", pkg)
+	}
+	if builds.dir == "" {
+		dir, err := os.MkdirTemp("", "arenahost-testbin-")
+		if err != nil {
+			builds.mu.Unlock()
+			tb.Fatalf("testenv: %v", err)
+		}
+		builds.dir = dir
+		builds.entries = map[string]*buildEntry{}
+	}
+	e := builds.entries[pkg]
+	if e == nil {
+		e = &buildEntry{path: filepath.Join(builds.dir, fmt.Sprintf("%d-%s", len(builds.entries), filepath.Base(pkg)))}
+		builds.entries[pkg] = e
+	}
+	builds.mu.Unlock()
+	e.once.Do(func() {
+		cmd := exec.Command("go", "build", "-o", e.path, pkg)
+		if strings.HasPrefix(pkg, ".") {
+			cmd.Dir = RepoRoot(tb)
+		}
+		if out, err := cmd.CombinedOutput(); err != nil {
+			e.err = fmt.Errorf("go build %s: %v\n%s", pkg, err, out)
+		}
+	})
+	if e.err != nil {
+		tb.Fatal(e.err)
+	}
+	return e.path
+}
+
+// InstallPlugin puts a copy of pkg's binary (built once by GoBinary) into
+// pluginsDir/name/name with the given manifest (plugin.json), as `make
+// build` lays plugins out, and returns the plugin's directory. A copy, so a
+// test may replace or touch the installed file.
+func InstallPlugin(tb testing.TB, pluginsDir, name, pkg, manifest string) string {
+	tb.Helper()
+	bin := GoBinary(tb, pkg)
+	dir := filepath.Join(pluginsDir, name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		tb.Fatal(err)
+	}
+	if err := CopyFile(bin, filepath.Join(dir, name), 0o755); err != nil {
+		tb.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "plugin.json"), []byte(manifest), 0o644); err != nil {
+		tb.Fatal(err)
+	}
+	return dir
+}
+
+// CopyFile copies src to dst with mode perm.
+func CopyFile(src, dst string, perm os.FileMode) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, perm)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
 }

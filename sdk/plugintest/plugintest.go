@@ -108,13 +108,17 @@ func Start(tb testing.TB, cfg Config) *Plugin {
 	cmd := exec.Command(cfg.Cmd[0], cfg.Cmd[1:]...)
 	cmd.Dir = cfg.Dir
 	cmd.Env = append(os.Environ(), cfg.Env...)
+	// A short directory (Unix socket paths are limited to 108 bytes) for
+	// the host service socket and the plugin's own listening socket, which
+	// go-plugin and the Python SDK put under PLUGIN_UNIX_SOCKET_DIR: removed
+	// with the test, even when the plugin is killed.
+	dir, err := os.MkdirTemp("", "plugintest")
+	if err != nil {
+		tb.Fatalf("plugintest: temp dir: %v", err)
+	}
+	tb.Cleanup(func() { os.RemoveAll(dir) })
+	cmd.Env = append(cmd.Env, plugin.EnvUnixSocketDir+"="+dir)
 	if !goBroker {
-		// A short directory: Unix socket paths are limited to 108 bytes.
-		dir, err := os.MkdirTemp("", "plugintest")
-		if err != nil {
-			tb.Fatalf("plugintest: temp dir: %v", err)
-		}
-		tb.Cleanup(func() { os.RemoveAll(dir) })
 		cmd.Env = append(cmd.Env, ServeUnix(tb, dir, hostServer(cfg, h))...)
 	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

@@ -148,3 +148,32 @@ func FuzzParseQuantState(f *testing.F) {
 		}
 	})
 }
+
+// TestTorchDynamicMap pins DynamicMap to torch's fused-multiply-add
+// evaluation of bitsandbytes' create_dynamic_map, and the unfused variant
+// to the entries torch's DEFAULT kernels store.
+func TestTorchDynamicMap(t *testing.T) {
+	if TorchDynamicMap(true) != DynamicMap() {
+		t.Fatal("TorchDynamicMap(true) differs from DynamicMap()")
+	}
+	plain := TorchDynamicMap(false)
+	diff := 0
+	for i, v := range DynamicMap() {
+		if d := int64(math.Float32bits(plain[i])) - int64(math.Float32bits(v)); d != 0 {
+			diff++
+			if d < -2 || d > 2 {
+				t.Errorf("entry %d: unfused %v, fused %v: more than two ulps apart", i, plain[i], v)
+			}
+		}
+	}
+	// Observed with ATEN_CPU_CAPABILITY=default (torch 2.15): entries 18, 20
+	// and 23 among the 42 that differ.
+	for i, want := range map[int]uint32{18: 0xbf3d6667, 20: 0xbf363333, 23: 0xbf2b6667} {
+		if got := math.Float32bits(plain[i]); got != want {
+			t.Errorf("unfused entry %d = %#08x, torch DEFAULT stores %#08x", i, got, want)
+		}
+	}
+	if diff != 42 {
+		t.Errorf("%d entries differ between the variants, want 42", diff)
+	}
+}

@@ -2,10 +2,11 @@ package main
 
 import (
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/arenahost/arenahost/internal/testenv"
 )
 
 // buildHost builds arenahost and the lora-nf4 plugin laid out as `make
@@ -19,11 +20,11 @@ func buildHost(t *testing.T) string {
 		t.Fatal(err)
 	}
 	for _, b := range [][2]string{
-		{filepath.Join(bin, "arenahost"), "github.com/arenahost/arenahost/host/cmd/arenahost"},
-		{filepath.Join(pd, "lora-nf4"), "github.com/arenahost/arenahost/plugins/lora-nf4"},
+		{filepath.Join(bin, "arenahost"), "./host/cmd/arenahost"},
+		{filepath.Join(pd, "lora-nf4"), "./plugins/lora-nf4"},
 	} {
-		if out, err := exec.Command("go", "build", "-o", b[0], b[1]).CombinedOutput(); err != nil {
-			t.Fatalf("go build %s: %v\n%s", b[1], err, out)
+		if err := testenv.CopyFile(testenv.GoBinary(t, b[1]), b[0], 0o755); err != nil {
+			t.Fatal(err)
 		}
 	}
 	man, err := os.ReadFile("../../../plugins/lora-nf4/plugin.json")
@@ -88,3 +89,5 @@ func TestScaleOnSimulatedDevice(t *testing.T) {
 		t.Fatalf("%d of %d checks failed", r.Failed(), len(r.Rows))
 	}
 }
+
+func TestMain(m *testing.M) { testenv.Main(m) }

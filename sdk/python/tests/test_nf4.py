@@ -8,7 +8,7 @@ import pytest
 from arenahost.nf4 import NF4_CODE, dequantize_4bit_arrays, dequantize_nf4, quantize_nf4, restore_nested_absmax
 from arenahost.plugin.v1 import plugin_pb2 as pb
 from arenahost.tensor import DescriptorError, Mapper, bf16_to_f32
-from conftest import require
+from conftest import bnb_dequantize_checked, require
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # bnb's CPU kernels are torch.compile'd; eager gives the same bits, faster
 
@@ -35,7 +35,7 @@ def _bnb_case(shape, blocksize, nested, dtype, quant_type="nf4", seed=0):
     w = (torch.randn(shape, generator=g) * 0.05).to(getattr(torch, dtype))
     w.view(-1)[3] = 0.0
     q, st = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
-    ref = F.dequantize_4bit(q, st)
+    ref = bnb_dequantize_checked(q, st)
     ref_np = ref.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else ref.numpy()
     return q, st, ref_np
 

@@ -14,7 +14,7 @@ from arenahost.plugin.v1 import plugin_pb2 as pb
 from arenahost.plugin.v1 import plugin_pb2_grpc as pbg
 from arenahost.server import InvalidArgument
 from arenahost.tensor import Mapper, bf16_to_f32, f32_to_bf16
-from conftest import SDK, put_nf4, require
+from conftest import SDK, bnb_dequantize_checked, put_nf4, require
 
 HID = 32
 NAMES = ["img_in.weight", "double_blocks.0.img_attn.proj.weight", "final_layer.linear.weight"]
@@ -209,7 +209,7 @@ def test_run_on_bitsandbytes_nested_weights(client, arena):
     for name, shape in zip(NAMES, [(HID, 64), (HID, HID), (64, HID)]):
         w = (torch.randn(shape, generator=g) / math.sqrt(shape[1])).to(torch.bfloat16)
         q, st = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        dense[name] = F.dequantize_4bit(q, st).float().numpy().astype(np.float64)
+        dense[name] = bnb_dequantize_checked(q, st).float().numpy().astype(np.float64)
         d = arena.put(name, q.numpy())
         d.quant.CopyFrom(pb.QuantInfo(
             quant_type="nf4", blocksize=64, dtype=pb.DTYPE_BF16, shape=list(shape), nested=True, storage_dtype=pb.DTYPE_U8,

@@ -1,0 +1,311 @@
+package api
+
+import (
+	"cmp"
+	"io/fs"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/arenahost/arenahost/host/arena"
+)
+
+// consoleRoutes registers the read-only routes the console needs beyond
+// the rest of the API: the files the models directory holds, where the
+// arena's bytes go (by owner and by purpose, with device memory on a
+// device backend), and the arena's recent history.
+func (a *API) consoleRoutes() {
+	a.mux.HandleFunc("GET /v1/models/files", a.modelFiles)
+	a.mux.HandleFunc("GET /v1/arena/usage", a.arenaUsage)
+	a.mux.HandleFunc("GET /v1/arena/history", a.arenaHistory)
+	a.history = newArenaHistory(historySamples)
+	go a.sampleArena(historyInterval)
+}
+
+// ModelFile is one entry of GET /v1/models/files.
+type ModelFile struct {
+	// Path is relative to the models directory, with '/' separators: what
+	// POST /v1/models takes.
+	Path     string    `json:"path"`
+	Name     string    `json:"name"` // the model name a load without one registers
+	Bytes    int64     `json:"bytes"`
+	Modified time.Time `json:"modified"`
+	// Loaded names the loaded models whose source is this file.
+	Loaded []string `json:"loaded,omitempty"`
+}
+
+// maxModelFiles bounds the listing of the models directory.
+const maxModelFiles = 1000
+
+// loadable reports whether a file in the models directory is something
+// POST /v1/models can load.
+func loadable(name string) bool { return strings.HasSuffix(name, ".safetensors") }
+
+// modelFiles lists the loadable files under the models directory
+// (following symlinks only when they stay inside it), so a UI offers a
+// choice instead of a free-text path.
+func (a *API) modelFiles(w http.ResponseWriter, r *http.Request) {
+	root, err := filepath.EvalSymlinks(a.opts.ModelsDir)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	loaded := map[string][]string{}
+	for _, m := range a.s.Registry.Models() {
+		if real, err := filepath.EvalSymlinks(m.Source); err == nil {
+			loaded[real] = append(loaded[real], m.Name)
+		}
+	}
+	out := []ModelFile{}
+	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if p == root {
+				return err
+			}
+			return nil // an unreadable subfolder is skipped, not fatal
+		}
+		if d.IsDir() || !loadable(d.Name()) {
+			return nil
+		}
+		if len(out) >= maxModelFiles {
+			return filepath.SkipAll
+		}
+		rel, err := filepath.Rel(root, p)
+		if err != nil {
+			return nil
+		}
+		real, err := confine(root, rel)
+		if err != nil {
+			return nil // a symlink out of the directory is not listed
+		}
+		st, err := os.Stat(real)
+		if err != nil || !st.Mode().IsRegular() {
+			return nil
+		}
+		base := filepath.Base(rel)
+		out = append(out, ModelFile{Path: filepath.ToSlash(rel), Name: strings.TrimSuffix(base, filepath.Ext(base)),
+			Bytes: st.Size(), Modified: st.ModTime(), Loaded: loaded[real]})
+		return nil
+	})
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	slices.SortFunc(out, func(x, y ModelFile) int { return cmp.Compare(x.Path, y.Path) })
+	writeJSON(w, http.StatusOK, out)
+}
+
+// Purposes of arena bytes in GET /v1/arena/usage, read from the names the
+// host gives its leases.
+const (
+	PurposeModel       = "model weights"
+	PurposeLoRAFactors = "LoRA factors"
+	PurposeJournal     = "fuse journal"
+	PurposeJobs        = "job latents"
+	PurposePlugin      = "plugin"
+	PurposeOther       = "other"
+)
+
+// Usage is one owner's or purpose's share of the arena.
+type Usage struct {
+	Owner   string `json:"owner"`
+	Purpose string `json:"purpose"`
+	Bytes   uint64 `json:"bytes"`
+	Regions int    `json:"regions"`
+}
+
+// DeviceMemory is the accelerator's own view of its memory.
+type DeviceMemory struct {
+	Total uint64 `json:"total"`
+	Free  uint64 `json:"free"`
+	Used  uint64 `json:"used"` // Total − Free: this host, its plugins and any other process
+}
+
+// ArenaUsage is the body of GET /v1/arena/usage.
+type ArenaUsage struct {
+	ArenaStats
+	// ByOwner splits the allocated bytes by who holds them: a loaded model
+	// ("model:NAME"), the host's LoRA factors, fuse journal and job
+	// latents, and each plugin generation ("plugin:NAME#GEN").
+	ByOwner []Usage `json:"by_owner"`
+	// Device is the device's memory (device backends only).
+	Device *DeviceMemory `json:"device,omitempty"`
+}
+
+// purposeOf classifies a lease by its owner and name: models are named
+// "MODEL/TENSOR" by the registry, side factors "factors/WEIGHT/A|B" by the
+// LoRA plugin (the host takes them over) or "lora factors …" by the
+// coordinator, journal copies "lora journal …", job latents "job/ID/…".
+func purposeOf(l arena.Lease, models map[string]bool) (owner, purpose string) {
+	if l.Owner != arena.HostOwner {
+		return string(l.Owner), PurposePlugin
+	}
+	if m, _, ok := strings.Cut(l.Name, "/"); ok && models[m] {
+		return "model:" + m, PurposeModel
+	}
+	switch {
+	case strings.HasPrefix(l.Name, "lora factors "), strings.HasPrefix(l.Name, "factors/"):
+		return "host", PurposeLoRAFactors
+	case strings.HasPrefix(l.Name, "lora journal "):
+		return "host", PurposeJournal
+	case strings.HasPrefix(l.Name, "job/"):
+		return "host", PurposeJobs
+	}
+	return "host", PurposeOther
+}
+
+func (a *API) arenaStats() ArenaStats {
+	st := a.s.Arena.Stats()
+	return ArenaStats{Backend: st.Backend, Capacity: uint64(st.Capacity), Allocated: uint64(st.Allocated),
+		Peak: uint64(st.Peak), LargestFree: uint64(st.LargestFree), Fragmentation: st.Fragmentation, Segments: st.Segments, Regions: st.Regions}
+}
+
+func (a *API) deviceMemory() *DeviceMemory {
+	free, total, ok := a.s.DeviceMemory()
+	if !ok {
+		return nil
+	}
+	return &DeviceMemory{Total: total, Free: free, Used: total - min(free, total)}
+}
+
+func (a *API) arenaUsage(w http.ResponseWriter, _ *http.Request) {
+	models := map[string]bool{}
+	for _, m := range a.s.Registry.Models() {
+		models[m.Name] = true
+	}
+	type key struct{ owner, purpose string }
+	sums := map[key]*Usage{}
+	for _, l := range a.s.Arena.Leases() {
+		o, p := purposeOf(l, models)
+		u := sums[key{o, p}]
+		if u == nil {
+			u = &Usage{Owner: o, Purpose: p}
+			sums[key{o, p}] = u
+		}
+		u.Bytes += uint64(l.Size)
+		u.Regions++
+	}
+	out := ArenaUsage{ArenaStats: a.arenaStats(), ByOwner: []Usage{}, Device: a.deviceMemory()}
+	for _, u := range sums {
+		out.ByOwner = append(out.ByOwner, *u)
+	}
+	slices.SortFunc(out.ByOwner, func(x, y Usage) int {
+		if c := cmp.Compare(y.Bytes, x.Bytes); c != 0 {
+			return c
+		}
+		return cmp.Compare(x.Owner+x.Purpose, y.Owner+y.Purpose)
+	})
+	writeJSON(w, http.StatusOK, out)
+}
+
+// The arena's history: one sample a second for the last ten minutes.
+const (
+	historyInterval = time.Second
+	historySamples  = 600
+)
+
+// ArenaSample is one point of GET /v1/arena/history.
+type ArenaSample struct {
+	Time          time.Time `json:"t"`
+	Allocated     uint64    `json:"allocated"`
+	Peak          uint64    `json:"peak"`
+	Fragmentation float64   `json:"fragmentation"`
+	// DeviceUsed is the device's used memory (device backends only).
+	DeviceUsed uint64 `json:"device_used,omitempty"`
+}
+
+// ArenaHistory is the body of GET /v1/arena/history.
+type ArenaHistory struct {
+	Backend         string        `json:"backend"`
+	Capacity        uint64        `json:"capacity"`
+	DeviceTotal     uint64        `json:"device_total,omitempty"`
+	IntervalSeconds float64       `json:"interval_seconds"`
+	Samples         []ArenaSample `json:"samples"` // oldest first
+}
+
+// arenaHistory is a fixed ring of samples.
+type arenaHistory struct {
+	mu   sync.Mutex
+	ring []ArenaSample
+	next int
+	full bool
+}
+
+func newArenaHistory(n int) *arenaHistory { return &arenaHistory{ring: make([]ArenaSample, n)} }
+
+func (h *arenaHistory) add(s ArenaSample) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.ring[h.next] = s
+	h.next = (h.next + 1) % len(h.ring)
+	if h.next == 0 {
+		h.full = true
+	}
+}
+
+// since returns the samples after t, oldest first.
+func (h *arenaHistory) since(t time.Time) []ArenaSample {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var all []ArenaSample
+	if h.full {
+		all = append(all, h.ring[h.next:]...)
+	}
+	all = append(all, h.ring[:h.next]...)
+	out := []ArenaSample{}
+	for _, s := range all {
+		if s.Time.After(t) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+func (a *API) sample() {
+	st := a.s.Arena.Stats()
+	s := ArenaSample{Time: time.Now().UTC(), Allocated: uint64(st.Allocated), Peak: uint64(st.Peak), Fragmentation: st.Fragmentation}
+	if d := a.deviceMemory(); d != nil {
+		s.DeviceUsed = d.Used
+	}
+	a.history.add(s)
+}
+
+// sampleArena records the arena's figures every interval until the server's
+// job manager closes (as the server does).
+func (a *API) sampleArena(interval time.Duration) {
+	a.sample()
+	tk := time.NewTicker(interval)
+	defer tk.Stop()
+	for {
+		select {
+		case <-a.s.Jobs.Done():
+			return
+		case <-tk.C:
+			a.sample()
+		}
+	}
+}
+
+// arenaHistory answers the recorded samples; ?since=RFC3339 keeps those
+// after that time (a poller asks only for what it has not seen).
+func (a *API) arenaHistory(w http.ResponseWriter, r *http.Request) {
+	var since time.Time
+	if q := r.URL.Query().Get("since"); q != "" {
+		t, err := time.Parse(time.RFC3339Nano, q)
+		if err != nil {
+			a.fail(w, r, badRequest("query since=%q: want an RFC 3339 time such as 2026-01-02T15:04:05Z", q))
+			return
+		}
+		since = t
+	}
+	st := a.s.Arena.Stats()
+	out := ArenaHistory{Backend: st.Backend, Capacity: uint64(st.Capacity), IntervalSeconds: historyInterval.Seconds(), Samples: a.history.since(since)}
+	if d := a.deviceMemory(); d != nil {
+		out.DeviceTotal = d.Total
+	}
+	writeJSON(w, http.StatusOK, out)
+}
