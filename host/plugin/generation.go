@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -200,8 +201,12 @@ func (p *managed) startGeneration(ctx context.Context, man *Manifest) (*generati
 	// generation inside the host's own socket directory, removed when the
 	// generation stops: a plugin that is killed (crash, drain bound,
 	// SIGKILL) cannot leave its socket behind, and a killed host's sockets
-	// go with its directory at the next start.
-	if g.sockDir, err = os.MkdirTemp(sockDir, "gen-"); err != nil {
+	// go with its directory at the next start. The name is short (g1,
+	// g2, …, unique within the host's directory) because a unix socket's
+	// whole path must fit in 107 bytes.
+	g.sockDir = filepath.Join(sockDir, "g"+strconv.FormatUint(m.genDirs.Add(1), 36))
+	if err = os.Mkdir(g.sockDir, 0o700); err != nil {
+		g.sockDir = ""
 		return fail("socket dir", err)
 	}
 	env = append(env, goplugin.EnvUnixSocketDir+"="+g.sockDir)

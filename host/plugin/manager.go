@@ -170,6 +170,7 @@ type Manager struct {
 	closed  bool
 	th      *tokenHost
 	runDir  string                   // the sockets' directory (runDirLocked)
+	genDirs atomic.Uint64            // names the generations' socket directories in runDir
 	live    map[*generation]*managed // every process started and not yet torn down
 }
 

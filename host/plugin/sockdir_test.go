@@ -29,7 +29,7 @@ func hostDirs(t *testing.T, dir string) []string {
 // leaves it behind, and the next host's first plugin start removes it.
 func TestKilledHostSocketsRemovedAtNextStart(t *testing.T) {
 	dir := t.TempDir()
-	tmp := t.TempDir()
+	tmp := shortTempDir(t)
 	writeFixture(t, dir, "a", "echo", nil)
 	exe, err := os.Executable()
 	if err != nil {
