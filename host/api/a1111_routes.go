@@ -2,6 +2,7 @@ package api
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -285,14 +286,18 @@ var honoredOptions = map[string]bool{"sd_model_checkpoint": true, OptionStrict: 
 // null as A1111 does.
 func (a *API) setOptions(w http.ResponseWriter, r *http.Request) {
 	var body map[string]any
-	dec := json.NewDecoder(r.Body)
+	raw, err := readBody(r)
+	if err == nil {
+		err = requireObject(raw)
+	}
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.UseNumber()
 	if err := dec.Decode(&body); err != nil {
-		var mbe *http.MaxBytesError
-		if !errors.As(err, &mbe) {
-			err = badRequest("read request body: %v (send one JSON object of option keys)", err)
-		}
-		a.fail(w, r, err)
+		a.fail(w, r, badRequest("read request body: %v (send one JSON object of option keys)", err))
 		return
 	}
 	if v, ok := body[OptionStrict]; ok {
