@@ -119,8 +119,9 @@ bench: build venv venv-torch ## run the benchmarks; each prints its baseline and
 
 FUZZTIME ?= 30s
 fuzz: ## run every Go fuzz target for FUZZTIME each (their seed corpora also run in make test)
-	@set -e; for t in FuzzDecodeLoadModel FuzzDecodeApply FuzzDecodeJobSpec FuzzTxt2Img FuzzConfine; do \
+	@set -e; for t in FuzzDecodeLoadModel FuzzDecodeApply FuzzDecodeJobSpec FuzzTxt2Img FuzzConfine FuzzDecodeOptions; do \
 		$(GO) test -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) ./host/api; done; \
+	$(GO) test -run '^$$' -fuzz '^FuzzPostPrompt$$' -fuzztime $(FUZZTIME) ./host/api/comfyui; \
 	for t in FuzzLoRAKey FuzzLoRAFile; do $(GO) test -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) ./shared/lora; done
 
 abuse: build ## the bounded abuse run against a real `arenahost serve` on loopback (scripts/abuse)

@@ -114,3 +114,24 @@ func FuzzConfine(f *testing.F) {
 		}
 	})
 }
+
+// FuzzDecodeOptions covers POST /sdapi/v1/options (main's A1111 routes):
+// anything but one JSON object is a 400, and what decodes is a map.
+func FuzzDecodeOptions(f *testing.F) {
+	f.Add([]byte(`{"sd_model_checkpoint": "flux.safetensors", "arenahost_strict": true, "CLIP_stop_at_last_layers": 2}`))
+	f.Add([]byte(`null`))
+	f.Add([]byte(`[{"sd_model_checkpoint": "x"}]`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		body, err := decodeOptions(data)
+		if err != nil {
+			var se *StatusError
+			if !errors.As(err, &se) || se.Status != http.StatusBadRequest {
+				t.Fatalf("decode %q: %v is not a 400", data, err)
+			}
+			return
+		}
+		if s := strings.TrimLeft(string(data), " \t\r\n"); !strings.HasPrefix(s, "{") || body == nil {
+			t.Fatalf("decode %q: accepted a body that is not an object", data)
+		}
+	})
+}
