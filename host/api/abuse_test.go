@@ -164,6 +164,15 @@ func TestAbuseHostsAndOrigins(t *testing.T) {
 		{"allowed name with the wrong port", call{method: "GET", path: "/v1/health", header: h("Host", "proxy.lan:1")}, 403, "host_not_allowed", ""},
 		{"allowed name with its port", call{method: "GET", path: "/v1/health", header: h("Host", "proxy.lan:8443")}, 200, "", ""},
 		{"own origin", call{method: "POST", path: "/v1/models", body: load, header: h("Origin", self)}, 201, "", ""},
+		// ComfyUI's routes and frontend and the console sit behind the same guard.
+		{"comfy prompt with a rebinding Host", call{method: "POST", path: "/prompt", body: `{"prompt": {}}`, header: h("Host", "evil.example:"+port)}, 403, "host_not_allowed", ""},
+		{"comfy api read with a rebinding Host", call{method: "GET", path: "/api/queue", header: h("Host", "evil.example:"+port)}, 403, "host_not_allowed", ""},
+		{"comfy frontend with a rebinding Host", call{method: "GET", path: "/comfy/", header: h("Host", "evil.example:"+port)}, 403, "host_not_allowed", ""},
+		{"console api with a rebinding Host", call{method: "GET", path: "/v1/arena", header: h("Host", "evil.example:"+port)}, 403, "host_not_allowed", ""},
+		{"comfy prompt from a foreign origin", call{method: "POST", path: "/prompt", body: `{"prompt": {}}`, header: h("Origin", "http://evil.example")}, 403, "cross_origin", ""},
+		{"comfy api prompt from another local port", call{method: "POST", path: "/api/prompt", body: `{"prompt": {}}`, header: h("Origin", "http://localhost:1")}, 403, "cross_origin", ""},
+		{"comfy websocket from a foreign origin", call{method: "GET", path: "/comfy/ws", header: h("Upgrade", "websocket", "Connection", "Upgrade", "Origin", "http://evil.example")}, 403, "cross_origin", ""},
+		{"comfy prompt from its own page (past the guard: ComfyUI's own 400)", call{method: "POST", path: "/comfy/api/prompt", body: `{"prompt": {}}`, header: h("Origin", self)}, 400, "", ""},
 	}, 5*time.Second)
 }
 
@@ -345,6 +354,15 @@ func TestAbuseBodiesAndLimits(t *testing.T) {
 	for _, route := range []string{"/v1/loras/apply", "/v1/models", "/v1/jobs"} {
 		for _, body := range []string{"null", "[]", `"x"`, "1", "true", " ", `{"loras": []} {}`, `{`} {
 			cases = append(cases, abuseCase{fmt.Sprintf("%s %q", route, body), call{method: "POST", path: route, body: body}, 400, "bad_request", "request body"})
+		}
+	}
+	for _, body := range []string{"null", "[]", `"x"`, "1", " "} {
+		cases = append(cases,
+			abuseCase{fmt.Sprintf("a1111 options %q", body), call{method: "POST", path: "/sdapi/v1/options", body: body}, 400, "bad_request", "request body"},
+			abuseCase{fmt.Sprintf("comfy prompt %q", body), call{method: "POST", path: "/prompt", body: body}, 400, "", ""},
+		)
+		if body != " " { // ComfyUI's clients post empty bodies to /queue
+			cases = append(cases, abuseCase{fmt.Sprintf("comfy queue %q", body), call{method: "POST", path: "/api/queue", body: body, header: map[string]string{"Content-Type": "application/json"}}, 400, "", ""})
 		}
 	}
 	cases = append(cases,
