@@ -24,7 +24,7 @@ GO_PLUGINS := $(notdir $(wildcard plugins/*))
 # Python plugins shipped with the host (copied next to the Go plugins).
 PY_PLUGINS := reference_pipeline diffusers_flux
 
-.PHONY: help build run test test-go test-python test-oracles test-clients venv-clients comfy-frontend bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean distclean
+.PHONY: fuzz abuse help build run test test-go test-python test-oracles test-clients venv-clients comfy-frontend bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean distclean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -116,6 +116,16 @@ browser-deps: ## install Debian's chromium for the console's browser test when i
 
 bench: build venv venv-torch ## run the benchmarks; each prints its baseline and the ratio
 	$(TEST_ENV) bash bench/run.sh
+
+FUZZTIME ?= 30s
+fuzz: ## run every Go fuzz target for FUZZTIME each (their seed corpora also run in make test)
+	@set -e; for t in FuzzDecodeLoadModel FuzzDecodeApply FuzzDecodeJobSpec FuzzTxt2Img FuzzConfine FuzzDecodeOptions; do \
+		$(GO) test -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) ./host/api; done; \
+	$(GO) test -run '^$$' -fuzz '^FuzzPostPrompt$$' -fuzztime $(FUZZTIME) ./host/api/comfyui; \
+	for t in FuzzLoRAKey FuzzLoRAFile; do $(GO) test -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) ./shared/lora; done
+
+abuse: build ## the bounded abuse run against a real `arenahost serve` on loopback (scripts/abuse)
+	$(GO) run ./scripts/abuse --bin bin/arenahost
 
 proto: venv ## regenerate Go and Python code from shared/proto
 	@mkdir -p $(GOBIN_DIR)

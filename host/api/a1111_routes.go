@@ -2,10 +2,12 @@ package api
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net/http"
 	"os"
@@ -279,19 +281,36 @@ func (a *API) getOptions(w http.ResponseWriter, _ *http.Request) {
 // honoredOptions are the option keys that change what arenahost does.
 var honoredOptions = map[string]bool{"sd_model_checkpoint": true, OptionStrict: true}
 
+// decodeOptions decodes a POST /sdapi/v1/options body: one JSON object of
+// option keys (numbers kept as json.Number); anything else is a 400.
+func decodeOptions(raw []byte) (map[string]any, error) {
+	if err := requireObject(raw); err != nil {
+		return nil, err
+	}
+	var body map[string]any
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	if err := dec.Decode(&body); err != nil {
+		return nil, badRequest("read request body: %v (send one JSON object of option keys)", err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, badRequest("read request body: data after the JSON object")
+	}
+	return body, nil
+}
+
 // setOptions merges the body into the options. sd_model_checkpoint loads
 // (when needed) and selects a checkpoint; every other key is kept and
 // echoed by GET, and keys arenahost does not act on are logged. It answers
 // null as A1111 does.
 func (a *API) setOptions(w http.ResponseWriter, r *http.Request) {
-	var body map[string]any
-	dec := json.NewDecoder(r.Body)
-	dec.UseNumber()
-	if err := dec.Decode(&body); err != nil {
-		var mbe *http.MaxBytesError
-		if !errors.As(err, &mbe) {
-			err = badRequest("read request body: %v (send one JSON object of option keys)", err)
-		}
+	raw, err := readBody(r)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	body, err := decodeOptions(raw)
+	if err != nil {
 		a.fail(w, r, err)
 		return
 	}

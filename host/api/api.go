@@ -8,12 +8,15 @@
 package api
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/arenahost/arenahost/host/api/comfyui"
@@ -22,6 +25,7 @@ import (
 	"github.com/arenahost/arenahost/host/plugin"
 	"github.com/arenahost/arenahost/host/registry"
 	"github.com/arenahost/arenahost/host/server"
+	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
 // Options configures the HTTP layer. Zero fields take the defaults below.
@@ -44,6 +48,15 @@ type Options struct {
 	// pipeline and the console run; "" picks the first serving plugin of
 	// kind "pipeline" (never an unavailable or failed one).
 	Pipeline string
+	// Listen is the address the server listens on: its host is accepted
+	// in Host and Origin headers besides the loopback names.
+	Listen string
+	// AllowedHosts are further host names (or HOST:PORT) accepted in Host
+	// and Origin headers (guard.go).
+	AllowedHosts []string
+	// MaxImages bounds the images one txt2img request may ask for;
+	// DefaultMaxImages when 0.
+	MaxImages int
 	// Metrics receives observations; a new one over the server when nil.
 	Metrics *Metrics
 	// ComfyFrontend is comfyui-frontend-package's static/ folder, served
@@ -66,6 +79,7 @@ type API struct {
 	// Metrics is where routes and the job engine report what they observe.
 	Metrics *Metrics
 	loras   loraCache
+	hosts   hostPolicy
 	history *arenaHistory   // console_routes.go
 	a1      a1111State      // a1111_routes.go
 	comfy   *comfyui.Server // comfy.go
@@ -83,6 +97,9 @@ func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
 	if o.MaxBody <= 0 {
 		o.MaxBody = DefaultMaxBody
 	}
+	if o.MaxImages <= 0 {
+		o.MaxImages = DefaultMaxImages
+	}
 	if o.WriteTimeout <= 0 {
 		o.WriteTimeout = DefaultWriteTimeout
 	}
@@ -95,7 +112,7 @@ func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
 	if o.Metrics == nil {
 		o.Metrics = NewMetrics(s)
 	}
-	a := &API{s: s, log: log, mux: http.NewServeMux(), opts: o, Metrics: o.Metrics}
+	a := &API{s: s, log: log, mux: http.NewServeMux(), opts: o, Metrics: o.Metrics, hosts: newHostPolicy(o.Listen, o.AllowedHosts)}
 	a.mux.HandleFunc("GET /v1/health", a.health)
 	a.mux.HandleFunc("GET /v1/arena", a.arena)
 	a.mux.HandleFunc("GET /v1/models", a.models)
@@ -143,8 +160,19 @@ func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, a.opts.MaxBody)
+	if err := a.hosts.check(r); err != nil {
+		a.fail(w, r, err)
+		return
+	}
 	if mutating(r.Method) {
 		if err := a.authorize(r); err != nil {
+			a.fail(w, r, err)
+			return
+		}
+	} else if strings.EqualFold(r.Header.Get("Upgrade"), "websocket") {
+		// A websocket is not subject to CORS: its page's origin is
+		// checked like a mutating request's.
+		if err := a.hosts.checkOrigin(r); err != nil {
 			a.fail(w, r, err)
 			return
 		}
@@ -179,12 +207,19 @@ type Error struct {
 	Detail string `json:"detail,omitempty"`
 }
 
+// writeJSON answers v as indented JSON. It encodes before writing the
+// status, so a value JSON cannot carry (a NaN or an infinity in a report)
+// answers a JSON 500 naming the problem rather than an empty 200.
 func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		status = http.StatusInternalServerError
+		b, _ = json.MarshalIndent(Error{Error: http.StatusText(status), Code: "encode",
+			Detail: fmt.Sprintf("encode the %T answer: %v", v, err)}, "", "  ")
+	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	_ = enc.Encode(v)
+	_, _ = w.Write(append(b, '\n'))
 }
 
 // statusOf maps an error to its HTTP status and code.
@@ -201,12 +236,13 @@ func statusOf(err error) (int, string) {
 	case errors.Is(err, registry.ErrExists):
 		return http.StatusConflict, "conflict"
 	case errors.Is(err, plugin.ErrUnavailable):
+		// The manifest's needs are not met: no retry helps until they are.
 		return http.StatusServiceUnavailable, "unavailable"
-	case errors.Is(err, plugin.ErrNotServing):
-		return http.StatusConflict, "not_serving"
+	case errors.Is(err, plugin.ErrNotServing), errors.Is(err, plugin.ErrPluginExited):
+		return http.StatusServiceUnavailable, "plugin_unavailable"
 	case errors.Is(err, arena.ErrCapacity):
 		return http.StatusInsufficientStorage, "arena_full"
-	case errors.Is(err, errOutside):
+	case errors.Is(err, errOutside), errors.Is(err, errBadPath), errors.Is(err, safetensors.ErrBadPath):
 		return http.StatusBadRequest, "bad_path"
 	}
 	return http.StatusInternalServerError, "internal"
@@ -223,24 +259,97 @@ func (a *API) fail(w http.ResponseWriter, r *http.Request, err error) {
 	if status == http.StatusUnauthorized {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="arenahost"`)
 	}
+	if code == "plugin_unavailable" {
+		w.Header().Set("Retry-After", retryAfter)
+	}
 	writeJSON(w, status, Error{Error: http.StatusText(status), Code: code, Detail: err.Error()})
 }
 
-// decode reads a JSON body into v, rejecting unknown fields and trailing data.
+// decode reads a JSON body into v (decodeBody).
 func decode(r *http.Request, v any) error {
-	dec := json.NewDecoder(r.Body)
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
+	data, err := readBody(r)
+	if err != nil {
+		return err
+	}
+	return decodeBody(data, v)
+}
+
+// readBody reads the whole request body (bounded by --max-body): too long
+// is 413, any other read error 400.
+func readBody(r *http.Request) ([]byte, error) {
+	data, err := io.ReadAll(r.Body)
+	if err != nil {
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
-			return fmt.Errorf("read request body: %w", err)
+			return nil, fmt.Errorf("read request body: %w", err)
 		}
+		return nil, badRequest("read request body: %v", err)
+	}
+	return data, nil
+}
+
+// decodeLenient reads a JSON object into v, ignoring unknown fields (the
+// A1111 routes, whose clients send many); anything but an object is 400.
+func decodeLenient(r *http.Request, v any) error {
+	data, err := readBody(r)
+	if err != nil {
+		return err
+	}
+	if err := requireObject(data); err != nil {
+		return err
+	}
+	if err := json.Unmarshal(data, v); err != nil {
+		return badRequest("read request body: %v", err)
+	}
+	return nil
+}
+
+// requireObject refuses a body that is not a JSON object (by its first
+// non-blank byte; the decoder checks the rest).
+func requireObject(data []byte) error {
+	trimmed := bytes.TrimLeft(data, " \t\r\n")
+	if len(trimmed) == 0 {
+		return badRequest("read request body: empty (send one JSON object; see docs/api.md)")
+	}
+	if trimmed[0] != '{' {
+		return badRequest("read request body: want a JSON object, got %s (see docs/api.md)", jsonKind(trimmed[0]))
+	}
+	return nil
+}
+
+// decodeBody decodes one JSON object into v, rejecting anything that is not
+// an object (null, an array, a number: a `null` body must never read as
+// "all defaults"), unknown fields and trailing data.
+func decodeBody(data []byte, v any) error {
+	if err := requireObject(data); err != nil {
+		return err
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
 		return badRequest("read request body: %v (send one JSON object; see docs/api.md)", err)
 	}
-	if dec.More() {
+	if _, err := dec.Token(); err != io.EOF {
 		return badRequest("read request body: data after the JSON object")
 	}
 	return nil
+}
+
+// jsonKind names the JSON value that starts with c.
+func jsonKind(c byte) string {
+	switch {
+	case c == 'n':
+		return "null"
+	case c == '[':
+		return "an array"
+	case c == '"':
+		return "a string"
+	case c == 't' || c == 'f':
+		return "a boolean"
+	case c == '-' || c >= '0' && c <= '9':
+		return "a number"
+	}
+	return fmt.Sprintf("%q", c)
 }
 
 func (a *API) notFound(w http.ResponseWriter, r *http.Request) {

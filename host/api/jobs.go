@@ -76,6 +76,10 @@ func jobErr(err error) error {
 		return &StatusError{Status: http.StatusBadRequest, Code: "bad_request", Err: err}
 	case errors.Is(err, job.ErrNotFound):
 		return &StatusError{Status: http.StatusNotFound, Code: "not_found", Err: err}
+	case errors.Is(err, job.ErrForbidden):
+		return &StatusError{Status: http.StatusForbidden, Code: "method_not_public", Err: err}
+	case errors.Is(err, job.ErrUnavailable):
+		return &StatusError{Status: http.StatusServiceUnavailable, Code: "plugin_unavailable", Err: err}
 	}
 	return err
 }

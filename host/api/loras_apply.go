@@ -43,6 +43,11 @@ func (a *API) applyLoRAs(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
+	if req.LoRAs == nil {
+		// Missing or null: never read as "remove every LoRA".
+		a.fail(w, r, badRequest("loras: required (a list; send [] to remove every LoRA, or DELETE /v1/loras)"))
+		return
+	}
 	if a.s.LoRAs == nil {
 		a.fail(w, r, &StatusError{Status: http.StatusServiceUnavailable, Code: "no_lora_engine", Err: errors.New("this host runs no LoRA coordinator")})
 		return
@@ -61,6 +66,10 @@ func (a *API) applyLoRAs(w http.ResponseWriter, r *http.Request) {
 		s := 1.0
 		if l.Strength != nil {
 			s = *l.Strength
+		}
+		if err := checkStrength(s); err != nil {
+			a.fail(w, r, badRequest("loras[%d] %q: strength: %v", i, l.Name, err))
+			return
 		}
 		lr.LoRAs = append(lr.LoRAs, lora.Entry{Name: l.Name, Path: p, Strength: s})
 	}

@@ -10,7 +10,6 @@ import (
 	"image/color"
 	"image/jpeg"
 	"image/png"
-	"io"
 	"math"
 	"math/rand/v2"
 	"net/http"
@@ -83,10 +82,9 @@ type Txt2ImgInfo struct {
 
 // A1111 defaults and arenahost's bounds for txt2img.
 const (
-	txt2imgSteps     = 20
-	txt2imgSide      = 512
-	txt2imgMaxSide   = 2048
-	txt2imgMaxImages = 8
+	txt2imgSteps   = 20
+	txt2imgSide    = 512
+	txt2imgMaxSide = 2048
 )
 
 // loraTag matches A1111's <lora:NAME:WEIGHT> (the weight is optional, and
@@ -177,9 +175,13 @@ func roundSide(v int) int {
 // Everything ignored is listed in info.warnings and logged; with
 // arenahost_strict (option or override_settings) it is a 400 instead.
 func (a *API) txt2img(w http.ResponseWriter, r *http.Request) {
-	raw, err := io.ReadAll(r.Body)
+	raw, err := readBody(r)
 	if err != nil {
-		a.fail(w, r, fmt.Errorf("read request body: %w", err))
+		a.fail(w, r, err)
+		return
+	}
+	if err := requireObject(raw); err != nil {
+		a.fail(w, r, err)
 		return
 	}
 	var req Txt2ImgRequest
@@ -232,17 +234,18 @@ func (a *API) txt2img(w http.ResponseWriter, r *http.Request) {
 	if req.Height == 0 {
 		req.Height = txt2imgSide
 	}
+	n, err := imageCount(req.BatchSize, req.NIter, a.opts.MaxImages)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
 	req.BatchSize, req.NIter = max(req.BatchSize, 1), max(req.NIter, 1)
-	n := req.BatchSize * req.NIter
 	switch {
 	case req.Steps < 1 || req.Steps > 1000:
 		a.fail(w, r, badRequest("steps: %d must be in 1..1000", req.Steps))
 		return
 	case req.Width < 1 || req.Height < 1 || req.Width > txt2imgMaxSide || req.Height > txt2imgMaxSide:
 		a.fail(w, r, badRequest("width×height: %d×%d must be from 1 to %d", req.Width, req.Height, txt2imgMaxSide))
-		return
-	case n > txt2imgMaxImages:
-		a.fail(w, r, badRequest("batch_size×n_iter: %d images, at most %d", n, txt2imgMaxImages))
 		return
 	}
 	if w2, h2 := roundSide(req.Width), roundSide(req.Height); w2 != req.Width || h2 != req.Height {
@@ -433,6 +436,12 @@ func (a *API) runJob(r *http.Request, run *t2iRun, pipe, model, prompt string, s
 		return j, fmt.Errorf("txt2img: job %s: %w", j.ID(), r.Context().Err())
 	}
 	s := j.Snapshot()
+	if s.State == job.StateFailed {
+		// The pipeline plugin failed the run: an upstream failure, not
+		// the host's and not the client's.
+		return j, &StatusError{Status: http.StatusBadGateway, Code: "pipeline_failed",
+			Err: fmt.Errorf("txt2img: job %s failed in pipeline %s: %s", j.ID(), pipe, s.Error)}
+	}
 	if s.State != job.StateDone && s.State != job.StateCancelled {
 		return j, fmt.Errorf("txt2img: job %s %s: %s", j.ID(), s.State, s.Error)
 	}
@@ -464,7 +473,10 @@ func finalImage(j *job.Job, w, h int) (image.Image, error) {
 	}
 	f := j.Frame()
 	if f == nil || f.Step != f.Total {
-		return nil, fmt.Errorf("job %s: no final preview frame (is a preview plugin serving?)", j.ID())
+		// The preview plugin did not render the last step: it is down or
+		// restarting, which a retry can fix.
+		return nil, &StatusError{Status: http.StatusServiceUnavailable, Code: "plugin_unavailable",
+			Err: fmt.Errorf("job %s: no final preview frame: the preview plugin did not render the last step (is it serving? see GET /v1/plugins)", j.ID())}
 	}
 	img, err := decodeFrame(f)
 	if err != nil {

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -32,17 +31,13 @@ func streaming(r *http.Request) bool {
 		strings.EqualFold(r.Header.Get("Upgrade"), "websocket")
 }
 
-// authorize checks a mutating request: it must come from the console's own
-// origin when a browser says where it comes from, and carry the token when
+// authorize checks a mutating request: it must come from an allowed origin
+// (guard.go) when a browser says where it comes from, and carry the token when
 // one is configured. Tokens are compared in constant time (over their
 // SHA-256, so the length does not leak either).
 func (a *API) authorize(r *http.Request) error {
-	if o := r.Header.Get("Origin"); o != "" {
-		u, err := url.Parse(o)
-		if err != nil || u.Host != r.Host {
-			return &StatusError{Status: http.StatusForbidden, Code: "cross_origin",
-				Err: fmt.Errorf("%s %s from origin %q: mutating routes only accept requests from this server's own pages", r.Method, r.URL.Path, o)}
-		}
+	if err := a.hosts.checkOrigin(r); err != nil {
+		return err
 	}
 	if a.opts.Token == "" {
 		return nil
@@ -74,17 +69,33 @@ var (
 	errOutside = errors.New("path is outside the configured directory")
 	// errNoFile: a request path names no file.
 	errNoFile = errors.New("no such file")
+	// errBadPath: a request path cannot be resolved (symlink loop, name
+	// too long, a file in place of a directory) or names something other
+	// than a regular file (FIFO, device, socket, directory).
+	errBadPath = errors.New("bad path")
 )
 
-// confine resolves p (relative to dir, or absolute) to a real path inside
-// dir. It rejects "..", absolute paths elsewhere and symlinks that lead out
-// of dir (both are resolved with filepath.EvalSymlinks before comparing).
+// maxPathLen bounds a request path (Linux's PATH_MAX).
+const maxPathLen = 4096
+
+// confine is the one resolver of a path that came from a request, used for
+// model, LoRA and every other request path before anything (the host or a
+// plugin) opens it. It resolves p (relative to dir, or absolute) to a real
+// path inside dir and rejects "..", absolute paths elsewhere, symlinks that
+// lead out of dir (both are resolved with filepath.EvalSymlinks before
+// comparing), paths that cannot be resolved (loops, over-long names) and
+// anything but a regular file. Stat never blocks, so a FIFO is refused
+// without being opened; the opener (safetensors.OpenRegular) checks the
+// opened descriptor again, which closes the window of a swap in between.
 func confine(dir, p string) (string, error) {
 	if p == "" {
 		return "", badRequest("empty path")
 	}
 	if strings.ContainsRune(p, 0) {
-		return "", badRequest("path %q contains a NUL byte", p)
+		return "", &StatusError{Status: http.StatusBadRequest, Code: "bad_path", Err: fmt.Errorf("path %q contains a NUL byte: %w", p, errBadPath)}
+	}
+	if len(p) > maxPathLen {
+		return "", &StatusError{Status: http.StatusBadRequest, Code: "bad_path", Err: fmt.Errorf("path %.64q… is %d bytes, longer than %d: %w", p, len(p), maxPathLen, errBadPath)}
 	}
 	absDir, err := filepath.Abs(dir)
 	if err != nil {
@@ -111,12 +122,36 @@ func confine(dir, p string) (string, error) {
 		return "", fmt.Errorf("path %q in %s: %w", p, dir, errNoFile)
 	}
 	if err != nil {
-		return "", fmt.Errorf("path %q: %w", p, err)
+		// A symlink loop ("too many links"), ENAMETOOLONG, ENOTDIR,
+		// EACCES: the path the client named cannot be resolved.
+		return "", fmt.Errorf("path %q: %w: %w", p, errBadPath, err)
 	}
 	if !within(root, real) {
 		return "", fmt.Errorf("path %q: %w %s (a symlink leads to %s)", p, errOutside, dir, real)
 	}
+	st, err := os.Stat(real)
+	if err != nil {
+		return "", fmt.Errorf("path %q: %w: %w", p, errBadPath, err)
+	}
+	if !st.Mode().IsRegular() {
+		return "", fmt.Errorf("path %q: %w: %s is a %s, not a regular file", p, errBadPath, real, typeName(st.Mode()))
+	}
 	return real, nil
+}
+
+// typeName names a non-regular file's type.
+func typeName(m os.FileMode) string {
+	switch {
+	case m&os.ModeNamedPipe != 0:
+		return "FIFO (named pipe)"
+	case m&os.ModeSocket != 0:
+		return "socket"
+	case m&os.ModeDevice != 0:
+		return "device"
+	case m.IsDir():
+		return "directory"
+	}
+	return "special file (" + m.Type().String() + ")"
 }
 
 // within reports whether p is root or below it (both absolute, clean).

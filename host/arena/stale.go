@@ -120,3 +120,9 @@ func processStart(pid int) (uint64, error) {
 	}
 	return v, nil
 }
+
+// MakeOwnedDir creates <parent>/arenahost-<pid>-<random> for this process,
+// with the owner file CleanStale reads: a directory of per-run files (the
+// plugin sockets) that the next host removes if this one is killed before
+// it can.
+func MakeOwnedDir(parent string) (string, error) { return makeOwnDir(parent, os.Getpid()) }

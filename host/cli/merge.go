@@ -120,6 +120,9 @@ func (l *loraFlags) Set(v string) error {
 	if path == "" {
 		return errors.New("no LoRA file before the strength (write FILE[:STRENGTH])")
 	}
+	if math.IsNaN(s) || math.IsInf(s, 0) {
+		return fmt.Errorf("LoRA %s: strength %v is not a finite number", path, s)
+	}
 	*l = append(*l, MergeLoRA{Path: path, Strength: s})
 	return nil
 }
@@ -423,7 +426,7 @@ func Merge(ctx context.Context, o MergeOptions) (*MergeReport, error) {
 }
 
 func copyFile(src, dst string, p *MergeProgress) (int64, error) {
-	in, err := os.Open(src)
+	in, err := safetensors.OpenRegular(src)
 	if err != nil {
 		return 0, err
 	}
@@ -491,6 +494,9 @@ func (o *outFile) put(name string, data []byte) error {
 	}
 	if int64(len(data)) != t.End-t.Begin {
 		return fmt.Errorf("merge: tensor %s: %d bytes, layout holds %d", name, len(data), t.End-t.Begin)
+	}
+	if err := checkFinite(name, t.DType, data); err != nil {
+		return err
 	}
 	if _, err := o.tmp.WriteAt(data, o.start+t.Begin); err != nil {
 		return fmt.Errorf("merge: write %s: tensor %s: %w", o.path, name, bareErr(err))
@@ -783,12 +789,27 @@ func mergeLoRA(plan *lora.Plan, md map[string]string, o MergeOptions) error {
 			safetensors.WriteTensor{Name: sl.Name + ".lora_A.weight", DType: safetensors.F32, Shape: []int64{int64(r), int64(sl.In)}, Data: f32le(a)},
 			safetensors.WriteTensor{Name: sl.Name + ".lora_B.weight", DType: safetensors.F32, Shape: []int64{int64(sl.Out), int64(r)}, Data: f32le(b)})
 	}
+	for _, t := range ts {
+		if err := checkFinite(t.Name, t.DType, t.Data); err != nil {
+			return err
+		}
+	}
 	if err := safetensors.WriteFile(o.Out, md, ts); err != nil {
 		return fmt.Errorf("merge: write %s: %w", o.Out, bareErr(err))
 	}
 	o.Progress.totals(len(plan.Layers), 0)
 	for range plan.Layers {
 		o.Progress.layer(0)
+	}
+	return nil
+}
+
+// checkFinite refuses to write a tensor holding a NaN or an infinity: a
+// merge that overflows (a huge strength, LoRA values near the float limits)
+// fails naming the tensor instead of writing a poisoned file.
+func checkFinite(name string, dt safetensors.DType, data []byte) error {
+	if i, v := safetensors.FirstNonFinite(dt, data); i >= 0 {
+		return fmt.Errorf("merge: tensor %s: element %d would be %v: %w (lower the strength or check the LoRA)", name, i, v, lora.ErrNonFinite)
 	}
 	return nil
 }

@@ -77,7 +77,7 @@ func runServe(ctx context.Context, env *Env, args []string) error {
 	defer s.Close(context.WithoutCancel(ctx))
 
 	handler := api.NewWithOptions(s, log, api.Options{Token: cfg.Token, MaxBody: cfg.MaxBody, WriteTimeout: cfg.WriteTimeout, Pipeline: cfg.Pipeline,
-		ComfyFrontend: cfg.FrontendDir()})
+		AllowedHosts: cfg.AllowedHostList(), Listen: ln.Addr().String(), MaxImages: cfg.MaxImages, ComfyFrontend: cfg.FrontendDir()})
 	defer handler.Close()
 	srv := api.HTTPServer(handler, api.Limits{ReadHeaderTimeout: cfg.ReadHeaderTimeout, ReadTimeout: cfg.ReadTimeout, IdleTimeout: cfg.IdleTimeout})
 	srv.ErrorLog = slog.NewLogLogger(log.Handler(), slog.LevelWarn)

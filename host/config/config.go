@@ -40,6 +40,13 @@ type Config struct {
 	// under /comfy/; Auto: .cache/comfy-frontend/static beside bin/.
 	ComfyFrontend string
 
+	// AllowedHosts are host names (optionally HOST:PORT) accepted in the
+	// Host and Origin headers besides the loopback names and the listen
+	// address.
+	// Comma-separated; AllowedHostList splits it.
+	AllowedHosts string
+	MaxImages    int // most images one txt2img request may ask for
+
 	ArenaCapacity uint64
 	ArenaSegment  uint64
 	ArenaBackend  string // cpu, cuda or cuda-sim
@@ -126,6 +133,25 @@ var settings = []setting{
 		set: str(func(c *Config) *string { return &c.Python })},
 	{name: "pipeline", def: "", doc: "pipeline plugin /sdapi/v1/txt2img, POST /v1/jobs without a pipeline and the console run; empty: the first serving plugin of kind pipeline (never an unavailable one)",
 		set: str(func(c *Config) *string { return &c.Pipeline })},
+	{name: "allowed-hosts", def: "", doc: "comma-separated host names (or HOST:PORT) accepted in the Host and Origin headers besides loopback names and the listen address; every other Host is refused (403), which stops DNS rebinding",
+		set: func(c *Config, v string) error {
+			for _, h := range splitList(v) {
+				if strings.ContainsAny(h, "/ @?#\\") {
+					return fmt.Errorf("%q is not a host name (want e.g. arenahost.lan or arenahost.lan:7860)", h)
+				}
+			}
+			c.AllowedHosts = strings.Join(splitList(v), ",")
+			return nil
+		}},
+	{name: "max-images", def: "8", doc: "most images one /sdapi/v1/txt2img request may ask for (batch_size × n_iter)",
+		set: func(c *Config, v string) error {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > 1000 {
+				return fmt.Errorf("%q is not a count from 1 to 1000", v)
+			}
+			c.MaxImages = n
+			return nil
+		}},
 	{name: "comfy-frontend", def: Auto, doc: "ComfyUI's web frontend (comfyui-frontend-package's static/ folder) served under /comfy/; auto: .cache/comfy-frontend/static beside bin/ (make comfy-frontend) when it exists; empty: none",
 		set: str(func(c *Config) *string { return &c.ComfyFrontend })},
 	{name: "arena-capacity", def: "8GiB", doc: "arena capacity (address space; memory is committed as segments are written)",
@@ -334,10 +360,17 @@ func applyFile(c *Config, path string) error {
 // ErrNeedToken: the listen address is not loopback and no token is set.
 var ErrNeedToken = errors.New("a non-loopback listen address requires a token")
 
+// ErrBlankToken: the token is whitespace or has leading or trailing
+// whitespace (which an HTTP header cannot carry intact).
+var ErrBlankToken = errors.New("the token must not be blank or start or end with whitespace")
+
 // Validate checks settings that depend on each other.
 func (c Config) Validate() error {
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		return fmt.Errorf("listen address %q: %w (use HOST:PORT, e.g. %s)", c.Listen, err, DefaultListen)
+	}
+	if c.Token != strings.TrimSpace(c.Token) {
+		return fmt.Errorf("token: %w", ErrBlankToken)
 	}
 	if !IsLoopback(c.Listen) && c.Token == "" {
 		return fmt.Errorf("listen on %s: %w: set --token or ARENAHOST_TOKEN, or listen on 127.0.0.1", c.Listen, ErrNeedToken)
@@ -358,6 +391,20 @@ func IsLoopback(addr string) bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
+}
+
+// AllowedHostList returns the --allowed-hosts entries.
+func (c Config) AllowedHostList() []string { return splitList(c.AllowedHosts) }
+
+// splitList splits a comma-separated list, dropping blank entries.
+func splitList(v string) []string {
+	var out []string
+	for _, h := range strings.Split(v, ",") {
+		if h = strings.TrimSpace(h); h != "" {
+			out = append(out, h)
+		}
+	}
+	return out
 }
 
 // Models returns the models directory.

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -31,7 +32,7 @@ func TestDefaults(t *testing.T) {
 	}
 	want := Config{Listen: "127.0.0.1:7860", DataDir: "arenahost-data", PluginsDir: Auto, Python: Auto, ComfyFrontend: Auto, ArenaCapacity: 8 << 30,
 		ArenaSegment: 64 << 20, ArenaBackend: "cpu", Shm: "memfd", Samples: true, MaxBody: 1 << 20, ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout: time.Minute, WriteTimeout: 10 * time.Minute, IdleTimeout: 2 * time.Minute, LogLevel: "info"}
+		ReadTimeout: time.Minute, WriteTimeout: 10 * time.Minute, IdleTimeout: 2 * time.Minute, LogLevel: "info", MaxImages: 8}
 	if c != want {
 		t.Fatalf("defaults:\n got %+v\nwant %+v", c, want)
 	}
@@ -107,6 +108,11 @@ func TestErrors(t *testing.T) {
 		{"bad flag", []string{"--shm", "tmpfs"}, nil, `"tmpfs" is not memfd or shm`},
 		{"bad listen", []string{"--listen", "7860"}, nil, "use HOST:PORT"},
 		{"bad arena backend", []string{"--arena-backend", "rocm"}, nil, `"rocm" is not cpu, cuda or cuda-sim`},
+		{"whitespace token", []string{"--token", "   "}, nil, "must not be blank"},
+		{"whitespace token from env", []string{"--listen", "0.0.0.0:7860"}, map[string]string{"ARENAHOST_TOKEN": "\t"}, "must not be blank"},
+		{"padded token", []string{"--token", " secret "}, nil, "start or end with whitespace"},
+		{"bad allowed host", []string{"--allowed-hosts", "http://evil.example/"}, nil, "is not a host name"},
+		{"zero images", []string{"--max-images", "0"}, nil, "not a count from 1 to 1000"},
 		{"negative device", nil, map[string]string{"ARENAHOST_ARENA_DEVICE": "-1"}, `environment ARENAHOST_ARENA_DEVICE: "-1" is not a device ordinal`},
 	}
 	for _, tt := range tests {
@@ -122,6 +128,16 @@ func TestErrors(t *testing.T) {
 	}
 	if _, err := resolve(t, []string{"--listen", "[::]:1"}, nil); !errors.Is(err, ErrNeedToken) {
 		t.Fatalf("[::]: err = %v", err)
+	}
+}
+
+func TestAllowedHosts(t *testing.T) {
+	c, err := resolve(t, []string{"--allowed-hosts", " arenahost.lan, ,proxy.lan:8443 "}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.AllowedHostList(); !slices.Equal(got, []string{"arenahost.lan", "proxy.lan:8443"}) {
+		t.Fatalf("allowed hosts %q", got)
 	}
 }
 

@@ -35,6 +35,12 @@ var (
 	ErrInvalid = errors.New("invalid job")
 	// ErrNotFound: no job has that id.
 	ErrNotFound = errors.New("job not found")
+	// ErrForbidden: the spec names a plugin that is not a pipeline, or a
+	// method its manifest does not declare public; nothing was started.
+	ErrForbidden = errors.New("method is not public")
+	// ErrUnavailable: the pipeline exists but is not serving now
+	// (starting, restarting, crashed or failed); retry later.
+	ErrUnavailable = errors.New("plugin unavailable")
 )
 
 // Plugins is what jobs need from the plugin manager.
@@ -259,16 +265,26 @@ func (m *Manager) Create(ctx context.Context, spec Spec) (*Job, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pipeline %q: %w", spec.Pipeline, err)
 	}
+	if st.Kind != plugin.KindPipeline {
+		return nil, fmt.Errorf("%w: plugin %q is of kind %q: only pipeline plugins run jobs, and only their public methods (method %q)",
+			ErrForbidden, spec.Pipeline, st.Kind, spec.Method)
+	}
 	switch {
 	case st.State == plugin.StateUnavailable:
+		// Its manifest's needs are not met: no restart will help.
 		return nil, fmt.Errorf("pipeline %q: %w: %s", spec.Pipeline, plugin.ErrUnavailable, st.LastError)
-	case len(st.Methods) == 0 && st.State != plugin.StateServing:
+	case st.State != plugin.StateServing && st.State != plugin.StateSwapping:
+		msg := ""
 		if st.LastError != "" {
-			return nil, fmt.Errorf("pipeline %q is %s: %w (last error: %s)", spec.Pipeline, st.State, plugin.ErrNotServing, st.LastError)
+			msg = " (last error: " + st.LastError + ")"
 		}
-		return nil, fmt.Errorf("pipeline %q is %s: %w", spec.Pipeline, st.State, plugin.ErrNotServing)
+		return nil, fmt.Errorf("%w: pipeline %q is %s%s", ErrUnavailable, spec.Pipeline, st.State, msg)
 	}
 	mi := slices.IndexFunc(st.Methods, func(x plugin.Method) bool { return x.Name == spec.Method })
+	if mi >= 0 && !st.Methods[mi].Public {
+		return nil, fmt.Errorf("%w: pipeline %q: method %q is internal (public: %v; see public_methods in its plugin.json)",
+			ErrForbidden, spec.Pipeline, spec.Method, publicMethods(st))
+	}
 	if mi < 0 {
 		return nil, fmt.Errorf("%w: method: pipeline %q (%s) serves no method %q", ErrInvalid, spec.Pipeline, st.State, spec.Method)
 	}
@@ -299,10 +315,22 @@ func (m *Manager) Create(ctx context.Context, spec Spec) (*Job, error) {
 	return j, nil
 }
 
+// publicMethods lists the methods of st that HTTP clients may run.
+func publicMethods(st plugin.Status) []string {
+	out := []string{}
+	for _, m := range st.Methods {
+		if m.Public {
+			out = append(out, m.Name)
+		}
+	}
+	return out
+}
+
 // checkPreview validates the preview settings against the preview plugin
 // and returns the job's previewer (nil when previews are off).
 func (m *Manager) checkPreview(ps Plugins, p *Preview) (*previewer, error) {
-	if p.Method == "" {
+	defaulted := p.Method == ""
+	if defaulted {
 		p.Method = MethodDefault
 	}
 	if p.Method == MethodNone {
@@ -331,6 +359,12 @@ func (m *Manager) checkPreview(ps Plugins, p *Preview) (*previewer, error) {
 		all := ps.Status()
 		i := slices.IndexFunc(all, func(s plugin.Status) bool { return s.Kind == "preview" })
 		if i < 0 {
+			if defaulted {
+				// Nobody asked for previews and none can be made: the
+				// job runs without them.
+				p.Method = MethodNone
+				return nil, nil
+			}
 			return nil, fmt.Errorf("%w: preview: no plugin of kind \"preview\" is loaded (use method %q for none)", ErrInvalid, MethodNone)
 		}
 		st = all[i]
@@ -341,6 +375,12 @@ func (m *Manager) checkPreview(ps Plugins, p *Preview) (*previewer, error) {
 			return nil, fmt.Errorf("%w: preview.plugin: %w", ErrInvalid, err)
 		}
 	}
+	if st.State != plugin.StateServing && st.State != plugin.StateSwapping {
+		// The preview plugin is down or restarting: the job still runs;
+		// latents offered while it is down are counted dropped, and
+		// previews resume when it serves again.
+		return newPreviewer(*p), nil
+	}
 	var have []string
 	for _, mi := range st.Methods {
 		if name, ok := strings.CutPrefix(mi.Name, "render."); ok && name != "" {
@@ -350,7 +390,11 @@ func (m *Manager) checkPreview(ps Plugins, p *Preview) (*previewer, error) {
 	if !slices.Contains(have, p.Method) {
 		return nil, fmt.Errorf("%w: preview.method: %q unknown (plugin %s serves %v, or %q)", ErrInvalid, p.Method, p.Plugin, have, MethodNone)
 	}
-	return &previewer{set: *p, inflight: -1, wake: make(chan struct{}, 1), exited: make(chan struct{})}, nil
+	return newPreviewer(*p), nil
+}
+
+func newPreviewer(set Preview) *previewer {
+	return &previewer{set: set, inflight: -1, wake: make(chan struct{}, 1), exited: make(chan struct{})}
 }
 
 func (m *Manager) pruneLocked() {

@@ -23,6 +23,8 @@ func TestCreateChecksSpec(t *testing.T) {
 		{"no pipeline", job.Spec{}, job.ErrInvalid},
 		{"unknown pipeline", job.Spec{Pipeline: "nope"}, plugin.ErrUnknownPlugin},
 		{"unknown pipeline method", job.Spec{Pipeline: "test-pipeline", Method: "walk"}, job.ErrInvalid},
+		{"preview plugin as a pipeline", job.Spec{Pipeline: "preview", Method: "render.factor"}, job.ErrForbidden},
+		{"preview plugin's run", job.Spec{Pipeline: "preview"}, job.ErrForbidden},
 		{"taesd without decoder", job.Spec{Pipeline: "test-pipeline", Preview: job.Preview{Method: "taesd"}}, job.ErrInvalid},
 		{"unknown preview method", job.Spec{Pipeline: "test-pipeline", Preview: job.Preview{Method: "vae"}}, job.ErrInvalid},
 		{"unknown preview plugin", job.Spec{Pipeline: "test-pipeline", Preview: job.Preview{Plugin: "nope"}}, job.ErrInvalid},

@@ -44,6 +44,11 @@ var (
 	ErrUnsupported = errors.New("unsupported")
 )
 
+// MaxStrength bounds a LoRA strength's magnitude: beyond a few units a
+// LoRA only saturates the model, and huge strengths (1e308) overflow the
+// merged weights.
+const MaxStrength = 100
+
 // Plugins calls plugin methods; *plugin.Manager satisfies it.
 type Plugins interface {
 	Call(ctx context.Context, name, method string, args []byte, tensors []*pluginv1.TensorDescriptor) (*plugin.Reply, error)
@@ -267,8 +272,8 @@ func (c *Coordinator) Apply(ctx context.Context, req Request) (*Result, error) {
 		return nil, fmt.Errorf("apply: mode %q: want side or fuse: %w", req.Mode, ErrBadLoRA)
 	}
 	for _, e := range req.LoRAs {
-		if math.IsNaN(e.Strength) || math.IsInf(e.Strength, 0) {
-			return nil, fmt.Errorf("apply: lora %s: strength %v: %w", e.Path, e.Strength, ErrBadLoRA)
+		if math.IsNaN(e.Strength) || math.IsInf(e.Strength, 0) || math.Abs(e.Strength) > MaxStrength {
+			return nil, fmt.Errorf("apply: lora %s: strength %v: want a finite number in [-%d, %d]: %w", e.Path, e.Strength, MaxStrength, MaxStrength, ErrBadLoRA)
 		}
 	}
 	ms, err := c.model(req.Model)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -187,16 +188,25 @@ func (p *managed) startGeneration(ctx context.Context, man *Manifest) (*generati
 	}
 	isGo := man.Language == LanguageGo
 
+	sockDir, err := m.socketDir()
+	if err != nil {
+		return fail("socket dir", err)
+	}
 	env := pluginEnv(os.Environ())
 	env = append(env,
 		wire.EnvPluginName+"="+man.Name,
 		wire.EnvGeneration+"="+strconv.FormatUint(n, 10))
-	// The plugin's own listening socket goes into a directory of this
-	// generation, removed when it stops: a plugin that is killed (crash,
-	// drain bound, SIGKILL) cannot leave its socket in the temp directory.
-	// Under os.TempDir, not SocketDir, to keep the path short for a unix
-	// socket.
-	if g.sockDir, err = os.MkdirTemp("", "arenahost-plugin-"); err != nil {
+	// The plugin's own listening socket (go-plugin's server and the Python
+	// SDK create it in EnvUnixSocketDir) goes into a directory of this
+	// generation inside the host's own socket directory, removed when the
+	// generation stops: a plugin that is killed (crash, drain bound,
+	// SIGKILL) cannot leave its socket behind, and a killed host's sockets
+	// go with its directory at the next start. The name is short (g1,
+	// g2, …, unique within the host's directory) because a unix socket's
+	// whole path must fit in 107 bytes.
+	g.sockDir = filepath.Join(sockDir, "g"+strconv.FormatUint(m.genDirs.Add(1), 36))
+	if err = os.Mkdir(g.sockDir, 0o700); err != nil {
+		g.sockDir = ""
 		return fail("socket dir", err)
 	}
 	env = append(env, goplugin.EnvUnixSocketDir+"="+g.sockDir)

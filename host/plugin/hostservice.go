@@ -217,15 +217,12 @@ type tokenHost struct {
 	tokens map[string]*hostService
 }
 
-func newTokenHost(parent string) (*tokenHost, error) {
-	dir, err := os.MkdirTemp(parent, "arenahost-host-")
-	if err != nil {
-		return nil, fmt.Errorf("host service socket dir: %w", err)
-	}
+// newTokenHost serves on dir/host.sock; dir is the manager's socket
+// directory, which the manager removes.
+func newTokenHost(dir string) (*tokenHost, error) {
 	path := filepath.Join(dir, "host.sock")
 	ln, err := net.Listen("unix", path)
 	if err != nil {
-		_ = os.RemoveAll(dir)
 		return nil, fmt.Errorf("host service listen on %s: %w", path, err)
 	}
 	t := &tokenHost{dir: dir, path: path, srv: grpc.NewServer(), tokens: map[string]*hostService{}}
@@ -257,7 +254,7 @@ func (t *tokenHost) revoke(tok string) {
 
 func (t *tokenHost) close() {
 	t.srv.Stop()
-	_ = os.RemoveAll(t.dir)
+	_ = os.Remove(t.path)
 }
 
 func (t *tokenHost) lookup(ctx context.Context) (*hostService, error) {

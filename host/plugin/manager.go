@@ -31,6 +31,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/arenahost/arenahost/host/arena"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
@@ -119,8 +120,11 @@ type Config struct {
 	LogLines int
 	// ErrorLines is how many stderr lines a start or crash error quotes.
 	ErrorLines int
-	// SocketDir is where the Host service socket for non-Go plugins is
-	// created (default os.TempDir()).
+	// SocketDir is the parent of this host's socket directory,
+	// arenahost-<pid>-<random>, which holds the Host service socket for
+	// non-Go plugins and every plugin's own socket (default os.TempDir()).
+	// Directories of that form whose host no longer runs are removed when
+	// the first plugin starts.
 	SocketDir string
 }
 
@@ -165,6 +169,8 @@ type Manager struct {
 	plugins map[string]*managed
 	closed  bool
 	th      *tokenHost
+	runDir  string                   // the sockets' directory (runDirLocked)
+	genDirs atomic.Uint64            // names the generations' socket directories in runDir
 	live    map[*generation]*managed // every process started and not yet torn down
 }
 
@@ -204,13 +210,59 @@ func (m *Manager) tokenHost() (*tokenHost, error) {
 		return nil, ErrClosed
 	}
 	if m.th == nil {
-		th, err := newTokenHost(m.cfg.SocketDir)
+		dir, err := m.runDirLocked()
+		if err != nil {
+			return nil, err
+		}
+		th, err := newTokenHost(dir)
 		if err != nil {
 			return nil, err
 		}
 		m.th = th
 	}
 	return m.th, nil
+}
+
+// socketDir returns the directory every plugin socket of this host lives
+// in (the Host service's, go-plugin's and the Python SDK's, through
+// PLUGIN_UNIX_SOCKET_DIR).
+func (m *Manager) socketDir() (string, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return "", ErrClosed
+	}
+	return m.runDirLocked()
+}
+
+// runDirLocked creates, once, <SocketDir>/arenahost-<pid>-<random> with an
+// owner file, after removing the directories hosts that no longer run left
+// there (a SIGKILLed host cannot remove its own; the next one does, as the
+// arena does for shared memory). Close removes it.
+func (m *Manager) runDirLocked() (string, error) {
+	if m.runDir != "" {
+		return m.runDir, nil
+	}
+	parent := m.cfg.SocketDir
+	if parent == "" {
+		parent = os.TempDir()
+	}
+	removed, err := arena.CleanStale(parent)
+	for _, d := range removed {
+		m.log.Info("removed the plugin sockets of a dead host", "dir", d)
+	}
+	if err != nil {
+		m.log.Warn("clean stale plugin sockets", "dir", parent, "err", err)
+	}
+	if n := cleanDeadSockets(parent); n > 0 {
+		m.log.Info("removed dead go-plugin broker sockets", "dir", parent, "count", n)
+	}
+	dir, err := arena.MakeOwnedDir(parent)
+	if err != nil {
+		return "", fmt.Errorf("plugin socket dir: %w", err)
+	}
+	m.runDir = dir
+	return dir, nil
 }
 
 func (m *Manager) existingTokenHost() *tokenHost {
@@ -737,8 +789,10 @@ type Status struct {
 	InFlight   int       `json:"in_flight"`
 	Restarts   int       `json:"restarts"`
 	Crashes    int       `json:"crashes"` // within the crash window
-	// CrashLimit crashes within CrashWindowSeconds mark the plugin failed
-	// (the restart budget); a reload resets it.
+	// CrashLimit crashes within CrashWindowSeconds mark the plugin
+	// failed (the restart budget): it is not restarted until a reload
+	// (POST /v1/plugins/NAME/reload) or a change to its files swaps it,
+	// which also empties the crash count.
 	CrashLimit         int     `json:"crash_limit"`
 	CrashWindowSeconds float64 `json:"crash_window_seconds"`
 	LastError          string  `json:"last_error,omitempty"`
@@ -758,6 +812,9 @@ type Method struct {
 	Name        string `json:"name"`
 	Description string `json:"description,omitempty"`
 	Streaming   bool   `json:"streaming,omitempty"`
+	// Public: HTTP clients may run it as a job (the manifest's
+	// public_methods); every other method is for the host only.
+	Public bool `json:"public,omitempty"`
 }
 
 func (p *managed) status() Status {
@@ -776,7 +833,8 @@ func (p *managed) status() Status {
 			s.Version = v
 		}
 		for _, mi := range g.desc.GetMethods() {
-			s.Methods = append(s.Methods, Method{Name: mi.GetName(), Description: mi.GetDescription(), Streaming: mi.GetStreaming()})
+			s.Methods = append(s.Methods, Method{Name: mi.GetName(), Description: mi.GetDescription(), Streaming: mi.GetStreaming(),
+				Public: man.Public(mi.GetName())})
 		}
 	}
 	return s
@@ -892,6 +950,14 @@ func (m *Manager) Close(ctx context.Context) error {
 	}
 	if th != nil {
 		th.close()
+	}
+	m.mu.Lock()
+	dir := m.runDir
+	m.mu.Unlock()
+	if dir != "" {
+		if err := os.RemoveAll(dir); err != nil {
+			m.log.Warn("remove plugin socket dir", "dir", dir, "err", err)
+		}
 	}
 	return nil
 }

@@ -51,7 +51,7 @@ func newTestManager(t testing.TB, cfg Config) (*Manager, *syncBuffer) {
 		cfg.StartTimeout = 10 * time.Second
 	}
 	if cfg.SocketDir == "" {
-		cfg.SocketDir = t.TempDir()
+		cfg.SocketDir = shortTempDir(t)
 	}
 	m := NewManager(cfg)
 	t.Cleanup(func() {
@@ -295,4 +295,17 @@ func TestOwnerMatchesArena(t *testing.T) {
 	if got, want := Owner("lora-nf4", 7), string(arena.PluginOwner("lora-nf4", 7)); got != want {
 		t.Fatalf("Owner = %q, arena.PluginOwner = %q", got, want)
 	}
+}
+
+// shortTempDir is a temporary directory with a short path (removed at the
+// end of the test): t.TempDir's names the test, and a plugin socket's whole
+// path, several directories below, must fit in 107 bytes.
+func shortTempDir(t testing.TB) string {
+	t.Helper()
+	d, err := os.MkdirTemp("", "ah")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(d) })
+	return d
 }

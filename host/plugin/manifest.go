@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 
@@ -74,12 +75,34 @@ type Manifest struct {
 	Args            []string `json:"args,omitempty"`
 	ProtocolVersion uint     `json:"protocol_version"`
 	SHA256          string   `json:"sha256,omitempty"`
+	// PublicMethods are the methods HTTP clients may run as jobs (POST
+	// /v1/jobs). Only a plugin of kind "pipeline" has any: when the field
+	// is absent there it means ["run"]; any other kind must leave it out.
+	// Every other method is reachable only from the host itself (the LoRA
+	// coordinator, the preview renderer, warm-up checks).
+	PublicMethods []string `json:"public_methods,omitempty"`
 	// Requires is what the plugin needs to run; nil: nothing checked.
 	Requires *Requires `json:"requires,omitempty"`
 
 	// Path is the manifest file the fields were read from (not in JSON).
 	Path string `json:"-"`
 }
+
+// Public reports whether HTTP clients may run method as a job: it is one of
+// PublicMethods, or "run" on a pipeline that declares none.
+func (m *Manifest) Public(method string) bool {
+	if m.Kind != KindPipeline {
+		return false
+	}
+	if len(m.PublicMethods) == 0 {
+		return method == DefaultPublicMethod
+	}
+	return slices.Contains(m.PublicMethods, method)
+}
+
+// DefaultPublicMethod is the one public method of a pipeline whose manifest
+// lists none.
+const DefaultPublicMethod = "run"
 
 // Requires is a manifest's "requires": what must hold before the plugin is
 // started. The host checks it before every start (Load, swap, reload) and
@@ -174,6 +197,14 @@ func (m *Manifest) validate() error {
 		return fmt.Errorf("field protocol_version: required (this host speaks %d)", wire.ProtocolVersion)
 	case m.ProtocolVersion != wire.ProtocolVersion:
 		return fmt.Errorf("field protocol_version: plugin speaks protocol %d but this host speaks %d", m.ProtocolVersion, wire.ProtocolVersion)
+	}
+	if len(m.PublicMethods) > 0 && m.Kind != KindPipeline {
+		return fmt.Errorf("field public_methods: only a plugin of kind %q may declare public methods (this one is %q)", KindPipeline, m.Kind)
+	}
+	for i, pm := range m.PublicMethods {
+		if strings.TrimSpace(pm) == "" || pm != strings.TrimSpace(pm) {
+			return fmt.Errorf("field public_methods[%d]: %q is not a method name", i, pm)
+		}
 	}
 	if m.SHA256 != "" {
 		b, err := hex.DecodeString(m.SHA256)

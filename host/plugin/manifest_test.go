@@ -41,6 +41,9 @@ func TestParseManifest(t *testing.T) {
 		{"protocol as string", `{"name":"x","version":"1","kind":"lora","language":"go","command":"x","protocol_version":"1"}`, "field protocol_version: string is not a valid uint"},
 		{"args not a list", `{"name":"x","version":"1","kind":"lora","language":"go","command":"x","args":"-v","protocol_version":1}`, "field args: string"},
 		{"short sha", `{"name":"x","version":"1","kind":"lora","language":"go","command":"x","protocol_version":1,"sha256":"abcd"}`, `field sha256: "abcd" is not 64 hex digits`},
+		{"public methods on a pipeline", `{"name":"p","version":"1","kind":"pipeline","language":"go","command":"x","protocol_version":1,"public_methods":["run","img2img"]}`, ""},
+		{"public methods on a lora plugin", `{"name":"x","version":"1","kind":"lora","language":"go","command":"x","protocol_version":1,"public_methods":["inspect"]}`, `field public_methods: only a plugin of kind "pipeline"`},
+		{"blank public method", `{"name":"p","version":"1","kind":"pipeline","language":"go","command":"x","protocol_version":1,"public_methods":[" run"]}`, `field public_methods[0]: " run" is not a method name`},
 		{"requires python modules", `{"name":"p","version":"1","kind":"pipeline","language":"python","command":"x","protocol_version":1,"requires":{"python_modules":["torch","diffusers.pipelines"]}}`, ""},
 		{"requires modules of a go plugin", `{"name":"x","version":"1","kind":"lora","language":"go","command":"x","protocol_version":1,"requires":{"python_modules":["torch"]}}`, `field requires.python_modules: only for language "python"`},
 		{"requires bad module", `{"name":"p","version":"1","kind":"pipeline","language":"python","command":"x","protocol_version":1,"requires":{"python_modules":["torch; rm -rf /"]}}`, `field requires.python_modules[0]: "torch; rm -rf /" is not a Python module name`},
@@ -73,6 +76,28 @@ func TestParseManifest(t *testing.T) {
 	}
 	if _, err := ParseManifest(filepath.Join(dir, "missing.json")); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("missing manifest: %v", err)
+	}
+}
+
+// TestPublic: only pipelines have public methods; "run" when none are
+// listed.
+func TestPublic(t *testing.T) {
+	for _, tc := range []struct {
+		m      Manifest
+		method string
+		want   bool
+	}{
+		{Manifest{Kind: KindPipeline}, "run", true},
+		{Manifest{Kind: KindPipeline}, "warmup", false},
+		{Manifest{Kind: KindPipeline, PublicMethods: []string{"img2img"}}, "run", false},
+		{Manifest{Kind: KindPipeline, PublicMethods: []string{"img2img"}}, "img2img", true},
+		{Manifest{Kind: KindLoRA}, "run", false},
+		{Manifest{Kind: KindLoRA}, "inspect", false},
+		{Manifest{Kind: KindPreview}, "render.factor", false},
+	} {
+		if got := tc.m.Public(tc.method); got != tc.want {
+			t.Errorf("kind %s public %v: Public(%q) = %v", tc.m.Kind, tc.m.PublicMethods, tc.method, got)
+		}
 	}
 }
 

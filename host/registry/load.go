@@ -115,6 +115,9 @@ func (r *Registry) load(ctx context.Context, name, path string) (m *Model, err e
 	if err != nil {
 		return nil, err
 	}
+	if err := checkQuantFinite(path, f, weights); err != nil {
+		return nil, err
+	}
 
 	m = &Model{
 		Name:     name,

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"github.com/arenahost/arenahost/shared/lora/lorawire"
 	"slices"
@@ -190,6 +191,9 @@ func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args lorawire.Apply
 		t := time.Now()
 		err = lora.Fuse(ctx, p, store, codec, nil, lora.FuseOptions{TileElems: args.TileElems, CallerRestores: true})
 		p.Report.AddPhase("cpu fused pass", time.Since(t))
+	}
+	if errors.Is(err, lora.ErrNonFinite) {
+		err = fmt.Errorf("%w: %w", err, sdk.ErrInvalidArgument) // the request's fault: 422 bad_lora
 	}
 	if err != nil {
 		// Neither pass writes after returning; the host puts back every

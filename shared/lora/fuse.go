@@ -2,7 +2,9 @@ package lora
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"math"
 	"runtime"
 	"sort"
 	"sync"
@@ -257,8 +259,11 @@ func Fuse(ctx context.Context, p *Plan, store Store, codec Codec, j Journal, opt
 		}
 		written = append(written, sl.Name)
 		p.Materialize(sl)
-		d, n, e, scratch := fuseLayer(sl, q, codec, opt.TileElems, &bufs)
+		d, n, e, scratch, ferr := fuseLayer(sl, q, codec, opt.TileElems, &bufs)
 		p.Release(sl)
+		if ferr != nil {
+			return fail(fmt.Errorf("fuse: layer %s: %w", sl.Name, ferr))
+		}
 		if q.Commit != nil {
 			if err := q.Commit(); err != nil {
 				return fail(fmt.Errorf("fuse: layer %s: commit: %w", sl.Name, err))
@@ -313,7 +318,11 @@ func checkQLayer(q *QLayer, l Layer) error {
 // worker owns its scratch: 3 tiles of (*bufs)[worker], grown when short and
 // kept for the next layer), and returns ⟨ΔW_eff, ΔW⟩, ‖ΔW‖², ‖ΔW_eff − ΔW‖²
 // and the scratch bytes held.
-func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int, bufs *[][]float32) (dot, norm, diff float64, scratch int64) {
+//
+// A merged weight or an absmax that is not finite (a huge strength, LoRA
+// values near the float limits) stops the pass with ErrNonFinite naming the
+// first row found: the tiles already written are the caller's rollback.
+func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int, bufs *[][]float32) (dot, norm, diff float64, scratch int64, err error) {
 	// Rows per tile: a multiple of the rows that make whole blocks, so tiles
 	// start on a block and on a byte.
 	unit := q.Blocksize / gcd(sl.In, q.Blocksize)
@@ -334,6 +343,7 @@ func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int, bufs *[][]f
 	type sums struct{ dot, norm, diff float64 }
 	results := make([]sums, workers)
 	var next atomic.Int64
+	var bad atomic.Pointer[error]
 	var wg sync.WaitGroup
 	for wi := 0; wi < workers; wi++ {
 		wg.Add(1)
@@ -342,7 +352,7 @@ func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int, bufs *[][]f
 			orig, w, delta := buf[:n], buf[n:2*n], buf[2*n:3*n]
 			for {
 				t := int(next.Add(1) - 1)
-				if t >= tiles {
+				if t >= tiles || bad.Load() != nil {
 					return
 				}
 				r0 := t * rows
@@ -357,8 +367,24 @@ func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int, bufs *[][]f
 				for i := 0; i < m; i++ {
 					w[i] = orig[i] + delta[i]
 				}
+				if i := firstNonFinite(w[:m]); i >= 0 {
+					e := fmt.Errorf("%w: merged weight at row %d, column %d is %v (delta %v): lower the strength or check the LoRA's values",
+						ErrNonFinite, r0+i/sl.In, i%sl.In, w[i], delta[i])
+					bad.CompareAndSwap(nil, &e)
+					return
+				}
 				codec.Quantize(packed, absmax, w[:m], q.Blocksize)
 				codec.Dequantize(w[:m], packed, absmax, q.Blocksize)
+				if i := firstNonFinite(absmax); i >= 0 {
+					e := fmt.Errorf("%w: absmax of block %d is %v", ErrNonFinite, b0+i, absmax[i])
+					bad.CompareAndSwap(nil, &e)
+					return
+				}
+				if i := firstNonFinite(w[:m]); i >= 0 {
+					e := fmt.Errorf("%w: re-quantized weight at row %d, column %d is %v", ErrNonFinite, r0+i/sl.In, i%sl.In, w[i])
+					bad.CompareAndSwap(nil, &e)
+					return
+				}
 				for i := 0; i < m; i++ {
 					eff, want := float64(w[i])-float64(orig[i]), float64(delta[i])
 					res.dot += eff * want
@@ -369,10 +395,28 @@ func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int, bufs *[][]f
 		}(&results[wi], (*bufs)[wi])
 	}
 	wg.Wait()
+	if e := bad.Load(); e != nil {
+		return 0, 0, 0, scratch, *e
+	}
 	for _, r := range results {
 		dot, norm, diff = dot+r.dot, norm+r.norm, diff+r.diff
 	}
-	return dot, norm, diff, scratch
+	return dot, norm, diff, scratch, nil
+}
+
+// ErrNonFinite: a fuse or merge would write a NaN or an infinity into a
+// weight or its quantization state. Nothing is written (or what was is
+// rolled back).
+var ErrNonFinite = errors.New("result is not finite")
+
+// firstNonFinite returns the index of the first NaN or ±Inf in v, or -1.
+func firstNonFinite(v []float32) int {
+	for i, x := range v {
+		if math.Float32bits(x)&0x7f800000 == 0x7f800000 {
+			return i
+		}
+	}
+	return -1
 }
 
 func gcd(a, b int) int {

@@ -25,9 +25,71 @@ type File struct {
 	mapping []byte
 }
 
-// Open maps path read-only and validates its header.
+// ErrBadPath: a path names something that is not a regular file (a FIFO,
+// device, socket or directory), a symlink loop, or a name too long for the
+// filesystem. Callers answer it as the caller's bad input.
+var ErrBadPath = errors.New("not a regular file")
+
+// OpenRegular opens path read-only without blocking and checks the opened
+// file, not the name: a FIFO, device, socket or directory is refused with
+// ErrBadPath at once (an ordinary open of a FIFO blocks until a writer
+// comes; checking the name first races with a swap). Symlink loops and
+// over-long names are ErrBadPath too. This is the one way arenahost opens
+// a file named by a user, in the host, the plugins and the CLI alike.
+func OpenRegular(path string) (*os.File, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
+	for err == unix.EINTR {
+		fd, err = unix.Open(path, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
+	}
+	if err != nil {
+		perr := &os.PathError{Op: "open", Path: path, Err: err}
+		switch err {
+		case unix.ELOOP, unix.ENAMETOOLONG, unix.ENOTDIR, unix.EISDIR, unix.ENXIO:
+			return nil, fmt.Errorf("%w: %w", ErrBadPath, perr)
+		}
+		return nil, perr
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		_ = unix.Close(fd)
+		return nil, &os.PathError{Op: "fstat", Path: path, Err: err}
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		_ = unix.Close(fd)
+		return nil, &Error{File: path, Err: fmt.Errorf("%w: it is %s", ErrBadPath, fileType(st.Mode))}
+	}
+	// Regular files ignore O_NONBLOCK, but clear it so the descriptor
+	// behaves as an ordinary one wherever it is handed.
+	if err := unix.SetNonblock(fd, false); err != nil {
+		_ = unix.Close(fd)
+		return nil, &os.PathError{Op: "fcntl", Path: path, Err: err}
+	}
+	return os.NewFile(uintptr(fd), path), nil
+}
+
+// fileType names the file type in a stat mode.
+func fileType(mode uint32) string {
+	switch mode & unix.S_IFMT {
+	case unix.S_IFIFO:
+		return "a FIFO (named pipe)"
+	case unix.S_IFCHR:
+		return "a character device"
+	case unix.S_IFBLK:
+		return "a block device"
+	case unix.S_IFSOCK:
+		return "a socket"
+	case unix.S_IFDIR:
+		return "a directory"
+	case unix.S_IFLNK:
+		return "a symlink"
+	}
+	return fmt.Sprintf("not a regular file (mode %#o)", mode&unix.S_IFMT)
+}
+
+// Open maps path read-only and validates its header. path must name a
+// regular file (OpenRegular).
 func Open(path string) (*File, error) {
-	f, err := os.Open(path)
+	f, err := OpenRegular(path)
 	if err != nil {
 		return nil, fmt.Errorf("open safetensors: %w", err)
 	}
@@ -35,9 +97,6 @@ func Open(path string) (*File, error) {
 	st, err := f.Stat()
 	if err != nil {
 		return nil, &Error{File: path, Err: fmt.Errorf("stat: %w", err)}
-	}
-	if !st.Mode().IsRegular() {
-		return nil, &Error{File: path, Err: errors.New("not a regular file")}
 	}
 	size := st.Size()
 	if size < lenSize {

@@ -115,8 +115,15 @@ func (f *frontend) storeSettings(updates map[string]any) error {
 
 func (f *frontend) postSettings(w http.ResponseWriter, r *http.Request) {
 	var v map[string]any
-	if err := json.NewDecoder(r.Body).Decode(&v); err != nil {
-		http.Error(w, "settings: want a JSON object", http.StatusBadRequest)
+	b, err := io.ReadAll(r.Body)
+	if err == nil {
+		err = objectBody(b)
+	}
+	if err == nil {
+		err = json.Unmarshal(b, &v)
+	}
+	if err != nil {
+		http.Error(w, "settings: want a JSON object: "+err.Error(), http.StatusBadRequest)
 		return
 	}
 	if err := f.storeSettings(v); err != nil {

@@ -24,7 +24,14 @@ var uuidRe = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4
 // {prompt_id, number, node_errors} or 400 {error, node_errors}.
 func (s *Server) postPrompt(w http.ResponseWriter, r *http.Request) {
 	var body map[string]json.RawMessage
-	if err := json.NewDecoder(r.Body).Decode(&body); err != nil || body == nil {
+	b, err := io.ReadAll(r.Body)
+	if err == nil {
+		err = objectBody(b)
+	}
+	if err == nil {
+		err = json.Unmarshal(b, &body)
+	}
+	if err != nil {
 		badRequest(w, "invalid_prompt", "Invalid prompt", fmt.Sprintf("read request body: %v (send a JSON object {\"prompt\": {…}})", err))
 		return
 	}
@@ -146,10 +153,27 @@ func readArgs(r *http.Request) (map[string]any, error) {
 		}
 		return out, nil
 	}
+	if err := objectBody(b); err != nil {
+		return nil, fmt.Errorf("read request body: %w", err)
+	}
 	if err := json.Unmarshal(b, &out); err != nil {
 		return nil, fmt.Errorf("read request body: %w (send a JSON object)", err)
 	}
 	return out, nil
+}
+
+// objectBody refuses a body that is not a JSON object by its first
+// non-blank byte (null, an array, a number…: never read as "no
+// arguments"); the decoder checks the rest.
+func objectBody(b []byte) error {
+	t := bytes.TrimLeft(b, " \t\r\n")
+	if len(t) == 0 {
+		return errors.New("empty body, want a JSON object")
+	}
+	if t[0] != '{' {
+		return fmt.Errorf("want a JSON object, got %q…", t[:min(len(t), 16)])
+	}
+	return nil
 }
 
 func idList(v any) ([]string, error) {
