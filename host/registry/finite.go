@@ -13,7 +13,13 @@ import (
 // the nested offset. Such a model dequantizes to NaN everywhere, and a fuse
 // into it can only spread them. It reads the small side tensors from the
 // mapping (no copy) before anything is allocated, and names the tensor.
-func checkQuantFinite(path string, f *safetensors.File, weights []nf4.Weight) error {
+// quantTensors is what checkQuantFinite reads: a file or a folder's shards.
+type quantTensors interface {
+	Lookup(name string) (safetensors.TensorInfo, bool)
+	Data(name string) ([]byte, error)
+}
+
+func checkQuantFinite(path string, f quantTensors, weights []nf4.Weight) error {
 	for _, w := range weights {
 		if st := w.State; st.Nested && (math.IsNaN(st.NestedOffset) || math.IsInf(st.NestedOffset, 0)) {
 			return fmt.Errorf("%s: weight %s: quant state nested_offset is %v: the quantization state must be finite", path, w.Name, st.NestedOffset)

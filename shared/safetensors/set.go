@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -111,7 +112,7 @@ func OpenSet(path string) (*Set, error) {
 
 func (s *Set) openFolder() error {
 	cfg := filepath.Join(s.Dir, "config.json")
-	if b, err := os.ReadFile(cfg); err == nil {
+	if b, err := readSmallRegular(cfg); err == nil {
 		if !json.Valid(b) {
 			return fmt.Errorf("open model %s: %s is not valid JSON", s.Path, cfg)
 		}
@@ -153,7 +154,7 @@ type shardIndex struct {
 }
 
 func (s *Set) openShards() error {
-	b, err := os.ReadFile(s.Index)
+	b, err := readSmallRegular(s.Index)
 	if err != nil {
 		return fmt.Errorf("open model %s: %w", s.Path, err)
 	}
@@ -330,4 +331,26 @@ func (s *Set) TensorData(t TensorInfo) ([]byte, error) {
 		return nil, &Error{File: s.Path, Key: t.Name, Err: errors.New("no such tensor")}
 	}
 	return f.TensorData(t)
+}
+
+// maxSideFile bounds config.json and a shard index: both are small JSON.
+const maxSideFile = 64 << 20
+
+// readSmallRegular reads a folder's config or index through OpenRegular,
+// so a FIFO, device or directory in its place is a bad_path at once
+// instead of a hang, and a huge file is refused instead of read.
+func readSmallRegular(path string) ([]byte, error) {
+	f, err := OpenRegular(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxSideFile+1))
+	if err != nil {
+		return nil, &os.PathError{Op: "read", Path: path, Err: err}
+	}
+	if len(b) > maxSideFile {
+		return nil, fmt.Errorf("%s: over %d bytes, too large for a JSON side file", path, maxSideFile)
+	}
+	return b, nil
 }

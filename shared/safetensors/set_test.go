@@ -2,10 +2,13 @@ package safetensors
 
 import (
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // shardFolder writes a model folder: shards maps a shard file name to its
@@ -153,6 +156,36 @@ func TestOpenSetBadFolders(t *testing.T) {
 				if !strings.Contains(err.Error(), w) {
 					t.Errorf("error %q lacks %q", err, w)
 				}
+			}
+		})
+	}
+}
+
+// TestOpenSetSideFilesCannotHang: a FIFO in place of a folder's config.json
+// or shard index is refused as a bad path at once, never read (a read would
+// block until something writes to it).
+func TestOpenSetSideFilesCannotHang(t *testing.T) {
+	for _, name := range []string{"config.json", "diffusion_pytorch_model.safetensors.index.json"} {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			if err := syscall.Mkfifo(filepath.Join(dir, name), 0o600); err != nil {
+				t.Skipf("mkfifo: %v", err)
+			}
+			done := make(chan error, 1)
+			go func() {
+				s, err := OpenSet(dir)
+				if s != nil {
+					s.Close()
+				}
+				done <- err
+			}()
+			select {
+			case err := <-done:
+				if !errors.Is(err, ErrBadPath) || !strings.Contains(err.Error(), name) {
+					t.Fatalf("OpenSet with a FIFO %s: %v, want ErrBadPath naming it", name, err)
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatalf("OpenSet hung on a FIFO %s", name)
 			}
 		})
 	}
