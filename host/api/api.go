@@ -103,7 +103,8 @@ func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
 	a.mux.HandleFunc("GET /sdapi/v1/loras", a.sdapiLoRAs)
 	a.mux.HandleFunc("POST /sdapi/v1/txt2img", a.txt2img)
 	a.mux.Handle("GET /metrics", a.Metrics.Handler())
-	a.jobRoutes() // jobs.go: jobs, previews, A1111 progress, ComfyUI websocket
+	a.jobRoutes()    // jobs.go: jobs, previews, A1111 progress, ComfyUI websocket
+	a.tensorRoutes() // tensors.go: descriptors for processes outside the plugins (the ComfyUI pack)
 	a.mux.HandleFunc("/v1/", a.notFound)
 	a.mux.HandleFunc("/sdapi/", a.notFound)
 	a.mux.Handle("/", a.consoleOr404(console.Handler()))
