@@ -157,6 +157,7 @@ class LoadNF4ModelArenahost:
             patcher.model_options.setdefault("transformer_options", {})[KEY] = {"session": session, "mode": "", "loras": ()}
             _models[key] = (patcher, session)
         patcher, session = _models[key]
+        session.watcher.poll()
         out = patcher.clone()
         out.model_options["transformer_options"][KEY] = {"session": session, "mode": "", "loras": ()}
         text = loaded + [f"{name}: {m.get('format')} {m.get('layout')}, {m.get('weights')} 4-bit weights, "
