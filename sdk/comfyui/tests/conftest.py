@@ -137,15 +137,21 @@ class Host:
 
 
 def write_taef1(vae_dir: Path):
-    """Seeded TAEF1 (16 latent channels) encoder/decoder files from ComfyUI's own TAESD module."""
+    """Seeded TAEF1 (16 latent channels) encoder/decoder files from ComfyUI's own TAESD module (random weights)."""
     import torch
     from safetensors.torch import save_file
 
     import comfy.taesd.taesd as taesd
 
     vae_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     m = taesd.TAESD(latent_channels=16)
+    with torch.no_grad():  # comfy.ops skips torch's init: draw every parameter here
+        for name, p in m.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / (p[0].numel() ** 0.5))
+            else:
+                p.zero_()
     for part in ("encoder", "decoder"):
         sd = {k: v.detach().contiguous() for k, v in getattr(m, "taesd_" + part).state_dict().items()}
         save_file(sd, str(vae_dir / f"taef1_{part}.safetensors"))

@@ -2,6 +2,9 @@
 
 import io
 
+import numpy as np
+from PIL import Image
+
 from conftest import graph
 
 KOHYA, PEFT = "flux-sample-kohya-lora", "flux-sample-peft-lora"
@@ -28,8 +31,18 @@ def test_graph_with_two_loras_makes_an_image(comfy, host):
     assert e["status"]["status_str"] == "success", e["status"]
     imgs = images(e)
     assert len(imgs) == 1, e["outputs"]
-    assert png_size(comfy.view(imgs[0])) == (64, 64)
+    png = comfy.view(imgs[0])
+    assert png_size(png) == (64, 64)
+    with_loras = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
+    assert with_loras.std() > 1, "a flat image"
     text = " ".join(ui_text(e, "2"))
     assert "matched 32 keys" in text and "matched 44 keys" in text, text
     st = host.get("/v1/loras/state?model=sample")
     assert st["mode"] == "side" and [(l["name"], l["strength"]) for l in st["loras"]] == [(KOHYA, 0.8), (PEFT, 0.5)]
+
+    # The same graph without the LoRA node: the sampler's reconcile removes the set, and the image changes.
+    e = comfy.run(graph(host.url))
+    assert e["status"]["status_str"] == "success", e["status"]
+    assert host.get("/v1/loras/state?model=sample")["loras"] == []
+    plain = np.asarray(Image.open(io.BytesIO(comfy.view(images(e)[0]))).convert("RGB")).astype(np.int16)
+    assert np.abs(plain - with_loras).max() > 0, "the LoRAs had no visible effect"
