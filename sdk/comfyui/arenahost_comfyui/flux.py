@@ -109,7 +109,16 @@ def arena_operations(base, session: ArenaSession, quantized: dict[str, pb.Tensor
 
         def forward(self, x):
             if self.arena is not None:
-                return self.arena(x)
+                if x.device.type == "cpu":
+                    return self.arena(x)
+                # ComfyUI on a GPU over a CPU arena: dequantize here, upload per forward.
+                F, lin, dt = torch.nn.functional, self.arena, x.dtype
+                w = lin.dequantized_weight().to(x.device, dt)
+                y = F.linear(x, w, None if lin._b is None else lin._b.to(x.device, dt))
+                f = lin.factors()
+                if f is not None and f[0].shape[0]:
+                    y = y + F.linear(F.linear(x, f[0].to(x.device, dt)), f[1].to(x.device, dt))
+                return y
             return torch.nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     class ops(base):

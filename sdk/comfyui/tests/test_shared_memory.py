@@ -1,9 +1,11 @@
 """Two ComfyUI processes on one host share one copy of the weights.
 
-A bigger sample model (`arenahost sample --hidden 1024 --mlp 4096 --double 4
---single 8`: 277M parameters, ~160 MB of NF4) is loaded into the host by the
-pack's loader (its load_path input). ComfyUI A runs a graph on it, then
-ComfyUI B runs the same graph: the private memory (RssAnon) B adds is under
+A bigger sample model (`arenahost sample --hidden 768 --mlp 3072 --double 4
+--single 8`: 155M parameters, ~80 MB of NF4) is loaded into the host by the
+pack's loader (its load_path input). ComfyUI A runs a graph on it; ComfyUI B
+first runs a graph on the small sample model (so the VAE, the sampler and
+ComfyUI's lazy imports are in place), then the big model's graph: the
+private memory (RssAnon) that graph adds to B is under
 10 % of the model's arena bytes, while its shared-memory RSS (RssShmem) grows
 by about the model's size: B computes from the host's pages, it does not copy
 them. Both processes run with glibc's mmap threshold fixed
@@ -35,7 +37,7 @@ def big_host(tmp_path_factory):
     d = tmp_path_factory.mktemp("bighost")
     h = Host(d / "data")
     out = d / "gen"
-    subprocess.run([str(h.bin), "sample", "--out", str(out), "--hidden", "1024", "--mlp", "4096", "--double", "4", "--single", "8"],
+    subprocess.run([str(h.bin), "sample", "--out", str(out), "--hidden", "768", "--mlp", "3072", "--double", "4", "--single", "8"],
                    check=True, capture_output=True, timeout=300)
     (d / "data" / "models").mkdir(parents=True)
     shutil.move(str(out / "flux-sample-nf4.safetensors"), str(d / "data" / "models" / "flux-big-nf4.safetensors"))
@@ -59,7 +61,9 @@ def test_second_comfyui_adds_under_10_percent(big_host, tmp_path, monkeypatch):
         ea = a.run(big_graph(big_host.url), timeout=600)
         assert ea["status"]["status_str"] == "success", ea["status"]
         size = next(m for m in big_host.get("/v1/models") if m["name"] == "big")["bytes"]
-        assert size > 100 << 20
+        assert size > 60 << 20
+        warm = b.run(graph(big_host.url, steps=1, size=64), timeout=600)
+        assert warm["status"]["status_str"] == "success", warm["status"]
         before = status(b.proc.pid)
         eb = b.run(big_graph(big_host.url), timeout=600)
         assert eb["status"]["status_str"] == "success", eb["status"]
