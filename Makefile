@@ -119,7 +119,7 @@ browser-deps: ## install Debian's chromium for the console's browser test when i
 	  echo "installing chromium (apt-get) for the browser test"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
-bench: build venv venv-torch ## run the benchmarks; each prints its baseline and the ratio
+bench: build venv venv-torch venv-comfy comfyui-vendor ## run the benchmarks; each prints its baseline and the ratio
 	$(TEST_ENV) bash bench/run.sh
 
 proto: venv ## regenerate Go and Python code from shared/proto
