@@ -150,6 +150,8 @@ def main():
               f"outputs agree to max|Δ|/max|y| = {rel:.2e}")
     finally:
         h.stop()
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
