@@ -150,7 +150,11 @@ class LoadNF4ModelArenahost:
             for k in [k for k in _models if k[:3] == key[:3]]:
                 _models.pop(k)  # the host's model changed (restart, reload): drop the old mapping
             import comfy.patcher_extension as pe
+            from arenahost.tensor import Mapper
 
+            # A mapper of its own: when ComfyUI drops this MODEL (a restarted host gave a new one),
+            # the old arena's mappings go with it.
+            h.mapper = Mapper()
             patcher, session = load_model(h, name, load_path.strip(), cache_weights=bool(cache_weights))
             patcher.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, _outer_sample)
             patcher.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, KEY, _diffusion_model)
