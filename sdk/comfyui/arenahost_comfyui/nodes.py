@@ -161,6 +161,7 @@ class LoadNF4ModelArenahost:
             patcher.model_options.setdefault("transformer_options", {})[KEY] = {"session": session, "mode": "", "loras": ()}
             _models[key] = (patcher, session)
         patcher, session = _models[key]
+        session.host.token = h.token  # this run's token (input or $ARENAHOST_TOKEN) for the LoRA node and the sampler
         session.watcher.poll()
         out = patcher.clone()
         out.model_options["transformer_options"][KEY] = {"session": session, "mode": "", "loras": ()}

@@ -100,12 +100,13 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM):
 class Host:
     """A real `arenahost serve` on a free port with its own data directory (sample model + LoRAs written on start)."""
 
-    def __init__(self, data: Path, port: int | None = None):
+    def __init__(self, data: Path, port: int | None = None, args=()):
         b = Path(os.environ.get("ARENAHOST_BIN") or ROOT / "bin") / "arenahost"
         need(b.exists(), f"{b} missing: run make build")
         self.bin, self.data = b, data
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.args = list(args)
         self.proc = None
 
     def start(self):
@@ -113,7 +114,7 @@ class Host:
         self.log = self.data.parent / f"host-{self.port}.log"
         env = dict(os.environ)
         env.setdefault("ARENAHOST_PYTHON", sys.executable)
-        self.proc = subprocess.Popen([str(self.bin), "serve", "--listen", f"127.0.0.1:{self.port}", "--data", str(self.data)],
+        self.proc = subprocess.Popen([str(self.bin), "serve", "--listen", f"127.0.0.1:{self.port}", "--data", str(self.data), *self.args],
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
         wait_http(self.url + "/v1/health", self.proc, "arenahost", self.log)
         t0 = time.time()
