@@ -27,11 +27,11 @@ func runSample(_ context.Context, env *Env, args []string) error {
 	blocksize := fs.Int("blocksize", 64, "NF4 blocksize (32..4096, a power of two)")
 	dtype := fs.String("dtype", "bfloat16", "logical dtype of the weights: bfloat16 or float16")
 	seed := fs.Uint64("seed", 1, "random seed for the weights")
-	def := layout.FluxSample()
-	hidden := fs.Int("hidden", def.Hidden, "hidden width (a multiple of the 128-wide heads)")
-	mlp := fs.Int("mlp", def.MLP, "MLP width")
-	double := fs.Int("double", def.DoubleBlocks, "double-stream blocks")
-	single := fs.Int("single", def.SingleBlocks, "single-stream blocks")
+	base := layout.FluxSample()
+	hidden := fs.Int("hidden", base.Hidden, "hidden width (a multiple of the 128-wide heads)")
+	mlp := fs.Int("mlp", base.MLP, "MLP width")
+	double := fs.Int("double", base.DoubleBlocks, "double-stream blocks")
+	single := fs.Int("single", base.SingleBlocks, "single-stream blocks")
 	if done, err := parse(fs, args); done {
 		return err
 	}
@@ -42,7 +42,7 @@ func runSample(_ context.Context, env *Env, args []string) error {
 	if err := os.MkdirAll(*out, 0o755); err != nil {
 		return fmt.Errorf("sample: create %s: %w", *out, err)
 	}
-	cfg := def
+	cfg := base
 	cfg.Hidden, cfg.MLP, cfg.DoubleBlocks, cfg.SingleBlocks = *hidden, *mlp, *double, *single
 	if err := cfg.Validate(); err != nil {
 		return fmt.Errorf("sample: %w", err)
