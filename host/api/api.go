@@ -134,6 +134,7 @@ func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
 	a.jobRoutes()     // jobs.go: jobs, previews, A1111 progress
 	a.consoleRoutes() // console_routes.go: model files, arena usage and history
 	a.comfyRoutes()   // comfy.go: ComfyUI's server API and websocket (package comfyui)
+	a.tensorRoutes()  // tensors.go: descriptors for processes outside the plugins (the ComfyUI pack)
 	a.mux.HandleFunc("/v1/", a.notFound)
 	a.mux.HandleFunc("/sdapi/", a.notFound)
 	a.mux.Handle("/", a.consoleOr404(console.Handler()))

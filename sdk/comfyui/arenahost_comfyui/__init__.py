@@ -1,0 +1,1 @@
+"""arenahost_comfyui: ComfyUI nodes over a running arenahost (see nodes.py)."""
