@@ -287,7 +287,8 @@ func TestAbuseFiles(t *testing.T) {
 	}
 	f.run(t, []abuseCase{
 		{"model fifo", load("fifo.safetensors"), 400, "bad_path", "FIFO"},
-		{"model directory", load("dir.safetensors"), 400, "bad_path", "directory"},
+		// A directory is a diffusers model folder (issue 16); this one holds no weights.
+		{"model directory without weights", load("dir.safetensors"), 400, "bad_model", "no weights in"},
 		{"model symlink loop", load("loop.safetensors"), 400, "bad_path", "loop.safetensors"},
 		{"model device via symlink", load("zero.safetensors"), 400, "bad_path", "outside"},
 		{"model long name", load(long + ".safetensors"), 400, "bad_path", "longer than"},

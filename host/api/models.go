@@ -54,7 +54,7 @@ func (a *API) loadModel(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	path, err := confine(a.opts.ModelsDir, req.Path)
+	path, err := confineModel(a.opts.ModelsDir, req.Path)
 	if err != nil {
 		a.fail(w, r, fmt.Errorf("load model: %w", err))
 		return

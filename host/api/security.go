@@ -87,7 +87,14 @@ const maxPathLen = 4096
 // anything but a regular file. Stat never blocks, so a FIFO is refused
 // without being opened; the opener (safetensors.OpenRegular) checks the
 // opened descriptor again, which closes the window of a swap in between.
-func confine(dir, p string) (string, error) {
+func confine(dir, p string) (string, error) { return confinePath(dir, p, false) }
+
+// confineModel is confine for a model path, which may also be a diffusers
+// model or pipeline folder (safetensors.OpenSet then validates what the
+// folder holds, and refuses shard names that leave it).
+func confineModel(dir, p string) (string, error) { return confinePath(dir, p, true) }
+
+func confinePath(dir, p string, allowDir bool) (string, error) {
 	if p == "" {
 		return "", badRequest("empty path")
 	}
@@ -133,7 +140,7 @@ func confine(dir, p string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("path %q: %w: %w", p, errBadPath, err)
 	}
-	if !st.Mode().IsRegular() {
+	if !st.Mode().IsRegular() && !(allowDir && st.IsDir()) {
 		return "", fmt.Errorf("path %q: %w: %s is a %s, not a regular file", p, errBadPath, real, typeName(st.Mode()))
 	}
 	return real, nil

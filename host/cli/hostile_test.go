@@ -53,6 +53,13 @@ func TestHostileFilesCLI(t *testing.T) {
 			"lora":  {Model: model, Out: out, As: "nf4", LoRAs: []MergeLoRA{{Path: p, Strength: 1}}},
 		} {
 			err := within(t, 2*time.Second, "merge "+name+" "+p, func() error { _, err := Merge(context.Background(), o); return err })
+			if name == "model" && p == dir {
+				// A directory is a model folder; this one holds no weights.
+				if err == nil || !strings.Contains(err.Error(), "no weights in "+dir) {
+					t.Errorf("merge with model folder %s: %v, want 'no weights in' naming it", p, err)
+				}
+				continue
+			}
 			if !errors.Is(err, safetensors.ErrBadPath) {
 				t.Errorf("merge with %s %s: %v, want ErrBadPath", name, p, err)
 			}

@@ -31,7 +31,7 @@ func TestUsageErrorsAreOneLine(t *testing.T) {
 		{"merge without out", []string{"merge", "--model", model}, `arenahost merge: needs --out OUT, the safetensors file to write`},
 		{"merge positional", []string{"merge", "--model", model, "--out", out, kohya}, `arenahost merge: takes no positional arguments, got ["` + kohya + `"] (give LoRAs as --lora FILE[:STRENGTH])`},
 		{"merge lora without lora", []string{"merge", "--model", model, "--out", out, "--as", "lora"}, `arenahost merge: --as lora needs at least one --lora FILE[:STRENGTH] to concatenate`},
-		{"merge unknown flag", []string{"merge", "--model", model, "--bogus"}, `arenahost merge: unknown flag --bogus (this command takes --as, --lora, --model, --out, --report, --strict)`},
+		{"merge unknown flag", []string{"merge", "--model", model, "--bogus"}, `arenahost merge: unknown flag --bogus (this command takes --as, --lora, --max-shard-size, --model, --out, --report, --strict)`},
 		{"merge flag without value", []string{"merge", "--model"}, `arenahost merge: --model needs a value (string: input bitsandbytes 4-bit safetensors model)`},
 		{"merge bad bool", []string{"merge", "--strict=maybe"}, `arenahost merge: --strict "maybe": not a valid value (fail when a LoRA has keys that match no layer)`},
 		{"inspect without file", []string{"inspect", "--json"}, `arenahost inspect: needs at least one FILE to describe (a checkpoint or LoRA .safetensors)`},
@@ -113,7 +113,10 @@ func TestMergeErrorsNameUserPaths(t *testing.T) {
 			"merge: --out " + filepath.Join(missingDir, "x.safetensors") + ": directory " + missingDir + " does not exist (create it first)"},
 		{"missing output directory, identity copy", []string{"merge", "--model", model, "--out", filepath.Join(missingDir, "x.safetensors")},
 			"directory " + missingDir + " does not exist"},
-		{"output is a directory", []string{"merge", "--model", model, "--lora", kohya, "--out", t.TempDir()}, "is a directory; name the output file"},
+		{"output is a directory", []string{"merge", "--model", model, "--lora", kohya, "--as", "lora", "--out", t.TempDir()}, "is a directory; name the output file"},
+		// nf4 and bf16 write a diffusers folder to a directory --out; the
+		// sample is BFL-named, which only a .safetensors file can hold.
+		{"folder output of a BFL model", []string{"merge", "--model", model, "--lora", kohya, "--out", t.TempDir()}, "write a .safetensors file instead"},
 		{"missing model", []string{"merge", "--model", model + ".missing", "--lora", kohya, "--out", filepath.Join(t.TempDir(), "o.safetensors")}, model + ".missing"},
 		{"missing lora", []string{"merge", "--model", model, "--lora", kohya + ".missing:0.5", "--out", filepath.Join(t.TempDir(), "o.safetensors")}, kohya + ".missing"},
 	}
