@@ -8,6 +8,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/arenahost/arenahost/shared/simd"
 )
 
 // Codec is the 4-bit rule of the fused pass. shared/nf4 provides the
@@ -133,9 +135,11 @@ func (j *MemJournal) Layers() []string {
 
 // FuseOptions tune the fused pass.
 type FuseOptions struct {
-	// TileElems bounds the elements of one tile (default 1<<18: 1 MiB per
-	// fp32 scratch buffer, three per worker). Tiles are whole rows and whole
-	// quant blocks; GOMAXPROCS workers fuse tiles in parallel.
+	// TileElems bounds the elements of one tile (default: a sixteenth of
+	// the L2 cache in fp32 values, so a worker's three scratch tiles fill
+	// three quarters of its L2; see defaultTileElems). Tiles are whole
+	// rows and whole quant blocks; GOMAXPROCS workers fuse tiles in
+	// parallel.
 	TileElems int
 	// WarnRetention is the retention below which a layer gets a warning
 	// (default 0.5).
@@ -178,7 +182,7 @@ func (noJournal) Restore(l string, _ [][]byte) error {
 func Fuse(ctx context.Context, p *Plan, store Store, codec Codec, j Journal, opt FuseOptions) error {
 	start := time.Now()
 	if opt.TileElems <= 0 {
-		opt.TileElems = 1 << 18
+		opt.TileElems = defaultTileElems()
 	}
 	if opt.WarnRetention == 0 {
 		opt.WarnRetention = DefaultWarnRetention
@@ -373,6 +377,14 @@ func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int, bufs *[][]f
 		dot, norm, diff = dot+r.dot, norm+r.norm, diff+r.diff
 	}
 	return dot, norm, diff, scratch
+}
+
+// defaultTileElems is the tile size from the L2 cache (simd.CacheSizes):
+// three fp32 tiles per worker (original, merged, delta) in three quarters
+// of it, so the dequantize, delta, add and quantize steps of a tile reuse
+// it from L2 instead of memory. At least 1<<14 values.
+func defaultTileElems() int {
+	return max(1<<14, simd.CacheSizes().L2/16)
 }
 
 func gcd(a, b int) int {
