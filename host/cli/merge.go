@@ -477,7 +477,7 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 		if lr.Warning != "" {
 			rep.Warnings = append(rep.Warnings, sl.Name+": "+lr.Warning)
 		}
-		if n := layerNorm(sl); n > 0 {
+		if n := lr.DeltaNorm2; n > 0 {
 			dot += lr.Retention * n
 			diff += lr.RelError * lr.RelError * n
 			norm += n
@@ -517,20 +517,6 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 		}
 	}
 	return out.commit()
-}
-
-// layerNorm is ‖ΔW‖² of a layer, the weight of its retention in the total.
-func layerNorm(sl *lora.SideLayer) float64 {
-	var n float64
-	buf := make([]float32, sl.In)
-	for r := 0; r < sl.Out; r++ {
-		clear(buf)
-		sl.DeltaRows(buf, r, r+1)
-		for _, v := range buf {
-			n += float64(v) * float64(v)
-		}
-	}
-	return n
 }
 
 // dqLogical dequantizes w as bitsandbytes' dequantize_4bit does: the fp32
