@@ -8,3 +8,7 @@ import "github.com/arenahost/arenahost/shared/simd"
 func factorsSIMD(simd.Path, []float32, int, []float32, int, []float32, int, []int32, []int32, int, int) int {
 	return 0
 }
+
+func addVec(dst, a, b []float32) int { return 0 }
+
+func fitVec(w, orig, delta []float32, acc *[24]float64) int { return 0 }

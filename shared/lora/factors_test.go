@@ -154,3 +154,34 @@ func TestSimdForce(t *testing.T) {
 	}
 	t.Log(fmt.Sprintf("best path on this CPU: %s; caches %+v", simd.Best(), simd.CacheSizes()))
 }
+
+// TestTileSteps: the tile's add is bit-exact and its retention sums agree
+// with the scalar loop to 1e-12 relative on every path, on lengths around
+// the vector width.
+func TestTileSteps(t *testing.T) {
+	forEachPath(t, func(t *testing.T, p simd.Path) {
+		r := rand.New(rand.NewPCG(3, 3))
+		for _, n := range []int{0, 1, 15, 16, 17, 33, 1000, 4099} {
+			orig, delta, w := make([]float32, n), make([]float32, n), make([]float32, n)
+			for i := range orig {
+				orig[i], delta[i] = float32(r.NormFloat64()), float32(r.NormFloat64()*1e-3)
+			}
+			addTile(w, orig, delta)
+			var dot, norm, diff float64
+			for i := range w {
+				if want := orig[i] + delta[i]; math.Float32bits(w[i]) != math.Float32bits(want) {
+					t.Fatalf("n=%d: w[%d] = %g, want %g", n, i, w[i], want)
+				}
+				w[i] = float32(math.Round(float64(w[i])*64) / 64) // a coarse "re-quantization"
+				eff, want := float64(w[i])-float64(orig[i]), float64(delta[i])
+				dot, norm, diff = dot+eff*want, norm+want*want, diff+(eff-want)*(eff-want)
+			}
+			d, nn, e := fitSums(w, orig, delta)
+			for _, c := range [][2]float64{{d, dot}, {nn, norm}, {e, diff}} {
+				if math.Abs(c[0]-c[1]) > 1e-12*math.Abs(c[1]) {
+					t.Fatalf("n=%d: sums %v, scalar %v", n, []float64{d, nn, e}, []float64{dot, norm, diff})
+				}
+			}
+		}
+	})
+}

@@ -358,17 +358,11 @@ func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int, bufs *[][]f
 				codec.Dequantize(orig[:m], packed, absmax, q.Blocksize)
 				clear(delta[:m])
 				sl.DeltaRows(delta[:m], r0, r1)
-				for i := 0; i < m; i++ {
-					w[i] = orig[i] + delta[i]
-				}
+				addTile(w[:m], orig[:m], delta[:m])
 				codec.Quantize(packed, absmax, w[:m], q.Blocksize)
 				codec.Dequantize(w[:m], packed, absmax, q.Blocksize)
-				for i := 0; i < m; i++ {
-					eff, want := float64(w[i])-float64(orig[i]), float64(delta[i])
-					res.dot += eff * want
-					res.norm += want * want
-					res.diff += (eff - want) * (eff - want)
-				}
+				d, n, e := fitSums(w[:m], orig[:m], delta[:m])
+				res.dot, res.norm, res.diff = res.dot+d, res.norm+n, res.diff+e
 			}
 		}(&results[wi], (*bufs)[wi])
 	}
@@ -385,6 +379,34 @@ func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int, bufs *[][]f
 // it from L2 instead of memory. At least 1<<14 values.
 func defaultTileElems() int {
 	return max(1<<14, simd.CacheSizes().L2/16)
+}
+
+// addTile sets w = orig + delta, element by element (one rounding each).
+func addTile(w, orig, delta []float32) {
+	i := addVec(w, orig, delta)
+	for ; i < len(w); i++ {
+		w[i] = orig[i] + delta[i]
+	}
+}
+
+// fitSums returns Σ eff·want, Σ want² and Σ (eff − want)² in float64 over
+// a tile, eff = w − orig (the re-quantized change) and want = delta. The
+// vector path sums in 8 lanes, then the lanes: another order than the
+// scalar loop's, which moves the retention figures in their last digits
+// and no stored byte.
+func fitSums(w, orig, delta []float32) (dot, norm, diff float64) {
+	var acc [24]float64
+	i := fitVec(w, orig, delta, &acc)
+	for l := 0; l < 8; l++ {
+		dot, norm, diff = dot+acc[l], norm+acc[8+l], diff+acc[16+l]
+	}
+	for ; i < len(w); i++ {
+		eff, want := float64(w[i])-float64(orig[i]), float64(delta[i])
+		dot += eff * want
+		norm += want * want
+		diff += (eff - want) * (eff - want)
+	}
+	return dot, norm, diff
 }
 
 func gcd(a, b int) int {
