@@ -1,3 +1,14 @@
+// Package mergebench compares `arenahost merge --as nf4` with a NumPy/OpenBLAS
+// implementation of the same dequantize → add Σ s·B·A → requantize
+// (baseline.py), on the same files in the same run, and the fused pass's
+// delta phase with the machine's fp32 SGEMM throughput measured in that
+// run. Run it with
+//
+//	ARENAHOST_PYTHON=.venv/bin/python go test ./bench/merge -run '^$' -bench . -benchtime 1x -timeout 30m
+//
+// (make bench sets the interpreter). ARENAHOST_BENCH_ROUNDS sets the runs
+// per figure (default 2, best kept, all printed); ARENAHOST_BENCH_SMALL=1
+// uses the small sample model for a quick check.
 package mergebench
 
 import (
@@ -67,7 +78,3 @@ func fixtures(b *testing.B) (model string, loras []string) {
 	return model, loras
 }
 
-func BenchmarkFixtures(b *testing.B) {
-	m, l := fixtures(b)
-	b.Log(m, l)
-}
