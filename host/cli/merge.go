@@ -496,6 +496,13 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 			}
 			written[k] = true
 		}
+		// Read once: keep the layer's mapped pages out of the resident set.
+		for _, k := range w.Keys.All() {
+			if err := in.f.Evict(k); err != nil {
+				out.abort()
+				return fmt.Errorf("merge: %w", err)
+			}
+		}
 	}
 	if norm > 0 {
 		rep.Retention, rep.RelError = dot/norm, math.Sqrt(diff/norm)
@@ -514,6 +521,10 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 		if err := out.put(t.Name, b); err != nil {
 			out.abort()
 			return err
+		}
+		if err := in.f.Evict(t.Name); err != nil {
+			out.abort()
+			return fmt.Errorf("merge: %w", err)
 		}
 	}
 	return out.commit()
