@@ -12,6 +12,9 @@ import "github.com/arenahost/arenahost/shared/simd"
 func factors512x64(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
 
 //go:noescape
+func factors512x64r2(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
+
+//go:noescape
 func factors512x16(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
 
 //go:noescape
@@ -61,24 +64,36 @@ func factorsSIMD(p simd.Path, dst []float32, ldd int, b []float32, ldb int, a []
 		}
 		return &dummy
 	}
-	strip := func(k factorKernel, c int) {
+	// strip runs kernel k on rows [r0, r0+n) of the strip at column c,
+	// chunk by chunk of groups, the singles with the last chunk.
+	strip := func(k factorKernel, c, r0, n int) {
 		for g0 := 0; ; g0 += kc {
 			g1 := min(g0+kc, len(gs))
 			ns := 0
 			if g1 == len(gs) {
 				ns = len(ss)
 			}
-			k(&dst[c], ldd, &b[0], ldb, &a[c], lda, at(gs, g0), g1-g0, at(ss, 0), ns, rows)
+			k(&dst[r0*ldd+c], ldd, &b[r0*ldb], ldb, &a[c], lda, at(gs, g0), g1-g0, at(ss, 0), ns, n)
 			if g1 == len(gs) {
 				return
 			}
 		}
 	}
 	for ; done+wide <= cols; done += wide {
-		strip(kw, done)
+		if p == simd.AVX512 && rows > 1 {
+			// Pairs of rows share each group's A vectors; an odd last row
+			// goes alone.
+			even := rows &^ 1
+			strip(factors512x64r2, done, 0, even)
+			if even < rows {
+				strip(kw, done, even, 1)
+			}
+			continue
+		}
+		strip(kw, done, 0, rows)
 	}
 	for ; done+narrow <= cols; done += narrow {
-		strip(kn, done)
+		strip(kn, done, 0, rows)
 	}
 	return done
 }

@@ -257,3 +257,130 @@ store256x8:
 done256x8:
 	VZEROUPPER
 	RET
+
+// G2 adds one column vector's group product for one row with the four A
+// vectors in registers and b0..b3 broadcast in Z8..Z11.
+#define G2(acc, a0, a1, a2, a3, s, t) \
+	VMULPS a0, Z8, s   \
+	VMULPS a1, Z9, t   \
+	VADDPS t, s, s     \
+	VMULPS a2, Z10, t  \
+	VADDPS t, s, s     \
+	VMULPS a3, Z11, t  \
+	VADDPS t, s, s     \
+	VADDPS s, acc, acc
+
+// func factors512x64r2(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
+// factors512x64 on rows/2 pairs of rows (rows even): each group's 16 A
+// vectors are loaded once into Z16..Z31 and used by both rows.
+TEXT ·factors512x64r2(SB), NOSPLIT, $0-88
+	ARGS
+	SHRQ $1, R15
+	JZ   doner2
+
+rowr2:
+	VMOVUPS 0(DI), Z0
+	VMOVUPS 64(DI), Z1
+	VMOVUPS 128(DI), Z2
+	VMOVUPS 192(DI), Z3
+	VMOVUPS 0(DI)(R8*1), Z4
+	VMOVUPS 64(DI)(R8*1), Z5
+	VMOVUPS 128(DI)(R8*1), Z6
+	VMOVUPS 192(DI)(R8*1), Z7
+	XORQ    AX, AX
+
+groupr2:
+	CMPQ    AX, R12
+	JGE     singlesr2
+	MOVLQSX (R11)(AX*4), BX
+	LEAQ    (SI)(BX*4), CX
+	IMULQ   R10, BX
+	ADDQ    DX, BX
+	VMOVUPS 0(BX), Z16
+	VMOVUPS 64(BX), Z17
+	VMOVUPS 128(BX), Z18
+	VMOVUPS 192(BX), Z19
+	VMOVUPS 0(BX)(R10*1), Z20
+	VMOVUPS 64(BX)(R10*1), Z21
+	VMOVUPS 128(BX)(R10*1), Z22
+	VMOVUPS 192(BX)(R10*1), Z23
+	LEAQ    (BX)(R10*2), BX
+	VMOVUPS 0(BX), Z24
+	VMOVUPS 64(BX), Z25
+	VMOVUPS 128(BX), Z26
+	VMOVUPS 192(BX), Z27
+	VMOVUPS 0(BX)(R10*1), Z28
+	VMOVUPS 64(BX)(R10*1), Z29
+	VMOVUPS 128(BX)(R10*1), Z30
+	VMOVUPS 192(BX)(R10*1), Z31
+	VBROADCASTSS 0(CX), Z8
+	VBROADCASTSS 4(CX), Z9
+	VBROADCASTSS 8(CX), Z10
+	VBROADCASTSS 12(CX), Z11
+	G2(Z0, Z16, Z20, Z24, Z28, Z12, Z13)
+	G2(Z1, Z17, Z21, Z25, Z29, Z14, Z15)
+	G2(Z2, Z18, Z22, Z26, Z30, Z12, Z13)
+	G2(Z3, Z19, Z23, Z27, Z31, Z14, Z15)
+	VBROADCASTSS 0(CX)(R9*1), Z8
+	VBROADCASTSS 4(CX)(R9*1), Z9
+	VBROADCASTSS 8(CX)(R9*1), Z10
+	VBROADCASTSS 12(CX)(R9*1), Z11
+	G2(Z4, Z16, Z20, Z24, Z28, Z12, Z13)
+	G2(Z5, Z17, Z21, Z25, Z29, Z14, Z15)
+	G2(Z6, Z18, Z22, Z26, Z30, Z12, Z13)
+	G2(Z7, Z19, Z23, Z27, Z31, Z14, Z15)
+	INCQ AX
+	JMP  groupr2
+
+singlesr2:
+	XORQ AX, AX
+
+singler2:
+	CMPQ    AX, R14
+	JGE     storer2
+	MOVLQSX (R13)(AX*4), BX
+	LEAQ    (SI)(BX*4), CX
+	IMULQ   R10, BX
+	ADDQ    DX, BX
+	VMOVUPS 0(BX), Z16
+	VMOVUPS 64(BX), Z17
+	VMOVUPS 128(BX), Z18
+	VMOVUPS 192(BX), Z19
+	VBROADCASTSS (CX), Z8
+	VBROADCASTSS (CX)(R9*1), Z9
+	VMULPS  Z16, Z8, Z12
+	VADDPS  Z12, Z0, Z0
+	VMULPS  Z17, Z8, Z13
+	VADDPS  Z13, Z1, Z1
+	VMULPS  Z18, Z8, Z14
+	VADDPS  Z14, Z2, Z2
+	VMULPS  Z19, Z8, Z15
+	VADDPS  Z15, Z3, Z3
+	VMULPS  Z16, Z9, Z12
+	VADDPS  Z12, Z4, Z4
+	VMULPS  Z17, Z9, Z13
+	VADDPS  Z13, Z5, Z5
+	VMULPS  Z18, Z9, Z14
+	VADDPS  Z14, Z6, Z6
+	VMULPS  Z19, Z9, Z15
+	VADDPS  Z15, Z7, Z7
+	INCQ    AX
+	JMP     singler2
+
+storer2:
+	VMOVUPS Z0, 0(DI)
+	VMOVUPS Z1, 64(DI)
+	VMOVUPS Z2, 128(DI)
+	VMOVUPS Z3, 192(DI)
+	VMOVUPS Z4, 0(DI)(R8*1)
+	VMOVUPS Z5, 64(DI)(R8*1)
+	VMOVUPS Z6, 128(DI)(R8*1)
+	VMOVUPS Z7, 192(DI)(R8*1)
+	LEAQ    (DI)(R8*2), DI
+	LEAQ    (SI)(R9*2), SI
+	DECQ    R15
+	JNZ     rowr2
+
+doner2:
+	VZEROUPPER
+	RET
