@@ -77,4 +77,3 @@ func fixtures(b *testing.B) (model string, loras []string) {
 	}
 	return model, loras
 }
-
