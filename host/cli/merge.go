@@ -233,11 +233,18 @@ func Merge(ctx context.Context, o MergeOptions) (*MergeReport, error) {
 			}
 			return dqLogical(w, in.read)
 		}
-		if plan, err = lora.BuildSide(in.model, maps, strengths, base, nil); err != nil {
+		if o.As == "nf4" {
+			// The fused pass builds one layer's factors at a time
+			// (mergeNF4 materializes each before its pass).
+			plan, err = lora.BuildDeferred(in.model, maps, strengths, base)
+		} else {
+			plan, err = lora.BuildSide(in.model, maps, strengths, base, nil)
+		}
+		if err != nil {
 			return nil, fmt.Errorf("merge: %w", err)
 		}
 		for _, sl := range plan.Layers {
-			if sl.Bias != nil {
+			if sl.HasBias() {
 				return nil, fmt.Errorf("merge: layer %s: the LoRAs carry a bias delta, which a merged 4-bit or LoRA output cannot hold", sl.Name)
 			}
 		}
@@ -404,7 +411,8 @@ func fuseOne(ctx context.Context, in *mergeInput, sl *lora.SideLayer, w *nf4.Wei
 	if err != nil {
 		return nil, nil, lora.LayerReport{}, 0, fmt.Errorf("%s: %w", w.Name, err)
 	}
-	if err := lora.Fuse(ctx, p, memStore{q}, codec, lora.NewMemJournal(), lora.FuseOptions{TileElems: tile}); err != nil {
+	// The pass writes a copy, so nothing needs journaling or rolling back.
+	if err := lora.Fuse(ctx, p, memStore{q}, codec, nil, lora.FuseOptions{TileElems: tile, CallerRestores: true}); err != nil {
 		return nil, nil, lora.LayerReport{}, 0, err
 	}
 	return packed, am, p.Report.Layers[0], p.Report.PeakScratchBytes, nil
@@ -440,7 +448,9 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 		if !w.State.Nested {
 			continue
 		}
+		plan.Materialize(sl)
 		_, am, _, _, err := fuseOne(ctx, in, sl, w, o.TileElems)
+		plan.Release(sl)
 		if err != nil {
 			return fmt.Errorf("merge: %w", err)
 		}
@@ -467,7 +477,9 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 	var peak int64
 	for li, sl := range plan.Layers {
 		w := in.byName[sl.Name+".weight"]
+		plan.Materialize(sl)
 		packed, am, lr, scratch, err := fuseOne(ctx, in, sl, w, o.TileElems)
+		plan.Release(sl)
 		if err != nil {
 			out.abort()
 			return fmt.Errorf("merge: %w", err)
