@@ -171,3 +171,167 @@ qloop:
 qdone:
 	VZEROUPPER
 	RET
+
+DATA  lowbyte<>+0(SB)/4, $0x000000ff
+GLOBL lowbyte<>(SB), RODATA|NOPTR, $4
+
+// BF16Y rounds the 8 floats of T to bfloat16 in place (as dequantBlocks512).
+#define BF16Y(T, tmp, nan) \
+	VPSRLD    $16, T, tmp     \
+	VPAND     Y3, tmp, tmp    \
+	VPADDD    tmp, T, tmp     \
+	VPADDD    Y2, tmp, tmp    \
+	VPAND     Y6, tmp, tmp    \
+	VCMPPS    $3, T, T, nan   \
+	VBLENDVPS nan, Y6, tmp, T
+
+// LOOKUPY writes table[idx] (16 entries: Y4 low half, Y12 high half) for
+// the 8 codes in idx to (DI)+off; idx is clobbered.
+#define LOOKUPY(idx, off) \
+	VPERMPS   Y4, idx, Y13       \
+	VPERMPS   Y12, idx, Y14      \
+	VPSLLD    $28, idx, idx      \
+	VBLENDVPS idx, Y14, Y13, Y13 \
+	VMOVUPS   Y13, off(DI)
+
+// func dequantBlocks256(dst *float32, packed *byte, absmax *float32, nb int, bs int, code *[16]float32, bf16 bool)
+TEXT ·dequantBlocks256(SB), NOSPLIT, $0-49
+	MOVQ         dst+0(FP), DI
+	MOVQ         packed+8(FP), SI
+	MOVQ         absmax+16(FP), R8
+	MOVQ         nb+24(FP), R9
+	MOVQ         bs+32(FP), R10
+	MOVQ         code+40(FP), AX
+	MOVBQZX      bf16+48(FP), R11
+	VMOVUPS      (AX), Y1
+	VMOVUPS      32(AX), Y11
+	VPBROADCASTD bf16rnd<>+0(SB), Y2
+	VPBROADCASTD bf16rnd<>+4(SB), Y3
+	VPBROADCASTD bf16rnd<>+8(SB), Y6
+	VPBROADCASTW nibble<>+0(SB), X7
+	TESTQ        R9, R9
+	JZ           dq2done
+
+dq2block:
+	VBROADCASTSS (R8), Y4
+	VMULPS       Y4, Y11, Y12
+	VMULPS       Y4, Y1, Y4
+	TESTQ        R11, R11
+	JZ           dq2tab
+	BF16Y(Y4, Y5, Y13)
+	BF16Y(Y12, Y5, Y13)
+
+dq2tab:
+	MOVQ R10, CX
+
+dq2loop:
+	VPMOVZXBW (SI), X0
+	VPSRLW    $4, X0, X8
+	VPAND     X7, X0, X9
+	VPSLLW    $8, X9, X9
+	VPOR      X8, X9, X0
+	VPMOVZXBD X0, Y9
+	VPSRLDQ   $8, X0, X0
+	VPMOVZXBD X0, Y10
+	LOOKUPY(Y9, 0)
+	LOOKUPY(Y10, 32)
+	ADDQ      $8, SI
+	ADDQ      $64, DI
+	SUBQ      $16, CX
+	JNZ       dq2loop
+	ADDQ      $4, R8
+	DECQ      R9
+	JNZ       dq2block
+
+dq2done:
+	VZEROUPPER
+	RET
+
+// CNT adds (x > t_k) for threshold k (8 copies at k·32(R11)) to the code
+// counts Y5 (elements 0–7, in Y3) and Y6 (8–15, in Y4).
+#define CNT(k) \
+	VCMPPS $0x1e, (k*32)(R11), Y3, Y8 \
+	VPSUBD Y8, Y5, Y5                 \
+	VCMPPS $0x1e, (k*32)(R11), Y4, Y8 \
+	VPSUBD Y8, Y6, Y6
+
+// func quantBlocks256(packed *byte, absmax *float32, src *float32, nb int, bs int, thr *[120]float32)
+// NF4 by counting the 15 thresholds below x (thr holds each 8 times).
+TEXT ·quantBlocks256(SB), NOSPLIT, $0-48
+	MOVQ         packed+0(FP), DI
+	MOVQ         absmax+8(FP), R8
+	MOVQ         src+16(FP), SI
+	MOVQ         nb+24(FP), R9
+	MOVQ         bs+32(FP), R10
+	MOVQ         thr+40(FP), R11
+	VPBROADCASTD bf16rnd<>+12(SB), Y15
+	VPBROADCASTD lowbyte<>+0(SB), Y14
+	MOVL         $1, AX
+	VCVTSI2SSL   AX, X10, X10
+	TESTQ        R9, R9
+	JZ           q2done
+
+q2block:
+	VXORPS Y0, Y0, Y0
+	MOVQ   SI, BX
+	MOVQ   R10, CX
+
+q2max:
+	VANDPS (BX), Y15, Y1
+	VMAXPS Y0, Y1, Y0
+	ADDQ   $32, BX
+	SUBQ   $8, CX
+	JNZ    q2max
+	VEXTRACTF128 $1, Y0, X1
+	VMAXPS    X1, X0, X0
+	VPERMILPS $0x4e, X0, X1
+	VMAXPS    X1, X0, X0
+	VPERMILPS $0xb1, X0, X1
+	VMAXPS    X1, X0, X0
+	VMOVSS    X0, (R8)
+	VDIVSS    X0, X10, X2
+	VBROADCASTSS X2, Y2
+	MOVQ      R10, CX
+
+q2loop:
+	VMULPS (SI), Y2, Y3
+	VMULPS 32(SI), Y2, Y4
+	VPXOR  Y5, Y5, Y5
+	VPXOR  Y6, Y6, Y6
+	CNT(0)
+	CNT(1)
+	CNT(2)
+	CNT(3)
+	CNT(4)
+	CNT(5)
+	CNT(6)
+	CNT(7)
+	CNT(8)
+	CNT(9)
+	CNT(10)
+	CNT(11)
+	CNT(12)
+	CNT(13)
+	CNT(14)
+	// 16 codes → 8 bytes, element 2j in the high nibble.
+	VPACKUSDW    Y6, Y5, Y5
+	VPERMQ       $0xd8, Y5, Y5
+	VPSLLD       $4, Y5, Y8
+	VPSRLD       $16, Y5, Y9
+	VPOR         Y8, Y9, Y8
+	VPAND        Y14, Y8, Y8
+	VEXTRACTI128 $1, Y8, X9
+	VPACKUSDW    X9, X8, X8
+	VPACKUSWB    X8, X8, X8
+	VMOVQ        X8, (DI)
+	ADDQ         $64, SI
+	ADDQ         $8, DI
+	SUBQ         $16, CX
+	JNZ          q2loop
+	ADDQ         $4, R8
+	DECQ         R9
+	JNZ          q2block
+
+q2done:
+	VZEROUPPER
+	RET
