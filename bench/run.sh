@@ -28,6 +28,7 @@ fi
 if want merge; then
   section "merge: fused merge --as nf4 (340M-param Flux block, rank-16 LoRAs) vs NumPy/OpenBLAS, and the delta phase vs the machine's SGEMM"
   PY=${ARENAHOST_PYTHON:-.venv/bin/python}
+  [[ $PY == /* ]] || PY=$PWD/$PY # the test runs in its package directory
   ARENAHOST_PYTHON=$PY go test ./bench/merge -run '^$' -bench . -benchtime 1x -timeout 60m | tee "$out/merge.txt"
   go test ./shared/lora -run '^$' -bench '^BenchmarkDeltaRows$' -benchtime 3x -count 1 | tee "$out/delta.txt"
 fi

@@ -61,6 +61,9 @@ func python(b *testing.B) string {
 	b.Helper()
 	for _, env := range []string{"ARENAHOST_PYTHON", "ARENAHOST_TORCH_PYTHON"} {
 		if p := os.Getenv(env); p != "" {
+			if !filepath.IsAbs(p) && strings.ContainsRune(p, filepath.Separator) {
+				p = filepath.Join(testenv.RepoRoot(b), p) // relative to the checkout, not the package
+			}
 			return p
 		}
 	}
