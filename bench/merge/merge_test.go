@@ -28,19 +28,27 @@ type run struct {
 	maxRSS int64 // bytes
 }
 
-// timed runs cmd and returns its wall time and peak RSS (getrusage of the
-// child: the same measure for both sides).
-func timed(b *testing.B, cmd *exec.Cmd) run {
+// timed runs cmd through rusage.py (see there why not from Go) and returns
+// its wall time and peak RSS: the same measure for both sides. The output
+// of the command goes to the benchmark's log on failure.
+func timed(b *testing.B, py string, cmd *exec.Cmd) run {
 	b.Helper()
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	start := time.Now()
-	if err := cmd.Run(); err != nil {
-		b.Fatalf("%s: %v\n%s", strings.Join(cmd.Args, " "), err, out.String())
+	wrap := exec.Command(py, append([]string{filepath.Join(testenv.RepoRoot(b), "bench", "merge", "rusage.py")}, cmd.Args...)...)
+	wrap.Env = cmd.Env
+	var out, errb bytes.Buffer
+	wrap.Stdout, wrap.Stderr = &out, &errb
+	if err := wrap.Run(); err != nil {
+		b.Fatalf("%s: %v\n%s%s", strings.Join(cmd.Args, " "), err, out.String(), errb.String())
 	}
-	wall := time.Since(start)
-	ru := cmd.ProcessState.SysUsage().(*syscall.Rusage)
-	return run{wall: wall, maxRSS: ru.Maxrss * 1024}
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	var r struct {
+		Seconds float64 `json:"seconds"`
+		MaxRSS  int64   `json:"maxrss_kib"`
+	}
+	if err := json.Unmarshal([]byte(lines[len(lines)-1]), &r); err != nil {
+		b.Fatalf("%s: rusage: %v: %s", strings.Join(cmd.Args, " "), err, out.String())
+	}
+	return run{wall: time.Duration(r.Seconds * float64(time.Second)), maxRSS: r.MaxRSS * 1024}
 }
 
 // pythonEnv is the environment of the baseline: OPENBLAS_CORETYPE and
@@ -271,10 +279,10 @@ func BenchmarkMergeVsNumPy(b *testing.B) {
 					args = append(args, "--lora", l)
 					bargs = append(bargs, "--lora", l)
 				}
-				r.ours = append(r.ours, timed(b, exec.Command(bin, args...)))
+				r.ours = append(r.ours, timed(b, py, exec.Command(bin, args...)))
 				c := exec.Command(py, bargs...)
 				c.Env = pythonEnv()
-				r.base = append(r.base, timed(b, c))
+				r.base = append(r.base, timed(b, py, c))
 			}
 			same, total := codesAgree(b, ourOut, baseOut)
 			r.agree = float64(same) / float64(total)
