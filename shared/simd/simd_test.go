@@ -1,7 +1,11 @@
 package simd
 
 import (
+	"fmt"
+	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -57,6 +61,34 @@ func TestReadCaches(t *testing.T) {
 	for in, want := range map[string]int{"48K": 48 << 10, "1M": 1 << 20, "512": 512, "x": 0, "-1K": 0} {
 		if got := parseSize(in); got != want {
 			t.Errorf("parseSize(%q) = %d, want %d", in, got, want)
+		}
+	}
+}
+
+// TestEnvVar: ARENAHOST_SIMD picks the path at start; a path the CPU
+// lacks falls back to the best one. The test binary runs itself once per
+// value.
+func TestEnvVar(t *testing.T) {
+	if os.Getenv("SIMD_TEST_CHILD") == "1" {
+		fmt.Printf("path=%s\n", Current())
+		return
+	}
+	for _, v := range []string{"off", "avx2", "avx512", "auto", "bogus"} {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestEnvVar$", "-test.count=1")
+		cmd.Env = append(os.Environ(), "SIMD_TEST_CHILD=1", EnvVar+"="+v)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("%s=%s: %v\n%s", EnvVar, v, err, out)
+		}
+		want := Best()
+		switch p, auto, err := ParsePath(v); {
+		case err == nil && !auto && Supported(p):
+			want = p
+		case err == nil && !auto:
+			t.Logf("this CPU lacks %s: the child falls back to %s", v, Best())
+		}
+		if !strings.Contains(string(out), "path="+want.String()+"\n") {
+			t.Errorf("%s=%s: child says %q, want path=%s", EnvVar, v, out, want)
 		}
 	}
 }
