@@ -25,6 +25,14 @@ if want nf4; then
   "$PY_TORCH" shared/nf4/testdata/bench_bnb.py --go "$out/nf4.txt"
 fi
 
+if want merge; then
+  section "merge: fused merge --as nf4 (340M-param Flux block, rank-16 LoRAs) vs NumPy/OpenBLAS, and the delta phase vs the machine's SGEMM"
+  PY=${ARENAHOST_PYTHON:-.venv/bin/python}
+  [[ $PY == /* ]] || PY=$PWD/$PY # the test runs in its package directory
+  ARENAHOST_PYTHON=$PY go test ./bench/merge -run '^$' -bench . -benchtime 1x -timeout 60m | tee "$out/merge.txt"
+  go test ./shared/lora -run '^$' -bench '^BenchmarkDeltaRows$' -benchtime 3x -count 1 | tee "$out/delta.txt"
+fi
+
 if want load; then
   section "load: ~1 GiB NF4 checkpoint into the arena vs reading the file once (floor)"
   gobench load ./host/registry '^BenchmarkLoad$' 2x

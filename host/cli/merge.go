@@ -11,6 +11,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -322,6 +323,10 @@ func openMergeInput(path string) (*mergeInput, error) {
 // Merge merges o.LoRAs into o.Model and writes o.Out, one layer at a time.
 func Merge(ctx context.Context, o MergeOptions) (*MergeReport, error) {
 	start := time.Now()
+	// The merge's garbage is a few large pointer-free buffers per layer:
+	// collecting at half the live heap instead of all of it keeps the peak
+	// near the live set for almost no marking work.
+	defer debug.SetGCPercent(debug.SetGCPercent(50))
 	if o.As == "" {
 		o.As = "nf4"
 	}
@@ -383,11 +388,18 @@ func Merge(ctx context.Context, o MergeOptions) (*MergeReport, error) {
 			}
 			return dqLogical(w, in.read)
 		}
-		if plan, err = lora.BuildSide(in.model, maps, strengths, base, nil); err != nil {
+		if o.As == "nf4" {
+			// The fused pass builds one layer's factors at a time
+			// (mergeNF4 materializes each before its pass).
+			plan, err = lora.BuildDeferred(in.model, maps, strengths, base)
+		} else {
+			plan, err = lora.BuildSide(in.model, maps, strengths, base, nil)
+		}
+		if err != nil {
 			return nil, fmt.Errorf("merge: %w", err)
 		}
 		for _, sl := range plan.Layers {
-			if sl.Bias != nil {
+			if sl.HasBias() {
 				return nil, fmt.Errorf("merge: layer %s: the LoRAs carry a bias delta, which a merged 4-bit or LoRA output cannot hold", sl.Name)
 			}
 		}
@@ -541,7 +553,10 @@ func (s memStore) Layer(string) (*lora.QLayer, error) { return s.q, nil }
 
 // fuseOne runs shared/lora's tiled fused pass on one layer's copy and
 // returns its new packed bytes, float32 absmax and report row.
-func fuseOne(ctx context.Context, in *mergeInput, sl *lora.SideLayer, w *nf4.Weight, tile int) ([]byte, []float32, lora.LayerReport, int64, error) {
+// buf, when not nil, is reused for the packed copy (grown as needed): the
+// caller writes the result out before the next layer, so one buffer serves
+// every layer instead of a fresh one per layer for the collector.
+func fuseOne(ctx context.Context, in *mergeInput, sl *lora.SideLayer, w *nf4.Weight, tile int, buf *[]byte) ([]byte, []float32, lora.LayerReport, int64, error) {
 	d, err := w.Load(in.read)
 	if err != nil {
 		return nil, nil, lora.LayerReport{}, 0, err
@@ -550,14 +565,21 @@ func fuseOne(ctx context.Context, in *mergeInput, sl *lora.SideLayer, w *nf4.Wei
 	if err != nil {
 		return nil, nil, lora.LayerReport{}, 0, fmt.Errorf("%s: %w", w.Name, err)
 	}
-	packed := append([]byte(nil), d.Packed...)
+	var packed []byte
+	if buf != nil {
+		*buf = append((*buf)[:0], d.Packed...)
+		packed = *buf
+	} else {
+		packed = append([]byte(nil), d.Packed...)
+	}
 	q := &lora.QLayer{Name: sl.Name, Out: sl.Out, In: sl.In, Blocksize: w.State.Blocksize, Packed: packed, Absmax: am, Raw: [][]byte{packed}}
 	p := &lora.Plan{Layers: []*lora.SideLayer{sl}, Report: &lora.Report{Layers: []lora.LayerReport{{Layer: sl.Name, Rank: sl.Rank, Dense: sl.Dense != nil}}}}
 	codec, err := lora.NewNF4Codec(w.State.QuantType, w.State.DType)
 	if err != nil {
 		return nil, nil, lora.LayerReport{}, 0, fmt.Errorf("%s: %w", w.Name, err)
 	}
-	if err := lora.Fuse(ctx, p, memStore{q}, codec, lora.NewMemJournal(), lora.FuseOptions{TileElems: tile}); err != nil {
+	// The pass writes a copy, so nothing needs journaling or rolling back.
+	if err := lora.Fuse(ctx, p, memStore{q}, codec, nil, lora.FuseOptions{TileElems: tile, CallerRestores: true}); err != nil {
 		return nil, nil, lora.LayerReport{}, 0, err
 	}
 	return packed, am, p.Report.Layers[0], p.Report.PeakScratchBytes, nil
@@ -588,12 +610,15 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 	// its length is known only after the pass: run those passes first and
 	// keep just the JSON.
 	newJSON := map[string][]byte{}
+	var buf []byte // each layer's packed copy, reused
 	for name, sl := range touched {
 		w := in.byName[name]
 		if !w.State.Nested {
 			continue
 		}
-		_, am, _, _, err := fuseOne(ctx, in, sl, w, o.TileElems)
+		plan.Materialize(sl)
+		_, am, _, _, err := fuseOne(ctx, in, sl, w, o.TileElems, &buf)
+		plan.Release(sl)
 		if err != nil {
 			return fmt.Errorf("merge: %w", err)
 		}
@@ -621,7 +646,9 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 	var peak int64
 	for li, sl := range plan.Layers {
 		w := in.byName[sl.Name+".weight"]
-		packed, am, lr, scratch, err := fuseOne(ctx, in, sl, w, o.TileElems)
+		plan.Materialize(sl)
+		packed, am, lr, scratch, err := fuseOne(ctx, in, sl, w, o.TileElems, &buf)
+		plan.Release(sl)
 		if err != nil {
 			out.abort()
 			return fmt.Errorf("merge: %w", err)
@@ -631,7 +658,7 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 		if lr.Warning != "" {
 			rep.Warnings = append(rep.Warnings, sl.Name+": "+lr.Warning)
 		}
-		if n := layerNorm(sl); n > 0 {
+		if n := lr.DeltaNorm2; n > 0 {
 			dot += lr.Retention * n
 			diff += lr.RelError * lr.RelError * n
 			norm += n
@@ -651,6 +678,13 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 			written[k] = true
 		}
 		o.Progress.layer(in.weightBytes(w))
+		// Read once: keep the layer's mapped pages out of the resident set.
+		for _, k := range w.Keys.All() {
+			if err := in.f.Evict(k); err != nil {
+				out.abort()
+				return fmt.Errorf("merge: %w", err)
+			}
+		}
 	}
 	if norm > 0 {
 		rep.Retention, rep.RelError = dot/norm, math.Sqrt(diff/norm)
@@ -671,22 +705,12 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 			return err
 		}
 		o.Progress.bytes(int64(len(b)))
-	}
-	return out.commit()
-}
-
-// layerNorm is ‖ΔW‖² of a layer, the weight of its retention in the total.
-func layerNorm(sl *lora.SideLayer) float64 {
-	var n float64
-	buf := make([]float32, sl.In)
-	for r := 0; r < sl.Out; r++ {
-		clear(buf)
-		sl.DeltaRows(buf, r, r+1)
-		for _, v := range buf {
-			n += float64(v) * float64(v)
+		if err := in.f.Evict(t.Name); err != nil {
+			out.abort()
+			return fmt.Errorf("merge: %w", err)
 		}
 	}
-	return n
+	return out.commit()
 }
 
 // dqLogical dequantizes w as bitsandbytes' dequantize_4bit does: the fp32

@@ -30,8 +30,7 @@ func NewNF4Codec(qt nf4.QuantType, dt nf4.DType) (NF4Codec, error) {
 
 // Dequantize decodes a tile and rounds it to the logical dtype.
 func (c NF4Codec) Dequantize(dst []float32, packed []byte, absmax []float32, blocksize int) {
-	nf4.Dequantize(dst, packed, absmax, c.Type.Table(), len(dst), blocksize)
-	nf4.RoundTo(dst, c.DType)
+	nf4.DequantizeLogical(dst, packed, absmax, c.Type.Table(), len(dst), blocksize, c.DType)
 }
 
 // Quantize encodes a tile by the CUDA kernel's rule.

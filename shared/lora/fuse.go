@@ -10,6 +10,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/arenahost/arenahost/shared/simd"
 )
 
 // Codec is the 4-bit rule of the fused pass. shared/nf4 provides the
@@ -135,9 +137,11 @@ func (j *MemJournal) Layers() []string {
 
 // FuseOptions tune the fused pass.
 type FuseOptions struct {
-	// TileElems bounds the elements of one tile (default 1<<18: 1 MiB per
-	// fp32 scratch buffer, three per worker). Tiles are whole rows and whole
-	// quant blocks; GOMAXPROCS workers fuse tiles in parallel.
+	// TileElems bounds the elements of one tile (default: a sixteenth of
+	// the L2 cache in fp32 values, so a worker's three scratch tiles fill
+	// three quarters of its L2; see defaultTileElems). Tiles are whole
+	// rows and whole quant blocks; GOMAXPROCS workers fuse tiles in
+	// parallel.
 	TileElems int
 	// WarnRetention is the retention below which a layer gets a warning
 	// (default 0.5).
@@ -180,7 +184,7 @@ func (noJournal) Restore(l string, _ [][]byte) error {
 func Fuse(ctx context.Context, p *Plan, store Store, codec Codec, j Journal, opt FuseOptions) error {
 	start := time.Now()
 	if opt.TileElems <= 0 {
-		opt.TileElems = 1 << 18
+		opt.TileElems = defaultTileElems()
 	}
 	if opt.WarnRetention == 0 {
 		opt.WarnRetention = DefaultWarnRetention
@@ -364,9 +368,7 @@ func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int, bufs *[][]f
 				codec.Dequantize(orig[:m], packed, absmax, q.Blocksize)
 				clear(delta[:m])
 				sl.DeltaRows(delta[:m], r0, r1)
-				for i := 0; i < m; i++ {
-					w[i] = orig[i] + delta[i]
-				}
+				addTile(w[:m], orig[:m], delta[:m])
 				if i := firstNonFinite(w[:m]); i >= 0 {
 					e := fmt.Errorf("%w: merged weight at row %d, column %d is %v (delta %v): lower the strength or check the LoRA's values",
 						ErrNonFinite, r0+i/sl.In, i%sl.In, w[i], delta[i])
@@ -385,12 +387,8 @@ func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int, bufs *[][]f
 					bad.CompareAndSwap(nil, &e)
 					return
 				}
-				for i := 0; i < m; i++ {
-					eff, want := float64(w[i])-float64(orig[i]), float64(delta[i])
-					res.dot += eff * want
-					res.norm += want * want
-					res.diff += (eff - want) * (eff - want)
-				}
+				d, n, e := fitSums(w[:m], orig[:m], delta[:m])
+				res.dot, res.norm, res.diff = res.dot+d, res.norm+n, res.diff+e
 			}
 		}(&results[wi], (*bufs)[wi])
 	}
@@ -417,6 +415,42 @@ func firstNonFinite(v []float32) int {
 		}
 	}
 	return -1
+}
+
+// defaultTileElems is the tile size from the L2 cache (simd.CacheSizes):
+// three fp32 tiles per worker (original, merged, delta) in three quarters
+// of it, so the dequantize, delta, add and quantize steps of a tile reuse
+// it from L2 instead of memory. At least 1<<14 values.
+func defaultTileElems() int {
+	return max(1<<14, simd.CacheSizes().L2/16)
+}
+
+// addTile sets w = orig + delta, element by element (one rounding each).
+func addTile(w, orig, delta []float32) {
+	i := addVec(w, orig, delta)
+	for ; i < len(w); i++ {
+		w[i] = orig[i] + delta[i]
+	}
+}
+
+// fitSums returns Σ eff·want, Σ want² and Σ (eff − want)² in float64 over
+// a tile, eff = w − orig (the re-quantized change) and want = delta. The
+// vector path sums in 8 lanes, then the lanes: another order than the
+// scalar loop's, which moves the retention figures in their last digits
+// and no stored byte.
+func fitSums(w, orig, delta []float32) (dot, norm, diff float64) {
+	var acc [24]float64
+	i := fitVec(w, orig, delta, &acc)
+	for l := 0; l < 8; l++ {
+		dot, norm, diff = dot+acc[l], norm+acc[8+l], diff+acc[16+l]
+	}
+	for ; i < len(w); i++ {
+		eff, want := float64(w[i])-float64(orig[i]), float64(delta[i])
+		dot += eff * want
+		norm += want * want
+		diff += (eff - want) * (eff - want)
+	}
+	return dot, norm, diff
 }
 
 func gcd(a, b int) int {

@@ -32,6 +32,10 @@ type LayerReport struct {
 	Retention float64 `json:"retention,omitempty" msgpack:"retention,omitempty"`
 	RelError  float64 `json:"rel_error,omitempty" msgpack:"rel_error,omitempty"`
 	Warning   string  `json:"warning,omitempty" msgpack:"warning,omitempty"`
+	// DeltaNorm2 is ‖ΔW‖² of the layer as the fused pass summed it, the
+	// weight of its retention in a total over several passes; not
+	// serialised.
+	DeltaNorm2 float64 `json:"-" msgpack:"-"`
 }
 
 // Report is the outcome of an apply, serialisable to JSON and msgpack.
@@ -81,7 +85,7 @@ func (r *Report) SetLayerFit(li int, name string, dot, norm, diff, warn float64)
 		return
 	}
 	lr := &r.Layers[li]
-	lr.Retention, lr.RelError = dot/norm, math.Sqrt(diff/norm)
+	lr.Retention, lr.RelError, lr.DeltaNorm2 = dot/norm, math.Sqrt(diff/norm), norm
 	if lr.Retention < warn {
 		lr.Warning = fmt.Sprintf("retention %.3f below %.2f: re-quantization erased most of the LoRA here; use side mode", lr.Retention, warn)
 		r.Warnings = append(r.Warnings, name+": "+lr.Warning)

@@ -389,42 +389,22 @@ func (p *Plan) Layer(name string) *SideLayer { return p.byName[name] }
 
 // DeltaRows adds the layer's full delta rows [r0, r1) (factors, dense, all
 // strengths applied) into dst [(r1−r0) × In] in float32 — the fused pass's
-// per-tile delta, never a full-layer temporary. The factor product runs
-// four ranks at a time so each output element is loaded and stored once
-// per four multiply-adds.
+// per-tile delta, never a full-layer temporary. Per element the factor
+// product sums four ranks at a time, ((b0·a0 + b1·a1) + b2·a2) + b3·a3,
+// adds that to the element, skips a group whose four b are zero, then
+// adds the ranks past the last group one by one; every step is rounded to
+// float32 on its own (no FMA). The CUDA kernel and its emulator reproduce
+// this order, and so does every simd path (addFactors): the vector
+// kernels change the speed, never a bit.
 func (sl *SideLayer) DeltaRows(dst []float32, r0, r1 int) {
 	in := sl.In
-	for r := r0; r < r1; r++ {
-		out := dst[(r-r0)*in : (r-r0+1)*in]
-		brow := sl.B[r*sl.Rank : (r+1)*sl.Rank]
-		k := 0
-		for ; k+4 <= len(brow); k += 4 {
-			b0, b1, b2, b3 := brow[k], brow[k+1], brow[k+2], brow[k+3]
-			if b0 == 0 && b1 == 0 && b2 == 0 && b3 == 0 {
-				continue
-			}
-			a0 := sl.A[k*in : (k+1)*in]
-			a1 := sl.A[(k+1)*in : (k+2)*in]
-			a2 := sl.A[(k+2)*in : (k+3)*in]
-			a3 := sl.A[(k+3)*in : (k+4)*in]
-			a1, a2, a3 = a1[:len(a0)], a2[:len(a0)], a3[:len(a0)]
-			o := out[:len(a0)]
-			for j := range a0 {
-				o[j] += b0*a0[j] + b1*a1[j] + b2*a2[j] + b3*a3[j]
-			}
-		}
-		for ; k < len(brow); k++ {
-			bv := brow[k]
-			if bv == 0 {
-				continue
-			}
-			a := sl.A[k*in : (k+1)*in]
-			o := out[:len(a)]
-			for j, av := range a {
-				o[j] += bv * av
-			}
-		}
-		if sl.Dense != nil {
+	rows := r1 - r0
+	if sl.Rank > 0 && rows > 0 {
+		addFactors(dst[:rows*in], sl.B[r0*sl.Rank:r1*sl.Rank], sl.Rank, sl.A[:sl.Rank*in], in, rows)
+	}
+	if sl.Dense != nil {
+		for r := r0; r < r1; r++ {
+			out := dst[(r-r0)*in : (r-r0+1)*in]
 			for j, v := range sl.Dense[r*in : (r+1)*in] {
 				out[j] += v
 			}

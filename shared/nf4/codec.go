@@ -238,7 +238,15 @@ func Quantize(packed []byte, absmax []float32, src []float32, blocksize int, qt 
 	default:
 		panic("nf4: Quantize: unknown quant type " + string(qt))
 	}
+	vec := !fp4 && vecBlocks(blocksize)
 	parallelBlocks(nb, blocksize, func(b0, b1 int) {
+		if vec {
+			whole := min(b1, n/blocksize)
+			if whole > b0 {
+				quantVecNF4(packed, absmax, src, b0, whole, blocksize)
+				b0 = whole
+			}
+		}
 		for b := b0; b < b1; b++ {
 			lo := b * blocksize
 			hi := min(lo+blocksize, n)
@@ -287,6 +295,14 @@ func quantizeBlock(out []byte, x []float32, fp4 bool) float32 {
 // float32 result once is exactly what bitsandbytes does.
 func Dequantize(dst []float32, packed []byte, absmax []float32, code *[16]float32, n, blocksize int) {
 	dequantize(outF32(dst[:n]), packed, absmax, code, n, blocksize)
+}
+
+// DequantizeLogical is Dequantize followed by RoundTo(dst[:n], dtype), bit
+// for bit, the way bitsandbytes' dequantize_4bit returns a weight of a
+// 16-bit dtype as float32 values: each block's 16 products are rounded
+// once instead of every value.
+func DequantizeLogical(dst []float32, packed []byte, absmax []float32, code *[16]float32, n, blocksize int, dtype DType) {
+	dequantize(outLogical{d: dst[:n], dtype: dtype}, packed, absmax, code, n, blocksize)
 }
 
 // DType is a logical (dequantized) element type as the quant-state JSON
@@ -343,7 +359,16 @@ func dequantize(out output, packed []byte, absmax []float32, code *[16]float32, 
 	nb := Blocks(n, blocksize)
 	packed = packed[:PackedLen(n)]
 	absmax = absmax[:nb]
+	vo, vec := out.(vecOutput)
+	vec = vec && vecBlocks(blocksize) && vo.vec(nil, nil, code, 0, 0, 0)
 	parallelBlocks(nb, blocksize, func(b0, b1 int) {
+		if vec {
+			whole := min(b1, n/blocksize)
+			if whole > b0 {
+				vo.vec(packed, absmax, code, b0, whole, blocksize)
+				b0 = whole
+			}
+		}
 		var tab [16]float32
 		for b := b0; b < b1; b++ {
 			am := absmax[b]
@@ -363,7 +388,41 @@ type output interface {
 	block(lo, hi int, packed []byte, tab *[16]float32)
 }
 
+// vecOutput is an output the vector kernels can write whole blocks
+// [b0, b1) of; vec with b1 ≤ b0 only reports whether it can.
+type vecOutput interface {
+	vec(packed []byte, absmax []float32, code *[16]float32, b0, b1, bs int) bool
+}
+
 type outF32 []float32
+
+func (o outF32) vec(packed []byte, absmax []float32, code *[16]float32, b0, b1, bs int) bool {
+	dequantVec(o, packed, absmax, code, b0, b1, bs, false)
+	return true
+}
+
+// outLogical is outF32 rounded to a logical dtype: each block's 16
+// products are rounded once, which is what rounding every decoded value
+// gives.
+type outLogical struct {
+	d     []float32
+	dtype DType
+}
+
+func (o outLogical) vec(packed []byte, absmax []float32, code *[16]float32, b0, b1, bs int) bool {
+	switch o.dtype {
+	case BFloat16, Float32:
+		dequantVec(o.d, packed, absmax, code, b0, b1, bs, o.dtype == BFloat16)
+		return true
+	}
+	return false
+}
+
+func (o outLogical) block(lo, hi int, packed []byte, tab *[16]float32) {
+	t := *tab
+	RoundTo(t[:], o.dtype)
+	outF32(o.d).block(lo, hi, packed, &t)
+}
 
 func (o outF32) block(lo, hi int, packed []byte, tab *[16]float32) {
 	d := o[lo:hi]

@@ -228,6 +228,25 @@ func (f *File) AdviseSequential() error {
 	return unix.Madvise(f.mapping, unix.MADV_SEQUENTIAL)
 }
 
+// Evict drops the pages that hold tensor name from this process's
+// resident memory (madvise MADV_DONTNEED on the whole pages it spans): a
+// pass that reads each tensor once keeps one tensor resident, not the
+// file. The bytes stay in the page cache and the mapping stays valid: a
+// later read faults them back in. Unknown names are ignored.
+func (f *File) Evict(name string) error {
+	t, ok := f.Lookup(name)
+	if !ok || f.mapping == nil || t.End <= t.Begin {
+		return nil
+	}
+	page := int64(os.Getpagesize())
+	lo := (f.DataStart + t.Begin) / page * page
+	hi := min(int64(len(f.mapping)), (f.DataStart+t.End+page-1)/page*page)
+	if err := unix.Madvise(f.mapping[lo:hi], unix.MADV_DONTNEED); err != nil {
+		return &Error{File: f.Path, Key: name, Err: fmt.Errorf("madvise: %w", err)}
+	}
+	return nil
+}
+
 // Close unmaps the file. Slices returned by Data are invalid afterwards.
 func (f *File) Close() error {
 	if f.mapping == nil {

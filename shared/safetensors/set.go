@@ -260,6 +260,16 @@ func (s *Set) FileOf(name string) (*File, bool) {
 }
 
 // Data returns tensor name's bytes as a slice of its shard's mapping
+// Evict drops the named tensor's mapped pages from the resident set (see
+// File.Evict), in whichever shard holds it; an unknown name is a no-op.
+func (s *Set) Evict(name string) error {
+	f, ok := s.FileOf(name)
+	if !ok {
+		return nil
+	}
+	return f.Evict(name)
+}
+
 // (File.Data).
 func (s *Set) Data(name string) ([]byte, error) {
 	f, ok := s.fileOf[name]

@@ -1,0 +1,115 @@
+package lora
+
+import (
+	"github.com/arenahost/arenahost/shared/simd"
+)
+
+// rankPattern is the work one B_cat row asks for: the groups of four ranks
+// with a nonzero b (first rank of each) and, past the last whole group,
+// the single ranks with a nonzero b. The scalar order skips exactly the
+// others, so rows with one pattern can run through one kernel call.
+type rankPattern struct {
+	gs, ss []int32
+}
+
+func (p *rankPattern) of(brow []float32) {
+	p.gs, p.ss = p.gs[:0], p.ss[:0]
+	k := 0
+	for ; k+4 <= len(brow); k += 4 {
+		if brow[k] != 0 || brow[k+1] != 0 || brow[k+2] != 0 || brow[k+3] != 0 {
+			p.gs = append(p.gs, int32(k))
+		}
+	}
+	for ; k < len(brow); k++ {
+		if brow[k] != 0 {
+			p.ss = append(p.ss, int32(k))
+		}
+	}
+}
+
+func (p *rankPattern) equal(q *rankPattern) bool {
+	if len(p.gs) != len(q.gs) || len(p.ss) != len(q.ss) {
+		return false
+	}
+	for i, v := range p.gs {
+		if q.gs[i] != v {
+			return false
+		}
+	}
+	for i, v := range p.ss {
+		if q.ss[i] != v {
+			return false
+		}
+	}
+	return true
+}
+
+// addFactors adds B·A into dst [rows × in] for B rows b [rows × rank] and
+// A [rank × in], in DeltaRows' order, on the current simd path. Rows are
+// taken in runs that share a rank pattern (a row tile usually is one run;
+// runs break where a module's pieces start or end in B_cat).
+func addFactors(dst, b []float32, rank int, a []float32, in, rows int) {
+	if rank == 0 || rows == 0 || in == 0 {
+		return
+	}
+	path := simd.Current()
+	var cur, next rankPattern
+	cur.of(b[:rank])
+	for r := 0; r < rows; {
+		e := r + 1
+		for ; e < rows; e++ {
+			next.of(b[e*rank : (e+1)*rank])
+			if !next.equal(&cur) {
+				break
+			}
+		}
+		if len(cur.gs)+len(cur.ss) > 0 {
+			d, bb := dst[r*in:], b[r*rank:]
+			done := factorsSIMD(path, d, in, bb, rank, a, in, cur.gs, cur.ss, e-r, in)
+			if done < in {
+				factorsGo(d, in, bb, rank, a, in, cur.gs, cur.ss, e-r, done, in)
+			}
+		}
+		cur, next = next, cur
+		r = e
+	}
+}
+
+// factorsGo is the portable kernel: columns [c0, c1) of rows rows, in the
+// scalar order, each product and sum rounded to float32 on its own (the
+// conversions forbid the compiler an FMA, whatever GOAMD64 says).
+func factorsGo(dst []float32, ldd int, b []float32, ldb int, a []float32, lda int, gs, ss []int32, rows, c0, c1 int) {
+	n := c1 - c0
+	for r := 0; r < rows; r++ {
+		o := dst[r*ldd+c0 : r*ldd+c1]
+		brow := b[r*ldb:]
+		for _, k32 := range gs {
+			k := int(k32)
+			b0, b1, b2, b3 := brow[k], brow[k+1], brow[k+2], brow[k+3]
+			a0 := a[k*lda+c0:][:n]
+			a1 := a[(k+1)*lda+c0:][:n]
+			a2 := a[(k+2)*lda+c0:][:n]
+			a3 := a[(k+3)*lda+c0:][:n]
+			for j := range o {
+				s := float32(b0*a0[j]) + float32(b1*a1[j])
+				s = float32(s) + float32(b2*a2[j])
+				s = float32(s) + float32(b3*a3[j])
+				o[j] += float32(s)
+			}
+		}
+		for _, k32 := range ss {
+			k := int(k32)
+			bv := brow[k]
+			ak := a[k*lda+c0:][:n]
+			for j := range o {
+				o[j] += float32(bv * ak[j])
+			}
+		}
+	}
+}
+
+// groupsPerChunk is how many rank groups of a strip wide columns wide fit
+// in half the L1 data cache (at least one).
+func groupsPerChunk(wide int) int {
+	return max(1, simd.CacheSizes().L1D/2/(4*wide*4))
+}
