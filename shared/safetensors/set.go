@@ -259,7 +259,6 @@ func (s *Set) FileOf(name string) (*File, bool) {
 	return f, ok
 }
 
-// Data returns tensor name's bytes as a slice of its shard's mapping
 // Evict drops the named tensor's mapped pages from the resident set (see
 // File.Evict), in whichever shard holds it; an unknown name is a no-op.
 func (s *Set) Evict(name string) error {
@@ -270,6 +269,7 @@ func (s *Set) Evict(name string) error {
 	return f.Evict(name)
 }
 
+// Data returns tensor name's bytes as a slice of its shard's mapping
 // (File.Data).
 func (s *Set) Data(name string) ([]byte, error) {
 	f, ok := s.fileOf[name]
