@@ -188,6 +188,7 @@ func (p *managed) startGeneration(ctx context.Context, man *Manifest) (*generati
 	isGo := man.Language == LanguageGo
 
 	env := pluginEnv(os.Environ())
+	env = append(env, pluginEnv(m.cfg.ChildEnv)...)
 	env = append(env,
 		wire.EnvPluginName+"="+man.Name,
 		wire.EnvGeneration+"="+strconv.FormatUint(n, 10))
