@@ -29,12 +29,20 @@ type fleetHost struct {
 
 // startFleetHost runs `arenahost serve` on cuda-sim device dev, on a port
 // of its own (127.0.0.1:0), with its own data directory, and the shared
-// plugins directory. It is stopped with SIGTERM when the test ends.
+// plugins directory.
 func startFleetHost(t *testing.T, bin, plugins string, dev int) *fleetHost {
 	t.Helper()
 	h := &fleetHost{data: t.TempDir(), logs: &bytes.Buffer{}}
-	cmd := exec.Command(bin, "serve", "--listen", "127.0.0.1:0", "--data", h.data, "--plugins", plugins,
-		"--arena-backend", "cuda-sim", "--arena-device", strconv.Itoa(dev), "--arena-capacity", "256MiB")
+	startHostProcess(t, h, bin, fmt.Sprintf("host on device %d", dev), []string{"--listen", "127.0.0.1:0", "--data", h.data, "--plugins", plugins,
+		"--arena-backend", "cuda-sim", "--arena-device", strconv.Itoa(dev), "--arena-capacity", "256MiB"})
+	return h
+}
+
+// startHostProcess runs `arenahost serve args...`, sets h.url from the
+// console URL it prints, and stops it with SIGTERM when the test ends.
+func startHostProcess(t *testing.T, h *fleetHost, bin, label string, args []string) {
+	t.Helper()
+	cmd := exec.Command(bin, append([]string{"serve"}, args...)...)
 	cmd.Stderr = h.logs
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -51,11 +59,11 @@ func startFleetHost(t *testing.T, bin, plugins string, dev int) *fleetHost {
 		select {
 		case err := <-exited:
 			if err != nil {
-				t.Errorf("host on device %d after SIGTERM: %v\n%s", dev, err, h.logs)
+				t.Errorf("%s after SIGTERM: %v\n%s", label, err, h.logs)
 			}
 		case <-time.After(30 * time.Second):
 			_ = cmd.Process.Kill()
-			t.Errorf("host on device %d did not stop within 30s of SIGTERM\n%s", dev, h.logs)
+			t.Errorf("%s did not stop within 30s of SIGTERM\n%s", label, h.logs)
 		}
 	})
 	urls := make(chan string, 1)
@@ -71,12 +79,17 @@ func startFleetHost(t *testing.T, bin, plugins string, dev int) *fleetHost {
 	select {
 	case h.url = <-urls:
 	case <-time.After(60 * time.Second):
-		t.Fatalf("host on device %d printed no console URL:\n%s", dev, h.logs)
+		t.Fatalf("%s printed no console URL:\n%s", label, h.logs)
 	}
-	return h
 }
 
 func (h *fleetHost) do(t *testing.T, method, path string, body any, out any) {
+	t.Helper()
+	h.doToken(t, "", method, path, body, out, http.StatusOK)
+}
+
+// doToken calls the host with the bearer token (if any) and wants status.
+func (h *fleetHost) doToken(t *testing.T, token, method, path string, body any, out any, status int) {
 	t.Helper()
 	var rd io.Reader
 	if body != nil {
@@ -91,13 +104,16 @@ func (h *fleetHost) do(t *testing.T, method, path string, body any, out any) {
 		t.Fatal(err)
 	}
 	req.Header.Set("Content-Type", "application/json")
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
+	if resp.StatusCode != status {
 		t.Fatalf("%s %s: %d %s\nhost log:\n%s", method, path, resp.StatusCode, b, h.logs)
 	}
 	if out != nil {
