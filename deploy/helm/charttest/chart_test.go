@@ -5,8 +5,10 @@
 // a Secret, a read-only model volume, a Service per model group, a
 // ServiceMonitor for /metrics, a NetworkPolicy admitting only the UI's
 // namespace, memory requests matching the arena, a draining preStop, and a
-// non-root, read-only, unprivileged container. It is its own Go module, so
-// Helm and the Kubernetes types stay out of arenahost's go.mod.
+// non-root, read-only, unprivileged container. It also checks the image
+// recipe, deploy/image/Containerfile, against its checklist. It is its own
+// Go module, so Helm and the Kubernetes types stay out of arenahost's
+// go.mod; `make test-deploy` runs it.
 package charttest
 
 import (
