@@ -34,8 +34,17 @@ func startFleetHost(t *testing.T, bin, plugins string, dev int) *fleetHost {
 	t.Helper()
 	h := &fleetHost{data: t.TempDir(), logs: &bytes.Buffer{}}
 	startHostProcess(t, h, bin, fmt.Sprintf("host on device %d", dev), []string{"--listen", "127.0.0.1:0", "--data", h.data, "--plugins", plugins,
-		"--arena-backend", "cuda-sim", "--arena-device", strconv.Itoa(dev), "--arena-capacity", "256MiB"})
+		"--arena-backend", "cuda-sim", "--arena-device", strconv.Itoa(dev), "--arena-capacity", "256MiB", "--shm", shmMode()})
 	return h
+}
+
+// shmMode is shm (files under /dev/shm, named by the host's pid) where
+// /dev/shm exists, so the test sees each host's shared memory by name.
+func shmMode() string {
+	if st, err := os.Stat("/dev/shm"); err == nil && st.IsDir() {
+		return "shm"
+	}
+	return "memfd"
 }
 
 // startHostProcess runs `arenahost serve args...`, sets h.url from the
@@ -229,9 +238,16 @@ func TestTwoHostsOneMachine(t *testing.T) {
 	if after[0] != before[0] {
 		t.Fatalf("host 0: digest changed from %s to %s by an apply on host 1", before[0], after[0])
 	}
-	// Each host keeps its own data directory: host 1's apply journal is
-	// not in host 0's.
 	if hosts[0].data == hosts[1].data {
 		t.Fatal("shared data directory")
+	}
+	// Shared memory: each host's /dev/shm directory carries its own pid.
+	if shmMode() == "shm" {
+		for i, h := range hosts {
+			dirs, _ := filepath.Glob(fmt.Sprintf("/dev/shm/arenahost-%d-*", h.cmd.Process.Pid))
+			if len(dirs) != 1 {
+				t.Errorf("host %d (pid %d): shared-memory directories %v, want exactly one of its own", i, h.cmd.Process.Pid, dirs)
+			}
+		}
 	}
 }
