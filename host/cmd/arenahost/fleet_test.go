@@ -30,11 +30,15 @@ type fleetHost struct {
 // startFleetHost runs `arenahost serve` on cuda-sim device dev, on a port
 // of its own (127.0.0.1:0), with its own data directory, and the shared
 // plugins directory.
-func startFleetHost(t *testing.T, bin, plugins string, dev int) *fleetHost {
+func startFleetHost(t *testing.T, bin, plugins, python string, dev int) *fleetHost {
 	t.Helper()
 	h := &fleetHost{data: t.TempDir(), logs: &bytes.Buffer{}}
-	startHostProcess(t, h, bin, fmt.Sprintf("host on device %d", dev), []string{"--listen", "127.0.0.1:0", "--data", h.data, "--plugins", plugins,
-		"--arena-backend", "cuda-sim", "--arena-device", strconv.Itoa(dev), "--arena-capacity", "256MiB", "--shm", shmMode()})
+	args := []string{"--listen", "127.0.0.1:0", "--data", h.data, "--plugins", plugins,
+		"--arena-backend", "cuda-sim", "--arena-device", strconv.Itoa(dev), "--arena-capacity", "256MiB", "--shm", shmMode()}
+	if python != "" {
+		args = append(args, "--python", python)
+	}
+	startHostProcess(t, h, bin, fmt.Sprintf("host on device %d", dev), args)
 	return h
 }
 
@@ -194,7 +198,17 @@ func TestTwoHostsOneMachine(t *testing.T) {
 	}
 	testenv.InstallPlugin(t, plugins, "lora-nf4", "./plugins/lora-nf4", string(manifest))
 
-	hosts := []*fleetHost{startFleetHost(t, bin, plugins, 0), startFleetHost(t, bin, plugins, 1)}
+	// With the core Python (make test sets ARENAHOST_PYTHON), the Python
+	// reference pipeline runs beside lora-nf4 and is checked the same way.
+	python := os.Getenv("ARENAHOST_PYTHON")
+	checked := []string{"lora-nf4"}
+	if python != "" {
+		if err := os.CopyFS(filepath.Join(plugins, "reference_pipeline"), os.DirFS(filepath.Join(testenv.RepoRoot(t), "sdk", "python", "examples", "reference_pipeline"))); err != nil {
+			t.Fatal(err)
+		}
+		checked = append(checked, "reference-pipeline")
+	}
+	hosts := []*fleetHost{startFleetHost(t, bin, plugins, python, 0), startFleetHost(t, bin, plugins, python, 1)}
 	if hosts[0].url == hosts[1].url {
 		t.Fatalf("both hosts on %s", hosts[0].url)
 	}
@@ -207,11 +221,13 @@ func TestTwoHostsOneMachine(t *testing.T) {
 		if !strings.Contains(arena.Backend, "cuda-sim") {
 			t.Fatalf("host %d: arena backend %q, want cuda-sim", i, arena.Backend)
 		}
-		env := h.pluginEnv(t, "lora-nf4")
 		want := map[string]string{"ARENAHOST_ARENA_BACKEND": "cuda-sim", "ARENAHOST_DEVICE": strconv.Itoa(i), "ARENAHOST_TORCH_DEVICE": "cpu"}
-		for k, v := range want {
-			if env[k] != v {
-				t.Errorf("host %d: plugin lora-nf4 has %s=%q, want %q", i, k, env[k], v)
+		for _, name := range checked {
+			env := h.pluginEnv(t, name)
+			for k, v := range want {
+				if env[k] != v {
+					t.Errorf("host %d: plugin %s has %s=%q, want %q", i, name, k, env[k], v)
+				}
 			}
 		}
 		before[i] = h.digest(t)
