@@ -132,7 +132,9 @@ IMAGE      ?= arenahost$(if $(filter cuda,$(VARIANT)),-cuda)
 IMAGE_TAG  ?= 0.1.0
 VARIANT    ?= cpu
 CUDA_RUNTIME_IMAGE ?= nvidia/cuda:12.9.1-runtime-ubuntu24.04
-IMAGE_ARGS := --build-arg VARIANT=$(VARIANT) $(if $(filter cuda,$(VARIANT)),--build-arg RUNTIME_IMAGE=$(CUDA_RUNTIME_IMAGE))
+PY_REQUIREMENTS ?= python/requirements-core.txt
+IMAGE_ARGS := --build-arg VARIANT=$(VARIANT) $(if $(filter cuda,$(VARIANT)),--build-arg RUNTIME_IMAGE=$(CUDA_RUNTIME_IMAGE)) \
+              --build-arg PY_REQUIREMENTS="$(PY_REQUIREMENTS)"
 
 image: ## build the container image (deploy/image/Containerfile; VARIANT=cuda for the GPU build) where podman, buildah or docker is available
 	@b="$${CONTAINER_BUILDER:-}"; \
