@@ -484,6 +484,7 @@ func TestChartRefuses(t *testing.T) {
 		{"bad-models-no-claim.yaml", "groups[0] (flux).models: models need storage.existingClaim"},
 		{"bad-backend.yaml", `groups[0] (flux).arenaBackend: "rocm" is not cuda, cpu or cuda-sim`},
 		{"bad-duplicate.yaml", `groups[1].name: "flux" is used twice`},
+		{"bad-port.yaml", `port: 7860 differs from the port of listen "0.0.0.0:8000"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.values, func(t *testing.T) {

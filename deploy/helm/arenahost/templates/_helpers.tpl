@@ -40,6 +40,9 @@ value's name: a mistake stops at `helm install`, not in a crash loop.
 {{- if not (regexMatch "^([0-9.]+|localhost|\\[[0-9a-fA-F:]+\\])?:[0-9]+$" (toString .Values.listen)) -}}
 {{- fail (printf "listen: %q is not HOST:PORT" (toString .Values.listen)) -}}
 {{- end -}}
+{{- if ne (last (splitList ":" (toString .Values.listen))) (toString (int .Values.port)) -}}
+{{- fail (printf "port: %v differs from the port of listen %q (the probes, the Service and the host must agree)" .Values.port (toString .Values.listen)) -}}
+{{- end -}}
 {{- if not (include "arenahost.loopback" .) -}}
 {{- if and (not .Values.token.existingSecret) (not .Values.token.value) -}}
 {{- fail (printf "token: listen %q is not loopback, so the hosts need a token: set token.existingSecret (a Secret with key %q) or token.value" (toString .Values.listen) .Values.token.key) -}}
