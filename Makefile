@@ -190,7 +190,7 @@ gpu-bundle: ## pack stripped CPU + CUDA builds for a GPU machine without Go (bin
 	bash scripts/gpu-bundle.sh
 
 test-cuda-fake: cuda ## run the -tags cuda build (host, plugins, GPU check) on fakecuda, a CPU stand-in for the driver: kernels, IPC, loads, the served check
-	lib=$$(bash scripts/fakecuda.sh) && LD_LIBRARY_PATH=$$lib $$lib/fakecuda_test && LD_LIBRARY_PATH=$$lib $(BIN)/cuda/arenahost-gpucheck -merge-model tiny -skip-torch \
+	lib=$$(bash scripts/fakecuda.sh) && LD_LIBRARY_PATH=$$lib $$lib/fakecuda_test && FAKECUDA_DEVICES=2 LD_LIBRARY_PATH=$$lib $(BIN)/cuda/arenahost-gpucheck -merge-model tiny -skip-torch \
 	  -cpu-host $(BIN)/arenahost -device-host $(BIN)/cuda/arenahost -out $$lib/gpucheck.md
 
 cuda-vet: ## compile-check every package under -tags cuda (no GPU or driver needed)
