@@ -97,7 +97,7 @@ TEST_ENV := ARENAHOST_PYTHON=$(abspath $(PY)) ARENAHOST_TORCH_PYTHON=$(abspath $
             ARENAHOST_REQUIRE_PYTHON=1 ARENAHOST_BIN=$(abspath $(BIN)) \
             ARENAHOST_ARTIFACTS=$(abspath .cache/artifacts) ARENAHOST_COMFY_FRONTEND=$(abspath $(COMFY_FRONTEND_DIR)/static)
 
-test: build venv venv-torch venv-clients venv-deploy comfy-frontend browser-deps test-go test-python test-clients test-deploy test-cuda-fake ## run every test (Go, Python, the A1111/ComfyUI client libraries, then the -tags cuda build on fakecuda)
+test: build venv venv-torch venv-clients comfy-frontend browser-deps test-go test-python test-clients test-cuda-fake ## run every test (Go, Python, the A1111/ComfyUI client libraries, then the -tags cuda build on fakecuda)
 
 test-go: ## Go tests only
 	$(TEST_ENV) $(GO) test $(GO_TEST_FLAGS) ./...
@@ -117,6 +117,9 @@ test-oracles: build venv venv-torch ## rerun the oracle tests with torch forced 
 	done
 test-clients: build venv venv-clients ## the real A1111/ComfyUI client libraries, unmodified, against a real `arenahost serve`
 	$(TEST_ENV) $(PY_CLIENTS) -m pytest -q -p no:warnings tests/clients
+
+# make test runs the deploy checks too (a rule of its own, added to test's).
+test: venv-deploy test-deploy
 
 # The chart test is its own Go module (Helm and the Kubernetes types stay out
 # of go.mod); its first build compiles Helm and k8s.io, minutes on 2 cores.
