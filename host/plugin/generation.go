@@ -193,6 +193,7 @@ func (p *managed) startGeneration(ctx context.Context, man *Manifest) (*generati
 		return fail("socket dir", err)
 	}
 	env := pluginEnv(os.Environ())
+	env = append(env, pluginEnv(m.cfg.ChildEnv)...)
 	env = append(env,
 		wire.EnvPluginName+"="+man.Name,
 		wire.EnvGeneration+"="+strconv.FormatUint(n, 10))

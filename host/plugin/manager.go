@@ -88,6 +88,11 @@ type Config struct {
 	// Env is consulted first when expanding ${VAR} in a manifest's command
 	// and args (then the host's environment), e.g. ARENAHOST_PYTHON.
 	Env map[string]string
+	// ChildEnv ("KEY=VALUE") is added to every plugin process's
+	// environment, after the host's own: the host tells its plugins which
+	// device and arena backend they serve (ARENAHOST_DEVICE,
+	// ARENAHOST_ARENA_BACKEND; see docs/deploy.md).
+	ChildEnv []string
 	// Logger receives the manager's events and every plugin's stderr,
 	// under attributes plugin=NAME generation=N.
 	Logger *slog.Logger

@@ -169,6 +169,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	pcfg := plugin.Config{
 		Dir:       cfg.PluginsDir,
 		Env:       cfg.PluginEnv,
+		ChildEnv:  DeviceEnv(cfg.ArenaBackend, cfg.ArenaDevice),
 		Logger:    log,
 		Arena:     plugin.ArenaOf(ar),
 		Registry:  lookup{reg: s.Registry, loc: ar, bindings: s.Bindings},

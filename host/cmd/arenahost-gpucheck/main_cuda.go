@@ -48,7 +48,7 @@ func run() int {
 	flag.StringVar(&o.cpuHost, "cpu-host", "bin/arenahost", "arenahost built without CUDA (make build): the served check's CPU host; empty skips the served check")
 	flag.StringVar(&o.deviceHost, "device-host", "bin/cuda/arenahost", "arenahost built with -tags cuda (make cuda), with its plugins under bin/cuda/plugins")
 	flag.StringVar(&o.mergeModel, "merge-model", "dev", "the scale and merge steps' model: dev (Flux-dev, the targets) or tiny (one block of each kind, for fakecuda)")
-	flag.StringVar(&o.steps, "steps", "correctness,ipc,load,served,merge,scale", "the steps to run, comma-separated")
+	flag.StringVar(&o.steps, "steps", "correctness,ipc,load,served,two-hosts,merge,scale", "the steps to run, comma-separated")
 	flag.Parse()
 	o.loras = []int{1, 5}
 
@@ -81,6 +81,23 @@ func run() int {
 			return CheckServed(ctx, r, ServedOptions{CPU: o.cpuHost, Device: o.deviceHost,
 				DeviceArgs: []string{"--arena-backend", "cuda", "--arena-device", strconv.Itoa(o.device)}})
 		}},
+		// One host per device: two hosts side by side where the machine
+		// has a second device (noted and skipped otherwise).
+		{"two-hosts", func() error {
+			n, err := deviceCount()
+			if err != nil {
+				return err
+			}
+			if n < 2 {
+				r.Note("two-hosts: %d device(s); the check needs two, skipped", n)
+				return nil
+			}
+			other := 1
+			if o.device == 1 {
+				other = 0
+			}
+			return CheckTwoHosts(ctx, r, TwoHostOptions{Bin: o.deviceHost, Backend: "cuda", Devices: [2]int{o.device, other}})
+		}},
 		{"merge", func() error { return benchMerge(ctx, dev, r, o) }},
 		// Last: the kernel targets above matter most if time runs out.
 		{"scale", func() error {
@@ -107,7 +124,7 @@ func run() int {
 		}
 	}
 	for s := range want {
-		r.Add(s, "error", fmt.Sprintf("no step %q (steps: correctness, ipc, load, served, merge, scale)", s), "", Fail)
+		r.Add(s, "error", fmt.Sprintf("no step %q (steps: correctness, ipc, load, served, two-hosts, merge, scale)", s), "", Fail)
 	}
 	r.Note("total run time %.1f s", time.Since(start).Seconds())
 	fmt.Print(r.Table())

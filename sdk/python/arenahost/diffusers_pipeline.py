@@ -18,6 +18,8 @@ Kind ``pipeline``, method ``run`` (msgpack params; all optional):
 ``keep``        step latents kept allocated at once (default 2)
 ==============  ===========================================================
 
+The pipeline runs on the host's torch device (``ARENAHOST_TORCH_DEVICE``, see
+:mod:`arenahost.device`): ``cuda:N`` when the host's arena is on device N.
 The transformer's Linear layers are patched onto the arena model with
 :func:`arenahost.diffusers_flux.patch_pipeline` (once per model; LoRA side
 factors the host binds are polled once per step). Every step's packed Flux
@@ -50,6 +52,7 @@ import time
 import grpc
 import numpy as np
 
+from arenahost.device import torch_device
 from arenahost.server import InvalidArgument, Plugin, PluginError, Result, get_arg
 
 __all__ = ["plugin", "run", "NAME", "VERSION", "ENV_MODEL_DIR"]
@@ -109,16 +112,21 @@ def _parse(args, call_id: str) -> dict:
 def _pipeline(st: _State, host, p: dict):
     from arenahost.diffusers_flux import build_small_pipeline, patch_pipeline
 
+    def build():
+        # On the host's device (ARENAHOST_TORCH_DEVICE: cuda:N on the cuda
+        # backend): patched layers follow the pipeline's device.
+        return build_small_pipeline(p["model_dir"] or None).to(torch_device())
+
     with st.lock:
         pipe = st.pipes.get(p["model_dir"])
         if pipe is None:
-            pipe = st.pipes[p["model_dir"]] = build_small_pipeline(p["model_dir"] or None)
+            pipe = st.pipes[p["model_dir"]] = build()
         key = (p["model_dir"], p["model"])
         report = st.patched.get(key)
         if report is None:
             if st.patched:
                 # One transformer per pipeline: a second model needs a fresh pipeline.
-                pipe = st.pipes[p["model_dir"]] = build_small_pipeline(p["model_dir"] or None)
+                pipe = st.pipes[p["model_dir"]] = build()
                 st.patched.clear()
             report = st.patched[key] = patch_pipeline(pipe, host, model=p["model"])
         return pipe, report
@@ -136,6 +144,7 @@ def run(host, p: dict, *, cancelled=lambda: False, state: _State | None = None) 
     tcfg = pipe.transformer.config
     pe, pooled = prompt_embeddings(p["prompt"], context_dim=int(tcfg.joint_attention_dim),
                                    pooled_dim=int(tcfg.pooled_projection_dim), dtype=pipe.transformer.dtype)
+    pe, pooled = pe.to(pipe.transformer.device), pooled.to(pipe.transformer.device)
     h, w, steps, job = p["height"], p["width"], p["steps"], p["job_id"]
     live: list = []
     step_ms: list[float] = []
@@ -208,12 +217,14 @@ def _transformer(call, args):
     cfg = pipe.transformer.config
     inp = flux_inputs(seed, tokens, txt, int(cfg.in_channels), int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim))
     with torch.inference_mode():
-        y = pipe.transformer(**{k: (v.to(pipe.transformer.dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
+        dev = pipe.transformer.device
+        y = pipe.transformer(**{k: (v.to(dev, pipe.transformer.dtype) if torch.is_tensor(v) and v.is_floating_point()
+                                    else v.to(dev) if torch.is_tensor(v) else v)
                                 for k, v in inp.items()})[0]
     bound = {}
     for name, m in pipe.transformer.named_modules():
         if getattr(m, "binding_generation", 0):
             bound[m.weight_name] = m.binding_generation
     # values as a float list: job snapshots show msgpack bytes as "<N bytes>"
-    return {"shape": list(y.shape), "values": y.float().reshape(-1).tolist(), "bound": bound,
+    return {"shape": list(y.shape), "values": y.float().cpu().reshape(-1).tolist(), "bound": bound,
             "polls": report.watcher.polls}

@@ -79,6 +79,10 @@ std::set<Module*> modules;
 std::set<Function*> functions;
 std::set<CUstream> streams;
 int primaryRefs;
+// The one device this process emulates: the first whose primary context it
+// retains (-1: none yet). Like one host per GPU, a process may use any
+// ordinal below FAKECUDA_DEVICES, but only one.
+int ctxDevice = -1;
 int ctxObject;
 const CUcontext primary = reinterpret_cast<CUcontext>(&ctxObject);
 thread_local CUcontext current;
@@ -213,8 +217,8 @@ CUresult CUDAAPI cuDeviceGetCount(int* n) {
 CUresult CUDAAPI cuDeviceGet(CUdevice* d, int ordinal) {
     if (CUresult r = needInit()) return r;
     if (!d) return CUDA_ERROR_INVALID_VALUE;
-    // One device is emulated; other ordinals exist (FAKECUDA_DEVICES) only
-    // to be refused where the host checks them.
+    // FAKECUDA_DEVICES ordinals exist; a process emulates one of them
+    // (cuDevicePrimaryCtxRetain), so two hosts may run on devices 0 and 1.
     if (ordinal < 0 || ordinal >= devices) return CUDA_ERROR_INVALID_DEVICE;
     *d = ordinal;
     return CUDA_SUCCESS;
@@ -253,8 +257,14 @@ CUresult CUDAAPI cuDeviceGetAttribute(int* v, CUdevice_attribute a, CUdevice d) 
 
 CUresult CUDAAPI cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice d) {
     if (CUresult r = needInit()) return r;
-    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (d < 0 || d >= devices) return CUDA_ERROR_INVALID_DEVICE;
     std::lock_guard<std::mutex> g(mu);
+    if (ctxDevice >= 0 && d != ctxDevice) {
+        fail("cuDevicePrimaryCtxRetain", "fakecuda emulates one device per process; this one uses device " +
+                                             std::to_string(ctxDevice) + ", not " + std::to_string(d));
+        return CUDA_ERROR_NOT_SUPPORTED;
+    }
+    ctxDevice = d;
     primaryRefs++;
     *c = primary;
     return CUDA_SUCCESS;
@@ -262,9 +272,9 @@ CUresult CUDAAPI cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice d) {
 
 CUresult CUDAAPI cuDevicePrimaryCtxRelease(CUdevice d) {
     if (CUresult r = needInit()) return r;
-    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (d < 0 || d >= devices) return CUDA_ERROR_INVALID_DEVICE;
     std::lock_guard<std::mutex> g(mu);
-    if (primaryRefs == 0) return CUDA_ERROR_INVALID_CONTEXT;
+    if (primaryRefs == 0 || d != ctxDevice) return CUDA_ERROR_INVALID_CONTEXT;
     primaryRefs--;
     return CUDA_SUCCESS;
 }
@@ -286,7 +296,7 @@ CUresult CUDAAPI cuCtxGetCurrent(CUcontext* c) {
 
 CUresult CUDAAPI cuCtxGetDevice(CUdevice* d) {
     if (CUresult r = needContext("cuCtxGetDevice")) return r;
-    *d = 0;
+    *d = ctxDevice;
     return CUDA_SUCCESS;
 }
 
