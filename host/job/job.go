@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/host/plugin"
+	"github.com/arenahost/arenahost/shared/preview/previewwire"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
@@ -62,8 +63,8 @@ func (s State) Final() bool { return s == StateDone || s == StateFailed || s == 
 
 // Preview methods besides those a preview plugin lists.
 const (
-	MethodNone    = "none"   // previews off: latents are counted, never rendered
-	MethodDefault = "factor" // when a spec names none
+	MethodNone    = "none"                   // previews off: latents are counted, never rendered
+	MethodDefault = previewwire.MethodFactor // when a spec names none
 )
 
 // Preview is one job's preview settings.
@@ -308,20 +309,16 @@ func (m *Manager) checkPreview(ps Plugins, p *Preview) (*previewer, error) {
 	if p.Method == MethodNone {
 		return nil, nil
 	}
-	switch p.Format {
-	case "":
-		p.Format = "jpeg"
-	case "jpeg", "png":
-	case "jpg":
-		p.Format = "jpeg"
-	default:
-		return nil, fmt.Errorf("%w: preview.format: %q unknown (want jpeg or png)", ErrInvalid, p.Format)
+	f, err := previewwire.NormalizeFormat(p.Format)
+	if err != nil {
+		return nil, fmt.Errorf("%w: preview.format: %w", ErrInvalid, err)
 	}
-	if p.Quality < 0 || p.Quality > 100 {
-		return nil, fmt.Errorf("%w: preview.quality: %d out of range [0, 100]", ErrInvalid, p.Quality)
+	p.Format = f
+	if err := previewwire.CheckQuality(p.Quality); err != nil {
+		return nil, fmt.Errorf("%w: preview.quality: %w", ErrInvalid, err)
 	}
-	if p.MaxSide < 0 || p.MaxSide > 8192 {
-		return nil, fmt.Errorf("%w: preview.max_side: %d out of range [0, 8192]", ErrInvalid, p.MaxSide)
+	if err := previewwire.CheckMaxSide(p.MaxSide); err != nil {
+		return nil, fmt.Errorf("%w: preview.max_side: %w", ErrInvalid, err)
 	}
 	if p.EveryN < 0 || p.MinIntervalMS < 0 {
 		return nil, fmt.Errorf("%w: preview.every_n %d / min_interval_ms %d: must not be negative", ErrInvalid, p.EveryN, p.MinIntervalMS)
@@ -343,7 +340,7 @@ func (m *Manager) checkPreview(ps Plugins, p *Preview) (*previewer, error) {
 	}
 	var have []string
 	for _, mi := range st.Methods {
-		if name, ok := strings.CutPrefix(mi.Name, "render."); ok && name != "" {
+		if name, ok := strings.CutPrefix(mi.Name, previewwire.MethodPrefix); ok && name != "" {
 			have = append(have, name)
 		}
 	}

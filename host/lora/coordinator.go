@@ -389,24 +389,15 @@ func (c *Coordinator) setStrengths(ctx context.Context, ms *modelState, req Requ
 	return nil
 }
 
-func regionFromProto(r *pluginv1.Region) arena.Region {
-	var seg uint32
-	switch s := r.GetSegment().(type) {
-	case *pluginv1.Region_Cpu:
-		seg = s.Cpu.GetId()
-	case *pluginv1.Region_Cuda:
-		seg = s.Cuda.GetId()
-	}
-	return arena.Region{Segment: seg, Offset: r.GetOffset(), Length: r.GetLength(), Generation: r.GetGeneration()}
-}
-
 func (c *Coordinator) applySide(ctx context.Context, ms *modelState, req Request) error {
 	var out lorawire.ApplyResult
 	rep, err := c.call(ctx, "apply", lorawire.ApplyArgs{Model: req.Model, LoRAs: specs(req.LoRAs), Mode: ModeSide, Strict: req.Strict}, nil, &out)
 	var returned []arena.Region
 	if rep != nil {
 		for _, d := range rep.Tensors {
-			returned = append(returned, regionFromProto(d.GetRegion()))
+			if r, err := arena.RegionFromProto(d.GetRegion()); err == nil {
+				returned = append(returned, r)
+			}
 		}
 	}
 	// Until the swap, every region the plugin returned is freed on error.
@@ -440,7 +431,10 @@ func (c *Coordinator) applySide(ctx context.Context, ms *modelState, req Request
 		}
 		fa, fb := registry.Factors{Weight: f.Weight, Rank: f.Rank, Out: f.Out, In: f.In}, [2]arena.Region{}
 		for i, d := range []*pluginv1.TensorDescriptor{da, db} {
-			r := regionFromProto(d.GetRegion())
+			r, err := arena.RegionFromProto(d.GetRegion())
+			if err != nil {
+				return fail(fmt.Errorf("apply side: weight %s: factor %s: %w", f.Weight, d.GetName(), err))
+			}
 			nr, err := c.mem.Transfer(r, arena.HostOwner)
 			if err != nil {
 				return fail(fmt.Errorf("apply side: weight %s: take over factor region: %w", f.Weight, err))
