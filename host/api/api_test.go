@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/arenahost/arenahost/host/samples"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 func TestReadRoutes(t *testing.T) {

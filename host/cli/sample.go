@@ -6,7 +6,7 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/arenahost/arenahost/host/samples"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 func init() {

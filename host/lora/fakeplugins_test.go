@@ -20,9 +20,9 @@ import (
 	"github.com/arenahost/arenahost/host/lora"
 	"github.com/arenahost/arenahost/host/plugin"
 	"github.com/arenahost/arenahost/host/registry"
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/shared/lora/lorawire"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // fakePlugins is lora.Plugins without a process: each method is answered

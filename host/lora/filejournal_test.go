@@ -10,8 +10,8 @@ import (
 
 	"github.com/arenahost/arenahost/host/lora"
 	"github.com/arenahost/arenahost/host/registry"
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/host/server"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // loadOwnCopy copies the sample model to a file of the test's own and
