@@ -474,7 +474,7 @@ func testPluginKilledMidFuse(t *testing.T, backend, kind string, over bool) {
 // fused model fuses the previous set again; when that fails too (its file
 // was deleted), the model gets its original bytes back, holds no LoRA, and
 // the error says so.
-func TestFailedRefuseLeavesOriginals(t *testing.T) {
+func TestFailedReFuseLeavesOriginals(t *testing.T) {
 	t.Setenv("LORA_NF4_LAYER_DELAY", "40ms")
 	s := newHost(t)
 	_, _, dir := fixtures(t)
