@@ -83,8 +83,9 @@ func newFakeJobs(t *testing.T, methods map[string]func(context.Context, map[stri
 
 var noPreview = job.Preview{Method: job.MethodNone}
 
-// Jobs run one at a time: a second job waits queued while the first runs,
-// then runs; each gets its own job_id and keeps its own result.
+// Jobs run one at a time, in the order they were created: a second job
+// waits queued while the first runs, then runs; each gets its own job_id
+// and keeps its own result.
 func TestFakeJobsRunOneAtATime(t *testing.T) {
 	release := make(chan struct{})
 	started := make(chan string, 2)
@@ -107,13 +108,10 @@ func TestFakeJobsRunOneAtATime(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Which of two jobs created together runs first is not promised (both
-	// wait on the same run slot); that only one runs is.
+	// First come, first served: the job created first runs first.
 	first, second := a, b
-	if id := <-started; id == b.ID() {
-		first, second = b, a
-	} else if id != a.ID() {
-		t.Fatalf("first call got job_id %q, want %q or %q", id, a.ID(), b.ID())
+	if id := <-started; id != a.ID() {
+		t.Fatalf("first call got job_id %q, want %q (the older job)", id, a.ID())
 	}
 	select {
 	case id := <-started:
@@ -203,5 +201,48 @@ func TestFakeJobCreateRefuses(t *testing.T) {
 	defer f.mu.Unlock()
 	if strings.Join(f.calls, ",") != "tool.ok" {
 		t.Fatalf("calls %v: only the valid job may call the plugin", f.calls)
+	}
+}
+
+// A queue of jobs starts in creation order, and a job cancelled while it
+// waits gives its place to the next.
+func TestFakeJobsStartInCreationOrder(t *testing.T) {
+	release := make(chan struct{})
+	var mu sync.Mutex
+	var order []string
+	m, _ := newFakeJobs(t, map[string]func(context.Context, map[string]any) (any, error){
+		"step": func(ctx context.Context, args map[string]any) (any, error) {
+			mu.Lock()
+			order = append(order, fmt.Sprint(args["n"]))
+			mu.Unlock()
+			select {
+			case <-release:
+			case <-ctx.Done():
+			}
+			return nil, nil
+		},
+	})
+	var jobs []*job.Job
+	for i := range 6 {
+		j, err := m.Create(t.Context(), job.Spec{Pipeline: "tool", Method: "step", Params: map[string]any{"n": i}, Preview: noPreview})
+		if err != nil {
+			t.Fatal(err)
+		}
+		jobs = append(jobs, j)
+	}
+	if _, err := m.Cancel(jobs[2].ID()); err != nil {
+		t.Fatal(err)
+	}
+	close(release)
+	for _, j := range jobs {
+		wait(t, j, 10*time.Second)
+	}
+	if s := jobs[2].Snapshot(); s.State != job.StateCancelled || !s.Started.IsZero() {
+		t.Fatalf("job cancelled while queued: %+v", s)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if got := strings.Join(order, ","); got != "0,1,3,4,5" {
+		t.Fatalf("jobs ran in order %s, want 0,1,3,4,5", got)
 	}
 }

@@ -150,7 +150,7 @@ type Manager struct {
 	cfg     Config
 	log     *slog.Logger
 	plugins atomic.Pointer[pluginsBox]
-	sem     chan struct{}
+	queue   *runQueue // queue.go: run slots, first come first served
 	seq     atomic.Uint64
 
 	mu    sync.Mutex
@@ -186,7 +186,7 @@ func New(cfg Config) *Manager {
 		cfg.FlushTimeout = 5 * time.Second
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Manager{cfg: cfg, log: cfg.Logger, sem: make(chan struct{}, cfg.MaxRunning), jobs: map[string]*Job{},
+	return &Manager{cfg: cfg, log: cfg.Logger, queue: newRunQueue(cfg.MaxRunning), jobs: map[string]*Job{},
 		subs: map[*Subscription]struct{}{}, ctx: ctx, cancel: cancel}
 }
 
@@ -212,6 +212,7 @@ type Job struct {
 	stream   bool
 	pv       *previewer // nil: previews off
 	done     chan struct{}
+	slot     chan struct{} // closed when the run queue gives the job its slot
 	created  time.Time
 	finished atomic.Bool
 
@@ -295,6 +296,7 @@ func (m *Manager) Create(ctx context.Context, spec Spec) (*Job, error) {
 	m.pruneLocked()
 	m.mu.Unlock()
 	m.broadcast(Event{Type: EventState, Job: j.Snapshot()})
+	j.slot = m.queue.enqueue() // its place in line, in creation order
 	m.wg.Add(1)
 	go j.run()
 	return j, nil
@@ -463,12 +465,17 @@ func (j *Job) run() {
 	defer m.wg.Done()
 	defer close(j.done)
 	select {
-	case m.sem <- struct{}{}:
+	case <-j.slot:
 	case <-j.ctx.Done():
+	}
+	if j.ctx.Err() != nil {
+		// Cancelled while it waited (even if its turn came at the same
+		// moment): it never starts, and its place goes to the next.
+		m.queue.leave(j.slot)
 		j.finish(StateCancelled, "cancelled before it started")
 		return
 	}
-	defer func() { <-m.sem }()
+	defer m.queue.release()
 	j.setState(StateRunning, "")
 	if j.pv != nil {
 		j.pv.start()
