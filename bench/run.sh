@@ -84,5 +84,5 @@ fi
 
 if want lora; then
   section "lora: fuse/side/remove on a 0.62 B Flux slice vs PEFT's merge into bitsandbytes Linear4bit (slow: the baseline takes ~20 min)"
-  go test ./bench/lora -run '^$' -bench . -benchtime 1x -timeout 60m | tee "$out/lora.txt"
+  go test ./host/lora/peftbench -run '^$' -bench . -benchtime 1x -timeout 60m | tee "$out/lora.txt"
 fi

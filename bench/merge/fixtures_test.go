@@ -18,8 +18,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/shared/layout"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // block is the benchmark model: FLUX.1 widths, one double block (the

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/arenahost/arenahost/host/samples"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // TestResolveLoRA checks A1111's name rules: a path, else a unique bare

@@ -21,8 +21,8 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/host/plugin"
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/shared/safetensors"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // abuseCase is one hostile request and what it must answer.

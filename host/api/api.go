@@ -122,6 +122,7 @@ func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
 	a.mux.HandleFunc("GET /v1/plugins", a.plugins)
 	a.mux.HandleFunc("GET /v1/pipelines", a.pipelines)
 	a.mux.HandleFunc("POST /v1/plugins/{name}/reload", a.reload)
+	a.mux.HandleFunc("POST /v1/plugins/rescan", a.rescanPlugins) // plugins_rescan.go
 	a.mux.HandleFunc("GET /v1/plugins/{name}/logs", a.pluginLogs)
 	a.mux.HandleFunc("GET /v1/loras", a.listLoRAs)
 	a.mux.HandleFunc("POST /v1/loras/apply", a.applyLoRAs)
@@ -386,12 +387,15 @@ func (a *API) plugins(w http.ResponseWriter, _ *http.Request) {
 
 func (a *API) reload(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("name")
+	if _, err := a.s.Plugins.PluginStatus(name); errors.Is(err, plugin.ErrUnknownPlugin) {
+		a.discoverPlugins(r) // plugins_rescan.go: a folder added since the last poll
+	}
 	if _, err := a.s.Plugins.PluginStatus(name); err != nil {
 		a.fail(w, r, err)
 		return
 	}
 	if err := a.s.Plugins.Swap(r.Context(), name); err != nil {
-		a.fail(w, r, fmt.Errorf("reload plugin %s: %w", name, err))
+		a.fail(w, r, reloadErr(name, err)) // plugins_rescan.go
 		return
 	}
 	st, err := a.s.Plugins.PluginStatus(name)

@@ -14,8 +14,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/shared/safetensors"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 func TestReadRoutes(t *testing.T) {

@@ -14,8 +14,8 @@ import (
 
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/job"
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/host/server"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 func getInto(t *testing.T, f *fixture, path string, v any) {

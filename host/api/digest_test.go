@@ -12,9 +12,9 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/host/server"
 	"github.com/arenahost/arenahost/shared/safetensors"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // fileDigest computes a model digest straight from a safetensors file, the

@@ -13,9 +13,9 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/host/server"
 	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // loraPlugins installs the lora-nf4 plugin (built once per test binary)

@@ -7,8 +7,8 @@ import (
 	"testing"
 
 	"github.com/arenahost/arenahost/host/inspect"
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/shared/safetensors"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // A Forge/ComfyUI-style bundled single file: the NF4 diffusion model under

@@ -10,10 +10,10 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/shared/half"
 	"github.com/arenahost/arenahost/shared/nf4"
 	"github.com/arenahost/arenahost/shared/safetensors"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // mergeFixture writes the sample model (nested or not) and both sample

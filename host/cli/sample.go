@@ -6,8 +6,8 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/shared/layout"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 func init() {

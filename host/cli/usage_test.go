@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/arenahost/arenahost/host/samples"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // Every command-line mistake prints exactly two lines on stderr: the

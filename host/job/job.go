@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/host/plugin"
+	"github.com/arenahost/arenahost/shared/preview/previewwire"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
@@ -68,8 +69,8 @@ func (s State) Final() bool { return s == StateDone || s == StateFailed || s == 
 
 // Preview methods besides those a preview plugin lists.
 const (
-	MethodNone    = "none"   // previews off: latents are counted, never rendered
-	MethodDefault = "factor" // when a spec names none
+	MethodNone    = "none"                   // previews off: latents are counted, never rendered
+	MethodDefault = previewwire.MethodFactor // when a spec names none
 )
 
 // Preview is one job's preview settings.
@@ -155,7 +156,7 @@ type Manager struct {
 	cfg     Config
 	log     *slog.Logger
 	plugins atomic.Pointer[pluginsBox]
-	sem     chan struct{}
+	queue   *runQueue // queue.go: run slots, first come first served
 	seq     atomic.Uint64
 
 	mu    sync.Mutex
@@ -191,7 +192,7 @@ func New(cfg Config) *Manager {
 		cfg.FlushTimeout = 5 * time.Second
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Manager{cfg: cfg, log: cfg.Logger, sem: make(chan struct{}, cfg.MaxRunning), jobs: map[string]*Job{},
+	return &Manager{cfg: cfg, log: cfg.Logger, queue: newRunQueue(cfg.MaxRunning), jobs: map[string]*Job{},
 		subs: map[*Subscription]struct{}{}, ctx: ctx, cancel: cancel}
 }
 
@@ -217,6 +218,7 @@ type Job struct {
 	stream   bool
 	pv       *previewer // nil: previews off
 	done     chan struct{}
+	slot     chan struct{} // closed when the run queue gives the job its slot
 	created  time.Time
 	finished atomic.Bool
 
@@ -310,6 +312,7 @@ func (m *Manager) Create(ctx context.Context, spec Spec) (*Job, error) {
 	m.pruneLocked()
 	m.mu.Unlock()
 	m.broadcast(Event{Type: EventState, Job: j.Snapshot()})
+	j.slot = m.queue.enqueue() // its place in line, in creation order
 	m.wg.Add(1)
 	go j.run()
 	return j, nil
@@ -336,20 +339,16 @@ func (m *Manager) checkPreview(ps Plugins, p *Preview) (*previewer, error) {
 	if p.Method == MethodNone {
 		return nil, nil
 	}
-	switch p.Format {
-	case "":
-		p.Format = "jpeg"
-	case "jpeg", "png":
-	case "jpg":
-		p.Format = "jpeg"
-	default:
-		return nil, fmt.Errorf("%w: preview.format: %q unknown (want jpeg or png)", ErrInvalid, p.Format)
+	f, err := previewwire.NormalizeFormat(p.Format)
+	if err != nil {
+		return nil, fmt.Errorf("%w: preview.format: %w", ErrInvalid, err)
 	}
-	if p.Quality < 0 || p.Quality > 100 {
-		return nil, fmt.Errorf("%w: preview.quality: %d out of range [0, 100]", ErrInvalid, p.Quality)
+	p.Format = f
+	if err := previewwire.CheckQuality(p.Quality); err != nil {
+		return nil, fmt.Errorf("%w: preview.quality: %w", ErrInvalid, err)
 	}
-	if p.MaxSide < 0 || p.MaxSide > 8192 {
-		return nil, fmt.Errorf("%w: preview.max_side: %d out of range [0, 8192]", ErrInvalid, p.MaxSide)
+	if err := previewwire.CheckMaxSide(p.MaxSide); err != nil {
+		return nil, fmt.Errorf("%w: preview.max_side: %w", ErrInvalid, err)
 	}
 	if p.EveryN < 0 || p.MinIntervalMS < 0 {
 		return nil, fmt.Errorf("%w: preview.every_n %d / min_interval_ms %d: must not be negative", ErrInvalid, p.EveryN, p.MinIntervalMS)
@@ -383,7 +382,7 @@ func (m *Manager) checkPreview(ps Plugins, p *Preview) (*previewer, error) {
 	}
 	var have []string
 	for _, mi := range st.Methods {
-		if name, ok := strings.CutPrefix(mi.Name, "render."); ok && name != "" {
+		if name, ok := strings.CutPrefix(mi.Name, previewwire.MethodPrefix); ok && name != "" {
 			have = append(have, name)
 		}
 	}
@@ -510,12 +509,17 @@ func (j *Job) run() {
 	defer m.wg.Done()
 	defer close(j.done)
 	select {
-	case m.sem <- struct{}{}:
+	case <-j.slot:
 	case <-j.ctx.Done():
+	}
+	if j.ctx.Err() != nil {
+		// Cancelled while it waited (even if its turn came at the same
+		// moment): it never starts, and its place goes to the next.
+		m.queue.leave(j.slot)
 		j.finish(StateCancelled, "cancelled before it started")
 		return
 	}
-	defer func() { <-m.sem }()
+	defer m.queue.release()
 	j.setState(StateRunning, "")
 	if j.pv != nil {
 		j.pv.start()

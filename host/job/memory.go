@@ -33,23 +33,10 @@ func SplitMemory(src, host *arena.Arena) Memory { return arenaMemory{src: src, h
 
 type arenaMemory struct{ src, host *arena.Arena }
 
-func fromProto(r *pluginv1.Region) (arena.Region, error) {
-	var seg uint32
-	switch s := r.GetSegment().(type) {
-	case *pluginv1.Region_Cpu:
-		seg = s.Cpu.GetId()
-	case *pluginv1.Region_Cuda:
-		seg = s.Cuda.GetId()
-	default:
-		return arena.Region{}, fmt.Errorf("region without a segment")
-	}
-	return arena.Region{Segment: seg, Offset: r.GetOffset(), Length: r.GetLength(), Generation: r.GetGeneration()}, nil
-}
-
 // Read checks that the region's kind is the source arena's (a CPU region
 // named on a device arena would alias another segment id) and reads it.
 func (m arenaMemory) Read(r *pluginv1.Region, dst []byte) error {
-	ar, err := fromProto(r)
+	ar, err := arena.RegionFromProto(r)
 	if err != nil {
 		return err
 	}
@@ -90,7 +77,7 @@ func (m arenaMemory) Alloc(name string, n uint64) (*pluginv1.Region, []byte, err
 }
 
 func (m arenaMemory) Free(r *pluginv1.Region) error {
-	ar, err := fromProto(r)
+	ar, err := arena.RegionFromProto(r)
 	if err != nil {
 		return err
 	}

@@ -2,8 +2,10 @@ package job
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"sync"
@@ -12,7 +14,9 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 
 	"github.com/arenahost/arenahost/host/plugin"
+	"github.com/arenahost/arenahost/shared/preview/previewwire"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
+	"github.com/arenahost/arenahost/shared/tensor"
 )
 
 // Frame is one rendered preview.
@@ -130,10 +134,10 @@ func (m *Manager) Publish(_ context.Context, from plugin.Source, req *pluginv1.P
 		return false, nil
 	}
 	switch req.GetTopic() {
-	case "progress":
+	case previewwire.TopicProgress:
 		j.progress(int(req.GetStep()), int(req.GetTotal()))
 		return true, nil
-	case "latent":
+	case previewwire.TopicLatent:
 	default:
 		return false, nil
 	}
@@ -155,22 +159,6 @@ func (m *Manager) Publish(_ context.Context, from plugin.Source, req *pluginv1.P
 	}
 	return true, nil
 }
-
-// latentPayload is what pipelines may say about a latent.
-type latentPayload struct {
-	Arch   string `msgpack:"arch"`
-	Family string `msgpack:"family"`
-	Layout string `msgpack:"layout"`
-	GridH  int    `msgpack:"grid_h"`
-	GridW  int    `msgpack:"grid_w"`
-}
-
-// families maps pipeline arch names to the preview plugin's families.
-var families = map[string]string{
-	"flux1": "flux", "flux": "flux", "flux2": "flux2", "sd15": "sd15", "sd1": "sd15", "sdxl": "sdxl", "sd3": "sd3",
-}
-
-var elemSize = map[pluginv1.DType]uint64{pluginv1.DType_DTYPE_F32: 4, pluginv1.DType_DTYPE_F16: 2, pluginv1.DType_DTYPE_BF16: 2}
 
 // offer copies a published latent into the job's pending buffer. A latent
 // that the throttle skips or a newer one supersedes is counted dropped.
@@ -199,18 +187,14 @@ func (p *previewer) offer(req *pluginv1.PublishRequest) error {
 		return fmt.Errorf("latent step %d: no tensor", step)
 	}
 	d := req.GetTensors()[0]
-	es, ok := elemSize[d.GetDtype()]
-	if !ok {
+	if !previewwire.LatentDType(d.GetDtype()) {
 		return fmt.Errorf("latent %q: dtype %v (want F32, F16 or BF16)", d.GetName(), d.GetDtype())
 	}
-	n := es
-	for _, s := range d.GetShape() {
-		if s <= 0 || n > math.MaxUint32*64/uint64(s) {
-			return fmt.Errorf("latent %q: shape %v", d.GetName(), d.GetShape())
-		}
-		n *= uint64(s)
+	n, err := tensor.NBytes(d.GetDtype(), d.GetShape())
+	if err != nil || n == 0 {
+		return fmt.Errorf("latent %q: shape %v: %v", d.GetName(), d.GetShape(), cmp.Or(err, errors.New("empty")))
 	}
-	var pl latentPayload
+	var pl previewwire.LatentPayload
 	if len(req.GetPayload()) > 0 {
 		if err := msgpack.Unmarshal(req.GetPayload(), &pl); err != nil {
 			return fmt.Errorf("latent %q: payload: %w", d.GetName(), err)
@@ -250,18 +234,8 @@ func (p *previewer) offer(req *pluginv1.PublishRequest) error {
 	if p.pending != nil {
 		j.dropped.Add(1) // superseded before it was rendered
 	}
-	fam := p.set.Family
-	if fam == "" {
-		fam = families[pl.Family]
-		if fam == "" {
-			fam = families[pl.Arch]
-		}
-	}
-	layout := "chw"
-	switch pl.Layout {
-	case "tokens", "packed", "nf", "bnf":
-		layout = "tokens"
-	}
+	fam := cmp.Or(p.set.Family, pl.RenderFamily())
+	layout := pl.RenderLayout()
 	p.pending = &pendingLatent{buf: target, step: step, total: total, dtype: d.GetDtype(), shape: append([]int64(nil), d.GetShape()...),
 		nbytes: n, family: fam, layout: layout, gridH: pl.GridH, gridW: pl.GridW, published: now}
 	p.lastTaken = now
@@ -270,26 +244,6 @@ func (p *previewer) offer(req *pluginv1.PublishRequest) error {
 	default:
 	}
 	return nil
-}
-
-// renderArgs are the preview plugin's render options (its RenderArgs).
-type renderArgs struct {
-	Family  string `msgpack:"family,omitempty"`
-	Layout  string `msgpack:"layout,omitempty"`
-	GridH   int    `msgpack:"grid_h,omitempty"`
-	GridW   int    `msgpack:"grid_w,omitempty"`
-	MaxSide int    `msgpack:"max_side,omitempty"`
-	Format  string `msgpack:"format,omitempty"`
-	Quality int    `msgpack:"quality,omitempty"`
-}
-
-type renderResult struct {
-	Image    []byte  `msgpack:"image"`
-	Format   string  `msgpack:"format"`
-	Width    int     `msgpack:"width"`
-	Height   int     `msgpack:"height"`
-	RenderMS float64 `msgpack:"render_ms"`
-	EncodeMS float64 `msgpack:"encode_ms"`
 }
 
 // start runs the render loop.
@@ -336,20 +290,20 @@ func (p *previewer) render(pl *pendingLatent) {
 	b := p.bufs[pl.buf]
 	d := &pluginv1.TensorDescriptor{Name: "job/" + j.id + "/latent", Dtype: pl.dtype, Shape: pl.shape, Nbytes: pl.nbytes,
 		Access: pluginv1.Access_ACCESS_READ_ONLY, Region: b.region}
-	args, err := msgpack.Marshal(renderArgs{Family: pl.family, Layout: pl.layout, GridH: pl.gridH, GridW: pl.gridW,
+	args, err := msgpack.Marshal(previewwire.RenderArgs{Family: pl.family, Layout: pl.layout, GridH: pl.gridH, GridW: pl.gridW,
 		MaxSide: p.set.MaxSide, Format: p.set.Format, Quality: p.set.Quality})
 	if err != nil {
 		p.failed(pl, err)
 		return
 	}
 	ctx, cancel := context.WithTimeout(j.m.ctx, j.m.cfg.RenderTimeout)
-	reply, err := ps.Call(ctx, p.set.Plugin, "render."+p.set.Method, args, []*pluginv1.TensorDescriptor{d})
+	reply, err := ps.Call(ctx, p.set.Plugin, previewwire.MethodPrefix+p.set.Method, args, []*pluginv1.TensorDescriptor{d})
 	cancel()
 	if err != nil {
 		p.failed(pl, err)
 		return
 	}
-	var res renderResult
+	var res previewwire.RenderResult
 	if err := msgpack.Unmarshal(reply.Result, &res); err != nil || len(res.Image) == 0 {
 		p.failed(pl, fmt.Errorf("render result from %s generation %d: %v (%d image bytes)", p.set.Plugin, reply.Generation, err, len(res.Image)))
 		return

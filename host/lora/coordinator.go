@@ -7,6 +7,13 @@
 // and every failure (a bad file, a full arena, a plugin killed mid-apply)
 // restore the bytes exactly. Applies are serialized per model and all or
 // nothing. It also holds the NF4 codec the offline merge uses.
+//
+// Two packages are named lora. This one is the host's coordinator (state,
+// journal, rollback, bindings); it never parses a LoRA file. shared/lora
+// owns the LoRA files and the merge math (formats, key mapping, side
+// factors, the fused pass), which the lora-nf4 plugin runs; its
+// subpackage lorawire is the call contract between the two. Import this
+// one as lora inside host/ and shared/lora as slora.
 package lora
 
 import (
@@ -394,24 +401,15 @@ func (c *Coordinator) setStrengths(ctx context.Context, ms *modelState, req Requ
 	return nil
 }
 
-func regionFromProto(r *pluginv1.Region) arena.Region {
-	var seg uint32
-	switch s := r.GetSegment().(type) {
-	case *pluginv1.Region_Cpu:
-		seg = s.Cpu.GetId()
-	case *pluginv1.Region_Cuda:
-		seg = s.Cuda.GetId()
-	}
-	return arena.Region{Segment: seg, Offset: r.GetOffset(), Length: r.GetLength(), Generation: r.GetGeneration()}
-}
-
 func (c *Coordinator) applySide(ctx context.Context, ms *modelState, req Request) error {
 	var out lorawire.ApplyResult
 	rep, err := c.call(ctx, "apply", lorawire.ApplyArgs{Model: req.Model, LoRAs: specs(req.LoRAs), Mode: ModeSide, Strict: req.Strict}, nil, &out)
 	var returned []arena.Region
 	if rep != nil {
 		for _, d := range rep.Tensors {
-			returned = append(returned, regionFromProto(d.GetRegion()))
+			if r, err := arena.RegionFromProto(d.GetRegion()); err == nil {
+				returned = append(returned, r)
+			}
 		}
 	}
 	// Until the swap, every region the plugin returned is freed on error.
@@ -445,7 +443,10 @@ func (c *Coordinator) applySide(ctx context.Context, ms *modelState, req Request
 		}
 		fa, fb := registry.Factors{Weight: f.Weight, Rank: f.Rank, Out: f.Out, In: f.In}, [2]arena.Region{}
 		for i, d := range []*pluginv1.TensorDescriptor{da, db} {
-			r := regionFromProto(d.GetRegion())
+			r, err := arena.RegionFromProto(d.GetRegion())
+			if err != nil {
+				return fail(fmt.Errorf("apply side: weight %s: factor %s: %w", f.Weight, d.GetName(), err))
+			}
 			nr, err := c.mem.Transfer(r, arena.HostOwner)
 			if err != nil {
 				return fail(fmt.Errorf("apply side: weight %s: take over factor region: %w", f.Weight, err))
@@ -548,7 +549,7 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 			}
 			release()
 			if len(ms.journal) > 0 {
-				rerr = append(rerr, c.refuse(ctx, m, ms))
+				rerr = append(rerr, c.reFuse(ctx, m, ms))
 			}
 			if re := errors.Join(rerr...); re != nil {
 				return fmt.Errorf("apply fuse: %w (and rollback: %v)", err, re)
@@ -592,14 +593,14 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 	return nil
 }
 
-// refuseTimeout bounds a rollback's fused pass of the previous set, and
-// refuseWait how long it waits for a crashed plugin to serve again.
+// reFuseTimeout bounds a rollback's fused pass of the previous set, and
+// reFuseWait how long it waits for a crashed plugin to serve again.
 const (
-	refuseTimeout = 5 * time.Minute
-	refuseWait    = 30 * time.Second
+	reFuseTimeout = 5 * time.Minute
+	reFuseWait    = 30 * time.Second
 )
 
-// refuse is the rollback of a failed fuse over a fused model: it puts the
+// reFuse (re-fuse) is the rollback of a failed fuse over a fused model: it puts the
 // previous set's weights back to their originals (the failed pass may have
 // written them) and fuses the previous set into them again. The fused pass
 // is deterministic, so that is byte for byte what they held, and no copy
@@ -607,10 +608,10 @@ const (
 // device, that copy would be as large as the fused layers). If the pass
 // fails again, the weights get their originals back, the journal is freed
 // and the model holds no LoRA; the error says so.
-func (c *Coordinator) refuse(ctx context.Context, m *registry.Model, ms *modelState) error {
+func (c *Coordinator) reFuse(ctx context.Context, m *registry.Model, ms *modelState) error {
 	prev := ms.state
 	weights := slices.Sorted(maps.Keys(ms.journal))
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), refuseTimeout)
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), reFuseTimeout)
 	defer cancel()
 	args := lorawire.ApplyArgs{Model: prev.Model, LoRAs: specs(prev.LoRAs), Mode: ModeFuse, Strict: prev.Strict}
 	ds, err := c.fuseDescriptors(m, weights)
@@ -621,7 +622,7 @@ func (c *Coordinator) refuse(ctx context.Context, m *registry.Model, ms *modelSt
 	// generation and fail with ErrPluginExited: that is retried too. Every
 	// attempt starts from the originals, since a pass that died may have
 	// written some weights.
-	wait := time.Now().Add(refuseWait)
+	wait := time.Now().Add(reFuseWait)
 	for delay := 50 * time.Millisecond; err == nil; delay = min(2*delay, time.Second) {
 		if err = c.putBackAll(m, ms.journal); err != nil {
 			return fmt.Errorf("put back the originals of the previous set's weights: %w", err)

@@ -17,11 +17,11 @@ import (
 
 	"github.com/arenahost/arenahost/host/lora"
 	"github.com/arenahost/arenahost/host/registry"
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/host/server"
 	"github.com/arenahost/arenahost/shared/half"
 	"github.com/arenahost/arenahost/shared/nf4"
 	"github.com/arenahost/arenahost/shared/safetensors"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 func entries(dir string, set ...oracleLoRA) []lora.Entry {
@@ -474,7 +474,7 @@ func testPluginKilledMidFuse(t *testing.T, backend, kind string, over bool) {
 // fused model fuses the previous set again; when that fails too (its file
 // was deleted), the model gets its original bytes back, holds no LoRA, and
 // the error says so.
-func TestFailedRefuseLeavesOriginals(t *testing.T) {
+func TestFailedReFuseLeavesOriginals(t *testing.T) {
 	t.Setenv("LORA_NF4_LAYER_DELAY", "40ms")
 	s := newHost(t)
 	_, _, dir := fixtures(t)

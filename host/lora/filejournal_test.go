@@ -10,8 +10,8 @@ import (
 
 	"github.com/arenahost/arenahost/host/lora"
 	"github.com/arenahost/arenahost/host/registry"
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/host/server"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // loadOwnCopy copies the sample model to a file of the test's own and
@@ -128,7 +128,7 @@ func TestSourceModifiedInPlace(t *testing.T) {
 		if msg := err.Error(); !strings.Contains(msg, path) || !strings.Contains(msg, w) || !strings.Contains(msg, "changed since it was loaded") {
 			t.Errorf("%s: error %q does not name the file, the tensor and the cause", op.name, msg)
 		}
-		sameBytes(t, op.name+" refused", fused, snapshotOf(t, s, "own"))
+		sameBytes(t, op.name+" re-fused", fused, snapshotOf(t, s, "own"))
 		if st, _ := s.LoRAs.State("own"); st.Mode != lora.ModeFuse || len(st.LoRAs) != 1 {
 			t.Errorf("%s refused: state %+v, want the fused set", op.name, st)
 		}

@@ -7,9 +7,9 @@ import (
 	"testing"
 
 	"github.com/arenahost/arenahost/host/lora"
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/host/server"
 	"github.com/arenahost/arenahost/shared/safetensors"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // shardedSample writes the sample model as a diffusers-style model folder:

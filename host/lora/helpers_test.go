@@ -14,13 +14,13 @@ import (
 
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/registry"
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/host/server"
 	"github.com/arenahost/arenahost/internal/testenv"
 	"github.com/arenahost/arenahost/shared/half"
 	"github.com/arenahost/arenahost/shared/nf4"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 	"github.com/arenahost/arenahost/shared/safetensors"
+	"github.com/arenahost/arenahost/shared/samples"
 	"github.com/arenahost/arenahost/shared/tensor"
 )
 

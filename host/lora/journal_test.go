@@ -18,8 +18,8 @@ import (
 	"github.com/arenahost/arenahost/host/arena/arenatest"
 	"github.com/arenahost/arenahost/host/cuda"
 	"github.com/arenahost/arenahost/host/registry"
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/shared/gpu/gpusim"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // TestJournalOnEveryBackend: the fuse journal (saveBytes, putBack) and the

@@ -177,6 +177,7 @@ type Manager struct {
 	runDir  string                   // the sockets' directory (runDirLocked)
 	genDirs atomic.Uint64            // names the generations' socket directories in runDir
 	live    map[*generation]*managed // every process started and not yet torn down
+	disc    discovery                // discover.go: new and removed plugin folders
 }
 
 // NewManager returns a Manager with no plugins; call Load or Add. When
@@ -333,6 +334,7 @@ func (m *Manager) Load(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
+	m.disc.loaded.Store(true) // from now on the watch loop picks up new folders
 	return errors.Join(errs...)
 }
 
@@ -488,7 +490,7 @@ func (p *managed) swap(ctx context.Context, reason string) error {
 	}
 	man, err := ParseManifest(path)
 	if err != nil {
-		return restore(fmt.Errorf("swap plugin %s: %w", p.name, err))
+		return restore(&SwapError{Plugin: p.name, Step: "manifest", Reason: err.Error(), Err: err})
 	}
 	if man.Name != p.name {
 		return restore(fmt.Errorf("swap plugin %s: manifest %s: field name: now %q; a plugin cannot be renamed in place", p.name, path, man.Name))
@@ -506,10 +508,11 @@ func (p *managed) swap(ctx context.Context, reason string) error {
 	t0 := time.Now()
 	g, err := p.startGeneration(m.startCtx(ctx), man)
 	if err != nil {
-		return restore(fmt.Errorf("swap plugin %s: %w", p.name, err))
+		return restore(refused(p.name, err)) // swaperr.go: the plugin's own error first
 	}
 	old := p.serve(g, man)
 	p.mu.Lock()
+	p.lastErr = "" // recovered; lastErrAt keeps when the last error was
 	p.crashes = nil
 	if p.restartTmr != nil {
 		p.restartTmr.Stop()

@@ -60,6 +60,7 @@ func (m *Manager) watch() {
 			return
 		case <-t.C:
 		}
+		m.discoverTick() // discover.go: new and removed folders
 		m.mu.Lock()
 		ps := slices.Collect(maps.Values(m.plugins))
 		m.mu.Unlock()
@@ -70,6 +71,9 @@ func (m *Manager) watch() {
 			p.mu.Lock()
 			path, cur := p.manifest.Path, p.fingerprint
 			p.mu.Unlock()
+			if m.disc.loaded.Load() && m.cfg.Dir != "" && m.owned(path) && manifestGone(path) {
+				continue // its folder was removed: discovery stops it
+			}
 			fp := m.fingerprintPath(path)
 			if fp == cur {
 				delete(pending, p.name)

@@ -17,9 +17,9 @@ import (
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/arena/arenatest"
 	"github.com/arenahost/arenahost/host/cuda"
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/shared/gpu/gpusim"
 	"github.com/arenahost/arenahost/shared/safetensors"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // deviceArenas are arenas whose memory the host cannot map: the registry

@@ -10,10 +10,10 @@ import (
 	"testing"
 
 	"github.com/arenahost/arenahost/host/arena"
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/shared/gpu"
 	"github.com/arenahost/arenahost/shared/gpu/gpusim"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // TestCUDASimServer runs the host on the simulated GPU: the sample model is

@@ -21,7 +21,7 @@ import (
 	"github.com/arenahost/arenahost/host/lora"
 	"github.com/arenahost/arenahost/host/plugin"
 	"github.com/arenahost/arenahost/host/registry"
-	"github.com/arenahost/arenahost/host/samples"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // Config configures a Server. Zero fields take the documented defaults.

@@ -6,8 +6,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/shared/lora"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // TestFileCache: an apply takes the file its plan parsed only while the

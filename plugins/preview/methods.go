@@ -9,51 +9,23 @@ import (
 
 	"github.com/arenahost/arenahost/plugins/preview/render"
 	"github.com/arenahost/arenahost/sdk"
+	"github.com/arenahost/arenahost/shared/preview/previewwire"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
 // Preview methods a job may pick. Each is served as the RPC method
 // "render.<name>"; "render" takes the name in its options.
 const (
-	MethodFactor = "factor"
-	MethodTAESD  = "taesd"
+	MethodFactor = previewwire.MethodFactor
+	MethodTAESD  = previewwire.MethodTAESD
 )
 
-// RenderArgs are the msgpack options of render and render.<method>. The
-// latent is input tensor #0 (F32, BF16 or F16, read-only is enough).
-type RenderArgs struct {
-	// Method is "factor" (default) or "taesd"; render.<method> fixes it.
-	Method string `msgpack:"method"`
-	// Family is sd15, sdxl, sd3, flux or flux2; "" detects it from the
-	// channel count where that is unambiguous.
-	Family string `msgpack:"family"`
-	// Layout is "chw" (default: [C H W] or [B C H W]) or "tokens"
-	// (diffusers' packed [N F] / [B N F]); GridH/GridW give a token grid
-	// that is not square.
-	Layout string `msgpack:"layout"`
-	GridH  int    `msgpack:"grid_h"`
-	GridW  int    `msgpack:"grid_w"`
-	// MaxSide caps the longer side (0: render.DefaultMaxSide).
-	MaxSide int `msgpack:"max_side"`
-	// Format is "jpeg" (default) or "png"; Quality the JPEG quality (0:
-	// render.DefaultJPEGQuality).
-	Format  string `msgpack:"format"`
-	Quality int    `msgpack:"quality"`
-	// Filter is "nearest" (default) or "bilinear".
-	Filter string `msgpack:"filter"`
-}
-
-// RenderResult is the msgpack result: the encoded image and what it is.
-type RenderResult struct {
-	Image    []byte  `msgpack:"image"`
-	Format   string  `msgpack:"format"` // "jpeg" or "png"
-	Width    int     `msgpack:"width"`
-	Height   int     `msgpack:"height"`
-	Family   string  `msgpack:"family"`
-	Method   string  `msgpack:"method"`
-	RenderMS float64 `msgpack:"render_ms"`
-	EncodeMS float64 `msgpack:"encode_ms"`
-}
+// RenderArgs and RenderResult are the msgpack arguments and result of
+// render and render.<method>, defined once in the shared contract.
+type (
+	RenderArgs   = previewwire.RenderArgs
+	RenderResult = previewwire.RenderResult
+)
 
 // renderer holds what render needs beyond its arguments: the optional
 // decoder, loaded once at start.
@@ -133,8 +105,8 @@ func (r *renderer) options(a RenderArgs) (render.Options, render.Format, render.
 		}
 		o.Family = render.Family(a.Family)
 	}
-	if a.MaxSide < 0 || a.MaxSide > render.MaxSideLimit {
-		return o, f, 0, fmt.Errorf("args.max_side: %d out of range [0, %d]: %w", a.MaxSide, render.MaxSideLimit, sdk.ErrInvalidArgument)
+	if err := previewwire.CheckMaxSide(a.MaxSide); err != nil {
+		return o, f, 0, fmt.Errorf("args.max_side: %w: %w", err, sdk.ErrInvalidArgument)
 	}
 	o.MaxSide = a.MaxSide
 	switch a.Filter {
@@ -145,23 +117,23 @@ func (r *renderer) options(a RenderArgs) (render.Options, render.Format, render.
 	default:
 		return o, f, 0, bad("filter", fmt.Sprintf("%q", a.Filter), "nearest or bilinear")
 	}
-	switch a.Format {
-	case "", "jpeg", "jpg":
-		f.Kind = render.JPEG
-	case "png":
+	switch format, err := previewwire.NormalizeFormat(a.Format); {
+	case err != nil:
+		return o, f, 0, fmt.Errorf("args.format: %w: %w", err, sdk.ErrInvalidArgument)
+	case format == previewwire.FormatPNG:
 		f.Kind = render.PNG
 	default:
-		return o, f, 0, bad("format", fmt.Sprintf("%q", a.Format), "jpeg or png")
+		f.Kind = render.JPEG
 	}
-	if a.Quality < 0 || a.Quality > 100 {
-		return o, f, 0, fmt.Errorf("args.quality: %d out of range [0, 100]: %w", a.Quality, sdk.ErrInvalidArgument)
+	if err := previewwire.CheckQuality(a.Quality); err != nil {
+		return o, f, 0, fmt.Errorf("args.quality: %w: %w", err, sdk.ErrInvalidArgument)
 	}
 	f.Quality = a.Quality
 	var layout render.Layout
 	switch a.Layout {
-	case "", "chw":
+	case "", previewwire.LayoutCHW:
 		layout = render.ChannelMajor
-	case "tokens":
+	case previewwire.LayoutTokens:
 		layout = render.TokenMajor
 	default:
 		return o, f, 0, bad("layout", fmt.Sprintf("%q", a.Layout), "chw or tokens")

@@ -5,6 +5,10 @@
 // maps from shared/layout), the per-type scale, the side factors A_cat/B_cat
 // with per-LoRA strength columns, the tiled fused pass with a journal for
 // byte-exact restore, and the fidelity report.
+//
+// The lora-nf4 plugin runs this code. host/lora, also named lora, is the
+// host's coordinator that calls the plugin (state, journal, rollback);
+// lorawire, under this package, is the contract between the two.
 package lora
 
 import (

@@ -2,6 +2,11 @@
 // share: the handshake, the plugin-set name, the environment variables the
 // host passes to plugins, and the GRPCPlugin adapter that connects the
 // generated pluginv1 services to go-plugin's gRPC transport and broker.
+//
+// It is the transport every plugin shares; what a given kind of plugin's
+// methods take and return is that kind's contract package:
+// shared/lora/lorawire (kind lora) and shared/preview/previewwire (kind
+// preview).
 package wire
 
 import (

@@ -10,9 +10,9 @@ import (
 	"sync"
 	"time"
 
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/shared/gpu"
 	"github.com/arenahost/arenahost/shared/layout"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // mergeModels are the models -merge-model picks for the merge and scale

@@ -18,7 +18,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/arenahost/arenahost/host/samples"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // ServedOptions says which two hosts the served check compares: the same
@@ -35,7 +35,7 @@ type ServedOptions struct {
 	StartTimeout time.Duration
 }
 
-// sampleLoRAs are the LoRAs every host writes on first run (host/samples),
+// sampleLoRAs are the LoRAs every host writes on first run (shared/samples),
 // applied together with these strengths.
 var sampleLoRAs = []map[string]any{
 	{"name": "flux-sample-kohya-lora", "strength": 0.8},

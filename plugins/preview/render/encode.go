@@ -10,6 +10,8 @@ import (
 	"image/png"
 	"runtime"
 	"sync"
+
+	"github.com/arenahost/arenahost/shared/preview/previewwire"
 )
 
 // Kind is an encoded image type. Its values are ComfyUI's websocket
@@ -55,7 +57,7 @@ func (k Kind) MIME() string {
 }
 
 // DefaultJPEGQuality is used when Format.Quality is 0.
-const DefaultJPEGQuality = 85
+const DefaultJPEGQuality = previewwire.DefaultJPEGQuality
 
 // Format is a job's preview encoding.
 type Format struct {

@@ -6,6 +6,8 @@ import (
 	"math"
 	"runtime"
 	"sync"
+
+	"github.com/arenahost/arenahost/shared/preview/previewwire"
 )
 
 // Filter is the resampling used from latent resolution to the output size.
@@ -51,9 +53,9 @@ const (
 	// alone ~19 ms, split over the cores), so the full size only fits the
 	// 30 ms preview budget with both of 2 cores free (BenchmarkRenderFlux).
 	// Jobs that want the image size ask for it with MaxSide.
-	DefaultMaxSide = 512
+	DefaultMaxSide = previewwire.DefaultMaxSide
 	// MaxSideLimit is the largest output side Render accepts.
-	MaxSideLimit = 8192
+	MaxSideLimit = previewwire.MaxSideLimit
 )
 
 // Options are one job's render settings. The zero value renders at ×8

@@ -1,4 +1,4 @@
-package lorabench
+package peftbench
 
 import (
 	"context"
@@ -18,10 +18,10 @@ import (
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/lora"
 	"github.com/arenahost/arenahost/host/registry"
-	"github.com/arenahost/arenahost/host/samples"
 	"github.com/arenahost/arenahost/host/server"
 	"github.com/arenahost/arenahost/internal/testenv"
 	"github.com/arenahost/arenahost/shared/layout"
+	"github.com/arenahost/arenahost/shared/samples"
 )
 
 // slice is the benchmark model: FLUX.1 widths, 1 double + 2 single blocks.
