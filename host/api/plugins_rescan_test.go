@@ -17,7 +17,7 @@ import (
 // livePlugin is a small Python plugin whose "version" method answers the
 // version it was written with; body is spliced in before serve().
 const livePlugin = `from arenahost import Plugin, PluginError
-plugin = Plugin("live-py", "%[1]s", kind="other")
+plugin = Plugin("live-py", "%[1]s", kind="pipeline")
 
 @plugin.method(description="the version written into this file")
 def version(call, args):
@@ -28,8 +28,10 @@ if __name__ == "__main__":
     plugin.serve()
 `
 
-const liveManifest = `{"name": "live-py", "version": "0.1.0", "kind": "other", "language": "python",
-  "command": "${ARENAHOST_PYTHON}", "args": ["-u", "live.py"], "protocol_version": 1}`
+// live-py is a pipeline whose one public method is version: /v1/jobs runs
+// only pipelines' public methods (docs/security.md).
+const liveManifest = `{"name": "live-py", "version": "0.1.0", "kind": "pipeline", "language": "python",
+  "command": "${ARENAHOST_PYTHON}", "args": ["-u", "live.py"], "protocol_version": 1, "public_methods": ["version"]}`
 
 // writeLive writes the plugin's script (and manifest) into dir, through a
 // rename so the watcher never sees half a file.

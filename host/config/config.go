@@ -527,6 +527,7 @@ func Doc() string {
 	b.WriteString("write a CPU profile of their whole run to `DIR/NAME-PID.pprof` (package shared/cpuprofile). Plugins inherit the host's environment, ")
 	b.WriteString("so one variable profiles both sides of a call; stop the host with Ctrl-C (SIGINT) so that every profile is closed, then read one with ")
 	b.WriteString("`go tool pprof -top DIR/lora-nf4-*.pprof`.\n")
+	b.WriteString(simdDoc)
 	return b.String()
 }
 
@@ -538,3 +539,22 @@ func Names() []string {
 	}
 	return slices.Clip(out)
 }
+
+// simdDoc is docs/config.md's section on ARENAHOST_SIMD (package shared/simd).
+const simdDoc = `
+## CPU vector kernels
+
+The CPU paths that touch every weight — the NF4 codec (quantize, dequantize) and the fused pass's
+delta product and tile steps (` + "`" + `arenahost merge` + "`" + `, the CPU arena's fuse) — run on AVX-512 or AVX2
+kernels where the CPU has them, chosen once at start (package shared/simd, using
+golang.org/x/sys/cpu), with a portable Go fallback on every other CPU and architecture.
+` + "`" + `ARENAHOST_SIMD` + "`" + ` (an environment variable only, no flag) forces a path: ` + "`" + `avx512` + "`" + `, ` + "`" + `avx2` + "`" + `, or ` + "`" + `off` + "`" + `
+(the portable Go code); unset or ` + "`" + `auto` + "`" + ` picks the best the CPU has. Forcing a path the CPU lacks logs
+a warning and uses the best one it has. The path changes speed only: every path writes the same
+bytes (the kernels keep the scalar order of every sum and use no FMA, the same order the CUDA
+kernels use), except the fused pass's retention figures, which the vector path sums in 8 lanes and
+which can differ in their last digits. Tile sizes come from the L1 data and L2 cache sizes the
+kernel reports (` + "`" + `/sys/devices/system/cpu/cpu0/cache` + "`" + `; 32 KiB and 1 MiB when it says nothing).
+The codec, the delta product and the fused tile's add and retention sums have AVX-512 and AVX2
+kernels.
+`

@@ -58,10 +58,12 @@ func (f *fakePlugins) PluginStatus(name string) (plugin.Status, error) {
 	if name != "tool" {
 		return plugin.Status{}, fmt.Errorf("plugin %q: %w", name, plugin.ErrUnknownPlugin)
 	}
-	st := plugin.Status{Name: "tool", Kind: "other", State: plugin.StateServing, Generation: 1}
+	// A pipeline whose every method is public: /v1/jobs runs only those
+	// (issue 15); job.Create's refusals of the others are tested elsewhere.
+	st := plugin.Status{Name: "tool", Kind: "pipeline", State: plugin.StateServing, Generation: 1}
 	f.mu.Lock()
 	for m := range f.methods {
-		st.Methods = append(st.Methods, plugin.Method{Name: m})
+		st.Methods = append(st.Methods, plugin.Method{Name: m, Public: true})
 	}
 	f.mu.Unlock()
 	return st, nil
