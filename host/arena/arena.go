@@ -339,7 +339,8 @@ func checkOwner(owner Owner) error {
 
 // Alloc leases n bytes to owner. name says what the region is for (logs,
 // errors). The region is Alignment-aligned and zero the first time its bytes
-// are used; reused bytes are not cleared. When nothing fits, the arena
+// are used; reused bytes are not cleared (whole pages the arena gave back
+// to the kernel read as zero again, but callers must not count on it). When nothing fits, the arena
 // grows up to its capacity; past it, the error is a *CapacityError.
 func (a *Arena) Alloc(owner Owner, name string, n uint64) (Region, error) {
 	if err := checkOwner(owner); err != nil {
