@@ -31,6 +31,28 @@
 // Close instead: device backends need it, because a legacy CUDA IPC handle
 // does not keep a slab alive while a plugin still has it open.
 //
+// # Returning memory
+//
+// Freed bytes go back to the kernel, not only to the arena: on backends
+// whose segments are Discarders (the CPU backend, memfd and /dev/shm
+// alike), a free punches a hole in the segment's file over the whole pages
+// of the coalesced free extent, as soon as that extent spans at least
+// DiscardMin bytes of whole pages. So the host's RSS (and the plugins')
+// falls back when a model is unloaded, also for the spare segment and for
+// segments that stay because other regions live in them. The cost is
+// bounded: the arena keeps every free extent of at least DiscardMin whole
+// pages discarded, so a free punches only the pages it newly frees plus
+// those of smaller neighbours it merges with, never the whole extent
+// again; frees that leave smaller extents make no system call. The punch
+// happens under the arena's lock, before the range can be allocated
+// again, and only over free bytes: pages shared with a live region are
+// left alone. A discarded range reads as zero, in the host and in every
+// process that maps the segment; that is what a new region there sees
+// (the contract stays "zero on first use, reused bytes not cleared").
+// A process still reading a freed range through an old mapping sees zeros
+// instead of the old bytes; its descriptor is stale either way. Device
+// backends (cuda, cuda-sim) do not discard: their slabs stay as they are.
+//
 // # Generations and leases
 //
 // Each allocation, and each Transfer, takes the next value of one 64-bit
@@ -78,6 +100,10 @@ const PageSize = 4096
 
 // DefaultSegmentSize is the growth unit when Config.SegmentSize is zero.
 const DefaultSegmentSize = 64 << 20
+
+// DiscardMin is the least run of whole free pages the arena gives back to
+// the kernel at once (see "Returning memory" in the package doc).
+const DiscardMin = 64 << 10
 
 // maxRequest bounds a single request so that rounding never overflows.
 const maxRequest = 1 << 62
@@ -158,6 +184,7 @@ type Arena struct {
 	requested uint64
 	peak      uint64
 	regions   int
+	discarded uint64
 }
 
 // segment is the arena's bookkeeping for one backend segment.
@@ -171,6 +198,9 @@ type segment struct {
 	freeByEnd   map[uint64]uint64 // free extent end → start
 	allocs      *treap[*lease]    // live leases by offset
 	used        uint64            // aligned bytes of live leases
+	// discard gives free pages back to the kernel; nil when the segment
+	// cannot (or refused once).
+	discard Discarder
 }
 
 // extent is a free range, ordered by size for best fit.
@@ -276,6 +306,7 @@ func (a *Arena) grow(size uint64) (*segment, error) {
 		freeByEnd:   make(map[uint64]uint64),
 		allocs:      newTreap(cmpLeaseOffset),
 	}
+	s.discard, _ = bs.(Discarder)
 	if id == 1 {
 		a.mapped = mem != nil
 	}
@@ -308,7 +339,8 @@ func checkOwner(owner Owner) error {
 
 // Alloc leases n bytes to owner. name says what the region is for (logs,
 // errors). The region is Alignment-aligned and zero the first time its bytes
-// are used; reused bytes are not cleared. When nothing fits, the arena
+// are used; reused bytes are not cleared (whole pages the arena gave back
+// to the kernel read as zero again, but callers must not count on it). When nothing fits, the arena
 // grows up to its capacity; past it, the error is a *CapacityError.
 func (a *Arena) Alloc(owner Owner, name string, n uint64) (Region, error) {
 	if err := checkOwner(owner); err != nil {
@@ -558,8 +590,50 @@ func (a *Arena) release(s *segment, l *lease) {
 	a.addFree(s, off, end-off)
 	if s.used == 0 && a.shouldRelease(s) {
 		a.dropSegment(s)
+		return
 	}
+	a.discardFreed(s, off, end, l.off, l.off+l.size)
 }
+
+// discardFreed gives the kernel the whole pages of the free extent
+// [off, end) that the release of [loff, lend) made free, keeping the
+// invariant that every free extent with at least DiscardMin bytes of whole
+// pages holds no memory there. A merged neighbour that was that large
+// already is skipped; a smaller one may hold pages and is discarded with
+// the rest. Callers hold mu.
+func (a *Arena) discardFreed(s *segment, off, end, loff, lend uint64) {
+	if s.discard == nil {
+		return
+	}
+	lo, hi := alignUp(off, PageSize), alignDown(end, PageSize)
+	if hi <= lo || hi-lo < DiscardMin {
+		return // too small to keep discarded: no claim, no system call
+	}
+	if l, h := alignUp(off, PageSize), alignDown(loff, PageSize); h > l && h-l >= DiscardMin {
+		lo = h // the left neighbour was discarded when it became free
+	}
+	if l, h := alignUp(lend, PageSize), alignDown(end, PageSize); h > l && h-l >= DiscardMin {
+		hi = l // so was the right one
+	}
+	if hi <= lo {
+		return
+	}
+	if err := s.discard.Discard(lo, hi-lo); err != nil {
+		// The pages stay committed until the segment goes; later frees in
+		// this segment do not try again.
+		s.discard = nil
+		level := slog.LevelWarn
+		if errors.Is(err, errors.ErrUnsupported) {
+			level = slog.LevelInfo
+		}
+		a.log.Log(context.Background(), level, "segment keeps freed pages",
+			slog.Uint64("segment", uint64(s.id)), slog.Any("error", err))
+		return
+	}
+	a.discarded += hi - lo
+}
+
+func alignDown(n, to uint64) uint64 { return n / to * to }
 
 // reclaimable returns the bytes of empty segments the policy lets the arena
 // give back to make room for a larger segment. Callers hold mu.
@@ -717,6 +791,7 @@ func (a *Arena) Stats() Stats {
 		Segments:  len(a.segments),
 		Regions:   a.regions,
 		Owners:    len(a.owners),
+		Discarded: ByteSize(a.discarded),
 	}
 	if e, ok := a.free.Max(); ok {
 		st.LargestFree = ByteSize(e.size)

@@ -72,6 +72,19 @@ type Mover interface {
 	CopyFrom(src Segment, srcOff, dstOff, n uint64) error
 }
 
+// Discarder is implemented by segments whose memory can be given back to
+// the system while the segment lives: the CPU backend's shared-memory
+// files, where Discard punches a hole in the file (its pages leave the page
+// cache and every process's mapping, the host's and the plugins'). The
+// arena calls it on free ranges only (see the package doc, "Returning
+// memory"), with off and n multiples of PageSize. Afterwards the range
+// reads as zero everywhere and costs no memory until it is written again.
+// An error wrapping errors.ErrUnsupported makes the arena stop asking that
+// segment.
+type Discarder interface {
+	Discard(off, n uint64) error
+}
+
 // Filler is implemented by Mover segments that can fill a range straight
 // from a reader: each chunk is read from the reader into the segment's own
 // transfer buffer (a device's pinned staging memory) and moved from there,

@@ -252,6 +252,38 @@ type cpuSegment struct {
 func (s *cpuSegment) Location() Location { return s.loc }
 func (s *cpuSegment) Bytes() []byte      { return s.mem }
 
+// Discard gives the pages of [off, off+n) back to the kernel by punching
+// a hole in the segment's file (fallocate FALLOC_FL_PUNCH_HOLE, keeping its
+// size), or, where the file system refuses that, with madvise MADV_REMOVE
+// on the host's mapping. Both drop the pages from every process's mapping;
+// the range then reads as zero. When neither is supported the error wraps
+// errors.ErrUnsupported.
+func (s *cpuSegment) Discard(off, n uint64) error {
+	if n == 0 {
+		return nil
+	}
+	if off%PageSize != 0 || n%PageSize != 0 || off > s.loc.Size || n > s.loc.Size-off {
+		return fmt.Errorf("discard [%d, %d) of %s: %w: not page-aligned or outside the segment of %d bytes",
+			off, off+n, s.path, ErrInvalid, s.loc.Size)
+	}
+	err := unix.Fallocate(s.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(off), int64(n))
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) {
+		return fmt.Errorf("discard [%d, %d) of %s: fallocate punch hole: %w", off, off+n, s.path, err)
+	}
+	merr := unix.Madvise(s.mem[off:off+n], unix.MADV_REMOVE)
+	if merr == nil {
+		return nil
+	}
+	if errors.Is(merr, unix.EOPNOTSUPP) || errors.Is(merr, unix.EINVAL) || errors.Is(merr, unix.ENOSYS) {
+		return fmt.Errorf("discard [%d, %d) of %s: %w (fallocate: %v; madvise MADV_REMOVE: %v)",
+			off, off+n, s.path, errors.ErrUnsupported, err, merr)
+	}
+	return fmt.Errorf("discard [%d, %d) of %s: madvise MADV_REMOVE: %w", off, off+n, s.path, merr)
+}
+
 // Close unmaps the segment, closes its fd and (CPUShmDir) removes its file.
 func (s *cpuSegment) Close() error {
 	s.once.Do(func() {

@@ -54,6 +54,10 @@ type Stats struct {
 	Segments      int      // live segments
 	Regions       int      // live regions
 	Owners        int      // owners holding at least one region
+	// Discarded counts the bytes of freed ranges given back to the kernel
+	// since the arena was made (see "Returning memory" in the package
+	// doc); it only grows, and stays 0 on backends that cannot discard.
+	Discarded ByteSize
 }
 
 // LogValue groups the figures under their names.
@@ -72,6 +76,7 @@ func (s Stats) LogValue() slog.Value {
 		slog.Int("segments", s.Segments),
 		slog.Int("regions", s.Regions),
 		slog.Int("owners", s.Owners),
+		slog.Any("discarded", s.Discarded),
 	)
 }
 

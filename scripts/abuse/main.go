@@ -371,8 +371,9 @@ type pluginInfo struct {
 	PID   int    `json:"pid"`
 }
 
-// waitReady waits for /v1/health and for every plugin to settle (serving
-// or failed).
+// waitReady waits for /v1/health and for every plugin to settle (serving,
+// failed, or unavailable: its requirements are not met on this machine, so
+// it will not start, e.g. diffusers-flux without torch).
 func (c *client) waitReady(bound time.Duration) error {
 	deadline := time.Now().Add(bound)
 	for time.Now().Before(deadline) {
@@ -380,7 +381,7 @@ func (c *client) waitReady(bound time.Duration) error {
 		if err := c.getJSON("/v1/plugins", &ps); err == nil && len(ps) > 0 {
 			settled := true
 			for _, p := range ps {
-				if p.State != "serving" && p.State != "failed" {
+				if p.State != "serving" && p.State != "failed" && p.State != "unavailable" {
 					settled = false
 				}
 			}

@@ -4,6 +4,7 @@
 // drives an arena.Arena on a fresh backend per subtest and checks
 // alignment, coalescing, best fit, growth, capacity errors, stale
 // generations, leases (ReleaseOwner, Transfer), stats and fragmentation,
+// the pages freed ranges give back (arena.Discarder),
 // backend failures, concurrency (run it with -race) and leaks: every
 // segment a backend created is closed by the time the arena is closed.
 package arenatest
@@ -51,6 +52,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) arena.Backend) {
 		{"Close", testClose},
 		{"Move", testMove},
 		{"WriteFrom", testWriteFrom},
+		{"Discard", testDiscard},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -852,6 +854,26 @@ type countingBackend struct {
 	closed   int
 	fail     error
 	closeErr error
+	// discards records what segments were asked to discard (Discarder
+	// segments only), for the Discard test to check against live regions.
+	discards   []discard
+	discarding bool // the inner backend's segments are Discarders
+}
+
+// discard is one Discard call a segment received.
+type discard struct {
+	seg    uint32
+	off, n uint64
+	err    error
+}
+
+// takeDiscards returns the discards recorded since the last call.
+func (b *countingBackend) takeDiscards() []discard {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	d := b.discards
+	b.discards = nil
+	return d
 }
 
 func (b *countingBackend) Name() string { return b.inner.Name() }
@@ -888,6 +910,12 @@ func (b *countingBackend) Create(id uint32, size uint64) (arena.Segment, error) 
 			return &countedFiller{&countedMover{cs}}, nil
 		}
 		return &countedMover{cs}, nil
+	}
+	if _, ok := s.(arena.Discarder); ok {
+		// The discards of a mapped segment are recorded (this runs under
+		// the arena's lock, so the wrapper only records; the test checks).
+		b.discarding = true
+		return &countedDiscarder{cs}, nil
 	}
 	return cs, nil
 }
@@ -942,6 +970,17 @@ func (s *countedSegment) Close() error {
 		delete(s.b.open, s.id)
 		s.b.mu.Unlock()
 	})
+	return err
+}
+
+// countedDiscarder is a countedSegment whose inner segment discards.
+type countedDiscarder struct{ *countedSegment }
+
+func (s *countedDiscarder) Discard(off, n uint64) error {
+	err := s.Segment.(arena.Discarder).Discard(off, n)
+	s.b.mu.Lock()
+	s.b.discards = append(s.b.discards, discard{seg: s.id, off: off, n: n, err: err})
+	s.b.mu.Unlock()
 	return err
 }
 
