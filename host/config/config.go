@@ -154,7 +154,7 @@ var settings = []setting{
 		}},
 	{name: "comfy-frontend", def: Auto, doc: "ComfyUI's web frontend (comfyui-frontend-package's static/ folder) served under /comfy/; auto: .cache/comfy-frontend/static beside bin/ (make comfy-frontend) when it exists; empty: none",
 		set: str(func(c *Config) *string { return &c.ComfyFrontend })},
-	{name: "arena-capacity", def: "8GiB", doc: "arena capacity (address space; memory is committed as segments are written)",
+	{name: "arena-capacity", def: "8GiB", doc: "arena capacity (address space; memory is committed as segments are written, and on the cpu backend given back to the kernel when regions are freed: holes are punched in the segment files over freed runs of at least 64 KiB of whole pages)",
 		set: size(func(c *Config) *uint64 { return &c.ArenaCapacity })},
 	{name: "arena-segment", def: "64MiB", doc: "arena growth unit",
 		set: size(func(c *Config) *uint64 { return &c.ArenaSegment })},
