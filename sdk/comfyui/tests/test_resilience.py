@@ -22,7 +22,10 @@ def host_and_comfy(tmp_path):
 
 def test_host_killed_mid_run_then_restarted(host_and_comfy):
     h, c = host_and_comfy
-    g = graph(h.url, loras=[(KOHYA, 0.7)], steps=30, size=64, cache_weights=True)
+    # Enough steps that the sampler is still stepping when the host dies, even
+    # on a quiet machine (30 steps once finished inside the second waited
+    # below); every model call asks the host for its factors.
+    g = graph(h.url, loras=[(KOHYA, 0.7)], steps=400, size=64, cache_weights=True)
     pid = c.queue(g)
     # Kill the host once the sampler is stepping (the LoRA node has already applied on it).
     t0 = time.time()
@@ -31,7 +34,7 @@ def test_host_killed_mid_run_then_restarted(host_and_comfy):
         if q["queue_running"] and h.get("/v1/loras/state?model=sample").get("loras"):
             break
         time.sleep(0.2)
-    time.sleep(1.0)
+    time.sleep(0.3)
     h.kill()
     e = c.wait(pid, timeout=300)
     assert e["status"]["status_str"] == "error", e["status"]
