@@ -125,21 +125,7 @@ func (a *API) checkpoints() ([]SDModel, error) {
 	}
 	out := []SDModel{}
 	seen := map[string]bool{}
-	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if d.IsDir() || !strings.HasSuffix(d.Name(), ".safetensors") {
-			return nil
-		}
-		rel, err := filepath.Rel(root, p)
-		if err != nil {
-			return err
-		}
-		real, err := confine(root, rel)
-		if err != nil {
-			return nil
-		}
+	err = walkConfined(root, isSafetensors, func(rel, real string, _ fs.FileInfo) error {
 		rel = filepath.ToSlash(rel)
 		stem := strings.TrimSuffix(rel, ".safetensors")
 		out = append(out, SDModel{Title: rel, ModelName: strings.ReplaceAll(stem, "/", "_"), Filename: real, Loaded: loaded[real]})

@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"io/fs"
 	"net/http"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -61,30 +60,9 @@ func (a *API) modelFiles(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	out := []ModelFile{}
-	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			if p == root {
-				return err
-			}
-			return nil // an unreadable subfolder is skipped, not fatal
-		}
-		if d.IsDir() || !loadable(d.Name()) {
-			return nil
-		}
+	err = walkConfined(root, loadable, func(rel, real string, st fs.FileInfo) error {
 		if len(out) >= maxModelFiles {
 			return filepath.SkipAll
-		}
-		rel, err := filepath.Rel(root, p)
-		if err != nil {
-			return nil
-		}
-		real, err := confine(root, rel)
-		if err != nil {
-			return nil // a symlink out of the directory is not listed
-		}
-		st, err := os.Stat(real)
-		if err != nil || !st.Mode().IsRegular() {
-			return nil
 		}
 		base := filepath.Base(rel)
 		out = append(out, ModelFile{Path: filepath.ToSlash(rel), Name: strings.TrimSuffix(base, filepath.Ext(base)),

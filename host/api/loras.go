@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io/fs"
 	"net/http"
-	"os"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -69,25 +68,7 @@ func (a *API) LoRAs() ([]LoRAEntry, error) {
 		return nil, fmt.Errorf("list LoRAs in %s: %w", dir, err)
 	}
 	out := []LoRAEntry{}
-	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if d.IsDir() || !strings.HasSuffix(d.Name(), ".safetensors") {
-			return nil
-		}
-		rel, err := filepath.Rel(root, p)
-		if err != nil {
-			return err
-		}
-		real, err := confine(root, rel)
-		if err != nil {
-			return nil // a symlink out of the directory is not listed
-		}
-		st, err := os.Stat(real)
-		if err != nil || !st.Mode().IsRegular() {
-			return nil
-		}
+	err = walkConfined(root, isSafetensors, func(rel, real string, st fs.FileInfo) error {
 		if e, ok := a.loras.get(real, st); ok {
 			e.Name, e.Path = LoRAName(rel), filepath.ToSlash(rel)
 			out = append(out, e)

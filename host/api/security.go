@@ -5,6 +5,7 @@ import (
 	"crypto/subtle"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -187,3 +188,38 @@ func HTTPServer(h http.Handler, l Limits) *http.Server {
 		MaxHeaderBytes:    64 << 10,
 	}
 }
+
+// walkConfined calls fn for every regular file under root whose name match
+// accepts, with its path relative to root, its resolved path and its
+// stat. Symlinks are followed only where they stay inside root (confine);
+// an unreadable subfolder is skipped, an unreadable root is the error. fn
+// may return filepath.SkipAll to stop.
+func walkConfined(root string, match func(name string) bool, fn func(rel, real string, st fs.FileInfo) error) error {
+	return filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if p == root {
+				return err
+			}
+			return nil
+		}
+		if d.IsDir() || !match(d.Name()) {
+			return nil
+		}
+		rel, err := filepath.Rel(root, p)
+		if err != nil {
+			return nil
+		}
+		real, err := confine(root, rel)
+		if err != nil {
+			return nil // a symlink out of the directory is not listed
+		}
+		st, err := os.Stat(real)
+		if err != nil || !st.Mode().IsRegular() {
+			return nil
+		}
+		return fn(rel, real, st)
+	})
+}
+
+// isSafetensors matches *.safetensors file names.
+func isSafetensors(name string) bool { return strings.HasSuffix(name, ".safetensors") }
