@@ -30,6 +30,8 @@ __all__ = [
     "arena_descriptors",
     "flux_inputs",
     "PEFT_TARGETS",
+    "TINY_PIPELINE_TRANSFORMER",
+    "write_tiny_flux_pipeline",
 ]
 
 QS_SUFFIX = ".quant_state.bitsandbytes__nf4"
@@ -350,3 +352,112 @@ def flux_inputs(seed: int = 3, tokens: int = 64, txt: int = 16, in_channels: int
         guidance=torch.tensor([3.5]),
         return_dict=False,
     )
+
+
+# A tiny FLUX.1 transformer whose context/pooled widths match the tiny T5/CLIP
+# of write_tiny_flux_pipeline (joint_attention_dim = T5 d_model, pooled = CLIP hidden).
+TINY_PIPELINE_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+)
+_TOKENIZER_TEXT = ["a red fox in the snow", "a blue boat on a calm lake", "portrait of an old man with a hat",
+                   "a city at night with bright lights", "green hills under a grey sky"]
+
+
+def _tiny_tokenizer(max_len: int):
+    """A word-level tokenizer trained here from a few sentences (no download), wrapped for transformers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.train_from_iterator(_TOKENIZER_TEXT, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "</s>"]))
+    t.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", t.token_to_id("</s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
+                                   model_max_length=max_len)
+
+
+def nf4_state(module, *, blocksize: int = 64) -> dict:
+    """The state dict bitsandbytes serializes for ``module`` with every nn.Linear weight
+    quantized to NF4 on the CPU (``quantize_4bit``; keys ``W``, ``W.absmax``,
+    ``W.quant_map``, ``W.quant_state.bitsandbytes__nf4``), other tensors as they are."""
+    import bitsandbytes.functional as F
+    import torch
+
+    sd = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            w = name + ".weight"
+            packed, st = F.quantize_4bit(sd[w].float(), blocksize=blocksize, compress_statistics=False, quant_type="nf4")
+            sd[w] = packed
+            for k, v in st.as_dict(packed=True).items():
+                sd[w + "." + k] = v
+    return sd
+
+
+def write_tiny_flux_pipeline(out: str, *, seed: int = 0, text_encoders: bool = True) -> str:
+    """A diffusers FluxPipeline folder built here with no download, as ``save_pretrained`` writes it.
+
+    text_encoder/ (a tiny CLIPTextModel), text_encoder_2/ (a tiny T5EncoderModel),
+    tokenizer/ and tokenizer_2/ (word-level tokenizers trained from a few
+    sentences), vae/ (a tiny AutoencoderKL, scale factor 8), scheduler/ and
+    transformer/ (TINY_PIPELINE_TRANSFORMER with its Linear weights in
+    bitsandbytes NF4 and a config carrying diffusers' ``quantization_config``).
+    diffusers' bnb quantizer needs a GPU, so the NF4 weights are written with
+    bitsandbytes' own CPU ``quantize_4bit`` in bnb's serialized layout.
+    text_encoders=False leaves the encoders and tokenizers out (null in model_index.json).
+    Returns out.
+    """
+    import torch
+    from diffusers import AutoencoderKL, BitsAndBytesConfig, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        parts = {}
+        if text_encoders:
+            t1, t2 = _tiny_tokenizer(77), _tiny_tokenizer(512)
+            v = len(t1)
+            parts = dict(
+                tokenizer=t1, tokenizer_2=t2,
+                text_encoder=CLIPTextModel(CLIPTextConfig(
+                    vocab_size=v, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=77, pad_token_id=0, bos_token_id=1, eos_token_id=2, projection_dim=32)).eval(),
+                text_encoder_2=T5EncoderModel(T5Config(
+                    vocab_size=v, d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=37, pad_token_id=0,
+                    eos_token_id=2, decoder_start_token_id=0)).eval(),
+            )
+        else:
+            parts = dict(tokenizer=None, tokenizer_2=None, text_encoder=None, text_encoder_2=None)
+        torch.manual_seed(seed + 1)  # the same transformer with or without text encoders
+        tr = FluxTransformer2DModel(**TINY_PIPELINE_TRANSFORMER).eval()
+        # Non-trivial norm scales, so copying them from the arena is checked too.
+        with torch.no_grad():
+            for n, p in tr.named_parameters():
+                if n.endswith("norm_q.weight") or n.endswith("norm_k.weight") or "norm_added_" in n:
+                    p.uniform_(0.5, 1.5)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16,) * 4,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
+            use_quant_conv=False, use_post_quant_conv=False,
+        ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    FluxPipeline(scheduler=scheduler, vae=vae, transformer=tr, **parts).save_pretrained(out)
+    tdir = os.path.join(out, "transformer")
+    for f in os.listdir(tdir):
+        if f.endswith(".safetensors") or f.endswith(".index.json"):
+            os.remove(os.path.join(tdir, f))
+    save_file(nf4_state(tr), os.path.join(tdir, "diffusion_pytorch_model.safetensors"))
+    cfg_path = os.path.join(tdir, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                     bnb_4bit_compute_dtype=torch.float32).to_dict()
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2)
+    return out

@@ -46,6 +46,9 @@ __all__ = [
     "detect_layout",
     "patch_pipeline",
     "build_small_pipeline",
+    "folder_text_components",
+    "encode_prompt",
+    "prompt_embeddings",
     "SAMPLE_TRANSFORMER_CONFIG",
 ]
 
@@ -275,23 +278,90 @@ def patch_pipeline(pipe, host, model: str = "", *, cache_weight: bool = True, po
     return report
 
 
+TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
+def folder_text_components(model_dir: str) -> tuple[bool, str]:
+    """(has text encoders, why not) for a diffusers FluxPipeline folder.
+
+    True when model_index.json names text_encoder (CLIP-L), tokenizer,
+    text_encoder_2 (T5) and tokenizer_2 and each has its subfolder; otherwise
+    False and the first thing missing, e.g. "model_index.json names no text_encoder_2".
+    """
+    import json
+    import os
+
+    idx_path = os.path.join(model_dir, "model_index.json")
+    try:
+        with open(idx_path) as f:
+            idx = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{model_dir}: no model_index.json (want a diffusers FluxPipeline folder)") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{idx_path}: {e}") from e
+    if not isinstance(idx, dict):
+        raise ValueError(f"{idx_path}: not a JSON object")
+    for c in TEXT_COMPONENTS:
+        entry = idx.get(c)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] and entry[1]):
+            return False, f"{idx_path} names no {c}"
+        if not os.path.isdir(os.path.join(model_dir, c)):
+            return False, f"{model_dir}: model_index.json names {c} but there is no {c}/ folder"
+    return True, ""
+
+
+def _empty_transformer(model_dir: str, dtype):
+    """FluxTransformer2DModel from the folder's transformer/config.json, with no weights read.
+
+    Its parameters are allocated uninitialised (never the folder's weights:
+    they come from the arena through :func:`patch_pipeline`, and diffusers'
+    bitsandbytes loader needs a GPU anyway); ``quantization_config`` is dropped.
+    """
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    cfg = dict(FluxTransformer2DModel.load_config(model_dir, subfolder="transformer", local_files_only=True))
+    cfg.pop("quantization_config", None)
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:  # plain init: correct, costs a random init of every weight
+        return FluxTransformer2DModel.from_config(cfg).to(dtype).eval()
+    with init_empty_weights():
+        t = FluxTransformer2DModel.from_config(cfg)
+    return t.to_empty(device="cpu").to(dtype).eval()
+
+
 def build_small_pipeline(model_dir: str | None = None, *, seed: int = 0, dtype=None):
     """A real diffusers FluxPipeline with no download.
 
-    With model_dir (a local diffusers FluxPipeline directory) it loads that,
-    without text encoders (prompts come as embeddings). Otherwise: a
-    FluxTransformer2DModel of the sample model's shapes, a small
+    With model_dir (a local diffusers FluxPipeline folder, ``model_index.json``
+    beside ``transformer/``, ``vae/``, ``scheduler/`` ...) it loads the folder's
+    VAE and scheduler and, when the folder has them (see
+    :func:`folder_text_components`), its text encoders and tokenizers: CLIP-L
+    (``text_encoder``) and T5 (``text_encoder_2``), with transformers'
+    ``from_pretrained``, from the folder (not from the arena). The transformer
+    is built from ``transformer/config.json`` with no weights read: its
+    weights must come from the arena (:func:`patch_pipeline`). The pipeline's
+    ``_arenahost_conditioning`` is ``("text_encoders", "")`` or ``("stand-in", why)``.
+
+    Otherwise: a FluxTransformer2DModel of the sample model's shapes, a small
     AutoencoderKL (latent_channels 16, four levels so the scale factor is 8,
     FLUX.1's scaling/shift factors) and FLUX.1-dev's
-    FlowMatchEulerDiscreteScheduler settings, with seeded random weights.
+    FlowMatchEulerDiscreteScheduler settings, with seeded random weights, no
+    text encoders (prompts come as stand-in embeddings).
     """
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     dtype = dtype or torch.float32
     if model_dir:
-        pipe = FluxPipeline.from_pretrained(model_dir, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                                            tokenizer_2=None, torch_dtype=dtype, local_files_only=True)
+        has_text, why = folder_text_components(model_dir)
+        kw = dict(transformer=_empty_transformer(model_dir, dtype))
+        if not has_text:
+            kw.update({c: None for c in TEXT_COMPONENTS})
+        pipe = FluxPipeline.from_pretrained(model_dir, torch_dtype=dtype, local_files_only=True, **kw)
+        pipe._arenahost_conditioning = ("text_encoders", "") if has_text else ("stand-in", why)
+        pipe._arenahost_empty_transformer = True
         return pipe
     g = torch.random.fork_rng()
     with g:
@@ -309,7 +379,27 @@ def build_small_pipeline(model_dir: str | None = None, *, seed: int = 0, dtype=N
     )
     pipe = FluxPipeline(scheduler=scheduler, vae=vae.to(dtype).eval(), text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=transformer.to(dtype).eval())
+    pipe._arenahost_conditioning = ("stand-in", "no model folder: a small pipeline built from configs, without text encoders")
     return pipe
+
+
+def encode_prompt(pipe, prompt: str, *, max_sequence_length: int = 512):
+    """(prompt_embeds, pooled, conditioning, why): the pipeline's own CLIP-L + T5
+    (``FluxPipeline.encode_prompt``, what ``pipe(prompt=...)`` does) when it has
+    them, else :func:`prompt_embeddings` (conditioning "stand-in", why names the reason)."""
+    import torch
+
+    cond, why = getattr(pipe, "_arenahost_conditioning", ("stand-in", "the pipeline has no text encoders"))
+    dev = pipe.transformer.device
+    if cond == "text_encoders" and pipe.text_encoder is not None and pipe.text_encoder_2 is not None:
+        with torch.inference_mode():
+            pe, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=dev,
+                                               max_sequence_length=max_sequence_length)
+        return pe.to(pipe.transformer.dtype), pooled.to(pipe.transformer.dtype), "text_encoders", ""
+    tcfg = pipe.transformer.config
+    pe, pooled = prompt_embeddings(prompt, context_dim=int(tcfg.joint_attention_dim),
+                                   pooled_dim=int(tcfg.pooled_projection_dim), dtype=pipe.transformer.dtype)
+    return pe.to(dev), pooled.to(dev), "stand-in", why or "the pipeline has no text encoders"
 
 
 _WORD = re.compile(r"\S+")

@@ -8,12 +8,17 @@ Kind ``pipeline``, method ``run`` (msgpack params; all optional):
 ``width``       image width, a multiple of 16 in 16..2048 (default 256)
 ``height``      image height, same rule (default 256)
 ``guidance``    Flux guidance (default 3.5)
-``prompt``      prompt text; without text encoders it seeds stand-in
-                embeddings (:func:`arenahost.diffusers_flux.prompt_embeddings`)
+``prompt``      prompt text: encoded by the model folder's CLIP-L and T5
+                when it has them, else it seeds stand-in embeddings
+                (:func:`arenahost.diffusers_flux.prompt_embeddings`)
+``max_sequence_length``  T5 tokens, 1..512 (default 512; text encoders only)
 ``model``       registry model name ("" = the host's default)
-``model_dir``   a local diffusers FluxPipeline directory (default: env
+``model_dir``   a local diffusers FluxPipeline folder (default: env
                 ``ARENAHOST_DIFFUSERS_FLUX_DIR``; none: a small pipeline
-                built from configs with random weights, no download)
+                built from configs with random weights, no download). Its
+                VAE and scheduler are used, and its text encoders and
+                tokenizers when model_index.json names them; the
+                transformer's weights always come from the arena model
 ``job_id``      id the latents are published under (default: the call id)
 ``keep``        step latents kept allocated at once (default 2)
 ==============  ===========================================================
@@ -27,7 +32,11 @@ latents ``F32 [tokens, 64]`` go into a region allocated through the host and
 are published on topic ``latent`` with payload ``{family: "flux", arch:
 "flux1", packed: true, layout: "packed", height, width, grid_h, grid_w}``.
 The result is ``{images: [png bytes], width, height, steps, seed, model,
-layout, patched, left, step_ms}``; the VAE decodes the final latents.
+layout, patched, left, step_ms, conditioning, conditioning_note}``; the VAE
+decodes the final latents. ``conditioning`` is ``"text_encoders"`` when the
+folder's CLIP-L and T5 encoded the prompt, ``"stand-in"`` when the prompt only
+seeded stand-in embeddings (``conditioning_note`` says why: no folder, or
+what the folder lacks).
 
 Method ``transformer`` (a cross-check, run as a job like ``run``): one
 forward of the patched transformer on seeded inputs
@@ -94,7 +103,10 @@ def _parse(args, call_id: str) -> dict:
         model_dir=get_arg(args, "model_dir", str, "") or os.environ.get(ENV_MODEL_DIR, ""),
         job_id=get_arg(args, "job_id", str, "") or call_id,
         keep=get_arg(args, "keep", int, 2),
+        max_sequence_length=get_arg(args, "max_sequence_length", int, 512),
     )
+    if not 1 <= p["max_sequence_length"] <= 512:
+        raise InvalidArgument(f"args.max_sequence_length: {p['max_sequence_length']} must be in 1..512")
     if not 1 <= p["steps"] <= 200:
         raise InvalidArgument(f"args.steps: {p['steps']} must be in 1..200")
     for f in ("width", "height"):
@@ -128,7 +140,16 @@ def _pipeline(st: _State, host, p: dict):
                 # One transformer per pipeline: a second model needs a fresh pipeline.
                 pipe = st.pipes[p["model_dir"]] = build()
                 st.patched.clear()
-            report = st.patched[key] = patch_pipeline(pipe, host, model=p["model"])
+            report = patch_pipeline(pipe, host, model=p["model"])
+            if getattr(pipe, "_arenahost_empty_transformer", False):
+                # The folder's transformer was built without weights: every parameter must come from the arena.
+                unset = [n for n, _ in pipe.transformer.named_parameters() if n not in report.copied]
+                if unset or report.left:
+                    st.pipes.pop(p["model_dir"], None)
+                    raise PluginError(f"model {p['model']!r} does not cover the transformer of {p['model_dir']}: "
+                                      f"no arena tensor for {sorted(report.left)[:5] or unset[:5]}",
+                                      grpc.StatusCode.FAILED_PRECONDITION)
+            st.patched[key] = report
         return pipe, report
 
 
@@ -137,14 +158,11 @@ def run(host, p: dict, *, cancelled=lambda: False, state: _State | None = None) 
     _need_torch()
     import torch
 
-    from arenahost.diffusers_flux import prompt_embeddings
+    from arenahost.diffusers_flux import encode_prompt
 
     st = state if state is not None else _STATE
     pipe, report = _pipeline(st, host, p)
-    tcfg = pipe.transformer.config
-    pe, pooled = prompt_embeddings(p["prompt"], context_dim=int(tcfg.joint_attention_dim),
-                                   pooled_dim=int(tcfg.pooled_projection_dim), dtype=pipe.transformer.dtype)
-    pe, pooled = pe.to(pipe.transformer.device), pooled.to(pipe.transformer.device)
+    pe, pooled, conditioning, cond_note = encode_prompt(pipe, p["prompt"], max_sequence_length=p["max_sequence_length"])
     h, w, steps, job = p["height"], p["width"], p["steps"], p["job_id"]
     live: list = []
     step_ms: list[float] = []
@@ -185,6 +203,7 @@ def run(host, p: dict, *, cancelled=lambda: False, state: _State | None = None) 
         "images": pngs, "width": w, "height": h, "steps": steps, "seed": p["seed"], "model": p["model"], "job_id": job,
         "layout": report.layout, "patched": len(report.patched), "left": sorted(report.left), "step_ms": step_ms,
         "note": "" if p["model_dir"] else "small FluxPipeline from configs with random weights except the arena model's transformer",
+        "conditioning": conditioning, "conditioning_note": cond_note,
     })
 
 

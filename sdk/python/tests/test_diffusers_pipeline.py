@@ -57,6 +57,7 @@ def test_run_publishes_decodable_previews_and_returns_pngs(loaded, start_plugin)
         {"steps": steps, "seed": 5, "width": w, "height": h, "prompt": "a red fox", "model": "sample"})), timeout=600)
     v = msgpack.unpackb(resp.result)
     assert (v["width"], v["height"], v["steps"], v["layout"], v["patched"]) == (w, h, steps, "flux-bfl", 62)
+    assert v["conditioning"] == "stand-in" and "without text encoders" in v["conditioning_note"]
     assert len(v["images"]) == 1
     final = Image.open(io.BytesIO(v["images"][0]))
     assert final.format == "PNG" and final.size == (w, h)
