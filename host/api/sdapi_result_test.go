@@ -56,3 +56,26 @@ func TestResultImage(t *testing.T) {
 		})
 	}
 }
+
+func TestResultConditioning(t *testing.T) {
+	tests := []struct {
+		name       string
+		result     any
+		cond, note string
+	}{
+		{"no result", nil, "", ""},
+		{"not a map", []any{1}, "", ""},
+		{"absent", map[string]any{"images": []any{}}, "", ""},
+		{"text encoders", map[string]any{"conditioning": "text_encoders", "conditioning_note": ""}, "text_encoders", ""},
+		{"stand-in", map[string]any{"conditioning": "stand-in", "conditioning_note": "no text_encoder"}, "stand-in", "no text_encoder"},
+		{"not strings", map[string]any{"conditioning": 3, "conditioning_note": []byte("x")}, "", ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			cond, note := resultConditioning(tc.result)
+			if cond != tc.cond || note != tc.note {
+				t.Fatalf("got (%q, %q), want (%q, %q)", cond, note, tc.cond, tc.note)
+			}
+		})
+	}
+}

@@ -78,6 +78,11 @@ type Txt2ImgInfo struct {
 	PartialImage int  `json:"partial_image"`
 	// Skipped counts images /sdapi/v1/skip dropped.
 	Skipped int `json:"skipped"`
+	// Conditioning is what the pipeline conditioned the image on, from its
+	// job result: "text_encoders" (the model's CLIP-L and T5 encoded the
+	// prompt) or "stand-in" (embeddings seeded from the prompt text; a
+	// warning says why). Empty when the pipeline does not say.
+	Conditioning string `json:"conditioning,omitempty"`
 }
 
 // A1111 defaults and arenahost's bounds for txt2img.
@@ -370,6 +375,12 @@ func (a *API) txt2img(w http.ResponseWriter, r *http.Request) {
 			a.fail(w, r, err)
 			return
 		}
+		if c, note := resultConditioning(s.Result); c != "" && info.Conditioning == "" {
+			info.Conditioning = c
+			if c == "stand-in" {
+				warnings = append(warnings, "the prompt did not condition the image: stand-in embeddings ("+note+")")
+			}
+		}
 		info.AllSeeds = append(info.AllSeeds, seed)
 		info.AllPrompts = append(info.AllPrompts, prompt)
 		info.Infotexts = append(info.Infotexts, infotext(prompt, req, seed, model))
@@ -492,6 +503,15 @@ func encodePNG(id string, img image.Image) (string, string, error) {
 		return "", id, fmt.Errorf("txt2img: job %s: encode png: %w", id, err)
 	}
 	return base64.StdEncoding.EncodeToString(buf.Bytes()), id, nil
+}
+
+// resultConditioning returns a pipeline result's "conditioning" and
+// "conditioning_note" string fields ("" when absent or not strings).
+func resultConditioning(result any) (cond, note string) {
+	m, _ := result.(map[string]any)
+	cond, _ = m["conditioning"].(string)
+	note, _ = m["conditioning_note"].(string)
+	return cond, note
 }
 
 // resultImage returns the first PNG of a pipeline result's "images" list;
