@@ -5,6 +5,8 @@ import (
 	"image"
 	"image/color"
 	"image/png"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -75,6 +77,44 @@ func TestResultConditioning(t *testing.T) {
 			cond, note := resultConditioning(tc.result)
 			if cond != tc.cond || note != tc.note {
 				t.Fatalf("got (%q, %q), want (%q, %q)", cond, note, tc.cond, tc.note)
+			}
+		})
+	}
+}
+
+func TestPipelineFolder(t *testing.T) {
+	root := t.TempDir()
+	pipe := filepath.Join(root, "pipe")
+	model := filepath.Join(root, "model")
+	odd := filepath.Join(root, "odd")
+	for _, d := range []string{filepath.Join(pipe, "transformer"), model, filepath.Join(odd, "model_index.json")} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	file := filepath.Join(root, "flux.safetensors")
+	for path, body := range map[string]string{
+		filepath.Join(pipe, "model_index.json"): `{"_class_name": "FluxPipeline"}`,
+		filepath.Join(model, "config.json"):     `{}`,
+		file:                                    "x",
+	} {
+		if err := os.WriteFile(path, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tests := []struct{ name, source, want string }{
+		{"pipeline folder", pipe, pipe},
+		{"transformer component", filepath.Join(pipe, "transformer"), ""},
+		{"model folder", model, ""},
+		{"single file", file, ""},
+		{"model_index.json is a directory", odd, ""},
+		{"missing", filepath.Join(root, "nope"), ""},
+		{"empty", "", ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := pipelineFolder(tc.source); got != tc.want {
+				t.Fatalf("pipelineFolder(%q) = %q, want %q", tc.source, got, tc.want)
 			}
 		})
 	}

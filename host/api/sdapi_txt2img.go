@@ -13,6 +13,8 @@ import (
 	"math"
 	"math/rand/v2"
 	"net/http"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -424,6 +426,13 @@ func (a *API) runJob(r *http.Request, run *t2iRun, pipe, model, prompt string, s
 	params := map[string]any{"prompt": prompt, "steps": req.Steps, "seed": seed, "width": req.Width, "height": req.Height}
 	if model != "" {
 		params["model"] = model
+		if m, ok := a.s.Registry.Model(model); ok {
+			if dir := pipelineFolder(m.Source); dir != "" {
+				// The pipeline may load the folder's other components
+				// (diffusers-flux: its CLIP-L, T5 and VAE); others ignore it.
+				params["model_dir"] = dir
+			}
+		}
 	}
 	j, err := a.s.Jobs.Create(r.Context(), job.Spec{
 		Pipeline: pipe,
@@ -503,6 +512,23 @@ func encodePNG(id string, img image.Image) (string, string, error) {
 		return "", id, fmt.Errorf("txt2img: job %s: encode png: %w", id, err)
 	}
 	return base64.StdEncoding.EncodeToString(buf.Bytes()), id, nil
+}
+
+// pipelineFolder returns source, absolute, when it is a diffusers pipeline
+// folder (a directory holding a regular model_index.json), else "".
+func pipelineFolder(source string) string {
+	if source == "" {
+		return ""
+	}
+	st, err := os.Stat(filepath.Join(source, "model_index.json"))
+	if err != nil || !st.Mode().IsRegular() {
+		return ""
+	}
+	abs, err := filepath.Abs(source)
+	if err != nil {
+		return ""
+	}
+	return abs
 }
 
 // resultConditioning returns a pipeline result's "conditioning" and
