@@ -12,7 +12,10 @@ process with ``model_dir`` pointing at the folder. Checked:
 * the published latents and the PNG equal diffusers' own ``FluxPipeline``
   loaded from the same folder (``pipe(prompt=...)``, same seed), with the
   transformer holding the same NF4 weights dequantized by bnb's rule (written out in the test);
-* a folder without text encoders still runs, on stand-in embeddings, and says so.
+* a folder without text encoders still runs, on stand-in embeddings, and says so;
+* through a real ``arenahost serve``: the folder loaded with ``POST /v1/models``,
+  ``/sdapi/v1/txt2img`` passes it as ``model_dir`` and ``info.conditioning`` is
+  ``text_encoders``.
 """
 
 import io
@@ -157,3 +160,59 @@ def test_folder_without_text_encoders_runs_on_stand_in_embeddings(folders, start
     v = _run(stub, "bare", prompt="a red fox in the snow", model_dir=bare)
     assert v["conditioning"] == "stand-in" and "model_index.json names no text_encoder" in v["conditioning_note"]
     assert _pixels(v["images"][0]).shape == (H, W, 3)
+
+
+def test_txt2img_on_a_pipeline_folder_model_uses_its_text_encoders(folders, tmp_path):
+    """Through a real host: a pipeline folder loaded with POST /v1/models; txt2img passes the folder
+    to diffusers-flux as model_dir, and info says the text encoders conditioned the image."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from test_diffusers_host import Host, _plugins_dir
+    from test_diffusers_side import arenahost_bin
+
+    data = tmp_path / "data"
+    (data / "loras").mkdir(parents=True)
+    shutil.copytree(folders["full"], data / "models" / "tiny-pipe")
+    plugins = _plugins_dir(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(SDK) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = open(tmp_path / "host.log", "wb")
+    proc = subprocess.Popen([str(arenahost_bin()), "serve", "--listen", "127.0.0.1:0", "--data", str(data),
+                             "--plugins", str(plugins), "--python", sys.executable, "--pipeline", "diffusers-flux"],
+                            stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("arenahost console: "), (line, (tmp_path / "host.log").read_text()[-2000:])
+        h = Host(proc, line.split(": ", 1)[1].strip().rstrip("/"), data)
+        deadline = time.monotonic() + 120
+        while True:
+            st, ps = h.call("GET", "/v1/plugins")
+            states = {p.get("name"): p.get("state") for p in ps} if st == 200 and isinstance(ps, list) else {}
+            if states.get("diffusers-flux") == "serving":
+                break
+            assert time.monotonic() < deadline, f"plugins not serving: {states}"
+            time.sleep(0.3)
+        st, m = h.call("POST", "/v1/models", {"path": "tiny-pipe", "name": "tiny-pipe"})
+        assert st == 201, (st, m)
+        st, r = h.call("POST", "/sdapi/v1/txt2img", {
+            "prompt": "a red fox in the snow", "steps": 2, "seed": 7, "width": 64, "height": 32,
+            "override_settings": {"sd_model_checkpoint": "tiny-pipe"}}, timeout=300)
+        assert st == 200, (st, r, (tmp_path / "host.log").read_text()[-3000:])
+        info = json.loads(r["info"])
+        assert info["conditioning"] == "text_encoders", info
+        assert not any("stand-in" in w for w in info["warnings"]), info["warnings"]
+        job = info["jobs"][0]
+        st, s = h.call("GET", f"/v1/jobs/{job}")
+        assert s["params"]["model_dir"] == str((data / "models" / "tiny-pipe").resolve()), s["params"]
+        assert s["result"]["conditioning"] == "text_encoders"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
