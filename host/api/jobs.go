@@ -111,6 +111,9 @@ func (a *API) createJob(w http.ResponseWriter, r *http.Request) {
 		}
 		spec.Pipeline = p
 	}
+	if spec.Params != nil {
+		a.addModelDir(spec.Params)
+	}
 	j, err := a.s.Jobs.Create(r.Context(), spec)
 	if err != nil {
 		a.fail(w, r, jobErr(err))

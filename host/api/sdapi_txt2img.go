@@ -426,13 +426,7 @@ func (a *API) runJob(r *http.Request, run *t2iRun, pipe, model, prompt string, s
 	params := map[string]any{"prompt": prompt, "steps": req.Steps, "seed": seed, "width": req.Width, "height": req.Height}
 	if model != "" {
 		params["model"] = model
-		if m, ok := a.s.Registry.Model(model); ok {
-			if dir := pipelineFolder(m.Source); dir != "" {
-				// The pipeline may load the folder's other components
-				// (diffusers-flux: its CLIP-L, T5 and VAE); others ignore it.
-				params["model_dir"] = dir
-			}
-		}
+		a.addModelDir(params)
 	}
 	j, err := a.s.Jobs.Create(r.Context(), job.Spec{
 		Pipeline: pipe,
@@ -512,6 +506,26 @@ func encodePNG(id string, img image.Image) (string, string, error) {
 		return "", id, fmt.Errorf("txt2img: job %s: encode png: %w", id, err)
 	}
 	return base64.StdEncoding.EncodeToString(buf.Bytes()), id, nil
+}
+
+// addModelDir sets params["model_dir"] to the folder of the model
+// params["model"] names when that model was loaded from a diffusers
+// pipeline folder and params has no model_dir of its own: the pipeline may
+// load the folder's other components (diffusers-flux: its CLIP-L, T5 and
+// VAE); pipelines that take no model_dir ignore it.
+func (a *API) addModelDir(params map[string]any) {
+	name, _ := params["model"].(string)
+	if name == "" {
+		return
+	}
+	if _, set := params["model_dir"]; set {
+		return
+	}
+	if m, ok := a.s.Registry.Model(name); ok {
+		if dir := pipelineFolder(m.Source); dir != "" {
+			params["model_dir"] = dir
+		}
+	}
 }
 
 // pipelineFolder returns source, absolute, when it is a diffusers pipeline

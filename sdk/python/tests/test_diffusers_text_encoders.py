@@ -14,8 +14,8 @@ process with ``model_dir`` pointing at the folder. Checked:
   transformer holding the same NF4 weights dequantized by bnb's rule (written out in the test);
 * a folder without text encoders still runs, on stand-in embeddings, and says so;
 * through a real ``arenahost serve``: the folder loaded with ``POST /v1/models``,
-  ``/sdapi/v1/txt2img`` passes it as ``model_dir`` and ``info.conditioning`` is
-  ``text_encoders``.
+  ``/sdapi/v1/txt2img`` and ``POST /v1/jobs`` pass it as ``model_dir`` and
+  ``info.conditioning`` / the result's ``conditioning`` is ``text_encoders``.
 """
 
 import io
@@ -207,6 +207,12 @@ def test_txt2img_on_a_pipeline_folder_model_uses_its_text_encoders(folders, tmp_
         job = info["jobs"][0]
         st, s = h.call("GET", f"/v1/jobs/{job}")
         assert s["params"]["model_dir"] == str((data / "models" / "tiny-pipe").resolve()), s["params"]
+        assert s["result"]["conditioning"] == "text_encoders"
+        # POST /v1/jobs naming the model: the host adds model_dir the same way.
+        s = h.job({"pipeline": "diffusers-flux", "params": {"model": "tiny-pipe", "prompt": "a blue boat", "steps": 1,
+                                                            "width": 32, "height": 32}})
+        assert s["state"] == "done", s
+        assert s["params"]["model_dir"] == str((data / "models" / "tiny-pipe").resolve())
         assert s["result"]["conditioning"] == "text_encoders"
     finally:
         proc.terminate()
