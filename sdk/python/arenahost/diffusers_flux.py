@@ -339,7 +339,8 @@ def build_small_pipeline(model_dir: str | None = None, *, seed: int = 0, dtype=N
     VAE and scheduler and, when the folder has them (see
     :func:`folder_text_components`), its text encoders and tokenizers: CLIP-L
     (``text_encoder``) and T5 (``text_encoder_2``), with transformers'
-    ``from_pretrained``, from the folder (not from the arena). The transformer
+    ``from_pretrained``, from the folder (not from the arena; safetensors only, never
+    pickled ``.bin`` files). The transformer
     is built from ``transformer/config.json`` with no weights read: its
     weights must come from the arena (:func:`patch_pipeline`). The pipeline's
     ``_arenahost_conditioning`` is ``("text_encoders", "")`` or ``("stand-in", why)``.
@@ -359,7 +360,8 @@ def build_small_pipeline(model_dir: str | None = None, *, seed: int = 0, dtype=N
         kw = dict(transformer=_empty_transformer(model_dir, dtype))
         if not has_text:
             kw.update({c: None for c in TEXT_COMPONENTS})
-        pipe = FluxPipeline.from_pretrained(model_dir, torch_dtype=dtype, local_files_only=True, **kw)
+        # use_safetensors: never unpickle a folder's .bin weights (model_dir may come from a client).
+        pipe = FluxPipeline.from_pretrained(model_dir, torch_dtype=dtype, local_files_only=True, use_safetensors=True, **kw)
         pipe._arenahost_conditioning = ("text_encoders", "") if has_text else ("stand-in", why)
         pipe._arenahost_empty_transformer = True
         return pipe
