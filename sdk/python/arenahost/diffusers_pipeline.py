@@ -127,7 +127,11 @@ def _pipeline(st: _State, host, p: dict):
     def build():
         # On the host's device (ARENAHOST_TORCH_DEVICE: cuda:N on the cuda
         # backend): patched layers follow the pipeline's device.
-        return build_small_pipeline(p["model_dir"] or None).to(torch_device())
+        try:
+            pipe = build_small_pipeline(p["model_dir"] or None)
+        except (ValueError, OSError, KeyError) as e:  # a bad folder is the caller's mistake: say which and why
+            raise InvalidArgument(f"args.model_dir: {p['model_dir']!r}: {e}") from e
+        return pipe.to(torch_device())
 
     with st.lock:
         pipe = st.pipes.get(p["model_dir"])

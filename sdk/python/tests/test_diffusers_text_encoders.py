@@ -222,3 +222,27 @@ def test_txt2img_on_a_pipeline_folder_model_uses_its_text_encoders(folders, tmp_
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_bad_folders_are_refused_by_name(folders, start_plugin, tmp_path):
+    import grpc
+    import shutil
+
+    p = start_plugin([str(PLUGIN)], folders["env"])
+    stub = pbg.PluginStub(p.channel)
+    no_index = tmp_path / "no_index"
+    no_index.mkdir()
+    bad_json = tmp_path / "bad_json"
+    shutil.copytree(folders["bare"], bad_json)
+    (bad_json / "model_index.json").write_text("{not json")
+    no_te = tmp_path / "no_te_folder"
+    shutil.copytree(folders["full"], no_te)
+    shutil.rmtree(no_te / "text_encoder_2")
+    for d, want in ((no_index, "no model_index.json"), (bad_json, "model_index.json")):
+        with pytest.raises(grpc.RpcError) as e:
+            _run(stub, "bad", prompt="x", model_dir=str(d))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        assert "args.model_dir" in e.value.details() and want in e.value.details() and str(d) in e.value.details()
+    # Named in model_index.json but its folder is gone: stand-in, saying what is missing.
+    v = _run(stub, "no-te", prompt="x", model_dir=str(no_te))
+    assert v["conditioning"] == "stand-in" and "no text_encoder_2/ folder" in v["conditioning_note"]
