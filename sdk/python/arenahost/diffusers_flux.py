@@ -313,9 +313,13 @@ def folder_text_components(model_dir: str) -> tuple[bool, str]:
 def _empty_transformer(model_dir: str, dtype):
     """FluxTransformer2DModel from the folder's transformer/config.json, with no weights read.
 
-    Its parameters are allocated uninitialised (never the folder's weights:
-    they come from the arena through :func:`patch_pipeline`, and diffusers'
-    bitsandbytes loader needs a GPU anyway); ``quantization_config`` is dropped.
+    Never the folder's weights: they come from the arena through
+    :func:`patch_pipeline` (and diffusers' bitsandbytes loader needs a GPU
+    anyway); ``quantization_config`` is dropped. Every nn.Linear gets an
+    empty (0-element) weight and bias, so the model costs next to nothing
+    until patched (an unpatched Linear fails loudly); the few other
+    parameters (norm scales, copied from the arena too) are allocated
+    uninitialised.
     """
     import torch
     from diffusers import FluxTransformer2DModel
@@ -324,10 +328,16 @@ def _empty_transformer(model_dir: str, dtype):
     cfg.pop("quantization_config", None)
     try:
         from accelerate import init_empty_weights
-    except ImportError:  # plain init: correct, costs a random init of every weight
-        return FluxTransformer2DModel.from_config(cfg).to(dtype).eval()
-    with init_empty_weights():
+    except ImportError:  # plain init: correct, costs a random init of every weight first
         t = FluxTransformer2DModel.from_config(cfg)
+    else:
+        with init_empty_weights():
+            t = FluxTransformer2DModel.from_config(cfg)
+    for m in t.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.weight = torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+            if m.bias is not None:
+                m.bias = torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
     return t.to_empty(device="cpu").to(dtype).eval()
 
 
