@@ -112,6 +112,13 @@ func TestAbuseLeastPrivilege(t *testing.T) {
 		{"preview render", job(`{"pipeline": "preview", "method": "render.factor"}`), 403, "method_not_public", `plugin "preview" is of kind "preview"`},
 		{"pipeline unknown method", job(`{"pipeline": "test-pipeline", "method": "walk"}`), 400, "bad_request", `serves no method "walk"`},
 		{"pipeline run", job(`{"pipeline": "test-pipeline", "params": {"steps": 2, "step_ms": 1}, "preview": {"method": "none"}}`), 201, "", ""},
+		// params.model_dir is a folder the pipeline reads: confined like a model path.
+		{"model_dir outside", job(`{"pipeline": "test-pipeline", "params": {"steps": 2, "model_dir": "/etc"}, "preview": {"method": "none"}}`),
+			400, "bad_path", `params.model_dir`},
+		{"model_dir climbing", job(`{"pipeline": "test-pipeline", "params": {"steps": 2, "model_dir": "../../.."}, "preview": {"method": "none"}}`),
+			400, "bad_path", `is not allowed`},
+		{"model_dir not a string", job(`{"pipeline": "test-pipeline", "params": {"steps": 2, "model_dir": 7}, "preview": {"method": "none"}}`),
+			400, "bad_request", `params.model_dir: 7 is not a string`},
 	}, 5*time.Second)
 	// The manifest's public methods show in /v1/plugins.
 	_, b, _ := f.do(t, call{method: "GET", path: "/v1/plugins"})

@@ -112,7 +112,10 @@ func (a *API) createJob(w http.ResponseWriter, r *http.Request) {
 		spec.Pipeline = p
 	}
 	if spec.Params != nil {
-		a.addModelDir(spec.Params)
+		if err := a.addModelDir(spec.Params); err != nil {
+			a.fail(w, r, fmt.Errorf("create job: %w", err))
+			return
+		}
 	}
 	j, err := a.s.Jobs.Create(r.Context(), spec)
 	if err != nil {

@@ -426,7 +426,9 @@ func (a *API) runJob(r *http.Request, run *t2iRun, pipe, model, prompt string, s
 	params := map[string]any{"prompt": prompt, "steps": req.Steps, "seed": seed, "width": req.Width, "height": req.Height}
 	if model != "" {
 		params["model"] = model
-		a.addModelDir(params)
+		if err := a.addModelDir(params); err != nil {
+			return nil, err
+		}
 	}
 	j, err := a.s.Jobs.Create(r.Context(), job.Spec{
 		Pipeline: pipe,
@@ -510,22 +512,34 @@ func encodePNG(id string, img image.Image) (string, string, error) {
 
 // addModelDir sets params["model_dir"] to the folder of the model
 // params["model"] names when that model was loaded from a diffusers
-// pipeline folder and params has no model_dir of its own: the pipeline may
-// load the folder's other components (diffusers-flux: its CLIP-L, T5 and
-// VAE); pipelines that take no model_dir ignore it.
-func (a *API) addModelDir(params map[string]any) {
+// pipeline folder: the pipeline may load the folder's other components
+// (diffusers-flux: its CLIP-L, T5 and VAE); pipelines that take no
+// model_dir ignore it. A model_dir the client sent is a path the pipeline
+// will read, so it passes the same confinement as model paths (inside
+// --models-dir, folders allowed) and is replaced by its resolved path.
+func (a *API) addModelDir(params map[string]any) error {
+	if v, set := params["model_dir"]; set {
+		p, ok := v.(string)
+		if !ok {
+			return badRequest("params.model_dir: %v is not a string", v)
+		}
+		real, err := confineModel(a.opts.ModelsDir, p)
+		if err != nil {
+			return fmt.Errorf("params.model_dir: %w", err)
+		}
+		params["model_dir"] = real
+		return nil
+	}
 	name, _ := params["model"].(string)
 	if name == "" {
-		return
-	}
-	if _, set := params["model_dir"]; set {
-		return
+		return nil
 	}
 	if m, ok := a.s.Registry.Model(name); ok {
 		if dir := pipelineFolder(m.Source); dir != "" {
 			params["model_dir"] = dir
 		}
 	}
+	return nil
 }
 
 // pipelineFolder returns source, absolute, when it is a diffusers pipeline
