@@ -195,20 +195,29 @@ func idList(v any) ([]string, error) {
 	return out, nil
 }
 
+// deleteArgs reads the {"delete": [ids], "clear": bool} body that POST
+// /queue and POST /history share; on a bad body it answers 400 and ok is
+// false.
+func deleteArgs(w http.ResponseWriter, r *http.Request) (ids []string, clear, ok bool) {
+	args, err := readArgs(r)
+	if err == nil {
+		ids, err = idList(args["delete"])
+	}
+	if err != nil {
+		badRequest(w, "invalid_request", "Invalid request", err.Error())
+		return nil, false, false
+	}
+	clear, _ = args["clear"].(bool)
+	return ids, clear, true
+}
+
 // postQueue deletes pending prompts ({"delete": [ids]}) or all of them
 // ({"clear": true}).
 func (s *Server) postQueue(w http.ResponseWriter, r *http.Request) {
-	args, err := readArgs(r)
-	if err != nil {
-		badRequest(w, "invalid_request", "Invalid request", err.Error())
+	ids, clear, ok := deleteArgs(w, r)
+	if !ok {
 		return
 	}
-	ids, err := idList(args["delete"])
-	if err != nil {
-		badRequest(w, "invalid_request", "Invalid request", err.Error())
-		return
-	}
-	clear, _ := args["clear"].(bool)
 	if clear || len(ids) > 0 {
 		s.q.deletePending(ids, clear)
 	}
@@ -236,17 +245,10 @@ func (s *Server) getHistoryID(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) postHistory(w http.ResponseWriter, r *http.Request) {
-	args, err := readArgs(r)
-	if err != nil {
-		badRequest(w, "invalid_request", "Invalid request", err.Error())
+	ids, clear, ok := deleteArgs(w, r)
+	if !ok {
 		return
 	}
-	ids, err := idList(args["delete"])
-	if err != nil {
-		badRequest(w, "invalid_request", "Invalid request", err.Error())
-		return
-	}
-	clear, _ := args["clear"].(bool)
 	s.q.deleteHistory(ids, clear)
 	w.WriteHeader(http.StatusOK)
 }
