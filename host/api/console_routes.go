@@ -40,10 +40,6 @@ type ModelFile struct {
 // maxModelFiles bounds the listing of the models directory.
 const maxModelFiles = 1000
 
-// loadable reports whether a file in the models directory is something
-// POST /v1/models can load.
-func loadable(name string) bool { return strings.HasSuffix(name, ".safetensors") }
-
 // modelFiles lists the loadable files under the models directory
 // (following symlinks only when they stay inside it), so a UI offers a
 // choice instead of a free-text path.
@@ -60,7 +56,7 @@ func (a *API) modelFiles(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	out := []ModelFile{}
-	err = walkConfined(root, loadable, func(rel, real string, st fs.FileInfo) error {
+	err = walkConfined(root, isSafetensors, func(rel, real string, st fs.FileInfo) error {
 		if len(out) >= maxModelFiles {
 			return filepath.SkipAll
 		}

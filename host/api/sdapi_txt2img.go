@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"image"
 	"image/color"
@@ -193,10 +192,7 @@ func (a *API) txt2img(w http.ResponseWriter, r *http.Request) {
 	}
 	var req Txt2ImgRequest
 	var fields map[string]any
-	if err := json.Unmarshal(raw, &fields); err != nil || fields == nil {
-		if err == nil {
-			err = errors.New("not a JSON object")
-		}
+	if err := json.Unmarshal(raw, &fields); err != nil { // requireObject: an object, never nil
 		a.fail(w, r, badRequest("read request body: %v", err))
 		return
 	}

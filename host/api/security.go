@@ -88,34 +88,42 @@ const maxPathLen = 4096
 // anything but a regular file. Stat never blocks, so a FIFO is refused
 // without being opened; the opener (safetensors.OpenRegular) checks the
 // opened descriptor again, which closes the window of a swap in between.
-func confine(dir, p string) (string, error) { return confinePath(dir, p, false) }
+func confine(dir, p string) (string, error) {
+	real, _, err := confinePath(dir, p, false)
+	return real, err
+}
 
 // confineModel is confine for a model path, which may also be a diffusers
 // model or pipeline folder (safetensors.OpenSet then validates what the
 // folder holds, and refuses shard names that leave it).
-func confineModel(dir, p string) (string, error) { return confinePath(dir, p, true) }
+func confineModel(dir, p string) (string, error) {
+	real, _, err := confinePath(dir, p, true)
+	return real, err
+}
 
-func confinePath(dir, p string, allowDir bool) (string, error) {
+// confinePath is confine returning also the resolved path's stat (a
+// regular file, or with allowDir a directory).
+func confinePath(dir, p string, allowDir bool) (string, fs.FileInfo, error) {
 	if p == "" {
-		return "", badRequest("empty path")
+		return "", nil, badRequest("empty path")
 	}
 	if strings.ContainsRune(p, 0) {
-		return "", &StatusError{Status: http.StatusBadRequest, Code: "bad_path", Err: fmt.Errorf("path %q contains a NUL byte: %w", p, errBadPath)}
+		return "", nil, &StatusError{Status: http.StatusBadRequest, Code: "bad_path", Err: fmt.Errorf("path %q contains a NUL byte: %w", p, errBadPath)}
 	}
 	if len(p) > maxPathLen {
-		return "", &StatusError{Status: http.StatusBadRequest, Code: "bad_path", Err: fmt.Errorf("path %.64q… is %d bytes, longer than %d: %w", p, len(p), maxPathLen, errBadPath)}
+		return "", nil, &StatusError{Status: http.StatusBadRequest, Code: "bad_path", Err: fmt.Errorf("path %.64q… is %d bytes, longer than %d: %w", p, len(p), maxPathLen, errBadPath)}
 	}
 	absDir, err := filepath.Abs(dir)
 	if err != nil {
-		return "", fmt.Errorf("directory %s: %w", dir, err)
+		return "", nil, fmt.Errorf("directory %s: %w", dir, err)
 	}
 	root, err := filepath.EvalSymlinks(absDir)
 	if err != nil {
-		return "", fmt.Errorf("directory %s: %w", dir, err)
+		return "", nil, fmt.Errorf("directory %s: %w", dir, err)
 	}
 	for _, part := range strings.Split(filepath.ToSlash(p), "/") {
 		if part == ".." {
-			return "", fmt.Errorf("path %q: %w %s (\"..\" is not allowed)", p, errOutside, dir)
+			return "", nil, fmt.Errorf("path %q: %w %s (\"..\" is not allowed)", p, errOutside, dir)
 		}
 	}
 	full := filepath.Clean(p)
@@ -123,28 +131,28 @@ func confinePath(dir, p string, allowDir bool) (string, error) {
 		full = filepath.Join(absDir, p)
 	}
 	if !within(absDir, full) && !within(root, full) {
-		return "", fmt.Errorf("path %q: %w %s", p, errOutside, dir)
+		return "", nil, fmt.Errorf("path %q: %w %s", p, errOutside, dir)
 	}
 	real, err := filepath.EvalSymlinks(full)
 	if errors.Is(err, os.ErrNotExist) {
-		return "", fmt.Errorf("path %q in %s: %w", p, dir, errNoFile)
+		return "", nil, fmt.Errorf("path %q in %s: %w", p, dir, errNoFile)
 	}
 	if err != nil {
 		// A symlink loop ("too many links"), ENAMETOOLONG, ENOTDIR,
 		// EACCES: the path the client named cannot be resolved.
-		return "", fmt.Errorf("path %q: %w: %w", p, errBadPath, err)
+		return "", nil, fmt.Errorf("path %q: %w: %w", p, errBadPath, err)
 	}
 	if !within(root, real) {
-		return "", fmt.Errorf("path %q: %w %s (a symlink leads to %s)", p, errOutside, dir, real)
+		return "", nil, fmt.Errorf("path %q: %w %s (a symlink leads to %s)", p, errOutside, dir, real)
 	}
 	st, err := os.Stat(real)
 	if err != nil {
-		return "", fmt.Errorf("path %q: %w: %w", p, errBadPath, err)
+		return "", nil, fmt.Errorf("path %q: %w: %w", p, errBadPath, err)
 	}
 	if !st.Mode().IsRegular() && !(allowDir && st.IsDir()) {
-		return "", fmt.Errorf("path %q: %w: %s is a %s, not a regular file", p, errBadPath, real, typeName(st.Mode()))
+		return "", nil, fmt.Errorf("path %q: %w: %s is a %s, not a regular file", p, errBadPath, real, typeName(st.Mode()))
 	}
-	return real, nil
+	return real, st, nil
 }
 
 // typeName names a non-regular file's type.
@@ -209,13 +217,9 @@ func walkConfined(root string, match func(name string) bool, fn func(rel, real s
 		if err != nil {
 			return nil
 		}
-		real, err := confine(root, rel)
+		real, st, err := confinePath(root, rel, false)
 		if err != nil {
-			return nil // a symlink out of the directory is not listed
-		}
-		st, err := os.Stat(real)
-		if err != nil || !st.Mode().IsRegular() {
-			return nil
+			return nil // a symlink out of the directory, or not a regular file: not listed
 		}
 		return fn(rel, real, st)
 	})

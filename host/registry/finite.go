@@ -8,17 +8,17 @@ import (
 	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
-// checkQuantFinite refuses a checkpoint whose 4-bit quantization state
-// holds a NaN or an infinity: absmax, the quant maps, the nested absmax and
-// the nested offset. Such a model dequantizes to NaN everywhere, and a fuse
-// into it can only spread them. It reads the small side tensors from the
-// mapping (no copy) before anything is allocated, and names the tensor.
 // quantTensors is what checkQuantFinite reads: a file or a folder's shards.
 type quantTensors interface {
 	Lookup(name string) (safetensors.TensorInfo, bool)
 	Data(name string) ([]byte, error)
 }
 
+// checkQuantFinite refuses a checkpoint whose 4-bit quantization state
+// holds a NaN or an infinity: absmax, the quant maps, the nested absmax and
+// the nested offset. Such a model dequantizes to NaN everywhere, and a fuse
+// into it can only spread them. It reads the small side tensors from the
+// mapping (no copy) before anything is allocated, and names the tensor.
 func checkQuantFinite(path string, f quantTensors, weights []nf4.Weight) error {
 	for _, w := range weights {
 		if st := w.State; st.Nested && (math.IsNaN(st.NestedOffset) || math.IsInf(st.NestedOffset, 0)) {

@@ -269,30 +269,38 @@ func (s *Set) Evict(name string) error {
 	return f.Evict(name)
 }
 
+// shard returns the shard holding tensor name.
+func (s *Set) shard(name string) (*File, error) {
+	if f, ok := s.fileOf[name]; ok {
+		return f, nil
+	}
+	return nil, &Error{File: s.Path, Key: name, Err: errors.New("no such tensor")}
+}
+
 // Data returns tensor name's bytes as a slice of its shard's mapping
 // (File.Data).
 func (s *Set) Data(name string) ([]byte, error) {
-	f, ok := s.fileOf[name]
-	if !ok {
-		return nil, &Error{File: s.Path, Key: name, Err: errors.New("no such tensor")}
+	f, err := s.shard(name)
+	if err != nil {
+		return nil, err
 	}
 	return f.Data(name)
 }
 
 // ReadTensor is File.ReadTensor on t's shard.
 func (s *Set) ReadTensor(t TensorInfo, fn func(data []byte) error) error {
-	f, ok := s.fileOf[t.Name]
-	if !ok {
-		return &Error{File: s.Path, Key: t.Name, Err: errors.New("no such tensor")}
+	f, err := s.shard(t.Name)
+	if err != nil {
+		return err
 	}
 	return f.ReadTensor(t, fn)
 }
 
 // CopyTensor is File.CopyTensor on t's shard.
 func (s *Set) CopyTensor(dst []byte, t TensorInfo) error {
-	f, ok := s.fileOf[t.Name]
-	if !ok {
-		return &Error{File: s.Path, Key: t.Name, Err: errors.New("no such tensor")}
+	f, err := s.shard(t.Name)
+	if err != nil {
+		return err
 	}
 	return f.CopyTensor(dst, t)
 }
@@ -336,9 +344,9 @@ func (s *Set) Close() error {
 
 // TensorData is File.TensorData on t's shard.
 func (s *Set) TensorData(t TensorInfo) ([]byte, error) {
-	f, ok := s.fileOf[t.Name]
-	if !ok {
-		return nil, &Error{File: s.Path, Key: t.Name, Err: errors.New("no such tensor")}
+	f, err := s.shard(t.Name)
+	if err != nil {
+		return nil, err
 	}
 	return f.TensorData(t)
 }

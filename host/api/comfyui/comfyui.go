@@ -21,6 +21,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 )
@@ -171,7 +172,7 @@ func (s *Server) Register(mux *http.ServeMux) {
 	routes = append(routes, fe.routes()...)
 	for _, r := range routes {
 		mux.HandleFunc(r.pattern, r.h)
-		method, path, _ := cut(r.pattern)
+		method, path, _ := strings.Cut(r.pattern, " ")
 		mux.HandleFunc(method+" /api"+path, r.h)
 		mux.HandleFunc(method+" /comfy/api"+path, r.h)
 	}
@@ -182,15 +183,6 @@ func (s *Server) Register(mux *http.ServeMux) {
 		mux.HandleFunc("GET /assets/", fe.serveRootAssets)
 	}
 	mux.Handle("GET /comfy", http.RedirectHandler("/comfy/", http.StatusMovedPermanently))
-}
-
-func cut(p string) (string, string, bool) {
-	for i := range p {
-		if p[i] == ' ' {
-			return p[:i], p[i+1:], true
-		}
-	}
-	return "", p, false
 }
 
 // serverFeatures are the flags /features and the websocket answer with:

@@ -105,11 +105,7 @@ func (s *Server) postPrompt(w http.ResponseWriter, r *http.Request) {
 	}
 	extra["create_time"] = nowMillis()
 	s.q.put(&item{number: number, id: promptID, raw: raw, graph: graph, extra: extra, outputs: v.outputs, clientID: clientID})
-	var num any = number
-	if number == float64(int64(number)) {
-		num = int64(number)
-	}
-	writeJSON(w, http.StatusOK, map[string]any{"prompt_id": promptID, "number": num, "node_errors": v.nodeErrors})
+	writeJSON(w, http.StatusOK, map[string]any{"prompt_id": promptID, "number": jsonNumber(number), "node_errors": v.nodeErrors})
 }
 
 func (s *Server) getPrompt(w http.ResponseWriter, _ *http.Request) {

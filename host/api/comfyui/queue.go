@@ -22,11 +22,16 @@ type item struct {
 }
 
 func (it *item) list() []any {
-	var n any = it.number
-	if it.number == float64(int64(it.number)) {
-		n = int64(it.number)
+	return []any{jsonNumber(it.number), it.id, it.raw, it.extra, it.outputs}
+}
+
+// jsonNumber is a queue number as ComfyUI writes it: a whole number as an
+// integer (1, not 1.0), any other as it is.
+func jsonNumber(f float64) any {
+	if f == float64(int64(f)) {
+		return int64(f)
 	}
-	return []any{n, it.id, it.raw, it.extra, it.outputs}
+	return f
 }
 
 // histEntry is one /history entry.
