@@ -420,8 +420,9 @@ func (s *Server) objectInfo(w http.ResponseWriter, _ *http.Request) {
 	}
 	sort.Strings(names)
 	out := make(map[string]any, len(names))
+	l := s.lists()
 	for _, n := range names {
-		out[n] = nodes[n].info(s)
+		out[n] = nodes[n].info(l)
 	}
 	writeJSON(w, http.StatusOK, out)
 }
@@ -429,7 +430,7 @@ func (s *Server) objectInfo(w http.ResponseWriter, _ *http.Request) {
 func (s *Server) objectInfoNode(w http.ResponseWriter, r *http.Request) {
 	out := map[string]any{}
 	if n := nodes[r.PathValue("node")]; n != nil {
-		out[n.name] = n.info(s)
+		out[n.name] = n.info(s.lists())
 	}
 	writeJSON(w, http.StatusOK, out)
 }

@@ -207,7 +207,27 @@ var tooltips = map[string]string{
 	"samples":        "The sampled latent.",
 }
 
-func (in input) spec(s *Server) []any {
+// lists answers each COMBO input's choices once per request: several
+// inputs (ckpt_name, unet_name, model_name; every lora_name) list the same
+// folder, which would otherwise be walked once per input and node. An
+// input name always lists with the same function.
+type lists struct {
+	s    *Server
+	memo map[string][]string
+}
+
+func (s *Server) lists() *lists { return &lists{s: s, memo: map[string][]string{}} }
+
+func (l *lists) of(in input) []string {
+	if v, ok := l.memo[in.name]; ok {
+		return v
+	}
+	v := in.combo(l.s)
+	l.memo[in.name] = v
+	return v
+}
+
+func (in input) spec(l *lists) []any {
 	opts := map[string]any{}
 	for k, v := range in.opts {
 		opts[k] = v
@@ -218,17 +238,17 @@ func (in input) spec(s *Server) []any {
 	}
 	opts["tooltip"] = tip
 	if in.typ == "COMBO" {
-		return []any{in.combo(s), opts}
+		return []any{l.of(in), opts}
 	}
 	return []any{in.typ, opts}
 }
 
 // info is a node's /object_info entry.
-func (n *node) info(s *Server) map[string]any {
+func (n *node) info(l *lists) map[string]any {
 	req, opt := map[string]any{}, map[string]any{}
 	var reqOrder, optOrder []string
 	for _, in := range n.inputs {
-		spec := in.spec(s)
+		spec := in.spec(l)
 		if in.optional {
 			opt[in.name] = spec
 			optOrder = append(optOrder, in.name)
@@ -299,6 +319,7 @@ type validation struct {
 // Outputs whose inputs fail are dropped with their node_errors; when none
 // remain the prompt is refused.
 func (s *Server) validate(g map[string]graphNode) validation {
+	ls := s.lists()
 	ids := make([]string, 0, len(g))
 	for id := range g {
 		ids = append(ids, id)
@@ -332,7 +353,7 @@ func (s *Server) validate(g map[string]graphNode) validation {
 	var bad []string
 	for _, o := range outputs {
 		failing := map[string]bool{}
-		s.validateNode(g, o, checked, map[string]bool{}, failing)
+		s.validateNode(ls, g, o, checked, map[string]bool{}, failing)
 		if len(failing) == 0 {
 			v.outputs = append(v.outputs, o)
 			continue
@@ -362,7 +383,7 @@ func (s *Server) validate(g map[string]graphNode) validation {
 
 // validateNode checks id and what it depends on; failing collects the ids
 // with errors (or with failing inputs).
-func (s *Server) validateNode(g map[string]graphNode, id string, checked map[string][]map[string]any, visiting, failing map[string]bool) bool {
+func (s *Server) validateNode(ls *lists, g map[string]graphNode, id string, checked map[string][]map[string]any, visiting, failing map[string]bool) bool {
 	if errs, ok := checked[id]; ok {
 		if len(errs) > 0 || failing[id] {
 			failing[id] = true
@@ -411,12 +432,12 @@ func (s *Server) validateNode(g map[string]graphNode, id string, checked map[str
 					fmt.Sprintf("%s, received_type(%s) mismatch input_type(%s)", in.name, got, in.typ)))
 				continue
 			}
-			if !s.validateNode(g, src, checked, visiting, failing) {
+			if !s.validateNode(ls, g, src, checked, visiting, failing) {
 				ok = false
 			}
 			continue
 		}
-		if e := checkValue(s, in, val); e != nil {
+		if e := checkValue(ls, in, val); e != nil {
 			errs = append(errs, e)
 		}
 	}
@@ -433,11 +454,11 @@ func verr(typ, msg, input, details string) map[string]any {
 }
 
 // checkValue checks a widget value against its input's type and limits.
-func checkValue(s *Server, in input, val any) map[string]any {
+func checkValue(l *lists, in input, val any) map[string]any {
 	bad := func(typ, msg string) map[string]any {
 		e := verr(typ, msg, in.name, in.name)
 		e["extra_info"].(map[string]any)["received_value"] = val
-		e["extra_info"].(map[string]any)["input_config"] = in.spec(s)
+		e["extra_info"].(map[string]any)["input_config"] = in.spec(l)
 		return e
 	}
 	switch in.typ {
@@ -464,7 +485,7 @@ func checkValue(s *Server, in input, val any) map[string]any {
 		}
 	case "COMBO":
 		str, _ := val.(string)
-		opts := in.combo(s)
+		opts := l.of(in)
 		for _, o := range opts {
 			if o == str {
 				return nil
