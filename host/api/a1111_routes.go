@@ -480,6 +480,21 @@ func (a *API) dropRun(run *t2iRun) {
 // path relative to the LoRA directory (with or without .safetensors), else
 // the bare file name when exactly one file has it, else the alias
 // (kohya's ss_output_name) when exactly one file has it.
+// loraEntry resolves a LoRA name as A1111 does (resolveLoRA) and confines
+// its path (LoRAPath): the entry an apply takes, for A1111 tags and
+// ComfyUI's LoRA nodes alike.
+func (a *API) loraEntry(name string, all []LoRAEntry, strength float64) (lora.Entry, error) {
+	e, err := a.resolveLoRA(name, all)
+	if err != nil {
+		return lora.Entry{}, err
+	}
+	p, err := a.LoRAPath(e.Name)
+	if err != nil {
+		return lora.Entry{}, err
+	}
+	return lora.Entry{Name: e.Name, Path: p, Strength: strength}, nil
+}
+
 func (a *API) resolveLoRA(name string, ls []LoRAEntry) (LoRAEntry, error) {
 	n := strings.TrimSuffix(filepath.ToSlash(name), ".safetensors")
 	for _, e := range ls {

@@ -82,15 +82,11 @@ func (c comfyCore) applyLoRAs(ctx context.Context, model string, ls []comfyui.Lo
 		}
 		req.Mode = ls[0].Mode
 		for _, l := range ls {
-			e, err := c.a.resolveLoRA(l.Name, all)
+			e, err := c.a.loraEntry(l.Name, all, l.Strength)
 			if err != nil {
 				return err
 			}
-			p, err := c.a.LoRAPath(e.Name)
-			if err != nil {
-				return err
-			}
-			req.LoRAs = append(req.LoRAs, lora.Entry{Name: e.Name, Path: p, Strength: l.Strength})
+			req.LoRAs = append(req.LoRAs, e)
 		}
 	}
 	res, err := c.a.s.LoRAs.Apply(ctx, req)

@@ -287,17 +287,12 @@ func (a *API) txt2img(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		for _, t := range tags {
-			e, err := a.resolveLoRA(t.Name, ls)
+			e, err := a.loraEntry(t.Name, ls, *t.Strength)
 			if err != nil {
 				warnings = append(warnings, fmt.Sprintf("<lora:%s> skipped: %v", t.Name, err))
 				continue
 			}
-			p, err := a.LoRAPath(e.Name)
-			if err != nil {
-				warnings = append(warnings, fmt.Sprintf("<lora:%s> skipped: %v", t.Name, err))
-				continue
-			}
-			entries = append(entries, lora.Entry{Name: e.Name, Path: p, Strength: *t.Strength})
+			entries = append(entries, e)
 		}
 	}
 	if a.s.LoRAs == nil && len(entries) > 0 {
