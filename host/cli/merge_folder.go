@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 
@@ -92,38 +91,19 @@ func createFolder(in *mergeInput, o MergeOptions, md map[string]string, infos []
 			}
 		}
 	}
-	type grp struct {
-		name  string
-		infos []safetensors.TensorInfo
-		bytes int64
+	names := make([]string, len(infos))
+	sizes := make([]int64, len(infos))
+	for i, t := range infos {
+		names[i], sizes[i] = t.Name, t.NBytes()
 	}
-	byGroup := map[string]*grp{}
-	var groups []*grp
-	for _, t := range infos {
-		g := group[t.Name]
-		if g == "" {
-			g = t.Name
+	plan, err := safetensors.PlanShards("diffusion_pytorch_model", names, sizes, max, func(n string) string {
+		if g := group[n]; g != "" {
+			return g
 		}
-		if byGroup[g] == nil {
-			byGroup[g] = &grp{name: g}
-			groups = append(groups, byGroup[g])
-		}
-		byGroup[g].infos = append(byGroup[g].infos, t)
-		byGroup[g].bytes += t.NBytes()
-	}
-	sort.Slice(groups, func(i, j int) bool { return groups[i].name < groups[j].name })
-	var shards [][]safetensors.TensorInfo
-	var size int64
-	for _, g := range groups {
-		if len(shards) == 0 || (size > 0 && size+g.bytes > max) {
-			shards = append(shards, nil)
-			size = 0
-		}
-		shards[len(shards)-1] = append(shards[len(shards)-1], g.infos...)
-		size += g.bytes
-	}
-	if len(shards) == 0 {
-		shards = [][]safetensors.TensorInfo{nil}
+		return n
+	})
+	if err != nil {
+		return nil, fmt.Errorf("merge: %w", err)
 	}
 	tmp, err := os.MkdirTemp(filepath.Dir(filepath.Clean(o.Out)), "."+filepath.Base(o.Out)+".tmp*")
 	if err != nil {
@@ -134,12 +114,11 @@ func createFolder(in *mergeInput, o MergeOptions, md map[string]string, infos []
 	for k, v := range md {
 		md2[k] = v
 	}
-	weightMap := map[string]string{}
-	var total int64
-	for i, sh := range shards {
-		name := "diffusion_pytorch_model.safetensors"
-		if len(shards) > 1 {
-			name = fmt.Sprintf("diffusion_pytorch_model-%05d-of-%05d.safetensors", i+1, len(shards))
+	for k, idx := range plan.Shards {
+		name := plan.Names[k]
+		sh := make([]safetensors.TensorInfo, len(idx))
+		for j, i := range idx {
+			sh[j] = infos[i]
 		}
 		of, err := createOut(filepath.Join(tmp, name), md2, sh)
 		if err != nil {
@@ -150,13 +129,9 @@ func createFolder(in *mergeInput, o MergeOptions, md map[string]string, infos []
 		f.files[of] = name
 		for _, t := range sh {
 			f.shardOf[t.Name] = of
-			weightMap[t.Name] = name
-			total += t.NBytes()
 		}
 	}
-	if len(shards) > 1 {
-		f.index, _ = json.MarshalIndent(map[string]any{"metadata": map[string]any{"total_size": total}, "weight_map": weightMap}, "", "  ")
-	}
+	f.index = plan.Index
 	return f, nil
 }
 
