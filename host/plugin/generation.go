@@ -192,8 +192,7 @@ func (p *managed) startGeneration(ctx context.Context, man *Manifest) (*generati
 	if err != nil {
 		return fail("socket dir", err)
 	}
-	env := pluginEnv(os.Environ())
-	env = append(env, pluginEnv(m.cfg.ChildEnv)...)
+	env := m.childEnv()
 	env = append(env,
 		wire.EnvPluginName+"="+man.Name,
 		wire.EnvGeneration+"="+strconv.FormatUint(n, 10))
@@ -369,6 +368,13 @@ func checkDescribe(man *Manifest, d *pluginv1.DescribeResponse) error {
 // pluginEnv is the host's environment minus the variables the host sets
 // per plugin generation, so a host started from a plugin cannot leak its
 // own identity into its children.
+// childEnv is a plugin process's base environment: the host's (filtered by
+// pluginEnv) plus ChildEnv. The requirement check runs in it too, so it
+// sees what the plugin will.
+func (m *Manager) childEnv() []string {
+	return append(pluginEnv(os.Environ()), pluginEnv(m.cfg.ChildEnv)...)
+}
+
 func pluginEnv(environ []string) []string {
 	out := make([]string, 0, len(environ)+4)
 	for _, kv := range environ {

@@ -419,12 +419,16 @@ func (p *managed) setUnavailable(err error) {
 	p.log.Warn("plugin unavailable; not started", "reason", p.lastErr)
 }
 
+// setLastErr records msg as the last error, now; the caller holds p.mu.
+func (p *managed) setLastErr(msg string) {
+	p.lastErr, p.lastErrAt = msg, time.Now()
+}
+
 func (p *managed) setFailed(err error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.state = StateFailed
-	p.lastErr = err.Error()
-	p.lastErrAt = time.Now()
+	p.setLastErr(err.Error())
 	p.log.Error("plugin failed", "err", err)
 }
 
@@ -483,8 +487,7 @@ func (p *managed) swap(ctx context.Context, reason string) error {
 		} else {
 			p.state = prevState
 		}
-		p.lastErr = err.Error()
-		p.lastErrAt = time.Now()
+		p.setLastErr(err.Error())
 		p.log.Error("swap refused; previous generation keeps serving", "reason", reason, "err", err)
 		return err
 	}
@@ -574,14 +577,12 @@ func (p *managed) onCrash(g *generation) {
 	now := time.Now()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.lastErr = cause
-	p.lastErrAt = time.Now()
+	p.setLastErr(cause)
 	p.crashes = append(p.crashes, now)
 	p.crashes = slices.DeleteFunc(p.crashes, func(t time.Time) bool { return now.Sub(t) > m.cfg.CrashWindow })
 	if len(p.crashes) >= m.cfg.CrashLimit {
 		p.state = StateFailed
-		p.lastErr = fmt.Sprintf("%d crashes within %s, not restarting (swap to retry); last: %s", len(p.crashes), m.cfg.CrashWindow, cause)
-		p.lastErrAt = time.Now()
+		p.setLastErr(fmt.Sprintf("%d crashes within %s, not restarting (swap to retry); last: %s", len(p.crashes), m.cfg.CrashWindow, cause))
 		p.log.Error("plugin crashed; marked failed", "generation", g.n, "crashes", len(p.crashes), "cause", cause)
 		return
 	}
@@ -618,8 +619,7 @@ func (p *managed) restart() {
 		// A failed restart counts as another crash.
 		now := time.Now()
 		p.mu.Lock()
-		p.lastErr = err.Error()
-		p.lastErrAt = time.Now()
+		p.setLastErr(err.Error())
 		p.crashes = append(p.crashes, now)
 		p.crashes = slices.DeleteFunc(p.crashes, func(t time.Time) bool { return now.Sub(t) > m.cfg.CrashWindow })
 		if len(p.crashes) >= m.cfg.CrashLimit {

@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"os/exec"
 	"strings"
 	"syscall"
@@ -57,7 +56,7 @@ func (m *Manager) checkRequires(ctx context.Context, man *Manifest) error {
 	args := append([]string{"-c", findSpecScript}, man.Requires.PythonModules...)
 	cmd := exec.CommandContext(ctx, r.command, args...)
 	cmd.Dir = man.Dir()
-	cmd.Env = pluginEnv(os.Environ())
+	cmd.Env = m.childEnv()
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	cmd.WaitDelay = time.Second
