@@ -261,15 +261,16 @@ type mergeInput struct {
 	weights []nf4.Weight
 	byName  map[string]*nf4.Weight
 	model   *lora.Model
-	sizes   map[string]int64 // stored bytes per tensor
-	total   int64            // every tensor's bytes
+	total   int64 // every tensor's bytes
 }
 
 // weightBytes is the stored size of all of w's tensors.
 func (in *mergeInput) weightBytes(w *nf4.Weight) int64 {
 	var n int64
 	for _, k := range w.Keys.All() {
-		n += in.sizes[k]
+		if t, ok := in.f.Lookup(k); ok {
+			n += t.End - t.Begin
+		}
 	}
 	return n
 }
@@ -281,11 +282,10 @@ func openMergeInput(path string) (*mergeInput, error) {
 	if err != nil {
 		return nil, fmt.Errorf("merge: %w", err)
 	}
-	in := &mergeInput{f: f, byName: map[string]*nf4.Weight{}, sizes: map[string]int64{}}
+	in := &mergeInput{f: f, byName: map[string]*nf4.Weight{}}
 	meta := map[string]nf4.TensorMeta{}
 	var names []string
 	for _, t := range f.Tensors {
-		in.sizes[t.Name] = t.End - t.Begin
 		in.total += t.End - t.Begin
 		meta[t.Name] = nf4.TensorMeta{DType: string(t.DType), Shape: t.Shape}
 		names = append(names, t.Name)
