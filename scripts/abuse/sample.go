@@ -36,9 +36,10 @@ type sample struct {
 // goStats are the host's Go runtime figures (prometheus' Go collector).
 type goStats struct {
 	Goroutines int `json:"goroutines"`
-	// HeapAlloc is live objects plus garbage not yet swept; NextGC is the
-	// heap goal, about twice the heap marked live at the last cycle
-	// (GOGC=100), so NextGC/2 is the retained heap, garbage excluded.
+	// HeapAlloc is live objects plus garbage not yet collected: right
+	// after the collections awaitGC waits for, it is the live heap.
+	// HeapInuse counts whole spans (fragmentation included); HeapIdle −
+	// HeapReleased is free heap the runtime keeps mapped for reuse.
 	HeapAlloc    int64 `json:"heap_alloc_bytes"`
 	HeapInuse    int64 `json:"heap_inuse_bytes"`
 	HeapIdle     int64 `json:"heap_idle_bytes"`
@@ -50,8 +51,8 @@ type goStats struct {
 // awaitGC drives the host through n garbage collections with read-only
 // scrapes of GET /metrics (each allocates what it encodes), so the heap
 // figures that follow are those of a collection that began after the
-// phase: NextGC/2 is then the heap the host retains, not the garbage of the
-// last requests. It gives up after 20 s or 5,000 scrapes and returns how
+// phase: HeapAlloc is then the heap the host retains, not the garbage of
+// the last requests. It gives up after 20 s or 5,000 scrapes and returns how
 // many collections it saw.
 func (c *client) awaitGC(n int) int {
 	count := func() int {
@@ -297,8 +298,8 @@ func table(ss []sample) string {
 	row("host open files", func(s sample) string { return strconv.Itoa(s.Host.FDs) })
 	row("host threads", func(s sample) string { return strconv.Itoa(s.Host.Threads) })
 	row("host goroutines", func(s sample) string { return strconv.Itoa(s.Go.Goroutines) })
-	row("Go heap alloc (live + garbage)", func(s sample) string { return mbb(s.Go.HeapAlloc) })
-	row("Go heap retained (next GC / 2)", func(s sample) string { return mbb(s.Go.NextGC / 2) })
+	row("Go heap live (alloc after GCs)", func(s sample) string { return mbb(s.Go.HeapAlloc) })
+	row("Go heap spans in use", func(s sample) string { return mbb(s.Go.HeapInuse) })
 	row("Go heap idle, not released", func(s sample) string { return mbb(s.Go.HeapIdle - s.Go.HeapReleased) })
 	row("GCs awaited before the figures", func(s sample) string { return strconv.Itoa(s.GCsAwaited) })
 	row("arena allocated", func(s sample) string { return strconv.FormatUint(s.Arena, 10) + " B" })
