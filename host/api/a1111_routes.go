@@ -173,17 +173,37 @@ func (a *API) currentModel() string {
 	return ""
 }
 
-// checkpointTitle is the sd-models title of a registry model.
+// checkpointTitle is the sd-models title of a registry model: its source's
+// path relative to the models directory when it is a *.safetensors file
+// there (the title checkpoints gives it), else the registry name (a model
+// from elsewhere, or a model folder). It resolves one path instead of
+// walking the models directory, which GET /sdapi/v1/options, polled by
+// every A1111 client, used to do on each call.
 func (a *API) checkpointTitle(model string) string {
-	ms, err := a.checkpoints()
-	if err == nil {
-		for _, m := range ms {
-			if m.Loaded == model {
-				return m.Title
-			}
-		}
+	m, ok := a.s.Registry.Model(model)
+	if !ok {
+		return model
 	}
-	return model
+	root, err := filepath.EvalSymlinks(a.opts.ModelsDir)
+	if err != nil {
+		return model
+	}
+	p, err := filepath.Abs(m.Source)
+	if err != nil {
+		return model
+	}
+	real, err := filepath.EvalSymlinks(p)
+	if err != nil || !isSafetensors(real) || !within(root, real) {
+		return model
+	}
+	if st, err := os.Stat(real); err != nil || !st.Mode().IsRegular() {
+		return model
+	}
+	rel, err := filepath.Rel(root, real)
+	if err != nil {
+		return model
+	}
+	return filepath.ToSlash(rel)
 }
 
 // resolveCheckpoint finds the checkpoint a client names (a title, a title

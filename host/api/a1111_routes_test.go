@@ -178,3 +178,55 @@ func TestA1111Routes(t *testing.T) {
 		t.Fatalf("txt2img on the second checkpoint: %d %+v", status, info)
 	}
 }
+
+// TestCheckpointTitle: GET /sdapi/v1/options names the current checkpoint
+// by the title GET /sdapi/v1/sd-models gives it, without walking the
+// models directory: a file at the top or in a sub-folder is its relative
+// path; a model whose file is gone, or an unknown name, is its registry
+// name.
+func TestCheckpointTitle(t *testing.T) {
+	f := newFixture(t, "", Options{})
+	models := filepath.Join(f.data, "models")
+	m, err := os.ReadFile(filepath.Join(models, samples.ModelFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{"sub/x.safetensors", "gone.safetensors"} {
+		if err := os.MkdirAll(filepath.Dir(filepath.Join(models, p)), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(models, p), m, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if status, b, _ := f.do(t, call{method: "POST", path: "/v1/models", body: `{"path": "` + p + `"}`}); status != 201 {
+			t.Fatalf("load %s: %d %s", p, status, b)
+		}
+	}
+	if err := os.Remove(filepath.Join(models, "gone.safetensors")); err != nil {
+		t.Fatal(err)
+	}
+	var listed []SDModel
+	_, b, _ := f.do(t, call{method: "GET", path: "/sdapi/v1/sd-models"})
+	mustJSON(t, b, &listed)
+	for _, tc := range []struct{ model, want string }{
+		{"sample", samples.ModelFile},
+		{"x", "sub/x.safetensors"},
+		{"gone", "gone"},
+		{"not-loaded", "not-loaded"},
+	} {
+		got := f.api.checkpointTitle(tc.model)
+		if got != tc.want {
+			t.Errorf("title of %s = %q, want %q", tc.model, got, tc.want)
+		}
+		if tc.model == "not-loaded" {
+			continue
+		}
+		found := false
+		for _, l := range listed {
+			found = found || (l.Title == got && l.Loaded == tc.model)
+		}
+		if !found {
+			t.Errorf("title %q of %s is not its sd-models entry: %+v", got, tc.model, listed)
+		}
+	}
+}

@@ -2,6 +2,7 @@ package api
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -524,5 +525,38 @@ func mustJSON(t *testing.T, b []byte, v any) {
 	t.Helper()
 	if err := json.Unmarshal(b, v); err != nil {
 		t.Fatalf("%v: %s", err, b)
+	}
+}
+
+// TestAbuseLoRACacheBounded: the listing cache holds only the files the
+// directory holds now: LoRAs that come and go (a download folder's churn, a
+// hostile writer) do not grow it over the host's life.
+func TestAbuseLoRACacheBounded(t *testing.T) {
+	f := newFixture(t, "", Options{})
+	loras := filepath.Join(f.data, "loras")
+	if err := os.RemoveAll(loras); err != nil {
+		t.Fatal(err)
+	}
+	for round := range 5 {
+		for i := range 20 {
+			writeLoRA(t, filepath.Join(loras, fmt.Sprintf("r%d-%02d.safetensors", round, i)), nil)
+		}
+		if status, b, _ := f.do(t, call{method: "GET", path: "/v1/loras"}); status != 200 {
+			t.Fatalf("listing: %d %s", status, b)
+		}
+		if n := f.api.loras.len(); n != 20 {
+			t.Fatalf("round %d: %d cached entries, the directory holds 20", round, n)
+		}
+		for i := range 20 {
+			if err := os.Remove(filepath.Join(loras, fmt.Sprintf("r%d-%02d.safetensors", round, i))); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if _, b, _ := f.do(t, call{method: "GET", path: "/sdapi/v1/loras"}); string(bytes.TrimSpace(b)) != "[]" {
+		t.Fatalf("sdapi listing of an empty directory: %s", b)
+	}
+	if n := f.api.loras.len(); n != 0 {
+		t.Fatalf("%d cached entries for an empty directory", n)
 	}
 }

@@ -3,10 +3,13 @@ package api
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
+	"math"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/arenahost/arenahost/host/job"
@@ -36,18 +39,86 @@ func fuzzDecode[T any](t *testing.T, data []byte) {
 	}
 }
 
+// fuzzDirs makes a models and a LoRA directory holding what the request
+// checks must tell apart (the seed corpus names these files): regular
+// files at the top and in a sub-folder, a diffusers model folder, a
+// symlink that stays inside, one that leaves (to /etc/passwd), a symlink
+// loop, a FIFO and a directory named like a file.
+func fuzzDirs(f *testing.F) (models, loras string) {
+	root := f.TempDir()
+	models, loras = filepath.Join(root, "models"), filepath.Join(root, "loras")
+	for _, d := range []string{models, loras} {
+		for _, p := range []string{"sub", "dir.safetensors", "folder"} {
+			if err := os.MkdirAll(filepath.Join(d, p), 0o755); err != nil {
+				f.Fatal(err)
+			}
+		}
+		for _, p := range []string{"a.safetensors", "m.safetensors", "sub/b.safetensors", "folder/config.json", "folder/diffusion_pytorch_model.safetensors"} {
+			if err := os.WriteFile(filepath.Join(d, p), []byte("x"), 0o644); err != nil {
+				f.Fatal(err)
+			}
+		}
+		for link, target := range map[string]string{"in.safetensors": "sub/b.safetensors", "out.safetensors": "/etc/passwd", "loop.safetensors": "loop.safetensors", "up.safetensors": "../models/m.safetensors"} {
+			if err := os.Symlink(target, filepath.Join(d, link)); err != nil {
+				f.Fatal(err)
+			}
+		}
+		if err := syscall.Mkfifo(filepath.Join(d, "fifo.safetensors"), 0o600); err != nil {
+			f.Fatal(err)
+		}
+	}
+	return models, loras
+}
+
+// clientError fails t unless err is a 4xx (a client's mistake).
+func clientError(t *testing.T, what string, err error) {
+	t.Helper()
+	if st, _ := statusOf(err); st < 400 || st >= 500 {
+		t.Fatalf("%s: %v answers %d, want a 4xx", what, err, st)
+	}
+}
+
+// FuzzDecodeLoadModel: POST /v1/models' decoder and every check before the
+// registry opens the file: the path resolves inside the models directory
+// (a file or a model folder) or is a 4xx, and the name is a safe one.
 func FuzzDecodeLoadModel(f *testing.F) {
+	models, _ := fuzzDirs(f)
+	a := &API{opts: Options{ModelsDir: models}}
+	root, err := filepath.EvalSymlinks(models)
+	if err != nil {
+		f.Fatal(err)
+	}
 	f.Add([]byte(`{"path": "flux.safetensors", "name": "flux"}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		fuzzDecode[LoadModelRequest](t, data)
 		var req LoadModelRequest
-		if decodeBody(data, &req) == nil && req.Name != "" {
-			_ = checkName(req.Name)
+		if decodeBody(data, &req) != nil {
+			return
+		}
+		path, name, err := a.checkLoadModel(req)
+		if err != nil {
+			clientError(t, fmt.Sprintf("load %q", data), err)
+			return
+		}
+		if !within(root, path) {
+			t.Fatalf("load %q: path %s outside %s", data, path, root)
+		}
+		if checkName(name) != nil {
+			t.Fatalf("load %q: name %q accepted", data, name)
 		}
 	})
 }
 
+// FuzzDecodeApply: POST /v1/loras/apply's decoder and every check before
+// the coordinator: each LoRA resolves to a regular file inside the LoRA
+// directory, with a finite strength within ±100, or the request is a 4xx.
 func FuzzDecodeApply(f *testing.F) {
+	_, loras := fuzzDirs(f)
+	a := &API{opts: Options{LoRAsDir: loras}}
+	root, err := filepath.EvalSymlinks(loras)
+	if err != nil {
+		f.Fatal(err)
+	}
 	f.Add([]byte(`{"loras": [{"name": "a", "strength": 0.5}], "mode": "fuse"}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		fuzzDecode[ApplyRequest](t, data)
@@ -55,9 +126,21 @@ func FuzzDecodeApply(f *testing.F) {
 		if decodeBody(data, &req) != nil {
 			return
 		}
-		for _, l := range req.LoRAs {
-			if l.Strength != nil && checkStrength(*l.Strength) == nil && (*l.Strength > 100 || *l.Strength < -100) {
-				t.Fatalf("strength %v accepted", *l.Strength)
+		lr, err := a.checkApply(req)
+		if err != nil {
+			clientError(t, fmt.Sprintf("apply %q", data), err)
+			return
+		}
+		if len(lr.LoRAs) != len(req.LoRAs) || lr.Mode != req.Mode || lr.Model != req.Model {
+			t.Fatalf("apply %q: request %+v from %+v", data, lr, req)
+		}
+		for _, e := range lr.LoRAs {
+			if math.IsNaN(e.Strength) || e.Strength > 100 || e.Strength < -100 {
+				t.Fatalf("apply %q: strength %v accepted", data, e.Strength)
+			}
+			st, err := os.Stat(e.Path)
+			if !within(root, e.Path) || err != nil || !st.Mode().IsRegular() {
+				t.Fatalf("apply %q: LoRA %q resolved to %s (%v), not a regular file inside %s", data, e.Name, e.Path, err, root)
 			}
 		}
 	})

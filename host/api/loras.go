@@ -31,7 +31,10 @@ type LoRAEntry struct {
 }
 
 // loraCache keeps inspect results keyed by path, size and modification
-// time, so listing a directory re-reads only files that changed.
+// time, so listing a directory re-reads only files that changed. Each
+// complete listing drops the entries of files it no longer found (keep),
+// so the cache holds at most the directory's files, however many come and
+// go over the host's life.
 type loraCache struct {
 	mu sync.Mutex
 	m  map[string]LoRAEntry
@@ -53,6 +56,24 @@ func (c *loraCache) put(path string, e LoRAEntry) {
 	c.m[path] = e
 }
 
+// keep drops every entry whose path is not in seen.
+func (c *loraCache) keep(seen map[string]bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for p := range c.m {
+		if !seen[p] {
+			delete(c.m, p)
+		}
+	}
+}
+
+// len is the number of cached entries.
+func (c *loraCache) len() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.m)
+}
+
 // LoRAName turns a path relative to the LoRA directory into its name.
 func LoRAName(rel string) string {
 	return strings.TrimSuffix(filepath.ToSlash(rel), ".safetensors")
@@ -68,7 +89,9 @@ func (a *API) LoRAs() ([]LoRAEntry, error) {
 		return nil, fmt.Errorf("list LoRAs in %s: %w", dir, err)
 	}
 	out := []LoRAEntry{}
+	seen := map[string]bool{}
 	err = walkConfined(root, isSafetensors, func(rel, real string, st fs.FileInfo) error {
+		seen[real] = true
 		if e, ok := a.loras.get(real, st); ok {
 			e.Name, e.Path = LoRAName(rel), filepath.ToSlash(rel)
 			out = append(out, e)
@@ -91,6 +114,7 @@ func (a *API) LoRAs() ([]LoRAEntry, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list LoRAs in %s: %w", dir, err)
 	}
+	a.loras.keep(seen)
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out, nil
 }

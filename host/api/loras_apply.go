@@ -52,26 +52,10 @@ func (a *API) applyLoRAs(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, &StatusError{Status: http.StatusServiceUnavailable, Code: "no_lora_engine", Err: errors.New("this host runs no LoRA coordinator")})
 		return
 	}
-	lr := lora.Request{Model: req.Model, Mode: req.Mode, Strict: req.Strict}
-	for i, l := range req.LoRAs {
-		if l.Name == "" {
-			a.fail(w, r, badRequest("loras[%d]: name is empty", i))
-			return
-		}
-		p, err := a.LoRAPath(l.Name)
-		if err != nil {
-			a.fail(w, r, err)
-			return
-		}
-		s := 1.0
-		if l.Strength != nil {
-			s = *l.Strength
-		}
-		if err := checkStrength(s); err != nil {
-			a.fail(w, r, badRequest("loras[%d] %q: strength: %v", i, l.Name, err))
-			return
-		}
-		lr.LoRAs = append(lr.LoRAs, lora.Entry{Name: l.Name, Path: p, Strength: s})
+	lr, err := a.checkApply(req)
+	if err != nil {
+		a.fail(w, r, err)
+		return
 	}
 	start := time.Now()
 	res, err := a.s.LoRAs.Apply(r.Context(), lr)
@@ -89,6 +73,32 @@ func (a *API) applyLoRAs(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, res)
+}
+
+// checkApply turns an apply request into the coordinator's, checking
+// each entry (a name, its path confined to the LoRA directory, a finite
+// strength within bounds) before any file is opened.
+// FuzzDecodeApply runs it.
+func (a *API) checkApply(req ApplyRequest) (lora.Request, error) {
+	lr := lora.Request{Model: req.Model, Mode: req.Mode, Strict: req.Strict}
+	for i, l := range req.LoRAs {
+		if l.Name == "" {
+			return lora.Request{}, badRequest("loras[%d]: name is empty", i)
+		}
+		p, err := a.LoRAPath(l.Name)
+		if err != nil {
+			return lora.Request{}, err
+		}
+		s := 1.0
+		if l.Strength != nil {
+			s = *l.Strength
+		}
+		if err := checkStrength(s); err != nil {
+			return lora.Request{}, badRequest("loras[%d] %q: strength: %v", i, l.Name, err)
+		}
+		lr.LoRAs = append(lr.LoRAs, lora.Entry{Name: l.Name, Path: p, Strength: s})
+	}
+	return lr, nil
 }
 
 func (a *API) removeLoRAs(w http.ResponseWriter, r *http.Request) {

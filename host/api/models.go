@@ -54,16 +54,8 @@ func (a *API) loadModel(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	path, err := confineModel(a.opts.ModelsDir, req.Path)
+	path, name, err := a.checkLoadModel(req)
 	if err != nil {
-		a.fail(w, r, fmt.Errorf("load model: %w", err))
-		return
-	}
-	name := req.Name
-	if name == "" {
-		name = strings.TrimSuffix(filepath.Base(req.Path), filepath.Ext(req.Path))
-	}
-	if err := checkName(name); err != nil {
 		a.fail(w, r, err)
 		return
 	}
@@ -80,6 +72,24 @@ func (a *API) loadModel(w http.ResponseWriter, r *http.Request) {
 	// the background, rather than in the first fused apply.
 	a.s.Prepare(name)
 	writeJSON(w, http.StatusCreated, modelInfo(m))
+}
+
+// checkLoadModel is a load request's checks before any file is opened:
+// the path confined to the models directory, and the model's name (the
+// file name without extension by default). FuzzDecodeLoadModel runs it.
+func (a *API) checkLoadModel(req LoadModelRequest) (path, name string, err error) {
+	path, err = confineModel(a.opts.ModelsDir, req.Path)
+	if err != nil {
+		return "", "", fmt.Errorf("load model: %w", err)
+	}
+	name = req.Name
+	if name == "" {
+		name = strings.TrimSuffix(filepath.Base(req.Path), filepath.Ext(req.Path))
+	}
+	if err := checkName(name); err != nil {
+		return "", "", err
+	}
+	return path, name, nil
 }
 
 func (a *API) unloadModel(w http.ResponseWriter, r *http.Request) {

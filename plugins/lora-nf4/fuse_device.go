@@ -35,6 +35,13 @@ import (
 // is decoded into an fp32 absmax scratch (nested_dequantize), fused there,
 // and re-encoded around its stored nested_offset with its stored map
 // (nested_quantize), as the CPU pass's Commit does.
+//
+// Each layer's kernel also ORs into the layer's flag word (after the
+// retention sums, read back with them) when a merged weight would be NaN
+// or ±Inf, or its re-quantized value infinite in the logical dtype: the
+// CPU pass's checks. A flagged layer fails the pass with
+// lora.ErrNonFinite naming it (422 bad_lora), and the host puts back
+// every weight it passed, so the model is unchanged, as on the CPU.
 
 // scratchAlign aligns B_cat after A_cat in the scratch allocation.
 const scratchAlign = 256
@@ -203,9 +210,11 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 			err = fmt.Errorf("fuse: free device scratch: %w", ferr)
 		}
 	}()
-	// The retention sums: 3 float64 per layer, zeroed before the kernels
-	// add to them.
-	statsLen := uint64(statsBytes * len(p.Layers))
+	// The retention sums: 3 float64 per layer, then a uint32 flag word
+	// per layer (gpu.FuseLayer.Flags), zeroed before the kernels add and
+	// OR into them.
+	sumsLen := uint64(statsBytes * len(p.Layers))
+	statsLen := sumsLen + uint64(4*len(p.Layers))
 	stats, err := dev.MemAlloc(statsLen)
 	if err != nil {
 		return fmt.Errorf("fuse: allocate %d bytes of device memory for the retention sums: %w", statsLen, err)
@@ -272,7 +281,8 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 					return fmt.Errorf("fuse: %w", ctx.Err())
 				}
 			}
-			if err := e.launchFuse(dev, p.Layers[i], weights[i], scratch, offs[i-b.lo], absOff, gdt, stats+gpu.DevicePtr(statsBytes*i)); err != nil {
+			if err := e.launchFuse(dev, p.Layers[i], weights[i], scratch, offs[i-b.lo], absOff, gdt,
+				stats+gpu.DevicePtr(statsBytes*i), stats+gpu.DevicePtr(sumsLen+uint64(4*i))); err != nil {
 				return err
 			}
 		}
@@ -288,6 +298,11 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 	sums := make([]byte, statsLen)
 	if err := dev.Download(sums, stats); err != nil {
 		return fmt.Errorf("fuse: download the retention sums: %w", err)
+	}
+	for i, sl := range p.Layers {
+		if f := binary.LittleEndian.Uint32(sums[sumsLen+uint64(4*i):]); f != 0 {
+			return fmt.Errorf("fuse: layer %s: %w: %s: lower the strength or check the LoRA's values", sl.Name, lora.ErrNonFinite, gpu.FuseFlagsError(f))
+		}
 	}
 	rep := p.Report
 	rep.Mode = "fuse"
@@ -308,7 +323,7 @@ func (e *engine) fuseDevice(ctx context.Context, c *sdk.Call, p *lora.Plan, dt n
 // launchFuse queues one layer's fused merge, its factors at off in the
 // scratch: the kernel, and around it the nested absmax decode into the
 // scratch at absOff and the re-encode.
-func (e *engine) launchFuse(dev device, sl *lora.SideLayer, w *devWeight, scratch gpu.DevicePtr, off, absOff uint64, gdt int, stats gpu.DevicePtr) error {
+func (e *engine) launchFuse(dev device, sl *lora.SideLayer, w *devWeight, scratch gpu.DevicePtr, off, absOff uint64, gdt int, stats, flags gpu.DevicePtr) error {
 	a := scratch + gpu.DevicePtr(off)
 	absmax := w.absmax
 	var calls []gpu.Call
@@ -321,7 +336,7 @@ func (e *engine) launchFuse(dev device, sl *lora.SideLayer, w *devWeight, scratc
 		calls = append(calls, call)
 	}
 	call, err := gpu.FuseCall(gpu.FuseLayer{Packed: w.packed, Absmax: absmax, Out: sl.Out, In: sl.In,
-		Blocksize: w.blocksize, A: a, B: a + gpu.DevicePtr(scratchB(sl)), Rank: sl.Rank, DType: gdt, Stats: stats})
+		Blocksize: w.blocksize, A: a, B: a + gpu.DevicePtr(scratchB(sl)), Rank: sl.Rank, DType: gdt, Flags: flags, Stats: stats})
 	if err != nil {
 		return fmt.Errorf("fuse: layer %s: %w", sl.Name, err)
 	}

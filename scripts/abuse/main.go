@@ -6,11 +6,18 @@
 // websockets) plus malformed model and LoRA files of each kind, and runs the
 // CLI's inspect on every malformed file. It reports the responses of 500,
 // hangs over the timeout, panics, the model digest before and after, and
-// the host's RSS, open files, threads and arena bytes after start and after
-// the run. Everything stays on 127.0.0.1. It exits 1 when a 500, a hang, a
-// panic or a digest change occurred.
+// the resources after start (and a warm-up) and after each pass over the
+// whole request set (--passes, 2 by default): the host's RSS (anon and
+// shmem), open descriptors listed by target, threads, goroutines and Go
+// heap (after driving the host through two garbage collections, so garbage
+// is not counted as retained), the arena's allocated bytes, and the
+// plugins' processes. The first pass may grow what is created once (the
+// arena's spare segment, Go runtime threads, pools); a leak shows as growth
+// from one pass to the next, which the run checks (leakCheck). Everything
+// stays on 127.0.0.1. It exits 1 when a 500, a hang, a panic, a digest
+// change or a leak occurred.
 //
-//	go run ./scripts/abuse --bin bin/arenahost [--requests 1200] [--files 50]
+//	go run ./scripts/abuse --bin bin/arenahost [--requests 1200] [--files 50] [--passes 2]
 package main
 
 import (
@@ -73,12 +80,10 @@ type result struct {
 	// leave a valid checkpoint); they are unloaded before the figures.
 	LoadedCorrupt []string  `json:"loaded_corrupt,omitempty"`
 	Digest        [2]string `json:"digest_before_after"`
-	// Host, Plugins and Arena are the figures after start (and a
-	// warm-up), after the first pass and after the last.
-	Host     []procStats `json:"host_start_pass1_last"`
-	Plugins  []procStats `json:"plugins_start_pass1_last"`
-	Arena    []uint64    `json:"arena_allocated_start_pass1_last"`
-	Failures []string    `json:"failures,omitempty"`
+	// Samples are the figures after start (and a warm-up), after the
+	// first pass and after each later one.
+	Samples  []sample `json:"samples"`
+	Failures []string `json:"failures,omitempty"`
 }
 
 type procStats struct {
@@ -148,7 +153,7 @@ func run() error {
 	c.warmUp()
 	time.Sleep(time.Second)
 	c.http.CloseIdleConnections()
-	res.Host, res.Plugins, res.Arena = []procStats{stats(cmd.Process.Pid)}, []procStats{c.pluginStats()}, []uint64{c.arenaAllocated()}
+	res.Samples = append(res.Samples, c.take("after start", cmd.Process.Pid))
 
 	files, err := writeMalformed(data, o)
 	if err != nil {
@@ -172,17 +177,10 @@ func run() error {
 			c.one(&res, reqs[i])
 		}
 	}
-	pass()
-	c.settle(model, &res)
-	res.Host, res.Plugins, res.Arena = append(res.Host, stats(cmd.Process.Pid)), append(res.Plugins, c.pluginStats()), append(res.Arena, c.arenaAllocated())
-	if o.passes > 1 {
-		for range o.passes - 1 {
-			pass()
-		}
+	for p := range o.passes {
+		pass()
 		c.settle(model, &res)
-		res.Host = append(res.Host, stats(cmd.Process.Pid))
-		res.Plugins = append(res.Plugins, c.pluginStats())
-		res.Arena = append(res.Arena, c.arenaAllocated())
+		res.Samples = append(res.Samples, c.take(fmt.Sprintf("after pass %d", p+1), cmd.Process.Pid))
 	}
 	// The CLI on every malformed file: no hang, no crash (exit 2 is a Go
 	// panic; 1 is the one-line error).
@@ -212,11 +210,13 @@ func run() error {
 		res.HostAlive = true
 	}
 	res.Panics = strings.Count(stderr.String(), "panic:")
+	res.Failures = append(res.Failures, leakCheck(res.Samples)...)
 	sort.Strings(res.Failures)
 	b, _ := json.MarshalIndent(res, "", "  ")
 	fmt.Println(string(b))
+	fmt.Print("\n" + table(res.Samples))
 	if res.Status500 > 0 || res.Hangs > 0 || res.Panics > 0 || res.CLIHangs > 0 || res.CLICrashes > 0 || !res.HostAlive ||
-		res.Digest[0] == "" || res.Digest[0] != res.Digest[1] {
+		res.Digest[0] == "" || res.Digest[0] != res.Digest[1] || len(leakCheck(res.Samples)) > 0 {
 		return errors.New("the host failed the abuse run (see failures)")
 	}
 	return nil
@@ -433,21 +433,26 @@ func (c *client) arenaAllocated() uint64 {
 	return a.Allocated
 }
 
-// pluginStats sums the serving plugins' process figures.
-func (c *client) pluginStats() procStats {
+// pluginStats sums the serving plugins' process figures, and lists their
+// descriptors by target ("plugin: target").
+func (c *client) pluginStats() (procStats, map[string]int) {
 	var ps []pluginInfo
 	var sum procStats
+	fds := map[string]int{}
 	if c.getJSON("/v1/plugins", &ps) != nil {
-		return sum
+		return sum, fds
 	}
 	for _, p := range ps {
 		if p.PID > 0 {
 			s := stats(p.PID)
 			sum.RSSKiB, sum.FDs, sum.Threads = sum.RSSKiB+s.RSSKiB, sum.FDs+s.FDs, sum.Threads+s.Threads
 			sum.AnonKiB, sum.ShmemKiB = sum.AnonKiB+s.AnonKiB, sum.ShmemKiB+s.ShmemKiB
+			for t, n := range fdTargets(p.PID) {
+				fds[p.Name+": "+t] += n
+			}
 		}
 	}
-	return sum
+	return sum, fds
 }
 
 // malformed are the files written for the run, relative to their

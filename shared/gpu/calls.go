@@ -107,6 +107,15 @@ func SumCall(absmax DevicePtr, nb int, out DevicePtr) (Call, error) {
 // measuring entry point (nf4_fuse2d_stats, nf4_fuse_stats); without, the
 // plain one, which carries none of the measuring code and so keeps its
 // registers and occupancy.
+//
+// Flags, when not 0, is a uint32 in device memory (zero it first) into
+// which the kernel ORs FuseBadMerged when a merged weight (base + delta,
+// fp32) is NaN or ±Inf, and FuseBadRequant when a block's new absmax,
+// rounded to DType, is not finite (the re-quantized weight would dequantize
+// to ±Inf; an fp32 absmax can only be infinite with FuseBadMerged set).
+// These are shared/lora's fused-pass checks (lora.ErrNonFinite). The
+// kernel writes the layer regardless: a caller that finds a flag restores
+// it.
 type FuseLayer struct {
 	Packed, Absmax DevicePtr
 	Out, In        int
@@ -114,7 +123,30 @@ type FuseLayer struct {
 	A, B           DevicePtr
 	Rank           int
 	DType          int
+	Flags          DevicePtr
 	Stats          DevicePtr
+}
+
+// The bits the fused kernels OR into FuseLayer.Flags (FUSE_BAD_* in
+// kernels.cu).
+const (
+	FuseBadMerged  = 1
+	FuseBadRequant = 2
+)
+
+// FuseFlagsError describes a layer's flag word, "" when it is 0; callers
+// wrap it with lora.ErrNonFinite and the layer's name.
+func FuseFlagsError(flags uint32) string {
+	switch {
+	case flags == 0:
+		return ""
+	case flags&FuseBadMerged != 0:
+		return "a merged weight (base + delta) is NaN or infinite"
+	case flags&FuseBadRequant != 0:
+		return "a re-quantized weight would be infinite in the layer's dtype (absmax too large)"
+	default:
+		return fmt.Sprintf("unknown fuse flags %#x", flags)
+	}
 }
 
 // FuseCall: the fused merge of one layer, dequantize (rounded to l.DType),
@@ -135,14 +167,14 @@ func FuseCall(l FuseLayer) (Call, error) {
 	var args []Arg
 	if p.TwoD() {
 		args = []Arg{ptr(l.Packed), ptr(l.Absmax), num(l.Out), num(l.In), num(l.Blocksize),
-			ptr(l.A), ptr(l.B), num(l.Rank), num(p.TileCols), num(l.DType)}
+			ptr(l.A), ptr(l.B), num(l.Rank), num(p.TileCols), num(l.DType), ptr(l.Flags)}
 	} else {
 		bShared := 0
 		if p.BShared {
 			bShared = 1
 		}
 		args = []Arg{ptr(l.Packed), ptr(l.Absmax), num(l.Out), num(l.In), num(l.Blocksize),
-			ptr(l.A), ptr(l.B), num(l.Rank), num(p.TileElems), num(bShared), num(p.MaxRows), num(l.DType)}
+			ptr(l.A), ptr(l.B), num(l.Rank), num(p.TileElems), num(bShared), num(p.MaxRows), num(l.DType), ptr(l.Flags)}
 	}
 	if stats {
 		args = append(args, ptr(l.Stats))

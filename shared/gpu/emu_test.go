@@ -319,14 +319,14 @@ func TestEmuFuseArity(t *testing.T) {
 		edit  func(c *Call, stats DevicePtr)
 		want  string
 	}{
-		{"2-D plain with stats", false, func(c *Call, s DevicePtr) { c.Args = append(c.Args, ptr(s)) }, "nf4_fuse2d takes 10 arguments, launch has 11"},
-		{"2-D stats without", true, func(c *Call, _ DevicePtr) { c.Args = c.Args[:len(c.Args)-1] }, "nf4_fuse2d_stats takes 11 arguments, launch has 10"},
+		{"2-D plain with stats", false, func(c *Call, s DevicePtr) { c.Args = append(c.Args, ptr(s)) }, "nf4_fuse2d takes 11 arguments, launch has 12"},
+		{"2-D stats without", true, func(c *Call, _ DevicePtr) { c.Args = c.Args[:len(c.Args)-1] }, "nf4_fuse2d_stats takes 12 arguments, launch has 11"},
 		{"1-D plain with stats", false, func(c *Call, s DevicePtr) {
-			c.Kernel, c.Args = "nf4_fuse", append(c.Args[:8], num(4096), num(0), num(16), num(DTypeBF16), ptr(s))
-		}, "nf4_fuse takes 12 arguments, launch has 13"},
+			c.Kernel, c.Args = "nf4_fuse", append(c.Args[:8], num(4096), num(0), num(16), num(DTypeBF16), ptr(0), ptr(s))
+		}, "nf4_fuse takes 13 arguments, launch has 14"},
 		{"1-D stats without", true, func(c *Call, _ DevicePtr) {
-			c.Kernel, c.Args = "nf4_fuse_stats", append(c.Args[:8], num(4096), num(0), num(16), num(DTypeBF16))
-		}, "nf4_fuse_stats takes 13 arguments, launch has 12"},
+			c.Kernel, c.Args = "nf4_fuse_stats", append(c.Args[:8], num(4096), num(0), num(16), num(DTypeBF16), ptr(0))
+		}, "nf4_fuse_stats takes 14 arguments, launch has 13"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			m := newImage(t)
@@ -379,7 +379,7 @@ func TestFuseCallDType(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		last := []Arg{num(tc.dtype)}
+		last := []Arg{num(tc.dtype), ptr(0)}
 		if tc.stats != 0 {
 			last = append(last, ptr(tc.stats))
 		}
@@ -437,3 +437,97 @@ func TestEmuSharedGuard(t *testing.T) {
 		t.Fatalf("short shared memory not caught: %v", err)
 	}
 }
+
+// TestEmuFuseNonFinite: a merge that a huge strength or LoRA values near
+// the float limits make non-finite sets the layer's flag word as the CPU's
+// fused pass (shared/lora) refuses it: FuseBadMerged when base + delta is
+// NaN or ±Inf in fp32 (the CPU's first check), FuseBadRequant when the
+// merge is finite but the re-quantized weight, rounded to the logical
+// dtype, is not (its last check); a merge the CPU accepts sets nothing.
+// Both kernels, plain and measuring.
+func TestEmuFuseNonFinite(t *testing.T) {
+	rng := rand.New(rand.NewPCG(15, 16))
+	for _, c := range []struct {
+		name                  string
+		out, in, bs, rank, dt int
+		v                     float32 // B[row, 0]; A's rank-0 row is 100
+	}{
+		{"2-D bf16 LoRA values 3e38", 64, 256, 64, 16, DTypeBF16, 3e38},
+		{"1-D bf16 LoRA values 3e38", 37, 77, 64, 5, DTypeBF16, 3e38},
+		{"2-D f32 strength 1e308 folded (fp32 Inf)", 64, 256, 64, 16, DTypeF32, float32(math.Inf(1))},
+		{"2-D f16 past float16", 40, 96, 32, 7, DTypeF16, 1e7},
+		{"1-D f16 past float16", 37, 77, 64, 5, DTypeF16, 1e7},
+		{"2-D bf16 large but finite", 64, 256, 64, 16, DTypeBF16, 1e30},
+		{"1-D f32 large but finite", 37, 77, 64, 5, DTypeF32, 1e30},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dt := fuseDTypes[c.dt]
+			n := c.out * c.in
+			nb := nf4.Blocks(n, c.bs)
+			packed, absmax := make([]byte, nf4.PackedLen(n)), make([]float32, nb)
+			nf4.Quantize(packed, absmax, emutest.Weights(rng, n, c.bs), c.bs, nf4.QuantNF4)
+			a, b := make([]float32, c.rank*c.in), make([]float32, c.out*c.rank)
+			for i := range a {
+				a[i] = float32(rng.NormFloat64()) * 0.05
+			}
+			for i := range b {
+				b[i] = float32(rng.NormFloat64()) * 0.05
+			}
+			row := c.out / 2
+			for k := range c.rank {
+				b[row*c.rank+k] = 0
+			}
+			b[row*c.rank] = c.v
+			for i := range c.in {
+				a[i] = 100
+			}
+			// The CPU's decision, as shared/lora's fused pass makes it.
+			codec, err := lora.NewNF4Codec(nf4.QuantNF4, dt)
+			if err != nil {
+				t.Fatal(err)
+			}
+			w, delta := make([]float32, n), make([]float32, n)
+			codec.Dequantize(w, packed, absmax, c.bs)
+			(&lora.SideLayer{Layer: lora.Layer{Out: c.out, In: c.in}, Rank: c.rank, A: a, B: b}).DeltaRows(delta, 0, c.out)
+			var want uint32
+			for i := range w {
+				w[i] += delta[i]
+				if nonFinite(w[i]) {
+					want = FuseBadMerged | FuseBadRequant // an infinite absmax too
+				}
+			}
+			if want == 0 {
+				p, am := make([]byte, len(packed)), make([]float32, nb)
+				codec.Quantize(p, am, w, c.bs)
+				codec.Dequantize(w, p, am, c.bs)
+				if slices.ContainsFunc(w, nonFinite) {
+					want = FuseBadRequant
+				}
+			}
+			m := newImage(t)
+			dA0, dB0 := m.putF32(a), m.putF32(b)
+			var flags []DevicePtr
+			for _, stats := range []bool{false, true} {
+				l := FuseLayer{Packed: m.put(packed), Absmax: m.putF32(absmax), Out: c.out, In: c.in, Blocksize: c.bs,
+					A: dA0, B: dB0, Rank: c.rank, DType: c.dt, Flags: m.alloc(4)}
+				if stats {
+					l.Stats = m.alloc(24)
+				}
+				flags = append(flags, l.Flags)
+				m.add(FuseCall(l))
+			}
+			m.run(t)
+			for i, f := range flags {
+				got := binary.LittleEndian.Uint32(m.get(f, 4))
+				if got != want {
+					t.Errorf("stats=%v: flags %#x (%s), CPU %#x (%s)", i == 1, got, FuseFlagsError(got), want, FuseFlagsError(want))
+				}
+			}
+			if c.v > 1e30 && c.dt != DTypeF32 && want == 0 {
+				t.Fatal("the poisoned case is finite: it checks nothing")
+			}
+		})
+	}
+}
+
+func nonFinite(v float32) bool { return math.Float32bits(v)&0x7f800000 == 0x7f800000 }

@@ -35,6 +35,10 @@ type LoRAOptions struct {
 	// DType is BF16 (default), F16 or F32.
 	DType safetensors.DType
 	Seed  uint64
+	// Fill, when not 0, replaces every factor value (not alpha): 3e38
+	// writes a LoRA that is finite on disk but whose products overflow,
+	// which a fused apply must refuse (docs/security.md).
+	Fill float32
 }
 
 func (o *LoRAOptions) defaults(rank int, alphaHalf bool) {
@@ -70,6 +74,7 @@ func blockModule(name string, limit int) bool {
 type loraWriter struct {
 	dtype safetensors.DType
 	rng   *rand.Rand
+	fill  float32
 	ts    []safetensors.WriteTensor
 }
 
@@ -100,6 +105,14 @@ func (w *loraWriter) pair(down, up, alpha string, rank, out, in int, a float32) 
 	for i := range u {
 		u[i] = float32(0.5 * w.rng.NormFloat64() / math.Sqrt(float64(rank)))
 	}
+	if w.fill != 0 {
+		for i := range d {
+			d[i] = w.fill
+		}
+		for i := range u {
+			u[i] = w.fill
+		}
+	}
 	w.put(down, []int64{int64(rank), int64(in)}, d)
 	w.put(up, []int64{int64(out), int64(rank)}, u)
 	if alpha != "" {
@@ -116,7 +129,7 @@ func WriteKohyaLoRA(path string, o LoRAOptions) error {
 	if err != nil {
 		return fmt.Errorf("write sample LoRA %s: %w", path, err)
 	}
-	w := &loraWriter{dtype: o.DType, rng: rand.New(rand.NewPCG(o.Seed, 0x10a4))}
+	w := &loraWriter{dtype: o.DType, rng: rand.New(rand.NewPCG(o.Seed, 0x10a4)), fill: o.Fill}
 	for _, l := range lin {
 		if !blockModule(l.Name, o.Blocks) {
 			continue
@@ -147,7 +160,7 @@ func WritePEFTLoRA(path string, o LoRAOptions) error {
 	if err != nil {
 		return fmt.Errorf("write sample LoRA %s: %w", path, err)
 	}
-	w := &loraWriter{dtype: o.DType, rng: rand.New(rand.NewPCG(o.Seed, 0x9ef7))}
+	w := &loraWriter{dtype: o.DType, rng: rand.New(rand.NewPCG(o.Seed, 0x9ef7)), fill: o.Fill}
 	for _, l := range lin {
 		if !blockModule(l.Name, o.Blocks) || strings.Contains(l.Name, ".norm") {
 			continue

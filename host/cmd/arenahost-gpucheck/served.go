@@ -114,7 +114,49 @@ func CheckServed(ctx context.Context, r *Report, o ServedOptions) error {
 		return err
 	}
 	r.Check("served", "side apply and remove leave the device weights as loaded", short(d3), short(d0[1]), d3 == d0[1])
+	if err := checkServedNonFinite(ctx, r, cpu, dev, d0[1]); err != nil {
+		return err
+	}
 	return checkServedNested(ctx, r, cpu, dev)
+}
+
+// hugeLoRA is a kohya sample LoRA whose factor values are all bf16 3e38:
+// finite on disk, infinite once multiplied.
+const hugeLoRA = "flux-sample-huge-lora.safetensors"
+
+// checkServedNonFinite: a fused apply whose merged weights would be
+// infinite is refused on the device as on the CPU (422 bad_lora naming a
+// layer, "not finite"), and both models keep their loaded bytes (want).
+func checkServedNonFinite(ctx context.Context, r *Report, cpu, dev *host, want string) error {
+	var answers [2]string
+	for i, h := range []*host{cpu, dev} {
+		if err := samples.WriteKohyaLoRA(filepath.Join(h.data, "loras", hugeLoRA), samples.LoRAOptions{Fill: 3e38}); err != nil {
+			return err
+		}
+		err := h.call(ctx, "POST", "/v1/loras/apply", map[string]any{"loras": []map[string]any{{"name": hugeLoRA}}, "mode": "fuse"}, nil)
+		if err == nil {
+			return fmt.Errorf("%s host: a fuse of %s was accepted", h.name, hugeLoRA)
+		}
+		answers[i] = err.Error()
+	}
+	refused := func(a string) bool {
+		return strings.Contains(a, "422") && strings.Contains(a, "bad_lora") && strings.Contains(a, "not finite") &&
+			strings.Contains(a, "fuse: layer ") && strings.Contains(a, "merged weight")
+	}
+	msg := answers[1]
+	if i := strings.Index(msg, "fuse: layer "); i >= 0 {
+		msg = msg[i:]
+		if j := strings.Index(msg, ": result"); j >= 0 {
+			msg = msg[:j]
+		}
+	}
+	r.Check("served", "non-finite fuse refused on the device (422 naming the layer)", msg, "422 bad_lora, as the cpu", refused(answers[0]) && refused(answers[1]))
+	d, err := bothDigests(ctx, cpu, dev)
+	if err != nil {
+		return err
+	}
+	r.Check("served", "non-finite fuse: both models keep their loaded bytes", short(d[1]), short(want), d[0] == want && d[1] == want)
+	return nil
 }
 
 // checkServedNested repeats the fuse and remove on a double-quantized copy

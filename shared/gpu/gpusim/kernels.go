@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math"
+	"slices"
 	"strings"
 
 	"github.com/arenahost/arenahost/shared/gpu"
@@ -46,13 +47,13 @@ var kernels = map[string]kernel{
 	"nested_dequantize": {"pppdip", []string{"q", "nabs", "map", "offset", "nb", "out"}, 0, planNestedDequantize},
 	"nested_quantize":   {"pidppp", []string{"absmax", "nb", "offset", "map", "q", "nabs"}, gpu.NestedBlocksize, planNestedQuantize},
 	"absmax_sum":        {"pip", []string{"absmax", "nb", "out"}, gpu.ThreadsPerBlock, planSum},
-	"nf4_fuse": {"ppiiippiiiii", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile", "b_smem", "max_rows", "dtype"},
+	"nf4_fuse": {"ppiiippiiiiip", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile", "b_smem", "max_rows", "dtype", "flags"},
 		0, planFuse(false)},
-	"nf4_fuse_stats": {"ppiiippiiiiip", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile", "b_smem", "max_rows", "dtype", "stats"},
+	"nf4_fuse_stats": {"ppiiippiiiiipp", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile", "b_smem", "max_rows", "dtype", "flags", "stats"},
 		0, planFuse(true)},
-	"nf4_fuse2d": {"ppiiippiii", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile_cols", "dtype"},
+	"nf4_fuse2d": {"ppiiippiiip", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile_cols", "dtype", "flags"},
 		gpu.ThreadsPerBlock, planFuse2D(false)},
-	"nf4_fuse2d_stats": {"ppiiippiiip", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile_cols", "dtype", "stats"},
+	"nf4_fuse2d_stats": {"ppiiippiiipp", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile_cols", "dtype", "flags", "stats"},
 		gpu.ThreadsPerBlock, planFuse2D(true)},
 	"side_rows": {"piidp", []string{"src", "dtype", "n", "scale", "dst"}, 0, planSideRows},
 	"side_cols": {"piiiidpiii", []string{"src", "dtype", "src_row0", "rows", "r", "scale", "dst", "row0", "rank", "col"},
@@ -303,11 +304,12 @@ func planSum(a args, names []string, _ gpu.Launch) (plan, error) {
 // fuseShape checks the arguments the fused-merge kernels share, and the
 // shared memory the launch leaves for the static arrays: the measuring
 // variants (stats) add gpu.FuseStaticShared to the 48 KiB a block has.
-// It returns the index of the stats argument, -1 for a plain kernel; a
+// It returns the index of the stats argument, -1 for a plain kernel, and
+// of the flags argument, -1 when it is null (the kernel reports nothing); a
 // measuring kernel given no stats pointer is refused, as the GPU would
 // fault on it.
-func fuseShape(a args, names []string, l gpu.Launch, stats bool) (out, in, bs, rank int64, dt nf4.DType, statsIdx int, err error) {
-	statsIdx = -1
+func fuseShape(a args, names []string, l gpu.Launch, stats bool) (out, in, bs, rank int64, dt nf4.DType, statsIdx, flagsIdx int, err error) {
+	statsIdx, flagsIdx = -1, -1
 	if err = positive(a, names, 2, 3, 4, 7); err != nil {
 		return
 	}
@@ -315,9 +317,9 @@ func fuseShape(a args, names []string, l gpu.Launch, stats bool) (out, in, bs, r
 	if err = evenBlocksize(bs); err != nil {
 		return
 	}
-	di := len(names) - 1
+	di, fi := len(names)-2, len(names)-1
 	if stats {
-		di, statsIdx = len(names)-2, len(names)-1
+		di, fi, statsIdx = len(names)-3, len(names)-2, len(names)-1
 		switch {
 		case a.p(statsIdx) == 0:
 			err = fmt.Errorf("stats is null (the plain kernel measures nothing)")
@@ -327,6 +329,9 @@ func fuseShape(a args, names []string, l gpu.Launch, stats bool) (out, in, bs, r
 				l.Shared, gpu.FuseStaticShared, gpu.MaxSharedBytes)
 			return
 		}
+	}
+	if a.p(fi) != 0 {
+		flagsIdx = fi
 	}
 	dt, err = dtypeArg(a, di, "dtype")
 	return
@@ -339,7 +344,7 @@ func planFuse(stats bool) func(a args, names []string, l gpu.Launch) (plan, erro
 }
 
 func checkFuse1D(a args, names []string, l gpu.Launch, stats bool) (plan, error) {
-	out, in, bs, rank, dt, statsIdx, err := fuseShape(a, names, l, stats)
+	out, in, bs, rank, dt, statsIdx, flagsIdx, err := fuseShape(a, names, l, stats)
 	if err != nil {
 		return plan{}, err
 	}
@@ -366,7 +371,7 @@ func checkFuse1D(a args, names []string, l gpu.Launch, stats bool) (plan, error)
 	if int64(l.Shared) < need {
 		return plan{}, fmt.Errorf("%d bytes of shared memory, the tile needs %d", l.Shared, need)
 	}
-	return fusePlan(out, in, bs, rank, dt, statsIdx)
+	return fusePlan(out, in, bs, rank, dt, statsIdx, flagsIdx)
 }
 
 func planFuse2D(stats bool) func(a args, names []string, l gpu.Launch) (plan, error) {
@@ -376,7 +381,7 @@ func planFuse2D(stats bool) func(a args, names []string, l gpu.Launch) (plan, er
 }
 
 func checkFuse2D(a args, names []string, l gpu.Launch, stats bool) (plan, error) {
-	out, in, bs, rank, dt, statsIdx, err := fuseShape(a, names, l, stats)
+	out, in, bs, rank, dt, statsIdx, flagsIdx, err := fuseShape(a, names, l, stats)
 	if err != nil {
 		return plan{}, err
 	}
@@ -391,7 +396,7 @@ func checkFuse2D(a args, names []string, l gpu.Launch, stats bool) (plan, error)
 	if int64(l.Shared) < need {
 		return plan{}, fmt.Errorf("%d bytes of shared memory, tile_cols %d needs %d", l.Shared, cols, need)
 	}
-	return fusePlan(out, in, bs, rank, dt, statsIdx)
+	return fusePlan(out, in, bs, rank, dt, statsIdx, flagsIdx)
 }
 
 // fuseChunk is how many elements the simulator merges at a time (rounded
@@ -403,8 +408,12 @@ const fuseChunk = 1 << 16
 // block-aligned chunk by chunk, in place. With stats ≥ 0, that argument
 // points at 3 float64 to which it adds Σ eff·delta, Σ delta² and
 // Σ (eff − delta)² (eff = the re-quantized weight minus the original, both
-// dequantized and rounded to dt), as the kernels and shared/lora do.
-func fusePlan(out, in, bs, rank int64, dt nf4.DType, statsIdx int) (plan, error) {
+// dequantized and rounded to dt), as the kernels and shared/lora do. With
+// flags ≥ 0, that argument points at a uint32 into which it ORs
+// gpu.FuseBadMerged (a merged weight is NaN or ±Inf) and gpu.FuseBadRequant
+// (the re-quantized weight, rounded to dt, is not finite), as the kernels
+// do; like them it writes the layer regardless.
+func fusePlan(out, in, bs, rank int64, dt nf4.DType, statsIdx, flagsIdx int) (plan, error) {
 	stats := statsIdx >= 0
 	n := out * in
 	nb := blocks(n, bs)
@@ -416,6 +425,11 @@ func fusePlan(out, in, bs, rank int64, dt nf4.DType, statsIdx int) (plan, error)
 	if stats {
 		bufs = append(bufs, buf{arg: statsIdx, n: 24})
 	}
+	fi := -1
+	if flagsIdx >= 0 {
+		fi = len(bufs)
+		bufs = append(bufs, buf{arg: flagsIdx, n: 4})
+	}
 	return plan{
 		bufs: bufs,
 		run: func(b [][]byte) error {
@@ -424,7 +438,8 @@ func fusePlan(out, in, bs, rank int64, dt nf4.DType, statsIdx int) (plan, error)
 			var dot, norm, diff float64
 			sl := &lora.SideLayer{Layer: lora.Layer{Out: int(out), In: int(in)}, Rank: int(rank), A: f32s(b[2]), B: f32s(b[3])}
 			chunk := max(bs, fuseChunk/bs*bs)
-			var w, delta []float32
+			var w, delta, check []float32
+			var bad uint32
 			for e0 := int64(0); e0 < n; e0 += chunk {
 				e1 := min(e0+chunk, n)
 				r0, r1 := e0/in, (e1-1)/in+1
@@ -438,8 +453,18 @@ func fusePlan(out, in, bs, rank int64, dt nf4.DType, statsIdx int) (plan, error)
 				}
 				for i, d := range delta[e0-r0*in : e1-r0*in] {
 					w[i] += d
+					if nonFinite(w[i]) {
+						bad |= gpu.FuseBadMerged
+					}
 				}
 				codec.Quantize(packed[e0/2:(e1+1)/2], absmax[e0/bs:blocks(e1, bs)], w, int(bs))
+				if fi >= 0 {
+					check = grow(check, len(w))
+					codec.Dequantize(check, packed[e0/2:(e1+1)/2], absmax[e0/bs:], int(bs))
+					if slices.ContainsFunc(check, nonFinite) {
+						bad |= gpu.FuseBadRequant
+					}
+				}
 				if stats {
 					codec.Dequantize(w, packed[e0/2:(e1+1)/2], absmax[e0/bs:], int(bs))
 					for i, d := range delta[e0-r0*in : e1-r0*in] {
@@ -451,6 +476,9 @@ func fusePlan(out, in, bs, rank int64, dt nf4.DType, statsIdx int) (plan, error)
 				}
 			}
 			putF32s(b[1], absmax)
+			if fi >= 0 {
+				binary.LittleEndian.PutUint32(b[fi], binary.LittleEndian.Uint32(b[fi])|bad)
+			}
 			if stats {
 				for k, v := range []float64{dot, norm, diff} {
 					old := math.Float64frombits(binary.LittleEndian.Uint64(b[4][8*k:]))
@@ -461,6 +489,9 @@ func fusePlan(out, in, bs, rank int64, dt nf4.DType, statsIdx int) (plan, error)
 		},
 	}, nil
 }
+
+// nonFinite reports a NaN or ±Inf.
+func nonFinite(v float32) bool { return math.Float32bits(v)&0x7f800000 == 0x7f800000 }
 
 func grow(v []float32, n int) []float32 {
 	if cap(v) < n {

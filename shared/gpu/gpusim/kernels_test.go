@@ -346,17 +346,33 @@ func (c fuseCase) inputs(rng *rand.Rand) (packed []byte, absmax, a, b []float32)
 }
 
 // scenario fuses the layer twice, without and with the retention sums
-// ("stats": 3 float64): the plain entry point and the _stats one.
+// ("stats": 3 float64): the plain entry point and the _stats one, each
+// with its non-finite flag word ("flags", "flags (stats)").
 func (c fuseCase) scenario(m mem, packed []byte, absmax, a, b []float32) []out {
 	dA0, dB0 := m.put(emutest.F32LE(a)), m.put(emutest.F32LE(b))
-	dP, dA := m.put(packed), m.put(emutest.F32LE(absmax))
-	sP, sA, st := m.put(packed), m.put(emutest.F32LE(absmax)), m.put(make([]byte, 24))
+	dP, dA, fl := m.put(packed), m.put(emutest.F32LE(absmax)), m.put(make([]byte, 4))
+	sP, sA, st, sfl := m.put(packed), m.put(emutest.F32LE(absmax)), m.put(make([]byte, 24)), m.put(make([]byte, 4))
 	m.launch(gpu.FuseCall(gpu.FuseLayer{Packed: dP, Absmax: dA, Out: c.out, In: c.in, Blocksize: c.bs,
-		A: dA0, B: dB0, Rank: c.rank, DType: c.dtype}))
+		A: dA0, B: dB0, Rank: c.rank, DType: c.dtype, Flags: fl}))
 	m.launch(gpu.FuseCall(gpu.FuseLayer{Packed: sP, Absmax: sA, Out: c.out, In: c.in, Blocksize: c.bs,
-		A: dA0, B: dB0, Rank: c.rank, DType: c.dtype, Stats: st}))
-	return []out{{"packed", dP, len(packed)}, {"absmax", dA, 4 * len(absmax)},
-		{"packed (stats)", sP, len(packed)}, {"absmax (stats)", sA, 4 * len(absmax)}, {"stats", st, 24}}
+		A: dA0, B: dB0, Rank: c.rank, DType: c.dtype, Flags: sfl, Stats: st}))
+	return []out{{"packed", dP, len(packed)}, {"absmax", dA, 4 * len(absmax)}, {"flags", fl, 4},
+		{"packed (stats)", sP, len(packed)}, {"absmax (stats)", sA, 4 * len(absmax)}, {"flags (stats)", sfl, 4}, {"stats", st, 24}}
+}
+
+// poison makes a case's factors overflow: B[row, 0] = v and A's rank-0
+// row 100, so the merged weights of that row are v·100: ±Inf for v = 3e38,
+// or, for v = 1e7, finite in fp32 but past float16's range once
+// re-quantized.
+func poison(a, b []float32, rank, row int, v float32) {
+	for k := range rank {
+		b[row*rank+k] = 0
+	}
+	b[row*rank] = v
+	in := len(a) / rank
+	for c := range in {
+		a[c] = 100
+	}
 }
 
 // wantStats is the retention sums of a fused merge in float64 on the CPU:
@@ -435,6 +451,8 @@ func TestFuse(t *testing.T) {
 			sameBytes(t, "absmax", got["absmax"], want["absmax"])
 			sameBytes(t, "packed (stats)", got["packed (stats)"], want["packed"])
 			sameBytes(t, "absmax (stats)", got["absmax (stats)"], want["absmax"])
+			sameBytes(t, "flags", got["flags"], []byte{0, 0, 0, 0})
+			sameBytes(t, "flags (stats)", got["flags (stats)"], []byte{0, 0, 0, 0})
 			ws := c.wantStats(packed, absmax, a, b, want)
 			if ws[1] == 0 || ws[0] <= 0 {
 				t.Fatalf("sums %v: the case measures nothing", ws)
@@ -521,6 +539,12 @@ func TestAgainstEmulator(t *testing.T) {
 	rng := rand.New(rand.NewPCG(21, 22))
 	type pair struct{ sim, emu []out }
 	var all []pair
+	type flagCheck struct {
+		name string
+		outs []out
+		want byte
+	}
+	var flagChecks []flagCheck
 	for _, c := range []quantCase{{1001, 64, gpu.DTypeF32}, {333, 256, gpu.DTypeF16}, {2000, 128, gpu.DTypeBF16}} {
 		raw, _ := c.inputs(rng)
 		all = append(all, pair{c.scenario(sim, raw), c.scenario(emu, raw)})
@@ -534,6 +558,23 @@ func TestAgainstEmulator(t *testing.T) {
 	} {
 		packed, absmax, a, b := c.inputs(rng)
 		all = append(all, pair{c.scenario(sim, packed, absmax, a, b), c.scenario(emu, packed, absmax, a, b)})
+	}
+	// Non-finite merges: the flag words (and bytes) of both must agree.
+	for _, c := range []struct {
+		fuseCase
+		v    float32
+		want byte
+	}{
+		{fuseCase{64, 256, 64, 16, gpu.DTypeBF16}, 3e38, gpu.FuseBadMerged | gpu.FuseBadRequant},
+		{fuseCase{37, 77, 64, 5, gpu.DTypeBF16}, 3e38, gpu.FuseBadMerged | gpu.FuseBadRequant},
+		{fuseCase{40, 96, 32, 7, gpu.DTypeF16}, 1e7, gpu.FuseBadRequant},
+		{fuseCase{37, 77, 64, 5, gpu.DTypeF16}, 1e7, gpu.FuseBadRequant},
+	} {
+		packed, absmax, a, b := c.inputs(rng)
+		poison(a, b, c.rank, c.out/2, c.v)
+		sc, ec := c.scenario(sim, packed, absmax, a, b), c.scenario(emu, packed, absmax, a, b)
+		all = append(all, pair{sc, ec})
+		flagChecks = append(flagChecks, flagCheck{c.String(), sc, c.want})
 	}
 	for _, dtype := range []int{gpu.DTypeBF16, gpu.DTypeF16} {
 		b, a, _, _ := sideInputs(rng, dtype)
@@ -562,6 +603,15 @@ func TestAgainstEmulator(t *testing.T) {
 			}
 			sameBytes(t, fmt.Sprintf("scenario %d %s", i, o.name), got, want)
 			compared += o.n
+		}
+	}
+	for _, fc := range flagChecks {
+		for _, o := range fc.outs {
+			if strings.HasPrefix(o.name, "flags") {
+				if got := sim.get(o.p, 4); !bytes.Equal(got, []byte{fc.want, 0, 0, 0}) {
+					t.Errorf("%s: %s %v, want %#x", fc.name, o.name, got, fc.want)
+				}
+			}
 		}
 	}
 	t.Logf("%d scenarios, %d bytes equal to the kernels'", len(all), compared)
@@ -599,10 +649,10 @@ func TestLaunchErrors(t *testing.T) {
 		want string
 	}{
 		{"unknown kernel", with(good, func(c *gpu.Call) { c.Kernel = "nf4_bogus" }), "launch nf4_bogus: no such kernel"},
-		{"short arguments", with(fuse, func(c *gpu.Call) { c.Args = c.Args[:len(c.Args)-1] }), "nf4_fuse2d: 9 arguments, the kernel takes 10"},
-		{"plain fuse given stats", with(fuse, func(c *gpu.Call) { c.Args = append(c.Args, fuseStats.Args[10]) }), "nf4_fuse2d: 11 arguments, the kernel takes 10"},
-		{"stats fuse without stats", with(fuseStats, func(c *gpu.Call) { c.Args = c.Args[:len(c.Args)-1] }), "nf4_fuse2d_stats: 10 arguments, the kernel takes 11"},
-		{"stats fuse with null stats", with(fuseStats, func(c *gpu.Call) { c.Args[10].V = 0 }), "launch nf4_fuse2d_stats: stats is null"},
+		{"short arguments", with(fuse, func(c *gpu.Call) { c.Args = c.Args[:len(c.Args)-1] }), "nf4_fuse2d: 10 arguments, the kernel takes 11"},
+		{"plain fuse given stats", with(fuse, func(c *gpu.Call) { c.Args = append(c.Args, fuseStats.Args[11]) }), "nf4_fuse2d: 12 arguments, the kernel takes 11"},
+		{"stats fuse without stats", with(fuseStats, func(c *gpu.Call) { c.Args = c.Args[:len(c.Args)-1] }), "nf4_fuse2d_stats: 11 arguments, the kernel takes 12"},
+		{"stats fuse with null stats", with(fuseStats, func(c *gpu.Call) { c.Args[11].V = 0 }), "launch nf4_fuse2d_stats: stats is null"},
 		{"stats fuse shared memory", with(fuseStats, func(c *gpu.Call) { c.Shared = gpu.MaxSharedBytes - 8 }), "and 768 static (the sums' reduction) exceed 49152"},
 		{"wrong kind", with(good, func(c *gpu.Call) { c.Args[2].Kind = 'd' }), "argument 2 (n) of kind 'd', want 'i'"},
 		{"freed output", with(good, func(c *gpu.Call) { c.Args[4].V = uint64(gone.Ptr) }), "argument 4 (out): " + fmt.Sprintf("%#x", gone.Ptr) + " + 4000 bytes: in a slab of 4096 bytes at"},
@@ -615,8 +665,10 @@ func TestLaunchErrors(t *testing.T) {
 		{"fuse2d block size", with(fuse, func(c *gpu.Call) { c.Block = 128 }), "block 128, the kernel needs 256"},
 		{"zero grid", with(good, func(c *gpu.Call) { c.Grid = 0 }), "grid 0"},
 		{"fuse dtype", with(fuse, func(c *gpu.Call) { c.Args[9].V = 7 }), "dtype 7"},
-		{"fuse stats freed", with(fuseStats, func(c *gpu.Call) { c.Args[10].V = uint64(gone.Ptr) }), "argument 10 (stats)"},
-		{"fuse stats kind", with(fuseStats, func(c *gpu.Call) { c.Args[10].Kind = 'i' }), "argument 10 (stats) of kind 'i', want 'p'"},
+		{"fuse stats freed", with(fuseStats, func(c *gpu.Call) { c.Args[11].V = uint64(gone.Ptr) }), "argument 11 (stats)"},
+		{"fuse stats kind", with(fuseStats, func(c *gpu.Call) { c.Args[11].Kind = 'i' }), "argument 11 (stats) of kind 'i', want 'p'"},
+		{"fuse flags freed", with(fuse, func(c *gpu.Call) { c.Args[10].V = uint64(gone.Ptr) }), "argument 10 (flags)"},
+		{"fuse flags kind", with(fuseStats, func(c *gpu.Call) { c.Args[10].Kind = 'i' }), "argument 10 (flags) of kind 'i', want 'p'"},
 		{"fuse stats dtype", with(fuseStats, func(c *gpu.Call) { c.Args[9].V = 7 }), "dtype 7"},
 	} {
 		t.Run(c.name, func(t *testing.T) {

@@ -165,6 +165,27 @@ __device__ __forceinline__ void fuse_stats_flush(u64 stats_, double* s) {
     }
 }
 
+// Non-finite results of the fused merge (flags_ != 0): a huge strength or
+// LoRA values near the float limits make a merged weight NaN or ±Inf
+// (FUSE_BAD_MERGED, the fp32 base + delta), or a finite merge whose new
+// absmax overflows the logical dtype, so the re-quantized weight would
+// dequantize to ±Inf (FUSE_BAD_REQUANT: the block's largest element
+// re-quantizes to code 0 or 15, ±absmax, so checking the absmax rounded to
+// the dtype checks every element). These are shared/lora's fused-pass
+// checks. Each thread ORs what it saw into a register and, at the end,
+// once into the layer's flag word; the caller reads it back and restores
+// the layer (the kernel still writes: blocks cannot see each other).
+// fuse2d checks per quantization block instead, from the registers it
+// holds there, and ORs at once.
+#define FUSE_BAD_MERGED 1u
+#define FUSE_BAD_REQUANT 2u
+
+__device__ __forceinline__ u32 nonfinite(float v) { return ((u32)__float_as_int(v) & 0x7f800000u) == 0x7f800000u ? 1u : 0u; }
+
+__device__ __forceinline__ void fuse_flag(u64 flags_, u32 bad) {
+    if (flags_ && bad) atomicOr((u32*)flags_, bad);
+}
+
 // fuse_delta: one element's delta, (B·A)[r, c] for the B row brow, in the
 // CPU's order (shared/lora DeltaRows): four ranks summed left to right,
 // then added; each step rounded (no FMA).
@@ -323,7 +344,7 @@ extern "C" __global__ void absmax_sum(u64 absmax_, i64 nb, u64 out_) {
 // shared memory): the merge's occupancy is the plain kernel's.
 template <bool STATS>
 __device__ __forceinline__ void fuse1d(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
-                                       u64 a_, u64 b_, i64 rank, i64 tile, i64 b_smem, i64 dtype, u64 stats_) {
+                                       u64 a_, u64 b_, i64 rank, i64 tile, i64 b_smem, i64 dtype, u64 flags_, u64 stats_) {
     EXTERN_SHARED(float, smem);
     float* w = smem;
     float* bs_rows = smem + tile;
@@ -336,6 +357,7 @@ __device__ __forceinline__ void fuse1d(u64 packed_, u64 absmax_, i64 out_dim, i6
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     double st[3] = {0.0, 0.0, 0.0};
     (void)st;
+    u32 bad = 0;
     for (i64 t = blockIdx.x; t < tiles; t += gridDim.x) {
         i64 e0 = t * tile, e1 = min(e0 + tile, n);
         i64 r0 = e0 / in_dim;
@@ -355,7 +377,9 @@ __device__ __forceinline__ void fuse1d(u64 packed_, u64 absmax_, i64 out_dim, i6
                 float orig = round_to(__fmul_rn(NF4_LUT[h == 0 ? p >> 4 : p & 15], absmax[e / bs]), dtype);
                 i64 r = e / in_dim, c = e - r * in_dim;
                 const float* brow = b_smem ? bs_rows + (r - r0) * rank : B + r * rank;
-                w[e - e0] = __fadd_rn(orig, fuse_delta(brow, A, rank, in_dim, c));
+                float x = __fadd_rn(orig, fuse_delta(brow, A, rank, in_dim, c));
+                bad |= nonfinite(x);
+                w[e - e0] = x;
             }
         }
         __syncthreads();
@@ -366,6 +390,7 @@ __device__ __forceinline__ void fuse1d(u64 packed_, u64 absmax_, i64 out_dim, i6
             float am = 0.0f;
             for (i64 i = lo + lane; i < hi; i += 32) am = fmaxf(am, fabsf(w[i]));
             am = warp_max(am);
+            bad |= nonfinite(round_to(am, dtype)) << 1;
             // The block's old absmax, read by every lane before lane 0
             // overwrites it.
             float oam = 0.0f;
@@ -395,22 +420,25 @@ __device__ __forceinline__ void fuse1d(u64 packed_, u64 absmax_, i64 out_dim, i6
             }
         }
     }
+    fuse_flag(flags_, bad);
     if constexpr (STATS) fuse_stats_flush(stats_, st);
 }
 
 // max_rows is the plan's (gpu.FusePlan.MaxRows): the kernel needs only the
-// shared memory the launch gives it, so it is unused here.
+// shared memory the launch gives it, so it is unused here. flags_: 0, or a
+// u32 (zeroed) for the FUSE_BAD_* bits.
 extern "C" __global__ void nf4_fuse(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
-                                    u64 a_, u64 b_, i64 rank, i64 tile, i64 b_smem, i64 max_rows, i64 dtype) {
+                                    u64 a_, u64 b_, i64 rank, i64 tile, i64 b_smem, i64 max_rows, i64 dtype,
+                                    u64 flags_) {
     (void)max_rows;
-    fuse1d<false>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile, b_smem, dtype, 0);
+    fuse1d<false>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile, b_smem, dtype, flags_, 0);
 }
 
 extern "C" __global__ void nf4_fuse_stats(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
                                           u64 a_, u64 b_, i64 rank, i64 tile, i64 b_smem, i64 max_rows, i64 dtype,
-                                          u64 stats_) {
+                                          u64 flags_, u64 stats_) {
     (void)max_rows;
-    fuse1d<true>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile, b_smem, dtype, stats_);
+    fuse1d<true>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile, b_smem, dtype, flags_, stats_);
 }
 
 // nf4_fuse2d: the fused merge for layers whose rows hold whole blocks
@@ -469,7 +497,7 @@ __device__ __forceinline__ vec2 ld2(const float* p) { return *(const float2*)p; 
 // 32-bit; divisions by bs and tile_cols are shifts.
 template <bool STATS, int DT>
 __device__ __forceinline__ void fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
-                                       u64 a_, u64 b_, i64 rank, i64 tile_cols, u64 stats_) {
+                                       u64 a_, u64 b_, i64 rank, i64 tile_cols, u64 flags_, u64 stats_) {
     __shared__ float lut[16];
     EXTERN_SHARED(float, smem);
     const int tc = (int)tile_cols, lg_tc = ilog2(tile_cols), lg_bs = ilog2(bs), ibs = (int)bs;
@@ -563,6 +591,17 @@ __device__ __forceinline__ void fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i6
             // Every lane has read the old absmax: the shuffles order it
             // before lane 0's write.
             am = warp_max(am);
+            // The non-finite checks read the registers the block already
+            // holds, so nothing stays live across the loop (spills).
+            if (flags_) {
+                u32 bad = nonfinite(round_dt<DT>(am)) << 1;
+#pragma unroll
+                for (int k = 0; k < FUSE_PAIRS; k++) {
+                    if (lane + 32 * k >= npairs) break;
+                    bad |= nonfinite(x[2 * k]) | nonfinite(x[2 * k + 1]);
+                }
+                fuse_flag(flags_, bad);
+            }
             if (lane == 0) absmax[gb >> lg_bs] = am;
             const float inv = nf4_rcp(am);
 #pragma unroll
@@ -586,10 +625,10 @@ __device__ __forceinline__ void fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i6
 // per-element rounding carries no dtype branch.
 template <bool STATS>
 __device__ __forceinline__ void fuse2d_dt(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
-                                          u64 a_, u64 b_, i64 rank, i64 tile_cols, i64 dtype, u64 stats_) {
-    if (dtype == 1) fuse2d<STATS, 1>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, stats_);
-    else if (dtype == 2) fuse2d<STATS, 2>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, stats_);
-    else fuse2d<STATS, 0>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, stats_);
+                                          u64 a_, u64 b_, i64 rank, i64 tile_cols, i64 dtype, u64 flags_, u64 stats_) {
+    if (dtype == 1) fuse2d<STATS, 1>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, flags_, stats_);
+    else if (dtype == 2) fuse2d<STATS, 2>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, flags_, stats_);
+    else fuse2d<STATS, 0>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, flags_, stats_);
 }
 
 // __launch_bounds__(256, 4): 64 registers, four blocks per SM. On an H200
@@ -597,13 +636,13 @@ __device__ __forceinline__ void fuse2d_dt(u64 packed_, u64 absmax_, i64 out_dim,
 // plain and from 156 to 128 ms measuring, though the measuring body then
 // spills a little; three blocks per SM were slower (106, 139 ms).
 extern "C" __global__ void __launch_bounds__(256, 4) nf4_fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
-                                      u64 a_, u64 b_, i64 rank, i64 tile_cols, i64 dtype) {
-    fuse2d_dt<false>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, dtype, 0);
+                                      u64 a_, u64 b_, i64 rank, i64 tile_cols, i64 dtype, u64 flags_) {
+    fuse2d_dt<false>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, dtype, flags_, 0);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 4) nf4_fuse2d_stats(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
-                                            u64 a_, u64 b_, i64 rank, i64 tile_cols, i64 dtype, u64 stats_) {
-    fuse2d_dt<true>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, dtype, stats_);
+                                            u64 a_, u64 b_, i64 rank, i64 tile_cols, i64 dtype, u64 flags_, u64 stats_) {
+    fuse2d_dt<true>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, dtype, flags_, stats_);
 }
 
 // side_rows: A_cat rows of one LoRA: dst[i] = fp32(src[i]) * scale for i < n

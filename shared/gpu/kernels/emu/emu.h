@@ -91,6 +91,12 @@ inline double atomicAdd(double* p, double v) {
     *p = old + v;
     return old;
 }
+inline unsigned atomicOr(unsigned* p, unsigned v) {
+    std::lock_guard<std::mutex> g(emu_atomic_mu);
+    unsigned old = *p;
+    *p = old | v;
+    return old;
+}
 inline long long min(long long a, long long b) { return a < b ? a : b; }
 inline long long max(long long a, long long b) { return a > b ? a : b; }
 
