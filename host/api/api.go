@@ -25,6 +25,7 @@ import (
 	"github.com/arenahost/arenahost/host/plugin"
 	"github.com/arenahost/arenahost/host/registry"
 	"github.com/arenahost/arenahost/host/server"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
@@ -202,13 +203,6 @@ func badRequest(format string, args ...any) error {
 	return &StatusError{Status: http.StatusBadRequest, Code: "bad_request", Err: fmt.Errorf(format, args...)}
 }
 
-// Error is the JSON body of every error response.
-type Error struct {
-	Error  string `json:"error"`
-	Code   string `json:"code"`
-	Detail string `json:"detail,omitempty"`
-}
-
 // writeJSON answers v as indented JSON. It encodes before writing the
 // status, so a value JSON cannot carry (a NaN or an infinity in a report)
 // answers a JSON 500 naming the problem rather than an empty 200.
@@ -216,7 +210,7 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	b, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
 		status = http.StatusInternalServerError
-		b, _ = json.MarshalIndent(Error{Error: http.StatusText(status), Code: "encode",
+		b, _ = json.MarshalIndent(v1.Error{Error: http.StatusText(status), Code: "encode",
 			Detail: fmt.Sprintf("encode the %T answer: %v", v, err)}, "", "  ")
 	}
 	w.Header().Set("Content-Type", "application/json")
@@ -264,7 +258,7 @@ func (a *API) fail(w http.ResponseWriter, r *http.Request, err error) {
 	if code == "plugin_unavailable" {
 		w.Header().Set("Retry-After", retryAfter)
 	}
-	writeJSON(w, status, Error{Error: http.StatusText(status), Code: code, Detail: err.Error()})
+	writeJSON(w, status, v1.Error{Error: http.StatusText(status), Code: code, Detail: err.Error()})
 }
 
 // decode reads a JSON body into v (decodeBody).
@@ -360,24 +354,12 @@ func (a *API) notFound(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *API) health(w http.ResponseWriter, _ *http.Request) {
-	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
-}
-
-// ArenaStats is the body of GET /v1/arena.
-type ArenaStats struct {
-	Backend       string  `json:"backend"`
-	Capacity      uint64  `json:"capacity"`
-	Allocated     uint64  `json:"allocated"`
-	Peak          uint64  `json:"peak"`
-	LargestFree   uint64  `json:"largest_free"`
-	Fragmentation float64 `json:"fragmentation"`
-	Segments      int     `json:"segments"`
-	Regions       int     `json:"regions"`
+	writeJSON(w, http.StatusOK, v1.Health{Status: "ok"})
 }
 
 func (a *API) arena(w http.ResponseWriter, _ *http.Request) {
 	st := a.s.Arena.Stats()
-	writeJSON(w, http.StatusOK, ArenaStats{Backend: st.Backend, Capacity: uint64(st.Capacity), Allocated: uint64(st.Allocated),
+	writeJSON(w, http.StatusOK, v1.ArenaStats{Backend: st.Backend, Capacity: uint64(st.Capacity), Allocated: uint64(st.Allocated),
 		Peak: uint64(st.Peak), LargestFree: uint64(st.LargestFree), Fragmentation: st.Fragmentation, Segments: st.Segments, Regions: st.Regions})
 }
 

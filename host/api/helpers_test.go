@@ -15,6 +15,7 @@ import (
 
 	"github.com/arenahost/arenahost/host/server"
 	"github.com/arenahost/arenahost/internal/testenv"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
@@ -79,7 +80,7 @@ func (f *fixture) do(t *testing.T, c call) (int, []byte, http.Header) {
 // wantError checks an error response: JSON {error, code, detail}.
 func wantError(t *testing.T, c call, status int, b []byte, code, detail string) {
 	t.Helper()
-	var e Error
+	var e v1.Error
 	if err := json.Unmarshal(b, &e); err != nil {
 		t.Fatalf("%s %s: error body is not JSON: %v: %s", c.method, c.path, err, b)
 	}

@@ -6,24 +6,8 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/host/lora"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 )
-
-// ApplyLoRA is one LoRA of POST /v1/loras/apply: a name (or path relative
-// to the LoRA directory, with or without ".safetensors") and its strength
-// (1 when omitted).
-type ApplyLoRA struct {
-	Name     string   `json:"name"`
-	Strength *float64 `json:"strength,omitempty"`
-}
-
-// ApplyRequest is the body of POST /v1/loras/apply. An empty set removes
-// every LoRA.
-type ApplyRequest struct {
-	Model  string      `json:"model,omitempty"`
-	LoRAs  []ApplyLoRA `json:"loras"`
-	Mode   string      `json:"mode,omitempty"` // "side" (default, exact) or "fuse"
-	Strict bool        `json:"strict,omitempty"`
-}
 
 // loraStatus answers LoRA errors with their class: a bad file or request
 // is 422 bad_lora, an unsupported combination 409 unsupported.
@@ -38,7 +22,7 @@ func loraStatus(err error) error {
 }
 
 func (a *API) applyLoRAs(w http.ResponseWriter, r *http.Request) {
-	var req ApplyRequest
+	var req v1.ApplyRequest
 	if err := decode(r, &req); err != nil {
 		a.fail(w, r, err)
 		return
@@ -71,7 +55,7 @@ func (a *API) applyLoRAs(w http.ResponseWriter, r *http.Request) {
 			a.fail(w, r, badRequest("loras[%d] %q: strength: %v", i, l.Name, err))
 			return
 		}
-		lr.LoRAs = append(lr.LoRAs, lora.Entry{Name: l.Name, Path: p, Strength: s})
+		lr.LoRAs = append(lr.LoRAs, v1.AppliedLoRA{Name: l.Name, Path: p, Strength: s})
 	}
 	start := time.Now()
 	res, err := a.s.LoRAs.Apply(r.Context(), lr)

@@ -19,6 +19,7 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 
 	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/sdk/api"
 )
 
 // Four callers hammer the plugin for 5 s while it is swapped 10 times: no
@@ -168,7 +169,7 @@ func TestSIGKILLMidCall(t *testing.T) {
 	}
 	back := waitFor(t, 2*time.Second, "serving again", func() bool {
 		s := mustStatus(t, m, "echo")
-		return s.State == StateServing && s.Generation == 2
+		return s.State == api.PluginServing && s.Generation == 2
 	})
 	t.Logf("serving again %v after the kill", back)
 	s := mustStatus(t, m, "echo")
@@ -213,7 +214,7 @@ func TestFailedCallShownInStatus(t *testing.T) {
 		t.Fatal("unknown method answered no error")
 	}
 	s := mustStatus(t, m, "echo")
-	if s.State != StateServing || s.LastError != "" {
+	if s.State != api.PluginServing || s.LastError != "" {
 		t.Fatalf("status after a failed call = %+v, want serving with no lifecycle error", s)
 	}
 	if !strings.Contains(s.LastCallError, `unknown method "nosuch"`) || s.LastCallErrorAt.Before(before) {
@@ -227,7 +228,7 @@ func TestCrashLoopMarksFailed(t *testing.T) {
 	m, _ := newTestManager(t, Config{RestartBackoff: 20 * time.Millisecond, CrashLimit: 3, CrashWindow: time.Minute})
 	dir := t.TempDir()
 	addFixture(t, m, dir, "crashy", "exitafter", nil)
-	waitFor(t, 10*time.Second, "marked failed", func() bool { return mustStatus(t, m, "crashy").State == StateFailed })
+	waitFor(t, 10*time.Second, "marked failed", func() bool { return mustStatus(t, m, "crashy").State == api.PluginFailed })
 	s := mustStatus(t, m, "crashy")
 	if s.Crashes != 3 || !strings.Contains(s.LastError, "3 crashes within 1m0s") || !strings.Contains(s.LastError, "simulated crash") {
 		t.Fatalf("failed status = %+v", s)
@@ -240,7 +241,7 @@ func TestCrashLoopMarksFailed(t *testing.T) {
 		t.Fatalf("call to a failed plugin = %v", err)
 	}
 	time.Sleep(200 * time.Millisecond)
-	if s2 := mustStatus(t, m, "crashy"); s2.Generation != 0 || s2.State != StateFailed {
+	if s2 := mustStatus(t, m, "crashy"); s2.Generation != 0 || s2.State != api.PluginFailed {
 		t.Fatalf("failed plugin restarted anyway: %+v", s2)
 	}
 }
@@ -287,7 +288,7 @@ func TestBrokenPluginsRefused(t *testing.T) {
 				t.Errorf("error is not ErrProtocolMismatch: %v", err)
 			}
 			after := mustStatus(t, m, "svc")
-			if after.State != StateServing || after.Generation != before.Generation || after.PID != before.PID {
+			if after.State != api.PluginServing || after.Generation != before.Generation || after.PID != before.PID {
 				t.Fatalf("status after refused swap = %+v, want generation %d still serving", after, before.Generation)
 			}
 			if after.LastError != err.Error() {
@@ -319,7 +320,7 @@ func TestBrokenPluginsRefused(t *testing.T) {
 	if err := m.Add(t.Context(), pm); err == nil {
 		t.Fatal("Add of a broken plugin succeeded")
 	}
-	if s := mustStatus(t, m, "dead"); s.State != StateFailed || !strings.Contains(s.LastError, "Unrecognized remote plugin message") {
+	if s := mustStatus(t, m, "dead"); s.State != api.PluginFailed || !strings.Contains(s.LastError, "Unrecognized remote plugin message") {
 		t.Fatalf("status of broken plugin = %+v", s)
 	}
 }
@@ -349,7 +350,7 @@ func TestWatcherSwapsOnChange(t *testing.T) {
 		return strings.Contains(mustStatus(t, m, "echo").LastError, "protocol_version 2")
 	})
 	time.Sleep(200 * time.Millisecond)
-	if s := mustStatus(t, m, "echo"); s.State != StateServing || s.Generation != 2 {
+	if s := mustStatus(t, m, "echo"); s.State != api.PluginServing || s.Generation != 2 {
 		t.Fatalf("after a refused watcher swap: %+v", s)
 	}
 }

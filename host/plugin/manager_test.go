@@ -16,6 +16,7 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 
 	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/sdk/api"
 
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
@@ -91,7 +92,7 @@ func callGen(ctx context.Context, m *Manager, name, echo string) (genReply, *Rep
 	return g, r, nil
 }
 
-func mustStatus(t testing.TB, m *Manager, name string) Status {
+func mustStatus(t testing.TB, m *Manager, name string) api.PluginStatus {
 	t.Helper()
 	s, err := m.PluginStatus(name)
 	if err != nil {
@@ -138,7 +139,7 @@ func TestCallStreamAndHostService(t *testing.T) {
 	addFixture(t, m, dir, "echo", "echo", nil)
 
 	st := mustStatus(t, m, "echo")
-	if st.State != StateServing || st.Generation != 1 || !alive(st.PID) {
+	if st.State != api.PluginServing || st.Generation != 1 || !alive(st.PID) {
 		t.Fatalf("status after Add = %+v, want serving generation 1 with a live pid", st)
 	}
 	g, r, err := callGen(t.Context(), m, "echo", "hi")
@@ -275,7 +276,7 @@ func TestSwapKeepsServingAndBumpsGeneration(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := mustStatus(t, m, "echo")
-	if st.Generation != 2 || st.State != StateServing || st.PID == old.PID {
+	if st.Generation != 2 || st.State != api.PluginServing || st.PID == old.PID {
 		t.Fatalf("after swap: %+v", st)
 	}
 	if alive(old.PID) {

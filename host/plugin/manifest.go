@@ -14,6 +14,7 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/wire"
 )
 
@@ -23,9 +24,9 @@ const ManifestFile = "plugin.json"
 // Kinds a manifest may declare. Other kinds are accepted (the host only
 // treats these specially); they must still be lower-case identifiers.
 const (
-	KindLoRA     = "lora"
-	KindPreview  = "preview"
-	KindPipeline = "pipeline"
+	KindLoRA     = api.KindLoRA
+	KindPreview  = api.KindPreview
+	KindPipeline = api.KindPipeline
 )
 
 // Languages with special treatment. LanguageGo plugins get go-plugin's

@@ -12,6 +12,7 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 
 	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/sdk/api"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
@@ -73,7 +74,7 @@ func TestPythonPluginLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := mustStatus(t, m, "hello-py")
-	if st.State != StateServing || st.Generation != 1 || st.Language != LanguagePython {
+	if st.State != api.PluginServing || st.Generation != 1 || st.Language != LanguagePython {
 		t.Fatalf("status = %+v", st)
 	}
 
@@ -142,7 +143,7 @@ func TestPythonPluginLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	st2 := mustStatus(t, m, "hello-py")
-	if st2.Generation != 2 || st2.State != StateServing || alive(st.PID) {
+	if st2.Generation != 2 || st2.State != api.PluginServing || alive(st.PID) {
 		t.Fatalf("after swap: %+v (old pid %d alive: %v)", st2, st.PID, alive(st.PID))
 	}
 	if b := arena.ownerBytes(Owner("hello-py", 1)); b != 0 {
