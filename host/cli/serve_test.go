@@ -4,10 +4,11 @@ import (
 	"bufio"
 	"context"
 	"io"
-	"net/http"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/arenahost/arenahost/sdk/client"
 )
 
 func TestServeRefusesUnsafeConfig(t *testing.T) {
@@ -81,23 +82,17 @@ func testServeRuns(t *testing.T, backend string) {
 	if !strings.HasPrefix(url, "http://127.0.0.1:") || !strings.HasSuffix(url, "/") {
 		t.Fatalf("console URL %q", url)
 	}
-	resp, err := http.Get(url + "v1/models")
+	c, err := client.New(url)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != 200 || !strings.Contains(string(b), `"name": "sample"`) {
-		t.Fatalf("GET /v1/models: %d %s", resp.StatusCode, b)
+	models, err := c.Models(ctx)
+	if err != nil || len(models) != 1 || models[0].Name != "sample" {
+		t.Fatalf("GET /v1/models: %+v %v", models, err)
 	}
-	resp, err = http.Get(url + "v1/arena")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, _ = io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if want := `"backend": "` + backend; resp.StatusCode != 200 || (backend != "cpu" && !strings.Contains(string(b), want)) {
-		t.Fatalf("GET /v1/arena: %d %s, want %s", resp.StatusCode, b, want)
+	st, err := c.Arena(ctx)
+	if err != nil || (backend != "cpu" && !strings.HasPrefix(st.Backend, backend)) {
+		t.Fatalf("GET /v1/arena: %+v %v, want backend %s", st, err, backend)
 	}
 	cancel()
 	select {
