@@ -3,8 +3,10 @@
 // Prometheus metrics at /metrics, the embedded web console at /, and the
 // safe defaults every request passes through (bearer token on mutating
 // routes, body size limit, per-request write deadlines, paths confined to
-// their directories). Every error is JSON {error, code, detail}. It serves a
-// *server.Server and holds no state of its own beyond what requests need.
+// their directories). Every error is JSON {error, code, detail}, and every
+// /v1 body a type of sdk/api. It serves a Backend (backend.go: small
+// interfaces over the host's parts) and holds no state of its own beyond
+// what requests need.
 package api
 
 import (
@@ -24,7 +26,6 @@ import (
 	"github.com/arenahost/arenahost/host/console"
 	"github.com/arenahost/arenahost/host/plugin"
 	"github.com/arenahost/arenahost/host/registry"
-	"github.com/arenahost/arenahost/host/server"
 	v1 "github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/safetensors"
 )
@@ -41,7 +42,7 @@ type Options struct {
 	// (set per request with http.ResponseController); streaming routes
 	// (MJPEG, SSE, websockets) get none. DefaultWriteTimeout when 0.
 	WriteTimeout time.Duration
-	// ModelsDir and LoRAsDir confine request paths; the server's own
+	// ModelsDir and LoRAsDir confine request paths; the Backend's
 	// directories when empty.
 	ModelsDir string
 	LoRAsDir  string
@@ -71,9 +72,9 @@ const (
 	DefaultWriteTimeout = 10 * time.Minute
 )
 
-// API serves one Server over HTTP.
+// API serves one Backend over HTTP.
 type API struct {
-	s    *server.Server
+	s    Backend
 	log  *slog.Logger
 	mux  *http.ServeMux
 	opts Options
@@ -88,10 +89,10 @@ type API struct {
 }
 
 // New returns the HTTP handler for s with default Options.
-func New(s *server.Server, log *slog.Logger) *API { return NewWithOptions(s, log, Options{}) }
+func New(s Backend, log *slog.Logger) *API { return NewWithOptions(s, log, Options{}) }
 
 // NewWithOptions returns the HTTP handler for s.
-func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
+func NewWithOptions(s Backend, log *slog.Logger, o Options) *API {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -105,10 +106,10 @@ func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
 		o.WriteTimeout = DefaultWriteTimeout
 	}
 	if o.ModelsDir == "" {
-		o.ModelsDir = s.Config().ModelsDir
+		o.ModelsDir = s.ModelsDir
 	}
 	if o.LoRAsDir == "" {
-		o.LoRAsDir = s.Config().LoRAsDir
+		o.LoRAsDir = s.LoRAsDir
 	}
 	if o.Metrics == nil {
 		o.Metrics = NewMetrics(s)

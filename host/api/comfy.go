@@ -18,7 +18,7 @@ import (
 // and under /api/, over comfyCore. Its input/output/temp folders live in
 // DATA/comfyui.
 func (a *API) comfyRoutes() {
-	dir := filepath.Join(a.s.Config().DataDir, "comfyui")
+	dir := filepath.Join(a.s.DataDir, "comfyui")
 	c, err := comfyui.New(comfyCore{a}, comfyui.Options{Dir: dir, Logger: a.log, MaxUpload: a.opts.MaxBody, Frontend: a.opts.ComfyFrontend})
 	if err != nil {
 		a.log.Error("comfyui routes disabled", "err", err)

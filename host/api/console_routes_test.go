@@ -225,7 +225,7 @@ func TestArenaUsageOnDevice(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { s.Close(context.Background()) })
-	srv := httptest.NewServer(New(s, quiet))
+	srv := httptest.NewServer(New(backendOf(s), quiet))
 	t.Cleanup(srv.Close)
 	f := &fixture{s: s, srv: srv}
 	var u v1.ArenaUsage

@@ -14,7 +14,7 @@ import (
 // the registry downloads it through a bounded buffer first. A LoRA apply
 // running at the same time may be seen half done: take digests when
 // GET /v1/loras/state shows no apply in progress.
-func digestModel(reg *registry.Registry, model, prefix string, detail bool) (v1.ModelDigest, error) {
+func digestModel(reg Registry, model, prefix string, detail bool) (v1.ModelDigest, error) {
 	ts, err := reg.Tensors(model, prefix)
 	if err != nil {
 		return v1.ModelDigest{}, err

@@ -69,7 +69,7 @@ func TestModelDigest(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = s.Close(context.Background()) })
-	srv := httptest.NewServer(New(s, quiet))
+	srv := httptest.NewServer(New(backendOf(s), quiet))
 	t.Cleanup(srv.Close)
 	base := srv.URL + "/v1/models/" + server.DefaultModelName + "/digest"
 	wantAll, wantPer := fileDigest(t, filepath.Join(s.Config().ModelsDir, samples.ModelFile))

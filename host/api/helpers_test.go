@@ -28,6 +28,17 @@ type fixture struct {
 	data string
 }
 
+// backendOf is host/cli's wiring of a server into a Backend.
+func backendOf(s *server.Server) Backend {
+	cfg := s.Config()
+	b := Backend{Host: s, Arena: s.Arena, Registry: s.Registry, Plugins: s.Plugins, Jobs: s.Jobs,
+		DataDir: cfg.DataDir, ModelsDir: cfg.ModelsDir, LoRAsDir: cfg.LoRAsDir}
+	if s.LoRAs != nil {
+		b.LoRAs = s.LoRAs
+	}
+	return b
+}
+
 // newFixture starts a real server (arena, registry with the sample model,
 // plugins from pluginsDir) behind a real listener.
 func newFixture(t *testing.T, pluginsDir string, o Options) *fixture {
@@ -39,7 +50,7 @@ func newFixture(t *testing.T, pluginsDir string, o Options) *fixture {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { s.Close(ctx) })
-	a := NewWithOptions(s, quiet, o)
+	a := NewWithOptions(backendOf(s), quiet, o)
 	t.Cleanup(a.Close)
 	srv := httptest.NewServer(a)
 	t.Cleanup(srv.Close)
