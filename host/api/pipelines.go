@@ -6,7 +6,6 @@ import (
 	"net/http"
 	"strings"
 
-	"github.com/arenahost/arenahost/host/plugin"
 	v1 "github.com/arenahost/arenahost/sdk/api"
 )
 
@@ -21,7 +20,7 @@ func choosePipeline(configured string, ps []v1.PluginStatus) (string, error) {
 		if configured != "" && p.Name != configured {
 			continue
 		}
-		if configured == "" && p.Kind != plugin.KindPipeline {
+		if configured == "" && p.Kind != v1.KindPipeline {
 			continue
 		}
 		if p.State == v1.PluginServing {
@@ -58,7 +57,7 @@ func (a *API) pipelines(w http.ResponseWriter, _ *http.Request) {
 	ps := a.s.Plugins.Status()
 	out := v1.Pipelines{Configured: a.opts.Pipeline, Pipelines: []v1.PipelineInfo{}}
 	for _, p := range ps {
-		if p.Kind != plugin.KindPipeline && p.Name != a.opts.Pipeline {
+		if p.Kind != v1.KindPipeline && p.Name != a.opts.Pipeline {
 			continue
 		}
 		pi := v1.PipelineInfo{Name: p.Name, State: p.State, Runnable: p.State == v1.PluginServing}

@@ -205,7 +205,7 @@ func (m *Manager) Create(ctx context.Context, spec api.JobSpec) (*Job, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pipeline %q: %w", spec.Pipeline, err)
 	}
-	if st.Kind != plugin.KindPipeline {
+	if st.Kind != api.KindPipeline {
 		return nil, fmt.Errorf("%w: plugin %q is of kind %q: only pipeline plugins run jobs, and only their public methods (method %q)",
 			ErrForbidden, spec.Pipeline, st.Kind, spec.Method)
 	}

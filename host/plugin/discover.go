@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 
 	"github.com/arenahost/arenahost/sdk/api"
+	"github.com/arenahost/arenahost/shared/manifest"
 )
 
 // ErrNoPluginsDir: Rescan was asked of a manager without a plugins
@@ -76,7 +77,7 @@ func (m *Manager) owned(path string) bool {
 	if err != nil {
 		return false
 	}
-	return filepath.Dir(filepath.Dir(p)) == dir && filepath.Base(p) == ManifestFile
+	return filepath.Dir(filepath.Dir(p)) == dir && filepath.Base(p) == manifest.File
 }
 
 // manifestGone reports whether the plugin's manifest has left the plugins
@@ -141,7 +142,7 @@ func (m *Manager) reconcile(ctx context.Context, immediate bool) (api.RescanResu
 	}
 
 	// New folders.
-	mans, derr := Discover(m.cfg.Dir)
+	mans, derr := manifest.Discover(m.cfg.Dir)
 	logged := map[string]bool{}
 	if derr != nil {
 		for _, e := range splitJoined(derr) {

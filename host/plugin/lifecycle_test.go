@@ -20,6 +20,7 @@ import (
 
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/sdk/api"
+	"github.com/arenahost/arenahost/shared/manifest"
 )
 
 // Four callers hammer the plugin for 5 s while it is swapped 10 times: no
@@ -257,16 +258,16 @@ func TestBrokenPluginsRefused(t *testing.T) {
 	cases := []struct {
 		name string
 		mode string
-		edit func(*Manifest)
+		edit func(*manifest.Manifest)
 		want []string
 	}{
 		{"no handshake", "nohandshake", nil, []string{"handshake", "timeout while waiting for plugin to start", "loading something slow"}},
 		{"garbage handshake", "garbage", nil, []string{"handshake", "Unrecognized remote plugin message: Hello! I am not a go-plugin handshake"}},
 		{"wrong protocol version", "badproto", nil, []string{"describe", "protocol_version 2 but this host speaks 1"}},
 		{"wrong handshake version", "badhandshake", nil, []string{"handshake", "plugin protocol version mismatch: this host speaks protocol 1", "Plugin version: 2"}},
-		{"checksum mismatch", "echo", func(m *Manifest) { m.SHA256 = hex.EncodeToString(wrong[:]) }, []string{"handshake", "sha256 does not match", exe}},
+		{"checksum mismatch", "echo", func(m *manifest.Manifest) { m.SHA256 = hex.EncodeToString(wrong[:]) }, []string{"handshake", "sha256 does not match", exe}},
 		{"warm-up fails", "warmfail", nil, []string{"warmup", "warmup failed", "cannot open model weights"}},
-		{"manifest invalid", "echo", func(m *Manifest) { m.Kind = "Not A Kind" }, []string{"field kind"}},
+		{"manifest invalid", "echo", func(m *manifest.Manifest) { m.Kind = "Not A Kind" }, []string{"field kind"}},
 	}
 	m, _ := newTestManager(t, Config{StartTimeout: 1 * time.Second})
 	dir := t.TempDir()
@@ -306,14 +307,14 @@ func TestBrokenPluginsRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	right := sha256.Sum256(bin)
-	writeFixture(t, dir, "svc", "echo", func(m *Manifest) { m.SHA256 = hex.EncodeToString(right[:]) })
+	writeFixture(t, dir, "svc", "echo", func(m *manifest.Manifest) { m.SHA256 = hex.EncodeToString(right[:]) })
 	if err := m.Swap(t.Context(), "svc"); err != nil {
 		t.Fatalf("swap with the right sha256: %v", err)
 	}
 
 	// A broken plugin added fresh is registered as failed, with the cause.
 	man := writeFixture(t, dir, "dead", "garbage", nil)
-	pm, err := ParseManifest(man)
+	pm, err := manifest.Parse(man)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -330,7 +331,7 @@ func TestWatcherSwapsOnChange(t *testing.T) {
 	m, _ := newTestManager(t, Config{PollInterval: 30 * time.Millisecond})
 	dir := t.TempDir()
 	path := writeFixture(t, dir, "echo", "echo", nil)
-	man, err := ParseManifest(path)
+	man, err := manifest.Parse(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -342,7 +343,7 @@ func TestWatcherSwapsOnChange(t *testing.T) {
 		t.Fatalf("watcher swapped without a change: generation %d", g)
 	}
 	// A new manifest (version bump) is a change.
-	writeFixture(t, dir, "echo", "echo", func(m *Manifest) { m.Version = "1.0.1" })
+	writeFixture(t, dir, "echo", "echo", func(m *manifest.Manifest) { m.Version = "1.0.1" })
 	waitFor(t, 5*time.Second, "watcher swap", func() bool { return mustStatus(t, m, "echo").Generation == 2 })
 	// A broken manifest is refused once, not retried on every poll.
 	writeFixture(t, dir, "echo", "badproto", nil)

@@ -33,6 +33,7 @@ import (
 
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/sdk/api"
+	"github.com/arenahost/arenahost/shared/manifest"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
@@ -289,7 +290,7 @@ type managed struct {
 	swapMu  sync.Mutex // one start/swap/restart at a time
 
 	mu        sync.Mutex
-	manifest  *Manifest
+	manifest  *manifest.Manifest
 	state     api.PluginState
 	lastErr   string
 	lastErrAt time.Time
@@ -310,7 +311,7 @@ type managed struct {
 // the others serve. A plugin that fails to start stays registered in
 // state failed (see Status), and a change to its files retries it.
 func (m *Manager) Load(ctx context.Context) error {
-	mans, derr := Discover(m.cfg.Dir)
+	mans, derr := manifest.Discover(m.cfg.Dir)
 	errs := []error{derr}
 	for _, man := range mans {
 		if err := m.Add(ctx, man); err != nil {
@@ -324,7 +325,7 @@ func (m *Manager) Load(ctx context.Context) error {
 // Add registers the plugin man describes and starts its first generation.
 // If the start fails the plugin stays registered in state failed and the
 // error says why.
-func (m *Manager) Add(ctx context.Context, man *Manifest) error {
+func (m *Manager) Add(ctx context.Context, man *manifest.Manifest) error {
 	m.mu.Lock()
 	if m.closed {
 		m.mu.Unlock()
@@ -416,7 +417,7 @@ func (p *managed) setFailed(err error) {
 }
 
 // serve makes g the current generation and starts watching it for a crash.
-func (p *managed) serve(g *generation, man *Manifest) *generation {
+func (p *managed) serve(g *generation, man *manifest.Manifest) *generation {
 	old := p.current.Swap(g)
 	p.mu.Lock()
 	p.manifest = man
@@ -474,7 +475,7 @@ func (p *managed) swap(ctx context.Context, reason string) error {
 		p.log.Error("swap refused; previous generation keeps serving", "reason", reason, "err", err)
 		return err
 	}
-	man, err := ParseManifest(path)
+	man, err := manifest.Parse(path)
 	if err != nil {
 		return restore(&SwapError{Plugin: p.name, Step: "manifest", Reason: err.Error(), Err: err})
 	}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/sdk/api"
+	"github.com/arenahost/arenahost/shared/manifest"
 
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
@@ -66,10 +67,10 @@ func newTestManager(t testing.TB, cfg Config) (*Manager, *syncBuffer) {
 	return m, logs
 }
 
-func addFixture(t testing.TB, m *Manager, dir, name, mode string, edit func(*Manifest)) *Manifest {
+func addFixture(t testing.TB, m *Manager, dir, name, mode string, edit func(*manifest.Manifest)) *manifest.Manifest {
 	t.Helper()
 	path := writeFixture(t, dir, name, mode, edit)
-	man, err := ParseManifest(path)
+	man, err := manifest.Parse(path)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,12 +13,13 @@ import (
 
 	"github.com/arenahost/arenahost/internal/testenv"
 	"github.com/arenahost/arenahost/sdk/api"
+	"github.com/arenahost/arenahost/shared/manifest"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
 // copyPythonExample copies the Python SDK's example plugin (manifest and
 // script) into a fresh plugins directory, so a test can touch it.
-func copyPythonExample(t testing.TB) (manifest string) {
+func copyPythonExample(t testing.TB) (path string) {
 	t.Helper()
 	src := filepath.Join(testenv.RepoRoot(t), "sdk", "python", "examples", "hello")
 	dst := filepath.Join(t.TempDir(), "hello-py")
@@ -34,7 +35,7 @@ func copyPythonExample(t testing.TB) (manifest string) {
 			t.Fatal(err)
 		}
 	}
-	return filepath.Join(dst, ManifestFile)
+	return filepath.Join(dst, manifest.File)
 }
 
 // f32Tensor leases n float32 values in the arena to the test, fills them
@@ -66,7 +67,7 @@ func TestPythonPluginLifecycle(t *testing.T) {
 	python := testenv.Python(t)
 	arena := newFakeArena(t, 4<<20)
 	m, logs := newTestManager(t, Config{Arena: arena, Env: map[string]string{"ARENAHOST_PYTHON": python}})
-	man, err := ParseManifest(copyPythonExample(t))
+	man, err := manifest.Parse(copyPythonExample(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -74,7 +75,7 @@ func TestPythonPluginLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := mustStatus(t, m, "hello-py")
-	if st.State != api.PluginServing || st.Generation != 1 || st.Language != LanguagePython {
+	if st.State != api.PluginServing || st.Generation != 1 || st.Language != manifest.LanguagePython {
 		t.Fatalf("status = %+v", st)
 	}
 

@@ -10,6 +10,7 @@ import (
 
 	"github.com/arenahost/arenahost/internal/testenv"
 	"github.com/arenahost/arenahost/sdk/api"
+	"github.com/arenahost/arenahost/shared/manifest"
 )
 
 // A plugin whose manifest requires a module its interpreter lacks is never
@@ -28,7 +29,7 @@ func TestRequiresPythonModules(t *testing.T) {
 		t.Fatalf("the hello example's manifest declares no python_modules:\n%s", orig)
 	}
 	writeFile(t, path, missing, 0o644)
-	man, err := ParseManifest(path)
+	man, err := manifest.Parse(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -77,9 +78,9 @@ func TestRequiresCheckFailures(t *testing.T) {
 			m, _ := newTestManager(t, Config{StartTimeout: 500 * time.Millisecond})
 			dir := filepath.Join(t.TempDir(), "p")
 			writeFile(t, filepath.Join(dir, "interp"), tt.script, 0o755)
-			writeFile(t, filepath.Join(dir, ManifestFile), `{"name":"p","version":"1","kind":"pipeline","language":"python",
+			writeFile(t, filepath.Join(dir, manifest.File), `{"name":"p","version":"1","kind":"pipeline","language":"python",
 				"command":"./interp","args":["p.py"],"protocol_version":1,"requires":{"python_modules":["numpy"]}}`, 0o644)
-			man, err := ParseManifest(filepath.Join(dir, ManifestFile))
+			man, err := manifest.Parse(filepath.Join(dir, manifest.File))
 			if err != nil {
 				t.Fatal(err)
 			}

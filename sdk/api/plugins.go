@@ -1,6 +1,10 @@
 package api
 
-import "time"
+import (
+	"time"
+
+	"github.com/arenahost/arenahost/shared/manifest"
+)
 
 // PluginState is where a plugin is in its life cycle.
 type PluginState string
@@ -20,11 +24,12 @@ const (
 	PluginStopped     PluginState = "stopped"
 )
 
-// Plugin kinds (PluginStatus.Kind, the manifest's "kind").
+// Plugin kinds the host treats specially (PluginStatus.Kind, the
+// manifest's "kind"; shared/manifest defines them).
 const (
-	KindLoRA     = "lora"
-	KindPipeline = "pipeline"
-	KindPreview  = "preview"
+	KindLoRA     = manifest.KindLoRA
+	KindPipeline = manifest.KindPipeline
+	KindPreview  = manifest.KindPreview
 )
 
 // PluginStatus is a snapshot of one plugin: an entry of GET /v1/plugins
