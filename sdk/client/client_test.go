@@ -52,6 +52,12 @@ func TestAgainstServe(t *testing.T) {
 	if st, err := anon.Arena(ctx); err != nil || st.Backend == "" || st.Allocated == 0 {
 		t.Fatalf("Arena: %+v %v", st, err)
 	}
+	if hist, err := anon.ArenaHistory(ctx, time.Now().Add(-time.Hour)); err != nil || hist.Backend == "" || hist.IntervalSeconds <= 0 {
+		t.Fatalf("ArenaHistory: %+v %v", hist, err)
+	}
+	if u, err := anon.ArenaUsage(ctx); err != nil || len(u.ByOwner) == 0 {
+		t.Fatalf("ArenaUsage: %+v %v", u, err)
+	}
 	models, err := anon.Models(ctx)
 	if err != nil || len(models) != 1 || models[0].Name != "sample" || models[0].Weights == 0 {
 		t.Fatalf("Models: %+v %v", models, err)

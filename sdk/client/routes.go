@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"time"
 
 	"github.com/arenahost/arenahost/sdk/api"
 )
@@ -22,6 +23,16 @@ func (c *Client) Arena(ctx context.Context) (api.ArenaStats, error) {
 // ArenaUsage answers GET /v1/arena/usage: the arena's bytes by owner.
 func (c *Client) ArenaUsage(ctx context.Context) (api.ArenaUsage, error) {
 	return get[api.ArenaUsage](ctx, c, "/v1/arena/usage")
+}
+
+// ArenaHistory returns the arena samples the host recorded after since
+// (the zero time: all it keeps, about ten minutes) (GET /v1/arena/history).
+func (c *Client) ArenaHistory(ctx context.Context, since time.Time) (*api.ArenaHistory, error) {
+	p := "/v1/arena/history"
+	if !since.IsZero() {
+		p += "?" + url.Values{"since": {since.UTC().Format(time.RFC3339Nano)}}.Encode()
+	}
+	return call[api.ArenaHistory](ctx, c, http.MethodGet, p, nil)
 }
 
 // Models lists the loaded models (GET /v1/models).
