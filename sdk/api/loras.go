@@ -4,6 +4,7 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/shared/lora"
+	"github.com/arenahost/arenahost/shared/lora/lorawire"
 )
 
 // LoRAFile is one file of GET /v1/loras.
@@ -45,10 +46,11 @@ type ApplyRequest struct {
 	Strict bool        `json:"strict,omitempty"`
 }
 
-// LoRA modes (ApplyRequest.Mode, LoRAState.Mode).
+// LoRA modes (ApplyRequest.Mode, LoRAState.Mode): the LoRA plugin's own
+// (shared/lora/lorawire).
 const (
-	ModeSide = "side"
-	ModeFuse = "fuse"
+	ModeSide = lorawire.ModeSide
+	ModeFuse = lorawire.ModeFuse
 )
 
 // AppliedLoRA is one LoRA of an applied set.

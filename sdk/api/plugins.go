@@ -1,10 +1,6 @@
 package api
 
-import (
-	"time"
-
-	"github.com/arenahost/arenahost/shared/manifest"
-)
+import "time"
 
 // PluginState is where a plugin is in its life cycle.
 type PluginState string
@@ -25,11 +21,12 @@ const (
 )
 
 // Plugin kinds the host treats specially (PluginStatus.Kind, the
-// manifest's "kind"; shared/manifest defines them).
+// manifest's "kind"). They are shared/manifest's, spelled out so that this
+// package stays free of the plugin transport (a test checks they agree).
 const (
-	KindLoRA     = manifest.KindLoRA
-	KindPipeline = manifest.KindPipeline
-	KindPreview  = manifest.KindPreview
+	KindLoRA     = "lora"
+	KindPipeline = "pipeline"
+	KindPreview  = "preview"
 )
 
 // PluginStatus is a snapshot of one plugin: an entry of GET /v1/plugins
