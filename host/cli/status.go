@@ -17,7 +17,7 @@ func init() {
 		name:    "status",
 		summary: "show a running host's arena, models with their LoRAs, plugins and jobs (through its HTTP API)",
 		usage:   "arenahost status [--host URL] [--json]",
-		example: "arenahost status --host http://127.0.0.1:7860   (ARENAHOST_HOST sets the default)",
+		example: "arenahost status --host http://127.0.0.1:7860   (ARENAHOST_URL sets the default)",
 		run:     runStatus,
 	})
 }
@@ -35,7 +35,7 @@ type Status struct {
 
 func runStatus(ctx context.Context, env *Env, args []string) error {
 	fs := newFlags(commands["status"], env)
-	def := os.Getenv("ARENAHOST_HOST")
+	def := os.Getenv("ARENAHOST_URL")
 	if def == "" {
 		def = "http://127.0.0.1:7860"
 	}
