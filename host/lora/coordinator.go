@@ -79,14 +79,15 @@ type Memory interface {
 	Location(r arena.Region) (arena.Location, error)
 }
 
-// Request is an apply.
+// Request is an apply, as the coordinator takes it (the HTTP body is
+// sdk/api's ApplyRequest; the route confines each LoRA's path first).
 type Request struct {
-	Model  string            `json:"model,omitempty"` // "" is the default model
-	LoRAs  []api.AppliedLoRA `json:"loras"`
-	Mode   string            `json:"mode,omitempty"` // side (default) or fuse
-	Strict bool              `json:"strict,omitempty"`
+	Model  string // "" is the default model
+	LoRAs  []api.AppliedLoRA
+	Mode   string // side (default) or fuse
+	Strict bool
 	// TileElems bounds the fused pass's tile (0: shared/lora's default).
-	TileElems int `json:"-"`
+	TileElems int
 }
 
 // Coordinator applies LoRA sets to the registry's models through the
