@@ -11,6 +11,7 @@ import (
 	"sync"
 
 	"github.com/arenahost/arenahost/host/job"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 )
 
 // A1111State is the "state" object of /sdapi/v1/progress.
@@ -92,11 +93,11 @@ func (a *API) sdapiProgress(w http.ResponseWriter, r *http.Request) {
 	}
 	s := j.Snapshot()
 	out.State = A1111State{Job: s.ID, JobTimestamp: s.Created.Format("20060102150405"), SamplingStep: s.Step, SamplingSteps: s.Total,
-		Interrupted: s.State == job.StateCancelled}
+		Interrupted: s.State == v1.JobCancelled}
 	if !s.State.Final() {
 		out.State.JobCount = 1
 		out.Progress = min(1, 0.01+s.Progress)
-		if s.State == job.StateQueued {
+		if s.State == v1.JobQueued {
 			out.Progress = 0
 		}
 		out.ETARelative = s.ETA

@@ -18,6 +18,7 @@ import (
 	"sync"
 
 	"github.com/arenahost/arenahost/host/lora"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 )
 
 // The A1111/SD.Next routes clients call before they generate: checkpoints,
@@ -503,26 +504,26 @@ func (a *API) dropRun(run *t2iRun) {
 // loraEntry resolves a LoRA name as A1111 does (resolveLoRA) and confines
 // its path (LoRAPath): the entry an apply takes, for A1111 tags and
 // ComfyUI's LoRA nodes alike.
-func (a *API) loraEntry(name string, all []LoRAEntry, strength float64) (lora.Entry, error) {
+func (a *API) loraEntry(name string, all []v1.LoRAFile, strength float64) (v1.AppliedLoRA, error) {
 	e, err := a.resolveLoRA(name, all)
 	if err != nil {
-		return lora.Entry{}, err
+		return v1.AppliedLoRA{}, err
 	}
 	p, err := a.LoRAPath(e.Name)
 	if err != nil {
-		return lora.Entry{}, err
+		return v1.AppliedLoRA{}, err
 	}
-	return lora.Entry{Name: e.Name, Path: p, Strength: strength}, nil
+	return v1.AppliedLoRA{Name: e.Name, Path: p, Strength: strength}, nil
 }
 
-func (a *API) resolveLoRA(name string, ls []LoRAEntry) (LoRAEntry, error) {
+func (a *API) resolveLoRA(name string, ls []v1.LoRAFile) (v1.LoRAFile, error) {
 	n := strings.TrimSuffix(filepath.ToSlash(name), ".safetensors")
 	for _, e := range ls {
 		if e.Name == n {
 			return e, nil
 		}
 	}
-	var bare, alias []LoRAEntry
+	var bare, alias []v1.LoRAFile
 	for _, e := range ls {
 		if filepath.Base(e.Name) == n {
 			bare = append(bare, e)
@@ -531,7 +532,7 @@ func (a *API) resolveLoRA(name string, ls []LoRAEntry) (LoRAEntry, error) {
 			alias = append(alias, e)
 		}
 	}
-	for _, c := range [][]LoRAEntry{bare, alias} {
+	for _, c := range [][]v1.LoRAFile{bare, alias} {
 		switch len(c) {
 		case 0:
 		case 1:
@@ -541,8 +542,8 @@ func (a *API) resolveLoRA(name string, ls []LoRAEntry) (LoRAEntry, error) {
 			for i, e := range c {
 				names[i] = e.Name
 			}
-			return LoRAEntry{}, fmt.Errorf("LoRA %q is ambiguous: %s match (name it by its path)", name, strings.Join(names, ", "))
+			return v1.LoRAFile{}, fmt.Errorf("LoRA %q is ambiguous: %s match (name it by its path)", name, strings.Join(names, ", "))
 		}
 	}
-	return LoRAEntry{}, fmt.Errorf("LoRA %q: %w in %s (see GET /sdapi/v1/loras)", name, errNoFile, a.opts.LoRAsDir)
+	return v1.LoRAFile{}, fmt.Errorf("LoRA %q: %w in %s (see GET /sdapi/v1/loras)", name, errNoFile, a.opts.LoRAsDir)
 }

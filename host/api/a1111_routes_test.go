@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	v1 "github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/samples"
 )
 
@@ -14,7 +15,7 @@ import (
 // name, else a unique alias.
 func TestResolveLoRA(t *testing.T) {
 	a := &API{opts: Options{LoRAsDir: "/loras"}}
-	ls := []LoRAEntry{
+	ls := []v1.LoRAFile{
 		{Name: "top"},
 		{Name: "sub/deep", Metadata: map[string]string{"ss_output_name": "deep-alias"}},
 		{Name: "a/twin"}, {Name: "b/twin"},

@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/arenahost/arenahost/host/job"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 )
 
 // TestA1111Client plays an A1111 API client: it starts a job, polls
@@ -83,7 +83,7 @@ func TestA1111Client(t *testing.T) {
 	if status, b, _ := f.do(t, call{method: "POST", path: "/sdapi/v1/interrupt"}); status != 200 || strings.TrimSpace(string(b)) != "{}" {
 		t.Fatalf("interrupt: %d %s", status, b)
 	}
-	if s := f.waitJob(t, id); s.State != job.StateCancelled {
+	if s := f.waitJob(t, id); s.State != v1.JobCancelled {
 		t.Fatalf("after interrupt: %+v", s)
 	}
 	if p := progress("?skip_current_image=true"); !p.State.Interrupted || p.State.JobCount != 0 {

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/host/plugin"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/safetensors"
 	"github.com/arenahost/arenahost/shared/samples"
 )
@@ -122,7 +123,7 @@ func TestAbuseLeastPrivilege(t *testing.T) {
 	}, 5*time.Second)
 	// The manifest's public methods show in /v1/plugins.
 	_, b, _ := f.do(t, call{method: "GET", path: "/v1/plugins"})
-	var ps []plugin.Status
+	var ps []v1.PluginStatus
 	mustJSON(t, b, &ps)
 	for _, p := range ps {
 		for _, m := range p.Methods {
@@ -339,7 +340,7 @@ func TestAbuseNonFinite(t *testing.T) {
 		{"digest after refused fuse", call{method: "GET", path: "/v1/models/" + model + "/digest"}, 200, "", ""},
 	}, 30*time.Second)
 	_, after, _ := f.do(t, call{method: "GET", path: "/v1/models/" + model + "/digest"})
-	var d0, d1 ModelDigest
+	var d0, d1 v1.ModelDigest
 	mustJSON(t, before, &d0)
 	mustJSON(t, after, &d1)
 	if d0.SHA256 == "" || d0.SHA256 != d1.SHA256 {
@@ -388,7 +389,7 @@ func TestAbuseBodiesAndLimits(t *testing.T) {
 }
 
 // killUntil SIGKILLs plugin name's process until its state is want.
-func killUntil(t *testing.T, f *fixture, name string, want plugin.State) {
+func killUntil(t *testing.T, f *fixture, name string, want v1.PluginState) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
@@ -399,7 +400,7 @@ func killUntil(t *testing.T, f *fixture, name string, want plugin.State) {
 		if st.State == want {
 			return
 		}
-		if st.State == plugin.StateServing && st.PID > 0 {
+		if st.State == v1.PluginServing && st.PID > 0 {
 			_ = syscall.Kill(st.PID, syscall.SIGKILL)
 		}
 		time.Sleep(20 * time.Millisecond)
@@ -413,7 +414,7 @@ func killUntil(t *testing.T, f *fixture, name string, want plugin.State) {
 // crash budget.
 func TestAbusePluginOutages(t *testing.T) {
 	f := abuseFixture(t, Options{})
-	killUntil(t, f, "test-pipeline", plugin.StateFailed)
+	killUntil(t, f, "test-pipeline", v1.PluginFailed)
 	c := call{method: "POST", path: "/v1/jobs", body: `{"pipeline": "test-pipeline", "params": {"steps": 2, "step_ms": 1}}`}
 	status, b, h := f.do(t, c)
 	if status != http.StatusServiceUnavailable || h.Get("Retry-After") == "" {
@@ -427,12 +428,12 @@ func TestAbusePluginOutages(t *testing.T) {
 	if status, b, _ = f.do(t, call{method: "POST", path: "/v1/plugins/test-pipeline/reload"}); status != http.StatusOK {
 		t.Fatalf("reload: %d %s", status, b)
 	}
-	if st, _ = f.s.Plugins.PluginStatus("test-pipeline"); st.State != plugin.StateServing || st.Crashes != 0 {
+	if st, _ = f.s.Plugins.PluginStatus("test-pipeline"); st.State != v1.PluginServing || st.Crashes != 0 {
 		t.Fatalf("after reload: %s with %d crashes", st.State, st.Crashes)
 	}
 
 	// The LoRA plugin down: applies are 503 too, and the model is untouched.
-	killUntil(t, f, "lora-nf4", plugin.StateFailed)
+	killUntil(t, f, "lora-nf4", v1.PluginFailed)
 	kohya := strings.TrimSuffix(samples.KohyaLoRAFile, ".safetensors")
 	for _, mode := range []string{"side", "fuse"} {
 		c = call{method: "POST", path: "/v1/loras/apply", body: `{"loras": [{"name": "` + kohya + `"}], "mode": "` + mode + `"}`}
@@ -446,7 +447,7 @@ func TestAbusePluginOutages(t *testing.T) {
 		t.Fatalf("state after refused applies: %d %s", status, b)
 	}
 
-	killUntil(t, f, "preview", plugin.StateFailed)
+	killUntil(t, f, "preview", v1.PluginFailed)
 	id := f.createJob(t, `{"pipeline": "test-pipeline", "params": {"steps": 5, "step_ms": 5}}`)
 	s := f.waitJob(t, id)
 	if s.State != "done" || s.Preview.Rendered != 0 || s.Preview.Published == 0 || s.Preview.Dropped != s.Preview.Published {

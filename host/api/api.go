@@ -3,8 +3,10 @@
 // Prometheus metrics at /metrics, the embedded web console at /, and the
 // safe defaults every request passes through (bearer token on mutating
 // routes, body size limit, per-request write deadlines, paths confined to
-// their directories). Every error is JSON {error, code, detail}. It serves a
-// *server.Server and holds no state of its own beyond what requests need.
+// their directories). Every error is JSON {error, code, detail}, and every
+// /v1 body a type of sdk/api. It serves a Backend (backend.go: small
+// interfaces over the host's parts) and holds no state of its own beyond
+// what requests need.
 package api
 
 import (
@@ -24,7 +26,7 @@ import (
 	"github.com/arenahost/arenahost/host/console"
 	"github.com/arenahost/arenahost/host/plugin"
 	"github.com/arenahost/arenahost/host/registry"
-	"github.com/arenahost/arenahost/host/server"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
@@ -40,7 +42,7 @@ type Options struct {
 	// (set per request with http.ResponseController); streaming routes
 	// (MJPEG, SSE, websockets) get none. DefaultWriteTimeout when 0.
 	WriteTimeout time.Duration
-	// ModelsDir and LoRAsDir confine request paths; the server's own
+	// ModelsDir and LoRAsDir confine request paths; the Backend's
 	// directories when empty.
 	ModelsDir string
 	LoRAsDir  string
@@ -70,9 +72,9 @@ const (
 	DefaultWriteTimeout = 10 * time.Minute
 )
 
-// API serves one Server over HTTP.
+// API serves one Backend over HTTP.
 type API struct {
-	s    *server.Server
+	s    Backend
 	log  *slog.Logger
 	mux  *http.ServeMux
 	opts Options
@@ -87,10 +89,10 @@ type API struct {
 }
 
 // New returns the HTTP handler for s with default Options.
-func New(s *server.Server, log *slog.Logger) *API { return NewWithOptions(s, log, Options{}) }
+func New(s Backend, log *slog.Logger) *API { return NewWithOptions(s, log, Options{}) }
 
 // NewWithOptions returns the HTTP handler for s.
-func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
+func NewWithOptions(s Backend, log *slog.Logger, o Options) *API {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -104,10 +106,10 @@ func NewWithOptions(s *server.Server, log *slog.Logger, o Options) *API {
 		o.WriteTimeout = DefaultWriteTimeout
 	}
 	if o.ModelsDir == "" {
-		o.ModelsDir = s.Config().ModelsDir
+		o.ModelsDir = s.ModelsDir
 	}
 	if o.LoRAsDir == "" {
-		o.LoRAsDir = s.Config().LoRAsDir
+		o.LoRAsDir = s.LoRAsDir
 	}
 	if o.Metrics == nil {
 		o.Metrics = NewMetrics(s)
@@ -202,13 +204,6 @@ func badRequest(format string, args ...any) error {
 	return &StatusError{Status: http.StatusBadRequest, Code: "bad_request", Err: fmt.Errorf(format, args...)}
 }
 
-// Error is the JSON body of every error response.
-type Error struct {
-	Error  string `json:"error"`
-	Code   string `json:"code"`
-	Detail string `json:"detail,omitempty"`
-}
-
 // writeJSON answers v as indented JSON. It encodes before writing the
 // status, so a value JSON cannot carry (a NaN or an infinity in a report)
 // answers a JSON 500 naming the problem rather than an empty 200.
@@ -216,7 +211,7 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	b, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
 		status = http.StatusInternalServerError
-		b, _ = json.MarshalIndent(Error{Error: http.StatusText(status), Code: "encode",
+		b, _ = json.MarshalIndent(v1.Error{Error: http.StatusText(status), Code: "encode",
 			Detail: fmt.Sprintf("encode the %T answer: %v", v, err)}, "", "  ")
 	}
 	w.Header().Set("Content-Type", "application/json")
@@ -264,7 +259,7 @@ func (a *API) fail(w http.ResponseWriter, r *http.Request, err error) {
 	if code == "plugin_unavailable" {
 		w.Header().Set("Retry-After", retryAfter)
 	}
-	writeJSON(w, status, Error{Error: http.StatusText(status), Code: code, Detail: err.Error()})
+	writeJSON(w, status, v1.Error{Error: http.StatusText(status), Code: code, Detail: err.Error()})
 }
 
 // decode reads a JSON body into v (decodeBody).
@@ -360,24 +355,12 @@ func (a *API) notFound(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *API) health(w http.ResponseWriter, _ *http.Request) {
-	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
-}
-
-// ArenaStats is the body of GET /v1/arena.
-type ArenaStats struct {
-	Backend       string  `json:"backend"`
-	Capacity      uint64  `json:"capacity"`
-	Allocated     uint64  `json:"allocated"`
-	Peak          uint64  `json:"peak"`
-	LargestFree   uint64  `json:"largest_free"`
-	Fragmentation float64 `json:"fragmentation"`
-	Segments      int     `json:"segments"`
-	Regions       int     `json:"regions"`
+	writeJSON(w, http.StatusOK, v1.Health{Status: "ok"})
 }
 
 func (a *API) arena(w http.ResponseWriter, _ *http.Request) {
 	st := a.s.Arena.Stats()
-	writeJSON(w, http.StatusOK, ArenaStats{Backend: st.Backend, Capacity: uint64(st.Capacity), Allocated: uint64(st.Allocated),
+	writeJSON(w, http.StatusOK, v1.ArenaStats{Backend: st.Backend, Capacity: uint64(st.Capacity), Allocated: uint64(st.Allocated),
 		Peak: uint64(st.Peak), LargestFree: uint64(st.LargestFree), Fragmentation: st.Fragmentation, Segments: st.Segments, Regions: st.Regions})
 }
 

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	v1 "github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/safetensors"
 	"github.com/arenahost/arenahost/shared/samples"
 )
@@ -29,14 +30,14 @@ func TestReadRoutes(t *testing.T) {
 	}{
 		{call{method: "GET", path: "/v1/health"}, 200, func(t *testing.T, b []byte) { contains(t, b, `"status": "ok"`) }},
 		{call{method: "GET", path: "/v1/arena"}, 200, func(t *testing.T, b []byte) {
-			var st ArenaStats
+			var st v1.ArenaStats
 			mustJSON(t, b, &st)
 			if st.Backend != "cpu-memfd" || st.Capacity != 1<<30 || st.Allocated == 0 || st.Regions == 0 {
 				t.Fatalf("arena %+v", st)
 			}
 		}},
 		{call{method: "GET", path: "/v1/models"}, 200, func(t *testing.T, b []byte) {
-			var ms []ModelInfo
+			var ms []v1.ModelInfo
 			mustJSON(t, b, &ms)
 			if len(ms) != 1 || ms[0].Name != "sample" || ms[0].Layout != "flux-bfl" || ms[0].Tensors == 0 || ms[0].Weights == 0 {
 				t.Fatalf("models %+v", ms)
@@ -44,7 +45,7 @@ func TestReadRoutes(t *testing.T) {
 		}},
 		{call{method: "GET", path: "/v1/plugins"}, 200, func(t *testing.T, b []byte) { contains(t, b, "[]") }},
 		{call{method: "GET", path: "/v1/loras"}, 200, func(t *testing.T, b []byte) {
-			var all, ls []LoRAEntry
+			var all, ls []v1.LoRAFile
 			mustJSON(t, b, &all)
 			for _, e := range all {
 				if e.Name == "styles/ink" {
@@ -438,7 +439,7 @@ func TestLoRAListingConfined(t *testing.T) {
 	os.Symlink(filepath.Join(outside, "secret.safetensors"), filepath.Join(loras, "leak.safetensors"))
 	os.WriteFile(filepath.Join(loras, "broken.safetensors"), []byte("garbage"), 0o644)
 	os.WriteFile(filepath.Join(loras, "notes.txt"), []byte("x"), 0o644)
-	var ls []LoRAEntry
+	var ls []v1.LoRAFile
 	_, b, _ := f.do(t, call{method: "GET", path: "/v1/loras"})
 	mustJSON(t, b, &ls)
 	if len(ls) != 2 || ls[0].Name != "a" || ls[0].Kind != "lora" || ls[1].Name != "broken" || ls[1].Error == "" {

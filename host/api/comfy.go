@@ -10,16 +10,15 @@ import (
 	"strings"
 
 	"github.com/arenahost/arenahost/host/api/comfyui"
-	"github.com/arenahost/arenahost/host/inspect"
-	"github.com/arenahost/arenahost/host/job"
 	"github.com/arenahost/arenahost/host/lora"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 )
 
 // comfyRoutes mounts the ComfyUI server API (package comfyui) at the root
 // and under /api/, over comfyCore. Its input/output/temp folders live in
 // DATA/comfyui.
 func (a *API) comfyRoutes() {
-	dir := filepath.Join(a.s.Config().DataDir, "comfyui")
+	dir := filepath.Join(a.s.DataDir, "comfyui")
 	c, err := comfyui.New(comfyCore{a}, comfyui.Options{Dir: dir, Logger: a.log, MaxUpload: a.opts.MaxBody, Frontend: a.opts.ComfyFrontend})
 	if err != nil {
 		a.log.Error("comfyui routes disabled", "err", err)
@@ -59,7 +58,7 @@ func (c comfyCore) LoRAs() ([]string, error) {
 	ls, err := c.a.LoRAs()
 	out := make([]string, 0, len(ls))
 	for _, e := range ls {
-		if e.Kind == inspect.KindLoRA {
+		if e.Kind == v1.FileKindLoRA {
 			out = append(out, e.Path)
 		}
 	}
@@ -107,11 +106,11 @@ func (c comfyCore) Sample(ctx context.Context, s comfyui.Sampling, ev comfyui.Ev
 	if err := c.applyLoRAs(ctx, s.Model, s.LoRAs); err != nil {
 		return nil, fmt.Errorf("apply LoRAs: %w", err)
 	}
-	j, err := c.a.s.Jobs.Create(ctx, job.Spec{
+	j, err := c.a.s.Jobs.Create(ctx, v1.JobSpec{
 		Pipeline: pipe,
-		Origin:   job.OriginComfyUI,
+		Origin:   v1.OriginComfyUI,
 		Params:   map[string]any{"prompt": s.Prompt, "steps": s.Steps, "seed": s.Seed, "width": s.Width, "height": s.Height, "model": s.Model},
-		Preview:  job.Preview{Format: "png", MaxSide: max(s.Width, s.Height)},
+		Preview:  v1.PreviewSpec{Format: "png", MaxSide: max(s.Width, s.Height)},
 	})
 	if err != nil {
 		return nil, jobErr(err)
@@ -121,9 +120,9 @@ func (c comfyCore) Sample(ctx context.Context, s comfyui.Sampling, ev comfyui.Ev
 	deliver := func() {
 		for _, e := range sub.Next() {
 			switch {
-			case e.Type == job.EventProgress && ev.Progress != nil:
+			case e.Type == v1.EventProgress && ev.Progress != nil:
 				ev.Progress(e.Job.Step, e.Job.Total)
-			case e.Type == job.EventFrame && ev.Frame != nil && e.Frame != nil:
+			case e.Type == v1.EventFrame && ev.Frame != nil && e.Frame != nil:
 				ev.Frame(e.Frame.Format, e.Frame.Data)
 			}
 		}
@@ -144,9 +143,9 @@ wait:
 	}
 	st := j.Snapshot()
 	switch st.State {
-	case job.StateCancelled:
+	case v1.JobCancelled:
 		return nil, comfyui.ErrInterrupted
-	case job.StateDone:
+	case v1.JobDone:
 		return finalImage(j, s.Width, s.Height)
 	}
 	return nil, fmt.Errorf("pipeline job %s %s: %s", j.ID(), st.State, st.Error)

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/host/arena"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 )
 
 // consoleRoutes registers the read-only routes the console needs beyond
@@ -23,18 +24,6 @@ func (a *API) consoleRoutes() {
 	a.mux.HandleFunc("GET /v1/arena/history", a.arenaHistory)
 	a.history = newArenaHistory(historySamples)
 	go a.sampleArena(historyInterval)
-}
-
-// ModelFile is one entry of GET /v1/models/files.
-type ModelFile struct {
-	// Path is relative to the models directory, with '/' separators: what
-	// POST /v1/models takes.
-	Path     string    `json:"path"`
-	Name     string    `json:"name"` // the model name a load without one registers
-	Bytes    int64     `json:"bytes"`
-	Modified time.Time `json:"modified"`
-	// Loaded names the loaded models whose source is this file.
-	Loaded []string `json:"loaded,omitempty"`
 }
 
 // maxModelFiles bounds the listing of the models directory.
@@ -55,13 +44,13 @@ func (a *API) modelFiles(w http.ResponseWriter, r *http.Request) {
 			loaded[real] = append(loaded[real], m.Name)
 		}
 	}
-	out := []ModelFile{}
+	out := []v1.ModelFile{}
 	err = walkConfined(root, isSafetensors, func(rel, real string, st fs.FileInfo) error {
 		if len(out) >= maxModelFiles {
 			return filepath.SkipAll
 		}
 		base := filepath.Base(rel)
-		out = append(out, ModelFile{Path: filepath.ToSlash(rel), Name: strings.TrimSuffix(base, filepath.Ext(base)),
+		out = append(out, v1.ModelFile{Path: filepath.ToSlash(rel), Name: strings.TrimSuffix(base, filepath.Ext(base)),
 			Bytes: st.Size(), Modified: st.ModTime(), Loaded: loaded[real]})
 		return nil
 	})
@@ -69,45 +58,8 @@ func (a *API) modelFiles(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	slices.SortFunc(out, func(x, y ModelFile) int { return cmp.Compare(x.Path, y.Path) })
+	slices.SortFunc(out, func(x, y v1.ModelFile) int { return cmp.Compare(x.Path, y.Path) })
 	writeJSON(w, http.StatusOK, out)
-}
-
-// Purposes of arena bytes in GET /v1/arena/usage, read from the names the
-// host gives its leases.
-const (
-	PurposeModel       = "model weights"
-	PurposeLoRAFactors = "LoRA factors"
-	PurposeJournal     = "fuse journal"
-	PurposeJobs        = "job latents"
-	PurposePlugin      = "plugin"
-	PurposeOther       = "other"
-)
-
-// Usage is one owner's or purpose's share of the arena.
-type Usage struct {
-	Owner   string `json:"owner"`
-	Purpose string `json:"purpose"`
-	Bytes   uint64 `json:"bytes"`
-	Regions int    `json:"regions"`
-}
-
-// DeviceMemory is the accelerator's own view of its memory.
-type DeviceMemory struct {
-	Total uint64 `json:"total"`
-	Free  uint64 `json:"free"`
-	Used  uint64 `json:"used"` // Total − Free: this host, its plugins and any other process
-}
-
-// ArenaUsage is the body of GET /v1/arena/usage.
-type ArenaUsage struct {
-	ArenaStats
-	// ByOwner splits the allocated bytes by who holds them: a loaded model
-	// ("model:NAME"), the host's LoRA factors, fuse journal and job
-	// latents, and each plugin generation ("plugin:NAME#GEN").
-	ByOwner []Usage `json:"by_owner"`
-	// Device is the device's memory (device backends only).
-	Device *DeviceMemory `json:"device,omitempty"`
 }
 
 // purposeOf classifies a lease by its owner and name: models are named
@@ -116,34 +68,34 @@ type ArenaUsage struct {
 // coordinator, journal copies "lora journal …", job latents "job/ID/…".
 func purposeOf(l arena.Lease, models map[string]bool) (owner, purpose string) {
 	if l.Owner != arena.HostOwner {
-		return string(l.Owner), PurposePlugin
+		return string(l.Owner), v1.PurposePlugin
 	}
 	if m, _, ok := strings.Cut(l.Name, "/"); ok && models[m] {
-		return "model:" + m, PurposeModel
+		return "model:" + m, v1.PurposeModel
 	}
 	switch {
 	case strings.HasPrefix(l.Name, "lora factors "), strings.HasPrefix(l.Name, "factors/"):
-		return "host", PurposeLoRAFactors
+		return "host", v1.PurposeLoRAFactors
 	case strings.HasPrefix(l.Name, "lora journal "):
-		return "host", PurposeJournal
+		return "host", v1.PurposeJournal
 	case strings.HasPrefix(l.Name, "job/"):
-		return "host", PurposeJobs
+		return "host", v1.PurposeJobs
 	}
-	return "host", PurposeOther
+	return "host", v1.PurposeOther
 }
 
-func (a *API) arenaStats() ArenaStats {
+func (a *API) arenaStats() v1.ArenaStats {
 	st := a.s.Arena.Stats()
-	return ArenaStats{Backend: st.Backend, Capacity: uint64(st.Capacity), Allocated: uint64(st.Allocated),
+	return v1.ArenaStats{Backend: st.Backend, Capacity: uint64(st.Capacity), Allocated: uint64(st.Allocated),
 		Peak: uint64(st.Peak), LargestFree: uint64(st.LargestFree), Fragmentation: st.Fragmentation, Segments: st.Segments, Regions: st.Regions}
 }
 
-func (a *API) deviceMemory() *DeviceMemory {
+func (a *API) deviceMemory() *v1.DeviceMemory {
 	free, total, ok := a.s.DeviceMemory()
 	if !ok {
 		return nil
 	}
-	return &DeviceMemory{Total: total, Free: free, Used: total - min(free, total)}
+	return &v1.DeviceMemory{Total: total, Free: free, Used: total - min(free, total)}
 }
 
 func (a *API) arenaUsage(w http.ResponseWriter, _ *http.Request) {
@@ -152,22 +104,22 @@ func (a *API) arenaUsage(w http.ResponseWriter, _ *http.Request) {
 		models[m.Name] = true
 	}
 	type key struct{ owner, purpose string }
-	sums := map[key]*Usage{}
+	sums := map[key]*v1.Usage{}
 	for _, l := range a.s.Arena.Leases() {
 		o, p := purposeOf(l, models)
 		u := sums[key{o, p}]
 		if u == nil {
-			u = &Usage{Owner: o, Purpose: p}
+			u = &v1.Usage{Owner: o, Purpose: p}
 			sums[key{o, p}] = u
 		}
 		u.Bytes += uint64(l.Size)
 		u.Regions++
 	}
-	out := ArenaUsage{ArenaStats: a.arenaStats(), ByOwner: []Usage{}, Device: a.deviceMemory()}
+	out := v1.ArenaUsage{ArenaStats: a.arenaStats(), ByOwner: []v1.Usage{}, Device: a.deviceMemory()}
 	for _, u := range sums {
 		out.ByOwner = append(out.ByOwner, *u)
 	}
-	slices.SortFunc(out.ByOwner, func(x, y Usage) int {
+	slices.SortFunc(out.ByOwner, func(x, y v1.Usage) int {
 		if c := cmp.Compare(y.Bytes, x.Bytes); c != 0 {
 			return c
 		}
@@ -182,36 +134,17 @@ const (
 	historySamples  = 600
 )
 
-// ArenaSample is one point of GET /v1/arena/history.
-type ArenaSample struct {
-	Time          time.Time `json:"t"`
-	Allocated     uint64    `json:"allocated"`
-	Peak          uint64    `json:"peak"`
-	Fragmentation float64   `json:"fragmentation"`
-	// DeviceUsed is the device's used memory (device backends only).
-	DeviceUsed uint64 `json:"device_used,omitempty"`
-}
-
-// ArenaHistory is the body of GET /v1/arena/history.
-type ArenaHistory struct {
-	Backend         string        `json:"backend"`
-	Capacity        uint64        `json:"capacity"`
-	DeviceTotal     uint64        `json:"device_total,omitempty"`
-	IntervalSeconds float64       `json:"interval_seconds"`
-	Samples         []ArenaSample `json:"samples"` // oldest first
-}
-
 // arenaHistory is a fixed ring of samples.
 type arenaHistory struct {
 	mu   sync.Mutex
-	ring []ArenaSample
+	ring []v1.ArenaSample
 	next int
 	full bool
 }
 
-func newArenaHistory(n int) *arenaHistory { return &arenaHistory{ring: make([]ArenaSample, n)} }
+func newArenaHistory(n int) *arenaHistory { return &arenaHistory{ring: make([]v1.ArenaSample, n)} }
 
-func (h *arenaHistory) add(s ArenaSample) {
+func (h *arenaHistory) add(s v1.ArenaSample) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.ring[h.next] = s
@@ -222,15 +155,15 @@ func (h *arenaHistory) add(s ArenaSample) {
 }
 
 // since returns the samples after t, oldest first.
-func (h *arenaHistory) since(t time.Time) []ArenaSample {
+func (h *arenaHistory) since(t time.Time) []v1.ArenaSample {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	var all []ArenaSample
+	var all []v1.ArenaSample
 	if h.full {
 		all = append(all, h.ring[h.next:]...)
 	}
 	all = append(all, h.ring[:h.next]...)
-	out := []ArenaSample{}
+	out := []v1.ArenaSample{}
 	for _, s := range all {
 		if s.Time.After(t) {
 			out = append(out, s)
@@ -241,7 +174,7 @@ func (h *arenaHistory) since(t time.Time) []ArenaSample {
 
 func (a *API) sample() {
 	st := a.s.Arena.Stats()
-	s := ArenaSample{Time: time.Now().UTC(), Allocated: uint64(st.Allocated), Peak: uint64(st.Peak), Fragmentation: st.Fragmentation}
+	s := v1.ArenaSample{Time: time.Now().UTC(), Allocated: uint64(st.Allocated), Peak: uint64(st.Peak), Fragmentation: st.Fragmentation}
 	if d := a.deviceMemory(); d != nil {
 		s.DeviceUsed = d.Used
 	}
@@ -277,7 +210,7 @@ func (a *API) arenaHistory(w http.ResponseWriter, r *http.Request) {
 		since = t
 	}
 	st := a.s.Arena.Stats()
-	out := ArenaHistory{Backend: st.Backend, Capacity: uint64(st.Capacity), IntervalSeconds: historyInterval.Seconds(), Samples: a.history.since(since)}
+	out := v1.ArenaHistory{Backend: st.Backend, Capacity: uint64(st.Capacity), IntervalSeconds: historyInterval.Seconds(), Samples: a.history.since(since)}
 	if d := a.deviceMemory(); d != nil {
 		out.DeviceTotal = d.Total
 	}

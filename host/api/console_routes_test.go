@@ -13,8 +13,8 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/host/arena"
-	"github.com/arenahost/arenahost/host/job"
 	"github.com/arenahost/arenahost/host/server"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/samples"
 )
 
@@ -58,7 +58,7 @@ func TestModelFiles(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	var files []ModelFile
+	var files []v1.ModelFile
 	getInto(t, f, "/v1/models/files", &files)
 	var paths []string
 	for _, mf := range files {
@@ -97,10 +97,10 @@ func TestArenaUsageAndHistory(t *testing.T) {
 	if status, b, _ := f.do(t, call{method: "POST", path: "/v1/models", body: body}); status != http.StatusCreated {
 		t.Fatalf("load: %d %s", status, b)
 	}
-	var u ArenaUsage
+	var u v1.ArenaUsage
 	getInto(t, f, "/v1/arena/usage", &u)
 	var sum uint64
-	got := map[string]Usage{}
+	got := map[string]v1.Usage{}
 	for _, x := range u.ByOwner {
 		sum += x.Bytes
 		got[x.Owner] = x
@@ -111,7 +111,7 @@ func TestArenaUsageAndHistory(t *testing.T) {
 	m, _ := f.s.Registry.Model("sample")
 	for _, name := range []string{"sample", "second"} {
 		x := got["model:"+name]
-		if x.Purpose != PurposeModel || x.Bytes < m.Bytes || x.Regions != len(m.Tensors) {
+		if x.Purpose != v1.PurposeModel || x.Bytes < m.Bytes || x.Regions != len(m.Tensors) {
 			t.Fatalf("model %s: %+v, want %d tensors of %d bytes at least", name, x, len(m.Tensors), m.Bytes)
 		}
 	}
@@ -119,7 +119,7 @@ func TestArenaUsageAndHistory(t *testing.T) {
 		t.Fatalf("a CPU arena reports device memory %+v", u.Device)
 	}
 
-	var h ArenaHistory
+	var h v1.ArenaHistory
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		getInto(t, f, "/v1/arena/history", &h)
@@ -135,7 +135,7 @@ func TestArenaUsageAndHistory(t *testing.T) {
 	if last.Allocated != u.Allocated || last.Peak < last.Allocated || last.Time.After(time.Now()) {
 		t.Fatalf("last sample %+v, allocated %d", last, u.Allocated)
 	}
-	var after ArenaHistory
+	var after v1.ArenaHistory
 	getInto(t, f, "/v1/arena/history?since="+url.QueryEscape(last.Time.Format(time.RFC3339Nano)), &after)
 	for _, s := range after.Samples {
 		if !s.Time.After(last.Time) {
@@ -156,13 +156,13 @@ func TestPurposeOf(t *testing.T) {
 		lease          arena.Lease
 		owner, purpose string
 	}{
-		{arena.Lease{Owner: arena.HostOwner, Name: "flux/double_blocks.0.img_attn.proj.weight"}, "model:flux", PurposeModel},
-		{arena.Lease{Owner: arena.HostOwner, Name: "gone/x.weight"}, "host", PurposeOther},
-		{arena.Lease{Owner: arena.HostOwner, Name: "lora factors double_blocks.0.img_attn.proj.weight"}, "host", PurposeLoRAFactors},
-		{arena.Lease{Owner: arena.HostOwner, Name: "factors/double_blocks.0.img_attn.proj.weight/A"}, "host", PurposeLoRAFactors},
-		{arena.Lease{Owner: arena.HostOwner, Name: "lora journal double_blocks.0.img_attn.proj.weight"}, "host", PurposeJournal},
-		{arena.Lease{Owner: arena.HostOwner, Name: "job/job-1-1/latent-copy-3"}, "host", PurposeJobs},
-		{arena.Lease{Owner: arena.PluginOwner("lora-nf4", 2), Name: "scratch"}, "plugin:lora-nf4#2", PurposePlugin},
+		{arena.Lease{Owner: arena.HostOwner, Name: "flux/double_blocks.0.img_attn.proj.weight"}, "model:flux", v1.PurposeModel},
+		{arena.Lease{Owner: arena.HostOwner, Name: "gone/x.weight"}, "host", v1.PurposeOther},
+		{arena.Lease{Owner: arena.HostOwner, Name: "lora factors double_blocks.0.img_attn.proj.weight"}, "host", v1.PurposeLoRAFactors},
+		{arena.Lease{Owner: arena.HostOwner, Name: "factors/double_blocks.0.img_attn.proj.weight/A"}, "host", v1.PurposeLoRAFactors},
+		{arena.Lease{Owner: arena.HostOwner, Name: "lora journal double_blocks.0.img_attn.proj.weight"}, "host", v1.PurposeJournal},
+		{arena.Lease{Owner: arena.HostOwner, Name: "job/job-1-1/latent-copy-3"}, "host", v1.PurposeJobs},
+		{arena.Lease{Owner: arena.PluginOwner("lora-nf4", 2), Name: "scratch"}, "plugin:lora-nf4#2", v1.PurposePlugin},
 	} {
 		o, p := purposeOf(tc.lease, models)
 		if o != tc.owner || p != tc.purpose {
@@ -182,11 +182,11 @@ func TestJobOrigin(t *testing.T) {
 	}
 	wantError(t, c, status, b, "bad_request", "origin")
 	for _, tc := range []struct{ body, want string }{
-		{`{"pipeline": "test-pipeline", "params": {"steps": 2, "step_ms": 1}}`, job.OriginAPI},
-		{`{"pipeline": "test-pipeline", "origin": "console", "params": {"steps": 2, "step_ms": 1}}`, job.OriginConsole},
+		{`{"pipeline": "test-pipeline", "params": {"steps": 2, "step_ms": 1}}`, v1.OriginAPI},
+		{`{"pipeline": "test-pipeline", "origin": "console", "params": {"steps": 2, "step_ms": 1}}`, v1.OriginConsole},
 	} {
 		id := f.createJob(t, tc.body)
-		var s job.Snapshot
+		var s v1.Job
 		getInto(t, f, "/v1/jobs/"+id, &s)
 		if s.Origin != tc.want || s.Params["steps"] != float64(2) {
 			t.Fatalf("job of %s: origin %q params %v, want origin %q", tc.body, s.Origin, s.Params, tc.want)
@@ -200,9 +200,9 @@ func TestJobNeverRanHasNoElapsed(t *testing.T) {
 	f := newFixture(t, jobPlugins(t), Options{})
 	running := f.createJob(t, `{"pipeline": "test-pipeline", "params": {"steps": 200, "step_ms": 20}}`)
 	waiting := f.createJob(t, `{"pipeline": "test-pipeline", "params": {"steps": 2, "step_ms": 1}}`)
-	var s job.Snapshot
+	var s v1.Job
 	getInto(t, f, "/v1/jobs/"+waiting, &s)
-	if s.State != job.StateQueued || s.Elapsed != 0 {
+	if s.State != v1.JobQueued || s.Elapsed != 0 {
 		t.Fatalf("second job %s elapsed %v, want queued with 0", s.State, s.Elapsed)
 	}
 	for _, id := range []string{waiting, running} {
@@ -211,7 +211,7 @@ func TestJobNeverRanHasNoElapsed(t *testing.T) {
 		}
 	}
 	getInto(t, f, "/v1/jobs/"+waiting, &s)
-	if s.State != job.StateCancelled || !s.Started.IsZero() || s.Elapsed != 0 {
+	if s.State != v1.JobCancelled || !s.Started.IsZero() || s.Elapsed != 0 {
 		t.Fatalf("job cancelled while queued: %s started %v elapsed %v", s.State, s.Started, s.Elapsed)
 	}
 }
@@ -225,18 +225,18 @@ func TestArenaUsageOnDevice(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { s.Close(context.Background()) })
-	srv := httptest.NewServer(New(s, quiet))
+	srv := httptest.NewServer(New(backendOf(s), quiet))
 	t.Cleanup(srv.Close)
 	f := &fixture{s: s, srv: srv}
-	var u ArenaUsage
+	var u v1.ArenaUsage
 	getInto(t, f, "/v1/arena/usage", &u)
 	if u.Device == nil || u.Device.Total == 0 || u.Device.Used < u.Allocated || u.Device.Used+u.Device.Free != u.Device.Total {
 		t.Fatalf("device memory %+v with %d bytes allocated in the arena", u.Device, u.Allocated)
 	}
-	if x := u.ByOwner[0]; x.Owner != "model:sample" || x.Purpose != PurposeModel {
+	if x := u.ByOwner[0]; x.Owner != "model:sample" || x.Purpose != v1.PurposeModel {
 		t.Fatalf("largest owner on the device %+v, want the sample model", x)
 	}
-	var h ArenaHistory
+	var h v1.ArenaHistory
 	getInto(t, f, "/v1/arena/history", &h)
 	if h.DeviceTotal != u.Device.Total || len(h.Samples) == 0 || h.Samples[0].DeviceUsed == 0 {
 		t.Fatalf("device history %+v", h)

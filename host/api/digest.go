@@ -6,36 +6,20 @@ import (
 	"net/http"
 
 	"github.com/arenahost/arenahost/host/registry"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 )
-
-// ModelDigest is the body of GET /v1/models/{name}/digest: SHA-256 of
-// every stored tensor's bytes as the arena holds them now, and one digest
-// over all of them. A UI or extension compares the digest taken before a
-// LoRA apply with the one after removing it to check that the weights hold
-// their original bytes again, and a digest of a model on the device with
-// the same model loaded on the CPU.
-type ModelDigest struct {
-	Model string `json:"model"`
-	// SHA256 hashes, in tensor-name order, each tensor's name, a NUL and its
-	// own hex SHA-256, then a newline: it changes when any byte changes.
-	SHA256  string `json:"sha256"`
-	Tensors int    `json:"tensors"`
-	Bytes   uint64 `json:"bytes"`
-	// PerTensor lists each tensor's SHA-256 (with ?detail=1).
-	PerTensor map[string]string `json:"per_tensor,omitempty"`
-}
 
 // digestModel hashes the tensors of model whose names start with prefix.
 // Each tensor is read while the model cannot be unloaded; on device memory
 // the registry downloads it through a bounded buffer first. A LoRA apply
 // running at the same time may be seen half done: take digests when
 // GET /v1/loras/state shows no apply in progress.
-func digestModel(reg *registry.Registry, model, prefix string, detail bool) (ModelDigest, error) {
+func digestModel(reg Registry, model, prefix string, detail bool) (v1.ModelDigest, error) {
 	ts, err := reg.Tensors(model, prefix)
 	if err != nil {
-		return ModelDigest{}, err
+		return v1.ModelDigest{}, err
 	}
-	out := ModelDigest{Model: model}
+	out := v1.ModelDigest{Model: model}
 	if detail {
 		out.PerTensor = make(map[string]string, len(ts))
 	}
@@ -47,7 +31,7 @@ func digestModel(reg *registry.Registry, model, prefix string, detail bool) (Mod
 			return nil
 		})
 		if err != nil {
-			return ModelDigest{}, err
+			return v1.ModelDigest{}, err
 		}
 		h := hex.EncodeToString(sum[:])
 		all.Write([]byte(t.Name))

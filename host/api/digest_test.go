@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/arenahost/arenahost/host/server"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/safetensors"
 	"github.com/arenahost/arenahost/shared/samples"
 )
@@ -45,11 +46,11 @@ func fileDigest(t *testing.T, path string) (string, map[string]string) {
 	return hex.EncodeToString(all.Sum(nil)), per
 }
 
-func getDigest(t *testing.T, url string) (int, ModelDigest, map[string]any) {
+func getDigest(t *testing.T, url string) (int, v1.ModelDigest, map[string]any) {
 	t.Helper()
 	code, body := loraCall(t, "GET", url, nil)
 	raw, _ := json.Marshal(body)
-	var d ModelDigest
+	var d v1.ModelDigest
 	if code == http.StatusOK {
 		if err := json.Unmarshal(raw, &d); err != nil {
 			t.Fatal(err)
@@ -68,7 +69,7 @@ func TestModelDigest(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = s.Close(context.Background()) })
-	srv := httptest.NewServer(New(s, quiet))
+	srv := httptest.NewServer(New(backendOf(s), quiet))
 	t.Cleanup(srv.Close)
 	base := srv.URL + "/v1/models/" + server.DefaultModelName + "/digest"
 	wantAll, wantPer := fileDigest(t, filepath.Join(s.Config().ModelsDir, samples.ModelFile))

@@ -12,7 +12,7 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/arenahost/arenahost/host/job"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 )
 
 // Fuzz targets for every JSON request decoder of the API (the seed corpus
@@ -90,8 +90,8 @@ func FuzzDecodeLoadModel(f *testing.F) {
 	}
 	f.Add([]byte(`{"path": "flux.safetensors", "name": "flux"}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		fuzzDecode[LoadModelRequest](t, data)
-		var req LoadModelRequest
+		fuzzDecode[v1.LoadModelRequest](t, data)
+		var req v1.LoadModelRequest
 		if decodeBody(data, &req) != nil {
 			return
 		}
@@ -121,8 +121,8 @@ func FuzzDecodeApply(f *testing.F) {
 	}
 	f.Add([]byte(`{"loras": [{"name": "a", "strength": 0.5}], "mode": "fuse"}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		fuzzDecode[ApplyRequest](t, data)
-		var req ApplyRequest
+		fuzzDecode[v1.ApplyRequest](t, data)
+		var req v1.ApplyRequest
 		if decodeBody(data, &req) != nil {
 			return
 		}
@@ -148,7 +148,7 @@ func FuzzDecodeApply(f *testing.F) {
 
 func FuzzDecodeJobSpec(f *testing.F) {
 	f.Add([]byte(`{"pipeline": "reference-pipeline", "params": {"steps": 4}, "preview": {"method": "factor", "every_n": 2}}`))
-	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[job.Spec](t, data) })
+	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode[v1.JobSpec](t, data) })
 }
 
 // FuzzTxt2Img covers the lenient A1111 decoder with its bounds: whatever

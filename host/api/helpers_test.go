@@ -15,6 +15,7 @@ import (
 
 	"github.com/arenahost/arenahost/host/server"
 	"github.com/arenahost/arenahost/internal/testenv"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
@@ -25,6 +26,17 @@ type fixture struct {
 	api  *API
 	srv  *httptest.Server
 	data string
+}
+
+// backendOf is host/cli's wiring of a server into a Backend.
+func backendOf(s *server.Server) Backend {
+	cfg := s.Config()
+	b := Backend{Host: s, Arena: s.Arena, Registry: s.Registry, Plugins: s.Plugins, Jobs: s.Jobs,
+		DataDir: cfg.DataDir, ModelsDir: cfg.ModelsDir, LoRAsDir: cfg.LoRAsDir}
+	if s.LoRAs != nil {
+		b.LoRAs = s.LoRAs
+	}
+	return b
 }
 
 // newFixture starts a real server (arena, registry with the sample model,
@@ -38,7 +50,7 @@ func newFixture(t *testing.T, pluginsDir string, o Options) *fixture {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { s.Close(ctx) })
-	a := NewWithOptions(s, quiet, o)
+	a := NewWithOptions(backendOf(s), quiet, o)
 	t.Cleanup(a.Close)
 	srv := httptest.NewServer(a)
 	t.Cleanup(srv.Close)
@@ -79,7 +91,7 @@ func (f *fixture) do(t *testing.T, c call) (int, []byte, http.Header) {
 // wantError checks an error response: JSON {error, code, detail}.
 func wantError(t *testing.T, c call, status int, b []byte, code, detail string) {
 	t.Helper()
-	var e Error
+	var e v1.Error
 	if err := json.Unmarshal(b, &e); err != nil {
 		t.Fatalf("%s %s: error body is not JSON: %v: %s", c.method, c.path, err, b)
 	}

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/host/job"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 )
 
 // jobRoutes registers the job routes: creation and cancellation, snapshots,
@@ -39,19 +40,19 @@ func (a *API) observeJobs(sub *job.Subscription) {
 		case <-sub.C():
 			for _, e := range sub.Next() {
 				switch e.Type {
-				case job.EventFrame:
+				case v1.EventFrame:
 					a.Metrics.ObservePreview(e.Frame.Rendered.Sub(e.Frame.Published))
-				case job.EventState:
+				case v1.EventState:
 					switch e.Job.State {
-					case job.StateQueued:
+					case v1.JobQueued:
 						a.Metrics.JobSubmitted()
-					case job.StateRunning:
+					case v1.JobRunning:
 						a.Metrics.JobStarted()
-					case job.StateDone:
+					case v1.JobDone:
 						a.Metrics.JobFinished("succeeded")
-					case job.StateFailed:
+					case v1.JobFailed:
 						a.Metrics.JobFinished("failed")
-					case job.StateCancelled:
+					case v1.JobCancelled:
 						if !e.Job.Started.IsZero() {
 							a.Metrics.JobFinished("canceled")
 						} else {
@@ -84,19 +85,13 @@ func jobErr(err error) error {
 	return err
 }
 
-// JobCreated is the body of POST /v1/jobs: the job and where to watch it.
-type JobCreated struct {
-	job.Snapshot
-	Links map[string]string `json:"links"`
-}
-
 func jobLinks(id string) map[string]string {
 	base := "/v1/jobs/" + id
 	return map[string]string{"self": base, "preview": base + "/preview.jpg", "mjpeg": base + "/preview.mjpeg", "events": base + "/events"}
 }
 
 func (a *API) createJob(w http.ResponseWriter, r *http.Request) {
-	var spec job.Spec
+	var spec v1.JobSpec
 	if err := decode(r, &spec); err != nil {
 		a.fail(w, r, err)
 		return
@@ -123,11 +118,11 @@ func (a *API) createJob(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.Header().Set("Location", "/v1/jobs/"+j.ID())
-	writeJSON(w, http.StatusCreated, JobCreated{Snapshot: j.Snapshot(), Links: jobLinks(j.ID())})
+	writeJSON(w, http.StatusCreated, v1.JobCreated{Job: j.Snapshot(), Links: jobLinks(j.ID())})
 }
 
 func (a *API) listJobs(w http.ResponseWriter, _ *http.Request) {
-	out := []job.Snapshot{}
+	out := []v1.Job{}
 	for _, j := range a.s.Jobs.List() {
 		out = append(out, j.Snapshot())
 	}
@@ -253,26 +248,8 @@ func (a *API) previewMJPEG(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// JobEvent is the data of one server-sent event.
-type JobEvent struct {
-	Job        string    `json:"job"`
-	State      job.State `json:"state"`
-	Step       int       `json:"step"`
-	Total      int       `json:"total"`
-	Progress   float64   `json:"progress"`
-	ETA        float64   `json:"eta_seconds"`
-	Frame      uint64    `json:"frame"`
-	FrameStep  int       `json:"frame_step"`
-	Generation uint64    `json:"generation"`
-	Published  uint64    `json:"published"`
-	Rendered   uint64    `json:"rendered"`
-	Dropped    uint64    `json:"dropped"`
-	Error      string    `json:"error,omitempty"`
-	FrameURL   string    `json:"frame_url,omitempty"`
-}
-
-func jobEvent(s job.Snapshot) JobEvent {
-	e := JobEvent{Job: s.ID, State: s.State, Step: s.Step, Total: s.Total, Progress: s.Progress, ETA: s.ETA,
+func jobEvent(s v1.Job) v1.JobEvent {
+	e := v1.JobEvent{Job: s.ID, State: s.State, Step: s.Step, Total: s.Total, Progress: s.Progress, ETA: s.ETA,
 		Frame: s.Preview.Frame, FrameStep: s.Preview.FrameStep, Generation: s.Preview.Generation,
 		Published: s.Preview.Published, Rendered: s.Preview.Rendered, Dropped: s.Preview.Dropped, Error: s.Error}
 	if e.Frame > 0 {
@@ -298,7 +275,7 @@ func (a *API) jobEvents(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("X-Accel-Buffering", "no")
 	w.WriteHeader(http.StatusOK)
 	var seq uint64
-	send := func(typ string, s job.Snapshot) bool {
+	send := func(typ string, s v1.Job) bool {
 		seq++
 		data, _ := json.Marshal(jobEvent(s))
 		_ = rc.SetWriteDeadline(time.Now().Add(clientWriteTimeout))
@@ -307,7 +284,7 @@ func (a *API) jobEvents(w http.ResponseWriter, r *http.Request) {
 		}
 		return rc.Flush() == nil
 	}
-	if !send(job.EventState, j.Snapshot()) {
+	if !send(v1.EventState, j.Snapshot()) {
 		return
 	}
 	if j.Snapshot().State.Final() {
@@ -322,7 +299,7 @@ func (a *API) jobEvents(w http.ResponseWriter, r *http.Request) {
 				if !send(e.Type, e.Job) {
 					return
 				}
-				if e.Type == job.EventState && e.Job.State.Final() {
+				if e.Type == v1.EventState && e.Job.State.Final() {
 					return
 				}
 			}

@@ -15,8 +15,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/arenahost/arenahost/host/job"
 	"github.com/arenahost/arenahost/internal/testenv"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 )
 
 // jobPlugins installs the preview plugin and host/job's test pipeline
@@ -37,7 +37,7 @@ func (f *fixture) createJob(t *testing.T, body string) string {
 	if status != http.StatusCreated {
 		t.Fatalf("POST /v1/jobs: %d %s", status, b)
 	}
-	var jc JobCreated
+	var jc v1.JobCreated
 	if err := json.Unmarshal(b, &jc); err != nil {
 		t.Fatal(err)
 	}
@@ -47,7 +47,7 @@ func (f *fixture) createJob(t *testing.T, body string) string {
 	return jc.ID
 }
 
-func (f *fixture) waitJob(t *testing.T, id string) job.Snapshot {
+func (f *fixture) waitJob(t *testing.T, id string) v1.Job {
 	t.Helper()
 	j, err := f.s.Jobs.Get(id)
 	if err != nil {
@@ -153,7 +153,7 @@ func TestJobRoutes(t *testing.T) {
 		mjc <- n
 	}()
 	snap := f.waitJob(t, id)
-	if snap.State != job.StateDone || snap.Step != 30 {
+	if snap.State != v1.JobDone || snap.Step != 30 {
 		t.Fatalf("job: %+v", snap)
 	}
 	evs, parts := <-evc, <-mjc
@@ -161,9 +161,9 @@ func TestJobRoutes(t *testing.T) {
 		t.Errorf("mjpeg stream gave %d frames", parts)
 	}
 	var progress, frames int
-	var last JobEvent
+	var last v1.JobEvent
 	for _, e := range evs {
-		var je JobEvent
+		var je v1.JobEvent
 		if err := json.Unmarshal([]byte(e.data), &je); err != nil {
 			t.Fatalf("event %s data %q: %v", e.typ, e.data, err)
 		}
@@ -178,7 +178,7 @@ func TestJobRoutes(t *testing.T) {
 		}
 		last = je
 	}
-	if len(evs) == 0 || evs[len(evs)-1].typ != "state" || last.State != job.StateDone || last.Step != 30 || last.Total != 30 || last.Progress != 1 {
+	if len(evs) == 0 || evs[len(evs)-1].typ != "state" || last.State != v1.JobDone || last.Step != 30 || last.Total != 30 || last.Progress != 1 {
 		t.Fatalf("last event %+v of %d", last, len(evs))
 	}
 	if progress == 0 || frames == 0 || last.Published != 30 || last.Rendered+last.Dropped != 30 {
@@ -195,11 +195,11 @@ func TestJobRoutes(t *testing.T) {
 	// Cancel a long job.
 	id = f.createJob(t, `{"pipeline": "test-pipeline", "params": {"steps": 5000, "step_ms": 5}}`)
 	status, b, _ = f.do(t, call{method: "DELETE", path: "/v1/jobs/" + id})
-	var s job.Snapshot
-	if err := json.Unmarshal(b, &s); err != nil || status != 200 || s.State != job.StateCancelled {
+	var s v1.Job
+	if err := json.Unmarshal(b, &s); err != nil || status != 200 || s.State != v1.JobCancelled {
 		t.Fatalf("DELETE: %d %s", status, b)
 	}
-	if c := s.Preview.Counters; c.Published != c.Rendered+c.Dropped {
+	if c := s.Preview.PreviewCounters; c.Published != c.Rendered+c.Dropped {
 		t.Errorf("cancelled job counters %+v", c)
 	}
 }
@@ -233,7 +233,7 @@ func TestStalledClientsDoNotSlowTheJob(t *testing.T) {
 	const params = `"params": {"steps": 260, "step_ms": 20, "channels": 16, "height": 64, "width": 64}, "pipeline": "test-pipeline"`
 	// The median step time: steps sleep to a fixed time, and on a shared
 	// 2-core machine a few late wake-ups would dominate a mean.
-	medianStep := func(s job.Snapshot) float64 {
+	medianStep := func(s v1.Job) float64 {
 		m, ok := s.Result.(map[string]any)
 		if !ok {
 			t.Fatalf("result %#v", s.Result)
@@ -265,14 +265,14 @@ func TestStalledClientsDoNotSlowTheJob(t *testing.T) {
 		healthy <- string(b)
 	}()
 	on := f.waitJob(t, id)
-	if on.State != job.StateDone || off.State != job.StateDone {
+	if on.State != v1.JobDone || off.State != v1.JobDone {
 		t.Fatalf("states %s %s", off.State, on.State)
 	}
 	if d := on.Ended.Sub(on.Started); d < 5*time.Second {
 		t.Fatalf("the run took %v; the stall must last 5 s", d)
 	}
 	mOff, mOn := medianStep(off), medianStep(on)
-	t.Logf("median step: previews off %.2f ms, on with stalled clients %.2f ms (%+.1f%%); counters %+v", mOff, mOn, 100*(mOn/mOff-1), on.Preview.Counters)
+	t.Logf("median step: previews off %.2f ms, on with stalled clients %.2f ms (%+.1f%%); counters %+v", mOff, mOn, 100*(mOn/mOff-1), on.Preview.PreviewCounters)
 	if mOn > 1.10*mOff {
 		t.Errorf("previews on with stalled clients: %.2f ms per step vs %.2f ms off (> 10%% slower)", mOn, mOff)
 	}

@@ -9,26 +9,11 @@ import (
 	"sort"
 	"strings"
 	"sync"
-	"time"
 
 	"github.com/arenahost/arenahost/host/inspect"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/safetensors"
 )
-
-// LoRAEntry is one file of GET /v1/loras.
-type LoRAEntry struct {
-	// Name is the path relative to the LoRA directory without ".safetensors";
-	// it is what apply requests and <lora:NAME:W> tags use.
-	Name     string              `json:"name"`
-	Path     string              `json:"path"` // relative to the LoRA directory
-	Bytes    int64               `json:"bytes"`
-	Modified time.Time           `json:"modified"`
-	Kind     inspect.Kind        `json:"kind,omitempty"`
-	LoRA     *inspect.LoRAReport `json:"lora,omitempty"`
-	Metadata map[string]string   `json:"metadata,omitempty"`
-	// Error says why the file could not be inspected; it is still listed.
-	Error string `json:"error,omitempty"`
-}
 
 // loraCache keeps inspect results keyed by path, size and modification
 // time, so listing a directory re-reads only files that changed. Each
@@ -37,21 +22,21 @@ type LoRAEntry struct {
 // go over the host's life.
 type loraCache struct {
 	mu sync.Mutex
-	m  map[string]LoRAEntry
+	m  map[string]v1.LoRAFile
 }
 
-func (c *loraCache) get(path string, st fs.FileInfo) (LoRAEntry, bool) {
+func (c *loraCache) get(path string, st fs.FileInfo) (v1.LoRAFile, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	e, ok := c.m[path]
 	return e, ok && e.Bytes == st.Size() && e.Modified.Equal(st.ModTime())
 }
 
-func (c *loraCache) put(path string, e LoRAEntry) {
+func (c *loraCache) put(path string, e v1.LoRAFile) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.m == nil {
-		c.m = map[string]LoRAEntry{}
+		c.m = map[string]v1.LoRAFile{}
 	}
 	c.m[path] = e
 }
@@ -82,13 +67,13 @@ func LoRAName(rel string) string {
 // LoRAs lists the *.safetensors files under the LoRA directory, with their
 // inspect report. Symlinks are followed only when they stay inside the
 // directory; files that fail to inspect are listed with their error.
-func (a *API) LoRAs() ([]LoRAEntry, error) {
+func (a *API) LoRAs() ([]v1.LoRAFile, error) {
 	dir := a.opts.LoRAsDir
 	root, err := filepath.EvalSymlinks(dir)
 	if err != nil {
 		return nil, fmt.Errorf("list LoRAs in %s: %w", dir, err)
 	}
-	out := []LoRAEntry{}
+	out := []v1.LoRAFile{}
 	seen := map[string]bool{}
 	err = walkConfined(root, isSafetensors, func(rel, real string, st fs.FileInfo) error {
 		seen[real] = true
@@ -97,11 +82,11 @@ func (a *API) LoRAs() ([]LoRAEntry, error) {
 			out = append(out, e)
 			return nil
 		}
-		e := LoRAEntry{Name: LoRAName(rel), Path: filepath.ToSlash(rel), Bytes: st.Size(), Modified: st.ModTime()}
+		e := v1.LoRAFile{Name: LoRAName(rel), Path: filepath.ToSlash(rel), Bytes: st.Size(), Modified: st.ModTime()}
 		if rep, err := inspect.File(real); err != nil {
 			e.Error = err.Error()
 		} else {
-			e.Kind, e.LoRA = rep.Kind, rep.LoRA
+			e.Kind, e.LoRA = string(rep.Kind), rep.LoRA
 		}
 		if f, err := safetensors.Open(real); err == nil {
 			e.Metadata = f.Metadata
@@ -164,7 +149,7 @@ func (a *API) sdapiLoRAs(w http.ResponseWriter, r *http.Request) {
 	root, _ := filepath.Abs(a.opts.LoRAsDir)
 	out := make([]SDAPILoRA, 0, len(ls))
 	for _, e := range ls {
-		if e.Kind != inspect.KindLoRA {
+		if e.Kind != v1.FileKindLoRA {
 			continue
 		}
 		alias := filepath.Base(e.Name)

@@ -6,24 +6,8 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/host/lora"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 )
-
-// ApplyLoRA is one LoRA of POST /v1/loras/apply: a name (or path relative
-// to the LoRA directory, with or without ".safetensors") and its strength
-// (1 when omitted).
-type ApplyLoRA struct {
-	Name     string   `json:"name"`
-	Strength *float64 `json:"strength,omitempty"`
-}
-
-// ApplyRequest is the body of POST /v1/loras/apply. An empty set removes
-// every LoRA.
-type ApplyRequest struct {
-	Model  string      `json:"model,omitempty"`
-	LoRAs  []ApplyLoRA `json:"loras"`
-	Mode   string      `json:"mode,omitempty"` // "side" (default, exact) or "fuse"
-	Strict bool        `json:"strict,omitempty"`
-}
 
 // loraStatus answers LoRA errors with their class: a bad file or request
 // is 422 bad_lora, an unsupported combination 409 unsupported.
@@ -38,7 +22,7 @@ func loraStatus(err error) error {
 }
 
 func (a *API) applyLoRAs(w http.ResponseWriter, r *http.Request) {
-	var req ApplyRequest
+	var req v1.ApplyRequest
 	if err := decode(r, &req); err != nil {
 		a.fail(w, r, err)
 		return
@@ -79,7 +63,7 @@ func (a *API) applyLoRAs(w http.ResponseWriter, r *http.Request) {
 // each entry (a name, its path confined to the LoRA directory, a finite
 // strength within bounds) before any file is opened.
 // FuzzDecodeApply runs it.
-func (a *API) checkApply(req ApplyRequest) (lora.Request, error) {
+func (a *API) checkApply(req v1.ApplyRequest) (lora.Request, error) {
 	lr := lora.Request{Model: req.Model, Mode: req.Mode, Strict: req.Strict}
 	for i, l := range req.LoRAs {
 		if l.Name == "" {
@@ -96,7 +80,7 @@ func (a *API) checkApply(req ApplyRequest) (lora.Request, error) {
 		if err := checkStrength(s); err != nil {
 			return lora.Request{}, badRequest("loras[%d] %q: strength: %v", i, l.Name, err)
 		}
-		lr.LoRAs = append(lr.LoRAs, lora.Entry{Name: l.Name, Path: p, Strength: s})
+		lr.LoRAs = append(lr.LoRAs, v1.AppliedLoRA{Name: l.Name, Path: p, Strength: s})
 	}
 	return lr, nil
 }

@@ -66,7 +66,7 @@ func TestLoRAApplyRoutes(t *testing.T) {
 			t.Fatalf("sample LoRA: %v", err)
 		}
 	}
-	srv := httptest.NewServer(New(s, log))
+	srv := httptest.NewServer(New(backendOf(s), log))
 	t.Cleanup(srv.Close)
 	kohya := strings.TrimSuffix(samples.KohyaLoRAFile, ".safetensors")
 
@@ -129,7 +129,7 @@ func TestUnloadFreesLoRAState(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = s.Close(context.Background()) })
-	srv := httptest.NewServer(New(s, log))
+	srv := httptest.NewServer(New(backendOf(s), log))
 	t.Cleanup(srv.Close)
 	if code, body := loraCall(t, "POST", srv.URL+"/v1/loras/apply", map[string]any{
 		"loras": []map[string]any{{"name": samples.KohyaLoRAFile}, {"name": samples.PEFTLoRAFile}}}); code != http.StatusOK {

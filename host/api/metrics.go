@@ -7,8 +7,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-
-	"github.com/arenahost/arenahost/host/server"
 )
 
 // Metrics holds arenahost's Prometheus metrics, served at GET /metrics.
@@ -46,7 +44,7 @@ const (
 
 // NewMetrics creates the metrics of s in a fresh registry (with the Go
 // runtime and process collectors).
-func NewMetrics(s *server.Server) *Metrics {
+func NewMetrics(s Backend) *Metrics {
 	m := &Metrics{
 		Registry: prometheus.NewRegistry(),
 		ApplyDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
@@ -64,7 +62,7 @@ func NewMetrics(s *server.Server) *Metrics {
 	}
 	m.Registry.MustRegister(m.ApplyDuration, m.PreviewLatency, m.PreviewFrames, m.PreviewDropped, m.Jobs, m.JobsRunning,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	if s != nil {
+	if s.Arena != nil || s.Plugins != nil {
 		m.Registry.MustRegister(&hostCollector{s: s})
 	}
 	return m
@@ -132,7 +130,7 @@ func (m *Metrics) JobFinished(state string) {
 }
 
 // hostCollector reads arena and plugin figures at scrape time.
-type hostCollector struct{ s *server.Server }
+type hostCollector struct{ s Backend }
 
 var (
 	descArenaCapacity  = prometheus.NewDesc("arenahost_arena_capacity_bytes", "Arena capacity.", []string{"backend"}, nil)

@@ -9,47 +9,24 @@ import (
 	"strings"
 
 	"github.com/arenahost/arenahost/host/registry"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 )
 
-// ModelInfo is one entry of GET /v1/models.
-type ModelInfo struct {
-	Name   string `json:"name"`
-	Source string `json:"source"`
-	Format string `json:"format"`
-	Layout string `json:"layout"`
-	// Variant is the Flux-family model recognised ("chroma", "flux.1-dev",
-	// …), Container "file", "model-folder" or "pipeline-folder".
-	Variant   string `json:"variant,omitempty"`
-	Container string `json:"container,omitempty"`
-	Tensors   int    `json:"tensors"`
-	Weights   int    `json:"weights"`
-	Params    int64  `json:"params"`
-	Bytes     uint64 `json:"bytes"`
-}
-
-func modelInfo(m *registry.Model) ModelInfo {
-	return ModelInfo{Name: m.Name, Source: m.Source, Format: string(m.Format), Layout: m.Layout,
+func modelInfo(m *registry.Model) v1.ModelInfo {
+	return v1.ModelInfo{Name: m.Name, Source: m.Source, Format: string(m.Format), Layout: m.Layout,
 		Variant: m.Variant, Container: m.Container, Tensors: len(m.Tensors), Weights: len(m.Weights), Params: m.Params(), Bytes: m.Bytes}
 }
 
 func (a *API) models(w http.ResponseWriter, _ *http.Request) {
-	out := []ModelInfo{}
+	out := []v1.ModelInfo{}
 	for _, m := range a.s.Registry.Models() {
 		out = append(out, modelInfo(m))
 	}
 	writeJSON(w, http.StatusOK, out)
 }
 
-// LoadModelRequest is the body of POST /v1/models.
-type LoadModelRequest struct {
-	// Path is relative to the models directory (or absolute inside it).
-	Path string `json:"path"`
-	// Name registers the model; the file name without extension when empty.
-	Name string `json:"name,omitempty"`
-}
-
 func (a *API) loadModel(w http.ResponseWriter, r *http.Request) {
-	var req LoadModelRequest
+	var req v1.LoadModelRequest
 	if err := decode(r, &req); err != nil {
 		a.fail(w, r, err)
 		return
@@ -77,7 +54,7 @@ func (a *API) loadModel(w http.ResponseWriter, r *http.Request) {
 // checkLoadModel is a load request's checks before any file is opened:
 // the path confined to the models directory, and the model's name (the
 // file name without extension by default). FuzzDecodeLoadModel runs it.
-func (a *API) checkLoadModel(req LoadModelRequest) (path, name string, err error) {
+func (a *API) checkLoadModel(req v1.LoadModelRequest) (path, name string, err error) {
 	path, err = confineModel(a.opts.ModelsDir, req.Path)
 	if err != nil {
 		return "", "", fmt.Errorf("load model: %w", err)
@@ -103,7 +80,7 @@ func (a *API) unloadModel(w http.ResponseWriter, r *http.Request) {
 		// next apply.
 		a.s.LoRAs.Forget(name)
 	}
-	writeJSON(w, http.StatusOK, map[string]string{"unloaded": name})
+	writeJSON(w, http.StatusOK, v1.Unloaded{Unloaded: name})
 }
 
 // checkName accepts model names that are safe in URLs and logs.

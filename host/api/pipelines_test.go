@@ -8,28 +8,28 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/arenahost/arenahost/host/plugin"
 	"github.com/arenahost/arenahost/internal/testenv"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 )
 
 func TestChoosePipeline(t *testing.T) {
-	unavailable := plugin.Status{Name: "a-diffusers", Kind: "pipeline", State: plugin.StateUnavailable, LastError: "Python /p lacks module(s) torch"}
-	failed := plugin.Status{Name: "b-failed", Kind: "pipeline", State: plugin.StateFailed, LastError: "handshake: no grpc"}
-	serving := plugin.Status{Name: "c-reference", Kind: "pipeline", State: plugin.StateServing}
-	starting := plugin.Status{Name: "d-starting", Kind: "pipeline", State: plugin.StateStarting}
-	lora := plugin.Status{Name: "a-lora", Kind: "lora", State: plugin.StateServing}
+	unavailable := v1.PluginStatus{Name: "a-diffusers", Kind: "pipeline", State: v1.PluginUnavailable, LastError: "Python /p lacks module(s) torch"}
+	failed := v1.PluginStatus{Name: "b-failed", Kind: "pipeline", State: v1.PluginFailed, LastError: "handshake: no grpc"}
+	serving := v1.PluginStatus{Name: "c-reference", Kind: "pipeline", State: v1.PluginServing}
+	starting := v1.PluginStatus{Name: "d-starting", Kind: "pipeline", State: v1.PluginStarting}
+	lora := v1.PluginStatus{Name: "a-lora", Kind: "lora", State: v1.PluginServing}
 	tests := []struct {
 		name       string
 		configured string
-		ps         []plugin.Status
+		ps         []v1.PluginStatus
 		want, err  string
 	}{
-		{"the runnable one, not the first by name", "", []plugin.Status{lora, unavailable, failed, serving, starting}, "c-reference", ""},
-		{"none runnable says why for each", "", []plugin.Status{unavailable, failed, starting}, "", "no pipeline plugin can run: a-diffusers is unavailable: Python /p lacks module(s) torch; b-failed is failed: handshake: no grpc; d-starting is starting"},
-		{"none installed", "", []plugin.Status{lora}, "", "no pipeline plugin is installed"},
-		{"configured wins", "a-lora", []plugin.Status{serving, lora}, "a-lora", ""},
-		{"configured unavailable is not replaced", "a-diffusers", []plugin.Status{unavailable, serving}, "", `pipeline "a-diffusers" (--pipeline) cannot run: a-diffusers is unavailable: Python /p lacks module(s) torch`},
-		{"configured missing", "nope", []plugin.Status{serving}, "", `pipeline "nope" (--pipeline) is not installed`},
+		{"the runnable one, not the first by name", "", []v1.PluginStatus{lora, unavailable, failed, serving, starting}, "c-reference", ""},
+		{"none runnable says why for each", "", []v1.PluginStatus{unavailable, failed, starting}, "", "no pipeline plugin can run: a-diffusers is unavailable: Python /p lacks module(s) torch; b-failed is failed: handshake: no grpc; d-starting is starting"},
+		{"none installed", "", []v1.PluginStatus{lora}, "", "no pipeline plugin is installed"},
+		{"configured wins", "a-lora", []v1.PluginStatus{serving, lora}, "a-lora", ""},
+		{"configured unavailable is not replaced", "a-diffusers", []v1.PluginStatus{unavailable, serving}, "", `pipeline "a-diffusers" (--pipeline) cannot run: a-diffusers is unavailable: Python /p lacks module(s) torch`},
+		{"configured missing", "nope", []v1.PluginStatus{serving}, "", `pipeline "nope" (--pipeline) is not installed`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -85,10 +85,10 @@ func TestDefaultPipelineSkipsUnavailable(t *testing.T) {
 	f := newFixture(t, plugins, Options{})
 
 	_, b, _ := f.do(t, call{method: "GET", path: "/v1/pipelines"})
-	var ps Pipelines
+	var ps v1.Pipelines
 	mustJSON(t, b, &ps)
 	if ps.Default != "test-pipeline" || len(ps.Pipelines) != 2 || ps.Pipelines[0].Name != "aaa-needs-torch" ||
-		ps.Pipelines[0].State != plugin.StateUnavailable || ps.Pipelines[0].Runnable ||
+		ps.Pipelines[0].State != v1.PluginUnavailable || ps.Pipelines[0].Runnable ||
 		!strings.Contains(ps.Pipelines[0].Reason, "lacks module(s) arenahost_test_no_such_module") || !ps.Pipelines[1].Runnable {
 		t.Fatalf("GET /v1/pipelines = %s", b)
 	}
@@ -105,7 +105,7 @@ func TestDefaultPipelineSkipsUnavailable(t *testing.T) {
 	}
 
 	status, b, _ = f.do(t, call{method: "POST", path: "/v1/jobs", body: `{"params": {"steps": 2}}`})
-	var created JobCreated
+	var created v1.JobCreated
 	mustJSON(t, b, &created)
 	if status != 201 || created.Pipeline != "test-pipeline" {
 		t.Fatalf("POST /v1/jobs without a pipeline: %d %s", status, b)

@@ -9,9 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/arenahost/arenahost/host/job"
-	"github.com/arenahost/arenahost/host/plugin"
 	"github.com/arenahost/arenahost/internal/testenv"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 )
 
 // livePlugin is a small Python plugin whose "version" method answers the
@@ -57,7 +56,7 @@ func (f *fixture) callVersion(t *testing.T) string {
 	t.Helper()
 	id := f.createJob(t, `{"pipeline": "live-py", "method": "version", "preview": {"method": "none"}}`)
 	snap := f.waitJob(t, id)
-	if snap.State != job.StateDone {
+	if snap.State != v1.JobDone {
 		t.Fatalf("job on live-py: %+v", snap)
 	}
 	res, ok := snap.Result.(map[string]any)
@@ -67,20 +66,20 @@ func (f *fixture) callVersion(t *testing.T) string {
 	return fmt.Sprint(res["version"])
 }
 
-func (f *fixture) pluginStatus(t *testing.T, name string) (plugin.Status, int) {
+func (f *fixture) pluginStatus(t *testing.T, name string) (v1.PluginStatus, int) {
 	t.Helper()
 	status, b, _ := f.do(t, call{method: "GET", path: "/v1/plugins"})
 	if status != 200 {
 		t.Fatalf("GET /v1/plugins: %d %s", status, b)
 	}
-	var ps []plugin.Status
+	var ps []v1.PluginStatus
 	mustJSON(t, b, &ps)
 	for _, p := range ps {
 		if p.Name == name {
 			return p, len(ps)
 		}
 	}
-	return plugin.Status{}, len(ps)
+	return v1.PluginStatus{}, len(ps)
 }
 
 // A Python plugin copied into the plugins directory of a running host
@@ -104,7 +103,7 @@ func TestLiveDiscoveryAndHonestSwapErrors(t *testing.T) {
 	writeLive(t, dir, "1", "")
 	for {
 		st, _ := f.pluginStatus(t, "live-py")
-		if st.State == plugin.StateServing {
+		if st.State == v1.PluginServing {
 			t.Logf("new plugin serving after %v (generation %d, pid %d)", time.Since(t0).Round(time.Millisecond), st.Generation, st.PID)
 			break
 		}
@@ -129,7 +128,7 @@ func TestLiveDiscoveryAndHonestSwapErrors(t *testing.T) {
 			c := call{method: "POST", path: "/v1/plugins/live-py/reload"}
 			status, b, _ := f.do(t, c)
 			wantError(t, c, http.StatusUnprocessableEntity, b, "swap_refused", tc.want)
-			var e Error
+			var e v1.Error
 			mustJSON(t, b, &e)
 			t.Logf("detail: %s", e.Detail)
 			if !strings.HasPrefix(e.Detail, tc.prefix) {
@@ -145,7 +144,7 @@ func TestLiveDiscoveryAndHonestSwapErrors(t *testing.T) {
 				t.Fatalf("after a refused swap the old version should serve: version %q", v)
 			}
 			st, _ := f.pluginStatus(t, "live-py")
-			if st.State != plugin.StateServing || !strings.Contains(st.LastError, tc.want) || st.LastErrorAt.IsZero() {
+			if st.State != v1.PluginServing || !strings.Contains(st.LastError, tc.want) || st.LastErrorAt.IsZero() {
 				t.Fatalf("status after refused swap: %+v", st)
 			}
 		})
@@ -159,7 +158,7 @@ func TestLiveDiscoveryAndHonestSwapErrors(t *testing.T) {
 		t.Fatalf("reload good version: %d %s", status, b)
 	}
 	st, _ := f.pluginStatus(t, "live-py")
-	if st.LastError != "" || st.LastErrorAt.IsZero() || st.State != plugin.StateServing {
+	if st.LastError != "" || st.LastErrorAt.IsZero() || st.State != v1.PluginServing {
 		t.Fatalf("after a good swap last_error should clear and keep its time: %+v", st)
 	}
 	if v := f.callVersion(t); v != "4" {
@@ -174,7 +173,7 @@ func TestLiveDiscoveryAndHonestSwapErrors(t *testing.T) {
 	if status != 200 {
 		t.Fatalf("rescan: %d %s", status, b)
 	}
-	var res plugin.RescanResult
+	var res v1.RescanResult
 	mustJSON(t, b, &res)
 	if _, n := f.pluginStatus(t, "live-py"); n != 0 {
 		// The watcher may have removed it first; either way it is gone.
@@ -197,9 +196,9 @@ func TestRescanRoute(t *testing.T) {
 	if status != 200 {
 		t.Fatalf("rescan: %d %s", status, b)
 	}
-	var res plugin.RescanResult
+	var res v1.RescanResult
 	mustJSON(t, b, &res)
-	if st, _ := f.pluginStatus(t, "live-py"); st.State != plugin.StateServing {
+	if st, _ := f.pluginStatus(t, "live-py"); st.State != v1.PluginServing {
 		// The watcher may have started it just before the rescan did.
 		t.Fatalf("after rescan %s: %+v", b, st)
 	}

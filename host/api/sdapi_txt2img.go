@@ -21,6 +21,7 @@ import (
 
 	"github.com/arenahost/arenahost/host/job"
 	"github.com/arenahost/arenahost/host/lora"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 )
 
 // Txt2ImgRequest is the part of A1111's StableDiffusionTxt2ImgProcessingAPI
@@ -53,21 +54,21 @@ type Txt2ImgResponse struct {
 // Txt2ImgInfo is the info string's content: A1111's keys, plus what
 // arenahost adds (pipeline, jobs, loras, warnings, interrupted, skipped).
 type Txt2ImgInfo struct {
-	Prompt      string       `json:"prompt"`
-	AllPrompts  []string     `json:"all_prompts"`
-	Negative    string       `json:"negative_prompt"`
-	Seed        int64        `json:"seed"`
-	AllSeeds    []int64      `json:"all_seeds"`
-	Width       int          `json:"width"`
-	Height      int          `json:"height"`
-	Steps       int          `json:"steps"`
-	SamplerName string       `json:"sampler_name"`
-	BatchSize   int          `json:"batch_size"`
-	SDModelName string       `json:"sd_model_name"`
-	Infotexts   []string     `json:"infotexts"`
-	Pipeline    string       `json:"pipeline"`
-	Jobs        []string     `json:"jobs"`
-	LoRAs       []lora.Entry `json:"loras"`
+	Prompt      string           `json:"prompt"`
+	AllPrompts  []string         `json:"all_prompts"`
+	Negative    string           `json:"negative_prompt"`
+	Seed        int64            `json:"seed"`
+	AllSeeds    []int64          `json:"all_seeds"`
+	Width       int              `json:"width"`
+	Height      int              `json:"height"`
+	Steps       int              `json:"steps"`
+	SamplerName string           `json:"sampler_name"`
+	BatchSize   int              `json:"batch_size"`
+	SDModelName string           `json:"sd_model_name"`
+	Infotexts   []string         `json:"infotexts"`
+	Pipeline    string           `json:"pipeline"`
+	Jobs        []string         `json:"jobs"`
+	LoRAs       []v1.AppliedLoRA `json:"loras"`
 	// Warnings lists what was ignored or changed: unknown LoRA tags,
 	// settings the pipeline cannot honour, sizes rounded.
 	Warnings []string `json:"warnings"`
@@ -100,8 +101,8 @@ var loraTag = regexp.MustCompile(`<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>`)
 // ParseLoRATags returns the prompt without its <lora:…> tags and the LoRAs
 // they name with their weights (1 when absent). A LoRA named twice keeps
 // its last weight.
-func ParseLoRATags(prompt string) (string, []ApplyLoRA, error) {
-	var out []ApplyLoRA
+func ParseLoRATags(prompt string) (string, []v1.ApplyLoRA, error) {
+	var out []v1.ApplyLoRA
 	index := map[string]int{}
 	for _, m := range loraTag.FindAllStringSubmatch(prompt, -1) {
 		name := strings.TrimSpace(m[1])
@@ -118,7 +119,7 @@ func ParseLoRATags(prompt string) (string, []ApplyLoRA, error) {
 			continue
 		}
 		index[name] = len(out)
-		out = append(out, ApplyLoRA{Name: name, Strength: &w})
+		out = append(out, v1.ApplyLoRA{Name: name, Strength: &w})
 	}
 	clean := strings.Join(strings.Fields(loraTag.ReplaceAllString(prompt, " ")), " ")
 	return clean, out, nil
@@ -278,8 +279,8 @@ func (a *API) txt2img(w http.ResponseWriter, r *http.Request) {
 	}
 	info := Txt2ImgInfo{Prompt: prompt, Negative: req.NegativePrompt, Seed: req.Seed, Width: req.Width, Height: req.Height, Steps: req.Steps,
 		SamplerName: "Euler", BatchSize: req.BatchSize, SDModelName: model, Pipeline: pipe, PartialImage: -1,
-		AllPrompts: []string{}, AllSeeds: []int64{}, Infotexts: []string{}, Jobs: []string{}, LoRAs: []lora.Entry{}}
-	var entries []lora.Entry
+		AllPrompts: []string{}, AllSeeds: []int64{}, Infotexts: []string{}, Jobs: []string{}, LoRAs: []v1.AppliedLoRA{}}
+	var entries []v1.AppliedLoRA
 	if len(tags) > 0 {
 		ls, err := a.LoRAs()
 		if err != nil {
@@ -342,7 +343,7 @@ func (a *API) txt2img(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		s := j.Snapshot()
-		if s.State == job.StateCancelled {
+		if s.State == v1.JobCancelled {
 			var skipped bool
 			run.set(func(r *t2iRun) { skipped = r.skipped[j.ID()] })
 			if skipped {
@@ -403,7 +404,7 @@ func compactJSON(v any) string {
 	return string(b)
 }
 
-func resElapsed(res *lora.Result) (d time.Duration) {
+func resElapsed(res *v1.LoRAResult) (d time.Duration) {
 	if res != nil {
 		d = res.Elapsed
 	}
@@ -421,11 +422,11 @@ func (a *API) runJob(r *http.Request, run *t2iRun, pipe, model, prompt string, s
 			return nil, err
 		}
 	}
-	j, err := a.s.Jobs.Create(r.Context(), job.Spec{
+	j, err := a.s.Jobs.Create(r.Context(), v1.JobSpec{
 		Pipeline: pipe,
-		Origin:   job.OriginA1111,
+		Origin:   v1.OriginA1111,
 		Params:   params,
-		Preview:  job.Preview{Format: "png", MaxSide: max(req.Width, req.Height)},
+		Preview:  v1.PreviewSpec{Format: "png", MaxSide: max(req.Width, req.Height)},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("txt2img: %w", jobErr(err))
@@ -443,13 +444,13 @@ func (a *API) runJob(r *http.Request, run *t2iRun, pipe, model, prompt string, s
 		return j, fmt.Errorf("txt2img: job %s: %w", j.ID(), r.Context().Err())
 	}
 	s := j.Snapshot()
-	if s.State == job.StateFailed {
+	if s.State == v1.JobFailed {
 		// The pipeline plugin failed the run: an upstream failure, not
 		// the host's and not the client's.
 		return j, &StatusError{Status: http.StatusBadGateway, Code: "pipeline_failed",
 			Err: fmt.Errorf("txt2img: job %s failed in pipeline %s: %s", j.ID(), pipe, s.Error)}
 	}
-	if s.State != job.StateDone && s.State != job.StateCancelled {
+	if s.State != v1.JobDone && s.State != v1.JobCancelled {
 		return j, fmt.Errorf("txt2img: job %s %s: %s", j.ID(), s.State, s.Error)
 	}
 	return j, nil

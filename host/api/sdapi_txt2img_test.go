@@ -11,8 +11,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/arenahost/arenahost/host/job"
 	"github.com/arenahost/arenahost/internal/testenv"
+	v1 "github.com/arenahost/arenahost/sdk/api"
 )
 
 func TestParseLoRATags(t *testing.T) {
@@ -130,8 +130,8 @@ func TestTxt2Img(t *testing.T) {
 			}
 			for _, id := range info.Jobs {
 				j, err := f.s.Jobs.Get(id)
-				if err != nil || j.Snapshot().Origin != job.OriginA1111 {
-					t.Fatalf("job %s of txt2img: %v, want origin %q in the job list", id, err, job.OriginA1111)
+				if err != nil || j.Snapshot().Origin != v1.OriginA1111 {
+					t.Fatalf("job %s of txt2img: %v, want origin %q in the job list", id, err, v1.OriginA1111)
 				}
 			}
 			var st state

@@ -8,6 +8,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
+	v1 "github.com/arenahost/arenahost/sdk/api"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
@@ -37,7 +38,7 @@ func TestModelTensors(t *testing.T) {
 				t.Fatalf("status %d (%s), want %d", code, b, tc.status)
 			}
 			if tc.errCode != "" {
-				var e Error
+				var e v1.Error
 				if err := json.Unmarshal(b, &e); err != nil || e.Code != tc.errCode || e.Detail == "" {
 					t.Fatalf("error body %s, want code %s with a detail", b, tc.errCode)
 				}

@@ -76,7 +76,7 @@ func runServe(ctx context.Context, env *Env, args []string) error {
 	}
 	defer s.Close(context.WithoutCancel(ctx))
 
-	handler := api.NewWithOptions(s, log, api.Options{Token: cfg.Token, MaxBody: cfg.MaxBody, WriteTimeout: cfg.WriteTimeout, Pipeline: cfg.Pipeline,
+	handler := api.NewWithOptions(apiBackend(s), log, api.Options{Token: cfg.Token, MaxBody: cfg.MaxBody, WriteTimeout: cfg.WriteTimeout, Pipeline: cfg.Pipeline,
 		AllowedHosts: cfg.AllowedHostList(), Listen: ln.Addr().String(), MaxImages: cfg.MaxImages, ComfyFrontend: cfg.FrontendDir()})
 	defer handler.Close()
 	srv := api.HTTPServer(handler, api.Limits{ReadHeaderTimeout: cfg.ReadHeaderTimeout, ReadTimeout: cfg.ReadTimeout, IdleTimeout: cfg.IdleTimeout})
@@ -115,4 +115,16 @@ func consoleURL(addr net.Addr) string {
 		host = "[" + host + "]"
 	}
 	return "http://" + host + ":" + port + "/"
+}
+
+// apiBackend hands the HTTP layer the server's parts, each behind the small
+// interface host/api declares for it.
+func apiBackend(s *server.Server) api.Backend {
+	cfg := s.Config()
+	b := api.Backend{Host: s, Arena: s.Arena, Registry: s.Registry, Plugins: s.Plugins, Jobs: s.Jobs,
+		DataDir: cfg.DataDir, ModelsDir: cfg.ModelsDir, LoRAsDir: cfg.LoRAsDir}
+	if s.LoRAs != nil { // a nil *lora.Coordinator must stay a nil interface
+		b.LoRAs = s.LoRAs
+	}
+	return b
 }

@@ -3,11 +3,14 @@ package cli
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"io"
-	"net/http"
+	"net"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/arenahost/arenahost/sdk/client"
 )
 
 func TestServeRefusesUnsafeConfig(t *testing.T) {
@@ -81,23 +84,35 @@ func testServeRuns(t *testing.T, backend string) {
 	if !strings.HasPrefix(url, "http://127.0.0.1:") || !strings.HasSuffix(url, "/") {
 		t.Fatalf("console URL %q", url)
 	}
-	resp, err := http.Get(url + "v1/models")
+	c, err := client.New(url)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != 200 || !strings.Contains(string(b), `"name": "sample"`) {
-		t.Fatalf("GET /v1/models: %d %s", resp.StatusCode, b)
+	models, err := c.Models(ctx)
+	if err != nil || len(models) != 1 || models[0].Name != "sample" {
+		t.Fatalf("GET /v1/models: %+v %v", models, err)
 	}
-	resp, err = http.Get(url + "v1/arena")
-	if err != nil {
-		t.Fatal(err)
+	st, err := c.Arena(ctx)
+	if err != nil || (backend != "cpu" && !strings.HasPrefix(st.Backend, backend)) {
+		t.Fatalf("GET /v1/arena: %+v %v, want backend %s", st, err, backend)
 	}
-	b, _ = io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if want := `"backend": "` + backend; resp.StatusCode != 200 || (backend != "cpu" && !strings.Contains(string(b), want)) {
-		t.Fatalf("GET /v1/arena: %d %s, want %s", resp.StatusCode, b, want)
+	// status reads the same host through sdk/client.
+	var out, errOut strings.Builder
+	if err := Run(ctx, []string{"status", "--host", url}, &out, &errOut); err != nil {
+		t.Fatalf("status: %v\n%s", err, errOut.String())
+	}
+	for _, want := range []string{"host " + strings.TrimSuffix(url, "/"), "\narena ", "\nmodel sample: bnb-nf4", "jobs: 0 running, 0 queued"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("status output lacks %q:\n%s", want, out.String())
+		}
+	}
+	out.Reset()
+	if err := Run(ctx, []string{"status", "--json", "--host", url}, &out, &errOut); err != nil {
+		t.Fatalf("status --json: %v", err)
+	}
+	var status Status
+	if err := json.Unmarshal([]byte(out.String()), &status); err != nil || len(status.Models) != 1 || status.Models[0].Name != "sample" || status.Arena.Capacity == 0 {
+		t.Fatalf("status --json: %+v %v\n%s", status, err, out.String())
 	}
 	cancel()
 	select {
@@ -107,5 +122,20 @@ func testServeRuns(t *testing.T, backend string) {
 		}
 	case <-time.After(15 * time.Second):
 		t.Fatal("serve did not stop")
+	}
+}
+
+// status against a host that is not there fails with one line naming it.
+func TestStatusWithoutHost(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	var out, errOut strings.Builder
+	err = Run(context.Background(), []string{"status", "--host", "http://" + addr}, &out, &errOut)
+	if err == nil || !strings.Contains(err.Error(), addr) || strings.Contains(err.Error(), "\n") || out.Len() != 0 {
+		t.Fatalf("err = %v, stdout %q: want one line naming %s", err, out.String(), addr)
 	}
 }

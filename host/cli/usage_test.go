@@ -21,8 +21,8 @@ func TestUsageErrorsAreOneLine(t *testing.T) {
 		args []string
 		line string // the first stderr line, exactly
 	}{
-		{"no command", nil, `arenahost: no command given (commands: inspect, merge, sample, serve)`},
-		{"unknown command", []string{"bogus"}, `arenahost: unknown command "bogus" (commands: inspect, merge, sample, serve)`},
+		{"no command", nil, `arenahost: no command given (commands: inspect, merge, sample, serve, status)`},
+		{"unknown command", []string{"bogus"}, `arenahost: unknown command "bogus" (commands: inspect, merge, sample, serve, status)`},
 		{"merge bad --as", []string{"merge", "--model", model, "--out", out, "--as", "fp8"}, `arenahost merge: --as must be nf4, bf16 or lora, got "fp8"`},
 		{"merge bad strength", []string{"merge", "--model", model, "--out", out, "--lora", "F:abc"}, `arenahost merge: --lora "F:abc": strength "abc" is not a finite number (write FILE:STRENGTH, e.g. style.safetensors:0.8)`},
 		{"merge infinite strength", []string{"merge", "--model", model, "--out", out, "--lora", kohya + ":inf"}, `arenahost merge: --lora "` + kohya + `:inf": strength "inf" is not a finite number (write FILE:STRENGTH, e.g. style.safetensors:0.8)`},
@@ -38,6 +38,8 @@ func TestUsageErrorsAreOneLine(t *testing.T) {
 		{"sample without out", []string{"sample"}, `arenahost sample: needs --out DIR, the directory to write the sample model into`},
 		{"sample bad dtype", []string{"sample", "--out", t.TempDir(), "--dtype", "int8"}, `arenahost sample: --dtype must be bfloat16 or float16, got "int8"`},
 		{"sample bad int", []string{"sample", "--blocksize", "big"}, `arenahost sample: --blocksize "big": not a valid value (int: NF4 blocksize (32..4096, a power of two))`},
+		{"status positional", []string{"status", "now"}, `arenahost status: takes no positional arguments, got ["now"] (name the host with --host URL)`},
+		{"status bad host", []string{"status", "--host", "127.0.0.1:7860"}, `arenahost status: --host "127.0.0.1:7860": want http://HOST:PORT (the console URL serve prints)`},
 		{"serve positional", []string{"serve", "now"}, `arenahost serve: takes no positional arguments, got ["now"] (settings are flags: see --help)`},
 	}
 	for _, tt := range tests {

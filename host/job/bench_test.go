@@ -8,6 +8,7 @@ import (
 
 	"github.com/arenahost/arenahost/host/job"
 	"github.com/arenahost/arenahost/host/plugin"
+	"github.com/arenahost/arenahost/sdk/api"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
@@ -39,7 +40,7 @@ func BenchmarkPublishToFrame(b *testing.B) {
 			for k, v := range bc.params {
 				params[k] = v
 			}
-			j, err := s.Jobs.Create(b.Context(), job.Spec{Pipeline: "test-pipeline", Params: params, Preview: job.Preview{Family: "flux"}})
+			j, err := s.Jobs.Create(b.Context(), api.JobSpec{Pipeline: "test-pipeline", Params: params, Preview: api.PreviewSpec{Family: "flux"}})
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -49,7 +50,7 @@ func BenchmarkPublishToFrame(b *testing.B) {
 			fs := frames(sub, j, nil)
 			b.StopTimer()
 			snap := j.Snapshot()
-			if snap.State != job.StateDone || len(fs) == 0 {
+			if snap.State != api.JobDone || len(fs) == 0 {
 				b.Fatalf("job %+v, %d frames", snap, len(fs))
 			}
 			var lat, plug []float64
@@ -87,15 +88,15 @@ func BenchmarkStepOverhead(b *testing.B) {
 		b.Run(name, func(b *testing.B) {
 			var pubOff, pubOn float64
 			run := func(method string) float64 {
-				j, err := s.Jobs.Create(b.Context(), job.Spec{Pipeline: "test-pipeline",
+				j, err := s.Jobs.Create(b.Context(), api.JobSpec{Pipeline: "test-pipeline",
 					Params:  map[string]any{"steps": 50, "step_ms": 20, "spin": spin, "channels": 16, "height": 128, "width": 128},
-					Preview: job.Preview{Method: method, Family: "flux"}})
+					Preview: api.PreviewSpec{Method: method, Family: "flux"}})
 				if err != nil {
 					b.Fatal(err)
 				}
 				snap := wait(b, j, time.Minute)
 				res, ok := snap.Result.(map[string]any)
-				if snap.State != job.StateDone || !ok {
+				if snap.State != api.JobDone || !ok {
 					b.Fatalf("job %+v", snap)
 				}
 				if method == "none" {
@@ -146,13 +147,13 @@ func BenchmarkPublishCall(b *testing.B) {
 	for _, method := range []string{"none", "factor"} {
 		b.Run(method, func(b *testing.B) {
 			// A job that stays running (one long step) so publishes are taken.
-			j, err := s.Jobs.Create(b.Context(), job.Spec{Pipeline: "test-pipeline", Params: map[string]any{"steps": 1, "step_ms": 600000},
-				Preview: job.Preview{Method: method, Family: "flux"}})
+			j, err := s.Jobs.Create(b.Context(), api.JobSpec{Pipeline: "test-pipeline", Params: map[string]any{"steps": 1, "step_ms": 600000},
+				Preview: api.PreviewSpec{Method: method, Family: "flux"}})
 			if err != nil {
 				b.Fatal(err)
 			}
 			defer func() { j.Cancel(); <-j.Done() }()
-			for j.State() != job.StateRunning {
+			for j.State() != api.JobRunning {
 				time.Sleep(time.Millisecond)
 			}
 			src := plugin.Source{Plugin: "test-pipeline", Generation: 1}

@@ -2,13 +2,8 @@ package job
 
 import (
 	"sync"
-)
 
-// Event types a Subscription delivers.
-const (
-	EventProgress = "progress" // a step was published
-	EventFrame    = "frame"    // a preview frame was rendered
-	EventState    = "state"    // the job changed state
+	"github.com/arenahost/arenahost/sdk/api"
 )
 
 // Event is one thing that happened to a job, with the job's snapshot at
@@ -16,7 +11,7 @@ const (
 // not be modified.
 type Event struct {
 	Type  string
-	Job   Snapshot
+	Job   api.Job
 	Frame *Frame
 }
 

@@ -13,6 +13,7 @@ import (
 
 	"github.com/arenahost/arenahost/host/job"
 	"github.com/arenahost/arenahost/host/plugin"
+	"github.com/arenahost/arenahost/sdk/api"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
@@ -54,24 +55,24 @@ func (f *fakePlugins) Stream(ctx context.Context, name, method string, args []by
 	return fn(r)
 }
 
-func (f *fakePlugins) PluginStatus(name string) (plugin.Status, error) {
+func (f *fakePlugins) PluginStatus(name string) (api.PluginStatus, error) {
 	if name != "tool" {
-		return plugin.Status{}, fmt.Errorf("plugin %q: %w", name, plugin.ErrUnknownPlugin)
+		return api.PluginStatus{}, fmt.Errorf("plugin %q: %w", name, plugin.ErrUnknownPlugin)
 	}
 	// A pipeline whose every method is public: /v1/jobs runs only those
 	// (issue 15); job.Create's refusals of the others are tested elsewhere.
-	st := plugin.Status{Name: "tool", Kind: "pipeline", State: plugin.StateServing, Generation: 1}
+	st := api.PluginStatus{Name: "tool", Kind: "pipeline", State: api.PluginServing, Generation: 1}
 	f.mu.Lock()
 	for m := range f.methods {
-		st.Methods = append(st.Methods, plugin.Method{Name: m, Public: true})
+		st.Methods = append(st.Methods, api.PluginMethod{Name: m, Public: true})
 	}
 	f.mu.Unlock()
 	return st, nil
 }
 
-func (f *fakePlugins) Status() []plugin.Status {
+func (f *fakePlugins) Status() []api.PluginStatus {
 	st, _ := f.PluginStatus("tool")
-	return []plugin.Status{st}
+	return []api.PluginStatus{st}
 }
 
 func newFakeJobs(t *testing.T, methods map[string]func(context.Context, map[string]any) (any, error)) (*job.Manager, *fakePlugins) {
@@ -83,7 +84,7 @@ func newFakeJobs(t *testing.T, methods map[string]func(context.Context, map[stri
 	return m, f
 }
 
-var noPreview = job.Preview{Method: job.MethodNone}
+var noPreview = api.PreviewSpec{Method: job.MethodNone}
 
 // Jobs run one at a time, in the order they were created: a second job
 // waits queued while the first runs, then runs; each gets its own job_id
@@ -102,11 +103,11 @@ func TestFakeJobsRunOneAtATime(t *testing.T) {
 			return map[string]any{"job": args["job_id"], "n": args["n"]}, nil
 		},
 	})
-	a, err := m.Create(t.Context(), job.Spec{Pipeline: "tool", Method: "slow", Params: map[string]any{"n": 1}, Preview: noPreview})
+	a, err := m.Create(t.Context(), api.JobSpec{Pipeline: "tool", Method: "slow", Params: map[string]any{"n": 1}, Preview: noPreview})
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := m.Create(t.Context(), job.Spec{Pipeline: "tool", Method: "slow", Params: map[string]any{"n": 2}, Preview: noPreview})
+	b, err := m.Create(t.Context(), api.JobSpec{Pipeline: "tool", Method: "slow", Params: map[string]any{"n": 2}, Preview: noPreview})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -120,14 +121,14 @@ func TestFakeJobsRunOneAtATime(t *testing.T) {
 		t.Fatalf("job %s started while %s was running", id, first.ID())
 	case <-time.After(200 * time.Millisecond):
 	}
-	if s := second.Snapshot(); s.State != job.StateQueued || !s.Started.IsZero() {
+	if s := second.Snapshot(); s.State != api.JobQueued || !s.Started.IsZero() {
 		t.Fatalf("second job while the first runs: %+v", s)
 	}
 	close(release)
 	for _, j := range []*job.Job{a, b} {
 		s := wait(t, j, 10*time.Second)
 		res, _ := s.Result.(map[string]any)
-		if s.State != job.StateDone || fmt.Sprint(res["job"]) != j.ID() {
+		if s.State != api.JobDone || fmt.Sprint(res["job"]) != j.ID() {
 			t.Fatalf("job %s: %+v", j.ID(), s)
 		}
 	}
@@ -148,14 +149,14 @@ func TestFakeJobFailureAndCancel(t *testing.T) {
 			return nil, ctx.Err()
 		},
 	})
-	j, err := m.Create(t.Context(), job.Spec{Pipeline: "tool", Method: "boom", Preview: noPreview})
+	j, err := m.Create(t.Context(), api.JobSpec{Pipeline: "tool", Method: "boom", Preview: noPreview})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s := wait(t, j, 10*time.Second); s.State != job.StateFailed || !strings.Contains(s.Error, "out of widgets") || s.Result != nil {
+	if s := wait(t, j, 10*time.Second); s.State != api.JobFailed || !strings.Contains(s.Error, "out of widgets") || s.Result != nil {
 		t.Fatalf("failed job: %+v", s)
 	}
-	j, err = m.Create(t.Context(), job.Spec{Pipeline: "tool", Method: "wait", Preview: noPreview})
+	j, err = m.Create(t.Context(), api.JobSpec{Pipeline: "tool", Method: "wait", Preview: noPreview})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -163,7 +164,7 @@ func TestFakeJobFailureAndCancel(t *testing.T) {
 	if _, err := m.Cancel(j.ID()); err != nil {
 		t.Fatal(err)
 	}
-	if s := wait(t, j, 10*time.Second); s.State != job.StateCancelled {
+	if s := wait(t, j, 10*time.Second); s.State != api.JobCancelled {
 		t.Fatalf("cancelled job: %+v", s)
 	}
 }
@@ -175,15 +176,15 @@ func TestFakeJobCreateRefuses(t *testing.T) {
 		"ok": func(context.Context, map[string]any) (any, error) { return nil, nil },
 	})
 	for _, tc := range []struct {
-		spec job.Spec
+		spec api.JobSpec
 		is   error
 		want string
 	}{
-		{job.Spec{Pipeline: "tool", Method: "nope", Preview: noPreview}, job.ErrInvalid, `serves no method "nope"`},
-		{job.Spec{Pipeline: "", Preview: noPreview}, job.ErrInvalid, "pipeline: required"},
-		{job.Spec{Pipeline: "other", Method: "ok", Preview: noPreview}, plugin.ErrUnknownPlugin, `"other"`},
-		{job.Spec{Pipeline: "tool", Method: "ok", Preview: job.Preview{Method: job.MethodNone, Format: "gif"}}, nil, ""},
-		{job.Spec{Pipeline: "tool", Method: "ok", Origin: "Bad Origin", Preview: noPreview}, job.ErrInvalid, "origin"},
+		{api.JobSpec{Pipeline: "tool", Method: "nope", Preview: noPreview}, job.ErrInvalid, `serves no method "nope"`},
+		{api.JobSpec{Pipeline: "", Preview: noPreview}, job.ErrInvalid, "pipeline: required"},
+		{api.JobSpec{Pipeline: "other", Method: "ok", Preview: noPreview}, plugin.ErrUnknownPlugin, `"other"`},
+		{api.JobSpec{Pipeline: "tool", Method: "ok", Preview: api.PreviewSpec{Method: job.MethodNone, Format: "gif"}}, nil, ""},
+		{api.JobSpec{Pipeline: "tool", Method: "ok", Origin: "Bad Origin", Preview: noPreview}, job.ErrInvalid, "origin"},
 	} {
 		j, err := m.Create(t.Context(), tc.spec)
 		if tc.is == nil {
@@ -226,7 +227,7 @@ func TestFakeJobsStartInCreationOrder(t *testing.T) {
 	})
 	var jobs []*job.Job
 	for i := range 6 {
-		j, err := m.Create(t.Context(), job.Spec{Pipeline: "tool", Method: "step", Params: map[string]any{"n": i}, Preview: noPreview})
+		j, err := m.Create(t.Context(), api.JobSpec{Pipeline: "tool", Method: "step", Params: map[string]any{"n": i}, Preview: noPreview})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -239,7 +240,7 @@ func TestFakeJobsStartInCreationOrder(t *testing.T) {
 	for _, j := range jobs {
 		wait(t, j, 10*time.Second)
 	}
-	if s := jobs[2].Snapshot(); s.State != job.StateCancelled || !s.Started.IsZero() {
+	if s := jobs[2].Snapshot(); s.State != api.JobCancelled || !s.Started.IsZero() {
 		t.Fatalf("job cancelled while queued: %+v", s)
 	}
 	mu.Lock()

@@ -9,6 +9,7 @@ import (
 	"github.com/arenahost/arenahost/host/job"
 	"github.com/arenahost/arenahost/host/server"
 	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/sdk/api"
 )
 
 // buildPlugins installs the preview plugin and the test pipeline (built
@@ -44,7 +45,7 @@ func startHost(tb testing.TB) *server.Server {
 }
 
 // wait waits for the job to end and returns its snapshot.
-func wait(tb testing.TB, j *job.Job, bound time.Duration) job.Snapshot {
+func wait(tb testing.TB, j *job.Job, bound time.Duration) api.Job {
 	tb.Helper()
 	select {
 	case <-j.Done():
@@ -61,7 +62,7 @@ func frames(sub *job.Subscription, j *job.Job, onFrame func(*job.Frame)) []*job.
 		select {
 		case <-sub.C():
 			for _, e := range sub.Next() {
-				if e.Type == job.EventFrame {
+				if e.Type == api.EventFrame {
 					out = append(out, e.Frame)
 					if onFrame != nil {
 						onFrame(e.Frame)
@@ -70,7 +71,7 @@ func frames(sub *job.Subscription, j *job.Job, onFrame func(*job.Frame)) []*job.
 			}
 		case <-j.Done():
 			for _, e := range sub.Next() {
-				if e.Type == job.EventFrame {
+				if e.Type == api.EventFrame {
 					out = append(out, e.Frame)
 				}
 			}

@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/host/plugin"
+	"github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/preview/previewwire"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
@@ -48,77 +49,14 @@ var (
 type Plugins interface {
 	Call(ctx context.Context, name, method string, args []byte, tensors []*pluginv1.TensorDescriptor) (*plugin.Reply, error)
 	Stream(ctx context.Context, name, method string, args []byte, tensors []*pluginv1.TensorDescriptor, fn func(*plugin.Reply) error) error
-	PluginStatus(name string) (plugin.Status, error)
-	Status() []plugin.Status
+	PluginStatus(name string) (api.PluginStatus, error)
+	Status() []api.PluginStatus
 }
-
-// State is where a job is in its life.
-type State string
-
-// The states. Done, Failed and Cancelled are final.
-const (
-	StateQueued    State = "queued"
-	StateRunning   State = "running"
-	StateDone      State = "done"
-	StateFailed    State = "failed"
-	StateCancelled State = "cancelled"
-)
-
-// Final reports whether the state is terminal.
-func (s State) Final() bool { return s == StateDone || s == StateFailed || s == StateCancelled }
 
 // Preview methods besides those a preview plugin lists.
 const (
 	MethodNone    = "none"                   // previews off: latents are counted, never rendered
 	MethodDefault = previewwire.MethodFactor // when a spec names none
-)
-
-// Preview is one job's preview settings.
-type Preview struct {
-	// Method is a method the preview plugin lists as render.<method>
-	// ("factor", "taesd"), or "none"; "" means "factor".
-	Method string `json:"method,omitempty"`
-	// Plugin names the preview plugin; "" picks the first plugin of kind
-	// "preview".
-	Plugin string `json:"plugin,omitempty"`
-	// EveryN renders only steps that are multiples of N (and the last);
-	// 0 or 1: every step.
-	EveryN int `json:"every_n,omitempty"`
-	// MinIntervalMS skips a step published sooner than this after the last
-	// one taken for rendering (the last step is always taken).
-	MinIntervalMS int `json:"min_interval_ms,omitempty"`
-	// MaxSide caps the longer side of a frame (0: the plugin's default, 512).
-	MaxSide int `json:"max_side,omitempty"`
-	// Format is "jpeg" (default) or "png"; Quality the JPEG quality 1..100.
-	Format  string `json:"format,omitempty"`
-	Quality int    `json:"quality,omitempty"`
-	// Family overrides the model family the pipeline's payload names.
-	Family string `json:"family,omitempty"`
-}
-
-// Spec describes a job to create.
-type Spec struct {
-	// Pipeline names the pipeline plugin; Method its method ("" = "run").
-	Pipeline string `json:"pipeline"`
-	Method   string `json:"method,omitempty"`
-	// Params are the method's parameters, sent as msgpack; "job_id" is set
-	// to the job's id so the pipeline publishes under it.
-	Params  map[string]any `json:"params,omitempty"`
-	Preview Preview        `json:"preview"`
-	// ClientID tags the job for delivery (ComfyUI websocket clientId).
-	ClientID string `json:"client_id,omitempty"`
-	// Origin says who started the job, for people reading the job list:
-	// "console", "a1111", "comfyui", or "api" (the default) for a plain
-	// POST /v1/jobs. It is a label; nothing depends on it.
-	Origin string `json:"origin,omitempty"`
-}
-
-// Origins a job can name (Spec.Origin); other short labels are accepted.
-const (
-	OriginAPI     = "api"
-	OriginConsole = "console"
-	OriginA1111   = "a1111"
-	OriginComfyUI = "comfyui"
 )
 
 // checkOrigin accepts 1 to 32 lower-case letters, digits, '-' and '_'.
@@ -210,7 +148,7 @@ func (m *Manager) pluginsOrErr() (Plugins, error) {
 // Job is one run of a pipeline plugin.
 type Job struct {
 	id       string
-	spec     Spec
+	spec     api.JobSpec
 	m        *Manager
 	ctx      context.Context
 	cancel   context.CancelFunc
@@ -223,7 +161,7 @@ type Job struct {
 	finished atomic.Bool
 
 	mu         sync.Mutex
-	state      State
+	state      api.JobState
 	step       int
 	total      int
 	started    time.Time
@@ -246,7 +184,7 @@ func (j *Job) Done() <-chan struct{} { return j.done }
 // Create checks spec and starts the job (queued until a run slot is free).
 // A bad spec, an unknown pipeline or an unknown preview method is refused
 // here, never mid-run.
-func (m *Manager) Create(ctx context.Context, spec Spec) (*Job, error) {
+func (m *Manager) Create(ctx context.Context, spec api.JobSpec) (*Job, error) {
 	ps, err := m.pluginsOrErr()
 	if err != nil {
 		return nil, err
@@ -258,7 +196,7 @@ func (m *Manager) Create(ctx context.Context, spec Spec) (*Job, error) {
 		spec.Method = "run"
 	}
 	if spec.Origin == "" {
-		spec.Origin = OriginAPI
+		spec.Origin = api.OriginAPI
 	}
 	if err := checkOrigin(spec.Origin); err != nil {
 		return nil, err
@@ -267,22 +205,22 @@ func (m *Manager) Create(ctx context.Context, spec Spec) (*Job, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pipeline %q: %w", spec.Pipeline, err)
 	}
-	if st.Kind != plugin.KindPipeline {
+	if st.Kind != api.KindPipeline {
 		return nil, fmt.Errorf("%w: plugin %q is of kind %q: only pipeline plugins run jobs, and only their public methods (method %q)",
 			ErrForbidden, spec.Pipeline, st.Kind, spec.Method)
 	}
 	switch {
-	case st.State == plugin.StateUnavailable:
+	case st.State == api.PluginUnavailable:
 		// Its manifest's needs are not met: no restart will help.
 		return nil, fmt.Errorf("pipeline %q: %w: %s", spec.Pipeline, plugin.ErrUnavailable, st.LastError)
-	case st.State != plugin.StateServing && st.State != plugin.StateSwapping:
+	case st.State != api.PluginServing && st.State != api.PluginSwapping:
 		msg := ""
 		if st.LastError != "" {
 			msg = " (last error: " + st.LastError + ")"
 		}
 		return nil, fmt.Errorf("%w: pipeline %q is %s%s", ErrUnavailable, spec.Pipeline, st.State, msg)
 	}
-	mi := slices.IndexFunc(st.Methods, func(x plugin.Method) bool { return x.Name == spec.Method })
+	mi := slices.IndexFunc(st.Methods, func(x api.PluginMethod) bool { return x.Name == spec.Method })
 	if mi >= 0 && !st.Methods[mi].Public {
 		return nil, fmt.Errorf("%w: pipeline %q: method %q is internal (public: %v; see public_methods in its plugin.json)",
 			ErrForbidden, spec.Pipeline, spec.Method, publicMethods(st))
@@ -301,7 +239,7 @@ func (m *Manager) Create(ctx context.Context, spec Spec) (*Job, error) {
 	}
 	jctx, cancel := context.WithCancel(m.ctx)
 	j := &Job{id: id, spec: spec, m: m, ctx: jctx, cancel: cancel, args: params, stream: st.Methods[mi].Streaming,
-		done: make(chan struct{}), created: time.Now(), state: StateQueued}
+		done: make(chan struct{}), created: time.Now(), state: api.JobQueued}
 	if pv != nil {
 		pv.job = j
 		j.pv = pv
@@ -311,7 +249,7 @@ func (m *Manager) Create(ctx context.Context, spec Spec) (*Job, error) {
 	m.order = append(m.order, j)
 	m.pruneLocked()
 	m.mu.Unlock()
-	m.broadcast(Event{Type: EventState, Job: j.Snapshot()})
+	m.broadcast(Event{Type: api.EventState, Job: j.Snapshot()})
 	j.slot = m.queue.enqueue() // its place in line, in creation order
 	m.wg.Add(1)
 	go j.run()
@@ -319,7 +257,7 @@ func (m *Manager) Create(ctx context.Context, spec Spec) (*Job, error) {
 }
 
 // publicMethods lists the methods of st that HTTP clients may run.
-func publicMethods(st plugin.Status) []string {
+func publicMethods(st api.PluginStatus) []string {
 	out := []string{}
 	for _, m := range st.Methods {
 		if m.Public {
@@ -331,7 +269,7 @@ func publicMethods(st plugin.Status) []string {
 
 // checkPreview validates the preview settings against the preview plugin
 // and returns the job's previewer (nil when previews are off).
-func (m *Manager) checkPreview(ps Plugins, p *Preview) (*previewer, error) {
+func (m *Manager) checkPreview(ps Plugins, p *api.PreviewSpec) (*previewer, error) {
 	defaulted := p.Method == ""
 	if defaulted {
 		p.Method = MethodDefault
@@ -353,10 +291,10 @@ func (m *Manager) checkPreview(ps Plugins, p *Preview) (*previewer, error) {
 	if p.EveryN < 0 || p.MinIntervalMS < 0 {
 		return nil, fmt.Errorf("%w: preview.every_n %d / min_interval_ms %d: must not be negative", ErrInvalid, p.EveryN, p.MinIntervalMS)
 	}
-	var st plugin.Status
+	var st api.PluginStatus
 	if p.Plugin == "" {
 		all := ps.Status()
-		i := slices.IndexFunc(all, func(s plugin.Status) bool { return s.Kind == "preview" })
+		i := slices.IndexFunc(all, func(s api.PluginStatus) bool { return s.Kind == "preview" })
 		if i < 0 {
 			if defaulted {
 				// Nobody asked for previews and none can be made: the
@@ -374,7 +312,7 @@ func (m *Manager) checkPreview(ps Plugins, p *Preview) (*previewer, error) {
 			return nil, fmt.Errorf("%w: preview.plugin: %w", ErrInvalid, err)
 		}
 	}
-	if st.State != plugin.StateServing && st.State != plugin.StateSwapping {
+	if st.State != api.PluginServing && st.State != api.PluginSwapping {
 		// The preview plugin is down or restarting: the job still runs;
 		// latents offered while it is down are counted dropped, and
 		// previews resume when it serves again.
@@ -392,7 +330,7 @@ func (m *Manager) checkPreview(ps Plugins, p *Preview) (*previewer, error) {
 	return newPreviewer(*p), nil
 }
 
-func newPreviewer(set Preview) *previewer {
+func newPreviewer(set api.PreviewSpec) *previewer {
 	return &previewer{set: set, inflight: -1, wake: make(chan struct{}, 1), exited: make(chan struct{})}
 }
 
@@ -442,9 +380,9 @@ func (m *Manager) Current() *Job {
 	for i := len(m.order) - 1; i >= 0; i-- {
 		j := m.order[i]
 		switch j.State() {
-		case StateRunning:
+		case api.JobRunning:
 			return j
-		case StateQueued:
+		case api.JobQueued:
 			if queued == nil {
 				queued = j
 			}
@@ -479,18 +417,18 @@ func (j *Job) Cancel() {
 }
 
 // State returns the job's state.
-func (j *Job) State() State {
+func (j *Job) State() api.JobState {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	return j.state
 }
 
-func (j *Job) setState(s State, errMsg string) {
+func (j *Job) setState(s api.JobState, errMsg string) {
 	j.mu.Lock()
 	j.state = s
 	now := time.Now()
 	switch {
-	case s == StateRunning:
+	case s == api.JobRunning:
 		j.started = now
 	case s.Final():
 		j.ended = now
@@ -499,7 +437,7 @@ func (j *Job) setState(s State, errMsg string) {
 		}
 	}
 	j.mu.Unlock()
-	j.m.broadcast(Event{Type: EventState, Job: j.Snapshot()})
+	j.m.broadcast(Event{Type: api.EventState, Job: j.Snapshot()})
 }
 
 // run waits for a slot, calls the pipeline, flushes the last preview and
@@ -516,11 +454,11 @@ func (j *Job) run() {
 		// Cancelled while it waited (even if its turn came at the same
 		// moment): it never starts, and its place goes to the next.
 		m.queue.leave(j.slot)
-		j.finish(StateCancelled, "cancelled before it started")
+		j.finish(api.JobCancelled, "cancelled before it started")
 		return
 	}
 	defer m.queue.release()
-	j.setState(StateRunning, "")
+	j.setState(api.JobRunning, "")
 	if j.pv != nil {
 		j.pv.start()
 	}
@@ -549,24 +487,24 @@ func (j *Job) run() {
 	j.mu.Unlock()
 	switch {
 	case err == nil:
-		j.finish(StateDone, "")
+		j.finish(api.JobDone, "")
 	case cancelled:
-		j.finish(StateCancelled, fmt.Sprintf("cancelled: %v", err))
+		j.finish(api.JobCancelled, fmt.Sprintf("cancelled: %v", err))
 	default:
-		j.finish(StateFailed, err.Error())
+		j.finish(api.JobFailed, err.Error())
 	}
 }
 
 // finish stops the previewer (rendering the last latent on success, within
 // FlushTimeout), then settles the final state.
-func (j *Job) finish(s State, errMsg string) {
+func (j *Job) finish(s api.JobState, errMsg string) {
 	if j.pv != nil {
-		j.pv.stop(s == StateDone, j.m.cfg.FlushTimeout)
+		j.pv.stop(s == api.JobDone, j.m.cfg.FlushTimeout)
 	}
 	j.finished.Store(true)
 	j.setState(s, errMsg)
 	j.cancel()
-	if s != StateDone {
+	if s != api.JobDone {
 		j.m.log.Info("job ended", "job", j.id, "state", s, "err", errMsg)
 	}
 }
@@ -575,7 +513,7 @@ func (j *Job) finish(s State, errMsg string) {
 func (j *Job) progress(step, total int) {
 	now := time.Now()
 	j.mu.Lock()
-	if j.state != StateRunning {
+	if j.state != api.JobRunning {
 		j.mu.Unlock()
 		return
 	}
@@ -587,59 +525,13 @@ func (j *Job) progress(step, total int) {
 	}
 	j.total = total
 	j.mu.Unlock()
-	j.m.broadcast(Event{Type: EventProgress, Job: j.Snapshot()})
-}
-
-// Counters are a job's preview figures. Every published latent is either
-// rendered or dropped (throttled, superseded by a newer step, failed to
-// render, or left when the job ended): Published = Rendered + Dropped once
-// the job is final.
-type Counters struct {
-	Published uint64 `json:"published"`
-	Rendered  uint64 `json:"rendered"`
-	Dropped   uint64 `json:"dropped"`
-}
-
-// PreviewInfo is the preview part of a snapshot.
-type PreviewInfo struct {
-	Preview
-	Counters
-	// Frame is the newest frame's id (0: none yet), FrameStep its step,
-	// Generation the preview plugin generation that rendered it.
-	Frame      uint64 `json:"frame"`
-	FrameStep  int    `json:"frame_step"`
-	Generation uint64 `json:"generation"`
-	LastError  string `json:"last_error,omitempty"`
-}
-
-// Snapshot is a job as the API shows it.
-type Snapshot struct {
-	ID       string `json:"id"`
-	Pipeline string `json:"pipeline"`
-	Method   string `json:"method"`
-	ClientID string `json:"client_id,omitempty"`
-	Origin   string `json:"origin,omitempty"`
-	// Params are the parameters the job was created with (without the
-	// job_id the pipeline is given).
-	Params   map[string]any `json:"params,omitempty"`
-	State    State          `json:"state"`
-	Step     int            `json:"step"`
-	Total    int            `json:"total"`
-	Progress float64        `json:"progress"` // 0..1
-	ETA      float64        `json:"eta_seconds"`
-	Elapsed  float64        `json:"elapsed_seconds"`
-	Created  time.Time      `json:"created"`
-	Started  time.Time      `json:"started,omitzero"`
-	Ended    time.Time      `json:"ended,omitzero"`
-	Error    string         `json:"error,omitempty"`
-	Preview  PreviewInfo    `json:"preview"`
-	Result   any            `json:"result,omitempty"`
+	j.m.broadcast(Event{Type: api.EventProgress, Job: j.Snapshot()})
 }
 
 // Snapshot returns the job's current state.
-func (j *Job) Snapshot() Snapshot {
+func (j *Job) Snapshot() api.Job {
 	j.mu.Lock()
-	s := Snapshot{ID: j.id, Pipeline: j.spec.Pipeline, Method: j.spec.Method, ClientID: j.spec.ClientID, Origin: j.spec.Origin,
+	s := api.Job{ID: j.id, Pipeline: j.spec.Pipeline, Method: j.spec.Method, ClientID: j.spec.ClientID, Origin: j.spec.Origin,
 		Params: j.spec.Params, State: j.state,
 		Step: j.step, Total: j.total, Created: j.created, Started: j.started, Ended: j.ended, Error: j.err, Result: j.result}
 	first, last := j.firstStep, j.lastStep
@@ -647,7 +539,7 @@ func (j *Job) Snapshot() Snapshot {
 	if s.Total > 0 {
 		s.Progress = min(1, float64(s.Step)/float64(s.Total))
 	}
-	if s.State == StateDone {
+	if s.State == api.JobDone {
 		s.Progress = 1
 	}
 	switch {
@@ -658,7 +550,7 @@ func (j *Job) Snapshot() Snapshot {
 	case !s.Started.IsZero():
 		s.Elapsed = time.Since(s.Started).Seconds()
 	}
-	if s.State == StateRunning && s.Step > 0 && s.Total > s.Step {
+	if s.State == api.JobRunning && s.Step > 0 && s.Total > s.Step {
 		// Time per step from the first published step on (the first step
 		// also carries the pipeline's start-up), times the steps left.
 		per := last.Sub(s.Started).Seconds() / float64(s.Step)
@@ -667,8 +559,8 @@ func (j *Job) Snapshot() Snapshot {
 		}
 		s.ETA = math.Max(0, per*float64(s.Total-s.Step)-time.Since(last).Seconds())
 	}
-	s.Preview.Preview = j.spec.Preview
-	s.Preview.Counters = Counters{Published: j.published.Load(), Rendered: j.rendered.Load(), Dropped: j.dropped.Load()}
+	s.Preview.PreviewSpec = j.spec.Preview
+	s.Preview.PreviewCounters = api.PreviewCounters{Published: j.published.Load(), Rendered: j.rendered.Load(), Dropped: j.dropped.Load()}
 	if j.pv != nil {
 		j.pv.info(&s.Preview)
 	}
@@ -676,8 +568,8 @@ func (j *Job) Snapshot() Snapshot {
 }
 
 // Counters returns the job's preview figures.
-func (j *Job) Counters() Counters {
-	return Counters{Published: j.published.Load(), Rendered: j.rendered.Load(), Dropped: j.dropped.Load()}
+func (j *Job) Counters() api.PreviewCounters {
+	return api.PreviewCounters{Published: j.published.Load(), Rendered: j.rendered.Load(), Dropped: j.dropped.Load()}
 }
 
 // Done is closed when the Manager is closed.

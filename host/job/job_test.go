@@ -11,26 +11,27 @@ import (
 
 	"github.com/arenahost/arenahost/host/job"
 	"github.com/arenahost/arenahost/host/plugin"
+	"github.com/arenahost/arenahost/sdk/api"
 )
 
 func TestCreateChecksSpec(t *testing.T) {
 	s := startHost(t)
 	cases := []struct {
 		name string
-		spec job.Spec
+		spec api.JobSpec
 		want error
 	}{
-		{"no pipeline", job.Spec{}, job.ErrInvalid},
-		{"unknown pipeline", job.Spec{Pipeline: "nope"}, plugin.ErrUnknownPlugin},
-		{"unknown pipeline method", job.Spec{Pipeline: "test-pipeline", Method: "walk"}, job.ErrInvalid},
-		{"preview plugin as a pipeline", job.Spec{Pipeline: "preview", Method: "render.factor"}, job.ErrForbidden},
-		{"preview plugin's run", job.Spec{Pipeline: "preview"}, job.ErrForbidden},
-		{"taesd without decoder", job.Spec{Pipeline: "test-pipeline", Preview: job.Preview{Method: "taesd"}}, job.ErrInvalid},
-		{"unknown preview method", job.Spec{Pipeline: "test-pipeline", Preview: job.Preview{Method: "vae"}}, job.ErrInvalid},
-		{"unknown preview plugin", job.Spec{Pipeline: "test-pipeline", Preview: job.Preview{Plugin: "nope"}}, job.ErrInvalid},
-		{"bad format", job.Spec{Pipeline: "test-pipeline", Preview: job.Preview{Format: "webp"}}, job.ErrInvalid},
-		{"bad quality", job.Spec{Pipeline: "test-pipeline", Preview: job.Preview{Quality: 101}}, job.ErrInvalid},
-		{"negative every_n", job.Spec{Pipeline: "test-pipeline", Preview: job.Preview{EveryN: -1}}, job.ErrInvalid},
+		{"no pipeline", api.JobSpec{}, job.ErrInvalid},
+		{"unknown pipeline", api.JobSpec{Pipeline: "nope"}, plugin.ErrUnknownPlugin},
+		{"unknown pipeline method", api.JobSpec{Pipeline: "test-pipeline", Method: "walk"}, job.ErrInvalid},
+		{"preview plugin as a pipeline", api.JobSpec{Pipeline: "preview", Method: "render.factor"}, job.ErrForbidden},
+		{"preview plugin's run", api.JobSpec{Pipeline: "preview"}, job.ErrForbidden},
+		{"taesd without decoder", api.JobSpec{Pipeline: "test-pipeline", Preview: api.PreviewSpec{Method: "taesd"}}, job.ErrInvalid},
+		{"unknown preview method", api.JobSpec{Pipeline: "test-pipeline", Preview: api.PreviewSpec{Method: "vae"}}, job.ErrInvalid},
+		{"unknown preview plugin", api.JobSpec{Pipeline: "test-pipeline", Preview: api.PreviewSpec{Plugin: "nope"}}, job.ErrInvalid},
+		{"bad format", api.JobSpec{Pipeline: "test-pipeline", Preview: api.PreviewSpec{Format: "webp"}}, job.ErrInvalid},
+		{"bad quality", api.JobSpec{Pipeline: "test-pipeline", Preview: api.PreviewSpec{Quality: 101}}, job.ErrInvalid},
+		{"negative every_n", api.JobSpec{Pipeline: "test-pipeline", Preview: api.PreviewSpec{EveryN: -1}}, job.ErrInvalid},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -52,17 +53,17 @@ func TestJobRendersFrames(t *testing.T) {
 	s := startHost(t)
 	for _, tc := range []struct {
 		name            string
-		preview         job.Preview
+		preview         api.PreviewSpec
 		params          map[string]any
 		wantW, wantH    int
 		wantMinRendered uint64
 	}{
-		{"jpeg every step", job.Preview{}, map[string]any{"steps": 12, "step_ms": 15}, 128, 128, 2},
-		{"png capped every 4", job.Preview{Format: "png", MaxSide: 64, EveryN: 4}, map[string]any{"steps": 12, "step_ms": 15}, 64, 64, 1},
-		{"packed tokens", job.Preview{}, map[string]any{"steps": 6, "step_ms": 15, "channels": 64, "height": 8, "width": 8, "layout": "tokens"}, 128, 128, 1},
+		{"jpeg every step", api.PreviewSpec{}, map[string]any{"steps": 12, "step_ms": 15}, 128, 128, 2},
+		{"png capped every 4", api.PreviewSpec{Format: "png", MaxSide: 64, EveryN: 4}, map[string]any{"steps": 12, "step_ms": 15}, 64, 64, 1},
+		{"packed tokens", api.PreviewSpec{}, map[string]any{"steps": 6, "step_ms": 15, "channels": 64, "height": 8, "width": 8, "layout": "tokens"}, 128, 128, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			j, err := s.Jobs.Create(t.Context(), job.Spec{Pipeline: "test-pipeline", Params: tc.params, Preview: tc.preview})
+			j, err := s.Jobs.Create(t.Context(), api.JobSpec{Pipeline: "test-pipeline", Params: tc.params, Preview: tc.preview})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -71,10 +72,10 @@ func TestJobRendersFrames(t *testing.T) {
 			fs := frames(sub, j, nil)
 			snap := wait(t, j, 10*time.Second)
 			steps := uint64(tc.params["steps"].(int))
-			if snap.State != job.StateDone || snap.Step != int(steps) || snap.Progress != 1 {
+			if snap.State != api.JobDone || snap.Step != int(steps) || snap.Progress != 1 {
 				t.Fatalf("snapshot %+v: want done at step %d", snap, steps)
 			}
-			c := snap.Preview.Counters
+			c := snap.Preview.PreviewCounters
 			if c.Published != steps || c.Rendered+c.Dropped != c.Published || c.Rendered < tc.wantMinRendered {
 				t.Fatalf("counters %+v: want %d published = rendered (≥%d) + dropped", c, steps, tc.wantMinRendered)
 			}
@@ -118,15 +119,15 @@ func TestJobRendersFrames(t *testing.T) {
 
 func TestPreviewsOffAndCancel(t *testing.T) {
 	s := startHost(t)
-	j, err := s.Jobs.Create(t.Context(), job.Spec{Pipeline: "test-pipeline", Params: map[string]any{"steps": 5, "step_ms": 1}, Preview: job.Preview{Method: "none"}})
+	j, err := s.Jobs.Create(t.Context(), api.JobSpec{Pipeline: "test-pipeline", Params: map[string]any{"steps": 5, "step_ms": 1}, Preview: api.PreviewSpec{Method: "none"}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	snap := wait(t, j, 10*time.Second)
-	if c := snap.Preview.Counters; snap.State != job.StateDone || c.Published != 5 || c.Dropped != 5 || c.Rendered != 0 || j.Frame() != nil {
+	if c := snap.Preview.PreviewCounters; snap.State != api.JobDone || c.Published != 5 || c.Dropped != 5 || c.Rendered != 0 || j.Frame() != nil {
 		t.Fatalf("previews off: %+v", snap)
 	}
-	j, err = s.Jobs.Create(t.Context(), job.Spec{Pipeline: "test-pipeline", Params: map[string]any{"steps": 1000, "step_ms": 10}})
+	j, err = s.Jobs.Create(t.Context(), api.JobSpec{Pipeline: "test-pipeline", Params: map[string]any{"steps": 1000, "step_ms": 10}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -137,7 +138,7 @@ func TestPreviewsOffAndCancel(t *testing.T) {
 		t.Fatal(err)
 	}
 	snap = wait(t, j, 10*time.Second)
-	if c := snap.Preview.Counters; snap.State != job.StateCancelled || snap.Step >= 1000 || c.Published != c.Rendered+c.Dropped {
+	if c := snap.Preview.PreviewCounters; snap.State != api.JobCancelled || snap.Step >= 1000 || c.Published != c.Rendered+c.Dropped {
 		t.Fatalf("cancelled job: %+v", snap)
 	}
 	if _, err := s.Jobs.Cancel("job-nope"); !errors.Is(err, job.ErrNotFound) {
@@ -151,7 +152,7 @@ func TestPreviewsOffAndCancel(t *testing.T) {
 func TestPreviewCrashMidJob(t *testing.T) {
 	s := startHost(t)
 	const steps = 80
-	j, err := s.Jobs.Create(t.Context(), job.Spec{Pipeline: "test-pipeline", Params: map[string]any{"steps": steps, "step_ms": 20}})
+	j, err := s.Jobs.Create(t.Context(), api.JobSpec{Pipeline: "test-pipeline", Params: map[string]any{"steps": steps, "step_ms": 20}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -173,10 +174,10 @@ func TestPreviewCrashMidJob(t *testing.T) {
 		}
 	})
 	snap := wait(t, j, 20*time.Second)
-	if snap.State != job.StateDone || snap.Step != steps {
+	if snap.State != api.JobDone || snap.Step != steps {
 		t.Fatalf("job after preview crash: %+v", snap)
 	}
-	c := snap.Preview.Counters
+	c := snap.Preview.PreviewCounters
 	if c.Published != steps || c.Rendered+c.Dropped != steps {
 		t.Fatalf("counters %+v: every one of %d steps must be rendered or dropped", c, steps)
 	}
@@ -195,7 +196,7 @@ func TestPreviewCrashMidJob(t *testing.T) {
 func TestPreviewSwapMidJob(t *testing.T) {
 	s := startHost(t)
 	const steps = 80
-	j, err := s.Jobs.Create(t.Context(), job.Spec{Pipeline: "test-pipeline", Params: map[string]any{"steps": steps, "step_ms": 20}})
+	j, err := s.Jobs.Create(t.Context(), api.JobSpec{Pipeline: "test-pipeline", Params: map[string]any{"steps": steps, "step_ms": 20}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -220,7 +221,7 @@ func TestPreviewSwapMidJob(t *testing.T) {
 	if err := <-swapErr; err != nil {
 		t.Fatal(err)
 	}
-	if snap.State != job.StateDone || newGen <= oldGen {
+	if snap.State != api.JobDone || newGen <= oldGen {
 		t.Fatalf("job %+v, generations %d → %d", snap, oldGen, newGen)
 	}
 	after := 0
@@ -235,7 +236,7 @@ func TestPreviewSwapMidJob(t *testing.T) {
 	if after == 0 {
 		t.Fatal("no frame published after the swap")
 	}
-	if c := snap.Preview.Counters; c.Rendered+c.Dropped != c.Published {
+	if c := snap.Preview.PreviewCounters; c.Rendered+c.Dropped != c.Published {
 		t.Errorf("counters %+v", c)
 	}
 }

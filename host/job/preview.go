@@ -14,6 +14,7 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 
 	"github.com/arenahost/arenahost/host/plugin"
+	"github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/preview/previewwire"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 	"github.com/arenahost/arenahost/shared/tensor"
@@ -85,7 +86,7 @@ type pendingLatent struct {
 // never fault (the plugin maps whole segments).
 type previewer struct {
 	job  *Job
-	set  Preview
+	set  api.PreviewSpec
 	wake chan struct{}
 
 	mu        sync.Mutex
@@ -102,7 +103,7 @@ type previewer struct {
 	lastErr   string
 }
 
-func (p *previewer) info(pi *PreviewInfo) {
+func (p *previewer) info(pi *api.PreviewInfo) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.frame != nil {
@@ -141,7 +142,7 @@ func (m *Manager) Publish(_ context.Context, from plugin.Source, req *pluginv1.P
 	default:
 		return false, nil
 	}
-	if j.State() != StateRunning {
+	if j.State() != api.JobRunning {
 		return false, nil
 	}
 	j.published.Add(1)
@@ -317,7 +318,7 @@ func (p *previewer) render(pl *pendingLatent) {
 	p.lastErr = ""
 	p.mu.Unlock()
 	j.rendered.Add(1)
-	j.m.broadcast(Event{Type: EventFrame, Job: j.Snapshot(), Frame: f})
+	j.m.broadcast(Event{Type: api.EventFrame, Job: j.Snapshot(), Frame: f})
 }
 
 func (p *previewer) failed(pl *pendingLatent, err error) {

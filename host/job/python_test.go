@@ -7,9 +7,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/arenahost/arenahost/host/job"
 	"github.com/arenahost/arenahost/host/server"
 	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/sdk/api"
 )
 
 // TestPythonReferencePipeline runs the SDK's NumPy reference pipeline as a
@@ -43,16 +43,16 @@ func testReferencePipeline(t *testing.T, backend string) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = s.Close(ctx) })
-	j, err := s.Jobs.Create(t.Context(), job.Spec{Pipeline: "reference-pipeline",
-		Params: map[string]any{"steps": 6, "width": 64, "height": 48, "seed": 3}, Preview: job.Preview{Format: "png"}})
+	j, err := s.Jobs.Create(t.Context(), api.JobSpec{Pipeline: "reference-pipeline",
+		Params: map[string]any{"steps": 6, "width": 64, "height": 48, "seed": 3}, Preview: api.PreviewSpec{Format: "png"}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	snap := wait(t, j, 60*time.Second)
-	if snap.State != job.StateDone || snap.Step != 6 || snap.Total != 6 {
+	if snap.State != api.JobDone || snap.Step != 6 || snap.Total != 6 {
 		t.Fatalf("job %+v", snap)
 	}
-	c := snap.Preview.Counters
+	c := snap.Preview.PreviewCounters
 	if c.Published != 6 || c.Rendered+c.Dropped != 6 || c.Rendered == 0 {
 		t.Fatalf("counters %+v", c)
 	}

@@ -20,6 +20,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/lora/lorawire"
 	"io"
 	"log/slog"
@@ -78,53 +79,15 @@ type Memory interface {
 	Location(r arena.Region) (arena.Location, error)
 }
 
-// Entry is one LoRA of a set.
-type Entry struct {
-	// Name is what the request called it (a name in the LoRA directory);
-	// Path the confined file path the plugin reads.
-	Name     string  `json:"name,omitempty"`
-	Path     string  `json:"path"`
-	Strength float64 `json:"strength"`
-}
-
-// Request is an apply.
+// Request is an apply, as the coordinator takes it (the HTTP body is
+// sdk/api's ApplyRequest; the route confines each LoRA's path first).
 type Request struct {
-	Model  string  `json:"model,omitempty"` // "" is the default model
-	LoRAs  []Entry `json:"loras"`
-	Mode   string  `json:"mode,omitempty"` // side (default) or fuse
-	Strict bool    `json:"strict,omitempty"`
+	Model  string // "" is the default model
+	LoRAs  []api.AppliedLoRA
+	Mode   string // side (default) or fuse
+	Strict bool
 	// TileElems bounds the fused pass's tile (0: shared/lora's default).
-	TileElems int `json:"-"`
-}
-
-// State is what a model holds now.
-type State struct {
-	Model string  `json:"model"`
-	Mode  string  `json:"mode,omitempty"` // "" when no LoRA is applied
-	LoRAs []Entry `json:"loras"`
-	// Strict is the strict flag of the applied set.
-	Strict bool `json:"strict,omitempty"`
-	// BindingGeneration changes whenever the bound side factors change.
-	BindingGeneration uint64 `json:"binding_generation,omitempty"`
-	// Fused lists the weights fused (fuse mode).
-	Fused []string `json:"fused,omitempty"`
-	// JournalBytes is the arena the fuse journal holds (original bytes
-	// copied because the model has no source file, or its file differed).
-	JournalBytes uint64 `json:"journal_bytes,omitempty"`
-	// JournalFileBytes is what the fuse journal references in the model's
-	// safetensors file instead of copying (checked by CRC-32C on restore).
-	JournalFileBytes uint64        `json:"journal_file_bytes,omitempty"`
-	Report           *slora.Report `json:"report,omitempty"`
-}
-
-// Result is the outcome of an apply or remove.
-type Result struct {
-	State
-	// NoOp says the request matched the current state and nothing ran.
-	NoOp bool `json:"noop"`
-	// Path says how it ran: "apply", "set_strengths", "remove" or "noop".
-	Path    string        `json:"path"`
-	Elapsed time.Duration `json:"elapsed_ns"`
+	TileElems int
 }
 
 // Coordinator applies LoRA sets to the registry's models through the
@@ -147,7 +110,7 @@ type Coordinator struct {
 type modelState struct {
 	loaded  *registry.Model // the registry's model this state is about
 	mu      sync.Mutex
-	state   State
+	state   api.LoRAState
 	journal map[string]journalEntry // by weight key
 }
 
@@ -187,7 +150,7 @@ func (c *Coordinator) model(name string) (*modelState, error) {
 		ms = c.models[name]
 	}
 	if ms == nil {
-		ms = &modelState{loaded: rm, state: State{Model: name}, journal: map[string]journalEntry{}}
+		ms = &modelState{loaded: rm, state: api.LoRAState{Model: name}, journal: map[string]journalEntry{}}
 		c.models[name] = ms
 	}
 	c.mu.Unlock()
@@ -195,21 +158,21 @@ func (c *Coordinator) model(name string) (*modelState, error) {
 }
 
 // State returns what model holds now.
-func (c *Coordinator) State(model string) (State, error) {
+func (c *Coordinator) State(model string) (api.LoRAState, error) {
 	ms, err := c.model(modelName(model))
 	if err != nil {
-		return State{}, err
+		return api.LoRAState{}, err
 	}
 	ms.mu.Lock()
 	defer ms.mu.Unlock()
 	return cloneState(ms.state), nil
 }
 
-func cloneState(s State) State {
+func cloneState(s api.LoRAState) api.LoRAState {
 	s.LoRAs = slices.Clone(s.LoRAs)
 	s.Fused = slices.Clone(s.Fused)
 	if s.LoRAs == nil {
-		s.LoRAs = []Entry{}
+		s.LoRAs = []api.AppliedLoRA{}
 	}
 	return s
 }
@@ -244,7 +207,7 @@ func classify(err error) error {
 	return err
 }
 
-func sameSet(a, b []Entry) bool {
+func sameSet(a, b []api.AppliedLoRA) bool {
 	if len(a) != len(b) {
 		return false
 	}
@@ -256,7 +219,7 @@ func sameSet(a, b []Entry) bool {
 	return true
 }
 
-func sameStrengths(a, b []Entry) bool {
+func sameStrengths(a, b []api.AppliedLoRA) bool {
 	for i := range a {
 		if a[i].Strength != b[i].Strength {
 			return false
@@ -269,7 +232,7 @@ func sameStrengths(a, b []Entry) bool {
 // or nothing: on any error the model's bytes and bindings are exactly as
 // before. An empty set removes. The same set with the same strengths,
 // mode and strict flag is a no-op.
-func (c *Coordinator) Apply(ctx context.Context, req Request) (*Result, error) {
+func (c *Coordinator) Apply(ctx context.Context, req Request) (*api.LoRAResult, error) {
 	start := time.Now()
 	req.Model = modelName(req.Model)
 	if req.Mode == "" {
@@ -293,7 +256,7 @@ func (c *Coordinator) Apply(ctx context.Context, req Request) (*Result, error) {
 		return c.remove(ctx, ms, start)
 	}
 	cur := ms.state
-	res := &Result{}
+	res := &api.LoRAResult{}
 	switch {
 	case cur.Mode == req.Mode && cur.Strict == req.Strict && sameSet(cur.LoRAs, req.LoRAs) && sameStrengths(cur.LoRAs, req.LoRAs):
 		res.NoOp, res.Path = true, "noop"
@@ -314,13 +277,13 @@ func (c *Coordinator) Apply(ctx context.Context, req Request) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	res.State = cloneState(ms.state)
+	res.LoRAState = cloneState(ms.state)
 	res.Elapsed = time.Since(start)
 	c.log.Info("lora applied", "model", req.Model, "mode", req.Mode, "loras", len(req.LoRAs), "path", res.Path, "took", res.Elapsed.Round(time.Microsecond))
 	return res, nil
 }
 
-func specs(es []Entry) []lorawire.LoRASpec {
+func specs(es []api.AppliedLoRA) []lorawire.LoRASpec {
 	out := make([]lorawire.LoRASpec, len(es))
 	for i, e := range es {
 		out[i] = lorawire.LoRASpec{Path: e.Path, Strength: e.Strength}
@@ -472,7 +435,7 @@ func (c *Coordinator) applySide(ctx context.Context, ms *modelState, req Request
 	if err != nil {
 		return fail(fmt.Errorf("apply side: %w", err))
 	}
-	ms.state = State{Model: req.Model, Mode: ModeSide, LoRAs: slices.Clone(req.LoRAs), Strict: req.Strict, BindingGeneration: gen, Report: out.Report}
+	ms.state = api.LoRAState{Model: req.Model, Mode: ModeSide, LoRAs: slices.Clone(req.LoRAs), Strict: req.Strict, BindingGeneration: gen, Report: out.Report}
 	return nil
 }
 
@@ -586,7 +549,7 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 	fusedList := slices.Clone(out.Fused)
 	sort.Strings(fusedList)
 	inArena, inFile := journalBytes(ms)
-	ms.state = State{Model: req.Model, Mode: ModeFuse, LoRAs: slices.Clone(req.LoRAs), Strict: req.Strict, Fused: fusedList,
+	ms.state = api.LoRAState{Model: req.Model, Mode: ModeFuse, LoRAs: slices.Clone(req.LoRAs), Strict: req.Strict, Fused: fusedList,
 		JournalBytes: inArena, JournalFileBytes: inFile, Report: out.Report}
 	c.log.Info("lora fuse journal", "model", req.Model, "weights", len(ms.journal),
 		"arena", arena.ByteSize(inArena), "referenced_in_file", arena.ByteSize(inFile))
@@ -651,7 +614,7 @@ func (c *Coordinator) reFuse(ctx context.Context, m *registry.Model, ms *modelSt
 		c.freeEntry(e)
 		delete(ms.journal, w)
 	}
-	ms.state = State{Model: prev.Model}
+	ms.state = api.LoRAState{Model: prev.Model}
 	return fmt.Errorf("fuse the previous set again: %w; the model now holds its original weights and no LoRA", err)
 }
 
@@ -692,7 +655,7 @@ func (c *Coordinator) fuseDescriptors(m *registry.Model, weights []string) ([]*p
 
 // Remove takes every LoRA off model: side factors are unbound and freed,
 // fused weights get their journaled bytes back (byte-exact).
-func (c *Coordinator) Remove(ctx context.Context, model string) (*Result, error) {
+func (c *Coordinator) Remove(ctx context.Context, model string) (*api.LoRAResult, error) {
 	start := time.Now()
 	ms, err := c.model(modelName(model))
 	if err != nil {
@@ -703,8 +666,8 @@ func (c *Coordinator) Remove(ctx context.Context, model string) (*Result, error)
 	return c.remove(ctx, ms, start)
 }
 
-func (c *Coordinator) remove(ctx context.Context, ms *modelState, start time.Time) (*Result, error) {
-	res := &Result{Path: "remove"}
+func (c *Coordinator) remove(ctx context.Context, ms *modelState, start time.Time) (*api.LoRAResult, error) {
+	res := &api.LoRAResult{Path: "remove"}
 	switch ms.state.Mode {
 	case "":
 		res.NoOp, res.Path = true, "noop"
@@ -720,8 +683,8 @@ func (c *Coordinator) remove(ctx context.Context, ms *modelState, start time.Tim
 			return nil, fmt.Errorf("remove: restore fused weights: %w", err)
 		}
 	}
-	ms.state = State{Model: ms.state.Model}
-	res.State = cloneState(ms.state)
+	ms.state = api.LoRAState{Model: ms.state.Model}
+	res.LoRAState = cloneState(ms.state)
 	res.Elapsed = time.Since(start)
 	return res, nil
 }
@@ -760,5 +723,5 @@ func (c *Coordinator) forget(model string, ms *modelState) {
 		c.freeEntry(e)
 		delete(ms.journal, w)
 	}
-	ms.state = State{Model: model}
+	ms.state = api.LoRAState{Model: model}
 }

@@ -18,16 +18,17 @@ import (
 	"github.com/arenahost/arenahost/host/lora"
 	"github.com/arenahost/arenahost/host/registry"
 	"github.com/arenahost/arenahost/host/server"
+	"github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/half"
 	"github.com/arenahost/arenahost/shared/nf4"
 	"github.com/arenahost/arenahost/shared/safetensors"
 	"github.com/arenahost/arenahost/shared/samples"
 )
 
-func entries(dir string, set ...oracleLoRA) []lora.Entry {
-	var out []lora.Entry
+func entries(dir string, set ...oracleLoRA) []api.AppliedLoRA {
+	var out []api.AppliedLoRA
 	for _, l := range set {
-		out = append(out, lora.Entry{Name: l.file, Path: filepath.Join(dir, l.file), Strength: l.strength})
+		out = append(out, api.AppliedLoRA{Name: l.file, Path: filepath.Join(dir, l.file), Strength: l.strength})
 	}
 	return out
 }
@@ -348,7 +349,7 @@ func TestBadLoRAsLeaveModelUnchanged(t *testing.T) {
 		g0, _ := s.Bindings.Current(server.DefaultModelName)
 		for file, key := range corpus {
 			for _, mode := range []string{lora.ModeSide, lora.ModeFuse} {
-				set := append(entries(dir, peftOracle(1)), lora.Entry{Path: filepath.Join(bad, file), Strength: 1})
+				set := append(entries(dir, peftOracle(1)), api.AppliedLoRA{Path: filepath.Join(bad, file), Strength: 1})
 				_, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: set, Mode: mode})
 				if !errors.Is(err, lora.ErrBadLoRA) {
 					t.Fatalf("prior %q, %s %s: err %v, want ErrBadLoRA", prior, mode, file, err)
@@ -377,7 +378,7 @@ func TestBadLoRAsLeaveModelUnchanged(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	_, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: []lora.Entry{{Path: extra, Strength: 1}}, Strict: true})
+	_, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: []api.AppliedLoRA{{Path: extra, Strength: 1}}, Strict: true})
 	if !errors.Is(err, lora.ErrBadLoRA) || !contains(err.Error(), "unmatched.safetensors", "lora_unet_no_such_layer") {
 		t.Errorf("strict with an unmatched key: %v", err)
 	}
@@ -489,7 +490,7 @@ func TestFailedReFuseLeavesOriginals(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer os.Remove(gone)
-	if _, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: []lora.Entry{{Name: "refuse-gone.safetensors", Path: gone, Strength: 0.5}}, Mode: lora.ModeFuse}); err != nil {
+	if _, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: []api.AppliedLoRA{{Name: "refuse-gone.safetensors", Path: gone, Strength: 0.5}}, Mode: lora.ModeFuse}); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Remove(gone); err != nil {
@@ -511,7 +512,7 @@ func TestFailedReFuseLeavesOriginals(t *testing.T) {
 // killMidFuse starts a fused apply of set on the default model (with
 // LORA_NF4_LAYER_DELAY set, so that the pass is slow), kills the plugin
 // once the pass has written some layers, and returns the apply's error.
-func killMidFuse(t *testing.T, s *server.Server, set []lora.Entry) error {
+func killMidFuse(t *testing.T, s *server.Server, set []api.AppliedLoRA) error {
 	t.Helper()
 	st, err := s.Plugins.PluginStatus(lora.PluginName)
 	if err != nil {
@@ -595,7 +596,7 @@ func TestSideDenseDelta(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, strength := range []float64{1, -0.5} {
-		res, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: []lora.Entry{{Path: path, Strength: strength}}})
+		res, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: []api.AppliedLoRA{{Path: path, Strength: strength}}})
 		if err != nil {
 			t.Fatal(err)
 		}

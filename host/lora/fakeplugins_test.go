@@ -20,6 +20,7 @@ import (
 	"github.com/arenahost/arenahost/host/lora"
 	"github.com/arenahost/arenahost/host/plugin"
 	"github.com/arenahost/arenahost/host/registry"
+	"github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/lora/lorawire"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 	"github.com/arenahost/arenahost/shared/samples"
@@ -110,7 +111,7 @@ func (w *fakeWorld) packed(t *testing.T, n int) map[string][]byte {
 
 var quietLog = slog.New(slog.NewTextHandler(io.Discard, nil))
 
-var oneLoRA = []lora.Entry{{Name: "a", Path: "/loras/a.safetensors", Strength: 1}}
+var oneLoRA = []api.AppliedLoRA{{Name: "a", Path: "/loras/a.safetensors", Strength: 1}}
 
 // A fused pass that fails after writing garbage into every weight it was
 // given (a plugin killed mid-pass) leaves every byte as it was and the
@@ -210,7 +211,7 @@ func TestFakeErrorClasses(t *testing.T) {
 	if !errors.Is(err, lora.ErrBadLoRA) || !strings.Contains(err.Error(), "key x: bad shape") {
 		t.Fatalf("apply: %v, want ErrBadLoRA with the plugin's words", err)
 	}
-	_, err = w.c.Apply(t.Context(), lora.Request{LoRAs: []lora.Entry{{Path: "/x", Strength: 1}}, Mode: "merge"})
+	_, err = w.c.Apply(t.Context(), lora.Request{LoRAs: []api.AppliedLoRA{{Path: "/x", Strength: 1}}, Mode: "merge"})
 	if !errors.Is(err, lora.ErrBadLoRA) || !strings.Contains(err.Error(), `mode "merge"`) {
 		t.Fatalf("apply with mode merge: %v", err)
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/arenahost/arenahost/host/lora"
 	"github.com/arenahost/arenahost/host/server"
 	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/sdk/api"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 	"github.com/arenahost/arenahost/shared/safetensors"
 	"github.com/arenahost/arenahost/shared/tensor"
@@ -41,7 +42,7 @@ func TestFamilyFoldersThroughTheEngine(t *testing.T) {
 			}
 			orig := snapshotOf(t, s, fam)
 			lf := filepath.Join(dir, fam, "lora.safetensors")
-			req := lora.Request{Model: fam, LoRAs: []lora.Entry{{Name: "lora", Path: lf, Strength: 1}}, Strict: true, Mode: lora.ModeSide}
+			req := lora.Request{Model: fam, LoRAs: []api.AppliedLoRA{{Name: "lora", Path: lf, Strength: 1}}, Strict: true, Mode: lora.ModeSide}
 			if _, err := s.LoRAs.Apply(t.Context(), req); err != nil {
 				t.Fatal(err)
 			}

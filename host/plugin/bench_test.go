@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/shared/manifest"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
@@ -49,7 +50,7 @@ func BenchmarkInvokePython(b *testing.B) {
 	python := testenv.Python(b)
 	arena := newFakeArena(b, 1<<20)
 	m, _ := newTestManager(b, Config{Arena: arena, Env: map[string]string{"ARENAHOST_PYTHON": python}})
-	man, err := ParseManifest(copyPythonExample(b))
+	man, err := manifest.Parse(copyPythonExample(b))
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -11,6 +11,9 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+
+	"github.com/arenahost/arenahost/sdk/api"
+	"github.com/arenahost/arenahost/shared/manifest"
 )
 
 // ErrNoPluginsDir: Rescan was asked of a manager without a plugins
@@ -32,28 +35,14 @@ type discovery struct {
 	logged   map[string]bool   // manifest errors logged on the last poll (logged once while they last)
 }
 
-// RescanResult says what a rescan of the plugins directory changed.
-type RescanResult struct {
-	// Added are the plugins found in new folders and started (a plugin
-	// that failed to start is listed too, and stays registered as failed
-	// with its error in /v1/plugins).
-	Added []string `json:"added"`
-	// Removed are the plugins whose folder (plugin.json) is gone; they
-	// were drained and stopped.
-	Removed []string `json:"removed"`
-	// Errors are the manifests that could not be used (unparseable, a
-	// name already taken) and the starts that failed.
-	Errors []string `json:"errors,omitempty"`
-}
-
 // Rescan reads the plugins directory now: every folder with a plugin.json
 // that no registered plugin runs from is started, and every plugin whose
 // plugin.json has disappeared from the directory is drained and stopped.
 // The watch loop does the same on its own every PollInterval (after a
 // change has held still for one poll); Rescan does not wait for that.
-func (m *Manager) Rescan(ctx context.Context) (RescanResult, error) {
+func (m *Manager) Rescan(ctx context.Context) (api.RescanResult, error) {
 	if m.cfg.Dir == "" {
-		return RescanResult{Added: []string{}, Removed: []string{}}, ErrNoPluginsDir
+		return api.RescanResult{Added: []string{}, Removed: []string{}}, ErrNoPluginsDir
 	}
 	m.disc.mu.Lock()
 	defer m.disc.mu.Unlock()
@@ -88,7 +77,7 @@ func (m *Manager) owned(path string) bool {
 	if err != nil {
 		return false
 	}
-	return filepath.Dir(filepath.Dir(p)) == dir && filepath.Base(p) == ManifestFile
+	return filepath.Dir(filepath.Dir(p)) == dir && filepath.Base(p) == manifest.File
 }
 
 // manifestGone reports whether the plugin's manifest has left the plugins
@@ -103,12 +92,12 @@ func manifestGone(path string) bool {
 // folder must look the same on two polls in a row, so a plugin still being
 // copied in is not started half-written, and a manifest must be missing on
 // two polls before its plugin is stopped. Callers hold m.disc.mu.
-func (m *Manager) reconcile(ctx context.Context, immediate bool) (RescanResult, error) {
+func (m *Manager) reconcile(ctx context.Context, immediate bool) (api.RescanResult, error) {
 	d := &m.disc
 	if d.pending == nil {
 		d.pending, d.missing, d.reported = map[string]string{}, map[string]bool{}, map[string]string{}
 	}
-	res := RescanResult{Added: []string{}, Removed: []string{}}
+	res := api.RescanResult{Added: []string{}, Removed: []string{}}
 
 	m.mu.Lock()
 	if m.closed {
@@ -153,7 +142,7 @@ func (m *Manager) reconcile(ctx context.Context, immediate bool) (RescanResult, 
 	}
 
 	// New folders.
-	mans, derr := Discover(m.cfg.Dir)
+	mans, derr := manifest.Discover(m.cfg.Dir)
 	logged := map[string]bool{}
 	if derr != nil {
 		for _, e := range splitJoined(derr) {

@@ -8,6 +8,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/arenahost/arenahost/sdk/api"
+	"github.com/arenahost/arenahost/shared/manifest"
 )
 
 // Rescan starts new folders, stops removed ones and reports what it could
@@ -26,12 +29,12 @@ func TestRescan(t *testing.T) {
 
 	writeFixture(t, dir, "two", "echo", nil)
 	// A second folder declaring the name "one".
-	writeFixture(t, dir, "one-again", "echo", func(man *Manifest) { man.Name, man.Args[2] = "one", "one" })
+	writeFixture(t, dir, "one-again", "echo", func(man *manifest.Manifest) { man.Name, man.Args[2] = "one", "one" })
 	// A manifest that does not parse.
 	if err := os.MkdirAll(filepath.Join(dir, "broken"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(dir, "broken", ManifestFile), []byte(`{"name": "broken",`), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "broken", manifest.File), []byte(`{"name": "broken",`), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	res, err := m.Rescan(t.Context())
@@ -42,12 +45,12 @@ func TestRescan(t *testing.T) {
 		t.Fatalf("rescan %+v, want two added", res)
 	}
 	joined := strings.Join(res.Errors, "\n")
-	for _, want := range []string{filepath.Join("broken", ManifestFile), `"one" already declared by`} {
+	for _, want := range []string{filepath.Join("broken", manifest.File), `"one" already declared by`} {
 		if !strings.Contains(joined, want) {
 			t.Errorf("rescan errors %q lack %q", joined, want)
 		}
 	}
-	if st, err := m.PluginStatus("two"); err != nil || st.State != StateServing {
+	if st, err := m.PluginStatus("two"); err != nil || st.State != api.PluginServing {
 		t.Fatalf("two: %+v, %v", st, err)
 	}
 
@@ -64,13 +67,13 @@ func TestRescan(t *testing.T) {
 	if !slices.Equal(res.Removed, []string{"one"}) || !slices.Equal(res.Added, []string{"broken", "one"}) {
 		t.Fatalf("second rescan %+v, want one removed, broken and the other one added", res)
 	}
-	if st, err := m.PluginStatus("one"); err != nil || st.Manifest != filepath.Join(dir, "one-again", ManifestFile) || st.State != StateServing {
+	if st, err := m.PluginStatus("one"); err != nil || st.Manifest != filepath.Join(dir, "one-again", manifest.File) || st.State != api.PluginServing {
 		t.Fatalf("one after its folder went: %+v, %v; want the one-again folder's plugin serving", st, err)
 	}
 	if res, err = m.Rescan(t.Context()); err != nil || len(res.Added)+len(res.Removed)+len(res.Errors) != 0 {
 		t.Fatalf("a rescan with nothing new: %+v, %v", res, err)
 	}
-	if st, err := m.PluginStatus(outside.Name); err != nil || st.State != StateServing {
+	if st, err := m.PluginStatus(outside.Name); err != nil || st.State != api.PluginServing {
 		t.Fatalf("a plugin added outside the directory: %+v, %v", st, err)
 	}
 }
@@ -92,7 +95,7 @@ func TestWatcherDiscovers(t *testing.T) {
 	writeFixture(t, dir, "late", "echo", nil)
 	waitFor(t, 10*time.Second, "new folder late serving", func() bool {
 		st, err := m.PluginStatus("late")
-		return err == nil && st.State == StateServing
+		return err == nil && st.State == api.PluginServing
 	})
 	if err := os.RemoveAll(filepath.Join(dir, "early")); err != nil {
 		t.Fatal(err)

@@ -22,6 +22,7 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 
 	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/shared/manifest"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 	"github.com/arenahost/arenahost/shared/wire"
 )
@@ -269,14 +270,14 @@ func runHost(dir string) int {
 
 // writeFixture writes DIR/NAME/plugin.json running this test binary as the
 // fixture MODE.
-func writeFixture(t testing.TB, dir, name, mode string, edit func(*Manifest)) string {
+func writeFixture(t testing.TB, dir, name, mode string, edit func(*manifest.Manifest)) string {
 	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
-	man := Manifest{
-		Name: name, Version: "1.0.0", Kind: "other", Language: LanguageGo,
+	man := manifest.Manifest{
+		Name: name, Version: "1.0.0", Kind: "other", Language: manifest.LanguageGo,
 		Command: exe, Args: []string{"fixture", mode, name}, ProtocolVersion: wire.ProtocolVersion,
 	}
 	if edit != nil {
@@ -290,7 +291,7 @@ func writeFixture(t testing.TB, dir, name, mode string, edit func(*Manifest)) st
 	if err := os.MkdirAll(pdir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	path := filepath.Join(pdir, ManifestFile)
+	path := filepath.Join(pdir, manifest.File)
 	// Write then rename, as a deploy would: the manifest never reads torn.
 	tmp := path + ".tmp"
 	if err := os.WriteFile(tmp, b, 0o644); err != nil {

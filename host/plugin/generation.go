@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/arenahost/arenahost/shared/manifest"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 	"github.com/arenahost/arenahost/shared/wire"
 )
@@ -156,7 +157,7 @@ func (e *startError) Unwrap() error { return e.Err }
 
 // startGeneration starts, checks and warms up a new generation of p from
 // man. On any failure the process is gone and its leases released.
-func (p *managed) startGeneration(ctx context.Context, man *Manifest) (*generation, error) {
+func (p *managed) startGeneration(ctx context.Context, man *manifest.Manifest) (*generation, error) {
 	m := p.m
 	p.mu.Lock()
 	p.nextGen++
@@ -176,7 +177,7 @@ func (p *managed) startGeneration(ctx context.Context, man *Manifest) (*generati
 		return nil, se
 	}
 
-	r, err := man.resolve(m.lookupEnv)
+	r, err := resolveManifest(man, m.lookupEnv)
 	if err != nil {
 		return fail("resolve command", err)
 	}
@@ -186,7 +187,7 @@ func (p *managed) startGeneration(ctx context.Context, man *Manifest) (*generati
 		log:  p.log.With("generation", n),
 		ring: p.logs,
 	}
-	isGo := man.Language == LanguageGo
+	isGo := man.Language == manifest.LanguageGo
 
 	sockDir, err := m.socketDir()
 	if err != nil {
@@ -352,7 +353,7 @@ func (p *managed) startGeneration(ctx context.Context, man *Manifest) (*generati
 // this host does not speak.
 var ErrProtocolMismatch = errors.New("plugin protocol version mismatch")
 
-func checkDescribe(man *Manifest, d *pluginv1.DescribeResponse) error {
+func checkDescribe(man *manifest.Manifest, d *pluginv1.DescribeResponse) error {
 	switch {
 	case d.GetProtocolVersion() != uint32(wire.ProtocolVersion):
 		return fmt.Errorf("plugin reports protocol_version %d but this host speaks %d (rebuild the plugin against protocol v%d): %w",

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/arenahost/arenahost/sdk/api"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 	"github.com/arenahost/arenahost/shared/wire"
 )
@@ -200,7 +201,7 @@ func (h *hostService) Log(ctx context.Context, req *pluginv1.LogRequest) (*plugi
 	for k, v := range req.GetAttrs() {
 		attrs = append(attrs, k, v)
 	}
-	h.ring.add(LogLine{Time: time.Now(), Generation: h.src.Generation, Level: levelName(level), Text: req.GetMessage()})
+	h.ring.add(api.LogLine{Time: time.Now(), Generation: h.src.Generation, Level: levelName(level), Text: req.GetMessage()})
 	h.log.Log(ctx, level, req.GetMessage(), attrs...)
 	return &pluginv1.LogResponse{}, nil
 }

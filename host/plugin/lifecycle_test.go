@@ -19,6 +19,8 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 
 	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/sdk/api"
+	"github.com/arenahost/arenahost/shared/manifest"
 )
 
 // Four callers hammer the plugin for 5 s while it is swapped 10 times: no
@@ -168,7 +170,7 @@ func TestSIGKILLMidCall(t *testing.T) {
 	}
 	back := waitFor(t, 2*time.Second, "serving again", func() bool {
 		s := mustStatus(t, m, "echo")
-		return s.State == StateServing && s.Generation == 2
+		return s.State == api.PluginServing && s.Generation == 2
 	})
 	t.Logf("serving again %v after the kill", back)
 	s := mustStatus(t, m, "echo")
@@ -213,7 +215,7 @@ func TestFailedCallShownInStatus(t *testing.T) {
 		t.Fatal("unknown method answered no error")
 	}
 	s := mustStatus(t, m, "echo")
-	if s.State != StateServing || s.LastError != "" {
+	if s.State != api.PluginServing || s.LastError != "" {
 		t.Fatalf("status after a failed call = %+v, want serving with no lifecycle error", s)
 	}
 	if !strings.Contains(s.LastCallError, `unknown method "nosuch"`) || s.LastCallErrorAt.Before(before) {
@@ -227,7 +229,7 @@ func TestCrashLoopMarksFailed(t *testing.T) {
 	m, _ := newTestManager(t, Config{RestartBackoff: 20 * time.Millisecond, CrashLimit: 3, CrashWindow: time.Minute})
 	dir := t.TempDir()
 	addFixture(t, m, dir, "crashy", "exitafter", nil)
-	waitFor(t, 10*time.Second, "marked failed", func() bool { return mustStatus(t, m, "crashy").State == StateFailed })
+	waitFor(t, 10*time.Second, "marked failed", func() bool { return mustStatus(t, m, "crashy").State == api.PluginFailed })
 	s := mustStatus(t, m, "crashy")
 	if s.Crashes != 3 || !strings.Contains(s.LastError, "3 crashes within 1m0s") || !strings.Contains(s.LastError, "simulated crash") {
 		t.Fatalf("failed status = %+v", s)
@@ -240,7 +242,7 @@ func TestCrashLoopMarksFailed(t *testing.T) {
 		t.Fatalf("call to a failed plugin = %v", err)
 	}
 	time.Sleep(200 * time.Millisecond)
-	if s2 := mustStatus(t, m, "crashy"); s2.Generation != 0 || s2.State != StateFailed {
+	if s2 := mustStatus(t, m, "crashy"); s2.Generation != 0 || s2.State != api.PluginFailed {
 		t.Fatalf("failed plugin restarted anyway: %+v", s2)
 	}
 }
@@ -256,16 +258,16 @@ func TestBrokenPluginsRefused(t *testing.T) {
 	cases := []struct {
 		name string
 		mode string
-		edit func(*Manifest)
+		edit func(*manifest.Manifest)
 		want []string
 	}{
 		{"no handshake", "nohandshake", nil, []string{"handshake", "timeout while waiting for plugin to start", "loading something slow"}},
 		{"garbage handshake", "garbage", nil, []string{"handshake", "Unrecognized remote plugin message: Hello! I am not a go-plugin handshake"}},
 		{"wrong protocol version", "badproto", nil, []string{"describe", "protocol_version 2 but this host speaks 1"}},
 		{"wrong handshake version", "badhandshake", nil, []string{"handshake", "plugin protocol version mismatch: this host speaks protocol 1", "Plugin version: 2"}},
-		{"checksum mismatch", "echo", func(m *Manifest) { m.SHA256 = hex.EncodeToString(wrong[:]) }, []string{"handshake", "sha256 does not match", exe}},
+		{"checksum mismatch", "echo", func(m *manifest.Manifest) { m.SHA256 = hex.EncodeToString(wrong[:]) }, []string{"handshake", "sha256 does not match", exe}},
 		{"warm-up fails", "warmfail", nil, []string{"warmup", "warmup failed", "cannot open model weights"}},
-		{"manifest invalid", "echo", func(m *Manifest) { m.Kind = "Not A Kind" }, []string{"field kind"}},
+		{"manifest invalid", "echo", func(m *manifest.Manifest) { m.Kind = "Not A Kind" }, []string{"field kind"}},
 	}
 	m, _ := newTestManager(t, Config{StartTimeout: 1 * time.Second})
 	dir := t.TempDir()
@@ -287,7 +289,7 @@ func TestBrokenPluginsRefused(t *testing.T) {
 				t.Errorf("error is not ErrProtocolMismatch: %v", err)
 			}
 			after := mustStatus(t, m, "svc")
-			if after.State != StateServing || after.Generation != before.Generation || after.PID != before.PID {
+			if after.State != api.PluginServing || after.Generation != before.Generation || after.PID != before.PID {
 				t.Fatalf("status after refused swap = %+v, want generation %d still serving", after, before.Generation)
 			}
 			if after.LastError != err.Error() {
@@ -305,21 +307,21 @@ func TestBrokenPluginsRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	right := sha256.Sum256(bin)
-	writeFixture(t, dir, "svc", "echo", func(m *Manifest) { m.SHA256 = hex.EncodeToString(right[:]) })
+	writeFixture(t, dir, "svc", "echo", func(m *manifest.Manifest) { m.SHA256 = hex.EncodeToString(right[:]) })
 	if err := m.Swap(t.Context(), "svc"); err != nil {
 		t.Fatalf("swap with the right sha256: %v", err)
 	}
 
 	// A broken plugin added fresh is registered as failed, with the cause.
 	man := writeFixture(t, dir, "dead", "garbage", nil)
-	pm, err := ParseManifest(man)
+	pm, err := manifest.Parse(man)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := m.Add(t.Context(), pm); err == nil {
 		t.Fatal("Add of a broken plugin succeeded")
 	}
-	if s := mustStatus(t, m, "dead"); s.State != StateFailed || !strings.Contains(s.LastError, "Unrecognized remote plugin message") {
+	if s := mustStatus(t, m, "dead"); s.State != api.PluginFailed || !strings.Contains(s.LastError, "Unrecognized remote plugin message") {
 		t.Fatalf("status of broken plugin = %+v", s)
 	}
 }
@@ -329,7 +331,7 @@ func TestWatcherSwapsOnChange(t *testing.T) {
 	m, _ := newTestManager(t, Config{PollInterval: 30 * time.Millisecond})
 	dir := t.TempDir()
 	path := writeFixture(t, dir, "echo", "echo", nil)
-	man, err := ParseManifest(path)
+	man, err := manifest.Parse(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -341,7 +343,7 @@ func TestWatcherSwapsOnChange(t *testing.T) {
 		t.Fatalf("watcher swapped without a change: generation %d", g)
 	}
 	// A new manifest (version bump) is a change.
-	writeFixture(t, dir, "echo", "echo", func(m *Manifest) { m.Version = "1.0.1" })
+	writeFixture(t, dir, "echo", "echo", func(m *manifest.Manifest) { m.Version = "1.0.1" })
 	waitFor(t, 5*time.Second, "watcher swap", func() bool { return mustStatus(t, m, "echo").Generation == 2 })
 	// A broken manifest is refused once, not retried on every poll.
 	writeFixture(t, dir, "echo", "badproto", nil)
@@ -349,7 +351,7 @@ func TestWatcherSwapsOnChange(t *testing.T) {
 		return strings.Contains(mustStatus(t, m, "echo").LastError, "protocol_version 2")
 	})
 	time.Sleep(200 * time.Millisecond)
-	if s := mustStatus(t, m, "echo"); s.State != StateServing || s.Generation != 2 {
+	if s := mustStatus(t, m, "echo"); s.State != api.PluginServing || s.Generation != 2 {
 		t.Fatalf("after a refused watcher swap: %+v", s)
 	}
 }

@@ -8,28 +8,21 @@ import (
 	"strings"
 	"sync"
 	"time"
-)
 
-// LogLine is one line a plugin wrote to stderr (or through the Host
-// service's Log call).
-type LogLine struct {
-	Time       time.Time `json:"time"`
-	Generation uint64    `json:"generation"`
-	Level      string    `json:"level"`
-	Text       string    `json:"text"`
-}
+	"github.com/arenahost/arenahost/sdk/api"
+)
 
 // logRing keeps the last lines of a plugin's output, across generations.
 type logRing struct {
 	mu    sync.Mutex
-	lines []LogLine
+	lines []api.LogLine
 	next  int
 	full  bool
 }
 
-func newLogRing(n int) *logRing { return &logRing{lines: make([]LogLine, n)} }
+func newLogRing(n int) *logRing { return &logRing{lines: make([]api.LogLine, n)} }
 
-func (r *logRing) add(l LogLine) {
+func (r *logRing) add(l api.LogLine) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if len(r.lines) == 0 {
@@ -44,15 +37,15 @@ func (r *logRing) add(l LogLine) {
 
 // tail returns up to n of the newest lines, oldest first; gen > 0 keeps only
 // that generation's lines.
-func (r *logRing) tail(n int, gen uint64) []LogLine {
+func (r *logRing) tail(n int, gen uint64) []api.LogLine {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	var all []LogLine
+	var all []api.LogLine
 	if r.full {
 		all = append(all, r.lines[r.next:]...)
 	}
 	all = append(all, r.lines[:r.next]...)
-	var out []LogLine
+	var out []api.LogLine
 	for i := len(all) - 1; i >= 0 && len(out) < n; i-- {
 		if gen == 0 || all[i].Generation == gen {
 			out = append(out, all[i])
@@ -67,7 +60,7 @@ func (r *logRing) tail(n int, gen uint64) []LogLine {
 // lastText joins the last n non-debug lines of generation gen, for error
 // reports.
 func (r *logRing) lastText(n int, gen uint64) string {
-	var lines []LogLine
+	var lines []api.LogLine
 	for _, l := range r.tail(4*n, gen) {
 		if l.Level != "debug" {
 			lines = append(lines, l)
@@ -130,7 +123,7 @@ func (w *lineWriter) emit(text string) {
 		text, level = msg, lvl
 		attrs = append(attrs, kv...)
 	}
-	w.ring.add(LogLine{Time: time.Now(), Generation: w.gen, Level: levelName(level), Text: text})
+	w.ring.add(api.LogLine{Time: time.Now(), Generation: w.gen, Level: levelName(level), Text: text})
 	w.log.Log(context.Background(), level, text, attrs...)
 }
 

@@ -32,6 +32,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/sdk/api"
+	"github.com/arenahost/arenahost/shared/manifest"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
@@ -46,24 +48,6 @@ var (
 	ErrPluginExited = errors.New("plugin process exited")
 	// ErrClosed: the manager has been closed.
 	ErrClosed = errors.New("plugin manager closed")
-)
-
-// State is where a plugin is in its life cycle.
-type State string
-
-// States reported by Status.
-const (
-	StateStarting   State = "starting"
-	StateServing    State = "serving"
-	StateSwapping   State = "swapping"
-	StateCrashed    State = "crashed"
-	StateRestarting State = "restarting"
-	StateFailed     State = "failed"
-	// StateUnavailable: the manifest's "requires" are not met on this
-	// machine (LastError says what is missing); the plugin was not
-	// started. A swap (reload) checks again.
-	StateUnavailable State = "unavailable"
-	StateStopped     State = "stopped"
 )
 
 // Defaults for Config's zero fields.
@@ -306,8 +290,8 @@ type managed struct {
 	swapMu  sync.Mutex // one start/swap/restart at a time
 
 	mu        sync.Mutex
-	manifest  *Manifest
-	state     State
+	manifest  *manifest.Manifest
+	state     api.PluginState
 	lastErr   string
 	lastErrAt time.Time
 	// lastCall is the newest call that failed for a reason other than its
@@ -327,7 +311,7 @@ type managed struct {
 // the others serve. A plugin that fails to start stays registered in
 // state failed (see Status), and a change to its files retries it.
 func (m *Manager) Load(ctx context.Context) error {
-	mans, derr := Discover(m.cfg.Dir)
+	mans, derr := manifest.Discover(m.cfg.Dir)
 	errs := []error{derr}
 	for _, man := range mans {
 		if err := m.Add(ctx, man); err != nil {
@@ -341,7 +325,7 @@ func (m *Manager) Load(ctx context.Context) error {
 // Add registers the plugin man describes and starts its first generation.
 // If the start fails the plugin stays registered in state failed and the
 // error says why.
-func (m *Manager) Add(ctx context.Context, man *Manifest) error {
+func (m *Manager) Add(ctx context.Context, man *manifest.Manifest) error {
 	m.mu.Lock()
 	if m.closed {
 		m.mu.Unlock()
@@ -357,7 +341,7 @@ func (m *Manager) Add(ctx context.Context, man *Manifest) error {
 		log:      m.log.With("plugin", man.Name),
 		logs:     newLogRing(m.cfg.LogLines),
 		manifest: man,
-		state:    StateStarting,
+		state:    api.PluginStarting,
 	}
 	m.plugins[man.Name] = p
 	m.mu.Unlock()
@@ -409,7 +393,7 @@ func (m *Manager) get(name string) (*managed, error) {
 func (p *managed) setUnavailable(err error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.state = StateUnavailable
+	p.state = api.PluginUnavailable
 	var ue *unmetError
 	if errors.As(err, &ue) {
 		p.lastErr = ue.Reason
@@ -427,17 +411,17 @@ func (p *managed) setLastErr(msg string) {
 func (p *managed) setFailed(err error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.state = StateFailed
+	p.state = api.PluginFailed
 	p.setLastErr(err.Error())
 	p.log.Error("plugin failed", "err", err)
 }
 
 // serve makes g the current generation and starts watching it for a crash.
-func (p *managed) serve(g *generation, man *Manifest) *generation {
+func (p *managed) serve(g *generation, man *manifest.Manifest) *generation {
 	old := p.current.Swap(g)
 	p.mu.Lock()
 	p.manifest = man
-	p.state = StateServing
+	p.state = api.PluginServing
 	p.mu.Unlock()
 	p.m.mu.Lock()
 	p.m.live[g] = p
@@ -470,9 +454,9 @@ func (p *managed) swap(ctx context.Context, reason string) error {
 	path := p.manifest.Path
 	prevState := p.state
 	if p.current.Load() != nil {
-		p.state = StateSwapping
+		p.state = api.PluginSwapping
 	} else {
-		p.state = StateStarting
+		p.state = api.PluginStarting
 	}
 	p.fingerprint = m.fingerprintPath(path)
 	p.mu.Unlock()
@@ -481,9 +465,9 @@ func (p *managed) swap(ctx context.Context, reason string) error {
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		if p.current.Load() != nil {
-			p.state = StateServing
-		} else if prevState == StateServing || prevState == StateSwapping {
-			p.state = StateFailed
+			p.state = api.PluginServing
+		} else if prevState == api.PluginServing || prevState == api.PluginSwapping {
+			p.state = api.PluginFailed
 		} else {
 			p.state = prevState
 		}
@@ -491,7 +475,7 @@ func (p *managed) swap(ctx context.Context, reason string) error {
 		p.log.Error("swap refused; previous generation keeps serving", "reason", reason, "err", err)
 		return err
 	}
-	man, err := ParseManifest(path)
+	man, err := manifest.Parse(path)
 	if err != nil {
 		return restore(&SwapError{Plugin: p.name, Step: "manifest", Reason: err.Error(), Err: err})
 	}
@@ -581,7 +565,7 @@ func (p *managed) onCrash(g *generation) {
 	p.crashes = append(p.crashes, now)
 	p.crashes = slices.DeleteFunc(p.crashes, func(t time.Time) bool { return now.Sub(t) > m.cfg.CrashWindow })
 	if len(p.crashes) >= m.cfg.CrashLimit {
-		p.state = StateFailed
+		p.state = api.PluginFailed
 		p.setLastErr(fmt.Sprintf("%d crashes within %s, not restarting (swap to retry); last: %s", len(p.crashes), m.cfg.CrashWindow, cause))
 		p.log.Error("plugin crashed; marked failed", "generation", g.n, "crashes", len(p.crashes), "cause", cause)
 		return
@@ -590,7 +574,7 @@ func (p *managed) onCrash(g *generation) {
 	if backoff > m.cfg.MaxRestartBackoff || backoff <= 0 {
 		backoff = m.cfg.MaxRestartBackoff
 	}
-	p.state = StateCrashed
+	p.state = api.PluginCrashed
 	p.log.Error("plugin crashed; restarting", "generation", g.n, "backoff", backoff, "cause", cause)
 	p.restartTmr = time.AfterFunc(backoff, p.restart)
 }
@@ -603,11 +587,11 @@ func (p *managed) restart() {
 	p.swapMu.Lock()
 	defer p.swapMu.Unlock()
 	p.mu.Lock()
-	if p.current.Load() != nil || p.state != StateCrashed {
+	if p.current.Load() != nil || p.state != api.PluginCrashed {
 		p.mu.Unlock()
 		return // revived or failed meanwhile
 	}
-	p.state = StateRestarting
+	p.state = api.PluginRestarting
 	man := p.manifest
 	p.mu.Unlock()
 
@@ -623,10 +607,10 @@ func (p *managed) restart() {
 		p.crashes = append(p.crashes, now)
 		p.crashes = slices.DeleteFunc(p.crashes, func(t time.Time) bool { return now.Sub(t) > m.cfg.CrashWindow })
 		if len(p.crashes) >= m.cfg.CrashLimit {
-			p.state = StateFailed
+			p.state = api.PluginFailed
 			p.log.Error("restart failed; marked failed", "err", err)
 		} else {
-			p.state = StateCrashed
+			p.state = api.PluginCrashed
 			backoff := min(m.cfg.RestartBackoff<<(len(p.crashes)-1), m.cfg.MaxRestartBackoff)
 			p.log.Error("restart failed; retrying", "backoff", backoff, "err", err)
 			p.restartTmr = time.AfterFunc(backoff, p.restart)
@@ -783,52 +767,10 @@ func (m *Manager) Stream(ctx context.Context, name, method string, args []byte, 
 	}
 }
 
-// Status is a snapshot of one plugin, as the HTTP API serves it.
-type Status struct {
-	Name       string    `json:"name"`
-	Version    string    `json:"version"`
-	Kind       string    `json:"kind"`
-	Language   string    `json:"language"`
-	Manifest   string    `json:"manifest"`
-	State      State     `json:"state"`
-	Generation uint64    `json:"generation"` // 0: none serving
-	PID        int       `json:"pid"`
-	Since      time.Time `json:"since,omitzero"` // when the generation started
-	InFlight   int       `json:"in_flight"`
-	Restarts   int       `json:"restarts"`
-	Crashes    int       `json:"crashes"` // within the crash window
-	// CrashLimit crashes within CrashWindowSeconds mark the plugin
-	// failed (the restart budget): it is not restarted until a reload
-	// (POST /v1/plugins/NAME/reload) or a change to its files swaps it,
-	// which also empties the crash count.
-	CrashLimit         int     `json:"crash_limit"`
-	CrashWindowSeconds float64 `json:"crash_window_seconds"`
-	LastError          string  `json:"last_error,omitempty"`
-	// LastErrorAt is when LastError was set (a failed start or swap, a
-	// crash).
-	LastErrorAt time.Time `json:"last_error_at,omitzero"`
-	// LastCallError is the newest failed call (not cancelled by its
-	// caller) and LastCallErrorAt when it failed: a plugin that serves but
-	// whose calls fail shows it here.
-	LastCallError   string    `json:"last_call_error,omitempty"`
-	LastCallErrorAt time.Time `json:"last_call_error_at,omitzero"`
-	Methods         []Method  `json:"methods,omitempty"`
-}
-
-// Method is one method a plugin serves, from its Describe.
-type Method struct {
-	Name        string `json:"name"`
-	Description string `json:"description,omitempty"`
-	Streaming   bool   `json:"streaming,omitempty"`
-	// Public: HTTP clients may run it as a job (the manifest's
-	// public_methods); every other method is for the host only.
-	Public bool `json:"public,omitempty"`
-}
-
-func (p *managed) status() Status {
+func (p *managed) status() api.PluginStatus {
 	p.mu.Lock()
 	man := p.manifest
-	s := Status{
+	s := api.PluginStatus{
 		Name: p.name, Version: man.Version, Kind: man.Kind, Language: man.Language, Manifest: man.Path,
 		State: p.state, Restarts: p.restarts, Crashes: len(p.crashes), LastError: p.lastErr, LastErrorAt: p.lastErrAt,
 		CrashLimit: p.m.cfg.CrashLimit, CrashWindowSeconds: p.m.cfg.CrashWindow.Seconds(),
@@ -841,7 +783,7 @@ func (p *managed) status() Status {
 			s.Version = v
 		}
 		for _, mi := range g.desc.GetMethods() {
-			s.Methods = append(s.Methods, Method{Name: mi.GetName(), Description: mi.GetDescription(), Streaming: mi.GetStreaming(),
+			s.Methods = append(s.Methods, api.PluginMethod{Name: mi.GetName(), Description: mi.GetDescription(), Streaming: mi.GetStreaming(),
 				Public: man.Public(mi.GetName())})
 		}
 	}
@@ -849,11 +791,11 @@ func (p *managed) status() Status {
 }
 
 // Status returns a snapshot of every plugin, sorted by name.
-func (m *Manager) Status() []Status {
+func (m *Manager) Status() []api.PluginStatus {
 	m.mu.Lock()
 	ps := slices.Collect(maps.Values(m.plugins))
 	m.mu.Unlock()
-	out := make([]Status, 0, len(ps))
+	out := make([]api.PluginStatus, 0, len(ps))
 	for _, p := range ps {
 		out = append(out, p.status())
 	}
@@ -862,17 +804,17 @@ func (m *Manager) Status() []Status {
 }
 
 // PluginStatus returns one plugin's snapshot.
-func (m *Manager) PluginStatus(name string) (Status, error) {
+func (m *Manager) PluginStatus(name string) (api.PluginStatus, error) {
 	p, err := m.get(name)
 	if err != nil {
-		return Status{}, err
+		return api.PluginStatus{}, err
 	}
 	return p.status(), nil
 }
 
 // Logs returns up to n of the plugin's newest stderr (and Host.Log) lines,
 // oldest first, across generations.
-func (m *Manager) Logs(name string, n int) ([]LogLine, error) {
+func (m *Manager) Logs(name string, n int) ([]api.LogLine, error) {
 	p, err := m.get(name)
 	if err != nil {
 		return nil, err
@@ -901,7 +843,7 @@ func (p *managed) shutdown(ctx context.Context) {
 	if p.restartTmr != nil {
 		p.restartTmr.Stop()
 	}
-	p.state = StateStopped
+	p.state = api.PluginStopped
 	p.mu.Unlock()
 	g := p.current.Swap(nil)
 	if g == nil {

@@ -16,6 +16,8 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 
 	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/sdk/api"
+	"github.com/arenahost/arenahost/shared/manifest"
 
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
@@ -65,10 +67,10 @@ func newTestManager(t testing.TB, cfg Config) (*Manager, *syncBuffer) {
 	return m, logs
 }
 
-func addFixture(t testing.TB, m *Manager, dir, name, mode string, edit func(*Manifest)) *Manifest {
+func addFixture(t testing.TB, m *Manager, dir, name, mode string, edit func(*manifest.Manifest)) *manifest.Manifest {
 	t.Helper()
 	path := writeFixture(t, dir, name, mode, edit)
-	man, err := ParseManifest(path)
+	man, err := manifest.Parse(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -91,7 +93,7 @@ func callGen(ctx context.Context, m *Manager, name, echo string) (genReply, *Rep
 	return g, r, nil
 }
 
-func mustStatus(t testing.TB, m *Manager, name string) Status {
+func mustStatus(t testing.TB, m *Manager, name string) api.PluginStatus {
 	t.Helper()
 	s, err := m.PluginStatus(name)
 	if err != nil {
@@ -138,7 +140,7 @@ func TestCallStreamAndHostService(t *testing.T) {
 	addFixture(t, m, dir, "echo", "echo", nil)
 
 	st := mustStatus(t, m, "echo")
-	if st.State != StateServing || st.Generation != 1 || !alive(st.PID) {
+	if st.State != api.PluginServing || st.Generation != 1 || !alive(st.PID) {
 		t.Fatalf("status after Add = %+v, want serving generation 1 with a live pid", st)
 	}
 	g, r, err := callGen(t.Context(), m, "echo", "hi")
@@ -275,7 +277,7 @@ func TestSwapKeepsServingAndBumpsGeneration(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := mustStatus(t, m, "echo")
-	if st.Generation != 2 || st.State != StateServing || st.PID == old.PID {
+	if st.Generation != 2 || st.State != api.PluginServing || st.PID == old.PID {
 		t.Fatalf("after swap: %+v", st)
 	}
 	if alive(old.PID) {

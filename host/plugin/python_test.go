@@ -12,12 +12,14 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 
 	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/sdk/api"
+	"github.com/arenahost/arenahost/shared/manifest"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
 // copyPythonExample copies the Python SDK's example plugin (manifest and
 // script) into a fresh plugins directory, so a test can touch it.
-func copyPythonExample(t testing.TB) (manifest string) {
+func copyPythonExample(t testing.TB) (path string) {
 	t.Helper()
 	src := filepath.Join(testenv.RepoRoot(t), "sdk", "python", "examples", "hello")
 	dst := filepath.Join(t.TempDir(), "hello-py")
@@ -33,7 +35,7 @@ func copyPythonExample(t testing.TB) (manifest string) {
 			t.Fatal(err)
 		}
 	}
-	return filepath.Join(dst, ManifestFile)
+	return filepath.Join(dst, manifest.File)
 }
 
 // f32Tensor leases n float32 values in the arena to the test, fills them
@@ -65,7 +67,7 @@ func TestPythonPluginLifecycle(t *testing.T) {
 	python := testenv.Python(t)
 	arena := newFakeArena(t, 4<<20)
 	m, logs := newTestManager(t, Config{Arena: arena, Env: map[string]string{"ARENAHOST_PYTHON": python}})
-	man, err := ParseManifest(copyPythonExample(t))
+	man, err := manifest.Parse(copyPythonExample(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,7 +75,7 @@ func TestPythonPluginLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := mustStatus(t, m, "hello-py")
-	if st.State != StateServing || st.Generation != 1 || st.Language != LanguagePython {
+	if st.State != api.PluginServing || st.Generation != 1 || st.Language != manifest.LanguagePython {
 		t.Fatalf("status = %+v", st)
 	}
 
@@ -142,7 +144,7 @@ func TestPythonPluginLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	st2 := mustStatus(t, m, "hello-py")
-	if st2.Generation != 2 || st2.State != StateServing || alive(st.PID) {
+	if st2.Generation != 2 || st2.State != api.PluginServing || alive(st.PID) {
 		t.Fatalf("after swap: %+v (old pid %d alive: %v)", st2, st.PID, alive(st.PID))
 	}
 	if b := arena.ownerBytes(Owner("hello-py", 1)); b != 0 {

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/arenahost/arenahost/shared/manifest"
 )
 
 // ErrUnavailable: the plugin's manifest declares needs ("requires") that
@@ -43,11 +45,11 @@ func (e *unmetError) Unwrap() error { return ErrUnavailable }
 // resolves to, bounded by timeout. It returns nil when the needs are met
 // (or none are declared), an *unmetError (errors.Is ErrUnavailable) when
 // they are not, and another error when the command cannot be resolved.
-func (m *Manager) checkRequires(ctx context.Context, man *Manifest) error {
+func (m *Manager) checkRequires(ctx context.Context, man *manifest.Manifest) error {
 	if man.Requires == nil || len(man.Requires.PythonModules) == 0 {
 		return nil
 	}
-	r, err := man.resolve(m.lookupEnv)
+	r, err := resolveManifest(man, m.lookupEnv)
 	if err != nil {
 		return err
 	}

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/sdk/api"
+	"github.com/arenahost/arenahost/shared/manifest"
 )
 
 // A plugin whose manifest requires a module its interpreter lacks is never
@@ -27,7 +29,7 @@ func TestRequiresPythonModules(t *testing.T) {
 		t.Fatalf("the hello example's manifest declares no python_modules:\n%s", orig)
 	}
 	writeFile(t, path, missing, 0o644)
-	man, err := ParseManifest(path)
+	man, err := manifest.Parse(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -36,7 +38,7 @@ func TestRequiresPythonModules(t *testing.T) {
 		t.Fatalf("Add = %v, want ErrUnavailable", err)
 	}
 	st := mustStatus(t, m, "hello-py")
-	if st.State != StateUnavailable || st.Generation != 0 || st.PID != 0 ||
+	if st.State != api.PluginUnavailable || st.Generation != 0 || st.PID != 0 ||
 		!strings.Contains(st.LastError, "lacks module(s) arenahost_no_such_module") || !strings.Contains(st.LastError, python) {
 		t.Fatalf("status = %+v, want unavailable naming the module and %s", st, python)
 	}
@@ -48,7 +50,7 @@ func TestRequiresPythonModules(t *testing.T) {
 	if err := m.Swap(t.Context(), "hello-py"); !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("Swap = %v, want ErrUnavailable", err)
 	}
-	if st := mustStatus(t, m, "hello-py"); st.State != StateUnavailable {
+	if st := mustStatus(t, m, "hello-py"); st.State != api.PluginUnavailable {
 		t.Fatalf("after a refused reload: %+v", st)
 	}
 	// Needs met: a reload starts it.
@@ -56,7 +58,7 @@ func TestRequiresPythonModules(t *testing.T) {
 	if err := m.Swap(t.Context(), "hello-py"); err != nil {
 		t.Fatalf("Swap after the fix: %v", err)
 	}
-	if st := mustStatus(t, m, "hello-py"); st.State != StateServing || st.Generation == 0 {
+	if st := mustStatus(t, m, "hello-py"); st.State != api.PluginServing || st.Generation == 0 {
 		t.Fatalf("after the fix: %+v", st)
 	}
 }
@@ -76,9 +78,9 @@ func TestRequiresCheckFailures(t *testing.T) {
 			m, _ := newTestManager(t, Config{StartTimeout: 500 * time.Millisecond})
 			dir := filepath.Join(t.TempDir(), "p")
 			writeFile(t, filepath.Join(dir, "interp"), tt.script, 0o755)
-			writeFile(t, filepath.Join(dir, ManifestFile), `{"name":"p","version":"1","kind":"pipeline","language":"python",
+			writeFile(t, filepath.Join(dir, manifest.File), `{"name":"p","version":"1","kind":"pipeline","language":"python",
 				"command":"./interp","args":["p.py"],"protocol_version":1,"requires":{"python_modules":["numpy"]}}`, 0o644)
-			man, err := ParseManifest(filepath.Join(dir, ManifestFile))
+			man, err := manifest.Parse(filepath.Join(dir, manifest.File))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -90,7 +92,7 @@ func TestRequiresCheckFailures(t *testing.T) {
 			if d := time.Since(t0); d > 10*time.Second {
 				t.Fatalf("the check took %s despite a 500ms bound", d)
 			}
-			if st := mustStatus(t, m, "p"); st.State != StateUnavailable || !strings.Contains(st.LastError, tt.want) || !strings.Contains(st.LastError, man.Path) {
+			if st := mustStatus(t, m, "p"); st.State != api.PluginUnavailable || !strings.Contains(st.LastError, tt.want) || !strings.Contains(st.LastError, man.Path) {
 				t.Fatalf("status = %+v, want unavailable with %q and the manifest's path", st, tt.want)
 			}
 		})

@@ -10,6 +10,7 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 
 	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/shared/manifest"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
@@ -22,17 +23,17 @@ func buildGoHello(t testing.TB) string {
 	if err := os.MkdirAll(dst, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	b, err := os.ReadFile(filepath.Join(src, ManifestFile))
+	b, err := os.ReadFile(filepath.Join(src, manifest.File))
 	if err != nil {
 		t.Fatalf("go-hello example: %v", err)
 	}
-	if err := os.WriteFile(filepath.Join(dst, ManifestFile), b, 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dst, manifest.File), b, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if err := testenv.CopyFile(testenv.GoBinary(t, "./sdk/examples/go-hello"), filepath.Join(dst, "go-hello"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	return filepath.Join(dst, ManifestFile)
+	return filepath.Join(dst, manifest.File)
 }
 
 // The Go SDK's example plugin under the manager: the Host service reached
@@ -44,7 +45,7 @@ func TestGoSDKExample(t *testing.T) {
 	}
 	arena := newFakeArena(t, 1<<20)
 	m, _ := newTestManager(t, Config{Arena: arena})
-	man, err := ParseManifest(buildGoHello(t))
+	man, err := manifest.Parse(buildGoHello(t))
 	if err != nil {
 		t.Fatal(err)
 	}

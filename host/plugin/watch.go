@@ -7,16 +7,18 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/arenahost/arenahost/shared/manifest"
 )
 
 // fingerprint summarises the files a plugin runs from (manifest, command,
 // script args): path, size, mtime and inode of each. A change means a new
 // build to swap in.
-func (m *Manager) fingerprint(man *Manifest) string {
+func (m *Manager) fingerprint(man *manifest.Manifest) string {
 	var b strings.Builder
 	files := []string{man.Path}
-	if r, err := man.resolve(m.lookupEnv); err == nil {
-		files = man.watchedFiles(r)
+	if r, err := resolveManifest(man, m.lookupEnv); err == nil {
+		files = watchedFiles(man, r)
 	} else {
 		fmt.Fprintf(&b, "resolve error %v;", err)
 	}
@@ -35,7 +37,7 @@ func (m *Manager) fingerprint(man *Manifest) string {
 // reading the manifest afresh; a manifest that does not parse fingerprints
 // as its own stat, so fixing it is a change too.
 func (m *Manager) fingerprintPath(path string) string {
-	man, err := ParseManifest(path)
+	man, err := manifest.Parse(path)
 	if err != nil {
 		st, serr := os.Stat(path)
 		if serr != nil {

@@ -2,14 +2,13 @@
 // Python interpreters of the pinned virtual environments and the built
 // binaries. A test that needs one calls these helpers; when the Makefile runs
 // the tests (ARENAHOST_REQUIRE_PYTHON=1) a missing tool fails the test
-// instead of skipping it, so CI can never pass by skipping. It also owns the
-// one builder every test uses for Go binaries (GoBinary): each package is
-// built once per test binary into one temporary directory that Main
-// removes when the tests end.
+// instead of skipping it, so CI can never pass by skipping. GoBinary builds
+// Go binaries through sdk/plugintest/gobuild, the one cache sdk/plugintest
+// also builds plugins with: each package once per test binary, into one
+// temporary directory that Main removes when the tests end.
 package testenv
 
 import (
-	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -18,6 +17,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/arenahost/arenahost/sdk/plugintest/gobuild"
 )
 
 // required reports whether missing tools must fail tests rather than skip them.
@@ -80,19 +81,10 @@ func RunPython(tb testing.TB, python string, args ...string) []byte {
 	return out
 }
 
-// The build cache of this test binary: one directory, one build per
-// package, removed by Main.
+// builds says whether Main runs the tests (and so removes the builds).
 var builds struct {
-	mu      sync.Mutex
-	main    bool   // Main is running the tests
-	dir     string // created on the first build
-	entries map[string]*buildEntry
-}
-
-type buildEntry struct {
-	once sync.Once
-	path string
-	err  error
+	mu   sync.Mutex
+	main bool
 }
 
 // Main runs the package's tests, then the cleanup functions, then removes
@@ -108,11 +100,7 @@ func Main(m *testing.M, cleanup ...func()) {
 	for _, f := range cleanup {
 		f()
 	}
-	builds.mu.Lock()
-	if builds.dir != "" {
-		_ = os.RemoveAll(builds.dir)
-	}
-	builds.mu.Unlock()
+	gobuild.Clean()
 	os.Exit(code)
 }
 
@@ -125,38 +113,16 @@ func Main(m *testing.M, cleanup ...func()) {
 func GoBinary(tb testing.TB, pkg string) string {
 	tb.Helper()
 	builds.mu.Lock()
-	if !builds.main {
-		builds.mu.Unlock()
+	main := builds.main
+	builds.mu.Unlock()
+	if !main {
 		tb.Fatalf("testenv.GoBinary(%q): this package has no TestMain calling testenv.Main, which removes the builds", pkg)
 	}
-	if builds.dir == "" {
-		dir, err := os.MkdirTemp("", "arenahost-testbin-")
-		if err != nil {
-			builds.mu.Unlock()
-			tb.Fatalf("testenv: %v", err)
-		}
-		builds.dir = dir
-		builds.entries = map[string]*buildEntry{}
+	dir := ""
+	if strings.HasPrefix(pkg, ".") {
+		dir = RepoRoot(tb)
 	}
-	e := builds.entries[pkg]
-	if e == nil {
-		e = &buildEntry{path: filepath.Join(builds.dir, fmt.Sprintf("%d-%s", len(builds.entries), filepath.Base(pkg)))}
-		builds.entries[pkg] = e
-	}
-	builds.mu.Unlock()
-	e.once.Do(func() {
-		cmd := exec.Command("go", "build", "-o", e.path, pkg)
-		if strings.HasPrefix(pkg, ".") {
-			cmd.Dir = RepoRoot(tb)
-		}
-		if out, err := cmd.CombinedOutput(); err != nil {
-			e.err = fmt.Errorf("go build %s: %v\n%s", pkg, err, out)
-		}
-	})
-	if e.err != nil {
-		tb.Fatal(e.err)
-	}
-	return e.path
+	return gobuild.Binary(tb, dir, pkg, "")
 }
 
 // InstallPlugin puts a copy of pkg's binary (built once by GoBinary) into

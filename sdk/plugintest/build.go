@@ -1,16 +1,15 @@
 package plugintest
 
 import (
-	"fmt"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"sync"
 	"testing"
+
+	"github.com/arenahost/arenahost/sdk/plugintest/gobuild"
 )
 
 // Binary is a Go plugin compiled once per test binary, as `make build`
 // compiles it, so every test of a plugin package starts the real process.
+// The build goes through gobuild's one cache, which the repository's own
+// tests share.
 //
 //	var bin = plugintest.NewBinary(".", "preview")
 //
@@ -20,10 +19,6 @@ import (
 //	}
 type Binary struct {
 	pkg, name string
-
-	once sync.Once
-	dir  string
-	err  error
 }
 
 // NewBinary describes the plugin in package pkg (a `go build` package
@@ -34,24 +29,8 @@ func NewBinary(pkg, name string) *Binary { return &Binary{pkg: pkg, name: name} 
 // failed build fails tb with the compiler's output.
 func (b *Binary) Path(tb testing.TB) string {
 	tb.Helper()
-	b.once.Do(func() {
-		if b.dir, b.err = os.MkdirTemp("", "plugintest-"+b.name); b.err != nil {
-			return
-		}
-		out, err := exec.Command("go", "build", "-o", filepath.Join(b.dir, b.name), b.pkg).CombinedOutput()
-		if err != nil {
-			b.err = fmt.Errorf("go build %s: %v\n%s", b.pkg, err, out)
-		}
-	})
-	if b.err != nil {
-		tb.Fatal(b.err)
-	}
-	return filepath.Join(b.dir, b.name)
+	return gobuild.Binary(tb, "", b.pkg, b.name)
 }
 
-// Remove deletes the built binary (call it from TestMain after m.Run).
-func (b *Binary) Remove() {
-	if b.dir != "" {
-		os.RemoveAll(b.dir)
-	}
-}
+// Remove deletes the built binaries (call it from TestMain after m.Run).
+func (b *Binary) Remove() { gobuild.Clean() }

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/sdk/api"
 )
 
 // runFleetHook runs deploy/image/arenahost-fleet (the container's
@@ -74,10 +74,8 @@ func TestFleetHooks(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("load: exit %d: %s", code, stderr)
 	}
-	var models []struct {
-		Name string `json:"name"`
-	}
-	h.do(t, http.MethodGet, "/v1/models", nil, &models)
+	models, err := h.client(t, "").Models(t.Context())
+	h.must(t, "models", err)
 	var names []string
 	for _, m := range models {
 		names = append(names, m.Name)
@@ -106,16 +104,12 @@ func TestFleetHooks(t *testing.T) {
 	}
 	// A long job: drain with a short bound names it, unless the job had
 	// already finished; after the job is cancelled, drain returns.
-	var job struct {
-		ID string `json:"id"`
-	}
-	h.doToken(t, token, http.MethodPost, "/v1/jobs", map[string]any{"pipeline": "reference-pipeline",
-		"preview": map[string]any{"method": "none"}, "params": map[string]any{"steps": 1000, "width": 512, "height": 512}}, &job, http.StatusCreated)
+	job, err := h.client(t, token).CreateJob(t.Context(), api.JobSpec{Pipeline: "reference-pipeline",
+		Preview: api.PreviewSpec{Method: "none"}, Params: map[string]any{"steps": 1000, "width": 512, "height": 512}})
+	h.must(t, "create job", err)
 	code, stderr = runFleetHook(t, python, env, "drain", "--timeout", "0.5", "--interval", "0.1")
-	var snap struct {
-		State string `json:"state"`
-	}
-	h.do(t, http.MethodGet, "/v1/jobs/"+job.ID, nil, &snap)
+	snap, err := h.client(t, "").Job(t.Context(), job.ID)
+	h.must(t, "job", err)
 	switch {
 	case code == 1 && strings.Contains(stderr, "still queued or running after 0.5s: "+job.ID):
 		t.Logf("drain during job %s: %s", job.ID, strings.TrimSpace(stderr))
@@ -124,7 +118,8 @@ func TestFleetHooks(t *testing.T) {
 	default:
 		t.Fatalf("drain during job %s (now %s): exit %d: %s", job.ID, snap.State, code, stderr)
 	}
-	h.doToken(t, token, http.MethodDelete, "/v1/jobs/"+job.ID, nil, nil, http.StatusOK)
+	_, err = h.client(t, token).CancelJob(t.Context(), job.ID)
+	h.must(t, "cancel job", err)
 	if code, stderr := runFleetHook(t, python, env, "drain", "--timeout", "30", "--interval", "0.1"); code != 0 {
 		t.Fatalf("drain after cancel: exit %d: %s", code, stderr)
 	}

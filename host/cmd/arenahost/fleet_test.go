@@ -3,10 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"encoding/json"
 	"fmt"
-	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +14,8 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/sdk/api"
+	"github.com/arenahost/arenahost/sdk/client"
 )
 
 // fleetHost is one real `arenahost serve` process of TestTwoHostsOneMachine.
@@ -96,52 +95,28 @@ func startHostProcess(t *testing.T, h *fleetHost, bin, label string, args []stri
 	}
 }
 
-func (h *fleetHost) do(t *testing.T, method, path string, body any, out any) {
+// client returns an sdk/client of h sending token ("" for none).
+func (h *fleetHost) client(t *testing.T, token string) *client.Client {
 	t.Helper()
-	h.doToken(t, "", method, path, body, out, http.StatusOK)
+	c, err := client.New(h.url, client.WithToken(token))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
 }
 
-// doToken calls the host with the bearer token (if any) and wants status.
-func (h *fleetHost) doToken(t *testing.T, token, method, path string, body any, out any, status int) {
+// must fails the test, with the host's log, when err is set.
+func (h *fleetHost) must(t *testing.T, what string, err error) {
 	t.Helper()
-	var rd io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequest(method, h.url+strings.TrimPrefix(path, "/"), rd)
 	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	if token != "" {
-		req.Header.Set("Authorization", "Bearer "+token)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != status {
-		t.Fatalf("%s %s: %d %s\nhost log:\n%s", method, path, resp.StatusCode, b, h.logs)
-	}
-	if out != nil {
-		if err := json.Unmarshal(b, out); err != nil {
-			t.Fatalf("%s %s: %v in %s", method, path, err, b)
-		}
+		t.Fatalf("%s: %v\nhost log:\n%s", what, err, h.logs)
 	}
 }
 
 func (h *fleetHost) digest(t *testing.T) string {
 	t.Helper()
-	var d struct {
-		SHA256 string `json:"sha256"`
-	}
-	h.do(t, http.MethodGet, "/v1/models/sample/digest", nil, &d)
+	d, err := h.client(t, "").ModelDigest(t.Context(), "sample", false)
+	h.must(t, "digest", err)
 	if d.SHA256 == "" {
 		t.Fatal("digest without sha256")
 	}
@@ -151,12 +126,8 @@ func (h *fleetHost) digest(t *testing.T) string {
 // pluginEnv reads the environment of h's serving plugin name from /proc.
 func (h *fleetHost) pluginEnv(t *testing.T, name string) map[string]string {
 	t.Helper()
-	var ps []struct {
-		Name  string `json:"name"`
-		State string `json:"state"`
-		PID   int    `json:"pid"`
-	}
-	h.do(t, http.MethodGet, "/v1/plugins", nil, &ps)
+	ps, err := h.client(t, "").Plugins(t.Context())
+	h.must(t, "plugins", err)
 	for _, p := range ps {
 		if p.Name != name {
 			continue
@@ -214,10 +185,8 @@ func TestTwoHostsOneMachine(t *testing.T) {
 	}
 	before := make([]string, 2)
 	for i, h := range hosts {
-		var arena struct {
-			Backend string `json:"backend"`
-		}
-		h.do(t, http.MethodGet, "/v1/arena", nil, &arena)
+		arena, err := h.client(t, "").Arena(t.Context())
+		h.must(t, "arena", err)
 		if !strings.Contains(arena.Backend, "cuda-sim") {
 			t.Fatalf("host %d: arena backend %q, want cuda-sim", i, arena.Backend)
 		}
@@ -236,16 +205,14 @@ func TestTwoHostsOneMachine(t *testing.T) {
 		t.Fatalf("the two hosts' sample models differ before any apply: %s vs %s", before[0], before[1])
 	}
 
-	var loras []struct {
-		Name string `json:"name"`
-	}
-	hosts[1].do(t, http.MethodGet, "/v1/loras", nil, &loras)
+	loras, err := hosts[1].client(t, "").LoRAs(t.Context())
+	hosts[1].must(t, "loras", err)
 	if len(loras) == 0 {
 		t.Fatal("host 1 lists no LoRA (the sample LoRA is missing)")
 	}
-	hosts[1].do(t, http.MethodPost, "/v1/loras/apply", map[string]any{
-		"model": "sample", "mode": "fuse", "loras": []map[string]any{{"name": loras[0].Name, "strength": 1}},
-	}, nil)
+	_, err = hosts[1].client(t, "").ApplyLoRAs(t.Context(), api.ApplyRequest{Model: "sample", Mode: api.ModeFuse,
+		LoRAs: []api.ApplyLoRA{{Name: loras[0].Name}}})
+	hosts[1].must(t, "apply", err)
 
 	after := []string{hosts[0].digest(t), hosts[1].digest(t)}
 	if after[1] == before[1] {

@@ -32,7 +32,7 @@ func TestExitCodes(t *testing.T) {
 	}{
 		{"help", []string{"--help"}, 0, "", 0},
 		{"command help", []string{"merge", "--help"}, 0, "", 0},
-		{"unknown command", []string{"bogus"}, 2, `arenahost: unknown command "bogus" (commands: inspect, merge, sample, serve)`, 2},
+		{"unknown command", []string{"bogus"}, 2, `arenahost: unknown command "bogus" (commands: inspect, merge, sample, serve, status)`, 2},
 		{"bad --as", []string{"merge", "--model", model, "--out", filepath.Join(dir, "o"), "--as", "fp8"}, 2, `arenahost merge: --as must be nf4, bf16 or lora, got "fp8"`, 2},
 		{"bad strength", []string{"merge", "--model", model, "--out", filepath.Join(dir, "o"), "--lora", "F:abc"}, 2,
 			`arenahost merge: --lora "F:abc": strength "abc" is not a finite number (write FILE:STRENGTH, e.g. style.safetensors:0.8)`, 2},

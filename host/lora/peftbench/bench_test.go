@@ -20,6 +20,7 @@ import (
 	"github.com/arenahost/arenahost/host/registry"
 	"github.com/arenahost/arenahost/host/server"
 	"github.com/arenahost/arenahost/internal/testenv"
+	"github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/layout"
 	"github.com/arenahost/arenahost/shared/samples"
 )
@@ -191,10 +192,10 @@ func BenchmarkLoRAvsPEFT(b *testing.B) {
 		}
 		pids := []string{strconv.Itoa(os.Getpid()), strconv.Itoa(st.PID)}
 		orig := digest(b, s, "bench")
-		set := func(n int) []lora.Entry {
-			var es []lora.Entry
+		set := func(n int) []api.AppliedLoRA {
+			var es []api.AppliedLoRA
 			for _, p := range loras[:n] {
-				es = append(es, lora.Entry{Path: p, Strength: 1})
+				es = append(es, api.AppliedLoRA{Path: p, Strength: 1})
 			}
 			return es
 		}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"encoding/binary"
-	"encoding/json"
 	"math"
 	"os"
 	"testing"
@@ -10,6 +9,7 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 
 	"github.com/arenahost/arenahost/sdk/plugintest"
+	"github.com/arenahost/arenahost/shared/manifest"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
 
@@ -67,22 +67,14 @@ func TestScale(t *testing.T) {
 	}
 }
 
+// TestManifest checks plugin.json with the parser the host uses (every
+// field valid) and against what main.go registers.
 func TestManifest(t *testing.T) {
-	data, err := os.ReadFile("plugin.json")
+	m, err := manifest.Parse(manifest.File)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var m struct {
-		Name            string `json:"name"`
-		Kind            string `json:"kind"`
-		Language        string `json:"language"`
-		Command         string `json:"command"`
-		ProtocolVersion int    `json:"protocol_version"`
-	}
-	if err := json.Unmarshal(data, &m); err != nil {
-		t.Fatalf("plugin.json: %v", err)
-	}
-	if m.Name != "go-hello" || m.Kind != "other" || m.Language != "go" || m.Command != "./go-hello" || m.ProtocolVersion != 1 {
+	if m.Name != "go-hello" || m.Kind != "other" || m.Language != manifest.LanguageGo || m.Command != "./go-hello" {
 		t.Errorf("plugin.json = %+v; must match what main.go registers", m)
 	}
 }
