@@ -1,0 +1,214 @@
+"""diffusers-flux on a bundled single file: its own CLIP-L and T5 encode the prompt, its own VAE decodes.
+
+A Forge/ComfyUI-style single file is built here from a tiny FluxPipeline folder
+(:func:`arenahost.diffusers_check.write_tiny_flux_pipeline` with
+``released_rules``, so that every width a single file cannot store follows the
+released models' rules): the NF4 transformer under ``model.diffusion_model.``,
+CLIP-L in F16 under ``text_encoders.clip_l.transformer.``, T5 in F8_E4M3 under
+``text_encoders.t5xxl.transformer.`` and the VAE in BF16 under ``vae.``, as
+Forge's NF4 files store them. The fake host holds every tensor in its arena; the
+plugin runs as a real process with ``model_file`` naming the file, whose folder
+holds only ``tokenizer/`` and ``tokenizer_2/``. Checked:
+
+* the result says ``conditioning: text_encoders`` and ``decoder: vae``; two
+  prompts give different images, the same prompt the same image;
+* the latents of every step and the PNG equal diffusers' own ``FluxPipeline``
+  loaded from the folder, with the same weights as stored in the file (CLIP-L
+  rounded to F16, T5 to F8_E4M3, the VAE to BF16, the transformer's NF4
+  dequantized), same prompt and seed: configs inferred from shapes alone;
+* the same with the configs read from a tokenizer_dir that has them;
+* no tokenizers: stand-in embeddings with the reason ``no tokenizer``, still the bundled VAE;
+* an incomplete CLIP-L (one tensor missing): stand-in naming the missing tensor.
+"""
+
+import os
+import shutil
+
+import msgpack
+import numpy as np
+import pytest
+
+from arenahost.plugin.v1 import plugin_pb2 as pb
+from arenahost.plugin.v1 import plugin_pb2_grpc as pbg
+from conftest import SDK, Arena, require, serve_fake_host
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+PLUGIN = SDK / "examples" / "diffusers_flux" / "diffusers_flux.py"
+W, H, STEPS, SEED, GUIDANCE = 64, 32, 2, 5, 3.5
+PROMPT = "a red fox in the snow"
+
+
+def _stored(name, t):
+    """(numpy array as the file stores it, wire dtype, the fp32 values it holds) for a bundled tensor."""
+    import torch
+
+    if name.startswith("text_encoders.clip_l."):
+        v = t.to(torch.float16)
+        return v.numpy(), pb.DTYPE_F16, v.float()
+    if name.startswith("text_encoders.t5xxl."):
+        v = t.to(torch.float8_e4m3fn)
+        return v.view(torch.uint8).numpy(), pb.DTYPE_F8_E4M3, v.float()
+    v = t.to(torch.bfloat16)
+    return v.view(torch.int16).numpy().view(np.uint16), pb.DTYPE_BF16, v.float()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    require("torch")
+    require("diffusers")
+    require("transformers")
+    require("tokenizers")
+    require("bitsandbytes")
+    from safetensors.torch import load_file, save_file
+
+    from arenahost import diffusers_check as dc
+
+    root = tmp_path_factory.mktemp("bundle")
+    full = dc.write_tiny_flux_pipeline(str(root / "full"), released_rules=True)
+    sd = dc.read_nf4_checkpoint(os.path.join(full, "transformer", "diffusion_pytorch_model.safetensors"))
+    extra, values = {}, {}
+    for sub, prefix in (("text_encoder", "text_encoders.clip_l.transformer."), ("text_encoder_2", "text_encoders.t5xxl.transformer."),
+                        ("vae", "vae.")):
+        d = os.path.join(full, sub)
+        f = next(os.path.join(d, n) for n in os.listdir(d) if n.endswith(".safetensors"))
+        for k, v in load_file(f).items():
+            if k == "encoder.embed_tokens.weight":
+                continue  # tied to shared.weight; single files store it once
+            # Single files name CLIP-L's modules text_model.… (transformers 5 saves them without it).
+            name = prefix + ("text_model." + k if sub == "text_encoder" and not k.startswith("text_model.") else k)
+            extra[name] = _stored(name, v)
+            values[sub, k] = extra[name][2]
+    # The single file itself, with only tokenizers beside it.
+    files = root / "models"
+    files.mkdir()
+    for t in ("tokenizer", "tokenizer_2"):
+        shutil.copytree(os.path.join(full, t), files / t)
+    import torch
+
+    whole = {"model.diffusion_model." + k: v for k, v in sd.items()}
+    for k, (arr, wire, _) in extra.items():
+        t = torch.from_numpy(arr)
+        whole[k] = t.view(torch.float8_e4m3fn) if wire == pb.DTYPE_F8_E4M3 else t.view(torch.bfloat16) if wire == pb.DTYPE_BF16 else t
+    path = str(files / "flux-tiny-bnb-nf4.safetensors")
+    save_file(whole, path)
+    arena = Arena(64 << 20)
+    with serve_fake_host(arena) as (host, env):
+        tensors = dc.arena_descriptors(arena, {"model.diffusion_model." + k: v for k, v in sd.items()}, model="bundle")
+        for k, (arr, wire, _) in extra.items():
+            d = arena.put(k, arr, wire_dtype=wire)
+            d.model = "bundle"
+            tensors[k] = d
+        host.tensors = tensors
+        yield dict(full=full, sd=sd, values=values, host=host, env=env, arena=arena, file=path, root=root)
+    arena.close()
+
+
+def _run(stub, call_id, **args):
+    base = {"steps": STEPS, "seed": SEED, "width": W, "height": H, "guidance": GUIDANCE, "model": "bundle"}
+    return msgpack.unpackb(stub.Invoke(pb.InvokeRequest(method="run", call_id=call_id,
+                                                        args=msgpack.packb({**base, **args})), timeout=600).result)
+
+
+def _reference(b, prompt):
+    """diffusers' FluxPipeline from the folder, every weight as the single file stores it: (latents per step, image)."""
+    import torch
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    from arenahost import diffusers_check as dc
+    from test_diffusers_text_encoders import _dequantized_state
+
+    cfg = {k: v for k, v in FluxTransformer2DModel.load_config(os.path.join(b["full"], "transformer")).items()
+           if not k.startswith("_") and k != "quantization_config"}
+    ref = FluxPipeline.from_pretrained(b["full"], transformer=dc.plain_transformer(_dequantized_state(b["sd"]), cfg),
+                                       torch_dtype=torch.float32, local_files_only=True)
+    for sub, mod in (("text_encoder", ref.text_encoder), ("text_encoder_2", ref.text_encoder_2), ("vae", ref.vae)):
+        state = {k: v for (s, k), v in b["values"].items() if s == sub}
+        missing, unexpected = mod.load_state_dict(state, strict=False)
+        assert not unexpected and set(missing) <= {"encoder.embed_tokens.weight"}, (sub, missing, unexpected)
+        if sub == "text_encoder_2":
+            mod.tie_weights()
+    lat = []
+
+    def keep(_p, _i, _t, kw):
+        lat.append(kw["latents"][0].float().numpy().copy())
+        return kw
+
+    with torch.inference_mode():
+        img = ref(prompt=prompt, height=H, width=W, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                  generator=torch.Generator().manual_seed(SEED), output_type="pil",
+                  callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"]).images[0]
+    return lat, np.asarray(img, dtype=np.int16)
+
+
+def _pixels(png):
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+
+
+def test_bundled_file_conditions_and_decodes_with_its_own_components(bundle, start_plugin):
+    host, arena = bundle["host"], bundle["arena"]
+    p = start_plugin([str(PLUGIN)], bundle["env"])
+    stub = pbg.PluginStub(p.channel)
+    lat = {}
+    host.on_publish = lambda req: lat.setdefault(req.job_id, []).append(
+        arena.read(req.tensors[0], np.float32).reshape(list(req.tensors[0].shape)).copy())
+    fox = _run(stub, "fox", prompt=PROMPT, model_file=bundle["file"])
+    boat = _run(stub, "boat", prompt="a blue boat on a calm lake", model_file=bundle["file"])
+    fox2 = _run(stub, "fox2", prompt=PROMPT, model_file=bundle["file"])
+    for v in (fox, boat):
+        assert v["conditioning_note"] == "" and v["decoder_note"] == ""
+        assert (v["conditioning"], v["conditioning_note"], v["decoder"], v["decoder_note"]) == ("text_encoders", "", "vae", ""), \
+            {k: x for k, x in v.items() if k != "images"}
+        assert v["components"]["transformer_config"] == "inferred from the tensors' shapes", v["components"]
+        assert "text_encoders.clip_l.transformer." in v["components"]["text_encoders"]
+        assert v["left"] == [] and v["patched"] > 0 and v["note"] == ""
+    assert fox2["images"][0] == fox["images"][0]
+    assert np.abs(_pixels(fox["images"][0]) - _pixels(boat["images"][0])).max() > 0
+    assert np.abs(lat["fox"][-1] - lat["boat"][-1]).max() > 1e-3
+
+    ref_lat, ref_img = _reference(bundle, PROMPT)
+    assert len(ref_lat) == len(lat["fox"]) == STEPS
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(lat["fox"], ref_lat))
+    print(f"bundled single file vs diffusers FluxPipeline: max |Δ latents| {worst:.3g} over {STEPS} steps, "
+          f"max |Δ pixel| {int(np.abs(_pixels(fox['images'][0]) - ref_img).max())}")
+    # The same fp32 weights and the same F.linear: bit-exact on one machine; the tolerance only
+    # allows for two processes' BLAS picking other reduction orders.
+    assert worst <= 1e-5
+    assert np.abs(_pixels(fox["images"][0]) - ref_img).max() <= 1
+
+
+def test_bundled_file_with_configs_from_tokenizer_dir(bundle, start_plugin):
+    """tokenizer_dir with the folder's configs: used instead of inferring, the same image."""
+    stub = pbg.PluginStub(start_plugin([str(PLUGIN)], bundle["env"]).channel)
+    v = _run(stub, "cfg", prompt=PROMPT, tokenizer_dir=bundle["full"])
+    assert v["conditioning"] == "text_encoders" and v["decoder"] == "vae", v
+    assert v["components"]["transformer_config"] == os.path.join(bundle["full"], "transformer", "config.json")
+    inferred = _run(stub, "inferred", prompt=PROMPT, model_file=bundle["file"])
+    assert inferred["images"][0] == v["images"][0]
+
+
+def test_bundled_file_without_tokenizers_says_so(bundle, start_plugin, tmp_path):
+    stub = pbg.PluginStub(start_plugin([str(PLUGIN)], bundle["env"]).channel)
+    lonely = tmp_path / "alone" / "flux.safetensors"  # no tokenizer/ beside it
+    lonely.parent.mkdir()
+    v = _run(stub, "lonely", prompt=PROMPT, model_file=str(lonely))
+    assert v["conditioning"] == "stand-in" and v["conditioning_note"].startswith("no tokenizer: a bundled single file carries none")
+    assert str(lonely.parent) in v["conditioning_note"]
+    assert v["decoder"] == "vae" and _pixels(v["images"][0]).shape == (H, W, 3)
+
+
+def test_incomplete_bundled_encoder_is_not_used(bundle, start_plugin):
+    host = bundle["host"]
+    gone = "text_encoders.clip_l.transformer.text_model.encoder.layers.1.mlp.fc2.weight"
+    saved = host.tensors.pop(gone)
+    try:
+        stub = pbg.PluginStub(start_plugin([str(PLUGIN)], bundle["env"]).channel)
+        v = _run(stub, "partial", prompt=PROMPT, model_file=bundle["file"])
+    finally:
+        host.tensors[gone] = saved
+    assert v["conditioning"] == "stand-in", v
+    assert v["conditioning_note"] == f"bundled CLIP-L is incomplete: no {gone}", v["conditioning_note"]
+    assert v["decoder"] == "vae"
