@@ -212,3 +212,61 @@ def test_incomplete_bundled_encoder_is_not_used(bundle, start_plugin):
     assert v["conditioning"] == "stand-in", v
     assert v["conditioning_note"] == f"bundled CLIP-L is incomplete: no {gone}", v["conditioning_note"]
     assert v["decoder"] == "vae"
+
+
+def test_txt2img_on_a_bundled_single_file_uses_its_components(bundle, tmp_path):
+    """Through a real host: the single file loaded with POST /v1/models (tokenizers beside it in
+    --models-dir); txt2img passes the file as model_file and info says its text encoders
+    conditioned the image; its VAE decoded it."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from test_diffusers_host import Host, _plugins_dir
+    from test_diffusers_side import arenahost_bin
+
+    data = tmp_path / "data"
+    (data / "loras").mkdir(parents=True)
+    models = data / "models"
+    shutil.copytree(os.path.dirname(bundle["file"]), models)
+    plugins = _plugins_dir(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(SDK) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = open(tmp_path / "host.log", "wb")
+    proc = subprocess.Popen([str(arenahost_bin()), "serve", "--listen", "127.0.0.1:0", "--data", str(data),
+                             "--plugins", str(plugins), "--python", sys.executable, "--pipeline", "diffusers-flux"],
+                            stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("arenahost console: "), (line, (tmp_path / "host.log").read_text()[-2000:])
+        h = Host(proc, line.split(": ", 1)[1].strip().rstrip("/"), data)
+        deadline = time.monotonic() + 120
+        while True:
+            st, ps = h.call("GET", "/v1/plugins")
+            states = {p.get("name"): p.get("state") for p in ps} if st == 200 and isinstance(ps, list) else {}
+            if states.get("diffusers-flux") == "serving":
+                break
+            assert time.monotonic() < deadline, f"plugins not serving: {states}"
+            time.sleep(0.3)
+        name = os.path.basename(bundle["file"])
+        st, m = h.call("POST", "/v1/models", {"path": name, "name": "tiny-bundle"})
+        assert st == 201, (st, m)
+        st, r = h.call("POST", "/sdapi/v1/txt2img", {
+            "prompt": PROMPT, "steps": STEPS, "seed": SEED, "width": W, "height": H, "cfg_scale": GUIDANCE,
+            "override_settings": {"sd_model_checkpoint": "tiny-bundle"}}, timeout=300)
+        assert st == 200, (st, r, (tmp_path / "host.log").read_text()[-3000:])
+        info = json.loads(r["info"])
+        assert info["conditioning"] == "text_encoders", info
+        st, s = h.call("GET", f"/v1/jobs/{info['jobs'][0]}")
+        assert s["params"]["model_file"] == str((models / name).resolve()), s["params"]
+        res = s["result"]
+        assert (res["conditioning"], res["decoder"]) == ("text_encoders", "vae"), {k: v for k, v in res.items() if k != "images"}
+        assert res["components"]["vae"] == "arena (vae.)"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
