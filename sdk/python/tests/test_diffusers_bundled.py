@@ -17,8 +17,12 @@ holds only ``tokenizer/`` and ``tokenizer_2/``. Checked:
   rounded to F16, T5 to F8_E4M3, the VAE to BF16, the transformer's NF4
   dequantized), same prompt and seed: configs inferred from shapes alone;
 * the same with the configs read from a tokenizer_dir that has them;
+* the VAE under LDM names (``encoder.down.N.block.M``, attention as 1×1 convs, as Forge stores it),
+  converted by diffusers' ``convert_ldm_vae_checkpoint``: the same image;
 * no tokenizers: stand-in embeddings with the reason ``no tokenizer``, still the bundled VAE;
-* an incomplete CLIP-L (one tensor missing): stand-in naming the missing tensor.
+* an incomplete CLIP-L (one tensor missing): stand-in naming the missing tensor;
+* through a real ``arenahost serve``: the file loaded with ``POST /v1/models``, txt2img passes it as
+  ``model_file`` and ``info.conditioning`` is ``text_encoders``, the result's ``decoder`` ``vae``.
 """
 
 import os
@@ -212,6 +216,54 @@ def test_incomplete_bundled_encoder_is_not_used(bundle, start_plugin):
     assert v["conditioning"] == "stand-in", v
     assert v["conditioning_note"] == f"bundled CLIP-L is incomplete: no {gone}", v["conditioning_note"]
     assert v["decoder"] == "vae"
+
+
+def _vae_ldm_name(k: str, levels: int) -> str:
+    """A diffusers AutoencoderKL key under the LDM name Forge/ComfyUI single files use (encoder.down.N.block.M…)."""
+    import re
+
+    k = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", k)
+    k = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", k)
+    k = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r"encoder.down.\1.downsample.conv.", k)
+    k = re.sub(r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.", k)
+    k = re.sub(r"^(decoder\.up\.\d+)\.resnets\.(\d+)\.", r"\1.block.\2.", k)
+    k = re.sub(r"^(decoder\.up\.\d+)\.upsamplers\.0\.conv\.", r"\1.upsample.conv.", k)
+    k = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.", lambda m: f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.", k)
+    k = re.sub(r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.mid.attn_1.", k)
+    k = k.replace(".conv_shortcut.", ".nin_shortcut.")
+    for d, ldm in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+        k = k.replace(".attn_1." + d + ".", ".attn_1." + ldm + ".")
+    return k
+
+
+def test_bundled_vae_in_ldm_names(bundle, start_plugin):
+    """The VAE under its LDM names (as Forge's NF4 files store it, attention as 1×1 convs) is
+    converted by diffusers' own convert_ldm_vae_checkpoint: the same image as the diffusers-named one."""
+    host, arena = bundle["host"], bundle["arena"]
+    saved = dict(host.tensors)
+    levels = 1 + max(int(k.split(".")[2]) for (s, k) in bundle["values"] if s == "vae" and k.startswith("encoder.down_blocks."))
+    try:
+        for (sub, k), v in bundle["values"].items():
+            if sub != "vae":
+                continue
+            del host.tensors["vae." + k]
+            ldm = _vae_ldm_name(k, levels)
+            if ".attn_1." in ldm and ldm.endswith(".weight") and v.dim() == 2:
+                v = v[:, :, None, None]  # LDM's attention q/k/v/proj_out are 1×1 convs
+            arr, wire, _ = _stored("vae." + ldm, v.contiguous())
+            d = arena.put("vae." + ldm, arr, wire_dtype=wire)
+            d.model = "bundle-ldm"
+            host.tensors["vae." + ldm] = d
+        assert not any(".down_blocks." in n for n in host.tensors if n.startswith("vae."))
+        stub = pbg.PluginStub(start_plugin([str(PLUGIN)], bundle["env"]).channel)
+        ldm = _run(stub, "ldm", prompt=PROMPT, model="bundle-ldm", model_file=bundle["file"])
+    finally:
+        host.tensors.clear()
+        host.tensors.update(saved)
+    assert (ldm["decoder"], ldm["decoder_note"]) == ("vae", ""), {k: v for k, v in ldm.items() if k != "images"}
+    stub = pbg.PluginStub(start_plugin([str(PLUGIN)], bundle["env"]).channel)
+    plain = _run(stub, "plain", prompt=PROMPT, model_file=bundle["file"])
+    assert ldm["images"][0] == plain["images"][0]
 
 
 def test_txt2img_on_a_bundled_single_file_uses_its_components(bundle, tmp_path):
