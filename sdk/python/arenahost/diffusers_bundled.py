@@ -246,6 +246,41 @@ def _load(model, sd: dict, what: str, file_name, tied=()) -> str:
     return ""
 
 
+def _arena_4bit_linears(encoder, arena_name, tensors: dict, watcher) -> int:
+    """Replace every nn.Linear of encoder whose arena weight is bitsandbytes 4-bit by an
+    ArenaNF4Linear over it, so that LoRA side factors the host binds to it, and bytes a
+    fused apply rewrites, are used from the next encode; returns how many."""
+    import torch
+
+    from arenahost import torch as at
+    from arenahost.diffusers_flux import _set_module
+
+    built = []
+    for n, mod in list(encoder.named_modules()):
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        w = arena_name(n) + ".weight"
+        d = tensors.get(w)
+        if d is None or not d.HasField("quant"):
+            continue
+        b = arena_name(n) + ".bias"
+        new = at.ArenaNF4Linear(watcher, w, b if mod.bias is not None and b in tensors else None, mod.in_features, mod.out_features)
+        # transformers reads a Linear's weight dtype in places (T5's wo): an empty stand-in says it.
+        new.register_buffer("weight", torch.empty(0, dtype=mod.weight.dtype), persistent=False)
+        built.append((n, new))
+    if not built:
+        return 0
+    watcher.poll()
+    for n, new in built:
+        new._sync()
+        _set_module(encoder, n, new)
+
+    def _pre(_mod, _args, _kwargs=None):
+        watcher.poll()
+    encoder.register_forward_pre_hook(_pre)
+    return len(built)
+
+
 def _empty(cls_build):
     try:
         from accelerate import init_empty_weights
@@ -323,6 +358,15 @@ def build_bundled_pipeline(host, model: str = "", *, tokenizer_dirs=(), dtype=No
             why = (_load(te1, clip_sd, "CLIP-L", lambda k: CLIP_PREFIX + "text_model." + k)
                    or _load(te2, t5_sd, "T5", lambda k: T5_PREFIX + k, tied=("encoder.embed_tokens.weight", "shared.weight")))
             if not why:
+                from arenahost import torch as at
+
+                # 4-bit encoder layers read the arena on every encode (LoRA side factors, fused bytes).
+                watcher = at.FactorWatcher(host, model, mapper=m)
+                n4 = _arena_4bit_linears(te1, lambda n: CLIP_PREFIX + (n if n.startswith("text_model.") else "text_model." + n),
+                                         tensors, watcher)
+                n4 += _arena_4bit_linears(te2, lambda n: T5_PREFIX + n, tensors, watcher)
+                if n4:
+                    sources["text_encoder_4bit_layers"] = f"{n4} Linear layers read from the arena on every encode (LoRAs apply)"
                 parts = dict(text_encoder=te1.to(dtype).eval(), text_encoder_2=te2.to(dtype).eval(),
                              tokenizer=AutoTokenizer.from_pretrained(os.path.join(tok_dir, "tokenizer"), local_files_only=True),
                              tokenizer_2=AutoTokenizer.from_pretrained(os.path.join(tok_dir, "tokenizer_2"), local_files_only=True))

@@ -25,6 +25,7 @@ holds only ``tokenizer/`` and ``tokenizer_2/``. Checked:
   ``model_file`` and ``info.conditioning`` is ``text_encoders``, the result's ``decoder`` ``vae``.
 """
 
+import contextlib
 import os
 import shutil
 
@@ -266,11 +267,31 @@ def test_bundled_vae_in_ldm_names(bundle, start_plugin):
     assert ldm["images"][0] == plain["images"][0]
 
 
-def test_txt2img_on_a_bundled_single_file_uses_its_components(bundle, tmp_path):
-    """Through a real host: the single file loaded with POST /v1/models (tokenizers beside it in
-    --models-dir); txt2img passes the file as model_file and info says its text encoders
-    conditioned the image; its VAE decoded it."""
-    import json
+def _dequantized_any(sd):
+    """fp32 weights of an NF4 state dict by bitsandbytes' rule (element k = quant_map[nibble k] ·
+    absmax[k // blocksize], high nibble first), a last partial block included."""
+    from arenahost import diffusers_check as dc
+
+    qw = set(dc.quant_weights(sd))
+    out = {}
+    for w in qw:
+        st = dc.bnb_quant_state(sd, w)
+        p = sd[w].reshape(-1)
+        q = np.stack([p.numpy() >> 4, p.numpy() & 0x0F], 1).reshape(-1).astype(np.int64)
+        n = int(np.prod(st.shape))
+        scale = np.repeat(st.absmax.float().numpy(), st.blocksize)[:n]
+        import torch
+
+        out[w] = torch.from_numpy((st.code.float().numpy()[q[:n]] * scale).reshape(tuple(st.shape)))
+    for k, v in sd.items():
+        if k not in qw and not any(k.startswith(w + ".") for w in qw):
+            out[k] = v.float()
+    return out
+
+
+@contextlib.contextmanager
+def _real_host(tmp_path, models_src):
+    """A real `arenahost serve` (diffusers-flux the txt2img pipeline) whose --models-dir is a copy of models_src."""
     import subprocess
     import sys
     import time
@@ -280,8 +301,7 @@ def test_txt2img_on_a_bundled_single_file_uses_its_components(bundle, tmp_path):
 
     data = tmp_path / "data"
     (data / "loras").mkdir(parents=True)
-    models = data / "models"
-    shutil.copytree(os.path.dirname(bundle["file"]), models)
+    shutil.copytree(models_src, data / "models")
     plugins = _plugins_dir(tmp_path)
     env = dict(os.environ, PYTHONPATH=str(SDK) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     log = open(tmp_path / "host.log", "wb")
@@ -300,20 +320,8 @@ def test_txt2img_on_a_bundled_single_file_uses_its_components(bundle, tmp_path):
                 break
             assert time.monotonic() < deadline, f"plugins not serving: {states}"
             time.sleep(0.3)
-        name = os.path.basename(bundle["file"])
-        st, m = h.call("POST", "/v1/models", {"path": name, "name": "tiny-bundle"})
-        assert st == 201, (st, m)
-        st, r = h.call("POST", "/sdapi/v1/txt2img", {
-            "prompt": PROMPT, "steps": STEPS, "seed": SEED, "width": W, "height": H, "cfg_scale": GUIDANCE,
-            "override_settings": {"sd_model_checkpoint": "tiny-bundle"}}, timeout=300)
-        assert st == 200, (st, r, (tmp_path / "host.log").read_text()[-3000:])
-        info = json.loads(r["info"])
-        assert info["conditioning"] == "text_encoders", info
-        st, s = h.call("GET", f"/v1/jobs/{info['jobs'][0]}")
-        assert s["params"]["model_file"] == str((models / name).resolve()), s["params"]
-        res = s["result"]
-        assert (res["conditioning"], res["decoder"]) == ("text_encoders", "vae"), {k: v for k, v in res.items() if k != "images"}
-        assert res["components"]["vae"] == "arena (vae.)"
+        h.log = tmp_path / "host.log"
+        yield h
     finally:
         proc.terminate()
         try:
@@ -322,3 +330,114 @@ def test_txt2img_on_a_bundled_single_file_uses_its_components(bundle, tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def _txt2img(h, model, prompt=PROMPT):
+    import base64
+    import json
+
+    st, r = h.call("POST", "/sdapi/v1/txt2img", {
+        "prompt": prompt, "steps": STEPS, "seed": SEED, "width": W, "height": H,
+        "override_settings": {"sd_model_checkpoint": model}}, timeout=300)
+    assert st == 200, (st, r, h.log.read_text()[-3000:])
+    return json.loads(r["info"]), _pixels(base64.b64decode(r["images"][0]))
+
+
+def test_txt2img_on_a_bundled_single_file_uses_its_components(bundle, tmp_path):
+    """Through a real host: the single file loaded with POST /v1/models (tokenizers beside it in
+    --models-dir); txt2img passes the file as model_file and info says its text encoders
+    conditioned the image; its VAE decoded it."""
+    with _real_host(tmp_path, os.path.dirname(bundle["file"])) as h:
+        name = os.path.basename(bundle["file"])
+        st, m = h.call("POST", "/v1/models", {"path": name, "name": "tiny-bundle"})
+        assert st == 201, (st, m)
+        info, _ = _txt2img(h, "tiny-bundle")
+        assert info["conditioning"] == "text_encoders", info
+        st, s = h.call("GET", f"/v1/jobs/{info['jobs'][0]}")
+        assert s["params"]["model_file"] == str((h.data / "models" / name).resolve()), s["params"]
+        res = s["result"]
+        assert (res["conditioning"], res["decoder"]) == ("text_encoders", "vae"), {k: v for k, v in res.items() if k != "images"}
+        assert res["components"]["vae"] == "arena (vae.)"
+
+
+def test_text_encoder_lora_on_4bit_bundled_encoders(bundle, tmp_path):
+    """A bundle whose CLIP-L and T5 are bitsandbytes NF4: a kohya LoRA with lora_te1_ (CLIP-L) and
+    lora_te3_ (T5) keys, applied by txt2img's <lora:…> tag through a real host (side mode), conditions
+    the image as diffusers' FluxPipeline with the LoRA merged into the dequantized encoder weights
+    does; removing it gives back the LoRA-free image bit for bit."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from arenahost import diffusers_check as dc
+
+    full = bundle["full"]
+    src = tmp_path / "src"
+    src.mkdir()
+    for t in ("tokenizer", "tokenizer_2"):
+        shutil.copytree(os.path.join(full, t), src / t)
+    whole = load_file(bundle["file"])
+    te4, te_deq, n4 = {}, {}, 0
+    for cls, sub, prefix in ((CLIPTextModel, "text_encoder", "text_encoders.clip_l.transformer."),
+                             (T5EncoderModel, "text_encoder_2", "text_encoders.t5xxl.transformer.")):
+        enc = cls.from_pretrained(os.path.join(full, sub), local_files_only=True)
+        q = dc.nf4_state(enc)
+        q.pop("encoder.embed_tokens.weight", None)
+        te_deq[sub] = _dequantized_any(q)
+        n4 += len(dc.quant_weights(q))
+        for k in [k for k in whole if k.startswith(prefix)]:
+            del whole[k]
+        for k, v in q.items():
+            name = prefix + ("text_model." + k if sub == "text_encoder" and not k.startswith("text_model.") else k)
+            te4[name] = v
+    whole.update(te4)
+    save_file(whole, str(src / "flux-tiny-te4.safetensors"))
+    # The LoRA: q and v of every CLIP-L and T5 attention layer, kohya keys.
+    g = torch.Generator().manual_seed(11)
+    rank, alpha = 4, 4.0
+    lora, deltas = {}, {}
+    for sub, te, stem_of in (("text_encoder", "lora_te1_", lambda k: "text_model." + k),
+                             ("text_encoder_2", "lora_te3_", lambda k: k)):
+        for k, w in te_deq[sub].items():
+            if not (k.endswith("q_proj.weight") or k.endswith("v_proj.weight") or k.endswith("SelfAttention.q.weight")
+                    or k.endswith("SelfAttention.v.weight")):
+                continue
+            key = te + stem_of(k[: -len(".weight")]).replace(".", "_")
+            down = torch.randn(rank, w.shape[1], generator=g) * 0.3
+            up = torch.randn(w.shape[0], rank, generator=g) * 0.3
+            lora[key + ".lora_down.weight"], lora[key + ".lora_up.weight"] = down, up
+            lora[key + ".alpha"] = torch.tensor(alpha)
+            deltas[sub, k] = (alpha / rank) * (up @ down)
+    assert len(deltas) == 8
+
+    with _real_host(tmp_path, src) as h:
+        save_file(lora, str(h.data / "loras" / "te_lora.safetensors"))
+        st, m = h.call("POST", "/v1/models", {"path": "flux-tiny-te4.safetensors", "name": "tiny-te4"})
+        assert st == 201, (st, m)
+        info0, base = _txt2img(h, "tiny-te4")
+        assert info0["conditioning"] == "text_encoders", info0
+        st, s = h.call("GET", f"/v1/jobs/{info0['jobs'][0]}")
+        assert f"{n4} Linear layers" in s["result"]["components"].get("text_encoder_4bit_layers", ""), s["result"]["components"]
+        # txt2img applies the prompt's <lora:…> set in side mode (and an empty set removes it).
+        info1, side = _txt2img(h, "tiny-te4", PROMPT + " <lora:te_lora:1>")
+        assert [e["name"] for e in info1["loras"]] == ["te_lora"] and not info1["warnings"], info1
+        _, again = _txt2img(h, "tiny-te4")
+
+    # diffusers' FluxPipeline with the dequantized NF4 encoders plus the merged LoRA.
+    b = dict(bundle)
+    b["values"] = dict(bundle["values"])
+    for sub in ("text_encoder", "text_encoder_2"):
+        for k, v in te_deq[sub].items():
+            b["values"][sub, k] = v + deltas.get((sub, k), 0)
+    _, want = _reference(b, PROMPT)
+    for sub in ("text_encoder", "text_encoder_2"):
+        for k, v in te_deq[sub].items():
+            b["values"][sub, k] = v
+    _, want_base = _reference(b, PROMPT)
+    d_side, d_lora = int(np.abs(side - want).max()), int(np.abs(want - want_base).max())
+    print(f"TE LoRA on 4-bit bundled encoders, side mode vs diffusers with the LoRA merged: max |Δ pixel| {d_side}; "
+          f"the LoRA itself moves pixels by up to {d_lora}; base vs diffusers: {int(np.abs(base - want_base).max())}")
+    assert d_lora > 8
+    assert np.abs(base - want_base).max() <= 1
+    assert d_side <= 2
+    assert np.array_equal(again, base)
