@@ -84,6 +84,10 @@ type Txt2ImgInfo struct {
 	// prompt) or "stand-in" (embeddings seeded from the prompt text; a
 	// warning says why). Empty when the pipeline does not say.
 	Conditioning string `json:"conditioning,omitempty"`
+	// Decoder is what decoded the latents, from the job result: "vae" (the
+	// model's own VAE) or "stand-in" (a small random VAE: the image means
+	// nothing; a warning says why). Empty when the pipeline does not say.
+	Decoder string `json:"decoder,omitempty"`
 }
 
 // A1111 defaults and arenahost's bounds for txt2img.
@@ -374,6 +378,12 @@ func (a *API) txt2img(w http.ResponseWriter, r *http.Request) {
 				warnings = append(warnings, "the prompt did not condition the image: stand-in embeddings ("+note+")")
 			}
 		}
+		if d, note := resultPair(s.Result, "decoder"); d != "" && info.Decoder == "" {
+			info.Decoder = d
+			if d == "stand-in" {
+				warnings = append(warnings, "the image was not decoded by the model's VAE: "+note)
+			}
+		}
 		info.AllSeeds = append(info.AllSeeds, seed)
 		info.AllPrompts = append(info.AllPrompts, prompt)
 		info.Infotexts = append(info.Infotexts, infotext(prompt, req, seed, model))
@@ -568,10 +578,16 @@ func pipelineFolder(source string) string {
 // resultConditioning returns a pipeline result's "conditioning" and
 // "conditioning_note" string fields ("" when absent or not strings).
 func resultConditioning(result any) (cond, note string) {
+	return resultPair(result, "conditioning")
+}
+
+// resultPair returns a pipeline result's string field key and its
+// key+"_note" ("" when absent or not strings).
+func resultPair(result any, key string) (val, note string) {
 	m, _ := result.(map[string]any)
-	cond, _ = m["conditioning"].(string)
-	note, _ = m["conditioning_note"].(string)
-	return cond, note
+	val, _ = m[key].(string)
+	note, _ = m[key+"_note"].(string)
+	return val, note
 }
 
 // resultImage returns the first PNG of a pipeline result's "images" list;

@@ -352,7 +352,7 @@ def test_txt2img_on_a_bundled_single_file_uses_its_components(bundle, tmp_path):
         st, m = h.call("POST", "/v1/models", {"path": name, "name": "tiny-bundle"})
         assert st == 201, (st, m)
         info, _ = _txt2img(h, "tiny-bundle")
-        assert info["conditioning"] == "text_encoders", info
+        assert info["conditioning"] == "text_encoders" and info["decoder"] == "vae" and not info["warnings"], info
         st, s = h.call("GET", f"/v1/jobs/{info['jobs'][0]}")
         assert s["params"]["model_file"] == str((h.data / "models" / name).resolve()), s["params"]
         res = s["result"]
