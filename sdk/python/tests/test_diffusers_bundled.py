@@ -219,6 +219,31 @@ def test_incomplete_bundled_encoder_is_not_used(bundle, start_plugin):
     assert v["decoder"] == "vae"
 
 
+def test_bad_companion_folder(bundle, start_plugin, tmp_path):
+    """A tokenizer_dir whose config is not JSON is the caller's mistake, named; one whose config
+    disagrees with the bundled tensors leaves the encoders out, saying which tensor."""
+    import json
+
+    import grpc
+
+    stub = pbg.PluginStub(start_plugin([str(PLUGIN)], bundle["env"]).channel)
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle["full"], bad, ignore=shutil.ignore_patterns("*.safetensors"))
+    (bad / "text_encoder" / "config.json").write_text("{not json")
+    with pytest.raises(grpc.RpcError) as e:
+        _run(stub, "bad", prompt=PROMPT, model="bundle-bad", tokenizer_dir=str(bad))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert str(bad / "text_encoder" / "config.json") in e.value.details()
+    other = tmp_path / "other"
+    shutil.copytree(bundle["full"], other, ignore=shutil.ignore_patterns("*.safetensors"))
+    cfg = json.loads((other / "text_encoder_2" / "config.json").read_text())
+    cfg["d_ff"] = 48
+    (other / "text_encoder_2" / "config.json").write_text(json.dumps(cfg))
+    v = _run(stub, "other", prompt=PROMPT, model="bundle-other", tokenizer_dir=str(other))
+    assert v["conditioning"] == "stand-in" and v["decoder"] == "vae", v
+    assert v["conditioning_note"].startswith("bundled T5: text_encoders.t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wi_0.weight has shape [37, 32], the model built from its config wants [48, 32]"), v["conditioning_note"]
+
+
 def _vae_ldm_name(k: str, levels: int) -> str:
     """A diffusers AutoencoderKL key under the LDM name Forge/ComfyUI single files use (encoder.down.N.block.M…)."""
     import re
