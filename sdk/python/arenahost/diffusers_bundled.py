@@ -246,10 +246,11 @@ def _load(model, sd: dict, what: str, file_name, tied=()) -> str:
     return ""
 
 
-def _arena_4bit_linears(encoder, arena_name, tensors: dict, watcher) -> int:
-    """Replace every nn.Linear of encoder whose arena weight is bitsandbytes 4-bit by an
-    ArenaNF4Linear over it, so that LoRA side factors the host binds to it, and bytes a
-    fused apply rewrites, are used from the next encode; returns how many."""
+def _arena_linears(encoder, arena_name, tensors: dict, watcher) -> int:
+    """Replace every nn.Linear of encoder whose weight the arena holds (bitsandbytes 4-bit, or a
+    plain 2-D F32/F16/BF16/F8 one) by an ArenaNF4Linear over it, so that LoRA side factors the
+    host binds to it, and bytes a fused apply rewrites, are used from the next encode; returns
+    how many."""
     import torch
 
     from arenahost import torch as at
@@ -261,7 +262,7 @@ def _arena_4bit_linears(encoder, arena_name, tensors: dict, watcher) -> int:
             continue
         w = arena_name(n) + ".weight"
         d = tensors.get(w)
-        if d is None or not d.HasField("quant"):
+        if d is None or not (d.HasField("quant") or len(d.shape) == 2):
             continue
         b = arena_name(n) + ".bias"
         new = at.ArenaNF4Linear(watcher, w, b if mod.bias is not None and b in tensors else None, mod.in_features, mod.out_features)
@@ -360,13 +361,14 @@ def build_bundled_pipeline(host, model: str = "", *, tokenizer_dirs=(), dtype=No
             if not why:
                 from arenahost import torch as at
 
-                # 4-bit encoder layers read the arena on every encode (LoRA side factors, fused bytes).
+                # Encoder Linear layers read the arena on every encode: LoRA side factors the host
+                # binds (on 4-bit and on plain F16/F8 encoders) and fused bytes (4-bit) apply.
                 watcher = at.FactorWatcher(host, model, mapper=m)
-                n4 = _arena_4bit_linears(te1, lambda n: CLIP_PREFIX + (n if n.startswith("text_model.") else "text_model." + n),
-                                         tensors, watcher)
-                n4 += _arena_4bit_linears(te2, lambda n: T5_PREFIX + n, tensors, watcher)
-                if n4:
-                    sources["text_encoder_4bit_layers"] = f"{n4} Linear layers read from the arena on every encode (LoRAs apply)"
+                n = _arena_linears(te1, lambda n: CLIP_PREFIX + (n if n.startswith("text_model.") else "text_model." + n),
+                                   tensors, watcher)
+                n += _arena_linears(te2, lambda n: T5_PREFIX + n, tensors, watcher)
+                if n:
+                    sources["text_encoder_layers"] = f"{n} Linear layers read from the arena on every encode (LoRAs apply)"
                 parts = dict(text_encoder=te1.to(dtype).eval(), text_encoder_2=te2.to(dtype).eval(),
                              tokenizer=AutoTokenizer.from_pretrained(os.path.join(tok_dir, "tokenizer"), local_files_only=True),
                              tokenizer_2=AutoTokenizer.from_pretrained(os.path.join(tok_dir, "tokenizer_2"), local_files_only=True))

@@ -385,11 +385,12 @@ def test_txt2img_on_a_bundled_single_file_uses_its_components(bundle, tmp_path):
         assert res["components"]["vae"] == "arena (vae.)"
 
 
-def test_text_encoder_lora_on_4bit_bundled_encoders(bundle, tmp_path):
-    """A bundle whose CLIP-L and T5 are bitsandbytes NF4: a kohya LoRA with lora_te1_ (CLIP-L) and
-    lora_te3_ (T5) keys, applied by txt2img's <lora:…> tag through a real host (side mode), conditions
-    the image as diffusers' FluxPipeline with the LoRA merged into the dequantized encoder weights
-    does; removing it gives back the LoRA-free image bit for bit."""
+@pytest.mark.parametrize("storage", ["nf4", "f16-f8"])
+def test_text_encoder_lora_on_bundled_encoders(bundle, tmp_path, storage):
+    """Bundled CLIP-L and T5 in bitsandbytes NF4, or as Forge stores them (F16 and F8_E4M3): a kohya
+    LoRA with lora_te1_ (CLIP-L) and lora_te3_ (T5) keys, applied by txt2img's <lora:…> tag through
+    a real host (side mode), conditions the image as diffusers' FluxPipeline with the LoRA merged
+    into the encoder weights as stored does; removing it gives back the LoRA-free image bit for bit."""
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import CLIPTextModel, T5EncoderModel
@@ -408,15 +409,18 @@ def test_text_encoder_lora_on_4bit_bundled_encoders(bundle, tmp_path):
         enc = cls.from_pretrained(os.path.join(full, sub), local_files_only=True)
         q = dc.nf4_state(enc)
         q.pop("encoder.embed_tokens.weight", None)
-        te_deq[sub] = _dequantized_any(q)
         n4 += len(dc.quant_weights(q))
+        if storage == "f16-f8":  # the encoders as the bundle stores them
+            te_deq[sub] = {k: v for (s2, k), v in bundle["values"].items() if s2 == sub}
+            continue
+        te_deq[sub] = _dequantized_any(q)
         for k in [k for k in whole if k.startswith(prefix)]:
             del whole[k]
         for k, v in q.items():
             name = prefix + ("text_model." + k if sub == "text_encoder" and not k.startswith("text_model.") else k)
             te4[name] = v
     whole.update(te4)
-    save_file(whole, str(src / "flux-tiny-te4.safetensors"))
+    save_file(whole, str(src / "flux-tiny-te.safetensors"))
     # The LoRA: q and v of every CLIP-L and T5 attention layer, kohya keys.
     g = torch.Generator().manual_seed(11)
     rank, alpha = 4, 4.0
@@ -437,12 +441,12 @@ def test_text_encoder_lora_on_4bit_bundled_encoders(bundle, tmp_path):
 
     with _real_host(tmp_path, src) as h:
         save_file(lora, str(h.data / "loras" / "te_lora.safetensors"))
-        st, m = h.call("POST", "/v1/models", {"path": "flux-tiny-te4.safetensors", "name": "tiny-te4"})
+        st, m = h.call("POST", "/v1/models", {"path": "flux-tiny-te.safetensors", "name": "tiny-te4"})
         assert st == 201, (st, m)
         info0, base = _txt2img(h, "tiny-te4")
         assert info0["conditioning"] == "text_encoders", info0
         st, s = h.call("GET", f"/v1/jobs/{info0['jobs'][0]}")
-        assert f"{n4} Linear layers" in s["result"]["components"].get("text_encoder_4bit_layers", ""), s["result"]["components"]
+        assert f"{n4} Linear layers" in s["result"]["components"].get("text_encoder_layers", ""), s["result"]["components"]
         # txt2img applies the prompt's <lora:…> set in side mode (and an empty set removes it).
         info1, side = _txt2img(h, "tiny-te4", PROMPT + " <lora:te_lora:1>")
         assert [e["name"] for e in info1["loras"]] == ["te_lora"] and not info1["warnings"], info1
@@ -460,7 +464,7 @@ def test_text_encoder_lora_on_4bit_bundled_encoders(bundle, tmp_path):
             b["values"][sub, k] = v
     _, want_base = _reference(b, PROMPT)
     d_side, d_lora = int(np.abs(side - want).max()), int(np.abs(want - want_base).max())
-    print(f"TE LoRA on 4-bit bundled encoders, side mode vs diffusers with the LoRA merged: max |Δ pixel| {d_side}; "
+    print(f"TE LoRA on {storage} bundled encoders, side mode vs diffusers with the LoRA merged: max |Δ pixel| {d_side}; "
           f"the LoRA itself moves pixels by up to {d_lora}; base vs diffusers: {int(np.abs(base - want_base).max())}")
     assert d_lora > 8
     assert np.abs(base - want_base).max() <= 1
