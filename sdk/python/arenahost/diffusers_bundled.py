@@ -199,28 +199,53 @@ def _ldm_vae_to_diffusers(sd: dict) -> dict:
     return convert_ldm_vae_checkpoint({"vae." + k: v for k, v in sd.items()}, cfg)
 
 
-def _arena_state(tensors: dict, prefix: str, mapper, dtype) -> dict:
-    """{name without prefix: torch tensor} of the arena tensors under prefix, in dtype
-    (a tensor stored in dtype is the arena's memory itself, read-only)."""
-    import torch
-
+def _tensor(d, mapper, dtype):
+    """One arena tensor in dtype (a tensor stored in dtype is the arena's memory itself, read-only)."""
     from arenahost import torch as at
+
+    if d.HasField("quant"):
+        return at.dequantize_4bit(d, mapper, dtype=dtype)
+    t = at.as_tensor(d, mapper, writable=False)
+    return t.to(dtype) if t.dtype != dtype and t.is_floating_point() else t
+
+
+def _arena_state(tensors: dict, prefix: str, mapper, dtype, *, lazy: bool = False) -> dict:
+    """{name without prefix: torch tensor} of the arena tensors under prefix, in dtype.
+
+    lazy: 2-D weights become meta tensors of their logical shape (nothing read):
+    an encoder's Linear weights are read from the arena by ArenaNF4Linear on each
+    forward instead, and :func:`_materialize` reads the other 2-D ones (embeddings)."""
+    import torch
 
     out = {}
     for name, d in tensors.items():
         if not name.startswith(prefix) or _is_side(name):
             continue
-        if d.HasField("quant"):
-            t = at.dequantize_4bit(d, mapper, dtype=dtype)
-        elif d.dtype in (pb.DTYPE_F8_E4M3, pb.DTYPE_F8_E5M2):
-            raw = torch.from_numpy(mapper.map(d, False).copy())
-            t = raw.view(torch.float8_e4m3fn if d.dtype == pb.DTYPE_F8_E4M3 else torch.float8_e5m2).to(dtype)
-        else:
-            t = at.as_tensor(d, mapper, writable=False)
-            if t.dtype != dtype and t.is_floating_point():
-                t = t.to(dtype)
-        out[name[len(prefix):]] = t
+        if lazy and name.endswith(".weight"):
+            from arenahost.diffusers_flux import _logical_shape
+
+            shape = _logical_shape(d)
+            if len(shape) == 2:
+                out[name[len(prefix):]] = torch.empty(shape, dtype=dtype, device="meta")
+                continue
+        out[name[len(prefix):]] = _tensor(d, mapper, dtype)
     return out
+
+
+def _materialize(model, arena_name, tensors: dict, mapper, dtype) -> str:
+    """Read every parameter of model still on the meta device from the arena ("" or why not)."""
+    import torch
+
+    for n, p in list(model.named_parameters(remove_duplicate=False)):
+        if not p.is_meta:
+            continue
+        d = tensors.get(arena_name(n))
+        if d is None:
+            return f"no {arena_name(n)}"
+        parent, _, attr = n.rpartition(".")
+        mod = model.get_submodule(parent) if parent else model
+        setattr(mod, attr, torch.nn.Parameter(_tensor(d, mapper, dtype), requires_grad=False))
+    return ""
 
 
 def _load(model, sd: dict, what: str, file_name, tied=()) -> str:
@@ -265,7 +290,10 @@ def _arena_linears(encoder, arena_name, tensors: dict, watcher) -> int:
         if d is None or not (d.HasField("quant") or len(d.shape) == 2):
             continue
         b = arena_name(n) + ".bias"
-        new = at.ArenaNF4Linear(watcher, w, b if mod.bias is not None and b in tensors else None, mod.in_features, mod.out_features)
+        # cache_weight=False: an encoder runs once per prompt, so its weights are read from the
+        # arena then (dequantized or widened one layer at a time) rather than kept in fp32.
+        new = at.ArenaNF4Linear(watcher, w, b if mod.bias is not None and b in tensors else None, mod.in_features,
+                                mod.out_features, cache_weight=False)
         # transformers reads a Linear's weight dtype in places (T5's wo): an empty stand-in says it.
         new.register_buffer("weight", torch.empty(0, dtype=mod.weight.dtype), persistent=False)
         built.append((n, new))
@@ -344,8 +372,8 @@ def build_bundled_pipeline(host, model: str = "", *, tokenizer_dirs=(), dtype=No
     else:
         from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-        clip_sd = {k.removeprefix("text_model."): v for k, v in _arena_state(tensors, CLIP_PREFIX, m, dtype).items()}
-        t5_sd = _arena_state(tensors, T5_PREFIX, m, dtype)
+        clip_sd = {k.removeprefix("text_model."): v for k, v in _arena_state(tensors, CLIP_PREFIX, m, dtype, lazy=True).items()}
+        t5_sd = _arena_state(tensors, T5_PREFIX, m, dtype, lazy=True)
         try:
             c1 = _folder_config(cfg_dir, "text_encoder")
             c1 = CLIPTextConfig(**{k: v for k, v in c1.items() if not k.startswith("_")}) if c1 else CLIPTextConfig(**clip_config_from_state(clip_sd))
@@ -364,9 +392,16 @@ def build_bundled_pipeline(host, model: str = "", *, tokenizer_dirs=(), dtype=No
                 # Encoder Linear layers read the arena on every encode: LoRA side factors the host
                 # binds (on 4-bit and on plain F16/F8 encoders) and fused bytes (4-bit) apply.
                 watcher = at.FactorWatcher(host, model, mapper=m)
-                n = _arena_linears(te1, lambda n: CLIP_PREFIX + (n if n.startswith("text_model.") else "text_model." + n),
-                                   tensors, watcher)
+                clip_name = lambda n: CLIP_PREFIX + (n if n.startswith("text_model.") else "text_model." + n)  # noqa: E731
+                n = _arena_linears(te1, clip_name, tensors, watcher)
                 n += _arena_linears(te2, lambda n: T5_PREFIX + n, tensors, watcher)
+                # The other 2-D weights (token and position embeddings, T5's shared table and
+                # relative-attention bias) were left on the meta device: read them now.
+                miss = _materialize(te1, lambda k: clip_name(k.removeprefix("text_model.")), tensors, m, dtype) or \
+                    _materialize(te2, lambda k: T5_PREFIX + ("shared.weight" if k == "encoder.embed_tokens.weight" else k), tensors, m, dtype)
+                if miss:
+                    raise ValueError(f"bundled text encoder: {miss}")
+                te2.tie_weights()
                 if n:
                     sources["text_encoder_layers"] = f"{n} Linear layers read from the arena on every encode (LoRAs apply)"
                 parts = dict(text_encoder=te1.to(dtype).eval(), text_encoder_2=te2.to(dtype).eval(),
