@@ -71,7 +71,7 @@ func TestDescribeUNetAndSD3Folders(t *testing.T) {
 	for _, tc := range []struct {
 		fixture string
 		layout  layout.Layout
-	}{{"sdxl", layout.SDXL}, {"sd35", layout.SD3}} {
+	}{{"sdxl", layout.SDXL}, {"sd15", layout.SD15}, {"sd35", layout.SD3}} {
 		t.Run(tc.fixture, func(t *testing.T) {
 			f := loadFixture(t, tc.fixture)
 			d, err := describe(t, f.write(t, f.Config))
@@ -119,6 +119,15 @@ func TestDescribeUNetAndSD3ConfigDisagrees(t *testing.T) {
 			"use_linear_projection = false but down_blocks.1.attentions.0.proj_in.weight has shape [32 32]"},
 		{"sdxl", "class", func(c map[string]any) { c["_class_name"] = "SD3Transformer2DModel" },
 			"_class_name = SD3Transformer2DModel but the weights are a sdxl model (want UNet2DConditionModel)"},
+		{"sd15", "cross_attention_dim", func(c map[string]any) { c["cross_attention_dim"] = 768 },
+			"cross_attention_dim = 768 but down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight is 40 wide"},
+		{"sd15", "use_linear_projection", func(c map[string]any) { c["use_linear_projection"] = true },
+			"use_linear_projection = true but down_blocks.0.attentions.0.proj_in.weight has shape [32 32 1 1]"},
+		{"sd15", "down_block_types", func(c map[string]any) {
+			c["down_block_types"] = []string{"DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"}
+		}, "down_block_types[0] = DownBlock2D but the weights' down_blocks.0 has down_blocks.0.attentions.N"},
+		{"sd15", "class", func(c map[string]any) { c["_class_name"] = "SD3Transformer2DModel" },
+			"_class_name = SD3Transformer2DModel but the weights are a sd15 model (want UNet2DConditionModel)"},
 		{"sd35", "in_channels", func(c map[string]any) { c["in_channels"] = 64 }, "in_channels = 64 but pos_embed.proj.weight has 16 input channels"},
 		{"sd35", "patch_size", func(c map[string]any) { c["patch_size"] = 1 }, "patch_size = 1 but pos_embed.proj.weight has 2×2 patches"},
 		{"sd35", "num_layers", func(c map[string]any) { c["num_layers"] = 38 }, "num_layers = 38 but the weights have 3 transformer_blocks.N"},

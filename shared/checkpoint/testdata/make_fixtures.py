@@ -1,4 +1,4 @@
-"""Writes the SDXL-UNet and SD3.5-transformer fixtures of checkpoint's config tests.
+"""Writes the SDXL- and SD1.5-UNet and SD3.5-transformer fixtures of checkpoint's config tests.
 
 usage: make_fixtures.py OUT_DIR   (run with .venv-torch; the JSON files are committed)
 
@@ -21,6 +21,11 @@ MODELS = {
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=48,
         attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 40)),
+    # SD1.5's structure (four levels, attention at the first three, conv projections) at width 32.
+    "sd15": (UNet2DConditionModel, dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 32, 64, 64),
+        norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=40, attention_head_dim=8)),
     # SD3.5's MMDiT: dual attention in the first block, RMS QK-norm, the last block context_pre_only.
     "sd35": (SD3Transformer2DModel, dict(
         sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=32, num_attention_heads=2,
