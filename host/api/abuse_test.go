@@ -120,6 +120,13 @@ func TestAbuseLeastPrivilege(t *testing.T) {
 			400, "bad_path", `is not allowed`},
 		{"model_dir not a string", job(`{"pipeline": "test-pipeline", "params": {"steps": 2, "model_dir": 7}, "preview": {"method": "none"}}`),
 			400, "bad_request", `params.model_dir: 7 is not a string`},
+		// model_file and tokenizer_dir (a bundled single file's tokenizers) are read by the pipeline too.
+		{"model_file outside", job(`{"pipeline": "test-pipeline", "params": {"steps": 2, "model_file": "/etc/passwd"}, "preview": {"method": "none"}}`),
+			400, "bad_path", `params.model_file`},
+		{"tokenizer_dir outside", job(`{"pipeline": "test-pipeline", "params": {"steps": 2, "tokenizer_dir": "/etc"}, "preview": {"method": "none"}}`),
+			400, "bad_path", `params.tokenizer_dir`},
+		{"tokenizer_dir not a string", job(`{"pipeline": "test-pipeline", "params": {"steps": 2, "tokenizer_dir": ["x"]}, "preview": {"method": "none"}}`),
+			400, "bad_request", `params.tokenizer_dir: [x] is not a string`},
 	}, 5*time.Second)
 	// The manifest's public methods show in /v1/plugins.
 	_, b, _ := f.do(t, call{method: "GET", path: "/v1/plugins"})

@@ -82,6 +82,22 @@ func TestResultConditioning(t *testing.T) {
 	}
 }
 
+func TestResultDecoder(t *testing.T) {
+	for _, tc := range []struct {
+		result    any
+		dec, note string
+	}{
+		{map[string]any{"decoder": "vae", "decoder_note": ""}, "vae", ""},
+		{map[string]any{"decoder": "stand-in", "decoder_note": "the single file bundles no VAE"}, "stand-in", "the single file bundles no VAE"},
+		{map[string]any{"conditioning": "text_encoders"}, "", ""},
+		{map[string]any{"decoder": 1}, "", ""},
+	} {
+		if d, note := resultPair(tc.result, "decoder"); d != tc.dec || note != tc.note {
+			t.Errorf("%v: got (%q, %q), want (%q, %q)", tc.result, d, note, tc.dec, tc.note)
+		}
+	}
+}
+
 func TestPipelineFolder(t *testing.T) {
 	root := t.TempDir()
 	pipe := filepath.Join(root, "pipe")

@@ -85,6 +85,10 @@ type Txt2ImgInfo struct {
 	// prompt) or "stand-in" (embeddings seeded from the prompt text; a
 	// warning says why). Empty when the pipeline does not say.
 	Conditioning string `json:"conditioning,omitempty"`
+	// Decoder is what decoded the latents, from the job result: "vae" (the
+	// model's own VAE) or "stand-in" (a small random VAE: the image means
+	// nothing; a warning says why). Empty when the pipeline does not say.
+	Decoder string `json:"decoder,omitempty"`
 }
 
 // A1111 defaults and arenahost's bounds for txt2img.
@@ -375,6 +379,12 @@ func (a *API) txt2img(w http.ResponseWriter, r *http.Request) {
 				warnings = append(warnings, "the prompt did not condition the image: stand-in embeddings ("+note+")")
 			}
 		}
+		if d, note := resultPair(s.Result, "decoder"); d != "" && info.Decoder == "" {
+			info.Decoder = d
+			if d == "stand-in" {
+				warnings = append(warnings, "the image was not decoded by the model's VAE: "+note)
+			}
+		}
 		info.AllSeeds = append(info.AllSeeds, seed)
 		info.AllPrompts = append(info.AllPrompts, prompt)
 		info.Infotexts = append(info.Infotexts, infotext(prompt, req, seed, model))
@@ -505,21 +515,30 @@ func encodePNG(id string, img image.Image) (string, string, error) {
 // addModelDir sets params["model_dir"] to the folder of the model
 // params["model"] names when that model was loaded from a diffusers
 // pipeline folder: the pipeline may load the folder's other components
-// (diffusers-flux: its CLIP-L, T5 and VAE); pipelines that take no
-// model_dir ignore it. A model_dir the client sent is a path the pipeline
-// will read, so it passes the same confinement as model paths (inside
-// --models-dir, folders allowed) and is replaced by its resolved path.
+// (diffusers-flux: its CLIP-L, T5 and VAE); and params["model_file"] to the
+// model's file when it was loaded from one file (diffusers-flux looks for
+// the tokenizers of a bundled single file beside it). Pipelines that take
+// neither ignore them. A model_dir, model_file or tokenizer_dir the client
+// sent is a path the pipeline will read, so it passes the same confinement
+// as model paths (inside --models-dir, folders allowed) and is replaced by
+// its resolved path; a client's model_dir or model_file is not replaced.
 func (a *API) addModelDir(params map[string]any) error {
-	if v, set := params["model_dir"]; set {
+	for _, key := range []string{"model_dir", "model_file", "tokenizer_dir"} {
+		v, set := params[key]
+		if !set {
+			continue
+		}
 		p, ok := v.(string)
 		if !ok {
-			return badRequest("params.model_dir: %v is not a string", v)
+			return badRequest("params.%s: %v is not a string", key, v)
 		}
 		real, err := confineModel(a.opts.ModelsDir, p)
 		if err != nil {
-			return fmt.Errorf("params.model_dir: %w", err)
+			return fmt.Errorf("params.%s: %w", key, err)
 		}
-		params["model_dir"] = real
+		params[key] = real
+	}
+	if _, set := params["model_dir"]; set {
 		return nil
 	}
 	name, _ := params["model"].(string)
@@ -529,6 +548,12 @@ func (a *API) addModelDir(params map[string]any) error {
 	if m, ok := a.s.Registry.Model(name); ok {
 		if dir := pipelineFolder(m.Source); dir != "" {
 			params["model_dir"] = dir
+		} else if _, set := params["model_file"]; !set {
+			if st, err := os.Stat(m.Source); err == nil && st.Mode().IsRegular() {
+				if abs, err := filepath.Abs(m.Source); err == nil {
+					params["model_file"] = abs
+				}
+			}
 		}
 	}
 	return nil
@@ -554,10 +579,16 @@ func pipelineFolder(source string) string {
 // resultConditioning returns a pipeline result's "conditioning" and
 // "conditioning_note" string fields ("" when absent or not strings).
 func resultConditioning(result any) (cond, note string) {
+	return resultPair(result, "conditioning")
+}
+
+// resultPair returns a pipeline result's string field key and its
+// key+"_note" ("" when absent or not strings).
+func resultPair(result any, key string) (val, note string) {
 	m, _ := result.(map[string]any)
-	cond, _ = m["conditioning"].(string)
-	note, _ = m["conditioning_note"].(string)
-	return cond, note
+	val, _ = m[key].(string)
+	note, _ = m[key+"_note"].(string)
+	return val, note
 }
 
 // resultImage returns the first PNG of a pipeline result's "images" list;

@@ -38,6 +38,7 @@ import (
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/plugin"
 	"github.com/arenahost/arenahost/host/registry"
+	"github.com/arenahost/arenahost/shared/layout"
 	slora "github.com/arenahost/arenahost/shared/lora"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
 )
@@ -401,8 +402,8 @@ func (c *Coordinator) applySide(ctx context.Context, ms *modelState, req Request
 		if da == nil || db == nil {
 			return fail(fmt.Errorf("apply side: weight %s: the plugin returned no tensors %s and %s", f.Weight, f.A, f.B))
 		}
-		if _, ok := ms.weight(c.reg, req.Model, f.Weight); !ok {
-			return fail(fmt.Errorf("apply side: the plugin bound factors to %s, which model %q has no 4-bit weight for", f.Weight, req.Model))
+		if _, ok := ms.weight(c.reg, req.Model, f.Weight); !ok && !sideOnlyWeight(c.reg, req.Model, f.Weight, f.Out, f.In) {
+			return fail(fmt.Errorf("apply side: the plugin bound factors to %s, which model %q has no 4-bit weight (or plain text-encoder weight) for", f.Weight, req.Model))
 		}
 		fa, fb := registry.Factors{Weight: f.Weight, Rank: f.Rank, Out: f.Out, In: f.In}, [2]arena.Region{}
 		for i, d := range []*pluginv1.TensorDescriptor{da, db} {
@@ -437,6 +438,22 @@ func (c *Coordinator) applySide(ctx context.Context, ms *modelState, req Request
 	}
 	ms.state = api.LoRAState{Model: req.Model, Mode: ModeSide, LoRAs: slices.Clone(req.LoRAs), Strict: req.Strict, BindingGeneration: gen, Report: out.Report}
 	return nil
+}
+
+// sideOnlyWeight reports whether w is a plain (not 4-bit) [out, in] weight
+// of a bundled text encoder of model: side factors may be bound to it
+// (the forward reads the weight as it is); a fuse never writes it.
+func sideOnlyWeight(reg *registry.Registry, model, w string, out, in int) bool {
+	m, ok := reg.Model(model)
+	if !ok {
+		return false
+	}
+	t, ok := m.Tensor(w)
+	if !ok || t.Quant != nil || t.QuantOf != "" || len(t.Shape) != 2 || t.Shape[0] != int64(out) || t.Shape[1] != int64(in) {
+		return false
+	}
+	c, _, ok := layout.ComponentOf(w)
+	return ok && (c.Kind == "te1" || c.Kind == "te2" || c.Kind == "t5")
 }
 
 func (ms *modelState) weight(reg *registry.Registry, model, w string) (*registry.QuantWeight, bool) {

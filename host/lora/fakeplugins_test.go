@@ -219,3 +219,50 @@ func TestFakeErrorClasses(t *testing.T) {
 		t.Fatalf("calls %s: a bad mode must not reach the plugin", calls)
 	}
 }
+
+// Side factors may be bound to a plain weight only when it is a bundled
+// text encoder's [out, in] weight: a plugin binding them to any other
+// plain tensor of the model (here the sample transformer's own, which no
+// side forward reads with factors) is refused, naming the tensor, and
+// nothing it returned is kept.
+func TestFakeSideApplyRefusesPlainNonEncoderWeight(t *testing.T) {
+	w := newFakeWorld(t)
+	var plain *registry.Tensor
+	for _, tn := range w.model.Tensors {
+		if tn.Quant == nil && tn.QuantOf == "" && tn.NBytes > 0 {
+			plain = tn
+			break
+		}
+	}
+	if plain == nil {
+		t.Fatal("the sample model has no plain tensor")
+	}
+	out, in := int(plain.Shape[0]), 1
+	if len(plain.Shape) == 2 {
+		in = int(plain.Shape[1])
+	}
+	base := w.ar.Stats().Allocated
+	w.fake.methods["apply"] = func(args []byte, ts []*pluginv1.TensorDescriptor) (any, []*pluginv1.TensorDescriptor, error) {
+		var descs []*pluginv1.TensorDescriptor
+		for _, name := range []string{"fA", "fB"} {
+			r, err := w.ar.Alloc(arena.Owner("plugin/lora-nf4/1"), name, uint64(4*max(out, in)))
+			if err != nil {
+				return nil, nil, err
+			}
+			loc, err := w.ar.Location(r)
+			if err != nil {
+				return nil, nil, err
+			}
+			descs = append(descs, &pluginv1.TensorDescriptor{Name: name, Dtype: pluginv1.DType_DTYPE_F32, Shape: []int64{int64(max(out, in))},
+				Nbytes: uint64(4 * max(out, in)), Access: pluginv1.Access_ACCESS_READ_WRITE, Region: arena.RegionProto(r, loc)})
+		}
+		return lorawire.ApplyResult{Factors: []lorawire.Factor{{Weight: plain.Name, A: "fA", B: "fB", Rank: 1, Out: out, In: in}}}, descs, nil
+	}
+	_, err := w.c.Apply(t.Context(), lora.Request{LoRAs: oneLoRA})
+	if err == nil || !strings.Contains(err.Error(), plain.Name) || !strings.Contains(err.Error(), "no 4-bit weight (or plain text-encoder weight)") {
+		t.Fatalf("apply: %v, want %s refused", err, plain.Name)
+	}
+	if got := w.ar.Stats().Allocated; got != base {
+		t.Fatalf("arena holds %d bytes after a refused apply, %d before", got, base)
+	}
+}

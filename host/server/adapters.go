@@ -49,7 +49,7 @@ func (l lookup) LookupTensors(_ context.Context, req *pluginv1.LookupTensorsRequ
 			return nil, err
 		}
 		resp.Tensors = append(resp.Tensors, d)
-		if req.GetIncludeFactors() && l.bindings != nil && t.Quant != nil {
+		if req.GetIncludeFactors() && l.bindings != nil && (t.Quant != nil || len(t.Shape) == 2) {
 			lf, err := l.factors(model, t.Name)
 			if err != nil {
 				return nil, err

@@ -129,7 +129,23 @@ type model struct {
 	weights map[string]*pluginv1.TensorDescriptor
 }
 
+// denseTE are the storage dtypes of a bundled text encoder's plain weights
+// that side mode binds factors to (Forge's CLIP-L in F16, T5 in F8_E4M3):
+// the side forward reads the weight as it is and adds the factors' product,
+// so no byte of the weight is written and nothing needs a journal.
+var denseTE = map[pluginv1.DType]bool{
+	pluginv1.DType_DTYPE_F16: true, pluginv1.DType_DTYPE_BF16: true, pluginv1.DType_DTYPE_F32: true,
+	pluginv1.DType_DTYPE_F8_E4M3: true, pluginv1.DType_DTYPE_F8_E5M2: true,
+}
+
 func loadModel(ctx context.Context, c *sdk.Call, name string) (*model, error) {
+	return loadModelFor(ctx, c, name, false)
+}
+
+// loadModelFor is loadModel; with side it also maps LoRAs onto the plain
+// 2-D weights of bundled text encoders (text_encoders.clip_l./t5xxl. …),
+// which only side factors can reach.
+func loadModelFor(ctx context.Context, c *sdk.Call, name string, side bool) (*model, error) {
 	resp, err := c.Host().LookupTensors(ctx, &pluginv1.LookupTensorsRequest{Model: name})
 	if err != nil {
 		return nil, fmt.Errorf("look up model %s: %w", modelName(name), err)
@@ -140,6 +156,12 @@ func loadModel(ctx context.Context, c *sdk.Call, name string) (*model, error) {
 	for _, d := range resp.GetTensors() {
 		names = append(names, d.GetName())
 		q := d.GetQuant()
+		if q == nil && side && len(d.GetShape()) == 2 && strings.HasSuffix(d.GetName(), ".weight") && denseTE[d.GetDtype()] {
+			if comp, _, ok := layout.ComponentOf(d.GetName()); ok && (comp.Kind == "te1" || comp.Kind == "te2" || comp.Kind == "t5") {
+				layers = append(layers, lora.Layer{Name: strings.TrimSuffix(d.GetName(), ".weight"), Out: int(d.GetShape()[0]), In: int(d.GetShape()[1])})
+			}
+			continue
+		}
 		if q == nil || len(q.GetShape()) != 2 || !strings.HasSuffix(d.GetName(), ".weight") {
 			continue
 		}
@@ -371,7 +393,7 @@ func (e *engine) apply(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs
 // fused pass (deferred) one layer's at a time as the pass reaches it, so
 // the plugin never holds every layer's A_cat and B_cat at once.
 func (e *engine) build(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs, deferred bool) (*model, *lora.Plan, error) {
-	m, err := loadModel(ctx, c, args.Model)
+	m, err := loadModelFor(ctx, c, args.Model, !deferred)
 	if err != nil {
 		return nil, nil, err
 	}

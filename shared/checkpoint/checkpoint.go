@@ -77,26 +77,26 @@ func Describe(s *safetensors.Set, weights []nf4.Weight) (*Description, error) {
 		}
 		d.Class, _ = cfg["_class_name"].(string)
 	}
-	if info.Layout.IsFlux() {
-		shapes := map[string][]int{}
-		for _, t := range s.Tensors {
-			if layout.IsQuantSideKey(t.Name) {
-				continue
-			}
-			p, ok := strings.CutPrefix(t.Name, info.Prefix)
-			if !ok {
-				continue
-			}
-			shape := t.Shape
-			if l, ok := logical[t.Name]; ok {
-				shape = l
-			}
-			ints := make([]int, len(shape))
-			for i, v := range shape {
-				ints[i] = int(v)
-			}
-			shapes[p] = ints
+	shapes := shapeSet{}
+	for _, t := range s.Tensors {
+		if layout.IsQuantSideKey(t.Name) {
+			continue
 		}
+		p, ok := strings.CutPrefix(t.Name, info.Prefix)
+		if !ok {
+			continue
+		}
+		shape := t.Shape
+		if l, ok := logical[t.Name]; ok {
+			shape = l
+		}
+		ints := make([]int, len(shape))
+		for i, v := range shape {
+			ints[i] = int(v)
+		}
+		shapes[p] = ints
+	}
+	if info.Layout.IsFlux() {
 		c, der, err := layout.DeriveFlux(info.Layout, shapes)
 		if err != nil {
 			d.Warnings = append(d.Warnings, err.Error())
@@ -116,8 +116,17 @@ func Describe(s *safetensors.Set, weights []nf4.Weight) (*Description, error) {
 	}
 	if cfg != nil {
 		var bad []string
+		bad = append(bad, classMismatch(cfg, info.Layout)...)
 		if d.Flux != nil {
 			bad = append(bad, fluxMismatches(cfg, *d.Flux, info.Layout)...)
+		}
+		if info.Naming == layout.NamingDiffusers {
+			switch info.Layout {
+			case layout.SDXL, layout.SD15:
+				bad = append(bad, unetMismatches(cfg, shapes)...)
+			case layout.SD3:
+				bad = append(bad, sd3Mismatches(cfg, shapes)...)
+			}
 		}
 		bad = append(bad, quantMismatches(cfg, weights)...)
 		if len(bad) > 0 {

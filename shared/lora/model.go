@@ -328,7 +328,7 @@ func (m *Model) unmatchedReason(comp, path string) string {
 	kind := comp
 	label := layout.ComponentLabel(kind)
 	if ex, ok := m.bundled[kind]; ok {
-		return fmt.Sprintf("text-encoder key: the checkpoint bundles %s (e.g. %s) but not in bitsandbytes 4-bit; LoRAs apply to 4-bit layers only", label, ex)
+		return fmt.Sprintf("text-encoder key: the checkpoint bundles %s (e.g. %s) but not in bitsandbytes 4-bit; fused merges apply to 4-bit layers only (side mode applies text-encoder LoRAs to a bundled F16/BF16/F32/F8 encoder)", label, ex)
 	}
 	return fmt.Sprintf("text-encoder key: the checkpoint bundles no %s", label)
 }

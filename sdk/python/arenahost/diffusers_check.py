@@ -395,7 +395,17 @@ def nf4_state(module, *, blocksize: int = 64) -> dict:
     return sd
 
 
-def write_tiny_flux_pipeline(out: str, *, seed: int = 0, text_encoders: bool = True) -> str:
+# The same pipeline with the widths the released models' fixed rules give (what a
+# single file cannot store and diffusers_bundled infers): CLIP heads 64 wide,
+# T5 v1.1's gated GELU, the VAE's 32 GroupNorm groups, FLUX.1's RoPE split of
+# the head width (d/8, 7d/16, 7d/16).
+RELEASED_RULES_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=2,
+    joint_attention_dim=32, pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(4, 14, 14),
+)
+
+
+def write_tiny_flux_pipeline(out: str, *, seed: int = 0, text_encoders: bool = True, released_rules: bool = False) -> str:
     """A diffusers FluxPipeline folder built here with no download, as ``save_pretrained`` writes it.
 
     text_encoder/ (a tiny CLIPTextModel), text_encoder_2/ (a tiny T5EncoderModel),
@@ -406,7 +416,10 @@ def write_tiny_flux_pipeline(out: str, *, seed: int = 0, text_encoders: bool = T
     diffusers' bnb quantizer needs a GPU, so the NF4 weights are written with
     bitsandbytes' own CPU ``quantize_4bit`` in bnb's serialized layout.
     text_encoders=False leaves the encoders and tokenizers out (null in model_index.json).
-    Returns out.
+    released_rules=True builds every part with the widths the released models'
+    fixed rules give (RELEASED_RULES_TRANSFORMER, a CLIP of one 64-wide head, a
+    gated-GELU T5, a VAE of 32 channels in 32 groups), so that configs inferred
+    from the tensors' shapes alone are exact. Returns out.
     """
     import torch
     from diffusers import AutoencoderKL, BitsAndBytesConfig, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -422,25 +435,28 @@ def write_tiny_flux_pipeline(out: str, *, seed: int = 0, text_encoders: bool = T
             parts = dict(
                 tokenizer=t1, tokenizer_2=t2,
                 text_encoder=CLIPTextModel(CLIPTextConfig(
-                    vocab_size=v, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                    max_position_embeddings=77, pad_token_id=0, bos_token_id=1, eos_token_id=2, projection_dim=32)).eval(),
+                    vocab_size=v, hidden_size=64 if released_rules else 32, intermediate_size=37, num_hidden_layers=2,
+                    num_attention_heads=1 if released_rules else 4, max_position_embeddings=77, pad_token_id=0,
+                    bos_token_id=1, eos_token_id=2, projection_dim=32)).eval(),
                 text_encoder_2=T5EncoderModel(T5Config(
                     vocab_size=v, d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=37, pad_token_id=0,
-                    eos_token_id=2, decoder_start_token_id=0)).eval(),
+                    eos_token_id=2, decoder_start_token_id=0,
+                    feed_forward_proj="gated-gelu" if released_rules else "relu")).eval(),
             )
         else:
             parts = dict(tokenizer=None, tokenizer_2=None, text_encoder=None, text_encoder_2=None)
         torch.manual_seed(seed + 1)  # the same transformer with or without text encoders
-        tr = FluxTransformer2DModel(**TINY_PIPELINE_TRANSFORMER).eval()
+        tr = FluxTransformer2DModel(**(RELEASED_RULES_TRANSFORMER if released_rules else TINY_PIPELINE_TRANSFORMER)).eval()
         # Non-trivial norm scales, so copying them from the arena is checked too.
         with torch.no_grad():
             for n, p in tr.named_parameters():
                 if n.endswith("norm_q.weight") or n.endswith("norm_k.weight") or "norm_added_" in n:
                     p.uniform_(0.5, 1.5)
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16,) * 4,
+            in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32 if released_rules else 16,) * 4,
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
+            layers_per_block=1, norm_num_groups=32 if released_rules else 8, sample_size=32, scaling_factor=0.3611,
+            shift_factor=0.1159,
             use_quant_conv=False, use_post_quant_conv=False,
         ).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(

@@ -19,6 +19,15 @@ Kind ``pipeline``, method ``run`` (msgpack params; all optional):
                 VAE and scheduler are used, and its text encoders and
                 tokenizers when model_index.json names them; the
                 transformer's weights always come from the arena model
+``model_file``  the path of the model's single file (the host passes it for a
+                model loaded from one file): when the arena model bundles
+                CLIP-L, T5 and a VAE (Forge/ComfyUI), tokenizers are looked
+                for beside it (``tokenizer/`` and ``tokenizer_2/``)
+``tokenizer_dir`` a folder holding ``tokenizer/`` and ``tokenizer_2/`` (and
+                optionally ``text_encoder*/``, ``vae/``, ``transformer/``
+                configs and ``scheduler/``) for a bundled single file
+                (default: env ``ARENAHOST_DIFFUSERS_FLUX_TOKENIZERS``); looked
+                at before the file's own folder
 ``job_id``      id the latents are published under (default: the call id)
 ``keep``        step latents kept allocated at once (default 2)
 ==============  ===========================================================
@@ -37,6 +46,15 @@ decodes the final latents. ``conditioning`` is ``"text_encoders"`` when the
 folder's CLIP-L and T5 encoded the prompt, ``"stand-in"`` when the prompt only
 seeded stand-in embeddings (``conditioning_note`` says why: no folder, or
 what the folder lacks).
+
+A model without ``model_dir`` whose arena tensors bundle text encoders or a
+VAE (a Forge/ComfyUI single file) runs as a whole pipeline built from them
+(:func:`arenahost.diffusers_bundled.build_bundled_pipeline`): CLIP-L and T5
+read from the arena encode the prompt when both are complete and tokenizers
+are found (else ``conditioning`` is ``"stand-in"`` and the note says why, e.g.
+``no tokenizer: …``), the bundled VAE decodes (``decoder``: ``"vae"``, or
+``"stand-in"`` with ``decoder_note``), and ``components`` says where each part
+came from.
 
 Method ``transformer`` (a cross-check, run as a job like ``run``): one
 forward of the patched transformer on seeded inputs
@@ -64,18 +82,20 @@ import numpy as np
 from arenahost.device import torch_device
 from arenahost.server import InvalidArgument, Plugin, PluginError, Result, get_arg
 
-__all__ = ["plugin", "run", "NAME", "VERSION", "ENV_MODEL_DIR"]
+__all__ = ["plugin", "run", "NAME", "VERSION", "ENV_MODEL_DIR", "ENV_TOKENIZERS"]
 
 NAME = "diffusers-flux"
 VERSION = "0.1.0"
 ENV_MODEL_DIR = "ARENAHOST_DIFFUSERS_FLUX_DIR"
+ENV_TOKENIZERS = "ARENAHOST_DIFFUSERS_FLUX_TOKENIZERS"
 
 
 class _State:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.pipes: dict[str, object] = {}
-        self.patched: dict[tuple[str, str], object] = {}  # (model_dir, model) -> PatchReport
+        self.patched: dict[tuple[str, str], object] = {}  # (pipeline key, model) -> PatchReport
+        self.bundles: dict[str, dict] = {}  # model -> its bundled components ({} for none)
 
 
 _STATE = _State()
@@ -101,6 +121,8 @@ def _parse(args, call_id: str) -> dict:
         prompt=get_arg(args, "prompt", str, ""),
         model=get_arg(args, "model", str, ""),
         model_dir=get_arg(args, "model_dir", str, "") or os.environ.get(ENV_MODEL_DIR, ""),
+        model_file=get_arg(args, "model_file", str, ""),
+        tokenizer_dir=get_arg(args, "tokenizer_dir", str, "") or os.environ.get(ENV_TOKENIZERS, ""),
         job_id=get_arg(args, "job_id", str, "") or call_id,
         keep=get_arg(args, "keep", int, 2),
         max_sequence_length=get_arg(args, "max_sequence_length", int, 512),
@@ -118,15 +140,39 @@ def _parse(args, call_id: str) -> dict:
         raise InvalidArgument(f"args.keep: {p['keep']} must be in 1..64")
     if p["model_dir"] and not os.path.isdir(p["model_dir"]):
         raise InvalidArgument(f"args.model_dir: {p['model_dir']!r} is not a directory")
+    if p["tokenizer_dir"] and not os.path.isdir(p["tokenizer_dir"]):
+        raise InvalidArgument(f"args.tokenizer_dir: {p['tokenizer_dir']!r} is not a directory")
     return p
 
 
+def _bundled(st: _State, host, model: str) -> dict:
+    """The text encoders and VAE the arena model bundles (cached per model)."""
+    from arenahost.diffusers_bundled import VAE_PREFIXES, bundled_components
+
+    comps = st.bundles.get(model)
+    if comps is None:
+        names = []
+        for pre in ("text_encoders.",) + VAE_PREFIXES:
+            names += [d.name for d in host.lookup_tensors(model=model, prefix=pre).tensors]
+        comps = st.bundles[model] = bundled_components(names)
+    return comps
+
+
 def _pipeline(st: _State, host, p: dict):
+    from arenahost.diffusers_bundled import build_bundled_pipeline
     from arenahost.diffusers_flux import build_small_pipeline, patch_pipeline
 
-    def build():
+    tok_dirs = (p["tokenizer_dir"], os.path.dirname(os.path.abspath(p["model_file"])) if p["model_file"] else "")
+
+    def build(bundled: bool):
         # On the host's device (ARENAHOST_TORCH_DEVICE: cuda:N on the cuda
         # backend): patched layers follow the pipeline's device.
+        if bundled:
+            try:
+                pipe = build_bundled_pipeline(host, p["model"], tokenizer_dirs=tok_dirs)
+            except (ValueError, OSError) as e:  # a bad companion folder or an unreadable bundle: say which and why
+                raise InvalidArgument(f"model {p['model']!r} (bundled single file; tokenizer_dir {p['tokenizer_dir']!r}): {e}") from e
+            return pipe.to(torch_device())
         try:
             pipe = build_small_pipeline(p["model_dir"] or None)
         except (ValueError, OSError, KeyError) as e:  # a bad folder is the caller's mistake: say which and why
@@ -134,23 +180,25 @@ def _pipeline(st: _State, host, p: dict):
         return pipe.to(torch_device())
 
     with st.lock:
-        pipe = st.pipes.get(p["model_dir"])
+        bundled = not p["model_dir"] and bool(_bundled(st, host, p["model"]))
+        pkey = p["model_dir"] if not bundled else f"bundled:{p['model']}:{tok_dirs}"
+        pipe = st.pipes.get(pkey)
         if pipe is None:
-            pipe = st.pipes[p["model_dir"]] = build()
-        key = (p["model_dir"], p["model"])
+            pipe = st.pipes[pkey] = build(bundled)
+        key = (pkey, p["model"])
         report = st.patched.get(key)
         if report is None:
             if st.patched:
                 # One transformer per pipeline: a second model needs a fresh pipeline.
-                pipe = st.pipes[p["model_dir"]] = build()
+                pipe = st.pipes[pkey] = build(bundled)
                 st.patched.clear()
             report = patch_pipeline(pipe, host, model=p["model"])
             if getattr(pipe, "_arenahost_empty_transformer", False):
                 # The folder's transformer was built without weights: every parameter must come from the arena.
                 unset = [n for n, _ in pipe.transformer.named_parameters() if n not in report.copied]
                 if unset or report.left:
-                    st.pipes.pop(p["model_dir"], None)
-                    raise PluginError(f"model {p['model']!r} does not cover the transformer of {p['model_dir']}: "
+                    st.pipes.pop(pkey, None)
+                    raise PluginError(f"model {p['model']!r} does not cover the transformer of {p['model_dir'] or 'its bundled pipeline'}: "
                                       f"no arena tensor for {sorted(report.left)[:5] or unset[:5]}",
                                       grpc.StatusCode.FAILED_PRECONDITION)
             st.patched[key] = report
@@ -206,8 +254,12 @@ def run(host, p: dict, *, cancelled=lambda: False, state: _State | None = None) 
     return Result({
         "images": pngs, "width": w, "height": h, "steps": steps, "seed": p["seed"], "model": p["model"], "job_id": job,
         "layout": report.layout, "patched": len(report.patched), "left": sorted(report.left), "step_ms": step_ms,
-        "note": "" if p["model_dir"] else "small FluxPipeline from configs with random weights except the arena model's transformer",
+        "note": "" if p["model_dir"] or hasattr(pipe, "_arenahost_components") else
+        "small FluxPipeline from configs with random weights except the arena model's transformer",
         "conditioning": conditioning, "conditioning_note": cond_note,
+        "decoder": getattr(pipe, "_arenahost_decoder", ("vae", ""))[0],
+        "decoder_note": getattr(pipe, "_arenahost_decoder", ("vae", ""))[1],
+        "components": dict(getattr(pipe, "_arenahost_components", {})),
     })
 
 
@@ -225,7 +277,7 @@ def _run(call, args):
 
 @plugin.method("transformer", description="one forward of the patched transformer on seeded inputs (cross-checks): {shape, values, bound}")
 def _transformer(call, args):
-    p = _parse({k: v for k, v in (args or {}).items() if k in ("model", "model_dir")}, call.call_id)
+    p = _parse({k: v for k, v in (args or {}).items() if k in ("model", "model_dir", "model_file", "tokenizer_dir")}, call.call_id)
     seed = get_arg(args, "seed", int, 3)
     tokens = get_arg(args, "tokens", int, 64)
     txt = get_arg(args, "txt", int, 16)

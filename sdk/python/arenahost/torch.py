@@ -63,15 +63,18 @@ def _from_numpy(arr: np.ndarray):
 
 
 def as_tensor(desc: pb.TensorDescriptor, mapper: Mapper | None = None, writable: bool | None = None):
-    """Zero-copy torch tensor over a CPU descriptor (BF16 as torch.bfloat16)."""
+    """Zero-copy torch tensor over a CPU descriptor (BF16 as torch.bfloat16, F8 as
+    torch.float8_e4m3fn / float8_e5m2)."""
     torch = _torch()
     m = mapper if mapper is not None else default_mapper()
-    if desc.dtype in (pb.DTYPE_F8_E4M3, pb.DTYPE_F8_E5M2):
-        raise DescriptorError(f"tensor {desc.name!r}: fp8 descriptors are not supported by arenahost.torch yet")
     arr = m.map(desc, writable)
     t = _from_numpy(arr)
     if desc.dtype == pb.DTYPE_BF16:
         t = t.view(torch.bfloat16)
+    elif desc.dtype == pb.DTYPE_F8_E4M3:
+        t = t.view(torch.float8_e4m3fn)
+    elif desc.dtype == pb.DTYPE_F8_E5M2:
+        t = t.view(torch.float8_e5m2)
     return t
 
 
