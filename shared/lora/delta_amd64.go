@@ -5,20 +5,17 @@ package lora
 import "github.com/arenahost/arenahost/shared/simd"
 
 // The micro-kernels in delta_amd64.s: each adds groups gs and singles ss
-// of B_cat·A_cat for rows rows over one strip of 64, 16 (AVX-512), 32 or 8
-// (AVX2) columns, bit for bit as factorsGo.
+// of B_cat·A_cat for rows rows over one strip of 64, 16 (AVX-512), 16 or 8
+// (AVX2) columns, four rows at a time, bit for bit as factorsGo.
 
 //go:noescape
 func factors512x64(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
 
 //go:noescape
-func factors512x64r2(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
-
-//go:noescape
 func factors512x16(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
 
 //go:noescape
-func factors256x32(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
+func factors256x16(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
 
 //go:noescape
 func factors256x8(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
@@ -30,7 +27,8 @@ type factorKernel func(dst *float32, ldd int, b *float32, ldb int, a *float32, l
 // with factorsGo. Column strips are the outer loop and the rank groups are
 // cut into chunks whose A strip fits half the L1 data cache, so every row
 // of the run reuses it from L1; a chunk's partial sums go back to dst,
-// which changes no bit (the scalar order adds group after group into d).
+// which changes no bit (the order is one chain of FMAs into d, rank after
+// rank, and storing d between two of them rounds nothing).
 func factorsSIMD(p simd.Path, dst []float32, ldd int, b []float32, ldb int, a []float32, lda int, gs, ss []int32, rows, cols int) (done int) {
 	var wide, narrow int
 	var kw, kn factorKernel
@@ -38,7 +36,7 @@ func factorsSIMD(p simd.Path, dst []float32, ldd int, b []float32, ldb int, a []
 	case simd.AVX512:
 		wide, narrow, kw, kn = 64, 16, factors512x64, factors512x16
 	case simd.AVX2:
-		wide, narrow, kw, kn = 32, 8, factors256x32, factors256x8
+		wide, narrow, kw, kn = 16, 8, factors256x16, factors256x8
 	default:
 		return 0
 	}
@@ -80,16 +78,6 @@ func factorsSIMD(p simd.Path, dst []float32, ldd int, b []float32, ldb int, a []
 		}
 	}
 	for ; done+wide <= cols; done += wide {
-		if p == simd.AVX512 && rows > 1 {
-			// Pairs of rows share each group's A vectors; an odd last row
-			// goes alone.
-			even := rows &^ 1
-			strip(factors512x64r2, done, 0, even)
-			if even < rows {
-				strip(kw, done, even, 1)
-			}
-			continue
-		}
 		strip(kw, done, 0, rows)
 	}
 	for ; done+narrow <= cols; done += narrow {

@@ -9,9 +9,12 @@ import (
 	"github.com/arenahost/arenahost/shared/simd"
 )
 
-// deltaRowsRef is DeltaRows as it was before the vector kernels, the
-// order the CUDA kernel and its emulator reproduce, written with explicit
-// roundings: the reference every simd path must equal bit for bit.
+// deltaRowsRef is DeltaRows written element by element, the order the
+// CUDA kernel and its emulator reproduce: per element, one chain of
+// float32 FMAs (simd.FMA32, tested against the CPU's FMA instruction),
+// rank after rank, skipping a group of four ranks whose b are all zero and
+// a single rank whose b is zero; then the dense delta added. The reference
+// every simd path must equal bit for bit.
 func deltaRowsRef(sl *SideLayer, dst []float32, r0, r1 int) {
 	in := sl.In
 	for r := r0; r < r1; r++ {
@@ -19,15 +22,13 @@ func deltaRowsRef(sl *SideLayer, dst []float32, r0, r1 int) {
 		brow := sl.B[r*sl.Rank : (r+1)*sl.Rank]
 		k := 0
 		for ; k+4 <= len(brow); k += 4 {
-			b0, b1, b2, b3 := brow[k], brow[k+1], brow[k+2], brow[k+3]
-			if b0 == 0 && b1 == 0 && b2 == 0 && b3 == 0 {
+			if brow[k] == 0 && brow[k+1] == 0 && brow[k+2] == 0 && brow[k+3] == 0 {
 				continue
 			}
 			for j := range out {
-				s := float32(float32(b0*sl.A[k*in+j]) + float32(b1*sl.A[(k+1)*in+j]))
-				s = float32(s + float32(b2*sl.A[(k+2)*in+j]))
-				s = float32(s + float32(b3*sl.A[(k+3)*in+j]))
-				out[j] = float32(out[j] + s)
+				for kk := k; kk < k+4; kk++ {
+					out[j] = simd.FMA32(brow[kk], sl.A[kk*in+j], out[j])
+				}
 			}
 		}
 		for ; k < len(brow); k++ {
@@ -35,7 +36,7 @@ func deltaRowsRef(sl *SideLayer, dst []float32, r0, r1 int) {
 				continue
 			}
 			for j := range out {
-				out[j] = float32(out[j] + float32(brow[k]*sl.A[k*in+j]))
+				out[j] = simd.FMA32(brow[k], sl.A[k*in+j], out[j])
 			}
 		}
 		if sl.Dense != nil {

@@ -17,25 +17,42 @@ import "math"
 // with an even last bit moves one ulp towards e, to the odd neighbour of
 // the two that bracket the exact value. Rounding to odd with 53 bits then
 // to nearest with 24 (or fewer: float32 subnormals) is a single correct
-// rounding. NaN, infinities and signed zeros follow IEEE 754 as float64
+// rounding. Only a sum that lands on a float32 midpoint can round twice
+// wrongly (a midpoint strictly between the exact value and s would be
+// nearer than s), so the check runs for those alone. NaN, infinities and signed zeros follow IEEE 754 as float64
 // arithmetic gives them (a NaN's payload is not specified).
 func FMA32(a, b, c float32) float32 {
-	p := float64(float64(a) * float64(b)) // exact; the conversion forbids fusing it with the add
-	z := float64(c)
+	p, z := float64(float64(a)*float64(b)), float64(c) // the product is exact; the conversion forbids fusing it with the add
 	s := p + z
-	// TwoSum: s + e == p + z exactly.
-	bv := s - p
-	e := (p - (s - bv)) + (z - bv)
-	if e != 0 && e == e { // inexact and finite (e is NaN when s is Inf or NaN)
-		u := math.Float64bits(s)
-		if u&1 == 0 {
-			if (e > 0) == (s > 0) {
-				u++ // away from zero
-			} else {
-				u-- // towards zero
-			}
-			s = math.Float64frombits(u)
+	// Rounding s to float32 rounds twice wrongly only when s is a float32
+	// midpoint, whose low 28 bits are zero (29 in the normal range, more
+	// below it); everything else is already right.
+	if u := math.Float64bits(s); u&(1<<28-1) == 0 {
+		// TwoSum: s + e == p + z exactly.
+		bv := s - p
+		e := (p - (s - bv)) + (z - bv)
+		// Inexact and finite (e is NaN when s is Inf or NaN), and s's
+		// last bit is even: to the odd neighbour on e's side, one up in
+		// magnitude when e has s's sign, one down otherwise.
+		if e != 0 && e == e {
+			s = math.Float64frombits(u + 1 - (math.Float64bits(e)^u)>>63<<1)
 		}
 	}
 	return float32(s)
+}
+
+// AxpyFMA32 sets y[i] = FMA32(a, x[i], y[i]) for every i < len(y) (x at
+// least as long): one rank of the delta product over a row, with FMA32's
+// common case inlined.
+func AxpyFMA32(y, x []float32, a float32) {
+	x = x[:len(y)]
+	av := float64(a)
+	for i, yv := range y {
+		s := float64(av*float64(x[i])) + float64(yv)
+		if math.Float64bits(s)&(1<<28-1) != 0 {
+			y[i] = float32(s)
+		} else {
+			y[i] = FMA32(a, x[i], yv)
+		}
+	}
 }

@@ -77,7 +77,7 @@ func fmaCases(r *rand.Rand, n int) (as, bs, cs []float32) {
 	return as, bs, cs
 }
 
-// TestFMA32: FMA32 equals one correct rounding (1024-bit arithmetic) on
+// TestFMA32: FMA32 (and AxpyFMA32) equals one correct rounding (1024-bit arithmetic) on
 // finite operands and the CPU's VFMADD231PS on every operand, NaN,
 // infinities, subnormals and signed zeros included.
 func TestFMA32(t *testing.T) {
@@ -110,6 +110,26 @@ func TestFMA32(t *testing.T) {
 			}
 			if !sameBits(float32(float64(a)*float64(b)+float64(c)), want) {
 				naive++
+			}
+		}
+	}
+	// AxpyFMA32, FMA32 over a row, on each triple and on whole rows.
+	for i := range as {
+		y := []float32{cs[i]}
+		AxpyFMA32(y, bs[i:i+1], as[i])
+		if want := FMA32(as[i], bs[i], cs[i]); !sameBits(y[0], want) {
+			fails++
+			if fails < 10 {
+				t.Errorf("AxpyFMA32 on (%x, %x, %x) = %x, FMA32 %x", math.Float32bits(as[i]), math.Float32bits(bs[i]), math.Float32bits(cs[i]), math.Float32bits(y[0]), math.Float32bits(want))
+			}
+		}
+	}
+	for _, a := range as[:40] {
+		y := append([]float32(nil), cs...)
+		AxpyFMA32(y, bs, a)
+		for i := range y {
+			if want := FMA32(a, bs[i], cs[i]); !sameBits(y[i], want) {
+				t.Fatalf("AxpyFMA32 with a=%x: y[%d] = %x, FMA32 %x", math.Float32bits(a), i, math.Float32bits(y[i]), math.Float32bits(want))
 			}
 		}
 	}
