@@ -2,17 +2,38 @@
 
 package lora
 
-import "github.com/arenahost/arenahost/shared/simd"
+import (
+	"sync"
 
-// The micro-kernels in delta_amd64.s: each adds groups gs and singles ss
-// of B_cat·A_cat for rows rows over one strip of 64, 16 (AVX-512), 16 or 8
-// (AVX2) columns, four rows at a time, bit for bit as factorsGo.
+	"github.com/arenahost/arenahost/shared/simd"
+)
+
+// packMinRows is the shortest run of rows whose A strips are packed
+// (factorsSIMD): a copy of the strip's ranks per strip, against the
+// products of every row.
+const packMinRows = 8
+
+// packPool holds the packed A strips' buffers, one per concurrent call.
+var packPool = sync.Pool{New: func() any { return new([]float32) }}
+
+//go:generate sh -c "python3 gen_delta_asm.py > delta_amd64.s"
+
+// The micro-kernels in delta_amd64.s (written by gen_delta_asm.py): each
+// adds groups gs and singles ss of B_cat·A_cat for rows rows over one strip
+// of 64, 16 (AVX-512), 16 or 8 (AVX2) columns, four rows at a time (then
+// two, then one), bit for bit as factorsGo.
 
 //go:noescape
 func factors512x64(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
 
 //go:noescape
 func factors512x16(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
+
+// packA64 copies the 64 floats at a + k·lda to dst + 64·k for the four
+// ranks k of each group in gs and each single rank in ss.
+//
+//go:noescape
+func packA64(dst *float32, a *float32, lda int, gs *int32, ng int, ss *int32, ns int)
 
 //go:noescape
 func factors256x16(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
@@ -62,26 +83,47 @@ func factorsSIMD(p simd.Path, dst []float32, ldd int, b []float32, ldb int, a []
 		}
 		return &dummy
 	}
-	// strip runs kernel k on rows [r0, r0+n) of the strip at column c,
-	// chunk by chunk of groups, the singles with the last chunk.
-	strip := func(k factorKernel, c, r0, n int) {
+	// A strip's rows sit In floats apart in A_cat: with In a multiple of
+	// 1024 (every Flux width), all of them map to the same few L1 sets,
+	// and a chunk of ranks thrashes the cache it was cut to fit (measured:
+	// a quarter of the AVX-512 kernel's speed at In 3072). So, for runs of
+	// rows long enough to repay it, each chunk's rows of a 64-column strip
+	// are first copied into a dense buffer (row k at 64·k, packA64), one
+	// copy per strip for all the rows of the run.
+	var packed []float32
+	if p == simd.AVX512 && rows >= packMinRows && cols >= wide {
+		bp := packPool.Get().(*[]float32)
+		defer packPool.Put(bp)
+		if need := (maxK + 1) * wide; cap(*bp) < need {
+			*bp = make([]float32, need)
+		}
+		packed = (*bp)[:(maxK+1)*wide]
+	}
+	// strip runs kernel k on rows [r0, r0+n) of the strip at column c, w
+	// wide, chunk by chunk of groups, the singles with the last chunk.
+	strip := func(k factorKernel, c, w, r0, n int) {
 		for g0 := 0; ; g0 += kc {
 			g1 := min(g0+kc, len(gs))
 			ns := 0
 			if g1 == len(gs) {
 				ns = len(ss)
 			}
-			k(&dst[r0*ldd+c], ldd, &b[r0*ldb], ldb, &a[c], lda, at(gs, g0), g1-g0, at(ss, 0), ns, n)
+			ap, ldap := &a[c], lda
+			if packed != nil && w == wide {
+				packA64(&packed[0], &a[c], lda, at(gs, g0), g1-g0, at(ss, 0), ns)
+				ap, ldap = &packed[0], w
+			}
+			k(&dst[r0*ldd+c], ldd, &b[r0*ldb], ldb, ap, ldap, at(gs, g0), g1-g0, at(ss, 0), ns, n)
 			if g1 == len(gs) {
 				return
 			}
 		}
 	}
 	for ; done+wide <= cols; done += wide {
-		strip(kw, done, 0, rows)
+		strip(kw, done, wide, 0, rows)
 	}
 	for ; done+narrow <= cols; done += narrow {
-		strip(kn, done, 0, rows)
+		strip(kn, done, narrow, 0, rows)
 	}
 	return done
 }
