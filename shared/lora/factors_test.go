@@ -92,7 +92,7 @@ func randSide(r *rand.Rand, out, in, rank int, dense bool) *SideLayer {
 }
 
 func TestDeltaRowsPaths(t *testing.T) {
-	shapes := []struct{ out, in int }{{1, 1}, {5, 7}, {9, 64}, {13, 65}, {6, 100}, {17, 333}, {40, 1000}, {3, 3072}}
+	shapes := []struct{ out, in int }{{1, 1}, {5, 7}, {9, 64}, {13, 65}, {6, 100}, {17, 333}, {40, 1000}, {3, 3072}, {30, 1024}}
 	ranks := []int{1, 3, 4, 16, 17, 64, 200}
 	forEachPath(t, func(t *testing.T, p simd.Path) {
 		r := rand.New(rand.NewPCG(19, uint64(p)))
@@ -123,15 +123,18 @@ func TestDeltaRowsPaths(t *testing.T) {
 }
 
 // TestDeltaRowsChunks: ranks beyond one L1 chunk of groups go through the
-// kernels in several calls; the result is still the scalar order's.
+// kernels in several calls (each packing its own A rows); the result is
+// still the scalar order's.
 func TestDeltaRowsChunks(t *testing.T) {
 	rank := 4*groupsPerChunk(64)*2 + 3
 	forEachPath(t, func(t *testing.T, p simd.Path) {
 		r := rand.New(rand.NewPCG(7, 7))
-		sl := randSide(r, 5, 200, rank, false)
-		got, want := make([]float32, 5*200), make([]float32, 5*200)
-		sl.DeltaRows(got, 0, 5)
-		deltaRowsRef(sl, want, 0, 5)
+		// 21 rows: runs of 9 rows share a pattern, long enough for the
+		// packed A strips (packMinRows).
+		sl := randSide(r, 21, 200, rank, false)
+		got, want := make([]float32, 21*200), make([]float32, 21*200)
+		sl.DeltaRows(got, 0, 21)
+		deltaRowsRef(sl, want, 0, 21)
 		if i := firstDiff(got, want); i >= 0 {
 			t.Fatalf("rank %d: element %d = %g, want %g", rank, i, got[i], want[i])
 		}
