@@ -29,11 +29,15 @@ func factors512x64(dst *float32, ldd int, b *float32, ldb int, a *float32, lda i
 //go:noescape
 func factors512x16(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
 
-// packA64 copies the 64 floats at a + k·lda to dst + 64·k for the four
-// ranks k of each group in gs and each single rank in ss.
+// packA64 and packA16 copy the 64 (16) floats at a + k·lda to dst + 64·k
+// (16·k) for the four ranks k of each group in gs and each single rank in
+// ss, with ZMM (YMM) moves.
 //
 //go:noescape
 func packA64(dst *float32, a *float32, lda int, gs *int32, ng int, ss *int32, ns int)
+
+//go:noescape
+func packA16(dst *float32, a *float32, lda int, gs *int32, ng int, ss *int32, ns int)
 
 //go:noescape
 func factors256x16(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
@@ -53,11 +57,12 @@ type factorKernel func(dst *float32, ldd int, b *float32, ldb int, a *float32, l
 func factorsSIMD(p simd.Path, dst []float32, ldd int, b []float32, ldb int, a []float32, lda int, gs, ss []int32, rows, cols int) (done int) {
 	var wide, narrow int
 	var kw, kn factorKernel
+	var pack func(dst *float32, a *float32, lda int, gs *int32, ng int, ss *int32, ns int)
 	switch p {
 	case simd.AVX512:
-		wide, narrow, kw, kn = 64, 16, factors512x64, factors512x16
+		wide, narrow, kw, kn, pack = 64, 16, factors512x64, factors512x16, packA64
 	case simd.AVX2:
-		wide, narrow, kw, kn = 16, 8, factors256x16, factors256x8
+		wide, narrow, kw, kn, pack = 16, 8, factors256x16, factors256x8, packA16
 	default:
 		return 0
 	}
@@ -87,11 +92,11 @@ func factorsSIMD(p simd.Path, dst []float32, ldd int, b []float32, ldb int, a []
 	// 1024 (every Flux width), all of them map to the same few L1 sets,
 	// and a chunk of ranks thrashes the cache it was cut to fit (measured:
 	// a quarter of the AVX-512 kernel's speed at In 3072). So, for runs of
-	// rows long enough to repay it, each chunk's rows of a 64-column strip
-	// are first copied into a dense buffer (row k at 64·k, packA64), one
-	// copy per strip for all the rows of the run.
+	// rows long enough to repay it, each chunk's rows of a wide strip are
+	// first copied into a dense buffer (row k at k·wide: packA64, packA16),
+	// one copy per strip for all the rows of the run.
 	var packed []float32
-	if p == simd.AVX512 && rows >= packMinRows && cols >= wide {
+	if rows >= packMinRows && cols >= wide {
 		bp := packPool.Get().(*[]float32)
 		defer packPool.Put(bp)
 		if need := (maxK + 1) * wide; cap(*bp) < need {
@@ -110,7 +115,7 @@ func factorsSIMD(p simd.Path, dst []float32, ldd int, b []float32, ldb int, a []
 			}
 			ap, ldap := &a[c], lda
 			if packed != nil && w == wide {
-				packA64(&packed[0], &a[c], lda, at(gs, g0), g1-g0, at(ss, 0), ns)
+				pack(&packed[0], &a[c], lda, at(gs, g0), g1-g0, at(ss, 0), ns)
 				ap, ldap = &packed[0], w
 			}
 			k(&dst[r0*ldd+c], ldd, &b[r0*ldb], ldb, ap, ldap, at(gs, g0), g1-g0, at(ss, 0), ns, n)

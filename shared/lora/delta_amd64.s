@@ -1114,20 +1114,9 @@ donefactors256x8:
 	VZEROUPPER
 	RET
 
-// COPYROW copies one 64-float row (four ZMM) from s to d.
-#define COPYROW(s, d) \
-	VMOVUPS 0(s), Z0   \
-	VMOVUPS 64(s), Z1  \
-	VMOVUPS 128(s), Z2 \
-	VMOVUPS 192(s), Z3 \
-	VMOVUPS Z0, 0(d)   \
-	VMOVUPS Z1, 64(d)  \
-	VMOVUPS Z2, 128(d) \
-	VMOVUPS Z3, 192(d)
-
 // func packA64(dst *float32, a *float32, lda int, gs *int32, ng int, ss *int32, ns int)
-// Copies the 64 floats at a + k·lda to dst + 64·k for the four ranks k of
-// each group in gs and for each single rank in ss.
+// Copies the 64 floats at a + k·lda to dst + 64·k for the four ranks k
+// of each group in gs and for each single rank in ss.
 TEXT ·packA64(SB), NOSPLIT, $0-56
 	MOVQ dst+0(FP), DI
 	MOVQ a+8(FP), SI
@@ -1139,45 +1128,151 @@ TEXT ·packA64(SB), NOSPLIT, $0-56
 	MOVQ ns+48(FP), R14
 	XORQ AX, AX
 
-packgroup:
+gpackA64:
 	CMPQ    AX, R12
-	JGE     packsingles0
+	JGE     s0packA64
 	MOVLQSX (R11)(AX*4), BX
 	MOVQ    BX, CX
 	SHLQ    $8, CX
 	ADDQ    DI, CX
 	IMULQ   R10, BX
 	ADDQ    SI, BX
-	COPYROW(BX, CX)
+	VMOVUPS 0(BX), Z0
+	VMOVUPS 64(BX), Z1
+	VMOVUPS 128(BX), Z2
+	VMOVUPS 192(BX), Z3
+	VMOVUPS Z0, 0(CX)
+	VMOVUPS Z1, 64(CX)
+	VMOVUPS Z2, 128(CX)
+	VMOVUPS Z3, 192(CX)
 	ADDQ    R10, BX
 	ADDQ    $256, CX
-	COPYROW(BX, CX)
+	VMOVUPS 0(BX), Z0
+	VMOVUPS 64(BX), Z1
+	VMOVUPS 128(BX), Z2
+	VMOVUPS 192(BX), Z3
+	VMOVUPS Z0, 0(CX)
+	VMOVUPS Z1, 64(CX)
+	VMOVUPS Z2, 128(CX)
+	VMOVUPS Z3, 192(CX)
 	ADDQ    R10, BX
 	ADDQ    $256, CX
-	COPYROW(BX, CX)
+	VMOVUPS 0(BX), Z0
+	VMOVUPS 64(BX), Z1
+	VMOVUPS 128(BX), Z2
+	VMOVUPS 192(BX), Z3
+	VMOVUPS Z0, 0(CX)
+	VMOVUPS Z1, 64(CX)
+	VMOVUPS Z2, 128(CX)
+	VMOVUPS Z3, 192(CX)
 	ADDQ    R10, BX
 	ADDQ    $256, CX
-	COPYROW(BX, CX)
+	VMOVUPS 0(BX), Z0
+	VMOVUPS 64(BX), Z1
+	VMOVUPS 128(BX), Z2
+	VMOVUPS 192(BX), Z3
+	VMOVUPS Z0, 0(CX)
+	VMOVUPS Z1, 64(CX)
+	VMOVUPS Z2, 128(CX)
+	VMOVUPS Z3, 192(CX)
 	INCQ    AX
-	JMP     packgroup
+	JMP     gpackA64
 
-packsingles0:
+s0packA64:
 	XORQ AX, AX
 
-packsingle:
+spackA64:
 	CMPQ    AX, R14
-	JGE     packdone
+	JGE     donepackA64
 	MOVLQSX (R13)(AX*4), BX
 	MOVQ    BX, CX
 	SHLQ    $8, CX
 	ADDQ    DI, CX
 	IMULQ   R10, BX
 	ADDQ    SI, BX
-	COPYROW(BX, CX)
+	VMOVUPS 0(BX), Z0
+	VMOVUPS 64(BX), Z1
+	VMOVUPS 128(BX), Z2
+	VMOVUPS 192(BX), Z3
+	VMOVUPS Z0, 0(CX)
+	VMOVUPS Z1, 64(CX)
+	VMOVUPS Z2, 128(CX)
+	VMOVUPS Z3, 192(CX)
 	INCQ    AX
-	JMP     packsingle
+	JMP     spackA64
 
-packdone:
+donepackA64:
+	VZEROUPPER
+	RET
+
+// func packA16(dst *float32, a *float32, lda int, gs *int32, ng int, ss *int32, ns int)
+// Copies the 16 floats at a + k·lda to dst + 16·k for the four ranks k
+// of each group in gs and for each single rank in ss.
+TEXT ·packA16(SB), NOSPLIT, $0-56
+	MOVQ dst+0(FP), DI
+	MOVQ a+8(FP), SI
+	MOVQ lda+16(FP), R10
+	SHLQ $2, R10
+	MOVQ gs+24(FP), R11
+	MOVQ ng+32(FP), R12
+	MOVQ ss+40(FP), R13
+	MOVQ ns+48(FP), R14
+	XORQ AX, AX
+
+gpackA16:
+	CMPQ    AX, R12
+	JGE     s0packA16
+	MOVLQSX (R11)(AX*4), BX
+	MOVQ    BX, CX
+	SHLQ    $6, CX
+	ADDQ    DI, CX
+	IMULQ   R10, BX
+	ADDQ    SI, BX
+	VMOVUPS 0(BX), Y0
+	VMOVUPS 32(BX), Y1
+	VMOVUPS Y0, 0(CX)
+	VMOVUPS Y1, 32(CX)
+	ADDQ    R10, BX
+	ADDQ    $64, CX
+	VMOVUPS 0(BX), Y0
+	VMOVUPS 32(BX), Y1
+	VMOVUPS Y0, 0(CX)
+	VMOVUPS Y1, 32(CX)
+	ADDQ    R10, BX
+	ADDQ    $64, CX
+	VMOVUPS 0(BX), Y0
+	VMOVUPS 32(BX), Y1
+	VMOVUPS Y0, 0(CX)
+	VMOVUPS Y1, 32(CX)
+	ADDQ    R10, BX
+	ADDQ    $64, CX
+	VMOVUPS 0(BX), Y0
+	VMOVUPS 32(BX), Y1
+	VMOVUPS Y0, 0(CX)
+	VMOVUPS Y1, 32(CX)
+	INCQ    AX
+	JMP     gpackA16
+
+s0packA16:
+	XORQ AX, AX
+
+spackA16:
+	CMPQ    AX, R14
+	JGE     donepackA16
+	MOVLQSX (R13)(AX*4), BX
+	MOVQ    BX, CX
+	SHLQ    $6, CX
+	ADDQ    DI, CX
+	IMULQ   R10, BX
+	ADDQ    SI, BX
+	VMOVUPS 0(BX), Y0
+	VMOVUPS 32(BX), Y1
+	VMOVUPS Y0, 0(CX)
+	VMOVUPS Y1, 32(CX)
+	INCQ    AX
+	JMP     spackA16
+
+donepackA16:
 	VZEROUPPER
 	RET
 

@@ -171,72 +171,47 @@ kernel("factors512x64", "Z", 64, 4)
 kernel("factors512x16", "Z", 64, 1)
 kernel("factors256x16", "Y", 32, 2)
 kernel("factors256x8", "Y", 32, 1)
+def pack(name, regs, rowbytes, shift):
+    """A routine copying the rows of the listed ranks of one strip densely."""
+    vb = 64 if regs == "Z" else 32
+    n = rowbytes // vb
+    def copyrow():
+        for v in range(n):
+            w(f"\tVMOVUPS {v*vb}(BX), {regs}{v}")
+        for v in range(n):
+            w(f"\tVMOVUPS {regs}{v}, {v*vb}(CX)")
+    w(f"// func {name}(dst *float32, a *float32, lda int, gs *int32, ng int, ss *int32, ns int)")
+    w(f"// Copies the {rowbytes//4} floats at a + k·lda to dst + {rowbytes//4}·k for the four ranks k")
+    w("// of each group in gs and for each single rank in ss.")
+    w(f"TEXT ·{name}(SB), NOSPLIT, $0-56")
+    for l in ["MOVQ dst+0(FP), DI", "MOVQ a+8(FP), SI", "MOVQ lda+16(FP), R10", "SHLQ $2, R10",
+              "MOVQ gs+24(FP), R11", "MOVQ ng+32(FP), R12", "MOVQ ss+40(FP), R13", "MOVQ ns+48(FP), R14", "XORQ AX, AX"]:
+        w("\t" + l)
+    for kind, lst, cnt, rows in (("g", "R11", "R12", 4), ("s", "R13", "R14", 1)):
+        w(f"\n{kind}{name}:")
+        w(f"\tCMPQ    AX, {cnt}")
+        w(f"\tJGE     {'s0' if kind == 'g' else 'done'}{name}")
+        w(f"\tMOVLQSX ({lst})(AX*4), BX")
+        w("\tMOVQ    BX, CX")
+        w(f"\tSHLQ    ${shift}, CX")
+        w("\tADDQ    DI, CX")
+        w("\tIMULQ   R10, BX")
+        w("\tADDQ    SI, BX")
+        for r in range(rows):
+            if r > 0:
+                w("\tADDQ    R10, BX")
+                w(f"\tADDQ    ${rowbytes}, CX")
+            copyrow()
+        w("\tINCQ    AX")
+        w(f"\tJMP     {kind}{name}")
+        if kind == "g":
+            w(f"\ns0{name}:")
+            w("\tXORQ AX, AX")
+    w(f"\ndone{name}:")
+    w("\tVZEROUPPER")
+    w("\tRET\n")
+
+
+pack("packA64", "Z", 256, 8)
+pack("packA16", "Y", 64, 6)
 print("\n".join(out))
-PACK = r'''// COPYROW copies one 64-float row (four ZMM) from s to d.
-#define COPYROW(s, d) \
-	VMOVUPS 0(s), Z0   \
-	VMOVUPS 64(s), Z1  \
-	VMOVUPS 128(s), Z2 \
-	VMOVUPS 192(s), Z3 \
-	VMOVUPS Z0, 0(d)   \
-	VMOVUPS Z1, 64(d)  \
-	VMOVUPS Z2, 128(d) \
-	VMOVUPS Z3, 192(d)
-
-// func packA64(dst *float32, a *float32, lda int, gs *int32, ng int, ss *int32, ns int)
-// Copies the 64 floats at a + k·lda to dst + 64·k for the four ranks k of
-// each group in gs and for each single rank in ss.
-TEXT ·packA64(SB), NOSPLIT, $0-56
-	MOVQ dst+0(FP), DI
-	MOVQ a+8(FP), SI
-	MOVQ lda+16(FP), R10
-	SHLQ $2, R10
-	MOVQ gs+24(FP), R11
-	MOVQ ng+32(FP), R12
-	MOVQ ss+40(FP), R13
-	MOVQ ns+48(FP), R14
-	XORQ AX, AX
-
-packgroup:
-	CMPQ    AX, R12
-	JGE     packsingles0
-	MOVLQSX (R11)(AX*4), BX
-	MOVQ    BX, CX
-	SHLQ    $8, CX
-	ADDQ    DI, CX
-	IMULQ   R10, BX
-	ADDQ    SI, BX
-	COPYROW(BX, CX)
-	ADDQ    R10, BX
-	ADDQ    $256, CX
-	COPYROW(BX, CX)
-	ADDQ    R10, BX
-	ADDQ    $256, CX
-	COPYROW(BX, CX)
-	ADDQ    R10, BX
-	ADDQ    $256, CX
-	COPYROW(BX, CX)
-	INCQ    AX
-	JMP     packgroup
-
-packsingles0:
-	XORQ AX, AX
-
-packsingle:
-	CMPQ    AX, R14
-	JGE     packdone
-	MOVLQSX (R13)(AX*4), BX
-	MOVQ    BX, CX
-	SHLQ    $8, CX
-	ADDQ    DI, CX
-	IMULQ   R10, BX
-	ADDQ    SI, BX
-	COPYROW(BX, CX)
-	INCQ    AX
-	JMP     packsingle
-
-packdone:
-	VZEROUPPER
-	RET
-'''
-print(PACK)
