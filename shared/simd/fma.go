@@ -40,19 +40,3 @@ func FMA32(a, b, c float32) float32 {
 	}
 	return float32(s)
 }
-
-// AxpyFMA32 sets y[i] = FMA32(a, x[i], y[i]) for every i < len(y) (x at
-// least as long): one rank of the delta product over a row, with FMA32's
-// common case inlined.
-func AxpyFMA32(y, x []float32, a float32) {
-	x = x[:len(y)]
-	av := float64(a)
-	for i, yv := range y {
-		s := float64(av*float64(x[i])) + float64(yv)
-		if math.Float64bits(s)&(1<<28-1) != 0 {
-			y[i] = float32(s)
-		} else {
-			y[i] = FMA32(a, x[i], yv)
-		}
-	}
-}
