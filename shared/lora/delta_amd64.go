@@ -24,10 +24,10 @@ var packPool = sync.Pool{New: func() any { return new([]float32) }}
 // two, then one), bit for bit as factorsGo.
 
 //go:noescape
-func factors512x64(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
+func factors512x64(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int, zero int)
 
 //go:noescape
-func factors512x16(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
+func factors512x16(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int, zero int)
 
 // packA64 and packA16 copy the 64 (16) floats at a + k·lda to dst + 64·k
 // (16·k) for the four ranks k of each group in gs and each single rank in
@@ -40,12 +40,12 @@ func packA64(dst *float32, a *float32, lda int, gs *int32, ng int, ss *int32, ns
 func packA16(dst *float32, a *float32, lda int, gs *int32, ng int, ss *int32, ns int)
 
 //go:noescape
-func factors256x16(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
+func factors256x16(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int, zero int)
 
 //go:noescape
-func factors256x8(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
+func factors256x8(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int, zero int)
 
-type factorKernel func(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
+type factorKernel func(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int, zero int)
 
 // factorsSIMD runs the vector kernels of path p over the columns [0, done)
 // that whole strips cover and returns done; the caller finishes the rest
@@ -53,8 +53,10 @@ type factorKernel func(dst *float32, ldd int, b *float32, ldb int, a *float32, l
 // cut into chunks whose A strip fits half the L1 data cache, so every row
 // of the run reuses it from L1; a chunk's partial sums go back to dst,
 // which changes no bit (the order is one chain of FMAs into d, rank after
-// rank, and storing d between two of them rounds nothing).
-func factorsSIMD(p simd.Path, dst []float32, ldd int, b []float32, ldb int, a []float32, lda int, gs, ss []int32, rows, cols int) (done int) {
+// rank, and storing d between two of them rounds nothing). With set, the
+// first chunk starts from +0 instead of dst's contents, as if dst had been
+// cleared.
+func factorsSIMD(p simd.Path, dst []float32, ldd int, b []float32, ldb int, a []float32, lda int, gs, ss []int32, rows, cols int, set bool) (done int) {
 	var wide, narrow int
 	var kw, kn factorKernel
 	var pack func(dst *float32, a *float32, lda int, gs *int32, ng int, ss *int32, ns int)
@@ -118,7 +120,11 @@ func factorsSIMD(p simd.Path, dst []float32, ldd int, b []float32, ldb int, a []
 				pack(&packed[0], &a[c], lda, at(gs, g0), g1-g0, at(ss, 0), ns)
 				ap, ldap = &packed[0], w
 			}
-			k(&dst[r0*ldd+c], ldd, &b[r0*ldb], ldb, ap, ldap, at(gs, g0), g1-g0, at(ss, 0), ns, n)
+			zero := 0
+			if set && g0 == 0 {
+				zero = 1
+			}
+			k(&dst[r0*ldd+c], ldd, &b[r0*ldb], ldb, ap, ldap, at(gs, g0), g1-g0, at(ss, 0), ns, n, zero)
 			if g1 == len(gs) {
 				return
 			}

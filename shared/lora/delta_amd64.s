@@ -5,7 +5,7 @@
 #include "textflag.h"
 
 // The factor-product micro-kernels of SideLayer.DeltaRows (delta_amd64.go).
-// Each adds, for rows rows and one strip of columns, the products of the
+// Each adds (or writes, with zero set), for rows rows and one strip of columns, the products of the
 // given rank groups and single ranks into dst, in the scalar code's exact
 // order: per element, d = fma(b_k, a_k, d) for the four ranks of each
 // group in turn, then for each single rank, each one rounded once
@@ -26,6 +26,8 @@
 //   gs *int32, ng int       first rank of each group of four to add
 //   ss *int32, ns int       single ranks to add after the groups
 //   rows int
+//   zero int                nonzero: the accumulators start at +0 instead of dst's
+//                           contents (dst is written, not added to: no clear first)
 //
 // Registers: DI dst row, SI b row, DX a strip, R8/R9/R10 the strides in
 // bytes, R11 groups, R13 singles (and an A row in the group loop), R15
@@ -54,14 +56,16 @@
 	IMULQ   R10, BX          \
 	ADDQ    DX, BX
 
-// func factors512x64(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
-TEXT ·factors512x64(SB), NOSPLIT, $0-88
+// func factors512x64(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int, zero int)
+TEXT ·factors512x64(SB), NOSPLIT, $0-96
 	ARGS
 	CMPQ R15, $4
 	JLT  twofactors512x64
 
 blkfactors512x64:
 	LEAQ (DI)(R8*2), BX
+	CMPQ zero+88(FP), $0
+	JNE  zblkfactors512x64
 	VMOVUPS 0(DI), Z0
 	VMOVUPS 64(DI), Z1
 	VMOVUPS 128(DI), Z2
@@ -78,6 +82,27 @@ blkfactors512x64:
 	VMOVUPS 64(BX)(R8*1), Z13
 	VMOVUPS 128(BX)(R8*1), Z14
 	VMOVUPS 192(BX)(R8*1), Z15
+	JMP  lblkfactors512x64
+
+zblkfactors512x64:
+	VPXORD Z0, Z0, Z0
+	VPXORD Z1, Z1, Z1
+	VPXORD Z2, Z2, Z2
+	VPXORD Z3, Z3, Z3
+	VPXORD Z4, Z4, Z4
+	VPXORD Z5, Z5, Z5
+	VPXORD Z6, Z6, Z6
+	VPXORD Z7, Z7, Z7
+	VPXORD Z8, Z8, Z8
+	VPXORD Z9, Z9, Z9
+	VPXORD Z10, Z10, Z10
+	VPXORD Z11, Z11, Z11
+	VPXORD Z12, Z12, Z12
+	VPXORD Z13, Z13, Z13
+	VPXORD Z14, Z14, Z14
+	VPXORD Z15, Z15, Z15
+
+lblkfactors512x64:
 	XORQ AX, AX
 
 gblkfactors512x64:
@@ -248,6 +273,8 @@ stblkfactors512x64:
 twofactors512x64:
 	CMPQ R15, $2
 	JLT  onefactors512x64
+	CMPQ zero+88(FP), $0
+	JNE  ztwofactors512x64
 	VMOVUPS 0(DI), Z0
 	VMOVUPS 64(DI), Z1
 	VMOVUPS 128(DI), Z2
@@ -256,6 +283,19 @@ twofactors512x64:
 	VMOVUPS 64(DI)(R8*1), Z5
 	VMOVUPS 128(DI)(R8*1), Z6
 	VMOVUPS 192(DI)(R8*1), Z7
+	JMP  ltwofactors512x64
+
+ztwofactors512x64:
+	VPXORD Z0, Z0, Z0
+	VPXORD Z1, Z1, Z1
+	VPXORD Z2, Z2, Z2
+	VPXORD Z3, Z3, Z3
+	VPXORD Z4, Z4, Z4
+	VPXORD Z5, Z5, Z5
+	VPXORD Z6, Z6, Z6
+	VPXORD Z7, Z7, Z7
+
+ltwofactors512x64:
 	XORQ AX, AX
 
 gtwofactors512x64:
@@ -365,10 +405,21 @@ sttwofactors512x64:
 onefactors512x64:
 	TESTQ R15, R15
 	JZ    donefactors512x64
+	CMPQ zero+88(FP), $0
+	JNE  zonefactors512x64
 	VMOVUPS 0(DI), Z0
 	VMOVUPS 64(DI), Z1
 	VMOVUPS 128(DI), Z2
 	VMOVUPS 192(DI), Z3
+	JMP  lonefactors512x64
+
+zonefactors512x64:
+	VPXORD Z0, Z0, Z0
+	VPXORD Z1, Z1, Z1
+	VPXORD Z2, Z2, Z2
+	VPXORD Z3, Z3, Z3
+
+lonefactors512x64:
 	XORQ AX, AX
 
 gonefactors512x64:
@@ -447,18 +498,29 @@ donefactors512x64:
 	VZEROUPPER
 	RET
 
-// func factors512x16(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
-TEXT ·factors512x16(SB), NOSPLIT, $0-88
+// func factors512x16(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int, zero int)
+TEXT ·factors512x16(SB), NOSPLIT, $0-96
 	ARGS
 	CMPQ R15, $4
 	JLT  twofactors512x16
 
 blkfactors512x16:
 	LEAQ (DI)(R8*2), BX
+	CMPQ zero+88(FP), $0
+	JNE  zblkfactors512x16
 	VMOVUPS 0(DI), Z0
 	VMOVUPS 0(DI)(R8*1), Z1
 	VMOVUPS 0(BX), Z2
 	VMOVUPS 0(BX)(R8*1), Z3
+	JMP  lblkfactors512x16
+
+zblkfactors512x16:
+	VPXORD Z0, Z0, Z0
+	VPXORD Z1, Z1, Z1
+	VPXORD Z2, Z2, Z2
+	VPXORD Z3, Z3, Z3
+
+lblkfactors512x16:
 	XORQ AX, AX
 
 gblkfactors512x16:
@@ -542,8 +604,17 @@ stblkfactors512x16:
 twofactors512x16:
 	CMPQ R15, $2
 	JLT  onefactors512x16
+	CMPQ zero+88(FP), $0
+	JNE  ztwofactors512x16
 	VMOVUPS 0(DI), Z0
 	VMOVUPS 0(DI)(R8*1), Z1
+	JMP  ltwofactors512x16
+
+ztwofactors512x16:
+	VPXORD Z0, Z0, Z0
+	VPXORD Z1, Z1, Z1
+
+ltwofactors512x16:
 	XORQ AX, AX
 
 gtwofactors512x16:
@@ -602,7 +673,15 @@ sttwofactors512x16:
 onefactors512x16:
 	TESTQ R15, R15
 	JZ    donefactors512x16
+	CMPQ zero+88(FP), $0
+	JNE  zonefactors512x16
 	VMOVUPS 0(DI), Z0
+	JMP  lonefactors512x16
+
+zonefactors512x16:
+	VPXORD Z0, Z0, Z0
+
+lonefactors512x16:
 	XORQ AX, AX
 
 gonefactors512x16:
@@ -648,14 +727,16 @@ donefactors512x16:
 	VZEROUPPER
 	RET
 
-// func factors256x16(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
-TEXT ·factors256x16(SB), NOSPLIT, $0-88
+// func factors256x16(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int, zero int)
+TEXT ·factors256x16(SB), NOSPLIT, $0-96
 	ARGS
 	CMPQ R15, $4
 	JLT  twofactors256x16
 
 blkfactors256x16:
 	LEAQ (DI)(R8*2), BX
+	CMPQ zero+88(FP), $0
+	JNE  zblkfactors256x16
 	VMOVUPS 0(DI), Y0
 	VMOVUPS 32(DI), Y1
 	VMOVUPS 0(DI)(R8*1), Y2
@@ -664,6 +745,19 @@ blkfactors256x16:
 	VMOVUPS 32(BX), Y5
 	VMOVUPS 0(BX)(R8*1), Y6
 	VMOVUPS 32(BX)(R8*1), Y7
+	JMP  lblkfactors256x16
+
+zblkfactors256x16:
+	VXORPS Y0, Y0, Y0
+	VXORPS Y1, Y1, Y1
+	VXORPS Y2, Y2, Y2
+	VXORPS Y3, Y3, Y3
+	VXORPS Y4, Y4, Y4
+	VXORPS Y5, Y5, Y5
+	VXORPS Y6, Y6, Y6
+	VXORPS Y7, Y7, Y7
+
+lblkfactors256x16:
 	XORQ AX, AX
 
 gblkfactors256x16:
@@ -776,10 +870,21 @@ stblkfactors256x16:
 twofactors256x16:
 	CMPQ R15, $2
 	JLT  onefactors256x16
+	CMPQ zero+88(FP), $0
+	JNE  ztwofactors256x16
 	VMOVUPS 0(DI), Y0
 	VMOVUPS 32(DI), Y1
 	VMOVUPS 0(DI)(R8*1), Y2
 	VMOVUPS 32(DI)(R8*1), Y3
+	JMP  ltwofactors256x16
+
+ztwofactors256x16:
+	VXORPS Y0, Y0, Y0
+	VXORPS Y1, Y1, Y1
+	VXORPS Y2, Y2, Y2
+	VXORPS Y3, Y3, Y3
+
+ltwofactors256x16:
 	XORQ AX, AX
 
 gtwofactors256x16:
@@ -855,8 +960,17 @@ sttwofactors256x16:
 onefactors256x16:
 	TESTQ R15, R15
 	JZ    donefactors256x16
+	CMPQ zero+88(FP), $0
+	JNE  zonefactors256x16
 	VMOVUPS 0(DI), Y0
 	VMOVUPS 32(DI), Y1
+	JMP  lonefactors256x16
+
+zonefactors256x16:
+	VXORPS Y0, Y0, Y0
+	VXORPS Y1, Y1, Y1
+
+lonefactors256x16:
 	XORQ AX, AX
 
 gonefactors256x16:
@@ -913,18 +1027,29 @@ donefactors256x16:
 	VZEROUPPER
 	RET
 
-// func factors256x8(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int)
-TEXT ·factors256x8(SB), NOSPLIT, $0-88
+// func factors256x8(dst *float32, ldd int, b *float32, ldb int, a *float32, lda int, gs *int32, ng int, ss *int32, ns int, rows int, zero int)
+TEXT ·factors256x8(SB), NOSPLIT, $0-96
 	ARGS
 	CMPQ R15, $4
 	JLT  twofactors256x8
 
 blkfactors256x8:
 	LEAQ (DI)(R8*2), BX
+	CMPQ zero+88(FP), $0
+	JNE  zblkfactors256x8
 	VMOVUPS 0(DI), Y0
 	VMOVUPS 0(DI)(R8*1), Y1
 	VMOVUPS 0(BX), Y2
 	VMOVUPS 0(BX)(R8*1), Y3
+	JMP  lblkfactors256x8
+
+zblkfactors256x8:
+	VXORPS Y0, Y0, Y0
+	VXORPS Y1, Y1, Y1
+	VXORPS Y2, Y2, Y2
+	VXORPS Y3, Y3, Y3
+
+lblkfactors256x8:
 	XORQ AX, AX
 
 gblkfactors256x8:
@@ -1008,8 +1133,17 @@ stblkfactors256x8:
 twofactors256x8:
 	CMPQ R15, $2
 	JLT  onefactors256x8
+	CMPQ zero+88(FP), $0
+	JNE  ztwofactors256x8
 	VMOVUPS 0(DI), Y0
 	VMOVUPS 0(DI)(R8*1), Y1
+	JMP  ltwofactors256x8
+
+ztwofactors256x8:
+	VXORPS Y0, Y0, Y0
+	VXORPS Y1, Y1, Y1
+
+ltwofactors256x8:
 	XORQ AX, AX
 
 gtwofactors256x8:
@@ -1068,7 +1202,15 @@ sttwofactors256x8:
 onefactors256x8:
 	TESTQ R15, R15
 	JZ    donefactors256x8
+	CMPQ zero+88(FP), $0
+	JNE  zonefactors256x8
 	VMOVUPS 0(DI), Y0
+	JMP  lonefactors256x8
+
+zonefactors256x8:
+	VXORPS Y0, Y0, Y0
+
+lonefactors256x8:
 	XORQ AX, AX
 
 gonefactors256x8:

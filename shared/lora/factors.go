@@ -44,12 +44,16 @@ func (p *rankPattern) equal(q *rankPattern) bool {
 	return true
 }
 
-// addFactors adds B·A into dst [rows × in] for B rows b [rows × rank] and
-// A [rank × in], in DeltaRows' order, on the current simd path. Rows are
-// taken in runs that share a rank pattern (a row tile usually is one run;
-// runs break where a module's pieces start or end in B_cat).
-func addFactors(dst, b []float32, rank int, a []float32, in, rows int) {
+// addFactors adds B·A into dst [rows × in] (writes it, with set: the
+// bits of clearing dst first) for B rows b [rows × rank] and A [rank × in],
+// in DeltaRows' order, on the current simd path. Rows are taken in runs
+// that share a rank pattern (a row tile usually is one run; runs break
+// where a module's pieces start or end in B_cat).
+func addFactors(dst, b []float32, rank int, a []float32, in, rows int, set bool) {
 	if rank == 0 || rows == 0 || in == 0 {
+		if set {
+			clear(dst[:rows*in])
+		}
 		return
 	}
 	path := simd.Current()
@@ -63,12 +67,19 @@ func addFactors(dst, b []float32, rank int, a []float32, in, rows int) {
 				break
 			}
 		}
+		d, bb := dst[r*in:], b[r*rank:]
 		if len(cur.gs)+len(cur.ss) > 0 {
-			d, bb := dst[r*in:], b[r*rank:]
-			done := factorsSIMD(path, d, in, bb, rank, a, in, cur.gs, cur.ss, e-r, in)
+			done := factorsSIMD(path, d, in, bb, rank, a, in, cur.gs, cur.ss, e-r, in, set)
 			if done < in {
+				if set {
+					for i := range e - r {
+						clear(d[i*in+done : (i+1)*in])
+					}
+				}
 				factorsGo(d, in, bb, rank, a, in, cur.gs, cur.ss, e-r, done, in)
 			}
+		} else if set {
+			clear(d[:(e-r)*in])
 		}
 		cur, next = next, cur
 		r = e

@@ -115,6 +115,17 @@ func TestDeltaRowsPaths(t *testing.T) {
 							t.Fatalf("%s [%d %d] rank %d dense %v rows %v: element %d = %g (%#x), scalar order gives %g (%#x)",
 								p, sh.out, sh.in, rank, dense, rr, i, got[i], math.Float32bits(got[i]), want[i], math.Float32bits(want[i]))
 						}
+						// SetDeltaRows writes over whatever dst holds: the
+						// bits of a cleared dst plus DeltaRows.
+						for i := range got {
+							got[i], want[i] = float32(math.NaN()), 0
+						}
+						sl.SetDeltaRows(got, rr[0], rr[1])
+						deltaRowsRef(sl, want, rr[0], rr[1])
+						if i := firstDiff(got, want); i >= 0 {
+							t.Fatalf("%s [%d %d] rank %d dense %v rows %v: SetDeltaRows element %d = %g (%#x), scalar order gives %g (%#x)",
+								p, sh.out, sh.in, rank, dense, rr, i, got[i], math.Float32bits(got[i]), want[i], math.Float32bits(want[i]))
+						}
 					}
 				}
 			}
@@ -137,6 +148,14 @@ func TestDeltaRowsChunks(t *testing.T) {
 		deltaRowsRef(sl, want, 0, 21)
 		if i := firstDiff(got, want); i >= 0 {
 			t.Fatalf("rank %d: element %d = %g, want %g", rank, i, got[i], want[i])
+		}
+		for i := range got {
+			got[i], want[i] = -1, 0
+		}
+		sl.SetDeltaRows(got, 0, 21)
+		deltaRowsRef(sl, want, 0, 21)
+		if i := firstDiff(got, want); i >= 0 {
+			t.Fatalf("rank %d: SetDeltaRows element %d = %g, want %g", rank, i, got[i], want[i])
 		}
 	})
 }

@@ -397,11 +397,23 @@ func (p *Plan) Layer(name string) *SideLayer { return p.byName[name] }
 // emulator reproduce this order, and so does every simd path (addFactors:
 // VFMADD231PS, or simd.FMA32 in portable Go): the vector kernels change
 // the speed, never a bit. The dense delta is added after, on its own.
-func (sl *SideLayer) DeltaRows(dst []float32, r0, r1 int) {
+func (sl *SideLayer) DeltaRows(dst []float32, r0, r1 int) { sl.deltaRows(dst, r0, r1, false) }
+
+// SetDeltaRows is DeltaRows writing dst rather than adding into it: the
+// bits of clearing dst and calling DeltaRows, without the pass that clears
+// it (the kernels start their accumulators at +0). The fused pass uses it.
+func (sl *SideLayer) SetDeltaRows(dst []float32, r0, r1 int) { sl.deltaRows(dst, r0, r1, true) }
+
+func (sl *SideLayer) deltaRows(dst []float32, r0, r1 int, set bool) {
 	in := sl.In
 	rows := r1 - r0
-	if sl.Rank > 0 && rows > 0 {
-		addFactors(dst[:rows*in], sl.B[r0*sl.Rank:r1*sl.Rank], sl.Rank, sl.A[:sl.Rank*in], in, rows)
+	if rows <= 0 {
+		return
+	}
+	if sl.Rank > 0 {
+		addFactors(dst[:rows*in], sl.B[r0*sl.Rank:r1*sl.Rank], sl.Rank, sl.A[:sl.Rank*in], in, rows, set)
+	} else if set {
+		clear(dst[:rows*in])
 	}
 	if sl.Dense != nil {
 		for r := r0; r < r1; r++ {
