@@ -2,11 +2,11 @@
 
 Usage: python3 shared/lora/gen_delta_asm.py > shared/lora/delta_amd64.s
 
-The kernels are the same loop at four shapes (rows 4/2/1 by the strip's
-vectors), unrolled per rank; writing them out by hand invites a register
-typo that the tests would catch only as a wrong bit. Needs only Python 3.
+Four kernels (AVX-512 strips of 64 and 16 columns, AVX2 of 16 and 8), each
+the same loop at 4, 2 and 1 rows, unrolled per rank, and the two routines
+that pack A strips; writing them out by hand invites a register typo that
+the tests would catch only as a wrong bit. Needs only Python 3.
 """
-import sys
 out = []
 def w(s=""): out.append(s)
 
