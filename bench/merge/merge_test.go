@@ -96,7 +96,7 @@ type sgemmInfo struct {
 }
 
 // deltaGFLOPs measures the fused pass's delta phase as lora.Fuse runs it:
-// DeltaRows over a Flux MLP-in layer [12288 × 3072] in row tiles of the
+// SetDeltaRows (as lora.Fuse calls it) over a Flux MLP-in layer [12288 × 3072] in row tiles of the
 // default size, on GOMAXPROCS workers; 2·Σr flops per weight. It returns
 // the best wall-clock rate of reps and the best rate per CPU-second.
 func deltaGFLOPs(rank, reps int) (wall, cpu float64) {
@@ -125,8 +125,7 @@ func deltaGFLOPs(rank, reps int) (wall, cpu float64) {
 				for t := w; t < tiles; t += workers {
 					r0, r1 := t*rows, min(t*rows+rows, out)
 					d := bufs[w][:(r1-r0)*in]
-					clear(d)
-					sl.DeltaRows(d, r0, r1)
+					sl.SetDeltaRows(d, r0, r1)
 				}
 			})
 		}

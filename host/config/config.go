@@ -551,9 +551,11 @@ golang.org/x/sys/cpu), with a portable Go fallback on every other CPU and archit
 ` + "`" + `ARENAHOST_SIMD` + "`" + ` (an environment variable only, no flag) forces a path: ` + "`" + `avx512` + "`" + `, ` + "`" + `avx2` + "`" + `, or ` + "`" + `off` + "`" + `
 (the portable Go code); unset or ` + "`" + `auto` + "`" + ` picks the best the CPU has. Forcing a path the CPU lacks logs
 a warning and uses the best one it has. The path changes speed only: every path writes the same
-bytes (the kernels keep the scalar order of every sum and use no FMA, the same order the CUDA
-kernels use), except the fused pass's retention figures, which the vector path sums in 8 lanes and
-which can differ in their last digits. Tile sizes come from the L1 data and L2 cache sizes the
+bytes (the kernels keep the scalar order of every sum and product, the same order the CUDA kernels
+use: the NF4 codec rounds each product and sum on its own, as bitsandbytes does, and the LoRA delta
+product is one chain of float32 fused multiply-adds per weight, which the vector paths run with FMA
+instructions and the portable code with an exact software FMA), except the fused pass's retention
+figures, which the vector path sums in 8 lanes and which can differ in their last digits. Tile sizes come from the L1 data and L2 cache sizes the
 kernel reports (` + "`" + `/sys/devices/system/cpu/cpu0/cache` + "`" + `; 32 KiB and 1 MiB when it says nothing).
 The codec, the delta product and the fused tile's add and retention sums have AVX-512 and AVX2
 kernels.

@@ -194,6 +194,12 @@ var fuseDTypes = map[int]nf4.DType{DTypeF32: nf4.Float32, DTypeBF16: nf4.BFloat1
 // retention sums that agree with a float64 computation on the CPU.
 func TestEmuFuse(t *testing.T) {
 	rng := rand.New(rand.NewPCG(11, 12))
+	telling := 0
+	defer func() {
+		if telling == 0 && !t.Failed() {
+			t.Errorf("no case's merge changes with the delta's order: the cases cannot tell the FMA order from another")
+		}
+	}()
 	for _, c := range []struct{ out, in, bs, rank, dtype int }{
 		{37, 77, 64, 5, DTypeF32},     // 1-D, blocks across rows, a rank tail
 		{100, 320, 64, 21, DTypeF32},  // 2-D, partial row and column tiles, two rank chunks
@@ -235,7 +241,7 @@ func TestEmuFuse(t *testing.T) {
 			}
 			delta := make([]float32, n)
 			(&lora.SideLayer{Layer: lora.Layer{Out: c.out, In: c.in}, Rank: c.rank, A: a, B: b}).DeltaRows(delta, 0, c.out)
-			merge := func(round bool) ([]byte, []float32) {
+			mergeWith := func(delta []float32, round bool) ([]byte, []float32) {
 				w := make([]float32, n)
 				nf4.Dequantize(w, packed, absmax, &nf4.NF4, n, c.bs)
 				if round {
@@ -248,7 +254,14 @@ func TestEmuFuse(t *testing.T) {
 				codec.Quantize(p, a, w, c.bs)
 				return p, a
 			}
+			merge := func(round bool) ([]byte, []float32) { return mergeWith(delta, round) }
 			wantP, wantA := merge(true)
+			// The delta in the order before FMA (each product and sum
+			// rounded): where its merge differs, the case tells the orders
+			// apart (the absmax of a block is one merged weight, every bit).
+			if p, a := mergeWith(deltaNoFMA(c.out, c.in, c.rank, a, b), true); !bytes.Equal(p, wantP) || !bytes.Equal(emutest.F32LE(a), emutest.F32LE(wantA)) {
+				telling++
+			}
 			if c.dtype != DTypeF32 {
 				// The case must tell the rounding apart, or it checks nothing.
 				if p, a := merge(false); bytes.Equal(p, wantP) && bytes.Equal(emutest.F32LE(a), emutest.F32LE(wantA)) {
@@ -531,3 +544,33 @@ func TestEmuFuseNonFinite(t *testing.T) {
 }
 
 func nonFinite(v float32) bool { return math.Float32bits(v)&0x7f800000 == 0x7f800000 }
+// deltaNoFMA is B·A in the delta product's order before it used FMA (per
+// element, ((b0·a0 + b1·a1) + b2·a2) + b3·a3 per group of four ranks, then
+// each rank past the groups, every product and sum rounded on its own):
+// TestEmuFuse holds its cases to telling that order from the kernels'.
+func deltaNoFMA(out, in, rank int, a, b []float32) []float32 {
+	d := make([]float32, out*in)
+	for r := range out {
+		brow := b[r*rank : (r+1)*rank]
+		for j := range in {
+			var acc float32
+			k := 0
+			for ; k+4 <= rank; k += 4 {
+				if brow[k] == 0 && brow[k+1] == 0 && brow[k+2] == 0 && brow[k+3] == 0 {
+					continue
+				}
+				s := float32(brow[k]*a[k*in+j]) + float32(brow[k+1]*a[(k+1)*in+j])
+				s = float32(s) + float32(brow[k+2]*a[(k+2)*in+j])
+				s = float32(s) + float32(brow[k+3]*a[(k+3)*in+j])
+				acc = float32(acc + s)
+			}
+			for ; k < rank; k++ {
+				if brow[k] != 0 {
+					acc = float32(acc + float32(brow[k]*a[k*in+j]))
+				}
+			}
+			d[r*in+j] = acc
+		}
+	}
+	return d
+}

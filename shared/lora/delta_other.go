@@ -5,7 +5,7 @@ package lora
 import "github.com/arenahost/arenahost/shared/simd"
 
 // factorsSIMD has no vector kernels off amd64: factorsGo does all columns.
-func factorsSIMD(simd.Path, []float32, int, []float32, int, []float32, int, []int32, []int32, int, int) int {
+func factorsSIMD(simd.Path, []float32, int, []float32, int, []float32, int, []int32, []int32, int, int, bool) int {
 	return 0
 }
 

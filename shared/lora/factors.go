@@ -44,12 +44,16 @@ func (p *rankPattern) equal(q *rankPattern) bool {
 	return true
 }
 
-// addFactors adds B·A into dst [rows × in] for B rows b [rows × rank] and
-// A [rank × in], in DeltaRows' order, on the current simd path. Rows are
-// taken in runs that share a rank pattern (a row tile usually is one run;
-// runs break where a module's pieces start or end in B_cat).
-func addFactors(dst, b []float32, rank int, a []float32, in, rows int) {
+// addFactors adds B·A into dst [rows × in] (writes it, with set: the
+// bits of clearing dst first) for B rows b [rows × rank] and A [rank × in],
+// in DeltaRows' order, on the current simd path. Rows are taken in runs
+// that share a rank pattern (a row tile usually is one run; runs break
+// where a module's pieces start or end in B_cat).
+func addFactors(dst, b []float32, rank int, a []float32, in, rows int, set bool) {
 	if rank == 0 || rows == 0 || in == 0 {
+		if set {
+			clear(dst[:rows*in])
+		}
 		return
 	}
 	path := simd.Current()
@@ -63,12 +67,19 @@ func addFactors(dst, b []float32, rank int, a []float32, in, rows int) {
 				break
 			}
 		}
+		d, bb := dst[r*in:], b[r*rank:]
 		if len(cur.gs)+len(cur.ss) > 0 {
-			d, bb := dst[r*in:], b[r*rank:]
-			done := factorsSIMD(path, d, in, bb, rank, a, in, cur.gs, cur.ss, e-r, in)
+			done := factorsSIMD(path, d, in, bb, rank, a, in, cur.gs, cur.ss, e-r, in, set)
 			if done < in {
+				if set {
+					for i := range e - r {
+						clear(d[i*in+done : (i+1)*in])
+					}
+				}
 				factorsGo(d, in, bb, rank, a, in, cur.gs, cur.ss, e-r, done, in)
 			}
+		} else if set {
+			clear(d[:(e-r)*in])
 		}
 		cur, next = next, cur
 		r = e
@@ -76,34 +87,25 @@ func addFactors(dst, b []float32, rank int, a []float32, in, rows int) {
 }
 
 // factorsGo is the portable kernel: columns [c0, c1) of rows rows, in the
-// scalar order, each product and sum rounded to float32 on its own (the
-// conversions forbid the compiler an FMA, whatever GOAMD64 says).
+// kernels' order: per element d = fma(b_k, a_k, d) for the four ranks of
+// each group in turn, then for each single rank, each FMA rounded once to
+// float32 (simd.FMA32, exact; the hardware's FMA gives the same bits).
 func factorsGo(dst []float32, ldd int, b []float32, ldb int, a []float32, lda int, gs, ss []int32, rows, c0, c1 int) {
 	n := c1 - c0
 	for r := 0; r < rows; r++ {
 		o := dst[r*ldd+c0 : r*ldd+c1]
 		brow := b[r*ldb:]
+		// Rank after rank over the row: each element's chain of FMAs runs
+		// in the same order as element by element.
 		for _, k32 := range gs {
 			k := int(k32)
-			b0, b1, b2, b3 := brow[k], brow[k+1], brow[k+2], brow[k+3]
-			a0 := a[k*lda+c0:][:n]
-			a1 := a[(k+1)*lda+c0:][:n]
-			a2 := a[(k+2)*lda+c0:][:n]
-			a3 := a[(k+3)*lda+c0:][:n]
-			for j := range o {
-				s := float32(b0*a0[j]) + float32(b1*a1[j])
-				s = float32(s) + float32(b2*a2[j])
-				s = float32(s) + float32(b3*a3[j])
-				o[j] += float32(s)
+			for kk := k; kk < k+4; kk++ {
+				simd.AxpyFMA32(o, a[kk*lda+c0:][:n], brow[kk])
 			}
 		}
 		for _, k32 := range ss {
 			k := int(k32)
-			bv := brow[k]
-			ak := a[k*lda+c0:][:n]
-			for j := range o {
-				o[j] += float32(bv * ak[j])
-			}
+			simd.AxpyFMA32(o, a[k*lda+c0:][:n], brow[k])
 		}
 	}
 }

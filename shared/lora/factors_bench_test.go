@@ -10,7 +10,7 @@ import (
 	"github.com/arenahost/arenahost/shared/simd"
 )
 
-// BenchmarkDeltaRows is the fused pass's delta phase alone: DeltaRows over
+// BenchmarkDeltaRows is the fused pass's delta phase alone: SetDeltaRows over
 // a Flux MLP layer [12288 × 3072] in row tiles, on GOMAXPROCS workers as
 // fuseLayer runs it, per simd path, for 1 and 5 rank-16 LoRAs (Σr 16 and
 // 80). GFLOP/s counts a multiply and an add per rank per element (2·Σr per
@@ -48,8 +48,7 @@ func BenchmarkDeltaRows(b *testing.B) {
 							for t := w; t < tiles; t += workers {
 								r0, r1 := t*rows, min(t*rows+rows, out)
 								d := bufs[w][:(r1-r0)*in]
-								clear(d)
-								sl.DeltaRows(d, r0, r1)
+								sl.SetDeltaRows(d, r0, r1)
 							}
 						})
 					}

@@ -9,9 +9,12 @@ import (
 	"github.com/arenahost/arenahost/shared/simd"
 )
 
-// deltaRowsRef is DeltaRows as it was before the vector kernels, the
-// order the CUDA kernel and its emulator reproduce, written with explicit
-// roundings: the reference every simd path must equal bit for bit.
+// deltaRowsRef is DeltaRows written element by element, the order the
+// CUDA kernel and its emulator reproduce: per element, one chain of
+// float32 FMAs (simd.FMA32, tested against the CPU's FMA instruction),
+// rank after rank, skipping a group of four ranks whose b are all zero and
+// a single rank whose b is zero; then the dense delta added. The reference
+// every simd path must equal bit for bit.
 func deltaRowsRef(sl *SideLayer, dst []float32, r0, r1 int) {
 	in := sl.In
 	for r := r0; r < r1; r++ {
@@ -19,15 +22,13 @@ func deltaRowsRef(sl *SideLayer, dst []float32, r0, r1 int) {
 		brow := sl.B[r*sl.Rank : (r+1)*sl.Rank]
 		k := 0
 		for ; k+4 <= len(brow); k += 4 {
-			b0, b1, b2, b3 := brow[k], brow[k+1], brow[k+2], brow[k+3]
-			if b0 == 0 && b1 == 0 && b2 == 0 && b3 == 0 {
+			if brow[k] == 0 && brow[k+1] == 0 && brow[k+2] == 0 && brow[k+3] == 0 {
 				continue
 			}
 			for j := range out {
-				s := float32(float32(b0*sl.A[k*in+j]) + float32(b1*sl.A[(k+1)*in+j]))
-				s = float32(s + float32(b2*sl.A[(k+2)*in+j]))
-				s = float32(s + float32(b3*sl.A[(k+3)*in+j]))
-				out[j] = float32(out[j] + s)
+				for kk := k; kk < k+4; kk++ {
+					out[j] = simd.FMA32(brow[kk], sl.A[kk*in+j], out[j])
+				}
 			}
 		}
 		for ; k < len(brow); k++ {
@@ -35,7 +36,7 @@ func deltaRowsRef(sl *SideLayer, dst []float32, r0, r1 int) {
 				continue
 			}
 			for j := range out {
-				out[j] = float32(out[j] + float32(brow[k]*sl.A[k*in+j]))
+				out[j] = simd.FMA32(brow[k], sl.A[k*in+j], out[j])
 			}
 		}
 		if sl.Dense != nil {
@@ -91,7 +92,7 @@ func randSide(r *rand.Rand, out, in, rank int, dense bool) *SideLayer {
 }
 
 func TestDeltaRowsPaths(t *testing.T) {
-	shapes := []struct{ out, in int }{{1, 1}, {5, 7}, {9, 64}, {13, 65}, {6, 100}, {17, 333}, {40, 1000}, {3, 3072}}
+	shapes := []struct{ out, in int }{{1, 1}, {5, 7}, {9, 64}, {13, 65}, {6, 100}, {17, 333}, {40, 1000}, {3, 3072}, {30, 1024}}
 	ranks := []int{1, 3, 4, 16, 17, 64, 200}
 	forEachPath(t, func(t *testing.T, p simd.Path) {
 		r := rand.New(rand.NewPCG(19, uint64(p)))
@@ -114,6 +115,17 @@ func TestDeltaRowsPaths(t *testing.T) {
 							t.Fatalf("%s [%d %d] rank %d dense %v rows %v: element %d = %g (%#x), scalar order gives %g (%#x)",
 								p, sh.out, sh.in, rank, dense, rr, i, got[i], math.Float32bits(got[i]), want[i], math.Float32bits(want[i]))
 						}
+						// SetDeltaRows writes over whatever dst holds: the
+						// bits of a cleared dst plus DeltaRows.
+						for i := range got {
+							got[i], want[i] = float32(math.NaN()), 0
+						}
+						sl.SetDeltaRows(got, rr[0], rr[1])
+						deltaRowsRef(sl, want, rr[0], rr[1])
+						if i := firstDiff(got, want); i >= 0 {
+							t.Fatalf("%s [%d %d] rank %d dense %v rows %v: SetDeltaRows element %d = %g (%#x), scalar order gives %g (%#x)",
+								p, sh.out, sh.in, rank, dense, rr, i, got[i], math.Float32bits(got[i]), want[i], math.Float32bits(want[i]))
+						}
 					}
 				}
 			}
@@ -122,17 +134,28 @@ func TestDeltaRowsPaths(t *testing.T) {
 }
 
 // TestDeltaRowsChunks: ranks beyond one L1 chunk of groups go through the
-// kernels in several calls; the result is still the scalar order's.
+// kernels in several calls (each packing its own A rows); the result is
+// still the scalar order's.
 func TestDeltaRowsChunks(t *testing.T) {
 	rank := 4*groupsPerChunk(64)*2 + 3
 	forEachPath(t, func(t *testing.T, p simd.Path) {
 		r := rand.New(rand.NewPCG(7, 7))
-		sl := randSide(r, 5, 200, rank, false)
-		got, want := make([]float32, 5*200), make([]float32, 5*200)
-		sl.DeltaRows(got, 0, 5)
-		deltaRowsRef(sl, want, 0, 5)
+		// 21 rows: runs of 9 rows share a pattern, long enough for the
+		// packed A strips (packMinRows).
+		sl := randSide(r, 21, 200, rank, false)
+		got, want := make([]float32, 21*200), make([]float32, 21*200)
+		sl.DeltaRows(got, 0, 21)
+		deltaRowsRef(sl, want, 0, 21)
 		if i := firstDiff(got, want); i >= 0 {
 			t.Fatalf("rank %d: element %d = %g, want %g", rank, i, got[i], want[i])
+		}
+		for i := range got {
+			got[i], want[i] = -1, 0
+		}
+		sl.SetDeltaRows(got, 0, 21)
+		deltaRowsRef(sl, want, 0, 21)
+		if i := firstDiff(got, want); i >= 0 {
+			t.Fatalf("rank %d: SetDeltaRows element %d = %g, want %g", rank, i, got[i], want[i])
 		}
 	})
 }

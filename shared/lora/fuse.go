@@ -366,8 +366,7 @@ func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int, bufs *[][]f
 				b0, b1 := e0/q.Blocksize, (e1+q.Blocksize-1)/q.Blocksize
 				packed, absmax := q.Packed[e0/2:(e1+1)/2], q.Absmax[b0:b1]
 				codec.Dequantize(orig[:m], packed, absmax, q.Blocksize)
-				clear(delta[:m])
-				sl.DeltaRows(delta[:m], r0, r1)
+				sl.SetDeltaRows(delta[:m], r0, r1)
 				addTile(w[:m], orig[:m], delta[:m])
 				if i := firstNonFinite(w[:m]); i >= 0 {
 					e := fmt.Errorf("%w: merged weight at row %d, column %d is %v (delta %v): lower the strength or check the LoRA's values",

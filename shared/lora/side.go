@@ -390,17 +390,30 @@ func (p *Plan) Layer(name string) *SideLayer { return p.byName[name] }
 // DeltaRows adds the layer's full delta rows [r0, r1) (factors, dense, all
 // strengths applied) into dst [(r1−r0) × In] in float32 — the fused pass's
 // per-tile delta, never a full-layer temporary. Per element the factor
-// product sums four ranks at a time, ((b0·a0 + b1·a1) + b2·a2) + b3·a3,
-// adds that to the element, skips a group whose four b are zero, then
-// adds the ranks past the last group one by one; every step is rounded to
-// float32 on its own (no FMA). The CUDA kernel and its emulator reproduce
-// this order, and so does every simd path (addFactors): the vector
-// kernels change the speed, never a bit.
-func (sl *SideLayer) DeltaRows(dst []float32, r0, r1 int) {
+// product is one chain of float32 fused multiply-adds into the element,
+// d = fma(b_k, a_k, d), rank after rank, each rounded once; it skips a
+// group of four ranks whose four b are zero and, past the last whole
+// group, a rank whose b is zero. The CUDA kernel (__fmaf_rn) and its
+// emulator reproduce this order, and so does every simd path (addFactors:
+// VFMADD231PS, or simd.FMA32 in portable Go): the vector kernels change
+// the speed, never a bit. The dense delta is added after, on its own.
+func (sl *SideLayer) DeltaRows(dst []float32, r0, r1 int) { sl.deltaRows(dst, r0, r1, false) }
+
+// SetDeltaRows is DeltaRows writing dst rather than adding into it: the
+// bits of clearing dst and calling DeltaRows, without the pass that clears
+// it (the kernels start their accumulators at +0). The fused pass uses it.
+func (sl *SideLayer) SetDeltaRows(dst []float32, r0, r1 int) { sl.deltaRows(dst, r0, r1, true) }
+
+func (sl *SideLayer) deltaRows(dst []float32, r0, r1 int, set bool) {
 	in := sl.In
 	rows := r1 - r0
-	if sl.Rank > 0 && rows > 0 {
-		addFactors(dst[:rows*in], sl.B[r0*sl.Rank:r1*sl.Rank], sl.Rank, sl.A[:sl.Rank*in], in, rows)
+	if rows <= 0 {
+		return
+	}
+	if sl.Rank > 0 {
+		addFactors(dst[:rows*in], sl.B[r0*sl.Rank:r1*sl.Rank], sl.Rank, sl.A[:sl.Rank*in], in, rows, set)
+	} else if set {
+		clear(dst[:rows*in])
 	}
 	if sl.Dense != nil {
 		for r := r0; r < r1; r++ {

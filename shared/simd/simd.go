@@ -7,8 +7,12 @@
 // portable Go code. ARENAHOST_SIMD=off|generic|avx2|avx512 forces one;
 // asking for a path the CPU lacks logs a warning and uses the best one it
 // has below it. Every path gives the same bits: the kernels keep the
-// scalar code's summation order and use no FMA, so the choice changes
-// speed only.
+// scalar code's order of every sum and product, so the choice changes
+// speed only. The NF4 codec uses no FMA (each product and sum rounded on
+// its own, as bitsandbytes rounds them); the LoRA delta product is a chain
+// of fused multiply-adds, one rounding per rank, which the vector kernels
+// run with their FMA instructions and the portable code with FMA32, an
+// exact float32 FMA.
 package simd
 
 import (

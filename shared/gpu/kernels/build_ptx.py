@@ -8,8 +8,9 @@ The PyPI nvcc wheel ships no nvcc driver, so the CUDA C++ source goes
 through NVRTC (nvidia-cuda-nvrtc-cu12), loaded with ctypes: no GPU, no
 driver and no CUDA toolkit needed. Options: compute_80 (JIT-compiled by any
 newer driver), -fmad=false (the kernels round every product and sum as the
-CPU codec does), no fast math. The PTX ISA stamp is lowered to 7.0 so
-drivers since CUDA 11.0 JIT it (see PTX_ISA).
+CPU codec does; the LoRA delta's fused multiply-adds are explicit
+__fmaf_rn, which -fmad=false keeps), no fast math. The PTX ISA stamp is
+lowered to 7.0 so drivers since CUDA 11.0 JIT it (see PTX_ISA).
 """
 import ctypes
 import hashlib

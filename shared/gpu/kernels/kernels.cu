@@ -19,7 +19,10 @@
 //     PEFT's merge, and shared/nf4.RoundTo) before the delta is added;
 //   - nested absmax: fp32(fp32(map[q] * nabs[b / 256]) + offset), no FMA;
 //   - every product and sum that the CPU rounds separately uses __fmul_rn /
-//     __fadd_rn so no FMA contraction changes a bit.
+//     __fadd_rn so no FMA contraction changes a bit (build_ptx.py also
+//     passes -fmad=false); the one fused operation is the LoRA delta
+//     product's, written out as __fmaf_rn (fuse_delta, fuse2d) as the CPU's
+//     order has it (shared/lora DeltaRows: VFMADD231PS, simd.FMA32).
 
 // NF4_EMULATE: compiled as host C++ by the CPU emulator (emu/), which
 // supplies the CUDA builtins; see emu/emu.h.
@@ -187,8 +190,10 @@ __device__ __forceinline__ void fuse_flag(u64 flags_, u32 bad) {
 }
 
 // fuse_delta: one element's delta, (B·A)[r, c] for the B row brow, in the
-// CPU's order (shared/lora DeltaRows): four ranks summed left to right,
-// then added; each step rounded (no FMA).
+// CPU's order (shared/lora DeltaRows): one chain of fused multiply-adds
+// (__fmaf_rn, one rounding each), rank after rank, skipping a group of four
+// ranks whose b are all zero and, past the last group, a rank whose b is
+// zero.
 __device__ __forceinline__ float fuse_delta(const float* brow, const float* __restrict__ A, i64 rank, i64 in_dim, i64 c) {
     float d = 0.0f;
     i64 k = 0;
@@ -196,14 +201,14 @@ __device__ __forceinline__ float fuse_delta(const float* brow, const float* __re
         float b0 = brow[k], b1 = brow[k + 1], b2 = brow[k + 2], b3 = brow[k + 3];
         if (b0 == 0.0f && b1 == 0.0f && b2 == 0.0f && b3 == 0.0f) continue;
         const float* a = A + k * in_dim + c;
-        float s = __fadd_rn(__fmul_rn(b0, __ldg(a)), __fmul_rn(b1, __ldg(a + in_dim)));
-        s = __fadd_rn(s, __fmul_rn(b2, __ldg(a + 2 * in_dim)));
-        s = __fadd_rn(s, __fmul_rn(b3, __ldg(a + 3 * in_dim)));
-        d = __fadd_rn(d, s);
+        d = __fmaf_rn(b0, __ldg(a), d);
+        d = __fmaf_rn(b1, __ldg(a + in_dim), d);
+        d = __fmaf_rn(b2, __ldg(a + 2 * in_dim), d);
+        d = __fmaf_rn(b3, __ldg(a + 3 * in_dim), d);
     }
     for (; k < rank; k++) {
         float bv = brow[k];
-        if (bv != 0.0f) d = __fadd_rn(d, __fmul_rn(bv, __ldg(A + k * in_dim + c)));
+        if (bv != 0.0f) d = __fmaf_rn(bv, __ldg(A + k * in_dim + c), d);
     }
     return d;
 }
@@ -448,8 +453,9 @@ extern "C" __global__ void nf4_fuse_stats(u64 packed_, u64 absmax_, i64 out_dim,
 // thread, blockDim.x must be 256) over rank chunks of FUSE_RC: each chunk
 // stages A_cat[k0.., c0..] and B_cat[r0.., k0..] in shared memory, so each
 // A value is read from global memory once per tile instead of once per
-// element. The sum order (groups of four ranks, each group rounded, then
-// added) is shared/lora DeltaRows', so results equal the CPU's bit for bit.
+// element. The order (one chain of __fmaf_rn per element, rank after rank,
+// all-zero groups of four and zero single ranks skipped) is shared/lora
+// DeltaRows', so results equal the CPU's bit for bit.
 // As in nf4_fuse, the dequantized base is rounded to dtype before the add.
 // nf4_fuse2d_stats (STATS, see fuse_stat) also measures, in the
 // re-quantizing warps, which hold each element's base, delta and new
@@ -547,10 +553,10 @@ __device__ __forceinline__ void fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i6
                 for (int i = 0; i < FUSE_PER_THREAD; i++) {
                     const vec4 b = ld4(bsm + (lr0 + i * rstep) * FUSE_RC + kk);
                     if (b.x == 0.0f && b.y == 0.0f && b.z == 0.0f && b.w == 0.0f) continue;
-                    float s = __fadd_rn(__fmul_rn(b.x, a0), __fmul_rn(b.y, a1));
-                    s = __fadd_rn(s, __fmul_rn(b.z, a2));
-                    s = __fadd_rn(s, __fmul_rn(b.w, a3));
-                    d[i] = __fadd_rn(d[i], s);
+                    float s = __fmaf_rn(b.x, a0, d[i]);
+                    s = __fmaf_rn(b.y, a1, s);
+                    s = __fmaf_rn(b.z, a2, s);
+                    d[i] = __fmaf_rn(b.w, a3, s);
                 }
             }
             for (; kk < kn; kk++) {
@@ -558,7 +564,7 @@ __device__ __forceinline__ void fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i6
 #pragma unroll
                 for (int i = 0; i < FUSE_PER_THREAD; i++) {
                     const float bv = bsm[(lr0 + i * rstep) * FUSE_RC + kk];
-                    if (bv != 0.0f) d[i] = __fadd_rn(d[i], __fmul_rn(bv, a));
+                    if (bv != 0.0f) d[i] = __fmaf_rn(bv, a, d[i]);
                 }
             }
         }

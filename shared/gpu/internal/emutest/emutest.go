@@ -61,7 +61,8 @@ func Emulator(t testing.TB) string {
 
 // flags are the emulator's compiler flags: no FMA contraction, so the
 // host compiler rounds every product and sum as the kernels' __fmul_rn and
-// __fadd_rn do.
+// __fadd_rn do (the kernels' one fused operation, the LoRA delta's
+// __fmaf_rn, is emu.h's exact float32 FMA).
 var flags = []string{"-std=c++20", "-O1", "-pthread", "-ffp-contract=off"}
 
 // build compiles kernels/emu/main.cc (which includes kernels.cu), or reuses

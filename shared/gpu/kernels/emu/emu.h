@@ -7,7 +7,8 @@
 // function statics. A thread runs as far as it can before the next one
 // starts, so a missing barrier reads stale shared memory every time rather
 // than sometimes. Float math is IEEE with no contraction (-ffp-contract=off),
-// as the kernels' __fmul_rn/__fadd_rn ask. emu_run.h runs a launch.
+// as the kernels' __fmul_rn/__fadd_rn ask; __fmaf_rn (the LoRA delta) is an
+// exact float32 FMA. emu_run.h runs a launch.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -82,6 +83,30 @@ inline void __syncwarp(unsigned = 0xffffffffu) { emu_arrive_and_wait(emu_warp_ba
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __frcp_rn(float a) { return 1.0f / a; }
+// __fmaf_rn: a*b + c rounded once to float32, exactly as the GPU's
+// fma.rn.f32 (and shared/simd.FMA32, the same algorithm): the product is
+// exact in double; the double sum s rounds to float32 twice wrongly only
+// when it is a float32 midpoint (low 28 bits zero), and then the sum is
+// rounded to odd instead (TwoSum's error e says on which side the exact
+// value lies), which a second rounding to float32 keeps correct. No libm
+// fmaf: its exactness would depend on the C library.
+inline float __fmaf_rn(float a, float b, float c) {
+    double p = (double)a * (double)b, z = (double)c;
+    double s = p + z;
+    uint64_t u;
+    std::memcpy(&u, &s, 8);
+    if ((u & ((1ull << 28) - 1)) == 0) {
+        double bv = s - p;
+        double e = (p - (s - bv)) + (z - bv);
+        if (e != 0.0 && e == e) {
+            uint64_t ue;
+            std::memcpy(&ue, &e, 8);
+            u = u + 1 - (((ue ^ u) >> 63) << 1);
+            std::memcpy(&s, &u, 8);
+        }
+    }
+    return (float)s;
+}
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
 template <class T> inline T __ldg(const T* p) { return *p; }
