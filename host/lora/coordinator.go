@@ -113,8 +113,11 @@ type State struct {
 	JournalBytes uint64 `json:"journal_bytes,omitempty"`
 	// JournalFileBytes is what the fuse journal references in the model's
 	// safetensors file instead of copying (checked by CRC-32C on restore).
-	JournalFileBytes uint64        `json:"journal_file_bytes,omitempty"`
-	Report           *slora.Report `json:"report,omitempty"`
+	JournalFileBytes uint64 `json:"journal_file_bytes,omitempty"`
+	// JournalMemoryBytes is what of JournalFileBytes the journal also
+	// keeps in host memory, so that a restore reads no file (not arena).
+	JournalMemoryBytes uint64        `json:"journal_memory_bytes,omitempty"`
+	Report             *slora.Report `json:"report,omitempty"`
 }
 
 // Result is the outcome of an apply or remove.
@@ -133,6 +136,11 @@ type Result struct {
 type Coordinator struct {
 	// Plugin is the plugin to call (PluginName by default).
 	Plugin string
+	// JournalMemory bounds the host memory the fuse journals keep copies
+	// of original bytes in, so that a restore need not read the model file
+	// (journalmem.go): JournalMemoryAuto (New's default), 0 for none, or
+	// a byte budget. Set it before the first apply.
+	JournalMemory int64
 
 	reg      *registry.Registry
 	bindings *registry.Bindings
@@ -142,6 +150,9 @@ type Coordinator struct {
 
 	mu     sync.Mutex
 	models map[string]*modelState
+
+	memMu   sync.Mutex
+	memHeld int64 // bytes of the journals' in-memory copies
 }
 
 type modelState struct {
@@ -157,7 +168,7 @@ func New(reg *registry.Registry, b *registry.Bindings, mem Memory, plugins Plugi
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Coordinator{Plugin: PluginName, reg: reg, bindings: b, mem: mem, plugins: plugins, log: log, models: map[string]*modelState{}}
+	return &Coordinator{Plugin: PluginName, JournalMemory: JournalMemoryAuto, reg: reg, bindings: b, mem: mem, plugins: plugins, log: log, models: map[string]*modelState{}}
 }
 
 // DefaultModel is the model an empty name means.
@@ -585,11 +596,11 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 	}
 	fusedList := slices.Clone(out.Fused)
 	sort.Strings(fusedList)
-	inArena, inFile := journalBytes(ms)
+	inArena, inFile, inMemory := journalBytes(ms)
 	ms.state = State{Model: req.Model, Mode: ModeFuse, LoRAs: slices.Clone(req.LoRAs), Strict: req.Strict, Fused: fusedList,
-		JournalBytes: inArena, JournalFileBytes: inFile, Report: out.Report}
+		JournalBytes: inArena, JournalFileBytes: inFile, JournalMemoryBytes: inMemory, Report: out.Report}
 	c.log.Info("lora fuse journal", "model", req.Model, "weights", len(ms.journal),
-		"arena", arena.ByteSize(inArena), "referenced_in_file", arena.ByteSize(inFile))
+		"arena", arena.ByteSize(inArena), "referenced_in_file", arena.ByteSize(inFile), "copied_in_host_memory", arena.ByteSize(inMemory))
 	return nil
 }
 

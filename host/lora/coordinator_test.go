@@ -415,7 +415,9 @@ func TestConcurrentAppliesSerialized(t *testing.T) {
 }
 
 // TestPluginKilledMidFuseRollsBack kills the plugin mid-pass, with the
-// journal referencing the model file and with it in the arena (the model's
+// journal referencing the model file (with the originals also copied in
+// host memory: "file"; with none: "file-only"; with a budget that copies
+// some weights only: "file-partial") and with it in the arena (the model's
 // source detached), on a fused model (snapshots roll back) and a clean one.
 func TestPluginKilledMidFuseRollsBack(t *testing.T) {
 	for _, c := range []struct {
@@ -423,8 +425,10 @@ func TestPluginKilledMidFuseRollsBack(t *testing.T) {
 		over          bool
 	}{
 		{server.BackendCPU, "file", false}, {server.BackendCPU, "file", true},
+		{server.BackendCPU, "file-only", false}, {server.BackendCPU, "file-only", true},
+		{server.BackendCPU, "file-partial", true},
 		{server.BackendCPU, "arena", false}, {server.BackendCPU, "arena", true},
-		{server.BackendCUDASim, "file", true}, {server.BackendCUDASim, "arena", false},
+		{server.BackendCUDASim, "file", true}, {server.BackendCUDASim, "file-only", true}, {server.BackendCUDASim, "arena", false},
 	} {
 		t.Run(fmt.Sprintf("%s, %s journal, over a fuse %v", c.backend, c.kind, c.over), func(t *testing.T) { testPluginKilledMidFuse(t, c.backend, c.kind, c.over) })
 	}
@@ -434,10 +438,15 @@ func testPluginKilledMidFuse(t *testing.T, backend, kind string, over bool) {
 	t.Setenv("LORA_NF4_LAYER_DELAY", "40ms")
 	s := newHostOn(t, backend)
 	_, _, dir := fixtures(t)
-	if kind == "arena" {
+	switch kind {
+	case "arena":
 		if err := s.Registry.DetachSource(server.DefaultModelName); err != nil {
 			t.Fatal(err)
 		}
+	case "file-only":
+		s.LoRAs.JournalMemory = 0
+	case "file-partial":
+		s.LoRAs.JournalMemory = 300 << 10 // a few of the sample's weights
 	}
 	var inArena uint64
 	if over {
@@ -445,8 +454,14 @@ func testPluginKilledMidFuse(t *testing.T, backend, kind string, over bool) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if (kind == "file") != (res.JournalBytes == 0 && res.JournalFileBytes > 0) {
+		if (kind == "arena") != (res.JournalBytes > 0 || res.JournalFileBytes == 0) {
 			t.Fatalf("%s journal: %d bytes in the arena, %d in the file", kind, res.JournalBytes, res.JournalFileBytes)
+		}
+		switch mem := res.JournalMemoryBytes; {
+		case kind == "file" && mem != res.JournalFileBytes,
+			kind == "file-partial" && (mem == 0 || mem >= res.JournalFileBytes || mem > 300<<10),
+			(kind == "file-only" || kind == "arena") && mem != 0:
+			t.Fatalf("%s journal: %d of %d referenced bytes copied in memory", kind, mem, res.JournalFileBytes)
 		}
 		inArena = res.JournalBytes
 	}
@@ -466,6 +481,9 @@ func testPluginKilledMidFuse(t *testing.T, backend, kind string, over bool) {
 	}
 	if a := s.Arena.Stats().Allocated; a != level {
 		t.Errorf("arena at %d after the kill, %d before", a, level)
+	}
+	if n := s.LoRAs.MemoryHeld(); !over && n != 0 {
+		t.Errorf("%d bytes of in-memory copies held after a failed first fuse", n)
 	}
 	_ = registry.ErrNotFound
 }

@@ -57,6 +57,10 @@ type sourceRef struct {
 type journalEntry struct {
 	saved []arena.Region // arena copies, in journaled order; nil when referenced
 	refs  []sourceRef    // the same tensors in the file; nil for arena copies
+	// mem, beside refs when the budget allowed, holds the same tensors'
+	// original bytes in host memory: a restore writes them instead of
+	// reading the file (journalmem.go).
+	mem [][]byte
 }
 
 // journaled lists the tensors of qw the fused pass rewrites, in the order
@@ -104,9 +108,10 @@ func (c *Coordinator) journal(m *registry.Model, w string) (journalEntry, error)
 	if err != nil {
 		return journalEntry{}, err
 	}
-	refs, err := c.reference(m, journaled(qw))
+	ts := journaled(qw)
+	refs, err := c.reference(m, ts)
 	if err == nil {
-		return journalEntry{refs: refs}, nil
+		return journalEntry{refs: refs, mem: c.copyOriginals(m, w, ts)}, nil
 	}
 	if !errors.Is(err, errNoSource) {
 		c.log.Warn("lora journal: original bytes copied into the arena instead of referenced in the model file", "model", m.Name, "weight", w, "err", err)
@@ -162,8 +167,8 @@ func sourceCRC(m *registry.Model, ref registry.SourceRef) (uint32, error) {
 // verify checks that the source file still holds the bytes e references:
 // at once when the file is unchanged since the load, else by reading them.
 func verify(m *registry.Model, w string, e journalEntry) error {
-	if m.SourceUnchanged() {
-		return nil
+	if m.SourceUnchanged() || (e.mem != nil && len(e.mem) == len(e.refs)) {
+		return nil // an in-memory copy does not depend on the file
 	}
 	for _, r := range e.refs {
 		got, err := sourceCRC(m, r.SourceRef)
@@ -236,6 +241,17 @@ func (c *Coordinator) putBackChecked(m *registry.Model, w string, e journalEntry
 			if uint64(e.refs[i].Length) != t.NBytes {
 				return fmt.Errorf("weight %s: tensor %s: %d journaled bytes for %d", w, t.Name, e.refs[i].Length, t.NBytes)
 			}
+		}
+		if len(e.mem) == len(ts) {
+			// The in-memory copy, checked against the load's CRC when taken,
+			// holds exactly the bytes the references name, and is not the
+			// file: a changed file does not matter to it.
+			for i, t := range ts {
+				if err := c.writeMem(t.Region, e.mem[i]); err != nil {
+					return fmt.Errorf("weight %s: put back tensor %s from its in-memory copy: %w", w, t.Name, err)
+				}
+			}
+			return nil
 		}
 		if !verified {
 			if err := verify(m, w, e); err != nil {
@@ -317,16 +333,21 @@ func (c *Coordinator) freeEntry(e journalEntry) {
 	for _, r := range e.saved {
 		_ = c.mem.Free(r)
 	}
+	if n := e.memBytes(); n > 0 {
+		c.releaseMem(int64(n))
+	}
 }
 
-// journalBytes returns what the model's journal holds in the arena and
-// what it references in the model's file.
-func journalBytes(ms *modelState) (inArena, inFile uint64) {
+// journalBytes returns what the model's journal holds in the arena, what
+// it references in the model's file, and what of that it keeps a copy of
+// in host memory.
+func journalBytes(ms *modelState) (inArena, inFile, inMemory uint64) {
 	for _, e := range ms.journal {
 		inArena += e.arenaBytes()
 		inFile += e.fileBytes()
+		inMemory += e.memBytes()
 	}
-	return inArena, inFile
+	return inArena, inFile, inMemory
 }
 
 // restoreAll puts every journaled weight back under the model's write

@@ -1,0 +1,193 @@
+package lora
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"hash/crc32"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/host/registry"
+)
+
+// The fuse journal's file references are its record: they name the bytes
+// a restore writes back, checked by CRC-32C, and they hold no memory. A
+// restore from them reads the model file again (through the page cache),
+// which on a large model is most of a fused re-apply. So, when memory
+// allows, the journal also keeps a copy of each referenced tensor's
+// original bytes in the host's own memory (never in the arena), and
+// restores from that copy: one memory copy per tensor, in parallel pieces
+// on a CPU arena, one upload on a device arena.
+//
+// The copy is taken when the weight is first journaled, from the arena
+// (which then still holds the loaded bytes, as reference() relies on), and
+// its CRC-32C is checked against the load's before it is kept: a copy that
+// differs is dropped and the file reference stays the only record. The
+// copy lives as long as the entry (remove, a reload, a rollback free it
+// with the entry), so a fused re-apply restores from it again and again.
+// Nothing about crash recovery changes: the plugin never sees the copy,
+// and a rollback after a plugin killed mid-pass writes the same original
+// bytes from it that the file reference names.
+//
+// JournalMemory bounds it: JournalMemoryAuto (the default) keeps a copy
+// while the copies would stay within half of the memory the kernel reports
+// available (MemAvailable) at that moment; 0 keeps none (restores read the
+// file, as without this); a positive value is a byte budget over all
+// models. A weight whose copy would pass the bound is restored from the
+// file alone, so the journal still takes 0 bytes of arena and at most the
+// budget of host memory.
+
+// JournalMemoryAuto is the default JournalMemory (see above).
+const JournalMemoryAuto int64 = -1
+
+// memAvailable reads MemAvailable from /proc/meminfo (0 when unknown).
+func memAvailable() int64 {
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "MemAvailable:"); ok {
+			fs := strings.Fields(v)
+			if len(fs) > 0 {
+				n, _ := strconv.ParseInt(fs[0], 10, 64)
+				return n << 10
+			}
+		}
+	}
+	return 0
+}
+
+// reserveMem takes n bytes of the journal's memory budget; false when the
+// copy would pass it.
+func (c *Coordinator) reserveMem(n int64) bool {
+	c.memMu.Lock()
+	defer c.memMu.Unlock()
+	switch budget := c.JournalMemory; {
+	case budget == 0:
+		return false
+	case budget > 0:
+		if c.memHeld+n > budget {
+			return false
+		}
+	default:
+		if n > memAvailable()/2 {
+			return false
+		}
+	}
+	c.memHeld += n
+	return true
+}
+
+func (c *Coordinator) releaseMem(n int64) {
+	c.memMu.Lock()
+	c.memHeld -= n
+	c.memMu.Unlock()
+}
+
+// MemoryHeld is what the fuse journals' copies hold in host memory now.
+func (c *Coordinator) MemoryHeld() int64 {
+	c.memMu.Lock()
+	defer c.memMu.Unlock()
+	return c.memHeld
+}
+
+// memBytes is what the entry holds in host memory.
+func (e journalEntry) memBytes() uint64 {
+	var n uint64
+	for _, b := range e.mem {
+		n += uint64(len(b))
+	}
+	return n
+}
+
+// copyOriginals returns host-memory copies of ts's bytes as the arena
+// holds them now, each checked against the load's CRC-32C, or nil when the
+// budget has no room or a check fails (the file reference is then the only
+// record; the reason is logged).
+func (c *Coordinator) copyOriginals(m *registry.Model, w string, ts []*registry.Tensor) [][]byte {
+	var n int64
+	for _, t := range ts {
+		n += int64(t.NBytes)
+	}
+	if n == 0 || !c.reserveMem(n) {
+		return nil
+	}
+	out := make([][]byte, len(ts))
+	for i, t := range ts {
+		buf := make([]byte, t.NBytes)
+		crc, err := c.readCRC(t.Region, buf)
+		if err == nil && crc != t.LoadCRC() {
+			err = fmt.Errorf("tensor %s: CRC-32C %08x in the arena, %08x when loaded", t.Name, crc, t.LoadCRC())
+		}
+		if err != nil {
+			c.releaseMem(n)
+			c.log.Warn("lora journal: no in-memory copy; a restore reads the model file", "model", m.Name, "weight", w, "err", err)
+			return nil
+		}
+		out[i] = buf
+	}
+	return out
+}
+
+// onHost says whether r lies in host-mapped memory (the cpu backend),
+// where reads and writes are plain memory copies that parallel pieces
+// speed up; a device arena moves bytes through its staging buffer, one
+// piece at a time.
+func (c *Coordinator) onHost(r arena.Region) bool {
+	loc, err := c.mem.Location(r)
+	return err == nil && loc.Kind == arena.KindCPU
+}
+
+// readCRC reads r into p and returns p's CRC-32C.
+func (c *Coordinator) readCRC(r arena.Region, p []byte) (uint32, error) {
+	read := func(q []byte, off int64) error { return c.mem.Read(r, uint64(off), q) }
+	if c.onHost(r) {
+		return registry.ReadCRC(0, p, 0, read)
+	}
+	if err := read(p, 0); err != nil {
+		return 0, err
+	}
+	return crc32.Checksum(p, castagnoli), nil
+}
+
+// writeMem writes p over the whole of r: in parallel pieces on a CPU
+// arena. A restore is never cancelled half way, so it runs without the
+// caller's context.
+func (c *Coordinator) writeMem(r arena.Region, p []byte) error {
+	if uint64(len(p)) != r.Length {
+		return fmt.Errorf("%d bytes kept for a region of %d", len(p), r.Length)
+	}
+	k := 1
+	if c.onHost(r) {
+		k = min(runtime.GOMAXPROCS(0), len(p)/(1<<20))
+	}
+	if k < 2 {
+		return c.mem.Write(context.Background(), r, 0, p)
+	}
+	size := (len(p) + k - 1) / k
+	errs := make([]error, k)
+	var wg sync.WaitGroup
+	for i := range k {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			lo, hi := i*size, min((i+1)*size, len(p))
+			errs[i] = c.mem.Write(context.Background(), r, uint64(lo), p[lo:hi])
+		}()
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
