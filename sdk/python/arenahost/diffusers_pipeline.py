@@ -21,7 +21,21 @@ Kind ``pipeline``, method ``run`` (msgpack params; all optional):
                 transformer's weights always come from the arena model
 ``job_id``      id the latents are published under (default: the call id)
 ``keep``        step latents kept allocated at once (default 2)
+``cache_weights``  keep each layer's dequantized fp32 weight between steps
+                (default true: fastest; false dequantizes in every forward,
+                bitsandbytes' memory profile, needed to fit a Flux-dev-size
+                model in a small card)
+``stand_in_tokens``  tokens of the stand-in prompt embeddings when the
+                pipeline has no text encoders, 1..512 (default 32; 512 is
+                T5-XXL's length in FLUX.1-dev)
 ==============  ===========================================================
+
+``ARENAHOST_TORCH_MEMORY_CAP`` (a size, from the host's environment) caps the
+device memory this process's torch allocator may hold
+(:func:`arenahost.device.apply_torch_memory_cap`, applied before the first
+pipeline is built); the result's ``peak_torch_bytes`` is the allocator's peak
+(``torch.cuda.max_memory_reserved``) during the run, 0 on the CPU, and
+``memory_cap`` says what the cap did.
 
 The pipeline runs on the host's torch device (``ARENAHOST_TORCH_DEVICE``, see
 :mod:`arenahost.device`): ``cuda:N`` when the host's arena is on device N.
@@ -61,7 +75,7 @@ import time
 import grpc
 import numpy as np
 
-from arenahost.device import torch_device
+from arenahost.device import apply_torch_memory_cap, torch_device
 from arenahost.server import InvalidArgument, Plugin, PluginError, Result, get_arg
 
 __all__ = ["plugin", "run", "NAME", "VERSION", "ENV_MODEL_DIR"]
@@ -75,7 +89,8 @@ class _State:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.pipes: dict[str, object] = {}
-        self.patched: dict[tuple[str, str], object] = {}  # (model_dir, model) -> PatchReport
+        self.patched: dict[tuple[str, str, bool], object] = {}  # (model_dir, model, cache_weights) -> PatchReport
+        self.memory_cap: str | None = None  # what apply_torch_memory_cap did, once
 
 
 _STATE = _State()
@@ -104,7 +119,11 @@ def _parse(args, call_id: str) -> dict:
         job_id=get_arg(args, "job_id", str, "") or call_id,
         keep=get_arg(args, "keep", int, 2),
         max_sequence_length=get_arg(args, "max_sequence_length", int, 512),
+        cache_weights=get_arg(args, "cache_weights", bool, True),
+        stand_in_tokens=get_arg(args, "stand_in_tokens", int, 32),
     )
+    if not 1 <= p["stand_in_tokens"] <= 512:
+        raise InvalidArgument(f"args.stand_in_tokens: {p['stand_in_tokens']} must be in 1..512")
     if not 1 <= p["max_sequence_length"] <= 512:
         raise InvalidArgument(f"args.max_sequence_length: {p['max_sequence_length']} must be in 1..512")
     if not 1 <= p["steps"] <= 200:
@@ -126,7 +145,10 @@ def _pipeline(st: _State, host, p: dict):
 
     def build():
         # On the host's device (ARENAHOST_TORCH_DEVICE: cuda:N on the cuda
-        # backend): patched layers follow the pipeline's device.
+        # backend): patched layers follow the pipeline's device. The memory
+        # cap goes on before anything is allocated there.
+        if st.memory_cap is None:
+            st.memory_cap = apply_torch_memory_cap()
         try:
             pipe = build_small_pipeline(p["model_dir"] or None)
         except (ValueError, OSError, KeyError) as e:  # a bad folder is the caller's mistake: say which and why
@@ -137,14 +159,14 @@ def _pipeline(st: _State, host, p: dict):
         pipe = st.pipes.get(p["model_dir"])
         if pipe is None:
             pipe = st.pipes[p["model_dir"]] = build()
-        key = (p["model_dir"], p["model"])
+        key = (p["model_dir"], p["model"], p["cache_weights"])
         report = st.patched.get(key)
         if report is None:
             if st.patched:
                 # One transformer per pipeline: a second model needs a fresh pipeline.
                 pipe = st.pipes[p["model_dir"]] = build()
                 st.patched.clear()
-            report = patch_pipeline(pipe, host, model=p["model"])
+            report = patch_pipeline(pipe, host, model=p["model"], cache_weight=p["cache_weights"])
             if getattr(pipe, "_arenahost_empty_transformer", False):
                 # The folder's transformer was built without weights: every parameter must come from the arena.
                 unset = [n for n, _ in pipe.transformer.named_parameters() if n not in report.copied]
@@ -166,7 +188,11 @@ def run(host, p: dict, *, cancelled=lambda: False, state: _State | None = None) 
 
     st = state if state is not None else _STATE
     pipe, report = _pipeline(st, host, p)
-    pe, pooled, conditioning, cond_note = encode_prompt(pipe, p["prompt"], max_sequence_length=p["max_sequence_length"])
+    pe, pooled, conditioning, cond_note = encode_prompt(pipe, p["prompt"], max_sequence_length=p["max_sequence_length"],
+                                                        stand_in_tokens=p["stand_in_tokens"])
+    on_cuda = pipe.transformer.device.type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(pipe.transformer.device)
     h, w, steps, job = p["height"], p["width"], p["steps"], p["job_id"]
     live: list = []
     step_ms: list[float] = []
@@ -198,6 +224,7 @@ def run(host, p: dict, *, cancelled=lambda: False, state: _State | None = None) 
     finally:
         if live:
             host.free(*live)
+    peak = torch.cuda.max_memory_reserved(pipe.transformer.device) if on_cuda else 0
     pngs = []
     for img in out.images:
         b = io.BytesIO()
@@ -208,6 +235,7 @@ def run(host, p: dict, *, cancelled=lambda: False, state: _State | None = None) 
         "layout": report.layout, "patched": len(report.patched), "left": sorted(report.left), "step_ms": step_ms,
         "note": "" if p["model_dir"] else "small FluxPipeline from configs with random weights except the arena model's transformer",
         "conditioning": conditioning, "conditioning_note": cond_note,
+        "peak_torch_bytes": int(peak), "memory_cap": st.memory_cap or "no cap", "cache_weights": p["cache_weights"],
     })
 
 
