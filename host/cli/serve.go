@@ -66,7 +66,8 @@ func runServe(ctx context.Context, env *Env, args []string) error {
 		DataDir: cfg.DataDir, ModelsDir: cfg.Models(), LoRAsDir: cfg.LoRAs(), PluginsDir: cfg.Plugins(),
 		ArenaCapacity: cfg.ArenaCapacity, ArenaSegment: cfg.ArenaSegment, ShmMode: cfg.Shm, Samples: cfg.Samples,
 		ArenaBackend: cfg.ArenaBackend, ArenaDevice: cfg.ArenaDevice, LoRAJournalMemory: journalMemory(cfg.LoRAJournalMemory),
-		PluginEnv: pluginEnv, Logger: log,
+		LoRAJournalArena: int64(cfg.LoRAJournalArena),
+		PluginEnv:        pluginEnv, Logger: log,
 		LoadProgress: func(label string, total int64, done func() int64) func() {
 			return StartProgress(env.Stderr, label, total, done)
 		},

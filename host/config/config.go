@@ -56,6 +56,8 @@ type Config struct {
 	// LoRAJournalMemory bounds the host memory a fuse journal keeps
 	// original bytes in (host/lora JournalMemory): -1 auto, 0 none.
 	LoRAJournalMemory int64
+	// LoRAJournalArena is the arena budget for the same copies (0: none).
+	LoRAJournalArena uint64
 
 	MaxBody           int64
 	ReadHeaderTimeout time.Duration
@@ -212,6 +214,8 @@ var settings = []setting{
 			c.LoRAJournalMemory = int64(n)
 			return nil
 		}},
+	{name: "lora-journal-arena", def: "0", doc: "arena (device memory on the cuda backend) a fused LoRA's journal may keep the original bytes in instead of host memory: a restore is then a device-to-device copy; it costs as much as the fused weights' packed codes and absmax; 0: none",
+		set: size(func(c *Config) *uint64 { return &c.LoRAJournalArena })},
 	{name: "max-body", def: "1MiB", doc: "largest request body accepted (413 beyond)",
 		set: func(c *Config, v string) error {
 			n, err := ParseSize(v)

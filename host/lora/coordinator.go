@@ -141,6 +141,11 @@ type Coordinator struct {
 	// (journalmem.go): JournalMemoryAuto (New's default), 0 for none, or
 	// a byte budget. Set it before the first apply.
 	JournalMemory int64
+	// JournalArena is a byte budget of arena (device memory on a device
+	// arena) the fuse journals may keep their copies in instead, restored
+	// with a device-to-device copy (journalmem.go); 0, the default, keeps
+	// none there.
+	JournalArena int64
 
 	reg      *registry.Registry
 	bindings *registry.Bindings
@@ -151,8 +156,9 @@ type Coordinator struct {
 	mu     sync.Mutex
 	models map[string]*modelState
 
-	memMu   sync.Mutex
-	memHeld int64 // bytes of the journals' in-memory copies
+	memMu     sync.Mutex
+	memHeld   int64 // bytes of the journals' in-memory copies
+	arenaHeld int64 // bytes of the journals' arena copies of referenced weights
 }
 
 type modelState struct {

@@ -426,9 +426,10 @@ func TestPluginKilledMidFuseRollsBack(t *testing.T) {
 	}{
 		{server.BackendCPU, "file", false}, {server.BackendCPU, "file", true},
 		{server.BackendCPU, "file-only", false}, {server.BackendCPU, "file-only", true},
-		{server.BackendCPU, "file-partial", true},
+		{server.BackendCPU, "file-partial", true}, {server.BackendCPU, "file-arena", false}, {server.BackendCPU, "file-arena", true},
 		{server.BackendCPU, "arena", false}, {server.BackendCPU, "arena", true},
-		{server.BackendCUDASim, "file", true}, {server.BackendCUDASim, "file-only", true}, {server.BackendCUDASim, "arena", false},
+		{server.BackendCUDASim, "file", true}, {server.BackendCUDASim, "file-only", true}, {server.BackendCUDASim, "file-arena", true},
+		{server.BackendCUDASim, "arena", false},
 	} {
 		t.Run(fmt.Sprintf("%s, %s journal, over a fuse %v", c.backend, c.kind, c.over), func(t *testing.T) { testPluginKilledMidFuse(t, c.backend, c.kind, c.over) })
 	}
@@ -447,6 +448,8 @@ func testPluginKilledMidFuse(t *testing.T, backend, kind string, over bool) {
 		s.LoRAs.JournalMemory = 0
 	case "file-partial":
 		s.LoRAs.JournalMemory = 300 << 10 // a few of the sample's weights
+	case "file-arena":
+		s.LoRAs.JournalArena = 1 << 30
 	}
 	var inArena uint64
 	if over {
@@ -454,13 +457,14 @@ func testPluginKilledMidFuse(t *testing.T, backend, kind string, over bool) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if (kind == "arena") != (res.JournalBytes > 0 || res.JournalFileBytes == 0) {
+		if (kind == "arena") != (res.JournalFileBytes == 0) || (kind == "arena" || kind == "file-arena") != (res.JournalBytes > 0) ||
+			(kind == "file-arena" && res.JournalBytes != res.JournalFileBytes) {
 			t.Fatalf("%s journal: %d bytes in the arena, %d in the file", kind, res.JournalBytes, res.JournalFileBytes)
 		}
 		switch mem := res.JournalMemoryBytes; {
 		case kind == "file" && mem != res.JournalFileBytes,
 			kind == "file-partial" && (mem == 0 || mem >= res.JournalFileBytes || mem > 300<<10),
-			(kind == "file-only" || kind == "arena") && mem != 0:
+			(kind == "file-only" || kind == "arena" || kind == "file-arena") && mem != 0:
 			t.Fatalf("%s journal: %d of %d referenced bytes copied in memory", kind, mem, res.JournalFileBytes)
 		}
 		inArena = res.JournalBytes

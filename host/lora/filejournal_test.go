@@ -146,31 +146,43 @@ func TestSourceModifiedInPlace(t *testing.T) {
 			}
 		}
 	})
-	t.Run("in-memory copy", func(t *testing.T) {
-		s := newHost(t)
-		_, _, dir := fixtures(t)
-		path := loadOwnCopy(t, s)
-		orig := snapshotOf(t, s, "own")
-		level := s.Arena.Stats().Allocated
-		res, err := s.LoRAs.Apply(t.Context(), lora.Request{Model: "own", LoRAs: entries(dir, kohyaOracle(1)), Mode: lora.ModeFuse})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if res.JournalMemoryBytes == 0 || res.JournalMemoryBytes != res.JournalFileBytes || res.JournalBytes != 0 || s.Arena.Stats().Allocated != level {
-			t.Fatalf("journal: %d bytes in memory, %d referenced, %d in the arena (arena %d → %d)", res.JournalMemoryBytes, res.JournalFileBytes, res.JournalBytes, level, s.Arena.Stats().Allocated)
-		}
-		flipInFile(t, s, "own", path, "double_blocks.0.img_attn.qkv.weight")
-		if _, err := s.LoRAs.Apply(t.Context(), lora.Request{Model: "own", LoRAs: entries(dir, peftOracle(1)), Mode: lora.ModeFuse}); err != nil {
-			t.Fatalf("re-apply with the originals in memory: %v", err)
-		}
-		if _, err := s.LoRAs.Remove(t.Context(), "own"); err != nil {
-			t.Fatalf("remove with the originals in memory: %v", err)
-		}
-		sameBytes(t, "remove from the in-memory copy", orig, snapshotOf(t, s, "own"))
-		if n := s.LoRAs.MemoryHeld(); n != 0 {
-			t.Errorf("%d bytes of copies held after remove", n)
-		}
-	})
+	for _, where := range []string{"memory", "arena"} {
+		t.Run("copy in "+where, func(t *testing.T) {
+			s := newHost(t)
+			if where == "arena" {
+				s.LoRAs.JournalArena = 1 << 30
+			}
+			_, _, dir := fixtures(t)
+			path := loadOwnCopy(t, s)
+			orig := snapshotOf(t, s, "own")
+			level := s.Arena.Stats().Allocated
+			res, err := s.LoRAs.Apply(t.Context(), lora.Request{Model: "own", LoRAs: entries(dir, kohyaOracle(1)), Mode: lora.ModeFuse})
+			if err != nil {
+				t.Fatal(err)
+			}
+			copied, inArena := res.JournalMemoryBytes, uint64(0)
+			if where == "arena" {
+				copied, inArena = res.JournalBytes, res.JournalBytes
+			}
+			if copied == 0 || copied != res.JournalFileBytes || res.JournalBytes != inArena || uint64(s.Arena.Stats().Allocated) < uint64(level)+inArena {
+				t.Fatalf("journal: %d bytes in memory, %d referenced, %d in the arena (arena %d → %d)", res.JournalMemoryBytes, res.JournalFileBytes, res.JournalBytes, level, s.Arena.Stats().Allocated)
+			}
+			flipInFile(t, s, "own", path, "double_blocks.0.img_attn.qkv.weight")
+			if _, err := s.LoRAs.Apply(t.Context(), lora.Request{Model: "own", LoRAs: entries(dir, peftOracle(1)), Mode: lora.ModeFuse}); err != nil {
+				t.Fatalf("re-apply with the originals copied: %v", err)
+			}
+			if _, err := s.LoRAs.Remove(t.Context(), "own"); err != nil {
+				t.Fatalf("remove with the originals copied: %v", err)
+			}
+			sameBytes(t, "remove from the copy", orig, snapshotOf(t, s, "own"))
+			if n := s.LoRAs.MemoryHeld(); n != 0 {
+				t.Errorf("%d bytes of copies held after remove", n)
+			}
+			if a := s.Arena.Stats().Allocated; a != level {
+				t.Errorf("arena at %d after remove, %d before", a, level)
+			}
+		})
+	}
 }
 
 // TestSourceRenamedOver: a file renamed over the model's path after the

@@ -111,7 +111,13 @@ func (c *Coordinator) journal(m *registry.Model, w string) (journalEntry, error)
 	ts := journaled(qw)
 	refs, err := c.reference(m, ts)
 	if err == nil {
-		return journalEntry{refs: refs, mem: c.copyOriginals(m, w, ts)}, nil
+		e := journalEntry{refs: refs}
+		if saved := c.copyInArena(m, w, ts); saved != nil {
+			e.saved = saved
+		} else {
+			e.mem = c.copyOriginals(m, w, ts)
+		}
+		return e, nil
 	}
 	if !errors.Is(err, errNoSource) {
 		c.log.Warn("lora journal: original bytes copied into the arena instead of referenced in the model file", "model", m.Name, "weight", w, "err", err)
@@ -167,8 +173,8 @@ func sourceCRC(m *registry.Model, ref registry.SourceRef) (uint32, error) {
 // verify checks that the source file still holds the bytes e references:
 // at once when the file is unchanged since the load, else by reading them.
 func verify(m *registry.Model, w string, e journalEntry) error {
-	if m.SourceUnchanged() || (e.mem != nil && len(e.mem) == len(e.refs)) {
-		return nil // an in-memory copy does not depend on the file
+	if m.SourceUnchanged() || (e.mem != nil && len(e.mem) == len(e.refs)) || e.saved != nil {
+		return nil // a copy in memory or in the arena does not depend on the file
 	}
 	for _, r := range e.refs {
 		got, err := sourceCRC(m, r.SourceRef)
@@ -233,7 +239,7 @@ func (c *Coordinator) putBackChecked(m *registry.Model, w string, e journalEntry
 		return fmt.Errorf("model %q: 4-bit weight %s: %w", m.Name, w, registry.ErrNotFound)
 	}
 	ts := journaled(qw)
-	if e.referenced() {
+	if e.referenced() && e.saved == nil {
 		if len(e.refs) != len(ts) {
 			return fmt.Errorf("weight %s: %d journaled tensors for %d", w, len(e.refs), len(ts))
 		}
@@ -332,6 +338,9 @@ func (s *sourceReader) ReadAt(p []byte, off int64) (int, error) {
 func (c *Coordinator) freeEntry(e journalEntry) {
 	for _, r := range e.saved {
 		_ = c.mem.Free(r)
+	}
+	if e.referenced() && len(e.saved) > 0 {
+		c.releaseArena(int64(e.arenaBytes()))
 	}
 	if n := e.memBytes(); n > 0 {
 		c.releaseMem(int64(n))

@@ -42,6 +42,13 @@ import (
 // file alone, so the journal still takes 0 bytes of arena and at most the
 // budget of host memory.
 
+// JournalArena, a byte budget (0 by default), lets the journal keep the
+// copy in the arena instead: on a device arena that is device memory, and
+// a restore is a device-to-device copy, the fastest there is, at the price
+// of device memory as large as the fused weights' packed codes and absmax
+// (about the whole model when a LoRA touches every layer). A weight whose
+// copy would pass it gets the host-memory copy, or none.
+
 // JournalMemoryAuto is the default JournalMemory (see above).
 const JournalMemoryAuto int64 = -1
 
@@ -190,4 +197,37 @@ func (c *Coordinator) writeMem(r arena.Region, p []byte) error {
 		}
 	}
 	return nil
+}
+
+// copyInArena copies ts's bytes into new arena regions when JournalArena
+// has room for them (nil otherwise, or when the arena has no room: the
+// reason is logged). The arena holds the loaded bytes (see reference), so
+// the copy is what the file references name.
+func (c *Coordinator) copyInArena(m *registry.Model, w string, ts []*registry.Tensor) []arena.Region {
+	var n int64
+	for _, t := range ts {
+		n += int64(t.NBytes)
+	}
+	c.memMu.Lock()
+	ok := n > 0 && c.arenaHeld+n <= c.JournalArena
+	if ok {
+		c.arenaHeld += n
+	}
+	c.memMu.Unlock()
+	if !ok {
+		return nil
+	}
+	e, err := c.saveBytes(m, w, "lora journal copy")
+	if err != nil {
+		c.releaseArena(n)
+		c.log.Warn("lora journal: no arena copy; a restore uses the host-memory copy or the model file", "model", m.Name, "weight", w, "err", err)
+		return nil
+	}
+	return e.saved
+}
+
+func (c *Coordinator) releaseArena(n int64) {
+	c.memMu.Lock()
+	c.arenaHeld -= n
+	c.memMu.Unlock()
 }

@@ -43,6 +43,9 @@ type Config struct {
 	// value, means the coordinator's default (auto); a negative value
 	// none; a positive one a byte budget.
 	LoRAJournalMemory int64
+	// LoRAJournalArena is the arena budget for the same copies
+	// (Coordinator.JournalArena; 0: none).
+	LoRAJournalArena int64
 	// ShmMode is "memfd" (default) or "shm" (files under /dev/shm).
 	ShmMode string
 	// ArenaBackend is "cpu" (default: shared memory), "cuda" (device
@@ -186,6 +189,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s.Plugins = plugin.NewManager(pcfg)
 	s.Jobs.Attach(s.Plugins)
 	s.LoRAs = lora.New(s.Registry, s.Bindings, ar, s.Plugins, log)
+	s.LoRAs.JournalArena = cfg.LoRAJournalArena
 	switch n := cfg.LoRAJournalMemory; {
 	case n < 0:
 		s.LoRAs.JournalMemory = 0
