@@ -25,6 +25,9 @@ Kind ``pipeline``, method ``run`` (msgpack params; all optional):
                 (default true: fastest; false dequantizes in every forward,
                 bitsandbytes' memory profile, needed to fit a Flux-dev-size
                 model in a small card)
+``dtype``       the pipeline's compute dtype: float32 (default), bfloat16
+                or float16 (the arena's NF4 weights are dequantized to fp32
+                and cast per layer; bfloat16 is how Flux-dev runs on a GPU)
 ``stand_in_tokens``  tokens of the stand-in prompt embeddings when the
                 pipeline has no text encoders, 1..512 (default 32; 512 is
                 T5-XXL's length in FLUX.1-dev)
@@ -85,11 +88,14 @@ VERSION = "0.1.0"
 ENV_MODEL_DIR = "ARENAHOST_DIFFUSERS_FLUX_DIR"
 
 
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
 class _State:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.pipes: dict[str, object] = {}
-        self.patched: dict[tuple[str, str, bool], object] = {}  # (model_dir, model, cache_weights) -> PatchReport
+        self.pipes: dict[tuple[str, str], object] = {}  # (model_dir, dtype) -> FluxPipeline
+        self.patched: dict[tuple[str, str, str, bool], object] = {}  # (model_dir, dtype, model, cache_weights) -> PatchReport
         self.memory_cap: str | None = None  # what apply_torch_memory_cap did, once
 
 
@@ -121,7 +127,10 @@ def _parse(args, call_id: str) -> dict:
         max_sequence_length=get_arg(args, "max_sequence_length", int, 512),
         cache_weights=get_arg(args, "cache_weights", bool, True),
         stand_in_tokens=get_arg(args, "stand_in_tokens", int, 32),
+        dtype=get_arg(args, "dtype", str, "float32"),
     )
+    if p["dtype"] not in _DTYPES:
+        raise InvalidArgument(f"args.dtype: {p['dtype']!r} must be one of {', '.join(_DTYPES)}")
     if not 1 <= p["stand_in_tokens"] <= 512:
         raise InvalidArgument(f"args.stand_in_tokens: {p['stand_in_tokens']} must be in 1..512")
     if not 1 <= p["max_sequence_length"] <= 512:
@@ -149,29 +158,32 @@ def _pipeline(st: _State, host, p: dict):
         # cap goes on before anything is allocated there.
         if st.memory_cap is None:
             st.memory_cap = apply_torch_memory_cap()
+        import torch
+
         try:
-            pipe = build_small_pipeline(p["model_dir"] or None)
+            pipe = build_small_pipeline(p["model_dir"] or None, dtype=getattr(torch, p["dtype"]))
         except (ValueError, OSError, KeyError) as e:  # a bad folder is the caller's mistake: say which and why
             raise InvalidArgument(f"args.model_dir: {p['model_dir']!r}: {e}") from e
         return pipe.to(torch_device())
 
+    pkey = (p["model_dir"], p["dtype"])
     with st.lock:
-        pipe = st.pipes.get(p["model_dir"])
+        pipe = st.pipes.get(pkey)
         if pipe is None:
-            pipe = st.pipes[p["model_dir"]] = build()
-        key = (p["model_dir"], p["model"], p["cache_weights"])
+            pipe = st.pipes[pkey] = build()
+        key = (p["model_dir"], p["dtype"], p["model"], p["cache_weights"])
         report = st.patched.get(key)
         if report is None:
             if st.patched:
                 # One transformer per pipeline: a second model needs a fresh pipeline.
-                pipe = st.pipes[p["model_dir"]] = build()
+                pipe = st.pipes[pkey] = build()
                 st.patched.clear()
             report = patch_pipeline(pipe, host, model=p["model"], cache_weight=p["cache_weights"])
             if getattr(pipe, "_arenahost_empty_transformer", False):
                 # The folder's transformer was built without weights: every parameter must come from the arena.
                 unset = [n for n, _ in pipe.transformer.named_parameters() if n not in report.copied]
                 if unset or report.left:
-                    st.pipes.pop(p["model_dir"], None)
+                    st.pipes.pop(pkey, None)
                     raise PluginError(f"model {p['model']!r} does not cover the transformer of {p['model_dir']}: "
                                       f"no arena tensor for {sorted(report.left)[:5] or unset[:5]}",
                                       grpc.StatusCode.FAILED_PRECONDITION)

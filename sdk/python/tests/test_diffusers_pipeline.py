@@ -110,7 +110,10 @@ def test_capped_run_without_weight_cache(loaded, start_plugin):
     a = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(io.BytesIO(runs[True])), dtype=np.int16)
     b = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(io.BytesIO(runs[False])), dtype=np.int16)
     assert np.abs(a - b).max() <= 1
-    for bad in ({"stand_in_tokens": 0}, {"stand_in_tokens": 513}, {"cache_weights": "no"}):
+    bf = msgpack.unpackb(stub.Invoke(pb.InvokeRequest(method="run", call_id="cap-bf16", args=msgpack.packb(
+        {**args, "cache_weights": False, "dtype": "bfloat16"})), timeout=600).result)
+    assert len(bf["images"]) == 1 and bf["images"][0] != runs[False]  # another dtype, another pipeline, other rounding
+    for bad in ({"stand_in_tokens": 0}, {"stand_in_tokens": 513}, {"cache_weights": "no"}, {"dtype": "float64"}):
         with pytest.raises(grpc.RpcError) as e:
             stub.Invoke(pb.InvokeRequest(method="run", args=msgpack.packb({**args, **bad})), timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "args." + next(iter(bad)) in e.value.details()
