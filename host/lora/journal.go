@@ -30,7 +30,9 @@ import (
 // the journal copies the weight into host arena regions instead. That copy
 // is also the fallback for a model that holds no source file.
 //
-// Every restore writes the file's bytes with the arena (one host copy on a
+// A restore writes the weight's copy when the journal keeps one
+// (journalmem.go: in host memory or in the arena, within their budgets);
+// otherwise it writes the file's bytes with the arena (one host copy on a
 // device arena) and checks their CRC as it goes; when the file has changed
 // since the load it first checks every reference, so a file modified in
 // place is refused, naming the file and tensor, with the weights as they
