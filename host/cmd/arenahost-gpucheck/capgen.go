@@ -226,7 +226,7 @@ func CheckCapGen(ctx context.Context, r *Report, o CapGenOptions) error {
 		}
 	}
 	r.Note("capgen: peak device memory is the arena's allocation after the apply (model + factors; the fuse journal takes none) plus the pipeline process's torch peak (max_memory_reserved); the CUDA contexts of the host and plugin processes (a few hundred MiB each) are not in either figure")
-	r.Notes = append(r.Notes, "capgen table:\n\n"+capTable(rows))
+	r.AddSection(fmt.Sprintf("Capped generation (capgen step): %s, LoRAs × rank × mode under each cap", r.Device), capTable(rows))
 	for _, c := range rows {
 		if c.Skipped != "" {
 			continue

@@ -129,7 +129,8 @@ func TestCapGenOnSimulatedDevice(t *testing.T) {
 		Python: python, Script: filepath.Join(root, "host", "cmd", "arenahost-gpucheck", "capgen.py"), SDK: filepath.Join(root, "sdk", "python"),
 		Model: "tiny", Size: 64, Steps: 2, DType: "float32", Tokens: 16, CapsGiB: []float64{24, 12}, LoRAs: []int{0, 3}, Ranks: []int{16, 64},
 		Baseline: true, Budget: 10 * time.Minute})
-	t.Log("\n" + r.Table() + "\n" + strings.Join(r.Notes, "\n"))
+	md := r.Markdown("now", "test")
+	t.Log("\n" + md)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -155,7 +156,7 @@ func TestCapGenOnSimulatedDevice(t *testing.T) {
 	if ours != 8 || base != 8 {
 		t.Errorf("%d arenahost and %d baseline rows, want 8 each", ours, base)
 	}
-	if notes := strings.Join(r.Notes, "\n"); !strings.Contains(notes, "| arenahost | 24 GiB | 3 | 64 | fuse |") || !strings.Contains(notes, "| baseline | 12 GiB | 3 | 16 | unmerged |") {
-		t.Errorf("table:\n%s", notes)
+	if !strings.Contains(md, "## Capped generation") || !strings.Contains(md, "| arenahost | 24 GiB | 3 | 64 | fuse |") || !strings.Contains(md, "| baseline | 12 GiB | 3 | 16 | unmerged |") {
+		t.Errorf("the report has no capgen table")
 	}
 }
