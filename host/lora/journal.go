@@ -117,7 +117,7 @@ func (c *Coordinator) journal(m *registry.Model, w string) (journalEntry, error)
 		if saved := c.copyInArena(m, w, ts); saved != nil {
 			e.saved = saved
 		} else {
-			e.mem = c.copyOriginals(m, w, ts)
+			e.mem = c.copyOriginals(m, w, refs)
 		}
 		return e, nil
 	}

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"hash/crc32"
 	"os"
 	"runtime"
 	"strconv"
@@ -24,10 +23,11 @@ import (
 // restores from that copy: one memory copy per tensor, in parallel pieces
 // on a CPU arena, one upload on a device arena.
 //
-// The copy is taken when the weight is first journaled, from the arena
-// (which then still holds the loaded bytes, as reference() relies on), and
-// its CRC-32C is checked against the load's before it is kept: a copy that
-// differs is dropped and the file reference stays the only record. The
+// The copy is taken when the weight is first journaled, from the model's
+// file (the mapping the references point into; nothing is read back from
+// the arena), and its CRC-32C is checked against the load's before it is
+// kept: a copy that differs is dropped and the file reference stays the
+// only record. The
 // copy lives as long as the entry (remove, a reload, a rollback free it
 // with the entry), so a fused re-apply restores from it again and again.
 // Nothing about crash recovery changes: the plugin never sees the copy,
@@ -115,24 +115,26 @@ func (e journalEntry) memBytes() uint64 {
 	return n
 }
 
-// copyOriginals returns host-memory copies of ts's bytes as the arena
-// holds them now, each checked against the load's CRC-32C, or nil when the
-// budget has no room or a check fails (the file reference is then the only
-// record; the reason is logged).
-func (c *Coordinator) copyOriginals(m *registry.Model, w string, ts []*registry.Tensor) [][]byte {
+// copyOriginals returns host-memory copies of the bytes refs name, read
+// from the model's source file (its mapping, in parallel pieces: nothing
+// is read back from the arena, which on a device would be a download) and
+// each checked against the load's CRC-32C, or nil when the budget has no
+// room or a check fails (the file reference is then the only record; the
+// reason is logged).
+func (c *Coordinator) copyOriginals(m *registry.Model, w string, refs []sourceRef) [][]byte {
 	var n int64
-	for _, t := range ts {
-		n += int64(t.NBytes)
+	for _, r := range refs {
+		n += r.Length
 	}
 	if n == 0 || !c.reserveMem(n) {
 		return nil
 	}
-	out := make([][]byte, len(ts))
-	for i, t := range ts {
-		buf := make([]byte, t.NBytes)
-		crc, err := c.readCRC(t.Region, buf)
-		if err == nil && crc != t.LoadCRC() {
-			err = fmt.Errorf("tensor %s: CRC-32C %08x in the arena, %08x when loaded", t.Name, crc, t.LoadCRC())
+	out := make([][]byte, len(refs))
+	for i, r := range refs {
+		buf := make([]byte, r.Length)
+		crc, err := registry.ReadCRC(0, buf, 0, func(q []byte, off int64) error { return m.ReadSource(r.SourceRef, off, q) })
+		if err == nil && crc != r.crc {
+			err = fmt.Errorf("tensor %s: CRC-32C %08x in %s, %08x when loaded", r.Tensor, crc, r.File, r.crc)
 		}
 		if err != nil {
 			c.releaseMem(n)
@@ -151,18 +153,6 @@ func (c *Coordinator) copyOriginals(m *registry.Model, w string, ts []*registry.
 func (c *Coordinator) onHost(r arena.Region) bool {
 	loc, err := c.mem.Location(r)
 	return err == nil && loc.Kind == arena.KindCPU
-}
-
-// readCRC reads r into p and returns p's CRC-32C.
-func (c *Coordinator) readCRC(r arena.Region, p []byte) (uint32, error) {
-	read := func(q []byte, off int64) error { return c.mem.Read(r, uint64(off), q) }
-	if c.onHost(r) {
-		return registry.ReadCRC(0, p, 0, read)
-	}
-	if err := read(p, 0); err != nil {
-		return 0, err
-	}
-	return crc32.Checksum(p, castagnoli), nil
 }
 
 // writeMem writes p over the whole of r: in parallel pieces on a CPU
