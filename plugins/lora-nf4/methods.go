@@ -36,7 +36,8 @@ const EnvLayerDelay = "LORA_NF4_LAYER_DELAY"
 const EnvDeviceBatch = "LORA_NF4_DEVICE_BATCH"
 
 // EnvParseWorkers, when set to a count, bounds how many LoRA files of a
-// set are parsed at once (default: GOMAXPROCS); 1 parses them one after
+// set are parsed at once, and how many layers' side factors are allocated
+// and written at once (default: GOMAXPROCS); 1 does both one after
 // another, as before (the benchmark's baseline).
 const EnvParseWorkers = "LORA_NF4_PARSE_WORKERS"
 
@@ -501,42 +502,100 @@ func (e *engine) applySide(ctx context.Context, c *sdk.Call, args lorawire.Apply
 	if err != nil {
 		return lorawire.ApplyResult{}, err
 	}
-	var allocated []*pluginv1.Region
+	// Every layer's regions are allocated and written by a pool of
+	// workers: the allocations are calls to the host, the writes host
+	// copies (into the mapping, or into a buffer then uploaded: the device
+	// serializes the uploads), so layers overlap one another's waits.
+	// Results land in the layers' order whatever finishes first.
+	type slot struct {
+		a, b *pluginv1.TensorDescriptor
+		dev  bool
+	}
+	var live []*lora.SideLayer
+	for _, sl := range p.Layers {
+		if boundRank(sl) > 0 {
+			live = append(live, sl)
+		}
+	}
+	slots := make([]slot, len(live))
+	var (
+		amu       sync.Mutex
+		allocated []*pluginv1.Region
+		next      atomic.Int64
+		wg        sync.WaitGroup
+		firstErr  error
+	)
 	defer func() {
 		if err != nil && len(allocated) > 0 {
 			_ = c.Host().Free(context.WithoutCancel(ctx), allocated...)
 		}
 	}()
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	one := func(i int) error {
+		sl := live[i]
+		rr := boundRank(sl)
+		w := sl.Name + ".weight"
+		a, err := c.Host().Allocate(wctx, lorawire.FactorA(w), pluginv1.DType_DTYPE_F32, []int64{int64(rr), int64(sl.In)})
+		if err != nil {
+			return fmt.Errorf("layer %s: allocate A_cat [%d %d]: %w", sl.Name, rr, sl.In, err)
+		}
+		amu.Lock()
+		allocated = append(allocated, a.GetRegion())
+		amu.Unlock()
+		b, err := c.Host().Allocate(wctx, lorawire.FactorB(w), pluginv1.DType_DTYPE_F32, []int64{int64(sl.Out), int64(rr)})
+		if err != nil {
+			return fmt.Errorf("layer %s: allocate B_cat [%d %d]: %w", sl.Name, sl.Out, rr, err)
+		}
+		amu.Lock()
+		allocated = append(allocated, b.GetRegion())
+		amu.Unlock()
+		fv, err := e.factorView(c, w, a, b)
+		if err != nil {
+			return err
+		}
+		if err := fv.writeAll(wctx, sl); err != nil {
+			return err
+		}
+		slots[i] = slot{a: a, b: b, dev: fv.dev != nil}
+		return nil
+	}
+	for range max(1, min(e.parseWorkers, len(live))) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := int(next.Add(1) - 1); i < len(live); i = int(next.Add(1) - 1) {
+				if wctx.Err() != nil {
+					return
+				}
+				if err := one(i); err != nil {
+					amu.Lock()
+					if firstErr == nil {
+						firstErr = err
+					}
+					amu.Unlock()
+					cancel()
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if firstErr == nil {
+		firstErr = ctx.Err()
+	}
+	if firstErr != nil {
+		return lorawire.ApplyResult{}, firstErr
+	}
 	ranks := map[string]int{}
 	var out []*pluginv1.TensorDescriptor
 	onDevice := false
-	for _, sl := range p.Layers {
-		rr := boundRank(sl)
-		if rr == 0 {
-			continue
-		}
-		w := sl.Name + ".weight"
-		a, err := c.Host().Allocate(ctx, lorawire.FactorA(w), pluginv1.DType_DTYPE_F32, []int64{int64(rr), int64(sl.In)})
-		if err != nil {
-			return lorawire.ApplyResult{}, fmt.Errorf("layer %s: allocate A_cat [%d %d]: %w", sl.Name, rr, sl.In, err)
-		}
-		allocated = append(allocated, a.GetRegion())
-		b, err := c.Host().Allocate(ctx, lorawire.FactorB(w), pluginv1.DType_DTYPE_F32, []int64{int64(sl.Out), int64(rr)})
-		if err != nil {
-			return lorawire.ApplyResult{}, fmt.Errorf("layer %s: allocate B_cat [%d %d]: %w", sl.Name, sl.Out, rr, err)
-		}
-		allocated = append(allocated, b.GetRegion())
-		fv, err := e.factorView(c, w, a, b)
-		if err != nil {
-			return lorawire.ApplyResult{}, err
-		}
-		if err := fv.writeAll(ctx, sl); err != nil {
-			return lorawire.ApplyResult{}, err
-		}
-		onDevice = onDevice || fv.dev != nil
-		out = append(out, a, b)
+	for i, sl := range live {
+		rr, w := boundRank(sl), sl.Name+".weight"
+		onDevice = onDevice || slots[i].dev
+		out = append(out, slots[i].a, slots[i].b)
 		ranks[w] = rr
-		res.Factors = append(res.Factors, lorawire.Factor{Weight: w, A: a.GetName(), B: b.GetName(), Rank: rr, Out: sl.Out, In: sl.In})
+		res.Factors = append(res.Factors, lorawire.Factor{Weight: w, A: slots[i].a.GetName(), B: slots[i].b.GetName(), Rank: rr, Out: sl.Out, In: sl.In})
 	}
 	if onDevice {
 		// The factors are read by another process once the descriptors are
