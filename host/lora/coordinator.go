@@ -166,6 +166,7 @@ type modelState struct {
 	mu      sync.Mutex
 	state   State
 	journal map[string]journalEntry // by weight key
+	filling bool                    // a fillCopies goroutine runs (journalmem.go)
 }
 
 // New returns a coordinator over the registry's models, the factor
@@ -607,6 +608,7 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 		JournalBytes: inArena, JournalFileBytes: inFile, JournalMemoryBytes: inMemory, Report: out.Report}
 	c.log.Info("lora fuse journal", "model", req.Model, "weights", len(ms.journal),
 		"arena", arena.ByteSize(inArena), "referenced_in_file", arena.ByteSize(inFile), "copied_in_host_memory", arena.ByteSize(inMemory))
+	c.startFill(ms, req.Model)
 	return nil
 }
 

@@ -453,7 +453,13 @@ func testPluginKilledMidFuse(t *testing.T, backend, kind string, over bool) {
 	}
 	var inArena uint64
 	if over {
-		res, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, peftOracle(0.5)), Mode: lora.ModeFuse})
+		if _, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, peftOracle(0.5)), Mode: lora.ModeFuse}); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.LoRAs.WaitJournalCopies(t.Context(), ""); err != nil {
+			t.Fatal(err)
+		}
+		res, err := s.LoRAs.State("")
 		if err != nil {
 			t.Fatal(err)
 		}

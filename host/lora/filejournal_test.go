@@ -156,7 +156,14 @@ func TestSourceModifiedInPlace(t *testing.T) {
 			path := loadOwnCopy(t, s)
 			orig := snapshotOf(t, s, "own")
 			level := s.Arena.Stats().Allocated
-			res, err := s.LoRAs.Apply(t.Context(), lora.Request{Model: "own", LoRAs: entries(dir, kohyaOracle(1)), Mode: lora.ModeFuse})
+			if _, err := s.LoRAs.Apply(t.Context(), lora.Request{Model: "own", LoRAs: entries(dir, kohyaOracle(1)), Mode: lora.ModeFuse}); err != nil {
+				t.Fatal(err)
+			}
+			// The host-memory copy is taken in the background after the apply.
+			if err := s.LoRAs.WaitJournalCopies(t.Context(), "own"); err != nil {
+				t.Fatal(err)
+			}
+			res, err := s.LoRAs.State("own")
 			if err != nil {
 				t.Fatal(err)
 			}

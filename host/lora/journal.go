@@ -113,13 +113,9 @@ func (c *Coordinator) journal(m *registry.Model, w string) (journalEntry, error)
 	ts := journaled(qw)
 	refs, err := c.reference(m, ts)
 	if err == nil {
-		e := journalEntry{refs: refs}
-		if saved := c.copyInArena(m, w, ts); saved != nil {
-			e.saved = saved
-		} else {
-			e.mem = c.copyOriginals(m, w, refs)
-		}
-		return e, nil
+		// The in-memory copy is taken after the apply, in the background
+		// (startFill), so that it costs the apply nothing.
+		return journalEntry{refs: refs, saved: c.copyInArena(m, w, ts)}, nil
 	}
 	if !errors.Is(err, errNoSource) {
 		c.log.Warn("lora journal: original bytes copied into the arena instead of referenced in the model file", "model", m.Name, "weight", w, "err", err)

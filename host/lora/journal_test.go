@@ -146,6 +146,13 @@ func TestJournalOnEveryBackend(t *testing.T) {
 					if a.Stats().Allocated != level {
 						t.Fatal("the file journal allocated arena")
 					}
+					if budget != 0 {
+						// What fillCopies does after an apply, for this entry.
+						fe.mem = c.copyOriginals(m, qw.Name, fe.refs)
+						if mem.reads != 0 {
+							t.Fatalf("the in-memory copy read %d times from the arena", mem.reads)
+						}
+					}
 					if err := a.Write(ctx, qw.Packed.Region, 0, bytes.Repeat([]byte{0x5a}, int(qw.Packed.NBytes))); err != nil {
 						return err
 					}

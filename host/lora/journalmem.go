@@ -4,11 +4,14 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"maps"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/registry"
@@ -23,11 +26,17 @@ import (
 // restores from that copy: one memory copy per tensor, in parallel pieces
 // on a CPU arena, one upload on a device arena.
 //
-// The copy is taken when the weight is first journaled, from the model's
-// file (the mapping the references point into; nothing is read back from
-// the arena), and its CRC-32C is checked against the load's before it is
-// kept: a copy that differs is dropped and the file reference stays the
-// only record. The
+// The copy is taken after the fused apply that first journaled the
+// weight returned, by a goroutine (startFill), so it adds nothing to the
+// apply's time (a Flux-dev model's 6.3 GB would add a large part of a
+// second); until it is in place a restore reads the file, as without it.
+// It is read from the model's file (the mapping the references point
+// into; nothing is read back from the arena, which on a device is a
+// download), one weight at a time under the model's write lock, and its
+// CRC-32C is checked against the load's before it is kept: a copy that
+// differs is dropped and the file reference stays the only record. It is
+// attached under the coordinator's model lock only to the very entry it
+// was taken for (a restore, remove or reload in between drops it). The
 // copy lives as long as the entry (remove, a reload, a rollback free it
 // with the entry), so a fused re-apply restores from it again and again.
 // Nothing about crash recovery changes: the plugin never sees the copy,
@@ -220,4 +229,105 @@ func (c *Coordinator) releaseArena(n int64) {
 	c.memMu.Lock()
 	c.arenaHeld -= n
 	c.memMu.Unlock()
+}
+
+// startFill starts the goroutine that copies the originals of ms's
+// journal entries into host memory (fillCopies), unless one runs. The
+// caller holds ms.mu.
+func (c *Coordinator) startFill(ms *modelState, model string) {
+	if ms.filling || c.JournalMemory == 0 {
+		return
+	}
+	ms.filling = true
+	go c.fillCopies(ms, model)
+}
+
+// fillCopies gives every referenced entry of ms's journal that has no
+// copy one, as the budget allows, until none is left that it has not
+// tried; then it clears ms.filling (under ms.mu, where startFill checks
+// it, so an entry journaled meanwhile is never left without a try).
+func (c *Coordinator) fillCopies(ms *modelState, model string) {
+	tried := map[*sourceRef]bool{}
+	for {
+		ms.mu.Lock()
+		var w string
+		var refs []sourceRef
+		for _, k := range slices.Sorted(maps.Keys(ms.journal)) {
+			e := ms.journal[k]
+			if len(e.refs) > 0 && e.mem == nil && e.saved == nil && !tried[&e.refs[0]] {
+				w, refs = k, e.refs
+				break
+			}
+		}
+		if refs == nil {
+			ms.filling = false
+			ms.mu.Unlock()
+			return
+		}
+		ms.mu.Unlock()
+		tried[&refs[0]] = true
+		var mem [][]byte
+		err := c.reg.WriteLocked(model, func(m *registry.Model) error {
+			if m != ms.loaded {
+				return fmt.Errorf("model %q was reloaded", model)
+			}
+			mem = c.copyOriginals(m, w, refs)
+			return nil
+		})
+		if err != nil {
+			ms.mu.Lock()
+			ms.filling = false
+			ms.mu.Unlock()
+			if mem != nil {
+				c.releaseMem(sumLen(mem))
+			}
+			return
+		}
+		if mem == nil {
+			continue
+		}
+		ms.mu.Lock()
+		if e, ok := ms.journal[w]; ok && len(e.refs) > 0 && &e.refs[0] == &refs[0] && e.mem == nil && e.saved == nil {
+			e.mem = mem
+			ms.journal[w] = e
+			if ms.state.Mode == ModeFuse {
+				ms.state.JournalMemoryBytes += e.memBytes()
+			}
+		} else {
+			c.releaseMem(sumLen(mem))
+		}
+		ms.mu.Unlock()
+	}
+}
+
+func sumLen(bs [][]byte) int64 {
+	var n int64
+	for _, b := range bs {
+		n += int64(len(b))
+	}
+	return n
+}
+
+// WaitJournalCopies returns once no goroutine is copying the model's
+// journal originals into host memory (after a fused apply), or when ctx
+// ends. Tests and benchmarks call it; a restore never needs to wait (it
+// reads the file for an entry without its copy).
+func (c *Coordinator) WaitJournalCopies(ctx context.Context, model string) error {
+	ms, err := c.model(modelName(model))
+	if err != nil {
+		return err
+	}
+	for {
+		ms.mu.Lock()
+		busy := ms.filling
+		ms.mu.Unlock()
+		if !busy {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
 }

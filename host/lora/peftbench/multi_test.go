@@ -123,6 +123,11 @@ func runMulti(b *testing.B, plugins, model string, loras []string, workers int, 
 		timeIt(&f.fuse5, func() (*lora.Result, error) {
 			return s.LoRAs.Apply(ctx, lora.Request{Model: "bench", LoRAs: set(1), Mode: lora.ModeFuse})
 		})
+		// The journal's host-memory copy is taken in the background after
+		// the first fused apply; a user re-applies seconds later.
+		if err := s.LoRAs.WaitJournalCopies(ctx, "bench"); err != nil {
+			b.Fatal(err)
+		}
 		r := timeIt(&f.refuse5, func() (*lora.Result, error) {
 			return s.LoRAs.Apply(ctx, lora.Request{Model: "bench", LoRAs: set(0.8), Mode: lora.ModeFuse})
 		})
