@@ -226,7 +226,7 @@ func CheckCapGen(ctx context.Context, r *Report, o CapGenOptions) error {
 		}
 	}
 	r.Note("capgen: peak device memory is the arena's allocation after the apply (model + factors; the fuse journal takes none) plus the pipeline process's torch peak (max_memory_reserved); the CUDA contexts of the host and plugin processes (a few hundred MiB each) are not in either figure")
-	r.AddSection(fmt.Sprintf("Capped generation (capgen step): %s, LoRAs × rank × mode under each cap", r.Device), capTable(rows))
+	r.AddSection(fmt.Sprintf("Capped generation (capgen step): %s, LoRAs × rank × mode under each cap", r.Device), capTable(rows)+"\n"+smallestCaps(rows))
 	for _, c := range rows {
 		if c.Skipped != "" {
 			continue
@@ -479,4 +479,45 @@ func (o CapGenOptions) runBaseline(ctx context.Context, work, pipeDir, modelFile
 			StepMS: l.StepMS, TorchPeak: l.PeakBytes, OOM: l.OOM, Err: l.Error, Skipped: l.Skipped})
 	}
 	return rows, err
+}
+
+// smallestCaps says, for each who × mode × LoRA count of rank-16 rows, the
+// smallest cap at which the generation ran (the question for 3 and
+// 5 LoRAs), as markdown lines.
+func smallestCaps(rows []capRow) string {
+	type key struct {
+		who, mode string
+		n         int
+	}
+	best := map[key]float64{}
+	tried := map[key][]float64{}
+	var keys []key
+	for _, c := range rows {
+		if c.LoRAs == 0 || c.Rank != 16 || c.Skipped != "" {
+			continue
+		}
+		k := key{c.Who, c.Mode, c.LoRAs}
+		if _, ok := tried[k]; !ok {
+			keys = append(keys, k)
+		}
+		tried[k] = append(tried[k], c.CapGiB)
+		if c.Err == "" && !c.OOM {
+			if b, ok := best[k]; !ok || c.CapGiB < b {
+				best[k] = c.CapGiB
+			}
+		}
+	}
+	var b strings.Builder
+	for _, k := range keys {
+		caps := make([]string, len(tried[k]))
+		for i, c := range tried[k] {
+			caps[i] = fmt.Sprintf("%.0f", c)
+		}
+		if v, ok := best[k]; ok {
+			fmt.Fprintf(&b, "- %s, %s, %d rank-16 LoRAs: generates down to **%.0f GiB** (caps tried: %s GiB)\n", k.who, k.mode, k.n, v, strings.Join(caps, ", "))
+		} else {
+			fmt.Fprintf(&b, "- %s, %s, %d rank-16 LoRAs: generated under none of the caps tried (%s GiB)\n", k.who, k.mode, k.n, strings.Join(caps, ", "))
+		}
+	}
+	return b.String()
 }

@@ -70,6 +70,18 @@ func TestCapTable(t *testing.T) {
 	if isOOM("job x failed: boom") {
 		t.Error("isOOM of a plain failure")
 	}
+	small := smallestCaps(append(rows,
+		capRow{Who: "arenahost", CapGiB: 16, LoRAs: 5, Rank: 16, Mode: "side", StepMS: 900},
+		capRow{Who: "arenahost", CapGiB: 12, LoRAs: 5, Rank: 16, Mode: "side", OOM: true, Err: "out of memory"},
+		capRow{Who: "baseline", CapGiB: 24, LoRAs: 5, Rank: 16, Mode: "unmerged", OOM: true, Err: "out of memory"}))
+	for _, want := range []string{
+		"- arenahost, side, 5 rank-16 LoRAs: generates down to **16 GiB** (caps tried: 24, 16, 12 GiB)",
+		"- baseline, unmerged, 5 rank-16 LoRAs: generated under none of the caps tried (24 GiB)",
+	} {
+		if !strings.Contains(small, want) {
+			t.Errorf("smallest caps lack %q:\n%s", want, small)
+		}
+	}
 	var r Report
 	r.Note("a note")
 	r.AddSection("Capped generation", tab)
