@@ -18,7 +18,7 @@
 # ARENAHOST_TORCH_MEMORY_CAP in the pipeline process), and diffusers + PEFT
 # on bitsandbytes under the same caps; it needs diffusers, peft and
 # bitsandbytes in $PYTHON and stops starting configurations at its time
-# budget (-capgen-budget, and 270 s into the check) so the whole check
+# budget (-capgen-budget, and 255 s into the check) so the whole check
 # stays under 5 minutes. -steps without capgen leaves it out.
 #
 # Usage: scripts/gpu-check.sh [arenahost-gpucheck flags, e.g. -device 1 -skip-torch]

@@ -350,6 +350,10 @@ func (o CapGenOptions) runHost(ctx context.Context, r *Report, work, pipeDir, mo
 		}
 		c.Who, c.CapGiB = "arenahost", capGiB
 		c = o.runOne(ctx, h, model, pipeDir, loraPath, c)
+		if ctx.Err() != nil && c.Err != "" {
+			// The check's time limit (SIGINT) ended it: not a failure.
+			c.Err, c.OOM, c.Skipped = "", false, "interrupted at the check's time limit"
+		}
 		rows = append(rows, c)
 	}
 	return rows, nil
