@@ -82,6 +82,11 @@ if want comfyui; then
     bench/comfyui/bench_comfyui.py --rounds 5 2>&1 | grep -v 'setup plugin' | tee "$out/comfyui.txt"
 fi
 
+if want multilora; then
+  section "multilora: 5 rank-16 LoRAs on a Flux-dev-width slice (2 double + 4 single blocks) end to end: side apply, fused apply, fused re-apply, remove; baseline = files parsed one by one and the journal restored from the model file"
+  go test ./host/lora/peftbench -run '^$' -bench '^BenchmarkMultiLoRA$' -benchtime 1x -timeout 60m | tee "$out/multilora.txt"
+fi
+
 if want lora; then
   section "lora: fuse/side/remove on a 0.62 B Flux slice vs PEFT's merge into bitsandbytes Linear4bit (slow: the baseline takes ~20 min)"
   go test ./host/lora/peftbench -run '^$' -bench . -benchtime 1x -timeout 60m | tee "$out/lora.txt"

@@ -12,6 +12,15 @@
 # On a GPU machine without Go, build `make gpu-bundle` here and bring only
 # bin/gpu-bundle.tar.xz (about 22 MB); this script unpacks it.
 #
+# The last step, capgen, runs whole Flux-dev generations (1024², 8 steps,
+# VAE decode) with 0/3/5 rank-16 and rank-64 LoRAs, side and fused, under
+# device-memory caps of 24, 16 and 12 GiB (the arena's capacity plus
+# ARENAHOST_TORCH_MEMORY_CAP in the pipeline process), and diffusers + PEFT
+# on bitsandbytes under the same caps; it needs diffusers, peft and
+# bitsandbytes in $PYTHON and stops starting configurations at its time
+# budget (-capgen-budget, and 255 s into the check) so the whole check
+# stays under 5 minutes. -steps without capgen leaves it out.
+#
 # Usage: scripts/gpu-check.sh [arenahost-gpucheck flags, e.g. -device 1 -skip-torch]
 # Environment: PYTHON (default python3), ARENAHOST_GPUCHECK (default bin/cuda/arenahost-gpucheck).
 set -euo pipefail
@@ -37,7 +46,10 @@ else
 fi
 if ! "$py" -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
   echo "gpu-check: warning: $py has no torch with CUDA; the Python IPC check and the PyTorch baseline will fail (pass -skip-torch to leave them out)" >&2
-elif ! "$py" -c 'import cupy' 2>/dev/null; then
+elif ! "$py" -c 'import diffusers, peft, bitsandbytes' 2>/dev/null; then
+  echo "gpu-check: warning: $py lacks diffusers, peft or bitsandbytes; the capgen step will fail (python/requirements-torch.txt has them; pass -steps without capgen to leave it out)" >&2
+fi
+if "$py" -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null && ! "$py" -c 'import cupy' 2>/dev/null; then
   echo "gpu-check: note: no cupy in $py; the Python IPC check uses the CUDA runtime torch loaded instead" >&2
 fi
 mkdir -p bench

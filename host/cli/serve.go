@@ -65,8 +65,9 @@ func runServe(ctx context.Context, env *Env, args []string) error {
 	s, err := server.New(ctx, server.Config{
 		DataDir: cfg.DataDir, ModelsDir: cfg.Models(), LoRAsDir: cfg.LoRAs(), PluginsDir: cfg.Plugins(),
 		ArenaCapacity: cfg.ArenaCapacity, ArenaSegment: cfg.ArenaSegment, ShmMode: cfg.Shm, Samples: cfg.Samples,
-		ArenaBackend: cfg.ArenaBackend, ArenaDevice: cfg.ArenaDevice,
-		PluginEnv: pluginEnv, Logger: log,
+		ArenaBackend: cfg.ArenaBackend, ArenaDevice: cfg.ArenaDevice, LoRAJournalMemory: journalMemory(cfg.LoRAJournalMemory),
+		LoRAJournalArena: int64(cfg.LoRAJournalArena),
+		PluginEnv:        pluginEnv, Logger: log,
 		LoadProgress: func(label string, total int64, done func() int64) func() {
 			return StartProgress(env.Stderr, label, total, done)
 		},
@@ -127,4 +128,16 @@ func apiBackend(s *server.Server) api.Backend {
 		b.LoRAs = s.LoRAs
 	}
 	return b
+}
+
+// journalMemory maps the lora-journal-memory setting (-1 auto, 0 none, a
+// byte budget) onto server.Config's (0 auto, negative none).
+func journalMemory(n int64) int64 {
+	switch {
+	case n < 0:
+		return 0
+	case n == 0:
+		return -1
+	}
+	return n
 }

@@ -53,6 +53,11 @@ type Config struct {
 	ArenaDevice   int    // device ordinal for cuda and cuda-sim
 	Shm           string
 	Samples       bool
+	// LoRAJournalMemory bounds the host memory a fuse journal keeps
+	// original bytes in (host/lora JournalMemory): -1 auto, 0 none.
+	LoRAJournalMemory int64
+	// LoRAJournalArena is the arena budget for the same copies (0: none).
+	LoRAJournalArena uint64
 
 	MaxBody           int64
 	ReadHeaderTimeout time.Duration
@@ -193,6 +198,24 @@ var settings = []setting{
 			c.Samples = b
 			return nil
 		}},
+	{name: "lora-journal-memory", def: "auto", doc: "host memory (never arena) a fused LoRA's journal may keep the fused weights' original bytes in, so that remove and a fused re-apply restore them without reading the model file again; auto: up to half of the memory the kernel reports available; 0: none (restores read the model file, checked by CRC-32C)",
+		set: func(c *Config, v string) error {
+			if v == "auto" {
+				c.LoRAJournalMemory = -1
+				return nil
+			}
+			n, err := ParseSize(v)
+			if err != nil {
+				return err
+			}
+			if n > 1<<50 {
+				return fmt.Errorf("%q is out of range (0B to 1PiB, or auto)", v)
+			}
+			c.LoRAJournalMemory = int64(n)
+			return nil
+		}},
+	{name: "lora-journal-arena", def: "0", doc: "arena (device memory on the cuda backend) a fused LoRA's journal may keep the original bytes in instead of host memory: a restore is then a device-to-device copy; it costs as much as the fused weights' packed codes and absmax; 0: none",
+		set: size(func(c *Config) *uint64 { return &c.LoRAJournalArena })},
 	{name: "max-body", def: "1MiB", doc: "largest request body accepted (413 beyond)",
 		set: func(c *Config, v string) error {
 			n, err := ParseSize(v)

@@ -31,7 +31,7 @@ func TestDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := Config{Listen: "127.0.0.1:7860", DataDir: "arenahost-data", PluginsDir: Auto, Python: Auto, ComfyFrontend: Auto, ArenaCapacity: 8 << 30,
-		ArenaSegment: 64 << 20, ArenaBackend: "cpu", Shm: "memfd", Samples: true, MaxBody: 1 << 20, ReadHeaderTimeout: 10 * time.Second,
+		ArenaSegment: 64 << 20, ArenaBackend: "cpu", Shm: "memfd", Samples: true, LoRAJournalMemory: -1, LoRAJournalArena: 0, MaxBody: 1 << 20, ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout: time.Minute, WriteTimeout: 10 * time.Minute, IdleTimeout: 2 * time.Minute, LogLevel: "info", MaxImages: 8}
 	if c != want {
 		t.Fatalf("defaults:\n got %+v\nwant %+v", c, want)

@@ -97,6 +97,16 @@ type Request struct {
 type Coordinator struct {
 	// Plugin is the plugin to call (PluginName by default).
 	Plugin string
+	// JournalMemory bounds the host memory the fuse journals keep copies
+	// of original bytes in, so that a restore need not read the model file
+	// (journalmem.go): JournalMemoryAuto (New's default), 0 for none, or
+	// a byte budget. Set it before the first apply.
+	JournalMemory int64
+	// JournalArena is a byte budget of arena (device memory on a device
+	// arena) the fuse journals may keep their copies in instead, restored
+	// with a device-to-device copy (journalmem.go); 0, the default, keeps
+	// none there.
+	JournalArena int64
 
 	reg      *registry.Registry
 	bindings *registry.Bindings
@@ -106,6 +116,10 @@ type Coordinator struct {
 
 	mu     sync.Mutex
 	models map[string]*modelState
+
+	memMu     sync.Mutex
+	memHeld   int64 // bytes of the journals' in-memory copies
+	arenaHeld int64 // bytes of the journals' arena copies of referenced weights
 }
 
 type modelState struct {
@@ -113,6 +127,7 @@ type modelState struct {
 	mu      sync.Mutex
 	state   api.LoRAState
 	journal map[string]journalEntry // by weight key
+	filling bool                    // a fillCopies goroutine runs (journalmem.go)
 }
 
 // New returns a coordinator over the registry's models, the factor
@@ -121,7 +136,7 @@ func New(reg *registry.Registry, b *registry.Bindings, mem Memory, plugins Plugi
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Coordinator{Plugin: PluginName, reg: reg, bindings: b, mem: mem, plugins: plugins, log: log, models: map[string]*modelState{}}
+	return &Coordinator{Plugin: PluginName, JournalMemory: JournalMemoryAuto, reg: reg, bindings: b, mem: mem, plugins: plugins, log: log, models: map[string]*modelState{}}
 }
 
 // DefaultModel is the model an empty name means.
@@ -565,11 +580,12 @@ func (c *Coordinator) applyFuse(ctx context.Context, ms *modelState, req Request
 	}
 	fusedList := slices.Clone(out.Fused)
 	sort.Strings(fusedList)
-	inArena, inFile := journalBytes(ms)
+	inArena, inFile, inMemory := journalBytes(ms)
 	ms.state = api.LoRAState{Model: req.Model, Mode: ModeFuse, LoRAs: slices.Clone(req.LoRAs), Strict: req.Strict, Fused: fusedList,
-		JournalBytes: inArena, JournalFileBytes: inFile, Report: out.Report}
+		JournalBytes: inArena, JournalFileBytes: inFile, JournalMemoryBytes: inMemory, Report: out.Report}
 	c.log.Info("lora fuse journal", "model", req.Model, "weights", len(ms.journal),
-		"arena", arena.ByteSize(inArena), "referenced_in_file", arena.ByteSize(inFile))
+		"arena", arena.ByteSize(inArena), "referenced_in_file", arena.ByteSize(inFile), "copied_in_host_memory", arena.ByteSize(inMemory))
+	c.startFill(ms, req.Model)
 	return nil
 }
 

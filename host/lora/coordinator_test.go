@@ -416,7 +416,9 @@ func TestConcurrentAppliesSerialized(t *testing.T) {
 }
 
 // TestPluginKilledMidFuseRollsBack kills the plugin mid-pass, with the
-// journal referencing the model file and with it in the arena (the model's
+// journal referencing the model file (with the originals also copied in
+// host memory: "file"; with none: "file-only"; with a budget that copies
+// some weights only: "file-partial") and with it in the arena (the model's
 // source detached), on a fused model (snapshots roll back) and a clean one.
 func TestPluginKilledMidFuseRollsBack(t *testing.T) {
 	for _, c := range []struct {
@@ -424,8 +426,11 @@ func TestPluginKilledMidFuseRollsBack(t *testing.T) {
 		over          bool
 	}{
 		{server.BackendCPU, "file", false}, {server.BackendCPU, "file", true},
+		{server.BackendCPU, "file-only", false}, {server.BackendCPU, "file-only", true},
+		{server.BackendCPU, "file-partial", true}, {server.BackendCPU, "file-arena", false}, {server.BackendCPU, "file-arena", true},
 		{server.BackendCPU, "arena", false}, {server.BackendCPU, "arena", true},
-		{server.BackendCUDASim, "file", true}, {server.BackendCUDASim, "arena", false},
+		{server.BackendCUDASim, "file", true}, {server.BackendCUDASim, "file-only", true}, {server.BackendCUDASim, "file-arena", true},
+		{server.BackendCUDASim, "arena", false},
 	} {
 		t.Run(fmt.Sprintf("%s, %s journal, over a fuse %v", c.backend, c.kind, c.over), func(t *testing.T) { testPluginKilledMidFuse(t, c.backend, c.kind, c.over) })
 	}
@@ -435,19 +440,39 @@ func testPluginKilledMidFuse(t *testing.T, backend, kind string, over bool) {
 	t.Setenv("LORA_NF4_LAYER_DELAY", "40ms")
 	s := newHostOn(t, backend)
 	_, _, dir := fixtures(t)
-	if kind == "arena" {
+	switch kind {
+	case "arena":
 		if err := s.Registry.DetachSource(server.DefaultModelName); err != nil {
 			t.Fatal(err)
 		}
+	case "file-only":
+		s.LoRAs.JournalMemory = 0
+	case "file-partial":
+		s.LoRAs.JournalMemory = 300 << 10 // a few of the sample's weights
+	case "file-arena":
+		s.LoRAs.JournalArena = 1 << 30
 	}
 	var inArena uint64
 	if over {
-		res, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, peftOracle(0.5)), Mode: lora.ModeFuse})
+		if _, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: entries(dir, peftOracle(0.5)), Mode: lora.ModeFuse}); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.LoRAs.WaitJournalCopies(t.Context(), ""); err != nil {
+			t.Fatal(err)
+		}
+		res, err := s.LoRAs.State("")
 		if err != nil {
 			t.Fatal(err)
 		}
-		if (kind == "file") != (res.JournalBytes == 0 && res.JournalFileBytes > 0) {
+		if (kind == "arena") != (res.JournalFileBytes == 0) || (kind == "arena" || kind == "file-arena") != (res.JournalBytes > 0) ||
+			(kind == "file-arena" && res.JournalBytes != res.JournalFileBytes) {
 			t.Fatalf("%s journal: %d bytes in the arena, %d in the file", kind, res.JournalBytes, res.JournalFileBytes)
+		}
+		switch mem := res.JournalMemoryBytes; {
+		case kind == "file" && mem != res.JournalFileBytes,
+			kind == "file-partial" && (mem == 0 || mem >= res.JournalFileBytes || mem > 300<<10),
+			(kind == "file-only" || kind == "arena" || kind == "file-arena") && mem != 0:
+			t.Fatalf("%s journal: %d of %d referenced bytes copied in memory", kind, mem, res.JournalFileBytes)
 		}
 		inArena = res.JournalBytes
 	}
@@ -467,6 +492,9 @@ func testPluginKilledMidFuse(t *testing.T, backend, kind string, over bool) {
 	}
 	if a := s.Arena.Stats().Allocated; a != level {
 		t.Errorf("arena at %d after the kill, %d before", a, level)
+	}
+	if n := s.LoRAs.MemoryHeld(); !over && n != 0 {
+		t.Errorf("%d bytes of in-memory copies held after a failed first fuse", n)
 	}
 	_ = registry.ErrNotFound
 }

@@ -97,44 +97,98 @@ func sameMaps(a, b map[string][]byte) bool {
 }
 
 // TestSourceModifiedInPlace: a model file written in place after the
-// load loses the originals; remove and a re-apply then fail naming the
-// file and the tensor, and the model keeps its fused bytes and state.
+// load loses the originals of a journal that only references it; remove
+// and a re-apply then fail naming the file and the tensor, and the model
+// keeps its fused bytes and state. A journal that also keeps the
+// originals in host memory (the default budget) does not need the file:
+// remove puts back every original byte.
 func TestSourceModifiedInPlace(t *testing.T) {
-	s := newHost(t)
-	_, _, dir := fixtures(t)
-	path := loadOwnCopy(t, s)
-	if _, err := s.LoRAs.Apply(t.Context(), lora.Request{Model: "own", LoRAs: entries(dir, kohyaOracle(1)), Mode: lora.ModeFuse}); err != nil {
-		t.Fatal(err)
-	}
-	fused := snapshotOf(t, s, "own")
-	level := s.Arena.Stats().Allocated
-	// Flip one byte of a fused weight's packed codes in the file itself.
-	const w = "double_blocks.0.img_attn.qkv.weight"
-	flipInFile(t, s, "own", path, w)
-	for _, op := range []struct {
-		name string
-		run  func() error
-	}{
-		{"remove", func() error { _, err := s.LoRAs.Remove(t.Context(), "own"); return err }},
-		{"re-apply", func() error {
-			_, err := s.LoRAs.Apply(t.Context(), lora.Request{Model: "own", LoRAs: entries(dir, peftOracle(1)), Mode: lora.ModeFuse})
-			return err
-		}},
-	} {
-		err := op.run()
-		if err == nil {
-			t.Fatalf("%s succeeded with the model file modified in place", op.name)
+	t.Run("file references only", func(t *testing.T) {
+		s := newHost(t)
+		s.LoRAs.JournalMemory = 0
+		_, _, dir := fixtures(t)
+		path := loadOwnCopy(t, s)
+		res, err := s.LoRAs.Apply(t.Context(), lora.Request{Model: "own", LoRAs: entries(dir, kohyaOracle(1)), Mode: lora.ModeFuse})
+		if err != nil {
+			t.Fatal(err)
 		}
-		if msg := err.Error(); !strings.Contains(msg, path) || !strings.Contains(msg, w) || !strings.Contains(msg, "changed since it was loaded") {
-			t.Errorf("%s: error %q does not name the file, the tensor and the cause", op.name, msg)
+		if res.JournalMemoryBytes != 0 || s.LoRAs.MemoryHeld() != 0 {
+			t.Fatalf("budget 0: %d bytes kept in memory (%d held)", res.JournalMemoryBytes, s.LoRAs.MemoryHeld())
 		}
-		sameBytes(t, op.name+" re-fused", fused, snapshotOf(t, s, "own"))
-		if st, _ := s.LoRAs.State("own"); st.Mode != lora.ModeFuse || len(st.LoRAs) != 1 {
-			t.Errorf("%s refused: state %+v, want the fused set", op.name, st)
+		fused := snapshotOf(t, s, "own")
+		level := s.Arena.Stats().Allocated
+		// Flip one byte of a fused weight's packed codes in the file itself.
+		const w = "double_blocks.0.img_attn.qkv.weight"
+		flipInFile(t, s, "own", path, w)
+		for _, op := range []struct {
+			name string
+			run  func() error
+		}{
+			{"remove", func() error { _, err := s.LoRAs.Remove(t.Context(), "own"); return err }},
+			{"re-apply", func() error {
+				_, err := s.LoRAs.Apply(t.Context(), lora.Request{Model: "own", LoRAs: entries(dir, peftOracle(1)), Mode: lora.ModeFuse})
+				return err
+			}},
+		} {
+			err := op.run()
+			if err == nil {
+				t.Fatalf("%s succeeded with the model file modified in place", op.name)
+			}
+			if msg := err.Error(); !strings.Contains(msg, path) || !strings.Contains(msg, w) || !strings.Contains(msg, "changed since it was loaded") {
+				t.Errorf("%s: error %q does not name the file, the tensor and the cause", op.name, msg)
+			}
+			sameBytes(t, op.name+" re-fused", fused, snapshotOf(t, s, "own"))
+			if st, _ := s.LoRAs.State("own"); st.Mode != lora.ModeFuse || len(st.LoRAs) != 1 {
+				t.Errorf("%s refused: state %+v, want the fused set", op.name, st)
+			}
+			if a := s.Arena.Stats().Allocated; a != level {
+				t.Errorf("%s refused: arena at %d, %d before", op.name, a, level)
+			}
 		}
-		if a := s.Arena.Stats().Allocated; a != level {
-			t.Errorf("%s refused: arena at %d, %d before", op.name, a, level)
-		}
+	})
+	for _, where := range []string{"memory", "arena"} {
+		t.Run("copy in "+where, func(t *testing.T) {
+			s := newHost(t)
+			if where == "arena" {
+				s.LoRAs.JournalArena = 1 << 30
+			}
+			_, _, dir := fixtures(t)
+			path := loadOwnCopy(t, s)
+			orig := snapshotOf(t, s, "own")
+			level := s.Arena.Stats().Allocated
+			if _, err := s.LoRAs.Apply(t.Context(), lora.Request{Model: "own", LoRAs: entries(dir, kohyaOracle(1)), Mode: lora.ModeFuse}); err != nil {
+				t.Fatal(err)
+			}
+			// The host-memory copy is taken in the background after the apply.
+			if err := s.LoRAs.WaitJournalCopies(t.Context(), "own"); err != nil {
+				t.Fatal(err)
+			}
+			res, err := s.LoRAs.State("own")
+			if err != nil {
+				t.Fatal(err)
+			}
+			copied, inArena := res.JournalMemoryBytes, uint64(0)
+			if where == "arena" {
+				copied, inArena = res.JournalBytes, res.JournalBytes
+			}
+			if copied == 0 || copied != res.JournalFileBytes || res.JournalBytes != inArena || uint64(s.Arena.Stats().Allocated) < uint64(level)+inArena {
+				t.Fatalf("journal: %d bytes in memory, %d referenced, %d in the arena (arena %d → %d)", res.JournalMemoryBytes, res.JournalFileBytes, res.JournalBytes, level, s.Arena.Stats().Allocated)
+			}
+			flipInFile(t, s, "own", path, "double_blocks.0.img_attn.qkv.weight")
+			if _, err := s.LoRAs.Apply(t.Context(), lora.Request{Model: "own", LoRAs: entries(dir, peftOracle(1)), Mode: lora.ModeFuse}); err != nil {
+				t.Fatalf("re-apply with the originals copied: %v", err)
+			}
+			if _, err := s.LoRAs.Remove(t.Context(), "own"); err != nil {
+				t.Fatalf("remove with the originals copied: %v", err)
+			}
+			sameBytes(t, "remove from the copy", orig, snapshotOf(t, s, "own"))
+			if n := s.LoRAs.MemoryHeld(); n != 0 {
+				t.Errorf("%d bytes of copies held after remove", n)
+			}
+			if a := s.Arena.Stats().Allocated; a != level {
+				t.Errorf("arena at %d after remove, %d before", a, level)
+			}
+		})
 	}
 }
 

@@ -30,7 +30,9 @@ import (
 // the journal copies the weight into host arena regions instead. That copy
 // is also the fallback for a model that holds no source file.
 //
-// Every restore writes the file's bytes with the arena (one host copy on a
+// A restore writes the weight's copy when the journal keeps one
+// (journalmem.go: in host memory or in the arena, within their budgets);
+// otherwise it writes the file's bytes with the arena (one host copy on a
 // device arena) and checks their CRC as it goes; when the file has changed
 // since the load it first checks every reference, so a file modified in
 // place is refused, naming the file and tensor, with the weights as they
@@ -57,6 +59,10 @@ type sourceRef struct {
 type journalEntry struct {
 	saved []arena.Region // arena copies, in journaled order; nil when referenced
 	refs  []sourceRef    // the same tensors in the file; nil for arena copies
+	// mem, beside refs when the budget allowed, holds the same tensors'
+	// original bytes in host memory: a restore writes them instead of
+	// reading the file (journalmem.go).
+	mem [][]byte
 }
 
 // journaled lists the tensors of qw the fused pass rewrites, in the order
@@ -104,9 +110,12 @@ func (c *Coordinator) journal(m *registry.Model, w string) (journalEntry, error)
 	if err != nil {
 		return journalEntry{}, err
 	}
-	refs, err := c.reference(m, journaled(qw))
+	ts := journaled(qw)
+	refs, err := c.reference(m, ts)
 	if err == nil {
-		return journalEntry{refs: refs}, nil
+		// The in-memory copy is taken after the apply, in the background
+		// (startFill), so that it costs the apply nothing.
+		return journalEntry{refs: refs, saved: c.copyInArena(m, w, ts)}, nil
 	}
 	if !errors.Is(err, errNoSource) {
 		c.log.Warn("lora journal: original bytes copied into the arena instead of referenced in the model file", "model", m.Name, "weight", w, "err", err)
@@ -162,8 +171,8 @@ func sourceCRC(m *registry.Model, ref registry.SourceRef) (uint32, error) {
 // verify checks that the source file still holds the bytes e references:
 // at once when the file is unchanged since the load, else by reading them.
 func verify(m *registry.Model, w string, e journalEntry) error {
-	if m.SourceUnchanged() {
-		return nil
+	if m.SourceUnchanged() || (e.mem != nil && len(e.mem) == len(e.refs)) || e.saved != nil {
+		return nil // a copy in memory or in the arena does not depend on the file
 	}
 	for _, r := range e.refs {
 		got, err := sourceCRC(m, r.SourceRef)
@@ -228,7 +237,7 @@ func (c *Coordinator) putBackChecked(m *registry.Model, w string, e journalEntry
 		return fmt.Errorf("model %q: 4-bit weight %s: %w", m.Name, w, registry.ErrNotFound)
 	}
 	ts := journaled(qw)
-	if e.referenced() {
+	if e.referenced() && e.saved == nil {
 		if len(e.refs) != len(ts) {
 			return fmt.Errorf("weight %s: %d journaled tensors for %d", w, len(e.refs), len(ts))
 		}
@@ -236,6 +245,17 @@ func (c *Coordinator) putBackChecked(m *registry.Model, w string, e journalEntry
 			if uint64(e.refs[i].Length) != t.NBytes {
 				return fmt.Errorf("weight %s: tensor %s: %d journaled bytes for %d", w, t.Name, e.refs[i].Length, t.NBytes)
 			}
+		}
+		if len(e.mem) == len(ts) {
+			// The in-memory copy, checked against the load's CRC when taken,
+			// holds exactly the bytes the references name, and is not the
+			// file: a changed file does not matter to it.
+			for i, t := range ts {
+				if err := c.writeMem(t.Region, e.mem[i]); err != nil {
+					return fmt.Errorf("weight %s: put back tensor %s from its in-memory copy: %w", w, t.Name, err)
+				}
+			}
+			return nil
 		}
 		if !verified {
 			if err := verify(m, w, e); err != nil {
@@ -317,16 +337,24 @@ func (c *Coordinator) freeEntry(e journalEntry) {
 	for _, r := range e.saved {
 		_ = c.mem.Free(r)
 	}
+	if e.referenced() && len(e.saved) > 0 {
+		c.releaseArena(int64(e.arenaBytes()))
+	}
+	if n := e.memBytes(); n > 0 {
+		c.releaseMem(int64(n))
+	}
 }
 
-// journalBytes returns what the model's journal holds in the arena and
-// what it references in the model's file.
-func journalBytes(ms *modelState) (inArena, inFile uint64) {
+// journalBytes returns what the model's journal holds in the arena, what
+// it references in the model's file, and what of that it keeps a copy of
+// in host memory.
+func journalBytes(ms *modelState) (inArena, inFile, inMemory uint64) {
 	for _, e := range ms.journal {
 		inArena += e.arenaBytes()
 		inFile += e.fileBytes()
+		inMemory += e.memBytes()
 	}
-	return inArena, inFile
+	return inArena, inFile, inMemory
 }
 
 // restoreAll puts every journaled weight back under the model's write

@@ -126,42 +126,61 @@ func TestJournalOnEveryBackend(t *testing.T) {
 			// (a download on a device); put back from the file with one
 			// WriteFrom per tensor (straight into the mapping on the CPU,
 			// through the staging buffer on a device) after a CRC check.
-			level := a.Stats().Allocated
-			if err := reg.WriteLocked("m", func(m *registry.Model) error {
-				*mem = countingMem{Arena: a}
-				fe, err := c.journal(m, qw.Name)
-				if err != nil {
-					return err
+			// With the in-memory copy (the default budget) the copy comes
+			// from the file too, and the put back is one Write per tensor.
+			for _, budget := range []int64{0, JournalMemoryAuto} {
+				c.JournalMemory = budget
+				level := a.Stats().Allocated
+				if err := reg.WriteLocked("m", func(m *registry.Model) error {
+					*mem = countingMem{Arena: a}
+					fe, err := c.journal(m, qw.Name)
+					if err != nil {
+						return err
+					}
+					if !fe.referenced() || fe.arenaBytes() != 0 || fe.fileBytes() != qw.Packed.NBytes+qw.Absmax.NBytes {
+						t.Fatalf("file journal entry %+v", fe)
+					}
+					if mem.reads != 0 || fe.refs[0].crc != crc32.Checksum(packed, castagnoli) || fe.refs[1].crc != crc32.Checksum(absmax, castagnoli) {
+						t.Fatalf("journal read %d times from the arena; CRCs %08x %08x", mem.reads, fe.refs[0].crc, fe.refs[1].crc)
+					}
+					if a.Stats().Allocated != level {
+						t.Fatal("the file journal allocated arena")
+					}
+					if budget != 0 {
+						// What fillCopies does after an apply, for this entry.
+						fe.mem = c.copyOriginals(m, qw.Name, fe.refs)
+						if mem.reads != 0 {
+							t.Fatalf("the in-memory copy read %d times from the arena", mem.reads)
+						}
+					}
+					if err := a.Write(ctx, qw.Packed.Region, 0, bytes.Repeat([]byte{0x5a}, int(qw.Packed.NBytes))); err != nil {
+						return err
+					}
+					if err := a.Write(ctx, qw.Absmax.Region, 0, bytes.Repeat([]byte{1}, int(qw.Absmax.NBytes))); err != nil {
+						return err
+					}
+					*mem = countingMem{Arena: a}
+					if err := c.putBack(m, qw.Name, fe); err != nil {
+						return err
+					}
+					switch {
+					case budget == 0 && (mem.fills != 2 || mem.writes != 0 || fe.memBytes() != 0):
+						t.Fatalf("putBack from the file: %d WriteFrom and %d Write calls, want 2 and none", mem.fills, mem.writes)
+					case budget != 0 && (mem.fills != 0 || mem.writes < 2 || fe.memBytes() != fe.fileBytes() || c.MemoryHeld() != int64(fe.fileBytes())):
+						t.Fatalf("putBack from the in-memory copy (%d bytes, %d held): %d WriteFrom and %d Write calls, want none and ≥ 2",
+							fe.memBytes(), c.MemoryHeld(), mem.fills, mem.writes)
+					}
+					c.freeEntry(fe)
+					if c.MemoryHeld() != 0 {
+						t.Fatalf("%d bytes held after the entry was freed", c.MemoryHeld())
+					}
+					return nil
+				}); err != nil {
+					t.Fatal(err)
 				}
-				if !fe.referenced() || fe.arenaBytes() != 0 || fe.fileBytes() != qw.Packed.NBytes+qw.Absmax.NBytes {
-					t.Fatalf("file journal entry %+v", fe)
+				if !bytes.Equal(read(qw.Packed), packed) || !bytes.Equal(read(qw.Absmax), absmax) {
+					t.Fatalf("putBack (memory budget %d) did not restore the original bytes", budget)
 				}
-				if mem.reads != 0 || fe.refs[0].crc != crc32.Checksum(packed, castagnoli) || fe.refs[1].crc != crc32.Checksum(absmax, castagnoli) {
-					t.Fatalf("journal read %d times from the arena; CRCs %08x %08x", mem.reads, fe.refs[0].crc, fe.refs[1].crc)
-				}
-				if a.Stats().Allocated != level {
-					t.Fatal("the file journal allocated arena")
-				}
-				if err := a.Write(ctx, qw.Packed.Region, 0, bytes.Repeat([]byte{0x5a}, int(qw.Packed.NBytes))); err != nil {
-					return err
-				}
-				if err := a.Write(ctx, qw.Absmax.Region, 0, bytes.Repeat([]byte{1}, int(qw.Absmax.NBytes))); err != nil {
-					return err
-				}
-				*mem = countingMem{Arena: a}
-				if err := c.putBack(m, qw.Name, fe); err != nil {
-					return err
-				}
-				if mem.fills != 2 || mem.writes != 0 {
-					t.Fatalf("putBack from the file: %d WriteFrom and %d Write calls, want 2 and none", mem.fills, mem.writes)
-				}
-				c.freeEntry(fe)
-				return nil
-			}); err != nil {
-				t.Fatal(err)
-			}
-			if !bytes.Equal(read(qw.Packed), packed) || !bytes.Equal(read(qw.Absmax), absmax) {
-				t.Fatal("putBack from the file did not restore the original bytes")
 			}
 			// A file retimed since the load is checksummed: same bytes, so
 			// still a reference, restored after the CRC check.

@@ -38,6 +38,14 @@ type Config struct {
 	ArenaCapacity uint64
 	// ArenaSegment is the arena's growth unit (default 64 MiB).
 	ArenaSegment uint64
+	// LoRAJournalMemory bounds the host memory a fuse journal keeps
+	// original bytes in (host/lora Coordinator.JournalMemory): 0, the zero
+	// value, means the coordinator's default (auto); a negative value
+	// none; a positive one a byte budget.
+	LoRAJournalMemory int64
+	// LoRAJournalArena is the arena budget for the same copies
+	// (Coordinator.JournalArena; 0: none).
+	LoRAJournalArena int64
 	// ShmMode is "memfd" (default) or "shm" (files under /dev/shm).
 	ShmMode string
 	// ArenaBackend is "cpu" (default: shared memory), "cuda" (device
@@ -181,6 +189,13 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s.Plugins = plugin.NewManager(pcfg)
 	s.Jobs.Attach(s.Plugins)
 	s.LoRAs = lora.New(s.Registry, s.Bindings, ar, s.Plugins, log)
+	s.LoRAs.JournalArena = cfg.LoRAJournalArena
+	switch n := cfg.LoRAJournalMemory; {
+	case n < 0:
+		s.LoRAs.JournalMemory = 0
+	case n > 0:
+		s.LoRAs.JournalMemory = n
+	}
 	if cfg.PluginsDir != "" {
 		// A plugin that does not start stays registered as failed, with
 		// its error in /v1/plugins; the host serves the others.

@@ -45,10 +45,12 @@ func TestRealDeviceWithoutCUDA(t *testing.T) {
 				}
 			}
 			h.mu.Lock()
-			freed := h.freed
+			freed, allocs := h.freed, h.allocs
 			h.mu.Unlock()
-			if mode == lorawire.ModeSide && freed != 2 {
-				t.Errorf("side: %d regions freed after the error, want A and B", freed)
+			// Layers are written by several workers: each may have
+			// allocated its A and B before the first failed; all are freed.
+			if mode == lorawire.ModeSide && (freed != allocs || freed < 2) {
+				t.Errorf("side: %d regions freed after the error, %d allocated (want all, at least A and B)", freed, allocs)
 			}
 		})
 	}

@@ -58,6 +58,8 @@ type testHost struct {
 	gen   uint64
 	model []*pluginv1.TensorDescriptor
 	freed int
+	// allocs counts the device regions Allocate handed out.
+	allocs int
 }
 
 const testArena = 32 << 20
@@ -175,6 +177,9 @@ func (h *testHost) Allocate(ctx context.Context, req *pluginv1.AllocateRequest) 
 	if err != nil {
 		return nil, status.Error(codes.ResourceExhausted, err.Error())
 	}
+	h.mu.Lock()
+	h.allocs++
+	h.mu.Unlock()
 	return &pluginv1.AllocateResponse{Tensor: d}, nil
 }
 

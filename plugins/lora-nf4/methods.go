@@ -8,10 +8,12 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/arenahost/arenahost/sdk"
@@ -33,6 +35,12 @@ const EnvLayerDelay = "LORA_NF4_LAYER_DELAY"
 // size, or one layer's when a layer alone is larger.
 const EnvDeviceBatch = "LORA_NF4_DEVICE_BATCH"
 
+// EnvParseWorkers, when set to a count, bounds how many LoRA files of a
+// set are parsed at once, and how many layers' side factors are allocated
+// and written at once (default: GOMAXPROCS); 1 does both one after
+// another, as before (the benchmark's baseline).
+const EnvParseWorkers = "LORA_NF4_PARSE_WORKERS"
+
 // DefaultDeviceBatch: 32 MiB of factors per upload. A Flux-dev pass with
 // one rank-16 LoRA (about 1 MB of A_cat and B_cat per layer) then makes
 // tens of uploads, each a stream synchronisation, instead of two per
@@ -48,8 +56,10 @@ type engine struct {
 	plans  map[string]*sidePlan
 	mapper *tensor.Mapper // read-write views of quant side tensors (fuse)
 	delay  time.Duration
-	batch  int       // device scratch bound (EnvDeviceBatch)
-	gpu    *gpuState // the device, for descriptors on CUDA slabs
+	batch  int // device scratch bound (EnvDeviceBatch)
+	// parseWorkers bounds the LoRA files parsed at once (EnvParseWorkers).
+	parseWorkers int
+	gpu          *gpuState // the device, for descriptors on CUDA slabs
 	// passes holds one lock per model, held while a fused pass writes the
 	// model's weights (fence waits for it).
 	passes sync.Map  // model name → *sync.Mutex
@@ -88,10 +98,15 @@ type sidePlan struct {
 }
 
 func newEngine() *engine {
-	e := &engine{plans: map[string]*sidePlan{}, mapper: tensor.NewMapper(), gpu: &gpuState{}, batch: DefaultDeviceBatch}
+	e := &engine{plans: map[string]*sidePlan{}, mapper: tensor.NewMapper(), gpu: &gpuState{}, batch: DefaultDeviceBatch, parseWorkers: runtime.GOMAXPROCS(0)}
 	if v := os.Getenv(EnvLayerDelay); v != "" {
 		if d, err := time.ParseDuration(v); err == nil {
 			e.delay = d
+		}
+	}
+	if v := os.Getenv(EnvParseWorkers); v != "" {
+		if n, err := strconv.Atoi(v); err == nil && n > 0 {
+			e.parseWorkers = n
 		}
 	}
 	if v := os.Getenv(EnvDeviceBatch); v != "" {
@@ -186,35 +201,82 @@ func loadModelFor(ctx context.Context, c *sdk.Call, name string, side bool) (*mo
 // mapSet parses and maps every LoRA of the set; under strict, any
 // unmatched key is an error naming the file and key. With keep (the plan
 // call) the parsed files stay in e.files for the apply that follows.
+//
+// The files are parsed and mapped concurrently, up to e.parseWorkers at a
+// time (each Parse decodes its tensors straight from the file's mapping,
+// itself in parallel), so a set of several LoRAs overlaps one file's
+// header, sort and map with another's decode. Errors are reported for the
+// first failing LoRA in the set's order, as a sequential parse would.
 func (e *engine) mapSet(m *lora.Model, specs []lorawire.LoRASpec, strict, keep bool) ([]*lora.Mapping, []float64, error) {
 	if len(specs) == 0 {
 		return nil, nil, fmt.Errorf("no LoRA given: %w", sdk.ErrInvalidArgument)
 	}
-	var maps []*lora.Mapping
-	var strengths []float64
-	kept := map[string]cachedFile{}
 	for _, s := range specs {
 		if math.IsNaN(s.Strength) || math.IsInf(s.Strength, 0) {
 			return nil, nil, fmt.Errorf("lora %s: strength %v: %w", filepath.Base(s.Path), s.Strength, sdk.ErrInvalidArgument)
 		}
-		f, id, statted, err := e.files.parse(s.Path)
-		if err != nil {
-			return nil, nil, fmt.Errorf("%w: %w", err, sdk.ErrInvalidArgument)
+	}
+	type parsed struct {
+		mp      *lora.Mapping
+		kept    *cachedFile
+		err     error
+		skipped bool
+	}
+	res := make([]parsed, len(specs))
+	var failed atomic.Int64 // lowest failed index + 1 seen so far (0: none)
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range max(1, min(e.parseWorkers, len(specs))) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := int(next.Add(1) - 1); i < len(specs); i = int(next.Add(1) - 1) {
+				if f := failed.Load(); f > 0 && int(f-1) < i {
+					res[i].skipped = true // a LoRA before it failed: its error is the one reported
+					continue
+				}
+				r := &res[i]
+				s := specs[i]
+				f, id, statted, err := e.files.parse(s.Path)
+				if err == nil {
+					if statted {
+						r.kept = &cachedFile{id: id, f: f}
+					}
+					r.mp, err = m.Map(f)
+				}
+				if err == nil && strict && len(r.mp.Unmatched) > 0 {
+					u := r.mp.Unmatched[0]
+					err = fmt.Errorf("lora %s: key %s: unmatched (%s) and strict is set (%d unmatched in all)",
+						filepath.Base(s.Path), u.Key, u.Reason, len(r.mp.Unmatched))
+				}
+				if err != nil {
+					r.err = err
+					for {
+						f := failed.Load()
+						if (f > 0 && int(f-1) <= i) || failed.CompareAndSwap(f, int64(i+1)) {
+							break
+						}
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	maps := make([]*lora.Mapping, 0, len(specs))
+	strengths := make([]float64, 0, len(specs))
+	kept := map[string]cachedFile{}
+	for i, r := range res {
+		if r.err != nil {
+			return nil, nil, fmt.Errorf("%w: %w", r.err, sdk.ErrInvalidArgument)
 		}
-		if statted {
-			kept[s.Path] = cachedFile{id: id, f: f}
+		if r.skipped {
+			continue // unreachable: a failure before it returned above
 		}
-		mp, err := m.Map(f)
-		if err != nil {
-			return nil, nil, fmt.Errorf("%w: %w", err, sdk.ErrInvalidArgument)
+		if r.kept != nil {
+			kept[specs[i].Path] = *r.kept
 		}
-		if strict && len(mp.Unmatched) > 0 {
-			u := mp.Unmatched[0]
-			return nil, nil, fmt.Errorf("lora %s: key %s: unmatched (%s) and strict is set (%d unmatched in all): %w",
-				filepath.Base(s.Path), u.Key, u.Reason, len(mp.Unmatched), sdk.ErrInvalidArgument)
-		}
-		maps = append(maps, mp)
-		strengths = append(strengths, s.Strength)
+		maps = append(maps, r.mp)
+		strengths = append(strengths, specs[i].Strength)
 	}
 	if keep {
 		e.files.keep(kept)
@@ -462,42 +524,100 @@ func (e *engine) applySide(ctx context.Context, c *sdk.Call, args lorawire.Apply
 	if err != nil {
 		return lorawire.ApplyResult{}, err
 	}
-	var allocated []*pluginv1.Region
+	// Every layer's regions are allocated and written by a pool of
+	// workers: the allocations are calls to the host, the writes host
+	// copies (into the mapping, or into a buffer then uploaded: the device
+	// serializes the uploads), so layers overlap one another's waits.
+	// Results land in the layers' order whatever finishes first.
+	type slot struct {
+		a, b *pluginv1.TensorDescriptor
+		dev  bool
+	}
+	var live []*lora.SideLayer
+	for _, sl := range p.Layers {
+		if boundRank(sl) > 0 {
+			live = append(live, sl)
+		}
+	}
+	slots := make([]slot, len(live))
+	var (
+		amu       sync.Mutex
+		allocated []*pluginv1.Region
+		next      atomic.Int64
+		wg        sync.WaitGroup
+		firstErr  error
+	)
 	defer func() {
 		if err != nil && len(allocated) > 0 {
 			_ = c.Host().Free(context.WithoutCancel(ctx), allocated...)
 		}
 	}()
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	one := func(i int) error {
+		sl := live[i]
+		rr := boundRank(sl)
+		w := sl.Name + ".weight"
+		a, err := c.Host().Allocate(wctx, lorawire.FactorA(w), pluginv1.DType_DTYPE_F32, []int64{int64(rr), int64(sl.In)})
+		if err != nil {
+			return fmt.Errorf("layer %s: allocate A_cat [%d %d]: %w", sl.Name, rr, sl.In, err)
+		}
+		amu.Lock()
+		allocated = append(allocated, a.GetRegion())
+		amu.Unlock()
+		b, err := c.Host().Allocate(wctx, lorawire.FactorB(w), pluginv1.DType_DTYPE_F32, []int64{int64(sl.Out), int64(rr)})
+		if err != nil {
+			return fmt.Errorf("layer %s: allocate B_cat [%d %d]: %w", sl.Name, sl.Out, rr, err)
+		}
+		amu.Lock()
+		allocated = append(allocated, b.GetRegion())
+		amu.Unlock()
+		fv, err := e.factorView(c, w, a, b)
+		if err != nil {
+			return err
+		}
+		if err := fv.writeAll(wctx, sl); err != nil {
+			return err
+		}
+		slots[i] = slot{a: a, b: b, dev: fv.dev != nil}
+		return nil
+	}
+	for range max(1, min(e.parseWorkers, len(live))) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := int(next.Add(1) - 1); i < len(live); i = int(next.Add(1) - 1) {
+				if wctx.Err() != nil {
+					return
+				}
+				if err := one(i); err != nil {
+					amu.Lock()
+					if firstErr == nil {
+						firstErr = err
+					}
+					amu.Unlock()
+					cancel()
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if firstErr == nil {
+		firstErr = ctx.Err()
+	}
+	if firstErr != nil {
+		return lorawire.ApplyResult{}, firstErr
+	}
 	ranks := map[string]int{}
 	var out []*pluginv1.TensorDescriptor
 	onDevice := false
-	for _, sl := range p.Layers {
-		rr := boundRank(sl)
-		if rr == 0 {
-			continue
-		}
-		w := sl.Name + ".weight"
-		a, err := c.Host().Allocate(ctx, lorawire.FactorA(w), pluginv1.DType_DTYPE_F32, []int64{int64(rr), int64(sl.In)})
-		if err != nil {
-			return lorawire.ApplyResult{}, fmt.Errorf("layer %s: allocate A_cat [%d %d]: %w", sl.Name, rr, sl.In, err)
-		}
-		allocated = append(allocated, a.GetRegion())
-		b, err := c.Host().Allocate(ctx, lorawire.FactorB(w), pluginv1.DType_DTYPE_F32, []int64{int64(sl.Out), int64(rr)})
-		if err != nil {
-			return lorawire.ApplyResult{}, fmt.Errorf("layer %s: allocate B_cat [%d %d]: %w", sl.Name, sl.Out, rr, err)
-		}
-		allocated = append(allocated, b.GetRegion())
-		fv, err := e.factorView(c, w, a, b)
-		if err != nil {
-			return lorawire.ApplyResult{}, err
-		}
-		if err := fv.writeAll(ctx, sl); err != nil {
-			return lorawire.ApplyResult{}, err
-		}
-		onDevice = onDevice || fv.dev != nil
-		out = append(out, a, b)
+	for i, sl := range live {
+		rr, w := boundRank(sl), sl.Name+".weight"
+		onDevice = onDevice || slots[i].dev
+		out = append(out, slots[i].a, slots[i].b)
 		ranks[w] = rr
-		res.Factors = append(res.Factors, lorawire.Factor{Weight: w, A: a.GetName(), B: b.GetName(), Rank: rr, Out: sl.Out, In: sl.In})
+		res.Factors = append(res.Factors, lorawire.Factor{Weight: w, A: slots[i].a.GetName(), B: slots[i].b.GetName(), Rank: rr, Out: sl.Out, In: sl.In})
 	}
 	if onDevice {
 		// The factors are read by another process once the descriptors are

@@ -78,8 +78,11 @@ type LoRAState struct {
 	JournalBytes uint64 `json:"journal_bytes,omitempty"`
 	// JournalFileBytes is what the fuse journal references in the model's
 	// safetensors file instead of copying (checked by CRC-32C on restore).
-	JournalFileBytes uint64       `json:"journal_file_bytes,omitempty"`
-	Report           *lora.Report `json:"report,omitempty"`
+	JournalFileBytes uint64 `json:"journal_file_bytes,omitempty"`
+	// JournalMemoryBytes is what of JournalFileBytes the journal also
+	// keeps in host memory, so that a restore reads no file (not arena).
+	JournalMemoryBytes uint64       `json:"journal_memory_bytes,omitempty"`
+	Report             *lora.Report `json:"report,omitempty"`
 }
 
 // LoRAResult is the outcome of an apply or remove: the body of

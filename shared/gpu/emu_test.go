@@ -544,6 +544,7 @@ func TestEmuFuseNonFinite(t *testing.T) {
 }
 
 func nonFinite(v float32) bool { return math.Float32bits(v)&0x7f800000 == 0x7f800000 }
+
 // deltaNoFMA is B·A in the delta product's order before it used FMA (per
 // element, ((b0·a0 + b1·a1) + b2·a2) + b3·a3 per group of four ranks, then
 // each rank past the groups, every product and sum rounded on its own):

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -35,7 +36,22 @@ type options struct {
 	deviceHost  string
 	steps       string
 	mergeModel  string
+	// the capgen step (capgen.go)
+	capgenModel    string
+	capgenCaps     string
+	capgenSize     int
+	capgenSteps    int
+	capgenBudget   time.Duration
+	capgenScript   string
+	capgenBaseline bool
+	sdk            string
 }
+
+// runLimit is when the capgen step starts its last configuration,
+// whatever -capgen-budget says: scripts/gpu-check.sh interrupts the check
+// at 290 s (SIGINT: the running step stops and the report is written), so
+// 35 s are left for a Flux-dev generation that started just before.
+const runLimit = 255 * time.Second
 
 func run() int {
 	var o options
@@ -48,7 +64,15 @@ func run() int {
 	flag.StringVar(&o.cpuHost, "cpu-host", "bin/arenahost", "arenahost built without CUDA (make build): the served check's CPU host; empty skips the served check")
 	flag.StringVar(&o.deviceHost, "device-host", "bin/cuda/arenahost", "arenahost built with -tags cuda (make cuda), with its plugins under bin/cuda/plugins")
 	flag.StringVar(&o.mergeModel, "merge-model", "dev", "the scale and merge steps' model: dev (Flux-dev, the targets) or tiny (one block of each kind, for fakecuda)")
-	flag.StringVar(&o.steps, "steps", "correctness,ipc,load,served,two-hosts,merge,scale", "the steps to run, comma-separated")
+	flag.StringVar(&o.steps, "steps", "correctness,ipc,load,served,two-hosts,merge,scale,capgen", "the steps to run, comma-separated")
+	flag.StringVar(&o.capgenModel, "capgen-model", "dev", "the capgen step's transformer: dev (Flux-dev) or tiny")
+	flag.StringVar(&o.capgenCaps, "capgen-caps", "24,16,12", "the capgen step's device-memory caps in GiB, largest first (the full matrix runs at the first, rank 16 only at the others)")
+	flag.IntVar(&o.capgenSize, "capgen-size", 1024, "the capgen step's image side")
+	flag.IntVar(&o.capgenSteps, "capgen-steps", 8, "the capgen step's denoising steps")
+	flag.DurationVar(&o.capgenBudget, "capgen-budget", 210*time.Second, "the capgen step's time budget (configurations not started by then are reported as skipped; the step also starts nothing after 255 s into the check)")
+	flag.StringVar(&o.capgenScript, "capgen-script", "host/cmd/arenahost-gpucheck/capgen.py", "the capgen step's Python side (fixture, baseline)")
+	flag.BoolVar(&o.capgenBaseline, "capgen-baseline", true, "run diffusers + PEFT on bitsandbytes under each cap too")
+	flag.StringVar(&o.sdk, "sdk", "sdk/python", "the Python SDK the pipeline plugin and the baseline import")
 	flag.Parse()
 	o.loras = []int{1, 5}
 
@@ -104,6 +128,31 @@ func run() int {
 			return CheckScale(ctx, r, ScaleOptions{Device: o.deviceHost, Model: o.mergeModel, Rank: o.rank,
 				DeviceArgs: []string{"--arena-backend", "cuda", "--arena-device", strconv.Itoa(o.device)}})
 		}},
+		// A whole generation under 24/16/12 GiB, after every kernel figure.
+		{"capgen", func() error {
+			if o.skipTorch {
+				r.Note("capgen: skipped (-skip-torch: it needs a Python with torch, diffusers, peft and bitsandbytes)")
+				return nil
+			}
+			var caps []float64
+			for _, c := range strings.Split(o.capgenCaps, ",") {
+				v, err := strconv.ParseFloat(strings.TrimSpace(c), 64)
+				if err != nil || v <= 1 {
+					return fmt.Errorf("-capgen-caps %q: want GiB figures above 1, comma-separated", o.capgenCaps)
+				}
+				caps = append(caps, v)
+			}
+			budget := min(o.capgenBudget, time.Until(start.Add(runLimit)))
+			if budget <= 0 {
+				r.Note("capgen: skipped, no time left in the check's %s", runLimit)
+				return nil
+			}
+			abs := func(p string) string { a, _ := filepath.Abs(p); return a }
+			return CheckCapGen(ctx, r, CapGenOptions{Device: o.deviceHost, TorchDev: "cuda:" + strconv.Itoa(o.device),
+				DeviceArgs: []string{"--arena-backend", "cuda", "--arena-device", strconv.Itoa(o.device)},
+				Python:     o.python, Script: abs(o.capgenScript), SDK: abs(o.sdk), Model: o.capgenModel, Size: o.capgenSize, Steps: o.capgenSteps,
+				DType: "bfloat16", Tokens: 512, CapsGiB: caps, LoRAs: []int{0, 3, 5}, Ranks: []int{16, 64}, Baseline: o.capgenBaseline, Budget: budget})
+		}},
 	}
 	want := map[string]bool{}
 	for _, s := range strings.Split(o.steps, ",") {
@@ -124,7 +173,7 @@ func run() int {
 		}
 	}
 	for s := range want {
-		r.Add(s, "error", fmt.Sprintf("no step %q (steps: correctness, ipc, load, served, two-hosts, merge, scale)", s), "", Fail)
+		r.Add(s, "error", fmt.Sprintf("no step %q (steps: correctness, ipc, load, served, two-hosts, merge, scale, capgen)", s), "", Fail)
 	}
 	r.Note("total run time %.1f s", time.Since(start).Seconds())
 	fmt.Print(r.Table())

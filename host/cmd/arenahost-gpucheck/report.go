@@ -31,6 +31,17 @@ type Report struct {
 	Device string
 	Rows   []Row
 	Notes  []string
+	// Sections are markdown blocks (a step's own table) rendered after
+	// the notes under their titles.
+	Sections []Section
+}
+
+// Section is a titled markdown block of the report.
+type Section struct{ Title, Body string }
+
+// AddSection appends a titled markdown block.
+func (r *Report) AddSection(title, body string) {
+	r.Sections = append(r.Sections, Section{Title: title, Body: body})
 }
 
 // Add appends a row.
@@ -74,6 +85,9 @@ func (r *Report) Table() string {
 	}
 	tw.Flush()
 	fmt.Fprintf(&b, "%d checks, %d failed\n", len(r.Rows), r.Failed())
+	for _, sec := range r.Sections {
+		fmt.Fprintf(&b, "\n%s\n%s", sec.Title, sec.Body)
+	}
 	return b.String()
 }
 
@@ -92,6 +106,9 @@ func (r *Report) Markdown(when, command string) string {
 		for _, n := range r.Notes {
 			fmt.Fprintf(&b, "- %s\n", n)
 		}
+	}
+	for _, sec := range r.Sections {
+		fmt.Fprintf(&b, "\n## %s\n\n%s", sec.Title, sec.Body)
 	}
 	return b.String()
 }

@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/arenahost/arenahost/internal/testenv"
 )
@@ -91,3 +92,71 @@ func TestScaleOnSimulatedDevice(t *testing.T) {
 }
 
 func TestMain(m *testing.M) { testenv.Main(m) }
+
+// buildHostWithPipeline is buildHost with the diffusers-flux pipeline
+// plugin beside lora-nf4, as `make build` lays it out.
+func buildHostWithPipeline(t *testing.T) string {
+	t.Helper()
+	bin := buildHost(t)
+	src := "../../../sdk/python/examples/diffusers_flux"
+	dst := filepath.Join(filepath.Dir(bin), "plugins", "diffusers_flux")
+	if err := os.MkdirAll(dst, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"plugin.json", "diffusers_flux.py"} {
+		if err := testenv.CopyFile(filepath.Join(src, f), filepath.Join(dst, f), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return bin
+}
+
+// TestCapGenOnSimulatedDevice runs the GPU check's capped-generation step
+// at tiny scale with the simulated device and torch on the CPU: the same
+// fixtures, host, HTTP applies, diffusers-flux jobs and PEFT-on-bnb
+// baseline process a GPU machine runs at Flux-dev scale (the caps bind
+// nothing on the CPU: the arena's capacity does, torch's cap is reported
+// as not applied).
+func TestCapGenOnSimulatedDevice(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs a host, a Python pipeline and the baseline")
+	}
+	python := testenv.TorchPython(t)
+	bin := buildHostWithPipeline(t)
+	root := testenv.RepoRoot(t)
+	r := &Report{Device: "simulated device"}
+	err := CheckCapGen(t.Context(), r, CapGenOptions{Device: bin, DeviceArgs: []string{"--arena-backend", "cuda-sim"}, TorchDev: "cpu",
+		Python: python, Script: filepath.Join(root, "host", "cmd", "arenahost-gpucheck", "capgen.py"), SDK: filepath.Join(root, "sdk", "python"),
+		Model: "tiny", Size: 64, Steps: 2, DType: "float32", Tokens: 16, CapsGiB: []float64{24, 12}, LoRAs: []int{0, 3}, Ranks: []int{16, 64},
+		Baseline: true, Budget: 10 * time.Minute})
+	md := r.Markdown("now", "test")
+	t.Log("\n" + md)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 24 GiB: 0 LoRAs, 3 × {16, 64} × {side, fuse}; 12 GiB: 0, 3 × 16 × {side, fuse}; each for arenahost and the baseline.
+	var ours, base int
+	for _, row := range r.Rows {
+		if row.Section != "capgen" {
+			continue
+		}
+		if row.Status == Fail {
+			t.Errorf("%s: %s", row.Name, row.Result)
+		}
+		switch {
+		case strings.HasPrefix(row.Name, "arenahost"):
+			ours++
+		case strings.HasPrefix(row.Name, "baseline"):
+			base++
+		}
+		if !strings.Contains(row.Result, "apply") || strings.Contains(row.Result, "out of memory") {
+			t.Errorf("%s: %s", row.Name, row.Result)
+		}
+	}
+	if ours != 8 || base != 8 {
+		t.Errorf("%d arenahost and %d baseline rows, want 8 each", ours, base)
+	}
+	if !strings.Contains(md, "## Capped generation") || !strings.Contains(md, "| arenahost | 24 GiB | 3 | 64 | fuse |") || !strings.Contains(md, "| baseline | 12 GiB | 3 | 16 | unmerged |") {
+		t.Errorf("the report has no capgen table")
+	}
+}

@@ -476,7 +476,8 @@ function renderApplied() {
       ? `retention ${typeof rep.retention === "number" ? (100 * rep.retention).toFixed(2) + "%" : "–"} (fused NF4 keeps this share of the exact change)`
       : "exact (side factors, no retention loss)");
     if (st.mode === "fuse" || st.journal_bytes || st.journal_file_bytes) {
-      parts.push(`journal ${bytes(st.journal_bytes || 0)} in the arena` + (st.journal_file_bytes ? ` + ${bytes(st.journal_file_bytes)} referenced in the model file` : ""));
+      parts.push(`journal ${bytes(st.journal_bytes || 0)} in the arena` + (st.journal_file_bytes ? ` + ${bytes(st.journal_file_bytes)} referenced in the model file` : "") +
+        (st.journal_memory_bytes ? ` (a copy of ${bytes(st.journal_memory_bytes)} kept in host memory for fast restores)` : ""));
     } else {
       parts.push("journal: none needed (the weights are untouched)");
     }

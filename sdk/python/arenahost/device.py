@@ -11,6 +11,17 @@ host's choice in its environment (set by the host, never by hand):
                                of every CUDA descriptor the host sends
 ``ARENAHOST_TORCH_DEVICE``     where a pipeline computes: ``cuda:N`` on the
                                cuda backend, ``cpu`` otherwise
+``ARENAHOST_TORCH_MEMORY_CAP`` optional (set by hand, inherited from the
+                               host's environment): the most device memory
+                               the pipeline's torch allocator may hold, as a
+                               size (``12GiB``, ``24GB``, a byte count);
+                               :func:`apply_torch_memory_cap` enforces it with
+                               ``torch.cuda.set_per_process_memory_fraction``
+                               so a pipeline that needs more fails with
+                               ``torch.cuda.OutOfMemoryError``, as on a card
+                               that size. With the arena's capacity
+                               (``--arena-capacity``) it caps a run's whole
+                               device memory: arena + every pipeline process
 =============================  =============================================
 
 A plugin started outside a host (tests, a shell) gets the defaults: cpu,
@@ -22,11 +33,13 @@ from __future__ import annotations
 import os
 import re
 
-__all__ = ["ENV_ARENA_BACKEND", "ENV_DEVICE", "ENV_TORCH_DEVICE", "arena_backend", "device_ordinal", "torch_device"]
+__all__ = ["ENV_ARENA_BACKEND", "ENV_DEVICE", "ENV_TORCH_DEVICE", "ENV_TORCH_MEMORY_CAP", "arena_backend", "device_ordinal",
+           "torch_device", "torch_memory_cap", "apply_torch_memory_cap", "parse_size"]
 
 ENV_ARENA_BACKEND = "ARENAHOST_ARENA_BACKEND"
 ENV_DEVICE = "ARENAHOST_DEVICE"
 ENV_TORCH_DEVICE = "ARENAHOST_TORCH_DEVICE"
+ENV_TORCH_MEMORY_CAP = "ARENAHOST_TORCH_MEMORY_CAP"
 
 _BACKENDS = ("cpu", "cuda", "cuda-sim")
 _TORCH_DEVICE = re.compile(r"^(cpu|cuda:(0|[1-9][0-9]{0,3}))$")
@@ -58,3 +71,55 @@ def torch_device(environ=None) -> str:
     if not _TORCH_DEVICE.match(v):
         raise ValueError(f"{ENV_TORCH_DEVICE}={v!r}: want 'cpu' or 'cuda:N'")
     return v
+
+
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(v: str) -> int:
+    """A size as the host's settings write it (``12GiB``, ``24GB``, ``512MiB``, a byte count) in bytes."""
+    m = _SIZE.match(v or "")
+    if not m:
+        raise ValueError(f"{v!r}: want a size such as 12GiB, 24GB or a byte count")
+    n = float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()]
+    if n < 1 or n > 1 << 50:
+        raise ValueError(f"{v!r}: out of range (1B to 1PiB)")
+    return int(n)
+
+
+def torch_memory_cap(environ=None) -> int | None:
+    """The device-memory cap in bytes (``ARENAHOST_TORCH_MEMORY_CAP``), None when unset or empty."""
+    v = _env(environ).get(ENV_TORCH_MEMORY_CAP, "")
+    if not v:
+        return None
+    try:
+        return parse_size(v)
+    except ValueError as e:
+        raise ValueError(f"{ENV_TORCH_MEMORY_CAP}={e}") from None
+
+
+def apply_torch_memory_cap(environ=None, *, torch_module=None) -> str:
+    """Enforce ``ARENAHOST_TORCH_MEMORY_CAP`` on this process's torch allocator; returns what it did.
+
+    On a ``cuda:N`` torch device it sets ``torch.cuda.set_per_process_memory_fraction(cap / total, N)``
+    (a cap above the card's memory is clamped to all of it). On the CPU there
+    is no device allocator to cap: it does nothing and says so. Call it before
+    the pipeline allocates on the device; calling it again sets the same
+    fraction.
+    """
+    cap = torch_memory_cap(environ)
+    dev = torch_device(environ)
+    if cap is None:
+        return "no cap"
+    if not dev.startswith("cuda:"):
+        return f"cap {cap} bytes not applied: torch computes on {dev}, which has no device allocator to cap"
+    torch = torch_module
+    if torch is None:
+        import torch
+    idx = int(dev.split(":", 1)[1])
+    total = torch.cuda.get_device_properties(idx).total_memory
+    frac = min(1.0, cap / total)
+    torch.cuda.set_per_process_memory_fraction(frac, idx)
+    return f"cap {cap} bytes of {total} on {dev}: per-process memory fraction {frac:.4f}"

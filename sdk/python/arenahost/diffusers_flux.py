@@ -395,10 +395,11 @@ def build_small_pipeline(model_dir: str | None = None, *, seed: int = 0, dtype=N
     return pipe
 
 
-def encode_prompt(pipe, prompt: str, *, max_sequence_length: int = 512):
+def encode_prompt(pipe, prompt: str, *, max_sequence_length: int = 512, stand_in_tokens: int = 32):
     """(prompt_embeds, pooled, conditioning, why): the pipeline's own CLIP-L + T5
     (``FluxPipeline.encode_prompt``, what ``pipe(prompt=...)`` does) when it has
-    them, else :func:`prompt_embeddings` (conditioning "stand-in", why names the reason)."""
+    them, else :func:`prompt_embeddings` of ``stand_in_tokens`` tokens
+    (conditioning "stand-in", why names the reason)."""
     import torch
 
     cond, why = getattr(pipe, "_arenahost_conditioning", ("stand-in", "the pipeline has no text encoders"))
@@ -409,7 +410,7 @@ def encode_prompt(pipe, prompt: str, *, max_sequence_length: int = 512):
                                                max_sequence_length=max_sequence_length)
         return pe.to(pipe.transformer.dtype), pooled.to(pipe.transformer.dtype), "text_encoders", ""
     tcfg = pipe.transformer.config
-    pe, pooled = prompt_embeddings(prompt, context_dim=int(tcfg.joint_attention_dim),
+    pe, pooled = prompt_embeddings(prompt, tokens=stand_in_tokens, context_dim=int(tcfg.joint_attention_dim),
                                    pooled_dim=int(tcfg.pooled_projection_dim), dtype=pipe.transformer.dtype)
     return pe.to(dev), pooled.to(dev), "stand-in", why or "the pipeline has no text encoders"
 

@@ -30,7 +30,24 @@ Kind ``pipeline``, method ``run`` (msgpack params; all optional):
                 at before the file's own folder
 ``job_id``      id the latents are published under (default: the call id)
 ``keep``        step latents kept allocated at once (default 2)
+``cache_weights``  keep each layer's dequantized fp32 weight between steps
+                (default true: fastest; false dequantizes in every forward,
+                bitsandbytes' memory profile, needed to fit a Flux-dev-size
+                model in a small card)
+``dtype``       the pipeline's compute dtype: float32 (default), bfloat16
+                or float16 (the arena's NF4 weights are dequantized to fp32
+                and cast per layer; bfloat16 is how Flux-dev runs on a GPU)
+``stand_in_tokens``  tokens of the stand-in prompt embeddings when the
+                pipeline has no text encoders, 1..512 (default 32; 512 is
+                T5-XXL's length in FLUX.1-dev)
 ==============  ===========================================================
+
+``ARENAHOST_TORCH_MEMORY_CAP`` (a size, from the host's environment) caps the
+device memory this process's torch allocator may hold
+(:func:`arenahost.device.apply_torch_memory_cap`, applied before the first
+pipeline is built); the result's ``peak_torch_bytes`` is the allocator's peak
+(``torch.cuda.max_memory_reserved``) during the run, 0 on the CPU, and
+``memory_cap`` says what the cap did.
 
 The pipeline runs on the host's torch device (``ARENAHOST_TORCH_DEVICE``, see
 :mod:`arenahost.device`): ``cuda:N`` when the host's arena is on device N.
@@ -79,7 +96,7 @@ import time
 import grpc
 import numpy as np
 
-from arenahost.device import torch_device
+from arenahost.device import apply_torch_memory_cap, torch_device
 from arenahost.server import InvalidArgument, Plugin, PluginError, Result, get_arg
 
 __all__ = ["plugin", "run", "NAME", "VERSION", "ENV_MODEL_DIR", "ENV_TOKENIZERS"]
@@ -90,12 +107,16 @@ ENV_MODEL_DIR = "ARENAHOST_DIFFUSERS_FLUX_DIR"
 ENV_TOKENIZERS = "ARENAHOST_DIFFUSERS_FLUX_TOKENIZERS"
 
 
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
 class _State:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.pipes: dict[str, object] = {}
-        self.patched: dict[tuple[str, str], object] = {}  # (pipeline key, model) -> PatchReport
+        self.pipes: dict[str, object] = {}  # pipeline key (model_dir or bundled model, dtype) -> FluxPipeline
+        self.patched: dict[tuple, object] = {}  # (pipeline key, model, cache_weights) -> PatchReport
         self.bundles: dict[str, dict] = {}  # model -> its bundled components ({} for none)
+        self.memory_cap: str | None = None  # what apply_torch_memory_cap did, once
 
 
 _STATE = _State()
@@ -126,7 +147,14 @@ def _parse(args, call_id: str) -> dict:
         job_id=get_arg(args, "job_id", str, "") or call_id,
         keep=get_arg(args, "keep", int, 2),
         max_sequence_length=get_arg(args, "max_sequence_length", int, 512),
+        cache_weights=get_arg(args, "cache_weights", bool, True),
+        stand_in_tokens=get_arg(args, "stand_in_tokens", int, 32),
+        dtype=get_arg(args, "dtype", str, "float32"),
     )
+    if p["dtype"] not in _DTYPES:
+        raise InvalidArgument(f"args.dtype: {p['dtype']!r} must be one of {', '.join(_DTYPES)}")
+    if not 1 <= p["stand_in_tokens"] <= 512:
+        raise InvalidArgument(f"args.stand_in_tokens: {p['stand_in_tokens']} must be in 1..512")
     if not 1 <= p["max_sequence_length"] <= 512:
         raise InvalidArgument(f"args.max_sequence_length: {p['max_sequence_length']} must be in 1..512")
     if not 1 <= p["steps"] <= 200:
@@ -166,33 +194,38 @@ def _pipeline(st: _State, host, p: dict):
 
     def build(bundled: bool):
         # On the host's device (ARENAHOST_TORCH_DEVICE: cuda:N on the cuda
-        # backend): patched layers follow the pipeline's device.
+        # backend): patched layers follow the pipeline's device. The memory
+        # cap goes on before anything is allocated there.
+        if st.memory_cap is None:
+            st.memory_cap = apply_torch_memory_cap()
+        import torch
+
         if bundled:
             try:
-                pipe = build_bundled_pipeline(host, p["model"], tokenizer_dirs=tok_dirs)
+                pipe = build_bundled_pipeline(host, p["model"], tokenizer_dirs=tok_dirs, dtype=getattr(torch, p["dtype"]))
             except (ValueError, OSError) as e:  # a bad companion folder or an unreadable bundle: say which and why
                 raise InvalidArgument(f"model {p['model']!r} (bundled single file; tokenizer_dir {p['tokenizer_dir']!r}): {e}") from e
             return pipe.to(torch_device())
         try:
-            pipe = build_small_pipeline(p["model_dir"] or None)
+            pipe = build_small_pipeline(p["model_dir"] or None, dtype=getattr(torch, p["dtype"]))
         except (ValueError, OSError, KeyError) as e:  # a bad folder is the caller's mistake: say which and why
             raise InvalidArgument(f"args.model_dir: {p['model_dir']!r}: {e}") from e
         return pipe.to(torch_device())
 
     with st.lock:
         bundled = not p["model_dir"] and bool(_bundled(st, host, p["model"]))
-        pkey = p["model_dir"] if not bundled else f"bundled:{p['model']}:{tok_dirs}"
+        pkey = (p["model_dir"] if not bundled else f"bundled:{p['model']}:{tok_dirs}") + f"|{p['dtype']}"
         pipe = st.pipes.get(pkey)
         if pipe is None:
             pipe = st.pipes[pkey] = build(bundled)
-        key = (pkey, p["model"])
+        key = (pkey, p["model"], p["cache_weights"])
         report = st.patched.get(key)
         if report is None:
             if st.patched:
                 # One transformer per pipeline: a second model needs a fresh pipeline.
                 pipe = st.pipes[pkey] = build(bundled)
                 st.patched.clear()
-            report = patch_pipeline(pipe, host, model=p["model"])
+            report = patch_pipeline(pipe, host, model=p["model"], cache_weight=p["cache_weights"])
             if getattr(pipe, "_arenahost_empty_transformer", False):
                 # The folder's transformer was built without weights: every parameter must come from the arena.
                 unset = [n for n, _ in pipe.transformer.named_parameters() if n not in report.copied]
@@ -214,7 +247,11 @@ def run(host, p: dict, *, cancelled=lambda: False, state: _State | None = None) 
 
     st = state if state is not None else _STATE
     pipe, report = _pipeline(st, host, p)
-    pe, pooled, conditioning, cond_note = encode_prompt(pipe, p["prompt"], max_sequence_length=p["max_sequence_length"])
+    pe, pooled, conditioning, cond_note = encode_prompt(pipe, p["prompt"], max_sequence_length=p["max_sequence_length"],
+                                                        stand_in_tokens=p["stand_in_tokens"])
+    on_cuda = pipe.transformer.device.type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(pipe.transformer.device)
     h, w, steps, job = p["height"], p["width"], p["steps"], p["job_id"]
     live: list = []
     step_ms: list[float] = []
@@ -246,6 +283,7 @@ def run(host, p: dict, *, cancelled=lambda: False, state: _State | None = None) 
     finally:
         if live:
             host.free(*live)
+    peak = torch.cuda.max_memory_reserved(pipe.transformer.device) if on_cuda else 0
     pngs = []
     for img in out.images:
         b = io.BytesIO()
@@ -260,6 +298,7 @@ def run(host, p: dict, *, cancelled=lambda: False, state: _State | None = None) 
         "decoder": getattr(pipe, "_arenahost_decoder", ("vae", ""))[0],
         "decoder_note": getattr(pipe, "_arenahost_decoder", ("vae", ""))[1],
         "components": dict(getattr(pipe, "_arenahost_components", {})),
+        "peak_torch_bytes": int(peak), "memory_cap": st.memory_cap or "no cap", "cache_weights": p["cache_weights"],
     })
 
 

@@ -93,6 +93,32 @@ def test_run_publishes_decodable_previews_and_returns_pngs(loaded, start_plugin)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "args.width" in e.value.details()
 
 
+def test_capped_run_without_weight_cache(loaded, start_plugin):
+    """cache_weights=false and 512 stand-in tokens (the capped Flux-dev generation's settings) give the
+    cached run's image; a memory cap on the CPU is reported as not applied, the peak as 0."""
+    host, env, arena = loaded
+    p = start_plugin([str(PLUGIN)], {**env, "ARENAHOST_TORCH_MEMORY_CAP": "1GiB"})
+    stub = pbg.PluginStub(p.channel)
+    args = {"steps": 2, "seed": 3, "width": 32, "height": 32, "prompt": "x", "model": "sample", "stand_in_tokens": 512}
+    runs = {}
+    for cache in (True, False):
+        v = msgpack.unpackb(stub.Invoke(pb.InvokeRequest(method="run", call_id=f"cap-{cache}", args=msgpack.packb(
+            {**args, "cache_weights": cache})), timeout=600).result)
+        assert v["cache_weights"] is cache and v["peak_torch_bytes"] == 0
+        assert "not applied" in v["memory_cap"] and "1073741824" in v["memory_cap"]
+        runs[cache] = v["images"][0]
+    a = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(io.BytesIO(runs[True])), dtype=np.int16)
+    b = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(io.BytesIO(runs[False])), dtype=np.int16)
+    assert np.abs(a - b).max() <= 1
+    bf = msgpack.unpackb(stub.Invoke(pb.InvokeRequest(method="run", call_id="cap-bf16", args=msgpack.packb(
+        {**args, "cache_weights": False, "dtype": "bfloat16"})), timeout=600).result)
+    assert len(bf["images"]) == 1 and bf["images"][0] != runs[False]  # another dtype, another pipeline, other rounding
+    for bad in ({"stand_in_tokens": 0}, {"stand_in_tokens": 513}, {"cache_weights": "no"}, {"dtype": "float64"}):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Invoke(pb.InvokeRequest(method="run", args=msgpack.packb({**args, **bad})), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "args." + next(iter(bad)) in e.value.details()
+
+
 def test_plugin_without_torch_starts_and_refuses_run_clearly(loaded, start_plugin):
     """In the core environment the plugin still starts; run names what is missing."""
     from pathlib import Path
