@@ -76,7 +76,7 @@ type LoRAReport = lora.Summary
 // File inspects the model or LoRA at path: a safetensors file, or a
 // diffusers model or pipeline folder (safetensors.OpenSet).
 func File(path string) (*Report, error) {
-	f, err := safetensors.OpenSet(path)
+	f, notes, err := checkpoint.OpenModel(path) // a pipeline folder's encoders and VAE too
 	if err != nil {
 		return nil, err
 	}
@@ -90,7 +90,11 @@ func File(path string) (*Report, error) {
 		return inspectLoRA(path)
 	}
 	defer f.Close()
-	return inspectModel(path, f, names)
+	r, err := inspectModel(path, f, names)
+	if r != nil && r.Model != nil {
+		r.Model.Warnings = append(r.Model.Warnings, notes...)
+	}
+	return r, err
 }
 
 // looksLikeLoRA reports whether the names are those of a LoRA/LyCORIS file.

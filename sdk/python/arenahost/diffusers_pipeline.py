@@ -167,6 +167,13 @@ def _pipeline(st: _State, host, p: dict):
     def build(bundled: bool):
         # On the host's device (ARENAHOST_TORCH_DEVICE: cuda:N on the cuda
         # backend): patched layers follow the pipeline's device.
+        if bundled and p["model_dir"]:
+            # A pipeline folder whose text encoders / VAE the host carries in the arena.
+            try:
+                pipe = build_bundled_pipeline(host, p["model"], folder=p["model_dir"], tokenizer_dirs=(p["tokenizer_dir"],))
+            except (ValueError, OSError, KeyError) as e:  # a bad folder is the caller's mistake: say which and why
+                raise InvalidArgument(f"args.model_dir: {p['model_dir']!r}: {e}") from e
+            return pipe.to(torch_device())
         if bundled:
             try:
                 pipe = build_bundled_pipeline(host, p["model"], tokenizer_dirs=tok_dirs)
@@ -180,8 +187,17 @@ def _pipeline(st: _State, host, p: dict):
         return pipe.to(torch_device())
 
     with st.lock:
-        bundled = not p["model_dir"] and bool(_bundled(st, host, p["model"]))
-        pkey = p["model_dir"] if not bundled else f"bundled:{p['model']}:{tok_dirs}"
+        # The arena model carries text encoders or a VAE (a bundled single file, or a pipeline
+        # folder whose components the host loaded beside its transformer): build from them.
+        bundled = bool(_bundled(st, host, p["model"]))
+        if p["model_dir"] and bundled:
+            from arenahost.diffusers_flux import folder_text_components
+
+            try:
+                folder_text_components(p["model_dir"])  # no model_index.json / a bad one: the caller's mistake
+            except ValueError as e:
+                raise InvalidArgument(f"args.model_dir: {p['model_dir']!r}: {e}") from e
+        pkey = p["model_dir"] if not bundled else f"arena:{p['model']}:{p['model_dir']}:{tok_dirs}"
         pipe = st.pipes.get(pkey)
         if pipe is None:
             pipe = st.pipes[pkey] = build(bundled)

@@ -1,5 +1,11 @@
 """diffusers-flux on a whole pipeline folder: the folder's CLIP-L and T5 encode the prompt, its VAE decodes.
 
+The host carries a pipeline folder's text_encoder/, text_encoder_2/ and vae/
+in the arena beside its transformer, under the prefixes a bundled single file
+uses (shared/checkpoint.OpenModel); the plugin builds them from the arena
+(:func:`arenahost.diffusers_bundled.build_bundled_pipeline` with ``folder``),
+and falls back to ``from_pretrained`` only for a part the arena lacks.
+
 A tiny FluxPipeline folder is written here with no download
 (:func:`arenahost.diffusers_check.write_tiny_flux_pipeline`: tokenizers trained
 from a few sentences, a tiny CLIPTextModel and T5EncoderModel from configs, a
@@ -18,6 +24,7 @@ process with ``model_dir`` pointing at the folder. Checked:
   ``info.conditioning`` / the result's ``conditioning`` is ``text_encoders``.
 """
 
+import contextlib
 import io
 import os
 
@@ -47,11 +54,43 @@ def folders(tmp_path_factory):
     full = dc.write_tiny_flux_pipeline(str(root / "full"))
     bare = dc.write_tiny_flux_pipeline(str(root / "bare"), text_encoders=False)
     sd = dc.read_nf4_checkpoint(os.path.join(full, "transformer", "diffusion_pytorch_model.safetensors"))
-    arena = Arena(32 << 20)
+    arena = Arena(64 << 20)
     with serve_fake_host(arena) as (host, env):
-        host.tensors = dc.arena_descriptors(arena, sd, model="tiny")
-        yield dict(full=full, bare=bare, sd=sd, host=host, env=env, arena=arena)
+        only = dc.arena_descriptors(arena, sd, model="tiny")
+        # What the host's registry holds for the folder: the transformer and, under the
+        # bundled prefixes, the folder's text encoders and VAE.
+        whole = dc.arena_descriptors(arena, {**sd, **folder_components(full)}, model="tiny")
+        host.tensors = whole
+        yield dict(full=full, bare=bare, sd=sd, host=host, env=env, arena=arena, whole=whole, only=only)
     arena.close()
+
+
+# The prefixes shared/checkpoint.OpenModel gives a Flux pipeline folder's components.
+PREFIXES = {"text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_2": "text_encoders.t5xxl.transformer.", "vae": "vae."}
+
+
+def folder_components(folder):
+    """{arena name: tensor} of the folder's text_encoder/, text_encoder_2/ and vae/ safetensors
+    (every shard), named as the host's registry names them."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for sub, pre in PREFIXES.items():
+        for f in sorted(glob.glob(os.path.join(folder, sub, "*.safetensors"))):
+            out.update({pre + k: v for k, v in load_file(f).items()})
+    return out
+
+
+@contextlib.contextmanager
+def _holding(folders, which):
+    """The fake host holds folders[which]'s tensors for the block."""
+    folders["host"].tensors = folders[which]
+    try:
+        yield
+    finally:
+        folders["host"].tensors = folders["whole"]
 
 
 def _run(stub, call_id, **args):
@@ -121,6 +160,13 @@ def test_folder_text_encoders_condition_the_image_as_diffusers_does(folders, sta
         assert v["layout"] == "flux-diffusers" and v["left"] == [] and v["patched"] > 0
         assert _pixels(v["images"][0]).shape == (H, W, 3)
     assert fox2["images"][0] == fox["images"][0]
+    # Built from the arena: the folder's configs and tokenizers, the weights the host loaded once.
+    comps = fox["components"]
+    assert comps["text_encoders"].startswith("arena (text_encoders.clip_l.transformer., text_encoders.t5xxl.transformer.: ") and \
+        os.path.join(full, "text_encoder", "config.json") in comps["text_encoders"], comps
+    assert comps["vae"] == f"arena (vae.: {os.path.join(full, 'vae')})", comps
+    assert "Linear layers read from the arena" in comps["text_encoder_layers"], comps
+    assert fox["decoder"] == "vae"
     assert np.abs(_pixels(fox["images"][0]) - _pixels(boat["images"][0])).max() > 0
     assert np.abs(lat["fox"][-1] - lat["boat"][-1]).max() > 1e-3
 
@@ -146,7 +192,72 @@ def test_folder_text_encoders_condition_the_image_as_diffusers_does(folders, sta
         # weights, the same F.linear. The tolerance only allows for the two processes' BLAS
         # picking different reduction orders (thread counts) elsewhere.
         np.testing.assert_allclose(mine, theirs, rtol=0, atol=1e-5)
+    print(f"max |latent - FluxPipeline's| = {max(float(np.abs(m - t).max()) for m, t in zip(lat['fox'], ref_lat))}, "
+          f"max |pixel diff| = {int(np.abs(_pixels(fox['images'][0]) - np.asarray(img, dtype=np.int16)).max())}")
     assert np.abs(_pixels(fox["images"][0]) - np.asarray(img, dtype=np.int16)).max() <= 1
+
+
+def test_folder_parts_not_in_the_arena_load_from_the_folder(folders, start_plugin):
+    """A host that carries only the transformer (the folder's components are not safetensors,
+    or an older host): the plugin loads them with from_pretrained, says so, and the image is
+    the one the arena-built pipeline gives."""
+    with _holding(folders, "only"):
+        p = start_plugin([str(PLUGIN)], folders["env"])
+        stub = pbg.PluginStub(p.channel)
+        v = _run(stub, "fallback", prompt="a red fox in the snow", model_dir=folders["full"])
+    assert v["conditioning"] == "text_encoders"
+    assert v["components"]["text_encoders"].startswith("from_pretrained (") and "not in the arena" in v["components"]["text_encoders"]
+    assert v["components"]["vae"].startswith("from_pretrained (")
+    p2 = start_plugin([str(PLUGIN)], folders["env"])
+    w = _run(pbg.PluginStub(p2.channel), "arena", prompt="a red fox in the snow", model_dir=folders["full"])
+    assert w["components"]["text_encoders"].startswith("arena (")
+    assert w["images"][0] == v["images"][0]
+
+
+@pytest.mark.parametrize("fault", ["missing", "extra", "config"])
+def test_folder_encoder_that_disagrees_is_named(folders, start_plugin, tmp_path, fault):
+    """A folder whose text_encoder/ lacks a tensor, has one its config does not, or whose
+    config.json disagrees with the weights: the prompt falls back to stand-in embeddings and
+    the note names the folder's file and tensor (and the config)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from arenahost import diffusers_check as dc
+
+    bad = tmp_path / "bad"
+    shutil.copytree(folders["full"], bad)
+    st = bad / "text_encoder" / "model.safetensors"
+    sd = load_file(str(st))
+    inner = "text_model." if any(k.startswith("text_model.") for k in sd) else ""  # transformers 4 / 5 names
+    key = inner + "encoder.layers.0.mlp.fc1.weight"
+    if fault == "missing":
+        del sd[key]
+    elif fault == "extra":
+        sd[inner + "encoder.layers.9.mlp.fc1.weight"] = sd[key].clone()
+    save_file(sd, str(st), metadata={"format": "pt"})
+    if fault == "config":
+        cfg = json.loads((bad / "text_encoder" / "config.json").read_text())
+        cfg["intermediate_size"] += 8
+        (bad / "text_encoder" / "config.json").write_text(json.dumps(cfg))
+    host, arena = folders["host"], folders["arena"]
+    host.tensors = dc.arena_descriptors(arena, {**folders["sd"], **folder_components(str(bad))}, model="tiny")
+    try:
+        p = start_plugin([str(PLUGIN)], folders["env"])
+        v = _run(pbg.PluginStub(p.channel), "bad-te", prompt="x", model_dir=str(bad))
+    finally:
+        host.tensors = folders["whole"]
+    note = v["conditioning_note"]
+    assert v["conditioning"] == "stand-in", v
+    where = f"{bad / 'text_encoder'}/ tensor "
+    want = {"missing": f"is incomplete: no {where}{key}",
+            "extra": f"{where}{inner}encoder.layers.9.mlp.fc1.weight is not a tensor of the model built from "
+                     f"{bad / 'text_encoder' / 'config.json'}",
+            "config": f"{where}{key} has shape"}[fault]
+    assert want in note, note
+    assert f"pipeline folder {bad}'s CLIP-L" in note, note
+    assert v["decoder"] == "vae"  # the VAE is fine
 
 
 def test_folder_without_text_encoders_runs_on_stand_in_embeddings(folders, start_plugin):
@@ -157,7 +268,8 @@ def test_folder_without_text_encoders_runs_on_stand_in_embeddings(folders, start
     assert not has and "text_encoder" in why
     p = start_plugin([str(PLUGIN)], folders["env"])
     stub = pbg.PluginStub(p.channel)
-    v = _run(stub, "bare", prompt="a red fox in the snow", model_dir=bare)
+    with _holding(folders, "only"):  # what the host holds for a folder without encoders
+        v = _run(stub, "bare", prompt="a red fox in the snow", model_dir=bare)
     assert v["conditioning"] == "stand-in" and "model_index.json names no text_encoder" in v["conditioning_note"]
     assert _pixels(v["images"][0]).shape == (H, W, 3)
 
@@ -243,6 +355,8 @@ def test_bad_folders_are_refused_by_name(folders, start_plugin, tmp_path):
             _run(stub, "bad", prompt="x", model_dir=str(d))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
         assert "args.model_dir" in e.value.details() and want in e.value.details() and str(d) in e.value.details()
-    # Named in model_index.json but its folder is gone: stand-in, saying what is missing.
-    v = _run(stub, "no-te", prompt="x", model_dir=str(no_te))
+    # Named in model_index.json but its folder is gone: stand-in, saying what is missing
+    # (the host carries no encoders for such a folder: shared/checkpoint.OpenModel notes it).
+    with _holding(folders, "only"):
+        v = _run(stub, "no-te", prompt="x", model_dir=str(no_te))
     assert v["conditioning"] == "stand-in" and "no text_encoder_2/ folder" in v["conditioning_note"]
