@@ -216,7 +216,11 @@ func (r *Report) WriteText(w io.Writer) error {
 			if i == 0 {
 				label = "components"
 			}
-			fmt.Fprintf(w, "%-14s %s under %q: %d tensors (%s), %s, %d 4-bit weights\n", label, c.Label, c.Prefix, c.Tensors, strings.Join(dts, ", "), humanBytes(c.Bytes), c.Weights)
+			from := ""
+			if c.Source != "" {
+				from = " from " + c.Source
+			}
+			fmt.Fprintf(w, "%-14s %s under %q%s: %d tensors (%s), %s, %d 4-bit weights\n", label, c.Label, c.Prefix, from, c.Tensors, strings.Join(dts, ", "), humanBytes(c.Bytes), c.Weights)
 		}
 		if m.Variant != "" {
 			p("variant", m.Variant)

@@ -309,6 +309,15 @@ def test_txt2img_on_a_pipeline_folder_model_uses_its_text_encoders(folders, tmp_
             time.sleep(0.3)
         st, m = h.call("POST", "/v1/models", {"path": "tiny-pipe", "name": "tiny-pipe"})
         assert st == 201, (st, m)
+        # The folder's text encoders and VAE are in the arena with the transformer, listed as components.
+        st, ms = h.call("GET", "/v1/models")
+        got = {c["kind"]: c for c in next(x for x in ms if x["name"] == "tiny-pipe")["components"]}
+        folder = (data / "models" / "tiny-pipe").resolve()
+        assert set(got) == {"te1", "t5", "vae"}, got
+        for kind, sub, pre in (("te1", "text_encoder", "text_encoders.clip_l."), ("t5", "text_encoder_2", "text_encoders.t5xxl."),
+                               ("vae", "vae", "vae.")):
+            assert got[kind]["prefix"] == pre and got[kind]["tensors"] > 0, got[kind]
+            assert os.path.realpath(got[kind]["source"]) == str(folder / sub), got[kind]
         st, r = h.call("POST", "/sdapi/v1/txt2img", {
             "prompt": "a red fox in the snow", "steps": 2, "seed": 7, "width": 64, "height": 32,
             "override_settings": {"sd_model_checkpoint": "tiny-pipe"}}, timeout=300)
@@ -320,6 +329,8 @@ def test_txt2img_on_a_pipeline_folder_model_uses_its_text_encoders(folders, tmp_
         st, s = h.call("GET", f"/v1/jobs/{job}")
         assert s["params"]["model_dir"] == str((data / "models" / "tiny-pipe").resolve()), s["params"]
         assert s["result"]["conditioning"] == "text_encoders"
+        assert s["result"]["components"]["text_encoders"].startswith("arena ("), s["result"]["components"]
+        assert s["result"]["components"]["vae"].startswith("arena (vae."), s["result"]["components"]
         # POST /v1/jobs naming the model: the host adds model_dir the same way.
         s = h.job({"pipeline": "diffusers-flux", "params": {"model": "tiny-pipe", "prompt": "a blue boat", "steps": 1,
                                                             "width": 32, "height": 32}})
