@@ -21,7 +21,7 @@ var pipelineParts = []struct {
 	classes map[string]string // model_index.json class → name prefix
 }{
 	{"text_encoder", map[string]string{"CLIPTextModel": "text_encoders.clip_l.transformer.", "CLIPTextModelWithProjection": "text_encoders.clip_l.transformer."}},
-	{"text_encoder_2", map[string]string{"T5EncoderModel": "text_encoders.t5xxl.transformer.", "CLIPTextModelWithProjection": "text_encoders.clip_g.transformer."}},
+	{"text_encoder_2", map[string]string{"T5EncoderModel": "text_encoders.t5xxl.transformer.", "CLIPTextModelWithProjection": "text_encoder_2."}},
 	{"text_encoder_3", map[string]string{"T5EncoderModel": "text_encoders.t5xxl.transformer."}},
 	{"vae", map[string]string{"AutoencoderKL": "vae."}},
 }
@@ -32,7 +32,8 @@ var pipelineParts = []struct {
 // under the prefixes a bundled single file uses for them:
 // text_encoder/ (CLIP-L) as text_encoders.clip_l.transformer., a T5
 // text_encoder_2/ or text_encoder_3/ as text_encoders.t5xxl.transformer.,
-// SDXL's CLIP-G text_encoder_2/ as text_encoders.clip_g.transformer., and
+// SDXL's and SD3's CLIP-G text_encoder_2/ as text_encoder_2. (the
+// diffusers name LoRA files use for it), and
 // vae/ as vae.. A component that model_index.json does not name, whose
 // class is not one of those, or whose folder holds no safetensors weights
 // (pickled .bin files) is left out, with a note saying why (the pipeline

@@ -241,7 +241,9 @@ def test_bad_companion_folder(bundle, start_plugin, tmp_path):
     (other / "text_encoder_2" / "config.json").write_text(json.dumps(cfg))
     v = _run(stub, "other", prompt=PROMPT, model="bundle-other", tokenizer_dir=str(other))
     assert v["conditioning"] == "stand-in" and v["decoder"] == "vae", v
-    assert v["conditioning_note"].startswith("bundled T5: text_encoders.t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wi_0.weight has shape [37, 32], the model built from its config wants [48, 32]"), v["conditioning_note"]
+    assert v["conditioning_note"].startswith("bundled T5: text_encoders.t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wi_0.weight "
+                                             f"has shape [37, 32], the model built from {other / 'text_encoder_2' / 'config.json'} "
+                                             "wants [48, 32]"), v["conditioning_note"]
 
 
 def _vae_ldm_name(k: str, levels: int) -> str:
