@@ -169,4 +169,3 @@ func TestOpenModelPipelineComponentFaults(t *testing.T) {
 		})
 	}
 }
-
