@@ -10,6 +10,11 @@ are dequantized by bitsandbytes' rule, F8 widened, a tensor already in the
 pipeline's dtype is used in place), and whose transformer is patched onto the
 arena model by :func:`arenahost.diffusers_flux.patch_pipeline`.
 
+A diffusers pipeline folder loaded by the host carries its ``text_encoder/``,
+``text_encoder_2/`` and ``vae/`` in the arena under the same prefixes
+(``shared/checkpoint.OpenModel``); ``build_bundled_pipeline(..., folder=DIR)``
+builds it the same way, with the folder's configs, tokenizers and scheduler.
+
 A single file holds no configs and no tokenizers:
 
 * **Tokenizers** are looked for in the folders given (the plugin passes a

@@ -18,7 +18,12 @@ Kind ``pipeline``, method ``run`` (msgpack params; all optional):
                 built from configs with random weights, no download). Its
                 VAE and scheduler are used, and its text encoders and
                 tokenizers when model_index.json names them; the
-                transformer's weights always come from the arena model
+                transformer's weights always come from the arena model,
+                and so do the encoders' and the VAE's when the host
+                carries them beside it (a pipeline folder loaded by the
+                host: configs and tokenizers from the folder, weights from
+                the arena); a part the arena lacks is loaded with
+                ``from_pretrained`` (``components`` says which)
 ``model_file``  the path of the model's single file (the host passes it for a
                 model loaded from one file): when the arena model bundles
                 CLIP-L, T5 and a VAE (Forge/ComfyUI), tokenizers are looked
@@ -47,8 +52,10 @@ folder's CLIP-L and T5 encoded the prompt, ``"stand-in"`` when the prompt only
 seeded stand-in embeddings (``conditioning_note`` says why: no folder, or
 what the folder lacks).
 
-A model without ``model_dir`` whose arena tensors bundle text encoders or a
-VAE (a Forge/ComfyUI single file) runs as a whole pipeline built from them
+A model whose arena tensors bundle text encoders or a VAE (a Forge/ComfyUI
+single file, or a pipeline folder the host loaded with its ``text_encoder*/``
+and ``vae/``, then with ``model_dir`` as the source of configs, tokenizers and
+scheduler) runs as a whole pipeline built from them
 (:func:`arenahost.diffusers_bundled.build_bundled_pipeline`): CLIP-L and T5
 read from the arena encode the prompt when both are complete and tokenizers
 are found (else ``conditioning`` is ``"stand-in"`` and the note says why, e.g.
