@@ -371,3 +371,83 @@ def test_bad_folders_are_refused_by_name(folders, start_plugin, tmp_path):
     with _holding(folders, "only"):
         v = _run(stub, "no-te", prompt="x", model_dir=str(no_te))
     assert v["conditioning"] == "stand-in" and "no text_encoder_2/ folder" in v["conditioning_note"]
+
+
+def test_text_encoder_lora_on_a_pipeline_folders_encoders(folders, tmp_path):
+    """Through a real host: a kohya LoRA with lora_te1_ (CLIP-L) and lora_te3_ (T5) keys, in
+    txt2img's <lora:…> tag (side mode), reaches the folder's encoders the host carries in the arena
+    (plain F32, CLIP named as transformers 5 saves it, without text_model.): every key matched, the
+    image equals diffusers' FluxPipeline with the LoRA merged into the folder's encoder weights,
+    and the prompt without the tag gives back the LoRA-free image bit for bit."""
+    import shutil
+
+    import torch
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from safetensors.torch import load_file, save_file
+
+    from arenahost import diffusers_check as dc
+    from test_diffusers_bundled import GUIDANCE as G, H as BH, SEED as S, STEPS as N, W as BW, _real_host, _txt2img
+
+    full = folders["full"]
+    src = tmp_path / "src"
+    shutil.copytree(full, src / "tiny-pipe")
+    g = torch.Generator().manual_seed(11)
+    rank, alpha = 4, 4.0
+    lora, deltas = {}, {}
+    for sub, te in (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te3_")):
+        for k, w in load_file(os.path.join(full, sub, "model.safetensors")).items():
+            if not k.endswith(("q_proj.weight", "v_proj.weight", "SelfAttention.q.weight", "SelfAttention.v.weight")):
+                continue
+            stem = k[: -len(".weight")]
+            if sub == "text_encoder" and not stem.startswith("text_model."):
+                stem = "text_model." + stem  # kohya names CLIP with text_model. whatever the folder says
+            key = te + stem.replace(".", "_")
+            down = torch.randn(rank, w.shape[1], generator=g) * 0.3
+            up = torch.randn(w.shape[0], rank, generator=g) * 0.3
+            lora[key + ".lora_down.weight"], lora[key + ".lora_up.weight"] = down, up
+            lora[key + ".alpha"] = torch.tensor(alpha)
+            deltas[sub, k] = (alpha / rank) * (up @ down)
+    assert len(deltas) == 8
+
+    with _real_host(tmp_path, src) as h:
+        save_file(lora, str(h.data / "loras" / "te_lora.safetensors"))
+        st, m = h.call("POST", "/v1/models", {"path": "tiny-pipe", "name": "tiny-pipe"})
+        assert st == 201, (st, m)
+        info0, base = _txt2img(h, "tiny-pipe")
+        assert info0["conditioning"] == "text_encoders", info0
+        info1, side = _txt2img(h, "tiny-pipe", "a red fox in the snow <lora:te_lora:1>")
+        assert [e["name"] for e in info1["loras"]] == ["te_lora"] and not info1["warnings"], info1
+        st, s = h.call("GET", f"/v1/jobs/{info1['jobs'][0]}")
+        assert s["result"]["components"]["text_encoders"].startswith("arena ("), s["result"]["components"]
+        _, again = _txt2img(h, "tiny-pipe")
+
+    cfg = {k: v for k, v in FluxTransformer2DModel.load_config(os.path.join(full, "transformer")).items()
+           if not k.startswith("_") and k != "quantization_config"}
+
+    def reference(with_lora):
+        ref = FluxPipeline.from_pretrained(full, transformer=dc.plain_transformer(_dequantized_state(folders["sd"]), cfg),
+                                           torch_dtype=torch.float32, local_files_only=True)
+        if with_lora:
+            for sub in ("text_encoder", "text_encoder_2"):
+                mod = getattr(ref, sub)
+                state = load_file(os.path.join(full, sub, "model.safetensors"))
+                for (s2, k), d in deltas.items():
+                    if s2 == sub:
+                        state[k] = state[k] + d
+                missing, unexpected = mod.load_state_dict(state, strict=False)
+                assert not unexpected and set(missing) <= {"encoder.embed_tokens.weight"}, (sub, missing, unexpected)
+                if sub == "text_encoder_2":
+                    mod.tie_weights()
+        with torch.inference_mode():
+            img = ref(prompt="a red fox in the snow", height=BH, width=BW, num_inference_steps=N, guidance_scale=G,
+                      generator=torch.Generator().manual_seed(S), output_type="pil").images[0]
+        return np.asarray(img, dtype=np.int16)
+
+    want, want_base = reference(True), reference(False)
+    d_side, d_lora = int(np.abs(side - want).max()), int(np.abs(want - want_base).max())
+    print(f"TE LoRA on a pipeline folder's arena encoders, side mode vs diffusers with the LoRA merged: max |Δ pixel| {d_side}; "
+          f"the LoRA itself moves pixels by up to {d_lora}; base vs diffusers: {int(np.abs(base - want_base).max())}")
+    assert d_lora > 8
+    assert np.abs(base - want_base).max() <= 1
+    assert d_side <= 1
+    assert np.array_equal(again, base)
