@@ -275,7 +275,9 @@ def _load(model, sd: dict, what: str, file_name, tied=(), *, whose: str = "bundl
                 + (f", which {built} has" if config else ""))
     if strict_extra:
         have = set(src.values())
-        extra = sorted(k for k in sd if k not in have and not k.endswith("position_ids"))
+        # Not weights of the text model: buffers older transformers saved, and the CLIP projection /
+        # logit scale single files carry (the folder may be given for a bundled file's configs too).
+        extra = sorted(k for k in sd if k not in have and not k.endswith(("position_ids", "text_projection.weight", "logit_scale")))
         if extra:
             return (f"{whose} {what}: {file_name(extra[0])} is not a tensor of {built}"
                     + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))

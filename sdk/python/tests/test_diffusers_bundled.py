@@ -193,6 +193,12 @@ def test_bundled_file_with_configs_from_tokenizer_dir(bundle, start_plugin):
     assert v["components"]["transformer_config"] == os.path.join(bundle["full"], "transformer", "config.json")
     inferred = _run(stub, "inferred", prompt=PROMPT, model_file=bundle["file"])
     assert inferred["images"][0] == v["images"][0]
+    # model_dir naming a pipeline folder for a bundled model: the bundle's own encoders and VAE (from
+    # the arena) with the folder's configs and tokenizers, not the folder's weights.
+    d = _run(stub, "dir", prompt=PROMPT, model_dir=bundle["full"])
+    assert d["conditioning"] == "text_encoders" and d["decoder"] == "vae", d
+    assert d["components"]["text_encoders"].startswith("arena (") and d["components"]["vae"].startswith("arena (vae."), d["components"]
+    assert d["images"][0] == v["images"][0]
 
 
 def test_bundled_file_without_tokenizers_says_so(bundle, start_plugin, tmp_path):
