@@ -10,18 +10,27 @@ A tiny FluxPipeline folder is written here with no download
 (:func:`arenahost.diffusers_check.write_tiny_flux_pipeline`: tokenizers trained
 from a few sentences, a tiny CLIPTextModel and T5EncoderModel from configs, a
 tiny AutoencoderKL, a tiny FluxTransformer2DModel in bitsandbytes NF4). The
-fake host holds that NF4 transformer in its arena; the plugin runs as a real
-process with ``model_dir`` pointing at the folder. Checked:
+fake host holds that NF4 transformer in its arena, with the folder's encoders
+and VAE under their prefixes as the real registry holds them; the plugin runs
+as a real process with ``model_dir`` pointing at the folder. Checked:
 
 * two prompts give different prompt embeddings and different images, the same
-  prompt the same image, and the result says ``conditioning: text_encoders``;
+  prompt the same image, and the result says ``conditioning: text_encoders``
+  and, in ``components``, that the encoders and the VAE came from the arena;
 * the published latents and the PNG equal diffusers' own ``FluxPipeline``
   loaded from the same folder (``pipe(prompt=...)``, same seed), with the
   transformer holding the same NF4 weights dequantized by bnb's rule (written out in the test);
+* a host holding only the transformer: ``from_pretrained`` from the folder, said
+  in ``components``, the same image;
+* a text_encoder/ with a tensor missing, an extra one, or a config.json that
+  disagrees: stand-in, the note naming the folder's tensor (and config);
 * a folder without text encoders still runs, on stand-in embeddings, and says so;
-* through a real ``arenahost serve``: the folder loaded with ``POST /v1/models``,
+* through a real ``arenahost serve``: the folder loaded with ``POST /v1/models``
+  (``GET /v1/models`` lists its components and their folders),
   ``/sdapi/v1/txt2img`` and ``POST /v1/jobs`` pass it as ``model_dir`` and
-  ``info.conditioning`` / the result's ``conditioning`` is ``text_encoders``.
+  ``info.conditioning`` / the result's ``conditioning`` is ``text_encoders``; a
+  kohya text-encoder LoRA in the prompt conditions the image as diffusers does
+  with it merged.
 """
 
 import contextlib
