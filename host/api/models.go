@@ -13,8 +13,14 @@ import (
 )
 
 func modelInfo(m *registry.Model) v1.ModelInfo {
-	return v1.ModelInfo{Name: m.Name, Source: m.Source, Format: string(m.Format), Layout: m.Layout,
-		Variant: m.Variant, Container: m.Container, Tensors: len(m.Tensors), Weights: len(m.Weights), Params: m.Params(), Bytes: m.Bytes}
+	info := v1.ModelInfo{Name: m.Name, Source: m.Source, Format: string(m.Format), Layout: m.Layout,
+		Variant: m.Variant, Container: m.Container, Tensors: len(m.Tensors), Weights: len(m.Weights), Params: m.Params(), Bytes: m.Bytes,
+		Notes: m.Notes}
+	for _, c := range m.Components {
+		info.Components = append(info.Components, v1.ModelComponent{Kind: c.Kind, Label: c.Label, Prefix: c.Prefix, Source: c.Source,
+			Tensors: c.Tensors, Bytes: c.Bytes, Weights: c.Weights})
+	}
+	return info
 }
 
 func (a *API) models(w http.ResponseWriter, _ *http.Request) {

@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -101,5 +102,56 @@ func TestBundledSingleFile(t *testing.T) {
 	}
 	if len(reasons) != 3 || len(rep.Report.Layers) == 0 {
 		t.Errorf("unmatched %v; %d layers merged", reasons, len(rep.Report.Layers))
+	}
+}
+
+// A diffusers pipeline folder: inspect lists its text encoders and VAE as
+// components (with the folder each came from) beside the transformer, and
+// says which component folder it left out and why.
+func TestPipelineFolderComponents(t *testing.T) {
+	root := t.TempDir()
+	for _, d := range []string{"transformer", "text_encoder", "text_encoder_2", "vae"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := samples.WriteModel(filepath.Join(root, "transformer", "diffusion_pytorch_model.safetensors"), samples.ModelOptions{Seed: 3}); err != nil {
+		t.Fatal(err)
+	}
+	if err := safetensors.WriteFile(filepath.Join(root, "text_encoder", "model.safetensors"), nil, []safetensors.WriteTensor{
+		{Name: "text_model.encoder.layers.0.self_attn.q_proj.weight", DType: safetensors.F16, Shape: []int64{4, 4}, Data: make([]byte, 32)}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "text_encoder_2", "pytorch_model.bin"), []byte("pickle"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := safetensors.WriteFile(filepath.Join(root, "vae", "diffusion_pytorch_model.safetensors"), nil, []safetensors.WriteTensor{
+		{Name: "decoder.conv_in.weight", DType: safetensors.BF16, Shape: []int64{2, 2}, Data: make([]byte, 8)}}); err != nil {
+		t.Fatal(err)
+	}
+	idx := `{"transformer": ["diffusers", "FluxTransformer2DModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+		"text_encoder_2": ["transformers", "T5EncoderModel"], "vae": ["diffusers", "AutoencoderKL"]}`
+	if err := os.WriteFile(filepath.Join(root, "model_index.json"), []byte(idx), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r, err := inspect.File(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Model.Container != "pipeline-folder" || len(r.Model.Components) != 2 || r.Model.Components[0].Kind != "te1" || r.Model.Components[1].Kind != "vae" {
+		t.Fatalf("container %s, components %+v", r.Model.Container, r.Model.Components)
+	}
+	var text strings.Builder
+	if err := r.WriteText(&text); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		`text encoder 1 (CLIP-L) under "text_encoders.clip_l." from ` + filepath.Join(root, "text_encoder") + `: 1 tensors (1 F16)`,
+		`VAE under "vae." from ` + filepath.Join(root, "vae"),
+		filepath.Join(root, "text_encoder_2") + "/: no safetensors weights",
+	} {
+		if !strings.Contains(text.String(), want) {
+			t.Errorf("inspect text lacks %q:\n%s", want, text.String())
+		}
 	}
 }

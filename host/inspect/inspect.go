@@ -76,7 +76,7 @@ type LoRAReport = lora.Summary
 // File inspects the model or LoRA at path: a safetensors file, or a
 // diffusers model or pipeline folder (safetensors.OpenSet).
 func File(path string) (*Report, error) {
-	f, err := safetensors.OpenSet(path)
+	f, notes, err := checkpoint.OpenModel(path) // a pipeline folder's encoders and VAE too
 	if err != nil {
 		return nil, err
 	}
@@ -90,7 +90,11 @@ func File(path string) (*Report, error) {
 		return inspectLoRA(path)
 	}
 	defer f.Close()
-	return inspectModel(path, f, names)
+	r, err := inspectModel(path, f, names)
+	if r != nil && r.Model != nil {
+		r.Model.Warnings = append(r.Model.Warnings, notes...)
+	}
+	return r, err
 }
 
 // looksLikeLoRA reports whether the names are those of a LoRA/LyCORIS file.
@@ -212,7 +216,11 @@ func (r *Report) WriteText(w io.Writer) error {
 			if i == 0 {
 				label = "components"
 			}
-			fmt.Fprintf(w, "%-14s %s under %q: %d tensors (%s), %s, %d 4-bit weights\n", label, c.Label, c.Prefix, c.Tensors, strings.Join(dts, ", "), humanBytes(c.Bytes), c.Weights)
+			from := ""
+			if c.Source != "" {
+				from = " from " + c.Source
+			}
+			fmt.Fprintf(w, "%-14s %s under %q%s: %d tensors (%s), %s, %d 4-bit weights\n", label, c.Label, c.Prefix, from, c.Tensors, strings.Join(dts, ", "), humanBytes(c.Bytes), c.Weights)
 		}
 		if m.Variant != "" {
 			p("variant", m.Variant)

@@ -78,7 +78,9 @@ func (r *Registry) load(ctx context.Context, name, path string) (m *Model, err e
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	f, err := safetensors.OpenSet(path)
+	// A pipeline folder's text encoders and VAE come with its transformer
+	// (mapped in place, under the prefixes a bundled file uses).
+	f, notes, err := checkpoint.OpenModel(path)
 	if err != nil {
 		return nil, err
 	}
@@ -140,7 +142,7 @@ func (r *Registry) load(ctx context.Context, name, path string) (m *Model, err e
 	} else {
 		r.log.Debug("no known layout", slog.String("file", path), slog.Any("error", desc.LayoutError))
 	}
-	m.Variant, m.Container = desc.Variant, string(desc.Container)
+	m.Variant, m.Container, m.Components, m.Notes = desc.Variant, string(desc.Container), desc.Components, notes
 
 	var regions []arena.Region
 	var buf []byte // the streaming buffer for unmapped memory

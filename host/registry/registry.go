@@ -17,6 +17,7 @@ import (
 	"sync"
 
 	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/shared/checkpoint"
 	"github.com/arenahost/arenahost/shared/nf4"
 	"github.com/arenahost/arenahost/shared/safetensors"
 )
@@ -111,6 +112,12 @@ type Model struct {
 	// packaged ("file", "model-folder", "pipeline-folder").
 	Variant   string
 	Container string
+	// Components are the models the checkpoint holds beside the diffusion
+	// model (a single file's bundled encoders and VAE, a pipeline folder's
+	// text_encoder*/ and vae/: checkpoint.OpenModel), Notes what of a
+	// pipeline folder was left out and why.
+	Components []checkpoint.Component
+	Notes      []string
 	// Metadata is the checkpoint's __metadata__ (nil when it had none).
 	Metadata map[string]string
 	// Tensors are every stored tensor, sorted by name.

@@ -17,6 +17,26 @@ type ModelInfo struct {
 	Weights   int    `json:"weights"`
 	Params    int64  `json:"params"`
 	Bytes     uint64 `json:"bytes"`
+	// Components are the models held beside the diffusion model: the
+	// text encoders and VAE a single file bundles, or a pipeline folder's
+	// text_encoder*/ and vae/ (Source names the folder), each in the arena
+	// under its name prefix.
+	Components []ModelComponent `json:"components,omitempty"`
+	// Notes say what of a pipeline folder is not in the arena and why
+	// (a component without safetensors weights).
+	Notes []string `json:"notes,omitempty"`
+}
+
+// ModelComponent is one model a loaded checkpoint holds beside (or as) its
+// diffusion model.
+type ModelComponent struct {
+	Kind    string `json:"kind"` // diffusion, te1, te2, t5, vae
+	Label   string `json:"label"`
+	Prefix  string `json:"prefix"`
+	Source  string `json:"source,omitempty"`
+	Tensors int    `json:"tensors"`
+	Bytes   int64  `json:"bytes"`
+	Weights int    `json:"weights_4bit"`
 }
 
 // LoadModelRequest is the body of POST /v1/models.

@@ -33,8 +33,9 @@ type Description struct {
 	DerivedFrom layout.FluxDerivation `json:"derived_from,omitempty"`
 	Variant     string                `json:"variant,omitempty"`
 	// Components are the models a single file bundles (Forge/ComfyUI:
-	// diffusion model, text encoders, VAE), in file order; nil for a bare
-	// model.
+	// diffusion model, text encoders, VAE), or a pipeline folder's text
+	// encoders and VAE carried beside its transformer (OpenModel), in
+	// file order; nil for a bare model.
 	Components []Component `json:"components,omitempty"`
 	Warnings   []string    `json:"warnings,omitempty"`
 }
@@ -48,6 +49,10 @@ type Component struct {
 	Bytes   int64          `json:"bytes"`
 	Weights int            `json:"weights_4bit"` // bitsandbytes 4-bit weights
 	DTypes  map[string]int `json:"dtypes"`       // stored tensors per safetensors dtype
+	// Source is the pipeline component folder it was read from
+	// (OpenModel), Shards its files; empty / 0 for a single file's.
+	Source string `json:"source,omitempty"`
+	Shards int    `json:"shards,omitempty"`
 }
 
 // Describe describes the model s holds; weights are its 4-bit weights
@@ -55,7 +60,7 @@ type Component struct {
 // The error is a config.json that disagrees with the weights, naming each
 // field; a layout that cannot be detected is not an error (LayoutError).
 func Describe(s *safetensors.Set, weights []nf4.Weight) (*Description, error) {
-	d := &Description{Container: s.Container, Component: s.Component, Shards: len(s.Files), Config: s.ConfigPath}
+	d := &Description{Container: s.Container, Component: s.Component, Shards: s.ModelFiles(), Config: s.ConfigPath}
 	logical := map[string][]int64{}
 	for _, w := range weights {
 		logical[w.Name] = w.State.Shape
@@ -128,19 +133,34 @@ func Describe(s *safetensors.Set, weights []nf4.Weight) (*Description, error) {
 				bad = append(bad, sd3Mismatches(cfg, shapes)...)
 			}
 		}
-		bad = append(bad, quantMismatches(cfg, weights)...)
+		bad = append(bad, quantMismatches(cfg, modelWeights(weights))...)
 		if len(bad) > 0 {
 			return d, fmt.Errorf("%s disagrees with the weights: %s", s.ConfigPath, strings.Join(bad, "; "))
 		}
-		if _, ok := cfg["quantization_config"]; !ok && len(weights) > 0 {
+		if _, ok := cfg["quantization_config"]; !ok && len(modelWeights(weights)) > 0 {
 			d.Warnings = append(d.Warnings, fmt.Sprintf("%s has no quantization_config although the weights are bitsandbytes 4-bit: diffusers will not load the folder as it is", s.ConfigPath))
 		}
 	}
 	return d, nil
 }
 
+// modelWeights are the 4-bit weights of the diffusion model: weights
+// without a text-encoder or VAE component prefix (a pipeline folder's
+// encoders, carried beside its transformer, have their own config).
+func modelWeights(weights []nf4.Weight) []nf4.Weight {
+	var out []nf4.Weight
+	for _, w := range weights {
+		if c, _, ok := layout.ComponentOf(w.Name); ok && c.Kind != "diffusion" {
+			continue
+		}
+		out = append(out, w)
+	}
+	return out
+}
+
 // components groups the tensors by bundled component; nil when none has a
-// component prefix.
+// component prefix. A pipeline folder's component says which folder it
+// was read from (Source).
 func components(s *safetensors.Set, weights []nf4.Weight) []Component {
 	four := map[string]bool{}
 	for _, w := range weights {
@@ -158,6 +178,11 @@ func components(s *safetensors.Set, weights []nf4.Weight) []Component {
 			i = len(out)
 			at[c.Kind+pre] = i
 			out = append(out, Component{Kind: c.Kind, Label: c.Label, Prefix: pre, DTypes: map[string]int{}})
+			for _, sc := range s.Components {
+				if strings.HasPrefix(t.Name, sc.Prefix) {
+					out[i].Source, out[i].Shards = sc.Dir, len(sc.Files)
+				}
+			}
 		}
 		out[i].Tensors++
 		out[i].Bytes += t.End - t.Begin

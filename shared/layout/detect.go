@@ -119,6 +119,11 @@ func DetectInfo(names []string) (Info, error) {
 		if IsQuantSideKey(name) {
 			continue
 		}
+		// A bundled text encoder's or VAE's layers (a VAE's down_blocks.)
+		// say nothing about the diffusion model's layout.
+		if c, _, ok := ComponentOf(name); ok && c.Kind != "diffusion" {
+			continue
+		}
 		for _, p := range probes {
 			pre, ok := modulePrefix(name, p.key)
 			if !ok {

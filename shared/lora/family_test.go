@@ -203,3 +203,62 @@ func TestMapBundledTextEncoders(t *testing.T) {
 		t.Errorf("unmatched %+v", mp.Unmatched)
 	}
 }
+
+// A pipeline folder's encoders, carried beside a diffusers-named
+// transformer under the bundled prefixes (checkpoint.OpenModel), with
+// CLIP named as transformers 5 saves it (no text_model.): kohya and PEFT
+// text-encoder keys find them as they find a bundled file's.
+func TestMapPipelineFolderTextEncoders(t *testing.T) {
+	clip := "text_encoders.clip_l.transformer.encoder.layers.0.self_attn.q_proj"
+	t5 := "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q"
+	lin, _ := layout.FluxSample().Linears(layout.FluxDiffusers)
+	var layers []Layer
+	var names []string
+	for _, l := range lin {
+		layers = append(layers, Layer{Name: l.Name, Out: l.Out, In: l.In})
+		names = append(names, l.Name+".weight")
+	}
+	layers = append(layers, Layer{Name: clip, Out: 64, In: 64}, Layer{Name: t5, Out: 64, In: 64})
+	names = append(names, clip+".weight", t5+".weight", "vae.encoder.down_blocks.0.resnets.0.conv1.weight")
+	info, err := layout.DetectInfo(names)
+	if err != nil || info.Layout != layout.FluxDiffusers || info.Prefix != "" {
+		t.Fatalf("%+v %v", info, err)
+	}
+	m, err := NewModel(info, layers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.NoteTensors(names)
+	r := rand.New(rand.NewPCG(93, 94))
+	var ts []tt
+	keys := map[string]string{"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": clip, "lora_te3_encoder_block_0_layer_0_SelfAttention_q": t5,
+		"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": clip}
+	for k := range keys {
+		style := "kohya"
+		if !strings.HasPrefix(k, "lora_") {
+			style = "peft"
+		}
+		p, _, _ := loraPair(r, k, style, 2, 64, 64, 0)
+		ts = append(ts, p...)
+	}
+	f, err := Parse(writeLoRA(t, "te.safetensors", nil, safetensors.F32, ts...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mp, err := m.Map(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	for _, tg := range mp.Targets {
+		got[tg.Module.Key] = tg.Pieces[0].Layer
+	}
+	for k, want := range keys {
+		if got[k] != want {
+			t.Errorf("%s → %q, want %q", k, got[k], want)
+		}
+	}
+	if len(mp.Unmatched) != 0 {
+		t.Errorf("unmatched %+v", mp.Unmatched)
+	}
+}

@@ -108,6 +108,11 @@ func NewModel(info layout.Info, layers []Layer) (*Model, error) {
 			for _, pre := range layout.TextEncoderPrefixes(te) {
 				if path, ok := strings.CutPrefix(n, pre); ok {
 					add(teComp[te], path, Piece{Layer: n, Rows: l.Out})
+					if te != layout.TE3 && strings.HasPrefix(path, "encoder.layers.") {
+						// transformers 5 saves a CLIP text model (a pipeline folder's
+						// text_encoder/) without text_model.; LoRA keys name it with it.
+						add(teComp[te], "text_model."+path, Piece{Layer: n, Rows: l.Out})
+					}
 					m.hasComp[teComp[te]] = true
 				}
 			}

@@ -235,7 +235,16 @@ func (f *File) AdviseSequential() error {
 // later read faults them back in. Unknown names are ignored.
 func (f *File) Evict(name string) error {
 	t, ok := f.Lookup(name)
-	if !ok || f.mapping == nil || t.End <= t.Begin {
+	if !ok {
+		return nil
+	}
+	return f.evict(t)
+}
+
+// evict is Evict of a tensor of this file's header (by its offsets).
+func (f *File) evict(t TensorInfo) error {
+	name := t.Name
+	if f.mapping == nil || t.End <= t.Begin {
 		return nil
 	}
 	page := int64(os.Getpagesize())

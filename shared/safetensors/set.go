@@ -62,9 +62,31 @@ type Set struct {
 	Tensors []TensorInfo
 	// Metadata is the first shard's __metadata__.
 	Metadata map[string]string
+	// Components are a pipeline folder's other components whose tensors
+	// the set carries beside the model's, each under its own name prefix
+	// (AddComponent); nil unless a caller added some.
+	Components []*SetComponent
 
 	at     map[string]int   // tensor name → index in Tensors
 	fileOf map[string]*File // tensor name → its shard
+}
+
+// ErrNoWeights is the error (wrapped) of a folder that holds no
+// safetensors weights under the names save_pretrained writes.
+var ErrNoWeights = errors.New("no weights")
+
+// SetComponent is a pipeline component folder (a text encoder, the VAE)
+// whose weights a Set carries beside the model's.
+type SetComponent struct {
+	// Folder is the component's folder name in the pipeline
+	// ("text_encoder"), Dir its path, Prefix what its tensor names are
+	// given in the set ("text_encoders.clip_l.transformer." + name).
+	Folder, Dir, Prefix string
+	// Index is its shard index file ("" when unsharded); Files its shards.
+	Index string
+	Files []*File
+	// Tensors is how many tensors it added.
+	Tensors int
 }
 
 // OpenSet opens the model at path: a .safetensors file, a model folder
@@ -110,6 +132,52 @@ func OpenSet(path string) (*Set, error) {
 	return s, nil
 }
 
+// ModelFiles is how many of Files hold the model itself (the rest are its
+// Components' files).
+func (s *Set) ModelFiles() int {
+	n := len(s.Files)
+	for _, c := range s.Components {
+		n -= len(c.Files)
+	}
+	return n
+}
+
+// AddComponent opens the model folder dir (config.json beside one weights
+// file or an index of shards, validated as OpenSet validates a folder) and
+// adds its tensors to the set as prefix + their name, read in place from
+// their own files like the model's. A folder without safetensors weights
+// is an error wrapping ErrNoWeights (the caller may leave it to another
+// loader); a name the set already holds is an error naming both files. On
+// error the set is unchanged.
+func (s *Set) AddComponent(folder, dir, prefix string) error {
+	sub := &Set{Path: dir, Container: ContainerModelFolder, Dir: dir}
+	if err := sub.openFolder(); err != nil {
+		_ = sub.Close()
+		return fmt.Errorf("component %s/: %w", folder, err)
+	}
+	for _, t := range sub.Tensors {
+		if _, dup := s.at[prefix+t.Name]; dup {
+			a, _ := s.FileOf(prefix + t.Name)
+			b, _ := sub.FileOf(t.Name)
+			_ = sub.Close()
+			return fmt.Errorf("component %s/: tensor %s of %s is named %s in the model, which %s already holds", folder, t.Name, b.Path, prefix+t.Name, a.Path)
+		}
+	}
+	if s.at == nil {
+		s.at, s.fileOf = map[string]int{}, map[string]*File{}
+	}
+	for _, t := range sub.Tensors {
+		f := sub.fileOf[t.Name]
+		t.Name = prefix + t.Name
+		s.at[t.Name] = len(s.Tensors)
+		s.Tensors = append(s.Tensors, t)
+		s.fileOf[t.Name] = f
+	}
+	s.Files = append(s.Files, sub.Files...)
+	s.Components = append(s.Components, &SetComponent{Folder: folder, Dir: dir, Prefix: prefix, Index: sub.Index, Files: sub.Files, Tensors: len(sub.Tensors)})
+	return nil
+}
+
 func (s *Set) openFolder() error {
 	cfg := filepath.Join(s.Dir, "config.json")
 	if b, err := readSmallRegular(cfg); err == nil {
@@ -144,7 +212,7 @@ func (s *Set) openFolder() error {
 	for _, b := range weightNames {
 		want = append(want, b+".safetensors", b+".safetensors.index.json")
 	}
-	return fmt.Errorf("open model %s: no weights in %s (looked for %s)", s.Path, s.Dir, strings.Join(want, ", "))
+	return fmt.Errorf("open model %s: %w in %s (looked for %s)", s.Path, ErrNoWeights, s.Dir, strings.Join(want, ", "))
 }
 
 // shardIndex is the index save_pretrained writes beside the shards.
@@ -266,7 +334,8 @@ func (s *Set) Evict(name string) error {
 	if !ok {
 		return nil
 	}
-	return f.Evict(name)
+	t, _ := s.Lookup(name) // a component's tensor is named otherwise in its file
+	return f.evict(t)
 }
 
 // shard returns the shard holding tensor name.
@@ -284,7 +353,8 @@ func (s *Set) Data(name string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return f.Data(name)
+	t, _ := s.Lookup(name) // a component's tensor is named otherwise in its file
+	return f.TensorData(t)
 }
 
 // ReadTensor is File.ReadTensor on t's shard.

@@ -10,6 +10,11 @@ are dequantized by bitsandbytes' rule, F8 widened, a tensor already in the
 pipeline's dtype is used in place), and whose transformer is patched onto the
 arena model by :func:`arenahost.diffusers_flux.patch_pipeline`.
 
+A diffusers pipeline folder loaded by the host carries its ``text_encoder/``,
+``text_encoder_2/`` and ``vae/`` in the arena under the same prefixes
+(``shared/checkpoint.OpenModel``); ``build_bundled_pipeline(..., folder=DIR)``
+builds it the same way, with the folder's configs, tokenizers and scheduler.
+
 A single file holds no configs and no tokenizers:
 
 * **Tokenizers** are looked for in the folders given (the plugin passes a
@@ -81,7 +86,7 @@ def bundled_components(names) -> dict[str, str]:
     return out
 
 
-def find_tokenizers(dirs) -> tuple[str, str]:
+def find_tokenizers(dirs, whose: str = "a bundled single file") -> tuple[str, str]:
     """(folder, "") for the first of dirs holding tokenizer/ and tokenizer_2/, else ("", why)."""
     looked = []
     for d in dirs:
@@ -92,7 +97,7 @@ def find_tokenizers(dirs) -> tuple[str, str]:
         looked.append(d)
     where = ("; looked for tokenizer/ and tokenizer_2/ in " + ", ".join(looked)) if looked else \
         "; name a folder holding tokenizer/ and tokenizer_2/ (a diffusers FluxPipeline folder's) with tokenizer_dir"
-    return "", "no tokenizer: a bundled single file carries none" + where
+    return "", f"no tokenizer: {whose} carries none" + where
 
 
 def _folder_config(folder: str, sub: str) -> dict | None:
@@ -248,23 +253,38 @@ def _materialize(model, arena_name, tensors: dict, mapper, dtype) -> str:
     return ""
 
 
-def _load(model, sd: dict, what: str, file_name, tied=()) -> str:
+def _load(model, sd: dict, what: str, file_name, tied=(), *, whose: str = "bundled", config: str = "",
+          strict_extra: bool = False) -> str:
     """Load sd into model (assign, strict on what the model needs); "" or why it cannot.
 
     sd's keys are transformers names without CLIP's ``text_model.`` (what
     transformers 5 uses; a model that still wants it gets it added).
-    file_name(key) is the key's name in the single file, for the message.
+    file_name(key) is the key's name in the single file (or the folder), for
+    the message; whose says whose component it is ("bundled", or a pipeline
+    folder's), config the config file the model was built from (for the
+    message). strict_extra: a tensor the model does not have is an error too
+    (a folder's weights written by save_pretrained match their config).
     """
     want = model.state_dict()
     src = {k: k.removeprefix("text_model.") for k in want}
+    built = f"the model built from {config}" if config else "the model built from its config"
     missing = sorted(k for k in want if src[k] not in sd and k not in tied)
     if missing:
         first = file_name(src[missing[0]])
-        return f"bundled {what} is incomplete: no {first}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        return (f"{whose} {what} is incomplete: no {first}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + (f", which {built} has" if config else ""))
+    if strict_extra:
+        have = set(src.values())
+        # Not weights of the text model: buffers older transformers saved, and the CLIP projection /
+        # logit scale single files carry (the folder may be given for a bundled file's configs too).
+        extra = sorted(k for k in sd if k not in have and not k.endswith(("position_ids", "text_projection.weight", "logit_scale")))
+        if extra:
+            return (f"{whose} {what}: {file_name(extra[0])} is not a tensor of {built}"
+                    + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     for k, v in want.items():
         if src[k] in sd and tuple(sd[src[k]].shape) != tuple(v.shape):
-            return (f"bundled {what}: {file_name(src[k])} has shape {list(sd[src[k]].shape)}, "
-                    f"the model built from its config wants {list(v.shape)}")
+            return (f"{whose} {what}: {file_name(src[k])} has shape {list(sd[src[k]].shape)}, "
+                    f"{built} wants {list(v.shape)}")
     model.load_state_dict({k: sd[src[k]] for k in want if src[k] in sd}, strict=False, assign=True)
     if any(src[k] not in sd for k in tied if k in want):
         model.tie_weights()
@@ -319,8 +339,17 @@ def _empty(cls_build):
         return cls_build()
 
 
-def build_bundled_pipeline(host, model: str = "", *, tokenizer_dirs=(), dtype=None, mapper=None):
+def build_bundled_pipeline(host, model: str = "", *, tokenizer_dirs=(), dtype=None, mapper=None, folder: str = ""):
     """A FluxPipeline for a bundled single file in the arena (see the module doc).
+
+    folder: the model is a diffusers pipeline folder whose text encoders and
+    VAE the host carries in the arena beside its transformer, under the same
+    prefixes (``text_encoder/`` as CLIP-L, ``text_encoder_2/`` as T5,
+    ``vae/``): configs, tokenizers and the scheduler come from the folder,
+    the weights from the arena. A part the arena does not carry (the host
+    leaves out a component without safetensors weights) is loaded from the
+    folder with ``from_pretrained`` (safetensors only), and
+    ``_arenahost_components`` says so.
 
     The transformer is built empty (0-element Linear weights) for
     :func:`~arenahost.diffusers_flux.patch_pipeline`; the pipeline's
@@ -339,9 +368,21 @@ def build_bundled_pipeline(host, model: str = "", *, tokenizer_dirs=(), dtype=No
     if not tensors:
         raise DescriptorError(f"model {model!r}: the host lists no tensors")
     comps = bundled_components(tensors)
-    tok_dir, tok_why = find_tokenizers(tokenizer_dirs)
-    cfg_dir = tok_dir or next((d for d in tokenizer_dirs if d and os.path.isdir(d)), "")
+    whose = f"pipeline folder {folder}'s" if folder else "bundled"
+    tok_dir, tok_why = find_tokenizers(((folder,) if folder else ()) + tuple(tokenizer_dirs),
+                                       f"pipeline folder {folder}" if folder else "a bundled single file")
+    cfg_dir = folder or tok_dir or next((d for d in tokenizer_dirs if d and os.path.isdir(d)), "")
     sources = {}
+
+    def cfg_path(sub):
+        p = os.path.join(cfg_dir, sub, "config.json") if cfg_dir else ""
+        return p if p and os.path.isfile(p) else ""
+
+    def file_name(sub, prefix, inner=""):
+        # a tensor's name where the user can find it: the single file's key, or the folder's file and key
+        if folder:
+            return lambda k: f"{os.path.join(folder, sub)}/ tensor {inner + k}"
+        return lambda k: prefix + inner + k
 
     # Transformer: config from the folder or the shapes; weights patched from the arena later.
     layout, prefix = detect_layout(tensors)
@@ -364,7 +405,25 @@ def build_bundled_pipeline(host, model: str = "", *, tokenizer_dirs=(), dtype=No
     # Text encoders: both, complete, and tokenizers, or none.
     parts = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
     why = ""
-    if "te1" not in comps or "t5" not in comps:
+    if ("te1" not in comps or "t5" not in comps) and folder:
+        from arenahost.diffusers_flux import folder_text_components
+
+        has, why = folder_text_components(folder)
+        if has and not tok_why:
+            from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+            # Not in the arena (the host carries only safetensors components): the folder's own, once per process.
+            kw = dict(torch_dtype=dtype, local_files_only=True, use_safetensors=True)
+            parts = dict(text_encoder=CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), **kw).eval(),
+                         text_encoder_2=T5EncoderModel.from_pretrained(os.path.join(folder, "text_encoder_2"), **kw).eval(),
+                         tokenizer=AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer"), local_files_only=True),
+                         tokenizer_2=AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer_2"), local_files_only=True))
+            sources["text_encoders"] = (f"from_pretrained ({os.path.join(folder, 'text_encoder')}, "
+                                        f"{os.path.join(folder, 'text_encoder_2')}): the arena model carries no "
+                                        + " and no ".join(k for k in ("te1", "t5") if k not in comps))
+        elif has:
+            why = tok_why
+    elif "te1" not in comps or "t5" not in comps:
         missing = [lbl for k, lbl in (("te1", "CLIP-L (text_encoders.clip_l.)"), ("t5", "T5 (text_encoders.t5xxl.)")) if k not in comps]
         why = "the single file bundles no " + " and no ".join(missing)
     elif tok_why:
@@ -373,6 +432,9 @@ def build_bundled_pipeline(host, model: str = "", *, tokenizer_dirs=(), dtype=No
         from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
         clip_sd = {k.removeprefix("text_model."): v for k, v in _arena_state(tensors, CLIP_PREFIX, m, dtype, lazy=True).items()}
+        # Single files and transformers 4 name CLIP's tensors text_model.…; transformers 5's
+        # save_pretrained (a folder's text_encoder/) writes them without it.
+        clip_inner = "text_model." if any(k.startswith(CLIP_PREFIX + "text_model.") for k in tensors) else ""
         t5_sd = _arena_state(tensors, T5_PREFIX, m, dtype, lazy=True)
         try:
             c1 = _folder_config(cfg_dir, "text_encoder")
@@ -380,19 +442,22 @@ def build_bundled_pipeline(host, model: str = "", *, tokenizer_dirs=(), dtype=No
             c2 = _folder_config(cfg_dir, "text_encoder_2")
             c2 = T5Config(**{k: v for k, v in c2.items() if not k.startswith("_")}) if c2 else T5Config(**t5_config_from_state(t5_sd))
         except KeyError as e:
-            why = f"bundled text encoder is incomplete: no {e.args[0]} to read its config from (CLIP-L names without text_model.)"
+            why = f"{whose} text encoder is incomplete: no {e.args[0]} to read its config from (CLIP-L names without text_model.)"
         else:
             te1 = _empty(lambda: CLIPTextModel(c1))
             te2 = _empty(lambda: T5EncoderModel(c2))
-            why = (_load(te1, clip_sd, "CLIP-L", lambda k: CLIP_PREFIX + "text_model." + k)
-                   or _load(te2, t5_sd, "T5", lambda k: T5_PREFIX + k, tied=("encoder.embed_tokens.weight", "shared.weight")))
+            strict = bool(folder)
+            why = (_load(te1, clip_sd, "CLIP-L", file_name("text_encoder", CLIP_PREFIX, clip_inner), whose=whose,
+                         config=cfg_path("text_encoder"), strict_extra=strict)
+                   or _load(te2, t5_sd, "T5", file_name("text_encoder_2", T5_PREFIX), whose=whose, config=cfg_path("text_encoder_2"),
+                            tied=("encoder.embed_tokens.weight", "shared.weight"), strict_extra=strict))
             if not why:
                 from arenahost import torch as at
 
                 # Encoder Linear layers read the arena on every encode: LoRA side factors the host
                 # binds (on 4-bit and on plain F16/F8 encoders) and fused bytes (4-bit) apply.
                 watcher = at.FactorWatcher(host, model, mapper=m)
-                clip_name = lambda n: CLIP_PREFIX + (n if n.startswith("text_model.") else "text_model." + n)  # noqa: E731
+                clip_name = lambda n: CLIP_PREFIX + clip_inner + n.removeprefix("text_model.")  # noqa: E731
                 n = _arena_linears(te1, clip_name, tensors, watcher)
                 n += _arena_linears(te2, lambda n: T5_PREFIX + n, tensors, watcher)
                 # The other 2-D weights (token and position embeddings, T5's shared table and
@@ -407,12 +472,20 @@ def build_bundled_pipeline(host, model: str = "", *, tokenizer_dirs=(), dtype=No
                 parts = dict(text_encoder=te1.to(dtype).eval(), text_encoder_2=te2.to(dtype).eval(),
                              tokenizer=AutoTokenizer.from_pretrained(os.path.join(tok_dir, "tokenizer"), local_files_only=True),
                              tokenizer_2=AutoTokenizer.from_pretrained(os.path.join(tok_dir, "tokenizer_2"), local_files_only=True))
-                sources["text_encoders"] = f"arena ({CLIP_PREFIX}, {T5_PREFIX}); tokenizers from {tok_dir}"
+                sources["text_encoders"] = (f"arena ({CLIP_PREFIX}, {T5_PREFIX}"
+                                            + (f": {os.path.join(folder, 'text_encoder')}, {os.path.join(folder, 'text_encoder_2')}" if folder else "")
+                                            + f"); configs from {cfg_path('text_encoder') or 'the tensors'}, "
+                                            f"{cfg_path('text_encoder_2') or 'the tensors'}; tokenizers from {tok_dir}")
 
     # VAE: the bundled one when complete, else a small random one (and say so).
     vae, vae_why = None, ""
-    if "vae" not in comps:
-        vae_why = "the single file bundles no VAE (vae. / first_stage_model.)"
+    if "vae" not in comps and folder and os.path.isdir(os.path.join(folder, "vae")):
+        vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"), torch_dtype=dtype, local_files_only=True,
+                                            use_safetensors=True).eval()
+        sources["vae"] = f"from_pretrained ({os.path.join(folder, 'vae')}): the arena model carries no VAE"
+    elif "vae" not in comps:
+        vae_why = ("the arena model carries no VAE (vae.) and the folder has no vae/" if folder else
+                   "the single file bundles no VAE (vae. / first_stage_model.)")
     else:
         sd = _arena_state(tensors, comps["vae"], m, dtype)
         if any(k.startswith("encoder.down.") for k in sd):
@@ -421,13 +494,13 @@ def build_bundled_pipeline(host, model: str = "", *, tokenizer_dirs=(), dtype=No
             vcfg = _folder_config(cfg_dir, "vae")
             vcfg = {k: v for k, v in vcfg.items() if not k.startswith("_")} if vcfg else vae_config_from_state(sd)
         except KeyError as e:
-            vae_why = f"bundled VAE is incomplete: no {e.args[0]} to read its config from"
+            vae_why = f"{whose} VAE is incomplete: no {e.args[0]} to read its config from"
         else:
             v = _empty(lambda: AutoencoderKL.from_config(vcfg))
-            vae_why = _load(v, sd, "VAE", lambda k: comps["vae"] + k)
+            vae_why = _load(v, sd, "VAE", file_name("vae", comps["vae"]), whose=whose, config=cfg_path("vae"), strict_extra=bool(folder))
             if not vae_why:
                 vae = v.to(dtype).eval()
-                sources["vae"] = f"arena ({comps['vae']})"
+                sources["vae"] = f"arena ({comps['vae']}" + (f": {os.path.join(folder, 'vae')}" if folder else "") + ")"
     if vae is None:
         from arenahost.diffusers_flux import build_small_pipeline
 

@@ -34,6 +34,7 @@ download: a transformer with the sample model's shapes, a small
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -374,6 +375,11 @@ def build_small_pipeline(model_dir: str | None = None, *, seed: int = 0, dtype=N
         pipe = FluxPipeline.from_pretrained(model_dir, torch_dtype=dtype, local_files_only=True, use_safetensors=True, **kw)
         pipe._arenahost_conditioning = ("text_encoders", "") if has_text else ("stand-in", why)
         pipe._arenahost_empty_transformer = True
+        pipe._arenahost_components = {"vae": f"from_pretrained ({os.path.join(model_dir, 'vae')}): not in the arena"}
+        if has_text:
+            pipe._arenahost_components["text_encoders"] = (
+                f"from_pretrained ({os.path.join(model_dir, 'text_encoder')}, {os.path.join(model_dir, 'text_encoder_2')}): "
+                "not in the arena")
         return pipe
     g = torch.random.fork_rng()
     with g:

@@ -18,7 +18,12 @@ Kind ``pipeline``, method ``run`` (msgpack params; all optional):
                 built from configs with random weights, no download). Its
                 VAE and scheduler are used, and its text encoders and
                 tokenizers when model_index.json names them; the
-                transformer's weights always come from the arena model
+                transformer's weights always come from the arena model,
+                and so do the encoders' and the VAE's when the host
+                carries them beside it (a pipeline folder loaded by the
+                host: configs and tokenizers from the folder, weights from
+                the arena); a part the arena lacks is loaded with
+                ``from_pretrained`` (``components`` says which)
 ``model_file``  the path of the model's single file (the host passes it for a
                 model loaded from one file): when the arena model bundles
                 CLIP-L, T5 and a VAE (Forge/ComfyUI), tokenizers are looked
@@ -64,8 +69,10 @@ folder's CLIP-L and T5 encoded the prompt, ``"stand-in"`` when the prompt only
 seeded stand-in embeddings (``conditioning_note`` says why: no folder, or
 what the folder lacks).
 
-A model without ``model_dir`` whose arena tensors bundle text encoders or a
-VAE (a Forge/ComfyUI single file) runs as a whole pipeline built from them
+A model whose arena tensors bundle text encoders or a VAE (a Forge/ComfyUI
+single file, or a pipeline folder the host loaded with its ``text_encoder*/``
+and ``vae/``, then with ``model_dir`` as the source of configs, tokenizers and
+scheduler) runs as a whole pipeline built from them
 (:func:`arenahost.diffusers_bundled.build_bundled_pipeline`): CLIP-L and T5
 read from the arena encode the prompt when both are complete and tokenizers
 are found (else ``conditioning`` is ``"stand-in"`` and the note says why, e.g.
@@ -200,6 +207,14 @@ def _pipeline(st: _State, host, p: dict):
             st.memory_cap = apply_torch_memory_cap()
         import torch
 
+        if bundled and p["model_dir"]:
+            # A pipeline folder whose text encoders / VAE the host carries in the arena.
+            try:
+                pipe = build_bundled_pipeline(host, p["model"], folder=p["model_dir"], tokenizer_dirs=(p["tokenizer_dir"],),
+                                              dtype=getattr(torch, p["dtype"]))
+            except (ValueError, OSError, KeyError) as e:  # a bad folder is the caller's mistake: say which and why
+                raise InvalidArgument(f"args.model_dir: {p['model_dir']!r}: {e}") from e
+            return pipe.to(torch_device())
         if bundled:
             try:
                 pipe = build_bundled_pipeline(host, p["model"], tokenizer_dirs=tok_dirs, dtype=getattr(torch, p["dtype"]))
@@ -213,8 +228,17 @@ def _pipeline(st: _State, host, p: dict):
         return pipe.to(torch_device())
 
     with st.lock:
-        bundled = not p["model_dir"] and bool(_bundled(st, host, p["model"]))
-        pkey = (p["model_dir"] if not bundled else f"bundled:{p['model']}:{tok_dirs}") + f"|{p['dtype']}"
+        # The arena model carries text encoders or a VAE (a bundled single file, or a pipeline
+        # folder whose components the host loaded beside its transformer): build from them.
+        bundled = bool(_bundled(st, host, p["model"]))
+        if p["model_dir"] and bundled:
+            from arenahost.diffusers_flux import folder_text_components
+
+            try:
+                folder_text_components(p["model_dir"])  # no model_index.json / a bad one: the caller's mistake
+            except ValueError as e:
+                raise InvalidArgument(f"args.model_dir: {p['model_dir']!r}: {e}") from e
+        pkey = (p["model_dir"] if not bundled else f"arena:{p['model']}:{p['model_dir']}:{tok_dirs}") + f"|{p['dtype']}"
         pipe = st.pipes.get(pkey)
         if pipe is None:
             pipe = st.pipes[pkey] = build(bundled)

@@ -193,6 +193,12 @@ def test_bundled_file_with_configs_from_tokenizer_dir(bundle, start_plugin):
     assert v["components"]["transformer_config"] == os.path.join(bundle["full"], "transformer", "config.json")
     inferred = _run(stub, "inferred", prompt=PROMPT, model_file=bundle["file"])
     assert inferred["images"][0] == v["images"][0]
+    # model_dir naming a pipeline folder for a bundled model: the bundle's own encoders and VAE (from
+    # the arena) with the folder's configs and tokenizers, not the folder's weights.
+    d = _run(stub, "dir", prompt=PROMPT, model_dir=bundle["full"])
+    assert d["conditioning"] == "text_encoders" and d["decoder"] == "vae", d
+    assert d["components"]["text_encoders"].startswith("arena (") and d["components"]["vae"].startswith("arena (vae."), d["components"]
+    assert d["images"][0] == v["images"][0]
 
 
 def test_bundled_file_without_tokenizers_says_so(bundle, start_plugin, tmp_path):
@@ -241,7 +247,9 @@ def test_bad_companion_folder(bundle, start_plugin, tmp_path):
     (other / "text_encoder_2" / "config.json").write_text(json.dumps(cfg))
     v = _run(stub, "other", prompt=PROMPT, model="bundle-other", tokenizer_dir=str(other))
     assert v["conditioning"] == "stand-in" and v["decoder"] == "vae", v
-    assert v["conditioning_note"].startswith("bundled T5: text_encoders.t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wi_0.weight has shape [37, 32], the model built from its config wants [48, 32]"), v["conditioning_note"]
+    assert v["conditioning_note"].startswith("bundled T5: text_encoders.t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wi_0.weight "
+                                             f"has shape [37, 32], the model built from {other / 'text_encoder_2' / 'config.json'} "
+                                             "wants [48, 32]"), v["conditioning_note"]
 
 
 def _vae_ldm_name(k: str, levels: int) -> str:
