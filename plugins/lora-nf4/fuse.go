@@ -32,6 +32,9 @@ func (s callStore) Layer(name string) (*lora.QLayer, error) {
 		}
 	}
 	w := name + ".weight"
+	if d, err := s.c.Input(w); err == nil && d.GetQuant() == nil {
+		return s.denseLayer(name, d)
+	}
 	d, err := fusable(s.c, w)
 	if err != nil {
 		return nil, err
@@ -81,6 +84,27 @@ func (s callStore) Layer(name string) (*lora.QLayer, error) {
 		return nil
 	}
 	return l, nil
+}
+
+// denseLayer opens a bundled text encoder's plain weight the host passed
+// for writing: the pass rewrites its values in place in their dtype.
+func (s callStore) denseLayer(name string, d *pluginv1.TensorDescriptor) (*lora.QLayer, error) {
+	w := d.GetName()
+	if d.GetAccess() != pluginv1.Access_ACCESS_READ_WRITE {
+		return nil, fmt.Errorf("weight %s passed %v, want read-write: %w", w, d.GetAccess(), sdk.ErrInvalidArgument)
+	}
+	if !isDenseTE(d) {
+		return nil, fmt.Errorf("weight %s (%v %v) is neither a 2-D 4-bit weight nor a plain 2-D F32/F16/BF16/F8 weight of a bundled text encoder: %w", w, d.GetDtype(), d.GetShape(), sdk.ErrInvalidArgument)
+	}
+	dt, err := tensor.DTypeName(d.GetDtype())
+	if err != nil {
+		return nil, fmt.Errorf("weight %s: %w", w, err)
+	}
+	data, err := s.c.Bytes(d)
+	if err != nil {
+		return nil, err
+	}
+	return &lora.QLayer{Name: name, Out: int(d.GetShape()[0]), In: int(d.GetShape()[1]), Dense: dt, Data: data, Raw: [][]byte{data}}, nil
 }
 
 // ref maps one of weight w's quant-state tensors (what names it).
@@ -153,7 +177,12 @@ func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args lorawire.Apply
 	}
 	p.Report.AddPhase("parse and plan", time.Since(t0))
 	qt, dt := nf4.QuantType(""), nf4.DType("")
+	dense := ""
 	for _, sl := range p.Layers {
+		if _, ok := m.dense[sl.Name+".weight"]; ok {
+			dense = sl.Name + ".weight" // a text encoder's plain weight: no quant type or codec
+			continue
+		}
 		d := m.weights[sl.Name+".weight"]
 		t := nf4.QuantType(d.GetQuant().GetQuantType())
 		// The fused pass rounds the dequantized base to the weight's logical
@@ -181,6 +210,9 @@ func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args lorawire.Apply
 	device, err := onDevice(c, p)
 	if err != nil {
 		return lorawire.ApplyResult{}, err
+	}
+	if device && dense != "" {
+		return lorawire.ApplyResult{}, fmt.Errorf("weight %s: the fused pass on device memory has 4-bit kernels only; a bundled text encoder's plain weights fuse in CPU memory (or apply the set in side mode): %w", dense, sdk.ErrFailedPrecondition)
 	}
 	if device {
 		err = e.fuseDevice(ctx, c, p, dt)
