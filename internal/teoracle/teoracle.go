@@ -97,9 +97,9 @@ func Run(t *testing.T, bundle, lora string, strength float64, orig func(key stri
 }
 
 // Compare returns how many of got's values equal the oracle's merged ones
-// and an error if any other differs by more than one step of the dtype
-// (a delta summed in another order, one fp32 ulp off, can round the other
-// way) or if fewer than 99.9 % are identical.
+// and an error if any other differs by more than one step of the dtype (a
+// delta summed in another order than torch's, one fp32 ulp off, can round
+// the other way: see Enough for the share that must be identical).
 func Compare(key string, w Weight, got []byte) (same, n int, err error) {
 	size, dec, _ := Codec(w.DType)
 	if len(got) != len(w.Merged) {
@@ -121,10 +121,17 @@ func Compare(key string, w Weight, got []byte) (same, n int, err error) {
 			return same, n, fmt.Errorf("%s[%d]: %v, oracle %v: more than one step of %s apart", key, i, a[i], b[i], w.DType)
 		}
 	}
-	if float64(same) < 0.999*float64(n) {
-		return same, n, fmt.Errorf("%s: %d of %d values identical to the oracle, want ≥ 99.9 %%", key, same, n)
-	}
 	return same, n, nil
+}
+
+// Enough fails the test unless at least 99.9 % of the values compared
+// (summed over Compare's results) are identical to the oracle's.
+func Enough(t *testing.T, what string, same, n int) {
+	t.Helper()
+	if n == 0 || float64(same) < 0.999*float64(n) {
+		t.Errorf("%s: %d of %d values identical to torch's (w.float() + delta).to(dtype), want ≥ 99.9 %%", what, same, n)
+	}
+	t.Logf("%s: %d of %d values identical to torch's (w.float() + delta).to(dtype), the rest one step of the dtype away", what, same, n)
 }
 
 func pattern(b []byte) int64 {
