@@ -60,9 +60,17 @@ func teBytes(t *testing.T, s *server.Server) map[string][]byte {
 // (≥ 99.9 % identical, the rest one step of the dtype away), journals them
 // by reference into the file, and remove restores every byte. The
 // transformer's NF4 bytes fused beside them are exactly those the
-// transformer's LoRA alone fuses to.
+// transformer's LoRA alone fuses to. On a device arena (the simulated GPU)
+// the 4-bit weights take the device kernels and the encoders' plain ones
+// the CPU pass, downloaded and uploaded back.
 func TestFusedTextEncoderLoRAOnBundle(t *testing.T) {
-	s := newHost(t)
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) { testFusedTextEncoderLoRAOnBundle(t, backend) })
+	}
+}
+
+func testFusedTextEncoderLoRAOnBundle(t *testing.T, backend string) {
+	s := newHostOn(t, backend)
 	bundle, teLoRA := loadBundle(t, s)
 	_, _, dir := fixtures(t)
 	orig, origQ := teBytes(t, s), snapshotOf(t, s, bundleModel)
@@ -96,6 +104,13 @@ func TestFusedTextEncoderLoRAOnBundle(t *testing.T) {
 		if !fused[w] {
 			t.Errorf("%s not in the fused list", w)
 		}
+	}
+	mixed := false
+	for _, ph := range res.Report.Phases {
+		mixed = mixed || strings.HasPrefix(ph.Name, "text encoders' plain weights")
+	}
+	if mixed != (backend == server.BackendCUDASim) {
+		t.Errorf("%s: the device pass with the encoders through the CPU pass: %v (phases %v)", backend, mixed, res.Report.Phases)
 	}
 	if res.JournalFileBytes == 0 || res.JournalBytes != 0 {
 		t.Errorf("journal: %d arena bytes, %d referenced in the file", res.JournalBytes, res.JournalFileBytes)
@@ -137,7 +152,13 @@ func TestFusedTextEncoderLoRAOnBundle(t *testing.T) {
 // LoRA naming the layer, with every weight as it was; so is the same after
 // a fuse, which stays applied.
 func TestFusedTextEncoderLoRANonFinite(t *testing.T) {
-	s := newHost(t)
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) { testFusedTextEncoderLoRANonFinite(t, backend) })
+	}
+}
+
+func testFusedTextEncoderLoRANonFinite(t *testing.T, backend string) {
+	s := newHostOn(t, backend)
 	_, teLoRA := loadBundle(t, s)
 	f, err := safetensors.Open(teLoRA)
 	if err != nil {
