@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/arenahost/arenahost/host/inspect"
+	"github.com/arenahost/arenahost/internal/teoracle"
 	"github.com/arenahost/arenahost/shared/safetensors"
 	"github.com/arenahost/arenahost/shared/samples"
 )
@@ -15,8 +16,8 @@ import (
 // A Forge/ComfyUI-style bundled single file: the NF4 diffusion model under
 // model.diffusion_model. beside CLIP-L (F16), T5-XXL (F8_E4M3) and a VAE
 // (BF16). inspect lists each component; a merge applies the diffusion
-// model's LoRA keys and reports the text-encoder keys unmatched with the
-// reason: an encoder bundled but not in 4-bit, or not bundled at all.
+// model's LoRA keys and the bundled encoders' keys, and reports a key of
+// an encoder not bundled unmatched with the reason.
 func TestBundledSingleFile(t *testing.T) {
 	dir := t.TempDir()
 	bare := filepath.Join(dir, "bare.safetensors")
@@ -91,17 +92,89 @@ func TestBundledSingleFile(t *testing.T) {
 	for _, u := range rep.Report.LoRAs[0].Unmatched {
 		reasons[u.Key] = u.Reason
 	}
-	for key, want := range map[string]string{
-		"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": "bundles text encoder 1 (CLIP-L) (e.g. text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight) but not in bitsandbytes 4-bit",
-		"lora_te3_encoder_block_0_layer_0_SelfAttention_q":      "bundles T5-XXL text encoder (e.g. text_encoders.t5xxl.",
-		"lora_te2_text_model_encoder_layers_0_self_attn_q_proj": "the checkpoint bundles no text encoder 2",
-	} {
-		if !strings.Contains(reasons[key], want) {
-			t.Errorf("%s: reason %q, want %q", key, reasons[key], want)
+	// CLIP-L (F16) and T5 (F8_E4M3) are bundled: their keys merge into
+	// them; the second CLIP is not there.
+	if want := "the checkpoint bundles no text encoder 2"; len(reasons) != 1 || !strings.Contains(reasons["lora_te2_text_model_encoder_layers_0_self_attn_q_proj"], want) {
+		t.Errorf("unmatched %v, want only lora_te2_… (%q)", reasons, want)
+	}
+	merged := map[string]bool{}
+	for _, l := range rep.Report.Layers {
+		merged[l.Layer] = true
+	}
+	for _, l := range []string{"text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj", "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q"} {
+		if !merged[l] {
+			t.Errorf("%s not merged (layers %d)", l, len(rep.Report.Layers))
 		}
 	}
-	if len(reasons) != 3 || len(rep.Report.Layers) == 0 {
-		t.Errorf("unmatched %v; %d layers merged", reasons, len(rep.Report.Layers))
+}
+
+// merge writes a text-encoder LoRA into a bundled file's plain encoders
+// (CLIP-L F16, T5 F8_E4M3), as nf4 and as bf16 output: each encoder tensor
+// keeps its dtype and holds torch's (w.float() + delta).to(dtype) (≥ 99.9 %
+// identical, the rest one step of the dtype away); the transformer's
+// tensors are those the transformer's LoRA alone merges to.
+func TestMergeBundledTextEncoders(t *testing.T) {
+	dir := t.TempDir()
+	bundle, teLoRA, kohya := filepath.Join(dir, samples.BundleFile), filepath.Join(dir, samples.BundleTELoRAFile), filepath.Join(dir, "k.safetensors")
+	if err := samples.WriteBundle(bundle, 5); err != nil {
+		t.Fatal(err)
+	}
+	if err := samples.WriteBundleTELoRA(teLoRA, 6); err != nil {
+		t.Fatal(err)
+	}
+	if err := samples.WriteKohyaLoRA(kohya, samples.LoRAOptions{Seed: 4}); err != nil {
+		t.Fatal(err)
+	}
+	in, err := safetensors.Open(bundle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	oracle := teoracle.Run(t, bundle, teLoRA, 0.7, func(k string) []byte { b, _ := in.Data(k); return b })
+	for _, as := range []string{"nf4", "bf16"} {
+		alone, both := filepath.Join(dir, as+"-alone.safetensors"), filepath.Join(dir, as+"-both.safetensors")
+		if _, err := Merge(context.Background(), MergeOptions{Model: bundle, Out: alone, As: as, LoRAs: []MergeLoRA{{Path: kohya, Strength: 1}}}); err != nil {
+			t.Fatal(err)
+		}
+		rep, err := Merge(context.Background(), MergeOptions{Model: bundle, Out: both, As: as, Strict: true, LoRAs: []MergeLoRA{{Path: kohya, Strength: 1}, {Path: teLoRA, Strength: 0.7}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n := len(rep.Report.LoRAs[1].Unmatched); n != 0 {
+			t.Errorf("%s: %d text-encoder keys unmatched", as, n)
+		}
+		a, err := safetensors.Open(alone)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := safetensors.Open(both)
+		if err != nil {
+			t.Fatal(err)
+		}
+		same, total := 0, 0
+		for _, ti := range b.Tensors {
+			got, _ := b.Data(ti.Name)
+			if w, ok := oracle[ti.Name]; ok {
+				if it, _ := in.Lookup(ti.Name); ti.DType != it.DType {
+					t.Errorf("%s: %s written as %s, stored %s", as, ti.Name, ti.DType, it.DType)
+				}
+				sm, n, err := teoracle.Compare(ti.Name, w, got)
+				if err != nil {
+					t.Errorf("%s: %v", as, err)
+				}
+				same, total = same+sm, total+n
+				continue
+			}
+			if want, _ := a.Data(ti.Name); string(want) != string(got) {
+				t.Errorf("%s: %s differs from the transformer's LoRA merged alone", as, ti.Name)
+			}
+		}
+		if total != 27904 {
+			t.Errorf("%s: %d encoder values compared", as, total)
+		}
+		teoracle.Enough(t, "merge --as "+as+": encoder weights", same, total)
+		a.Close()
+		b.Close()
 	}
 }
 

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -260,8 +261,12 @@ type mergeInput struct {
 	f       *safetensors.Set
 	weights []nf4.Weight
 	byName  map[string]*nf4.Weight
-	model   *lora.Model
-	total   int64 // every tensor's bytes
+	// dense: the plain 2-D weights of bundled text encoders (CLIP-L F16,
+	// T5 F8_E4M3, …) by key, which LoRAs' text-encoder keys merge into,
+	// rounded to their stored dtype.
+	dense map[string]safetensors.TensorInfo
+	model *lora.Model
+	total int64 // every tensor's bytes
 }
 
 // weightBytes is the stored size of all of w's tensors.
@@ -282,7 +287,7 @@ func openMergeInput(path string) (*mergeInput, error) {
 	if err != nil {
 		return nil, fmt.Errorf("merge: %w", err)
 	}
-	in := &mergeInput{f: f, byName: map[string]*nf4.Weight{}}
+	in := &mergeInput{f: f, byName: map[string]*nf4.Weight{}, dense: map[string]safetensors.TensorInfo{}}
 	meta := map[string]nf4.TensorMeta{}
 	var names []string
 	for _, t := range f.Tensors {
@@ -296,11 +301,28 @@ func openMergeInput(path string) (*mergeInput, error) {
 		return nil, fmt.Errorf("merge: %w", err)
 	}
 	var layers []lora.Layer
+	quantKey := map[string]bool{}
 	for i := range in.weights {
 		w := &in.weights[i]
 		in.byName[w.Name] = w
+		for _, k := range w.Keys.All() {
+			quantKey[k] = true
+		}
 		if len(w.State.Shape) == 2 && strings.HasSuffix(w.Name, ".weight") {
 			layers = append(layers, lora.Layer{Name: strings.TrimSuffix(w.Name, ".weight"), Out: int(w.State.Shape[0]), In: int(w.State.Shape[1])})
+		}
+	}
+	if len(layers) == 0 {
+		f.Close()
+		return nil, fmt.Errorf("merge: %s: no 2-D bitsandbytes 4-bit weights", path)
+	}
+	for _, t := range f.Tensors {
+		if quantKey[t.Name] || len(t.Shape) != 2 || !strings.HasSuffix(t.Name, ".weight") || !lora.DenseFusable(string(t.DType)) {
+			continue
+		}
+		if c, _, ok := layout.ComponentOf(t.Name); ok && (c.Kind == "te1" || c.Kind == "te2" || c.Kind == "t5") {
+			in.dense[t.Name] = t
+			layers = append(layers, lora.Layer{Name: strings.TrimSuffix(t.Name, ".weight"), Out: int(t.Shape[0]), In: int(t.Shape[1])})
 		}
 	}
 	if len(layers) == 0 {
@@ -382,6 +404,13 @@ func Merge(ctx context.Context, o MergeOptions) (*MergeReport, error) {
 	var plan *lora.Plan
 	if len(maps) > 0 {
 		base := func(layer string) ([]float32, error) {
+			if t, ok := in.dense[layer+".weight"]; ok {
+				b, err := in.f.TensorData(t)
+				if err != nil {
+					return nil, err
+				}
+				return lora.DecodeDense(string(t.DType), b, int(t.Shape[0]*t.Shape[1]))
+			}
 			w := in.byName[layer+".weight"]
 			if w == nil {
 				return nil, fmt.Errorf("no 4-bit weight %s.weight", layer)
@@ -585,6 +614,23 @@ func fuseOne(ctx context.Context, in *mergeInput, sl *lora.SideLayer, w *nf4.Wei
 	return packed, am, p.Report.Layers[0], p.Report.PeakScratchBytes, nil
 }
 
+// fuseDenseOne runs the fused pass on a copy of a bundled text encoder's
+// plain weight t and returns its merged bytes (same dtype), report row and
+// scratch.
+func fuseDenseOne(ctx context.Context, in *mergeInput, sl *lora.SideLayer, t safetensors.TensorInfo, tile int) ([]byte, lora.LayerReport, int64, error) {
+	b, err := in.f.TensorData(t)
+	if err != nil {
+		return nil, lora.LayerReport{}, 0, err
+	}
+	data := bytes.Clone(b)
+	q := &lora.QLayer{Name: sl.Name, Out: sl.Out, In: sl.In, Dense: string(t.DType), Data: data, Raw: [][]byte{data}}
+	p := &lora.Plan{Layers: []*lora.SideLayer{sl}, Report: &lora.Report{Layers: []lora.LayerReport{{Layer: sl.Name, Rank: sl.Rank, Dense: sl.Dense != nil}}}}
+	if err := lora.Fuse(ctx, p, memStore{q}, nil, nil, lora.FuseOptions{TileElems: tile, CallerRestores: true}); err != nil {
+		return nil, lora.LayerReport{}, 0, err
+	}
+	return data, p.Report.Layers[0], p.Report.PeakScratchBytes, nil
+}
+
 func f32le(v []float32) []byte {
 	b := make([]byte, 4*len(v))
 	half.EncodeF32(b, v)
@@ -613,7 +659,7 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 	var buf []byte // each layer's packed copy, reused
 	for name, sl := range touched {
 		w := in.byName[name]
-		if !w.State.Nested {
+		if w == nil || !w.State.Nested { // nil: a text encoder's plain weight
 			continue
 		}
 		plan.Materialize(sl)
@@ -645,6 +691,34 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 	rep.Warnings = nil
 	var peak int64
 	for li, sl := range plan.Layers {
+		account := func(lr lora.LayerReport, scratch int64) {
+			peak = max(peak, scratch)
+			rep.Layers[li] = lr
+			if lr.Warning != "" {
+				rep.Warnings = append(rep.Warnings, sl.Name+": "+lr.Warning)
+			}
+			if n := lr.DeltaNorm2; n > 0 {
+				dot += lr.Retention * n
+				diff += lr.RelError * lr.RelError * n
+				norm += n
+			}
+		}
+		if t, ok := in.dense[sl.Name+".weight"]; ok {
+			plan.Materialize(sl)
+			data, lr, scratch, err := fuseDenseOne(ctx, in, sl, t, o.TileElems)
+			plan.Release(sl)
+			if err == nil {
+				err = out.put(t.Name, data)
+			}
+			if err != nil {
+				out.abort()
+				return fmt.Errorf("merge: %w", err)
+			}
+			account(lr, scratch)
+			written[t.Name] = true
+			o.Progress.layer(t.End - t.Begin)
+			continue
+		}
 		w := in.byName[sl.Name+".weight"]
 		plan.Materialize(sl)
 		packed, am, lr, scratch, err := fuseOne(ctx, in, sl, w, o.TileElems, &buf)
@@ -653,16 +727,7 @@ func mergeNF4(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[strin
 			out.abort()
 			return fmt.Errorf("merge: %w", err)
 		}
-		peak = max(peak, scratch)
-		rep.Layers[li] = lr
-		if lr.Warning != "" {
-			rep.Warnings = append(rep.Warnings, sl.Name+": "+lr.Warning)
-		}
-		if n := lr.DeltaNorm2; n > 0 {
-			dot += lr.Retention * n
-			diff += lr.RelError * lr.RelError * n
-			norm += n
-		}
+		account(lr, scratch)
 		puts := map[string][]byte{w.Keys.Weight: packed}
 		if w.State.Nested {
 			q, nabs, _ := nf4.QuantizeNested(am)
@@ -771,6 +836,16 @@ func mergeBF16(ctx context.Context, in *mergeInput, plan *lora.Plan, md map[stri
 		if err != nil {
 			out.abort()
 			return fmt.Errorf("merge: %w", err)
+		}
+		if _, ok := in.dense[t.Name]; ok && plan != nil {
+			// A bundled text encoder's plain weight keeps its dtype, the
+			// deltas merged as the fused pass does.
+			if sl := plan.Layer(strings.TrimSuffix(t.Name, ".weight")); sl != nil {
+				if b, _, _, err = fuseDenseOne(ctx, in, sl, t, o.TileElems); err != nil {
+					out.abort()
+					return fmt.Errorf("merge: %w", err)
+				}
+			}
 		}
 		if err := out.put(t.Name, b); err != nil {
 			out.abort()

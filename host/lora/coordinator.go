@@ -456,19 +456,31 @@ func (c *Coordinator) applySide(ctx context.Context, ms *modelState, req Request
 }
 
 // sideOnlyWeight reports whether w is a plain (not 4-bit) [out, in] weight
-// of a bundled text encoder of model: side factors may be bound to it
-// (the forward reads the weight as it is); a fuse never writes it.
+// of a bundled text encoder of model (denseWeight): side factors may be
+// bound to it (the forward reads the weight as it is).
 func sideOnlyWeight(reg *registry.Registry, model, w string, out, in int) bool {
 	m, ok := reg.Model(model)
 	if !ok {
 		return false
 	}
+	t, ok := denseWeight(m, w)
+	return ok && t.Shape[0] == int64(out) && t.Shape[1] == int64(in)
+}
+
+// denseWeight returns w if it is a plain 2-D weight of a bundled text
+// encoder of m (text_encoders.clip_l./t5xxl. …, stored F32, F16, BF16,
+// F8_E4M3 or F8_E5M2): side factors bind to it, and a fuse rewrites it in
+// place, journaled like a 4-bit weight's tensors.
+func denseWeight(m *registry.Model, w string) (*registry.Tensor, bool) {
 	t, ok := m.Tensor(w)
-	if !ok || t.Quant != nil || t.QuantOf != "" || len(t.Shape) != 2 || t.Shape[0] != int64(out) || t.Shape[1] != int64(in) {
-		return false
+	if !ok || t.Quant != nil || t.QuantOf != "" || len(t.Shape) != 2 || !slora.DenseFusable(string(t.DType)) {
+		return nil, false
 	}
 	c, _, ok := layout.ComponentOf(w)
-	return ok && (c.Kind == "te1" || c.Kind == "te2" || c.Kind == "t5")
+	if !ok || (c.Kind != "te1" && c.Kind != "te2" && c.Kind != "t5") {
+		return nil, false
+	}
+	return t, true
 }
 
 func (ms *modelState) weight(reg *registry.Registry, model, w string) (*registry.QuantWeight, bool) {
@@ -672,11 +684,14 @@ func (c *Coordinator) fuseDescriptors(m *registry.Model, weights []string) ([]*p
 	sort.Strings(names)
 	var out []*pluginv1.TensorDescriptor
 	for _, w := range names {
-		qw, ok := m.Weight(w)
-		if !ok {
-			return nil, fmt.Errorf("the plugin planned weight %s, which model %q has no 4-bit weight for", w, m.Name)
+		t, ok := denseWeight(m, w)
+		if qw, isQ := m.Weight(w); isQ {
+			t, ok = qw.Packed, true
 		}
-		d, err := registry.DescriptorOf(c.mem, m.Name, qw.Packed, pluginv1.Access_ACCESS_READ_WRITE)
+		if !ok {
+			return nil, fmt.Errorf("the plugin planned weight %s, which model %q has no 4-bit weight (or plain text-encoder weight) for", w, m.Name)
+		}
+		d, err := registry.DescriptorOf(c.mem, m.Name, t, pluginv1.Access_ACCESS_READ_WRITE)
 		if err != nil {
 			return nil, fmt.Errorf("weight %s: %w", w, err)
 		}

@@ -13,7 +13,8 @@ import (
 )
 
 // The fuse journal keeps each fused weight's original bytes (packed codes,
-// absmax, nested_absmax) until remove. For a model loaded from a
+// absmax, nested_absmax; a bundled text encoder's plain weight, its one
+// tensor) until remove. For a model loaded from a
 // safetensors file those bytes are already in the file, which the registry
 // keeps mapped for the model's lifetime: the journal then records where
 // they lie (a registry.SourceRef) and their CRC-32C instead of copying them
@@ -106,11 +107,10 @@ var errNoSource = errors.New("no source file")
 // holds, an arena copy otherwise (logged when the file was there but
 // differed).
 func (c *Coordinator) journal(m *registry.Model, w string) (journalEntry, error) {
-	qw, err := fusable(m, w)
+	ts, err := journaledOf(m, w)
 	if err != nil {
 		return journalEntry{}, err
 	}
-	ts := journaled(qw)
 	refs, err := c.reference(m, ts)
 	if err == nil {
 		// The in-memory copy is taken after the apply, in the background
@@ -186,11 +186,26 @@ func verify(m *registry.Model, w string, e journalEntry) error {
 	return nil
 }
 
+// journaledOf lists the tensors of weight w of m the fused pass rewrites,
+// in the order an entry keeps them: a 4-bit weight's (journaled), or a
+// bundled text encoder's plain weight itself (denseWeight), whose values
+// the pass rewrites in their dtype.
+func journaledOf(m *registry.Model, w string) ([]*registry.Tensor, error) {
+	if t, ok := denseWeight(m, w); ok {
+		return []*registry.Tensor{t}, nil
+	}
+	qw, err := fusable(m, w)
+	if err != nil {
+		return nil, err
+	}
+	return journaled(qw), nil
+}
+
 // fusable returns weight w of m if the fused pass can rewrite it.
 func fusable(m *registry.Model, w string) (*registry.QuantWeight, error) {
 	qw, ok := m.Weight(w)
 	if !ok {
-		return nil, fmt.Errorf("model %q: 4-bit weight %s: %w", m.Name, w, registry.ErrNotFound)
+		return nil, fmt.Errorf("model %q: 4-bit weight (or plain text-encoder weight) %s: %w", m.Name, w, registry.ErrNotFound)
 	}
 	if qw.State.Nested && qw.NestedAbsmax == nil {
 		return nil, fmt.Errorf("weight %s: nested absmax without a nested_absmax tensor: %w", w, ErrUnsupported)
@@ -201,12 +216,12 @@ func fusable(m *registry.Model, w string) (*registry.QuantWeight, error) {
 // saveBytes copies the current bytes of weight w's journaled tensors into
 // new host regions (the journal's fallback). On error it holds nothing.
 func (c *Coordinator) saveBytes(m *registry.Model, w, what string) (journalEntry, error) {
-	qw, err := fusable(m, w)
+	ts, err := journaledOf(m, w)
 	if err != nil {
 		return journalEntry{}, err
 	}
 	var e journalEntry
-	for _, t := range journaled(qw) {
+	for _, t := range ts {
 		r, err := c.mem.Alloc(arena.HostOwner, what+" "+t.Name, t.NBytes)
 		if err == nil {
 			if err = c.mem.Copy(r, t.Region); err != nil {
@@ -232,11 +247,10 @@ func (c *Coordinator) putBack(m *registry.Model, w string, e journalEntry) error
 // putBackChecked is putBack; verified says the caller checked e's file
 // references just before (restore), so they are only checked as written.
 func (c *Coordinator) putBackChecked(m *registry.Model, w string, e journalEntry, verified bool) error {
-	qw, ok := m.Weight(w)
-	if !ok {
-		return fmt.Errorf("model %q: 4-bit weight %s: %w", m.Name, w, registry.ErrNotFound)
+	ts, err := journaledOf(m, w)
+	if err != nil {
+		return err
 	}
-	ts := journaled(qw)
 	if e.referenced() && e.saved == nil {
 		if len(e.refs) != len(ts) {
 			return fmt.Errorf("weight %s: %d journaled tensors for %d", w, len(e.refs), len(ts))

@@ -32,6 +32,9 @@ func (s callStore) Layer(name string) (*lora.QLayer, error) {
 		}
 	}
 	w := name + ".weight"
+	if d, err := s.c.Input(w); err == nil && d.GetQuant() == nil {
+		return s.denseLayer(name, d)
+	}
 	d, err := fusable(s.c, w)
 	if err != nil {
 		return nil, err
@@ -81,6 +84,27 @@ func (s callStore) Layer(name string) (*lora.QLayer, error) {
 		return nil
 	}
 	return l, nil
+}
+
+// denseLayer opens a bundled text encoder's plain weight the host passed
+// for writing: the pass rewrites its values in place in their dtype.
+func (s callStore) denseLayer(name string, d *pluginv1.TensorDescriptor) (*lora.QLayer, error) {
+	w := d.GetName()
+	if d.GetAccess() != pluginv1.Access_ACCESS_READ_WRITE {
+		return nil, fmt.Errorf("weight %s passed %v, want read-write: %w", w, d.GetAccess(), sdk.ErrInvalidArgument)
+	}
+	if !isDenseTE(d) {
+		return nil, fmt.Errorf("weight %s (%v %v) is neither a 2-D 4-bit weight nor a plain 2-D F32/F16/BF16/F8 weight of a bundled text encoder: %w", w, d.GetDtype(), d.GetShape(), sdk.ErrInvalidArgument)
+	}
+	dt, err := tensor.DTypeName(d.GetDtype())
+	if err != nil {
+		return nil, fmt.Errorf("weight %s: %w", w, err)
+	}
+	data, err := s.c.Bytes(d)
+	if err != nil {
+		return nil, err
+	}
+	return &lora.QLayer{Name: name, Out: int(d.GetShape()[0]), In: int(d.GetShape()[1]), Dense: dt, Data: data, Raw: [][]byte{data}}, nil
 }
 
 // ref maps one of weight w's quant-state tensors (what names it).
@@ -153,7 +177,12 @@ func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args lorawire.Apply
 	}
 	p.Report.AddPhase("parse and plan", time.Since(t0))
 	qt, dt := nf4.QuantType(""), nf4.DType("")
+	dense := ""
 	for _, sl := range p.Layers {
+		if _, ok := m.dense[sl.Name+".weight"]; ok {
+			dense = sl.Name + ".weight" // a text encoder's plain weight: no quant type or codec
+			continue
+		}
 		d := m.weights[sl.Name+".weight"]
 		t := nf4.QuantType(d.GetQuant().GetQuantType())
 		// The fused pass rounds the dequantized base to the weight's logical
@@ -182,7 +211,9 @@ func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args lorawire.Apply
 	if err != nil {
 		return lorawire.ApplyResult{}, err
 	}
-	if device {
+	if device && dense != "" {
+		err = e.fuseDeviceMixed(ctx, c, p, m, dt, args.TileElems)
+	} else if device {
 		err = e.fuseDevice(ctx, c, p, dt)
 	} else {
 		store := callStore{c: c, mapper: e.mapper, delay: e.delay, ctx: ctx}
@@ -210,4 +241,108 @@ func (e *engine) applyFuse(ctx context.Context, c *sdk.Call, args lorawire.Apply
 		res.Fused = append(res.Fused, sl.Name+".weight")
 	}
 	return res, nil
+}
+
+// fuseDeviceMixed fuses a set that touches 4-bit weights and a bundled
+// text encoder's plain weights in device memory: the 4-bit ones with the
+// device kernels (fuseDevice), the plain ones (small: an encoder's
+// Linears) one at a time through the CPU pass, downloaded, fused and
+// uploaded back. Each pass gets the plan's layers it handles, and the
+// report's rows and totals are put together again.
+func (e *engine) fuseDeviceMixed(ctx context.Context, c *sdk.Call, p *lora.Plan, m *model, dt nf4.DType, tile int) error {
+	isDense := func(sl *lora.SideLayer) bool { _, ok := m.dense[sl.Name+".weight"]; return ok }
+	qp, qi := subPlan(p, func(sl *lora.SideLayer) bool { return !isDense(sl) })
+	dp, di := subPlan(p, isDense)
+	if len(qp.Layers) > 0 {
+		if err := e.fuseDevice(ctx, c, qp, dt); err != nil {
+			return err
+		}
+	}
+	t := time.Now()
+	store := deviceDenseStore{e: e, c: c, ctx: ctx}
+	if err := lora.Fuse(ctx, dp, store, nil, nil, lora.FuseOptions{TileElems: tile, CallerRestores: true}); err != nil {
+		return err
+	}
+	dp.Report.AddPhase("text encoders' plain weights: download, CPU fused pass, upload", time.Since(t))
+	rep := p.Report
+	rep.Mode, rep.Warnings, rep.Phases = "fuse", nil, append(rep.Phases, qp.Report.Phases...)
+	rep.Phases = append(rep.Phases, dp.Report.Phases...)
+	var dot, norm, diff float64
+	for _, part := range []struct {
+		r   *lora.Report
+		idx []int
+	}{{qp.Report, qi}, {dp.Report, di}} {
+		rep.Warnings = append(rep.Warnings, part.r.Warnings...)
+		rep.PeakScratchBytes = max(rep.PeakScratchBytes, part.r.PeakScratchBytes)
+		for k, i := range part.idx {
+			lr := part.r.Layers[k]
+			rep.Layers[i] = lr
+			if n := lr.DeltaNorm2; n > 0 {
+				dot += lr.Retention * n
+				diff += lr.RelError * lr.RelError * n
+				norm += n
+			}
+		}
+	}
+	rep.SetFit(dot, norm, diff)
+	return nil
+}
+
+// subPlan returns p restricted to the layers keep selects, with a report
+// of its own whose row k is the row of p's layer idx[k]. It shares p's
+// layers and factor buffers (Materialize works on it as on p).
+func subPlan(p *lora.Plan, keep func(*lora.SideLayer) bool) (*lora.Plan, []int) {
+	q := *p
+	r := *p.Report
+	q.Layers, r.Layers, r.Phases, r.Warnings = nil, nil, nil, nil
+	var idx []int
+	for i, sl := range p.Layers {
+		if keep(sl) {
+			q.Layers = append(q.Layers, sl)
+			r.Layers = append(r.Layers, p.Report.Layers[i])
+			idx = append(idx, i)
+		}
+	}
+	q.Report = &r
+	return &q, idx
+}
+
+// deviceDenseStore serves a bundled text encoder's plain weights that lie
+// in device memory to the CPU pass: a copy downloaded, uploaded back by
+// Commit once the pass has written it.
+type deviceDenseStore struct {
+	e   *engine
+	c   *sdk.Call
+	ctx context.Context
+}
+
+func (s deviceDenseStore) Layer(name string) (*lora.QLayer, error) {
+	w := name + ".weight"
+	d, err := s.c.Input(w)
+	if err != nil {
+		return nil, fmt.Errorf("the host passed no writable descriptor: %w", err)
+	}
+	if d.GetAccess() != pluginv1.Access_ACCESS_READ_WRITE || !isDenseTE(d) {
+		return nil, fmt.Errorf("weight %s (%v %v %v): want a read-write plain 2-D F32/F16/BF16/F8 weight of a bundled text encoder: %w", w, d.GetAccess(), d.GetDtype(), d.GetShape(), sdk.ErrInvalidArgument)
+	}
+	dt, err := tensor.DTypeName(d.GetDtype())
+	if err != nil {
+		return nil, fmt.Errorf("weight %s: %w", w, err)
+	}
+	dev, ptr, err := s.e.gpu.descAddr("weight "+w, d)
+	if err != nil {
+		return nil, err
+	}
+	data := make([]byte, d.GetNbytes())
+	if err := dev.Download(data, ptr); err != nil {
+		return nil, fmt.Errorf("weight %s: download: %w", w, err)
+	}
+	q := &lora.QLayer{Name: name, Out: int(d.GetShape()[0]), In: int(d.GetShape()[1]), Dense: dt, Data: data, Raw: [][]byte{data}}
+	q.Commit = func() error {
+		if err := dev.Upload(s.ctx, ptr, data); err != nil {
+			return fmt.Errorf("weight %s: upload: %w", w, err)
+		}
+		return nil
+	}
+	return q, nil
 }

@@ -137,30 +137,39 @@ func modelName(m string) string {
 	return m
 }
 
-// model is a host model as the plugin sees it: its lora.Model and the
-// read-only descriptors of its 4-bit weights by key.
+// model is a host model as the plugin sees it: its lora.Model, the
+// read-only descriptors of its 4-bit weights by key, and those of the
+// plain weights of its bundled text encoders (dense).
 type model struct {
 	lm      *lora.Model
 	weights map[string]*pluginv1.TensorDescriptor
+	dense   map[string]*pluginv1.TensorDescriptor
 }
 
 // denseTE are the storage dtypes of a bundled text encoder's plain weights
-// that side mode binds factors to (Forge's CLIP-L in F16, T5 in F8_E4M3):
-// the side forward reads the weight as it is and adds the factors' product,
-// so no byte of the weight is written and nothing needs a journal.
+// that LoRAs apply to (Forge's CLIP-L in F16, T5 in F8_E4M3): side mode
+// binds factors to them (the forward reads the weight as it is and adds
+// the factors' product), fuse mode rewrites them in place, rounded to the
+// stored dtype as torch's (w.float() + delta).to(dtype) (shared/lora's
+// dense pass), with the host journaling their originals.
 var denseTE = map[pluginv1.DType]bool{
 	pluginv1.DType_DTYPE_F16: true, pluginv1.DType_DTYPE_BF16: true, pluginv1.DType_DTYPE_F32: true,
 	pluginv1.DType_DTYPE_F8_E4M3: true, pluginv1.DType_DTYPE_F8_E5M2: true,
 }
 
-func loadModel(ctx context.Context, c *sdk.Call, name string) (*model, error) {
-	return loadModelFor(ctx, c, name, false)
+// isDenseTE reports whether d is a plain 2-D weight of a bundled text
+// encoder (text_encoders.clip_l./t5xxl. …) in a denseTE dtype.
+func isDenseTE(d *pluginv1.TensorDescriptor) bool {
+	if d.GetQuant() != nil || len(d.GetShape()) != 2 || !strings.HasSuffix(d.GetName(), ".weight") || !denseTE[d.GetDtype()] {
+		return false
+	}
+	comp, _, ok := layout.ComponentOf(d.GetName())
+	return ok && (comp.Kind == "te1" || comp.Kind == "te2" || comp.Kind == "t5")
 }
 
-// loadModelFor is loadModel; with side it also maps LoRAs onto the plain
-// 2-D weights of bundled text encoders (text_encoders.clip_l./t5xxl. …),
-// which only side factors can reach.
-func loadModelFor(ctx context.Context, c *sdk.Call, name string, side bool) (*model, error) {
+// loadModel looks the model up and maps LoRAs onto its 2-D 4-bit weights
+// and the plain 2-D weights of its bundled text encoders.
+func loadModel(ctx context.Context, c *sdk.Call, name string) (*model, error) {
 	resp, err := c.Host().LookupTensors(ctx, &pluginv1.LookupTensorsRequest{Model: name})
 	if err != nil {
 		return nil, fmt.Errorf("look up model %s: %w", modelName(name), err)
@@ -168,15 +177,15 @@ func loadModelFor(ctx context.Context, c *sdk.Call, name string, side bool) (*mo
 	var names []string
 	var layers []lora.Layer
 	ws := map[string]*pluginv1.TensorDescriptor{}
+	dense := map[string]*pluginv1.TensorDescriptor{}
 	for _, d := range resp.GetTensors() {
 		names = append(names, d.GetName())
-		q := d.GetQuant()
-		if q == nil && side && len(d.GetShape()) == 2 && strings.HasSuffix(d.GetName(), ".weight") && denseTE[d.GetDtype()] {
-			if comp, _, ok := layout.ComponentOf(d.GetName()); ok && (comp.Kind == "te1" || comp.Kind == "te2" || comp.Kind == "t5") {
-				layers = append(layers, lora.Layer{Name: strings.TrimSuffix(d.GetName(), ".weight"), Out: int(d.GetShape()[0]), In: int(d.GetShape()[1])})
-			}
+		if isDenseTE(d) {
+			dense[d.GetName()] = d
+			layers = append(layers, lora.Layer{Name: strings.TrimSuffix(d.GetName(), ".weight"), Out: int(d.GetShape()[0]), In: int(d.GetShape()[1])})
 			continue
 		}
+		q := d.GetQuant()
 		if q == nil || len(q.GetShape()) != 2 || !strings.HasSuffix(d.GetName(), ".weight") {
 			continue
 		}
@@ -195,7 +204,7 @@ func loadModelFor(ctx context.Context, c *sdk.Call, name string, side bool) (*mo
 		return nil, fmt.Errorf("model %s: %w", modelName(name), err)
 	}
 	lm.NoteTensors(names) // bundled text encoders, for unmatched keys' reasons
-	return &model{lm: lm, weights: ws}, nil
+	return &model{lm: lm, weights: ws, dense: dense}, nil
 }
 
 // mapSet parses and maps every LoRA of the set; under strict, any
@@ -371,6 +380,21 @@ func (e *engine) planMethod(ctx context.Context, c *sdk.Call, args lorawire.Appl
 // on the device are downloaded and dequantized here too.
 func (e *engine) baseWeights(c *sdk.Call, m *model) lora.BaseWeights {
 	return func(layer string) ([]float32, error) {
+		if d, ok := m.dense[layer+".weight"]; ok {
+			name, err := tensor.DTypeName(d.GetDtype())
+			if err != nil {
+				return nil, fmt.Errorf("weight %s: %w", d.GetName(), err)
+			}
+			b, err := e.hostBytes(c, "weight "+d.GetName(), d)
+			if err != nil {
+				return nil, err
+			}
+			v, err := lora.DecodeDense(name, b, int(d.GetShape()[0]*d.GetShape()[1]))
+			if err != nil {
+				return nil, fmt.Errorf("weight %s: %w", d.GetName(), err)
+			}
+			return v, nil
+		}
 		d, ok := m.weights[layer+".weight"]
 		if !ok {
 			return nil, fmt.Errorf("no 4-bit weight %s.weight", layer)
@@ -455,7 +479,7 @@ func (e *engine) apply(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs
 // fused pass (deferred) one layer's at a time as the pass reaches it, so
 // the plugin never holds every layer's A_cat and B_cat at once.
 func (e *engine) build(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs, deferred bool) (*model, *lora.Plan, error) {
-	m, err := loadModelFor(ctx, c, args.Model, !deferred)
+	m, err := loadModel(ctx, c, args.Model)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -1,5 +1,6 @@
 // Package half owns the 16-bit float formats the project stores: bfloat16
-// and IEEE binary16 (float16), converted to and from float32 exactly the way
+// and IEEE binary16 (float16), and the 8-bit F8_E4M3/F8_E5M2 (fp8.go),
+// converted to and from float32 exactly the way
 // torch converts them on the CPU, plus bulk helpers over little-endian byte
 // slices (the layout of safetensors data and of arena regions).
 //

@@ -41,6 +41,13 @@ type QLayer struct {
 	// storage that keeps absmax nested or in another dtype re-encodes it
 	// into Raw here.
 	Commit func() error
+	// Dense, when set, makes this a plain (not quantized) weight stored in
+	// that dtype (F32, F16, BF16, F8_E4M3, F8_E5M2; dense.go): Data holds
+	// its Out·In values, little-endian, rewritten in place, and Raw is
+	// {Data}. Blocksize, Packed and Absmax are unused, and the pass's
+	// Codec is not called for it.
+	Dense string
+	Data  []byte
 }
 
 // Store opens a model's quantized layers; the plugin points it at the
@@ -304,6 +311,9 @@ func Fuse(ctx context.Context, p *Plan, store Store, codec Codec, j Journal, opt
 }
 
 func checkQLayer(q *QLayer, l Layer) error {
+	if q.Dense != "" {
+		return checkDense(q, l)
+	}
 	n := l.Out * l.In
 	switch {
 	case q.Out != l.Out || q.In != l.In:
@@ -327,6 +337,9 @@ func checkQLayer(q *QLayer, l Layer) error {
 // values near the float limits) stops the pass with ErrNonFinite naming the
 // first row found: the tiles already written are the caller's rollback.
 func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int, bufs *[][]float32) (dot, norm, diff float64, scratch int64, err error) {
+	if q.Dense != "" {
+		return fuseDenseLayer(sl, q, tileElems, bufs)
+	}
 	// Rows per tile: a multiple of the rows that make whole blocks, so tiles
 	// start on a block and on a byte.
 	unit := q.Blocksize / gcd(sl.In, q.Blocksize)

@@ -49,7 +49,8 @@ type Model struct {
 // NoteTensors records which bundled components (text encoders, VAE) the
 // checkpoint carries among all its tensor names, 4-bit or not, so an
 // unmatched text-encoder key says whether the encoder is absent or present
-// but not in bitsandbytes 4-bit (arenahost applies LoRAs to 4-bit layers).
+// but not stored in a form LoRAs apply to (bitsandbytes 4-bit, or plain
+// F32/F16/BF16/F8 2-D weights when the caller lists those as layers).
 func (m *Model) NoteTensors(names []string) {
 	for _, n := range names {
 		if c, _, ok := layout.ComponentOf(n); ok {
@@ -333,7 +334,7 @@ func (m *Model) unmatchedReason(comp, path string) string {
 	kind := comp
 	label := layout.ComponentLabel(kind)
 	if ex, ok := m.bundled[kind]; ok {
-		return fmt.Sprintf("text-encoder key: the checkpoint bundles %s (e.g. %s) but not in bitsandbytes 4-bit; fused merges apply to 4-bit layers only (side mode applies text-encoder LoRAs to a bundled F16/BF16/F32/F8 encoder)", label, ex)
+		return fmt.Sprintf("text-encoder key: the checkpoint bundles %s (e.g. %s) but has no layer of it the key names stored in bitsandbytes 4-bit or as a plain 2-D F32/F16/BF16/F8_E4M3/F8_E5M2 weight, which side and fused applies (and merge) write LoRAs into", label, ex)
 	}
 	return fmt.Sprintf("text-encoder key: the checkpoint bundles no %s", label)
 }

@@ -455,7 +455,7 @@ def build_bundled_pipeline(host, model: str = "", *, tokenizer_dirs=(), dtype=No
                 from arenahost import torch as at
 
                 # Encoder Linear layers read the arena on every encode: LoRA side factors the host
-                # binds (on 4-bit and on plain F16/F8 encoders) and fused bytes (4-bit) apply.
+                # binds and fused bytes (on 4-bit and on plain F16/F8 encoders alike) apply.
                 watcher = at.FactorWatcher(host, model, mapper=m)
                 clip_name = lambda n: CLIP_PREFIX + clip_inner + n.removeprefix("text_model.")  # noqa: E731
                 n = _arena_linears(te1, clip_name, tensors, watcher)

@@ -398,7 +398,11 @@ def test_text_encoder_lora_on_bundled_encoders(bundle, tmp_path, storage):
     """Bundled CLIP-L and T5 in bitsandbytes NF4, or as Forge stores them (F16 and F8_E4M3): a kohya
     LoRA with lora_te1_ (CLIP-L) and lora_te3_ (T5) keys, applied by txt2img's <lora:…> tag through
     a real host (side mode), conditions the image as diffusers' FluxPipeline with the LoRA merged
-    into the encoder weights as stored does; removing it gives back the LoRA-free image bit for bit."""
+    into the encoder weights as stored does; removing it gives back the LoRA-free image bit for bit.
+    On F16/F8 encoders, the same LoRA fused (POST /v1/loras/apply mode fuse) gives diffusers' image
+    with the LoRA merged in the stored dtypes, (w.float() + delta).to(dtype)."""
+    import base64
+
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import CLIPTextModel, T5EncoderModel
@@ -459,6 +463,22 @@ def test_text_encoder_lora_on_bundled_encoders(bundle, tmp_path, storage):
         info1, side = _txt2img(h, "tiny-te4", PROMPT + " <lora:te_lora:1>")
         assert [e["name"] for e in info1["loras"]] == ["te_lora"] and not info1["warnings"], info1
         _, again = _txt2img(h, "tiny-te4")
+        if storage == "f16-f8":
+            # Fused: POST /v1/loras/apply mode fuse rewrites the F16/F8 encoder weights in place, then a
+            # job that applies no LoRA set (txt2img would apply the prompt's, in side mode) generates.
+            st, r = h.call("POST", "/v1/loras/apply", {"model": "tiny-te4", "mode": "fuse",
+                                                       "loras": [{"name": "te_lora", "strength": 1.0}]})
+            assert st == 200, (st, r)
+            assert sum(w.startswith("text_encoders.") for w in r["fused"]) == 8, r["fused"]
+            spec = {"pipeline": "diffusers-flux", "params": {"prompt": PROMPT, "steps": STEPS, "seed": SEED,
+                                                              "width": W, "height": H, "model": "tiny-te4"}}
+            s = h.job(spec)
+            assert s["state"] == "done", s
+            fused = _pixels(base64.b64decode(s["result"]["images"][0]))
+            st, r = h.call("DELETE", "/v1/loras?model=tiny-te4")
+            assert st == 200, (st, r)
+            s = h.job(spec)
+            unfused = _pixels(base64.b64decode(s["result"]["images"][0]))
 
     # diffusers' FluxPipeline with the dequantized NF4 encoders plus the merged LoRA.
     b = dict(bundle)
@@ -478,3 +498,17 @@ def test_text_encoder_lora_on_bundled_encoders(bundle, tmp_path, storage):
     assert np.abs(base - want_base).max() <= 1
     assert d_side <= 2
     assert np.array_equal(again, base)
+    if storage == "f16-f8":
+        # A fused merge keeps each weight's dtype: diffusers with (w.float() + delta).to(dtype), as the
+        # file would store the merged encoders.
+        stored = {"text_encoder": torch.float16, "text_encoder_2": torch.float8_e4m3fn}
+        for sub in ("text_encoder", "text_encoder_2"):
+            for k, v in te_deq[sub].items():
+                if (sub, k) in deltas:
+                    b["values"][sub, k] = (v.float() + deltas[sub, k]).to(stored[sub]).float()
+        _, want_fused = _reference(b, PROMPT)
+        d_fused = int(np.abs(fused - want_fused).max())
+        print(f"TE LoRA fused into F16/F8 bundled encoders vs diffusers with the LoRA merged in the stored dtypes: "
+              f"max |Δ pixel| {d_fused}; vs merged in fp32: {int(np.abs(fused - want).max())}")
+        assert d_fused <= 2
+        assert np.array_equal(unfused, base)
