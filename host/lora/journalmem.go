@@ -44,8 +44,11 @@ import (
 // bytes from it that the file reference names.
 //
 // JournalMemory bounds it: JournalMemoryAuto (the default) keeps a copy
-// while the copies would stay within half of the memory the kernel reports
-// available (MemAvailable) at that moment; 0 keeps none (restores read the
+// while all the copies together would stay within half of the memory
+// available to the host: what the copies already hold plus what is
+// available now, the lesser of the kernel's MemAvailable and, in a memory
+// cgroup with a limit (a container, a Kubernetes pod), the limit minus the
+// cgroup's usage; 0 keeps none (restores read the
 // file, as without this); a positive value is a byte budget over all
 // models. A weight whose copy would pass the bound is restored from the
 // file alone, so the journal still takes 0 bytes of arena and at most the
@@ -61,8 +64,47 @@ import (
 // JournalMemoryAuto is the default JournalMemory (see above).
 const JournalMemoryAuto int64 = -1
 
-// memAvailable reads MemAvailable from /proc/meminfo (0 when unknown).
+// memAvailable is the memory available to this process now: the lesser of
+// the kernel's MemAvailable and its memory cgroup's headroom (0 when
+// neither is known).
 func memAvailable() int64 {
+	n := meminfoAvailable()
+	if h, ok := cgroupHeadroom(); ok && (n == 0 || h < n) {
+		n = h
+	}
+	return n
+}
+
+// cgroupHeadroom is limit − usage of the process's memory cgroup: v2's
+// memory.max and memory.current, else v1's memory.limit_in_bytes and
+// memory.usage_in_bytes. false when there is no limit or it is unreadable.
+func cgroupHeadroom() (int64, bool) {
+	for _, p := range [][2]string{
+		{"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"},
+		{"/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"},
+	} {
+		limit, ok1 := readInt(p[0])
+		usage, ok2 := readInt(p[1])
+		// v1 reports "no limit" as a huge number near the int64 maximum.
+		if ok1 && ok2 && limit > 0 && limit < 1<<60 {
+			return max(limit-usage, 0), true
+		}
+	}
+	return 0, false
+}
+
+// readInt reads a cgroup file holding one integer ("max" is not one).
+func readInt(path string) (int64, bool) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	return n, err == nil
+}
+
+// meminfoAvailable reads MemAvailable from /proc/meminfo (0 when unknown).
+func meminfoAvailable() int64 {
 	f, err := os.Open("/proc/meminfo")
 	if err != nil {
 		return 0
@@ -94,7 +136,9 @@ func (c *Coordinator) reserveMem(n int64) bool {
 			return false
 		}
 	default:
-		if n > memAvailable()/2 {
+		// Half of what the host could use: the copies held count, as
+		// each copy lowers what the kernel reports available.
+		if c.memHeld+n > (memAvailable()+c.memHeld)/2 {
 			return false
 		}
 	}

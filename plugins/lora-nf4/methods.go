@@ -582,14 +582,18 @@ func (e *engine) applySide(ctx context.Context, c *sdk.Call, args lorawire.Apply
 		sl := live[i]
 		rr := boundRank(sl)
 		w := sl.Name + ".weight"
-		a, err := c.Host().Allocate(wctx, lorawire.FactorA(w), pluginv1.DType_DTYPE_F32, []int64{int64(rr), int64(sl.In)})
+		// Allocate runs to completion even when a sibling's failure
+		// cancels wctx: the host allocates regardless of the call's
+		// context, and a region whose reply were dropped would never reach
+		// allocated and so never be freed.
+		a, err := c.Host().Allocate(context.WithoutCancel(ctx), lorawire.FactorA(w), pluginv1.DType_DTYPE_F32, []int64{int64(rr), int64(sl.In)})
 		if err != nil {
 			return fmt.Errorf("layer %s: allocate A_cat [%d %d]: %w", sl.Name, rr, sl.In, err)
 		}
 		amu.Lock()
 		allocated = append(allocated, a.GetRegion())
 		amu.Unlock()
-		b, err := c.Host().Allocate(wctx, lorawire.FactorB(w), pluginv1.DType_DTYPE_F32, []int64{int64(sl.Out), int64(rr)})
+		b, err := c.Host().Allocate(context.WithoutCancel(ctx), lorawire.FactorB(w), pluginv1.DType_DTYPE_F32, []int64{int64(sl.Out), int64(rr)})
 		if err != nil {
 			return fmt.Errorf("layer %s: allocate B_cat [%d %d]: %w", sl.Name, sl.Out, rr, err)
 		}

@@ -57,14 +57,12 @@ func OpenModel(path string) (*safetensors.Set, []string, error) {
 
 func addPipelineParts(s *safetensors.Set) ([]string, error) {
 	idxPath := filepath.Join(s.Path, "model_index.json")
-	f, err := safetensors.OpenRegular(idxPath)
+	b, err := safetensors.ReadSmallRegular(idxPath)
 	if err != nil {
 		return nil, fmt.Errorf("open model %s: %w", s.Path, err)
 	}
 	var index map[string]any
-	err = json.NewDecoder(f).Decode(&index)
-	_ = f.Close()
-	if err != nil {
+	if err := json.Unmarshal(b, &index); err != nil {
 		return nil, fmt.Errorf("open model %s: %s: %w", s.Path, idxPath, err)
 	}
 	var notes []string

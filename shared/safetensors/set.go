@@ -180,7 +180,7 @@ func (s *Set) AddComponent(folder, dir, prefix string) error {
 
 func (s *Set) openFolder() error {
 	cfg := filepath.Join(s.Dir, "config.json")
-	if b, err := readSmallRegular(cfg); err == nil {
+	if b, err := ReadSmallRegular(cfg); err == nil {
 		if !json.Valid(b) {
 			return fmt.Errorf("open model %s: %s is not valid JSON", s.Path, cfg)
 		}
@@ -222,7 +222,7 @@ type shardIndex struct {
 }
 
 func (s *Set) openShards() error {
-	b, err := readSmallRegular(s.Index)
+	b, err := ReadSmallRegular(s.Index)
 	if err != nil {
 		return fmt.Errorf("open model %s: %w", s.Path, err)
 	}
@@ -424,10 +424,11 @@ func (s *Set) TensorData(t TensorInfo) ([]byte, error) {
 // maxSideFile bounds config.json and a shard index: both are small JSON.
 const maxSideFile = 64 << 20
 
-// readSmallRegular reads a folder's config or index through OpenRegular,
-// so a FIFO, device or directory in its place is a bad_path at once
-// instead of a hang, and a huge file is refused instead of read.
-func readSmallRegular(path string) ([]byte, error) {
+// ReadSmallRegular reads a folder's JSON side file (config.json, a shard
+// index, model_index.json) through OpenRegular, so a FIFO, device or
+// directory in its place is a bad_path at once instead of a hang, and a
+// file over 64 MiB is refused instead of read.
+func ReadSmallRegular(path string) ([]byte, error) {
 	f, err := OpenRegular(path)
 	if err != nil {
 		return nil, err
