@@ -14,6 +14,7 @@ import (
 	"github.com/arenahost/arenahost/internal/testenv"
 	"github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/sdk/client"
+	"github.com/arenahost/arenahost/sdk/client/tensors"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }
@@ -87,7 +88,7 @@ func TestAgainstServe(t *testing.T) {
 	if err != nil || len(d1.SHA256) != 64 || d1.Tensors != models[0].Tensors {
 		t.Fatalf("ModelDigest: %+v %v", d1, err)
 	}
-	ts, err := anon.Tensors(ctx, "sample", client.TensorQuery{Prefix: "img_in"})
+	ts, err := tensors.Get(ctx, anon, "sample", tensors.Query{Prefix: "img_in"})
 	if err != nil || len(ts.GetTensors()) == 0 || !strings.HasPrefix(ts.GetTensors()[0].GetName(), "img_in") {
 		t.Fatalf("Tensors: %v %v", ts, err)
 	}
