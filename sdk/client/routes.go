@@ -2,6 +2,7 @@ package client
 
 import (
 	"context"
+	"errors"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -73,11 +74,12 @@ func (c *Client) LoRAs(ctx context.Context) ([]api.LoRAFile, error) {
 }
 
 // ApplyLoRAs makes req's set the model's LoRAs (POST /v1/loras/apply); an
-// empty, non-nil LoRAs removes them all. A nil LoRAs is sent as [] (the host
-// refuses a missing list).
+// empty, non-nil LoRAs removes them all. A nil LoRAs is refused here, as the
+// host refuses a missing list: removing every LoRA takes RemoveLoRAs or an
+// explicit empty slice, never a forgotten field.
 func (c *Client) ApplyLoRAs(ctx context.Context, req api.ApplyRequest) (*api.LoRAResult, error) {
 	if req.LoRAs == nil {
-		req.LoRAs = []api.ApplyLoRA{}
+		return nil, errors.New("arenahost POST /v1/loras/apply: ApplyRequest.LoRAs is nil; to remove every LoRA call RemoveLoRAs or pass an empty, non-nil slice")
 	}
 	return call[api.LoRAResult](ctx, c, http.MethodPost, "/v1/loras/apply", req)
 }
