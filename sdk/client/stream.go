@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/arenahost/arenahost/sdk/api"
 )
@@ -125,26 +126,60 @@ func (s *EventStream) Close() error { return s.body.Close() }
 
 // Wait follows the job's events until it reaches a final state and returns
 // its snapshot then (with the pipeline's result). A job that failed or was
-// cancelled is returned without error: its State and Error say so.
+// cancelled is returned without error: its State and Error say so. A stream
+// that ends before the final state (a proxy's timeout, a dropped
+// connection) is reopened until the job is final or ctx ends; Wait never
+// returns a job that is still running.
 func (c *Client) Wait(ctx context.Context, id string) (*api.Job, error) {
+	backoff := waitRetry
+	for {
+		if err := c.follow(ctx, id); err != nil {
+			return nil, err
+		}
+		j, err := c.Job(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		if j.State.Final() {
+			return j, nil
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, fmt.Errorf("arenahost wait for job %s (still %s): %w", id, j.State, ctx.Err())
+		case <-t.C:
+		}
+		backoff = min(2*backoff, maxWaitRetry)
+	}
+}
+
+// waitRetry and maxWaitRetry pace Wait's reopening of an event stream that
+// ended before the job's final state.
+const (
+	waitRetry    = 50 * time.Millisecond
+	maxWaitRetry = 2 * time.Second
+)
+
+// follow reads the job's events until a final state or the stream's end.
+func (c *Client) follow(ctx context.Context, id string) error {
 	s, err := c.Events(ctx, id)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer s.Close()
 	for {
 		ev, err := s.Next()
 		if errors.Is(err, io.EOF) {
-			break
+			return nil
 		}
 		if err != nil {
-			return nil, err
+			return err
 		}
 		if ev.Type == api.EventState && ev.Data.State.Final() {
-			break
+			return nil
 		}
 	}
-	return c.Job(ctx, id)
 }
 
 // Frame is one preview frame.

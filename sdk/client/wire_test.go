@@ -1,11 +1,15 @@
 package client_test
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/sdk/client"
@@ -43,5 +47,41 @@ func TestApplyNilLoRAsIsRefused(t *testing.T) {
 	}
 	if _, err := c.ApplyLoRAs(t.Context(), api.ApplyRequest{LoRAs: []api.ApplyLoRA{}}); err != nil || n.Load() != 1 {
 		t.Fatalf("ApplyLoRAs(empty LoRAs) = %v after %d requests, want it sent", err, n.Load())
+	}
+}
+
+// TestWaitReopensAnEndedStream: an event stream that ends while the job
+// still runs is reopened; Wait returns only the final snapshot, and an
+// ended ctx while the job never finishes is an error, not a running job.
+func TestWaitReopensAnEndedStream(t *testing.T) {
+	var opens atomic.Int32
+	var state atomic.Value
+	state.Store(string(api.JobRunning))
+	c, _ := recorder(t, func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/v1/jobs/j1/events":
+			w.Header().Set("Content-Type", "text/event-stream")
+			if opens.Add(1) >= 3 {
+				state.Store(string(api.JobDone))
+			}
+			fmt.Fprintf(w, "event: state\nid: 1\ndata: {\"job\":\"j1\",\"state\":%q}\n\n", state.Load())
+		case "/v1/jobs/j1":
+			fmt.Fprintf(w, `{"id":"j1","state":%q}`, state.Load())
+		default:
+			http.NotFound(w, r)
+		}
+	})
+	j, err := c.Wait(t.Context(), "j1")
+	if err != nil || j.State != api.JobDone || opens.Load() != 3 {
+		t.Fatalf("Wait = %+v, %v after %d opens; want done after 3", j, err, opens.Load())
+	}
+
+	state.Store(string(api.JobRunning))
+	opens.Store(-1000)
+	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
+	defer cancel()
+	j, err = c.Wait(ctx, "j1")
+	if err == nil || !errors.Is(err, context.DeadlineExceeded) || j != nil {
+		t.Fatalf("Wait on a job that never ends = %+v, %v; want ctx's error and no job", j, err)
 	}
 }
