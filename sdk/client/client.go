@@ -110,12 +110,19 @@ func ErrorCode(err error) string {
 	return ""
 }
 
-// newRequest builds a request for path (which may carry a query) with an
-// optional JSON body.
+// newRequest builds a request for path (escaped, its segments through seg;
+// it may carry a query) with an optional JSON body.
 func (c *Client) newRequest(ctx context.Context, method, path string, body any) (*http.Request, error) {
 	u := *c.base
 	p, q, _ := strings.Cut(path, "?")
-	u.Path += p
+	// p is escaped already (seg): keep it as the raw path, so a name's
+	// "%20" or "%2F" is sent once, not escaped again.
+	raw := c.base.EscapedPath() + p
+	unesc, err := url.PathUnescape(raw)
+	if err != nil {
+		return nil, fmt.Errorf("arenahost %s %s: %w", method, p, err)
+	}
+	u.Path, u.RawPath = unesc, raw
 	u.RawQuery = q
 	var rd io.Reader
 	if body != nil {

@@ -85,3 +85,35 @@ func TestWaitReopensAnEndedStream(t *testing.T) {
 		t.Fatalf("Wait on a job that never ends = %+v, %v; want ctx's error and no job", j, err)
 	}
 }
+
+// TestPathSegmentsEscapedOnce: a name with a space, a slash or another
+// special character reaches the host as that one segment, escaped once.
+func TestPathSegmentsEscapedOnce(t *testing.T) {
+	for _, tc := range []struct{ name, uri, path string }{
+		{"a b", "/pre/v1/models/a%20b/digest", "/pre/v1/models/a b/digest"},
+		{"x/y", "/pre/v1/models/x%2Fy/digest", "/pre/v1/models/x/y/digest"},
+		{"p%q;r", "/pre/v1/models/p%25q%3Br/digest", "/pre/v1/models/p%q;r/digest"},
+	} {
+		var uri, path atomic.Value
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			uri.Store(r.RequestURI)
+			path.Store(r.URL.Path)
+			_, _ = w.Write([]byte(`{"model":"m"}`))
+		}))
+		c, err := client.New(srv.URL + "/pre/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = c.ModelDigest(t.Context(), tc.name, false)
+		srv.Close()
+		if err != nil {
+			t.Fatalf("ModelDigest(%q): %v", tc.name, err)
+		}
+		if got, _ := uri.Load().(string); !strings.HasPrefix(got, tc.uri) {
+			t.Errorf("ModelDigest(%q) sent %s, want %s", tc.name, got, tc.uri)
+		}
+		if got, _ := path.Load().(string); got != tc.path {
+			t.Errorf("ModelDigest(%q): host saw path %q, want %q", tc.name, got, tc.path)
+		}
+	}
+}
