@@ -58,12 +58,27 @@ func (c *Client) UnloadModel(ctx context.Context, name string) error {
 	return err
 }
 
+// DigestQuery selects what GET /v1/models/{name}/digest answers: Detail
+// adds each tensor's hash; Prefix hashes only the tensors whose names start
+// with it ("" = every tensor).
+type DigestQuery struct {
+	Detail bool
+	Prefix string
+}
+
 // ModelDigest hashes a model's tensors as the arena holds them
-// (GET /v1/models/{name}/digest); detail adds each tensor's hash.
-func (c *Client) ModelDigest(ctx context.Context, name string, detail bool) (*api.ModelDigest, error) {
+// (GET /v1/models/{name}/digest).
+func (c *Client) ModelDigest(ctx context.Context, name string, q DigestQuery) (*api.ModelDigest, error) {
 	p := "/v1/models/" + seg(name) + "/digest"
-	if detail {
-		p += "?detail=1"
+	v := url.Values{}
+	if q.Detail {
+		v.Set("detail", "1")
+	}
+	if q.Prefix != "" {
+		v.Set("prefix", q.Prefix)
+	}
+	if len(v) > 0 {
+		p += "?" + v.Encode()
 	}
 	return call[api.ModelDigest](ctx, c, http.MethodGet, p, nil)
 }

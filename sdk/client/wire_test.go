@@ -104,7 +104,7 @@ func TestPathSegmentsEscapedOnce(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		_, err = c.ModelDigest(t.Context(), tc.name, false)
+		_, err = c.ModelDigest(t.Context(), tc.name, client.DigestQuery{})
 		srv.Close()
 		if err != nil {
 			t.Fatalf("ModelDigest(%q): %v", tc.name, err)
@@ -114,6 +114,32 @@ func TestPathSegmentsEscapedOnce(t *testing.T) {
 		}
 		if got, _ := path.Load().(string); got != tc.path {
 			t.Errorf("ModelDigest(%q): host saw path %q, want %q", tc.name, got, tc.path)
+		}
+	}
+}
+
+// TestDigestQuery: detail and prefix reach the host as docs/api.md names
+// them.
+func TestDigestQuery(t *testing.T) {
+	var query atomic.Value
+	c, _ := recorder(t, func(w http.ResponseWriter, r *http.Request) {
+		query.Store(r.URL.Query().Encode())
+		_, _ = w.Write([]byte(`{"model":"m"}`))
+	})
+	for _, tc := range []struct {
+		q    client.DigestQuery
+		want string
+	}{
+		{client.DigestQuery{}, ""},
+		{client.DigestQuery{Detail: true}, "detail=1"},
+		{client.DigestQuery{Prefix: "double_blocks.0."}, "prefix=double_blocks.0."},
+		{client.DigestQuery{Detail: true, Prefix: "a&b"}, "detail=1&prefix=a%26b"},
+	} {
+		if _, err := c.ModelDigest(t.Context(), "m", tc.q); err != nil {
+			t.Fatalf("ModelDigest(%+v): %v", tc.q, err)
+		}
+		if got, _ := query.Load().(string); got != tc.want {
+			t.Errorf("ModelDigest(%+v) sent query %q, want %q", tc.q, got, tc.want)
 		}
 	}
 }
