@@ -209,9 +209,15 @@ func (c *Client) Frame(ctx context.Context, id string) (*Frame, error) {
 		return nil, err
 	}
 	defer resp.Body.Close()
-	data, err := io.ReadAll(resp.Body)
+	if resp.ContentLength > maxFrame {
+		return nil, fmt.Errorf("arenahost GET %s: frame of %d bytes over %d", req.URL.Path, resp.ContentLength, maxFrame)
+	}
+	data, err := io.ReadAll(io.LimitReader(resp.Body, maxFrame+1))
 	if err != nil {
 		return nil, fmt.Errorf("arenahost GET %s: read frame: %w", req.URL.Path, err)
+	}
+	if int64(len(data)) > maxFrame {
+		return nil, fmt.Errorf("arenahost GET %s: frame over %d bytes", req.URL.Path, maxFrame)
 	}
 	return frameOf(resp.Header, data), nil
 }
@@ -255,9 +261,10 @@ type PreviewStream struct {
 	path string
 }
 
-// maxFrame bounds one frame (a PNG of the largest preview side, 8192², is
-// far below it).
-const maxFrame = 256 << 20
+// maxFrame bounds one frame, of Frame and of a PreviewStream (a PNG of
+// the largest preview side, 8192², is far below it); a variable so tests
+// can lower it.
+var maxFrame int64 = 256 << 20
 
 // Next returns the next frame; io.EOF once the job's last frame was sent.
 func (s *PreviewStream) Next() (*Frame, error) {
@@ -273,7 +280,7 @@ func (s *PreviewStream) Next() (*Frame, error) {
 	if err != nil {
 		return nil, fmt.Errorf("arenahost GET %s: read frame: %w", s.path, err)
 	}
-	if len(data) > maxFrame {
+	if int64(len(data)) > maxFrame {
 		return nil, fmt.Errorf("arenahost GET %s: frame over %d bytes", s.path, maxFrame)
 	}
 	return frameOf(p.Header, data), nil

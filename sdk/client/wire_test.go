@@ -143,3 +143,38 @@ func TestDigestQuery(t *testing.T) {
 		}
 	}
 }
+
+// TestFrameIsBounded: Frame reads no more than the frame bound, whether
+// the host announces the length or streams the body chunked.
+func TestFrameIsBounded(t *testing.T) {
+	t.Cleanup(client.SetMaxFrame(1024))
+	for _, chunked := range []bool{false, true} {
+		c, _ := recorder(t, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "image/jpeg")
+			w.Header().Set("X-Frame-Id", "1")
+			body := strings.Repeat("x", 4096)
+			if chunked {
+				_, _ = w.Write([]byte(body[:512]))
+				w.(http.Flusher).Flush()
+				_, _ = w.Write([]byte(body[512:]))
+				return
+			}
+			w.Header().Set("Content-Length", "4096")
+			_, _ = w.Write([]byte(body))
+		})
+		f, err := c.Frame(t.Context(), "j1")
+		if err == nil || !strings.Contains(err.Error(), "over 1024") {
+			t.Errorf("chunked=%v: Frame of 4096 bytes = %v, %v; want an error naming the 1024-byte bound", chunked, f, err)
+		}
+	}
+	// Within the bound it is read whole.
+	c, _ := recorder(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "image/jpeg")
+		w.Header().Set("X-Frame-Id", "3")
+		_, _ = w.Write([]byte(strings.Repeat("y", 1000)))
+	})
+	f, err := c.Frame(t.Context(), "j1")
+	if err != nil || len(f.Data) != 1000 || f.ID != 3 {
+		t.Fatalf("Frame of 1000 bytes = %+v, %v", f, err)
+	}
+}
