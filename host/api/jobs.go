@@ -249,7 +249,7 @@ func (a *API) previewMJPEG(w http.ResponseWriter, r *http.Request) {
 }
 
 func jobEvent(s v1.Job) v1.JobEvent {
-	e := v1.JobEvent{Job: s.ID, State: s.State, Step: s.Step, Total: s.Total, Progress: s.Progress, ETA: s.ETA,
+	e := v1.JobEvent{Job: s.ID, ClientID: s.ClientID, State: s.State, Step: s.Step, Total: s.Total, Progress: s.Progress, ETA: s.ETA,
 		Frame: s.Preview.Frame, FrameStep: s.Preview.FrameStep, Generation: s.Preview.Generation,
 		Published: s.Preview.Published, Rendered: s.Preview.Rendered, Dropped: s.Preview.Dropped, Error: s.Error}
 	if e.Frame > 0 {

@@ -283,3 +283,34 @@ func TestStalledClientsDoNotSlowTheJob(t *testing.T) {
 		t.Errorf("healthy SSE client did not see frames and the end: %.300s", h)
 	}
 }
+
+// TestJobEventsCarryClientID: the events of a job created with a client_id
+// carry it, as docs/api.md says.
+func TestJobEventsCarryClientID(t *testing.T) {
+	f := newFixture(t, jobPlugins(t), Options{})
+	id := f.createJob(t, `{"pipeline": "test-pipeline", "client_id": "tab-7", "params": {"steps": 2, "step_ms": 1}}`)
+	resp, err := http.Get(f.srv.URL + "/v1/jobs/" + id + "/events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	n := 0
+	for sc.Scan() {
+		data, ok := strings.CutPrefix(sc.Text(), "data: ")
+		if !ok {
+			continue
+		}
+		var ev v1.JobEvent
+		if err := json.Unmarshal([]byte(data), &ev); err != nil {
+			t.Fatalf("event %s: %v", data, err)
+		}
+		if ev.ClientID != "tab-7" {
+			t.Errorf("event %s: client_id %q, want tab-7", data, ev.ClientID)
+		}
+		n++
+	}
+	if n == 0 {
+		t.Fatal("no events")
+	}
+}

@@ -29,7 +29,7 @@ func build(t *testing.T) string { return bin.Path(t) }
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	bin.Remove()
+	plugintest.Clean()
 	os.Exit(code)
 }
 

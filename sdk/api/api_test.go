@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/sdk/api"
+	"github.com/arenahost/arenahost/shared/lora/lorareport"
 	"github.com/arenahost/arenahost/shared/manifest"
 )
 
@@ -55,7 +56,8 @@ func TestDocsNameEveryField(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, v := range []any{api.ModelInfo{}, api.ApplyRequest{}, api.JobSpec{}, api.PreviewSpec{}, api.JobEvent{}, api.RescanResult{}, api.Pipelines{}, api.PipelineInfo{}} {
+	for _, v := range []any{api.ModelInfo{}, api.ApplyRequest{}, api.JobSpec{}, api.PreviewSpec{}, api.JobEvent{}, api.RescanResult{}, api.Pipelines{}, api.PipelineInfo{},
+		api.LoRAFile{}, lorareport.Summary{}, api.LoRAState{}, api.LoRAResult{}, api.PluginStatus{}, api.Job{}, api.ArenaUsage{}} {
 		for _, f := range jsonFields(reflect.TypeOf(v)) {
 			if !strings.Contains(string(doc), `"`+f+`"`) && !strings.Contains(string(doc), "`"+f+"`") {
 				t.Errorf("%T field %q is not in docs/api.md", v, f)

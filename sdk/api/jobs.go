@@ -134,7 +134,10 @@ const (
 // JobEvent is the data of one server-sent event of
 // GET /v1/jobs/{id}/events.
 type JobEvent struct {
-	Job        string   `json:"job"`
+	Job string `json:"job"`
+	// ClientID is the job's client_id (JobSpec), so a client following
+	// several jobs' events picks out its own.
+	ClientID   string   `json:"client_id,omitempty"`
 	State      JobState `json:"state"`
 	Step       int      `json:"step"`
 	Total      int      `json:"total"`

@@ -3,8 +3,7 @@ package api
 import (
 	"time"
 
-	"github.com/arenahost/arenahost/shared/lora"
-	"github.com/arenahost/arenahost/shared/lora/lorawire"
+	"github.com/arenahost/arenahost/shared/lora/lorareport"
 )
 
 // LoRAFile is one file of GET /v1/loras.
@@ -16,9 +15,9 @@ type LoRAFile struct {
 	Bytes    int64     `json:"bytes"`
 	Modified time.Time `json:"modified"`
 	// Kind is what the file holds: "lora" or "model" (the inspect kinds).
-	Kind     string            `json:"kind,omitempty"`
-	LoRA     *lora.Summary     `json:"lora,omitempty"`
-	Metadata map[string]string `json:"metadata,omitempty"`
+	Kind     string              `json:"kind,omitempty"`
+	LoRA     *lorareport.Summary `json:"lora,omitempty"`
+	Metadata map[string]string   `json:"metadata,omitempty"`
 	// Error says why the file could not be inspected; it is still listed.
 	Error string `json:"error,omitempty"`
 }
@@ -49,8 +48,8 @@ type ApplyRequest struct {
 // LoRA modes (ApplyRequest.Mode, LoRAState.Mode): the LoRA plugin's own
 // (shared/lora/lorawire).
 const (
-	ModeSide = lorawire.ModeSide
-	ModeFuse = lorawire.ModeFuse
+	ModeSide = "side"
+	ModeFuse = "fuse"
 )
 
 // AppliedLoRA is one LoRA of an applied set.
@@ -81,8 +80,8 @@ type LoRAState struct {
 	JournalFileBytes uint64 `json:"journal_file_bytes,omitempty"`
 	// JournalMemoryBytes is what of JournalFileBytes the journal also
 	// keeps in host memory, so that a restore reads no file (not arena).
-	JournalMemoryBytes uint64       `json:"journal_memory_bytes,omitempty"`
-	Report             *lora.Report `json:"report,omitempty"`
+	JournalMemoryBytes uint64             `json:"journal_memory_bytes,omitempty"`
+	Report             *lorareport.Report `json:"report,omitempty"`
 }
 
 // LoRAResult is the outcome of an apply or remove: the body of

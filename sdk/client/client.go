@@ -110,12 +110,19 @@ func ErrorCode(err error) string {
 	return ""
 }
 
-// newRequest builds a request for path (which may carry a query) with an
-// optional JSON body.
+// newRequest builds a request for path (escaped, its segments through seg;
+// it may carry a query) with an optional JSON body.
 func (c *Client) newRequest(ctx context.Context, method, path string, body any) (*http.Request, error) {
 	u := *c.base
 	p, q, _ := strings.Cut(path, "?")
-	u.Path += p
+	// p is escaped already (seg): keep it as the raw path, so a name's
+	// "%20" or "%2F" is sent once, not escaped again.
+	raw := c.base.EscapedPath() + p
+	unesc, err := url.PathUnescape(raw)
+	if err != nil {
+		return nil, fmt.Errorf("arenahost %s %s: %w", method, p, err)
+	}
+	u.Path, u.RawPath = unesc, raw
 	u.RawQuery = q
 	var rd io.Reader
 	if body != nil {
@@ -219,3 +226,26 @@ func call[T any](ctx context.Context, c *Client, method, path string, body any) 
 
 // seg escapes one path segment (a model, plugin or job name).
 func seg(s string) string { return url.PathEscape(s) }
+
+// GetRaw sends GET for the path made of segs (each escaped as one path
+// segment: {"v1", "models", name, "tensors"}) with query, asking for
+// accept, and returns the 2xx response for the caller to read and close;
+// any other answer is an *Error. It serves answers that are not JSON (such
+// as sdk/client/tensors' protobuf descriptors).
+func (c *Client) GetRaw(ctx context.Context, segs []string, query url.Values, accept string) (*http.Response, error) {
+	p := ""
+	for _, s := range segs {
+		p += "/" + seg(s)
+	}
+	if len(query) > 0 {
+		p += "?" + query.Encode()
+	}
+	req, err := c.newRequest(ctx, http.MethodGet, p, nil)
+	if err != nil {
+		return nil, err
+	}
+	if accept != "" {
+		req.Header.Set("Accept", accept)
+	}
+	return c.send(req)
+}

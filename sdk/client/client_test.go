@@ -14,6 +14,7 @@ import (
 	"github.com/arenahost/arenahost/internal/testenv"
 	"github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/sdk/client"
+	"github.com/arenahost/arenahost/sdk/client/tensors"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }
@@ -83,11 +84,11 @@ func TestAgainstServe(t *testing.T) {
 	}
 	wantErr(t, "UnloadModel unknown", c.UnloadModel(ctx, "second"), 404, "not_found")
 
-	d1, err := anon.ModelDigest(ctx, "sample", false)
+	d1, err := anon.ModelDigest(ctx, "sample", client.DigestQuery{})
 	if err != nil || len(d1.SHA256) != 64 || d1.Tensors != models[0].Tensors {
 		t.Fatalf("ModelDigest: %+v %v", d1, err)
 	}
-	ts, err := anon.Tensors(ctx, "sample", client.TensorQuery{Prefix: "img_in"})
+	ts, err := tensors.Get(ctx, anon, "sample", tensors.Query{Prefix: "img_in"})
 	if err != nil || len(ts.GetTensors()) == 0 || !strings.HasPrefix(ts.GetTensors()[0].GetName(), "img_in") {
 		t.Fatalf("Tensors: %v %v", ts, err)
 	}
@@ -113,7 +114,7 @@ func TestAgainstServe(t *testing.T) {
 	if err != nil || len(res.LoRAs) != 0 || res.Path != "remove" {
 		t.Fatalf("RemoveLoRAs: %+v %v", res, err)
 	}
-	if d2, err := anon.ModelDigest(ctx, "sample", false); err != nil || d2.SHA256 != d1.SHA256 {
+	if d2, err := anon.ModelDigest(ctx, "sample", client.DigestQuery{}); err != nil || d2.SHA256 != d1.SHA256 {
 		t.Fatalf("digest after remove %v (%v), before %s", d2, err, d1.SHA256)
 	}
 

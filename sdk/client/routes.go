@@ -2,6 +2,7 @@ package client
 
 import (
 	"context"
+	"errors"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -57,12 +58,27 @@ func (c *Client) UnloadModel(ctx context.Context, name string) error {
 	return err
 }
 
+// DigestQuery selects what GET /v1/models/{name}/digest answers: Detail
+// adds each tensor's hash; Prefix hashes only the tensors whose names start
+// with it ("" = every tensor).
+type DigestQuery struct {
+	Detail bool
+	Prefix string
+}
+
 // ModelDigest hashes a model's tensors as the arena holds them
-// (GET /v1/models/{name}/digest); detail adds each tensor's hash.
-func (c *Client) ModelDigest(ctx context.Context, name string, detail bool) (*api.ModelDigest, error) {
+// (GET /v1/models/{name}/digest).
+func (c *Client) ModelDigest(ctx context.Context, name string, q DigestQuery) (*api.ModelDigest, error) {
 	p := "/v1/models/" + seg(name) + "/digest"
-	if detail {
-		p += "?detail=1"
+	v := url.Values{}
+	if q.Detail {
+		v.Set("detail", "1")
+	}
+	if q.Prefix != "" {
+		v.Set("prefix", q.Prefix)
+	}
+	if len(v) > 0 {
+		p += "?" + v.Encode()
 	}
 	return call[api.ModelDigest](ctx, c, http.MethodGet, p, nil)
 }
@@ -73,11 +89,12 @@ func (c *Client) LoRAs(ctx context.Context) ([]api.LoRAFile, error) {
 }
 
 // ApplyLoRAs makes req's set the model's LoRAs (POST /v1/loras/apply); an
-// empty, non-nil LoRAs removes them all. A nil LoRAs is sent as [] (the host
-// refuses a missing list).
+// empty, non-nil LoRAs removes them all. A nil LoRAs is refused here, as the
+// host refuses a missing list: removing every LoRA takes RemoveLoRAs or an
+// explicit empty slice, never a forgotten field.
 func (c *Client) ApplyLoRAs(ctx context.Context, req api.ApplyRequest) (*api.LoRAResult, error) {
 	if req.LoRAs == nil {
-		req.LoRAs = []api.ApplyLoRA{}
+		return nil, errors.New("arenahost POST /v1/loras/apply: ApplyRequest.LoRAs is nil; to remove every LoRA call RemoveLoRAs or pass an empty, non-nil slice")
 	}
 	return call[api.LoRAResult](ctx, c, http.MethodPost, "/v1/loras/apply", req)
 }

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/arenahost/arenahost/sdk/api"
 )
@@ -125,26 +126,60 @@ func (s *EventStream) Close() error { return s.body.Close() }
 
 // Wait follows the job's events until it reaches a final state and returns
 // its snapshot then (with the pipeline's result). A job that failed or was
-// cancelled is returned without error: its State and Error say so.
+// cancelled is returned without error: its State and Error say so. A stream
+// that ends before the final state (a proxy's timeout, a dropped
+// connection) is reopened until the job is final or ctx ends; Wait never
+// returns a job that is still running.
 func (c *Client) Wait(ctx context.Context, id string) (*api.Job, error) {
+	backoff := waitRetry
+	for {
+		if err := c.follow(ctx, id); err != nil {
+			return nil, err
+		}
+		j, err := c.Job(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		if j.State.Final() {
+			return j, nil
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, fmt.Errorf("arenahost wait for job %s (still %s): %w", id, j.State, ctx.Err())
+		case <-t.C:
+		}
+		backoff = min(2*backoff, maxWaitRetry)
+	}
+}
+
+// waitRetry and maxWaitRetry pace Wait's reopening of an event stream that
+// ended before the job's final state.
+const (
+	waitRetry    = 50 * time.Millisecond
+	maxWaitRetry = 2 * time.Second
+)
+
+// follow reads the job's events until a final state or the stream's end.
+func (c *Client) follow(ctx context.Context, id string) error {
 	s, err := c.Events(ctx, id)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer s.Close()
 	for {
 		ev, err := s.Next()
 		if errors.Is(err, io.EOF) {
-			break
+			return nil
 		}
 		if err != nil {
-			return nil, err
+			return err
 		}
 		if ev.Type == api.EventState && ev.Data.State.Final() {
-			break
+			return nil
 		}
 	}
-	return c.Job(ctx, id)
 }
 
 // Frame is one preview frame.
@@ -174,9 +209,15 @@ func (c *Client) Frame(ctx context.Context, id string) (*Frame, error) {
 		return nil, err
 	}
 	defer resp.Body.Close()
-	data, err := io.ReadAll(resp.Body)
+	if resp.ContentLength > maxFrame {
+		return nil, fmt.Errorf("arenahost GET %s: frame of %d bytes over %d", req.URL.Path, resp.ContentLength, maxFrame)
+	}
+	data, err := io.ReadAll(io.LimitReader(resp.Body, maxFrame+1))
 	if err != nil {
 		return nil, fmt.Errorf("arenahost GET %s: read frame: %w", req.URL.Path, err)
+	}
+	if int64(len(data)) > maxFrame {
+		return nil, fmt.Errorf("arenahost GET %s: frame over %d bytes", req.URL.Path, maxFrame)
 	}
 	return frameOf(resp.Header, data), nil
 }
@@ -220,9 +261,10 @@ type PreviewStream struct {
 	path string
 }
 
-// maxFrame bounds one frame (a PNG of the largest preview side, 8192², is
-// far below it).
-const maxFrame = 256 << 20
+// maxFrame bounds one frame, of Frame and of a PreviewStream (a PNG of
+// the largest preview side, 8192², is far below it); a variable so tests
+// can lower it.
+var maxFrame int64 = 256 << 20
 
 // Next returns the next frame; io.EOF once the job's last frame was sent.
 func (s *PreviewStream) Next() (*Frame, error) {
@@ -238,7 +280,7 @@ func (s *PreviewStream) Next() (*Frame, error) {
 	if err != nil {
 		return nil, fmt.Errorf("arenahost GET %s: read frame: %w", s.path, err)
 	}
-	if len(data) > maxFrame {
+	if int64(len(data)) > maxFrame {
 		return nil, fmt.Errorf("arenahost GET %s: frame over %d bytes", s.path, maxFrame)
 	}
 	return frameOf(p.Header, data), nil

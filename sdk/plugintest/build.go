@@ -13,7 +13,7 @@ import (
 //
 //	var bin = plugintest.NewBinary(".", "preview")
 //
-//	func TestMain(m *testing.M) { code := m.Run(); bin.Remove(); os.Exit(code) }
+//	func TestMain(m *testing.M) { code := m.Run(); plugintest.Clean(); os.Exit(code) }
 //	func TestConformance(t *testing.T) {
 //		plugintest.Run(t, plugintest.Config{Cmd: []string{bin.Path(t)}})
 //	}
@@ -32,5 +32,13 @@ func (b *Binary) Path(tb testing.TB) string {
 	return gobuild.Binary(tb, "", b.pkg, b.name)
 }
 
-// Remove deletes the built binaries (call it from TestMain after m.Run).
-func (b *Binary) Remove() { gobuild.Clean() }
+// Remove deletes this plugin's built binary and no other (the cache is
+// shared with every Binary and with internal/testenv's GoBinary); a later
+// Path builds it again. To remove every binary the test binary built, call
+// Clean.
+func (b *Binary) Remove() { gobuild.Remove("", b.pkg, b.name) }
+
+// Clean removes every Go binary built so far through the shared cache
+// (every Binary's, and internal/testenv's GoBinary's): call it from
+// TestMain after m.Run.
+func Clean() { gobuild.Clean() }

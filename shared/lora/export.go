@@ -1,6 +1,8 @@
 package lora
 
 import (
+	"github.com/arenahost/arenahost/shared/lora/lorareport"
+
 	"encoding/json"
 	"fmt"
 	"path/filepath"
@@ -72,24 +74,8 @@ func f32Bytes(x []float32) []byte {
 }
 
 // Summary is what `arenahost inspect LORA` reports about a file without a
-// model: key format, network types, ranks, alphas, the module paths it
-// targets, the layout those names belong to, and the base model it was
-// trained for.
-type Summary struct {
-	File         string        `json:"file" msgpack:"file"`
-	Format       KeyFormat     `json:"format" msgpack:"format"`
-	Types        []NetType     `json:"types" msgpack:"types"`
-	DoRA         bool          `json:"dora" msgpack:"dora"`
-	Modules      int           `json:"modules" msgpack:"modules"`
-	Ranks        []int         `json:"ranks" msgpack:"ranks"`
-	Alphas       []float64     `json:"alphas" msgpack:"alphas"`
-	Scales       []float64     `json:"scales" msgpack:"scales"`
-	Layout       layout.Layout `json:"layout" msgpack:"layout"` // naming of the targets; unknown when several or none fit
-	Targets      []string      `json:"targets" msgpack:"targets"`
-	BaseModel    string        `json:"base_model,omitempty" msgpack:"base_model,omitempty"`
-	Architecture string        `json:"architecture,omitempty" msgpack:"architecture,omitempty"`
-	Unknown      []string      `json:"unknown,omitempty" msgpack:"unknown,omitempty"`
-}
+// model (lorareport's).
+type Summary = lorareport.Summary
 
 // Summarize describes a parsed file.
 func Summarize(f *File) Summary {

@@ -1,6 +1,8 @@
 package lora
 
 import (
+	"github.com/arenahost/arenahost/shared/lora/lorareport"
+
 	"fmt"
 	"path/filepath"
 	"sort"
@@ -209,11 +211,9 @@ func (m *Model) Layer(name string) (Layer, bool) {
 // Layers returns the model's layer names, sorted.
 func (m *Model) Layers() []string { return m.names }
 
-// Unmatched is a module or key that maps onto no layer, with the reason.
-type Unmatched struct {
-	Key    string `json:"key" msgpack:"key"`
-	Reason string `json:"reason" msgpack:"reason"`
-}
+// Unmatched is a module or key that maps onto no layer, with the reason
+// (lorareport's).
+type Unmatched = lorareport.Unmatched
 
 // Target is one module placed on the model.
 type Target struct {

@@ -12,6 +12,8 @@
 package lora
 
 import (
+	"github.com/arenahost/arenahost/shared/lora/lorareport"
+
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -27,30 +29,30 @@ import (
 	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
-// KeyFormat is the key convention a LoRA file uses.
-type KeyFormat string
+// KeyFormat is the key convention a LoRA file uses (lorareport's).
+type KeyFormat = lorareport.KeyFormat
 
 // Key formats detected by Parse.
 const (
-	FormatKohya      KeyFormat = "kohya"      // lora_unet_…, lora_te1_…, lora_down/lora_up/alpha
-	FormatOneTrainer KeyFormat = "onetrainer" // lora_transformer_… (OneTrainer "mixture" Flux)
-	FormatLyCORIS    KeyFormat = "lycoris"    // lycoris_… (SimpleTuner LyCORIS)
-	FormatDiffusers  KeyFormat = "diffusers"  // transformer./unet./text_encoder. + lora_A/lora_B (PEFT, ai-toolkit, SimpleTuner)
-	FormatComfyUI    KeyFormat = "comfyui"    // diffusion_model.… (ComfyUI-saved)
-	FormatXLabs      KeyFormat = "xlabs"      // double_blocks.N.processor.qkv_lora1.down…
-	FormatBare       KeyFormat = "bare"       // module paths without a prefix (BFL control LoRAs, DiffSynth)
-	FormatMixed      KeyFormat = "mixed"
+	FormatKohya      = lorareport.FormatKohya
+	FormatOneTrainer = lorareport.FormatOneTrainer
+	FormatLyCORIS    = lorareport.FormatLyCORIS
+	FormatDiffusers  = lorareport.FormatDiffusers
+	FormatComfyUI    = lorareport.FormatComfyUI
+	FormatXLabs      = lorareport.FormatXLabs
+	FormatBare       = lorareport.FormatBare
+	FormatMixed      = lorareport.FormatMixed
 )
 
-// NetType is a LyCORIS network type.
-type NetType string
+// NetType is a LyCORIS network type (lorareport's).
+type NetType = lorareport.NetType
 
 // Network types.
 const (
-	TypeLoRA NetType = "lora" // up@down (LoCon for convs)
-	TypeLoHa NetType = "loha" // (w1a@w1b) ⊙ (w2a@w2b)
-	TypeLoKr NetType = "lokr" // kron(w1, w2)
-	TypeFull NetType = "full" // diff (and diff_b)
+	TypeLoRA = lorareport.TypeLoRA
+	TypeLoHa = lorareport.TypeLoHa
+	TypeLoKr = lorareport.TypeLoKr
+	TypeFull = lorareport.TypeFull
 )
 
 // Mat is a row-major float32 matrix.
@@ -87,12 +89,8 @@ type Module struct {
 	keys []string // file keys that made this module, for errors
 }
 
-// Meta is the training metadata a file carries.
-type Meta struct {
-	BaseModel     string `json:"ss_base_model_version,omitempty"`
-	Architecture  string `json:"modelspec_architecture,omitempty"`
-	NetworkModule string `json:"ss_network_module,omitempty"`
-}
+// Meta is the training metadata a file carries (lorareport's).
+type Meta = lorareport.Meta
 
 // File is a parsed LoRA file.
 type File struct {

@@ -115,7 +115,7 @@ func (h *fleetHost) must(t *testing.T, what string, err error) {
 
 func (h *fleetHost) digest(t *testing.T) string {
 	t.Helper()
-	d, err := h.client(t, "").ModelDigest(t.Context(), "sample", false)
+	d, err := h.client(t, "").ModelDigest(t.Context(), "sample", client.DigestQuery{})
 	h.must(t, "digest", err)
 	if d.SHA256 == "" {
 		t.Fatal("digest without sha256")

@@ -40,21 +40,7 @@ type entry struct {
 // with the compiler's output.
 func Binary(tb testing.TB, dir, pkg, name string) string {
 	tb.Helper()
-	if name == "" {
-		name = filepath.Base(pkg)
-		if name == "." || name == string(filepath.Separator) {
-			wd, _ := os.Getwd()
-			name = filepath.Base(wd)
-		}
-	}
-	if dir != "" {
-		if abs, err := filepath.Abs(dir); err == nil {
-			dir = abs
-		}
-	} else if wd, err := os.Getwd(); err == nil {
-		dir = wd
-	}
-	k := key{dir, pkg, name}
+	k := keyOf(dir, pkg, name)
 	cache.mu.Lock()
 	if cache.dir == "" {
 		d, err := os.MkdirTemp("", "arenahost-testbin-")
@@ -86,6 +72,41 @@ func Binary(tb testing.TB, dir, pkg, name string) string {
 		tb.Fatal(e.err)
 	}
 	return e.path
+}
+
+// keyOf resolves Binary's arguments to the cache key: name defaults to
+// the package's base name, dir to the working directory, made absolute.
+func keyOf(dir, pkg, name string) key {
+	if name == "" {
+		name = filepath.Base(pkg)
+		if name == "." || name == string(filepath.Separator) {
+			wd, _ := os.Getwd()
+			name = filepath.Base(wd)
+		}
+	}
+	if dir != "" {
+		if abs, err := filepath.Abs(dir); err == nil {
+			dir = abs
+		}
+	} else if wd, err := os.Getwd(); err == nil {
+		dir = wd
+	}
+	return key{dir, pkg, name}
+}
+
+// Remove deletes the one binary Binary built for these arguments (nothing
+// when it built none) and leaves every other; a later Binary call with
+// them builds again.
+func Remove(dir, pkg, name string) {
+	k := keyOf(dir, pkg, name)
+	cache.mu.Lock()
+	defer cache.mu.Unlock()
+	e := cache.entries[k]
+	if e == nil {
+		return
+	}
+	delete(cache.entries, k)
+	_ = os.RemoveAll(filepath.Dir(e.path))
 }
 
 // Clean removes every binary built so far; call it from TestMain after
