@@ -64,3 +64,41 @@ func TestModelFolderConfined(t *testing.T) {
 	}
 	f.run(t, []abuseCase{{"weights symlinked inside", load("inside"), 201, "", ""}}, 30*time.Second)
 }
+
+// TestModelDirTreeConfined: a job's model_dir or tokenizer_dir inside the
+// models folder that holds a file or a folder symlinked out of it (which
+// the pipeline's from_pretrained would follow) is 400 bad_path naming the
+// link; a folder whose links stay inside runs.
+func TestModelDirTreeConfined(t *testing.T) {
+	f := abuseFixture(t, Options{})
+	models, outside := filepath.Join(f.data, "models"), t.TempDir()
+	if err := os.WriteFile(filepath.Join(outside, "vocab.json"), []byte(`{}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{"file-out/tokenizer", "dir-out", "inside/tokenizer", "blobs"} {
+		if err := os.MkdirAll(filepath.Join(models, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(models, "blobs", "vocab"), []byte(`{}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for link, target := range map[string]string{
+		"file-out/tokenizer/vocab.json": filepath.Join(outside, "vocab.json"),
+		"dir-out/tokenizer":             outside,
+		"inside/tokenizer/vocab.json":   "../../blobs/vocab",
+	} {
+		if err := os.Symlink(target, filepath.Join(models, link)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	job := func(key, dir string) call {
+		return call{method: "POST", path: "/v1/jobs", body: `{"pipeline": "test-pipeline", "params": {"steps": 2, "step_ms": 1, "` + key + `": "` + dir + `"}, "preview": {"method": "none"}}`}
+	}
+	f.run(t, []abuseCase{
+		{"model_dir file symlinked out", job("model_dir", "file-out"), 400, "bad_path", "file-out/tokenizer/vocab.json resolves to"},
+		{"model_dir folder symlinked out", job("model_dir", "dir-out"), 400, "bad_path", "dir-out/tokenizer resolves to"},
+		{"tokenizer_dir file symlinked out", job("tokenizer_dir", "file-out/tokenizer"), 400, "bad_path", "vocab.json resolves to"},
+		{"model_dir with links inside", job("model_dir", "inside"), 201, "", ""},
+	}, 10*time.Second)
+}
