@@ -19,6 +19,7 @@ import (
 
 	"github.com/arenahost/arenahost/host/lora"
 	v1 "github.com/arenahost/arenahost/sdk/api"
+	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
 // The A1111/SD.Next routes clients call before they generate: checkpoints,
@@ -246,7 +247,7 @@ func (a *API) resolveCheckpoint(ctx context.Context, name string) (string, error
 			Err: fmt.Errorf("sd_model_checkpoint %q: a different model is loaded as %q; unload it first (DELETE /v1/models/%s)", name, reg, reg)}
 	}
 	a.log.Info("a1111: loading checkpoint", "title", hit.Title, "model", reg)
-	if _, err := a.s.Registry.Load(ctx, reg, hit.Filename); err != nil {
+	if _, err := a.s.Registry.Load(ctx, reg, hit.Filename, safetensors.Within(a.opts.ModelsDir)); err != nil {
 		if st, _ := statusOf(err); st == http.StatusInternalServerError && ctx.Err() == nil {
 			err = &StatusError{Status: http.StatusBadRequest, Code: "bad_model", Err: err}
 		}

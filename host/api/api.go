@@ -239,7 +239,7 @@ func statusOf(err error) (int, string) {
 		return http.StatusServiceUnavailable, "plugin_unavailable"
 	case errors.Is(err, arena.ErrCapacity):
 		return http.StatusInsufficientStorage, "arena_full"
-	case errors.Is(err, errOutside), errors.Is(err, errBadPath), errors.Is(err, safetensors.ErrBadPath):
+	case errors.Is(err, errOutside), errors.Is(err, errBadPath), errors.Is(err, safetensors.ErrBadPath), errors.Is(err, safetensors.ErrOutsideRoot):
 		return http.StatusBadRequest, "bad_path"
 	}
 	return http.StatusInternalServerError, "internal"

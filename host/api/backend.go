@@ -9,6 +9,7 @@ import (
 	"github.com/arenahost/arenahost/host/registry"
 	v1 "github.com/arenahost/arenahost/sdk/api"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
+	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
 // Backend is what the HTTP layer calls: the host's parts, each behind the
@@ -52,7 +53,9 @@ type Arena interface {
 type Registry interface {
 	Models() []*registry.Model
 	Model(name string) (*registry.Model, bool)
-	Load(ctx context.Context, name, path string) (*registry.Model, error)
+	// Load loads the model at path; opts go to checkpoint.OpenModel
+	// (safetensors.Within confines a folder model's files).
+	Load(ctx context.Context, name, path string, opts ...safetensors.Option) (*registry.Model, error)
 	Unload(name string) error
 	Tensors(model, prefix string) ([]*registry.Tensor, error)
 	View(model, name string, fn func(t *registry.Tensor, b []byte) error) error

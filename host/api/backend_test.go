@@ -17,6 +17,7 @@ import (
 	"github.com/arenahost/arenahost/host/registry"
 	v1 "github.com/arenahost/arenahost/sdk/api"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
+	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
 // The Backend seam: the LoRA routes' translation of the coordinator's
@@ -46,7 +47,7 @@ func (fakeRegistry) Unload(name string) error {
 func (fakeRegistry) Tensors(string, string) ([]*registry.Tensor, error) {
 	return nil, registry.ErrNotFound
 }
-func (fakeRegistry) Load(context.Context, string, string) (*registry.Model, error) {
+func (fakeRegistry) Load(context.Context, string, string, ...safetensors.Option) (*registry.Model, error) {
 	return nil, registry.ErrNotFound
 }
 func (fakeRegistry) View(string, string, func(*registry.Tensor, []byte) error) error {

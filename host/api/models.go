@@ -10,6 +10,7 @@ import (
 
 	"github.com/arenahost/arenahost/host/registry"
 	v1 "github.com/arenahost/arenahost/sdk/api"
+	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
 func modelInfo(m *registry.Model) v1.ModelInfo {
@@ -42,7 +43,7 @@ func (a *API) loadModel(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	m, err := a.s.Registry.Load(r.Context(), name, path)
+	m, err := a.s.Registry.Load(r.Context(), name, path, safetensors.Within(a.opts.ModelsDir))
 	if err != nil {
 		if st, _ := statusOf(err); st == http.StatusInternalServerError && !errors.Is(err, context.Canceled) {
 			// The file failed validation: the client's bad input.

@@ -522,6 +522,9 @@ func encodePNG(id string, img image.Image) (string, string, error) {
 // sent is a path the pipeline will read, so it passes the same confinement
 // as model paths (inside --models-dir, folders allowed) and is replaced by
 // its resolved path; a client's model_dir or model_file is not replaced.
+// A folder the pipeline reads (model_dir, tokenizer_dir, or the model's
+// own pipeline folder) must also hold no symlink that leads out of
+// --models-dir (confineTree): the pipeline reads every file in it.
 func (a *API) addModelDir(params map[string]any) error {
 	for _, key := range []string{"model_dir", "model_file", "tokenizer_dir"} {
 		v, set := params[key]
@@ -536,6 +539,11 @@ func (a *API) addModelDir(params map[string]any) error {
 		if err != nil {
 			return fmt.Errorf("params.%s: %w", key, err)
 		}
+		if key != "model_file" {
+			if err := confineTree(a.opts.ModelsDir, real); err != nil {
+				return fmt.Errorf("params.%s: %w", key, err)
+			}
+		}
 		params[key] = real
 	}
 	if _, set := params["model_dir"]; set {
@@ -547,6 +555,9 @@ func (a *API) addModelDir(params map[string]any) error {
 	}
 	if m, ok := a.s.Registry.Model(name); ok {
 		if dir := pipelineFolder(m.Source); dir != "" {
+			if err := confineTree(a.opts.ModelsDir, dir); err != nil {
+				return fmt.Errorf("model %s: %w", name, err)
+			}
 			params["model_dir"] = dir
 		} else if _, set := params["model_file"]; !set {
 			if st, err := os.Stat(m.Source); err == nil && st.Mode().IsRegular() {

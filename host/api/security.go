@@ -227,3 +227,56 @@ func walkConfined(root string, match func(name string) bool, fn func(rel, real s
 
 // isSafetensors matches *.safetensors file names.
 func isSafetensors(name string) bool { return strings.HasSuffix(name, ".safetensors") }
+
+// maxTreeEntries bounds confineTree's walk of a folder a plugin reads.
+const maxTreeEntries = 20000
+
+// confineTree checks a folder that a plugin reads as a whole (a diffusers
+// pipeline's model_dir, a tokenizer_dir): every symlink under dir, at any
+// depth and through symlinked folders, must resolve inside the models
+// folder root, or it is errOutside naming the link. confine checked dir
+// itself only; the pipeline's from_pretrained follows whatever links the
+// folder holds. Dangling links are left to the reader (it fails on them).
+func confineTree(root, dir string) error {
+	absRoot, err := filepath.Abs(root)
+	if err != nil {
+		return fmt.Errorf("directory %s: %w", root, err)
+	}
+	realRoot, err := filepath.EvalSymlinks(absRoot)
+	if err != nil {
+		return fmt.Errorf("directory %s: %w", root, err)
+	}
+	seen := map[string]bool{}
+	n := 0
+	var walk func(d string) error
+	walk = func(d string) error {
+		real, err := filepath.EvalSymlinks(d)
+		if err != nil || seen[real] {
+			return nil
+		}
+		seen[real] = true
+		return filepath.WalkDir(d, func(p string, e fs.DirEntry, err error) error {
+			if err != nil {
+				return nil // unreadable: the reader reports it
+			}
+			if n++; n > maxTreeEntries {
+				return fmt.Errorf("folder %s: over %d entries to check: %w", dir, maxTreeEntries, errBadPath)
+			}
+			if e.Type()&fs.ModeSymlink == 0 {
+				return nil
+			}
+			target, err := filepath.EvalSymlinks(p)
+			if err != nil {
+				return nil
+			}
+			if !within(realRoot, target) {
+				return fmt.Errorf("%s resolves to %s: %w %s", p, target, errOutside, root)
+			}
+			if st, err := os.Stat(target); err == nil && st.IsDir() {
+				return walk(target)
+			}
+			return nil
+		})
+	}
+	return walk(dir)
+}

@@ -43,7 +43,11 @@ var copyChunk = 16 << 20
 // Load is atomic: on any error, including cancellation of ctx and an arena
 // that is full, every region allocated for this load is freed and nothing is
 // registered. The error names the file and, where one is at fault, the key.
-func (r *Registry) Load(ctx context.Context, name, path string) (*Model, error) {
+//
+// opts go to checkpoint.OpenModel: safetensors.Within(modelsDir) confines
+// every file a folder model opens (shards, component folders, config and
+// index files) to the models folder, symlinks resolved.
+func (r *Registry) Load(ctx context.Context, name, path string, opts ...safetensors.Option) (*Model, error) {
 	if name == "" {
 		return nil, fmt.Errorf("load %s: empty model name", path)
 	}
@@ -61,7 +65,7 @@ func (r *Registry) Load(ctx context.Context, name, path string) (*Model, error) 
 	}()
 
 	start := time.Now()
-	m, err := r.load(ctx, name, path)
+	m, err := r.load(ctx, name, path, opts)
 	if err != nil {
 		return nil, fmt.Errorf("load model %q: %w", name, err)
 	}
@@ -74,13 +78,13 @@ func (r *Registry) Load(ctx context.Context, name, path string) (*Model, error) 
 	return m, nil
 }
 
-func (r *Registry) load(ctx context.Context, name, path string) (m *Model, err error) {
+func (r *Registry) load(ctx context.Context, name, path string, opts []safetensors.Option) (m *Model, err error) {
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	// A pipeline folder's text encoders and VAE come with its transformer
 	// (mapped in place, under the prefixes a bundled file uses).
-	f, notes, err := checkpoint.OpenModel(path)
+	f, notes, err := checkpoint.OpenModel(path, opts...)
 	if err != nil {
 		return nil, err
 	}

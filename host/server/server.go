@@ -21,6 +21,7 @@ import (
 	"github.com/arenahost/arenahost/host/lora"
 	"github.com/arenahost/arenahost/host/plugin"
 	"github.com/arenahost/arenahost/host/registry"
+	"github.com/arenahost/arenahost/shared/safetensors"
 	"github.com/arenahost/arenahost/shared/samples"
 )
 
@@ -259,7 +260,7 @@ func (s *Server) loadSample(ctx context.Context) error {
 			defer stop()
 		}
 	}
-	m, err := s.Registry.Load(ctx, DefaultModelName, path)
+	m, err := s.Registry.Load(ctx, DefaultModelName, path, safetensors.Within(s.cfg.ModelsDir))
 	if err != nil {
 		return fmt.Errorf("load sample model: %w", err)
 	}

@@ -39,8 +39,11 @@ var pipelineParts = []struct {
 // (pickled .bin files) is left out, with a note saying why (the pipeline
 // then loads it from the folder itself); a component folder with a broken
 // shard index, an unreadable file or a name clash is an error naming it.
-func OpenModel(path string) (*safetensors.Set, []string, error) {
-	s, err := safetensors.OpenSet(path)
+// With safetensors.Within(root) every file it opens (model_index.json and
+// the components' weights, indexes and config.json included) must resolve
+// inside root.
+func OpenModel(path string, opts ...safetensors.Option) (*safetensors.Set, []string, error) {
+	s, err := safetensors.OpenSet(path, opts...)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -57,7 +60,7 @@ func OpenModel(path string) (*safetensors.Set, []string, error) {
 
 func addPipelineParts(s *safetensors.Set) ([]string, error) {
 	idxPath := filepath.Join(s.Path, "model_index.json")
-	b, err := safetensors.ReadSmallRegular(idxPath)
+	b, err := s.ReadSide(idxPath)
 	if err != nil {
 		return nil, fmt.Errorf("open model %s: %w", s.Path, err)
 	}

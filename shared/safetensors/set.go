@@ -69,6 +69,80 @@ type Set struct {
 
 	at     map[string]int   // tensor name → index in Tensors
 	fileOf map[string]*File // tensor name → its shard
+	root   string           // resolved confinement root (Within); "" = none
+}
+
+// ErrOutsideRoot is the error (wrapped) of a file a folder model opens
+// whose real path (symlinks resolved) leaves the confinement root given
+// with Within. Callers answer it as the caller's bad input, like
+// ErrBadPath.
+var ErrOutsideRoot = errors.New("leaves the models folder")
+
+// Option adjusts how OpenSet opens a model.
+type Option func(*setOptions)
+
+type setOptions struct{ root string }
+
+// Within confines every file OpenSet (and AddComponent, ReadSide) opens for
+// the model to root: each file's path, with every symlink resolved
+// (filepath.EvalSymlinks), must lie inside root (resolved the same way),
+// or the open fails with an error naming the file, wrapping
+// ErrOutsideRoot. A folder model's shards, index, config.json and
+// component folders are all checked, not only the top-level path, so a
+// crafted folder cannot reach files outside root through symlinks;
+// symlinks that stay inside root (a Hugging Face cache's
+// snapshots/<rev>/x -> ../../blobs/<sha>) are followed as usual. An empty
+// root means no confinement.
+func Within(root string) Option {
+	return func(o *setOptions) { o.root = root }
+}
+
+// Confine checks that path, its symlinks resolved, lies inside the set's
+// confinement root (Within); it returns nil when the set has none. A path
+// that cannot be resolved returns the resolver's error (os.ErrNotExist for
+// a missing file), so the caller treats it as it would the open's.
+func (s *Set) Confine(path string) error {
+	if s.root == "" {
+		return nil
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	real, err := filepath.EvalSymlinks(abs)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		return fmt.Errorf("%w: %w", ErrBadPath, err)
+	}
+	if !inside(s.root, real) {
+		return fmt.Errorf("%s resolves to %s, which %w %s", path, real, ErrOutsideRoot, s.root)
+	}
+	return nil
+}
+
+// inside reports whether p is root or below it (both absolute, clean).
+func inside(root, p string) bool {
+	rel, err := filepath.Rel(root, filepath.Clean(p))
+	return err == nil && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator)) && !filepath.IsAbs(rel)
+}
+
+// open opens one safetensors file of the set after Confine.
+func (s *Set) open(path string) (*File, error) {
+	if err := s.Confine(path); err != nil {
+		return nil, fmt.Errorf("open safetensors: %w", err)
+	}
+	return Open(path)
+}
+
+// ReadSide reads a JSON side file of the set's model (ReadSmallRegular)
+// after Confine.
+func (s *Set) ReadSide(path string) ([]byte, error) {
+	if err := s.Confine(path); err != nil {
+		return nil, err
+	}
+	return ReadSmallRegular(path)
 }
 
 // ErrNoWeights is the error (wrapped) of a folder that holds no
@@ -97,22 +171,36 @@ type SetComponent struct {
 // is in exactly the shard it says, no shard holds a tensor the index does
 // not name or one another shard holds too, no shard is missing, and no
 // shard name leaves the folder. Errors name the folder, index and shard at
-// fault.
-func OpenSet(path string) (*Set, error) {
+// fault. Within confines every file it opens to a root folder.
+func OpenSet(path string, opts ...Option) (*Set, error) {
+	var o setOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
+	root := ""
+	if o.root != "" {
+		abs, err := filepath.Abs(o.root)
+		if err == nil {
+			root, err = filepath.EvalSymlinks(abs)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("open model %s: models folder %s: %w", path, o.root, err)
+		}
+	}
 	st, err := os.Stat(path)
 	if err != nil {
 		return nil, fmt.Errorf("open model: %w", err)
 	}
 	if !st.IsDir() {
-		f, err := Open(path)
+		s := &Set{Path: path, Container: ContainerFile, root: root}
+		f, err := s.open(path)
 		if err != nil {
 			return nil, err
 		}
-		s := &Set{Path: path, Container: ContainerFile}
 		s.add(f)
 		return s, nil
 	}
-	s := &Set{Path: path, Container: ContainerModelFolder, Dir: path}
+	s := &Set{Path: path, Container: ContainerModelFolder, Dir: path, root: root}
 	if _, err := os.Stat(filepath.Join(path, "model_index.json")); err == nil {
 		s.Container = ContainerPipelineFolder
 		for _, c := range pipelineComponents {
@@ -150,7 +238,7 @@ func (s *Set) ModelFiles() int {
 // loader); a name the set already holds is an error naming both files. On
 // error the set is unchanged.
 func (s *Set) AddComponent(folder, dir, prefix string) error {
-	sub := &Set{Path: dir, Container: ContainerModelFolder, Dir: dir}
+	sub := &Set{Path: dir, Container: ContainerModelFolder, Dir: dir, root: s.root}
 	if err := sub.openFolder(); err != nil {
 		_ = sub.Close()
 		return fmt.Errorf("component %s/: %w", folder, err)
@@ -180,7 +268,7 @@ func (s *Set) AddComponent(folder, dir, prefix string) error {
 
 func (s *Set) openFolder() error {
 	cfg := filepath.Join(s.Dir, "config.json")
-	if b, err := ReadSmallRegular(cfg); err == nil {
+	if b, err := s.ReadSide(cfg); err == nil {
 		if !json.Valid(b) {
 			return fmt.Errorf("open model %s: %s is not valid JSON", s.Path, cfg)
 		}
@@ -197,7 +285,7 @@ func (s *Set) openFolder() error {
 		case errS == nil && errI == nil:
 			return fmt.Errorf("open model %s: both %s and the shard index %s; remove the one that is stale", s.Path, filepath.Base(single), filepath.Base(index))
 		case errS == nil:
-			f, err := Open(single)
+			f, err := s.open(single)
 			if err != nil {
 				return err
 			}
@@ -222,7 +310,7 @@ type shardIndex struct {
 }
 
 func (s *Set) openShards() error {
-	b, err := ReadSmallRegular(s.Index)
+	b, err := s.ReadSide(s.Index)
 	if err != nil {
 		return fmt.Errorf("open model %s: %w", s.Path, err)
 	}
@@ -251,7 +339,7 @@ func (s *Set) openShards() error {
 		if _, err := os.Stat(p); err != nil {
 			return fmt.Errorf("open model %s: shard %s named by index %s (for %d tensors, e.g. %s): %w", s.Path, sh, filepath.Base(s.Index), len(byShard[sh]), byShard[sh][0], err)
 		}
-		f, err := Open(p)
+		f, err := s.open(p)
 		if err != nil {
 			return fmt.Errorf("open model %s: shard %s: %w", s.Path, sh, err)
 		}
