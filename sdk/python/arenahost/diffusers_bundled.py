@@ -7,8 +7,9 @@ T5 (``text_encoders.t5xxl.transformer.``) and the VAE (``vae.`` or
 diffusers ``FluxPipeline`` whose CLIP-L, T5 and VAE hold those weights read
 from the host's arena (the model is loaded once, by the host; 4-bit weights
 are dequantized by bitsandbytes' rule, F8 widened, a tensor already in the
-pipeline's dtype is used in place), and whose transformer is patched onto the
-arena model by :func:`arenahost.diffusers_flux.patch_pipeline`.
+pipeline's dtype copied, so that nothing but the Linear layers, which follow
+the arena, reads the arena after the build), and whose transformer is patched
+onto the arena model by :func:`arenahost.diffusers_flux.patch_pipeline`.
 
 A diffusers pipeline folder loaded by the host carries its ``text_encoder/``,
 ``text_encoder_2/`` and ``vae/`` in the arena under the same prefixes
@@ -205,13 +206,21 @@ def _ldm_vae_to_diffusers(sd: dict) -> dict:
 
 
 def _tensor(d, mapper, dtype):
-    """One arena tensor in dtype (a tensor stored in dtype is the arena's memory itself, read-only)."""
+    """One arena tensor in dtype, in memory of its own.
+
+    A tensor already stored in dtype is copied too, not used in place: the
+    pipeline outlives the load it was built from (the host may unload the model
+    and reuse its regions, or load another under the same name), and a VAE,
+    embedding or norm that aliased the arena would then read freed memory. The
+    plugin also rebuilds when the load changes (``diffusers_pipeline``), but a
+    pipeline still running, or held in its cache, must never see reused bytes.
+    Linear layers are not read here: ArenaNF4Linear follows the arena itself."""
     from arenahost import torch as at
 
     if d.HasField("quant"):
         return at.dequantize_4bit(d, mapper, dtype=dtype)
     t = at.as_tensor(d, mapper, writable=False)
-    return t.to(dtype) if t.dtype != dtype and t.is_floating_point() else t
+    return t.to(dtype) if t.dtype != dtype and t.is_floating_point() else t.clone()
 
 
 def _arena_state(tensors: dict, prefix: str, mapper, dtype, *, lazy: bool = False) -> dict:

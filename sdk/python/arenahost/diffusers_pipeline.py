@@ -83,9 +83,11 @@ came from.
 Method ``transformer`` (a cross-check, run as a job like ``run``): one
 forward of the patched transformer on seeded inputs
 (:func:`arenahost.diffusers_check.flux_inputs`, params ``seed``, ``tokens``,
-``txt``, ``model``), returning ``{shape, values: [floats], bound: {layer:
-binding_generation}}``, so a test can compare the host's real side factors
-with diffusers + PEFT.
+``txt``, ``model``, and ``dtype`` and ``cache_weights`` as for ``run``),
+returning ``{shape, values: [floats], bound: {layer: binding_generation},
+polls, dtype, cache_weights}`` (the dtype the transformer ran in, and whether
+its patched layers keep their dequantized weights), so a test can compare the
+host's real side factors with diffusers + PEFT.
 
 torch and diffusers are imported on the first ``run``, so the plugin starts
 (and answers Describe) in the core environment too; ``run`` then fails with
@@ -122,7 +124,8 @@ class _State:
         self.lock = threading.Lock()
         self.pipes: dict[str, object] = {}  # pipeline key (model_dir or bundled model, dtype) -> FluxPipeline
         self.patched: dict[tuple, object] = {}  # (pipeline key, model, cache_weights) -> PatchReport
-        self.bundles: dict[str, dict] = {}  # model -> its bundled components ({} for none)
+        # model -> (load identity, the names it was read from, its bundled components ({} for none))
+        self.bundles: dict[str, tuple[tuple, tuple, dict]] = {}
         self.memory_cap: str | None = None  # what apply_torch_memory_cap did, once
 
 
@@ -180,17 +183,46 @@ def _parse(args, call_id: str) -> dict:
     return p
 
 
-def _bundled(st: _State, host, model: str) -> dict:
-    """The text encoders and VAE the arena model bundles (cached per model)."""
-    from arenahost.diffusers_bundled import VAE_PREFIXES, bundled_components
+def _region_sig(d) -> tuple:
+    r = d.region
+    return (r.cpu.host_pid, r.cpu.id, r.offset, r.length, r.generation)
 
-    comps = st.bundles.get(model)
-    if comps is None:
-        names = []
-        for pre in ("text_encoders.",) + VAE_PREFIXES:
-            names += [d.name for d in host.lookup_tensors(model=model, prefix=pre).tensors]
-        comps = st.bundles[model] = bundled_components(names)
-    return comps
+
+def _load_identity(st: _State, host, model: str) -> tuple[tuple, dict]:
+    """(load identity, bundled components) of the arena model, the components cached per load.
+
+    The identity is the region signatures (as :class:`arenahost.torch.FactorWatcher`
+    computes them) of a few of the model's tensors: the first of its transformer, its
+    text encoders and its VAE. The host may unload a model and load another (or the
+    same file again) under the same name; its tensors then live in new regions, the
+    identity changes, and every cache built from the old load is dropped (see
+    :func:`_pipeline`). One LookupTensors by name per run when nothing changed."""
+    from arenahost.diffusers_bundled import VAE_PREFIXES, bundled_components
+    from arenahost.host import HostError
+
+    cached = st.bundles.get(model)
+    if cached is not None:
+        ident, names, comps = cached
+        try:
+            got = {d.name: d for d in host.lookup_tensors(model=model, names=names).tensors}
+        except HostError as e:
+            if e.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            got = {}  # a tensor of the old load is gone: the model was reloaded
+        if tuple(_region_sig(got[n]) if n in got else () for n in names) == ident:
+            return ident, comps
+    all_names = sorted(d.name for d in host.lookup_tensors(model=model, prefix="").tensors)
+    comps = bundled_components(all_names)
+    groups = ("text_encoders.",) + VAE_PREFIXES
+    names = []
+    for pre in groups:
+        names += [n for n in all_names if n.startswith(pre)][:1]
+    names += [n for n in all_names if not n.startswith(groups)][:1]
+    names = tuple(names)
+    descs = {d.name: d for d in host.lookup_tensors(model=model, names=names).tensors} if names else {}
+    ident = tuple(_region_sig(descs[n]) for n in names)
+    st.bundles[model] = (ident, names, comps)
+    return ident, comps
 
 
 def _pipeline(st: _State, host, p: dict):
@@ -230,7 +262,8 @@ def _pipeline(st: _State, host, p: dict):
     with st.lock:
         # The arena model carries text encoders or a VAE (a bundled single file, or a pipeline
         # folder whose components the host loaded beside its transformer): build from them.
-        bundled = bool(_bundled(st, host, p["model"]))
+        ident, comps = _load_identity(st, host, p["model"])
+        bundled = bool(comps)
         if p["model_dir"] and bundled:
             from arenahost.diffusers_flux import folder_text_components
 
@@ -238,27 +271,29 @@ def _pipeline(st: _State, host, p: dict):
                 folder_text_components(p["model_dir"])  # no model_index.json / a bad one: the caller's mistake
             except ValueError as e:
                 raise InvalidArgument(f"args.model_dir: {p['model_dir']!r}: {e}") from e
+        # The load identity is part of both keys: a model reloaded under the same name gets a
+        # fresh pipeline (VAE, encoders' embeddings and norms, transformer norm scales and the
+        # components dict all come from the new load), never the old load's.
         pkey = (p["model_dir"] if not bundled else f"arena:{p['model']}:{p['model_dir']}:{tok_dirs}") + f"|{p['dtype']}"
-        pipe = st.pipes.get(pkey)
-        if pipe is None:
-            pipe = st.pipes[pkey] = build(bundled)
-        key = (pkey, p["model"], p["cache_weights"])
+        key = (pkey, p["model"], ident, p["cache_weights"])
         report = st.patched.get(key)
-        if report is None:
-            if st.patched:
-                # One transformer per pipeline: a second model needs a fresh pipeline.
-                pipe = st.pipes[pkey] = build(bundled)
-                st.patched.clear()
-            report = patch_pipeline(pipe, host, model=p["model"], cache_weight=p["cache_weights"])
-            if getattr(pipe, "_arenahost_empty_transformer", False):
-                # The folder's transformer was built without weights: every parameter must come from the arena.
-                unset = [n for n, _ in pipe.transformer.named_parameters() if n not in report.copied]
-                if unset or report.left:
-                    st.pipes.pop(pkey, None)
-                    raise PluginError(f"model {p['model']!r} does not cover the transformer of {p['model_dir'] or 'its bundled pipeline'}: "
-                                      f"no arena tensor for {sorted(report.left)[:5] or unset[:5]}",
-                                      grpc.StatusCode.FAILED_PRECONDITION)
-            st.patched[key] = report
+        if report is not None:
+            return st.pipes[pkey], report
+        # One transformer per pipeline and one pipeline at a time: another model, load, dtype
+        # or cache_weights drops every pipeline built before (with its caches), then builds once.
+        st.pipes.clear()
+        st.patched.clear()
+        pipe = build(bundled)
+        report = patch_pipeline(pipe, host, model=p["model"], cache_weight=p["cache_weights"])
+        if getattr(pipe, "_arenahost_empty_transformer", False):
+            # The folder's transformer was built without weights: every parameter must come from the arena.
+            unset = [n for n, _ in pipe.transformer.named_parameters() if n not in report.copied]
+            if unset or report.left:
+                raise PluginError(f"model {p['model']!r} does not cover the transformer of {p['model_dir'] or 'its bundled pipeline'}: "
+                                  f"no arena tensor for {sorted(report.left)[:5] or unset[:5]}",
+                                  grpc.StatusCode.FAILED_PRECONDITION)
+        st.pipes[pkey] = pipe
+        st.patched[key] = report
         return pipe, report
 
 
@@ -340,7 +375,8 @@ def _run(call, args):
 
 @plugin.method("transformer", description="one forward of the patched transformer on seeded inputs (cross-checks): {shape, values, bound}")
 def _transformer(call, args):
-    p = _parse({k: v for k, v in (args or {}).items() if k in ("model", "model_dir", "model_file", "tokenizer_dir")}, call.call_id)
+    p = _parse({k: v for k, v in (args or {}).items() if k in ("model", "model_dir", "model_file", "tokenizer_dir", "dtype",
+                                                                  "cache_weights")}, call.call_id)
     seed = get_arg(args, "seed", int, 3)
     tokens = get_arg(args, "tokens", int, 64)
     txt = get_arg(args, "txt", int, 16)
@@ -359,10 +395,13 @@ def _transformer(call, args):
         y = pipe.transformer(**{k: (v.to(dev, pipe.transformer.dtype) if torch.is_tensor(v) and v.is_floating_point()
                                     else v.to(dev) if torch.is_tensor(v) else v)
                                 for k, v in inp.items()})[0]
-    bound = {}
+    bound, cached = {}, set()
     for name, m in pipe.transformer.named_modules():
         if getattr(m, "binding_generation", 0):
             bound[m.weight_name] = m.binding_generation
+        if hasattr(m, "cache_weight"):
+            cached.add(bool(m.cache_weight))
     # values as a float list: job snapshots show msgpack bytes as "<N bytes>"
     return {"shape": list(y.shape), "values": y.float().cpu().reshape(-1).tolist(), "bound": bound,
-            "polls": report.watcher.polls}
+            "polls": report.watcher.polls, "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
+            "cache_weights": sorted(cached) == [True]}

@@ -512,3 +512,130 @@ def test_text_encoder_lora_on_bundled_encoders(bundle, tmp_path, storage):
               f"max |Δ pixel| {d_fused}; vs merged in fp32: {int(np.abs(fused - want).max())}")
         assert d_fused <= 2
         assert np.array_equal(unfused, base)
+
+
+def _regions(msg):
+    """Every Region inside a descriptor (its own, and its 4-bit state's absmax / quant_map / nested ones)."""
+    for f, v in msg.ListFields():
+        if f.message_type is None:
+            continue
+        for m in (v if getattr(f, "is_repeated", False) else [v]):
+            if isinstance(m, pb.Region):
+                yield m
+            else:
+                yield from _regions(m)
+
+
+@contextlib.contextmanager
+def _reloaded(b, drop=""):
+    """The host unloads the bundle and loads the same file again under the same name (or, with drop,
+    another file without the tensors under that prefix): every tensor in a new region (new offset
+    and generation), and the old regions freed and reused (overwritten with 0xFF, NaN in every
+    float dtype). Undone on exit."""
+    host, arena = b["host"], b["arena"]
+    old = dict(host.tensors)
+    used = arena.next
+    saved = bytes(arena.mm[:used])
+    new = {}
+    for name, d in old.items():
+        if drop and name.startswith(drop):
+            continue
+        nd = pb.TensorDescriptor()
+        nd.CopyFrom(d)
+        for r in _regions(nd):
+            fresh = arena.alloc(name + "#reload", pb.DTYPE_U8, [r.length]).region
+            arena.mm[fresh.offset:fresh.offset + r.length] = arena.mm[r.offset:r.offset + r.length]
+            r.CopyFrom(fresh)
+        new[name] = nd
+    try:
+        with host.lock:
+            host.tensors = new
+        for d in old.values():
+            for r in _regions(d):
+                arena.mm[r.offset:r.offset + r.length] = b"\xff" * r.length
+        yield
+    finally:
+        with host.lock:
+            host.tensors = old
+        arena.mm[:used] = saved
+
+
+def _client(b):
+    from arenahost.host import HostClient
+
+    return HostClient(b["env"]["ARENAHOST_HOST_ADDR"], b["env"]["ARENAHOST_HOST_TOKEN"])
+
+
+def _params(b, model="bundle", **kw):
+    from arenahost import diffusers_pipeline as dp
+
+    return dp._parse({"model": model, "model_file": b["file"], **kw}, "call")
+
+
+def _vae_state(pipe):
+    return {k: v.detach().float().clone() for k, v in pipe.vae.state_dict().items()}
+
+
+def test_reload_under_the_same_name_rebuilds_from_the_new_load(bundle):
+    """A model the host unloads and loads again under the same name is a new load: the next job's
+    pipeline is built from it (VAE, encoders, components), not the old load's, which read freed
+    arena memory; and a pipeline never aliases the arena for its non-Linear weights (a BF16 VAE in
+    a bfloat16 pipeline is copied), so one held across the unload keeps its values."""
+    require("transformers")
+    import torch
+
+    from arenahost import diffusers_pipeline as dp
+
+    st = dp._State()
+    p = _params(bundle, dtype="bfloat16")
+    with _client(bundle) as host:
+        pipe, _ = dp._pipeline(st, host, p)
+        assert pipe._arenahost_decoder == ("vae", "") and pipe.vae.dtype == torch.bfloat16
+        before = _vae_state(pipe)
+        emb = pipe.text_encoder.get_input_embeddings().weight.detach().float().clone()
+        with _reloaded(bundle):
+            # The old pipeline, still held, reads none of the freed (now NaN) bytes.
+            held = _vae_state(pipe)
+            assert all(torch.equal(held[k], before[k]) for k in before), \
+                [k for k in before if not torch.equal(held[k], before[k])][:3]
+            assert torch.equal(pipe.text_encoder.get_input_embeddings().weight.detach().float(), emb)
+            again, report = dp._pipeline(st, host, p)
+            assert again is not pipe, "a reloaded model reused the previous load's pipeline"
+            assert list(st.pipes) and all(v is again for v in st.pipes.values()) and len(st.patched) == 1
+            now = _vae_state(again)
+            assert all(torch.equal(now[k], before[k]) for k in before)
+            # Unchanged load: the same pipeline again, nothing rebuilt.
+            assert dp._pipeline(st, host, p)[0] is again
+        # Back to the first load (the test's undo is another reload): rebuilt once more.
+        assert dp._pipeline(st, host, p)[0] is not again
+        # Another file under the same name, without a VAE: its own components, not the cached ones.
+        with _reloaded(bundle, drop="vae."):
+            other, _ = dp._pipeline(st, host, p)
+            assert other._arenahost_decoder[0] == "stand-in" and "vae" not in other._arenahost_components
+            assert st.bundles["bundle"][2] == {"te1": "text_encoders.clip_l.transformer.", "t5": "text_encoders.t5xxl.transformer."}
+
+
+def test_new_key_builds_once_and_drops_the_old_pipeline(bundle, monkeypatch):
+    """Another dtype or cache_weights (a new pipeline key) builds exactly one pipeline and keeps
+    only it: one pipeline at a time, so the previous one's weights and caches are freed."""
+    require("transformers")
+    from arenahost import diffusers_bundled as db
+    from arenahost import diffusers_pipeline as dp
+
+    builds = []
+    real = db.build_bundled_pipeline
+
+    def counted(*a, **kw):
+        builds.append(kw.get("dtype"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(db, "build_bundled_pipeline", counted)
+    st = dp._State()
+    with _client(bundle) as host:
+        first, _ = dp._pipeline(st, host, _params(bundle))
+        assert len(builds) == 1 and dp._pipeline(st, host, _params(bundle))[0] is first and len(builds) == 1
+        for i, kw in enumerate(({"dtype": "bfloat16"}, {"dtype": "bfloat16", "cache_weights": False}, {})):
+            pipe, report = dp._pipeline(st, host, _params(bundle, **kw))
+            assert len(builds) == 2 + i, (kw, builds)
+            assert list(st.pipes.values()) == [pipe] and list(st.patched.values()) == [report], kw
+            assert pipe is not first

@@ -146,3 +146,24 @@ def test_patch_pipeline_example_serves(loaded, start_plugin):
         {"model": "sample", "steps": 1, "size": 32})), timeout=600).result)
     assert v["summary"].startswith("model 'sample' (flux-bfl): 62 Linear layers patched, 0 left alone, 16 norm scales copied")
     assert 0.0 <= v["mean"] <= 1.0
+
+
+def test_transformer_method_honours_dtype_and_cache_weights(loaded, start_plugin):
+    """The cross-check method runs the transformer in the dtype and weight-cache mode it is given,
+    as run does: bfloat16 rounds otherwise than float32, and cache_weights=false keeps no weights."""
+    host, env, _ = loaded
+    stub = pbg.PluginStub(start_plugin([str(PLUGIN)], env).channel)
+
+    def fwd(**kw):
+        return msgpack.unpackb(stub.Invoke(pb.InvokeRequest(method="transformer", call_id="tr", args=msgpack.packb(
+            {"model": "sample", "seed": 1, "tokens": 16, "txt": 8, **kw})), timeout=600).result)
+
+    f32 = fwd()
+    assert (f32["dtype"], f32["cache_weights"]) == ("float32", True)
+    bf16 = fwd(dtype="bfloat16", cache_weights=False)
+    assert (bf16["dtype"], bf16["cache_weights"]) == ("bfloat16", False), {k: v for k, v in bf16.items() if k != "values"}
+    a, b = np.asarray(f32["values"]), np.asarray(bf16["values"])
+    assert a.shape == b.shape and np.abs(a - b).max() > 0
+    with pytest.raises(grpc.RpcError) as e:
+        fwd(dtype="float64")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "args.dtype" in e.value.details()
