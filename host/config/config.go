@@ -198,7 +198,7 @@ var settings = []setting{
 			c.Samples = b
 			return nil
 		}},
-	{name: "lora-journal-memory", def: "auto", doc: "host memory (never arena) a fused LoRA's journal may keep the fused weights' original bytes in, so that remove and a fused re-apply restore them without reading the model file again; auto: up to half of the memory the kernel reports available; 0: none (restores read the model file, checked by CRC-32C)",
+	{name: "lora-journal-memory", def: "auto", doc: "host memory (never arena) a fused LoRA's journal may keep the fused weights' original bytes in, so that remove and a fused re-apply restore them without reading the model file again; auto: all copies together up to half of the memory available to the host (what they hold plus MemAvailable, or a memory cgroup's limit minus its usage when that is less); 0: none (restores read the model file, checked by CRC-32C)",
 		set: func(c *Config, v string) error {
 			if v == "auto" {
 				c.LoRAJournalMemory = -1
