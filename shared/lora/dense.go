@@ -2,9 +2,6 @@ package lora
 
 import (
 	"fmt"
-	"runtime"
-	"sync"
-	"sync/atomic"
 
 	"github.com/arenahost/arenahost/shared/half"
 )
@@ -66,71 +63,23 @@ func checkDense(q *QLayer, l Layer) error {
 	return nil
 }
 
-// fuseDenseLayer is fuseLayer for a plain weight: tiles of whole rows,
-// fused in parallel, each worker with its scratch in (*bufs)[worker].
+// fuseDenseLayer is fuseLayer for a plain weight: tiles of whole rows
+// (fuseTiles), each widened to float32, merged and rounded back into the
+// stored dtype; a merge that rounds to an infinity stops the pass.
 func fuseDenseLayer(sl *SideLayer, q *QLayer, tileElems int, bufs *[][]float32) (dot, norm, diff float64, scratch int64, err error) {
 	c := denseCodecs[q.Dense]
 	rows := min(max(1, tileElems/sl.In), sl.Out)
-	tiles := (sl.Out + rows - 1) / rows
-	workers := min(runtime.GOMAXPROCS(0), tiles)
-	n := rows * sl.In
-	scratch = int64(workers) * int64(12*n)
-	for len(*bufs) < workers {
-		*bufs = append(*bufs, nil)
-	}
-	for wi := 0; wi < workers; wi++ {
-		if len((*bufs)[wi]) < 3*n {
-			(*bufs)[wi] = make([]float32, 3*n)
+	data := func(r0, r1 int) []byte { return q.Data[r0*sl.In*c.size : r1*sl.In*c.size] }
+	load := func(orig []float32, r0, r1 int) { c.decode(orig, data(r0, r1)) }
+	store := func(w []float32, r0, r1 int) error {
+		d := data(r0, r1)
+		c.encode(d, w)
+		c.decode(w, d)
+		if i := firstNonFinite(w); i >= 0 {
+			return fmt.Errorf("%w: merged weight at row %d, column %d is %v once rounded to %s: lower the strength or check the LoRA's values",
+				ErrNonFinite, r0+i/sl.In, i%sl.In, w[i], q.Dense)
 		}
+		return nil
 	}
-	type sums struct{ dot, norm, diff float64 }
-	results := make([]sums, workers)
-	var next atomic.Int64
-	var bad atomic.Pointer[error]
-	var wg sync.WaitGroup
-	for wi := 0; wi < workers; wi++ {
-		wg.Add(1)
-		go func(res *sums, buf []float32) {
-			defer wg.Done()
-			orig, w, delta := buf[:n], buf[n:2*n], buf[2*n:3*n]
-			for {
-				t := int(next.Add(1) - 1)
-				if t >= tiles || bad.Load() != nil {
-					return
-				}
-				r0 := t * rows
-				r1 := min(r0+rows, sl.Out)
-				e0, e1 := r0*sl.In, r1*sl.In
-				m := e1 - e0
-				data := q.Data[e0*c.size : e1*c.size]
-				c.decode(orig[:m], data)
-				sl.SetDeltaRows(delta[:m], r0, r1)
-				addTile(w[:m], orig[:m], delta[:m])
-				if i := firstNonFinite(w[:m]); i >= 0 {
-					e := fmt.Errorf("%w: merged weight at row %d, column %d is %v (delta %v): lower the strength or check the LoRA's values",
-						ErrNonFinite, r0+i/sl.In, i%sl.In, w[i], delta[i])
-					bad.CompareAndSwap(nil, &e)
-					return
-				}
-				c.encode(data, w[:m])
-				c.decode(w[:m], data)
-				if i := firstNonFinite(w[:m]); i >= 0 {
-					e := fmt.Errorf("%w: merged weight at row %d, column %d is %v once rounded to %s: lower the strength or check the LoRA's values",
-						ErrNonFinite, r0+i/sl.In, i%sl.In, w[i], q.Dense)
-					bad.CompareAndSwap(nil, &e)
-					return
-				}
-				d, nn, e := fitSums(w[:m], orig[:m], delta[:m])
-				res.dot, res.norm, res.diff = res.dot+d, res.norm+nn, res.diff+e
-			}
-		}(&results[wi], (*bufs)[wi])
-	}
-	wg.Wait()
-	if e := bad.Load(); e != nil {
-		return 0, 0, 0, scratch, *e
-	}
-	for _, r := range results {
-		dot, norm, diff = dot+r.dot, norm+r.norm, diff+r.diff
-	}
-	return dot, norm, diff, scratch, nil
+	return fuseTiles(sl, rows, bufs, load, store)
 }

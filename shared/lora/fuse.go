@@ -345,6 +345,40 @@ func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int, bufs *[][]f
 	unit := q.Blocksize / gcd(sl.In, q.Blocksize)
 	rows := max(unit, tileElems/sl.In/unit*unit)
 	rows = min(rows, sl.Out)
+	codes := func(r0, r1 int) ([]byte, []float32, int) {
+		e0, e1 := r0*sl.In, r1*sl.In
+		b0 := e0 / q.Blocksize
+		return q.Packed[e0/2 : (e1+1)/2], q.Absmax[b0 : (e1+q.Blocksize-1)/q.Blocksize], b0
+	}
+	load := func(orig []float32, r0, r1 int) {
+		packed, absmax, _ := codes(r0, r1)
+		codec.Dequantize(orig, packed, absmax, q.Blocksize)
+	}
+	store := func(w []float32, r0, r1 int) error {
+		packed, absmax, b0 := codes(r0, r1)
+		codec.Quantize(packed, absmax, w, q.Blocksize)
+		codec.Dequantize(w, packed, absmax, q.Blocksize)
+		if i := firstNonFinite(absmax); i >= 0 {
+			return fmt.Errorf("%w: absmax of block %d is %v", ErrNonFinite, b0+i, absmax[i])
+		}
+		if i := firstNonFinite(w); i >= 0 {
+			return fmt.Errorf("%w: re-quantized weight at row %d, column %d is %v", ErrNonFinite, r0+i/sl.In, i%sl.In, w[i])
+		}
+		return nil
+	}
+	return fuseTiles(sl, rows, bufs, load, store)
+}
+
+// fuseTiles is the tiled pass both weight kinds share: tiles of rows whole
+// rows, taken in turn by up to GOMAXPROCS workers, each with its scratch in
+// (*bufs)[worker] (3 tiles: original, merged, delta; grown when short and
+// kept for the next layer). For each tile load decodes the stored original
+// into orig, the delta is written (SetDeltaRows) and added, and store
+// encodes the merge in place and leaves in w what it stored. A merge that
+// is not finite, or a store error, stops every worker; the first is
+// returned. It returns ⟨ΔW_eff, ΔW⟩, ‖ΔW‖², ‖ΔW_eff − ΔW‖² and the scratch
+// bytes held.
+func fuseTiles(sl *SideLayer, rows int, bufs *[][]float32, load func(orig []float32, r0, r1 int), store func(w []float32, r0, r1 int) error) (dot, norm, diff float64, scratch int64, err error) {
 	tiles := (sl.Out + rows - 1) / rows
 	workers := min(runtime.GOMAXPROCS(0), tiles)
 	n := rows * sl.In
@@ -374,11 +408,8 @@ func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int, bufs *[][]f
 				}
 				r0 := t * rows
 				r1 := min(r0+rows, sl.Out)
-				e0, e1 := r0*sl.In, r1*sl.In
-				m := e1 - e0
-				b0, b1 := e0/q.Blocksize, (e1+q.Blocksize-1)/q.Blocksize
-				packed, absmax := q.Packed[e0/2:(e1+1)/2], q.Absmax[b0:b1]
-				codec.Dequantize(orig[:m], packed, absmax, q.Blocksize)
+				m := (r1 - r0) * sl.In
+				load(orig[:m], r0, r1)
 				sl.SetDeltaRows(delta[:m], r0, r1)
 				addTile(w[:m], orig[:m], delta[:m])
 				if i := firstNonFinite(w[:m]); i >= 0 {
@@ -387,20 +418,12 @@ func fuseLayer(sl *SideLayer, q *QLayer, codec Codec, tileElems int, bufs *[][]f
 					bad.CompareAndSwap(nil, &e)
 					return
 				}
-				codec.Quantize(packed, absmax, w[:m], q.Blocksize)
-				codec.Dequantize(w[:m], packed, absmax, q.Blocksize)
-				if i := firstNonFinite(absmax); i >= 0 {
-					e := fmt.Errorf("%w: absmax of block %d is %v", ErrNonFinite, b0+i, absmax[i])
+				if e := store(w[:m], r0, r1); e != nil {
 					bad.CompareAndSwap(nil, &e)
 					return
 				}
-				if i := firstNonFinite(w[:m]); i >= 0 {
-					e := fmt.Errorf("%w: re-quantized weight at row %d, column %d is %v", ErrNonFinite, r0+i/sl.In, i%sl.In, w[i])
-					bad.CompareAndSwap(nil, &e)
-					return
-				}
-				d, n, e := fitSums(w[:m], orig[:m], delta[:m])
-				res.dot, res.norm, res.diff = res.dot+d, res.norm+n, res.diff+e
+				d, nn, e := fitSums(w[:m], orig[:m], delta[:m])
+				res.dot, res.norm, res.diff = res.dot+d, res.norm+nn, res.diff+e
 			}
 		}(&results[wi], (*bufs)[wi])
 	}
