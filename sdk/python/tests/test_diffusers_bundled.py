@@ -325,44 +325,13 @@ def _dequantized_any(sd):
 @contextlib.contextmanager
 def _real_host(tmp_path, models_src):
     """A real `arenahost serve` (diffusers-flux the txt2img pipeline) whose --models-dir is a copy of models_src."""
-    import subprocess
-    import sys
-    import time
-
-    from test_diffusers_host import Host, _plugins_dir
-    from test_diffusers_side import arenahost_bin
+    from test_diffusers_host import serve_host
 
     data = tmp_path / "data"
     (data / "loras").mkdir(parents=True)
     shutil.copytree(models_src, data / "models")
-    plugins = _plugins_dir(tmp_path)
-    env = dict(os.environ, PYTHONPATH=str(SDK) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    log = open(tmp_path / "host.log", "wb")
-    proc = subprocess.Popen([str(arenahost_bin()), "serve", "--listen", "127.0.0.1:0", "--data", str(data),
-                             "--plugins", str(plugins), "--python", sys.executable, "--pipeline", "diffusers-flux"],
-                            stdout=subprocess.PIPE, stderr=log, env=env, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("arenahost console: "), (line, (tmp_path / "host.log").read_text()[-2000:])
-        h = Host(proc, line.split(": ", 1)[1].strip().rstrip("/"), data)
-        deadline = time.monotonic() + 120
-        while True:
-            st, ps = h.call("GET", "/v1/plugins")
-            states = {p.get("name"): p.get("state") for p in ps} if st == 200 and isinstance(ps, list) else {}
-            if states.get("diffusers-flux") == "serving":
-                break
-            assert time.monotonic() < deadline, f"plugins not serving: {states}"
-            time.sleep(0.3)
-        h.log = tmp_path / "host.log"
+    with serve_host(tmp_path, data) as h:
         yield h
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def _txt2img(h, model, prompt=PROMPT):

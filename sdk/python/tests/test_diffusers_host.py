@@ -12,6 +12,7 @@
   PNG of the requested size.
 """
 
+import contextlib
 import io
 import json
 import os
@@ -73,6 +74,40 @@ def _plugins_dir(tmp):
     return out
 
 
+@contextlib.contextmanager
+def serve_host(tmp, data, serving=("diffusers-flux",)):
+    """A real `arenahost serve` on data with the built plugins and diffusers-flux as the txt2img pipeline,
+    yielded once the plugins named in serving serve; its stderr goes to tmp/host.log (Host.log)."""
+    plugins = _plugins_dir(tmp)
+    env = dict(os.environ, PYTHONPATH=str(SDK) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log_path = tmp / "host.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(arenahost_bin()), "serve", "--listen", "127.0.0.1:0", "--data", str(data),
+                                 "--plugins", str(plugins), "--python", sys.executable, "--pipeline", "diffusers-flux"],
+                                stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith("arenahost console: "), (line, log_path.read_text()[-2000:])
+            h = Host(proc, line.split(": ", 1)[1].strip().rstrip("/"), data)
+            h.log = log_path
+            deadline = time.monotonic() + 120
+            while True:
+                st, ps = h.call("GET", "/v1/plugins")
+                states = {p.get("name"): p.get("state") for p in ps} if st == 200 and isinstance(ps, list) else {}
+                if all(states.get(n) == "serving" for n in serving):
+                    break
+                assert time.monotonic() < deadline, f"plugins not serving: {states}; {log_path.read_text()[-3000:]}"
+                time.sleep(0.3)
+            yield h
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     require("torch")
@@ -82,31 +117,8 @@ def host(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("host")
     data = tmp / "data"
     (data / "loras").mkdir(parents=True)
-    plugins = _plugins_dir(tmp)
-    env = dict(os.environ, PYTHONPATH=str(SDK) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([str(arenahost_bin()), "serve", "--listen", "127.0.0.1:0", "--data", str(data), "--plugins", str(plugins),
-                             "--python", sys.executable, "--pipeline", "diffusers-flux"],
-                            stdout=subprocess.PIPE, stderr=open(tmp / "host.log", "wb"), env=env, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("arenahost console: "), (line, (tmp / "host.log").read_text()[-2000:])
-        h = Host(proc, line.split(": ", 1)[1].strip().rstrip("/"), data)
-        deadline = time.monotonic() + 120
-        while True:
-            st, ps = h.call("GET", "/v1/plugins")
-            states = {p.get("name"): p.get("state") for p in ps} if st == 200 and isinstance(ps, list) else {}
-            if all(states.get(n) == "serving" for n in ("lora-nf4", "preview", "diffusers-flux")):
-                break
-            assert time.monotonic() < deadline, f"plugins not serving: {states}; {(tmp / 'host.log').read_text()[-3000:]}"
-            time.sleep(0.3)
+    with serve_host(tmp, data, serving=("lora-nf4", "preview", "diffusers-flux")) as h:
         yield h
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _forward(h, **params):

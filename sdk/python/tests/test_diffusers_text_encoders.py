@@ -288,34 +288,13 @@ def test_txt2img_on_a_pipeline_folder_model_uses_its_text_encoders(folders, tmp_
     to diffusers-flux as model_dir, and info says the text encoders conditioned the image."""
     import json
     import shutil
-    import subprocess
-    import sys
-    import time
 
-    from test_diffusers_host import Host, _plugins_dir
-    from test_diffusers_side import arenahost_bin
+    from test_diffusers_host import serve_host
 
     data = tmp_path / "data"
     (data / "loras").mkdir(parents=True)
     shutil.copytree(folders["full"], data / "models" / "tiny-pipe")
-    plugins = _plugins_dir(tmp_path)
-    env = dict(os.environ, PYTHONPATH=str(SDK) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    log = open(tmp_path / "host.log", "wb")
-    proc = subprocess.Popen([str(arenahost_bin()), "serve", "--listen", "127.0.0.1:0", "--data", str(data),
-                             "--plugins", str(plugins), "--python", sys.executable, "--pipeline", "diffusers-flux"],
-                            stdout=subprocess.PIPE, stderr=log, env=env, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("arenahost console: "), (line, (tmp_path / "host.log").read_text()[-2000:])
-        h = Host(proc, line.split(": ", 1)[1].strip().rstrip("/"), data)
-        deadline = time.monotonic() + 120
-        while True:
-            st, ps = h.call("GET", "/v1/plugins")
-            states = {p.get("name"): p.get("state") for p in ps} if st == 200 and isinstance(ps, list) else {}
-            if states.get("diffusers-flux") == "serving":
-                break
-            assert time.monotonic() < deadline, f"plugins not serving: {states}"
-            time.sleep(0.3)
+    with serve_host(tmp_path, data) as h:
         st, m = h.call("POST", "/v1/models", {"path": "tiny-pipe", "name": "tiny-pipe"})
         assert st == 201, (st, m)
         # The folder's text encoders and VAE are in the arena with the transformer, listed as components.
@@ -346,14 +325,6 @@ def test_txt2img_on_a_pipeline_folder_model_uses_its_text_encoders(folders, tmp_
         assert s["state"] == "done", s
         assert s["params"]["model_dir"] == str((data / "models" / "tiny-pipe").resolve())
         assert s["result"]["conditioning"] == "text_encoders"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def test_bad_folders_are_refused_by_name(folders, start_plugin, tmp_path):
