@@ -7,7 +7,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/arenahost/arenahost/shared/layout"
 	"github.com/arenahost/arenahost/shared/lora"
 	"github.com/arenahost/arenahost/shared/lora/lorawire"
 	"github.com/arenahost/arenahost/shared/samples"
@@ -15,21 +14,7 @@ import (
 
 func sampleLoRAModel(t *testing.T) *lora.Model {
 	t.Helper()
-	lin, err := layout.FluxSample().Linears(layout.FluxBFL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var layers []lora.Layer
-	var names []string
-	for _, l := range lin {
-		layers = append(layers, lora.Layer{Name: l.Name, Out: l.Out, In: l.In})
-		names = append(names, l.Name+".weight")
-	}
-	info, err := layout.DetectInfo(names)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := lora.NewModel(info, layers)
+	m, err := samples.LoRAModel()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/arenahost/arenahost/shared/half"
 	"github.com/arenahost/arenahost/shared/layout"
+	"github.com/arenahost/arenahost/shared/lora"
 	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
@@ -181,4 +182,24 @@ func WriteLoRAs(dir string, seed uint64) error {
 		return err
 	}
 	return WritePEFTLoRA(filepath.Join(dir, PEFTLoRAFile), LoRAOptions{Seed: seed + 1})
+}
+
+// LoRAModel is the sample model as shared/lora maps LoRAs onto it: its
+// Linears under their BFL names, with the layout they are detected as.
+func LoRAModel() (*lora.Model, error) {
+	lin, err := layout.FluxSample().Linears(layout.FluxBFL)
+	if err != nil {
+		return nil, fmt.Errorf("sample model's linears: %w", err)
+	}
+	layers := make([]lora.Layer, 0, len(lin))
+	names := make([]string, 0, len(lin))
+	for _, l := range lin {
+		layers = append(layers, lora.Layer{Name: l.Name, Out: l.Out, In: l.In})
+		names = append(names, l.Name+".weight")
+	}
+	info, err := layout.DetectInfo(names)
+	if err != nil {
+		return nil, fmt.Errorf("sample model's layout: %w", err)
+	}
+	return lora.NewModel(info, layers)
 }

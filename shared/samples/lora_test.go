@@ -5,7 +5,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/arenahost/arenahost/shared/layout"
 	"github.com/arenahost/arenahost/shared/lora"
 )
 
@@ -17,21 +16,7 @@ func TestSampleLoRAs(t *testing.T) {
 	if err := WriteLoRAs(dir, 1); err != nil {
 		t.Fatal(err)
 	}
-	lin, err := layout.FluxSample().Linears(layout.FluxBFL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var layers []lora.Layer
-	var names []string
-	for _, l := range lin {
-		layers = append(layers, lora.Layer{Name: l.Name, Out: l.Out, In: l.In})
-		names = append(names, l.Name+".weight")
-	}
-	info, err := layout.DetectInfo(names)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := lora.NewModel(info, layers)
+	m, err := LoRAModel()
 	if err != nil {
 		t.Fatal(err)
 	}
