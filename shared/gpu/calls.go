@@ -125,6 +125,10 @@ type FuseLayer struct {
 	DType          int
 	Flags          DevicePtr
 	Stats          DevicePtr
+	// TileCols and Direct choose the 2-D kernel's tile width and its
+	// round-1 body (FuseShape's fields); zero values are lora-nf4's.
+	TileCols int
+	Direct   bool
 }
 
 // The bits the fused kernels OR into FuseLayer.Flags (FUSE_BAD_* in
@@ -160,7 +164,7 @@ func FuseCall(l FuseLayer) (Call, error) {
 		return Call{}, fmt.Errorf("fuse: dtype %d (want %d f32, %d bf16 or %d f16)", l.DType, DTypeF32, DTypeBF16, DTypeF16)
 	}
 	stats := l.Stats != 0
-	p, err := PlanFuse(FuseShape{Out: l.Out, In: l.In, Blocksize: l.Blocksize, Rank: l.Rank, Stats: stats})
+	p, err := PlanFuse(FuseShape{Out: l.Out, In: l.In, Blocksize: l.Blocksize, Rank: l.Rank, Stats: stats, TileCols: l.TileCols, Direct: l.Direct})
 	if err != nil {
 		return Call{}, err
 	}

@@ -194,10 +194,13 @@ var fuseDTypes = map[int]nf4.DType{DTypeF32: nf4.Float32, DTypeBF16: nf4.BFloat1
 // retention sums that agree with a float64 computation on the CPU.
 func TestEmuFuse(t *testing.T) {
 	rng := rand.New(rand.NewPCG(11, 12))
-	telling := 0
+	telling, strided := 0, 0
 	defer func() {
 		if telling == 0 && !t.Failed() {
 			t.Errorf("no case's merge changes with the delta's order: the cases cannot tell the FMA order from another")
+		}
+		if strided == 0 && !t.Failed() {
+			t.Errorf("no case has enough tiles for the grid-stride variants")
 		}
 	}()
 	for _, c := range []struct{ out, in, bs, rank, dtype int }{
@@ -207,6 +210,7 @@ func TestEmuFuse(t *testing.T) {
 		{40, 96, 32, 7, DTypeF32},     // 2-D, 128-column tile over 96 columns
 		{70, 16, 16, 9, DTypeF32},     // 2-D, 16-column tile: a warp spans two rows
 		{300, 48, 16, 37, DTypeBF16},  // 2-D, 64-column tile over 48, three rank chunks
+		{300, 96, 32, 7, DTypeF32},    // 2-D, 64- and 32-column tiles in turn (grid-stride: shapes alternate)
 		{5000, 3, 64, 64, DTypeF32},   // 1-D, narrow rows shrink the tile
 		{100, 1, 64, 4096, DTypeF32},  // 1-D, B too large for shared memory
 		{130, 1000, 256, 9, DTypeF32}, // 1-D, In not a multiple of the blocksize
@@ -302,9 +306,55 @@ func TestEmuFuse(t *testing.T) {
 			}
 			m.add(plain, nil)
 			m.add(measured, nil)
+			// The 2-D kernel at every tile width, with its staged codes and
+			// with round 1's direct body, once with the codes at an odd
+			// address (the staging's byte path), and on a grid of three
+			// blocks, each striding over the tiles (a block stages a tile
+			// right after writing back the previous one, whose shape may
+			// differ, with only its barriers between): the same bytes each
+			// time.
+			type variant struct {
+				name   string
+				p, a   DevicePtr
+				cols   int
+				direct bool
+				grid   int
+			}
+			var variants []variant
+			if p.TwoD() {
+				for _, cols := range []int{16, 32, 64, 128, 256} {
+					for _, direct := range []bool{false, true} {
+						variants = append(variants, variant{fmt.Sprintf("tile_cols %d direct %v", cols, direct), m.put(packed), m.putF32(absmax), cols, direct, 0})
+					}
+				}
+				odd := m.alloc(len(packed)+1) + 1
+				copy(m.Mem[odd:], packed)
+				variants = append(variants, variant{"codes at an odd address", odd, m.putF32(absmax), 0, false, 0},
+					variant{"grid-stride", m.put(packed), m.putF32(absmax), 16, false, 3},
+					variant{"grid-stride, odd address", m.alloc(len(packed)+1) + 1, m.putF32(absmax), 64, false, 3})
+				copy(m.Mem[variants[len(variants)-1].p:], packed)
+			}
+			ran := variants[:0]
+			for _, v := range variants {
+				c, err := FuseCall(FuseLayer{Packed: v.p, Absmax: v.a, Out: c.out, In: c.in, Blocksize: c.bs,
+					A: dA0, B: dB0, Rank: c.rank, DType: c.dtype, TileCols: v.cols, Direct: v.direct})
+				if v.grid > 0 {
+					if c.Grid <= v.grid {
+						continue // too few tiles to stride over; other cases have more
+					}
+					c.Grid = v.grid
+					strided++
+				}
+				m.add(c, err)
+				ran = append(ran, v)
+			}
 			m.run(t)
 			sameBytes(t, "packed", m.get(dP, len(packed)), wantP)
 			sameF32(t, "absmax", m.getF32(dA, nb), wantA)
+			for _, v := range ran {
+				sameBytes(t, "packed, "+v.name, m.get(v.p, len(packed)), wantP)
+				sameF32(t, "absmax, "+v.name, m.getF32(v.a, nb), wantA)
+			}
 			sameBytes(t, "packed (stats)", m.get(sP, len(packed)), wantP)
 			sameF32(t, "absmax (stats)", m.getF32(sA, nb), wantA)
 			got := m.get(stats, 24)
@@ -444,7 +494,7 @@ func TestEmuSharedGuard(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.Shared -= 4 * FuseRankChunk // one row of the B chunk short
+	c.Shared -= 64 // the staged codes' last 64 bytes
 	m.add(c, nil)
 	if err := m.runErr(t); err == nil || !strings.Contains(err.Error(), "past its") {
 		t.Fatalf("short shared memory not caught: %v", err)

@@ -110,6 +110,16 @@ type FuseShape struct {
 	// nf4_fuse_stats), whose block reduction takes FuseStaticShared more
 	// static shared memory.
 	Stats bool
+	// TileCols, for the 2-D kernel: the preferred tile width, a power of
+	// two from 16 to FuseTileCols (0: FuseDefaultTileCols). The GPU check
+	// times the Flux pass at each width; the plan still widens it to the
+	// blocksize and narrows it to the layer.
+	TileCols int
+	// Direct plans nf4_fuse2d_direct, the 2-D kernel that reads and writes
+	// codes in global memory block by block (round 1's), for the GPU
+	// check's comparison; not with Stats, and only where the 2-D kernel
+	// applies.
+	Direct bool
 }
 
 // FusePlan is a fused merge's launch. For a layer whose rows hold whole
@@ -122,7 +132,7 @@ type FuseShape struct {
 // tiles; only the 1-D budget for the dynamic shared memory is smaller).
 type FusePlan struct {
 	Launch
-	Kernel    string // "nf4_fuse2d", "nf4_fuse", or either with "_stats"
+	Kernel    string // "nf4_fuse2d", "nf4_fuse", either with "_stats", or "nf4_fuse2d_direct"
 	TileElems int
 	Tiles     int
 	TileRows  int  // nf4_fuse2d
@@ -134,10 +144,18 @@ type FusePlan struct {
 // nf4_fuse2d's constants (FUSE_TILE, FUSE_RC in kernels.cu): a tile is
 // FuseTile elements, 16 per thread of a 256-thread block, and ranks are
 // staged FuseRankChunk at a time.
+//
+// FuseDefaultTileCols: a 64×64 tile reads the fewest factor bytes per
+// element from L2 (4·rank/rows of A plus 4·rank/cols of B: 0.125·rank
+// against 0.27·rank for round 1's 16×256), each row's codes still a whole
+// 32-byte sector. Chosen by that count, not yet by a GPU timing: the GPU
+// check times 64, 128 and 256 side by side.
 const (
-	FuseTile      = 4096
-	FuseRankChunk = 16
-	FuseTileCols  = 256
+	FuseTile            = 4096
+	FuseRankChunk       = 16
+	FuseTileCols        = 256
+	FuseMinTileCols     = 16
+	FuseDefaultTileCols = 64
 	// FuseStaticShared is the static shared memory the measuring entry
 	// points (nf4_fuse_stats, nf4_fuse2d_stats) add (the retention sums'
 	// block reduction: 3 doubles per warp of up to 1024 threads), which
@@ -148,8 +166,9 @@ const (
 
 // PlanFuse sizes the fused merge of one layer. The 2-D kernel is used when
 // In is a multiple of the blocksize and the blocksize a power of two no
-// larger than FuseTileCols: TileCols is the smallest power of two ≥ both
-// the blocksize and min(In, FuseTileCols). Otherwise the 1-D tile starts at
+// larger than FuseTileCols: TileCols is the smallest power of two ≥ the
+// blocksize, FuseMinTileCols and min(In, s.TileCols or
+// FuseDefaultTileCols). Otherwise the 1-D tile starts at
 // DefaultTileElems rounded to the blocksize and halves, never below one
 // block, until the merged tile plus the B rows it spans fit MaxSharedBytes
 // (less FuseStaticShared for the measuring kernel, s.Stats); when even one
@@ -165,16 +184,31 @@ func PlanFuse(s FuseShape) (FusePlan, error) {
 	if err := checkQuant(n, s.Blocksize); err != nil {
 		return FusePlan{}, fmt.Errorf("fuse: %w", err)
 	}
-	if s.Blocksize&(s.Blocksize-1) == 0 && s.Blocksize <= FuseTileCols && s.In%s.Blocksize == 0 {
-		cols := s.Blocksize
-		for cols < min(s.In, FuseTileCols) {
+	pref := s.TileCols
+	switch {
+	case pref == 0:
+		pref = FuseDefaultTileCols
+	case pref < FuseMinTileCols || pref > FuseTileCols || pref&(pref-1) != 0:
+		return FusePlan{}, fmt.Errorf("fuse: tile columns %d (want a power of two from %d to %d)", pref, FuseMinTileCols, FuseTileCols)
+	}
+	twoD := s.Blocksize&(s.Blocksize-1) == 0 && s.Blocksize <= FuseTileCols && s.In%s.Blocksize == 0
+	if s.Direct && (!twoD || s.Stats) {
+		return FusePlan{}, fmt.Errorf("fuse: nf4_fuse2d_direct plans only the plain 2-D kernel (shape [%d %d], blocksize %d, stats %v)", s.Out, s.In, s.Blocksize, s.Stats)
+	}
+	if twoD {
+		cols := max(s.Blocksize, FuseMinTileCols)
+		for cols < min(s.In, pref) {
 			cols *= 2
 		}
 		rows := FuseTile / cols
 		tiles := (s.Out + rows - 1) / rows * ((s.In + cols - 1) / cols)
+		kernel := fuseKernel("nf4_fuse2d", s.Stats)
+		if s.Direct {
+			kernel = "nf4_fuse2d_direct"
+		}
 		return FusePlan{
-			Launch:    Launch{Grid: min(MaxGrid, tiles), Block: ThreadsPerBlock, Shared: 4 * (FuseTile + FuseRankChunk*cols + rows*FuseRankChunk)},
-			Kernel:    fuseKernel("nf4_fuse2d", s.Stats),
+			Launch:    Launch{Grid: min(MaxGrid, tiles), Block: ThreadsPerBlock, Shared: Fuse2DShared(cols, s.Blocksize)},
+			Kernel:    kernel,
 			TileElems: FuseTile, Tiles: tiles, TileRows: rows, TileCols: cols,
 		}, nil
 	}
@@ -194,6 +228,16 @@ func PlanFuse(s FuseShape) (FusePlan, error) {
 		}
 		tile = max(s.Blocksize, tile/2/s.Blocksize*s.Blocksize)
 	}
+}
+
+// Fuse2DShared is the dynamic shared memory nf4_fuse2d takes for a tile
+// cols wide at blocksize bs: the deltas (FuseTile floats), a rank chunk of
+// A (FuseRankChunk × cols) and of B (rows × FuseRankChunk), and the tile's
+// staged absmax (FuseTile/bs floats) and codes (FuseTile/2 bytes). At most
+// 44,032 bytes for any cols from FuseMinTileCols to FuseTileCols and bs ≥ 2.
+func Fuse2DShared(cols, bs int) int {
+	rows := FuseTile / cols
+	return 4*(FuseTile+FuseRankChunk*cols+rows*FuseRankChunk) + 4*(FuseTile/bs) + FuseTile/2
 }
 
 // fuseKernel names the plain or the measuring entry point of a fused kernel.

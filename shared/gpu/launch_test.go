@@ -50,20 +50,41 @@ func TestPlanFuse(t *testing.T) {
 		want FusePlan
 		err  string
 	}{
-		// 2-D: 16 rows × 256 columns; 9216/16 · 3072/256 tiles; w + A chunk + B chunk in shared memory.
+		// 2-D: 64 rows × 64 columns (FuseDefaultTileCols); 9216/64 · 3072/64
+		// tiles; deltas + A chunk + B chunk + staged absmax and codes in
+		// shared memory.
 		{"flux qkv rank 16", FuseShape{Out: 9216, In: 3072, Blocksize: 64, Rank: 16},
-			FusePlan{Launch: Launch{Grid: 6912, Block: 256, Shared: 4 * (4096 + 16*256 + 16*16)}, Kernel: "nf4_fuse2d",
-				TileElems: 4096, Tiles: 6912, TileRows: 16, TileCols: 256}, ""},
+			FusePlan{Launch: Launch{Grid: 6912, Block: 256, Shared: 4*(4096+16*64+64*16) + 4*64 + 2048}, Kernel: "nf4_fuse2d",
+				TileElems: 4096, Tiles: 6912, TileRows: 64, TileCols: 64}, ""},
 		// Rank does not change the shared memory: ranks are staged 16 at a time.
 		{"flux mlp down 5 LoRAs", FuseShape{Out: 3072, In: 12288, Blocksize: 64, Rank: 80},
-			FusePlan{Launch: Launch{Grid: 9216, Block: 256, Shared: 4 * (4096 + 16*256 + 16*16)}, Kernel: "nf4_fuse2d",
-				TileElems: 4096, Tiles: 9216, TileRows: 16, TileCols: 256}, ""},
+			FusePlan{Launch: Launch{Grid: 9216, Block: 256, Shared: 4*(4096+16*64+64*16) + 4*64 + 2048}, Kernel: "nf4_fuse2d",
+				TileElems: 4096, Tiles: 9216, TileRows: 64, TileCols: 64}, ""},
+		// Round 1's 16×256 tile, which the GPU check times beside it.
+		{"tile columns 256", FuseShape{Out: 9216, In: 3072, Blocksize: 64, Rank: 16, TileCols: 256},
+			FusePlan{Launch: Launch{Grid: 6912, Block: 256, Shared: 4*(4096+16*256+16*16) + 4*64 + 2048}, Kernel: "nf4_fuse2d",
+				TileElems: 4096, Tiles: 6912, TileRows: 16, TileCols: 256}, ""},
+		{"direct body", FuseShape{Out: 9216, In: 3072, Blocksize: 64, Rank: 16, TileCols: 256, Direct: true},
+			FusePlan{Launch: Launch{Grid: 6912, Block: 256, Shared: 4*(4096+16*256+16*16) + 4*64 + 2048}, Kernel: "nf4_fuse2d_direct",
+				TileElems: 4096, Tiles: 6912, TileRows: 16, TileCols: 256}, ""},
+		{"direct has no stats", FuseShape{Out: 64, In: 64, Blocksize: 64, Rank: 16, Stats: true, Direct: true}, FusePlan{}, "plans only the plain 2-D kernel"},
+		{"direct is 2-D only", FuseShape{Out: 37, In: 77, Blocksize: 64, Rank: 5, Direct: true}, FusePlan{}, "plans only the plain 2-D kernel"},
+		{"tile columns not a power of two", FuseShape{Out: 64, In: 64, Blocksize: 64, Rank: 16, TileCols: 48}, FusePlan{}, "tile columns 48"},
+		{"tile columns too narrow", FuseShape{Out: 64, In: 64, Blocksize: 64, Rank: 16, TileCols: 8}, FusePlan{}, "tile columns 8"},
 		{"narrow 2-D: In 64", FuseShape{Out: 1000, In: 64, Blocksize: 64, Rank: 3},
-			FusePlan{Launch: Launch{Grid: 16, Block: 256, Shared: 4 * (4096 + 16*64 + 64*16)}, Kernel: "nf4_fuse2d",
+			FusePlan{Launch: Launch{Grid: 16, Block: 256, Shared: 4*(4096+16*64+64*16) + 4*64 + 2048}, Kernel: "nf4_fuse2d",
 				TileElems: 4096, Tiles: 16, TileRows: 64, TileCols: 64}, ""},
-		{"2-D: In 96 rounds the tile up", FuseShape{Out: 10, In: 96, Blocksize: 32, Rank: 3},
-			FusePlan{Launch: Launch{Grid: 1, Block: 256, Shared: 4 * (4096 + 16*128 + 32*16)}, Kernel: "nf4_fuse2d",
+		{"2-D: In 96 takes two 64-column tiles", FuseShape{Out: 10, In: 96, Blocksize: 32, Rank: 3},
+			FusePlan{Launch: Launch{Grid: 2, Block: 256, Shared: 4*(4096+16*64+64*16) + 4*128 + 2048}, Kernel: "nf4_fuse2d",
+				TileElems: 4096, Tiles: 2, TileRows: 64, TileCols: 64}, ""},
+		{"2-D: In 96 with 256 preferred rounds the tile up", FuseShape{Out: 10, In: 96, Blocksize: 32, Rank: 3, TileCols: 256},
+			FusePlan{Launch: Launch{Grid: 1, Block: 256, Shared: 4*(4096+16*128+32*16) + 4*128 + 2048}, Kernel: "nf4_fuse2d",
 				TileElems: 4096, Tiles: 1, TileRows: 32, TileCols: 128}, ""},
+		// Blocksize 2 on 2 columns: the tile is at least 16 wide, so the B
+		// chunk (rows × 16) stays within shared memory.
+		{"2-D: the narrowest tile", FuseShape{Out: 5, In: 2, Blocksize: 2, Rank: 3},
+			FusePlan{Launch: Launch{Grid: 1, Block: 256, Shared: 4*(4096+16*16+256*16) + 4*2048 + 2048}, Kernel: "nf4_fuse2d",
+				TileElems: 4096, Tiles: 1, TileRows: 256, TileCols: 16}, ""},
 		// In=3: a 4096-element tile spans 1367 rows; 1367·64·4 bytes do not
 		// fit, so the tile halves until tile + rows·rank fits in 48 KiB:
 		// 1024 needs 4·(1024+343·64) = 91904 bytes, 512 needs 46080.
@@ -80,8 +101,8 @@ func TestPlanFuse(t *testing.T) {
 			FusePlan{Launch: Launch{Grid: 59, Block: 256, Shared: 4*256 + 4*87*68}, Kernel: "nf4_fuse_stats",
 				TileElems: 256, Tiles: 59, MaxRows: 87, BShared: true}, ""},
 		{"stats 2-D", FuseShape{Out: 9216, In: 3072, Blocksize: 64, Rank: 16, Stats: true},
-			FusePlan{Launch: Launch{Grid: 6912, Block: 256, Shared: 4 * (4096 + 16*256 + 16*16)}, Kernel: "nf4_fuse2d_stats",
-				TileElems: 4096, Tiles: 6912, TileRows: 16, TileCols: 256}, ""},
+			FusePlan{Launch: Launch{Grid: 6912, Block: 256, Shared: 4*(4096+16*64+64*16) + 4*64 + 2048}, Kernel: "nf4_fuse2d_stats",
+				TileElems: 4096, Tiles: 6912, TileRows: 64, TileCols: 64}, ""},
 		{"rank too large for shared B", FuseShape{Out: 100, In: 1, Blocksize: 64, Rank: 4096},
 			FusePlan{Launch: Launch{Grid: 2, Block: 256, Shared: 4 * 64}, Kernel: "nf4_fuse", TileElems: 64, Tiles: 2, MaxRows: 65}, ""},
 		{"tiny layer", FuseShape{Out: 3, In: 7, Blocksize: 64, Rank: 4},
@@ -128,10 +149,12 @@ func TestPlanFuseInvariants(t *testing.T) {
 	}
 	for _, out := range []int{1, 2, 7, 63, 130} {
 		for _, in := range []int{1, 3, 31, 64, 65, 96, 1000, 4096} {
-			for _, bs := range []int{32, 64, 256, 1024} {
+			for _, bs := range []int{2, 16, 32, 64, 256, 1024} {
 				for _, r := range []int{3, 68, 300} {
-					shapes = append(shapes, FuseShape{Out: out, In: in, Blocksize: bs, Rank: r},
-						FuseShape{Out: out, In: in, Blocksize: bs, Rank: r, Stats: true})
+					for _, cols := range []int{0, 16, 64, 256} {
+						shapes = append(shapes, FuseShape{Out: out, In: in, Blocksize: bs, Rank: r, TileCols: cols},
+							FuseShape{Out: out, In: in, Blocksize: bs, Rank: r, Stats: true, TileCols: cols})
+					}
 				}
 			}
 		}
@@ -160,7 +183,8 @@ func TestPlanFuseInvariants(t *testing.T) {
 		}
 		if p.TwoD() {
 			twoD++
-			if s.In%s.Blocksize != 0 || p.TileCols%s.Blocksize != 0 || p.TileRows*p.TileCols != FuseTile ||
+			if p.Shared != Fuse2DShared(p.TileCols, s.Blocksize) || p.TileCols < FuseMinTileCols || p.TileCols > FuseTileCols ||
+				s.In%s.Blocksize != 0 || p.TileCols%s.Blocksize != 0 || p.TileRows*p.TileCols != FuseTile ||
 				FuseTile != 16*p.Block || p.Tiles != (s.Out+p.TileRows-1)/p.TileRows*((s.In+p.TileCols-1)/p.TileCols) {
 				t.Fatalf("%+v: 2-D plan %+v", s, p)
 			}

@@ -23,6 +23,7 @@ var Entries = map[string]int{
 	"absmax_sum":        3,
 	"nf4_fuse":          13,
 	"nf4_fuse2d":        11,
+	"nf4_fuse2d_direct": 11,
 	"nf4_fuse_stats":    14,
 	"nf4_fuse2d_stats":  12,
 	"side_rows":         5,

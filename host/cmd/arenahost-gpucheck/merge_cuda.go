@@ -4,11 +4,14 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"math"
 	"math/rand/v2"
 	"os/exec"
+	"slices"
 	"strings"
 	"time"
 
@@ -334,6 +337,9 @@ func benchMerge(ctx context.Context, dev *gpu.Device, r *Report, o options) erro
 		} else {
 			r.Add("merge", name, measured, "", Info)
 		}
+		if err := fuseVariants(dev, r, layers, k, rank, R, timed, best); err != nil {
+			return err
+		}
 	}
 	free1, _, _ := dev.MemInfo()
 	extra := int64(free0) - int64(free1)
@@ -393,6 +399,108 @@ func benchMerge(ctx context.Context, dev *gpu.Device, r *Report, o options) erro
 		}
 		r.Add("merge", fmt.Sprintf("PyTorch baseline (torch %s: dequantize layer, W += B·A, requantize), %d LoRA(s)", res.Torch, k),
 			fmt.Sprintf("%.3f s, peak extra %s", res.Seconds, MiB(res.PeakExtra)), "", Info)
+	}
+	return nil
+}
+
+// fuseVariant is one way of running the plain 2-D fused kernel.
+type fuseVariant struct {
+	name     string
+	tileCols int
+	direct   bool
+}
+
+// fuseVariants times the plain fused pass over every layer with each
+// variant of the 2-D kernel (the staged codes of nf4_fuse2d at three tile
+// widths, and round 1's nf4_fuse2d_direct), from the same codes (restored
+// from the journal before each) and factors, and requires the same bytes
+// of each (every 16th layer downloaded and hashed): the tile width that
+// lora-nf4 takes by default (gpu.FuseDefaultTileCols) is chosen from
+// these rows.
+func fuseVariants(dev *gpu.Device, r *Report, layers []*benchLayer, k, rank, R int,
+	timed func(func() error) (float64, error), best func(int, func() error) (float64, error)) error {
+	variants := []fuseVariant{
+		{"staged codes, 64×64 tiles", 64, false},
+		{"staged codes, 32×128 tiles", 128, false},
+		{"staged codes, 16×256 tiles", 256, false},
+		{"round 1's direct body, 16×256 tiles", 256, true},
+	}
+	restore := func() error {
+		q := dev.Queue()
+		for _, l := range layers {
+			if err := q.JournalCopy(l.packed, l.jPacked, uint64(nf4.PackedLen(l.n))); err != nil {
+				return err
+			}
+			if err := q.JournalCopy(l.absmax, l.jAbsmax, uint64(4*l.nb)); err != nil {
+				return err
+			}
+		}
+		return q.Flush()
+	}
+	fuse := func(v fuseVariant) func() error {
+		return func() error {
+			q := dev.Queue()
+			for _, l := range layers {
+				fl := gpu.FuseLayer{Packed: l.packed, Absmax: l.absmax, Out: l.out, In: l.in, Blocksize: benchBlocksize,
+					A: l.acat, B: l.bcat, Rank: R, DType: benchDType, TileCols: v.tileCols}
+				// The direct body exists for the 2-D kernel only; other
+				// layers (none in Flux) run nf4_fuse either way.
+				if p, err := gpu.PlanFuse(gpu.FuseShape{Out: l.out, In: l.in, Blocksize: benchBlocksize, Rank: R}); err == nil && p.TwoD() {
+					fl.Direct = v.direct
+				}
+				if err := q.Fuse(fl); err != nil {
+					return fmt.Errorf("layer %s: %w", l.name, err)
+				}
+			}
+			return q.Flush()
+		}
+	}
+	digest := func() (string, error) {
+		h := sha256.New()
+		var buf []byte
+		for i := 0; i < len(layers); i += 16 {
+			l := layers[i]
+			for _, part := range []struct {
+				p gpu.DevicePtr
+				n int
+			}{{l.packed, nf4.PackedLen(l.n)}, {l.absmax, 4 * l.nb}} {
+				buf = slices.Grow(buf[:0], part.n)[:part.n]
+				if err := dev.Download(buf, part.p); err != nil {
+					return "", err
+				}
+				h.Write(buf)
+			}
+		}
+		return hex.EncodeToString(h.Sum(nil))[:12], nil
+	}
+	var times []float64
+	var ref string
+	for i, v := range variants {
+		if err := restore(); err != nil {
+			return err
+		}
+		if _, err := timed(fuse(v)); err != nil {
+			return err
+		}
+		d, err := digest()
+		if err != nil {
+			return err
+		}
+		if i == 0 {
+			ref = d
+		}
+		r.Check("merge", fmt.Sprintf("fused merge, %s, %d LoRA(s): digest of every 16th layer's codes and absmax", v.name, k),
+			d, fmt.Sprintf("%s (%s)", ref, variants[0].name), d == ref)
+		t, err := best(2, fuse(v))
+		if err != nil {
+			return err
+		}
+		times = append(times, t)
+	}
+	direct := times[len(times)-1]
+	for i, v := range variants {
+		r.Add("merge", fmt.Sprintf("fused merge without retention sums, %s, %d LoRA(s) rank %d, all %d layers", v.name, k, rank, len(layers)),
+			fmt.Sprintf("%.1f ms, %.2f× round 1's direct body's time", times[i]*1e3, times[i]/direct), "", Info)
 	}
 	return nil
 }

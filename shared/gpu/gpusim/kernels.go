@@ -53,6 +53,8 @@ var kernels = map[string]kernel{
 		0, planFuse(true)},
 	"nf4_fuse2d": {"ppiiippiiip", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile_cols", "dtype", "flags"},
 		gpu.ThreadsPerBlock, planFuse2D(false)},
+	"nf4_fuse2d_direct": {"ppiiippiiip", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile_cols", "dtype", "flags"},
+		gpu.ThreadsPerBlock, planFuse2D(false)},
 	"nf4_fuse2d_stats": {"ppiiippiiipp", []string{"packed", "absmax", "out_dim", "in_dim", "bs", "a", "b", "rank", "tile_cols", "dtype", "flags", "stats"},
 		gpu.ThreadsPerBlock, planFuse2D(true)},
 	"side_rows": {"piidp", []string{"src", "dtype", "n", "scale", "dst"}, 0, planSideRows},
@@ -389,10 +391,10 @@ func checkFuse2D(a args, names []string, l gpu.Launch, stats bool) (plan, error)
 	switch {
 	case bs&(bs-1) != 0 || in%bs != 0:
 		return plan{}, fmt.Errorf("bs %d with in_dim %d: the 2-D kernel needs a power-of-two blocksize dividing in_dim", bs, in)
-	case cols < bs || cols > gpu.FuseTile || cols&(cols-1) != 0:
-		return plan{}, fmt.Errorf("tile_cols %d (want a power of two from bs %d to %d)", cols, bs, gpu.FuseTile)
+	case cols < bs || cols < gpu.FuseMinTileCols || cols > gpu.FuseTileCols || cols&(cols-1) != 0:
+		return plan{}, fmt.Errorf("tile_cols %d (want a power of two from max(bs %d, %d) to %d)", cols, bs, gpu.FuseMinTileCols, gpu.FuseTileCols)
 	}
-	need := 4 * (gpu.FuseTile + gpu.FuseRankChunk*cols + gpu.FuseTile/cols*gpu.FuseRankChunk)
+	need := int64(gpu.Fuse2DShared(int(cols), int(bs)))
 	if int64(l.Shared) < need {
 		return plan{}, fmt.Errorf("%d bytes of shared memory, tile_cols %d needs %d", l.Shared, cols, need)
 	}

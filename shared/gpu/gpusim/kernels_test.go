@@ -660,7 +660,7 @@ func TestLaunchErrors(t *testing.T) {
 		{"null absmax", with(good, func(c *gpu.Call) { c.Args[1].V = 0 }), "argument 1 (absmax): 0x0 + 64 bytes: not in any live allocation"},
 		{"bad dtype", with(good, func(c *gpu.Call) { c.Args[5].V = 3 }), "dtype 3"},
 		{"odd blocksize", with(good, func(c *gpu.Call) { c.Args[3].V = 63 }), "bs 63"},
-		{"short shared memory", with(fuse, func(c *gpu.Call) { c.Shared -= 4 * gpu.FuseRankChunk }), "bytes of shared memory, tile_cols 256 needs 33792"},
+		{"short shared memory", with(fuse, func(c *gpu.Call) { c.Shared -= 4 * gpu.FuseRankChunk }), "26816 bytes of shared memory, tile_cols 64 needs 26880"},
 		{"fuse2d blocksize not dividing", with(fuse, func(c *gpu.Call) { c.Args[3].V = 250 }), "needs a power-of-two blocksize dividing in_dim"},
 		{"fuse2d block size", with(fuse, func(c *gpu.Call) { c.Block = 128 }), "block 128, the kernel needs 256"},
 		{"zero grid", with(good, func(c *gpu.Call) { c.Grid = 0 }), "grid 0"},

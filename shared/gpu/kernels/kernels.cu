@@ -485,6 +485,29 @@ __device__ __forceinline__ vec4 ld4(const float* p) { return *(const float4*)p; 
 __device__ __forceinline__ vec2 ld2(const float* p) { return *(const float2*)p; }
 #endif
 
+// Asynchronous copies from global into shared memory (cp.async, sm_80):
+// nf4_fuse2d stages a tile's old codes and absmax with them before the
+// delta, so the loads overlap the products instead of stalling the
+// re-quantizing warps once per block. The emulator copies at once (its
+// wait is then a no-op: a missing wait goes unseen there, not on a GPU).
+#ifdef NF4_EMULATE
+inline void cp_async16(void* s, const void* g) { std::memcpy(s, g, 16); }
+inline void cp_async4(void* s, const void* g) { std::memcpy(s, g, 4); }
+inline void cp_async_wait() {}
+inline void st16(void* g, const void* s) { std::memcpy(g, s, 16); }
+#else
+__device__ __forceinline__ void cp_async16(void* s, const void* g) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)__cvta_generic_to_shared(s)), "l"(g) : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* s, const void* g) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"((u32)__cvta_generic_to_shared(s)), "l"(g) : "memory");
+}
+// Waits for this thread's copies; a __syncthreads then shows every
+// thread's to the block.
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+__device__ __forceinline__ void st16(void* g, const void* s) { *(uint4*)g = *(const uint4*)s; }
+#endif
+
 // FUSE_PAIRS: element pairs one lane re-quantizes per quantization block
 // (bs ≤ 256, so at most 128 pairs over 32 lanes).
 #define FUSE_PAIRS 4
@@ -501,16 +524,26 @@ __device__ __forceinline__ vec2 ld2(const float* p) { return *(const float2*)p; 
 // the deltas, and once the warp has the new absmax writes the new byte
 // (measuring, with STATS, from the same registers). In-tile indices are
 // 32-bit; divisions by bs and tile_cols are shifts.
-template <bool STATS, int DT>
+//
+// PF (nf4_fuse2d, nf4_fuse2d_stats): the tile's old codes and absmax are
+// copied into shared memory (cp.async) when the tile starts, so the loads
+// run while the delta is computed; the warps re-quantize there and the
+// block writes the tile back, 16 bytes a thread where the rows allow.
+// Without PF (nf4_fuse2d_direct, which the GPU check times beside it) each
+// warp reads and writes its block in global memory: one dependent round
+// trip per block. The arithmetic, and so every result bit, is the same.
+template <bool STATS, int DT, bool PF>
 __device__ __forceinline__ void fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
                                        u64 a_, u64 b_, i64 rank, i64 tile_cols, u64 flags_, u64 stats_) {
     __shared__ float lut[16];
     EXTERN_SHARED(float, smem);
     const int tc = (int)tile_cols, lg_tc = ilog2(tile_cols), lg_bs = ilog2(bs), ibs = (int)bs;
     const int tile_rows = FUSE_TILE >> lg_tc, rstep = 256 >> lg_tc;
-    float* w = smem;                         // [tile_rows][tc]: the deltas
-    float* as = w + FUSE_TILE;               // [FUSE_RC][tc]
-    float* bsm = as + FUSE_RC * tc;          // [tile_rows][FUSE_RC]
+    float* w = smem;                            // [tile_rows][tc]: the deltas
+    float* as = w + FUSE_TILE;                  // [FUSE_RC][tc]
+    float* bsm = as + FUSE_RC * tc;             // [tile_rows][FUSE_RC]
+    float* oab = bsm + tile_rows * FUSE_RC;     // PF: [tile_rows][tc / bs], the absmax
+    u8* pk = (u8*)(oab + (FUSE_TILE >> lg_bs)); // PF: [tile_rows][tc / 2], the codes
     u8* packed = (u8*)packed_;
     float* absmax = (float*)absmax_;
     const float* __restrict__ A = (const float*)a_;
@@ -520,12 +553,39 @@ __device__ __forceinline__ void fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i6
     const i64 col_tiles = (in_dim + tc - 1) / tc;
     const int tid = (int)threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = (int)(blockDim.x >> 5);
     const int lc = tid & (tc - 1), lr0 = tid >> lg_tc;
+    // PF: 16-byte copies when every tile row's codes start on 16 bytes and
+    // hold a multiple of 16 (layer rows and tile columns multiples of 32).
+    const bool vec = ((packed_ & 15) | (u64)(in_dim & 31) | (u64)(tc & 31)) == 0;
+    const int tb = tc >> 1, tab = tc >> lg_bs;  // PF row strides: code bytes, absmax values
+    (void)vec, (void)tb, (void)tab, (void)pk, (void)oab;
     double st[3] = {0.0, 0.0, 0.0};
     (void)st;
     for (i64 t = blockIdx.x; t < row_tiles * col_tiles; t += gridDim.x) {
         const i64 rt = t / col_tiles;
         const i64 r0 = rt * tile_rows, c0 = (t - rt * col_tiles) * tc;
         const int nr = (int)min((i64)tile_rows, out_dim - r0), nc = (int)min((i64)tc, in_dim - c0);
+        const int bpr = nc >> lg_bs;
+        if constexpr (PF) {
+            // The previous tile's write-back has read pk and oab.
+            __syncthreads();
+            const int rb = nc >> 1;
+            if (vec) {
+                const int cpr = rb >> 4;
+                for (int i = tid; i < nr * cpr; i += 256) {
+                    const int lr = i / cpr, ch = i - lr * cpr;
+                    cp_async16(pk + lr * tb + (ch << 4), packed + (((r0 + lr) * in_dim + c0) >> 1) + (ch << 4));
+                }
+            } else {
+                for (int i = tid; i < nr * rb; i += 256) {
+                    const int lr = i / rb, j = i - lr * rb;
+                    pk[lr * tb + j] = packed[(((r0 + lr) * in_dim + c0) >> 1) + j];
+                }
+            }
+            for (int i = tid; i < nr * bpr; i += 256) {
+                const int lr = i / bpr, j = i - lr * bpr;
+                cp_async4(oab + lr * tab + j, absmax + (((r0 + lr) * in_dim + c0) >> lg_bs) + j);
+            }
+        }
         float d[FUSE_PER_THREAD];
 #pragma unroll
         for (int i = 0; i < FUSE_PER_THREAD; i++) d[i] = 0.0f;
@@ -570,16 +630,18 @@ __device__ __forceinline__ void fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i6
         }
 #pragma unroll
         for (int i = 0; i < FUSE_PER_THREAD; i++) w[tid + 256 * i] = d[i];
+        if constexpr (PF) cp_async_wait();
         __syncthreads();
         // Re-quantize: one warp per block; a row of the tile holds nc / bs
         // blocks.
-        const int bpr = nc >> lg_bs, npairs = ibs >> 1;
+        const int npairs = ibs >> 1;
         for (int qb = warp; qb < nr * bpr; qb += nwarps) {
             const int lr = qb / bpr, qi = qb - lr * bpr;
             const float* dx = w + lr * tc + (qi << lg_bs);
             const i64 gb = (r0 + lr) * in_dim + c0 + ((i64)qi << lg_bs);
-            u8* pb = packed + (gb >> 1);
-            const float oam = absmax[gb >> lg_bs];
+            u8* pb = PF ? pk + lr * tb + ((qi << lg_bs) >> 1) : packed + (gb >> 1);
+            float* pa = PF ? oab + lr * tab + qi : absmax + (gb >> lg_bs);
+            const float oam = *pa;
             float x[2 * FUSE_PAIRS], o[2 * FUSE_PAIRS];
             float am = 0.0f;
 #pragma unroll
@@ -608,7 +670,7 @@ __device__ __forceinline__ void fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i6
                 }
                 fuse_flag(flags_, bad);
             }
-            if (lane == 0) absmax[gb >> lg_bs] = am;
+            if (lane == 0) *pa = am;
             const float inv = nf4_rcp(am);
 #pragma unroll
             for (int k = 0; k < FUSE_PAIRS; k++) {
@@ -623,32 +685,63 @@ __device__ __forceinline__ void fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i6
                 }
             }
         }
+        if constexpr (PF) {
+            // Write the tile back: codes (16-byte stores where the copies
+            // were) and absmax.
+            __syncthreads();
+            const int rb = nc >> 1;
+            if (vec) {
+                const int cpr = rb >> 4;
+                for (int i = tid; i < nr * cpr; i += 256) {
+                    const int lr = i / cpr, ch = i - lr * cpr;
+                    st16(packed + (((r0 + lr) * in_dim + c0) >> 1) + (ch << 4), pk + lr * tb + (ch << 4));
+                }
+            } else {
+                for (int i = tid; i < nr * rb; i += 256) {
+                    const int lr = i / rb, j = i - lr * rb;
+                    packed[(((r0 + lr) * in_dim + c0) >> 1) + j] = pk[lr * tb + j];
+                }
+            }
+            for (int i = tid; i < nr * bpr; i += 256) {
+                const int lr = i / bpr, j = i - lr * bpr;
+                absmax[(((r0 + lr) * in_dim + c0) >> lg_bs) + j] = oab[lr * tab + j];
+            }
+        }
     }
     if constexpr (STATS) fuse_stats_flush(stats_, st);
 }
 
 // The entry points pick the body compiled for the logical dtype, so the
 // per-element rounding carries no dtype branch.
-template <bool STATS>
+template <bool STATS, bool PF>
 __device__ __forceinline__ void fuse2d_dt(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
                                           u64 a_, u64 b_, i64 rank, i64 tile_cols, i64 dtype, u64 flags_, u64 stats_) {
-    if (dtype == 1) fuse2d<STATS, 1>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, flags_, stats_);
-    else if (dtype == 2) fuse2d<STATS, 2>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, flags_, stats_);
-    else fuse2d<STATS, 0>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, flags_, stats_);
+    if (dtype == 1) fuse2d<STATS, 1, PF>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, flags_, stats_);
+    else if (dtype == 2) fuse2d<STATS, 2, PF>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, flags_, stats_);
+    else fuse2d<STATS, 0, PF>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, flags_, stats_);
 }
 
 // __launch_bounds__(256, 4): 64 registers, four blocks per SM. On an H200
 // that took the Flux-dev pass (304 layers, rank 16) from 135 to 100 ms
-// plain and from 156 to 128 ms measuring, though the measuring body then
-// spills a little; three blocks per SM were slower (106, 139 ms).
+// plain and from 156 to 128 ms measuring (the direct body, 16×256 tiles),
+// though the measuring body then spills a little; three blocks per SM were
+// slower (106, 139 ms).
 extern "C" __global__ void __launch_bounds__(256, 4) nf4_fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
                                       u64 a_, u64 b_, i64 rank, i64 tile_cols, i64 dtype, u64 flags_) {
-    fuse2d_dt<false>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, dtype, flags_, 0);
+    fuse2d_dt<false, true>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, dtype, flags_, 0);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 4) nf4_fuse2d_stats(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
                                             u64 a_, u64 b_, i64 rank, i64 tile_cols, i64 dtype, u64 flags_, u64 stats_) {
-    fuse2d_dt<true>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, dtype, flags_, stats_);
+    fuse2d_dt<true, true>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, dtype, flags_, stats_);
+}
+
+// nf4_fuse2d_direct: nf4_fuse2d without the staged codes (PF false), the
+// round-1 body; the GPU check times it beside nf4_fuse2d on the same data
+// and requires the same bytes. lora-nf4 never launches it.
+extern "C" __global__ void __launch_bounds__(256, 4) nf4_fuse2d_direct(u64 packed_, u64 absmax_, i64 out_dim, i64 in_dim, i64 bs,
+                                             u64 a_, u64 b_, i64 rank, i64 tile_cols, i64 dtype, u64 flags_) {
+    fuse2d_dt<false, false>(packed_, absmax_, out_dim, in_dim, bs, a_, b_, rank, tile_cols, dtype, flags_, 0);
 }
 
 // side_rows: A_cat rows of one LoRA: dst[i] = fp32(src[i]) * scale for i < n

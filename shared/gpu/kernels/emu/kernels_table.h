@@ -28,6 +28,7 @@ static const std::map<std::string, Kernel> kernels = {
     {"nf4_fuse", {13, [](const Args& a) { nf4_fuse(a[0], a[1], I(a[2]), I(a[3]), I(a[4]), a[5], a[6], I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), a[12]); }}},
     {"nf4_fuse_stats", {14, [](const Args& a) { nf4_fuse_stats(a[0], a[1], I(a[2]), I(a[3]), I(a[4]), a[5], a[6], I(a[7]), I(a[8]), I(a[9]), I(a[10]), I(a[11]), a[12], a[13]); }}},
     {"nf4_fuse2d", {11, [](const Args& a) { nf4_fuse2d(a[0], a[1], I(a[2]), I(a[3]), I(a[4]), a[5], a[6], I(a[7]), I(a[8]), I(a[9]), a[10]); }}},
+    {"nf4_fuse2d_direct", {11, [](const Args& a) { nf4_fuse2d_direct(a[0], a[1], I(a[2]), I(a[3]), I(a[4]), a[5], a[6], I(a[7]), I(a[8]), I(a[9]), a[10]); }}},
     {"nf4_fuse2d_stats", {12, [](const Args& a) { nf4_fuse2d_stats(a[0], a[1], I(a[2]), I(a[3]), I(a[4]), a[5], a[6], I(a[7]), I(a[8]), I(a[9]), a[10], a[11]); }}},
     {"side_rows", {5, [](const Args& a) { side_rows(a[0], I(a[1]), I(a[2]), D(a[3]), a[4]); }}},
     {"side_cols", {10, [](const Args& a) { side_cols(a[0], I(a[1]), I(a[2]), I(a[3]), I(a[4]), D(a[5]), a[6], I(a[7]), I(a[8]), I(a[9])); }}},
