@@ -512,6 +512,41 @@ __device__ __forceinline__ void st16(void* g, const void* s) { *(uint4*)g = *(co
 // (bs ≤ 256, so at most 128 pairs over 32 lanes).
 #define FUSE_PAIRS 4
 
+// tile_codes: moves a tile's codes (nr rows of nc / 2 bytes, row stride tb
+// in pk) and absmax (nr rows of nc / bs values, stride tab in oab) between
+// the layer and shared memory: in (LOAD) with cp.async, 16 bytes a copy
+// when vec, else byte by byte; out with plain stores, 16 bytes when vec.
+template <bool LOAD>
+__device__ __forceinline__ void tile_codes(u8* packed, float* absmax, u8* pk, float* oab, i64 in_dim, i64 r0, i64 c0,
+                                           int nr, int nc, int lg_bs, int tb, int tab, bool vec, int tid) {
+    const int rb = nc >> 1, bpr = nc >> lg_bs;
+    if (vec) {
+        const int cpr = rb >> 4;
+        for (int i = tid; i < nr * cpr; i += 256) {
+            const int lr = i / cpr, ch = i - lr * cpr;
+            u8* g = packed + (((r0 + lr) * in_dim + c0) >> 1) + (ch << 4);
+            u8* sh = pk + lr * tb + (ch << 4);
+            if constexpr (LOAD) cp_async16(sh, g);
+            else st16(g, sh);
+        }
+    } else {
+        for (int i = tid; i < nr * rb; i += 256) {
+            const int lr = i / rb, j = i - lr * rb;
+            u8* g = packed + (((r0 + lr) * in_dim + c0) >> 1) + j;
+            u8* sh = pk + lr * tb + j;
+            if constexpr (LOAD) *sh = *g;
+            else *g = *sh;
+        }
+    }
+    for (int i = tid; i < nr * bpr; i += 256) {
+        const int lr = i / bpr, j = i - lr * bpr;
+        float* g = absmax + (((r0 + lr) * in_dim + c0) >> lg_bs) + j;
+        float* sh = oab + lr * tab + j;
+        if constexpr (LOAD) cp_async4(sh, g);
+        else *g = *sh;
+    }
+}
+
 // Two phases per tile. Delta: tile_cols ≤ 256 divides 256, so element
 // e = tid + 256·i of the tile (i < FUSE_PER_THREAD) is row lr0 + i·rstep,
 // column lc, with lc = tid mod tile_cols and lr0 = tid / tile_cols the same
@@ -568,23 +603,7 @@ __device__ __forceinline__ void fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i6
         if constexpr (PF) {
             // The previous tile's write-back has read pk and oab.
             __syncthreads();
-            const int rb = nc >> 1;
-            if (vec) {
-                const int cpr = rb >> 4;
-                for (int i = tid; i < nr * cpr; i += 256) {
-                    const int lr = i / cpr, ch = i - lr * cpr;
-                    cp_async16(pk + lr * tb + (ch << 4), packed + (((r0 + lr) * in_dim + c0) >> 1) + (ch << 4));
-                }
-            } else {
-                for (int i = tid; i < nr * rb; i += 256) {
-                    const int lr = i / rb, j = i - lr * rb;
-                    pk[lr * tb + j] = packed[(((r0 + lr) * in_dim + c0) >> 1) + j];
-                }
-            }
-            for (int i = tid; i < nr * bpr; i += 256) {
-                const int lr = i / bpr, j = i - lr * bpr;
-                cp_async4(oab + lr * tab + j, absmax + (((r0 + lr) * in_dim + c0) >> lg_bs) + j);
-            }
+            tile_codes<true>(packed, absmax, pk, oab, in_dim, r0, c0, nr, nc, lg_bs, tb, tab, vec, tid);
         }
         float d[FUSE_PER_THREAD];
 #pragma unroll
@@ -686,26 +705,9 @@ __device__ __forceinline__ void fuse2d(u64 packed_, u64 absmax_, i64 out_dim, i6
             }
         }
         if constexpr (PF) {
-            // Write the tile back: codes (16-byte stores where the copies
-            // were) and absmax.
+            // Write the tile back once every warp has re-quantized.
             __syncthreads();
-            const int rb = nc >> 1;
-            if (vec) {
-                const int cpr = rb >> 4;
-                for (int i = tid; i < nr * cpr; i += 256) {
-                    const int lr = i / cpr, ch = i - lr * cpr;
-                    st16(packed + (((r0 + lr) * in_dim + c0) >> 1) + (ch << 4), pk + lr * tb + (ch << 4));
-                }
-            } else {
-                for (int i = tid; i < nr * rb; i += 256) {
-                    const int lr = i / rb, j = i - lr * rb;
-                    packed[(((r0 + lr) * in_dim + c0) >> 1) + j] = pk[lr * tb + j];
-                }
-            }
-            for (int i = tid; i < nr * bpr; i += 256) {
-                const int lr = i / bpr, j = i - lr * bpr;
-                absmax[(((r0 + lr) * in_dim + c0) >> lg_bs) + j] = oab[lr * tab + j];
-            }
+            tile_codes<false>(packed, absmax, pk, oab, in_dim, r0, c0, nr, nc, lg_bs, tb, tab, vec, tid);
         }
     }
     if constexpr (STATS) fuse_stats_flush(stats_, st);
