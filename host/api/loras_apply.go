@@ -64,7 +64,15 @@ func (a *API) applyLoRAs(w http.ResponseWriter, r *http.Request) {
 // strength within bounds) before any file is opened.
 // FuzzDecodeApply runs it.
 func (a *API) checkApply(req v1.ApplyRequest) (lora.Request, error) {
-	lr := lora.Request{Model: req.Model, Mode: req.Mode, Strict: req.Strict}
+	lr := lora.Request{Model: req.Model, Mode: req.Mode, Strict: req.Strict, FactorDType: req.FactorDType}
+	if req.FactorDType != "" {
+		if _, err := lora.CheckFactorDType(req.FactorDType); err != nil {
+			return lora.Request{}, badRequest("%v", err)
+		}
+		if req.Mode == lora.ModeFuse {
+			return lora.Request{}, badRequest("factor_dtype %q: side factors are stored in side mode only; a fused set has none", req.FactorDType)
+		}
+	}
 	for i, l := range req.LoRAs {
 		if l.Name == "" {
 			return lora.Request{}, badRequest("loras[%d]: name is empty", i)

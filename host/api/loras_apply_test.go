@@ -91,6 +91,29 @@ func TestLoRAApplyRoutes(t *testing.T) {
 		t.Errorf("re-apply: %d %v, want a no-op", code, body)
 	}
 
+	// factor_dtype: bf16 re-applies (half the side bytes) and shows in the
+	// state; an unknown one, or one with a fused set, is 400 naming it.
+	code, body = loraCall(t, "POST", srv.URL+"/v1/loras/apply", map[string]any{"factor_dtype": "bf16",
+		"loras": []map[string]any{{"name": kohya, "strength": 0.8}, {"name": samples.PEFTLoRAFile}}})
+	if code != http.StatusOK || body["path"] != "apply" || body["factor_dtype"] != "bf16" {
+		t.Fatalf("bf16 apply: %d %v", code, body)
+	}
+	if _, body = loraCall(t, "GET", srv.URL+"/v1/loras/state", nil); body["factor_dtype"] != "bf16" {
+		t.Errorf("state after a bf16 apply: %v", body)
+	}
+	for _, bad := range []map[string]any{
+		{"factor_dtype": "fp8", "loras": []map[string]any{{"name": kohya}}},
+		{"factor_dtype": "bf16", "mode": "fuse", "loras": []map[string]any{{"name": kohya}}},
+	} {
+		code, body = loraCall(t, "POST", srv.URL+"/v1/loras/apply", bad)
+		if code != http.StatusBadRequest || !strings.Contains(body["detail"].(string), "factor_dtype") {
+			t.Errorf("%v: %d %v, want 400 naming factor_dtype", bad, code, body)
+		}
+	}
+	if _, body = loraCall(t, "GET", srv.URL+"/v1/loras/state", nil); body["factor_dtype"] != "bf16" || body["mode"] != "side" {
+		t.Errorf("state after refused applies: %v", body)
+	}
+
 	// Paths stay inside the LoRA directory; bad files get 422 naming them.
 	code, body = loraCall(t, "POST", srv.URL+"/v1/loras/apply", map[string]any{"loras": []map[string]any{{"name": "../models/" + samples.ModelFile}}})
 	if code != http.StatusBadRequest || body["code"] != "bad_path" {

@@ -67,6 +67,7 @@ func runServe(ctx context.Context, env *Env, args []string) error {
 		ArenaCapacity: cfg.ArenaCapacity, ArenaSegment: cfg.ArenaSegment, ShmMode: cfg.Shm, Samples: cfg.Samples,
 		ArenaBackend: cfg.ArenaBackend, ArenaDevice: cfg.ArenaDevice, LoRAJournalMemory: journalMemory(cfg.LoRAJournalMemory),
 		LoRAJournalArena: int64(cfg.LoRAJournalArena),
+		LoRAFactorDType:  cfg.LoRAFactorDType,
 		PluginEnv:        pluginEnv, Logger: log,
 		LoadProgress: func(label string, total int64, done func() int64) func() {
 			return StartProgress(env.Stderr, label, total, done)

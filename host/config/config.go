@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/arenahost/arenahost/shared/cpuprofile"
+	"github.com/arenahost/arenahost/shared/lora/lorawire"
 )
 
 // Config is the resolved configuration of `arenahost serve`.
@@ -58,6 +59,9 @@ type Config struct {
 	LoRAJournalMemory int64
 	// LoRAJournalArena is the arena budget for the same copies (0: none).
 	LoRAJournalArena uint64
+	// LoRAFactorDType is the side factors' storage dtype when an apply
+	// names none: f32 or bf16.
+	LoRAFactorDType string
 
 	MaxBody           int64
 	ReadHeaderTimeout time.Duration
@@ -216,6 +220,15 @@ var settings = []setting{
 		}},
 	{name: "lora-journal-arena", def: "0", doc: "arena (device memory on the cuda backend) a fused LoRA's journal may keep the original bytes in instead of host memory: a restore is then a device-to-device copy; it costs as much as the fused weights' packed codes and absmax; 0: none",
 		set: size(func(c *Config) *uint64 { return &c.LoRAJournalArena })},
+	{name: "lora-factor-dtype", def: "f32", doc: "how side-mode LoRA factors are stored when an apply names no factor_dtype: f32, or bf16 (half the memory and upload; the same bits for a pipeline that computes in bfloat16, as diffusers-flux does on a GPU)",
+		set: func(c *Config, v string) error {
+			dt, err := lorawire.CheckFactorDType(v)
+			if err != nil {
+				return err
+			}
+			c.LoRAFactorDType = dt
+			return nil
+		}},
 	{name: "max-body", def: "1MiB", doc: "largest request body accepted (413 beyond)",
 		set: func(c *Config, v string) error {
 			n, err := ParseSize(v)

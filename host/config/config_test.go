@@ -31,7 +31,7 @@ func TestDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := Config{Listen: "127.0.0.1:7860", DataDir: "arenahost-data", PluginsDir: Auto, Python: Auto, ComfyFrontend: Auto, ArenaCapacity: 8 << 30,
-		ArenaSegment: 64 << 20, ArenaBackend: "cpu", Shm: "memfd", Samples: true, LoRAJournalMemory: -1, LoRAJournalArena: 0, MaxBody: 1 << 20, ReadHeaderTimeout: 10 * time.Second,
+		ArenaSegment: 64 << 20, ArenaBackend: "cpu", Shm: "memfd", Samples: true, LoRAJournalMemory: -1, LoRAJournalArena: 0, LoRAFactorDType: "f32", MaxBody: 1 << 20, ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout: time.Minute, WriteTimeout: 10 * time.Minute, IdleTimeout: 2 * time.Minute, LogLevel: "info", MaxImages: 8}
 	if c != want {
 		t.Fatalf("defaults:\n got %+v\nwant %+v", c, want)
@@ -68,6 +68,7 @@ func TestPrecedence(t *testing.T) {
 		{"plugins none", []string{"--plugins", ""}, nil, func(c Config) bool { return c.Plugins() == "" }},
 		{"arena backend from env", nil, map[string]string{"ARENAHOST_ARENA_BACKEND": "cuda-sim", "ARENAHOST_ARENA_DEVICE": "2"},
 			func(c Config) bool { return c.ArenaBackend == "cuda-sim" && c.ArenaDevice == 2 }},
+		{"factor dtype from env", nil, map[string]string{"ARENAHOST_LORA_FACTOR_DTYPE": "bf16"}, func(c Config) bool { return c.LoRAFactorDType == "bf16" }},
 		{"arena backend flag beats env", []string{"--arena-backend", "cuda", "--arena-device", "1"}, map[string]string{"ARENAHOST_ARENA_BACKEND": "cuda-sim"},
 			func(c Config) bool { return c.ArenaBackend == "cuda" && c.ArenaDevice == 1 }},
 	}
@@ -108,6 +109,7 @@ func TestErrors(t *testing.T) {
 		{"bad flag", []string{"--shm", "tmpfs"}, nil, `"tmpfs" is not memfd or shm`},
 		{"bad listen", []string{"--listen", "7860"}, nil, "use HOST:PORT"},
 		{"bad arena backend", []string{"--arena-backend", "rocm"}, nil, `"rocm" is not cpu, cuda or cuda-sim`},
+		{"bad factor dtype", []string{"--lora-factor-dtype", "f16"}, nil, `factor_dtype "f16": want "f32" or "bf16"`},
 		{"whitespace token", []string{"--token", "   "}, nil, "must not be blank"},
 		{"whitespace token from env", []string{"--listen", "0.0.0.0:7860"}, map[string]string{"ARENAHOST_TOKEN": "\t"}, "must not be blank"},
 		{"padded token", []string{"--token", " secret "}, nil, "start or end with whitespace"},

@@ -12,3 +12,13 @@ const (
 	ModeSide = lorawire.ModeSide
 	ModeFuse = lorawire.ModeFuse
 )
+
+// Side-factor storage dtypes of a request (Request.FactorDType).
+const (
+	FactorF32  = lorawire.FactorF32
+	FactorBF16 = lorawire.FactorBF16
+)
+
+// CheckFactorDType returns a factor dtype's canonical spelling ("" is
+// FactorF32) or an error naming it.
+func CheckFactorDType(dt string) (string, error) { return lorawire.CheckFactorDType(dt) }

@@ -20,8 +20,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/arenahost/arenahost/sdk/api"
-	"github.com/arenahost/arenahost/shared/lora/lorawire"
 	"io"
 	"log/slog"
 	"maps"
@@ -38,9 +36,12 @@ import (
 	"github.com/arenahost/arenahost/host/arena"
 	"github.com/arenahost/arenahost/host/plugin"
 	"github.com/arenahost/arenahost/host/registry"
+	"github.com/arenahost/arenahost/sdk/api"
 	"github.com/arenahost/arenahost/shared/layout"
 	slora "github.com/arenahost/arenahost/shared/lora"
+	"github.com/arenahost/arenahost/shared/lora/lorawire"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
+	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
 // Errors an apply returns, wrapped with the step, the LoRA file and key.
@@ -89,6 +90,9 @@ type Request struct {
 	Strict bool
 	// TileElems bounds the fused pass's tile (0: shared/lora's default).
 	TileElems int
+	// FactorDType is the side factors' storage dtype, lorawire.FactorF32
+	// or lorawire.FactorBF16 ("": the coordinator's FactorDType).
+	FactorDType string
 }
 
 // Coordinator applies LoRA sets to the registry's models through the
@@ -107,6 +111,10 @@ type Coordinator struct {
 	// with a device-to-device copy (journalmem.go); 0, the default, keeps
 	// none there.
 	JournalArena int64
+	// FactorDType is the side factors' dtype for requests that name none
+	// ("" is lorawire.FactorF32): BF16 halves their memory and upload and
+	// changes no bit of a forward that computes in bfloat16.
+	FactorDType string
 
 	reg      *registry.Registry
 	bindings *registry.Bindings
@@ -257,6 +265,17 @@ func (c *Coordinator) Apply(ctx context.Context, req Request) (*api.LoRAResult, 
 	if req.Mode != ModeSide && req.Mode != ModeFuse {
 		return nil, fmt.Errorf("apply: mode %q: want side or fuse: %w", req.Mode, ErrBadLoRA)
 	}
+	if req.FactorDType == "" {
+		req.FactorDType = c.FactorDType
+	}
+	fdt, err := lorawire.CheckFactorDType(req.FactorDType)
+	if err != nil {
+		return nil, fmt.Errorf("apply: %w: %w", err, ErrBadLoRA)
+	}
+	req.FactorDType = fdt
+	if req.Mode == ModeFuse {
+		req.FactorDType = "" // fused sets bind no factors
+	}
 	for _, e := range req.LoRAs {
 		if math.IsNaN(e.Strength) || math.IsInf(e.Strength, 0) || math.Abs(e.Strength) > MaxStrength {
 			return nil, fmt.Errorf("apply: lora %s: strength %v: want a finite number in [-%d, %d]: %w", e.Path, e.Strength, MaxStrength, MaxStrength, ErrBadLoRA)
@@ -274,9 +293,9 @@ func (c *Coordinator) Apply(ctx context.Context, req Request) (*api.LoRAResult, 
 	cur := ms.state
 	res := &api.LoRAResult{}
 	switch {
-	case cur.Mode == req.Mode && cur.Strict == req.Strict && sameSet(cur.LoRAs, req.LoRAs) && sameStrengths(cur.LoRAs, req.LoRAs):
+	case cur.Mode == req.Mode && cur.Strict == req.Strict && cur.FactorDType == req.FactorDType && sameSet(cur.LoRAs, req.LoRAs) && sameStrengths(cur.LoRAs, req.LoRAs):
 		res.NoOp, res.Path = true, "noop"
-	case req.Mode == ModeSide && cur.Mode == ModeSide && cur.Strict == req.Strict && sameSet(cur.LoRAs, req.LoRAs):
+	case req.Mode == ModeSide && cur.Mode == ModeSide && cur.Strict == req.Strict && cur.FactorDType == req.FactorDType && sameSet(cur.LoRAs, req.LoRAs):
 		err = c.setStrengths(ctx, ms, req)
 		res.Path = "set_strengths"
 		if errors.Is(err, ErrUnsupported) {
@@ -312,10 +331,11 @@ func specs(es []api.AppliedLoRA) []lorawire.LoRASpec {
 func (c *Coordinator) factorDescriptors(model string, fs []registry.Factors) ([]*pluginv1.TensorDescriptor, error) {
 	var out []*pluginv1.TensorDescriptor
 	for _, f := range fs {
-		for _, t := range []*registry.Tensor{
-			{Name: lorawire.FactorA(f.Weight), DType: "F32", Shape: []int64{int64(f.Rank), int64(f.In)}, Region: f.A, NBytes: uint64(4 * f.Rank * f.In)},
-			{Name: lorawire.FactorB(f.Weight), DType: "F32", Shape: []int64{int64(f.Out), int64(f.Rank)}, Region: f.B, NBytes: uint64(4 * f.Out * f.Rank)},
-		} {
+		ts, err := f.Tensors(lorawire.FactorA(f.Weight), lorawire.FactorB(f.Weight))
+		if err != nil {
+			return nil, err
+		}
+		for _, t := range ts {
 			d, err := registry.DescriptorOf(c.mem, model, t, pluginv1.Access_ACCESS_READ_WRITE)
 			if err != nil {
 				return nil, fmt.Errorf("factors of %s: %w", f.Weight, err)
@@ -382,7 +402,8 @@ func (c *Coordinator) setStrengths(ctx context.Context, ms *modelState, req Requ
 
 func (c *Coordinator) applySide(ctx context.Context, ms *modelState, req Request) error {
 	var out lorawire.ApplyResult
-	rep, err := c.call(ctx, "apply", lorawire.ApplyArgs{Model: req.Model, LoRAs: specs(req.LoRAs), Mode: ModeSide, Strict: req.Strict}, nil, &out)
+	rep, err := c.call(ctx, "apply", lorawire.ApplyArgs{Model: req.Model, LoRAs: specs(req.LoRAs), Mode: ModeSide, Strict: req.Strict,
+		FactorDType: req.FactorDType}, nil, &out)
 	var returned []arena.Region
 	if rep != nil {
 		for _, d := range rep.Tensors {
@@ -420,7 +441,17 @@ func (c *Coordinator) applySide(ctx context.Context, ms *modelState, req Request
 		if _, ok := ms.weight(c.reg, req.Model, f.Weight); !ok && !sideOnlyWeight(c.reg, req.Model, f.Weight, f.Out, f.In) {
 			return fail(fmt.Errorf("apply side: the plugin bound factors to %s, which model %q has no 4-bit weight (or plain text-encoder weight) for", f.Weight, req.Model))
 		}
-		fa, fb := registry.Factors{Weight: f.Weight, Rank: f.Rank, Out: f.Out, In: f.In}, [2]arena.Region{}
+		// The plugin must have stored what was asked, in descriptors that
+		// say so (a forward reads them by their dtype).
+		fdt, want := safetensors.F32, pluginv1.DType_DTYPE_F32
+		if req.FactorDType == lorawire.FactorBF16 {
+			fdt, want = safetensors.BF16, pluginv1.DType_DTYPE_BF16
+		}
+		if got, _ := lorawire.CheckFactorDType(f.DType); got != req.FactorDType || da.GetDtype() != want || db.GetDtype() != want {
+			return fail(fmt.Errorf("apply side: weight %s: the plugin returned factors of dtype %q (%v, %v), %q was asked",
+				f.Weight, f.DType, da.GetDtype(), db.GetDtype(), req.FactorDType))
+		}
+		fa, fb := registry.Factors{Weight: f.Weight, Rank: f.Rank, Out: f.Out, In: f.In, DType: fdt}, [2]arena.Region{}
 		for i, d := range []*pluginv1.TensorDescriptor{da, db} {
 			r, err := arena.RegionFromProto(d.GetRegion())
 			if err != nil {
@@ -451,7 +482,8 @@ func (c *Coordinator) applySide(ctx context.Context, ms *modelState, req Request
 	if err != nil {
 		return fail(fmt.Errorf("apply side: %w", err))
 	}
-	ms.state = api.LoRAState{Model: req.Model, Mode: ModeSide, LoRAs: slices.Clone(req.LoRAs), Strict: req.Strict, BindingGeneration: gen, Report: out.Report}
+	ms.state = api.LoRAState{Model: req.Model, Mode: ModeSide, LoRAs: slices.Clone(req.LoRAs), Strict: req.Strict, FactorDType: req.FactorDType,
+		BindingGeneration: gen, Report: out.Report}
 	return nil
 }
 

@@ -266,3 +266,59 @@ func TestFakeSideApplyRefusesPlainNonEncoderWeight(t *testing.T) {
 		t.Fatalf("arena holds %d bytes after a refused apply, %d before", got, base)
 	}
 }
+
+// A plugin that answers a bf16 side apply with F32 factors (or says F32
+// in the result) is refused naming the dtype: a forward reads factors by
+// their descriptors' dtype, so a mismatch is never bound; its regions are
+// freed.
+func TestFakeSideApplyWrongFactorDType(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		descDType  pluginv1.DType
+		resultType string
+	}{
+		{"F32 descriptors", pluginv1.DType_DTYPE_F32, lorawire.FactorBF16},
+		{"result says f32", pluginv1.DType_DTYPE_BF16, lorawire.FactorF32},
+		{"result says nothing", pluginv1.DType_DTYPE_BF16, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := newFakeWorld(t)
+			qw := w.model.Weights[0]
+			out, in := int(qw.State.Shape[0]), int(qw.State.Shape[1])
+			base := w.ar.Stats().Allocated
+			var asked lorawire.ApplyArgs
+			w.fake.methods["apply"] = func(args []byte, ts []*pluginv1.TensorDescriptor) (any, []*pluginv1.TensorDescriptor, error) {
+				if err := msgpack.Unmarshal(args, &asked); err != nil {
+					return nil, nil, err
+				}
+				var descs []*pluginv1.TensorDescriptor
+				for _, d := range []struct {
+					name string
+					n    int
+				}{{"fA", in}, {"fB", out}} {
+					r, err := w.ar.Alloc(arena.Owner("plugin/lora-nf4/1"), d.name, uint64(4*d.n))
+					if err != nil {
+						return nil, nil, err
+					}
+					loc, err := w.ar.Location(r)
+					if err != nil {
+						return nil, nil, err
+					}
+					descs = append(descs, &pluginv1.TensorDescriptor{Name: d.name, Dtype: tc.descDType, Shape: []int64{int64(d.n)},
+						Nbytes: uint64(4 * d.n), Access: pluginv1.Access_ACCESS_READ_WRITE, Region: arena.RegionProto(r, loc)})
+				}
+				return lorawire.ApplyResult{Factors: []lorawire.Factor{{Weight: qw.Name, A: "fA", B: "fB", Rank: 1, Out: out, In: in, DType: tc.resultType}}}, descs, nil
+			}
+			_, err := w.c.Apply(t.Context(), lora.Request{LoRAs: oneLoRA, FactorDType: lora.FactorBF16})
+			if asked.FactorDType != lora.FactorBF16 {
+				t.Fatalf("the plugin was asked for factor dtype %q, want bf16", asked.FactorDType)
+			}
+			if err == nil || !strings.Contains(err.Error(), "returned factors of dtype") || !strings.Contains(err.Error(), qw.Name) {
+				t.Fatalf("apply: %v, want the dtype mismatch named", err)
+			}
+			if got := w.ar.Stats().Allocated; got != base {
+				t.Fatalf("arena holds %d bytes after a refused apply, %d before", got, base)
+			}
+		})
+	}
+}

@@ -7,14 +7,41 @@ import (
 	"sync"
 
 	"github.com/arenahost/arenahost/host/arena"
+	"github.com/arenahost/arenahost/shared/safetensors"
 )
 
 // Factors are the LoRA side factors bound to one 4-bit weight: y += (x·Aᵀ)·Bᵀ
-// with A [Rank × In] and B [Out × Rank], F32, in host-owned arena regions.
+// with A [Rank × In] and B [Out × Rank], of DType (F32, the zero value's,
+// or BF16), in host-owned arena regions.
 type Factors struct {
 	Weight        string // the weight key, "X.weight"
 	A, B          arena.Region
 	Rank, Out, In int
+	DType         safetensors.DType // "" is F32
+}
+
+// FactorDType returns the factors' dtype (F32 when unset) and its element
+// size, or an error for any dtype but F32 and BF16.
+func (f Factors) FactorDType() (safetensors.DType, int, error) {
+	switch f.DType {
+	case "", safetensors.F32:
+		return safetensors.F32, 4, nil
+	case safetensors.BF16:
+		return safetensors.BF16, 2, nil
+	}
+	return "", 0, fmt.Errorf("weight %s: factor dtype %s (want F32 or BF16)", f.Weight, f.DType)
+}
+
+// Tensors describes A and B as tensors named nameA and nameB.
+func (f Factors) Tensors(nameA, nameB string) ([2]*Tensor, error) {
+	dt, es, err := f.FactorDType()
+	if err != nil {
+		return [2]*Tensor{}, err
+	}
+	return [2]*Tensor{
+		{Name: nameA, DType: dt, Shape: []int64{int64(f.Rank), int64(f.In)}, Region: f.A, NBytes: uint64(es * f.Rank * f.In)},
+		{Name: nameB, DType: dt, Shape: []int64{int64(f.Out), int64(f.Rank)}, Region: f.B, NBytes: uint64(es * f.Out * f.Rank)},
+	}, nil
 }
 
 // Binding is the set of factors bound to a model's weights at once, with
@@ -56,7 +83,11 @@ func (b *Bindings) Swap(model string, layers []Factors) (uint64, error) {
 		if _, dup := next.Layers[f.Weight]; dup {
 			return 0, fmt.Errorf("bind model %q: weight %s bound twice", model, f.Weight)
 		}
-		if f.Rank <= 0 || f.Out <= 0 || f.In <= 0 || f.A.Length < uint64(4*f.Rank*f.In) || f.B.Length < uint64(4*f.Out*f.Rank) {
+		_, es, err := f.FactorDType()
+		if err != nil {
+			return 0, fmt.Errorf("bind model %q: %w", model, err)
+		}
+		if f.Rank <= 0 || f.Out <= 0 || f.In <= 0 || f.A.Length < uint64(es*f.Rank*f.In) || f.B.Length < uint64(es*f.Out*f.Rank) {
 			return 0, fmt.Errorf("bind model %q: weight %s: factors [%d %d]·[%d %d] do not fit regions of %d and %d bytes",
 				model, f.Weight, f.Out, f.Rank, f.Rank, f.In, f.B.Length, f.A.Length)
 		}

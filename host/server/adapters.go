@@ -69,10 +69,11 @@ func (l lookup) factors(model, weight string) (*pluginv1.LayerFactors, error) {
 		return nil, nil
 	}
 	lf := &pluginv1.LayerFactors{Layer: weight, BindingGeneration: gen}
-	for i, t := range []*registry.Tensor{
-		{Name: weight + ".lora_A", DType: "F32", Shape: []int64{int64(f.Rank), int64(f.In)}, Region: f.A, NBytes: uint64(4 * f.Rank * f.In)},
-		{Name: weight + ".lora_B", DType: "F32", Shape: []int64{int64(f.Out), int64(f.Rank)}, Region: f.B, NBytes: uint64(4 * f.Out * f.Rank)},
-	} {
+	ts, err := f.Tensors(weight+".lora_A", weight+".lora_B")
+	if err != nil {
+		return nil, err
+	}
+	for i, t := range ts {
 		d, err := registry.DescriptorOf(l.loc, model, t, pluginv1.Access_ACCESS_READ_ONLY)
 		if err != nil {
 			return nil, fmt.Errorf("factors of %s: %w", weight, err)

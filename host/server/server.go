@@ -47,6 +47,9 @@ type Config struct {
 	// LoRAJournalArena is the arena budget for the same copies
 	// (Coordinator.JournalArena; 0: none).
 	LoRAJournalArena int64
+	// LoRAFactorDType is the side factors' dtype when an apply names none
+	// (Coordinator.FactorDType; "": f32).
+	LoRAFactorDType string
 	// ShmMode is "memfd" (default) or "shm" (files under /dev/shm).
 	ShmMode string
 	// ArenaBackend is "cpu" (default: shared memory), "cuda" (device
@@ -191,6 +194,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s.Jobs.Attach(s.Plugins)
 	s.LoRAs = lora.New(s.Registry, s.Bindings, ar, s.Plugins, log)
 	s.LoRAs.JournalArena = cfg.LoRAJournalArena
+	s.LoRAs.FactorDType = cfg.LoRAFactorDType
 	switch n := cfg.LoRAJournalMemory; {
 	case n < 0:
 		s.LoRAs.JournalMemory = 0

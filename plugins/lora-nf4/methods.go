@@ -95,6 +95,15 @@ type sidePlan struct {
 	plan  *lora.Plan
 	paths []string
 	ranks map[string]int // weight key → bound rank (Σr plus dense rows)
+	dtype pluginv1.DType // the factors' storage dtype, F32 or BF16
+}
+
+// dtypeSize is the element size of a factor dtype (F32 or BF16).
+func dtypeSize(d pluginv1.DType) int {
+	if d == pluginv1.DType_DTYPE_BF16 {
+		return 2
+	}
+	return 4
 }
 
 func newEngine() *engine {
@@ -544,6 +553,15 @@ func writeBCols(dst []float32, sl *lora.SideLayer, c0, c1 int) {
 }
 
 func (e *engine) applySide(ctx context.Context, c *sdk.Call, args lorawire.ApplyArgs) (res lorawire.ApplyResult, err error) {
+	fdt, err := lorawire.CheckFactorDType(args.FactorDType)
+	if err != nil {
+		return lorawire.ApplyResult{}, fmt.Errorf("%w: %w", err, sdk.ErrInvalidArgument)
+	}
+	dtype := pluginv1.DType_DTYPE_F32
+	if fdt == lorawire.FactorBF16 {
+		dtype = pluginv1.DType_DTYPE_BF16
+	}
+	elem := dtypeSize(dtype)
 	_, p, err := e.build(ctx, c, args, false)
 	if err != nil {
 		return lorawire.ApplyResult{}, err
@@ -586,14 +604,14 @@ func (e *engine) applySide(ctx context.Context, c *sdk.Call, args lorawire.Apply
 		// cancels wctx: the host allocates regardless of the call's
 		// context, and a region whose reply were dropped would never reach
 		// allocated and so never be freed.
-		a, err := c.Host().Allocate(context.WithoutCancel(ctx), lorawire.FactorA(w), pluginv1.DType_DTYPE_F32, []int64{int64(rr), int64(sl.In)})
+		a, err := c.Host().Allocate(context.WithoutCancel(ctx), lorawire.FactorA(w), dtype, []int64{int64(rr), int64(sl.In)})
 		if err != nil {
 			return fmt.Errorf("layer %s: allocate A_cat [%d %d]: %w", sl.Name, rr, sl.In, err)
 		}
 		amu.Lock()
 		allocated = append(allocated, a.GetRegion())
 		amu.Unlock()
-		b, err := c.Host().Allocate(context.WithoutCancel(ctx), lorawire.FactorB(w), pluginv1.DType_DTYPE_F32, []int64{int64(sl.Out), int64(rr)})
+		b, err := c.Host().Allocate(context.WithoutCancel(ctx), lorawire.FactorB(w), dtype, []int64{int64(sl.Out), int64(rr)})
 		if err != nil {
 			return fmt.Errorf("layer %s: allocate B_cat [%d %d]: %w", sl.Name, sl.Out, rr, err)
 		}
@@ -645,7 +663,7 @@ func (e *engine) applySide(ctx context.Context, c *sdk.Call, args lorawire.Apply
 		onDevice = onDevice || slots[i].dev
 		out = append(out, slots[i].a, slots[i].b)
 		ranks[w] = rr
-		res.Factors = append(res.Factors, lorawire.Factor{Weight: w, A: slots[i].a.GetName(), B: slots[i].b.GetName(), Rank: rr, Out: sl.Out, In: sl.In})
+		res.Factors = append(res.Factors, lorawire.Factor{Weight: w, A: slots[i].a.GetName(), B: slots[i].b.GetName(), Rank: rr, Out: sl.Out, In: sl.In, DType: fdt})
 	}
 	if onDevice {
 		// The factors are read by another process once the descriptors are
@@ -656,7 +674,7 @@ func (e *engine) applySide(ctx context.Context, c *sdk.Call, args lorawire.Apply
 	}
 	p.Report.SideBytes = 0
 	for _, f := range res.Factors {
-		p.Report.SideBytes += int64(4 * f.Rank * (f.In + f.Out))
+		p.Report.SideBytes += int64(elem * f.Rank * (f.In + f.Out))
 	}
 	c.Return(out...)
 	var paths []string
@@ -664,7 +682,7 @@ func (e *engine) applySide(ctx context.Context, c *sdk.Call, args lorawire.Apply
 		paths = append(paths, s.Path)
 	}
 	e.mu.Lock()
-	e.plans[modelName(args.Model)] = &sidePlan{plan: p, paths: paths, ranks: ranks}
+	e.plans[modelName(args.Model)] = &sidePlan{plan: p, paths: paths, ranks: ranks, dtype: dtype}
 	e.mu.Unlock()
 	res.Report = p.Report
 	return res, nil
@@ -708,8 +726,8 @@ func (e *engine) setStrengths(ctx context.Context, c *sdk.Call, args lorawire.Se
 			if k == 1 {
 				want = sl.Out * rr
 			}
-			if d.GetAccess() != pluginv1.Access_ACCESS_READ_WRITE || d.GetDtype() != pluginv1.DType_DTYPE_F32 || d.GetNbytes() != uint64(4*want) {
-				return lorawire.SetStrengthsResult{}, fmt.Errorf("tensor %s: want read-write F32 of %d values: %w", name, want, sdk.ErrInvalidArgument)
+			if d.GetAccess() != pluginv1.Access_ACCESS_READ_WRITE || d.GetDtype() != sp.dtype || d.GetNbytes() != uint64(dtypeSize(sp.dtype)*want) {
+				return lorawire.SetStrengthsResult{}, fmt.Errorf("tensor %s: want read-write %v of %d values (the set was applied so): %w", name, sp.dtype, want, sdk.ErrInvalidArgument)
 			}
 			ds[k] = d
 		}

@@ -43,6 +43,11 @@ type ApplyRequest struct {
 	LoRAs  []ApplyLoRA `json:"loras"`
 	Mode   string      `json:"mode,omitempty"` // "side" (default, exact) or "fuse"
 	Strict bool        `json:"strict,omitempty"`
+	// FactorDType is how side mode stores the factors: "f32" or "bf16"
+	// (omitted: the host's --lora-factor-dtype, f32 by default). bf16
+	// halves their memory and upload; a pipeline that computes in
+	// bfloat16 gets the same bits from either.
+	FactorDType string `json:"factor_dtype,omitempty"`
 }
 
 // LoRA modes (ApplyRequest.Mode, LoRAState.Mode): the LoRA plugin's own
@@ -68,6 +73,9 @@ type LoRAState struct {
 	LoRAs []AppliedLoRA `json:"loras"`
 	// Strict is the strict flag of the applied set.
 	Strict bool `json:"strict,omitempty"`
+	// FactorDType is the side factors' storage dtype ("f32" or "bf16";
+	// empty in fuse mode).
+	FactorDType string `json:"factor_dtype,omitempty"`
 	// BindingGeneration changes whenever the bound side factors change.
 	BindingGeneration uint64 `json:"binding_generation,omitempty"`
 	// Fused lists the weights fused (fuse mode).

@@ -4,7 +4,11 @@
 // imports no plugin code, and plugins no host code), so they cannot drift.
 package lorawire
 
-import "github.com/arenahost/arenahost/shared/lora"
+import (
+	"fmt"
+
+	"github.com/arenahost/arenahost/shared/lora"
+)
 
 // PluginName is the plugin the host's LoRA coordinator calls by default.
 const PluginName = "lora-nf4"
@@ -90,6 +94,31 @@ type ApplyArgs struct {
 	Strict bool       `msgpack:"strict"`
 	// TileElems bounds the fused pass's tile (0: shared/lora's default).
 	TileElems int `msgpack:"tile_elems"`
+	// FactorDType is the side factors' storage dtype: FactorF32 ("", the
+	// default) or FactorBF16, each value rounded once to nearest even from
+	// the float32 factor (scale and strength folded in). A forward that
+	// computes in bfloat16 rounds float32 factors the same way, so it gets
+	// the same bits from either, from half the memory with BF16.
+	FactorDType string `msgpack:"factor_dtype,omitempty"`
+}
+
+// Side-factor storage dtypes (ApplyArgs.FactorDType, Factor.DType), as
+// the HTTP API spells them.
+const (
+	FactorF32  = "f32"
+	FactorBF16 = "bf16"
+)
+
+// CheckFactorDType returns the canonical dtype ("" is FactorF32) or an
+// error naming the value.
+func CheckFactorDType(dt string) (string, error) {
+	switch dt {
+	case "", FactorF32:
+		return FactorF32, nil
+	case FactorBF16:
+		return FactorBF16, nil
+	}
+	return "", fmt.Errorf("factor_dtype %q: want %q or %q", dt, FactorF32, FactorBF16)
 }
 
 // PlanResult is the result of plan: the weights an apply of that set
@@ -101,7 +130,8 @@ type PlanResult struct {
 }
 
 // Factor is one layer's bound side factors: A [Rank × In] and B [Out ×
-// Rank], F32, returned as the tensors named A and B. Rank counts the dense
+// Rank], of DType (FactorF32 when empty, or FactorBF16), returned as the
+// tensors named A and B. Rank counts the dense
 // columns too: a dense delta D travels as extra rows D of A with identity
 // columns of B, so y += (x·Aᵀ)·Bᵀ stays the whole update.
 type Factor struct {
@@ -111,6 +141,7 @@ type Factor struct {
 	Rank   int    `msgpack:"rank"`
 	Out    int    `msgpack:"out"`
 	In     int    `msgpack:"in"`
+	DType  string `msgpack:"dtype,omitempty"`
 }
 
 // ApplyResult is the result of apply.
