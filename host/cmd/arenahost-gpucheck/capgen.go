@@ -367,8 +367,14 @@ func (o CapGenOptions) runOne(ctx context.Context, h *host, model, pipeDir strin
 		for i := range set {
 			set[i] = map[string]any{"name": strings.TrimSuffix(filepath.Base(loraPath(c.Rank, i)), ".safetensors"), "strength": 1.0}
 		}
+		req := map[string]any{"model": model, "loras": set, "mode": c.Mode}
+		if c.Mode == "side" && o.DType == "bfloat16" {
+			// A bfloat16 forward gets the same bits from bf16 factors,
+			// which take half the memory (docs/api.md, factor_dtype).
+			req["factor_dtype"] = "bf16"
+		}
 		t := time.Now()
-		err := h.call(ctx, "POST", "/v1/loras/apply", map[string]any{"model": model, "loras": set, "mode": c.Mode}, nil)
+		err := h.call(ctx, "POST", "/v1/loras/apply", req, nil)
 		c.ApplyS = time.Since(t).Seconds()
 		if err != nil {
 			c.Err, c.OOM = err.Error(), isOOM(err.Error())

@@ -183,15 +183,22 @@ func CheckScale(ctx context.Context, r *Report, o ScaleOptions) error {
 	for i := range set {
 		set[i] = map[string]any{"name": loraName(i), "strength": 1.0}
 	}
-	ts, err := wall(func() error {
-		return h.call(ctx, "POST", "/v1/loras/apply", map[string]any{"model": model, "loras": set, "mode": "side"}, &rep)
-	})
-	if err != nil {
-		return err
+	// The factors stored as f32 and as bf16 (half the bytes to build and
+	// upload; the same bits for a bfloat16 forward); each from no factors.
+	for _, fdt := range []string{"f32", "bf16"} {
+		ts, err := wall(func() error {
+			return h.call(ctx, "POST", "/v1/loras/apply", map[string]any{"model": model, "loras": set, "mode": "side", "factor_dtype": fdt}, &rep)
+		})
+		if err != nil {
+			return err
+		}
+		r.Add("scale", fmt.Sprintf("side apply of %d rank-%d LoRAs, factor_dtype %s, end to end (parses the files, builds and uploads the factors)", scaleLoRAs, o.Rank, fdt),
+			fmt.Sprintf("%.3f s wall, %.3f s in the host, %s of factors", ts, float64(rep.ElapsedNS)/1e9, MiB(rep.Report.SideBytes)), "", Info)
+		if err := h.call(ctx, "DELETE", "/v1/loras?model="+model, nil, nil); err != nil {
+			return err
+		}
 	}
-	r.Add("scale", fmt.Sprintf("side apply of %d rank-%d LoRAs, end to end (parses the files, builds and uploads the factors)", scaleLoRAs, o.Rank),
-		fmt.Sprintf("%.3f s wall, %.3f s in the host, %s of factors", ts, float64(rep.ElapsedNS)/1e9, MiB(rep.Report.SideBytes)), "", Info)
-	return h.call(ctx, "DELETE", "/v1/loras?model="+model, nil, nil)
+	return nil
 }
 
 func loraName(i int) string { return fmt.Sprintf("flux-scale-lora-%d", i+1) }

@@ -412,9 +412,10 @@ def _arena_linear_class():
                     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != self.in_features or b.shape[0] != src_out or a.shape[0] != b.shape[1]:
                         raise DescriptorError(f"layer {self.weight_name!r}: factors A{list(a.shape)} B{list(b.shape)} do not fit "
                                               f"weight [{src_out}, {self.in_features}]")
-                    a = a if a.dtype == torch.float32 else a.float()
+                    # Factors stay in their stored dtype (F32, or BF16 with the host's
+                    # factor_dtype bf16): the forward casts them to x's dtype, which a
+                    # bfloat16 forward does to F32 factors too (the same bits either way).
                     bsel = self._rowsel(b)
-                    bsel = bsel if bsel.dtype == torch.float32 else bsel.float()
                     if self.rows:
                         # A split layer's rows of B_cat are zero in the columns of the other parts'
                         # factors (a LoRA on to_q says nothing about to_k): drop those ranks. They

@@ -162,6 +162,39 @@ def test_side_mode_through_the_host_matches_diffusers_peft(host):
     np.testing.assert_allclose(again, base_ref, rtol=1e-4, atol=1e-4)
 
 
+def test_bf16_factors_give_a_bfloat16_forward_the_same_bits(host):
+    """factor_dtype bf16 (half the factor memory) changes no bit of a bfloat16 forward: the pipeline
+    casts f32 factors to bfloat16 with the rounding the plugin stored them with. A float32 forward
+    reads the rounded values, so it differs; the f32 set is applied again to tell the two apart."""
+    require("torch")
+    from arenahost import diffusers_check as dc
+    from arenahost.diffusers_flux import SAMPLE_TRANSFORMER_CONFIG as cfg
+
+    loras = host.data / "loras"
+    if not (loras / "style_peft.safetensors").exists():
+        sd = dc.read_nf4_checkpoint(str(host.data / "models" / "flux-sample-nf4.safetensors"))
+        bfl = dc.dequantized_bfl_state(sd)
+        dc.write_peft_lora(str(loras / "style_peft.safetensors"), dc.bfl_to_diffusers_state(bfl), cfg)
+        dc.write_kohya_lora(str(loras / "detail_kohya.safetensors"), bfl)
+    body = {"model": "sample", "mode": "side", "loras": [{"name": "style_peft", "strength": 1.0}, {"name": "detail_kohya", "strength": 0.7}]}
+    out = {}
+    try:
+        for fdt in ("f32", "bf16"):
+            st, res = host.call("POST", "/v1/loras/apply", dict(body, factor_dtype=fdt))
+            assert st == 200 and res["factor_dtype"] == fdt and res["path"] == "apply", res
+            side = res["report"]["side_bytes"]
+            for dt in ("bfloat16", "float32"):
+                y, r = _forward(host, seed=3, dtype=dt)
+                assert r["dtype"] == dt and len(r["bound"]) > 30, r
+                out[fdt, dt] = (y, side)
+        assert out["bf16", "bfloat16"][1] * 2 == out["f32", "bfloat16"][1], "bf16 factors take half the bytes"
+        np.testing.assert_array_equal(out["bf16", "bfloat16"][0], out["f32", "bfloat16"][0])
+        assert np.abs(out["bf16", "float32"][0] - out["f32", "float32"][0]).max() > 0, \
+            "a float32 forward must see the rounding, or this test cannot tell the factors apart"
+    finally:
+        host.call("DELETE", "/v1/loras?model=sample")
+
+
 def test_job_previews_decode_and_final_image_has_requested_size(host):
     from PIL import Image
 
