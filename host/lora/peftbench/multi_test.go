@@ -70,6 +70,8 @@ func multiFixtures(b *testing.B) (model string, loras []string) {
 // Apply/Remove, from the call to ready), best of the rounds.
 type multiFigures struct {
 	side5, fuse5, refuse5, remove5 time.Duration
+	side5BF16                      time.Duration // the side apply with factor_dtype bf16
+	sideBytes, sideBytesBF16       int64
 	restore                        time.Duration // the re-apply's "host: journal and restore" phase
 	exact                          bool
 	journalMem                     uint64
@@ -115,11 +117,18 @@ func runMulti(b *testing.B, plugins, model string, loras []string, workers int, 
 	var f multiFigures
 	f.exact = true
 	for range rounds {
-		timeIt(&f.side5, func() (*api.LoRAResult, error) {
-			return s.LoRAs.Apply(ctx, lora.Request{Model: "bench", LoRAs: set(1), Mode: lora.ModeSide})
-		})
-		if _, err := s.LoRAs.Remove(ctx, "bench"); err != nil {
-			b.Fatal(err)
+		for _, fdt := range []string{lora.FactorF32, lora.FactorBF16} {
+			best, bytes := &f.side5, &f.sideBytes
+			if fdt == lora.FactorBF16 {
+				best, bytes = &f.side5BF16, &f.sideBytesBF16
+			}
+			r := timeIt(best, func() (*api.LoRAResult, error) {
+				return s.LoRAs.Apply(ctx, lora.Request{Model: "bench", LoRAs: set(1), Mode: lora.ModeSide, FactorDType: fdt})
+			})
+			*bytes = r.Report.SideBytes
+			if _, err := s.LoRAs.Remove(ctx, "bench"); err != nil {
+				b.Fatal(err)
+			}
 		}
 		timeIt(&f.fuse5, func() (*api.LoRAResult, error) {
 			return s.LoRAs.Apply(ctx, lora.Request{Model: "bench", LoRAs: set(1), Mode: lora.ModeFuse})
@@ -177,6 +186,9 @@ func BenchmarkMultiLoRA(b *testing.B) {
 			b.ReportMetric(p.Seconds()/o.Seconds(), name+"-speedup")
 		}
 		row("side5", ours.side5, inArena.side5, base.side5)
+		fmt.Printf("side5 with factor_dtype bf16: ours %.3f s, %.0f MiB of factors (f32: %.3f s, %.0f MiB)\n",
+			ours.side5BF16.Seconds(), float64(ours.sideBytesBF16)/(1<<20), ours.side5.Seconds(), float64(ours.sideBytes)/(1<<20))
+		b.ReportMetric(ours.side5BF16.Seconds(), "side5bf16-s")
 		row("fuse5", ours.fuse5, inArena.fuse5, base.fuse5)
 		row("refuse5", ours.refuse5, inArena.refuse5, base.refuse5)
 		row("(restore)", ours.restore, inArena.restore, base.restore)
