@@ -15,15 +15,8 @@ import (
 // boundRaw reads the descriptors and bytes of the factors bound to w.
 func boundRaw(t *testing.T, s *server.Server, w string) (a, b *pluginv1.TensorDescriptor, ab, bb []byte) {
 	t.Helper()
-	resp, err := s.LookupTensors(t.Context(), &pluginv1.LookupTensorsRequest{Names: []string{w}, IncludeFactors: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(resp.GetFactors()) != 1 {
-		t.Fatalf("lookup %s with factors: %d factor sets, want 1", w, len(resp.GetFactors()))
-	}
-	lf := resp.GetFactors()[0]
-	return lf.GetA(), lf.GetB(), bytes.Clone(descriptorBytes(t, s, lf.GetA())), bytes.Clone(descriptorBytes(t, s, lf.GetB()))
+	lf, ab, bb := boundLayer(t, s, w)
+	return lf.GetA(), lf.GetB(), ab, bb
 }
 
 // asBF16 is what a bfloat16 forward makes of F32 factor bytes: each value

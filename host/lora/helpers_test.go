@@ -1,6 +1,7 @@
 package lora_test
 
 import (
+	"bytes"
 	"context"
 	"io"
 	"log/slog"
@@ -340,8 +341,9 @@ func descriptorBytes(t *testing.T, s *server.Server, d *pluginv1.TensorDescripto
 // backends are the arena backends the end-to-end tests run on.
 var backends = []string{server.BackendCPU, server.BackendCUDASim}
 
-// boundFactors reads the factors bound to w, as a pipeline would.
-func boundFactors(t *testing.T, s *server.Server, w string) (a, b []float32, rank int, gen uint64) {
+// boundLayer reads the factors bound to w, as a pipeline would: their
+// descriptors (with the binding generation) and copies of their bytes.
+func boundLayer(t *testing.T, s *server.Server, w string) (lf *pluginv1.LayerFactors, ab, bb []byte) {
 	t.Helper()
 	resp, err := s.LookupTensors(t.Context(), &pluginv1.LookupTensorsRequest{Names: []string{w}, IncludeFactors: true})
 	if err != nil {
@@ -350,11 +352,17 @@ func boundFactors(t *testing.T, s *server.Server, w string) (a, b []float32, ran
 	if len(resp.GetFactors()) != 1 {
 		t.Fatalf("lookup %s with factors: %d factor sets, want 1", w, len(resp.GetFactors()))
 	}
-	lf := resp.GetFactors()[0]
-	ab, bb := descriptorBytes(t, s, lf.GetA()), descriptorBytes(t, s, lf.GetB())
+	lf = resp.GetFactors()[0]
+	return lf, bytes.Clone(descriptorBytes(t, s, lf.GetA())), bytes.Clone(descriptorBytes(t, s, lf.GetB()))
+}
+
+// boundFactors reads the F32 factors bound to w, as a pipeline would.
+func boundFactors(t *testing.T, s *server.Server, w string) (a, b []float32, rank int, gen uint64) {
+	t.Helper()
+	lf, ab, bb := boundLayer(t, s, w)
 	a, _ = tensor.Float32s(ab)
 	b, _ = tensor.Float32s(bb)
-	return append([]float32(nil), a...), append([]float32(nil), b...), int(lf.GetA().GetShape()[0]), lf.GetBindingGeneration()
+	return a, b, int(lf.GetA().GetShape()[0]), lf.GetBindingGeneration()
 }
 
 // checkSide compares y = x·dq(W)ᵀ + (x·Aᵀ)·Bᵀ with the fp64 oracle for
