@@ -220,7 +220,7 @@ var settings = []setting{
 		}},
 	{name: "lora-journal-arena", def: "0", doc: "arena (device memory on the cuda backend) a fused LoRA's journal may keep the original bytes in instead of host memory: a restore is then a device-to-device copy; it costs as much as the fused weights' packed codes and absmax; 0: none",
 		set: size(func(c *Config) *uint64 { return &c.LoRAJournalArena })},
-	{name: "lora-factor-dtype", def: "f32", doc: "how side-mode LoRA factors are stored when an apply names no factor_dtype: f32, or bf16 (half the memory and upload; the same bits for a pipeline that computes in bfloat16, as diffusers-flux does on a GPU)",
+	{name: "lora-factor-dtype", def: "f32", doc: "how side-mode LoRA factors are stored when an apply names no factor_dtype and the model holds no side set: f32, or bf16 (half the memory and upload; the same bits for a pipeline that computes in bfloat16, as diffusers-flux does on a GPU; a float16 pipeline would round them twice)",
 		set: func(c *Config, v string) error {
 			dt, err := lorawire.CheckFactorDType(v)
 			if err != nil {

@@ -91,7 +91,8 @@ type Request struct {
 	// TileElems bounds the fused pass's tile (0: shared/lora's default).
 	TileElems int
 	// FactorDType is the side factors' storage dtype, lorawire.FactorF32
-	// or lorawire.FactorBF16 ("": the coordinator's FactorDType).
+	// or lorawire.FactorBF16; "": the dtype bound now when the model holds
+	// a side set, else the coordinator's FactorDType.
 	FactorDType string
 }
 
@@ -112,8 +113,9 @@ type Coordinator struct {
 	// none there.
 	JournalArena int64
 	// FactorDType is the side factors' dtype for requests that name none
-	// ("" is lorawire.FactorF32): BF16 halves their memory and upload and
-	// changes no bit of a forward that computes in bfloat16.
+	// on a model that holds no side set ("" is lorawire.FactorF32): BF16
+	// halves their memory and upload and changes no bit of a forward that
+	// computes in bfloat16.
 	FactorDType string
 
 	reg      *registry.Registry
@@ -265,16 +267,12 @@ func (c *Coordinator) Apply(ctx context.Context, req Request) (*api.LoRAResult, 
 	if req.Mode != ModeSide && req.Mode != ModeFuse {
 		return nil, fmt.Errorf("apply: mode %q: want side or fuse: %w", req.Mode, ErrBadLoRA)
 	}
-	if req.FactorDType == "" {
-		req.FactorDType = c.FactorDType
-	}
-	fdt, err := lorawire.CheckFactorDType(req.FactorDType)
-	if err != nil {
-		return nil, fmt.Errorf("apply: %w: %w", err, ErrBadLoRA)
-	}
-	req.FactorDType = fdt
-	if req.Mode == ModeFuse {
-		req.FactorDType = "" // fused sets bind no factors
+	if req.FactorDType != "" {
+		fdt, err := lorawire.CheckFactorDType(req.FactorDType)
+		if err != nil {
+			return nil, fmt.Errorf("apply: %w: %w", err, ErrBadLoRA)
+		}
+		req.FactorDType = fdt
 	}
 	for _, e := range req.LoRAs {
 		if math.IsNaN(e.Strength) || math.IsInf(e.Strength, 0) || math.Abs(e.Strength) > MaxStrength {
@@ -287,6 +285,22 @@ func (c *Coordinator) Apply(ctx context.Context, req Request) (*api.LoRAResult, 
 	}
 	ms.mu.Lock()
 	defer ms.mu.Unlock()
+	switch {
+	case req.Mode == ModeFuse:
+		req.FactorDType = "" // fused sets bind no factors
+	case req.FactorDType != "":
+	case ms.state.Mode == ModeSide:
+		// A request that names no dtype (the A1111 and ComfyUI routes
+		// never do) keeps the one bound: a bf16 set stays bf16 through
+		// their strength changes and no-ops.
+		req.FactorDType = ms.state.FactorDType
+	default:
+		fdt, err := lorawire.CheckFactorDType(c.FactorDType)
+		if err != nil {
+			return nil, fmt.Errorf("apply: the host's %w: %w", err, ErrBadLoRA)
+		}
+		req.FactorDType = fdt
+	}
 	if len(req.LoRAs) == 0 {
 		return c.remove(ctx, ms, start)
 	}

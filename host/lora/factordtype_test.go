@@ -36,8 +36,8 @@ func asBF16(t *testing.T, f32 []byte) []byte {
 // F32 factor rounded once to bfloat16, bit for bit, in descriptors that say
 // BF16, at half the bytes; a strength change under it rewrites in bf16 what
 // an F32 apply at the new strengths rounds to; switching the dtype is a
-// full apply, the same dtype again a no-op; an unknown dtype is refused
-// with the model unchanged. On the CPU arena and the simulated GPU (where
+// full apply, the same dtype again a no-op, and a request naming none keeps
+// the bound one; an unknown dtype is refused with the model unchanged. On the CPU arena and the simulated GPU (where
 // the plugin uploads the rounded factors).
 func TestSideBF16Factors(t *testing.T) {
 	for _, backend := range backends {
@@ -88,15 +88,20 @@ func testSideBF16Factors(t *testing.T, backend string) {
 		}
 	}
 	check("bf16 apply")
+	// A request that names no dtype (as the A1111 and ComfyUI routes send
+	// them) keeps the bound one: a no-op, then a strength change in bf16.
+	if again, err := s.LoRAs.Apply(t.Context(), *apply("")); err != nil || !again.NoOp || again.FactorDType != lora.FactorBF16 {
+		t.Fatalf("same set, no dtype named: %+v %v, want a no-op keeping bf16", again, err)
+	}
 	if again, err := s.LoRAs.Apply(t.Context(), *apply(lora.FactorBF16)); err != nil || !again.NoOp {
 		t.Fatalf("same set, same dtype: %+v %v, want a no-op", again, err)
 	}
 
 	// A strength change in bf16, against an f32 apply at the new strengths.
 	set[0].strength = 0.4
-	moved, err := s.LoRAs.Apply(t.Context(), *apply(lora.FactorBF16))
-	if err != nil || moved.Path != "set_strengths" {
-		t.Fatalf("strength change: %+v %v, want set_strengths", moved, err)
+	moved, err := s.LoRAs.Apply(t.Context(), *apply(""))
+	if err != nil || moved.Path != "set_strengths" || moved.FactorDType != lora.FactorBF16 {
+		t.Fatalf("strength change: %+v %v, want set_strengths in bf16", moved, err)
 	}
 	got := map[string][2][]byte{}
 	for _, w := range oracleWeights {
@@ -114,6 +119,9 @@ func testSideBF16Factors(t *testing.T, backend string) {
 		}
 	}
 	checkSide(t, s, dir, set)
+	if again, err := s.LoRAs.Apply(t.Context(), *apply("")); err != nil || !again.NoOp || again.FactorDType != lora.FactorF32 {
+		t.Fatalf("same set, no dtype named, after f32: %+v %v, want a no-op keeping f32", again, err)
+	}
 
 	// An unknown dtype: refused, nothing changed.
 	before := snapshot(t, s)

@@ -108,8 +108,12 @@ class HostHTTP:
     def loras(self) -> list[dict]:
         return self._request("GET", "/v1/loras")
 
-    def apply_loras(self, model: str, mode: str, loras: list[tuple[str, float]]) -> dict:
+    def apply_loras(self, model: str, mode: str, loras: list[tuple[str, float]], factor_dtype: str = "") -> dict:
+        """POST /v1/loras/apply; factor_dtype "f32" or "bf16" (side mode), omitted when empty: the host keeps
+        the dtype bound now, or takes its --lora-factor-dtype."""
         body = {"model": model, "mode": mode, "loras": [{"name": n, "strength": float(s)} for n, s in loras]}
+        if factor_dtype:
+            body["factor_dtype"] = factor_dtype
         return self._request("POST", "/v1/loras/apply", body)
 
     def remove_loras(self, model: str) -> dict:
