@@ -311,8 +311,8 @@ func TestEmuFuse(t *testing.T) {
 			// address (the staging's byte path), and on a grid of three
 			// blocks, each striding over the tiles (a block stages a tile
 			// right after writing back the previous one, whose shape may
-			// differ, with only its barriers between): the same bytes each
-			// time.
+			// differ, with only its barriers between), through the 16-byte
+			// and the byte path: the same bytes each time.
 			type variant struct {
 				name   string
 				p, a   DevicePtr
@@ -331,21 +331,22 @@ func TestEmuFuse(t *testing.T) {
 				copy(m.Mem[odd:], packed)
 				variants = append(variants, variant{"codes at an odd address", odd, m.putF32(absmax), 0, false, 0},
 					variant{"grid-stride", m.put(packed), m.putF32(absmax), 16, false, 3},
+					variant{"grid-stride, 64 columns", m.put(packed), m.putF32(absmax), 64, false, 3},
 					variant{"grid-stride, odd address", m.alloc(len(packed)+1) + 1, m.putF32(absmax), 64, false, 3})
 				copy(m.Mem[variants[len(variants)-1].p:], packed)
 			}
 			ran := variants[:0]
 			for _, v := range variants {
-				c, err := FuseCall(FuseLayer{Packed: v.p, Absmax: v.a, Out: c.out, In: c.in, Blocksize: c.bs,
+				call, err := FuseCall(FuseLayer{Packed: v.p, Absmax: v.a, Out: c.out, In: c.in, Blocksize: c.bs,
 					A: dA0, B: dB0, Rank: c.rank, DType: c.dtype, TileCols: v.cols, Direct: v.direct})
 				if v.grid > 0 {
-					if c.Grid <= v.grid {
+					if call.Grid <= v.grid {
 						continue // too few tiles to stride over; other cases have more
 					}
-					c.Grid = v.grid
+					call.Grid = v.grid
 					strided++
 				}
-				m.add(c, err)
+				m.add(call, err)
 				ran = append(ran, v)
 			}
 			m.run(t)

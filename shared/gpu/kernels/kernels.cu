@@ -27,7 +27,9 @@
 // NF4_EMULATE: compiled as host C++ by the CPU emulator (emu/), which
 // supplies the CUDA builtins; see emu/emu.h.
 #ifndef NF4_EMULATE
-#define EXTERN_SHARED(type, name) extern __shared__ type name[]
+// 16-byte aligned: nf4_fuse2d's float4 loads and 16-byte cp.async copies
+// rely on it.
+#define EXTERN_SHARED(type, name) extern __shared__ __align__(16) type name[]
 #endif
 
 typedef unsigned long long u64;
