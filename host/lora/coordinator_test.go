@@ -1,6 +1,7 @@
 package lora_test
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -661,6 +662,24 @@ func TestSideDenseDelta(t *testing.T) {
 		if maxErr > 1e-4*maxY {
 			t.Errorf("strength %v: dense side output off by %.3g (|y| %.3g)", strength, maxErr, maxY)
 		}
+	}
+
+	// bf16 factors: a strength change rewrites the dense rows of A'
+	// (set_strengths) as an f32 apply at that strength rounds them.
+	apply := func(strength float64, dt, want string) {
+		t.Helper()
+		res, err := s.LoRAs.Apply(t.Context(), lora.Request{LoRAs: []api.AppliedLoRA{{Path: path, Strength: strength}}, FactorDType: dt})
+		if err != nil || res.Path != want {
+			t.Fatalf("strength %v, factor dtype %q: %+v %v, want path %s", strength, dt, res, err, want)
+		}
+	}
+	apply(-0.5, lora.FactorBF16, "apply")
+	apply(1, "", "set_strengths")
+	_, ab, bb := boundLayer(t, s, w)
+	apply(1, lora.FactorF32, "apply")
+	_, fa, fb := boundLayer(t, s, w)
+	if !bytes.Equal(ab, asBF16(t, fa)) || !bytes.Equal(bb, asBF16(t, fb)) {
+		t.Error("bf16 dense factors after a strength change differ from the f32 factors at that strength, rounded")
 	}
 }
 
