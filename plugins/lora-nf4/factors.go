@@ -120,12 +120,21 @@ func (f *factors) writeAll(ctx context.Context, sl *lora.SideLayer) error {
 		writeBCols(f.b32, sl, 0, rr)
 		return nil
 	}
-	a, b := make([]float32, rr*sl.In), make([]float32, sl.Out*rr)
-	writeA(a, sl)
-	writeBCols(b, sl, 0, rr)
-	if err := f.put(ctx, 0, a, 0); err != nil {
-		return err
+	// A' is A_cat's rows then the dense rows, each contiguous in the side
+	// state: put straight from there (an f32 upload copies nothing more).
+	// B' interleaves B_cat with identity columns: built first.
+	if sl.Rank > 0 {
+		if err := f.put(ctx, 0, sl.A[:sl.Rank*sl.In], 0); err != nil {
+			return err
+		}
 	}
+	if sl.Dense != nil {
+		if err := f.put(ctx, 0, sl.Dense, sl.Rank*sl.In); err != nil {
+			return err
+		}
+	}
+	b := make([]float32, sl.Out*rr)
+	writeBCols(b, sl, 0, rr)
 	return f.put(ctx, 1, b, 0)
 }
 
