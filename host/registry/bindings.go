@@ -23,11 +23,11 @@ type Factors struct {
 // FactorDType returns the factors' dtype (F32 when unset) and its element
 // size, or an error for any dtype but F32 and BF16.
 func (f Factors) FactorDType() (safetensors.DType, int, error) {
-	switch f.DType {
-	case "", safetensors.F32:
-		return safetensors.F32, 4, nil
-	case safetensors.BF16:
-		return safetensors.BF16, 2, nil
+	switch dt := f.DType; dt {
+	case "":
+		return safetensors.F32, safetensors.F32.Size(), nil
+	case safetensors.F32, safetensors.BF16:
+		return dt, dt.Size(), nil
 	}
 	return "", 0, fmt.Errorf("weight %s: factor dtype %s (want F32 or BF16)", f.Weight, f.DType)
 }

@@ -10,6 +10,7 @@ import (
 	"github.com/arenahost/arenahost/shared/half"
 	"github.com/arenahost/arenahost/shared/lora"
 	pluginv1 "github.com/arenahost/arenahost/shared/proto/arenahost/plugin/v1"
+	"github.com/arenahost/arenahost/shared/tensor"
 )
 
 // factors is one layer's bound side factors A' [R' × In] and B' [Out × R']
@@ -20,6 +21,7 @@ import (
 type factors struct {
 	name       [2]string // the descriptors' names, for errors
 	bf16       bool
+	es         int       // element size: 4 (F32) or 2 (BF16)
 	a, b       []byte    // CPU views
 	a32, b32   []float32 // CPU views of F32 factors, written in place
 	dev        device    // set when both are on the device
@@ -36,6 +38,7 @@ func (e *engine) factorView(c *sdk.Call, w string, a, b *pluginv1.TensorDescript
 		}
 	}
 	f.bf16 = a.GetDtype() == pluginv1.DType_DTYPE_BF16
+	f.es, _ = tensor.ElemSize(a.GetDtype()) // F32 or BF16: known
 	if ca, cb := isCUDA(a.GetRegion()), isCUDA(b.GetRegion()); ca != cb {
 		return nil, fmt.Errorf("layer %s: factors %s and %s are on different memories (one CPU, one CUDA): %w", w, a.GetName(), b.GetName(), sdk.ErrInvalidArgument)
 	} else if !ca {
@@ -66,27 +69,19 @@ func (e *engine) factorView(c *sdk.Call, w string, a, b *pluginv1.TensorDescript
 	return f, nil
 }
 
-// elem is the factors' element size in bytes.
-func (f *factors) elem() int {
-	if f.bf16 {
-		return 2
-	}
-	return 4
-}
-
 // put writes v at element offset off of A' (k 0) or B' (k 1): into the
 // mapping, or uploaded, converted to the factors' dtype.
 func (f *factors) put(ctx context.Context, k int, v []float32, off int) error {
-	n := f.elem() * len(v)
+	n := f.es * len(v)
 	if f.dev == nil {
 		dst := f.a
 		if k == 1 {
 			dst = f.b
 		}
-		if off < 0 || f.elem()*off+n > len(dst) {
+		if off < 0 || f.es*off+n > len(dst) {
 			return fmt.Errorf("tensor %s: %d values at %d do not fit its %d bytes: %w", f.name[k], len(v), off, len(dst), sdk.ErrInvalidArgument)
 		}
-		f.encode(dst[f.elem()*off:f.elem()*off+n], v)
+		f.encode(dst[f.es*off:f.es*off+n], v)
 		return nil
 	}
 	base := f.aPtr
@@ -98,8 +93,8 @@ func (f *factors) put(ctx context.Context, k int, v []float32, off int) error {
 		src = make([]byte, n)
 		f.encode(src, v)
 	}
-	if err := f.dev.Upload(ctx, base+gpu.DevicePtr(f.elem()*off), src); err != nil {
-		return fmt.Errorf("tensor %s: upload %d bytes at %d: %w", f.name[k], n, f.elem()*off, err)
+	if err := f.dev.Upload(ctx, base+gpu.DevicePtr(f.es*off), src); err != nil {
+		return fmt.Errorf("tensor %s: upload %d bytes at %d: %w", f.name[k], n, f.es*off, err)
 	}
 	return nil
 }

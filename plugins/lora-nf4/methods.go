@@ -98,14 +98,6 @@ type sidePlan struct {
 	dtype pluginv1.DType // the factors' storage dtype, F32 or BF16
 }
 
-// dtypeSize is the element size of a factor dtype (F32 or BF16).
-func dtypeSize(d pluginv1.DType) int {
-	if d == pluginv1.DType_DTYPE_BF16 {
-		return 2
-	}
-	return 4
-}
-
 func newEngine() *engine {
 	e := &engine{plans: map[string]*sidePlan{}, mapper: tensor.NewMapper(), gpu: &gpuState{}, batch: DefaultDeviceBatch, parseWorkers: runtime.GOMAXPROCS(0)}
 	if v := os.Getenv(EnvLayerDelay); v != "" {
@@ -561,7 +553,7 @@ func (e *engine) applySide(ctx context.Context, c *sdk.Call, args lorawire.Apply
 	if fdt == lorawire.FactorBF16 {
 		dtype = pluginv1.DType_DTYPE_BF16
 	}
-	elem := dtypeSize(dtype)
+	elem, _ := tensor.ElemSize(dtype) // F32 or BF16: known
 	_, p, err := e.build(ctx, c, args, false)
 	if err != nil {
 		return lorawire.ApplyResult{}, err
@@ -726,7 +718,8 @@ func (e *engine) setStrengths(ctx context.Context, c *sdk.Call, args lorawire.Se
 			if k == 1 {
 				want = sl.Out * rr
 			}
-			if d.GetAccess() != pluginv1.Access_ACCESS_READ_WRITE || d.GetDtype() != sp.dtype || d.GetNbytes() != uint64(dtypeSize(sp.dtype)*want) {
+			es, _ := tensor.ElemSize(sp.dtype) // F32 or BF16: known
+			if d.GetAccess() != pluginv1.Access_ACCESS_READ_WRITE || d.GetDtype() != sp.dtype || d.GetNbytes() != uint64(es*want) {
 				return lorawire.SetStrengthsResult{}, fmt.Errorf("tensor %s: want read-write %v of %d values (the set was applied so): %w", name, sp.dtype, want, sdk.ErrInvalidArgument)
 			}
 			ds[k] = d

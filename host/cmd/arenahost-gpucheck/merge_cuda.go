@@ -237,20 +237,10 @@ func benchMerge(ctx context.Context, dev *gpu.Device, r *Report, o options) erro
 
 	// Journal: original packed bytes and absmax of every layer.
 	var jBytes float64
-	tj, err := best(2, func() error {
-		jBytes = 0
-		q := dev.Queue()
-		for _, l := range layers {
-			if err := q.JournalCopy(l.jPacked, l.packed, uint64(nf4.PackedLen(l.n))); err != nil {
-				return err
-			}
-			if err := q.JournalCopy(l.jAbsmax, l.absmax, uint64(4*l.nb)); err != nil {
-				return err
-			}
-			jBytes += 2 * float64(nf4.PackedLen(l.n)+4*l.nb)
-		}
-		return q.Flush()
-	})
+	for _, l := range layers {
+		jBytes += 2 * float64(nf4.PackedLen(l.n)+4*l.nb)
+	}
+	tj, err := best(2, func() error { return journalCopy(dev, layers, true) })
 	if err != nil {
 		return err
 	}
@@ -402,6 +392,27 @@ func benchMerge(ctx context.Context, dev *gpu.Device, r *Report, o options) erro
 	return nil
 }
 
+// journalCopy copies every layer's packed codes and absmax into its
+// journal (in) or back from it (a restore), in one submission.
+func journalCopy(dev *gpu.Device, layers []*benchLayer, in bool) error {
+	q := dev.Queue()
+	for _, l := range layers {
+		for _, c := range []struct {
+			journal, weight gpu.DevicePtr
+			n               int
+		}{{l.jPacked, l.packed, nf4.PackedLen(l.n)}, {l.jAbsmax, l.absmax, 4 * l.nb}} {
+			dst, src := c.journal, c.weight
+			if !in {
+				dst, src = src, dst
+			}
+			if err := q.JournalCopy(dst, src, uint64(c.n)); err != nil {
+				return err
+			}
+		}
+	}
+	return q.Flush()
+}
+
 // fuseVariant is one way of running the plain 2-D fused kernel.
 type fuseVariant struct {
 	name     string
@@ -424,18 +435,7 @@ func fuseVariants(dev *gpu.Device, r *Report, layers []*benchLayer, k, rank, R i
 		{"staged codes, 32×128 tiles", 128, false},
 		{"staged codes, 16×256 tiles", 256, false},
 	}
-	restore := func() error {
-		q := dev.Queue()
-		for _, l := range layers {
-			if err := q.JournalCopy(l.packed, l.jPacked, uint64(nf4.PackedLen(l.n))); err != nil {
-				return err
-			}
-			if err := q.JournalCopy(l.absmax, l.jAbsmax, uint64(4*l.nb)); err != nil {
-				return err
-			}
-		}
-		return q.Flush()
-	}
+	restore := func() error { return journalCopy(dev, layers, false) }
 	fuse := func(v fuseVariant) func() error {
 		return func() error {
 			q := dev.Queue()
